@@ -1,0 +1,465 @@
+//! Typed TOML configuration, validated at load. Every error names the file, the line and the key.
+//!
+//! Relative paths in the config (spool, directory, certificates) are taken relative to the
+//! working directory of the process, as in the examples in `config/`.
+
+use crate::types::{Domain, RouteName};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The config shipped in the binary (`config/coexist.toml`).
+pub const DEFAULT_CONFIG: &str = include_str!("../config/coexist.toml");
+
+/// A config that failed to load, with its location.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The config file.
+        file: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Syntax, type or value error, with where it is.
+    #[error("{file}:{line}: key `{key}`: {reason}")]
+    Invalid {
+        /// The config file.
+        file: String,
+        /// 1-based line, 0 when unknown.
+        line: usize,
+        /// Dotted key path such as `server.listen`.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The whole config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Inbound SMTP.
+    pub server: ServerConfig,
+    /// Certificate and key for STARTTLS; without it STARTTLS is not offered.
+    pub tls: Option<TlsConfig>,
+    /// The durable queue.
+    pub spool: SpoolConfig,
+    /// Migration-state directory.
+    pub directory: DirectoryConfig,
+    /// Retry policy.
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// Outbound SMTP settings shared by all routes.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Routes by name; each directory state names one.
+    pub routes: BTreeMap<String, RouteConfig>,
+}
+
+/// `[server]`: inbound SMTP listener and limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Name in the greeting, EHLO reply and Received header.
+    pub hostname: String,
+    /// Addresses to listen on.
+    pub listen: Vec<SocketAddr>,
+    /// Domains we accept mail for; everything else is relaying and is refused.
+    pub accepted_domains: Vec<Domain>,
+    /// Largest message accepted, in bytes (SIZE).
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: u64,
+    /// Most recipients per message (452 4.5.3 beyond).
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: usize,
+    /// Longest command line, CRLF included (500 5.5.2 beyond).
+    #[serde(default = "default_max_line_length")]
+    pub max_line_length: usize,
+    /// Errors allowed per session before 421 and disconnect.
+    #[serde(default = "default_max_errors")]
+    pub max_errors: u32,
+    /// Concurrent sessions; more are answered 421 4.7.0.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Wait for a command (and for each DATA/BDAT read) before 421 4.4.2.
+    #[serde(default = "default_command_timeout", with = "duration")]
+    pub command_timeout: Duration,
+    /// Most Received headers before a message is refused as looping (5.4.6).
+    #[serde(default = "default_max_hops")]
+    pub max_hops: usize,
+}
+
+/// `[tls]`: server certificate for STARTTLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// `[spool]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Directory holding queued messages.
+    pub dir: PathBuf,
+}
+
+/// `[directory]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// CSV file with header `address,state`.
+    pub file: PathBuf,
+    /// Route for addresses not in the directory, or `reject` (550 5.1.1).
+    pub unknown: String,
+    /// Entries held by the lookup cache.
+    #[serde(default = "default_cache_capacity")]
+    pub cache_capacity: u64,
+    /// Time a cached lookup stays valid.
+    #[serde(default = "default_cache_ttl", with = "duration")]
+    pub cache_ttl: Duration,
+}
+
+/// `[queue]`: retries and expiry, Postfix's defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// First retry delay; it doubles per attempt.
+    #[serde(default = "default_min_backoff", with = "duration")]
+    pub min_backoff: Duration,
+    /// Longest retry delay.
+    #[serde(default = "default_max_backoff", with = "duration")]
+    pub max_backoff: Duration,
+    /// A message still undelivered after this is failed.
+    #[serde(default = "default_max_lifetime", with = "duration")]
+    pub max_lifetime: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            min_backoff: default_min_backoff(),
+            max_backoff: default_max_backoff(),
+            max_lifetime: default_max_lifetime(),
+        }
+    }
+}
+
+/// `[delivery]`: outbound SMTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Timeout for connect and each reply.
+    #[serde(default = "default_delivery_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            timeout: default_delivery_timeout(),
+        }
+    }
+}
+
+/// TLS policy for a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsPolicy {
+    /// Never use TLS.
+    None,
+    /// Use STARTTLS when offered (no certificate check), else clear text.
+    Opportunistic,
+    /// Use STARTTLS or defer; never send in clear text.
+    Required,
+}
+
+/// `[routes.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Next hops as host:port, tried in order.
+    pub next_hops: Vec<SocketAddr>,
+    /// TLS policy.
+    #[serde(default = "default_tls_policy")]
+    pub tls: TlsPolicy,
+    /// Most deliveries in flight on this route.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_max_message_size() -> u64 {
+    52_428_800
+}
+fn default_max_recipients() -> usize {
+    1000
+}
+fn default_max_line_length() -> usize {
+    2048
+}
+fn default_max_errors() -> u32 {
+    20
+}
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_hops() -> usize {
+    50
+}
+fn default_cache_capacity() -> u64 {
+    100_000
+}
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_min_backoff() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(4000)
+}
+fn default_max_lifetime() -> Duration {
+    Duration::from_secs(5 * 86400)
+}
+fn default_delivery_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_tls_policy() -> TlsPolicy {
+    TlsPolicy::Opportunistic
+}
+fn default_concurrency() -> usize {
+    20
+}
+
+/// Durations written like "300s", "5m", "5d" (humantime syntax).
+mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration: {e}")))
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, key) = match e.span() {
+                Some(span) => locate(text, span.start),
+                None => (0, String::new()),
+            };
+            ConfigError::Invalid {
+                file: file.to_string(),
+                line,
+                key,
+                reason: e.message().trim().to_string(),
+            }
+        })?;
+        cfg.validate(text, file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, text: &str, file: &str) -> Result<(), ConfigError> {
+        let fail = |table: &str, key: &str, reason: String| ConfigError::Invalid {
+            file: file.to_string(),
+            line: find_key(text, table, key),
+            key: format!("{table}.{key}"),
+            reason,
+        };
+        if self.server.listen.is_empty() {
+            return Err(fail(
+                "server",
+                "listen",
+                "needs at least one address".into(),
+            ));
+        }
+        if self.server.accepted_domains.is_empty() {
+            return Err(fail(
+                "server",
+                "accepted_domains",
+                "needs at least one domain".into(),
+            ));
+        }
+        if self.server.hostname.is_empty()
+            || !self
+                .server
+                .hostname
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
+            return Err(fail(
+                "server",
+                "hostname",
+                "must be a host name (letters, digits, '.', '-')".into(),
+            ));
+        }
+        if self.server.max_line_length < 512 {
+            return Err(fail(
+                "server",
+                "max_line_length",
+                "must be at least 512 (RFC 5321 4.5.3.1.4)".into(),
+            ));
+        }
+        if self.routes.is_empty() {
+            return Err(fail("routes", "", "at least one route is needed".into()));
+        }
+        for (name, route) in &self.routes {
+            let table = format!("routes.{name}");
+            if name == "reject" {
+                return Err(fail(&table, "", "`reject` is reserved".into()));
+            }
+            if route.next_hops.is_empty() {
+                return Err(fail(
+                    &table,
+                    "next_hops",
+                    "needs at least one host:port".into(),
+                ));
+            }
+            if route.concurrency == 0 {
+                return Err(fail(&table, "concurrency", "must be at least 1".into()));
+            }
+        }
+        let unknown = &self.directory.unknown;
+        if unknown != "reject" && !self.routes.contains_key(unknown) {
+            return Err(fail(
+                "directory",
+                "unknown",
+                format!("{unknown:?} is neither `reject` nor a route name"),
+            ));
+        }
+        if self.queue.min_backoff.is_zero() || self.queue.min_backoff > self.queue.max_backoff {
+            return Err(fail(
+                "queue",
+                "min_backoff",
+                "must be above zero and not above max_backoff".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The route names, i.e. the valid directory states.
+    pub fn route_names(&self) -> Vec<RouteName> {
+        self.routes.keys().map(|k| RouteName(k.clone())).collect()
+    }
+}
+
+/// Line (1-based) and dotted key path at a byte offset of TOML text.
+fn locate(text: &str, offset: usize) -> (usize, String) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let mut table = String::new();
+    for l in before.lines() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+    }
+    let key = match line.split_once('=') {
+        Some((k, _)) if !line.trim_start().starts_with('[') => k.trim().to_string(),
+        _ => String::new(),
+    };
+    let path = match (table.is_empty(), key.is_empty()) {
+        (true, _) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    };
+    (line_no, path)
+}
+
+/// Line (1-based) of `key` inside `[table]`, or of the table header; 0 if absent.
+fn find_key(text: &str, table: &str, key: &str) -> usize {
+    let mut in_table = false;
+    let mut header_line = 0;
+    for (i, l) in text.lines().enumerate() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            let name = t.trim_matches(|c| c == '[' || c == ']').trim();
+            in_table = name == table;
+            if in_table {
+                header_line = i + 1;
+            }
+            if name.starts_with(&format!("{table}.")) && header_line == 0 {
+                header_line = i + 1;
+            }
+        } else if in_table && !key.is_empty() {
+            if let Some((k, _)) = t.split_once('=') {
+                if k.trim() == key {
+                    return i + 1;
+                }
+            }
+        }
+    }
+    header_line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        let cfg = Config::parse(DEFAULT_CONFIG, "default").unwrap();
+        assert!(cfg.routes.contains_key("onprem"));
+        assert!(cfg.routes.contains_key("cloud"));
+    }
+
+    #[test]
+    fn type_error_names_line_and_key() {
+        let text =
+            DEFAULT_CONFIG.replace("max_message_size = 52428800", "max_message_size = \"big\"");
+        let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        let line = text
+            .lines()
+            .position(|l| l.contains("max_message_size"))
+            .unwrap()
+            + 1;
+        assert!(
+            err.starts_with(&format!("x.toml:{line}: key `server.max_message_size`")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_route_is_refused_with_line() {
+        let text = DEFAULT_CONFIG.replace("unknown = \"onprem\"", "unknown = \"mars\"");
+        let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("key `directory.unknown`"), "{err}");
+        assert!(err.contains("\"mars\" is neither"), "{err}");
+        assert!(!err.contains(":0:"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_and_unknown_key_are_refused() {
+        let text = DEFAULT_CONFIG.replace("127.0.0.1:2601", "127.0.0.1:99999");
+        let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("routes.onprem.next_hops"), "{err}");
+        let text = DEFAULT_CONFIG.replace("[spool]", "[spool]\nfsync = false");
+        let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("unknown field `fsync`"), "{err}");
+    }
+}

@@ -1,0 +1,495 @@
+//! Outbound SMTP to a route's next hops.
+//!
+//! mail-send does the connect, greeting, EHLO, STARTTLS and reply parsing. The transaction
+//! itself (MAIL, RCPT, DATA/BDAT) is driven here on mail-send's stream, because mail-send's
+//! `send()` stops at the first refused recipient, does not pipeline, and its DATA writer
+//! changes the message (see notes/dependencies.md). We pipeline when the next hop offers
+//! PIPELINING, send the exact bytes with BDAT when it offers CHUNKING, and otherwise use a
+//! buffered dot-stuffing writer.
+
+use crate::config::TlsPolicy;
+use crate::types::Address;
+use mail_send::SmtpClient;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::DigitallySignedStruct;
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use smtp_proto::{
+    EXT_8BIT_MIME, EXT_CHUNKING, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
+};
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// What happened to one recipient in one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptOutcome {
+    /// The next hop took it (reply text).
+    Delivered(String),
+    /// Temporary failure: retry later.
+    Deferred(String),
+    /// Permanent failure.
+    Failed(String),
+}
+
+/// Why a next hop could not be used at all (the next one is tried).
+#[derive(Debug, thiserror::Error)]
+pub enum HopError {
+    /// TCP connect failed or timed out.
+    #[error("connect to {0} failed: {1}")]
+    Connect(SocketAddr, String),
+    /// The greeting or EHLO was refused or unreadable.
+    #[error("{0} refused the session: {1}")]
+    Refused(SocketAddr, String),
+    /// The route needs TLS and the next hop does not offer STARTTLS.
+    #[error("{0} does not offer STARTTLS and the route requires TLS")]
+    TlsUnavailable(SocketAddr),
+    /// STARTTLS failed.
+    #[error("TLS with {0} failed: {1}")]
+    Tls(SocketAddr, String),
+    /// The connection broke during the transaction.
+    #[error("lost connection with {0}: {1}")]
+    Lost(SocketAddr, String),
+}
+
+/// One message to send on a connection.
+pub struct Outbound<'a> {
+    /// Reverse path (`None` = `<>`).
+    pub from: Option<&'a Address>,
+    /// Recipients.
+    pub rcpts: Vec<&'a Address>,
+    /// Exact message bytes.
+    pub message: &'a [u8],
+    /// Declared 8BITMIME.
+    pub eight_bit: bool,
+}
+
+enum Client {
+    Plain(SmtpClient<TcpStream>),
+    Tls(Box<SmtpClient<TlsStream<TcpStream>>>),
+}
+
+/// An open SMTP client session, ready for transactions.
+pub struct Connection {
+    client: Client,
+    caps: u32,
+    addr: SocketAddr,
+    timeout: Duration,
+}
+
+fn reply_text(r: &smtp_proto::Response<String>) -> String {
+    if r.esc[0] == 0 {
+        format!("{} {}", r.code, r.message.trim_end())
+    } else {
+        format!(
+            "{} {}.{}.{} {}",
+            r.code,
+            r.esc[0],
+            r.esc[1],
+            r.esc[2],
+            r.message.trim_end()
+        )
+    }
+}
+
+/// A TLS connector that encrypts without checking the certificate, as Postfix's `may` and
+/// `encrypt` levels do (verification comes with the `verify` policy in a later change).
+pub fn unverified_connector() -> TlsConnector {
+    static CONNECTOR: OnceLock<TlsConnector> = OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let provider = crate::smtp::tls::provider();
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map(|b| {
+                    b.dangerous()
+                        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+                        .with_no_client_auth()
+                });
+            match config {
+                Ok(c) => TlsConnector::from(Arc::new(c)),
+                // The protocol list is fixed and supported by aws-lc-rs; this cannot fail.
+                Err(e) => unreachable!("rustls refused TLS 1.2/1.3: {e}"),
+            }
+        })
+        .clone()
+}
+
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl Connection {
+    /// Connects, reads the greeting, says EHLO and applies the TLS policy.
+    pub async fn open(
+        addr: SocketAddr,
+        helo: &str,
+        tls: TlsPolicy,
+        timeout: Duration,
+    ) -> Result<Connection, HopError> {
+        let mut c = SmtpClient::connect(addr, timeout)
+            .await
+            .map_err(|e| HopError::Connect(addr, e.to_string()))?;
+        let greeting = tokio::time::timeout(timeout, c.read())
+            .await
+            .map_err(|_| HopError::Refused(addr, "greeting timeout".into()))?
+            .map_err(|e| HopError::Refused(addr, e.to_string()))?;
+        if greeting.code != 220 {
+            return Err(HopError::Refused(addr, reply_text(&greeting)));
+        }
+        let ehlo = c
+            .ehlo(helo)
+            .await
+            .map_err(|e| HopError::Refused(addr, e.to_string()))?;
+        let offers_tls = ehlo.has_capability(EXT_START_TLS);
+        let want_tls = match tls {
+            TlsPolicy::None => false,
+            TlsPolicy::Opportunistic => offers_tls,
+            TlsPolicy::Required if !offers_tls => return Err(HopError::TlsUnavailable(addr)),
+            TlsPolicy::Required => true,
+        };
+        if !want_tls {
+            return Ok(Connection {
+                client: Client::Plain(c),
+                caps: ehlo.capabilities(),
+                addr,
+                timeout,
+            });
+        }
+        let name = addr.ip().to_string();
+        let mut t = c
+            .start_tls(&unverified_connector(), &name)
+            .await
+            .map_err(|e| HopError::Tls(addr, e.to_string()))?;
+        let ehlo = t
+            .ehlo(helo)
+            .await
+            .map_err(|e| HopError::Refused(addr, e.to_string()))?;
+        Ok(Connection {
+            client: Client::Tls(Box::new(t)),
+            caps: ehlo.capabilities(),
+            addr,
+            timeout,
+        })
+    }
+
+    /// True when the session is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.client, Client::Tls(_))
+    }
+
+    /// The next hop's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Runs one transaction; returns one outcome per recipient, in order.
+    pub async fn send(&mut self, out: &Outbound<'_>) -> Result<Vec<RcptOutcome>, HopError> {
+        let (caps, timeout, addr) = (self.caps, self.timeout, self.addr);
+        let res = match &mut self.client {
+            Client::Plain(c) => transaction(c, caps, timeout, out).await,
+            Client::Tls(c) => transaction(c.as_mut(), caps, timeout, out).await,
+        };
+        res.map_err(|e| HopError::Lost(addr, e))
+    }
+
+    /// Says QUIT and closes.
+    pub async fn quit(self) {
+        let _ = match self.client {
+            Client::Plain(c) => c.quit().await,
+            Client::Tls(c) => (*c).quit().await,
+        };
+    }
+}
+
+async fn write_timed<T: AsyncWrite + Unpin>(
+    s: &mut T,
+    buf: &[u8],
+    timeout: Duration,
+) -> Result<(), String> {
+    for chunk in buf.chunks(256 * 1024) {
+        tokio::time::timeout(timeout, s.write_all(chunk))
+            .await
+            .map_err(|_| "write timeout".to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    tokio::time::timeout(timeout, s.flush())
+        .await
+        .map_err(|_| "write timeout".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut SmtpClient<T>,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<smtp_proto::Response<String>>, String> {
+    tokio::time::timeout(timeout, c.read_many(n))
+        .await
+        .map_err(|_| "reply timeout".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Classifies a reply for the recipients it applies to.
+fn outcome(r: &smtp_proto::Response<String>) -> RcptOutcome {
+    let text = reply_text(r);
+    match r.code {
+        200..=399 => RcptOutcome::Delivered(text),
+        500..=599 => RcptOutcome::Failed(text),
+        _ => RcptOutcome::Deferred(text),
+    }
+}
+
+async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut SmtpClient<T>,
+    caps: u32,
+    timeout: Duration,
+    out: &Outbound<'_>,
+) -> Result<Vec<RcptOutcome>, String> {
+    let n = out.rcpts.len();
+    let needs_utf8 = out.from.is_some_and(|a| !a.to_string().is_ascii())
+        || out.rcpts.iter().any(|a| !a.to_string().is_ascii());
+    if needs_utf8 && caps & EXT_SMTP_UTF8 == 0 {
+        let msg =
+            "553 5.6.7 Next hop does not support SMTPUTF8 for a non-ASCII address".to_string();
+        return Ok(vec![RcptOutcome::Failed(msg); n]);
+    }
+    let mut mail = format!(
+        "MAIL FROM:<{}>",
+        out.from.map(|a| a.to_string()).unwrap_or_default()
+    );
+    if caps & EXT_SIZE != 0 {
+        mail.push_str(&format!(" SIZE={}", out.message.len()));
+    }
+    if out.eight_bit && caps & EXT_8BIT_MIME != 0 {
+        mail.push_str(" BODY=8BITMIME");
+    }
+    if needs_utf8 {
+        mail.push_str(" SMTPUTF8");
+    }
+    mail.push_str("\r\n");
+    let mut cmds = mail.into_bytes();
+    for r in &out.rcpts {
+        cmds.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
+    }
+    let chunking = caps & EXT_CHUNKING != 0;
+    let mut body_cmd = if chunking {
+        format!("BDAT {} LAST\r\n", out.message.len()).into_bytes()
+    } else {
+        b"DATA\r\n".to_vec()
+    };
+    if chunking {
+        body_cmd.extend_from_slice(out.message);
+    }
+
+    let (mail_reply, rcpt_replies, body_reply) = if caps & EXT_PIPELINING != 0 {
+        cmds.extend_from_slice(&body_cmd);
+        write_timed(&mut c.stream, &cmds, timeout).await?;
+        let mut replies = read_n(c, n + 2, timeout).await?;
+        let body_reply = replies.pop().ok_or("missing reply")?;
+        let mail_reply = replies.remove(0);
+        (mail_reply, replies, Some(body_reply))
+    } else {
+        // Lockstep: one command, one reply.
+        let mut lines = cmds.split_inclusive(|&b| b == b'\n');
+        let mail_line = lines.next().unwrap_or_default();
+        write_timed(&mut c.stream, mail_line, timeout).await?;
+        let mail_reply = read_n(c, 1, timeout).await?.remove(0);
+        if mail_reply.code >= 400 {
+            return Ok(vec![outcome(&mail_reply); n]);
+        }
+        let mut rcpt_replies = Vec::with_capacity(n);
+        for line in lines {
+            write_timed(&mut c.stream, line, timeout).await?;
+            rcpt_replies.push(read_n(c, 1, timeout).await?.remove(0));
+        }
+        let any_ok = rcpt_replies.iter().any(|r| r.code < 400);
+        let body_reply = if any_ok {
+            write_timed(&mut c.stream, &body_cmd, timeout).await?;
+            Some(read_n(c, 1, timeout).await?.remove(0))
+        } else {
+            let _ = write_timed(&mut c.stream, b"RSET\r\n", timeout).await;
+            let _ = read_n(c, 1, timeout).await;
+            None
+        };
+        (mail_reply, rcpt_replies, body_reply)
+    };
+
+    if mail_reply.code >= 400 {
+        if !chunking && body_reply.as_ref().is_some_and(|r| r.code == 354) {
+            end_data_anyway(c, timeout).await?;
+        }
+        return Ok(vec![outcome(&mail_reply); n]);
+    }
+    let accepted = rcpt_replies.iter().any(|r| r.code < 400);
+    let mut final_reply = body_reply;
+    if !chunking && accepted {
+        match &final_reply {
+            Some(r) if r.code == 354 => {
+                let mut buf = Vec::with_capacity(out.message.len() + out.message.len() / 50 + 8);
+                dot_stuff(out.message, &mut buf);
+                write_timed(&mut c.stream, &buf, timeout).await?;
+                final_reply = Some(read_n(c, 1, timeout).await?.remove(0));
+            }
+            _ => {}
+        }
+    } else if !chunking && final_reply.as_ref().is_some_and(|r| r.code == 354) {
+        end_data_anyway(c, timeout).await?;
+    }
+    let body_outcome = final_reply
+        .as_ref()
+        .map(outcome)
+        .unwrap_or_else(|| RcptOutcome::Deferred("451 4.3.0 no reply to end of data".into()));
+    Ok(rcpt_replies
+        .iter()
+        .map(|r| {
+            if r.code >= 400 {
+                outcome(r)
+            } else {
+                body_outcome.clone()
+            }
+        })
+        .collect())
+}
+
+/// A server that answers 354 with no valid recipient gets an empty message ended at once.
+async fn end_data_anyway<T: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut SmtpClient<T>,
+    timeout: Duration,
+) -> Result<(), String> {
+    write_timed(&mut c.stream, b".\r\n", timeout).await?;
+    read_n(c, 1, timeout).await.map(|_| ())
+}
+
+/// Appends the DATA form of `msg` to `out`: a dot is doubled at the start of every line
+/// (the first line included) and the end marker is added. A message that does not end in
+/// CRLF gets one, because DATA cannot carry it otherwise.
+pub fn dot_stuff(msg: &[u8], out: &mut Vec<u8>) {
+    if msg.first() == Some(&b'.') {
+        out.push(b'.');
+    }
+    let mut last = 0;
+    for pos in memchr::memmem::find_iter(msg, b"\r\n.") {
+        out.extend_from_slice(&msg[last..pos + 2]);
+        out.push(b'.');
+        last = pos + 2;
+    }
+    out.extend_from_slice(&msg[last..]);
+    if msg.is_empty() || msg.ends_with(b"\r\n") {
+        out.extend_from_slice(b".\r\n");
+    } else {
+        out.extend_from_slice(b"\r\n.\r\n");
+    }
+}
+
+/// Result of trying a route's next hops for one set of recipients.
+#[derive(Debug)]
+pub struct Attempt {
+    /// Outcome per recipient, same order as given.
+    pub outcomes: Vec<RcptOutcome>,
+    /// The next hop that answered, if any.
+    pub next_hop: Option<SocketAddr>,
+    /// TLS was used.
+    pub tls: bool,
+}
+
+/// Tries `next_hops` in order until one takes the transaction; if none can be reached,
+/// every recipient is deferred with the last error.
+pub async fn deliver(
+    next_hops: &[SocketAddr],
+    helo: &str,
+    tls: TlsPolicy,
+    timeout: Duration,
+    out: &Outbound<'_>,
+) -> Attempt {
+    let mut last_error = String::from("no next hop configured");
+    for &hop in next_hops {
+        let mut conn = match Connection::open(hop, helo, tls, timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                last_error = e.to_string();
+                continue;
+            }
+        };
+        let is_tls = conn.is_tls();
+        match conn.send(out).await {
+            Ok(outcomes) => {
+                conn.quit().await;
+                return Attempt {
+                    outcomes,
+                    next_hop: Some(hop),
+                    tls: is_tls,
+                };
+            }
+            Err(e) => {
+                // The message may or may not have been taken: defer (at-least-once).
+                return Attempt {
+                    outcomes: vec![
+                        RcptOutcome::Deferred(format!("451 4.4.2 {e}"));
+                        out.rcpts.len()
+                    ],
+                    next_hop: Some(hop),
+                    tls: is_tls,
+                };
+            }
+        }
+    }
+    Attempt {
+        outcomes: vec![RcptOutcome::Deferred(format!("451 4.4.1 {last_error}")); out.rcpts.len()],
+        next_hop: None,
+        tls: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dot_stuff;
+
+    fn stuffed(m: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        dot_stuff(m, &mut v);
+        v
+    }
+
+    #[test]
+    fn stuffs_first_line_and_keeps_bytes() {
+        assert_eq!(stuffed(b".a\r\n.b\r\nc\r\n"), b"..a\r\n..b\r\nc\r\n.\r\n");
+        assert_eq!(stuffed(b"x"), b"x\r\n.\r\n");
+        assert_eq!(stuffed(b""), b".\r\n");
+        assert_eq!(stuffed(b"a\r\n.\r\n"), b"a\r\n..\r\n.\r\n");
+    }
+}

@@ -1,0 +1,19 @@
+//! coexist: a mail-flow coexistence SMTP relay for mailbox migrations.
+//!
+//! Data flows one way (see DESIGN.md): [`smtp`] sessions check [`policy`] and the
+//! [`directory`], write to the [`spool`], and the [`queue`] plans each attempt with
+//! [`route`] and sends it with [`deliver`]. [`relay`] wires them together; [`load`] holds the
+//! traffic tools (sink, load client, demo).
+
+pub mod certs;
+pub mod config;
+pub mod deliver;
+pub mod directory;
+pub mod load;
+pub mod policy;
+pub mod queue;
+pub mod relay;
+pub mod route;
+pub mod smtp;
+pub mod spool;
+pub mod types;

@@ -1,0 +1,201 @@
+//! The sink: an SMTP server for next hops in tests, demos and benchmarks. It runs the same
+//! session code as the relay and records what it receives.
+
+use crate::smtp::reply::Reply;
+use crate::smtp::{server, Handler, Incoming, Peer, SessionConfig};
+use crate::types::Address;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+/// How the sink answers at the end of data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SinkMode {
+    /// 250.
+    Accept = 0,
+    /// 451 4.3.0.
+    Defer = 1,
+    /// 554 5.6.0.
+    Reject = 2,
+}
+
+/// A message as the sink received it.
+#[derive(Clone, Debug)]
+pub struct SinkMessage {
+    /// Reverse path.
+    pub from: Option<Address>,
+    /// Envelope recipients.
+    pub rcpts: Vec<Address>,
+    /// Exact bytes received (empty unless `keep_bodies`).
+    pub body: Vec<u8>,
+    /// The session was TLS.
+    pub tls: bool,
+}
+
+/// Sink settings.
+#[derive(Clone)]
+pub struct SinkOptions {
+    /// Greeting name.
+    pub hostname: String,
+    /// Offer STARTTLS with this acceptor.
+    pub tls: Option<TlsAcceptor>,
+    /// Offer CHUNKING.
+    pub chunking: bool,
+    /// Offer PIPELINING.
+    pub pipelining: bool,
+    /// Keep message bodies (tests); counts only otherwise.
+    pub keep_bodies: bool,
+}
+
+impl Default for SinkOptions {
+    fn default() -> Self {
+        SinkOptions {
+            hostname: "sink.coexist.test".into(),
+            tls: None,
+            chunking: true,
+            pipelining: true,
+            keep_bodies: true,
+        }
+    }
+}
+
+/// What the sink has seen; shared with the test or tool that started it.
+pub struct SinkState {
+    mode: AtomicU8,
+    keep_bodies: bool,
+    messages: Mutex<Vec<SinkMessage>>,
+    /// Messages accepted.
+    pub accepted: AtomicU64,
+    /// Recipients accepted.
+    pub recipients: AtomicU64,
+    /// Bytes accepted.
+    pub bytes: AtomicU64,
+    changed: Notify,
+}
+
+impl SinkState {
+    /// Sets how the end of data is answered.
+    pub fn set_mode(&self, m: SinkMode) {
+        self.mode.store(m as u8, Ordering::SeqCst);
+    }
+
+    /// A copy of the accepted messages.
+    pub fn messages(&self) -> Vec<SinkMessage> {
+        self.messages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits until at least `n` recipients were accepted, or `timeout` passes; returns the count.
+    pub async fn wait_recipients(&self, n: u64, timeout: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let have = self.recipients.load(Ordering::SeqCst);
+            if have >= n {
+                return have;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.recipients.load(Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+struct SinkHandler(Arc<SinkState>);
+
+impl Handler for SinkHandler {
+    fn check_rcpt(&self, _: &Peer, _: Option<&Address>, to: &Address) -> Result<(), Reply> {
+        // Test hooks by local part: `reject…` is refused, `defer…` is deferred.
+        let local = to.local().to_ascii_lowercase();
+        if local.starts_with("reject") {
+            return Err(Reply::new(550, "5.1.1", "Sink: mailbox unavailable"));
+        }
+        if local.starts_with("defer") {
+            return Err(Reply::new(450, "4.2.1", "Sink: mailbox busy, try later"));
+        }
+        Ok(())
+    }
+
+    async fn accept(&self, msg: Incoming) -> Reply {
+        let s = &self.0;
+        match s.mode.load(Ordering::SeqCst) {
+            1 => return Reply::new(451, "4.3.0", "Sink: deferring on request"),
+            2 => return Reply::new(554, "5.6.0", "Sink: rejecting on request"),
+            _ => {}
+        }
+        s.bytes.fetch_add(msg.body.len() as u64, Ordering::SeqCst);
+        s.accepted.fetch_add(1, Ordering::SeqCst);
+        let n = msg.rcpts.len() as u64;
+        let reply = Reply::owned(250, "2.0.0", format!("Sink: queued as {}", msg.id));
+        let m = SinkMessage {
+            from: msg.from,
+            rcpts: msg.rcpts,
+            body: if s.keep_bodies { msg.body } else { Vec::new() },
+            tls: msg.peer.tls.is_some(),
+        };
+        s.messages.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+        s.recipients.fetch_add(n, Ordering::SeqCst);
+        s.changed.notify_waiters();
+        reply
+    }
+}
+
+/// A running sink; stops when dropped.
+pub struct Sink {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// What it has seen.
+    pub state: Arc<SinkState>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Sink {
+    /// Starts a sink on `addr` (port 0 picks a free port).
+    pub async fn start(addr: SocketAddr, opts: SinkOptions) -> std::io::Result<Sink> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(SinkState {
+            mode: AtomicU8::new(SinkMode::Accept as u8),
+            keep_bodies: opts.keep_bodies,
+            messages: Mutex::new(Vec::new()),
+            accepted: AtomicU64::new(0),
+            recipients: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            changed: Notify::new(),
+        });
+        let cfg = SessionConfig {
+            hostname: opts.hostname,
+            max_message_size: 1 << 30,
+            max_recipients: 100_000,
+            max_line_length: 4096,
+            max_errors: 1000,
+            command_timeout: Duration::from_secs(60),
+            max_hops: usize::MAX,
+            tls: opts.tls,
+            chunking: opts.chunking,
+            pipelining: opts.pipelining,
+            add_received: false,
+        };
+        let task = tokio::spawn(server::serve(
+            listener,
+            Arc::new(cfg),
+            Arc::new(SinkHandler(state.clone())),
+            Arc::new(Semaphore::new(10_000)),
+        ));
+        Ok(Sink { addr, state, task })
+    }
+}

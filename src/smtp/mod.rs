@@ -1,0 +1,12 @@
+//! Inbound SMTP: listener, TLS, the ESMTP session, the command parser, replies and the
+//! DATA/BDAT readers.
+
+pub mod command;
+pub mod data;
+pub mod reply;
+pub mod server;
+pub mod session;
+pub mod tls;
+
+pub use reply::Reply;
+pub use session::{Handler, Incoming, Peer, SessionConfig};

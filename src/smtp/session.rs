@@ -1,0 +1,664 @@
+//! The ESMTP session state machine: greeting, EHLO, STARTTLS, MAIL/RCPT, DATA/BDAT, limits.
+//!
+//! What to do with recipients and finished messages is decided by a [`Handler`]: the relay's
+//! handler checks policy and spools; the test sink's handler records.
+
+use super::command::{self, Command, MailParams};
+use super::data::{BodyFlags, ChunkCollector, DataReader};
+use super::reply::{canned, Reply};
+use super::tls::MaybeTls;
+use crate::types::{Address, QueueId};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info};
+
+/// Limits and identity of the inbound side.
+#[derive(Clone)]
+pub struct SessionConfig {
+    /// Our host name.
+    pub hostname: String,
+    /// Largest message (SIZE).
+    pub max_message_size: u64,
+    /// Most recipients per message.
+    pub max_recipients: usize,
+    /// Longest command line, CRLF included.
+    pub max_line_length: usize,
+    /// Errors before 421.
+    pub max_errors: u32,
+    /// Wait for each read from the client.
+    pub command_timeout: Duration,
+    /// Most Received headers accepted (loop detection).
+    pub max_hops: usize,
+    /// STARTTLS acceptor, if TLS is configured.
+    pub tls: Option<TlsAcceptor>,
+    /// Offer CHUNKING (BDAT).
+    pub chunking: bool,
+    /// Offer PIPELINING.
+    pub pipelining: bool,
+    /// Prepend our Received header (the relay does; a test sink records bytes as sent).
+    pub add_received: bool,
+}
+
+impl SessionConfig {
+    /// Session settings from the `[server]` section.
+    pub fn from_server(s: &crate::config::ServerConfig, tls: Option<TlsAcceptor>) -> SessionConfig {
+        SessionConfig {
+            hostname: s.hostname.clone(),
+            max_message_size: s.max_message_size,
+            max_recipients: s.max_recipients,
+            max_line_length: s.max_line_length,
+            max_errors: s.max_errors,
+            command_timeout: s.command_timeout,
+            max_hops: s.max_hops,
+            tls,
+            chunking: true,
+            pipelining: true,
+            add_received: true,
+        }
+    }
+}
+
+/// Facts about the client, given to the handler.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// EHLO/HELO name.
+    pub helo: String,
+    /// TLS summary when STARTTLS is on.
+    pub tls: Option<String>,
+}
+
+/// A complete message, ready to be queued.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Queue id, already in the Received header.
+    pub id: QueueId,
+    /// Reverse path (`None` for `<>`).
+    pub from: Option<Address>,
+    /// Accepted recipients.
+    pub rcpts: Vec<Address>,
+    /// MAIL parameters.
+    pub params: MailParams,
+    /// Message bytes, our Received header first.
+    pub body: Vec<u8>,
+    /// The client.
+    pub peer: Peer,
+}
+
+/// What the session asks of its owner.
+pub trait Handler: Send + Sync + 'static {
+    /// Decides on a recipient at RCPT time (`Ok` means 250).
+    fn check_rcpt(&self, peer: &Peer, from: Option<&Address>, to: &Address) -> Result<(), Reply>;
+    /// Takes a finished message; the reply goes to the client as is (250 only once durable).
+    fn accept(&self, msg: Incoming) -> impl Future<Output = Reply> + Send;
+}
+
+struct Transaction {
+    from: Option<Address>,
+    params: MailParams,
+    rcpts: Vec<Address>,
+    chunks: Option<ChunkCollector>,
+    /// A BDAT in this transaction failed: the rest of its chunks are read and dropped.
+    chunk_error: Option<Reply>,
+}
+
+/// Outcome of reading a command line.
+enum Line {
+    Text(Vec<u8>),
+    TooLong,
+    Eof,
+}
+
+/// Buffered connection with reply batching: replies are queued and written when the
+/// session needs more input (RFC 2920), so pipelined commands get their replies together.
+struct Conn {
+    stream: MaybeTls,
+    inbuf: Vec<u8>,
+    start: usize,
+    out: Vec<u8>,
+    timeout: Duration,
+}
+
+impl Conn {
+    fn buffered(&self) -> &[u8] {
+        &self.inbuf[self.start..]
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let res = tokio::time::timeout(self.timeout, async {
+            self.stream.write_all(&out).await?;
+            self.stream.flush().await
+        })
+        .await;
+        self.out = out;
+        self.out.clear();
+        match res {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timeout")),
+        }
+    }
+
+    /// Flushes replies, then reads more input. `Ok(0)` is end of stream.
+    async fn fill(&mut self) -> io::Result<usize> {
+        self.flush().await?;
+        if self.start > 0 && self.start == self.inbuf.len() {
+            self.inbuf.clear();
+            self.start = 0;
+        } else if self.start > 32 * 1024 {
+            self.inbuf.drain(..self.start);
+            self.start = 0;
+        }
+        let len = self.inbuf.len();
+        self.inbuf.resize(len + 16 * 1024, 0);
+        let res =
+            tokio::time::timeout(self.timeout, self.stream.read(&mut self.inbuf[len..])).await;
+        match res {
+            Ok(Ok(n)) => {
+                self.inbuf.truncate(len + n);
+                Ok(n)
+            }
+            Ok(Err(e)) => {
+                self.inbuf.truncate(len);
+                Err(e)
+            }
+            Err(_) => {
+                self.inbuf.truncate(len);
+                Err(io::Error::new(io::ErrorKind::TimedOut, "read timeout"))
+            }
+        }
+    }
+
+    fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.out);
+    }
+
+    /// Reads one command line (without CR LF); over-long lines are read to their end and
+    /// reported once.
+    async fn read_line(&mut self, max: usize) -> io::Result<Line> {
+        let mut discarding = false;
+        loop {
+            if let Some(pos) = memchr::memchr(b'\n', self.buffered()) {
+                let end = self.start + pos;
+                let mut line_end = end;
+                if line_end > self.start && self.inbuf[line_end - 1] == b'\r' {
+                    line_end -= 1;
+                }
+                let too_long = discarding || end + 1 - self.start > max;
+                let line = self.inbuf[self.start..line_end].to_vec();
+                self.start = end + 1;
+                return Ok(if too_long {
+                    Line::TooLong
+                } else {
+                    Line::Text(line)
+                });
+            }
+            if self.buffered().len() > max {
+                discarding = true;
+                self.start = self.inbuf.len();
+            }
+            if self.fill().await? == 0 {
+                return Ok(Line::Eof);
+            }
+        }
+    }
+}
+
+/// Runs one SMTP session to its end. Errors end the session; nothing here panics on input.
+pub async fn run<H: Handler>(
+    stream: TcpStream,
+    peer_addr: SocketAddr,
+    cfg: Arc<SessionConfig>,
+    handler: Arc<H>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut s = Session {
+        conn: Conn {
+            stream: MaybeTls::Plain(stream),
+            inbuf: Vec::with_capacity(16 * 1024),
+            start: 0,
+            out: Vec::with_capacity(1024),
+            timeout: cfg.command_timeout,
+        },
+        cfg,
+        handler,
+        peer: Peer {
+            addr: peer_addr,
+            helo: String::new(),
+            tls: None,
+        },
+        tx: None,
+        errors: 0,
+    };
+    match s.serve().await {
+        Ok(()) => debug!(peer = %peer_addr, "session closed"),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            s.conn.out.clear();
+            s.conn.reply(&canned::TIMEOUT);
+            let _ = s.conn.flush().await;
+            info!(peer = %peer_addr, "session timed out");
+        }
+        Err(e) => debug!(peer = %peer_addr, error = %e, "session ended"),
+    }
+    let _ = s.conn.stream.shutdown().await;
+}
+
+struct Session<H> {
+    conn: Conn,
+    cfg: Arc<SessionConfig>,
+    handler: Arc<H>,
+    peer: Peer,
+    tx: Option<Transaction>,
+    errors: u32,
+}
+
+/// Whether the session goes on after a command.
+enum Next {
+    Continue,
+    Close,
+}
+
+impl<H: Handler> Session<H> {
+    async fn serve(&mut self) -> io::Result<()> {
+        let greeting = Reply::owned(220, "2.0.0", format!("{} ESMTP coexist", self.cfg.hostname));
+        self.conn.reply(&greeting);
+        loop {
+            let line = self.conn.read_line(self.cfg.max_line_length).await?;
+            let next = match line {
+                Line::Eof => return Ok(()),
+                Line::TooLong => self.error(canned::LINE_TOO_LONG),
+                Line::Text(text) => self.command(&text).await?,
+            };
+            if let Next::Close = next {
+                self.conn.flush().await?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends an error reply and counts it; closes after too many.
+    fn error(&mut self, r: Reply) -> Next {
+        self.conn.reply(&r);
+        self.errors += 1;
+        if self.errors >= self.cfg.max_errors {
+            self.conn.reply(&canned::TOO_MANY_ERRORS);
+            info!(peer = %self.peer.addr, errors = self.errors, "too many errors, disconnecting");
+            return Next::Close;
+        }
+        Next::Continue
+    }
+
+    fn ok(&mut self, r: &Reply) -> Next {
+        self.conn.reply(r);
+        Next::Continue
+    }
+
+    async fn command(&mut self, line: &[u8]) -> io::Result<Next> {
+        let utf8 = self.tx.as_ref().is_some_and(|t| t.params.smtputf8);
+        let cmd = match command::parse(line, utf8) {
+            Ok(c) => c,
+            Err(r) => {
+                // A BDAT line we cannot parse leaves its chunk unread: the stream is lost.
+                if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"BDAT") {
+                    self.conn.reply(&r);
+                    return Ok(Next::Close);
+                }
+                return Ok(self.error(r));
+            }
+        };
+        if self.tx.as_ref().is_some_and(|t| t.chunks.is_some())
+            && !matches!(
+                cmd,
+                Command::Bdat { .. } | Command::Rset | Command::Quit | Command::Noop
+            )
+        {
+            return Ok(self.error(Reply::new(
+                503,
+                "5.5.1",
+                "Only BDAT, RSET, NOOP or QUIT during a BDAT transfer",
+            )));
+        }
+        Ok(match cmd {
+            Command::Ehlo(name) => self.ehlo(name, true),
+            Command::Helo(name) => self.ehlo(name, false),
+            Command::Mail { from, params } => self.mail(from, params),
+            Command::Rcpt { to } => self.rcpt(to),
+            Command::Data => self.data().await?,
+            Command::Bdat { size, last } => self.bdat(size, last).await?,
+            Command::Rset => {
+                self.tx = None;
+                self.ok(&canned::OK)
+            }
+            Command::Noop => self.ok(&canned::OK),
+            Command::Quit => {
+                self.conn.reply(&Reply::new(221, "2.0.0", "Bye"));
+                Next::Close
+            }
+            Command::Help => self.ok(&Reply::new(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS",
+            )),
+            Command::Vrfy => self.ok(&Reply::new(
+                252,
+                "2.5.2",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Expn => self.error(Reply::new(502, "5.5.1", "EXPN not available")),
+            Command::StartTls => self.starttls().await?,
+        })
+    }
+
+    fn ehlo(&mut self, name: String, extended: bool) -> Next {
+        // The name goes into our Received header: keep it printable ASCII.
+        self.peer.helo = name
+            .chars()
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .take(255)
+            .collect();
+        self.tx = None;
+        let host = &self.cfg.hostname;
+        if !extended {
+            let r = Reply::owned(250, "2.0.0", host.clone());
+            return self.ok(&r);
+        }
+        let mut lines = vec![format!(
+            "{host} Hello {} [{}]",
+            self.peer.helo,
+            self.peer.addr.ip()
+        )];
+        if self.cfg.pipelining {
+            lines.push("PIPELINING".into());
+        }
+        lines.push(format!("SIZE {}", self.cfg.max_message_size));
+        lines.push("8BITMIME".into());
+        lines.push("SMTPUTF8".into());
+        lines.push("ENHANCEDSTATUSCODES".into());
+        if self.cfg.tls.is_some() && self.peer.tls.is_none() {
+            lines.push("STARTTLS".into());
+        }
+        if self.cfg.chunking {
+            lines.push("CHUNKING".into());
+        }
+        let n = lines.len();
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i + 1 == n { ' ' } else { '-' };
+            self.conn
+                .out
+                .extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
+        }
+        Next::Continue
+    }
+
+    fn mail(&mut self, from: Option<Address>, params: MailParams) -> Next {
+        if self.peer.helo.is_empty() {
+            return self.error(Reply::new(503, "5.5.1", "Send HELO/EHLO first"));
+        }
+        if self.tx.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "Nested MAIL command"));
+        }
+        if params.size.is_some_and(|s| s > self.cfg.max_message_size) {
+            return self.error(canned::TOO_BIG);
+        }
+        let r = Reply::owned(
+            250,
+            "2.1.0",
+            format!(
+                "Sender <{}> ok",
+                from.as_ref().map(|a| a.to_string()).unwrap_or_default()
+            ),
+        );
+        self.tx = Some(Transaction {
+            from,
+            params,
+            rcpts: Vec::new(),
+            chunks: None,
+            chunk_error: None,
+        });
+        self.ok(&r)
+    }
+
+    fn rcpt(&mut self, to: Address) -> Next {
+        let Some(tx) = self.tx.as_mut() else {
+            return self.error(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
+        };
+        if tx.rcpts.len() >= self.cfg.max_recipients {
+            return self.error(Reply::new(452, "4.5.3", "Too many recipients"));
+        }
+        match self.handler.check_rcpt(&self.peer, tx.from.as_ref(), &to) {
+            Ok(()) => {
+                let r = Reply::owned(250, "2.1.5", format!("Recipient <{to}> ok"));
+                tx.rcpts.push(to);
+                self.ok(&r)
+            }
+            Err(r) => self.error(r),
+        }
+    }
+
+    /// Checks that a message body may start now; `Err` carries the reply.
+    fn body_allowed(&self) -> Result<(), Reply> {
+        match &self.tx {
+            None => Err(Reply::new(503, "5.5.1", "Need MAIL and RCPT first")),
+            Some(tx) if tx.rcpts.is_empty() => Err(canned::NO_VALID_RECIPIENTS),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn limit(&self) -> usize {
+        usize::try_from(self.cfg.max_message_size).unwrap_or(usize::MAX)
+    }
+
+    async fn data(&mut self) -> io::Result<Next> {
+        if let Err(r) = self.body_allowed() {
+            return Ok(self.error(r));
+        }
+        self.conn
+            .reply(&Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"));
+        let mut reader = DataReader::new(self.limit());
+        loop {
+            let (used, done) = reader.feed(self.conn.buffered());
+            self.conn.start += used;
+            if done {
+                break;
+            }
+            if self.conn.fill().await? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in DATA"));
+            }
+        }
+        let tx = self.tx.take();
+        Ok(self.finish(tx, reader.message, reader.flags).await)
+    }
+
+    async fn bdat(&mut self, size: u64, last: bool) -> io::Result<Next> {
+        // The chunk is always read, even when the transaction is refused (RFC 3030 2).
+        let early = self.body_allowed().err();
+        let tx_limit = self.limit();
+        if early.is_none() {
+            if let Some(tx) = self.tx.as_mut() {
+                if tx.chunks.is_none() {
+                    tx.chunks = Some(ChunkCollector::new(tx_limit));
+                }
+            }
+        }
+        let mut remaining = size;
+        while remaining > 0 {
+            if self.conn.buffered().is_empty() && self.conn.fill().await? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in BDAT"));
+            }
+            let avail = self.conn.buffered();
+            let take = avail
+                .len()
+                .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+            if early.is_none() {
+                if let Some(c) = self.tx.as_mut().and_then(|t| t.chunks.as_mut()) {
+                    c.push(&avail[..take]);
+                }
+            }
+            self.conn.start += take;
+            remaining -= take as u64;
+        }
+        if let Some(r) = early {
+            return Ok(self.error(r));
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return Ok(self.error(canned::BAD_SEQUENCE));
+        };
+        if tx.chunk_error.is_none() && tx.chunks.as_ref().is_some_and(|c| c.flags.too_big) {
+            tx.chunk_error = Some(canned::TOO_BIG);
+        }
+        if !last {
+            if let Some(r) = tx.chunk_error.clone() {
+                return Ok(self.error(r));
+            }
+            let r = Reply::owned(250, "2.0.0", format!("{size} octets received"));
+            return Ok(self.ok(&r));
+        }
+        let mut tx = self.tx.take();
+        let (body, flags) = match tx.as_mut().and_then(|t| t.chunks.take()) {
+            Some(c) => (c.message, c.flags),
+            None => (Vec::new(), BodyFlags::default()),
+        };
+        Ok(self.finish(tx, body, flags).await)
+    }
+
+    /// Ends a transaction: checks the body, adds the Received header, hands it over.
+    async fn finish(&mut self, tx: Option<Transaction>, body: Vec<u8>, flags: BodyFlags) -> Next {
+        let Some(tx) = tx else {
+            return self.error(canned::BAD_SEQUENCE);
+        };
+        if flags.too_big {
+            return self.error(canned::TOO_BIG);
+        }
+        if flags.bare_lf {
+            return self.error(Reply::new(
+                550,
+                "5.5.2",
+                "Bare LF in message text is not accepted; end lines with CRLF (RFC 5321 2.3.8)",
+            ));
+        }
+        let hops = crate::policy::count_hops(&body);
+        if hops > self.cfg.max_hops {
+            return self.error(Reply::owned(
+                554,
+                "5.4.6",
+                format!(
+                    "Too many hops ({hops} Received headers, limit {}): mail loop?",
+                    self.cfg.max_hops
+                ),
+            ));
+        }
+        let id = QueueId::generate();
+        let full = if self.cfg.add_received {
+            let received = received_header(&self.cfg.hostname, &self.peer, &id, &tx);
+            let mut full = Vec::with_capacity(received.len() + body.len());
+            full.extend_from_slice(received.as_bytes());
+            full.extend_from_slice(&body);
+            full
+        } else {
+            body
+        };
+        let reply = self
+            .handler
+            .accept(Incoming {
+                id,
+                from: tx.from,
+                rcpts: tx.rcpts,
+                params: tx.params,
+                body: full,
+                peer: self.peer.clone(),
+            })
+            .await;
+        if reply.is_positive() {
+            self.ok(&reply)
+        } else {
+            self.error(reply)
+        }
+    }
+
+    async fn starttls(&mut self) -> io::Result<Next> {
+        let Some(acceptor) = self.cfg.tls.clone() else {
+            return Ok(self.error(Reply::new(502, "5.5.1", "STARTTLS not available")));
+        };
+        if self.peer.tls.is_some() {
+            return Ok(self.error(Reply::new(503, "5.5.1", "TLS already active")));
+        }
+        self.conn
+            .reply(&Reply::new(220, "2.0.0", "Ready to start TLS"));
+        self.conn.flush().await?;
+        // Anything the client pipelined after STARTTLS was sent in clear text before the
+        // handshake: it must not be read as if it came over TLS (CVE-2011-0411).
+        let injected = self.conn.buffered().len();
+        if injected > 0 {
+            info!(peer = %self.peer.addr, bytes = injected, "discarded plaintext pipelined after STARTTLS");
+        }
+        self.conn.inbuf.clear();
+        self.conn.start = 0;
+        let plain = match std::mem::replace(&mut self.conn.stream, MaybeTls::Closed) {
+            MaybeTls::Plain(s) => s,
+            other => {
+                self.conn.stream = other;
+                return Ok(Next::Close);
+            }
+        };
+        let handshake =
+            tokio::time::timeout(self.cfg.command_timeout, acceptor.accept(plain)).await;
+        match handshake {
+            Ok(Ok(tls)) => {
+                self.conn.stream = MaybeTls::Tls(Box::new(tls));
+                self.peer.tls = self.conn.stream.tls_summary();
+                // RFC 3207 4.2: forget everything learnt before TLS.
+                self.peer.helo.clear();
+                self.tx = None;
+                Ok(Next::Continue)
+            }
+            Ok(Err(e)) => {
+                info!(peer = %self.peer.addr, error = %e, "TLS handshake failed");
+                Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "TLS handshake failed",
+                ))
+            }
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "TLS handshake timeout",
+            )),
+        }
+    }
+}
+
+/// Builds our `Received:` header (RFC 5321 4.4), folded, ending in CRLF.
+fn received_header(hostname: &str, peer: &Peer, id: &QueueId, tx: &Transaction) -> String {
+    let utf8 = if tx.params.smtputf8 { "UTF8" } else { "" };
+    let proto = match (&peer.tls, utf8) {
+        (Some(_), "") => "ESMTPS".to_string(),
+        (None, "") => "ESMTP".to_string(),
+        (Some(_), u) => format!("{u}SMTPS"),
+        (None, u) => format!("{u}SMTP"),
+    };
+    let mut h = format!(
+        "Received: from {} ([{}])\r\n\tby {} (coexist) with {} id {}",
+        peer.helo,
+        peer.addr.ip(),
+        hostname,
+        proto,
+        id
+    );
+    if let Some(tls) = &peer.tls {
+        h.push_str(&format!("\r\n\t(using {tls})"));
+    }
+    if tx.rcpts.len() == 1 {
+        h.push_str(&format!("\r\n\tfor <{}>", tx.rcpts[0]));
+    }
+    h.push_str(&format!("; {}\r\n", chrono::Utc::now().to_rfc2822()));
+    h
+}

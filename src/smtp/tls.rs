@@ -1,0 +1,154 @@
+//! TLS for inbound sessions: loading the server certificate and the stream that can be
+//! upgraded by STARTTLS.
+
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+/// Why the server certificate could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate file is missing or holds no certificate.
+    #[error("{path}: cannot load certificate: {reason}")]
+    Cert {
+        /// File.
+        path: String,
+        /// Reason.
+        reason: String,
+    },
+    /// The key file is missing or holds no usable key.
+    #[error("{path}: cannot load private key: {reason}")]
+    Key {
+        /// File.
+        path: String,
+        /// Reason.
+        reason: String,
+    },
+    /// Certificate and key do not fit together, or rustls refused them.
+    #[error("TLS config: {0}")]
+    Config(String),
+}
+
+/// The crypto provider used everywhere (one provider, so no ambiguity at run time).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Builds the STARTTLS acceptor from PEM files (TLS 1.2 and 1.3 only).
+pub fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Cert {
+            path: cert.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Cert {
+            path: cert.display().to_string(),
+            reason: "no PEM certificate found".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    acceptor_from(certs, key)
+}
+
+/// Builds an acceptor from DER material already in memory.
+pub fn acceptor_from(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<TlsAcceptor, TlsError> {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A session's byte stream: clear text until STARTTLS, then TLS.
+pub enum MaybeTls {
+    /// Clear text.
+    Plain(TcpStream),
+    /// After STARTTLS.
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Taken away for the TLS handshake; reads see end of stream, writes fail.
+    Closed,
+}
+
+impl MaybeTls {
+    /// "TLSv1_3 with cipher X" for the Received header and logs, when TLS is on.
+    pub fn tls_summary(&self) -> Option<String> {
+        match self {
+            MaybeTls::Plain(_) | MaybeTls::Closed => None,
+            MaybeTls::Tls(s) => {
+                let conn = s.get_ref().1;
+                let version = conn
+                    .protocol_version()
+                    .map(|v| format!("{v:?}"))
+                    .unwrap_or_else(|| "TLS".into());
+                let cipher = conn
+                    .negotiated_cipher_suite()
+                    .map(|c| format!("{:?}", c.suite()))
+                    .unwrap_or_else(|| "unknown".into());
+                Some(format!("{version} with cipher {cipher}"))
+            }
+        }
+    }
+}
+
+impl AsyncRead for MaybeTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            MaybeTls::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for MaybeTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            MaybeTls::Closed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            MaybeTls::Closed => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            MaybeTls::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}

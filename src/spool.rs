@@ -1,0 +1,356 @@
+//! The durable queue on disk.
+//!
+//! Layout under `spool.dir`:
+//! - `incoming/ID`: a message being written; never acknowledged, removed at start-up.
+//! - `active/ID.msg`: one line of JSON envelope, then the message bytes. Renamed into place
+//!   after `fdatasync`, then the directory is fsynced: only then does the client get `250`.
+//! - `active/ID.state`: per-recipient delivery state, replaced atomically after each attempt.
+//! - `failed/ID.msg` and `failed/ID.state`: messages with a permanently failed recipient,
+//!   kept until bounces exist (they are never dropped silently).
+//!
+//! Directory fsyncs are grouped: one fsync covers every rename made before it started, so
+//! concurrent sessions share it (group commit).
+
+use crate::smtp::command::BodyType;
+use crate::types::{Address, QueueId};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+
+/// Spool failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// File system error, with the path.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path involved.
+        path: String,
+        /// Error.
+        source: io::Error,
+    },
+    /// A spool file is not in our format.
+    #[error("{path}: corrupt spool file: {reason}")]
+    Corrupt {
+        /// Path.
+        path: String,
+        /// Reason.
+        reason: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The envelope of a queued message; written once with the message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Queue id.
+    pub id: QueueId,
+    /// Reverse path; `None` is `<>`.
+    pub from: Option<Address>,
+    /// Recipients, in the order accepted.
+    pub rcpts: Vec<Address>,
+    /// SMTPUTF8 was requested.
+    pub smtputf8: bool,
+    /// Declared body type.
+    pub body: BodyType,
+    /// Unix time of acceptance.
+    pub received_at: u64,
+    /// Message size in bytes (with our Received header).
+    pub size: u64,
+    /// Client address.
+    pub client: String,
+}
+
+/// Delivery status of one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RcptStatus {
+    /// Not yet delivered.
+    Pending,
+    /// Accepted by a next hop.
+    Delivered,
+    /// Failed permanently.
+    Failed,
+}
+
+/// Delivery state of one recipient.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RcptState {
+    /// Status.
+    pub status: RcptStatus,
+    /// Last reply or error seen for it.
+    pub last_reply: Option<String>,
+}
+
+/// Mutable delivery state of a message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliveryState {
+    /// One per envelope recipient, same order.
+    pub rcpts: Vec<RcptState>,
+    /// Delivery attempts made.
+    pub attempts: u32,
+}
+
+impl DeliveryState {
+    /// All recipients pending.
+    pub fn new(n: usize) -> DeliveryState {
+        DeliveryState {
+            rcpts: vec![
+                RcptState {
+                    status: RcptStatus::Pending,
+                    last_reply: None
+                };
+                n
+            ],
+            attempts: 0,
+        }
+    }
+
+    /// Indexes of recipients still pending.
+    pub fn pending(&self) -> Vec<usize> {
+        (0..self.rcpts.len())
+            .filter(|&i| self.rcpts[i].status == RcptStatus::Pending)
+            .collect()
+    }
+}
+
+/// Group commit of directory fsyncs.
+struct DirSync {
+    state: Mutex<(u64, u64, bool)>, // (requested, completed, syncing)
+    cv: Condvar,
+}
+
+/// The spool.
+pub struct Spool {
+    incoming: PathBuf,
+    active: PathBuf,
+    failed: PathBuf,
+    dir_sync: DirSync,
+}
+
+impl Spool {
+    /// Opens (and creates) the spool under `dir`.
+    pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
+        let s = Spool {
+            incoming: dir.join("incoming"),
+            active: dir.join("active"),
+            failed: dir.join("failed"),
+            dir_sync: DirSync {
+                state: Mutex::new((0, 0, false)),
+                cv: Condvar::new(),
+            },
+        };
+        for d in [&s.incoming, &s.active, &s.failed] {
+            fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        Ok(s)
+    }
+
+    fn msg_path(&self, id: &QueueId) -> PathBuf {
+        self.active.join(format!("{id}.msg"))
+    }
+
+    fn state_path(&self, id: &QueueId) -> PathBuf {
+        self.active.join(format!("{id}.state"))
+    }
+
+    /// Writes a new message durably. When this returns `Ok`, the message survives a crash.
+    pub fn store(&self, env: &Envelope, message: &[u8]) -> Result<(), SpoolError> {
+        let tmp = self.incoming.join(env.id.as_str());
+        let header = serde_json::to_vec(env).map_err(|e| SpoolError::Corrupt {
+            path: tmp.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut buf = Vec::with_capacity(header.len() + 1 + message.len());
+            buf.extend_from_slice(&header);
+            buf.push(b'\n');
+            buf.extend_from_slice(message);
+            f.write_all(&buf)?;
+            f.sync_data()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(&tmp)(e));
+        }
+        let dest = self.msg_path(&env.id);
+        fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+        self.sync_dir(&self.active)
+    }
+
+    /// fsyncs `dir`, sharing one fsync among all callers that arrive while one runs.
+    fn sync_dir(&self, dir: &Path) -> Result<(), SpoolError> {
+        let ds = &self.dir_sync;
+        let mut st = ds.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 += 1;
+        let ticket = st.0;
+        loop {
+            if st.1 >= ticket {
+                return Ok(());
+            }
+            if !st.2 {
+                st.2 = true;
+                let target = st.0;
+                drop(st);
+                let res = File::open(dir).and_then(|f| f.sync_all());
+                st = ds.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.2 = false;
+                if res.is_ok() {
+                    st.1 = st.1.max(target);
+                }
+                ds.cv.notify_all();
+                res.map_err(io_err(dir))?;
+            } else {
+                st = ds.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+
+    /// Records the delivery state after an attempt (atomic replace).
+    pub fn save_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError> {
+        let path = self.state_path(id);
+        let tmp = self.incoming.join(format!("{id}.state"));
+        let data = serde_json::to_vec(state).map_err(|e| SpoolError::Corrupt {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_data()
+        };
+        write().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        self.sync_dir(&self.active)
+    }
+
+    /// Reads a queued message's bytes (without the envelope line).
+    pub fn load_message(&self, id: &QueueId) -> Result<Vec<u8>, SpoolError> {
+        let path = self.msg_path(id);
+        let mut data = fs::read(&path).map_err(io_err(&path))?;
+        let nl = memchr::memchr(b'\n', &data).ok_or_else(|| SpoolError::Corrupt {
+            path: path.display().to_string(),
+            reason: "no envelope line".into(),
+        })?;
+        data.drain(..=nl);
+        Ok(data)
+    }
+
+    /// Removes a message whose recipients are all delivered.
+    pub fn remove(&self, id: &QueueId) -> Result<(), SpoolError> {
+        let msg = self.msg_path(id);
+        fs::remove_file(&msg).map_err(io_err(&msg))?;
+        let _ = fs::remove_file(self.state_path(id));
+        Ok(())
+    }
+
+    /// Moves a message with failed recipients to `failed/`, where it stays for the admin.
+    pub fn move_to_failed(&self, id: &QueueId) -> Result<(), SpoolError> {
+        let state = self.state_path(id);
+        if state.exists() {
+            let dest = self.failed.join(format!("{id}.state"));
+            fs::rename(&state, &dest).map_err(io_err(&dest))?;
+        }
+        let dest = self.failed.join(format!("{id}.msg"));
+        fs::rename(self.msg_path(id), &dest).map_err(io_err(&dest))?;
+        self.sync_dir(&self.failed)?;
+        self.sync_dir(&self.active)
+    }
+
+    /// Start-up scan: drops unacknowledged files in `incoming/` and returns every queued
+    /// message with its delivery state.
+    pub fn recover(&self) -> Result<Vec<(Envelope, DeliveryState)>, SpoolError> {
+        for e in fs::read_dir(&self.incoming).map_err(io_err(&self.incoming))? {
+            let e = e.map_err(io_err(&self.incoming))?;
+            let _ = fs::remove_file(e.path());
+        }
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.active).map_err(io_err(&self.active))? {
+            let path = e.map_err(io_err(&self.active))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let Some(stem) = name.strip_suffix(".msg") else {
+                if let Some(stem) = name.strip_suffix(".state") {
+                    if !self.active.join(format!("{stem}.msg")).exists() {
+                        let _ = fs::remove_file(&path);
+                    }
+                }
+                continue;
+            };
+            if QueueId::from_file_stem(stem).is_none() {
+                continue;
+            }
+            let env = read_envelope(&path)?;
+            let state = match fs::read(self.state_path(&env.id)) {
+                Ok(bytes) => serde_json::from_slice::<DeliveryState>(&bytes)
+                    .ok()
+                    .filter(|s| s.rcpts.len() == env.rcpts.len())
+                    .unwrap_or_else(|| DeliveryState::new(env.rcpts.len())),
+                Err(_) => DeliveryState::new(env.rcpts.len()),
+            };
+            out.push((env, state));
+        }
+        out.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        Ok(out)
+    }
+}
+
+fn read_envelope(path: &Path) -> Result<Envelope, SpoolError> {
+    use std::io::BufRead;
+    let f = File::open(path).map_err(io_err(path))?;
+    let mut line = Vec::new();
+    io::BufReader::new(f)
+        .read_until(b'\n', &mut line)
+        .map_err(io_err(path))?;
+    serde_json::from_slice(&line).map_err(|e| SpoolError::Corrupt {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(id: QueueId) -> Envelope {
+        Envelope {
+            id,
+            from: None,
+            rcpts: vec![Address::parse("a@nhs.test", false).unwrap()],
+            smtputf8: false,
+            body: BodyType::SevenBit,
+            received_at: 0,
+            size: 5,
+            client: "127.0.0.1:1".into(),
+        }
+    }
+
+    #[test]
+    fn store_recover_state_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path()).unwrap();
+        let id = QueueId::generate();
+        s.store(&env(id.clone()), b"hello").unwrap();
+        fs::write(dir.path().join("incoming/junk"), b"x").unwrap();
+        let s = Spool::open(dir.path()).unwrap();
+        let rec = s.recover().unwrap();
+        assert_eq!(rec.len(), 1);
+        assert!(!dir.path().join("incoming/junk").exists());
+        assert_eq!(s.load_message(&id).unwrap(), b"hello");
+        let mut st = rec[0].1.clone();
+        st.rcpts[0].status = RcptStatus::Failed;
+        s.save_state(&id, &st).unwrap();
+        let rec = s.recover().unwrap();
+        assert_eq!(rec[0].1.rcpts[0].status, RcptStatus::Failed);
+        s.move_to_failed(&id).unwrap();
+        assert!(s.recover().unwrap().is_empty());
+        assert!(dir.path().join(format!("failed/{id}.msg")).exists());
+    }
+}

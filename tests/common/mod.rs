@@ -1,0 +1,224 @@
+//! Shared test harness: a real relay on an ephemeral loopback port, two sink next hops, and a
+//! raw SMTP client that shows every reply.
+#![allow(dead_code)]
+
+use coexist::config::{Config, DEFAULT_CONFIG};
+use coexist::load::sink::{Sink, SinkOptions};
+use coexist::relay::{self, Running};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// The test directory: alice and dave on premises, bob and carol in the cloud.
+pub const DIRECTORY: &str = "address,state\nalice@nhs.test,onprem\nbob@nhs.test,cloud\ncarol@nhs.test,cloud\ndave@nhs.test,onprem\n";
+
+/// Certificates written for a test.
+pub struct TestCerts {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca_pem: String,
+}
+
+pub fn write_certs(dir: &Path) -> TestCerts {
+    let c = coexist::certs::generate("mx1.coexist.test").unwrap();
+    let cert = dir.join("server.crt");
+    let key = dir.join("server.key");
+    std::fs::write(&cert, &c.cert_pem).unwrap();
+    std::fs::write(&key, &c.key_pem).unwrap();
+    TestCerts {
+        cert,
+        key,
+        ca_pem: c.ca_pem,
+    }
+}
+
+/// A config for tests: the default config with loopback ports and temp paths.
+pub fn test_config(dir: &Path, certs: &TestCerts, onprem: SocketAddr, cloud: SocketAddr) -> Config {
+    let mut cfg = Config::parse(DEFAULT_CONFIG, "default").unwrap();
+    cfg.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.spool.dir = dir.join("spool");
+    let dfile = dir.join("directory.csv");
+    if !dfile.exists() {
+        std::fs::write(&dfile, DIRECTORY).unwrap();
+    }
+    cfg.directory.file = dfile;
+    let tls = cfg.tls.as_mut().unwrap();
+    tls.cert = certs.cert.clone();
+    tls.key = certs.key.clone();
+    cfg.queue.min_backoff = Duration::from_secs(1);
+    cfg.queue.max_backoff = Duration::from_secs(2);
+    cfg.delivery.timeout = Duration::from_secs(10);
+    cfg.routes.get_mut("onprem").unwrap().next_hops = vec![onprem];
+    cfg.routes.get_mut("cloud").unwrap().next_hops = vec![cloud];
+    cfg
+}
+
+/// A relay with two sinks.
+pub struct Harness {
+    pub relay: Running,
+    pub addr: SocketAddr,
+    pub onprem: Sink,
+    pub cloud: Sink,
+    pub dir: tempfile::TempDir,
+    pub certs: TestCerts,
+}
+
+pub async fn harness(tweak: impl FnOnce(&mut Config)) -> Harness {
+    harness_with(SinkOptions::default(), tweak).await
+}
+
+pub async fn harness_with(sink_opts: SinkOptions, tweak: impl FnOnce(&mut Config)) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let onprem = Sink::start(lo, sink_opts.clone()).await.unwrap();
+    let cloud = Sink::start(lo, sink_opts).await.unwrap();
+    let mut cfg = test_config(dir.path(), &certs, onprem.addr, cloud.addr);
+    tweak(&mut cfg);
+    let relay = relay::start(cfg).await.unwrap();
+    let addr = relay.local_addrs[0];
+    Harness {
+        relay,
+        addr,
+        onprem,
+        cloud,
+        dir,
+        certs,
+    }
+}
+
+/// A raw SMTP client: writes exactly what the test says, reads whole replies.
+pub struct Client<S> {
+    pub io: BufReader<S>,
+}
+
+/// One reply: code and all its lines joined.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Reply {
+    /// The enhanced status code of the last line.
+    pub fn status(&self) -> &str {
+        self.text.lines().last().and_then(|l| l.get(4..)).and_then(|t| t.split(' ').next()).unwrap_or("")
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> Client<TcpStream> {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let mut c = Client { io: BufReader::new(s) };
+    let r = c.reply().await;
+    assert_eq!(r.code, 220, "{r:?}");
+    c
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.io.get_mut().write_all(bytes).await.unwrap();
+        self.io.get_mut().flush().await.unwrap();
+    }
+
+    /// Reads one (possibly multi-line) reply; panics after 20 s without one.
+    pub async fn reply(&mut self) -> Reply {
+        tokio::time::timeout(Duration::from_secs(20), self.try_reply())
+            .await
+            .expect("no reply within 20 s")
+            .expect("connection closed instead of a reply")
+    }
+
+    /// Reads one reply, or `None` at end of stream.
+    pub async fn try_reply(&mut self) -> Option<Reply> {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.io.read_line(&mut line).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            text.push_str(&line);
+            let b = line.as_bytes();
+            if b.len() < 4 || b[3] != b'-' {
+                let code = line.get(..3)?.parse().ok()?;
+                return Some(Reply { code, text });
+            }
+        }
+    }
+
+    pub async fn cmd(&mut self, line: &str) -> Reply {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    /// Asserts the next command gets `code`.
+    pub async fn expect(&mut self, line: &str, code: u16) -> Reply {
+        let r = self.cmd(line).await;
+        assert_eq!(r.code, code, "{line} -> {r:?}");
+        r
+    }
+
+    /// A whole DATA transaction; returns the final reply.
+    pub async fn mail(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> Reply {
+        self.expect(&format!("MAIL FROM:<{from}>"), 250).await;
+        for r in rcpts {
+            self.expect(&format!("RCPT TO:<{r}>"), 250).await;
+        }
+        self.expect("DATA", 354).await;
+        let mut stuffed = Vec::new();
+        coexist::deliver::dot_stuff(body, &mut stuffed);
+        self.send(&stuffed).await;
+        self.reply().await
+    }
+}
+
+/// Strips the first header (our Received header, folded) from delivered bytes.
+pub fn strip_received(msg: &[u8]) -> &[u8] {
+    assert!(msg.starts_with(b"Received: "), "no Received header first");
+    let mut pos = 0;
+    loop {
+        let nl = pos + memchr_nl(&msg[pos..]).expect("unterminated header");
+        pos = nl + 1;
+        if !(msg.get(pos) == Some(&b'\t') || msg.get(pos) == Some(&b' ')) {
+            return &msg[pos..];
+        }
+    }
+}
+
+fn memchr_nl(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&c| c == b'\n')
+}
+
+/// The first delivered Received header, unfolded.
+pub fn received_header(msg: &[u8]) -> String {
+    let rest = strip_received(msg);
+    String::from_utf8_lossy(&msg[..msg.len() - rest.len()]).replace("\r\n\t", " ")
+}
+
+/// A rustls client that trusts the test CA.
+pub fn tls_connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(coexist::smtp::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// A sample message with CRLF lines.
+pub fn sample(subject: &str) -> Vec<u8> {
+    format!("From: <x@example.org>\r\nTo: <bob@nhs.test>\r\nSubject: {subject}\r\nMessage-ID: <{subject}@example.org>\r\n\r\nHello.\r\n").into_bytes()
+}
+
+/// Waits (bounded) until `sink` has accepted `n` recipients; returns its count.
+pub async fn wait(sink: &Sink, n: u64) -> u64 {
+    sink.state.wait_recipients(n, Duration::from_secs(30)).await
+}

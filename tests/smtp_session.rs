@@ -11,7 +11,15 @@ async fn ehlo_lists_extensions_and_basic_commands_answer() {
     let h = harness(|_| {}).await;
     let mut c = connect(h.addr).await;
     let r = c.expect("EHLO client.test", 250).await;
-    for ext in ["PIPELINING", "SIZE 52428800", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS", "CHUNKING"] {
+    for ext in [
+        "PIPELINING",
+        "SIZE 52428800",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "STARTTLS",
+        "CHUNKING",
+    ] {
         assert!(r.text.contains(ext), "{ext} missing in {r:?}");
     }
     assert_eq!(c.expect("NOOP", 250).await.status(), "2.0.0");
@@ -27,12 +35,21 @@ async fn ehlo_lists_extensions_and_basic_commands_answer() {
 async fn commands_out_of_order_get_503() {
     let h = harness(|_| {}).await;
     let mut c = connect(h.addr).await;
-    assert_eq!(c.expect("MAIL FROM:<a@example.org>", 503).await.status(), "5.5.1");
+    assert_eq!(
+        c.expect("MAIL FROM:<a@example.org>", 503).await.status(),
+        "5.5.1"
+    );
     c.expect("EHLO client.test", 250).await;
-    assert_eq!(c.expect("RCPT TO:<bob@nhs.test>", 503).await.status(), "5.5.1");
+    assert_eq!(
+        c.expect("RCPT TO:<bob@nhs.test>", 503).await.status(),
+        "5.5.1"
+    );
     assert_eq!(c.expect("DATA", 503).await.status(), "5.5.1");
     c.expect("MAIL FROM:<a@example.org>", 250).await;
-    assert_eq!(c.expect("MAIL FROM:<a@example.org>", 503).await.status(), "5.5.1");
+    assert_eq!(
+        c.expect("MAIL FROM:<a@example.org>", 503).await.status(),
+        "5.5.1"
+    );
     assert_eq!(c.expect("DATA", 554).await.status(), "5.5.1");
 }
 
@@ -83,7 +100,11 @@ async fn bdat_chunks_are_joined_exactly() {
     assert_eq!(c.reply().await.code, 250);
     assert_eq!(wait(&h.cloud, 1).await, 1);
     let m = &h.cloud.state.messages()[0];
-    assert_eq!(strip_received(&m.body), body, "BDAT to a CHUNKING next hop keeps the exact bytes");
+    assert_eq!(
+        strip_received(&m.body),
+        body,
+        "BDAT to a CHUNKING next hop keeps the exact bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,18 +135,31 @@ async fn starttls_discards_injected_plaintext_and_resets_state() {
         .connect("mx1.coexist.test".try_into().unwrap(), tcp)
         .await
         .expect("TLS handshake with the relay's certificate, checked against the test CA");
-    let mut t = Client { io: tokio::io::BufReader::new(tls) };
+    let mut t = Client {
+        io: tokio::io::BufReader::new(tls),
+    };
     // State was reset: MAIL needs EHLO again, and nothing answers the injected command.
-    assert_eq!(t.expect("MAIL FROM:<a@example.org>", 503).await.status(), "5.5.1");
+    assert_eq!(
+        t.expect("MAIL FROM:<a@example.org>", 503).await.status(),
+        "5.5.1"
+    );
     let r = t.expect("EHLO client.test", 250).await;
-    assert!(!r.text.contains("STARTTLS"), "STARTTLS offered twice: {r:?}");
+    assert!(
+        !r.text.contains("STARTTLS"),
+        "STARTTLS offered twice: {r:?}"
+    );
     assert_eq!(t.expect("STARTTLS", 503).await.status(), "5.5.1");
-    let r = t.mail("a@example.org", &["carol@nhs.test"], &sample("tls")).await;
+    let r = t
+        .mail("a@example.org", &["carol@nhs.test"], &sample("tls"))
+        .await;
     assert_eq!(r.code, 250, "{r:?}");
     assert_eq!(wait(&h.cloud, 1).await, 1);
     let received = received_header(&h.cloud.state.messages()[0].body);
     assert!(received.contains("with ESMTPS id "), "{received}");
-    assert!(received.contains("(using TLSv1_3 with cipher"), "{received}");
+    assert!(
+        received.contains("(using TLSv1_3 with cipher"),
+        "{received}"
+    );
     assert!(received.contains("for <carol@nhs.test>"), "{received}");
 }
 
@@ -135,7 +169,12 @@ async fn size_limit_before_and_during_data() {
     let mut c = connect(h.addr).await;
     let r = c.expect("EHLO client.test", 250).await;
     assert!(r.text.contains("SIZE 1000"));
-    assert_eq!(c.expect("MAIL FROM:<a@example.org> SIZE=1001", 552).await.status(), "5.3.4");
+    assert_eq!(
+        c.expect("MAIL FROM:<a@example.org> SIZE=1001", 552)
+            .await
+            .status(),
+        "5.3.4"
+    );
     c.expect("MAIL FROM:<a@example.org> SIZE=900", 250).await;
     c.expect("RCPT TO:<bob@nhs.test>", 250).await;
     c.expect("DATA", 354).await;
@@ -207,7 +246,9 @@ async fn unknown_recipients_follow_directory_unknown() {
     let h2 = harness(|c| c.directory.unknown = "cloud".into()).await;
     let mut c2 = connect(h2.addr).await;
     c2.expect("EHLO client.test", 250).await;
-    let r = c2.mail("a@example.org", &["nobody@nhs.test"], &sample("unknown")).await;
+    let r = c2
+        .mail("a@example.org", &["nobody@nhs.test"], &sample("unknown"))
+        .await;
     assert_eq!(r.code, 250);
     assert_eq!(wait(&h2.cloud, 1).await, 1);
 }
@@ -273,7 +314,10 @@ async fn connection_limit_answers_421() {
     let mut first = connect(h.addr).await;
     let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("421 4.7.0"), "{text}");
     first.expect("NOOP", 250).await;
@@ -303,7 +347,10 @@ async fn looping_message_is_refused_with_546() {
     c.expect("EHLO client.test", 250).await;
     let mut m = Vec::new();
     for i in 0..6 {
-        m.extend_from_slice(format!("Received: from hop{i} by hop{i}; Wed, 25 Nov 2026 10:00:00 +0000\r\n").as_bytes());
+        m.extend_from_slice(
+            format!("Received: from hop{i} by hop{i}; Wed, 25 Nov 2026 10:00:00 +0000\r\n")
+                .as_bytes(),
+        );
     }
     m.extend_from_slice(&sample("loop"));
     let r = c.mail("a@example.org", &["bob@nhs.test"], &m).await;

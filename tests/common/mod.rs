@@ -105,13 +105,20 @@ pub struct Reply {
 impl Reply {
     /// The enhanced status code of the last line.
     pub fn status(&self) -> &str {
-        self.text.lines().last().and_then(|l| l.get(4..)).and_then(|t| t.split(' ').next()).unwrap_or("")
+        self.text
+            .lines()
+            .last()
+            .and_then(|l| l.get(4..))
+            .and_then(|t| t.split(' ').next())
+            .unwrap_or("")
     }
 }
 
 pub async fn connect(addr: SocketAddr) -> Client<TcpStream> {
     let s = TcpStream::connect(addr).await.unwrap();
-    let mut c = Client { io: BufReader::new(s) };
+    let mut c = Client {
+        io: BufReader::new(s),
+    };
     let r = c.reply().await;
     assert_eq!(r.code, 220, "{r:?}");
     c

@@ -1,0 +1,231 @@
+//! Whole relay: routing by migration state, transparency, retries, failures, TLS policy.
+
+mod common;
+
+use coexist::config::TlsPolicy;
+use coexist::directory::Table;
+use coexist::load::sink::{SinkMode, SinkOptions};
+use coexist::types::RouteName;
+use common::*;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_for_both_estates_is_split_with_body_unchanged() {
+    let h = harness(|_| {}).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    let body = b"From: <x@example.org>\r\nSubject: split\r\n\r\n.starts with a dot\r\n..two dots\r\nline\r\n".to_vec();
+    let r = c
+        .mail(
+            "x@example.org",
+            &["alice@nhs.test", "Bob@nhs.test", "carol@nhs.test"],
+            &body,
+        )
+        .await;
+    assert_eq!(r.code, 250, "{r:?}");
+    let qid = r.text.trim().rsplit(' ').next().unwrap().to_string();
+    assert_eq!(wait(&h.onprem, 1).await, 1);
+    assert_eq!(wait(&h.cloud, 2).await, 2);
+    let on = h.onprem.state.messages();
+    let cl = h.cloud.state.messages();
+    assert_eq!(on.len(), 1);
+    assert_eq!(cl.len(), 1, "one delivery per estate");
+    let rcpts = |m: &coexist::load::sink::SinkMessage| {
+        m.rcpts.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(rcpts(&on[0]), vec!["alice@nhs.test"]);
+    assert_eq!(rcpts(&cl[0]), vec!["Bob@nhs.test", "carol@nhs.test"]);
+    assert_eq!(on[0].from.as_ref().unwrap().to_string(), "x@example.org");
+    for m in [&on[0], &cl[0]] {
+        assert_eq!(
+            strip_received(&m.body),
+            &body[..],
+            "body changed in transit"
+        );
+        assert!(received_header(&m.body).contains(&format!("id {qid}")));
+    }
+    // Delivered messages leave the spool.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left = std::fs::read_dir(h.dir.path().join("spool/active"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_to_next_hop_without_chunking_keeps_bytes() {
+    let opts = SinkOptions {
+        chunking: false,
+        pipelining: false,
+        ..SinkOptions::default()
+    };
+    let h = harness_with(opts, |_| {}).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    let body = b".first line is a dot line\r\nSubject: x\r\n\r\n.\r\n..\r\nend\r\n".to_vec();
+    assert_eq!(
+        c.mail("x@example.org", &["bob@nhs.test"], &body).await.code,
+        250
+    );
+    // Ends without CRLF through BDAT: DATA outbound must add one (the only change it makes).
+    c.expect("MAIL FROM:<x@example.org>", 250).await;
+    c.expect("RCPT TO:<carol@nhs.test>", 250).await;
+    c.send(b"BDAT 9 LAST\r\nno CRLF!!").await;
+    assert_eq!(c.reply().await.code, 250);
+    assert_eq!(wait(&h.cloud, 2).await, 2);
+    let mut msgs = h.cloud.state.messages();
+    msgs.sort_by_key(|m| m.rcpts[0].to_string());
+    assert_eq!(strip_received(&msgs[0].body), &body[..]);
+    assert_eq!(strip_received(&msgs[1].body), b"no CRLF!!\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_message_is_retried_and_follows_a_moved_mailbox() {
+    let h = harness(|_| {}).await;
+    h.onprem.state.set_mode(SinkMode::Defer);
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_eq!(
+        c.mail("x@example.org", &["dave@nhs.test"], &sample("moving"))
+            .await
+            .code,
+        250
+    );
+    // dave is on premises, which defers. Then dave's mailbox moves to the cloud.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(h.onprem.state.messages().is_empty());
+    let states = vec![RouteName("cloud".into()), RouteName("onprem".into())];
+    let moved = DIRECTORY.replace("dave@nhs.test,onprem", "dave@nhs.test,cloud");
+    h.relay
+        .directory
+        .replace(Table::parse(&moved, "moved", &states).unwrap());
+    assert_eq!(
+        wait(&h.cloud, 1).await,
+        1,
+        "the retry must use the current directory"
+    );
+    assert_eq!(
+        h.cloud.state.messages()[0].rcpts[0].to_string(),
+        "dave@nhs.test"
+    );
+    assert!(h.onprem.state.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferral_then_success_at_the_same_hop() {
+    let h = harness(|_| {}).await;
+    h.cloud.state.set_mode(SinkMode::Defer);
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_eq!(
+        c.mail("x@example.org", &["bob@nhs.test"], &sample("retry"))
+            .await
+            .code,
+        250
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let state = std::fs::read_dir(h.dir.path().join("spool/active"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().extension().is_some_and(|x| x == "state"));
+    let text = std::fs::read_to_string(state.expect("state file after a deferral").path()).unwrap();
+    assert!(text.contains("451 4.3.0"), "{text}");
+    h.cloud.state.set_mode(SinkMode::Accept);
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failure_is_per_recipient_and_kept_in_failed() {
+    let h = harness(|_| {}).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    // reject-me is unknown, so it goes on premises, where the sink refuses it with 550.
+    let r = c
+        .mail(
+            "x@example.org",
+            &["reject-me@nhs.test", "alice@nhs.test"],
+            &sample("mixed"),
+        )
+        .await;
+    assert_eq!(r.code, 250);
+    let qid = r.text.trim().rsplit(' ').next().unwrap().to_string();
+    assert_eq!(wait(&h.onprem, 1).await, 1);
+    assert_eq!(
+        h.onprem.state.messages()[0].rcpts[0].to_string(),
+        "alice@nhs.test"
+    );
+    let failed = h.dir.path().join(format!("spool/failed/{qid}.state"));
+    for _ in 0..100 {
+        if failed.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&failed).expect("failed message kept with its state");
+    assert!(
+        text.contains("\"failed\"") && text.contains("550 5.1.1"),
+        "{text}"
+    );
+    assert!(text.contains("\"delivered\""), "{text}");
+    assert!(h
+        .dir
+        .path()
+        .join(format!("spool/failed/{qid}.msg"))
+        .exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_required_route_defers_when_next_hop_has_no_starttls() {
+    // Sinks without a certificate do not offer STARTTLS.
+    let h = harness(|c| c.routes.get_mut("cloud").unwrap().tls = TlsPolicy::Required).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_eq!(
+        c.mail(
+            "x@example.org",
+            &["bob@nhs.test", "alice@nhs.test"],
+            &sample("tls")
+        )
+        .await
+        .code,
+        250
+    );
+    assert_eq!(wait(&h.onprem, 1).await, 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        h.cloud.state.messages().is_empty(),
+        "a required-TLS route must never send in clear text"
+    );
+    let state = std::fs::read_dir(h.dir.path().join("spool/active"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().extension().is_some_and(|x| x == "state"))
+        .expect("message still queued");
+    let text = std::fs::read_to_string(state.path()).unwrap();
+    assert!(text.contains("does not offer STARTTLS"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_required_route_uses_starttls_when_offered() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let acceptor = coexist::smtp::tls::load_acceptor(&certs.cert, &certs.key).unwrap();
+    let opts = SinkOptions {
+        tls: Some(acceptor),
+        ..SinkOptions::default()
+    };
+    let h = harness_with(opts, |c| {
+        c.routes.get_mut("cloud").unwrap().tls = TlsPolicy::Required
+    })
+    .await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_eq!(
+        c.mail("x@example.org", &["bob@nhs.test"], &sample("tls2"))
+            .await
+            .code,
+        250
+    );
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    assert!(h.cloud.state.messages()[0].tls);
+}

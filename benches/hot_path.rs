@@ -1,1 +1,116 @@
-fn main() {}
+//! Hot-path micro benchmarks: command parser, DATA reader, directory lookup, route planning,
+//! spool write (with fsync). Run with `cargo bench --bench hot_path`.
+
+use coexist::config::DirectoryConfig;
+use coexist::directory::{Directory, Table};
+use coexist::smtp::command;
+use coexist::smtp::data::DataReader;
+use coexist::spool::{Envelope, Spool};
+use coexist::types::{Address, QueueId, RouteName};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::hint::black_box;
+use std::time::Duration;
+
+fn parser(c: &mut Criterion) {
+    let mut g = c.benchmark_group("command");
+    g.bench_function("parse MAIL FROM with params", |b| {
+        b.iter(|| {
+            command::parse(
+                black_box(b"MAIL FROM:<john.doe@example.org> SIZE=4096 BODY=8BITMIME"),
+                false,
+            )
+        })
+    });
+    g.bench_function("parse RCPT TO", |b| {
+        b.iter(|| command::parse(black_box(b"RCPT TO:<user123456@nhs.test>"), false))
+    });
+    g.finish();
+}
+
+fn data_reader(c: &mut Criterion) {
+    let mut msg = Vec::new();
+    while msg.len() < 64 * 1024 {
+        msg.extend_from_slice(
+            b"The quick brown fox jumps over the lazy dog, migrating mailboxes.\r\n",
+        );
+        msg.extend_from_slice(b"..a stuffed line\r\n");
+    }
+    msg.extend_from_slice(b".\r\n");
+    let mut g = c.benchmark_group("data");
+    g.throughput(Throughput::Bytes(msg.len() as u64));
+    g.bench_function("DATA reader 64 KiB", |b| {
+        b.iter(|| {
+            let mut r = DataReader::new(1 << 20);
+            let (_, done) = r.feed(black_box(&msg));
+            assert!(done);
+            r.message.len()
+        })
+    });
+    g.finish();
+}
+
+fn states() -> Vec<RouteName> {
+    vec![RouteName("cloud".into()), RouteName("onprem".into())]
+}
+
+fn directory(c: &mut Criterion) {
+    let n = 200_000;
+    let mut csv = String::from("address,state\n");
+    for i in 0..n {
+        csv.push_str(&format!(
+            "user{i}@nhs.test,{}\n",
+            if i % 2 == 0 { "cloud" } else { "onprem" }
+        ));
+    }
+    let table = Table::parse(&csv, "bench", &states()).expect("bench directory");
+    let cfg = DirectoryConfig {
+        file: "bench".into(),
+        unknown: "onprem".into(),
+        cache_capacity: 100_000,
+        cache_ttl: Duration::from_secs(60),
+    };
+    let dir = Directory::new(table, states(), &cfg);
+    let addrs: Vec<Address> = (0..1000)
+        .map(|i| Address::parse(&format!("User{}@NHS.test", i * 97), false).expect("address"))
+        .collect();
+    let mut g = c.benchmark_group("directory");
+    let mut i = 0;
+    g.bench_function("resolve (200k entries, hot cache)", |b| {
+        b.iter(|| {
+            i = (i + 1) % addrs.len();
+            dir.resolve(black_box(&addrs[i]))
+        })
+    });
+    g.bench_function("route plan, 10 recipients", |b| {
+        b.iter(|| coexist::route::plan(addrs[..10].iter().enumerate(), |a| dir.resolve(a)))
+    });
+    g.finish();
+}
+
+fn spool(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(tmp.path()).expect("spool");
+    let body = vec![b'x'; 4096];
+    let mut g = c.benchmark_group("spool");
+    g.sample_size(20);
+    g.bench_function("store 4 KiB message (fdatasync + dir fsync)", |b| {
+        b.iter(|| {
+            let env = Envelope {
+                id: QueueId::generate(),
+                from: None,
+                rcpts: vec![Address::parse("a@nhs.test", false).expect("address")],
+                smtputf8: false,
+                body: Default::default(),
+                received_at: 0,
+                size: 4096,
+                client: "127.0.0.1:1".into(),
+            };
+            spool.store(&env, &body).expect("store");
+            spool.remove(&env.id).expect("remove");
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, parser, data_reader, directory, spool);
+criterion_main!(benches);

@@ -181,12 +181,78 @@ pub enum TlsPolicy {
     Required,
 }
 
+/// A next hop written `host:port`, `ip:port` or `[ipv6]:port` (port 25 when omitted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    /// Host name or IP address (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl NextHop {
+    /// Parses `host[:port]`.
+    pub fn parse(s: &str) -> Result<NextHop, String> {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(NextHop::from(sa));
+        }
+        if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+            return Ok(NextHop::from(SocketAddr::new(ip, 25)));
+        }
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("{s:?}: bad port {p:?}"))?,
+            ),
+            None => (s, 25),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if port == 0 {
+            return Err(format!("{s:?}: port 0"));
+        }
+        if Domain::parse(host, false).is_err() && host.parse::<std::net::IpAddr>().is_err() {
+            return Err(format!("{s:?}: not a host name or IP address"));
+        }
+        Ok(NextHop {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl From<SocketAddr> for NextHop {
+    fn from(sa: SocketAddr) -> NextHop {
+        NextHop {
+            host: sa.ip().to_string(),
+            port: sa.port(),
+        }
+    }
+}
+
+impl std::fmt::Display for NextHop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NextHop {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        NextHop::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `[routes.NAME]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
-    /// Next hops as host:port, tried in order.
-    pub next_hops: Vec<SocketAddr>,
+    /// Next hops as host:port, tried in order (names are resolved at each attempt).
+    pub next_hops: Vec<NextHop>,
     /// TLS policy.
     #[serde(default = "default_tls_policy")]
     pub tls: TlsPolicy,
@@ -455,6 +521,14 @@ mod tests {
 
     #[test]
     fn bad_address_and_unknown_key_are_refused() {
+        let text = DEFAULT_CONFIG.replace("127.0.0.1:2601", "exchange.corp.test:2525");
+        let cfg = Config::parse(&text, "x.toml").unwrap();
+        assert_eq!(
+            cfg.routes["onprem"].next_hops[0].to_string(),
+            "exchange.corp.test:2525"
+        );
+        assert_eq!(NextHop::parse("[::1]:26").unwrap().to_string(), "[::1]:26");
+        assert_eq!(NextHop::parse("mx.test").unwrap().port, 25);
         let text = DEFAULT_CONFIG.replace("127.0.0.1:2601", "127.0.0.1:99999");
         let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
         assert!(err.contains("routes.onprem.next_hops"), "{err}");

@@ -7,7 +7,7 @@
 //! PIPELINING, send the exact bytes with BDAT when it offers CHUNKING, and otherwise use a
 //! buffered dot-stuffing writer.
 
-use crate::config::TlsPolicy;
+use crate::config::{NextHop, TlsPolicy};
 use crate::types::Address;
 use mail_send::SmtpClient;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -427,17 +427,41 @@ pub struct Attempt {
     pub tls: bool,
 }
 
-/// Tries `next_hops` in order until one takes the transaction; if none can be reached,
-/// every recipient is deferred with the last error.
+/// The addresses of a next hop: an IP as is, a name through the system resolver.
+async fn resolve(hop: &NextHop, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(ip) = hop.host.parse::<std::net::IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, hop.port)]);
+    }
+    match tokio::time::timeout(
+        timeout,
+        tokio::net::lookup_host((hop.host.as_str(), hop.port)),
+    )
+    .await
+    {
+        Ok(Ok(addrs)) => Ok(addrs.collect()),
+        Ok(Err(e)) => Err(format!("cannot resolve {hop}: {e}")),
+        Err(_) => Err(format!("cannot resolve {hop}: timeout")),
+    }
+}
+
+/// Tries `next_hops` (and each address of a name) in order until one takes the
+/// transaction; if none can be reached, every recipient is deferred with the last error.
 pub async fn deliver(
-    next_hops: &[SocketAddr],
+    next_hops: &[NextHop],
     helo: &str,
     tls: TlsPolicy,
     timeout: Duration,
     out: &Outbound<'_>,
 ) -> Attempt {
     let mut last_error = String::from("no next hop configured");
-    for &hop in next_hops {
+    let mut addrs = Vec::new();
+    for hop in next_hops {
+        match resolve(hop, timeout).await {
+            Ok(a) => addrs.extend(a),
+            Err(e) => last_error = e,
+        }
+    }
+    for hop in addrs {
         let mut conn = match Connection::open(hop, helo, tls, timeout).await {
             Ok(c) => c,
             Err(e) => {

@@ -229,3 +229,39 @@ async fn tls_required_route_uses_starttls_when_offered() {
     assert_eq!(wait(&h.cloud, 1).await, 1);
     assert!(h.cloud.state.messages()[0].tls);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_first_hop_fails_over_to_a_named_next_hop() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let Harness {
+        relay,
+        onprem,
+        cloud,
+        dir,
+        certs,
+        ..
+    } = harness(|_| {}).await;
+    drop(relay);
+    let h = (onprem, cloud, dir, certs);
+    // Same sinks, new relay whose cloud route lists a dead hop first, then a host name.
+    let (onprem, cloud, dir, certs) = h;
+    let mut cfg = test_config(dir.path(), &certs, onprem.addr, cloud.addr);
+    cfg.spool.dir = dir.path().join("spool2");
+    cfg.routes.get_mut("cloud").unwrap().next_hops = vec![
+        dead.into(),
+        coexist::config::NextHop::parse(&format!("localhost:{}", cloud.addr.port())).unwrap(),
+    ];
+    let relay = coexist::relay::start(cfg).await.unwrap();
+    let mut c = connect(relay.local_addrs[0]).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_eq!(
+        c.mail("x@example.org", &["bob@nhs.test"], &sample("failover"))
+            .await
+            .code,
+        250
+    );
+    assert_eq!(wait(&cloud, 1).await, 1);
+}

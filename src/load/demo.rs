@@ -100,11 +100,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }
     cfg.queue.min_backoff = Duration::from_secs(1);
     for (name, route) in cfg.routes.iter_mut() {
-        route.next_hops = vec![if name == "cloud" {
-            cloud.addr
-        } else {
-            onprem.addr
-        }];
+        let sink = if name == "cloud" { &cloud } else { &onprem };
+        route.next_hops = vec![sink.addr.into()];
     }
     let relay = crate::relay::start(cfg).await?;
     let target = relay.local_addrs[0];

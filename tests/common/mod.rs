@@ -51,8 +51,8 @@ pub fn test_config(dir: &Path, certs: &TestCerts, onprem: SocketAddr, cloud: Soc
     cfg.queue.min_backoff = Duration::from_secs(1);
     cfg.queue.max_backoff = Duration::from_secs(2);
     cfg.delivery.timeout = Duration::from_secs(10);
-    cfg.routes.get_mut("onprem").unwrap().next_hops = vec![onprem];
-    cfg.routes.get_mut("cloud").unwrap().next_hops = vec![cloud];
+    cfg.routes.get_mut("onprem").unwrap().next_hops = vec![onprem.into()];
+    cfg.routes.get_mut("cloud").unwrap().next_hops = vec![cloud.into()];
     cfg
 }
 

@@ -2,7 +2,7 @@
 //! spool write (with fsync). Run with `cargo bench --bench hot_path`.
 
 use coexist::config::DirectoryConfig;
-use coexist::directory::{Directory, Table};
+use coexist::directory::{table, Directory};
 use coexist::smtp::command;
 use coexist::smtp::data::DataReader;
 use coexist::spool::{Envelope, Spool};
@@ -62,14 +62,16 @@ fn directory(c: &mut Criterion) {
             if i % 2 == 0 { "cloud" } else { "onprem" }
         ));
     }
-    let table = Table::parse(&csv, "bench", &states()).expect("bench directory");
+    let parsed = table::parse(csv.as_bytes(), "bench", &states()).expect("bench directory");
     let cfg = DirectoryConfig {
         file: "bench".into(),
         unknown: "onprem".into(),
         cache_capacity: 100_000,
         cache_ttl: Duration::from_secs(60),
+        store_dir: "unused".into(),
+        watch: false,
     };
-    let dir = Directory::new(table, states(), &cfg);
+    let dir = Directory::in_memory(parsed, states(), &cfg);
     let addrs: Vec<Address> = (0..1000)
         .map(|i| Address::parse(&format!("User{}@NHS.test", i * 97), false).expect("address"))
         .collect();

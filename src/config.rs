@@ -125,6 +125,12 @@ pub struct DirectoryConfig {
     /// Time a cached lookup stays valid.
     #[serde(default = "default_cache_ttl", with = "duration")]
     pub cache_ttl: Duration,
+    /// Where the snapshot and the change log of batches are kept.
+    #[serde(default = "default_store_dir")]
+    pub store_dir: PathBuf,
+    /// Reload the file when it changes on disk (SIGHUP reloads it too).
+    #[serde(default = "default_true")]
+    pub watch: bool,
 }
 
 /// `[queue]`: retries and expiry, Postfix's defaults.
@@ -287,6 +293,12 @@ fn default_cache_capacity() -> u64 {
 }
 fn default_cache_ttl() -> Duration {
     Duration::from_secs(60)
+}
+fn default_store_dir() -> PathBuf {
+    PathBuf::from("var/directory")
+}
+fn default_true() -> bool {
+    true
 }
 fn default_min_backoff() -> Duration {
     Duration::from_secs(300)

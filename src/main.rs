@@ -109,12 +109,15 @@ fn main() -> anyhow::Result<()> {
             if let Some(t) = &cfg.tls {
                 coexist::smtp::tls::load_acceptor(&t.cert, &t.key)?;
             }
-            let dir = coexist::directory::Table::load(&cfg.directory.file, &cfg.route_names())?;
+            let source = coexist::directory::FileSource {
+                path: cfg.directory.file.clone(),
+            };
+            let dir = coexist::directory::Source::load(&source, &cfg.route_names())?;
             println!(
                 "{}: ok ({} routes, {} directory entries)",
                 config.display(),
                 cfg.routes.len(),
-                coexist::directory::Source::len(&dir)
+                dir.table.len()
             );
             Ok(())
         }

@@ -3,7 +3,6 @@
 mod common;
 
 use coexist::config::TlsPolicy;
-use coexist::directory::Table;
 use coexist::load::sink::{SinkMode, SinkOptions};
 use coexist::types::RouteName;
 use common::*;
@@ -95,10 +94,14 @@ async fn deferred_message_is_retried_and_follows_a_moved_mailbox() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(h.onprem.state.messages().is_empty());
     let states = vec![RouteName("cloud".into()), RouteName("onprem".into())];
-    let moved = DIRECTORY.replace("dave@nhs.test,onprem", "dave@nhs.test,cloud");
-    h.relay
-        .directory
-        .replace(Table::parse(&moved, "moved", &states).unwrap());
+    let rows = coexist::directory::batch::parse(
+        b"EmailAddress\ndave@nhs.test\n",
+        "b.csv",
+        &states,
+        Some("cloud"),
+    )
+    .unwrap();
+    h.relay.directory.apply(&rows, "b.csv", false).unwrap();
     assert_eq!(
         wait(&h.cloud, 1).await,
         1,

@@ -45,6 +45,7 @@ pub fn test_config(dir: &Path, certs: &TestCerts, onprem: SocketAddr, cloud: Soc
         std::fs::write(&dfile, DIRECTORY).unwrap();
     }
     cfg.directory.file = dfile;
+    cfg.directory.store_dir = dir.join("directory-store");
     let tls = cfg.tls.as_mut().unwrap();
     tls.cert = certs.cert.clone();
     tls.key = certs.key.clone();

@@ -1,0 +1,858 @@
+//! The migration-state directory: which route (estate) holds each recipient's mailbox now.
+//!
+//! - [`table`]: the compact in-memory index loaded from the directory file (the embedded
+//!   source), with aliases (several addresses, one mailbox).
+//! - [`batch`]: migration batch files (ours or Exchange's `New-MigrationBatch` CSV).
+//! - [`store`]: snapshot and append-only change log, so a restart keeps applied batches and
+//!   does not re-parse the CSV.
+//!
+//! The live state is an immutable [`View`] behind an `ArcSwap`: a batch, rollback or file
+//! reload builds a new view and swaps it in at once, so a lookup sees a whole change or none
+//! of it, and no lookup ever waits for a writer (DESIGN invariant 4).
+
+pub mod batch;
+pub mod generate;
+pub mod store;
+pub mod table;
+
+use crate::config::DirectoryConfig;
+use crate::types::{Address, RouteName};
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use store::{Change, ChangeEntry, ChangeKind, ChangeSummary, Fingerprint, Store, Stored};
+use table::{Parsed, Table};
+use tracing::{info, warn};
+
+/// A directory problem; row errors name file, line and reason.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// A file could not be read or written.
+    #[error("{file}: {source}")]
+    Io {
+        /// File.
+        file: String,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// A row is malformed; nothing was changed.
+    #[error("{file}:{line}: {reason}")]
+    Row {
+        /// File.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A batch id that does not exist or cannot be rolled back.
+    #[error("{0}")]
+    Batch(String),
+}
+
+fn io_err(file: &Path) -> impl FnOnce(std::io::Error) -> DirectoryError + '_ {
+    move |source| DirectoryError::Io {
+        file: file.display().to_string(),
+        source,
+    }
+}
+
+/// Where the directory's entries come from. A source delivers the whole set; the directory
+/// diffs it against what it holds, so batches applied since survive a reload.
+pub trait Source: Send + Sync {
+    /// Name for logs and lookups (the file path for the file source).
+    fn name(&self) -> String;
+    /// Identifies the current content: equal fingerprints mean nothing to reload.
+    fn fingerprint(&self) -> Result<Fingerprint, DirectoryError>;
+    /// Reads every entry; a bad row fails the whole load.
+    fn load(&self, states: &[RouteName]) -> Result<Parsed, DirectoryError>;
+}
+
+/// The embedded default source: the CSV file `directory.file`.
+pub struct FileSource {
+    /// The CSV file.
+    pub path: PathBuf,
+}
+
+impl Source for FileSource {
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn fingerprint(&self) -> Result<Fingerprint, DirectoryError> {
+        Fingerprint::of(&self.path).map_err(io_err(&self.path))
+    }
+    fn load(&self, states: &[RouteName]) -> Result<Parsed, DirectoryError> {
+        let text = std::fs::read(&self.path).map_err(io_err(&self.path))?;
+        table::parse(&text, &self.name(), states)
+    }
+}
+
+/// How an address resolves now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Listed in the directory with this state.
+    Listed(RouteName),
+    /// Not listed; `directory.unknown` sends it to this route.
+    Unlisted(RouteName),
+    /// Not listed and `directory.unknown = "reject"`.
+    Reject,
+}
+
+impl Resolution {
+    /// The route, unless rejected.
+    pub fn route(&self) -> Option<&RouteName> {
+        match self {
+            Resolution::Listed(r) | Resolution::Unlisted(r) => Some(r),
+            Resolution::Reject => None,
+        }
+    }
+}
+
+/// One immutable version of the directory.
+struct View {
+    generation: u64,
+    table: Arc<Table>,
+    file_states: Arc<Vec<u8>>,
+    states: Vec<u8>,
+    origin: Vec<u32>,
+    last_change: u32,
+    fingerprint: Fingerprint,
+}
+
+impl View {
+    fn stored(&self) -> Stored {
+        Stored {
+            fingerprint: self.fingerprint,
+            last_change: self.last_change,
+            table: (*self.table).clone(),
+            file_states: (*self.file_states).clone(),
+            states: self.states.clone(),
+            origin: self.origin.clone(),
+        }
+    }
+}
+
+/// Everything known about one address, for `directory lookup` and `route explain`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Lookup {
+    /// The address asked about.
+    pub address: String,
+    /// Primary address of its mailbox, when listed.
+    pub mailbox: Option<String>,
+    /// Current state, when listed.
+    pub state: Option<String>,
+    /// Where the state comes from: `file`, `batch N`, or `unlisted`.
+    pub origin: String,
+    /// The route a message would take now (`None` = rejected).
+    pub route: Option<String>,
+}
+
+/// Outcome of applying (or previewing) a batch or rollback.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+pub struct BatchReport {
+    /// Change id given to it (`None` for a preview or a no-op).
+    pub id: Option<u32>,
+    /// Rows in the file.
+    pub rows: usize,
+    /// Mailboxes whose state changes.
+    pub changed: usize,
+    /// Mailboxes already in the target state.
+    pub already: usize,
+    /// Addresses not in the directory (skipped); at most 100 listed.
+    pub not_found: Vec<String>,
+    /// Number of such addresses.
+    pub not_found_count: usize,
+    /// Rollback only: mailboxes changed again since the batch, left as they are.
+    pub changed_since: usize,
+    /// Time taken, in milliseconds.
+    pub elapsed_ms: u64,
+}
+
+/// Outcome of a directory file reload.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Addresses now listed.
+    pub entries: usize,
+    /// Mailboxes now listed.
+    pub mailboxes: usize,
+    /// Mailboxes whose state changed because the file changed.
+    pub changed: usize,
+    /// Mailboxes new in the file.
+    pub added: usize,
+    /// Mailboxes gone from the file.
+    pub removed: usize,
+    /// Time taken, in milliseconds.
+    pub elapsed_ms: u64,
+}
+
+/// The live directory.
+pub struct Directory {
+    states: Vec<RouteName>,
+    view: ArcSwap<View>,
+    cache: Option<moka::sync::Cache<Box<str>, (u64, Option<u8>)>>,
+    unknown: Option<RouteName>,
+    source: Box<dyn Source>,
+    store: Option<Mutex<Store>>,
+    history: Mutex<Vec<ChangeSummary>>,
+    writer: Mutex<()>,
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+impl Directory {
+    fn build(
+        cfg: &DirectoryConfig,
+        states: Vec<RouteName>,
+        view: View,
+        store: Option<Store>,
+        history: Vec<ChangeSummary>,
+    ) -> Directory {
+        let cache = (cfg.cache_capacity > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(cfg.cache_capacity)
+                .time_to_live(cfg.cache_ttl)
+                .build()
+        });
+        Directory {
+            states,
+            view: ArcSwap::from_pointee(view),
+            cache,
+            unknown: (cfg.unknown != "reject").then(|| RouteName(cfg.unknown.clone())),
+            source: Box::new(FileSource {
+                path: cfg.file.clone(),
+            }),
+            store: store.map(Mutex::new),
+            history: Mutex::new(history),
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// The source's name (the directory file).
+    pub fn source_name(&self) -> String {
+        self.source.name()
+    }
+
+    /// True when the source changed since it was last loaded.
+    pub fn source_changed(&self) -> bool {
+        self.source
+            .fingerprint()
+            .is_ok_and(|fp| fp != self.view.load().fingerprint)
+    }
+
+    /// A directory from parsed data, without persistence (tests, benches).
+    pub fn in_memory(parsed: Parsed, states: Vec<RouteName>, cfg: &DirectoryConfig) -> Directory {
+        let n = parsed.states.len();
+        let view = View {
+            generation: 1,
+            table: Arc::new(parsed.table),
+            file_states: Arc::new(parsed.states.clone()),
+            states: parsed.states,
+            origin: vec![0; n],
+            last_change: 0,
+            fingerprint: Fingerprint::default(),
+        };
+        Directory::build(cfg, states, view, None, Vec::new())
+    }
+
+    /// Opens the directory: from the snapshot when the file is unchanged since, else by
+    /// parsing the file (keeping batch effects on rows the file did not change); then
+    /// replays newer batches from the change log.
+    pub fn open(
+        cfg: &DirectoryConfig,
+        states: Vec<RouteName>,
+    ) -> Result<Directory, DirectoryError> {
+        let store = Store::open(&cfg.store_dir).map_err(io_err(&cfg.store_dir))?;
+        let source = FileSource {
+            path: cfg.file.clone(),
+        };
+        let fp = source.fingerprint()?;
+        let snapshot = store.read_snapshot().map_err(io_err(&cfg.store_dir))?;
+        let mut dirty = false;
+        let mut view = match snapshot {
+            Some(s) if s.fingerprint == fp => View {
+                generation: 1,
+                table: Arc::new(s.table),
+                file_states: Arc::new(s.file_states),
+                states: s.states,
+                origin: s.origin,
+                last_change: s.last_change,
+                fingerprint: fp,
+            },
+            prev => {
+                dirty = true;
+                let parsed = source.load(&states)?;
+                let base = prev.map(|s| View {
+                    generation: 0,
+                    table: Arc::new(s.table),
+                    file_states: Arc::new(s.file_states),
+                    states: s.states,
+                    origin: s.origin,
+                    last_change: s.last_change,
+                    fingerprint: s.fingerprint,
+                });
+                merge(base.as_ref(), parsed, fp).0
+            }
+        };
+        let (history, tail) = store
+            .read_log(view.last_change)
+            .map_err(io_err(&cfg.store_dir))?;
+        for change in &tail {
+            replay(&mut view, change, &states);
+            dirty = true;
+        }
+        let dir = Directory::build(cfg, states, view, Some(store), history);
+        if dirty {
+            dir.persist_snapshot()?;
+        }
+        Ok(dir)
+    }
+
+    /// The route names (state index = position).
+    pub fn states(&self) -> &[RouteName] {
+        &self.states
+    }
+
+    /// Number of addresses.
+    pub fn len(&self) -> usize {
+        self.view.load().table.len()
+    }
+
+    /// True when no addresses are listed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The current state of an address (case-insensitive). Never blocks on writers.
+    pub fn resolve(&self, addr: &Address) -> Resolution {
+        let view = self.view.load();
+        let key = addr.key();
+        let state = match &self.cache {
+            Some(cache) => match cache.get(key.as_str()) {
+                Some((generation, s)) if generation == view.generation => s,
+                _ => {
+                    let s = lookup_state(&view, &key);
+                    cache.insert(key.into_boxed_str(), (view.generation, s));
+                    s
+                }
+            },
+            None => lookup_state(&view, &key),
+        };
+        self.resolution(state)
+    }
+
+    fn resolution(&self, state: Option<u8>) -> Resolution {
+        match state.and_then(|s| self.states.get(s as usize)) {
+            Some(route) => Resolution::Listed(route.clone()),
+            None => match &self.unknown {
+                Some(r) => Resolution::Unlisted(r.clone()),
+                None => Resolution::Reject,
+            },
+        }
+    }
+
+    /// State, mailbox and provenance of an address.
+    pub fn lookup(&self, addr: &Address) -> Lookup {
+        let view = self.view.load();
+        let m = view.table.mailbox(addr.key().as_bytes());
+        let state = m.map(|m| view.states[m]);
+        Lookup {
+            address: addr.to_string(),
+            mailbox: m.map(|m| view.table.primary_address(m).to_string()),
+            state: state
+                .and_then(|s| self.states.get(s as usize))
+                .map(|r| r.0.clone()),
+            origin: match m.map(|m| view.origin[m]) {
+                None => "unlisted".into(),
+                Some(0) => format!("file {}", self.source.name()),
+                Some(id) => format!("batch {id}"),
+            },
+            route: self.resolution(state).route().map(|r| r.0.clone()),
+        }
+    }
+
+    /// Applies (or with `dry_run`, previews) a batch atomically; recorded in the change log
+    /// before it takes effect. Addresses not in the directory are reported and skipped.
+    pub fn apply(
+        &self,
+        rows: &[batch::BatchRow],
+        source: &str,
+        dry_run: bool,
+    ) -> Result<BatchReport, DirectoryError> {
+        let t0 = std::time::Instant::now();
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let view = self.view.load_full();
+        let mut report = BatchReport {
+            rows: rows.len(),
+            ..BatchReport::default()
+        };
+        let mut target: Vec<(usize, u8)> = Vec::new();
+        let mut touched = vec![false; view.table.mailboxes()];
+        for r in rows {
+            match view.table.mailbox(r.key.as_bytes()) {
+                None => {
+                    report.not_found_count += 1;
+                    if report.not_found.len() < 100 {
+                        report.not_found.push(r.address.clone());
+                    }
+                }
+                Some(m) if touched[m] => {}
+                Some(m) => {
+                    touched[m] = true;
+                    if view.states[m] == r.state {
+                        report.already += 1;
+                    } else {
+                        target.push((m, r.state));
+                    }
+                }
+            }
+        }
+        report.changed = target.len();
+        if dry_run || target.is_empty() {
+            report.elapsed_ms = t0.elapsed().as_millis() as u64;
+            return Ok(report);
+        }
+        let id = self.next_id(&view);
+        let entries = target
+            .iter()
+            .map(|&(m, s)| ChangeEntry {
+                address: view.table.primary_address(m).to_string(),
+                from: self.states[view.states[m] as usize].0.clone(),
+                from_origin: view.origin[m],
+                to: self.states[s as usize].0.clone(),
+            })
+            .collect();
+        let change = Change {
+            id,
+            time: now_rfc3339(),
+            kind: ChangeKind::Apply,
+            source: source.to_string(),
+            rolls_back: None,
+            count: report.changed,
+            not_found: report.not_found_count,
+            already: report.already,
+            entries,
+        };
+        self.commit(&view, change, |states, origin| {
+            for &(m, s) in &target {
+                states[m] = s;
+                origin[m] = id;
+            }
+        })?;
+        report.id = Some(id);
+        report.elapsed_ms = t0.elapsed().as_millis() as u64;
+        info!(
+            batch = id,
+            source,
+            changed = report.changed,
+            already = report.already,
+            not_found = report.not_found_count,
+            ms = report.elapsed_ms,
+            "directory batch applied"
+        );
+        Ok(report)
+    }
+
+    /// Undoes batch `id`: mailboxes it moved and nothing moved since go back to their state
+    /// before it. Recorded as a change of its own.
+    pub fn rollback(&self, id: u32) -> Result<BatchReport, DirectoryError> {
+        let t0 = std::time::Instant::now();
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let record = {
+            let store = self
+                .store
+                .as_ref()
+                .ok_or_else(|| DirectoryError::Batch("no change log".into()))?;
+            let store = store.lock().unwrap_or_else(|p| p.into_inner());
+            store.find(id).map_err(io_err(Path::new("changes.log")))?
+        };
+        let record =
+            record.ok_or_else(|| DirectoryError::Batch(format!("batch {id} not found")))?;
+        if record.kind != ChangeKind::Apply {
+            return Err(DirectoryError::Batch(format!(
+                "change {id} is a {:?}, not a batch",
+                record.kind
+            )));
+        }
+        if self
+            .history_snapshot()
+            .iter()
+            .any(|c| c.rolls_back == Some(id))
+        {
+            return Err(DirectoryError::Batch(format!(
+                "batch {id} was already rolled back"
+            )));
+        }
+        let view = self.view.load_full();
+        let mut report = BatchReport {
+            rows: record.entries.len(),
+            ..BatchReport::default()
+        };
+        let mut target = Vec::new();
+        for e in &record.entries {
+            let Some(m) = view.table.mailbox(e.address.as_bytes()) else {
+                report.not_found_count += 1;
+                continue;
+            };
+            let Some(s) = self.states.iter().position(|r| r.0 == e.from) else {
+                report.not_found_count += 1;
+                continue;
+            };
+            if view.origin[m] != id {
+                report.changed_since += 1;
+                continue;
+            }
+            target.push((m, s as u8, e.from_origin, e));
+        }
+        report.changed = target.len();
+        let new_id = self.next_id(&view);
+        let change = Change {
+            id: new_id,
+            time: now_rfc3339(),
+            kind: ChangeKind::Rollback,
+            source: record.source.clone(),
+            rolls_back: Some(id),
+            count: report.changed,
+            not_found: report.not_found_count,
+            already: report.changed_since,
+            entries: target
+                .iter()
+                .map(|(m, _, origin, e)| ChangeEntry {
+                    address: e.address.clone(),
+                    from: self.states[view.states[*m] as usize].0.clone(),
+                    from_origin: *origin,
+                    to: e.from.clone(),
+                })
+                .collect(),
+        };
+        self.commit(&view, change, |states, origin| {
+            for &(m, s, o, _) in &target {
+                states[m] = s;
+                origin[m] = o;
+            }
+        })?;
+        report.id = Some(new_id);
+        report.elapsed_ms = t0.elapsed().as_millis() as u64;
+        info!(
+            batch = id,
+            rollback = new_id,
+            restored = report.changed,
+            changed_since = report.changed_since,
+            "directory batch rolled back"
+        );
+        Ok(report)
+    }
+
+    /// Re-reads the source. A file with a bad row is refused whole and the current state
+    /// stays. Rows the file did not change keep the state batches gave them.
+    pub fn reload_file(&self) -> Result<ReloadReport, DirectoryError> {
+        let t0 = std::time::Instant::now();
+        let fp = self.source.fingerprint()?;
+        let parsed = self.source.load(&self.states)?;
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let view = self.view.load_full();
+        let (mut next, mut report) = merge(Some(&view), parsed, fp);
+        next.generation = view.generation + 1;
+        let id = self.next_id(&view);
+        next.last_change = id;
+        let change = Change {
+            id,
+            time: now_rfc3339(),
+            kind: ChangeKind::Reload,
+            source: self.source.name(),
+            rolls_back: None,
+            count: report.changed,
+            not_found: 0,
+            already: 0,
+            entries: Vec::new(),
+        };
+        self.log(&change)?;
+        self.view.store(Arc::new(next));
+        self.persist_snapshot()?;
+        report.elapsed_ms = t0.elapsed().as_millis() as u64;
+        info!(source = %self.source.name(), entries = report.entries, changed = report.changed, added = report.added, removed = report.removed, ms = report.elapsed_ms, "directory file reloaded");
+        Ok(report)
+    }
+
+    /// The change history (batches, rollbacks, reloads), oldest first.
+    pub fn history_snapshot(&self) -> Vec<ChangeSummary> {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn next_id(&self, view: &View) -> u32 {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        h.iter()
+            .map(|c| c.id)
+            .max()
+            .unwrap_or(0)
+            .max(view.last_change)
+            + 1
+    }
+
+    fn log(&self, change: &Change) -> Result<(), DirectoryError> {
+        if let Some(store) = &self.store {
+            let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+            store
+                .append(change)
+                .map_err(io_err(Path::new("changes.log")))?;
+        }
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(change.into());
+        Ok(())
+    }
+
+    /// Logs `change` durably, then swaps in a view with `edit` applied to copies of the
+    /// state arrays (a few MB at 2M mailboxes: milliseconds).
+    fn commit(
+        &self,
+        view: &View,
+        change: Change,
+        edit: impl FnOnce(&mut Vec<u8>, &mut Vec<u32>),
+    ) -> Result<(), DirectoryError> {
+        let mut states = view.states.clone();
+        let mut origin = view.origin.clone();
+        edit(&mut states, &mut origin);
+        self.log(&change)?;
+        self.view.store(Arc::new(View {
+            generation: view.generation + 1,
+            table: view.table.clone(),
+            file_states: view.file_states.clone(),
+            states,
+            origin,
+            last_change: change.id,
+            fingerprint: view.fingerprint,
+        }));
+        Ok(())
+    }
+
+    /// Writes the current view as the snapshot (after reloads and at start-up).
+    pub fn persist_snapshot(&self) -> Result<(), DirectoryError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let stored = self.view.load().stored();
+        let store = store.lock().unwrap_or_else(|p| p.into_inner());
+        store
+            .write_snapshot(&stored)
+            .map_err(io_err(Path::new("snapshot.bin")))
+    }
+}
+
+fn lookup_state(view: &View, key: &str) -> Option<u8> {
+    view.table.mailbox(key.as_bytes()).map(|m| view.states[m])
+}
+
+/// Builds the view for a newly parsed file on top of `old`: a mailbox whose file state is
+/// unchanged keeps its current state and origin (so batches survive); others take the file.
+fn merge(old: Option<&View>, parsed: Parsed, fp: Fingerprint) -> (View, ReloadReport) {
+    let n = parsed.states.len();
+    let mut states = parsed.states.clone();
+    let mut origin = vec![0u32; n];
+    let mut report = ReloadReport {
+        entries: parsed.table.len(),
+        mailboxes: n,
+        changed: 0,
+        added: 0,
+        removed: 0,
+        elapsed_ms: 0,
+    };
+    let mut kept = 0usize;
+    if let Some(old) = old {
+        for (m, state) in states.iter_mut().enumerate() {
+            match old
+                .table
+                .mailbox(parsed.table.primary_address(m).as_bytes())
+            {
+                Some(om) if old.file_states[om] == parsed.states[m] => {
+                    *state = old.states[om];
+                    origin[m] = old.origin[om];
+                    kept += 1;
+                }
+                Some(_) => {
+                    report.changed += 1;
+                    kept += 1;
+                }
+                None => report.added += 1,
+            }
+        }
+        report.removed = old.table.mailboxes().saturating_sub(kept);
+    }
+    let view = View {
+        generation: old.map(|v| v.generation + 1).unwrap_or(1),
+        table: Arc::new(parsed.table),
+        file_states: Arc::new(parsed.states),
+        states,
+        origin,
+        last_change: old.map(|v| v.last_change).unwrap_or(0),
+        fingerprint: fp,
+    };
+    (view, report)
+}
+
+/// Re-applies a logged change at start-up.
+fn replay(view: &mut View, change: &Change, states: &[RouteName]) {
+    if change.kind == ChangeKind::Reload {
+        view.last_change = view.last_change.max(change.id);
+        return;
+    }
+    for e in &change.entries {
+        let (Some(m), Some(s)) = (
+            view.table.mailbox(e.address.as_bytes()),
+            states.iter().position(|r| r.0 == e.to),
+        ) else {
+            warn!(change = change.id, address = %e.address, "change log entry no longer applies");
+            continue;
+        };
+        view.states[m] = s as u8;
+        view.origin[m] = if change.kind == ChangeKind::Apply {
+            change.id
+        } else {
+            e.from_origin
+        };
+    }
+    view.last_change = view.last_change.max(change.id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn states() -> Vec<RouteName> {
+        vec![RouteName("cloud".into()), RouteName("onprem".into())]
+    }
+
+    fn cfg(dir: &Path, unknown: &str) -> DirectoryConfig {
+        DirectoryConfig {
+            file: dir.join("d.csv"),
+            unknown: unknown.into(),
+            cache_capacity: 100,
+            cache_ttl: std::time::Duration::from_secs(60),
+            store_dir: dir.join("store"),
+            watch: false,
+        }
+    }
+
+    fn a(s: &str) -> Address {
+        Address::parse(s, false).unwrap()
+    }
+
+    fn rows(text: &str, state: &str) -> Vec<batch::BatchRow> {
+        batch::parse(text.as_bytes(), "b.csv", &states(), Some(state)).unwrap()
+    }
+
+    #[test]
+    fn batches_apply_roll_back_and_survive_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("d.csv"), "address,state,mailbox\na@nhs.test,onprem,m1\nalias@nhs.test,onprem,m1\nb@nhs.test,onprem,\nc@nhs.test,cloud,\n").unwrap();
+        let d = Directory::open(&cfg(dir.path(), "reject"), states()).unwrap();
+        let cloud = Resolution::Listed(RouteName("cloud".into()));
+        let onprem = Resolution::Listed(RouteName("onprem".into()));
+        assert_eq!(d.resolve(&a("ALIAS@nhs.test")), onprem);
+        let preview = d
+            .apply(
+                &rows(
+                    "EmailAddress\na@nhs.test\nc@nhs.test\nz@nhs.test\n",
+                    "cloud",
+                ),
+                "b.csv",
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            (
+                preview.id,
+                preview.changed,
+                preview.already,
+                preview.not_found_count
+            ),
+            (None, 1, 1, 1)
+        );
+        assert_eq!(
+            d.resolve(&a("a@nhs.test")),
+            onprem,
+            "dry run changes nothing"
+        );
+        let r = d
+            .apply(
+                &rows(
+                    "EmailAddress\na@nhs.test\nc@nhs.test\nz@nhs.test\n",
+                    "cloud",
+                ),
+                "b.csv",
+                false,
+            )
+            .unwrap();
+        assert_eq!(r.id, Some(1));
+        assert_eq!(
+            d.resolve(&a("alias@nhs.test")),
+            cloud,
+            "aliases move with their mailbox"
+        );
+        assert_eq!(d.lookup(&a("a@nhs.test")).origin, "batch 1");
+        assert_eq!(d.resolve(&a("z@nhs.test")), Resolution::Reject);
+        drop(d);
+
+        // Restart: snapshot unchanged, batch replayed from the log.
+        let d = Directory::open(&cfg(dir.path(), "reject"), states()).unwrap();
+        assert_eq!(d.resolve(&a("a@nhs.test")), cloud);
+        let rb = d.rollback(1).unwrap();
+        assert_eq!((rb.id, rb.changed), (Some(2), 1));
+        assert_eq!(d.resolve(&a("alias@nhs.test")), onprem);
+        assert_eq!(
+            d.lookup(&a("a@nhs.test")).origin,
+            format!("file {}", dir.path().join("d.csv").display())
+        );
+        assert!(d.rollback(1).is_err(), "a batch is rolled back once");
+        drop(d);
+        let d = Directory::open(&cfg(dir.path(), "reject"), states()).unwrap();
+        assert_eq!(d.resolve(&a("a@nhs.test")), onprem);
+        assert_eq!(d.history_snapshot().len(), 2);
+    }
+
+    #[test]
+    fn file_reload_diffs_and_keeps_batches_and_refuses_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d.csv");
+        std::fs::write(
+            &file,
+            "address,state\na@nhs.test,onprem\nb@nhs.test,onprem\n",
+        )
+        .unwrap();
+        let d = Directory::open(&cfg(dir.path(), "onprem"), states()).unwrap();
+        d.apply(&rows("EmailAddress\na@nhs.test\n", "cloud"), "b.csv", false)
+            .unwrap();
+        std::fs::write(
+            &file,
+            "address,state\na@nhs.test,onprem\nb@nhs.test,cloud\nc@nhs.test,cloud\n",
+        )
+        .unwrap();
+        let r = d.reload_file().unwrap();
+        assert_eq!((r.changed, r.added, r.removed), (1, 1, 0));
+        let cloud = Resolution::Listed(RouteName("cloud".into()));
+        assert_eq!(
+            d.resolve(&a("a@nhs.test")),
+            cloud,
+            "batch kept: the file did not change this row"
+        );
+        assert_eq!(d.resolve(&a("b@nhs.test")), cloud);
+        assert_eq!(d.resolve(&a("c@nhs.test")), cloud);
+        std::fs::write(&file, "address,state\na@nhs.test,onprem\nb@nhs.test,mars\n").unwrap();
+        let e = d.reload_file().unwrap_err().to_string();
+        assert!(
+            e.ends_with("d.csv:3: unknown state \"mars\" (routes: cloud, onprem)"),
+            "{e}"
+        );
+        assert_eq!(
+            d.resolve(&a("c@nhs.test")),
+            cloud,
+            "old state stays in force"
+        );
+    }
+}

@@ -186,11 +186,15 @@ pub struct ReloadReport {
     pub elapsed_ms: u64,
 }
 
+/// Cached lookups: key to (view generation, state). An entry from an older generation is
+/// ignored, so a lookup racing with a batch can never pin a stale state in the cache.
+type LookupCache = moka::sync::Cache<Box<str>, (u64, Option<u8>)>;
+
 /// The live directory.
 pub struct Directory {
     states: Vec<RouteName>,
     view: ArcSwap<View>,
-    cache: Option<moka::sync::Cache<Box<str>, (u64, Option<u8>)>>,
+    cache: Option<LookupCache>,
     unknown: Option<RouteName>,
     source: Box<dyn Source>,
     store: Option<Mutex<Store>>,

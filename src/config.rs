@@ -58,6 +58,36 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// Routes by name; each directory state names one.
     pub routes: BTreeMap<String, RouteConfig>,
+    /// Admin HTTP API (used by the CLI); absent means no API.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: the HTTP API for the CLI, with bearer-token auth.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on (keep it on loopback or a management network).
+    pub listen: SocketAddr,
+    /// The token, inline.
+    pub token: Option<String>,
+    /// A file holding the token (first line).
+    pub token_file: Option<PathBuf>,
+}
+
+impl AdminConfig {
+    /// The token, from `token` or `token_file`.
+    pub fn token(&self) -> std::io::Result<String> {
+        match (&self.token, &self.token_file) {
+            (Some(t), _) => Ok(t.clone()),
+            (None, Some(f)) => Ok(std::fs::read_to_string(f)?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()),
+            (None, None) => Ok(String::new()),
+        }
+    }
 }
 
 /// `[server]`: inbound SMTP listener and limits.
@@ -426,6 +456,31 @@ impl Config {
                 "unknown",
                 format!("{unknown:?} is neither `reject` nor a route name"),
             ));
+        }
+        if let Some(admin) = &self.admin {
+            if admin.token.is_some() == admin.token_file.is_some() {
+                return Err(fail(
+                    "admin",
+                    "token",
+                    "give exactly one of `token` and `token_file`".into(),
+                ));
+            }
+            match admin.token() {
+                Err(e) => return Err(fail("admin", "token_file", format!("cannot read: {e}"))),
+                Ok(t) if t.len() < 8 => {
+                    let key = if admin.token.is_some() {
+                        "token"
+                    } else {
+                        "token_file"
+                    };
+                    return Err(fail(
+                        "admin",
+                        key,
+                        "the token must be at least 8 characters".into(),
+                    ));
+                }
+                Ok(_) => {}
+            }
         }
         if self.queue.min_backoff.is_zero() || self.queue.min_backoff > self.queue.max_backoff {
             return Err(fail(

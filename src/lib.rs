@@ -5,6 +5,7 @@
 //! [`route`] and sends it with [`deliver`]. [`relay`] wires them together; [`load`] holds the
 //! traffic tools (sink, load client, demo).
 
+pub mod admin;
 pub mod certs;
 pub mod config;
 pub mod deliver;

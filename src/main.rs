@@ -61,6 +61,16 @@ enum Cmd {
         #[arg(long, default_value = "mx1.coexist.test")]
         hostname: String,
     },
+    /// Migration-state directory: lookups, batches, rollbacks (through the admin API).
+    Directory {
+        #[command(subcommand)]
+        cmd: DirCmd,
+    },
+    /// Routing questions (through the admin API).
+    Route {
+        #[command(subcommand)]
+        cmd: RouteCmd,
+    },
     /// Run a recording SMTP sink (a stand-in next hop) until interrupted.
     Sink {
         /// Address to listen on.
@@ -69,11 +79,291 @@ enum Cmd {
     },
 }
 
+/// Where the CLI finds the running server.
+#[derive(clap::Args)]
+struct Api {
+    /// Config file of the running server (for the admin API address and token); the
+    /// embedded default config when absent.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Print the API's JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum DirCmd {
+    /// Apply a migration batch to the running server (our CSV or New-MigrationBatch CSV).
+    Apply {
+        /// Batch file.
+        file: PathBuf,
+        /// Target state (route name); without it the file needs a `state` column.
+        #[arg(long)]
+        state: Option<String>,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Preview what a batch would change, without applying it.
+    Diff {
+        /// Batch file.
+        file: PathBuf,
+        /// Target state (route name).
+        #[arg(long)]
+        state: Option<String>,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Undo a batch by id.
+    Rollback {
+        /// Batch id (from `apply` or `batches`).
+        id: u32,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Show an address's state, where it comes from, and its route now.
+    Lookup {
+        /// Address.
+        address: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// List applied batches, rollbacks and file reloads.
+    Batches {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Re-read the directory file on the running server.
+    Reload {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Write a synthetic directory CSV (for tests and benchmarks).
+    Generate {
+        /// Number of addresses.
+        #[arg(long)]
+        count: usize,
+        /// Number of domains (nhs.test, trust1.nhs.test, ...).
+        #[arg(long, default_value_t = 1)]
+        domains: usize,
+        /// Share of mailboxes in `cloud` (0 to 1).
+        #[arg(long, default_value_t = 0.5)]
+        cloud_share: f64,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// Show where mail for each address would go now, and why.
+    Explain {
+        /// Addresses.
+        #[arg(required = true)]
+        addresses: Vec<String>,
+        #[command(flatten)]
+        api: Api,
+    },
+}
+
+fn client(api: &Api) -> anyhow::Result<coexist::admin::client::AdminClient> {
+    let cfg = load_config(api.config.as_ref())?;
+    Ok(coexist::admin::client::AdminClient::from_config(&cfg)?)
+}
+
+fn show(api: &Api, v: &serde_json::Value, text: impl FnOnce(&serde_json::Value) -> String) {
+    if api.json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        println!("{}", text(v));
+    }
+}
+
+fn batch_text(v: &serde_json::Value, what: &str) -> String {
+    let mut s = match v["id"].as_u64() {
+        Some(id) => format!("{what}: id {id}"),
+        None => format!("{what}: nothing applied"),
+    };
+    s.push_str(&format!(
+        "\n  rows {}, changed {}, already in state {}, not found {}",
+        v["rows"], v["changed"], v["already"], v["not_found_count"]
+    ));
+    if v["changed_since"].as_u64().unwrap_or(0) > 0 {
+        s.push_str(&format!(
+            ", moved again since (left alone) {}",
+            v["changed_since"]
+        ));
+    }
+    if let Some(nf) = v["not_found"].as_array().filter(|a| !a.is_empty()) {
+        let list: Vec<&str> = nf.iter().filter_map(|x| x.as_str()).collect();
+        s.push_str(&format!("\n  not in the directory: {}", list.join(", ")));
+    }
+    s.push_str(&format!("\n  took {} ms", v["elapsed_ms"]));
+    s
+}
+
+fn explain_text(v: &serde_json::Value) -> String {
+    let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
+    let hops: Vec<&str> = v["next_hops"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    format!(
+        "{}\n  mailbox {}\n  state   {} (from {})\n  rcpt    {}\n  route   {} -> {} (tls {})",
+        s("address"),
+        s("mailbox"),
+        s("state"),
+        s("origin"),
+        s("rcpt"),
+        s("route"),
+        if hops.is_empty() {
+            "-".to_string()
+        } else {
+            hops.join(", ")
+        },
+        s("tls")
+    )
+}
+
+fn run_directory(cmd: DirCmd) -> anyhow::Result<()> {
+    use coexist::admin::client::encode;
+    match cmd {
+        DirCmd::Apply { file, state, api } => batch_call(&file, state, &api, false),
+        DirCmd::Diff { file, state, api } => batch_call(&file, state, &api, true),
+        DirCmd::Rollback { id, api } => {
+            let v = client(&api)?.post(
+                &format!("/v1/directory/batches/{id}/rollback"),
+                b"",
+                "text/plain",
+            )?;
+            show(&api, &v, |v| {
+                batch_text(v, &format!("rollback of batch {id}"))
+            });
+            Ok(())
+        }
+        DirCmd::Lookup { address, api } => {
+            let v = client(&api)?.get(&format!(
+                "/v1/directory/lookup?address={}",
+                encode(&address)
+            ))?;
+            show(&api, &v, explain_text);
+            Ok(())
+        }
+        DirCmd::Batches { api } => {
+            let v = client(&api)?.get("/v1/directory/batches")?;
+            show(&api, &v, |v| {
+                let rows: Vec<String> = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|c| {
+                                format!(
+                                    "{:>5}  {}  {:<8}  {:>7}  {}{}",
+                                    c["id"],
+                                    c["time"].as_str().unwrap_or(""),
+                                    c["kind"].as_str().unwrap_or(""),
+                                    c["count"],
+                                    c["source"].as_str().unwrap_or(""),
+                                    c["rolls_back"]
+                                        .as_u64()
+                                        .map(|b| format!(" (undoes {b})"))
+                                        .unwrap_or_default()
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!(
+                    "   id  time                  kind        count  source\n{}",
+                    rows.join("\n")
+                )
+            });
+            Ok(())
+        }
+        DirCmd::Reload { api } => {
+            let v = client(&api)?.post("/v1/directory/reload", b"", "text/plain")?;
+            show(&api, &v, |v| {
+                format!(
+                    "reloaded: {} addresses, {} mailboxes; changed {}, added {}, removed {} ({} ms)",
+                    v["entries"], v["mailboxes"], v["changed"], v["added"], v["removed"], v["elapsed_ms"]
+                )
+            });
+            Ok(())
+        }
+        DirCmd::Generate {
+            count,
+            domains,
+            cloud_share,
+            out,
+        } => {
+            if !(0.0..=1.0).contains(&cloud_share) {
+                anyhow::bail!("--cloud-share must be between 0 and 1");
+            }
+            let f = std::fs::File::create(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            coexist::directory::generate::write(f, count, domains, cloud_share)?;
+            println!("wrote {count} addresses to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn batch_call(
+    file: &std::path::Path,
+    state: Option<String>,
+    api: &Api,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use coexist::admin::client::encode;
+    let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let source = file
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut path = format!(
+        "/v1/directory/batches?source={}&dry_run={dry_run}",
+        encode(&source)
+    );
+    if let Some(s) = &state {
+        path.push_str(&format!("&state={}", encode(s)));
+    }
+    let v = client(api)?.post(&path, &body, "text/csv")?;
+    show(api, &v, |v| {
+        batch_text(v, if dry_run { "preview" } else { "applied" })
+    });
+    Ok(())
+}
+
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     Ok(match path {
         Some(p) => Config::load(p)?,
         None => Config::parse(DEFAULT_CONFIG, "embedded default config")?,
     })
+}
+
+/// Serves signals until SIGINT or SIGTERM: SIGHUP reloads the directory file.
+async fn wait_for_stop(running: &coexist::relay::Running) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the directory file");
+                let dir = running.directory.clone();
+                match tokio::task::spawn_blocking(move || dir.reload_file()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "directory file refused; the previous directory stays in force"),
+                    Err(e) => tracing::error!(error = %e, "reload task failed"),
+                }
+            }
+        }
+    }
+    tracing::info!("stopping: no new sessions; the spool holds every acknowledged message");
+    running.stop_listening();
+    Ok(())
 }
 
 fn init_logging() {
@@ -99,8 +389,7 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(async {
                 let running = coexist::relay::start(cfg).await?;
                 tracing::info!(addrs = ?running.local_addrs, "coexist ready");
-                tokio::signal::ctrl_c().await?;
-                tracing::info!("interrupted, stopping");
+                wait_for_stop(&running).await?;
                 anyhow::Ok(())
             })
         }
@@ -147,6 +436,19 @@ fn main() -> anyhow::Result<()> {
                 "wrote {}/ca.crt, server.crt, server.key for {hostname}",
                 out.display()
             );
+            Ok(())
+        }
+        Cmd::Directory { cmd } => run_directory(cmd),
+        Cmd::Route {
+            cmd: RouteCmd::Explain { addresses, api },
+        } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "addresses": addresses }))?;
+            let v = client(&api)?.post("/v1/route/explain", &body, "application/json")?;
+            show(&api, &v, |v| {
+                v.as_array()
+                    .map(|a| a.iter().map(explain_text).collect::<Vec<_>>().join("\n"))
+                    .unwrap_or_default()
+            });
             Ok(())
         }
         Cmd::Sink { listen } => {

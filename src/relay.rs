@@ -28,6 +28,9 @@ pub enum StartError {
     /// Directory unusable.
     #[error("directory: {0}")]
     Directory(#[from] crate::directory::DirectoryError),
+    /// The admin API could not start.
+    #[error("admin API: {0}")]
+    Admin(std::io::Error),
     /// A listen address could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
@@ -108,11 +111,14 @@ impl Handler for RelayHandler {
 pub struct Running {
     /// The addresses actually bound (useful with port 0).
     pub local_addrs: Vec<SocketAddr>,
+    /// The admin API's address, when configured.
+    pub admin_addr: Option<SocketAddr>,
     /// The scheduler.
     pub queue: Queue,
     /// The directory in use.
     pub directory: Arc<Directory>,
     tasks: Vec<JoinHandle<()>>,
+    _watch: Option<crate::directory::watch::FileWatch>,
 }
 
 impl Running {
@@ -137,8 +143,26 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Some(t) => Some(tls::load_acceptor(&t.cert, &t.key)?),
         None => None,
     };
-    let directory = Arc::new(Directory::open(&config.directory, config.route_names())?);
-    info!(entries = directory.len(), file = %config.directory.file.display(), "directory loaded");
+    let t0 = std::time::Instant::now();
+    let directory = {
+        let (cfg, names) = (config.directory.clone(), config.route_names());
+        tokio::task::spawn_blocking(move || Directory::open(&cfg, names))
+            .await
+            .map_err(|e| StartError::Task(e.to_string()))??
+    };
+    let directory = Arc::new(directory);
+    info!(entries = directory.len(), file = %config.directory.file.display(), ms = t0.elapsed().as_millis() as u64, "directory loaded");
+    let watch = if config.directory.watch {
+        match crate::directory::watch::spawn(directory.clone(), &config.directory.file) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the directory file; use SIGHUP or `coexist directory reload`");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let spool = Arc::new(Spool::open(&config.spool.dir)?);
     let config = Arc::new(config);
     let queue = Queue::new(spool.clone(), directory.clone(), config.clone());
@@ -177,6 +201,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let limit = Arc::new(Semaphore::new(config.server.max_connections));
     let mut local_addrs = Vec::new();
     let mut tasks = Vec::new();
+    let admin_addr = match crate::admin::start(directory.clone(), config.clone())
+        .await
+        .map_err(StartError::Admin)?
+    {
+        Some((addr, task)) => {
+            tasks.push(task);
+            Some(addr)
+        }
+        None => None,
+    };
     for l in listeners {
         let addr = l
             .local_addr()
@@ -192,8 +226,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     Ok(Running {
         local_addrs,
+        admin_addr,
         queue,
         directory,
         tasks,
+        _watch: watch,
     })
 }

@@ -26,12 +26,27 @@ fn write_config(
     onprem: SocketAddr,
     cloud: SocketAddr,
 ) -> std::path::PathBuf {
+    write_config_admin(dir, listen, onprem, cloud, free_port())
+}
+
+fn write_config_admin(
+    dir: &Path,
+    listen: SocketAddr,
+    onprem: SocketAddr,
+    cloud: SocketAddr,
+    admin: SocketAddr,
+) -> std::path::PathBuf {
     let certs = write_certs(dir);
     std::fs::write(dir.join("directory.csv"), DIRECTORY).unwrap();
     let text = coexist::config::DEFAULT_CONFIG
         .replace("127.0.0.1:2525", &listen.to_string())
         .replace("127.0.0.1:2601", &onprem.to_string())
         .replace("127.0.0.1:2602", &cloud.to_string())
+        .replace("127.0.0.1:8025", &admin.to_string())
+        .replace(
+            "var/directory",
+            dir.join("directory-store").to_str().unwrap(),
+        )
         .replace("certs/server.crt", certs.cert.to_str().unwrap())
         .replace("certs/server.key", certs.key.to_str().unwrap())
         .replace("var/spool", dir.join("spool").to_str().unwrap())

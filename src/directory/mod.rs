@@ -14,6 +14,7 @@ pub mod batch;
 pub mod generate;
 pub mod store;
 pub mod table;
+pub mod watch;
 
 use crate::config::DirectoryConfig;
 use crate::types::{Address, RouteName};
@@ -134,7 +135,7 @@ impl View {
 }
 
 /// Everything known about one address, for `directory lookup` and `route explain`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Lookup {
     /// The address asked about.
     pub address: String,

@@ -92,6 +92,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     let mailboxes = write_directory(&dir.join("directory.csv"), opts.mailboxes.max(1))?;
     cfg.server.listen = vec![loopback];
+    cfg.admin = None;
+    cfg.directory.watch = false;
     cfg.spool.dir = dir.join("spool");
     cfg.directory.file = dir.join("directory.csv");
     cfg.directory.store_dir = dir.join("directory-store");

@@ -39,6 +39,8 @@ pub fn write_certs(dir: &Path) -> TestCerts {
 pub fn test_config(dir: &Path, certs: &TestCerts, onprem: SocketAddr, cloud: SocketAddr) -> Config {
     let mut cfg = Config::parse(DEFAULT_CONFIG, "default").unwrap();
     cfg.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.admin.as_mut().unwrap().listen = "127.0.0.1:0".parse().unwrap();
+    cfg.directory.watch = false;
     cfg.spool.dir = dir.join("spool");
     let dfile = dir.join("directory.csv");
     if !dfile.exists() {

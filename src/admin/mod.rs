@@ -1,0 +1,243 @@
+//! The admin HTTP API (axum) that the CLI talks to: directory lookups, batches, rollbacks,
+//! reloads and route explanations. Every call needs `Authorization: Bearer TOKEN`; every
+//! change is logged with the caller's address.
+
+pub mod client;
+
+use crate::config::Config;
+use crate::directory::{batch, Directory, Lookup};
+use crate::policy::Policy;
+use crate::types::Address;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tracing::info;
+
+/// Shared state of the API.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The live directory.
+    pub directory: Arc<Directory>,
+    /// The config in force.
+    pub config: Arc<Config>,
+    token: Arc<str>,
+}
+
+/// An API error: HTTP status and a message naming what is wrong.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn unprocessable(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+}
+
+/// Why a recipient would go where it goes, for `route explain`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Explain {
+    /// Directory facts.
+    #[serde(flatten)]
+    pub lookup: Lookup,
+    /// RCPT-time verdict: `accept` or the reply a sender would get.
+    pub rcpt: String,
+    /// Next hops of the route, in order.
+    pub next_hops: Vec<String>,
+    /// TLS policy of the route.
+    pub tls: Option<String>,
+}
+
+/// Explains where each address would go now.
+pub fn explain(
+    directory: &Directory,
+    config: &Config,
+    addresses: &[String],
+) -> Result<Vec<Explain>, String> {
+    let policy = Policy::new(&config.server.accepted_domains);
+    addresses
+        .iter()
+        .map(|a| {
+            let addr = Address::parse(a, true).map_err(|e| format!("{a:?}: {e}"))?;
+            let lookup = directory.lookup(&addr);
+            let route = lookup.route.as_ref().and_then(|r| config.routes.get(r));
+            let rcpt = match policy.check_recipient(&addr) {
+                Err(r) => r.to_string(),
+                Ok(()) if lookup.route.is_none() => {
+                    crate::smtp::reply::canned::UNKNOWN_USER.to_string()
+                }
+                Ok(()) => "accept".to_string(),
+            };
+            Ok(Explain {
+                next_hops: route
+                    .map(|r| r.next_hops.iter().map(|h| h.to_string()).collect())
+                    .unwrap_or_default(),
+                tls: route.map(|r| format!("{:?}", r.tls).to_lowercase()),
+                lookup,
+                rcpt,
+            })
+        })
+        .collect()
+}
+
+async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), s.token.as_bytes()) {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct LookupQuery {
+    address: String,
+}
+
+async fn lookup(
+    State(s): State<AdminState>,
+    Query(q): Query<LookupQuery>,
+) -> Result<Json<Explain>, ApiError> {
+    let mut out = explain(&s.directory, &s.config, &[q.address]).map_err(unprocessable)?;
+    out.pop()
+        .map(Json)
+        .ok_or_else(|| unprocessable("no address"))
+}
+
+#[derive(Deserialize)]
+struct ExplainBody {
+    addresses: Vec<String>,
+}
+
+async fn route_explain(
+    State(s): State<AdminState>,
+    Json(b): Json<ExplainBody>,
+) -> Result<Json<Vec<Explain>>, ApiError> {
+    explain(&s.directory, &s.config, &b.addresses)
+        .map(Json)
+        .map_err(unprocessable)
+}
+
+#[derive(Deserialize)]
+struct BatchQuery {
+    state: Option<String>,
+    source: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn apply_batch(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<BatchQuery>,
+    body: axum::body::Bytes,
+) -> Result<Json<crate::directory::BatchReport>, ApiError> {
+    let source = q.source.unwrap_or_else(|| "batch".into());
+    let dir = s.directory.clone();
+    let src = source.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let rows = batch::parse(&body, &src, dir.states(), q.state.as_deref())?;
+        dir.apply(&rows, &src, q.dry_run)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let report = res.map_err(unprocessable)?;
+    info!(client = %peer, source, dry_run = q.dry_run, id = ?report.id, changed = report.changed, "admin: directory batch");
+    Ok(Json(report))
+}
+
+async fn rollback(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<u32>,
+) -> Result<Json<crate::directory::BatchReport>, ApiError> {
+    let dir = s.directory.clone();
+    let report = tokio::task::spawn_blocking(move || dir.rollback(id))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(unprocessable)?;
+    info!(client = %peer, batch = id, restored = report.changed, "admin: directory rollback");
+    Ok(Json(report))
+}
+
+async fn batches(State(s): State<AdminState>) -> Json<Vec<crate::directory::store::ChangeSummary>> {
+    Json(s.directory.history_snapshot())
+}
+
+async fn reload(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<Json<crate::directory::ReloadReport>, ApiError> {
+    let dir = s.directory.clone();
+    let report = tokio::task::spawn_blocking(move || dir.reload_file())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(unprocessable)?;
+    info!(client = %peer, changed = report.changed, "admin: directory reload");
+    Ok(Json(report))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// The API's routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/directory/lookup", get(lookup))
+        .route("/v1/directory/batches", get(batches).post(apply_batch))
+        .route("/v1/directory/batches/{id}/rollback", post(rollback))
+        .route("/v1/directory/reload", post(reload))
+        .route("/v1/route/explain", post(route_explain))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
+        .with_state(state)
+}
+
+/// Binds the admin listener and serves the API in a task; returns the bound address.
+pub async fn start(
+    directory: Arc<Directory>,
+    config: Arc<Config>,
+) -> std::io::Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>> {
+    let Some(admin) = &config.admin else {
+        return Ok(None);
+    };
+    let token: Arc<str> = admin.token()?.into();
+    let listener = TcpListener::bind(admin.listen).await?;
+    let addr = listener.local_addr()?;
+    let app = router(AdminState {
+        directory,
+        config: config.clone(),
+        token,
+    });
+    let task = tokio::spawn(async move {
+        let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, svc).await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+    info!(%addr, "admin API listening");
+    Ok(Some((addr, task)))
+}

@@ -1,0 +1,342 @@
+//! Live migration batches against the real binary: CLI → admin API → directory → routing.
+
+mod common;
+
+use coexist::load::sink::{Sink, SinkOptions};
+use common::*;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_coexist");
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    onprem: Sink,
+    cloud: Sink,
+}
+
+async fn setup(directory: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let onprem = Sink::start(lo, SinkOptions::default()).await.unwrap();
+    let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let certs = write_certs(dir.path());
+    std::fs::write(dir.path().join("directory.csv"), directory).unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let text = coexist::config::DEFAULT_CONFIG
+        .replace("127.0.0.1:2525", &listen.to_string())
+        .replace("127.0.0.1:2601", &onprem.addr.to_string())
+        .replace("127.0.0.1:2602", &cloud.addr.to_string())
+        .replace("127.0.0.1:8025", &admin.to_string())
+        .replace("change-me", "s3cret-token")
+        .replace("var/directory", &p("store"))
+        .replace("certs/server.crt", certs.cert.to_str().unwrap())
+        .replace("certs/server.key", certs.key.to_str().unwrap())
+        .replace("var/spool", &p("spool"))
+        .replace("config/directory.csv", &p("directory.csv"));
+    let config = dir.path().join("coexist.toml");
+    std::fs::write(&config, text).unwrap();
+    Setup {
+        dir,
+        config,
+        listen,
+        admin,
+        onprem,
+        cloud,
+    }
+}
+
+fn spawn(s: &Setup) -> Server {
+    let child = Command::new(BIN)
+        .args(["serve", "--config", s.config.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(s.listen).is_err()
+        || std::net::TcpStream::connect(s.admin).is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "relay did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server(child)
+}
+
+/// Runs `coexist ARGS --config CONFIG`; returns (success, stdout, stderr).
+fn cli(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+async fn send(addr: SocketAddr, rcpts: &[&str], subject: &str) {
+    let mut c = connect(addr).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c.mail("x@example.org", rcpts, &sample(subject)).await;
+    assert_eq!(r.code, 250, "{r:?}");
+}
+
+fn rcpts_of(sink: &Sink) -> Vec<String> {
+    let mut v: Vec<String> = sink
+        .state
+        .messages()
+        .iter()
+        .flat_map(|m| m.rcpts.iter().map(|a| a.to_string()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_moves_mail_rollback_restores_and_bad_rows_change_nothing() {
+    let s = setup(DIRECTORY).await;
+    let _server = spawn(&s);
+    send(s.listen, &["alice@nhs.test", "dave@nhs.test"], "before").await;
+    assert_eq!(wait(&s.onprem, 2).await, 2);
+
+    // A New-MigrationBatch CSV moves alice (and names someone not in the directory).
+    let batch = s.dir.path().join("evening.csv");
+    std::fs::write(
+        &batch,
+        "EmailAddress,BadItemLimit\r\nAlice@nhs.test,10\r\nghost@nhs.test,10\r\n",
+    )
+    .unwrap();
+    let (ok, out, err) = cli(
+        &s.config,
+        &[
+            "directory",
+            "diff",
+            batch.to_str().unwrap(),
+            "--state",
+            "cloud",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("rows 2, changed 1, already in state 0, not found 1"),
+        "{out}"
+    );
+    assert!(out.contains("ghost@nhs.test"), "{out}");
+    let (ok, out, err) = cli(
+        &s.config,
+        &[
+            "directory",
+            "apply",
+            batch.to_str().unwrap(),
+            "--state",
+            "cloud",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("applied: id 1"), "{out}");
+
+    let (ok, out, _) = cli(&s.config, &["directory", "lookup", "ALICE@nhs.test"]);
+    assert!(ok);
+    assert!(out.contains("state   cloud (from batch 1)"), "{out}");
+    assert!(
+        out.contains(&format!("route   cloud -> {}", s.cloud.addr)),
+        "{out}"
+    );
+    let (ok, out, _) = cli(
+        &s.config,
+        &["route", "explain", "dave@nhs.test", "who@elsewhere.test"],
+    );
+    assert!(ok);
+    assert!(out.contains("state   onprem (from file"), "{out}");
+    assert!(
+        out.contains("rcpt    550 5.7.1 Relay access denied"),
+        "{out}"
+    );
+
+    send(s.listen, &["alice@nhs.test", "dave@nhs.test"], "after").await;
+    assert_eq!(wait(&s.cloud, 1).await, 1);
+    assert_eq!(wait(&s.onprem, 3).await, 3);
+    assert_eq!(rcpts_of(&s.cloud), vec!["alice@nhs.test"], "alice moved");
+    assert_eq!(
+        rcpts_of(&s.onprem),
+        vec!["alice@nhs.test", "dave@nhs.test", "dave@nhs.test"],
+        "dave did not"
+    );
+
+    // A batch with a malformed row is refused whole, with its line.
+    let bad = s.dir.path().join("bad.csv");
+    std::fs::write(&bad, "EmailAddress\ndave@nhs.test\nnot an address\n").unwrap();
+    let (ok, _, err) = cli(
+        &s.config,
+        &[
+            "directory",
+            "apply",
+            bad.to_str().unwrap(),
+            "--state",
+            "cloud",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("422 bad.csv:3: bad address \"not an address\""),
+        "{err}"
+    );
+    let (_, out, _) = cli(&s.config, &["directory", "lookup", "dave@nhs.test"]);
+    assert!(out.contains("state   onprem"), "{out}");
+
+    // Rollback restores routing.
+    let (ok, out, err) = cli(&s.config, &["directory", "rollback", "1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("rollback of batch 1: id 2"), "{out}");
+    send(s.listen, &["alice@nhs.test"], "rolled back").await;
+    assert_eq!(wait(&s.onprem, 4).await, 4);
+    assert_eq!(rcpts_of(&s.cloud).len(), 1);
+
+    let (ok, out, _) = cli(&s.config, &["directory", "batches"]);
+    assert!(ok);
+    assert!(
+        out.contains("apply") && out.contains("evening.csv") && out.contains("(undoes 1)"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_calls_are_refused() {
+    let s = setup(DIRECTORY).await;
+    let _server = spawn(&s);
+    let wrong = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("s3cret-token", "wrong-token");
+    let wrong_cfg = s.dir.path().join("wrong.toml");
+    std::fs::write(&wrong_cfg, wrong).unwrap();
+    let (ok, _, err) = cli(&wrong_cfg, &["directory", "lookup", "alice@nhs.test"]);
+    assert!(!ok);
+    assert!(err.contains("401 missing or wrong bearer token"), "{err}");
+    let client = coexist::admin::client::AdminClient::new(s.admin, String::new());
+    let e = client.get("/v1/health").unwrap_err().to_string();
+    assert!(e.starts_with("401"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edited_file_is_picked_up_and_batches_survive_restart() {
+    let s = setup(DIRECTORY).await;
+    let mut server = spawn(&s);
+    let batch = s.dir.path().join("b.csv");
+    std::fs::write(&batch, "EmailAddress\nalice@nhs.test\n").unwrap();
+    assert!(
+        cli(
+            &s.config,
+            &[
+                "directory",
+                "apply",
+                batch.to_str().unwrap(),
+                "--state",
+                "cloud"
+            ]
+        )
+        .0
+    );
+
+    // The admin edits the file: dave moves; a broken edit is refused and changes nothing.
+    let file = s.dir.path().join("directory.csv");
+    std::fs::write(&file, format!("{DIRECTORY}broken\n")).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    std::fs::write(
+        &file,
+        DIRECTORY.replace("dave@nhs.test,onprem", "dave@nhs.test,cloud"),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let (_, out, _) = cli(&s.config, &["directory", "lookup", "dave@nhs.test"]);
+        if out.contains("state   cloud") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "edit not picked up: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, out, _) = cli(&s.config, &["directory", "lookup", "alice@nhs.test"]);
+    assert!(
+        out.contains("state   cloud (from batch 1)"),
+        "batch kept across the reload: {out}"
+    );
+
+    // Restart: the batch is still in force (snapshot + change log), and mail follows it.
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    drop(server);
+    let _server = spawn(&s);
+    let (_, out, _) = cli(&s.config, &["directory", "lookup", "alice@nhs.test"]);
+    assert!(out.contains("state   cloud (from batch 1)"), "{out}");
+    send(
+        s.listen,
+        &["alice@nhs.test", "dave@nhs.test", "bob@nhs.test"],
+        "restart",
+    )
+    .await;
+    assert_eq!(wait(&s.cloud, 3).await, 3);
+    assert!(s.onprem.state.messages().is_empty());
+}
+
+#[test]
+fn generate_writes_a_synthetic_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d.csv");
+    let o = Command::new(BIN)
+        .args([
+            "directory",
+            "generate",
+            "--count",
+            "1000",
+            "--domains",
+            "4",
+            "--cloud-share",
+            "0.5",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.starts_with("address,state\nuser0@nhs.test,"));
+    assert_eq!(text.lines().count(), 1001);
+    let states = vec![
+        coexist::types::RouteName("cloud".into()),
+        coexist::types::RouteName("onprem".into()),
+    ];
+    let parsed = coexist::directory::table::parse(text.as_bytes(), "d.csv", &states).unwrap();
+    assert_eq!(parsed.table.len(), 1000);
+}

@@ -149,7 +149,8 @@ pub struct DirectoryConfig {
     pub file: PathBuf,
     /// Route for addresses not in the directory, or `reject` (550 5.1.1).
     pub unknown: String,
-    /// Entries held by the lookup cache.
+    /// Entries held by the moka lookup cache; 0 (the default) turns it off, which is right
+    /// for the in-memory file source (see README: the table is faster than a cache hit).
     #[serde(default = "default_cache_capacity")]
     pub cache_capacity: u64,
     /// Time a cached lookup stays valid.
@@ -319,7 +320,7 @@ fn default_max_hops() -> usize {
     50
 }
 fn default_cache_capacity() -> u64 {
-    100_000
+    0
 }
 fn default_cache_ttl() -> Duration {
     Duration::from_secs(60)
@@ -494,7 +495,10 @@ impl Config {
 
     /// The route names, i.e. the valid directory states.
     pub fn route_names(&self) -> Vec<RouteName> {
-        self.routes.keys().map(|k| RouteName(k.clone())).collect()
+        self.routes
+            .keys()
+            .map(|k| RouteName(k.as_str().into()))
+            .collect()
     }
 }
 

@@ -157,12 +157,12 @@ async fn attempt(
     for d in plan.deliveries {
         let (inner, env, message) = (inner.clone(), env.clone(), message.clone());
         tasks.spawn(async move {
-            let Some(route) = inner.config.routes.get(&d.route.0) else {
+            let Some(route) = inner.config.routes.get(d.route.as_str()) else {
                 let reply = format!("451 4.3.5 route {} is not configured", d.route);
                 let n = d.rcpts.len();
                 return (d, None, vec![RcptOutcome::Deferred(reply); n]);
             };
-            let _permit = match inner.limits.get(&d.route.0) {
+            let _permit = match inner.limits.get(d.route.as_str()) {
                 Some(s) => s.clone().acquire_owned().await.ok(),
                 None => None,
             };
@@ -195,7 +195,7 @@ async fn attempt(
                 RcptOutcome::Deferred(t) => (RcptStatus::Pending, t, "deferred"),
                 RcptOutcome::Failed(t) => (RcptStatus::Failed, t, "bounced"),
             };
-            log_outcome(env, i, &d.route.0, hop.as_deref(), label, &text);
+            log_outcome(env, i, d.route.as_str(), hop.as_deref(), label, &text);
             state.rcpts[i].status = status;
             state.rcpts[i].last_reply = Some(text);
         }

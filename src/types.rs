@@ -155,6 +155,24 @@ impl Address {
     pub fn key(&self) -> String {
         format!("{}@{}", self.local.to_lowercase(), self.domain)
     }
+
+    /// Calls `f` with the directory key, built on the stack for ASCII addresses (the lookup
+    /// hot path: no allocation).
+    pub fn with_key<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        let (local, domain) = (self.local.as_bytes(), self.domain.as_str().as_bytes());
+        let n = local.len() + 1 + domain.len();
+        if self.local.is_ascii() && n <= 320 {
+            let mut buf = [0u8; 320];
+            for (d, s) in buf.iter_mut().zip(local) {
+                *d = s.to_ascii_lowercase();
+            }
+            buf[local.len()] = b'@';
+            buf[local.len() + 1..n].copy_from_slice(domain);
+            f(&buf[..n])
+        } else {
+            f(self.key().as_bytes())
+        }
+    }
 }
 
 impl fmt::Display for Address {
@@ -203,8 +221,16 @@ fn is_atext_or_dot(c: char) -> bool {
 }
 
 /// The name of a route in the config, which is also a migration state in the directory.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct RouteName(pub String);
+/// Shared (`Arc<str>`): lookups hand it out on the hot path without allocating.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteName(pub std::sync::Arc<str>);
+
+impl RouteName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Display for RouteName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -258,6 +284,9 @@ mod tests {
     fn parses_plain_and_quoted() {
         let a = Address::parse("John.Doe@NHS.test", false).unwrap();
         assert_eq!(a.key(), "john.doe@nhs.test");
+        assert_eq!(a.with_key(|k| k.to_vec()), b"john.doe@nhs.test");
+        let u = Address::parse("Jö@nhs.test", true).unwrap();
+        assert_eq!(u.with_key(|k| k.to_vec()), "jö@nhs.test".as_bytes());
         assert_eq!(a.to_string(), "John.Doe@nhs.test");
         let q = Address::parse("\"a b@c\"@nhs.test", false).unwrap();
         assert!(q.is_quoted());

@@ -69,7 +69,10 @@ pub fn explain(
         .map(|a| {
             let addr = Address::parse(a, true).map_err(|e| format!("{a:?}: {e}"))?;
             let lookup = directory.lookup(&addr);
-            let route = lookup.route.as_ref().and_then(|r| config.routes.get(r));
+            let route = lookup
+                .route
+                .as_ref()
+                .and_then(|r| config.routes.get(r.as_str()));
             let rcpt = match policy.check_recipient(&addr) {
                 Err(r) => r.to_string(),
                 Ok(()) if lookup.route.is_none() => {

@@ -34,7 +34,7 @@ pub fn parse(
     let state_index = |name: &str, line: u64| {
         states
             .iter()
-            .position(|s| s.0 == name)
+            .position(|s| s.as_str() == name)
             .map(|i| i as u8)
             .ok_or_else(|| {
                 err(

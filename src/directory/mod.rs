@@ -225,7 +225,7 @@ impl Directory {
             states,
             view: ArcSwap::from_pointee(view),
             cache,
-            unknown: (cfg.unknown != "reject").then(|| RouteName(cfg.unknown.clone())),
+            unknown: (cfg.unknown != "reject").then(|| RouteName(cfg.unknown.as_str().into())),
             source: Box::new(FileSource {
                 path: cfg.file.clone(),
             }),
@@ -333,17 +333,19 @@ impl Directory {
     /// The current state of an address (case-insensitive). Never blocks on writers.
     pub fn resolve(&self, addr: &Address) -> Resolution {
         let view = self.view.load();
-        let key = addr.key();
         let state = match &self.cache {
-            Some(cache) => match cache.get(key.as_str()) {
-                Some((generation, s)) if generation == view.generation => s,
-                _ => {
-                    let s = lookup_state(&view, &key);
-                    cache.insert(key.into_boxed_str(), (view.generation, s));
-                    s
+            Some(cache) => {
+                let key = addr.key();
+                match cache.get(key.as_str()) {
+                    Some((generation, s)) if generation == view.generation => s,
+                    _ => {
+                        let s = lookup_state(&view, key.as_bytes());
+                        cache.insert(key.into_boxed_str(), (view.generation, s));
+                        s
+                    }
                 }
-            },
-            None => lookup_state(&view, &key),
+            }
+            None => addr.with_key(|k| lookup_state(&view, k)),
         };
         self.resolution(state)
     }
@@ -368,13 +370,16 @@ impl Directory {
             mailbox: m.map(|m| view.table.primary_address(m).to_string()),
             state: state
                 .and_then(|s| self.states.get(s as usize))
-                .map(|r| r.0.clone()),
+                .map(|r| r.as_str().to_string()),
             origin: match m.map(|m| view.origin[m]) {
                 None => "unlisted".into(),
                 Some(0) => format!("file {}", self.source.name()),
                 Some(id) => format!("batch {id}"),
             },
-            route: self.resolution(state).route().map(|r| r.0.clone()),
+            route: self
+                .resolution(state)
+                .route()
+                .map(|r| r.as_str().to_string()),
         }
     }
 
@@ -424,9 +429,9 @@ impl Directory {
             .iter()
             .map(|&(m, s)| ChangeEntry {
                 address: view.table.primary_address(m).to_string(),
-                from: self.states[view.states[m] as usize].0.clone(),
+                from: self.states[view.states[m] as usize].as_str().to_string(),
                 from_origin: view.origin[m],
-                to: self.states[s as usize].0.clone(),
+                to: self.states[s as usize].as_str().to_string(),
             })
             .collect();
         let change = Change {
@@ -501,7 +506,7 @@ impl Directory {
                 report.not_found_count += 1;
                 continue;
             };
-            let Some(s) = self.states.iter().position(|r| r.0 == e.from) else {
+            let Some(s) = self.states.iter().position(|r| r.as_str() == e.from) else {
                 report.not_found_count += 1;
                 continue;
             };
@@ -526,7 +531,7 @@ impl Directory {
                 .iter()
                 .map(|(m, _, origin, e)| ChangeEntry {
                     address: e.address.clone(),
-                    from: self.states[view.states[*m] as usize].0.clone(),
+                    from: self.states[view.states[*m] as usize].as_str().to_string(),
                     from_origin: *origin,
                     to: e.from.clone(),
                 })
@@ -650,8 +655,8 @@ impl Directory {
     }
 }
 
-fn lookup_state(view: &View, key: &str) -> Option<u8> {
-    view.table.mailbox(key.as_bytes()).map(|m| view.states[m])
+fn lookup_state(view: &View, key: &[u8]) -> Option<u8> {
+    view.table.mailbox(key).map(|m| view.states[m])
 }
 
 /// Builds the view for a newly parsed file on top of `old`: a mailbox whose file state is
@@ -710,7 +715,7 @@ fn replay(view: &mut View, change: &Change, states: &[RouteName]) {
     for e in &change.entries {
         let (Some(m), Some(s)) = (
             view.table.mailbox(e.address.as_bytes()),
-            states.iter().position(|r| r.0 == e.to),
+            states.iter().position(|r| r.as_str() == e.to),
         ) else {
             warn!(change = change.id, address = %e.address, "change log entry no longer applies");
             continue;

@@ -16,7 +16,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"COEXDIR1";
+const MAGIC: &[u8; 8] = b"COEXDIR2";
 
 /// What identifies the directory file a snapshot was built from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,6 +68,14 @@ fn put_u32s(out: &mut Vec<u8>, v: &[u32]) {
     }
 }
 
+fn put_u64s(out: &mut Vec<u8>, v: &[u64]) {
+    out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+    out.reserve(v.len() * 8);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
 fn put_bytes(out: &mut Vec<u8>, v: &[u8]) {
     out.extend_from_slice(&(v.len() as u64).to_le_bytes());
     out.extend_from_slice(v);
@@ -92,6 +100,15 @@ impl Reader<'_> {
     fn bytes(&mut self) -> Option<Vec<u8>> {
         let n = usize::try_from(self.u64()?).ok()?;
         self.take(n).map(<[u8]>::to_vec)
+    }
+    fn u64s(&mut self) -> Option<Vec<u64>> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        let raw = self.take(n.checked_mul(8)?)?;
+        Some(
+            raw.chunks_exact(8)
+                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+        )
     }
     fn u32s(&mut self) -> Option<Vec<u32>> {
         let n = usize::try_from(self.u64()?).ok()?;
@@ -284,17 +301,16 @@ impl Store {
 fn encode(s: &Stored) -> Vec<u8> {
     let t = &s.table;
     let mut out = Vec::with_capacity(
-        64 + t.arena.len() + 4 * (t.ends.len() * 2 + t.slots.len()) + s.states.len() * 6,
+        64 + t.arena.len() + 4 * t.primary.len() + 8 * t.slots.len() + s.states.len() * 6,
     );
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&s.fingerprint.len.to_le_bytes());
     out.extend_from_slice(&s.fingerprint.mtime_ns.to_le_bytes());
     out.extend_from_slice(&u64::from(s.last_change).to_le_bytes());
     put_bytes(&mut out, &t.arena);
-    put_u32s(&mut out, &t.ends);
-    put_u32s(&mut out, &t.mailbox_of);
+    out.extend_from_slice(&(t.count as u64).to_le_bytes());
     put_u32s(&mut out, &t.primary);
-    put_u32s(&mut out, &t.slots);
+    put_u64s(&mut out, &t.slots);
     put_bytes(&mut out, &s.file_states);
     put_bytes(&mut out, &s.states);
     put_u32s(&mut out, &s.origin);
@@ -319,10 +335,9 @@ fn decode(data: &[u8]) -> Option<Stored> {
     let last_change = u32::try_from(r.u64()?).ok()?;
     let table = Table {
         arena: r.bytes()?,
-        ends: r.u32s()?,
-        mailbox_of: r.u32s()?,
+        count: usize::try_from(r.u64()?).ok()?,
         primary: r.u32s()?,
-        slots: r.u32s()?,
+        slots: r.u64s()?,
     };
     let s = Stored {
         fingerprint,

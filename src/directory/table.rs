@@ -15,30 +15,52 @@ fn hash(key: &[u8]) -> u64 {
     foldhash::fast::FixedState::with_seed(HASH_SEED).hash_one(key)
 }
 
+/// The slot value for the record at `off` with hash `h`.
+fn slot(h: u64, off: usize) -> u64 {
+    (h & 0xFFFF_FFFF_0000_0000) | (off as u64 + 1)
+}
+
+/// The record offset in a non-empty slot.
+fn slot_offset(s: u64) -> usize {
+    ((s & 0xFFFF_FFFF) - 1) as usize
+}
+
 /// Immutable index from address to mailbox.
+///
+/// Laid out for few cache misses per lookup (two on a hit: the slot, then the record):
+/// each address is one record `[key length: u16][key bytes][mailbox: u32]` in `arena`, and
+/// the hash slots point straight at records.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Table {
-    /// All keys, concatenated.
+    /// Address records, concatenated.
     pub(crate) arena: Vec<u8>,
-    /// End offset in `arena` of each entry's key.
-    pub(crate) ends: Vec<u32>,
-    /// Mailbox number of each entry.
-    pub(crate) mailbox_of: Vec<u32>,
-    /// First entry (primary address) of each mailbox.
+    /// Number of addresses.
+    pub(crate) count: usize,
+    /// Arena offset of the primary (first) address record of each mailbox.
     pub(crate) primary: Vec<u32>,
-    /// Open-addressing slots: 0 empty, else entry + 1. Length is a power of two.
-    pub(crate) slots: Vec<u32>,
+    /// Open-addressing slots: 0 empty, else `(hash tag << 32) | (record offset + 1)`, so a
+    /// probe rejects most non-matching slots without reading the record. Length is a power
+    /// of two.
+    pub(crate) slots: Vec<u64>,
+}
+
+/// A record's key and mailbox at `off`, if the arena holds a whole record there.
+fn record(arena: &[u8], off: usize) -> Option<(&[u8], u32)> {
+    let len = u16::from_le_bytes([*arena.get(off)?, *arena.get(off + 1)?]) as usize;
+    let key = arena.get(off + 2..off + 2 + len)?;
+    let m = arena.get(off + 2 + len..off + 6 + len)?;
+    Some((key, u32::from_le_bytes([m[0], m[1], m[2], m[3]])))
 }
 
 impl Table {
     /// Number of addresses.
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.count
     }
 
     /// True when there are no addresses.
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.count == 0
     }
 
     /// Number of mailboxes.
@@ -46,32 +68,30 @@ impl Table {
         self.primary.len()
     }
 
-    /// The key of entry `i`.
-    pub fn key(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        &self.arena[start..self.ends[i] as usize]
-    }
-
     /// The primary address of mailbox `m`.
     pub fn primary_address(&self, m: usize) -> &str {
-        std::str::from_utf8(self.key(self.primary[m] as usize)).unwrap_or("")
+        self.primary
+            .get(m)
+            .and_then(|&off| record(&self.arena, off as usize))
+            .and_then(|(k, _)| std::str::from_utf8(k).ok())
+            .unwrap_or("")
     }
 
-    /// Entry number of a lower-case key.
-    pub fn entry(&self, key: &[u8]) -> Option<usize> {
-        if self.slots.is_empty() {
-            return None;
-        }
+    /// Record offset of a lower-case key.
+    fn find(&self, key: &[u8], h: u64) -> Result<usize, usize> {
         let mask = self.slots.len() - 1;
-        let mut pos = hash(key) as usize & mask;
+        let tag = h & 0xFFFF_FFFF_0000_0000;
+        let mut pos = h as usize & mask;
         loop {
             let s = self.slots[pos];
             if s == 0 {
-                return None;
+                return Err(pos);
             }
-            let e = (s - 1) as usize;
-            if self.key(e) == key {
-                return Some(e);
+            if s & 0xFFFF_FFFF_0000_0000 == tag {
+                let off = slot_offset(s);
+                if record(&self.arena, off).is_some_and(|(k, _)| k == key) {
+                    return Ok(off);
+                }
             }
             pos = (pos + 1) & mask;
         }
@@ -79,64 +99,87 @@ impl Table {
 
     /// Mailbox number of a lower-case key.
     pub fn mailbox(&self, key: &[u8]) -> Option<usize> {
-        self.entry(key).map(|e| self.mailbox_of[e] as usize)
+        if self.slots.is_empty() {
+            return None;
+        }
+        let off = self.find(key, hash(key)).ok()?;
+        record(&self.arena, off).map(|(_, m)| m as usize)
     }
 
-    /// Adds an address to `mailbox`; `Err` gives the entry already holding the key.
+    /// Adds an address to `mailbox`; `Err` gives the record offset already holding the key.
     pub(crate) fn push(&mut self, key: &[u8], mailbox: u32) -> Result<usize, usize> {
-        if (self.ends.len() + 1) * 2 > self.slots.len() {
+        if (self.count + 1) * 2 > self.slots.len() {
             self.rebuild_slots((self.slots.len() * 2).max(16));
         }
-        let mask = self.slots.len() - 1;
-        let mut pos = hash(key) as usize & mask;
-        loop {
-            let s = self.slots[pos];
-            if s == 0 {
-                break;
-            }
-            if self.key((s - 1) as usize) == key {
-                return Err((s - 1) as usize);
-            }
-            pos = (pos + 1) & mask;
-        }
+        let h = hash(key);
+        let pos = match self.find(key, h) {
+            Ok(off) => return Err(off),
+            Err(pos) => pos,
+        };
+        let off = self.arena.len();
+        self.arena
+            .extend_from_slice(&(key.len() as u16).to_le_bytes());
         self.arena.extend_from_slice(key);
-        self.ends.push(self.arena.len() as u32);
-        self.mailbox_of.push(mailbox);
-        let e = self.ends.len() - 1;
-        self.slots[pos] = e as u32 + 1;
-        Ok(e)
+        self.arena.extend_from_slice(&mailbox.to_le_bytes());
+        self.slots[pos] = slot(h, off);
+        self.count += 1;
+        Ok(off)
+    }
+
+    /// Offsets of every record, in order.
+    fn offsets(&self) -> impl Iterator<Item = usize> + '_ {
+        let mut off = 0;
+        std::iter::from_fn(move || {
+            let (k, _) = record(&self.arena, off)?;
+            let this = off;
+            off += 6 + k.len();
+            Some(this)
+        })
     }
 
     fn rebuild_slots(&mut self, cap: usize) {
         let mask = cap - 1;
-        let mut slots = vec![0u32; cap];
-        for i in 0..self.ends.len() {
-            let mut pos = hash(self.key(i)) as usize & mask;
+        let mut slots = vec![0u64; cap];
+        for off in self.offsets() {
+            let Some((key, _)) = record(&self.arena, off) else {
+                break;
+            };
+            let h = hash(key);
+            let mut pos = h as usize & mask;
             while slots[pos] != 0 {
                 pos = (pos + 1) & mask;
             }
-            slots[pos] = i as u32 + 1;
+            slots[pos] = slot(h, off);
         }
         self.slots = slots;
     }
 
     /// Checks the internal invariants of a table read from disk.
     pub(crate) fn is_consistent(&self) -> bool {
-        let n = self.ends.len();
-        self.mailbox_of.len() == n
+        let mut starts = vec![false; self.arena.len()];
+        let mut n = 0;
+        let mut end = 0;
+        for off in self.offsets() {
+            match record(&self.arena, off) {
+                Some((k, m)) if (m as usize) < self.primary.len() => {
+                    starts[off] = true;
+                    end = off + 6 + k.len();
+                    n += 1;
+                }
+                _ => return false,
+            }
+        }
+        let at_start = |off: usize| starts.get(off).copied().unwrap_or(false);
+        end == self.arena.len()
+            && n == self.count
             && self.slots.len().is_power_of_two()
             && self.slots.len() >= n
-            && self.ends.windows(2).all(|w| w[0] <= w[1])
+            && self.slots.iter().filter(|&&s| s != 0).count() == n
             && self
-                .ends
-                .last()
-                .is_none_or(|&e| e as usize == self.arena.len())
-            && self
-                .mailbox_of
+                .slots
                 .iter()
-                .all(|&m| (m as usize) < self.primary.len())
-            && self.primary.iter().all(|&p| (p as usize) < n)
-            && self.slots.iter().all(|&s| (s as usize) <= n)
+                .all(|&s| s == 0 || at_start(slot_offset(s)))
+            && self.primary.iter().all(|&p| at_start(p as usize))
     }
 }
 
@@ -206,7 +249,7 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
     let mut t = Table::default();
     let mut file_states: Vec<u8> = Vec::new();
     let mut mailbox_ids: std::collections::HashMap<Vec<u8>, u32> = std::collections::HashMap::new();
-    let mut first_line: Vec<u32> = Vec::new();
+    let mut first_line: Vec<(u32, u32)> = Vec::new();
     for rec in records {
         let rec =
             rec.map_err(|e| row_err(lines.at(e.position().map(|p| p.byte())), e.to_string()))?;
@@ -228,7 +271,7 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
         let state_text = String::from_utf8_lossy(&rec[1]);
         let state = states
             .iter()
-            .position(|s| s.0 == state_text)
+            .position(|s| s.as_str() == state_text)
             .ok_or_else(|| {
                 row_err(
                     line,
@@ -244,10 +287,15 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
         } else {
             file_states.len() as u32
         };
-        let new_mailbox = mailbox as usize == file_states.len();
-        if new_mailbox {
+        if t.arena.len() + key.len() + 6 > u32::MAX as usize {
+            return Err(row_err(
+                line,
+                "directory too large (over 4 GiB of addresses)".into(),
+            ));
+        }
+        if mailbox as usize == file_states.len() {
             file_states.push(state);
-            t.primary.push(t.ends.len() as u32);
+            t.primary.push(t.arena.len() as u32);
         } else if file_states[mailbox as usize] != state {
             let other = t.primary_address(mailbox as usize).to_string();
             return Err(row_err(
@@ -255,13 +303,18 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
                 format!("alias {addr_text} has state {state_text:?} but its mailbox ({other}) has another state"),
             ));
         }
-        if let Err(e) = t.push(&key, mailbox) {
-            return Err(row_err(
-                line,
-                format!("{addr_text} is already listed on line {}", first_line[e]),
-            ));
+        match t.push(&key, mailbox) {
+            Ok(off) => first_line.push((off as u32, line as u32)),
+            Err(off) => {
+                // Offsets grow with each row, so the first row's line is found by bisection.
+                let i = first_line.partition_point(|&(o, _)| (o as usize) < off);
+                let first = first_line.get(i).map(|&(_, l)| l).unwrap_or(0);
+                return Err(row_err(
+                    line,
+                    format!("{addr_text} is already listed on line {first}"),
+                ));
+            }
         }
-        first_line.push(line as u32);
     }
     t.arena.shrink_to_fit();
     Ok(Parsed {
@@ -307,7 +360,7 @@ impl<'a> Lines<'a> {
 pub fn names(states: &[RouteName]) -> String {
     states
         .iter()
-        .map(|s| s.0.as_str())
+        .map(|s| s.as_str())
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -71,6 +71,36 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RouteCmd,
     },
+    /// Send a bounded load of generated mail to an SMTP server and report rates and latency.
+    Load {
+        /// Server to load.
+        #[arg(long, default_value = "127.0.0.1:2525")]
+        target: SocketAddr,
+        /// Messages to send.
+        #[arg(long, default_value_t = 10_000)]
+        messages: u64,
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Messages per session before reconnecting.
+        #[arg(long, default_value_t = 100)]
+        per_session: u64,
+        /// Draw recipients from this directory CSV (default: user0..user9999@nhs.test).
+        #[arg(long)]
+        directory: Option<PathBuf>,
+        /// Most recipients per message.
+        #[arg(long, default_value_t = 3)]
+        max_rcpts: usize,
+        /// Approximate message size in bytes.
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        /// Use STARTTLS when offered.
+        #[arg(long)]
+        tls: bool,
+        /// Stop after this many seconds whatever the count.
+        #[arg(long, default_value_t = 300)]
+        max_seconds: u64,
+    },
     /// Run a recording SMTP sink (a stand-in next hop) until interrupted.
     Sink {
         /// Address to listen on.
@@ -439,6 +469,39 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Directory { cmd } => run_directory(cmd),
+        Cmd::Load {
+            target,
+            messages,
+            concurrency,
+            per_session,
+            directory,
+            max_rcpts,
+            size,
+            tls,
+            max_seconds,
+        } => {
+            use coexist::load::client;
+            let rcpts = client::recipients(directory.as_deref(), 10_000)?;
+            anyhow::ensure!(!rcpts.is_empty(), "no recipients to send to");
+            let gen = std::sync::Arc::new(client::Generator { rcpts, max_rcpts, size });
+            let report = rt.block_on(client::run(
+                client::LoadOptions {
+                    target,
+                    messages,
+                    concurrency,
+                    per_session,
+                    tls: if tls {
+                        coexist::config::TlsPolicy::Opportunistic
+                    } else {
+                        coexist::config::TlsPolicy::None
+                    },
+                    max_duration: std::time::Duration::from_secs(max_seconds),
+                },
+                gen,
+            ));
+            println!("{}", report.summary(concurrency));
+            Ok(())
+        }
         Cmd::Route {
             cmd: RouteCmd::Explain { addresses, api },
         } => {

@@ -231,3 +231,47 @@ pub async fn run(opts: LoadOptions, gen: Arc<Generator>) -> LoadReport {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+impl LoadReport {
+    /// The summary lines printed by `coexist load` and `coexist demo`.
+    pub fn summary(&self, sessions: usize) -> String {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let h = &self.latency_us;
+        format!(
+            "sent {} messages over {sessions} sessions in {:.2} s: {} accepted ({} recipients), refused {:?}, connection errors {}\n\
+             acceptance: {:.0} msg/s ({:.1} MB/s), latency per message (MAIL to final reply): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+            self.sent,
+            secs,
+            self.accepted,
+            self.accepted_rcpts,
+            self.refused,
+            self.errors,
+            self.accepted as f64 / secs,
+            self.bytes as f64 / 1e6 / secs,
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.9) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            h.value_at_quantile(0.999) as f64 / 1000.0,
+            h.max() as f64 / 1000.0
+        )
+    }
+}
+
+/// Recipients for a load run: the addresses of a directory CSV (first column, header
+/// skipped), or `count` synthetic `user{i}@nhs.test`.
+pub fn recipients(directory: Option<&std::path::Path>, count: usize) -> std::io::Result<Vec<Address>> {
+    match directory {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)?;
+            Ok(text
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split(',').next())
+                .filter_map(|a| Address::parse(a.trim(), true).ok())
+                .collect())
+        }
+        None => Ok((0..count)
+            .filter_map(|i| Address::parse(&format!("user{i}@nhs.test"), false).ok())
+            .collect()),
+    }
+}

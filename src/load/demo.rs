@@ -138,7 +138,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         gen,
     )
     .await;
-    let accept_secs = report.elapsed.as_secs_f64();
     let want = report.accepted_rcpts;
     let deadline = Duration::from_secs(120);
     let got_onprem_cloud = async {
@@ -175,23 +174,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }
     relay.stop_listening();
 
-    let h = &report.latency_us;
-    println!(
-        "sent {} messages over {} sessions: {} accepted ({} recipients), refused {:?}, connection errors {}",
-        report.sent, opts.concurrency, report.accepted, report.accepted_rcpts, report.refused, report.errors
-    );
+    println!("{}", report.summary(opts.concurrency));
     for (side, msgs, rcpts) in &per_side {
         println!("  {side:>6}: {msgs} deliveries, {rcpts} recipients");
     }
     println!("  delivered {got_onprem_cloud}/{want} recipients, misrouted {misrouted}");
-    println!(
-        "acceptance: {:.0} msg/s ({:.1} MB/s), latency per message (MAIL to 250 after fsync): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        report.accepted as f64 / accept_secs.max(1e-9),
-        report.bytes as f64 / 1e6 / accept_secs.max(1e-9),
-        h.value_at_quantile(0.5) as f64 / 1000.0,
-        h.value_at_quantile(0.99) as f64 / 1000.0,
-        h.max() as f64 / 1000.0
-    );
     println!(
         "end to end: {:.2} s from first message sent to last recipient delivered ({:.0} msg/s)",
         end_to_end,

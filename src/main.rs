@@ -483,7 +483,11 @@ fn main() -> anyhow::Result<()> {
             use coexist::load::client;
             let rcpts = client::recipients(directory.as_deref(), 10_000)?;
             anyhow::ensure!(!rcpts.is_empty(), "no recipients to send to");
-            let gen = std::sync::Arc::new(client::Generator { rcpts, max_rcpts, size });
+            let gen = std::sync::Arc::new(client::Generator {
+                rcpts,
+                max_rcpts,
+                size,
+            });
             let report = rt.block_on(client::run(
                 client::LoadOptions {
                     target,

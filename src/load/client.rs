@@ -259,7 +259,10 @@ impl LoadReport {
 
 /// Recipients for a load run: the addresses of a directory CSV (first column, header
 /// skipped), or `count` synthetic `user{i}@nhs.test`.
-pub fn recipients(directory: Option<&std::path::Path>, count: usize) -> std::io::Result<Vec<Address>> {
+pub fn recipients(
+    directory: Option<&std::path::Path>,
+    count: usize,
+) -> std::io::Result<Vec<Address>> {
     match directory {
         Some(path) => {
             let text = std::fs::read_to_string(path)?;

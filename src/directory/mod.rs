@@ -122,10 +122,11 @@ struct View {
 }
 
 impl View {
-    fn stored(&self) -> Stored {
+    fn stored(&self, names: &[RouteName]) -> Stored {
         Stored {
             fingerprint: self.fingerprint,
             last_change: self.last_change,
+            state_names: names.iter().map(|r| r.as_str().to_string()).collect(),
             table: (*self.table).clone(),
             file_states: (*self.file_states).clone(),
             states: self.states.clone(),
@@ -274,7 +275,12 @@ impl Directory {
             path: cfg.file.clone(),
         };
         let fp = source.fingerprint()?;
-        let snapshot = store.read_snapshot().map_err(io_err(&cfg.store_dir))?;
+        // State numbers follow the route names; a snapshot written under other routes is
+        // renumbered by name (or dropped if a state is no longer a route).
+        let snapshot = store
+            .read_snapshot()
+            .map_err(io_err(&cfg.store_dir))?
+            .and_then(|s| s.renumber(&states));
         let mut dirty = false;
         let mut view = match snapshot {
             Some(s) if s.fingerprint == fp => View {
@@ -647,7 +653,7 @@ impl Directory {
         let Some(store) = &self.store else {
             return Ok(());
         };
-        let stored = self.view.load().stored();
+        let stored = self.view.load().stored(&self.states);
         let store = store.lock().unwrap_or_else(|p| p.into_inner());
         store
             .write_snapshot(&stored)
@@ -824,6 +830,23 @@ mod tests {
         let d = Directory::open(&cfg(dir.path(), "reject"), states()).unwrap();
         assert_eq!(d.resolve(&a("a@nhs.test")), onprem);
         assert_eq!(d.history_snapshot().len(), 2);
+        d.apply(
+            &rows("EmailAddress\nb@nhs.test\n", "cloud"),
+            "b2.csv",
+            false,
+        )
+        .unwrap();
+        drop(d);
+
+        // A route added that sorts first shifts the state numbers: the snapshot is renumbered.
+        let more = vec![
+            RouteName("archive".into()),
+            RouteName("cloud".into()),
+            RouteName("onprem".into()),
+        ];
+        let d = Directory::open(&cfg(dir.path(), "reject"), more).unwrap();
+        assert_eq!(d.resolve(&a("b@nhs.test")), cloud);
+        assert_eq!(d.resolve(&a("a@nhs.test")), onprem);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"COEXDIR2";
+const MAGIC: &[u8; 8] = b"COEXDIR3";
 
 /// What identifies the directory file a snapshot was built from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,6 +50,8 @@ pub struct Stored {
     pub fingerprint: Fingerprint,
     /// Highest change-log id included.
     pub last_change: u32,
+    /// The state names the state numbers below refer to (route names at the time).
+    pub state_names: Vec<String>,
     /// The address index.
     pub table: Table,
     /// Per mailbox: state as written in the file.
@@ -210,6 +212,23 @@ impl From<&Change> for ChangeSummary {
     }
 }
 
+impl Stored {
+    /// Renumbers the states for the current route names. `None` when a state of the snapshot
+    /// is no longer a route (the directory is then rebuilt from its file).
+    pub fn renumber(mut self, names: &[crate::types::RouteName]) -> Option<Stored> {
+        let map: Vec<Option<u8>> = self
+            .state_names
+            .iter()
+            .map(|n| names.iter().position(|r| r.as_str() == n).map(|i| i as u8))
+            .collect();
+        for x in self.states.iter_mut().chain(self.file_states.iter_mut()) {
+            *x = map.get(*x as usize).copied().flatten()?;
+        }
+        self.state_names = names.iter().map(|r| r.as_str().to_string()).collect();
+        Some(self)
+    }
+}
+
 impl Store {
     /// Opens (creating) the store directory and its change log.
     pub fn open(dir: &Path) -> io::Result<Store> {
@@ -307,6 +326,7 @@ fn encode(s: &Stored) -> Vec<u8> {
     out.extend_from_slice(&s.fingerprint.len.to_le_bytes());
     out.extend_from_slice(&s.fingerprint.mtime_ns.to_le_bytes());
     out.extend_from_slice(&u64::from(s.last_change).to_le_bytes());
+    put_bytes(&mut out, s.state_names.join("\n").as_bytes());
     put_bytes(&mut out, &t.arena);
     out.extend_from_slice(&(t.count as u64).to_le_bytes());
     put_u32s(&mut out, &t.primary);
@@ -333,6 +353,8 @@ fn decode(data: &[u8]) -> Option<Stored> {
         mtime_ns: r.u64()?,
     };
     let last_change = u32::try_from(r.u64()?).ok()?;
+    let names = String::from_utf8(r.bytes()?).ok()?;
+    let state_names: Vec<String> = names.split('\n').map(str::to_string).collect();
     let table = Table {
         arena: r.bytes()?,
         count: usize::try_from(r.u64()?).ok()?,
@@ -342,6 +364,7 @@ fn decode(data: &[u8]) -> Option<Stored> {
     let s = Stored {
         fingerprint,
         last_change,
+        state_names,
         table,
         file_states: r.bytes()?,
         states: r.bytes()?,
@@ -375,6 +398,7 @@ mod tests {
                 mtime_ns: 4,
             },
             last_change: 7,
+            state_names: vec!["cloud".into(), "onprem".into()],
             table: p.table,
             file_states: p.states.clone(),
             states: vec![1, 1],

@@ -39,7 +39,7 @@ pub enum ConfigError {
 }
 
 /// The whole config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Inbound SMTP.
@@ -63,7 +63,7 @@ pub struct Config {
 }
 
 /// `[admin]`: the HTTP API for the CLI, with bearer-token auth.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address to listen on (keep it on loopback or a management network).
@@ -91,7 +91,7 @@ impl AdminConfig {
 }
 
 /// `[server]`: inbound SMTP listener and limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Name in the greeting, EHLO reply and Received header.
@@ -121,10 +121,13 @@ pub struct ServerConfig {
     /// Most Received headers before a message is refused as looping (5.4.6).
     #[serde(default = "default_max_hops")]
     pub max_hops: usize,
+    /// On SIGTERM, how long sessions in progress may take to finish.
+    #[serde(default = "default_shutdown_timeout", with = "duration")]
+    pub shutdown_timeout: Duration,
 }
 
 /// `[tls]`: server certificate for STARTTLS.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain.
@@ -134,7 +137,7 @@ pub struct TlsConfig {
 }
 
 /// `[spool]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
     /// Directory holding queued messages.
@@ -142,7 +145,7 @@ pub struct SpoolConfig {
 }
 
 /// `[directory]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectoryConfig {
     /// CSV file with header `address,state`.
@@ -165,7 +168,7 @@ pub struct DirectoryConfig {
 }
 
 /// `[queue]`: retries and expiry, Postfix's defaults.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// First retry delay; it doubles per attempt.
@@ -190,7 +193,7 @@ impl Default for QueueConfig {
 }
 
 /// `[delivery]`: outbound SMTP.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// Timeout for connect and each reply.
@@ -285,7 +288,7 @@ impl<'de> Deserialize<'de> for NextHop {
 }
 
 /// `[routes.NAME]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Next hops as host:port, tried in order (names are resolved at each attempt).
@@ -318,6 +321,9 @@ fn default_command_timeout() -> Duration {
 }
 fn default_max_hops() -> usize {
     50
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_cache_capacity() -> u64 {
     0
@@ -491,6 +497,44 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Keys whose change needs a restart, where `new` differs from `self`. A reload that
+    /// changes any of them is refused (listeners, spool, directory store and the set of
+    /// routes, which is the set of directory states).
+    pub fn restart_keys(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        let mut check = |changed: bool, key: &'static str| {
+            if changed {
+                keys.push(key);
+            }
+        };
+        check(self.server.listen != new.server.listen, "server.listen");
+        check(
+            self.server.max_connections != new.server.max_connections,
+            "server.max_connections",
+        );
+        check(self.spool != new.spool, "spool.dir");
+        check(self.directory.file != new.directory.file, "directory.file");
+        check(
+            self.directory.store_dir != new.directory.store_dir,
+            "directory.store_dir",
+        );
+        check(
+            self.directory.watch != new.directory.watch,
+            "directory.watch",
+        );
+        check(
+            self.directory.cache_capacity != new.directory.cache_capacity
+                || self.directory.cache_ttl != new.directory.cache_ttl,
+            "directory.cache_capacity/cache_ttl",
+        );
+        check(self.admin != new.admin, "admin");
+        check(
+            self.route_names() != new.route_names(),
+            "routes (the set of route names)",
+        );
+        keys
     }
 
     /// The route names, i.e. the valid directory states.

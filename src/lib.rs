@@ -11,6 +11,7 @@ pub mod config;
 pub mod deliver;
 pub mod directory;
 pub mod load;
+pub mod metrics;
 pub mod policy;
 pub mod queue;
 pub mod relay;

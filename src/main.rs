@@ -13,8 +13,17 @@ use std::path::PathBuf;
     about = "Mail-flow coexistence SMTP relay for mailbox migrations"
 )]
 struct Cli {
+    /// Log format on stderr: human-readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -100,6 +109,24 @@ enum Cmd {
         /// Stop after this many seconds whatever the count.
         #[arg(long, default_value_t = 300)]
         max_seconds: u64,
+    },
+    /// Re-read the running server's config file and swap it in (refused whole if invalid).
+    Reload {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Answer new SMTP sessions with 421 so traffic moves to other MX hosts (`--off` ends it).
+    Drain {
+        /// Stop draining.
+        #[arg(long)]
+        off: bool,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Readiness of the running server: draining, open sessions, directory size.
+    Status {
+        #[command(flatten)]
+        api: Api,
     },
     /// Run a recording SMTP sink (a stand-in next hop) until interrupted.
     Sink {
@@ -372,6 +399,9 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 }
 
 /// Serves signals until SIGINT or SIGTERM: SIGHUP reloads the directory file.
+/// Serves signals until SIGINT or SIGTERM. SIGHUP reloads the config file and then the
+/// directory file (if it changed). SIGTERM/SIGINT stop gracefully: no new sessions, open
+/// sessions get `server.shutdown_timeout` to finish.
 async fn wait_for_stop(running: &coexist::relay::Running) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
@@ -381,30 +411,45 @@ async fn wait_for_stop(running: &coexist::relay::Running) -> anyhow::Result<()> 
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the directory file");
+                tracing::info!("SIGHUP: reloading the config and the directory file");
+                let control = running.control.clone();
+                let _ = tokio::task::spawn_blocking(move || control.reload()).await;
                 let dir = running.directory.clone();
-                match tokio::task::spawn_blocking(move || dir.reload_file()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "directory file refused; the previous directory stays in force"),
-                    Err(e) => tracing::error!(error = %e, "reload task failed"),
+                if dir.source_changed() {
+                    match tokio::task::spawn_blocking(move || dir.reload_file()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "directory file refused; the previous directory stays in force"),
+                        Err(e) => tracing::error!(error = %e, "reload task failed"),
+                    }
                 }
             }
         }
     }
-    tracing::info!("stopping: no new sessions; the spool holds every acknowledged message");
-    running.stop_listening();
+    let deadline = running.control.config().server.shutdown_timeout;
+    tracing::info!(
+        open_sessions = running.control.open_sessions(),
+        deadline_s = deadline.as_secs(),
+        "stopping: no new sessions"
+    );
+    let left = running.shutdown(deadline).await;
+    tracing::info!(
+        sessions_cut = left,
+        "stopped; every acknowledged message is in the spool or delivered"
+    );
     Ok(())
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -414,10 +459,10 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.cmd {
         Cmd::Serve { config } => {
-            init_logging();
+            init_logging(cli.log_format);
             let cfg = load_config(config.as_ref())?;
             rt.block_on(async {
-                let running = coexist::relay::start(cfg).await?;
+                let running = coexist::relay::start_with_file(cfg, config.clone()).await?;
                 tracing::info!(addrs = ?running.local_addrs, "coexist ready");
                 wait_for_stop(&running).await?;
                 anyhow::Ok(())
@@ -449,7 +494,7 @@ fn main() -> anyhow::Result<()> {
             no_tls,
         } => {
             if std::env::var_os("RUST_LOG").is_some() {
-                init_logging();
+                init_logging(cli.log_format);
             }
             rt.block_on(coexist::load::demo::run(coexist::load::demo::DemoOptions {
                 messages,
@@ -469,6 +514,33 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Directory { cmd } => run_directory(cmd),
+        Cmd::Reload { api } => {
+            let v = client(&api)?.post("/v1/config/reload", b"", "text/plain")?;
+            show(&api, &v, |v| {
+                format!("config reloaded; changed sections: {}", v["changed"])
+            });
+            Ok(())
+        }
+        Cmd::Drain { off, api } => {
+            let v = client(&api)?.post(&format!("/v1/drain?on={}", !off), b"", "text/plain")?;
+            show(&api, &v, |v| {
+                format!(
+                    "draining: {}; SMTP sessions still open: {}",
+                    v["draining"], v["sessions_open"]
+                )
+            });
+            Ok(())
+        }
+        Cmd::Status { api } => {
+            let v = client(&api)?.get("/v1/ready")?;
+            show(&api, &v, |v| {
+                format!(
+                    "ready: {}; draining: {}; SMTP sessions open: {}; directory entries: {}",
+                    v["ready"], v["draining"], v["sessions_open"], v["directory_entries"]
+                )
+            });
+            Ok(())
+        }
         Cmd::Load {
             target,
             messages,
@@ -519,7 +591,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Sink { listen } => {
-            init_logging();
+            init_logging(cli.log_format);
             rt.block_on(async {
                 let sink = coexist::load::sink::Sink::start(
                     listen,

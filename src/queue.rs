@@ -8,11 +8,15 @@
 use crate::config::Config;
 use crate::deliver::{self, Outbound, RcptOutcome};
 use crate::directory::Directory;
+use crate::metrics as m;
 use crate::route;
 use crate::smtp::command::BodyType;
 use crate::spool::{DeliveryState, Envelope, RcptStatus, Spool};
+use crate::types::QueueId;
+use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -26,11 +30,76 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where a queued message is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Being delivered now (or waiting for a delivery slot).
+    Active,
+    /// Waiting for its next attempt.
+    Deferred,
+}
+
+/// A message as the queue sees it, for listings and metrics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueEntry {
+    /// Envelope.
+    pub envelope: Arc<Envelope>,
+    /// Per-recipient state after the last attempt.
+    pub state: DeliveryState,
+    /// Phase.
+    pub phase: Phase,
+    /// Unix time of the next attempt, when deferred.
+    pub next_attempt: Option<u64>,
+}
+
+/// Counts for metrics: per phase, messages and the oldest message's age.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QueueStats {
+    /// Active messages.
+    pub active: usize,
+    /// Deferred messages.
+    pub deferred: usize,
+    /// Age in seconds of the oldest active message.
+    pub oldest_active: u64,
+    /// Age in seconds of the oldest deferred message.
+    pub oldest_deferred: u64,
+}
+
 struct Inner {
     spool: Arc<Spool>,
     directory: Arc<Directory>,
-    config: Arc<Config>,
-    limits: HashMap<String, Arc<Semaphore>>,
+    config: ArcSwap<Config>,
+    limits: ArcSwap<HashMap<String, Arc<Semaphore>>>,
+    entries: Mutex<HashMap<QueueId, QueueEntry>>,
+}
+
+fn route_limits(config: &Config) -> HashMap<String, Arc<Semaphore>> {
+    config
+        .routes
+        .iter()
+        .map(|(name, r)| (name.clone(), Arc::new(Semaphore::new(r.concurrency))))
+        .collect()
+}
+
+impl Inner {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<QueueId, QueueEntry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_phase(
+        &self,
+        id: &QueueId,
+        state: &DeliveryState,
+        phase: Phase,
+        next_attempt: Option<u64>,
+    ) {
+        if let Some(e) = self.entries().get_mut(id) {
+            e.state = state.clone();
+            e.phase = phase;
+            e.next_attempt = next_attempt;
+        }
+    }
 }
 
 /// Handle to the scheduler; cheap to clone.
@@ -42,25 +111,72 @@ pub struct Queue {
 impl Queue {
     /// A scheduler over `spool` that routes with `directory` and `config`.
     pub fn new(spool: Arc<Spool>, directory: Arc<Directory>, config: Arc<Config>) -> Queue {
-        let limits = config
-            .routes
-            .iter()
-            .map(|(name, r)| (name.clone(), Arc::new(Semaphore::new(r.concurrency))))
-            .collect();
         Queue {
             inner: Arc::new(Inner {
                 spool,
                 directory,
-                config,
-                limits,
+                limits: ArcSwap::from_pointee(route_limits(&config)),
+                config: ArcSwap::new(config),
+                entries: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Uses `config` from the next attempt on (routes, next hops, TLS, retry policy).
+    pub fn set_config(&self, config: Arc<Config>) {
+        let old = self.inner.config.load();
+        if old
+            .routes
+            .iter()
+            .map(|(n, r)| (n, r.concurrency))
+            .ne(config.routes.iter().map(|(n, r)| (n, r.concurrency)))
+        {
+            self.inner.limits.store(Arc::new(route_limits(&config)));
+        }
+        self.inner.config.store(config);
     }
 
     /// Starts delivering a spooled message. `body` saves re-reading a fresh message.
     pub fn submit(&self, env: Envelope, state: DeliveryState, body: Option<Arc<Vec<u8>>>) {
         let inner = self.inner.clone();
-        tokio::spawn(async move { run_message(inner, Arc::new(env), state, body).await });
+        let env = Arc::new(env);
+        inner.entries().insert(
+            env.id.clone(),
+            QueueEntry {
+                envelope: env.clone(),
+                state: state.clone(),
+                phase: Phase::Active,
+                next_attempt: None,
+            },
+        );
+        tokio::spawn(async move { run_message(inner, env, state, body).await });
+    }
+
+    /// The messages in the queue, oldest first.
+    pub fn list(&self) -> Vec<QueueEntry> {
+        let mut v: Vec<QueueEntry> = self.inner.entries().values().cloned().collect();
+        v.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
+        v
+    }
+
+    /// Counts per phase and oldest ages.
+    pub fn stats(&self) -> QueueStats {
+        let now = unix_now();
+        let mut s = QueueStats::default();
+        for e in self.inner.entries().values() {
+            let age = now.saturating_sub(e.envelope.received_at);
+            match e.phase {
+                Phase::Active => {
+                    s.active += 1;
+                    s.oldest_active = s.oldest_active.max(age);
+                }
+                Phase::Deferred => {
+                    s.deferred += 1;
+                    s.oldest_deferred = s.oldest_deferred.max(age);
+                }
+            }
+        }
+        s
     }
 }
 
@@ -104,8 +220,8 @@ async fn run_message(
         attempt(&inner, &env, &mut state, &message).await;
 
         let pending = state.pending();
-        let expired =
-            unix_now().saturating_sub(env.received_at) >= inner.config.queue.max_lifetime.as_secs();
+        let expired = unix_now().saturating_sub(env.received_at)
+            >= inner.config.load().queue.max_lifetime.as_secs();
         if !pending.is_empty() && expired {
             for i in pending {
                 let r = &mut state.rcpts[i];
@@ -117,6 +233,7 @@ async fn run_message(
         }
         if state.pending().is_empty() {
             finish(&inner, &env, state).await;
+            inner.entries().remove(&id);
             return;
         }
         let spool = inner.spool.clone();
@@ -126,13 +243,24 @@ async fn run_message(
             Ok(Err(e)) => error!(qid = %id, error = %e, "cannot save delivery state"),
             Err(e) => error!(qid = %id, error = %e, "state writer task failed"),
         }
-        sleep_backoff(&inner, state.attempts).await;
+        let delay = retry_delay(&inner, state.attempts);
+        inner.set_phase(
+            &id,
+            &state,
+            Phase::Deferred,
+            Some(unix_now() + delay.as_secs()),
+        );
+        tokio::time::sleep(delay).await;
     }
 }
 
+fn retry_delay(inner: &Inner, attempts: u32) -> Duration {
+    let cfg = inner.config.load();
+    backoff(attempts, cfg.queue.min_backoff, cfg.queue.max_backoff)
+}
+
 async fn sleep_backoff(inner: &Inner, attempts: u32) {
-    let q = &inner.config.queue;
-    tokio::time::sleep(backoff(attempts, q.min_backoff, q.max_backoff)).await;
+    tokio::time::sleep(retry_delay(inner, attempts)).await;
 }
 
 /// One delivery attempt for all pending recipients, one delivery per route, in parallel.
@@ -154,16 +282,19 @@ async fn attempt(
         state.rcpts[i].last_reply = Some(reply);
     }
     let mut tasks = JoinSet::new();
+    let config = inner.config.load_full();
     for d in plan.deliveries {
-        let (inner, env, message) = (inner.clone(), env.clone(), message.clone());
+        let (inner, env, message, config) =
+            (inner.clone(), env.clone(), message.clone(), config.clone());
         tasks.spawn(async move {
-            let Some(route) = inner.config.routes.get(d.route.as_str()) else {
+            let Some(route) = config.routes.get(d.route.as_str()) else {
                 let reply = format!("451 4.3.5 route {} is not configured", d.route);
                 let n = d.rcpts.len();
                 return (d, None, vec![RcptOutcome::Deferred(reply); n]);
             };
-            let _permit = match inner.limits.get(d.route.as_str()) {
-                Some(s) => s.clone().acquire_owned().await.ok(),
+            let limit = inner.limits.load().get(d.route.as_str()).cloned();
+            let _permit = match limit {
+                Some(s) => s.acquire_owned().await.ok(),
                 None => None,
             };
             let out = Outbound {
@@ -174,12 +305,14 @@ async fn attempt(
             };
             let a = deliver::deliver(
                 &route.next_hops,
-                &inner.config.server.hostname,
+                &config.server.hostname,
                 route.tls,
-                inner.config.delivery.timeout,
+                config.delivery.timeout,
                 &out,
             )
             .await;
+            let hop = a.next_hop.map(|h| h.to_string()).unwrap_or_else(|| "none".into());
+            metrics::counter!(m::ATTEMPTS, "route" => d.route.as_str().to_string(), "next_hop" => hop).increment(1);
             (d, a.next_hop, a.outcomes)
         });
     }
@@ -196,6 +329,17 @@ async fn attempt(
                 RcptOutcome::Failed(t) => (RcptStatus::Failed, t, "bounced"),
             };
             log_outcome(env, i, d.route.as_str(), hop.as_deref(), label, &text);
+            let route = d.route.as_str().to_string();
+            metrics::counter!(m::DELIVERIES, "route" => route.clone(), "next_hop" => hop.clone().unwrap_or_else(|| "none".into()), "outcome" => label)
+                .increment(1);
+            if status == RcptStatus::Delivered {
+                let secs = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0)
+                    - env.received_at as f64;
+                metrics::histogram!(m::DELIVERY_LATENCY, "route" => route).record(secs.max(0.0));
+            }
             state.rcpts[i].status = status;
             state.rcpts[i].last_reply = Some(text);
         }

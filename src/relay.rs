@@ -1,20 +1,25 @@
-//! Wiring: builds the running relay from a config (listeners, directory, spool, queue) and
-//! the session handler that joins policy, directory and spool.
+//! Wiring: builds the running relay from a config (listeners, directory, spool, queue, admin
+//! API), the session handler that joins policy, directory and spool, and the [`Control`]
+//! surface for reload, drain and shutdown.
 
 use crate::config::Config;
 use crate::directory::{Directory, Resolution};
+use crate::metrics as m;
 use crate::policy::Policy;
 use crate::queue::{unix_now, Queue};
 use crate::smtp::reply::{canned, Reply};
+use crate::smtp::server::ServerControl;
 use crate::smtp::{server, tls, Handler, Incoming, Peer, SessionConfig};
 use crate::spool::{DeliveryState, Envelope, Spool};
 use crate::types::Address;
+use arc_swap::ArcSwap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -39,33 +44,75 @@ pub enum StartError {
     Task(String),
 }
 
+/// Why a reload was refused (the old config stays in force).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new config does not load.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// TLS material of the new config is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Keys changed that only a restart can apply.
+    #[error("refused: these keys changed and need a restart: {0}")]
+    NeedsRestart(String),
+    /// The server was started without a config file.
+    #[error("refused: the server runs on the embedded config; restart it with --config FILE")]
+    NoFile,
+}
+
+/// What a session keeps from its start: the config and policy in force then.
+pub struct SessionRules {
+    policy: Policy,
+}
+
 /// The relay's session handler.
 pub struct RelayHandler {
-    policy: Policy,
+    rules: ArcSwap<SessionRules>,
     directory: Arc<Directory>,
     spool: Arc<Spool>,
     queue: Queue,
 }
 
 impl Handler for RelayHandler {
-    fn check_rcpt(&self, peer: &Peer, _from: Option<&Address>, to: &Address) -> Result<(), Reply> {
-        if let Err(r) = self.policy.check_recipient(to) {
+    type Context = Arc<SessionRules>;
+
+    fn context(&self) -> Arc<SessionRules> {
+        self.rules.load_full()
+    }
+
+    fn check_rcpt(
+        &self,
+        rules: &Arc<SessionRules>,
+        peer: &Peer,
+        _from: Option<&Address>,
+        to: &Address,
+    ) -> Result<(), Reply> {
+        if let Err(r) = rules.policy.check_recipient(to) {
             info!(client = %peer.addr, to = %to, reply = %r, "recipient refused");
             return Err(r);
         }
-        match self.directory.resolve(to) {
+        let t0 = Instant::now();
+        let res = self.directory.resolve(to);
+        metrics::histogram!(m::LOOKUP_LATENCY).record(t0.elapsed().as_secs_f64());
+        match res {
             Resolution::Reject => {
                 info!(client = %peer.addr, to = %to, "unknown recipient refused");
                 Err(canned::UNKNOWN_USER)
             }
             res => {
-                debug!(to = %to, route = ?res.route(), "recipient accepted");
+                let route = res
+                    .route()
+                    .map(|r| r.as_str().to_string())
+                    .unwrap_or_default();
+                debug!(to = %to, route, "recipient accepted");
+                metrics::counter!(m::RCPT_ACCEPTED, "route" => route).increment(1);
                 Ok(())
             }
         }
     }
 
-    async fn accept(&self, msg: Incoming) -> Reply {
+    async fn accept(&self, _: &Arc<SessionRules>, msg: Incoming) -> Reply {
         let env = Envelope {
             id: msg.id.clone(),
             from: msg.from,
@@ -107,6 +154,109 @@ impl Handler for RelayHandler {
     }
 }
 
+/// Reload, drain and status: what the admin API and signals act on.
+pub struct Control {
+    config: ArcSwap<Config>,
+    config_file: Option<std::path::PathBuf>,
+    server: Arc<ServerControl>,
+    handler: Arc<RelayHandler>,
+    /// The scheduler.
+    pub queue: Queue,
+    /// The directory.
+    pub directory: Arc<Directory>,
+    reload_lock: Mutex<()>,
+}
+
+impl Control {
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Re-reads the config file, validates it, and swaps it in at once. Sessions in progress
+    /// keep the config they started with; new sessions and the next delivery attempts use
+    /// the new one. On any error nothing changes.
+    pub fn reload(&self) -> Result<Vec<String>, ReloadError> {
+        let _l = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let res = self.reload_inner();
+        let result = if res.is_ok() { "ok" } else { "refused" };
+        metrics::counter!(m::CONFIG_RELOADS, "result" => result).increment(1);
+        match &res {
+            Ok(changed) => info!(changed = ?changed, "config reloaded"),
+            Err(e) => warn!(error = %e, "config reload refused; the running config stays in force"),
+        }
+        res
+    }
+
+    fn reload_inner(&self) -> Result<Vec<String>, ReloadError> {
+        let file = self.config_file.as_ref().ok_or(ReloadError::NoFile)?;
+        let new = Config::load(file)?;
+        let old = self.config.load_full();
+        let restart = old.restart_keys(&new);
+        if !restart.is_empty() {
+            return Err(ReloadError::NeedsRestart(restart.join(", ")));
+        }
+        // Build everything first, so a failure leaves the old config whole.
+        let acceptor = match &new.tls {
+            Some(t) => Some(tls::load_acceptor(&t.cert, &t.key)?),
+            None => None,
+        };
+        let session = SessionConfig::from_server(&new.server, acceptor);
+        let rules = SessionRules {
+            policy: Policy::new(&new.server.accepted_domains),
+        };
+        let changed = changed_sections(&old, &new);
+        let new = Arc::new(new);
+        self.server.session.store(Arc::new(session));
+        self.handler.rules.store(Arc::new(rules));
+        self.directory.set_unknown(&new.directory.unknown);
+        self.queue.set_config(new.clone());
+        self.config.store(new);
+        Ok(changed)
+    }
+
+    /// Turns drain mode on or off: while on, new sessions get `421 4.3.2`.
+    pub fn set_draining(&self, on: bool) {
+        self.server.draining.store(on, Ordering::SeqCst);
+        info!(draining = on, "drain mode");
+    }
+
+    /// True while draining.
+    pub fn draining(&self) -> bool {
+        self.server.draining.load(Ordering::SeqCst)
+    }
+
+    /// SMTP sessions open now.
+    pub fn open_sessions(&self) -> usize {
+        self.server.open_sessions()
+    }
+}
+
+fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
+    let mut v = Vec::new();
+    if old.server != new.server {
+        v.push("server".into());
+    }
+    if old.tls != new.tls {
+        v.push("tls".into());
+    }
+    if old.directory != new.directory {
+        v.push("directory".into());
+    }
+    if old.queue != new.queue {
+        v.push("queue".into());
+    }
+    if old.delivery != new.delivery {
+        v.push("delivery".into());
+    }
+    for (name, r) in &new.routes {
+        if old.routes.get(name) != Some(r) {
+            v.push(format!("routes.{name}"));
+        }
+    }
+    v
+}
+
 /// A started relay.
 pub struct Running {
     /// The addresses actually bound (useful with port 0).
@@ -117,33 +267,56 @@ pub struct Running {
     pub queue: Queue,
     /// The directory in use.
     pub directory: Arc<Directory>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Reload, drain, status.
+    pub control: Arc<Control>,
+    listeners: Vec<JoinHandle<()>>,
+    admin: Option<JoinHandle<()>>,
     _watch: Option<crate::directory::watch::FileWatch>,
 }
 
 impl Running {
     /// Stops accepting new sessions (sessions and deliveries in progress go on).
     pub fn stop_listening(&self) {
-        for t in &self.tasks {
+        for t in &self.listeners {
             t.abort();
         }
+    }
+
+    /// Graceful stop: no new sessions, then up to `deadline` for open sessions to end.
+    /// Returns the sessions still open at the deadline (their messages were not acknowledged
+    /// unless spooled; the spool is consistent either way).
+    pub async fn shutdown(&self, deadline: Duration) -> usize {
+        self.stop_listening();
+        let t0 = Instant::now();
+        while self.control.open_sessions() > 0 && t0.elapsed() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.control.open_sessions()
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.stop_listening();
+        if let Some(a) = &self.admin {
+            a.abort();
+        }
     }
 }
 
-/// Starts the relay: loads TLS, directory and spool, re-queues what the spool holds, binds
-/// every listen address. Must be called inside a tokio runtime.
-pub async fn start(config: Config) -> Result<Running, StartError> {
+/// Starts the relay from `config` (read from `config_file`, if any, which reloads re-read).
+/// Loads TLS, directory and spool, re-queues what the spool holds, binds every listen
+/// address, and starts the admin API. Must be called inside a tokio runtime.
+pub async fn start_with_file(
+    config: Config,
+    config_file: Option<std::path::PathBuf>,
+) -> Result<Running, StartError> {
+    let _ = m::install();
     let acceptor = match &config.tls {
         Some(t) => Some(tls::load_acceptor(&t.cert, &t.key)?),
         None => None,
     };
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     let directory = {
         let (cfg, names) = (config.directory.clone(), config.route_names());
         tokio::task::spawn_blocking(move || Directory::open(&cfg, names))
@@ -156,7 +329,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         match crate::directory::watch::spawn(directory.clone(), &config.directory.file) {
             Ok(w) => Some(w),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the directory file; use SIGHUP or `coexist directory reload`");
+                warn!(error = %e, "cannot watch the directory file; use SIGHUP or `coexist directory reload`");
                 None
             }
         }
@@ -167,12 +340,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let config = Arc::new(config);
     let queue = Queue::new(spool.clone(), directory.clone(), config.clone());
 
-    let mut listeners = Vec::new();
+    let mut bound = Vec::new();
     for addr in &config.server.listen {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|e| StartError::Bind(*addr, e))?;
-        listeners.push(l);
+        bound.push(l);
     }
 
     let recovered = {
@@ -192,36 +365,45 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
 
     let handler = Arc::new(RelayHandler {
-        policy: Policy::new(&config.server.accepted_domains),
+        rules: ArcSwap::from_pointee(SessionRules {
+            policy: Policy::new(&config.server.accepted_domains),
+        }),
         directory: directory.clone(),
         spool,
         queue: queue.clone(),
     });
-    let session_cfg = Arc::new(SessionConfig::from_server(&config.server, acceptor));
-    let limit = Arc::new(Semaphore::new(config.server.max_connections));
-    let mut local_addrs = Vec::new();
-    let mut tasks = Vec::new();
-    let admin_addr = match crate::admin::start(directory.clone(), config.clone())
+    let server = Arc::new(ServerControl::new(
+        SessionConfig::from_server(&config.server, acceptor),
+        config.server.max_connections,
+    ));
+    let control = Arc::new(Control {
+        config: ArcSwap::new(config.clone()),
+        config_file,
+        server: server.clone(),
+        handler: handler.clone(),
+        queue: queue.clone(),
+        directory: directory.clone(),
+        reload_lock: Mutex::new(()),
+    });
+    let (admin_addr, admin) = match crate::admin::start(control.clone())
         .await
         .map_err(StartError::Admin)?
     {
-        Some((addr, task)) => {
-            tasks.push(task);
-            Some(addr)
-        }
-        None => None,
+        Some((addr, task)) => (Some(addr), Some(task)),
+        None => (None, None),
     };
-    for l in listeners {
+    let mut local_addrs = Vec::new();
+    let mut listeners = Vec::new();
+    for l in bound {
         let addr = l
             .local_addr()
             .map_err(|e| StartError::Bind(config.server.listen[0], e))?;
         info!(%addr, "listening");
         local_addrs.push(addr);
-        tasks.push(tokio::spawn(server::serve(
+        listeners.push(tokio::spawn(server::serve(
             l,
-            session_cfg.clone(),
+            server.clone(),
             handler.clone(),
-            limit.clone(),
         )));
     }
     Ok(Running {
@@ -229,7 +411,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         admin_addr,
         queue,
         directory,
-        tasks,
+        control,
+        listeners,
+        admin,
         _watch: watch,
     })
+}
+
+/// Starts the relay from an in-memory config (no reload from file).
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with_file(config, None).await
 }

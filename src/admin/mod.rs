@@ -7,6 +7,7 @@ pub mod client;
 use crate::config::Config;
 use crate::directory::{batch, Directory, Lookup};
 use crate::policy::Policy;
+use crate::relay::Control;
 use crate::types::Address;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -25,8 +26,9 @@ use tracing::info;
 pub struct AdminState {
     /// The live directory.
     pub directory: Arc<Directory>,
-    /// The config in force.
-    pub config: Arc<Config>,
+    /// Reload, drain, queue.
+    pub control: Arc<Control>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     token: Arc<str>,
 }
 
@@ -122,7 +124,8 @@ async fn lookup(
     State(s): State<AdminState>,
     Query(q): Query<LookupQuery>,
 ) -> Result<Json<Explain>, ApiError> {
-    let mut out = explain(&s.directory, &s.config, &[q.address]).map_err(unprocessable)?;
+    let mut out =
+        explain(&s.directory, &s.control.config(), &[q.address]).map_err(unprocessable)?;
     out.pop()
         .map(Json)
         .ok_or_else(|| unprocessable("no address"))
@@ -137,7 +140,7 @@ async fn route_explain(
     State(s): State<AdminState>,
     Json(b): Json<ExplainBody>,
 ) -> Result<Json<Vec<Explain>>, ApiError> {
-    explain(&s.directory, &s.config, &b.addresses)
+    explain(&s.directory, &s.control.config(), &b.addresses)
         .map(Json)
         .map_err(unprocessable)
 }
@@ -166,6 +169,9 @@ async fn apply_batch(
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let report = res.map_err(unprocessable)?;
+    if report.id.is_some() {
+        metrics::counter!(crate::metrics::DIRECTORY_CHANGES, "kind" => "apply").increment(1);
+    }
     info!(client = %peer, source, dry_run = q.dry_run, id = ?report.id, changed = report.changed, "admin: directory batch");
     Ok(Json(report))
 }
@@ -180,6 +186,7 @@ async fn rollback(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(unprocessable)?;
+    metrics::counter!(crate::metrics::DIRECTORY_CHANGES, "kind" => "rollback").increment(1);
     info!(client = %peer, batch = id, restored = report.changed, "admin: directory rollback");
     Ok(Json(report))
 }
@@ -205,10 +212,91 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
+/// Ready to take mail: listening and not draining (503 while draining, so a load balancer
+/// moves traffic away).
+async fn ready(State(s): State<AdminState>) -> Response {
+    let body = serde_json::json!({
+        "ready": !s.control.draining(),
+        "draining": s.control.draining(),
+        "sessions_open": s.control.open_sessions(),
+        "directory_entries": s.directory.len(),
+    });
+    let code = if s.control.draining() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics_text(State(s): State<AdminState>) -> Response {
+    use crate::metrics as m;
+    let q = s.control.queue.stats();
+    metrics::gauge!(m::QUEUE_MESSAGES, "state" => "active").set(q.active as f64);
+    metrics::gauge!(m::QUEUE_MESSAGES, "state" => "deferred").set(q.deferred as f64);
+    metrics::gauge!(m::QUEUE_OLDEST, "state" => "active").set(q.oldest_active as f64);
+    metrics::gauge!(m::QUEUE_OLDEST, "state" => "deferred").set(q.oldest_deferred as f64);
+    metrics::gauge!(m::DIRECTORY_ENTRIES).set(s.directory.len() as f64);
+    match &s.metrics {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed".into(),
+        )
+        .into_response(),
+    }
+}
+
+async fn queue_list(State(s): State<AdminState>) -> Json<Vec<crate::queue::QueueEntry>> {
+    Json(s.control.queue.list())
+}
+
+async fn config_reload(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let control = s.control.clone();
+    let res = tokio::task::spawn_blocking(move || control.reload())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    info!(client = %peer, ok = res.is_ok(), "admin: config reload");
+    res.map(|changed| Json(serde_json::json!({ "reloaded": true, "changed": changed })))
+        .map_err(unprocessable)
+}
+
+#[derive(Deserialize)]
+struct DrainQuery {
+    #[serde(default = "yes")]
+    on: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn drain(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<DrainQuery>,
+) -> Json<serde_json::Value> {
+    s.control.set_draining(q.on);
+    info!(client = %peer, draining = q.on, "admin: drain");
+    Json(serde_json::json!({ "draining": q.on, "sessions_open": s.control.open_sessions() }))
+}
+
 /// The API's routes.
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/queue", get(queue_list))
+        .route("/v1/config/reload", post(config_reload))
+        .route("/v1/drain", post(drain))
         .route("/v1/directory/lookup", get(lookup))
         .route("/v1/directory/batches", get(batches).post(apply_batch))
         .route("/v1/directory/batches/{id}/rollback", post(rollback))
@@ -221,9 +309,9 @@ pub fn router(state: AdminState) -> Router {
 
 /// Binds the admin listener and serves the API in a task; returns the bound address.
 pub async fn start(
-    directory: Arc<Directory>,
-    config: Arc<Config>,
+    control: Arc<Control>,
 ) -> std::io::Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>> {
+    let config = control.config();
     let Some(admin) = &config.admin else {
         return Ok(None);
     };
@@ -231,8 +319,9 @@ pub async fn start(
     let listener = TcpListener::bind(admin.listen).await?;
     let addr = listener.local_addr()?;
     let app = router(AdminState {
-        directory,
-        config: config.clone(),
+        directory: control.directory.clone(),
+        control,
+        metrics: crate::metrics::install(),
         token,
     });
     let task = tokio::spawn(async move {

@@ -197,7 +197,7 @@ pub struct Directory {
     states: Vec<RouteName>,
     view: ArcSwap<View>,
     cache: Option<LookupCache>,
-    unknown: Option<RouteName>,
+    unknown: arc_swap::ArcSwapOption<RouteName>,
     source: Box<dyn Source>,
     store: Option<Mutex<Store>>,
     history: Mutex<Vec<ChangeSummary>>,
@@ -226,7 +226,7 @@ impl Directory {
             states,
             view: ArcSwap::from_pointee(view),
             cache,
-            unknown: (cfg.unknown != "reject").then(|| RouteName(cfg.unknown.as_str().into())),
+            unknown: arc_swap::ArcSwapOption::new(unknown_route(&cfg.unknown)),
             source: Box::new(FileSource {
                 path: cfg.file.clone(),
             }),
@@ -321,6 +321,11 @@ impl Directory {
         Ok(dir)
     }
 
+    /// Applies a new `directory.unknown` (config reload).
+    pub fn set_unknown(&self, unknown: &str) {
+        self.unknown.store(unknown_route(unknown));
+    }
+
     /// The route names (state index = position).
     pub fn states(&self) -> &[RouteName] {
         &self.states
@@ -359,8 +364,8 @@ impl Directory {
     fn resolution(&self, state: Option<u8>) -> Resolution {
         match state.and_then(|s| self.states.get(s as usize)) {
             Some(route) => Resolution::Listed(route.clone()),
-            None => match &self.unknown {
-                Some(r) => Resolution::Unlisted(r.clone()),
+            None => match &*self.unknown.load() {
+                Some(r) => Resolution::Unlisted((**r).clone()),
                 None => Resolution::Reject,
             },
         }
@@ -659,6 +664,10 @@ impl Directory {
             .write_snapshot(&stored)
             .map_err(io_err(Path::new("snapshot.bin")))
     }
+}
+
+fn unknown_route(unknown: &str) -> Option<Arc<RouteName>> {
+    (unknown != "reject").then(|| Arc::new(RouteName(unknown.into())))
 }
 
 fn lookup_state(view: &View, key: &[u8]) -> Option<u8> {

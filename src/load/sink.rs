@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -112,7 +112,11 @@ impl SinkState {
 struct SinkHandler(Arc<SinkState>);
 
 impl Handler for SinkHandler {
-    fn check_rcpt(&self, _: &Peer, _: Option<&Address>, to: &Address) -> Result<(), Reply> {
+    type Context = ();
+
+    fn context(&self) {}
+
+    fn check_rcpt(&self, _: &(), _: &Peer, _: Option<&Address>, to: &Address) -> Result<(), Reply> {
         // Test hooks by local part: `reject…` is refused, `defer…` is deferred.
         let local = to.local().to_ascii_lowercase();
         if local.starts_with("reject") {
@@ -124,7 +128,7 @@ impl Handler for SinkHandler {
         Ok(())
     }
 
-    async fn accept(&self, msg: Incoming) -> Reply {
+    async fn accept(&self, _: &(), msg: Incoming) -> Reply {
         let s = &self.0;
         match s.mode.load(Ordering::SeqCst) {
             1 => return Reply::new(451, "4.3.0", "Sink: deferring on request"),
@@ -192,9 +196,8 @@ impl Sink {
         };
         let task = tokio::spawn(server::serve(
             listener,
-            Arc::new(cfg),
+            Arc::new(server::ServerControl::new(cfg, 10_000)),
             Arc::new(SinkHandler(state.clone())),
-            Arc::new(Semaphore::new(10_000)),
         ));
         Ok(Sink { addr, state, task })
     }

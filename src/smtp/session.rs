@@ -94,10 +94,21 @@ pub struct Incoming {
 
 /// What the session asks of its owner.
 pub trait Handler: Send + Sync + 'static {
+    /// What a session keeps from its start to its end (e.g. the config in force then), so a
+    /// reload does not change the rules in the middle of a session.
+    type Context: Send + Sync + 'static;
+    /// Taken once when a session starts.
+    fn context(&self) -> Self::Context;
     /// Decides on a recipient at RCPT time (`Ok` means 250).
-    fn check_rcpt(&self, peer: &Peer, from: Option<&Address>, to: &Address) -> Result<(), Reply>;
+    fn check_rcpt(
+        &self,
+        ctx: &Self::Context,
+        peer: &Peer,
+        from: Option<&Address>,
+        to: &Address,
+    ) -> Result<(), Reply>;
     /// Takes a finished message; the reply goes to the client as is (250 only once durable).
-    fn accept(&self, msg: Incoming) -> impl Future<Output = Reply> + Send;
+    fn accept(&self, ctx: &Self::Context, msg: Incoming) -> impl Future<Output = Reply> + Send;
 }
 
 struct Transaction {
@@ -231,6 +242,7 @@ pub async fn run<H: Handler>(
             timeout: cfg.command_timeout,
         },
         cfg,
+        ctx: handler.context(),
         handler,
         peer: Peer {
             addr: peer_addr,
@@ -253,9 +265,10 @@ pub async fn run<H: Handler>(
     let _ = s.conn.stream.shutdown().await;
 }
 
-struct Session<H> {
+struct Session<H: Handler> {
     conn: Conn,
     cfg: Arc<SessionConfig>,
+    ctx: H::Context,
     handler: Arc<H>,
     peer: Peer,
     tx: Option<Transaction>,
@@ -435,13 +448,19 @@ impl<H: Handler> Session<H> {
         if tx.rcpts.len() >= self.cfg.max_recipients {
             return self.error(Reply::new(452, "4.5.3", "Too many recipients"));
         }
-        match self.handler.check_rcpt(&self.peer, tx.from.as_ref(), &to) {
+        match self
+            .handler
+            .check_rcpt(&self.ctx, &self.peer, tx.from.as_ref(), &to)
+        {
             Ok(()) => {
                 let r = Reply::owned(250, "2.1.5", format!("Recipient <{to}> ok"));
                 tx.rcpts.push(to);
                 self.ok(&r)
             }
-            Err(r) => self.error(r),
+            Err(r) => {
+                metrics::counter!(crate::metrics::RCPT_REJECTED, "status" => r.status).increment(1);
+                self.error(r)
+            }
         }
     }
 
@@ -536,26 +555,44 @@ impl<H: Handler> Session<H> {
         let Some(tx) = tx else {
             return self.error(canned::BAD_SEQUENCE);
         };
+        let size = body.len() as u64;
+        let reply = self.message_reply(tx, body, flags).await;
+        let result = if reply.is_positive() {
+            "accepted"
+        } else {
+            "rejected"
+        };
+        metrics::counter!(crate::metrics::MESSAGES, "result" => result, "status" => reply.status)
+            .increment(1);
+        if reply.is_positive() {
+            metrics::counter!(crate::metrics::MESSAGE_BYTES).increment(size);
+            self.ok(&reply)
+        } else {
+            self.error(reply)
+        }
+    }
+
+    async fn message_reply(&mut self, tx: Transaction, body: Vec<u8>, flags: BodyFlags) -> Reply {
         if flags.too_big {
-            return self.error(canned::TOO_BIG);
+            return canned::TOO_BIG;
         }
         if flags.bare_lf {
-            return self.error(Reply::new(
+            return Reply::new(
                 550,
                 "5.5.2",
                 "Bare LF in message text is not accepted; end lines with CRLF (RFC 5321 2.3.8)",
-            ));
+            );
         }
         let hops = crate::policy::count_hops(&body);
         if hops > self.cfg.max_hops {
-            return self.error(Reply::owned(
+            return Reply::owned(
                 554,
                 "5.4.6",
                 format!(
                     "Too many hops ({hops} Received headers, limit {}): mail loop?",
                     self.cfg.max_hops
                 ),
-            ));
+            );
         }
         let id = QueueId::generate();
         let full = if self.cfg.add_received {
@@ -567,22 +604,19 @@ impl<H: Handler> Session<H> {
         } else {
             body
         };
-        let reply = self
-            .handler
-            .accept(Incoming {
-                id,
-                from: tx.from,
-                rcpts: tx.rcpts,
-                params: tx.params,
-                body: full,
-                peer: self.peer.clone(),
-            })
-            .await;
-        if reply.is_positive() {
-            self.ok(&reply)
-        } else {
-            self.error(reply)
-        }
+        self.handler
+            .accept(
+                &self.ctx,
+                Incoming {
+                    id,
+                    from: tx.from,
+                    rcpts: tx.rcpts,
+                    params: tx.params,
+                    body: full,
+                    peer: self.peer.clone(),
+                },
+            )
+            .await
     }
 
     async fn starttls(&mut self) -> io::Result<Next> {
@@ -614,6 +648,7 @@ impl<H: Handler> Session<H> {
             tokio::time::timeout(self.cfg.command_timeout, acceptor.accept(plain)).await;
         match handshake {
             Ok(Ok(tls)) => {
+                metrics::counter!(crate::metrics::TLS_HANDSHAKES, "side" => "inbound", "result" => "ok").increment(1);
                 self.conn.stream = MaybeTls::Tls(Box::new(tls));
                 self.peer.tls = self.conn.stream.tls_summary();
                 // RFC 3207 4.2: forget everything learnt before TLS.
@@ -622,6 +657,7 @@ impl<H: Handler> Session<H> {
                 Ok(Next::Continue)
             }
             Ok(Err(e)) => {
+                metrics::counter!(crate::metrics::TLS_HANDSHAKES, "side" => "inbound", "result" => "failed").increment(1);
                 info!(peer = %self.peer.addr, error = %e, "TLS handshake failed");
                 Err(io::Error::new(
                     io::ErrorKind::ConnectionAborted,

@@ -1,0 +1,75 @@
+//! Prometheus metrics: names, the recorder (metrics-exporter-prometheus, rendered by the
+//! admin API at `/metrics`), and a few helpers used across modules.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// SMTP sessions open now (gauge).
+pub const SESSIONS_OPEN: &str = "coexist_smtp_sessions_open";
+/// SMTP sessions accepted since start.
+pub const SESSIONS_TOTAL: &str = "coexist_smtp_sessions_total";
+/// Sessions refused at connect (connection limit or drain), by reason.
+pub const SESSIONS_REFUSED: &str = "coexist_smtp_sessions_refused_total";
+/// Messages at end of data, by `result` (accepted/rejected) and enhanced `status`.
+pub const MESSAGES: &str = "coexist_messages_total";
+/// Bytes of accepted messages.
+pub const MESSAGE_BYTES: &str = "coexist_message_bytes_total";
+/// Recipients refused at RCPT, by enhanced `status`.
+pub const RCPT_REJECTED: &str = "coexist_recipients_rejected_total";
+/// Recipients accepted, by the `route` they resolved to at RCPT time.
+pub const RCPT_ACCEPTED: &str = "coexist_recipients_accepted_total";
+/// Delivery outcomes per recipient, by `route`, `next_hop` and `outcome` (sent/deferred/bounced).
+pub const DELIVERIES: &str = "coexist_delivery_recipients_total";
+/// Delivery attempts (one per next-hop transaction), by `route` and `next_hop`.
+pub const ATTEMPTS: &str = "coexist_delivery_attempts_total";
+/// Time from acceptance to delivery, by `route` (histogram, seconds).
+pub const DELIVERY_LATENCY: &str = "coexist_delivery_latency_seconds";
+/// Messages in the queue, by `state` (active, deferred).
+pub const QUEUE_MESSAGES: &str = "coexist_queue_messages";
+/// Age of the oldest message in the queue, by `state` (seconds).
+pub const QUEUE_OLDEST: &str = "coexist_queue_oldest_age_seconds";
+/// Addresses in the directory.
+pub const DIRECTORY_ENTRIES: &str = "coexist_directory_entries";
+/// Directory changes applied, by `kind` (apply, rollback, reload).
+pub const DIRECTORY_CHANGES: &str = "coexist_directory_changes_total";
+/// RCPT-time directory lookup latency (histogram, seconds).
+pub const LOOKUP_LATENCY: &str = "coexist_directory_lookup_seconds";
+/// TLS handshakes, by `side` (inbound/outbound) and `result` (ok/failed).
+pub const TLS_HANDSHAKES: &str = "coexist_tls_handshakes_total";
+/// Config reloads, by `result` (ok/refused).
+pub const CONFIG_RELOADS: &str = "coexist_config_reloads_total";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once (later calls return the same handle) and starts
+/// its upkeep. Must be called inside a tokio runtime. `None` if another recorder is installed.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(DELIVERY_LATENCY.into()),
+                    &[
+                        0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0,
+                        86400.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(LOOKUP_LATENCY.into()),
+                        &[2.5e-7, 5e-7, 1e-6, 2.5e-6, 1e-5, 1e-4, 1e-3],
+                    )
+                });
+            let handle = builder.ok()?.install_recorder().ok()?;
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    upkeep.run_upkeep();
+                }
+            });
+            Some(handle)
+        })
+        .clone()
+}

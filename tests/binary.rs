@@ -4,101 +4,19 @@
 mod common;
 
 use coexist::load::sink::{Sink, SinkOptions};
+use common::bin::{free_port, spawn, write_config, BIN};
 use common::*;
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_coexist");
-
-/// A free loopback port (bound and released; good enough on a test machine).
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn write_config(
-    dir: &Path,
-    listen: SocketAddr,
-    onprem: SocketAddr,
-    cloud: SocketAddr,
-) -> std::path::PathBuf {
-    write_config_admin(dir, listen, onprem, cloud, free_port())
-}
-
-fn write_config_admin(
-    dir: &Path,
-    listen: SocketAddr,
-    onprem: SocketAddr,
-    cloud: SocketAddr,
-    admin: SocketAddr,
-) -> std::path::PathBuf {
-    let certs = write_certs(dir);
-    std::fs::write(dir.join("directory.csv"), DIRECTORY).unwrap();
-    let text = coexist::config::DEFAULT_CONFIG
-        .replace("127.0.0.1:2525", &listen.to_string())
-        .replace("127.0.0.1:2601", &onprem.to_string())
-        .replace("127.0.0.1:2602", &cloud.to_string())
-        .replace("127.0.0.1:8025", &admin.to_string())
-        .replace(
-            "var/directory",
-            dir.join("directory-store").to_str().unwrap(),
-        )
-        .replace("certs/server.crt", certs.cert.to_str().unwrap())
-        .replace("certs/server.key", certs.key.to_str().unwrap())
-        .replace("var/spool", dir.join("spool").to_str().unwrap())
-        .replace(
-            "config/directory.csv",
-            dir.join("directory.csv").to_str().unwrap(),
-        )
-        .replace("min_backoff = \"300s\"", "min_backoff = \"1s\"")
-        .replace("max_backoff = \"4000s\"", "max_backoff = \"2s\"")
-        .replace("timeout = \"60s\"", "timeout = \"5s\"");
-    let path = dir.join("coexist.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(config: &Path, listen: SocketAddr) -> Server {
-    let child = Command::new(BIN)
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(listen).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "relay did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server(child)
-}
+use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
-    let (listen, onprem_addr, cloud_addr) = (free_port(), free_port(), free_port());
-    let config = write_config(dir.path(), listen, onprem_addr, cloud_addr);
+    let (onprem_addr, cloud_addr) = (free_port(), free_port());
+    let cfg = write_config(dir.path(), onprem_addr, cloud_addr);
     // Next hops are down: every message stays queued.
-    let mut server = spawn(&config, listen);
+    let mut server = spawn(&cfg);
     let mut ids = Vec::new();
-    let mut c = connect(listen).await;
+    let mut c = connect(cfg.listen).await;
     c.expect("EHLO client.test", 250).await;
     for i in 0..20 {
         let rcpts: &[&str] = if i % 2 == 0 {
@@ -122,7 +40,7 @@ async fn kill_9_loses_no_acknowledged_message() {
     let cloud = Sink::start(cloud_addr, SinkOptions::default())
         .await
         .unwrap();
-    let _server = spawn(&config, listen);
+    let _server = spawn(&cfg);
     assert_eq!(wait(&onprem, 10).await, 10);
     assert_eq!(wait(&cloud, 20).await, 20);
     let (on, cl) = (onprem.state.messages(), cloud.state.messages());
@@ -147,7 +65,7 @@ async fn kill_9_loses_no_acknowledged_message() {
 #[test]
 fn check_config_names_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), free_port(), free_port(), free_port());
+    let config = write_config(dir.path(), free_port(), free_port()).path;
     let out = Command::new(BIN)
         .args(["check-config", "--config", config.to_str().unwrap()])
         .output()

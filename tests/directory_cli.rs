@@ -3,29 +3,12 @@
 mod common;
 
 use coexist::load::sink::{Sink, SinkOptions};
+use common::bin::{cli, write_config, BinConfig, Server, BIN};
 use common::*;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_coexist");
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -34,73 +17,28 @@ struct Setup {
     admin: SocketAddr,
     onprem: Sink,
     cloud: Sink,
+    bin: BinConfig,
 }
 
-async fn setup(directory: &str) -> Setup {
+async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let onprem = Sink::start(lo, SinkOptions::default()).await.unwrap();
     let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
-    let (listen, admin) = (free_port(), free_port());
-    let certs = write_certs(dir.path());
-    std::fs::write(dir.path().join("directory.csv"), directory).unwrap();
-    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    let text = coexist::config::DEFAULT_CONFIG
-        .replace("127.0.0.1:2525", &listen.to_string())
-        .replace("127.0.0.1:2601", &onprem.addr.to_string())
-        .replace("127.0.0.1:2602", &cloud.addr.to_string())
-        .replace("127.0.0.1:8025", &admin.to_string())
-        .replace("change-me", "s3cret-token")
-        .replace("var/directory", &p("store"))
-        .replace("certs/server.crt", certs.cert.to_str().unwrap())
-        .replace("certs/server.key", certs.key.to_str().unwrap())
-        .replace("var/spool", &p("spool"))
-        .replace("config/directory.csv", &p("directory.csv"));
-    let config = dir.path().join("coexist.toml");
-    std::fs::write(&config, text).unwrap();
+    let bin = write_config(dir.path(), onprem.addr, cloud.addr);
     Setup {
         dir,
-        config,
-        listen,
-        admin,
+        config: bin.path.clone(),
+        listen: bin.listen,
+        admin: bin.admin,
         onprem,
         cloud,
+        bin,
     }
 }
 
 fn spawn(s: &Setup) -> Server {
-    let child = Command::new(BIN)
-        .args(["serve", "--config", s.config.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(s.listen).is_err()
-        || std::net::TcpStream::connect(s.admin).is_err()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "relay did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server(child)
-}
-
-/// Runs `coexist ARGS --config CONFIG`; returns (success, stdout, stderr).
-fn cli(config: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .args(["--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    common::bin::spawn(&s.bin)
 }
 
 async fn send(addr: SocketAddr, rcpts: &[&str], subject: &str) {
@@ -123,7 +61,7 @@ fn rcpts_of(sink: &Sink) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_moves_mail_rollback_restores_and_bad_rows_change_nothing() {
-    let s = setup(DIRECTORY).await;
+    let s = setup().await;
     let _server = spawn(&s);
     send(s.listen, &["alice@nhs.test", "dave@nhs.test"], "before").await;
     assert_eq!(wait(&s.onprem, 2).await, 2);
@@ -231,7 +169,7 @@ async fn batch_moves_mail_rollback_restores_and_bad_rows_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_calls_are_refused() {
-    let s = setup(DIRECTORY).await;
+    let s = setup().await;
     let _server = spawn(&s);
     let wrong = std::fs::read_to_string(&s.config)
         .unwrap()
@@ -248,7 +186,7 @@ async fn unauthenticated_calls_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edited_file_is_picked_up_and_batches_survive_restart() {
-    let s = setup(DIRECTORY).await;
+    let s = setup().await;
     let mut server = spawn(&s);
     let batch = s.dir.path().join("b.csv");
     std::fs::write(&batch, "EmailAddress\nalice@nhs.test\n").unwrap();

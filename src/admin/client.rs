@@ -79,7 +79,8 @@ impl AdminClient {
             })?;
         let value: serde_json::Value =
             serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        if status.is_success() {
+        // /v1/ready answers 503 while draining: that is an answer, not a failure.
+        if status.is_success() || (status.as_u16() == 503 && value.get("draining").is_some()) {
             Ok(value)
         } else {
             let msg = value

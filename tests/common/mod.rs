@@ -232,3 +232,137 @@ pub fn sample(subject: &str) -> Vec<u8> {
 pub async fn wait(sink: &Sink, n: u64) -> u64 {
     sink.state.wait_recipients(n, Duration::from_secs(30)).await
 }
+
+/// Helpers for tests that run the real `coexist` binary.
+pub mod bin {
+    use super::{write_certs, DIRECTORY};
+    use std::net::{SocketAddr, TcpListener};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// The binary under test.
+    pub const BIN: &str = env!("CARGO_BIN_EXE_coexist");
+
+    /// A free loopback port (bound and released; good enough on a test machine).
+    pub fn free_port() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// Ports and paths of a config written for the binary.
+    pub struct BinConfig {
+        pub path: PathBuf,
+        pub listen: SocketAddr,
+        pub admin: SocketAddr,
+        pub onprem: SocketAddr,
+        pub cloud: SocketAddr,
+    }
+
+    /// Writes certificates, the test directory and a config into `dir`: the default config
+    /// with these ports, temp paths, fast retries, and token `s3cret-token`.
+    pub fn write_config(dir: &Path, onprem: SocketAddr, cloud: SocketAddr) -> BinConfig {
+        let (listen, admin) = (free_port(), free_port());
+        let certs = write_certs(dir);
+        if !dir.join("directory.csv").exists() {
+            std::fs::write(dir.join("directory.csv"), DIRECTORY).unwrap();
+        }
+        let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+        let text = coexist::config::DEFAULT_CONFIG
+            .replace("127.0.0.1:2525", &listen.to_string())
+            .replace("127.0.0.1:2601", &onprem.to_string())
+            .replace("127.0.0.1:2602", &cloud.to_string())
+            .replace("127.0.0.1:8025", &admin.to_string())
+            .replace("change-me", "s3cret-token")
+            .replace("var/directory", &p("store"))
+            .replace("certs/server.crt", certs.cert.to_str().unwrap())
+            .replace("certs/server.key", certs.key.to_str().unwrap())
+            .replace("var/spool", &p("spool"))
+            .replace("config/directory.csv", &p("directory.csv"))
+            .replace("min_backoff = \"300s\"", "min_backoff = \"1s\"")
+            .replace("max_backoff = \"4000s\"", "max_backoff = \"2s\"")
+            .replace("timeout = \"60s\"", "timeout = \"5s\"");
+        let path = dir.join("coexist.toml");
+        std::fs::write(&path, text).unwrap();
+        BinConfig {
+            path,
+            listen,
+            admin,
+            onprem,
+            cloud,
+        }
+    }
+
+    /// A running `coexist serve`; killed (SIGKILL) when dropped.
+    pub struct Server(pub Child);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    impl Server {
+        /// Sends a signal (e.g. "TERM", "HUP") by PID.
+        pub fn signal(&self, sig: &str) {
+            let ok = Command::new("kill")
+                .args([format!("-{sig}"), self.0.id().to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill -{sig} failed");
+        }
+
+        /// Waits (bounded) for the process to exit; returns whether it did.
+        pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+            let t0 = Instant::now();
+            while t0.elapsed() < timeout {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        }
+    }
+
+    /// Starts `coexist serve --config` and waits until SMTP and admin ports answer.
+    pub fn spawn(cfg: &BinConfig) -> Server {
+        let child = Command::new(BIN)
+            .args(["serve", "--config", cfg.path.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server(child);
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(cfg.listen).is_err()
+            || std::net::TcpStream::connect(cfg.admin).is_err()
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "relay did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// Runs `coexist ARGS --config CONFIG`; returns (success, stdout, stderr).
+    pub fn cli(config: &Path, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+}

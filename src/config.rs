@@ -60,6 +60,57 @@ pub struct Config {
     pub routes: BTreeMap<String, RouteConfig>,
     /// Admin HTTP API (used by the CLI); absent means no API.
     pub admin: Option<AdminConfig>,
+    /// Trust and abuse limits.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// `[policy]`: who is trusted, what is stripped from everyone else, per-client limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Networks of the organisation's own servers (e.g. on-premises Exchange): their mail
+    /// keeps internal headers, and per-client limits do not apply to them.
+    #[serde(default)]
+    pub trusted_networks: Vec<ipnet::IpNet>,
+    /// Header names (case-insensitive prefixes) removed from mail of untrusted clients, so
+    /// nobody on the internet can forge internal Exchange status.
+    #[serde(default = "default_strip_headers")]
+    pub strip_headers: Vec<String>,
+    /// Concurrent sessions from one client address (421 4.7.0 beyond); 0 = no limit.
+    #[serde(default = "default_per_ip_connections")]
+    pub max_connections_per_ip: usize,
+    /// New sessions per minute from one client address (421 4.7.0 beyond); 0 = no limit.
+    #[serde(default)]
+    pub max_connection_rate_per_ip: u32,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            trusted_networks: Vec::new(),
+            strip_headers: default_strip_headers(),
+            max_connections_per_ip: default_per_ip_connections(),
+            max_connection_rate_per_ip: 0,
+        }
+    }
+}
+
+fn default_strip_headers() -> Vec<String> {
+    [
+        "X-MS-Exchange-Organization-",
+        "X-MS-Exchange-CrossTenant-",
+        "X-MS-Exchange-Transport-",
+        "X-MS-Exchange-Processed-By-",
+        "X-MS-Exchange-Forest-",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn default_per_ip_connections() -> usize {
+    50
 }
 
 /// `[admin]`: the HTTP API for the CLI, with bearer-token auth.
@@ -121,6 +172,9 @@ pub struct ServerConfig {
     /// Most Received headers before a message is refused as looping (5.4.6).
     #[serde(default = "default_max_hops")]
     pub max_hops: usize,
+    /// Longest time for a whole DATA or BDAT transfer (slow senders get 421 4.4.2).
+    #[serde(default = "default_data_timeout", with = "duration")]
+    pub data_timeout: Duration,
     /// On SIGTERM, how long sessions in progress may take to finish.
     #[serde(default = "default_shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
@@ -142,6 +196,14 @@ pub struct TlsConfig {
 pub struct SpoolConfig {
     /// Directory holding queued messages.
     pub dir: PathBuf,
+    /// Free space the spool's file system must keep, in bytes; below it (plus the declared
+    /// SIZE) MAIL gets 452 4.3.1 until space returns.
+    #[serde(default = "default_min_free_space")]
+    pub min_free_space: u64,
+}
+
+fn default_min_free_space() -> u64 {
+    100 * 1024 * 1024
 }
 
 /// `[directory]`.
@@ -321,6 +383,9 @@ fn default_command_timeout() -> Duration {
 }
 fn default_max_hops() -> usize {
     50
+}
+fn default_data_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(30)
@@ -514,7 +579,7 @@ impl Config {
             self.server.max_connections != new.server.max_connections,
             "server.max_connections",
         );
-        check(self.spool != new.spool, "spool.dir");
+        check(self.spool.dir != new.spool.dir, "spool.dir");
         check(self.directory.file != new.directory.file, "directory.file");
         check(
             self.directory.store_dir != new.directory.store_dir,

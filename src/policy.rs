@@ -37,6 +37,61 @@ impl Policy {
     }
 }
 
+/// True when `ip` is in one of `networks`.
+pub fn is_trusted(networks: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    networks.iter().any(|n| n.contains(&ip))
+}
+
+/// Removes header fields whose names start with one of `prefixes` (case-insensitive) from the
+/// header section, continuation lines included. Every other byte is kept as it was (DESIGN
+/// invariant 6). Returns `None` when nothing matched, else the new message and the count.
+pub fn strip_headers(message: &[u8], prefixes: &[String]) -> Option<(Vec<u8>, usize)> {
+    if prefixes.is_empty() {
+        return None;
+    }
+    let mut out: Option<Vec<u8>> = None;
+    let mut removed = 0;
+    let mut pos = 0;
+    let mut dropping = false;
+    while pos < message.len() {
+        let end = memchr::memchr(b'\n', &message[pos..])
+            .map(|i| pos + i + 1)
+            .unwrap_or(message.len());
+        let line = &message[pos..end];
+        if line == b"\r\n" || line == b"\n" {
+            break; // end of the header section
+        }
+        let continuation = matches!(line.first(), Some(b' ' | b'\t'));
+        if !continuation {
+            let name_end = line.iter().position(|&b| b == b':').unwrap_or(0);
+            let name = &line[..name_end];
+            dropping = name_end > 0
+                && prefixes.iter().any(|p| {
+                    name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+                });
+            if dropping {
+                removed += 1;
+                if out.is_none() {
+                    out = Some(message[..pos].to_vec());
+                }
+            }
+        }
+        if !dropping {
+            if let Some(o) = out.as_mut() {
+                o.extend_from_slice(line);
+            }
+        }
+        pos = end;
+    }
+    let mut out = out?;
+    out.extend_from_slice(&message[pos..]);
+    Some((out, removed))
+}
+
 /// Number of `Received:` headers in a message's header section (the hop count).
 pub fn count_hops(message: &[u8]) -> usize {
     match mailparse::parse_headers(message) {
@@ -78,6 +133,27 @@ mod tests {
             let r = check(bad).unwrap_err();
             assert_eq!((r.code, r.status), (550, "5.7.1"), "{bad}");
         }
+    }
+
+    #[test]
+    fn strips_forged_internal_headers_and_keeps_the_rest() {
+        let p = vec!["X-MS-Exchange-Organization-".to_string()];
+        let m = b"Received: x\r\nx-ms-exchange-organization-AuthAs: Internal\r\n\tcontinued\r\nSubject: hi\r\nX-MS-Exchange-Organization-SCL: -1\r\n\r\nX-MS-Exchange-Organization-Body: stays\r\n";
+        let (out, n) = strip_headers(m, &p).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(
+            out,
+            b"Received: x\r\nSubject: hi\r\n\r\nX-MS-Exchange-Organization-Body: stays\r\n"
+        );
+        assert!(strip_headers(b"Subject: x\r\n\r\nbody", &p).is_none());
+    }
+
+    #[test]
+    fn trusted_networks_match_mapped_addresses() {
+        let nets: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        assert!(is_trusted(&nets, "10.1.2.3".parse().unwrap()));
+        assert!(is_trusted(&nets, "::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!is_trusted(&nets, "11.1.2.3".parse().unwrap()));
     }
 
     #[test]

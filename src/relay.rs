@@ -64,7 +64,24 @@ pub enum ReloadError {
 /// What a session keeps from its start: the config and policy in force then.
 pub struct SessionRules {
     policy: Policy,
+    trusted: Vec<ipnet::IpNet>,
+    strip_headers: Vec<String>,
+    min_free_space: u64,
 }
+
+impl SessionRules {
+    fn new(c: &Config) -> SessionRules {
+        SessionRules {
+            policy: Policy::new(&c.server.accepted_domains),
+            trusted: c.policy.trusted_networks.clone(),
+            strip_headers: c.policy.strip_headers.clone(),
+            min_free_space: c.spool.min_free_space,
+        }
+    }
+}
+
+/// The reply while the spool's disk is short of space (RFC 3463 4.3.1).
+const NO_SPACE: Reply = Reply::new(452, "4.3.1", "Insufficient system storage, try again later");
 
 /// The relay's session handler.
 pub struct RelayHandler {
@@ -79,6 +96,29 @@ impl Handler for RelayHandler {
 
     fn context(&self) -> Arc<SessionRules> {
         self.rules.load_full()
+    }
+
+    fn check_mail(
+        &self,
+        rules: &Arc<SessionRules>,
+        peer: &Peer,
+        _from: Option<&Address>,
+        params: &crate::smtp::command::MailParams,
+    ) -> Result<(), Reply> {
+        let need = rules
+            .min_free_space
+            .saturating_add(params.size.unwrap_or(0));
+        match self.spool.available_space() {
+            Ok(free) if free < need => {
+                warn!(client = %peer.addr, free, need, "spool disk short of space: refusing mail with 452 4.3.1");
+                Err(NO_SPACE)
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                error!(error = %e, "cannot read the spool's free space");
+                Err(canned::LOCAL_ERROR)
+            }
+        }
     }
 
     fn check_rcpt(
@@ -112,7 +152,13 @@ impl Handler for RelayHandler {
         }
     }
 
-    async fn accept(&self, _: &Arc<SessionRules>, msg: Incoming) -> Reply {
+    async fn accept(&self, rules: &Arc<SessionRules>, mut msg: Incoming) -> Reply {
+        if !crate::policy::is_trusted(&rules.trusted, msg.peer.addr.ip()) {
+            if let Some((body, n)) = crate::policy::strip_headers(&msg.body, &rules.strip_headers) {
+                info!(qid = %msg.id, client = %msg.peer.addr, removed = n, "removed internal headers from an untrusted client");
+                msg.body = body;
+            }
+        }
         let env = Envelope {
             id: msg.id.clone(),
             from: msg.from,
@@ -141,6 +187,10 @@ impl Handler for RelayHandler {
                 let n = env.rcpts.len();
                 self.queue.submit(env, DeliveryState::new(n), Some(body));
                 reply
+            }
+            Ok(Err(e)) if e.is_no_space() => {
+                error!(qid = %env.id, error = %e, "spool disk full");
+                NO_SPACE
             }
             Ok(Err(e)) => {
                 error!(qid = %env.id, error = %e, "cannot spool message");
@@ -201,10 +251,8 @@ impl Control {
             Some(t) => Some(tls::load_acceptor(&t.cert, &t.key)?),
             None => None,
         };
-        let session = SessionConfig::from_server(&new.server, acceptor);
-        let rules = SessionRules {
-            policy: Policy::new(&new.server.accepted_domains),
-        };
+        let session = SessionConfig::from_config(&new, acceptor);
+        let rules = SessionRules::new(&new);
         let changed = changed_sections(&old, &new);
         let new = Arc::new(new);
         self.server.session.store(Arc::new(session));
@@ -365,15 +413,13 @@ pub async fn start_with_file(
     }
 
     let handler = Arc::new(RelayHandler {
-        rules: ArcSwap::from_pointee(SessionRules {
-            policy: Policy::new(&config.server.accepted_domains),
-        }),
+        rules: ArcSwap::from_pointee(SessionRules::new(&config)),
         directory: directory.clone(),
         spool,
         queue: queue.clone(),
     });
     let server = Arc::new(ServerControl::new(
-        SessionConfig::from_server(&config.server, acceptor),
+        SessionConfig::from_config(&config, acceptor),
         config.server.max_connections,
     ));
     let control = Arc::new(Control {

@@ -40,6 +40,14 @@ pub enum SpoolError {
     },
 }
 
+impl SpoolError {
+    /// True when the disk is full (ENOSPC or quota).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, SpoolError::Io { source, .. }
+            if matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded))
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     move |source| SpoolError::Io {
         path: path.display().to_string(),
@@ -151,6 +159,11 @@ impl Spool {
             fs::create_dir_all(d).map_err(io_err(d))?;
         }
         Ok(s)
+    }
+
+    /// Free bytes for us on the spool's file system.
+    pub fn available_space(&self) -> io::Result<u64> {
+        fs4::available_space(&self.active)
     }
 
     fn msg_path(&self, id: &QueueId) -> PathBuf {

@@ -193,6 +193,10 @@ impl Sink {
             chunking: opts.chunking,
             pipelining: opts.pipelining,
             add_received: false,
+            data_timeout: Duration::from_secs(600),
+            trusted_networks: Vec::new(),
+            max_connections_per_ip: 0,
+            max_connection_rate_per_ip: 0,
         };
         let task = tokio::spawn(server::serve(
             listener,

@@ -5,9 +5,11 @@ use super::reply::Reply;
 use super::session::{self, Handler, SessionConfig};
 use crate::metrics as m;
 use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -23,7 +25,40 @@ pub struct ServerControl {
     pub slots: Arc<Semaphore>,
     /// Total slots.
     pub max_sessions: usize,
+    per_ip: Mutex<HashMap<IpAddr, ClientCount>>,
 }
+
+/// Sessions and recent connects of one client address.
+struct ClientCount {
+    open: usize,
+    window_start: Instant,
+    in_window: u32,
+}
+
+/// Holds a client's slot in the per-address count; released on drop.
+struct ClientSlot {
+    control: Arc<ServerControl>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let Some(ip) = self.ip else { return };
+        let mut map = self
+            .control
+            .per_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get_mut(&ip) {
+            c.open = c.open.saturating_sub(1);
+            if c.open == 0 && c.window_start.elapsed() >= RATE_WINDOW {
+                map.remove(&ip);
+            }
+        }
+    }
+}
+
+const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 impl ServerControl {
     /// Controls with `max_sessions` slots.
@@ -33,7 +68,60 @@ impl ServerControl {
             draining: AtomicBool::new(false),
             slots: Arc::new(Semaphore::new(max_sessions)),
             max_sessions,
+            per_ip: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Counts a new session from `ip` against the per-client limits of `cfg`; `Err` is the
+    /// refusal. Trusted networks are not counted.
+    fn admit(self: &Arc<Self>, ip: IpAddr, cfg: &SessionConfig) -> Result<ClientSlot, Reply> {
+        if crate::policy::is_trusted(&cfg.trusted_networks, ip)
+            || (cfg.max_connections_per_ip == 0 && cfg.max_connection_rate_per_ip == 0)
+        {
+            return Ok(ClientSlot {
+                control: self.clone(),
+                ip: None,
+            });
+        }
+        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 100_000 {
+            map.retain(|_, c| c.open > 0 || c.window_start.elapsed() < RATE_WINDOW);
+        }
+        let c = map.entry(ip).or_insert(ClientCount {
+            open: 0,
+            window_start: Instant::now(),
+            in_window: 0,
+        });
+        if cfg.max_connections_per_ip > 0 && c.open >= cfg.max_connections_per_ip {
+            return Err(Reply::owned(
+                421,
+                "4.7.0",
+                format!(
+                    "Too many connections from your address (limit {})",
+                    cfg.max_connections_per_ip
+                ),
+            ));
+        }
+        if c.window_start.elapsed() >= RATE_WINDOW {
+            c.window_start = Instant::now();
+            c.in_window = 0;
+        }
+        if cfg.max_connection_rate_per_ip > 0 && c.in_window >= cfg.max_connection_rate_per_ip {
+            return Err(Reply::owned(
+                421,
+                "4.7.0",
+                format!(
+                    "Too many connections per minute from your address (limit {})",
+                    cfg.max_connection_rate_per_ip
+                ),
+            ));
+        }
+        c.in_window += 1;
+        c.open += 1;
+        Ok(ClientSlot {
+            control: self.clone(),
+            ip: Some(ip),
+        })
     }
 
     /// Sessions open now.
@@ -87,12 +175,21 @@ pub async fn serve<H: Handler>(
             }
         };
         let cfg = control.session.load_full();
+        let client = match control.admit(peer.ip(), &cfg) {
+            Ok(c) => c,
+            Err(r) => {
+                info!(peer = %peer, reply = %r, "per-client limit reached");
+                refuse(stream, r, "per_client");
+                continue;
+            }
+        };
         let handler = handler.clone();
         metrics::counter!(m::SESSIONS_TOTAL).increment(1);
         metrics::gauge!(m::SESSIONS_OPEN).increment(1.0);
         tokio::spawn(async move {
             session::run(stream, peer, cfg, handler).await;
             metrics::gauge!(m::SESSIONS_OPEN).decrement(1.0);
+            drop(client);
             drop(permit);
         });
     }

@@ -43,12 +43,25 @@ pub struct SessionConfig {
     pub pipelining: bool,
     /// Prepend our Received header (the relay does; a test sink records bytes as sent).
     pub add_received: bool,
+    /// Longest time for a whole DATA/BDAT transfer.
+    pub data_timeout: Duration,
+    /// Clients exempt from per-client limits.
+    pub trusted_networks: Vec<ipnet::IpNet>,
+    /// Concurrent sessions per client address (0 = no limit).
+    pub max_connections_per_ip: usize,
+    /// New sessions per minute per client address (0 = no limit).
+    pub max_connection_rate_per_ip: u32,
 }
 
 impl SessionConfig {
-    /// Session settings from the `[server]` section.
-    pub fn from_server(s: &crate::config::ServerConfig, tls: Option<TlsAcceptor>) -> SessionConfig {
+    /// Session settings from the `[server]` and `[policy]` sections.
+    pub fn from_config(c: &crate::config::Config, tls: Option<TlsAcceptor>) -> SessionConfig {
+        let s = &c.server;
         SessionConfig {
+            data_timeout: s.data_timeout,
+            trusted_networks: c.policy.trusted_networks.clone(),
+            max_connections_per_ip: c.policy.max_connections_per_ip,
+            max_connection_rate_per_ip: c.policy.max_connection_rate_per_ip,
             hostname: s.hostname.clone(),
             max_message_size: s.max_message_size,
             max_recipients: s.max_recipients,
@@ -99,6 +112,16 @@ pub trait Handler: Send + Sync + 'static {
     type Context: Send + Sync + 'static;
     /// Taken once when a session starts.
     fn context(&self) -> Self::Context;
+    /// Decides on MAIL FROM (`Ok` means 250); e.g. refuses while the disk is full.
+    fn check_mail(
+        &self,
+        _ctx: &Self::Context,
+        _peer: &Peer,
+        _from: Option<&Address>,
+        _params: &MailParams,
+    ) -> Result<(), Reply> {
+        Ok(())
+    }
     /// Decides on a recipient at RCPT time (`Ok` means 250).
     fn check_rcpt(
         &self,
@@ -286,7 +309,12 @@ impl<H: Handler> Session<H> {
         let greeting = Reply::owned(220, "2.0.0", format!("{} ESMTP coexist", self.cfg.hostname));
         self.conn.reply(&greeting);
         loop {
-            let line = self.conn.read_line(self.cfg.max_line_length).await?;
+            // One deadline for the whole line, so a line trickled byte by byte times out too.
+            let read = self.conn.read_line(self.cfg.max_line_length);
+            let line = match tokio::time::timeout(self.cfg.command_timeout, read).await {
+                Ok(l) => l?,
+                Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "command deadline")),
+            };
             let next = match line {
                 Line::Eof => return Ok(()),
                 Line::TooLong => self.error(canned::LINE_TOO_LONG),
@@ -423,6 +451,12 @@ impl<H: Handler> Session<H> {
         if params.size.is_some_and(|s| s > self.cfg.max_message_size) {
             return self.error(canned::TOO_BIG);
         }
+        if let Err(r) = self
+            .handler
+            .check_mail(&self.ctx, &self.peer, from.as_ref(), &params)
+        {
+            return self.error(r);
+        }
         let r = Reply::owned(
             250,
             "2.1.0",
@@ -484,15 +518,24 @@ impl<H: Handler> Session<H> {
         self.conn
             .reply(&Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"));
         let mut reader = DataReader::new(self.limit());
-        loop {
-            let (used, done) = reader.feed(self.conn.buffered());
-            self.conn.start += used;
-            if done {
-                break;
+        // The whole transfer has a deadline, not only each read: a client trickling one
+        // byte per read (slowloris) is cut off after `data_timeout`.
+        let conn = &mut self.conn;
+        let transfer = async {
+            loop {
+                let (used, done) = reader.feed(conn.buffered());
+                conn.start += used;
+                if done {
+                    return Ok(());
+                }
+                if conn.fill().await? == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in DATA"));
+                }
             }
-            if self.conn.fill().await? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in DATA"));
-            }
+        };
+        match tokio::time::timeout(self.cfg.data_timeout, transfer).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "DATA deadline")),
         }
         let tx = self.tx.take();
         Ok(self.finish(tx, reader.message, reader.flags).await)
@@ -509,22 +552,32 @@ impl<H: Handler> Session<H> {
                 }
             }
         }
-        let mut remaining = size;
-        while remaining > 0 {
-            if self.conn.buffered().is_empty() && self.conn.fill().await? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in BDAT"));
-            }
-            let avail = self.conn.buffered();
-            let take = avail
-                .len()
-                .min(usize::try_from(remaining).unwrap_or(usize::MAX));
-            if early.is_none() {
-                if let Some(c) = self.tx.as_mut().and_then(|t| t.chunks.as_mut()) {
-                    c.push(&avail[..take]);
+        let (conn, tx) = (&mut self.conn, &mut self.tx);
+        let keep = early.is_none();
+        let transfer = async {
+            let mut remaining = size;
+            while remaining > 0 {
+                if conn.buffered().is_empty() && conn.fill().await? == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in BDAT"));
                 }
+                let avail = conn.buffered();
+                let take = avail
+                    .len()
+                    .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                if keep {
+                    if let Some(c) = tx.as_mut().and_then(|t| t.chunks.as_mut()) {
+                        c.push(&avail[..take]);
+                    }
+                }
+                conn.start += take;
+                remaining -= take as u64;
             }
-            self.conn.start += take;
-            remaining -= take as u64;
+            Ok(())
+        };
+        // Same deadline per chunk as for a whole DATA transfer.
+        match tokio::time::timeout(self.cfg.data_timeout, transfer).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "BDAT deadline")),
         }
         if let Some(r) = early {
             return Ok(self.error(r));

@@ -57,11 +57,17 @@ pub fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
             reason: "no PEM certificate found".into(),
         });
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.display().to_string(),
         reason: e.to_string(),
     })?;
-    acceptor_from(certs, key)
+    acceptor_from(certs, key_der).map_err(|e| match e {
+        TlsError::Config(reason) => TlsError::Key {
+            path: format!("{} (with {})", key.display(), cert.display()),
+            reason,
+        },
+        other => other,
+    })
 }
 
 /// Builds an acceptor from DER material already in memory.

@@ -1,0 +1,285 @@
+//! Hostile input and hard failures: forged internal headers, per-client limits, slow
+//! senders, a full disk, mail loops between two relays, pipelining abuse, bad TLS material.
+
+mod common;
+
+use coexist::load::sink::SinkOptions;
+use common::bin::{cli, spawn, write_config};
+use common::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const FORGED: &[u8] = b"X-MS-Exchange-Organization-AuthAs: Internal\r\n\
+X-MS-Exchange-Organization-SCL: -1\r\n\
+x-ms-exchange-crosstenant-id: 0000\r\n\
+\tcontinued\r\n\
+Subject: forged\r\n\
+X-Custom: kept\r\n\
+\r\n\
+X-MS-Exchange-Organization-AuthAs: in the body stays\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_headers_from_untrusted_clients_are_removed() {
+    let h = harness(|_| {}).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO outsider.test", 250).await;
+    assert_eq!(
+        c.mail("x@example.org", &["bob@nhs.test"], FORGED)
+            .await
+            .code,
+        250
+    );
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    let body = h.cloud.state.messages()[0].body.clone();
+    assert_eq!(
+        strip_received(&body),
+        b"Subject: forged\r\nX-Custom: kept\r\n\r\nX-MS-Exchange-Organization-AuthAs: in the body stays\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_on_premises_servers_keep_internal_headers() {
+    let h = harness(|c| c.policy.trusted_networks = vec!["127.0.0.0/8".parse().unwrap()]).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO exchange.corp.test", 250).await;
+    assert_eq!(
+        c.mail("x@nhs.test", &["bob@nhs.test"], FORGED).await.code,
+        250
+    );
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    assert_eq!(strip_received(&h.cloud.state.messages()[0].body), FORGED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_client_connection_and_rate_limits() {
+    let h = harness(|c| c.policy.max_connections_per_ip = 2).await;
+    let _a = connect(h.addr).await;
+    let _b = connect(h.addr).await;
+    let refused = read_all(h.addr).await;
+    assert!(
+        refused.starts_with("421 4.7.0 Too many connections from your address (limit 2)"),
+        "{refused}"
+    );
+    drop(_a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _c = connect(h.addr).await;
+
+    let h = harness(|c| c.policy.max_connection_rate_per_ip = 3).await;
+    for _ in 0..3 {
+        connect(h.addr).await.expect("QUIT", 221).await;
+    }
+    let refused = read_all(h.addr).await;
+    assert!(
+        refused.starts_with("421 4.7.0 Too many connections per minute"),
+        "{refused}"
+    );
+
+    // Trusted networks are not limited.
+    let h = harness(|c| {
+        c.policy.max_connections_per_ip = 1;
+        c.policy.trusted_networks = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let _x = connect(h.addr).await;
+    let _y = connect(h.addr).await;
+}
+
+async fn read_all(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_senders_hit_the_line_and_data_deadlines() {
+    let h = harness(|c| {
+        c.server.command_timeout = Duration::from_millis(800);
+        c.server.data_timeout = Duration::from_millis(800);
+    })
+    .await;
+    // A command trickled one byte at a time never completes a line in time.
+    let mut c = connect(h.addr).await;
+    let mut got = None;
+    for b in b"NOOP NOOP NOOP NOOP NOOP\r\n".iter() {
+        if c.io.get_mut().write_all(&[*b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(1), c.try_reply()).await {
+            got = Some(r);
+            break;
+        }
+    }
+    let r = match got {
+        Some(r) => r,
+        None => c.reply().await,
+    };
+    assert_eq!((r.code, r.status()), (421, "4.4.2"), "{r:?}");
+
+    // DATA trickled: each read is quick, the whole transfer is not.
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO slow.test", 250).await;
+    c.expect("MAIL FROM:<x@example.org>", 250).await;
+    c.expect("RCPT TO:<bob@nhs.test>", 250).await;
+    c.expect("DATA", 354).await;
+    let mut reply = None;
+    for _ in 0..40 {
+        if c.io.get_mut().write_all(b"x").await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(1), c.try_reply()).await {
+            reply = Some(r);
+            break;
+        }
+    }
+    let r = reply.expect("no reply to a trickled DATA");
+    assert_eq!((r.code, r.status()), (421, "4.4.2"), "{r:?}");
+    assert!(h.cloud.state.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_answers_452_and_accepts_again_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let onprem = coexist::load::sink::Sink::start(lo, SinkOptions::default())
+        .await
+        .unwrap();
+    let cloud = coexist::load::sink::Sink::start(lo, SinkOptions::default())
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), onprem.addr, cloud.addr);
+    let text = std::fs::read_to_string(&cfg.path).unwrap();
+    // More free space demanded than any disk has: as if the disk were full.
+    std::fs::write(
+        &cfg.path,
+        text.replace(
+            "min_free_space = 104857600",
+            "min_free_space = 9000000000000000000",
+        ),
+    )
+    .unwrap();
+    let _server = spawn(&cfg);
+    let mut c = connect(cfg.listen).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c.cmd("MAIL FROM:<x@example.org>").await;
+    assert_eq!((r.code, r.status()), (452, "4.3.1"), "{r:?}");
+
+    // Space returns (here: the threshold is lowered and reloaded): mail is accepted again.
+    std::fs::write(&cfg.path, &text).unwrap();
+    let (ok, _, err) = cli(&cfg.path, &["reload"]);
+    assert!(ok, "{err}");
+    let mut c = connect(cfg.listen).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_eq!(
+        c.mail("x@example.org", &["bob@nhs.test"], &sample("space"))
+            .await
+            .code,
+        250
+    );
+    assert_eq!(wait(&cloud, 1).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_between_two_relays_ends_with_546() {
+    // Relay A sends the cloud route to relay B, and B sends it back to A.
+    let a_port = common::bin::free_port();
+    let b = harness(|c| {
+        c.server.max_hops = 6;
+        c.routes.get_mut("cloud").unwrap().next_hops = vec![a_port.into()];
+    })
+    .await;
+    let a = harness(|c| {
+        c.server.max_hops = 6;
+        c.server.listen = vec![a_port];
+        c.routes.get_mut("cloud").unwrap().next_hops = vec![b.addr.into()];
+    })
+    .await;
+    let mut c = connect(a.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_eq!(
+        c.mail("x@example.org", &["bob@nhs.test"], &sample("loop"))
+            .await
+            .code,
+        250
+    );
+
+    // The copy that crosses the limit is refused with 5.4.6; the relay that sent it fails
+    // the recipient (kept in failed/ with the reply), and the loop stops.
+    let failed_with_546 = || {
+        [a.dir.path(), b.dir.path()].iter().any(|d| {
+            std::fs::read_dir(d.join("spool/failed"))
+                .map(|it| {
+                    it.filter_map(|e| e.ok())
+                        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                        .any(|t| t.contains("554 5.4.6"))
+                })
+                .unwrap_or(false)
+        })
+    };
+    let t0 = std::time::Instant::now();
+    while !failed_with_546() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the loop did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let active = |d: &std::path::Path| std::fs::read_dir(d.join("spool/active")).unwrap().count();
+    assert_eq!(
+        active(a.dir.path()) + active(b.dir.path()),
+        0,
+        "nothing left circling"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_and_message_pipelined_without_waiting_for_354() {
+    let h = harness(|_| {}).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    c.send(b"MAIL FROM:<x@example.org>\r\nRCPT TO:<bob@nhs.test>\r\nDATA\r\nSubject: eager\r\n\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n")
+        .await;
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(c.reply().await.code);
+    }
+    assert_eq!(got, vec![250, 250, 354, 250, 250, 221]);
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    assert_eq!(
+        strip_received(&h.cloud.state.messages()[0].body),
+        b"Subject: eager\r\n\r\nbody\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tls_material_stops_start_up_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut cfg = test_config(dir.path(), &certs, lo, lo);
+    std::fs::write(
+        &certs.key,
+        b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let err = coexist::relay::start(cfg.clone())
+        .await
+        .err()
+        .expect("must not start")
+        .to_string();
+    assert!(err.contains("server.key"), "{err}");
+    cfg.tls.as_mut().unwrap().cert = dir.path().join("missing.crt");
+    let err = coexist::relay::start(cfg)
+        .await
+        .err()
+        .expect("must not start")
+        .to_string();
+    assert!(err.contains("missing.crt"), "{err}");
+}

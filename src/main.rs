@@ -109,6 +109,9 @@ enum Cmd {
         /// Stop after this many seconds whatever the count.
         #[arg(long, default_value_t = 300)]
         max_seconds: u64,
+        /// Write the queue id of every accepted message to this file, one per line.
+        #[arg(long)]
+        ids: Option<PathBuf>,
     },
     /// Re-read the running server's config file and swap it in (refused whole if invalid).
     Reload {
@@ -133,6 +136,9 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:2601")]
         listen: SocketAddr,
+        /// Append `QUEUE-ID RECIPIENTS` per accepted message to this file.
+        #[arg(long)]
+        record: Option<PathBuf>,
     },
 }
 
@@ -551,6 +557,7 @@ fn main() -> anyhow::Result<()> {
             size,
             tls,
             max_seconds,
+            ids,
         } => {
             use coexist::load::client;
             let rcpts = client::recipients(directory.as_deref(), 10_000)?;
@@ -576,6 +583,11 @@ fn main() -> anyhow::Result<()> {
                 gen,
             ));
             println!("{}", report.summary(concurrency));
+            if let Some(path) = ids {
+                let mut text = report.ids.join("\n");
+                text.push('\n');
+                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            }
             Ok(())
         }
         Cmd::Route {
@@ -590,13 +602,14 @@ fn main() -> anyhow::Result<()> {
             });
             Ok(())
         }
-        Cmd::Sink { listen } => {
+        Cmd::Sink { listen, record } => {
             init_logging(cli.log_format);
             rt.block_on(async {
                 let sink = coexist::load::sink::Sink::start(
                     listen,
                     coexist::load::sink::SinkOptions {
                         keep_bodies: false,
+                        record,
                         ..Default::default()
                     },
                 )

@@ -117,6 +117,8 @@ pub struct LoadReport {
     pub latency_us: Histogram<u64>,
     /// Bytes of accepted messages.
     pub bytes: u64,
+    /// Queue ids from the server's final replies (`... queued as ID`), in no order.
+    pub ids: Vec<String>,
 }
 
 /// Runs a bounded load against `opts.target`.
@@ -132,6 +134,7 @@ pub async fn run(opts: LoadOptions, gen: Arc<Generator>) -> LoadReport {
         latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)
             .unwrap_or_else(|_| Histogram::new(3).expect("histogram")),
         bytes: 0,
+        ids: Vec::new(),
     }));
     let started = Instant::now();
     let deadline = started + opts.max_duration;
@@ -193,6 +196,11 @@ pub async fn run(opts: LoadOptions, gen: Arc<Generator>) -> LoadReport {
                             if ok == outcomes.len() {
                                 r.accepted += 1;
                                 r.bytes += m.body.len() as u64;
+                                if let Some(RcptOutcome::Delivered(t)) = outcomes.first() {
+                                    if let Some(id) = t.rsplit("queued as ").next().filter(|_| t.contains("queued as ")) {
+                                        r.ids.push(id.trim().to_string());
+                                    }
+                                }
                             }
                             for o in outcomes {
                                 if let RcptOutcome::Deferred(t) | RcptOutcome::Failed(t) = o {
@@ -225,6 +233,7 @@ pub async fn run(opts: LoadOptions, gen: Arc<Generator>) -> LoadReport {
         elapsed: r.elapsed,
         latency_us: r.latency_us.clone(),
         bytes: r.bytes,
+        ids: std::mem::take(&mut r.ids),
     }
 }
 

@@ -51,6 +51,9 @@ pub struct SinkOptions {
     pub pipelining: bool,
     /// Keep message bodies (tests); counts only otherwise.
     pub keep_bodies: bool,
+    /// Append one line per accepted message to this file: the queue id from the first
+    /// `Received:` header (the relay's) and the recipient count. Flushed per message.
+    pub record: Option<std::path::PathBuf>,
 }
 
 impl Default for SinkOptions {
@@ -61,6 +64,7 @@ impl Default for SinkOptions {
             chunking: true,
             pipelining: true,
             keep_bodies: true,
+            record: None,
         }
     }
 }
@@ -77,6 +81,19 @@ pub struct SinkState {
     /// Bytes accepted.
     pub bytes: AtomicU64,
     changed: Notify,
+    record: Option<Mutex<std::fs::File>>,
+}
+
+/// The queue id in the first `Received:` header (`... id QID ...`), if any.
+pub fn received_id(body: &[u8]) -> Option<String> {
+    let end = memchr::memmem::find(body, b"\r\n\r\n").unwrap_or(body.len()).min(4096);
+    let head = String::from_utf8_lossy(&body[..end]);
+    let first = head.split("\r\nReceived:").next()?;
+    let after = first.split(" id ").nth(1)?;
+    after
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .next()
+        .map(str::to_string)
 }
 
 impl SinkState {
@@ -135,6 +152,14 @@ impl Handler for SinkHandler {
             2 => return Reply::new(554, "5.6.0", "Sink: rejecting on request"),
             _ => {}
         }
+        if let Some(rec) = &s.record {
+            use std::io::Write;
+            let line = format!("{} {}\n", received_id(&msg.body).unwrap_or_else(|| "-".into()), msg.rcpts.len());
+            let mut f = rec.lock().unwrap_or_else(|p| p.into_inner());
+            if f.write_all(line.as_bytes()).is_err() {
+                return Reply::new(451, "4.3.0", "Sink: cannot write the record file");
+            }
+        }
         s.bytes.fetch_add(msg.body.len() as u64, Ordering::SeqCst);
         s.accepted.fetch_add(1, Ordering::SeqCst);
         let n = msg.rcpts.len() as u64;
@@ -180,6 +205,12 @@ impl Sink {
             recipients: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             changed: Notify::new(),
+            record: match &opts.record {
+                Some(p) => Some(Mutex::new(
+                    std::fs::OpenOptions::new().create(true).append(true).open(p)?,
+                )),
+                None => None,
+            },
         });
         let cfg = SessionConfig {
             hostname: opts.hostname,

@@ -586,7 +586,8 @@ fn main() -> anyhow::Result<()> {
             if let Some(path) = ids {
                 let mut text = report.ids.join("\n");
                 text.push('\n');
-                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             Ok(())
         }

@@ -8,10 +8,10 @@
 mod common;
 
 use coexist::deliver::dot_stuff;
-use common::{connect, harness};
 use coexist::smtp::command;
 use coexist::smtp::data::{ChunkCollector, DataReader};
 use coexist::types::Address;
+use common::{connect, harness};
 use proptest::prelude::*;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

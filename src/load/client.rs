@@ -197,7 +197,11 @@ pub async fn run(opts: LoadOptions, gen: Arc<Generator>) -> LoadReport {
                                 r.accepted += 1;
                                 r.bytes += m.body.len() as u64;
                                 if let Some(RcptOutcome::Delivered(t)) = outcomes.first() {
-                                    if let Some(id) = t.rsplit("queued as ").next().filter(|_| t.contains("queued as ")) {
+                                    if let Some(id) = t
+                                        .rsplit("queued as ")
+                                        .next()
+                                        .filter(|_| t.contains("queued as "))
+                                    {
                                         r.ids.push(id.trim().to_string());
                                     }
                                 }

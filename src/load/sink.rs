@@ -86,7 +86,9 @@ pub struct SinkState {
 
 /// The queue id in the first `Received:` header (`... id QID ...`), if any.
 pub fn received_id(body: &[u8]) -> Option<String> {
-    let end = memchr::memmem::find(body, b"\r\n\r\n").unwrap_or(body.len()).min(4096);
+    let end = memchr::memmem::find(body, b"\r\n\r\n")
+        .unwrap_or(body.len())
+        .min(4096);
     let head = String::from_utf8_lossy(&body[..end]);
     let first = head.split("\r\nReceived:").next()?;
     let after = first.split(" id ").nth(1)?;
@@ -154,7 +156,11 @@ impl Handler for SinkHandler {
         }
         if let Some(rec) = &s.record {
             use std::io::Write;
-            let line = format!("{} {}\n", received_id(&msg.body).unwrap_or_else(|| "-".into()), msg.rcpts.len());
+            let line = format!(
+                "{} {}\n",
+                received_id(&msg.body).unwrap_or_else(|| "-".into()),
+                msg.rcpts.len()
+            );
             let mut f = rec.lock().unwrap_or_else(|p| p.into_inner());
             if f.write_all(line.as_bytes()).is_err() {
                 return Reply::new(451, "4.3.0", "Sink: cannot write the record file");
@@ -207,7 +213,10 @@ impl Sink {
             changed: Notify::new(),
             record: match &opts.record {
                 Some(p) => Some(Mutex::new(
-                    std::fs::OpenOptions::new().create(true).append(true).open(p)?,
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)?,
                 )),
                 None => None,
             },

@@ -194,7 +194,10 @@ impl Conn {
             self.start = 0;
         }
         let len = self.inbuf.len();
-        self.inbuf.resize(len + 16 * 1024, 0);
+        // Read into what capacity there is, at least 4 KiB: an idle session holds a small
+        // buffer, a session in a large DATA keeps the larger one it grew.
+        let room = (self.inbuf.capacity() - len).max(4096);
+        self.inbuf.resize(len + room, 0);
         let res =
             tokio::time::timeout(self.timeout, self.stream.read(&mut self.inbuf[len..])).await;
         match res {
@@ -259,9 +262,9 @@ pub async fn run<H: Handler>(
     let mut s = Session {
         conn: Conn {
             stream: MaybeTls::Plain(stream),
-            inbuf: Vec::with_capacity(16 * 1024),
+            inbuf: Vec::new(),
             start: 0,
-            out: Vec::with_capacity(1024),
+            out: Vec::new(),
             timeout: cfg.command_timeout,
         },
         cfg,

@@ -1,7 +1,7 @@
 //! Migration batch files: our CSV (`address,state`) or the CSV Exchange admins feed to
 //! `New-MigrationBatch` (header `EmailAddress`, other columns ignored).
 
-use super::table::{names, Lines};
+use super::table::{names, CsvRows};
 use super::DirectoryError;
 use crate::types::{Address, RouteName};
 
@@ -44,25 +44,9 @@ pub fn parse(
             })
     };
     let target = target.map(|t| state_index(t, 0)).transpose()?;
-    // Exchange exports may start with a UTF-8 byte order mark.
-    let text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .comment(Some(b'#'))
-        .trim(csv::Trim::All)
-        .from_reader(text);
-    let mut lines = Lines::new(text);
-    let mut records = rdr.byte_records();
-    let header = match records.next() {
-        Some(Ok(h)) => h,
-        Some(Err(e)) => return Err(err(lines.at(e.position().map(|p| p.byte())), e.to_string())),
-        None => return Err(err(1, "empty file: no header".into())),
-    };
-    let cols: Vec<String> = header
-        .iter()
-        .map(|f| String::from_utf8_lossy(f).to_ascii_lowercase())
-        .collect();
+    // Exchange exports may start with a UTF-8 byte order mark (CsvRows skips it).
+    let mut records = CsvRows::new(text);
+    let (_, cols) = records.header().map_err(|(l, r)| err(l, r))?;
     let addr_col = cols
         .iter()
         .position(|c| c == "emailaddress" || c == "address")
@@ -83,12 +67,8 @@ pub fn parse(
         ));
     }
     let mut rows = Vec::new();
-    for rec in records {
-        let rec = rec.map_err(|e| err(lines.at(e.position().map(|p| p.byte())), e.to_string()))?;
-        let line = lines.at(rec.position().map(|p| p.byte()));
-        if rec.iter().all(|f| f.is_empty()) {
-            continue;
-        }
+    while let Some(row) = records.next_row() {
+        let (line, rec) = row.map_err(|(l, r)| err(l, r))?;
         let field = rec
             .get(addr_col)
             .ok_or_else(|| err(line, format!("missing address column {}", addr_col + 1)))?;

@@ -446,12 +446,14 @@ impl Directory {
             })
             .collect();
         let change = Change {
-            id,
-            time: now_rfc3339(),
-            kind: ChangeKind::Apply,
-            source: source.to_string(),
-            rolls_back: None,
-            count: report.changed,
+            head: ChangeSummary {
+                id,
+                time: now_rfc3339(),
+                kind: ChangeKind::Apply,
+                source: source.to_string(),
+                rolls_back: None,
+                count: report.changed,
+            },
             not_found: report.not_found_count,
             already: report.already,
             entries,
@@ -491,10 +493,10 @@ impl Directory {
         };
         let record =
             record.ok_or_else(|| DirectoryError::Batch(format!("batch {id} not found")))?;
-        if record.kind != ChangeKind::Apply {
+        if record.head.kind != ChangeKind::Apply {
             return Err(DirectoryError::Batch(format!(
                 "change {id} is a {:?}, not a batch",
-                record.kind
+                record.head.kind
             )));
         }
         if self
@@ -530,12 +532,14 @@ impl Directory {
         report.changed = target.len();
         let new_id = self.next_id(&view);
         let change = Change {
-            id: new_id,
-            time: now_rfc3339(),
-            kind: ChangeKind::Rollback,
-            source: record.source.clone(),
-            rolls_back: Some(id),
-            count: report.changed,
+            head: ChangeSummary {
+                id: new_id,
+                time: now_rfc3339(),
+                kind: ChangeKind::Rollback,
+                source: record.head.source.clone(),
+                rolls_back: Some(id),
+                count: report.changed,
+            },
             not_found: report.not_found_count,
             already: report.changed_since,
             entries: target
@@ -579,12 +583,14 @@ impl Directory {
         let id = self.next_id(&view);
         next.last_change = id;
         let change = Change {
-            id,
-            time: now_rfc3339(),
-            kind: ChangeKind::Reload,
-            source: self.source.name(),
-            rolls_back: None,
-            count: report.changed,
+            head: ChangeSummary {
+                id,
+                time: now_rfc3339(),
+                kind: ChangeKind::Reload,
+                source: self.source.name(),
+                rolls_back: None,
+                count: report.changed,
+            },
             not_found: 0,
             already: 0,
             entries: Vec::new(),
@@ -625,7 +631,7 @@ impl Directory {
         self.history
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(change.into());
+            .push(change.head.clone());
         Ok(())
     }
 
@@ -647,7 +653,7 @@ impl Directory {
             file_states: view.file_states.clone(),
             states,
             origin,
-            last_change: change.id,
+            last_change: change.head.id,
             fingerprint: view.fingerprint,
         }));
         Ok(())
@@ -723,8 +729,8 @@ fn merge(old: Option<&View>, parsed: Parsed, fp: Fingerprint) -> (View, ReloadRe
 
 /// Re-applies a logged change at start-up.
 fn replay(view: &mut View, change: &Change, states: &[RouteName]) {
-    if change.kind == ChangeKind::Reload {
-        view.last_change = view.last_change.max(change.id);
+    if change.head.kind == ChangeKind::Reload {
+        view.last_change = view.last_change.max(change.head.id);
         return;
     }
     for e in &change.entries {
@@ -732,17 +738,17 @@ fn replay(view: &mut View, change: &Change, states: &[RouteName]) {
             view.table.mailbox(e.address.as_bytes()),
             states.iter().position(|r| r.as_str() == e.to),
         ) else {
-            warn!(change = change.id, address = %e.address, "change log entry no longer applies");
+            warn!(change = change.head.id, address = %e.address, "change log entry no longer applies");
             continue;
         };
         view.states[m] = s as u8;
-        view.origin[m] = if change.kind == ChangeKind::Apply {
-            change.id
+        view.origin[m] = if change.head.kind == ChangeKind::Apply {
+            change.head.id
         } else {
             e.from_origin
         };
     }
-    view.last_change = view.last_change.max(change.id);
+    view.last_change = view.last_change.max(change.head.id);
 }
 
 #[cfg(test)]

@@ -154,9 +154,26 @@ pub enum ChangeKind {
     Reload,
 }
 
-/// One record of the change log.
+/// One record of the change log: its summary plus what it changed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Change {
+    /// Id, time, kind, source, count.
+    #[serde(flatten)]
+    pub head: ChangeSummary,
+    /// Addresses in the batch that are not in the directory.
+    #[serde(default)]
+    pub not_found: usize,
+    /// Mailboxes already in the target state (for a rollback: moved again since).
+    #[serde(default)]
+    pub already: usize,
+    /// The changes (empty for reloads).
+    #[serde(default)]
+    pub entries: Vec<ChangeEntry>,
+}
+
+/// What identifies a change; all that is kept in memory for listing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChangeSummary {
     /// Change id (batch id), increasing.
     pub id: u32,
     /// RFC 3339 time.
@@ -170,47 +187,8 @@ pub struct Change {
     pub rolls_back: Option<u32>,
     /// Mailboxes whose state changed.
     pub count: usize,
-    /// Addresses in the batch that are not in the directory.
-    #[serde(default)]
-    pub not_found: usize,
-    /// Mailboxes already in the target state.
-    #[serde(default)]
-    pub already: usize,
-    /// The changes (empty for reloads).
-    #[serde(default)]
-    pub entries: Vec<ChangeEntry>,
 }
 
-/// A change without its entries, kept in memory for listing.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ChangeSummary {
-    /// Change id.
-    pub id: u32,
-    /// Time.
-    pub time: String,
-    /// Kind.
-    pub kind: ChangeKind,
-    /// Source file.
-    pub source: String,
-    /// Rolled-back batch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rolls_back: Option<u32>,
-    /// Mailboxes changed.
-    pub count: usize,
-}
-
-impl From<&Change> for ChangeSummary {
-    fn from(c: &Change) -> Self {
-        ChangeSummary {
-            id: c.id,
-            time: c.time.clone(),
-            kind: c.kind,
-            source: c.source.clone(),
-            rolls_back: c.rolls_back,
-            count: c.count,
-        }
-    }
-}
 
 impl Stored {
     /// Renumbers the states for the current route names. `None` when a state of the snapshot

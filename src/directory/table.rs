@@ -200,33 +200,8 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
         line: line as usize,
         reason,
     };
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .comment(Some(b'#'))
-        .trim(csv::Trim::All)
-        .from_reader(text);
-    let mut lines = Lines::new(text);
-    let mut records = rdr.byte_records();
-    let header = match records.next() {
-        Some(Ok(h)) => h,
-        Some(Err(e)) => {
-            return Err(row_err(
-                lines.at(e.position().map(|p| p.byte())),
-                e.to_string(),
-            ))
-        }
-        None => {
-            return Err(row_err(
-                1,
-                "empty file: header `address,state` missing".into(),
-            ))
-        }
-    };
-    let cols: Vec<String> = header
-        .iter()
-        .map(|f| String::from_utf8_lossy(f).to_ascii_lowercase())
-        .collect();
+    let mut rows = CsvRows::new(text);
+    let (header_line, cols) = rows.header().map_err(|(l, r)| row_err(l, r))?;
     let with_mailbox = match cols
         .iter()
         .map(String::as_str)
@@ -236,9 +211,8 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
         ["address", "state"] => false,
         ["address", "state", "mailbox"] => true,
         _ => {
-            let line = lines.at(header.position().map(|p| p.byte()));
             return Err(row_err(
-                line,
+                header_line,
                 format!(
                     "header must be `address,state` or `address,state,mailbox`, found {:?}",
                     cols.join(",")
@@ -250,13 +224,8 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
     let mut file_states: Vec<u8> = Vec::new();
     let mut mailbox_ids: std::collections::HashMap<Vec<u8>, u32> = std::collections::HashMap::new();
     let mut first_line: Vec<(u32, u32)> = Vec::new();
-    for rec in records {
-        let rec =
-            rec.map_err(|e| row_err(lines.at(e.position().map(|p| p.byte())), e.to_string()))?;
-        let line = lines.at(rec.position().map(|p| p.byte()));
-        if rec.len() == 1 && rec[0].is_empty() {
-            continue;
-        }
+    while let Some(row) = rows.next_row() {
+        let (line, rec) = row.map_err(|(l, r)| row_err(l, r))?;
         let want = if with_mailbox { 3 } else { 2 };
         if rec.len() != want {
             return Err(row_err(
@@ -321,6 +290,47 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
         table: t,
         states: file_states,
     })
+}
+
+/// The records of a CSV file (directory or batch) with their line numbers: `#` comments,
+/// blank rows and a UTF-8 byte order mark are skipped, fields are trimmed.
+pub(crate) struct CsvRows<'a> {
+    records: csv::ByteRecordsIntoIter<&'a [u8]>,
+    lines: Lines<'a>,
+}
+
+impl<'a> CsvRows<'a> {
+    pub(crate) fn new(text: &'a [u8]) -> CsvRows<'a> {
+        let text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
+        let records = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .comment(Some(b'#'))
+            .trim(csv::Trim::All)
+            .from_reader(text)
+            .into_byte_records();
+        CsvRows {
+            records,
+            lines: Lines::new(text),
+        }
+    }
+
+    /// The next non-blank record and its line; `Err((line, reason))` for a CSV error.
+    pub(crate) fn next_row(&mut self) -> Option<Result<(u64, csv::ByteRecord), (u64, String)>> {
+        loop {
+            return Some(match self.records.next()? {
+                Ok(rec) if rec.iter().all(|f| f.is_empty()) => continue,
+                Ok(rec) => Ok((self.lines.at(rec.position().map(|p| p.byte())), rec)),
+                Err(e) => Err((self.lines.at(e.position().map(|p| p.byte())), e.to_string())),
+            });
+        }
+    }
+
+    /// The header row: its line and its column names in lower case.
+    pub(crate) fn header(&mut self) -> Result<(u64, Vec<String>), (u64, String)> {
+        let (line, rec) = self.next_row().ok_or((1, "empty file: no header".to_string()))??;
+        Ok((line, rec.iter().map(|f| String::from_utf8_lossy(f).to_ascii_lowercase()).collect()))
+    }
 }
 
 /// Line numbers from csv byte offsets. The csv crate's own `line()` is off by one after a

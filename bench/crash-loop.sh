@@ -4,31 +4,16 @@
 # random moment. At the end the relay runs once more until its spool is empty, and every
 # queue id that got a 250 must have reached a sink (at least once; duplicates are counted).
 # Loopback only; every process is stopped by PID; each round is bounded in time.
-set -euo pipefail
-cd "$(dirname "$0")/.."
 ROUNDS=${1:-20}
-cargo build --release --quiet
-B=$PWD/target/release/coexist
-W=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-
+source "$(dirname "$0")/lib.sh"
 $B directory generate --count 10000 --domains 1 --cloud-share 0.5 --out "$W/directory.csv" >/dev/null
-$B gen-certs --out "$W" >/dev/null
-sed -e "s#127.0.0.1:2525#127.0.0.1:28525#; s#127.0.0.1:2601#127.0.0.1:28601#; s#127.0.0.1:2602#127.0.0.1:28602#" \
-    -e "s#127.0.0.1:8025#127.0.0.1:28080#; s#certs/server#$W/server#; s#var/spool#$W/spool#" \
-    -e "s#var/directory#$W/store#; s#config/directory.csv#$W/directory.csv#" \
-    -e 's#min_backoff = "300s"#min_backoff = "1s"#; s#max_backoff = "4000s"#max_backoff = "2s"#' \
-    config/coexist.toml > "$W/coexist.toml"
+bench_config 28 -e 's#min_backoff = "300s"#min_backoff = "1s"#; s#max_backoff = "4000s"#max_backoff = "2s"#'
 $B sink --listen 127.0.0.1:28601 --record "$W/onprem.rec" 2>/dev/null & PIDS+=($!)
 $B sink --listen 127.0.0.1:28602 --record "$W/cloud.rec" 2>/dev/null & PIDS+=($!)
 
-wait_port() { for _ in $(seq 1 400); do (exec 3<>/dev/tcp/127.0.0.1/28525) 2>/dev/null && return 0; sleep 0.05; done; return 1; }
-
 for round in $(seq 1 "$ROUNDS"); do
     RUST_LOG=error $B serve --config "$W/coexist.toml" 2>>"$W/serve.log" & RELAY=$!
-    wait_port
+    wait_port 28525
     secs=$((RANDOM % 3 + 2))
     $B load --target 127.0.0.1:28525 --directory "$W/directory.csv" --messages 1000000 --concurrency 8 \
         --max-rcpts 1 --max-seconds "$secs" --ids "$W/ids.$round" >"$W/load.$round" 2>&1 & LOAD=$!
@@ -41,7 +26,7 @@ done
 # Final run: deliver everything left in the spool.
 RUST_LOG=error $B serve --config "$W/coexist.toml" 2>>"$W/serve.log" & RELAY=$!
 PIDS+=("$RELAY")
-wait_port
+wait_port 28525
 for _ in $(seq 1 1200); do
     left=$(ls "$W/spool/active" | grep -c '\.msg$' || true)
     [ "$left" = 0 ] && break

@@ -4,21 +4,10 @@
 # Start-up time to a ready directory, resident memory, and an 83,000-mailbox batch applied
 # through the CLI while `coexist load` keeps sending. Everything runs on loopback, is bounded,
 # and every process started here is stopped by PID at the end.
-set -euo pipefail
-cd "$(dirname "$0")/.."
 COUNT=${1:-2000000}
-cargo build --release --quiet
-B=$PWD/target/release/coexist
-W=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-
+source "$(dirname "$0")/lib.sh"
 $B directory generate --count "$COUNT" --domains 1 --cloud-share 0.5 --out "$W/directory.csv" >/dev/null
-$B gen-certs --out "$W" >/dev/null
-sed -e "s#127.0.0.1:2525#127.0.0.1:27525#; s#127.0.0.1:2601#127.0.0.1:27601#; s#127.0.0.1:2602#127.0.0.1:27602#" \
-    -e "s#127.0.0.1:8025#127.0.0.1:27080#; s#certs/server#$W/server#; s#var/spool#$W/spool#" \
-    -e "s#var/directory#$W/store#; s#config/directory.csv#$W/directory.csv#" config/coexist.toml > "$W/coexist.toml"
+bench_config 27
 $B sink --listen 127.0.0.1:27601 2>/dev/null & PIDS+=($!)
 $B sink --listen 127.0.0.1:27602 2>/dev/null & PIDS+=($!)
 

@@ -3,25 +3,14 @@
 # Starts the relay with room for N sessions, opens N connections from a Python asyncio client
 # that reads the greeting and then stays idle, and reports the relay's RSS before and after.
 # Loopback only; bounded; every process started here is stopped by PID.
-set -euo pipefail
-cd "$(dirname "$0")/.."
 N=${1:-10000}
-cargo build --release --quiet
-B=$PWD/target/release/coexist
-W=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
+source "$(dirname "$0")/lib.sh"
 want=$((N + 1024)); hard=$(ulimit -Hn); [ "$hard" = unlimited ] || [ "$want" -le "$hard" ] || want=$hard; ulimit -n "$want"
-$B gen-certs --out "$W" >/dev/null
 printf 'address,state\nuser1@nhs.test,cloud\n' > "$W/directory.csv"
-sed -e "s#127.0.0.1:2525#127.0.0.1:29525#; s#127.0.0.1:8025#127.0.0.1:29080#; s#certs/server#$W/server#" \
-    -e "s#var/spool#$W/spool#; s#var/directory#$W/store#; s#config/directory.csv#$W/directory.csv#" \
-    -e "s#max_connections = 1000#max_connections = $((N + 100))#; s#max_connections_per_ip = 50#max_connections_per_ip = 0#" \
-    config/coexist.toml > "$W/coexist.toml"
+bench_config 29 -e "s#max_connections = 1000#max_connections = $((N + 100))#; s#max_connections_per_ip = 50#max_connections_per_ip = 0#"
 RUST_LOG=warn $B serve --config "$W/coexist.toml" 2>"$W/serve.log" & RELAY=$!
 PIDS+=("$RELAY")
-for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/29525) 2>/dev/null && break; sleep 0.05; done
+wait_port 29525
 sleep 0.5
 rss() { awk '/VmRSS/{print $2}' "/proc/$RELAY/status"; }
 before=$(rss)

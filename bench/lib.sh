@@ -1,0 +1,25 @@
+# Shared set-up for the bench/ scripts (sourced, not run). Builds the release binary into $B,
+# makes a work directory $W removed on exit, stops every PID in PIDS on exit, and writes a
+# config for ports ${BASE}525 (SMTP), ${BASE}601/${BASE}602 (on-prem/cloud sinks), ${BASE}080
+# (admin) with all paths in $W.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+B=$PWD/target/release/coexist
+W=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+# bench_config BASE [extra sed expressions...]: writes $W/coexist.toml (and certificates).
+bench_config() {
+    local base=$1; shift
+    $B gen-certs --out "$W" >/dev/null
+    sed -e "s#127.0.0.1:2525#127.0.0.1:${base}525#; s#127.0.0.1:2601#127.0.0.1:${base}601#; s#127.0.0.1:2602#127.0.0.1:${base}602#" \
+        -e "s#127.0.0.1:8025#127.0.0.1:${base}080#; s#certs/server#$W/server#; s#var/spool#$W/spool#" \
+        -e "s#var/directory#$W/store#; s#config/directory.csv#$W/directory.csv#" \
+        "$@" config/coexist.toml > "$W/coexist.toml"
+}
+
+# wait_port PORT: until something listens on 127.0.0.1:PORT (20 s at most).
+wait_port() { for _ in $(seq 1 400); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }

@@ -4,7 +4,7 @@
 mod common;
 
 use coexist::load::sink::{Sink, SinkOptions};
-use common::bin::{free_port, spawn, write_config, BIN};
+use common::bin::{cli, free_port, spawn, write_config};
 use common::*;
 use std::process::Command;
 
@@ -66,16 +66,9 @@ async fn kill_9_loses_no_acknowledged_message() {
 fn check_config_names_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), free_port(), free_port()).path;
-    let out = Command::new(BIN)
-        .args(["check-config", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 routes, 4 directory entries)"));
+    let (ok, out, err) = cli(&config, &["check-config"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("ok (2 routes, 4 directory entries)"), "{out}");
 
     let text = std::fs::read_to_string(&config).unwrap().replacen(
         "tls = \"opportunistic\"",
@@ -83,12 +76,8 @@ fn check_config_names_file_line_and_key() {
         1,
     );
     std::fs::write(&config, &text).unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = cli(&config, &["check-config"]);
+    assert!(!ok);
     let line = text.lines().position(|l| l.contains("sometimes")).unwrap() + 1;
     assert!(
         err.contains(&format!("coexist.toml:{line}: key `routes.onprem.tls`")),
@@ -103,12 +92,8 @@ fn check_config_names_file_line_and_key() {
         "address,state\nok@nhs.test,cloud\nbroken-row\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = cli(&config, &["check-config"]);
+    assert!(!ok);
     assert!(err.contains("directory.csv:3: expected 2 fields"), "{err}");
 }
 

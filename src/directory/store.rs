@@ -189,7 +189,6 @@ pub struct ChangeSummary {
     pub count: usize,
 }
 
-
 impl Stored {
     /// Renumbers the states for the current route names. `None` when a state of the snapshot
     /// is no longer a route (the directory is then rebuilt from its file).

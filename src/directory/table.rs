@@ -328,8 +328,15 @@ impl<'a> CsvRows<'a> {
 
     /// The header row: its line and its column names in lower case.
     pub(crate) fn header(&mut self) -> Result<(u64, Vec<String>), (u64, String)> {
-        let (line, rec) = self.next_row().ok_or((1, "empty file: no header".to_string()))??;
-        Ok((line, rec.iter().map(|f| String::from_utf8_lossy(f).to_ascii_lowercase()).collect()))
+        let (line, rec) = self
+            .next_row()
+            .ok_or((1, "empty file: no header".to_string()))??;
+        Ok((
+            line,
+            rec.iter()
+                .map(|f| String::from_utf8_lossy(f).to_ascii_lowercase())
+                .collect(),
+        ))
     }
 }
 

@@ -361,6 +361,11 @@ pub struct RouteConfig {
     /// Most deliveries in flight on this route.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Envelope rewrite: recipients get this domain on this route (e.g. the tenant's
+    /// routing domain `tenant.mail.onmicrosoft.com`, as hybrid coexistence does). Headers
+    /// are not touched.
+    #[serde(default)]
+    pub rewrite_domain: Option<Domain>,
 }
 
 fn default_max_message_size() -> u64 {

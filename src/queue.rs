@@ -12,7 +12,7 @@ use crate::metrics as m;
 use crate::route;
 use crate::smtp::command::BodyType;
 use crate::spool::{DeliveryState, Envelope, RcptStatus, Spool};
-use crate::types::QueueId;
+use crate::types::{Address, QueueId};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -297,9 +297,16 @@ async fn attempt(
                 Some(s) => s.acquire_owned().await.ok(),
                 None => None,
             };
+            let rewritten: Option<Vec<Address>> = route
+                .rewrite_domain
+                .as_ref()
+                .map(|dom| d.rcpts.iter().map(|&i| env.rcpts[i].with_domain(dom)).collect());
             let out = Outbound {
                 from: env.from.as_ref(),
-                rcpts: d.rcpts.iter().map(|&i| &env.rcpts[i]).collect(),
+                rcpts: match &rewritten {
+                    Some(v) => v.iter().collect(),
+                    None => d.rcpts.iter().map(|&i| &env.rcpts[i]).collect(),
+                },
                 message: &message,
                 eight_bit: env.body == BodyType::EightBitMime,
             };

@@ -146,6 +146,14 @@ impl Address {
         &self.domain
     }
 
+    /// The same local part at another domain (envelope rewrite).
+    pub fn with_domain(&self, domain: &Domain) -> Address {
+        Address {
+            local: self.local.clone(),
+            domain: domain.clone(),
+        }
+    }
+
     /// True when the local part is a quoted string.
     pub fn is_quoted(&self) -> bool {
         self.local.starts_with('"')

@@ -268,3 +268,38 @@ async fn dead_first_hop_fails_over_to_a_named_next_hop() {
     );
     assert_eq!(wait(&cloud, 1).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_route_rewrites_recipients_to_the_routing_domain() {
+    let h = harness(|c| {
+        c.routes.get_mut("cloud").unwrap().rewrite_domain =
+            Some(coexist::types::Domain::parse("tenant.mail.onmicrosoft.com", false).unwrap())
+    })
+    .await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c
+        .mail(
+            "x@example.org",
+            &["Bob@nhs.test", "alice@nhs.test"],
+            &sample("rewrite"),
+        )
+        .await;
+    assert_eq!(r.code, 250);
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    assert_eq!(wait(&h.onprem, 1).await, 1);
+    let cl = h.cloud.state.messages();
+    assert_eq!(
+        cl[0].rcpts[0].to_string(),
+        "Bob@tenant.mail.onmicrosoft.com"
+    );
+    assert_eq!(
+        strip_received(&cl[0].body),
+        &sample("rewrite")[..],
+        "headers untouched"
+    );
+    assert_eq!(
+        h.onprem.state.messages()[0].rcpts[0].to_string(),
+        "alice@nhs.test"
+    );
+}

@@ -75,6 +75,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DirCmd,
     },
+    /// The queue (through the admin API), like postqueue/postsuper.
+    Queue {
+        #[command(subcommand)]
+        cmd: QueueCmd,
+    },
     /// Routing questions (through the admin API).
     Route {
         #[command(subcommand)]
@@ -215,6 +220,193 @@ enum DirCmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// List queued messages with each recipient's state, route, next attempt and last reply.
+    List {
+        /// Only messages with a pending recipient on this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// Only messages in this state: active, deferred, held.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only messages older than this (e.g. 30m, 4h).
+        #[arg(long)]
+        min_age: Option<String>,
+        /// Only messages with a recipient containing this text.
+        #[arg(long)]
+        rcpt: Option<String>,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Show one message.
+    Show {
+        /// Queue id.
+        id: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Attempt deferred mail now: one message, one route, or all.
+    Flush {
+        /// Queue id (all deferred messages when absent).
+        id: Option<String>,
+        /// Only messages with a pending recipient on this route.
+        #[arg(long)]
+        route: Option<String>,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Hold a message: no delivery until released (kept across restarts).
+    Hold {
+        /// Queue id.
+        id: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Release a held message (attempted at once).
+    Release {
+        /// Queue id.
+        id: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Delete a message from the queue and the spool, without a bounce.
+    Delete {
+        /// Queue id.
+        id: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Attempt every deferred message now.
+    RetryNow {
+        #[command(flatten)]
+        api: Api,
+    },
+}
+
+fn age(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn message_text(m: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{}  {:>6}  {:>8}  {:<8}  <{}>",
+        m["id"].as_str().unwrap_or(""),
+        age(m["age_s"].as_u64().unwrap_or(0)),
+        m["size"],
+        m["phase"].as_str().unwrap_or(""),
+        m["from"].as_str().unwrap_or("")
+    );
+    for r in m["recipients"].as_array().into_iter().flatten() {
+        let status = r["status"].as_str().unwrap_or("");
+        if status == "delivered" {
+            continue;
+        }
+        out.push_str(&format!(
+            "\n    {:<40} {:<9} route {:<8}",
+            r["address"].as_str().unwrap_or(""),
+            status,
+            r["route"].as_str().unwrap_or("-")
+        ));
+        if status == "deferred" {
+            if let Some(n) = m["next_attempt_in_s"].as_u64() {
+                out.push_str(&format!(" next in {}", age(n)));
+            }
+        }
+        if let Some(reply) = r["last_reply"].as_str() {
+            out.push_str(&format!("\n        ({reply})"));
+        }
+    }
+    out
+}
+
+fn run_queue(cmd: QueueCmd) -> anyhow::Result<()> {
+    use coexist::admin::client::encode;
+    let action = |id: &str, what: &str, api: &Api| -> anyhow::Result<()> {
+        let v = client(api)?.post(
+            &format!("/v1/queue/{}/{what}", encode(id)),
+            b"",
+            "text/plain",
+        )?;
+        show(api, &v, |_| format!("{id}: {what}"));
+        Ok(())
+    };
+    match cmd {
+        QueueCmd::List {
+            route,
+            state,
+            min_age,
+            rcpt,
+            api,
+        } => {
+            let mut q = Vec::new();
+            if let Some(r) = route {
+                q.push(format!("route={}", encode(&r)));
+            }
+            if let Some(s) = state {
+                q.push(format!("state={}", encode(&s)));
+            }
+            if let Some(a) = min_age {
+                let d =
+                    humantime::parse_duration(&a).with_context(|| format!("--min-age {a:?}"))?;
+                q.push(format!("min_age={}", d.as_secs()));
+            }
+            if let Some(r) = rcpt {
+                q.push(format!("rcpt={}", encode(&r)));
+            }
+            let v = client(&api)?.get(&format!("/v1/queue?{}", q.join("&")))?;
+            show(&api, &v, |v| {
+                let list = v.as_array().cloned().unwrap_or_default();
+                let mut out = format!("{} message(s)", list.len());
+                for m in &list {
+                    out.push('\n');
+                    out.push_str(&message_text(m));
+                }
+                out
+            });
+            Ok(())
+        }
+        QueueCmd::Show { id, api } => {
+            let v = client(&api)?.get(&format!("/v1/queue/{}", encode(&id)))?;
+            show(&api, &v, message_text);
+            Ok(())
+        }
+        QueueCmd::Flush {
+            id: Some(id), api, ..
+        } => action(&id, "flush", &api),
+        QueueCmd::Flush {
+            id: None,
+            route,
+            api,
+        } => {
+            let path = match &route {
+                Some(r) => format!("/v1/queue/flush?route={}", encode(r)),
+                None => "/v1/queue/flush".to_string(),
+            };
+            let v = client(&api)?.post(&path, b"", "text/plain")?;
+            show(&api, &v, |v| {
+                format!("flushed {} deferred message(s)", v["flushed"])
+            });
+            Ok(())
+        }
+        QueueCmd::Hold { id, api } => action(&id, "hold", &api),
+        QueueCmd::Release { id, api } => action(&id, "release", &api),
+        QueueCmd::Delete { id, api } => action(&id, "delete", &api),
+        QueueCmd::RetryNow { api } => {
+            let v = client(&api)?.post("/v1/queue/flush", b"", "text/plain")?;
+            show(&api, &v, |v| {
+                format!("flushed {} deferred message(s)", v["flushed"])
+            });
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -520,6 +712,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Directory { cmd } => run_directory(cmd),
+        Cmd::Queue { cmd } => run_queue(cmd),
         Cmd::Reload { api } => {
             let v = client(&api)?.post("/v1/config/reload", b"", "text/plain")?;
             show(&api, &v, |v| {

@@ -15,10 +15,11 @@ use crate::spool::{DeliveryState, Envelope, RcptStatus, Spool};
 use crate::types::{Address, QueueId};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -38,6 +39,24 @@ pub enum Phase {
     Active,
     /// Waiting for its next attempt.
     Deferred,
+    /// Held by an admin.
+    Held,
+}
+
+/// Admin requests for one queued message, seen by its task between attempts.
+#[derive(Debug, Default)]
+pub struct MsgControl {
+    wake: Notify,
+    held: AtomicBool,
+    deleted: AtomicBool,
+}
+
+/// A queue-control call that could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// No such message in the queue.
+    #[error("no message {0} in the queue")]
+    NotFound(String),
 }
 
 /// A message as the queue sees it, for listings and metrics.
@@ -51,6 +70,42 @@ pub struct QueueEntry {
     pub phase: Phase,
     /// Unix time of the next attempt, when deferred.
     pub next_attempt: Option<u64>,
+    #[serde(skip)]
+    control: Arc<MsgControl>,
+}
+
+/// A queued message as `coexist queue list/show` presents it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MessageView {
+    /// Queue id.
+    pub id: String,
+    /// Sender (empty for `<>`).
+    pub from: String,
+    /// Seconds since acceptance.
+    pub age_s: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// active, deferred or held.
+    pub phase: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Seconds until the next attempt, when deferred.
+    pub next_attempt_in_s: Option<u64>,
+    /// Every recipient.
+    pub recipients: Vec<RcptView>,
+}
+
+/// One recipient in a [`MessageView`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RcptView {
+    /// Address.
+    pub address: String,
+    /// pending, deferred, held, delivered or failed.
+    pub status: String,
+    /// Route it would take now (pending recipients only).
+    pub route: Option<String>,
+    /// Last reply or error.
+    pub last_reply: Option<String>,
 }
 
 /// Counts for metrics: per phase, messages and the oldest message's age.
@@ -64,6 +119,8 @@ pub struct QueueStats {
     pub oldest_active: u64,
     /// Age in seconds of the oldest deferred message.
     pub oldest_deferred: u64,
+    /// Held messages.
+    pub held: usize,
 }
 
 struct Inner {
@@ -140,16 +197,143 @@ impl Queue {
     pub fn submit(&self, env: Envelope, state: DeliveryState, body: Option<Arc<Vec<u8>>>) {
         let inner = self.inner.clone();
         let env = Arc::new(env);
+        let control = Arc::new(MsgControl::default());
+        control.held.store(state.held, Ordering::SeqCst);
         inner.entries().insert(
             env.id.clone(),
             QueueEntry {
                 envelope: env.clone(),
                 state: state.clone(),
-                phase: Phase::Active,
+                phase: if state.held {
+                    Phase::Held
+                } else {
+                    Phase::Active
+                },
                 next_attempt: None,
+                control: control.clone(),
             },
         );
-        tokio::spawn(async move { run_message(inner, env, state, body).await });
+        tokio::spawn(async move { run_message(inner, env, state, body, control).await });
+    }
+
+    /// One queued message.
+    pub fn get(&self, id: &str) -> Option<QueueEntry> {
+        self.inner
+            .entries()
+            .values()
+            .find(|e| e.envelope.id.as_str() == id)
+            .cloned()
+    }
+
+    fn control(&self, id: &str) -> Result<Arc<MsgControl>, QueueError> {
+        self.get(id)
+            .map(|e| e.control)
+            .ok_or_else(|| QueueError::NotFound(id.to_string()))
+    }
+
+    /// Holds a message: no attempts until released (kept across restarts).
+    pub fn hold(&self, id: &str) -> Result<(), QueueError> {
+        let c = self.control(id)?;
+        c.held.store(true, Ordering::SeqCst);
+        c.wake.notify_one();
+        info!(qid = id, "held by admin");
+        Ok(())
+    }
+
+    /// Releases a held message; it is attempted at once.
+    pub fn release(&self, id: &str) -> Result<(), QueueError> {
+        let c = self.control(id)?;
+        c.held.store(false, Ordering::SeqCst);
+        c.wake.notify_one();
+        info!(qid = id, "released by admin");
+        Ok(())
+    }
+
+    /// Deletes a message from the queue and the spool (no bounce), after any attempt in
+    /// progress.
+    pub fn delete(&self, id: &str) -> Result<(), QueueError> {
+        let c = self.control(id)?;
+        c.deleted.store(true, Ordering::SeqCst);
+        c.wake.notify_one();
+        info!(qid = id, "deleted by admin");
+        Ok(())
+    }
+
+    /// Attempts a deferred message now.
+    pub fn flush(&self, id: &str) -> Result<(), QueueError> {
+        self.control(id)?.wake.notify_one();
+        info!(qid = id, "flushed by admin");
+        Ok(())
+    }
+
+    /// Attempts now every deferred message for which `pick` is true; returns how many.
+    pub fn flush_where(&self, pick: impl Fn(&QueueEntry) -> bool) -> usize {
+        let picked: Vec<Arc<MsgControl>> = self
+            .inner
+            .entries()
+            .values()
+            .filter(|e| e.phase == Phase::Deferred && pick(e))
+            .map(|e| e.control.clone())
+            .collect();
+        for c in &picked {
+            c.wake.notify_one();
+        }
+        picked.len()
+    }
+
+    /// The listing form of a message, with each pending recipient's route now.
+    pub fn view(&self, e: &QueueEntry) -> MessageView {
+        let now = unix_now();
+        let routes: HashMap<usize, Option<String>> = self.pending_routes(e).into_iter().collect();
+        let phase = match e.phase {
+            Phase::Active => "active",
+            Phase::Deferred => "deferred",
+            Phase::Held => "held",
+        };
+        MessageView {
+            id: e.envelope.id.to_string(),
+            from: e
+                .envelope
+                .from
+                .as_ref()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            age_s: now.saturating_sub(e.envelope.received_at),
+            size: e.envelope.size,
+            phase: phase.to_string(),
+            attempts: e.state.attempts,
+            next_attempt_in_s: e.next_attempt.map(|t| t.saturating_sub(now)),
+            recipients: e
+                .envelope
+                .rcpts
+                .iter()
+                .zip(&e.state.rcpts)
+                .enumerate()
+                .map(|(i, (a, r))| RcptView {
+                    address: a.to_string(),
+                    status: match r.status {
+                        RcptStatus::Delivered => "delivered".into(),
+                        RcptStatus::Failed => "failed".into(),
+                        RcptStatus::Pending if e.phase == Phase::Active => "pending".into(),
+                        RcptStatus::Pending => phase.to_string(),
+                    },
+                    route: routes.get(&i).cloned().flatten(),
+                    last_reply: r.last_reply.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The route each pending recipient of `e` would take now (`None`: no route).
+    pub fn pending_routes(&self, e: &QueueEntry) -> Vec<(usize, Option<String>)> {
+        e.state
+            .pending()
+            .into_iter()
+            .map(|i| {
+                let r = self.inner.directory.resolve(&e.envelope.rcpts[i]);
+                (i, r.route().map(|r| r.as_str().to_string()))
+            })
+            .collect()
     }
 
     /// The messages in the queue, oldest first.
@@ -174,6 +358,7 @@ impl Queue {
                     s.deferred += 1;
                     s.oldest_deferred = s.oldest_deferred.max(age);
                 }
+                Phase::Held => s.held += 1,
             }
         }
         s
@@ -193,10 +378,34 @@ async fn run_message(
     env: Arc<Envelope>,
     mut state: DeliveryState,
     mut body: Option<Arc<Vec<u8>>>,
+    ctl: Arc<MsgControl>,
 ) {
     let id = env.id.clone();
     loop {
+        // Admin requests take effect between attempts.
+        if ctl.deleted.load(Ordering::SeqCst) {
+            let spool = inner.spool.clone();
+            let qid = id.clone();
+            match tokio::task::spawn_blocking(move || spool.remove(&qid)).await {
+                Ok(Ok(())) => warn!(qid = %id, "deleted from the queue by an admin (no bounce)"),
+                Ok(Err(e)) => error!(qid = %id, error = %e, "cannot delete message"),
+                Err(e) => error!(qid = %id, error = %e, "delete task failed"),
+            }
+            inner.entries().remove(&id);
+            return;
+        }
+        let held = ctl.held.load(Ordering::SeqCst);
+        if held != state.held {
+            state.held = held;
+            save_state(&inner, &id, &state).await;
+        }
+        if held {
+            inner.set_phase(&id, &state, Phase::Held, None);
+            ctl.wake.notified().await;
+            continue;
+        }
         state.attempts += 1;
+        inner.set_phase(&id, &state, Phase::Active, None);
         let message = match body.take() {
             Some(b) => b,
             None => {
@@ -206,12 +415,12 @@ async fn run_message(
                     Ok(Ok(b)) => Arc::new(b),
                     Ok(Err(e)) => {
                         error!(qid = %id, error = %e, "cannot read queued message; will retry");
-                        sleep_backoff(&inner, state.attempts).await;
+                        wait_for_retry(&inner, &id, &state, &ctl).await;
                         continue;
                     }
                     Err(e) => {
                         error!(qid = %id, error = %e, "spool reader task failed; will retry");
-                        sleep_backoff(&inner, state.attempts).await;
+                        wait_for_retry(&inner, &id, &state, &ctl).await;
                         continue;
                     }
                 }
@@ -236,31 +445,39 @@ async fn run_message(
             inner.entries().remove(&id);
             return;
         }
-        let spool = inner.spool.clone();
-        let (qid, st) = (id.clone(), state.clone());
-        match tokio::task::spawn_blocking(move || spool.save_state(&qid, &st)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(qid = %id, error = %e, "cannot save delivery state"),
-            Err(e) => error!(qid = %id, error = %e, "state writer task failed"),
-        }
-        let delay = retry_delay(&inner, state.attempts);
-        inner.set_phase(
-            &id,
-            &state,
-            Phase::Deferred,
-            Some(unix_now() + delay.as_secs()),
-        );
-        tokio::time::sleep(delay).await;
+        save_state(&inner, &id, &state).await;
+        wait_for_retry(&inner, &id, &state, &ctl).await;
+    }
+}
+
+async fn save_state(inner: &Inner, id: &QueueId, state: &DeliveryState) {
+    let spool = inner.spool.clone();
+    let (qid, st) = (id.clone(), state.clone());
+    match tokio::task::spawn_blocking(move || spool.save_state(&qid, &st)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(qid = %id, error = %e, "cannot save delivery state"),
+        Err(e) => error!(qid = %id, error = %e, "state writer task failed"),
+    }
+}
+
+/// Sleeps until the next attempt is due, or until an admin flushes, holds or deletes it.
+async fn wait_for_retry(inner: &Inner, id: &QueueId, state: &DeliveryState, ctl: &MsgControl) {
+    let delay = retry_delay(inner, state.attempts);
+    inner.set_phase(
+        id,
+        state,
+        Phase::Deferred,
+        Some(unix_now() + delay.as_secs()),
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = ctl.wake.notified() => {}
     }
 }
 
 fn retry_delay(inner: &Inner, attempts: u32) -> Duration {
     let cfg = inner.config.load();
     backoff(attempts, cfg.queue.min_backoff, cfg.queue.max_backoff)
-}
-
-async fn sleep_backoff(inner: &Inner, attempts: u32) {
-    tokio::time::sleep(retry_delay(inner, attempts)).await;
 }
 
 /// One delivery attempt for all pending recipients, one delivery per route, in parallel.

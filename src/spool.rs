@@ -104,6 +104,9 @@ pub struct DeliveryState {
     pub rcpts: Vec<RcptState>,
     /// Delivery attempts made.
     pub attempts: u32,
+    /// Put on hold by an admin: no attempts until released (survives restarts).
+    #[serde(default)]
+    pub held: bool,
 }
 
 impl DeliveryState {
@@ -118,6 +121,7 @@ impl DeliveryState {
                 n
             ],
             attempts: 0,
+            held: false,
         }
     }
 

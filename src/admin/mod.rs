@@ -236,6 +236,7 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     metrics::gauge!(m::QUEUE_MESSAGES, "state" => "deferred").set(q.deferred as f64);
     metrics::gauge!(m::QUEUE_OLDEST, "state" => "active").set(q.oldest_active as f64);
     metrics::gauge!(m::QUEUE_OLDEST, "state" => "deferred").set(q.oldest_deferred as f64);
+    metrics::gauge!(m::QUEUE_MESSAGES, "state" => "held").set(q.held as f64);
     metrics::gauge!(m::DIRECTORY_ENTRIES).set(s.directory.len() as f64);
     match &s.metrics {
         Some(h) => (
@@ -251,8 +252,98 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     }
 }
 
-async fn queue_list(State(s): State<AdminState>) -> Json<Vec<crate::queue::QueueEntry>> {
-    Json(s.control.queue.list())
+#[derive(Deserialize, Default)]
+struct QueueFilter {
+    route: Option<String>,
+    state: Option<String>,
+    min_age: Option<u64>,
+    rcpt: Option<String>,
+}
+
+async fn queue_list(
+    State(s): State<AdminState>,
+    Query(f): Query<QueueFilter>,
+) -> Json<Vec<crate::queue::MessageView>> {
+    let q = &s.control.queue;
+    let rcpt = f.rcpt.map(|r| r.to_lowercase());
+    let views = q
+        .list()
+        .iter()
+        .map(|e| q.view(e))
+        .filter(|v| f.state.as_ref().is_none_or(|st| &v.phase == st))
+        .filter(|v| f.min_age.is_none_or(|a| v.age_s >= a))
+        .filter(|v| {
+            f.route
+                .as_ref()
+                .is_none_or(|r| v.recipients.iter().any(|x| x.route.as_ref() == Some(r)))
+        })
+        .filter(|v| {
+            rcpt.as_ref().is_none_or(|r| {
+                v.recipients
+                    .iter()
+                    .any(|x| x.address.to_lowercase().contains(r))
+            })
+        })
+        .collect();
+    Json(views)
+}
+
+async fn queue_show(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::queue::MessageView>, ApiError> {
+    let q = &s.control.queue;
+    q.get(&id).map(|e| Json(q.view(&e))).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no message {id} in the queue"),
+        )
+    })
+}
+
+async fn queue_action(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = &s.control.queue;
+    let res = match action.as_str() {
+        "hold" => q.hold(&id),
+        "release" => q.release(&id),
+        "delete" => q.delete(&id),
+        "flush" => q.flush(&id),
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("unknown queue action {other:?}"),
+            ))
+        }
+    };
+    res.map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
+    info!(client = %peer, qid = id, action, "admin: queue");
+    Ok(Json(serde_json::json!({ "id": id, "action": action })))
+}
+
+#[derive(Deserialize)]
+struct FlushQuery {
+    route: Option<String>,
+}
+
+async fn queue_flush(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(f): Query<FlushQuery>,
+) -> Json<serde_json::Value> {
+    let q = &s.control.queue;
+    let n = q.flush_where(|e| match &f.route {
+        None => true,
+        Some(r) => q
+            .pending_routes(e)
+            .iter()
+            .any(|(_, x)| x.as_ref() == Some(r)),
+    });
+    info!(client = %peer, route = ?f.route, messages = n, "admin: queue flush");
+    Json(serde_json::json!({ "flushed": n }))
 }
 
 async fn config_reload(
@@ -295,6 +386,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .route("/v1/queue", get(queue_list))
+        .route("/v1/queue/flush", post(queue_flush))
+        .route("/v1/queue/{id}", get(queue_show))
+        .route("/v1/queue/{id}/{action}", post(queue_action))
         .route("/v1/config/reload", post(config_reload))
         .route("/v1/drain", post(drain))
         .route("/v1/directory/lookup", get(lookup))

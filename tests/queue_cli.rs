@@ -1,0 +1,123 @@
+//! Queue control through the CLI against the real binary: list with filters, show, hold
+//! (kept across a restart), release, delete, flush by route and retry-now.
+
+mod common;
+
+use coexist::load::sink::{Sink, SinkMode, SinkOptions};
+use common::bin::{cli, spawn, write_config};
+use common::*;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+async fn send(addr: SocketAddr, rcpts: &[&str], subject: &str) -> String {
+    let mut c = connect(addr).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c.mail("x@example.org", rcpts, &sample(subject)).await;
+    assert_eq!(r.code, 250, "{r:?}");
+    r.text.trim().rsplit(' ').next().unwrap().to_string()
+}
+
+/// Polls `coexist queue list ARGS` until its output contains `want`.
+fn wait_listing(config: &std::path::Path, args: &[&str], want: &str) -> String {
+    let t0 = Instant::now();
+    loop {
+        let mut a = vec!["queue", "list"];
+        a.extend_from_slice(args);
+        let (ok, out, err) = cli(config, &a);
+        assert!(ok, "{err}");
+        if out.contains(want) {
+            return out;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "never saw {want:?} in:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_hold_release_delete_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let onprem = Sink::start(lo, SinkOptions::default()).await.unwrap();
+    let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
+    cloud.state.set_mode(SinkMode::Defer);
+    let cfg = write_config(dir.path(), onprem.addr, cloud.addr);
+    // Long backoff: only the admin's commands make retries happen during the test.
+    let text = std::fs::read_to_string(&cfg.path)
+        .unwrap()
+        .replace("min_backoff = \"1s\"", "min_backoff = \"1h\"")
+        .replace("max_backoff = \"2s\"", "max_backoff = \"2h\"");
+    std::fs::write(&cfg.path, text).unwrap();
+    let mut server = spawn(&cfg);
+
+    let a = send(cfg.listen, &["bob@nhs.test", "alice@nhs.test"], "a").await;
+    let b = send(cfg.listen, &["carol@nhs.test"], "b").await;
+    let out = wait_listing(&cfg.path, &["--state", "deferred"], "2 message(s)");
+    assert!(out.contains(&a) && out.contains(&b), "{out}");
+    assert!(
+        out.contains("bob@nhs.test") && out.contains("route cloud"),
+        "{out}"
+    );
+    assert!(
+        out.contains("451 4.3.0 Sink: deferring on request"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("alice@nhs.test"),
+        "delivered recipients are not listed: {out}"
+    );
+    let (_, out, _) = cli(&cfg.path, &["queue", "list", "--route", "onprem"]);
+    assert!(out.starts_with("0 message(s)"), "{out}");
+    let (_, out, _) = cli(&cfg.path, &["queue", "list", "--rcpt", "CAROL"]);
+    assert!(out.starts_with("1 message(s)") && out.contains(&b), "{out}");
+    let (ok, out, _) = cli(&cfg.path, &["queue", "show", &a, "--json"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["recipients"][1]["status"], "delivered");
+    assert_eq!(v["recipients"][0]["route"], "cloud");
+
+    // Hold a, and it stays held across a restart.
+    assert!(cli(&cfg.path, &["queue", "hold", &a]).0);
+    wait_listing(&cfg.path, &["--state", "held"], &a);
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    drop(server);
+    let _server = spawn(&cfg);
+    let out = wait_listing(&cfg.path, &["--state", "held"], &a);
+    assert!(out.starts_with("1 message(s)"), "{out}");
+
+    // Delete b: gone from the queue and the spool, never delivered.
+    assert!(cli(&cfg.path, &["queue", "delete", &b]).0);
+    let t0 = Instant::now();
+    while dir.path().join(format!("spool/active/{b}.msg")).exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "not deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, out, _) = cli(&cfg.path, &["queue", "show", &b]);
+    assert!(out.is_empty());
+
+    // The cloud comes back. A held message is not sent by a flush; released, it goes at once.
+    cloud.state.set_mode(SinkMode::Accept);
+    let (ok, out, _) = cli(&cfg.path, &["queue", "flush", "--route", "cloud"]);
+    assert!(ok && out.contains("flushed 0"), "{out}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(cloud.state.messages().is_empty());
+    assert!(cli(&cfg.path, &["queue", "release", &a]).0);
+    assert_eq!(wait(&cloud, 1).await, 1);
+    assert_eq!(
+        cloud.state.messages()[0].rcpts[0].to_string(),
+        "bob@nhs.test"
+    );
+
+    // retry-now flushes every deferred message.
+    cloud.state.set_mode(SinkMode::Defer);
+    let c = send(cfg.listen, &["bob@nhs.test"], "c").await;
+    wait_listing(&cfg.path, &["--state", "deferred"], &c);
+    cloud.state.set_mode(SinkMode::Accept);
+    let (ok, out, _) = cli(&cfg.path, &["queue", "retry-now"]);
+    assert!(ok && out.contains("flushed 1"), "{out}");
+    assert_eq!(wait(&cloud, 2).await, 2);
+    wait_listing(&cfg.path, &[], "0 message(s)");
+}

@@ -272,7 +272,7 @@ impl Default for DeliveryConfig {
 }
 
 /// TLS policy for a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsPolicy {
     /// Never use TLS.

@@ -23,6 +23,8 @@ pub const RCPT_ACCEPTED: &str = "coexist_recipients_accepted_total";
 pub const DELIVERIES: &str = "coexist_delivery_recipients_total";
 /// Delivery attempts (one per next-hop transaction), by `route` and `next_hop`.
 pub const ATTEMPTS: &str = "coexist_delivery_attempts_total";
+/// Outbound sessions used, by `next_hop` and `reused` (yes/no).
+pub const CONNECTIONS: &str = "coexist_delivery_connections_total";
 /// Time from acceptance to delivery, by `route` (histogram, seconds).
 pub const DELIVERY_LATENCY: &str = "coexist_delivery_latency_seconds";
 /// Messages in the queue, by `state` (active, deferred).

@@ -129,6 +129,7 @@ struct Inner {
     config: ArcSwap<Config>,
     limits: ArcSwap<HashMap<String, Arc<Semaphore>>>,
     entries: Mutex<HashMap<QueueId, QueueEntry>>,
+    pool: deliver::pool::Pool,
 }
 
 fn route_limits(config: &Config) -> HashMap<String, Arc<Semaphore>> {
@@ -175,6 +176,7 @@ impl Queue {
                 limits: ArcSwap::from_pointee(route_limits(&config)),
                 config: ArcSwap::new(config),
                 entries: Mutex::new(HashMap::new()),
+                pool: deliver::pool::Pool::new(16),
             }),
         }
     }
@@ -528,6 +530,7 @@ async fn attempt(
                 eight_bit: env.body == BodyType::EightBitMime,
             };
             let a = deliver::deliver(
+                &inner.pool,
                 &route.next_hops,
                 &config.server.hostname,
                 route.tls,

@@ -303,3 +303,81 @@ async fn cloud_route_rewrites_recipients_to_the_routing_domain() {
         "alice@nhs.test"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_a_next_hop_are_reused() {
+    let h = harness(|_| {}).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    for i in 0..10 {
+        assert_eq!(
+            c.mail(
+                "x@example.org",
+                &["bob@nhs.test"],
+                &sample(&format!("r{i}"))
+            )
+            .await
+            .code,
+            250
+        );
+        assert_eq!(wait(&h.cloud, i + 1).await, i + 1);
+    }
+    let sessions = h
+        .cloud
+        .state
+        .sessions
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(sessions, 1, "ten deliveries, one reused session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_next_hop_is_skipped_while_its_circuit_is_open() {
+    // A "dead" first hop: accepts TCP and closes at once, counting the attempts.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    let tries = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let t = tries.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = dead.accept().await {
+            t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let h = harness(|_| {}).await;
+    drop(h.relay);
+    let Harness {
+        onprem,
+        cloud,
+        dir,
+        certs,
+        ..
+    } = h;
+    let mut cfg = test_config(dir.path(), &certs, onprem.addr, cloud.addr);
+    cfg.spool.dir = dir.path().join("spool2");
+    cfg.routes.get_mut("cloud").unwrap().next_hops = vec![dead_addr.into(), cloud.addr.into()];
+    let relay = coexist::relay::start(cfg).await.unwrap();
+    let mut c = connect(relay.local_addrs[0]).await;
+    c.expect("EHLO client.test", 250).await;
+    for i in 0..20 {
+        assert_eq!(
+            c.mail(
+                "x@example.org",
+                &["bob@nhs.test"],
+                &sample(&format!("d{i}"))
+            )
+            .await
+            .code,
+            250
+        );
+    }
+    assert_eq!(
+        wait(&cloud, 20).await,
+        20,
+        "every message failed over to the live hop"
+    );
+    let tries = tries.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        tries < 5,
+        "the dead hop was tried {tries} times for 20 messages"
+    );
+}

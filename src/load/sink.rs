@@ -80,6 +80,8 @@ pub struct SinkState {
     pub recipients: AtomicU64,
     /// Bytes accepted.
     pub bytes: AtomicU64,
+    /// SMTP sessions served.
+    pub sessions: AtomicU64,
     changed: Notify,
     record: Option<Mutex<std::fs::File>>,
 }
@@ -133,7 +135,9 @@ struct SinkHandler(Arc<SinkState>);
 impl Handler for SinkHandler {
     type Context = ();
 
-    fn context(&self) {}
+    fn context(&self) {
+        self.0.sessions.fetch_add(1, Ordering::SeqCst);
+    }
 
     fn check_rcpt(&self, _: &(), _: &Peer, _: Option<&Address>, to: &Address) -> Result<(), Reply> {
         // Test hooks by local part: `reject…` is refused, `defer…` is deferred.
@@ -210,6 +214,7 @@ impl Sink {
             accepted: AtomicU64::new(0),
             recipients: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
             changed: Notify::new(),
             record: match &opts.record {
                 Some(p) => Some(Mutex::new(

@@ -7,9 +7,12 @@
 //! PIPELINING, send the exact bytes with BDAT when it offers CHUNKING, and otherwise use a
 //! buffered dot-stuffing writer.
 
+pub mod pool;
+
 use crate::config::{NextHop, TlsPolicy};
 use crate::types::Address;
 use mail_send::SmtpClient;
+use pool::{Admission, Pool};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::DigitallySignedStruct;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -225,6 +228,14 @@ impl Connection {
             Client::Tls(c) => transaction(c.as_mut(), caps, timeout, out).await,
         };
         res.map_err(|e| HopError::Lost(addr, e))
+    }
+
+    /// Sends RSET; true when the connection is still usable.
+    pub async fn reset(&mut self) -> bool {
+        match &mut self.client {
+            Client::Plain(c) => c.rset().await.is_ok(),
+            Client::Tls(c) => c.rset().await.is_ok(),
+        }
     }
 
     /// Says QUIT and closes.
@@ -445,8 +456,10 @@ async fn resolve(hop: &NextHop, timeout: Duration) -> Result<Vec<SocketAddr>, St
 }
 
 /// Tries `next_hops` (and each address of a name) in order until one takes the
-/// transaction; if none can be reached, every recipient is deferred with the last error.
+/// transaction, reusing pooled connections and skipping hops whose circuit is open; if none
+/// can be used, every recipient is deferred with the last error.
 pub async fn deliver(
+    pool: &Pool,
     next_hops: &[NextHop],
     helo: &str,
     tls: TlsPolicy,
@@ -462,35 +475,42 @@ pub async fn deliver(
         }
     }
     for hop in addrs {
-        let mut conn = match Connection::open(hop, helo, tls, timeout).await {
+        if let Admission::Skip(wait) = pool.admit(hop) {
+            last_error = format!(
+                "{hop} is down (circuit open; next probe in {} s)",
+                wait.as_secs()
+            );
+            continue;
+        }
+        let (mut conn, reused) = match pool.checkout(hop, helo, tls, timeout).await {
             Ok(c) => c,
             Err(e) => {
+                if matches!(e, HopError::Connect(..) | HopError::Refused(..)) {
+                    pool.report(hop, false);
+                } else {
+                    // Reachable but unusable under this TLS policy: not a dead host.
+                    pool.report(hop, true);
+                }
                 last_error = e.to_string();
                 continue;
             }
         };
+        pool.report(hop, true);
         let is_tls = conn.is_tls();
-        match conn.send(out).await {
+        let outcomes = match conn.send(out).await {
             Ok(outcomes) => {
-                conn.quit().await;
-                return Attempt {
-                    outcomes,
-                    next_hop: Some(hop),
-                    tls: is_tls,
-                };
+                pool.checkin(conn, tls);
+                outcomes
             }
-            Err(e) => {
-                // The message may or may not have been taken: defer (at-least-once).
-                return Attempt {
-                    outcomes: vec![
-                        RcptOutcome::Deferred(format!("451 4.4.2 {e}"));
-                        out.rcpts.len()
-                    ],
-                    next_hop: Some(hop),
-                    tls: is_tls,
-                };
-            }
-        }
+            // The message may or may not have been taken: defer (at-least-once).
+            Err(e) => vec![RcptOutcome::Deferred(format!("451 4.4.2 {e}")); out.rcpts.len()],
+        };
+        metrics::counter!(crate::metrics::CONNECTIONS, "next_hop" => hop.to_string(), "reused" => if reused { "yes" } else { "no" }).increment(1);
+        return Attempt {
+            outcomes,
+            next_hop: Some(hop),
+            tls: is_tls,
+        };
     }
     Attempt {
         outcomes: vec![RcptOutcome::Deferred(format!("451 4.4.1 {last_error}")); out.rcpts.len()],

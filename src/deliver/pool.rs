@@ -1,0 +1,170 @@
+//! Connection reuse and a circuit breaker per next hop.
+//!
+//! - Reuse: after a transaction the connection goes back to an idle list for its next hop
+//!   (and TLS policy); the next delivery there checks it with `RSET` and reuses it, saving
+//!   the TCP and TLS handshakes and EHLO. Idle connections older than `IDLE_TIMEOUT` are
+//!   closed.
+//! - Circuit: a next hop that refuses connections is marked down for a growing time
+//!   (1 s, 2 s, ... up to 60 s). While it is down deliveries skip it (failing over to the
+//!   next hop, or deferring); when the time is up exactly one delivery probes it, the others
+//!   keep skipping until the probe succeeds. A hop that is down costs no message: the
+//!   recipients are deferred and retried.
+
+use super::{Connection, HopError};
+use crate::config::TlsPolicy;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a connection may sit idle before it is closed instead of reused.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest time a failing next hop is skipped before the next probe.
+const MAX_DOWN: Duration = Duration::from_secs(60);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    addr: SocketAddr,
+    tls: TlsPolicy,
+}
+
+struct Idle {
+    conn: Connection,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Health {
+    failures: u32,
+    down_until: Option<Instant>,
+    probing: bool,
+}
+
+/// What the circuit allows for a next hop now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Healthy: go ahead.
+    Go,
+    /// Down, and this caller is the one probe.
+    Probe,
+    /// Down: skip it; the next probe is due in this long.
+    Skip(Duration),
+}
+
+/// Idle connections and health, per next hop.
+pub struct Pool {
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    health: Mutex<HashMap<SocketAddr, Health>>,
+    max_idle: usize,
+}
+
+impl Pool {
+    /// A pool keeping at most `max_idle` idle connections per next hop.
+    pub fn new(max_idle: usize) -> Pool {
+        Pool {
+            idle: Mutex::new(HashMap::new()),
+            health: Mutex::new(HashMap::new()),
+            max_idle,
+        }
+    }
+
+    /// Asks the circuit whether `addr` may be tried now.
+    pub fn admit(&self, addr: SocketAddr) -> Admission {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = h.get_mut(&addr) else {
+            return Admission::Go;
+        };
+        match e.down_until {
+            None => Admission::Go,
+            Some(t) if Instant::now() < t => Admission::Skip(t - Instant::now()),
+            Some(_) if e.probing => Admission::Skip(Duration::ZERO),
+            Some(_) => {
+                e.probing = true;
+                Admission::Probe
+            }
+        }
+    }
+
+    /// Records whether a connection to `addr` could be set up.
+    pub fn report(&self, addr: SocketAddr, ok: bool) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            h.remove(&addr);
+            return;
+        }
+        let e = h.entry(addr).or_default();
+        e.failures = e.failures.saturating_add(1);
+        e.probing = false;
+        let secs = 1u64
+            .checked_shl(e.failures.saturating_sub(1).min(6))
+            .unwrap_or(64);
+        e.down_until = Some(Instant::now() + Duration::from_secs(secs).min(MAX_DOWN));
+    }
+
+    /// A ready connection to `addr`: a reused one that answers RSET, or a new one.
+    /// Returns whether it was reused.
+    pub async fn checkout(
+        &self,
+        addr: SocketAddr,
+        helo: &str,
+        tls: TlsPolicy,
+        timeout: Duration,
+    ) -> Result<(Connection, bool), HopError> {
+        let key = Key { addr, tls };
+        loop {
+            let idle = {
+                let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                map.get_mut(&key).and_then(Vec::pop)
+            };
+            let Some(idle) = idle else { break };
+            if idle.since.elapsed() > IDLE_TIMEOUT {
+                idle.conn.quit().await;
+                continue;
+            }
+            let mut conn = idle.conn;
+            if conn.reset().await {
+                return Ok((conn, true));
+            }
+        }
+        Connection::open(addr, helo, tls, timeout)
+            .await
+            .map(|c| (c, false))
+    }
+
+    /// Returns a connection after a completed transaction, for reuse.
+    pub fn checkin(&self, conn: Connection, tls: TlsPolicy) {
+        let key = Key {
+            addr: conn.addr(),
+            tls,
+        };
+        let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = map.entry(key).or_default();
+        list.retain(|i| i.since.elapsed() <= IDLE_TIMEOUT);
+        if list.len() < self.max_idle {
+            list.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn circuit_opens_then_allows_one_probe() {
+        let pool = Pool::new(4);
+        let a: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(pool.admit(a), Admission::Go);
+        pool.report(a, false);
+        assert!(matches!(pool.admit(a), Admission::Skip(d) if d > Duration::ZERO));
+        // Time is up: one probe, everyone else skips.
+        pool.health.lock().unwrap().get_mut(&a).unwrap().down_until = Some(Instant::now());
+        assert_eq!(pool.admit(a), Admission::Probe);
+        assert_eq!(pool.admit(a), Admission::Skip(Duration::ZERO));
+        pool.report(a, true);
+        assert_eq!(pool.admit(a), Admission::Go);
+    }
+}

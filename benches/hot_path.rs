@@ -106,6 +106,10 @@ fn spool(c: &mut Criterion) {
                 received_at: 0,
                 size: 4096,
                 client: "127.0.0.1:1".into(),
+                ret: None,
+                envid: None,
+                rcpt_dsn: Vec::new(),
+                bounce: false,
             };
             spool.store(&env, &body).expect("store");
             spool.remove(&env.id).expect("remove");

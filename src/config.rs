@@ -261,12 +261,18 @@ pub struct DeliveryConfig {
     /// Timeout for connect and each reply.
     #[serde(default = "default_delivery_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Route for recipients outside `accepted_domains` (in practice: the senders that DSNs
+    /// go back to), e.g. the on-premises servers that relay to the internet. Default: the
+    /// `directory.unknown` route, or the first route when that is `reject`.
+    #[serde(default)]
+    pub external_route: Option<String>,
 }
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
             timeout: default_delivery_timeout(),
+            external_route: None,
         }
     }
 }
@@ -526,6 +532,15 @@ impl Config {
                 return Err(fail(&table, "concurrency", "must be at least 1".into()));
             }
         }
+        if let Some(r) = &self.delivery.external_route {
+            if !self.routes.contains_key(r) {
+                return Err(fail(
+                    "delivery",
+                    "external_route",
+                    format!("{r:?} is not a route name"),
+                ));
+            }
+        }
         let unknown = &self.directory.unknown;
         if unknown != "reject" && !self.routes.contains_key(unknown) {
             return Err(fail(
@@ -567,6 +582,16 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The route for recipients outside our domains (see `delivery.external_route`).
+    pub fn external_route(&self) -> Option<RouteName> {
+        let name = match &self.delivery.external_route {
+            Some(r) => Some(r.as_str()),
+            None if self.directory.unknown != "reject" => Some(self.directory.unknown.as_str()),
+            None => self.routes.keys().next().map(String::as_str),
+        };
+        name.map(|n| RouteName(n.into()))
     }
 
     /// Keys whose change needs a restart, where `new` differs from `self`. A reload that

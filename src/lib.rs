@@ -6,6 +6,7 @@
 //! traffic tools (sink, load client, demo).
 
 pub mod admin;
+pub mod bounce;
 pub mod certs;
 pub mod config;
 pub mod deliver;

@@ -7,7 +7,7 @@
 
 use crate::config::Config;
 use crate::deliver::{self, Outbound, RcptOutcome};
-use crate::directory::Directory;
+use crate::directory::{Directory, Resolution};
 use crate::metrics as m;
 use crate::route;
 use crate::smtp::command::BodyType;
@@ -491,8 +491,20 @@ async fn attempt(
 ) {
     let pending = state.pending();
     let dir = &inner.directory;
+    let config = inner.config.load();
+    let accepted = crate::policy::Policy::new(&config.server.accepted_domains);
+    let external = config.external_route();
+    // Recipients follow the directory; only a DSN's recipient (the original sender) can be
+    // outside our domains, and then it takes the external route.
     let plan = route::plan(pending.iter().map(|&i| (i, &env.rcpts[i])), |a| {
-        dir.resolve(a)
+        if !env.bounce || accepted.accepts_domain(a.domain()) {
+            dir.resolve(a)
+        } else {
+            match &external {
+                Some(r) => Resolution::Unlisted(r.clone()),
+                None => Resolution::Reject,
+            }
+        }
     });
     for &i in &plan.unroutable {
         let reply = "550 5.1.1 recipient is no longer in the directory".to_string();
@@ -528,6 +540,9 @@ async fn attempt(
                 },
                 message: &message,
                 eight_bit: env.body == BodyType::EightBitMime,
+                ret: env.ret.as_deref(),
+                envid: env.envid.as_deref(),
+                rcpt_dsn: d.rcpts.iter().map(|&i| env.dsn(i)).collect(),
             };
             let a = deliver::deliver(
                 &inner.pool,
@@ -595,27 +610,113 @@ fn log_outcome(
     );
 }
 
+/// Ends a message whose recipients all have a final outcome (DESIGN invariant 2): removed
+/// when all were delivered; with failures, a DSN to the sender is spooled first (then the
+/// original is removed), unless the sender is `<>` or asked for no DSN. If the DSN cannot be
+/// spooled, the original is kept in `failed/`.
 async fn finish(inner: &Arc<Inner>, env: &Arc<Envelope>, state: DeliveryState) {
-    let failed = state.rcpts.iter().any(|r| r.status == RcptStatus::Failed);
+    let failed: Vec<usize> = (0..state.rcpts.len())
+        .filter(|&i| state.rcpts[i].status == RcptStatus::Failed)
+        .collect();
+    let notify: Vec<usize> = failed
+        .iter()
+        .copied()
+        .filter(|&i| env.dsn(i).wants_failure())
+        .collect();
+    let keep_failed = !failed.is_empty() && env.from.is_none();
+    if !notify.is_empty() && env.from.is_some() {
+        match spool_dsn(inner, env, &state, &notify).await {
+            Ok(dsn_id) => {
+                info!(qid = %env.id, dsn = %dsn_id, failed = failed.len(), "bounced: DSN queued for the sender")
+            }
+            Err(e) => {
+                error!(qid = %env.id, error = %e, "cannot queue the DSN; keeping the message in spool failed/");
+                return keep_in_failed(inner, env, state).await;
+            }
+        }
+    } else if keep_failed {
+        warn!(qid = %env.id, "failed recipients of a message from <> (no bounce of a bounce); kept in spool failed/");
+        return keep_in_failed(inner, env, state).await;
+    } else if !failed.is_empty() {
+        info!(qid = %env.id, failed = failed.len(), "failed recipients asked for no DSN (NOTIFY)");
+    }
+    let spool = inner.spool.clone();
+    let id = env.id.clone();
+    match tokio::task::spawn_blocking(move || spool.remove(&id)).await {
+        Ok(Ok(())) => info!(qid = %env.id, "removed"),
+        Ok(Err(e)) => error!(qid = %env.id, error = %e, "cannot remove message from the spool"),
+        Err(e) => error!(qid = %env.id, error = %e, "spool task failed"),
+    }
+}
+
+async fn keep_in_failed(inner: &Arc<Inner>, env: &Arc<Envelope>, state: DeliveryState) {
     let spool = inner.spool.clone();
     let id = env.id.clone();
     let res = tokio::task::spawn_blocking(move || {
-        if failed {
-            spool.save_state(&id, &state)?;
-            spool.move_to_failed(&id)
-        } else {
-            spool.remove(&id)
-        }
+        spool.save_state(&id, &state)?;
+        spool.move_to_failed(&id)
     })
     .await;
     match res {
-        Ok(Ok(())) if failed => {
-            warn!(qid = %env.id, "message has failed recipients; kept in spool failed/")
-        }
-        Ok(Ok(())) => info!(qid = %env.id, "removed"),
-        Ok(Err(e)) => error!(qid = %env.id, error = %e, "cannot finish message in spool"),
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(qid = %env.id, error = %e, "cannot move message to spool failed/"),
         Err(e) => error!(qid = %env.id, error = %e, "spool task failed"),
     }
+}
+
+/// Builds the DSN for recipients `failed` and spools it durably, then queues it.
+async fn spool_dsn(
+    inner: &Arc<Inner>,
+    env: &Arc<Envelope>,
+    state: &DeliveryState,
+    failed: &[usize],
+) -> Result<QueueId, String> {
+    let sender = env.from.clone().ok_or("no sender")?;
+    let spool = inner.spool.clone();
+    let id = env.id.clone();
+    let original = tokio::task::spawn_blocking(move || spool.load_message(&id))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let dsn_id = QueueId::generate();
+    let hostname = inner.config.load().server.hostname.clone();
+    let failures: Vec<crate::bounce::Failure<'_>> = failed
+        .iter()
+        .map(|&i| crate::bounce::Failure {
+            rcpt: &env.rcpts[i],
+            orcpt: env.rcpt_dsn.get(i).and_then(|d| d.orcpt.as_deref()),
+            reply: state.rcpts[i]
+                .last_reply
+                .as_deref()
+                .unwrap_or("unknown error"),
+        })
+        .collect();
+    let body = crate::bounce::build(&hostname, &dsn_id, env, &original, &failures);
+    let dsn_env = Envelope {
+        id: dsn_id.clone(),
+        from: None,
+        rcpts: vec![sender],
+        smtputf8: env.smtputf8,
+        body: env.body,
+        received_at: unix_now(),
+        size: body.len() as u64,
+        client: "coexist bounce".into(),
+        ret: None,
+        envid: None,
+        rcpt_dsn: Vec::new(),
+        bounce: true,
+    };
+    let body = Arc::new(body);
+    let (spool, e2, b2) = (inner.spool.clone(), dsn_env.clone(), body.clone());
+    tokio::task::spawn_blocking(move || spool.store(&e2, &b2))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Queue {
+        inner: inner.clone(),
+    }
+    .submit(dsn_env, DeliveryState::new(1), Some(body));
+    Ok(dsn_id)
 }
 
 #[cfg(test)]

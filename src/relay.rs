@@ -168,6 +168,10 @@ impl Handler for RelayHandler {
             received_at: unix_now(),
             size: msg.body.len() as u64,
             client: msg.peer.addr.to_string(),
+            ret: msg.params.ret,
+            envid: msg.params.envid,
+            rcpt_dsn: msg.rcpt_dsn,
+            bounce: false,
         };
         let body = Arc::new(msg.body);
         let (spool, env2, body2) = (self.spool.clone(), env.clone(), body.clone());

@@ -74,6 +74,25 @@ pub struct Envelope {
     pub size: u64,
     /// Client address.
     pub client: String,
+    /// DSN `RET` (FULL or HDRS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<String>,
+    /// DSN `ENVID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envid: Option<String>,
+    /// DSN parameters per recipient (same order as `rcpts`; may be empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rcpt_dsn: Vec<crate::smtp::command::RcptDsn>,
+    /// A DSN we generated: its recipient (the original sender) may be outside our domains.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bounce: bool,
+}
+
+impl Envelope {
+    /// The DSN parameters of recipient `i` (defaults when none were given).
+    pub fn dsn(&self, i: usize) -> crate::smtp::command::RcptDsn {
+        self.rcpt_dsn.get(i).cloned().unwrap_or_default()
+    }
 }
 
 /// Delivery status of one recipient.
@@ -346,6 +365,10 @@ mod tests {
             received_at: 0,
             size: 5,
             client: "127.0.0.1:1".into(),
+            ret: None,
+            envid: None,
+            rcpt_dsn: Vec::new(),
+            bounce: false,
         }
     }
 

@@ -209,21 +209,17 @@ async fn a_loop_between_two_relays_ends_with_546() {
         250
     );
 
-    // The copy that crosses the limit is refused with 5.4.6; the relay that sent it fails
-    // the recipient (kept in failed/ with the reply), and the loop stops.
-    let failed_with_546 = || {
-        [a.dir.path(), b.dir.path()].iter().any(|d| {
-            std::fs::read_dir(d.join("spool/failed"))
-                .map(|it| {
-                    it.filter_map(|e| e.ok())
-                        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                        .any(|t| t.contains("554 5.4.6"))
-                })
-                .unwrap_or(false)
-        })
+    // The copy that crosses the limit is refused with 5.4.6; the relay that sent it bounces
+    // the recipient: a DSN with Status 5.4.6 goes to the sender (external route: on
+    // premises), and the loop stops.
+    let dsn_546 = |sink: &coexist::load::sink::Sink| {
+        sink.state
+            .messages()
+            .iter()
+            .any(|m| m.from.is_none() && String::from_utf8_lossy(&m.body).contains("Status: 5.4.6"))
     };
     let t0 = std::time::Instant::now();
-    while !failed_with_546() {
+    while !dsn_546(&a.onprem) && !dsn_546(&b.onprem) {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "the loop did not end"

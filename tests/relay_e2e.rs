@@ -138,46 +138,6 @@ async fn deferral_then_success_at_the_same_hop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permanent_failure_is_per_recipient_and_kept_in_failed() {
-    let h = harness(|_| {}).await;
-    let mut c = connect(h.addr).await;
-    c.expect("EHLO client.test", 250).await;
-    // reject-me is unknown, so it goes on premises, where the sink refuses it with 550.
-    let r = c
-        .mail(
-            "x@example.org",
-            &["reject-me@nhs.test", "alice@nhs.test"],
-            &sample("mixed"),
-        )
-        .await;
-    assert_eq!(r.code, 250);
-    let qid = r.text.trim().rsplit(' ').next().unwrap().to_string();
-    assert_eq!(wait(&h.onprem, 1).await, 1);
-    assert_eq!(
-        h.onprem.state.messages()[0].rcpts[0].to_string(),
-        "alice@nhs.test"
-    );
-    let failed = h.dir.path().join(format!("spool/failed/{qid}.state"));
-    for _ in 0..100 {
-        if failed.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let text = std::fs::read_to_string(&failed).expect("failed message kept with its state");
-    assert!(
-        text.contains("\"failed\"") && text.contains("550 5.1.1"),
-        "{text}"
-    );
-    assert!(text.contains("\"delivered\""), "{text}");
-    assert!(h
-        .dir
-        .path()
-        .join(format!("spool/failed/{qid}.msg"))
-        .exists());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_required_route_defers_when_next_hop_has_no_starttls() {
     // Sinks without a certificate do not offer STARTTLS.
     let h = harness(|c| c.routes.get_mut("cloud").unwrap().tls = TlsPolicy::Required).await;

@@ -17,7 +17,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::DigitallySignedStruct;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use smtp_proto::{
-    EXT_8BIT_MIME, EXT_CHUNKING, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
+    EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
 };
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -68,6 +68,12 @@ pub struct Outbound<'a> {
     pub message: &'a [u8],
     /// Declared 8BITMIME.
     pub eight_bit: bool,
+    /// DSN `RET` and `ENVID`, passed on when the next hop offers DSN.
+    pub ret: Option<&'a str>,
+    /// DSN `ENVID`.
+    pub envid: Option<&'a str>,
+    /// DSN parameters per recipient (same order as `rcpts`; may be empty).
+    pub rcpt_dsn: Vec<crate::smtp::command::RcptDsn>,
 }
 
 enum Client {
@@ -312,10 +318,29 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     if needs_utf8 {
         mail.push_str(" SMTPUTF8");
     }
+    let dsn = caps & EXT_DSN != 0;
+    if dsn {
+        if let Some(r) = out.ret {
+            mail.push_str(&format!(" RET={r}"));
+        }
+        if let Some(e) = out.envid {
+            mail.push_str(&format!(" ENVID={e}"));
+        }
+    }
     mail.push_str("\r\n");
     let mut cmds = mail.into_bytes();
-    for r in &out.rcpts {
-        cmds.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
+    for (i, r) in out.rcpts.iter().enumerate() {
+        let mut line = format!("RCPT TO:<{r}>");
+        if let Some(d) = out.rcpt_dsn.get(i).filter(|_| dsn) {
+            if let Some(n) = &d.notify {
+                line.push_str(&format!(" NOTIFY={n}"));
+            }
+            if let Some(o) = &d.orcpt {
+                line.push_str(&format!(" ORCPT={o}"));
+            }
+        }
+        line.push_str("\r\n");
+        cmds.extend_from_slice(line.as_bytes());
     }
     let chunking = caps & EXT_CHUNKING != 0;
     let mut body_cmd = if chunking {

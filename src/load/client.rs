@@ -177,6 +177,9 @@ pub async fn run(opts: LoadOptions, gen: Arc<Generator>) -> LoadReport {
                         rcpts: m.rcpts.iter().collect(),
                         message: &m.body,
                         eight_bit: false,
+                        ret: None,
+                        envid: None,
+                        rcpt_dsn: Vec::new(),
                     };
                     let t0 = Instant::now();
                     let res = conn.send(&out).await;

@@ -36,6 +36,12 @@ pub struct SinkMessage {
     pub body: Vec<u8>,
     /// The session was TLS.
     pub tls: bool,
+    /// DSN parameters per recipient.
+    pub rcpt_dsn: Vec<crate::smtp::command::RcptDsn>,
+    /// DSN `RET`.
+    pub ret: Option<String>,
+    /// DSN `ENVID`.
+    pub envid: Option<String>,
 }
 
 /// Sink settings.
@@ -179,6 +185,9 @@ impl Handler for SinkHandler {
             rcpts: msg.rcpts,
             body: if s.keep_bodies { msg.body } else { Vec::new() },
             tls: msg.peer.tls.is_some(),
+            rcpt_dsn: msg.rcpt_dsn,
+            ret: msg.params.ret,
+            envid: msg.params.envid,
         };
         s.messages.lock().unwrap_or_else(|p| p.into_inner()).push(m);
         s.recipients.fetch_add(n, Ordering::SeqCst);

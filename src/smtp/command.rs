@@ -25,6 +25,58 @@ pub struct MailParams {
     pub body: BodyType,
     /// SMTPUTF8 requested (RFC 6531).
     pub smtputf8: bool,
+    /// DSN `RET=FULL|HDRS` (RFC 3461), upper case.
+    pub ret: Option<String>,
+    /// DSN `ENVID=` (xtext, as sent).
+    pub envid: Option<String>,
+}
+
+/// DSN parameters of one recipient (RFC 3461 4.1, 4.2).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RcptDsn {
+    /// `NOTIFY=` value in upper case: `NEVER` or a list of SUCCESS, FAILURE, DELAY.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<String>,
+    /// `ORCPT=` value as sent (`addr-type;xtext`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orcpt: Option<String>,
+}
+
+impl RcptDsn {
+    /// Whether a failure DSN is wanted (the default when NOTIFY is absent).
+    pub fn wants_failure(&self) -> bool {
+        self.notify
+            .as_deref()
+            .is_none_or(|n| n.split(',').any(|x| x == "FAILURE"))
+    }
+
+    /// Whether a delay DSN is wanted (the default when NOTIFY is absent).
+    pub fn wants_delay(&self) -> bool {
+        self.notify
+            .as_deref()
+            .is_none_or(|n| n.split(',').any(|x| x == "DELAY"))
+    }
+}
+
+/// True for RFC 3461 xtext: printable ASCII except `+` and `=`, with `+XX` hex escapes.
+fn is_xtext(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => {
+                if !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                    && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+                {
+                    return false;
+                }
+                i += 3;
+            }
+            b'!'..=b'~' if b[i] != b'=' => i += 1,
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// A parsed command.
@@ -45,6 +97,8 @@ pub enum Command {
     Rcpt {
         /// Forward path.
         to: Address,
+        /// DSN parameters.
+        dsn: RcptDsn,
     },
     /// DATA.
     Data,
@@ -213,6 +267,22 @@ fn parse_mail(rest: &str) -> Result<Command, Reply> {
                 ))
             }
             ("SMTPUTF8", None) => params.smtputf8 = true,
+            ("RET", Some(v))
+                if v.eq_ignore_ascii_case("FULL") || v.eq_ignore_ascii_case("HDRS") =>
+            {
+                params.ret = Some(v.to_ascii_uppercase())
+            }
+            ("RET", _) => return Err(err(501, "5.5.4", "Syntax error: RET must be FULL or HDRS")),
+            ("ENVID", Some(v)) if !v.is_empty() && v.len() <= 100 && is_xtext(v) => {
+                params.envid = Some(v.to_string())
+            }
+            ("ENVID", _) => {
+                return Err(err(
+                    501,
+                    "5.5.4",
+                    "Syntax error: ENVID must be xtext of at most 100 characters",
+                ))
+            }
             _ => {
                 return Err(err(
                     555,
@@ -250,12 +320,45 @@ fn parse_rcpt(rest: &str, smtputf8: bool) -> Result<Command, Reply> {
         "Syntax error: use RCPT TO:<address>",
     ))?;
     let (path, params_text) = split_path(arg)?;
-    if !params_text.is_empty() {
-        return Err(err(
-            555,
-            "5.5.4",
-            "RCPT parameter not recognized or not implemented",
-        ));
+    let mut dsn = RcptDsn::default();
+    for p in params_text.split(' ').filter(|p| !p.is_empty()) {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        if k.eq_ignore_ascii_case("NOTIFY") {
+            let v = v.to_ascii_uppercase();
+            let items: Vec<&str> = v.split(',').collect();
+            let ok = v == "NEVER"
+                || (!v.is_empty()
+                    && items
+                        .iter()
+                        .all(|i| matches!(*i, "SUCCESS" | "FAILURE" | "DELAY")));
+            if !ok {
+                return Err(err(
+                    501,
+                    "5.5.4",
+                    "Syntax error: NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY",
+                ));
+            }
+            dsn.notify = Some(v);
+        } else if k.eq_ignore_ascii_case("ORCPT") {
+            let ok = v
+                .split_once(';')
+                .is_some_and(|(t, x)| !t.is_empty() && !x.is_empty() && is_xtext(x))
+                && v.len() <= 500;
+            if !ok {
+                return Err(err(
+                    501,
+                    "5.5.4",
+                    "Syntax error: ORCPT must be addr-type;xtext",
+                ));
+            }
+            dsn.orcpt = Some(v.to_string());
+        } else {
+            return Err(err(
+                555,
+                "5.5.4",
+                "RCPT parameter not recognized or not implemented",
+            ));
+        }
     }
     if strip_source_route(path).is_some() {
         return Err(err(550, "5.7.1", "Source routes are not accepted"));
@@ -271,7 +374,7 @@ fn parse_rcpt(rest: &str, smtputf8: bool) -> Result<Command, Reply> {
         ));
     }
     let to = Address::parse(path, smtputf8).map_err(|e| address_reply(e, "5.1.3"))?;
-    Ok(Command::Rcpt { to })
+    Ok(Command::Rcpt { to, dsn })
 }
 
 fn parse_bdat(rest: &str) -> Result<Command, Reply> {
@@ -360,9 +463,38 @@ mod tests {
     }
 
     #[test]
+    fn dsn_parameters() {
+        match p("MAIL FROM:<a@b.test> RET=hdrs ENVID=QQ+2B1").unwrap() {
+            Command::Mail { params, .. } => {
+                assert_eq!(params.ret.as_deref(), Some("HDRS"));
+                assert_eq!(params.envid.as_deref(), Some("QQ+2B1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match p("RCPT TO:<u@nhs.test> NOTIFY=success,failure ORCPT=rfc822;u@nhs.test").unwrap() {
+            Command::Rcpt { dsn, .. } => {
+                assert_eq!(dsn.notify.as_deref(), Some("SUCCESS,FAILURE"));
+                assert!(dsn.wants_failure() && !dsn.wants_delay());
+                assert_eq!(dsn.orcpt.as_deref(), Some("rfc822;u@nhs.test"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            p("RCPT TO:<u@nhs.test> NOTIFY=SOMETIMES").unwrap_err().code,
+            501
+        );
+        assert_eq!(p("MAIL FROM:<a@b.test> RET=ALL").unwrap_err().code, 501);
+        assert_eq!(p("MAIL FROM:<a@b.test> ENVID=a=b").unwrap_err().code, 501);
+        assert_eq!(
+            p("RCPT TO:<u@nhs.test> ORCPT=rfc822").unwrap_err().code,
+            501
+        );
+    }
+
+    #[test]
     fn quoted_local_part_with_bracket() {
         match p("RCPT TO:<\"a>b\"@nhs.test>").unwrap() {
-            Command::Rcpt { to } => assert_eq!(to.local(), "\"a>b\""),
+            Command::Rcpt { to, .. } => assert_eq!(to.local(), "\"a>b\""),
             other => panic!("{other:?}"),
         }
     }

@@ -3,7 +3,7 @@
 //! What to do with recipients and finished messages is decided by a [`Handler`]: the relay's
 //! handler checks policy and spools; the test sink's handler records.
 
-use super::command::{self, Command, MailParams};
+use super::command::{self, Command, MailParams, RcptDsn};
 use super::data::{BodyFlags, ChunkCollector, DataReader};
 use super::reply::{canned, Reply};
 use super::tls::MaybeTls;
@@ -97,6 +97,8 @@ pub struct Incoming {
     pub from: Option<Address>,
     /// Accepted recipients.
     pub rcpts: Vec<Address>,
+    /// DSN parameters of each recipient (same order).
+    pub rcpt_dsn: Vec<RcptDsn>,
     /// MAIL parameters.
     pub params: MailParams,
     /// Message bytes, our Received header first.
@@ -138,6 +140,7 @@ struct Transaction {
     from: Option<Address>,
     params: MailParams,
     rcpts: Vec<Address>,
+    rcpt_dsn: Vec<RcptDsn>,
     chunks: Option<ChunkCollector>,
     /// A BDAT in this transaction failed: the rest of its chunks are read and dropped.
     chunk_error: Option<Reply>,
@@ -376,7 +379,7 @@ impl<H: Handler> Session<H> {
             Command::Ehlo(name) => self.ehlo(name, true),
             Command::Helo(name) => self.ehlo(name, false),
             Command::Mail { from, params } => self.mail(from, params),
-            Command::Rcpt { to } => self.rcpt(to),
+            Command::Rcpt { to, dsn } => self.rcpt(to, dsn),
             Command::Data => self.data().await?,
             Command::Bdat { size, last } => self.bdat(size, last).await?,
             Command::Rset => {
@@ -428,6 +431,7 @@ impl<H: Handler> Session<H> {
         lines.push("8BITMIME".into());
         lines.push("SMTPUTF8".into());
         lines.push("ENHANCEDSTATUSCODES".into());
+        lines.push("DSN".into());
         if self.cfg.tls.is_some() && self.peer.tls.is_none() {
             lines.push("STARTTLS".into());
         }
@@ -472,13 +476,14 @@ impl<H: Handler> Session<H> {
             from,
             params,
             rcpts: Vec::new(),
+            rcpt_dsn: Vec::new(),
             chunks: None,
             chunk_error: None,
         });
         self.ok(&r)
     }
 
-    fn rcpt(&mut self, to: Address) -> Next {
+    fn rcpt(&mut self, to: Address, dsn: RcptDsn) -> Next {
         let Some(tx) = self.tx.as_mut() else {
             return self.error(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
         };
@@ -492,6 +497,7 @@ impl<H: Handler> Session<H> {
             Ok(()) => {
                 let r = Reply::owned(250, "2.1.5", format!("Recipient <{to}> ok"));
                 tx.rcpts.push(to);
+                tx.rcpt_dsn.push(dsn);
                 self.ok(&r)
             }
             Err(r) => {
@@ -667,6 +673,7 @@ impl<H: Handler> Session<H> {
                     id,
                     from: tx.from,
                     rcpts: tx.rcpts,
+                    rcpt_dsn: tx.rcpt_dsn,
                     params: tx.params,
                     body: full,
                     peer: self.peer.clone(),

@@ -1,0 +1,188 @@
+//! Bounces: DSNs (RFC 3464) that a mail client can parse, per-recipient failures, RET and
+//! NOTIFY, no bounce of a bounce, and DSN parameters passed on to next hops.
+
+mod common;
+
+use coexist::load::sink::SinkMessage;
+use common::*;
+use mailparse::MailHeaderMap;
+use std::time::Duration;
+
+fn dsns(msgs: &[SinkMessage]) -> Vec<&SinkMessage> {
+    msgs.iter().filter(|m| m.from.is_none()).collect()
+}
+
+async fn wait_dsn(sink: &coexist::load::sink::Sink) -> SinkMessage {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(m) = dsns(&sink.state.messages()).first() {
+            return (*m).clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no DSN arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn spool_files(dir: &std::path::Path, sub: &str) -> usize {
+    std::fs::read_dir(dir.join("spool").join(sub))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failure_bounces_that_recipient_only_with_a_parseable_dsn() {
+    let h = harness(|_| {}).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    // reject-me is unknown, so it goes on premises, where the sink refuses it with 550.
+    c.expect("MAIL FROM:<x@example.org> ENVID=QQ123", 250).await;
+    c.expect(
+        "RCPT TO:<reject-me@nhs.test> ORCPT=rfc822;reject-me@nhs.test",
+        250,
+    )
+    .await;
+    c.expect("RCPT TO:<alice@nhs.test>", 250).await;
+    c.expect("DATA", 354).await;
+    let mut body = Vec::new();
+    coexist::deliver::dot_stuff(&sample("mixed"), &mut body);
+    c.send(&body).await;
+    let r = c.reply().await;
+    assert_eq!(r.code, 250);
+    let qid = r.text.trim().rsplit(' ').next().unwrap().to_string();
+
+    let dsn = wait_dsn(&h.onprem).await;
+    assert_eq!(
+        dsn.rcpts[0].to_string(),
+        "x@example.org",
+        "the DSN goes to the sender"
+    );
+    let parsed = mailparse::parse_mail(&dsn.body).unwrap();
+    assert_eq!(parsed.ctype.mimetype, "multipart/report");
+    assert_eq!(
+        parsed.ctype.params.get("report-type").map(String::as_str),
+        Some("delivery-status")
+    );
+    assert_eq!(
+        parsed.headers.get_first_value("To").unwrap(),
+        "<x@example.org>"
+    );
+    let status = String::from_utf8_lossy(&parsed.subparts[1].get_body_raw().unwrap()).to_string();
+    for want in [
+        "Final-Recipient: rfc822; reject-me@nhs.test",
+        "Original-Recipient: rfc822;reject-me@nhs.test",
+        "Original-Envelope-Id: QQ123",
+        "Action: failed",
+        "Status: 5.1.1",
+        "Diagnostic-Code: smtp; 550 5.1.1",
+        &format!("X-Coexist-Queue-ID: {qid}"),
+    ] {
+        assert!(status.contains(want), "{want} missing:\n{status}");
+    }
+    assert!(
+        !status.contains("alice"),
+        "delivered recipients are not in the DSN"
+    );
+    let returned = String::from_utf8_lossy(&parsed.subparts[2].get_body_raw().unwrap()).to_string();
+    assert_eq!(parsed.subparts[2].ctype.mimetype, "text/rfc822-headers");
+    assert!(
+        returned.contains("Subject: mixed") && !returned.contains("Hello."),
+        "{returned}"
+    );
+    // alice got her copy; the original left the spool (invariant 2: DSN spooled first).
+    assert!(h
+        .onprem
+        .state
+        .messages()
+        .iter()
+        .any(|m| m.rcpts[0].to_string() == "alice@nhs.test"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(spool_files(h.dir.path(), "active"), 0);
+    assert_eq!(spool_files(h.dir.path(), "failed"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ret_full_returns_the_whole_message_and_notify_never_sends_none() {
+    let h = harness(|_| {}).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<x@example.org> RET=FULL", 250).await;
+    c.expect("RCPT TO:<reject-full@nhs.test>", 250).await;
+    c.expect("DATA", 354).await;
+    let mut body = Vec::new();
+    coexist::deliver::dot_stuff(&sample("full"), &mut body);
+    c.send(&body).await;
+    assert_eq!(c.reply().await.code, 250);
+    let dsn = wait_dsn(&h.onprem).await;
+    let parsed = mailparse::parse_mail(&dsn.body).unwrap();
+    assert_eq!(parsed.subparts[2].ctype.mimetype, "message/rfc822");
+    assert!(String::from_utf8_lossy(&dsn.body).contains("Hello."));
+
+    // NOTIFY=NEVER: the failure is final, no DSN, nothing kept.
+    let h = harness(|_| {}).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<x@example.org>", 250).await;
+    c.expect("RCPT TO:<reject-quiet@nhs.test> NOTIFY=NEVER", 250)
+        .await;
+    c.expect("DATA", 354).await;
+    c.send(b"Subject: quiet\r\n\r\nx\r\n.\r\n").await;
+    assert_eq!(c.reply().await.code, 250);
+    let t0 = std::time::Instant::now();
+    while spool_files(h.dir.path(), "active") > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(dsns(&h.onprem.state.messages()).is_empty());
+    assert_eq!(spool_files(h.dir.path(), "failed"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_sender_never_gets_a_bounce() {
+    let h = harness(|_| {}).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c
+        .mail("", &["reject-me@nhs.test"], &sample("bounce of bounce"))
+        .await;
+    assert_eq!(r.code, 250);
+    let qid = r.text.trim().rsplit(' ').next().unwrap().to_string();
+    let failed = h.dir.path().join(format!("spool/failed/{qid}.state"));
+    let t0 = std::time::Instant::now();
+    while !failed.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "not kept in failed/"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&failed).unwrap();
+    assert!(text.contains("550 5.1.1"), "{text}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(dsns(&h.onprem.state.messages()).is_empty(), "no DSN for <>");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsn_parameters_are_passed_to_next_hops_that_offer_dsn() {
+    let h = harness(|_| {}).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c.cmd("EHLO client.test").await;
+    assert!(r.text.contains("DSN"), "{r:?}");
+    c.expect("MAIL FROM:<x@example.org> RET=HDRS ENVID=ABC", 250)
+        .await;
+    c.expect(
+        "RCPT TO:<bob@nhs.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@nhs.test",
+        250,
+    )
+    .await;
+    c.expect("DATA", 354).await;
+    c.send(b"Subject: dsn\r\n\r\nx\r\n.\r\n").await;
+    assert_eq!(c.reply().await.code, 250);
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    let m = &h.cloud.state.messages()[0];
+    assert_eq!(m.rcpt_dsn[0].notify.as_deref(), Some("SUCCESS,FAILURE"));
+    assert_eq!(m.rcpt_dsn[0].orcpt.as_deref(), Some("rfc822;bob@nhs.test"));
+    assert_eq!(m.envid.as_deref(), Some("ABC"));
+    assert_eq!(m.ret.as_deref(), Some("HDRS"));
+}

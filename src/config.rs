@@ -287,6 +287,9 @@ pub enum TlsPolicy {
     Opportunistic,
     /// Use STARTTLS or defer; never send in clear text.
     Required,
+    /// Like `required`, and the certificate must be valid for the expected name (system
+    /// roots, or `tls_ca_file`).
+    Verify,
 }
 
 /// A next hop written `host:port`, `ip:port` or `[ipv6]:port` (port 25 when omitted).
@@ -372,6 +375,19 @@ pub struct RouteConfig {
     /// are not touched.
     #[serde(default)]
     pub rewrite_domain: Option<Domain>,
+    /// Name the next hop's certificate must carry (`verify`); default: the next hop's host.
+    #[serde(default)]
+    pub tls_name: Option<String>,
+    /// PEM CA bundle for `verify` instead of the system roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) presented to the next hop, e.g. for an Exchange Online
+    /// inbound connector that identifies us by certificate.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// Private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 fn default_max_message_size() -> u64 {
@@ -526,6 +542,13 @@ impl Config {
                     &table,
                     "next_hops",
                     "needs at least one host:port".into(),
+                ));
+            }
+            if route.client_cert.is_some() != route.client_key.is_some() {
+                return Err(fail(
+                    &table,
+                    "client_cert",
+                    "give both `client_cert` and `client_key`, or neither".into(),
                 ));
             }
             if route.concurrency == 0 {

@@ -130,6 +130,7 @@ struct Inner {
     limits: ArcSwap<HashMap<String, Arc<Semaphore>>>,
     entries: Mutex<HashMap<QueueId, QueueEntry>>,
     pool: deliver::pool::Pool,
+    tls: ArcSwap<HashMap<String, deliver::RouteTls>>,
 }
 
 fn route_limits(config: &Config) -> HashMap<String, Arc<Semaphore>> {
@@ -168,21 +169,27 @@ pub struct Queue {
 
 impl Queue {
     /// A scheduler over `spool` that routes with `directory` and `config`.
-    pub fn new(spool: Arc<Spool>, directory: Arc<Directory>, config: Arc<Config>) -> Queue {
-        Queue {
+    pub fn new(
+        spool: Arc<Spool>,
+        directory: Arc<Directory>,
+        config: Arc<Config>,
+    ) -> Result<Queue, crate::smtp::tls::TlsError> {
+        Ok(Queue {
             inner: Arc::new(Inner {
                 spool,
                 directory,
                 limits: ArcSwap::from_pointee(route_limits(&config)),
+                tls: ArcSwap::from_pointee(deliver::tls::route_tls(&config)?),
                 config: ArcSwap::new(config),
                 entries: Mutex::new(HashMap::new()),
                 pool: deliver::pool::Pool::new(16),
             }),
-        }
+        })
     }
 
     /// Uses `config` from the next attempt on (routes, next hops, TLS, retry policy).
-    pub fn set_config(&self, config: Arc<Config>) {
+    pub fn set_config(&self, config: Arc<Config>, tls: HashMap<String, deliver::RouteTls>) {
+        self.inner.tls.store(Arc::new(tls));
         let old = self.inner.config.load();
         if old
             .routes
@@ -544,11 +551,17 @@ async fn attempt(
                 envid: env.envid.as_deref(),
                 rcpt_dsn: d.rcpts.iter().map(|&i| env.dsn(i)).collect(),
             };
+            let tls = inner
+                .tls
+                .load()
+                .get(d.route.as_str())
+                .cloned()
+                .unwrap_or_else(|| deliver::RouteTls::plain(route.tls));
             let a = deliver::deliver(
                 &inner.pool,
                 &route.next_hops,
                 &config.server.hostname,
-                route.tls,
+                &tls,
                 config.delivery.timeout,
                 &out,
             )

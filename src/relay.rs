@@ -255,6 +255,7 @@ impl Control {
             Some(t) => Some(tls::load_acceptor(&t.cert, &t.key)?),
             None => None,
         };
+        let route_tls = crate::deliver::tls::route_tls(&new)?;
         let session = SessionConfig::from_config(&new, acceptor);
         let rules = SessionRules::new(&new);
         let changed = changed_sections(&old, &new);
@@ -262,7 +263,7 @@ impl Control {
         self.server.session.store(Arc::new(session));
         self.handler.rules.store(Arc::new(rules));
         self.directory.set_unknown(&new.directory.unknown);
-        self.queue.set_config(new.clone());
+        self.queue.set_config(new.clone(), route_tls);
         self.config.store(new);
         Ok(changed)
     }
@@ -390,7 +391,7 @@ pub async fn start_with_file(
     };
     let spool = Arc::new(Spool::open(&config.spool.dir)?);
     let config = Arc::new(config);
-    let queue = Queue::new(spool.clone(), directory.clone(), config.clone());
+    let queue = Queue::new(spool.clone(), directory.clone(), config.clone())?;
 
     let mut bound = Vec::new();
     for addr in &config.server.listen {

@@ -341,3 +341,65 @@ async fn a_dead_next_hop_is_skipped_while_its_circuit_is_open() {
         "the dead hop was tried {tries} times for 20 messages"
     );
 }
+
+async fn verify_harness(name: &str) -> (Harness, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &certs.ca_pem).unwrap();
+    let acceptor = coexist::smtp::tls::load_acceptor(&certs.cert, &certs.key).unwrap();
+    let opts = SinkOptions {
+        tls: Some(acceptor),
+        ..SinkOptions::default()
+    };
+    let name = name.to_string();
+    let h = harness_with(opts, move |c| {
+        let r = c.routes.get_mut("cloud").unwrap();
+        r.tls = TlsPolicy::Verify;
+        r.tls_ca_file = Some(ca);
+        r.tls_name = Some(name);
+    })
+    .await;
+    (h, dir) // the CA file must outlive the relay
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_policy_checks_the_next_hop_certificate() {
+    // The sinks' certificate is for mx1.coexist.test, signed by the test CA.
+    let (good, _ca) = verify_harness("mx1.coexist.test").await;
+    let mut c = connect(good.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_eq!(
+        c.mail("x@example.org", &["bob@nhs.test"], &sample("verified"))
+            .await
+            .code,
+        250
+    );
+    assert_eq!(wait(&good.cloud, 1).await, 1);
+    assert!(good.cloud.state.messages()[0].tls);
+
+    let (bad, _ca2) = verify_harness("exchange.other.test").await;
+    let mut c = connect(bad.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_eq!(
+        c.mail("x@example.org", &["bob@nhs.test"], &sample("unverified"))
+            .await
+            .code,
+        250
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        bad.cloud.state.messages().is_empty(),
+        "a certificate for another name must not pass"
+    );
+    let state = std::fs::read_dir(bad.dir.path().join("spool/active"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().extension().is_some_and(|x| x == "state"))
+        .expect("message still queued");
+    let text = std::fs::read_to_string(state.path()).unwrap();
+    assert!(
+        text.contains("TLS with") && text.contains("failed"),
+        "{text}"
+    );
+}

@@ -8,24 +8,21 @@
 //! buffered dot-stuffing writer.
 
 pub mod pool;
+pub mod tls;
 
 use crate::config::{NextHop, TlsPolicy};
 use crate::types::Address;
 use mail_send::SmtpClient;
 use pool::{Admission, Pool};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::DigitallySignedStruct;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use smtp_proto::{
     EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
 };
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+pub use tls::RouteTls;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 /// What happened to one recipient in one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,70 +101,13 @@ fn reply_text(r: &smtp_proto::Response<String>) -> String {
     }
 }
 
-/// A TLS connector that encrypts without checking the certificate, as Postfix's `may` and
-/// `encrypt` levels do (verification comes with the `verify` policy in a later change).
-pub fn unverified_connector() -> TlsConnector {
-    static CONNECTOR: OnceLock<TlsConnector> = OnceLock::new();
-    CONNECTOR
-        .get_or_init(|| {
-            let provider = crate::smtp::tls::provider();
-            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-                .map(|b| {
-                    b.dangerous()
-                        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-                        .with_no_client_auth()
-                });
-            match config {
-                Ok(c) => TlsConnector::from(Arc::new(c)),
-                // The protocol list is fixed and supported by aws-lc-rs; this cannot fail.
-                Err(e) => unreachable!("rustls refused TLS 1.2/1.3: {e}"),
-            }
-        })
-        .clone()
-}
-
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 impl Connection {
     /// Connects, reads the greeting, says EHLO and applies the TLS policy.
     pub async fn open(
         addr: SocketAddr,
+        host: &str,
         helo: &str,
-        tls: TlsPolicy,
+        tls: &RouteTls,
         timeout: Duration,
     ) -> Result<Connection, HopError> {
         let mut c = SmtpClient::connect(addr, timeout)
@@ -185,11 +125,13 @@ impl Connection {
             .await
             .map_err(|e| HopError::Refused(addr, e.to_string()))?;
         let offers_tls = ehlo.has_capability(EXT_START_TLS);
-        let want_tls = match tls {
+        let want_tls = match tls.policy {
             TlsPolicy::None => false,
             TlsPolicy::Opportunistic => offers_tls,
-            TlsPolicy::Required if !offers_tls => return Err(HopError::TlsUnavailable(addr)),
-            TlsPolicy::Required => true,
+            TlsPolicy::Required | TlsPolicy::Verify if !offers_tls => {
+                return Err(HopError::TlsUnavailable(addr))
+            }
+            TlsPolicy::Required | TlsPolicy::Verify => true,
         };
         if !want_tls {
             return Ok(Connection {
@@ -199,9 +141,9 @@ impl Connection {
                 timeout,
             });
         }
-        let name = addr.ip().to_string();
+        let name = tls.server_name(host);
         let mut t = c
-            .start_tls(&unverified_connector(), &name)
+            .start_tls(&tls.connector, &name)
             .await
             .map_err(|e| HopError::Tls(addr, e.to_string()))?;
         let ehlo = t
@@ -487,7 +429,7 @@ pub async fn deliver(
     pool: &Pool,
     next_hops: &[NextHop],
     helo: &str,
-    tls: TlsPolicy,
+    tls: &RouteTls,
     timeout: Duration,
     out: &Outbound<'_>,
 ) -> Attempt {
@@ -495,11 +437,11 @@ pub async fn deliver(
     let mut addrs = Vec::new();
     for hop in next_hops {
         match resolve(hop, timeout).await {
-            Ok(a) => addrs.extend(a),
+            Ok(a) => addrs.extend(a.into_iter().map(|sa| (sa, hop.host.as_str()))),
             Err(e) => last_error = e,
         }
     }
-    for hop in addrs {
+    for (hop, host) in addrs {
         if let Admission::Skip(wait) = pool.admit(hop) {
             last_error = format!(
                 "{hop} is down (circuit open; next probe in {} s)",
@@ -507,7 +449,7 @@ pub async fn deliver(
             );
             continue;
         }
-        let (mut conn, reused) = match pool.checkout(hop, helo, tls, timeout).await {
+        let (mut conn, reused) = match pool.checkout(hop, host, helo, tls, timeout).await {
             Ok(c) => c,
             Err(e) => {
                 if matches!(e, HopError::Connect(..) | HopError::Refused(..)) {

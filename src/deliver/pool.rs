@@ -10,7 +10,7 @@
 //!   keep skipping until the probe succeeds. A hop that is down costs no message: the
 //!   recipients are deferred and retried.
 
-use super::{Connection, HopError};
+use super::{Connection, HopError, RouteTls};
 use crate::config::TlsPolicy;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +26,7 @@ const MAX_DOWN: Duration = Duration::from_secs(60);
 struct Key {
     addr: SocketAddr,
     tls: TlsPolicy,
+    name: Option<String>,
 }
 
 struct Idle {
@@ -106,11 +107,16 @@ impl Pool {
     pub async fn checkout(
         &self,
         addr: SocketAddr,
+        host: &str,
         helo: &str,
-        tls: TlsPolicy,
+        tls: &RouteTls,
         timeout: Duration,
     ) -> Result<(Connection, bool), HopError> {
-        let key = Key { addr, tls };
+        let key = Key {
+            addr,
+            tls: tls.policy,
+            name: tls.name.clone(),
+        };
         loop {
             let idle = {
                 let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -126,16 +132,17 @@ impl Pool {
                 return Ok((conn, true));
             }
         }
-        Connection::open(addr, helo, tls, timeout)
+        Connection::open(addr, host, helo, tls, timeout)
             .await
             .map(|c| (c, false))
     }
 
     /// Returns a connection after a completed transaction, for reuse.
-    pub fn checkin(&self, conn: Connection, tls: TlsPolicy) {
+    pub fn checkin(&self, conn: Connection, tls: &RouteTls) {
         let key = Key {
             addr: conn.addr(),
-            tls,
+            tls: tls.policy,
+            name: tls.name.clone(),
         };
         let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = map.entry(key).or_default();

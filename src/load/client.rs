@@ -147,13 +147,15 @@ pub async fn run(opts: LoadOptions, gen: Arc<Generator>) -> LoadReport {
             opts.per_session.max(1),
             opts.tls,
         );
+        let route_tls = crate::deliver::RouteTls::plain(tls);
         tasks.spawn(async move {
             let mut local = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).ok();
             'sessions: while Instant::now() < deadline {
                 let mut conn = match Connection::open(
                     target,
+                    &target.ip().to_string(),
                     "load.coexist.test",
-                    tls,
+                    &route_tls,
                     Duration::from_secs(30),
                 )
                 .await

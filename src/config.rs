@@ -63,6 +63,18 @@ pub struct Config {
     /// Trust and abuse limits.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// DNS for MX routes and next-hop names.
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// `[dns]`: which name servers answer MX and address lookups.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// `ip:port` of name servers; empty (the default) means the system's (/etc/resolv.conf).
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
 }
 
 /// `[policy]`: who is trusted, what is stripped from everyone else, per-client limits.
@@ -363,7 +375,15 @@ impl<'de> Deserialize<'de> for NextHop {
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Next hops as host:port, tried in order (names are resolved at each attempt).
+    #[serde(default)]
     pub next_hops: Vec<NextHop>,
+    /// Instead of `next_hops`: deliver to the MX hosts of this domain (by preference, then
+    /// A/AAAA; the domain itself when it has no MX), e.g. `tenant-com.mail.protection.outlook.com`.
+    #[serde(default)]
+    pub mx: Option<Domain>,
+    /// Port for MX hosts.
+    #[serde(default = "default_smtp_port")]
+    pub port: u16,
     /// TLS policy.
     #[serde(default = "default_tls_policy")]
     pub tls: TlsPolicy,
@@ -390,6 +410,9 @@ pub struct RouteConfig {
     pub client_key: Option<PathBuf>,
 }
 
+fn default_smtp_port() -> u16 {
+    25
+}
 fn default_max_message_size() -> u64 {
     52_428_800
 }
@@ -537,11 +560,11 @@ impl Config {
             if name == "reject" {
                 return Err(fail(&table, "", "`reject` is reserved".into()));
             }
-            if route.next_hops.is_empty() {
+            if route.next_hops.is_empty() == route.mx.is_none() {
                 return Err(fail(
                     &table,
                     "next_hops",
-                    "needs at least one host:port".into(),
+                    "give either `next_hops` (at least one host:port) or `mx`, not both".into(),
                 ));
             }
             if route.client_cert.is_some() != route.client_key.is_some() {
@@ -648,6 +671,7 @@ impl Config {
             "directory.cache_capacity/cache_ttl",
         );
         check(self.admin != new.admin, "admin");
+        check(self.dns != new.dns, "dns");
         check(
             self.route_names() != new.route_names(),
             "routes (the set of route names)",

@@ -57,6 +57,12 @@ pub enum QueueError {
     /// No such message in the queue.
     #[error("no message {0} in the queue")]
     NotFound(String),
+    /// Outbound TLS material of a route is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::smtp::tls::TlsError),
+    /// The resolver could not be set up.
+    #[error("DNS: {0}")]
+    Dns(String),
 }
 
 /// A message as the queue sees it, for listings and metrics.
@@ -131,6 +137,7 @@ struct Inner {
     entries: Mutex<HashMap<QueueId, QueueEntry>>,
     pool: deliver::pool::Pool,
     tls: ArcSwap<HashMap<String, deliver::RouteTls>>,
+    dns: deliver::dns::Dns,
 }
 
 fn route_limits(config: &Config) -> HashMap<String, Arc<Semaphore>> {
@@ -173,13 +180,15 @@ impl Queue {
         spool: Arc<Spool>,
         directory: Arc<Directory>,
         config: Arc<Config>,
-    ) -> Result<Queue, crate::smtp::tls::TlsError> {
+    ) -> Result<Queue, QueueError> {
         Ok(Queue {
             inner: Arc::new(Inner {
                 spool,
                 directory,
                 limits: ArcSwap::from_pointee(route_limits(&config)),
                 tls: ArcSwap::from_pointee(deliver::tls::route_tls(&config)?),
+                dns: deliver::dns::Dns::new(&config.dns.nameservers, config.delivery.timeout)
+                    .map_err(QueueError::Dns)?,
                 config: ArcSwap::new(config),
                 entries: Mutex::new(HashMap::new()),
                 pool: deliver::pool::Pool::new(16),
@@ -557,9 +566,14 @@ async fn attempt(
                 .get(d.route.as_str())
                 .cloned()
                 .unwrap_or_else(|| deliver::RouteTls::plain(route.tls));
+            let target = match &route.mx {
+                Some(domain) => deliver::Target::Mx(domain.as_str(), route.port),
+                None => deliver::Target::Hops(&route.next_hops),
+            };
             let a = deliver::deliver(
                 &inner.pool,
-                &route.next_hops,
+                &inner.dns,
+                &target,
                 &config.server.hostname,
                 &tls,
                 config.delivery.timeout,

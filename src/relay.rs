@@ -30,6 +30,9 @@ pub enum StartError {
     /// Spool unusable.
     #[error("spool: {0}")]
     Spool(#[from] crate::spool::SpoolError),
+    /// Queue set-up failed (outbound TLS files, DNS).
+    #[error("delivery: {0}")]
+    Queue(#[from] crate::queue::QueueError),
     /// Directory unusable.
     #[error("directory: {0}")]
     Directory(#[from] crate::directory::DirectoryError),

@@ -7,6 +7,7 @@
 //! PIPELINING, send the exact bytes with BDAT when it offers CHUNKING, and otherwise use a
 //! buffered dot-stuffing writer.
 
+pub mod dns;
 pub mod pool;
 pub mod tls;
 
@@ -406,42 +407,75 @@ pub struct Attempt {
 }
 
 /// The addresses of a next hop: an IP as is, a name through the system resolver.
-async fn resolve(hop: &NextHop, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
-    if let Ok(ip) = hop.host.parse::<std::net::IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, hop.port)]);
+/// Where a route delivers: fixed next hops, or the MX hosts of a domain.
+pub enum Target<'a> {
+    /// `next_hops`, in order.
+    Hops(&'a [NextHop]),
+    /// The MX hosts of a domain, on this port.
+    Mx(&'a str, u16),
+}
+
+/// The addresses to try for `target`, in order, each with the host name it came from.
+async fn resolve(
+    dns: &dns::Dns,
+    target: &Target<'_>,
+) -> Result<Vec<(SocketAddr, String)>, dns::DnsError> {
+    let hosts: Vec<(String, u16)> = match target {
+        Target::Hops(hops) => hops.iter().map(|h| (h.host.clone(), h.port)).collect(),
+        Target::Mx(domain, port) => dns
+            .mx_hosts(domain)
+            .await?
+            .into_iter()
+            .map(|h| (h, *port))
+            .collect(),
+    };
+    let mut out = Vec::new();
+    let mut last = None;
+    for (host, port) in hosts {
+        match dns.addresses(&host).await {
+            Ok(ips) => out.extend(
+                ips.into_iter()
+                    .map(|ip| (SocketAddr::new(ip, port), host.clone())),
+            ),
+            Err(e) => last = Some(e),
+        }
     }
-    match tokio::time::timeout(
-        timeout,
-        tokio::net::lookup_host((hop.host.as_str(), hop.port)),
-    )
-    .await
-    {
-        Ok(Ok(addrs)) => Ok(addrs.collect()),
-        Ok(Err(e)) => Err(format!("cannot resolve {hop}: {e}")),
-        Err(_) => Err(format!("cannot resolve {hop}: timeout")),
+    match (out.is_empty(), last) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(out),
     }
 }
 
-/// Tries `next_hops` (and each address of a name) in order until one takes the
-/// transaction, reusing pooled connections and skipping hops whose circuit is open; if none
-/// can be used, every recipient is deferred with the last error.
+/// Tries the route's next hops (MX hosts or `next_hops`, and each address of a name) in
+/// order until one takes the transaction, reusing pooled connections and skipping hops whose
+/// circuit is open; if none can be used, every recipient is deferred with the last error
+/// (or fails, for a null MX).
 pub async fn deliver(
     pool: &Pool,
-    next_hops: &[NextHop],
+    dns: &dns::Dns,
+    target: &Target<'_>,
     helo: &str,
     tls: &RouteTls,
     timeout: Duration,
     out: &Outbound<'_>,
 ) -> Attempt {
     let mut last_error = String::from("no next hop configured");
-    let mut addrs = Vec::new();
-    for hop in next_hops {
-        match resolve(hop, timeout).await {
-            Ok(a) => addrs.extend(a.into_iter().map(|sa| (sa, hop.host.as_str()))),
-            Err(e) => last_error = e,
+    let addrs = match resolve(dns, target).await {
+        Ok(a) => a,
+        Err(e @ dns::DnsError::NullMx(_)) => {
+            return Attempt {
+                outcomes: vec![RcptOutcome::Failed(format!("556 5.1.10 {e}")); out.rcpts.len()],
+                next_hop: None,
+                tls: false,
+            }
         }
-    }
-    for (hop, host) in addrs {
+        Err(e) => {
+            last_error = e.to_string();
+            Vec::new()
+        }
+    };
+    for (hop, host) in &addrs {
+        let (hop, host) = (*hop, host.as_str());
         if let Admission::Skip(wait) = pool.admit(hop) {
             last_error = format!(
                 "{hop} is down (circuit open; next probe in {} s)",

@@ -43,6 +43,26 @@ fn header_section(message: &[u8]) -> &[u8] {
     }
 }
 
+/// What a DSN reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Recipients failed for good (`Action: failed`).
+    Failed,
+    /// Recipients are still being retried (`Action: delayed`, a warning).
+    Delayed,
+}
+
+/// The enhanced status code for a delay: the reply's own 4.x.x code, else `4.0.0`.
+fn delay_status(reply: &str) -> String {
+    let code = reply.split(' ').nth(1).unwrap_or("");
+    let ok = code.starts_with("4.") && code.split('.').count() == 3 && code.len() <= 9;
+    if ok {
+        code.to_string()
+    } else {
+        "4.0.0".into()
+    }
+}
+
 /// Builds the DSN message (CRLF lines) for `failures` of the message `env`/`original`.
 /// With `RET=FULL` the whole original is returned, otherwise its headers.
 pub fn build(
@@ -51,7 +71,20 @@ pub fn build(
     env: &Envelope,
     original: &[u8],
     failures: &[Failure<'_>],
+    kind: Kind,
 ) -> Vec<u8> {
+    let (subject, intro, action) = match kind {
+        Kind::Failed => (
+            "Undelivered Mail Returned to Sender",
+            "could not be delivered to one or more\r\nrecipients. The reasons are below.",
+            "failed",
+        ),
+        Kind::Delayed => (
+            "Delayed Mail (still being retried)",
+            "has not yet been delivered to one or more\r\nrecipients. It is still being retried; you do not need to send it again.",
+            "delayed",
+        ),
+    };
     let boundary = format!("{dsn_id}/{hostname}");
     let sender = env.from.as_ref().map(|a| a.to_string()).unwrap_or_default();
     let now = chrono::Utc::now().to_rfc2822();
@@ -64,7 +97,7 @@ pub fn build(
         m,
         "From: MAILER-DAEMON@{hostname} (Mail Delivery System)\r\n\
          To: <{sender}>\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\n\
+         Subject: {subject}\r\n\
          Date: {now}\r\n\
          Message-ID: <{dsn_id}.dsn@{hostname}>\r\n\
          Auto-Submitted: auto-replied\r\n\
@@ -79,8 +112,7 @@ pub fn build(
          \r\n\
          This is the mail system at host {hostname}.\r\n\
          \r\n\
-         Your message (queue id {}) could not be delivered to one or more\r\n\
-         recipients. The reasons are below.\r\n\
+         Your message (queue id {}) {intro}\r\n\
          \r\n",
         env.id
     );
@@ -105,7 +137,11 @@ pub fn build(
         if let Some(o) = f.orcpt {
             let _ = write!(m, "Original-Recipient: {o}\r\n");
         }
-        let _ = write!(m, "Action: failed\r\nStatus: {}\r\n", status_of(f.reply));
+        let status = match kind {
+            Kind::Failed => status_of(f.reply),
+            Kind::Delayed => delay_status(f.reply),
+        };
+        let _ = write!(m, "Action: {action}\r\nStatus: {status}\r\n");
         if f.reply.len() > 3 && f.reply.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
             let _ = write!(m, "Diagnostic-Code: smtp; {}\r\n", f.reply);
         } else {
@@ -173,7 +209,14 @@ mod tests {
             orcpt: Some("rfc822;u@nhs.test"),
             reply: "550 5.1.1 no such user",
         }];
-        let dsn = build("mx1.test", &QueueId::generate(), &env, original, &f);
+        let dsn = build(
+            "mx1.test",
+            &QueueId::generate(),
+            &env,
+            original,
+            &f,
+            Kind::Failed,
+        );
         let parsed = mailparse::parse_mail(&dsn).unwrap();
         assert_eq!(parsed.ctype.mimetype, "multipart/report");
         assert_eq!(

@@ -254,6 +254,10 @@ pub struct QueueConfig {
     /// A message still undelivered after this is failed.
     #[serde(default = "default_max_lifetime", with = "duration")]
     pub max_lifetime: Duration,
+    /// Send the sender one "delayed" DSN when a message is still undelivered after this;
+    /// "0s" turns warnings off.
+    #[serde(default = "default_delay_warning", with = "duration")]
+    pub delay_warning: Duration,
 }
 
 impl Default for QueueConfig {
@@ -262,6 +266,7 @@ impl Default for QueueConfig {
             min_backoff: default_min_backoff(),
             max_backoff: default_max_backoff(),
             max_lifetime: default_max_lifetime(),
+            delay_warning: default_delay_warning(),
         }
     }
 }
@@ -460,6 +465,9 @@ fn default_max_backoff() -> Duration {
 }
 fn default_max_lifetime() -> Duration {
     Duration::from_secs(5 * 86400)
+}
+fn default_delay_warning() -> Duration {
+    Duration::from_secs(4 * 3600)
 }
 fn default_delivery_timeout() -> Duration {
     Duration::from_secs(60)

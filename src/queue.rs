@@ -463,8 +463,37 @@ async fn run_message(
             inner.entries().remove(&id);
             return;
         }
+        warn_if_delayed(&inner, &env, &mut state).await;
         save_state(&inner, &id, &state).await;
         wait_for_retry(&inner, &id, &state, &ctl).await;
+    }
+}
+
+/// Sends the sender one "delayed" DSN once the message has waited `queue.delay_warning`
+/// (for recipients whose NOTIFY allows it; never for `<>` or for our own DSNs).
+async fn warn_if_delayed(inner: &Arc<Inner>, env: &Arc<Envelope>, state: &mut DeliveryState) {
+    let after = inner.config.load().queue.delay_warning;
+    if state.warned || after.is_zero() || env.from.is_none() || env.bounce {
+        return;
+    }
+    if unix_now().saturating_sub(env.received_at) < after.as_secs() {
+        return;
+    }
+    let delayed: Vec<usize> = state
+        .pending()
+        .into_iter()
+        .filter(|&i| env.dsn(i).wants_delay())
+        .collect();
+    state.warned = true;
+    if delayed.is_empty() {
+        return;
+    }
+    match spool_dsn(inner, env, state, &delayed, crate::bounce::Kind::Delayed).await {
+        Ok(dsn) => info!(qid = %env.id, dsn = %dsn, "delay warning queued for the sender"),
+        Err(e) => {
+            state.warned = false;
+            warn!(qid = %env.id, error = %e, "cannot queue the delay warning; will try again");
+        }
     }
 }
 
@@ -652,7 +681,7 @@ async fn finish(inner: &Arc<Inner>, env: &Arc<Envelope>, state: DeliveryState) {
         .collect();
     let keep_failed = !failed.is_empty() && env.from.is_none();
     if !notify.is_empty() && env.from.is_some() {
-        match spool_dsn(inner, env, &state, &notify).await {
+        match spool_dsn(inner, env, &state, &notify, crate::bounce::Kind::Failed).await {
             Ok(dsn_id) => {
                 info!(qid = %env.id, dsn = %dsn_id, failed = failed.len(), "bounced: DSN queued for the sender")
             }
@@ -697,6 +726,7 @@ async fn spool_dsn(
     env: &Arc<Envelope>,
     state: &DeliveryState,
     failed: &[usize],
+    kind: crate::bounce::Kind,
 ) -> Result<QueueId, String> {
     let sender = env.from.clone().ok_or("no sender")?;
     let spool = inner.spool.clone();
@@ -718,7 +748,7 @@ async fn spool_dsn(
                 .unwrap_or("unknown error"),
         })
         .collect();
-    let body = crate::bounce::build(&hostname, &dsn_id, env, &original, &failures);
+    let body = crate::bounce::build(&hostname, &dsn_id, env, &original, &failures, kind);
     let dsn_env = Envelope {
         id: dsn_id.clone(),
         from: None,

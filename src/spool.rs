@@ -126,6 +126,9 @@ pub struct DeliveryState {
     /// Put on hold by an admin: no attempts until released (survives restarts).
     #[serde(default)]
     pub held: bool,
+    /// A delay warning was sent to the sender.
+    #[serde(default)]
+    pub warned: bool,
 }
 
 impl DeliveryState {
@@ -141,6 +144,7 @@ impl DeliveryState {
             ],
             attempts: 0,
             held: false,
+            warned: false,
         }
     }
 

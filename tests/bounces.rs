@@ -186,3 +186,41 @@ async fn dsn_parameters_are_passed_to_next_hops_that_offer_dsn() {
     assert_eq!(m.envid.as_deref(), Some("ABC"));
     assert_eq!(m.ret.as_deref(), Some("HDRS"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_delay_warning_then_delivery() {
+    let h = harness(|c| c.queue.delay_warning = Duration::from_secs(1)).await;
+    h.cloud.state.set_mode(coexist::load::sink::SinkMode::Defer);
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    assert_eq!(
+        c.mail("x@example.org", &["bob@nhs.test"], &sample("slow"))
+            .await
+            .code,
+        250
+    );
+    let warning = wait_dsn(&h.onprem).await;
+    assert_eq!(warning.rcpts[0].to_string(), "x@example.org");
+    let text = String::from_utf8_lossy(&warning.body).to_string();
+    assert!(
+        text.contains("Subject: Delayed Mail (still being retried)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Action: delayed") && text.contains("Status: 4.3.0"),
+        "{text}"
+    );
+    // The message is still queued and goes out when the next hop recovers; one warning only.
+    let queued = std::fs::read_dir(h.dir.path().join("spool/active"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "msg"))
+        .count();
+    assert_eq!(queued, 1);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    h.cloud
+        .state
+        .set_mode(coexist::load::sink::SinkMode::Accept);
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    assert_eq!(dsns(&h.onprem.state.messages()).len(), 1);
+}

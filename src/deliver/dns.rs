@@ -36,7 +36,10 @@ impl Dns {
                     // No usable /etc/resolv.conf: IP next hops still work; names will not
                     // resolve until [dns] nameservers is set.
                     tracing::warn!(error = %e, "no system DNS configuration; set [dns] nameservers for MX routes and host names");
-                    TokioResolver::builder_with_config(ResolverConfig::from_name_servers(Vec::new()), provider)
+                    TokioResolver::builder_with_config(
+                        ResolverConfig::from_name_servers(Vec::new()),
+                        provider,
+                    )
                 }
             }
         } else {

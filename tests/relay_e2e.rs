@@ -403,3 +403,58 @@ async fn verify_policy_checks_the_next_hop_certificate() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_and_dropping_next_hops_defer_and_mail_goes_out_later() {
+    let h = harness(|c| c.delivery.timeout = Duration::from_millis(700)).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    for (mode, name) in [(SinkMode::Hang, "hang"), (SinkMode::Drop, "drop")] {
+        h.cloud.state.set_mode(mode);
+        assert_eq!(
+            c.mail("x@example.org", &["bob@nhs.test"], &sample(name))
+                .await
+                .code,
+            250
+        );
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(
+            h.cloud.state.messages().is_empty(),
+            "{name}: nothing may count as delivered"
+        );
+    }
+    h.cloud.state.set_mode(SinkMode::Accept);
+    assert_eq!(
+        wait(&h.cloud, 2).await,
+        2,
+        "both delivered once the hop behaves"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_hop_that_is_down_then_comes_back_gets_everything() {
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let h = harness(|c| c.routes.get_mut("cloud").unwrap().next_hops = vec![down.into()]).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    for i in 0..5 {
+        assert_eq!(
+            c.mail(
+                "x@example.org",
+                &["bob@nhs.test"],
+                &sample(&format!("down{i}"))
+            )
+            .await
+            .code,
+            250
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let back = coexist::load::sink::Sink::start(down, SinkOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(wait(&back, 5).await, 5);
+}

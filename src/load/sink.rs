@@ -23,6 +23,10 @@ pub enum SinkMode {
     Defer = 1,
     /// 554 5.6.0.
     Reject = 2,
+    /// Never answer the end of data (the sender times out).
+    Hang = 3,
+    /// Answer 421 4.3.2 and close the connection.
+    Drop = 4,
 }
 
 /// A message as the sink received it.
@@ -162,6 +166,11 @@ impl Handler for SinkHandler {
         match s.mode.load(Ordering::SeqCst) {
             1 => return Reply::new(451, "4.3.0", "Sink: deferring on request"),
             2 => return Reply::new(554, "5.6.0", "Sink: rejecting on request"),
+            3 => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                return Reply::new(451, "4.3.0", "Sink: woke up");
+            }
+            4 => return Reply::new(421, "4.3.2", "Sink: closing on request"),
             _ => {}
         }
         if let Some(rec) = &s.record {

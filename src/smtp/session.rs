@@ -629,6 +629,10 @@ impl<H: Handler> Session<H> {
         if reply.is_positive() {
             metrics::counter!(crate::metrics::MESSAGE_BYTES).increment(size);
             self.ok(&reply)
+        } else if reply.code == 421 {
+            // 421: the service is closing the channel (RFC 5321 3.8).
+            self.conn.reply(&reply);
+            Next::Close
         } else {
             self.error(reply)
         }

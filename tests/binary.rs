@@ -28,7 +28,7 @@ async fn kill_9_loses_no_acknowledged_message() {
             .mail("x@example.org", rcpts, &sample(&format!("crash{i}")))
             .await;
         assert_eq!(r.code, 250, "{r:?}");
-        ids.push(r.text.trim().rsplit(' ').next().unwrap().to_string());
+        ids.push(queue_id(&r));
     }
     server.0.kill().unwrap(); // SIGKILL
     server.0.wait().unwrap();

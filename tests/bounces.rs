@@ -48,7 +48,7 @@ async fn permanent_failure_bounces_that_recipient_only_with_a_parseable_dsn() {
     c.send(&body).await;
     let r = c.reply().await;
     assert_eq!(r.code, 250);
-    let qid = r.text.trim().rsplit(' ').next().unwrap().to_string();
+    let qid = queue_id(&r);
 
     let dsn = wait_dsn(&h.onprem).await;
     assert_eq!(
@@ -146,7 +146,7 @@ async fn null_sender_never_gets_a_bounce() {
         .mail("", &["reject-me@nhs.test"], &sample("bounce of bounce"))
         .await;
     assert_eq!(r.code, 250);
-    let qid = r.text.trim().rsplit(' ').next().unwrap().to_string();
+    let qid = queue_id(&r);
     let failed = h.dir.path().join(format!("spool/failed/{qid}.state"));
     let t0 = std::time::Instant::now();
     while !failed.exists() {
@@ -191,14 +191,7 @@ async fn dsn_parameters_are_passed_to_next_hops_that_offer_dsn() {
 async fn one_delay_warning_then_delivery() {
     let h = harness(|c| c.queue.delay_warning = Duration::from_secs(1)).await;
     h.cloud.state.set_mode(coexist::load::sink::SinkMode::Defer);
-    let mut c = connect(h.addr).await;
-    c.expect("EHLO client.test", 250).await;
-    assert_eq!(
-        c.mail("x@example.org", &["bob@nhs.test"], &sample("slow"))
-            .await
-            .code,
-        250
-    );
+    assert_eq!(send_one(h.addr, &["bob@nhs.test"], "slow").await.code, 250);
     let warning = wait_dsn(&h.onprem).await;
     assert_eq!(warning.rcpts[0].to_string(), "x@example.org");
     let text = String::from_utf8_lossy(&warning.body).to_string();

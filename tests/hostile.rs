@@ -174,12 +174,8 @@ async fn full_disk_answers_452_and_accepts_again_when_space_returns() {
     std::fs::write(&cfg.path, &text).unwrap();
     let (ok, _, err) = cli(&cfg.path, &["reload"]);
     assert!(ok, "{err}");
-    let mut c = connect(cfg.listen).await;
-    c.expect("EHLO client.test", 250).await;
     assert_eq!(
-        c.mail("x@example.org", &["bob@nhs.test"], &sample("space"))
-            .await
-            .code,
+        send_one(cfg.listen, &["bob@nhs.test"], "space").await.code,
         250
     );
     assert_eq!(wait(&cloud, 1).await, 1);
@@ -200,14 +196,7 @@ async fn a_loop_between_two_relays_ends_with_546() {
         c.routes.get_mut("cloud").unwrap().next_hops = vec![b.addr.into()];
     })
     .await;
-    let mut c = connect(a.addr).await;
-    c.expect("EHLO client.test", 250).await;
-    assert_eq!(
-        c.mail("x@example.org", &["bob@nhs.test"], &sample("loop"))
-            .await
-            .code,
-        250
-    );
+    assert_eq!(send_one(a.addr, &["bob@nhs.test"], "loop").await.code, 250);
 
     // The copy that crosses the limit is refused with 5.4.6; the relay that sent it bounces
     // the recipient: a DSN with Status 5.4.6 goes to the sender (external route: on

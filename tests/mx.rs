@@ -36,10 +36,8 @@ async fn mx_route_follows_preference_and_fails_over() {
     route.mx = Some(coexist::types::Domain::parse("tenant.test", false).unwrap());
     route.port = port;
     let relay = coexist::relay::start(cfg.clone()).await.unwrap();
-    let mut c = connect(relay.local_addrs[0]).await;
-    c.expect("EHLO client.test", 250).await;
     assert_eq!(
-        c.mail("x@example.org", &["bob@nhs.test"], &sample("mx"))
+        send_one(relay.local_addrs[0], &["bob@nhs.test"], "mx")
             .await
             .code,
         250
@@ -52,10 +50,8 @@ async fn mx_route_follows_preference_and_fails_over() {
     cfg.routes.get_mut("cloud").unwrap().mx =
         Some(coexist::types::Domain::parse("nomx.test", false).unwrap());
     let relay = coexist::relay::start(cfg).await.unwrap();
-    let mut c = connect(relay.local_addrs[0]).await;
-    c.expect("EHLO client.test", 250).await;
     assert_eq!(
-        c.mail("x@example.org", &["carol@nhs.test"], &sample("nomx"))
+        send_one(relay.local_addrs[0], &["carol@nhs.test"], "nomx")
             .await
             .code,
         250
@@ -73,12 +69,8 @@ async fn null_mx_fails_the_recipient_with_a_dsn() {
         r.mx = Some(coexist::types::Domain::parse("nullmx.test", false).unwrap());
     })
     .await;
-    let mut c = connect(h.addr).await;
-    c.expect("EHLO client.test", 250).await;
     assert_eq!(
-        c.mail("x@example.org", &["bob@nhs.test"], &sample("nullmx"))
-            .await
-            .code,
+        send_one(h.addr, &["bob@nhs.test"], "nullmx").await.code,
         250
     );
     // The DSN goes to the sender through the external route (on premises).

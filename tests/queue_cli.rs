@@ -10,11 +10,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 async fn send(addr: SocketAddr, rcpts: &[&str], subject: &str) -> String {
-    let mut c = connect(addr).await;
-    c.expect("EHLO client.test", 250).await;
-    let r = c.mail("x@example.org", rcpts, &sample(subject)).await;
+    let r = send_one(addr, rcpts, subject).await;
     assert_eq!(r.code, 250, "{r:?}");
-    r.text.trim().rsplit(' ').next().unwrap().to_string()
+    queue_id(&r)
 }
 
 /// Polls `coexist queue list ARGS` until its output contains `want`.

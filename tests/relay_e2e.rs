@@ -22,7 +22,7 @@ async fn message_for_both_estates_is_split_with_body_unchanged() {
         )
         .await;
     assert_eq!(r.code, 250, "{r:?}");
-    let qid = r.text.trim().rsplit(' ').next().unwrap().to_string();
+    let qid = queue_id(&r);
     assert_eq!(wait(&h.onprem, 1).await, 1);
     assert_eq!(wait(&h.cloud, 2).await, 2);
     let on = h.onprem.state.messages();
@@ -82,12 +82,8 @@ async fn data_to_next_hop_without_chunking_keeps_bytes() {
 async fn deferred_message_is_retried_and_follows_a_moved_mailbox() {
     let h = harness(|_| {}).await;
     h.onprem.state.set_mode(SinkMode::Defer);
-    let mut c = connect(h.addr).await;
-    c.expect("EHLO client.test", 250).await;
     assert_eq!(
-        c.mail("x@example.org", &["dave@nhs.test"], &sample("moving"))
-            .await
-            .code,
+        send_one(h.addr, &["dave@nhs.test"], "moving").await.code,
         250
     );
     // dave is on premises, which defers. Then dave's mailbox moves to the cloud.
@@ -118,14 +114,7 @@ async fn deferred_message_is_retried_and_follows_a_moved_mailbox() {
 async fn deferral_then_success_at_the_same_hop() {
     let h = harness(|_| {}).await;
     h.cloud.state.set_mode(SinkMode::Defer);
-    let mut c = connect(h.addr).await;
-    c.expect("EHLO client.test", 250).await;
-    assert_eq!(
-        c.mail("x@example.org", &["bob@nhs.test"], &sample("retry"))
-            .await
-            .code,
-        250
-    );
+    assert_eq!(send_one(h.addr, &["bob@nhs.test"], "retry").await.code, 250);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let state = std::fs::read_dir(h.dir.path().join("spool/active"))
         .unwrap()
@@ -181,14 +170,7 @@ async fn tls_required_route_uses_starttls_when_offered() {
         c.routes.get_mut("cloud").unwrap().tls = TlsPolicy::Required
     })
     .await;
-    let mut c = connect(h.addr).await;
-    c.expect("EHLO client.test", 250).await;
-    assert_eq!(
-        c.mail("x@example.org", &["bob@nhs.test"], &sample("tls2"))
-            .await
-            .code,
-        250
-    );
+    assert_eq!(send_one(h.addr, &["bob@nhs.test"], "tls2").await.code, 250);
     assert_eq!(wait(&h.cloud, 1).await, 1);
     assert!(h.cloud.state.messages()[0].tls);
 }
@@ -218,10 +200,8 @@ async fn dead_first_hop_fails_over_to_a_named_next_hop() {
         coexist::config::NextHop::parse(&format!("localhost:{}", cloud.addr.port())).unwrap(),
     ];
     let relay = coexist::relay::start(cfg).await.unwrap();
-    let mut c = connect(relay.local_addrs[0]).await;
-    c.expect("EHLO client.test", 250).await;
     assert_eq!(
-        c.mail("x@example.org", &["bob@nhs.test"], &sample("failover"))
+        send_one(relay.local_addrs[0], &["bob@nhs.test"], "failover")
             .await
             .code,
         250
@@ -367,10 +347,8 @@ async fn verify_harness(name: &str) -> (Harness, tempfile::TempDir) {
 async fn verify_policy_checks_the_next_hop_certificate() {
     // The sinks' certificate is for mx1.coexist.test, signed by the test CA.
     let (good, _ca) = verify_harness("mx1.coexist.test").await;
-    let mut c = connect(good.addr).await;
-    c.expect("EHLO client.test", 250).await;
     assert_eq!(
-        c.mail("x@example.org", &["bob@nhs.test"], &sample("verified"))
+        send_one(good.addr, &["bob@nhs.test"], "verified")
             .await
             .code,
         250
@@ -379,10 +357,8 @@ async fn verify_policy_checks_the_next_hop_certificate() {
     assert!(good.cloud.state.messages()[0].tls);
 
     let (bad, _ca2) = verify_harness("exchange.other.test").await;
-    let mut c = connect(bad.addr).await;
-    c.expect("EHLO client.test", 250).await;
     assert_eq!(
-        c.mail("x@example.org", &["bob@nhs.test"], &sample("unverified"))
+        send_one(bad.addr, &["bob@nhs.test"], "unverified")
             .await
             .code,
         250

@@ -466,3 +466,15 @@ pub mod dns {
         Some(out)
     }
 }
+
+/// Connects, says EHLO and sends one sample message; returns the final reply.
+pub async fn send_one(addr: SocketAddr, rcpts: &[&str], subject: &str) -> Reply {
+    let mut c = connect(addr).await;
+    c.expect("EHLO client.test", 250).await;
+    c.mail("x@example.org", rcpts, &sample(subject)).await
+}
+
+/// The queue id in a `250 ... queued as ID` reply.
+pub fn queue_id(r: &Reply) -> String {
+    r.text.trim().rsplit(' ').next().unwrap_or("").to_string()
+}

@@ -671,6 +671,8 @@ fn main() -> anyhow::Result<()> {
             if let Some(t) = &cfg.tls {
                 coexist::smtp::tls::load_acceptor(&t.cert, &t.key)?;
             }
+            // Outbound TLS material (CA files, client certificates) of every route.
+            coexist::deliver::tls::route_tls(&cfg)?;
             let source = coexist::directory::FileSource {
                 path: cfg.directory.file.clone(),
             };

@@ -283,6 +283,9 @@ pub struct DeliveryConfig {
     /// `directory.unknown` route, or the first route when that is `reject`.
     #[serde(default)]
     pub external_route: Option<String>,
+    /// Transactions in flight per next-hop address, across routes.
+    #[serde(default = "default_concurrency")]
+    pub hop_concurrency: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -290,6 +293,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             timeout: default_delivery_timeout(),
             external_route: None,
+            hop_concurrency: default_concurrency(),
         }
     }
 }
@@ -680,6 +684,10 @@ impl Config {
         );
         check(self.admin != new.admin, "admin");
         check(self.dns != new.dns, "dns");
+        check(
+            self.delivery.hop_concurrency != new.delivery.hop_concurrency,
+            "delivery.hop_concurrency",
+        );
         check(
             self.route_names() != new.route_names(),
             "routes (the set of route names)",

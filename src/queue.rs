@@ -181,6 +181,7 @@ impl Queue {
         directory: Arc<Directory>,
         config: Arc<Config>,
     ) -> Result<Queue, QueueError> {
+        let hop_concurrency = config.delivery.hop_concurrency;
         Ok(Queue {
             inner: Arc::new(Inner {
                 spool,
@@ -191,7 +192,7 @@ impl Queue {
                     .map_err(QueueError::Dns)?,
                 config: ArcSwap::new(config),
                 entries: Mutex::new(HashMap::new()),
-                pool: deliver::pool::Pool::new(16),
+                pool: deliver::pool::Pool::new(16, hop_concurrency),
             }),
         })
     }

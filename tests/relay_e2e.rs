@@ -434,3 +434,33 @@ async fn a_next_hop_that_is_down_then_comes_back_gets_everything() {
         .unwrap();
     assert_eq!(wait(&back, 5).await, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_per_next_hop_are_limited() {
+    let h = harness(|c| {
+        c.delivery.hop_concurrency = 2;
+        c.delivery.timeout = Duration::from_secs(2);
+    })
+    .await;
+    h.cloud.state.set_mode(SinkMode::Hang);
+    for i in 0..5 {
+        assert_eq!(
+            send_one(h.addr, &["bob@nhs.test"], &format!("limit{i}"))
+                .await
+                .code,
+            250
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let sessions = h
+        .cloud
+        .state
+        .sessions
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        sessions, 2,
+        "five deliveries waiting, two in flight at the hop"
+    );
+    h.cloud.state.set_mode(SinkMode::Accept);
+    assert_eq!(wait(&h.cloud, 5).await, 5);
+}

@@ -483,6 +483,7 @@ pub async fn deliver(
             );
             continue;
         }
+        let _slot = pool.slot(hop).await;
         let (mut conn, reused) = match pool.checkout(hop, host, helo, tls, timeout).await {
             Ok(c) => c,
             Err(e) => {

@@ -14,8 +14,9 @@ use super::{Connection, HopError, RouteTls};
 use crate::config::TlsPolicy;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long a connection may sit idle before it is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,17 +57,34 @@ pub enum Admission {
 pub struct Pool {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
     health: Mutex<HashMap<SocketAddr, Health>>,
+    slots: Mutex<HashMap<SocketAddr, Arc<Semaphore>>>,
     max_idle: usize,
+    per_hop: usize,
 }
 
 impl Pool {
     /// A pool keeping at most `max_idle` idle connections per next hop.
-    pub fn new(max_idle: usize) -> Pool {
+    /// A pool keeping at most `max_idle` idle connections per next hop and allowing at most
+    /// `per_hop` transactions in flight per next-hop address (across routes).
+    pub fn new(max_idle: usize, per_hop: usize) -> Pool {
         Pool {
             idle: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
             max_idle,
+            per_hop: per_hop.max(1),
         }
+    }
+
+    /// Waits for a transaction slot at `addr` (held until the permit is dropped).
+    pub async fn slot(&self, addr: SocketAddr) -> Option<OwnedSemaphorePermit> {
+        let sem = {
+            let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(addr)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_hop)))
+                .clone()
+        };
+        sem.acquire_owned().await.ok()
     }
 
     /// Asks the circuit whether `addr` may be tried now.
@@ -162,7 +180,7 @@ mod tests {
 
     #[test]
     fn circuit_opens_then_allows_one_probe() {
-        let pool = Pool::new(4);
+        let pool = Pool::new(4, 4);
         let a: SocketAddr = "127.0.0.1:9".parse().unwrap();
         assert_eq!(pool.admit(a), Admission::Go);
         pool.report(a, false);

@@ -29,6 +29,11 @@ pub fn generate(hostname: &str) -> Result<DevCerts, rcgen::Error> {
         "::1".to_string(),
     ])?;
     params.distinguished_name.push(DnType::CommonName, hostname);
+    // Usable as a server certificate and as a client certificate (outbound connectors).
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca)?;
     Ok(DevCerts {

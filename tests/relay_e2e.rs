@@ -464,3 +464,52 @@ async fn transactions_per_next_hop_are_limited() {
     h.cloud.state.set_mode(SinkMode::Accept);
     assert_eq!(wait(&h.cloud, 5).await, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificate_is_presented_to_a_next_hop_that_requires_one() {
+    use rustls_pki_types::pem::PemObject;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&certs.cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&certs.key).unwrap();
+    // The next hop (like an Exchange Online connector) only takes senders with a
+    // certificate from the test CA.
+    let acceptor =
+        coexist::smtp::tls::acceptor_requiring_client_cert(chain, key, certs.ca_pem.as_bytes())
+            .unwrap();
+    let opts = SinkOptions {
+        tls: Some(acceptor),
+        ..SinkOptions::default()
+    };
+    let (cert, key) = (certs.cert.clone(), certs.key.clone());
+    let h = harness_with(opts, move |c| {
+        let r = c.routes.get_mut("cloud").unwrap();
+        r.tls = TlsPolicy::Required;
+        r.client_cert = Some(cert);
+        r.client_key = Some(key);
+        // Without a certificate the on-premises route cannot get through.
+        c.routes.get_mut("onprem").unwrap().tls = TlsPolicy::Required;
+    })
+    .await;
+    assert_eq!(
+        send_one(h.addr, &["bob@nhs.test", "alice@nhs.test"], "cert")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    let summary = h.cloud.state.messages()[0]
+        .tls_summary
+        .clone()
+        .unwrap_or_default();
+    assert!(summary.contains("client certificate"), "{summary}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        h.onprem.state.messages().is_empty(),
+        "no certificate, no delivery"
+    );
+    drop(dir);
+}

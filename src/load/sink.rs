@@ -40,6 +40,8 @@ pub struct SinkMessage {
     pub body: Vec<u8>,
     /// The session was TLS.
     pub tls: bool,
+    /// TLS details ("TLSv1_3 with cipher …, client certificate").
+    pub tls_summary: Option<String>,
     /// DSN parameters per recipient.
     pub rcpt_dsn: Vec<crate::smtp::command::RcptDsn>,
     /// DSN `RET`.
@@ -194,6 +196,7 @@ impl Handler for SinkHandler {
             rcpts: msg.rcpts,
             body: if s.keep_bodies { msg.body } else { Vec::new() },
             tls: msg.peer.tls.is_some(),
+            tls_summary: msg.peer.tls.clone(),
             rcpt_dsn: msg.rcpt_dsn,
             ret: msg.params.ret,
             envid: msg.params.envid,

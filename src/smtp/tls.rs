@@ -84,6 +84,32 @@ pub fn acceptor_from(
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// An acceptor that requires a client certificate issued by one of `client_cas` (PEM
+/// certificates), as a next hop that identifies senders by certificate does (tests, sinks).
+pub fn acceptor_requiring_client_cert(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_cas: &[u8],
+) -> Result<TlsAcceptor, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(client_cas) {
+        roots
+            .add(c.map_err(|e| TlsError::Config(e.to_string()))?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
 /// A session's byte stream: clear text until STARTTLS, then TLS.
 pub enum MaybeTls {
     /// Clear text.
@@ -109,7 +135,12 @@ impl MaybeTls {
                     .negotiated_cipher_suite()
                     .map(|c| format!("{:?}", c.suite()))
                     .unwrap_or_else(|| "unknown".into());
-                Some(format!("{version} with cipher {cipher}"))
+                let client = if conn.peer_certificates().is_some_and(|c| !c.is_empty()) {
+                    ", client certificate"
+                } else {
+                    ""
+                };
+                Some(format!("{version} with cipher {cipher}{client}"))
             }
         }
     }

@@ -144,6 +144,15 @@ enum Cmd {
         /// Append `QUEUE-ID RECIPIENTS` per accepted message to this file.
         #[arg(long)]
         record: Option<PathBuf>,
+        /// Share (0 to 1) of recipients to defer with 450 4.2.1.
+        #[arg(long, default_value_t = 0.0)]
+        defer_share: f64,
+        /// Share (0 to 1) of recipients to refuse with 550 5.1.1.
+        #[arg(long, default_value_t = 0.0)]
+        reject_share: f64,
+        /// Milliseconds to wait before answering the end of data.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
 }
 
@@ -798,27 +807,46 @@ fn main() -> anyhow::Result<()> {
             });
             Ok(())
         }
-        Cmd::Sink { listen, record } => {
+        Cmd::Sink {
+            listen,
+            record,
+            defer_share,
+            reject_share,
+            delay_ms,
+        } => {
             init_logging(cli.log_format);
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&defer_share)
+                    && (0.0..=1.0).contains(&reject_share)
+                    && defer_share + reject_share <= 1.0,
+                "--defer-share and --reject-share must be between 0 and 1, and together at most 1"
+            );
             rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
                 let sink = coexist::load::sink::Sink::start(
                     listen,
                     coexist::load::sink::SinkOptions {
                         keep_bodies: false,
                         record,
+                        defer_share,
+                        reject_share,
+                        delay: std::time::Duration::from_millis(delay_ms),
                         ..Default::default()
                     },
                 )
                 .await?;
                 tracing::info!(addr = %sink.addr, "sink ready");
-                tokio::signal::ctrl_c().await?;
-                let s = &sink.state;
-                println!(
-                    "sink: {} messages, {} recipients, {} bytes",
-                    s.accepted.load(std::sync::atomic::Ordering::SeqCst),
-                    s.recipients.load(std::sync::atomic::Ordering::SeqCst),
-                    s.bytes.load(std::sync::atomic::Ordering::SeqCst)
-                );
+                // SIGUSR1 prints the counts; SIGINT/SIGTERM print them and stop.
+                let mut usr1 = signal(SignalKind::user_defined1())?;
+                let mut term = signal(SignalKind::terminate())?;
+                loop {
+                    tokio::select! {
+                        _ = usr1.recv() => println!("{}", sink.state.summary()),
+                        _ = term.recv() => break,
+                        _ = tokio::signal::ctrl_c() => break,
+                    }
+                }
+                println!("{}", sink.state.summary());
                 anyhow::Ok(())
             })
         }

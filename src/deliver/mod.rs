@@ -145,7 +145,8 @@ impl Connection {
         let name = tls.server_name(host);
         let started = c.start_tls(&tls.connector, &name).await;
         let result = if started.is_ok() { "ok" } else { "failed" };
-        metrics::counter!(crate::metrics::TLS_HANDSHAKES, "side" => "outbound", "result" => result).increment(1);
+        metrics::counter!(crate::metrics::TLS_HANDSHAKES, "side" => "outbound", "result" => result)
+            .increment(1);
         let mut t = started.map_err(|e| HopError::Tls(addr, e.to_string()))?;
         let ehlo = t
             .ehlo(helo)

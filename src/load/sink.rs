@@ -66,6 +66,12 @@ pub struct SinkOptions {
     /// Append one line per accepted message to this file: the queue id from the first
     /// `Received:` header (the relay's) and the recipient count. Flushed per message.
     pub record: Option<std::path::PathBuf>,
+    /// Share (0..1) of recipients deferred at RCPT with 450 4.2.1, at random.
+    pub defer_share: f64,
+    /// Share (0..1) of recipients refused at RCPT with 550 5.1.1, at random.
+    pub reject_share: f64,
+    /// Wait this long before answering the end of data.
+    pub delay: Duration,
 }
 
 impl Default for SinkOptions {
@@ -77,6 +83,9 @@ impl Default for SinkOptions {
             pipelining: true,
             keep_bodies: true,
             record: None,
+            defer_share: 0.0,
+            reject_share: 0.0,
+            delay: Duration::ZERO,
         }
     }
 }
@@ -96,6 +105,10 @@ pub struct SinkState {
     pub sessions: AtomicU64,
     changed: Notify,
     record: Option<Mutex<std::fs::File>>,
+    defer_share: f64,
+    reject_share: f64,
+    delay: Duration,
+    by_domain: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// The queue id in the first `Received:` header (`... id QID ...`), if any.
@@ -116,6 +129,35 @@ impl SinkState {
     /// Sets how the end of data is answered.
     pub fn set_mode(&self, m: SinkMode) {
         self.mode.store(m as u8, Ordering::SeqCst);
+    }
+
+    /// Accepted recipients per domain.
+    pub fn by_domain(&self) -> std::collections::BTreeMap<String, u64> {
+        self.by_domain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// One line of counts: messages, recipients, bytes, recipients per domain.
+    pub fn summary(&self) -> String {
+        let domains: Vec<String> = self
+            .by_domain()
+            .iter()
+            .map(|(d, n)| format!("{d}={n}"))
+            .collect();
+        format!(
+            "sink: {} messages, {} recipients, {} bytes, {} sessions; by domain: {}",
+            self.accepted.load(Ordering::SeqCst),
+            self.recipients.load(Ordering::SeqCst),
+            self.bytes.load(Ordering::SeqCst),
+            self.sessions.load(Ordering::SeqCst),
+            if domains.is_empty() {
+                "-".to_string()
+            } else {
+                domains.join(" ")
+            }
+        )
     }
 
     /// A copy of the accepted messages.
@@ -160,6 +202,24 @@ impl Handler for SinkHandler {
         if local.starts_with("defer") {
             return Err(Reply::new(450, "4.2.1", "Sink: mailbox busy, try later"));
         }
+        let s = &self.0;
+        if s.reject_share > 0.0 || s.defer_share > 0.0 {
+            let x = fastrand::f64();
+            if x < s.reject_share {
+                return Err(Reply::new(
+                    550,
+                    "5.1.1",
+                    "Sink: refusing a share of recipients on request",
+                ));
+            }
+            if x < s.reject_share + s.defer_share {
+                return Err(Reply::new(
+                    450,
+                    "4.2.1",
+                    "Sink: deferring a share of recipients on request",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -174,6 +234,9 @@ impl Handler for SinkHandler {
             }
             4 => return Reply::new(421, "4.3.2", "Sink: closing on request"),
             _ => {}
+        }
+        if !s.delay.is_zero() {
+            tokio::time::sleep(s.delay).await;
         }
         if let Some(rec) = &s.record {
             use std::io::Write;
@@ -201,6 +264,12 @@ impl Handler for SinkHandler {
             ret: msg.params.ret,
             envid: msg.params.envid,
         };
+        {
+            let mut d = s.by_domain.lock().unwrap_or_else(|p| p.into_inner());
+            for r in &m.rcpts {
+                *d.entry(r.domain().to_string()).or_default() += 1;
+            }
+        }
         s.messages.lock().unwrap_or_else(|p| p.into_inner()).push(m);
         s.recipients.fetch_add(n, Ordering::SeqCst);
         s.changed.notify_waiters();
@@ -246,6 +315,10 @@ impl Sink {
                 )),
                 None => None,
             },
+            defer_share: opts.defer_share,
+            reject_share: opts.reject_share,
+            delay: opts.delay,
+            by_domain: Mutex::new(std::collections::BTreeMap::new()),
         });
         let cfg = SessionConfig {
             hostname: opts.hostname,

@@ -117,6 +117,12 @@ enum Cmd {
         /// Write the queue id of every accepted message to this file, one per line.
         #[arg(long)]
         ids: Option<PathBuf>,
+        /// Do not use PIPELINING even when offered.
+        #[arg(long)]
+        no_pipelining: bool,
+        /// Do not use CHUNKING (BDAT) even when offered: send with DATA.
+        #[arg(long)]
+        no_chunking: bool,
     },
     /// Re-read the running server's config file and swap it in (refused whole if invalid).
     Reload {
@@ -141,7 +147,7 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:2601")]
         listen: SocketAddr,
-        /// Append `QUEUE-ID RECIPIENTS` per accepted message to this file.
+        /// Append `QUEUE-ID COUNT RCPT,RCPT...` per accepted message to this file.
         #[arg(long)]
         record: Option<PathBuf>,
         /// Share (0 to 1) of recipients to defer with 450 4.2.1.
@@ -762,6 +768,8 @@ fn main() -> anyhow::Result<()> {
             tls,
             max_seconds,
             ids,
+            no_pipelining,
+            no_chunking,
         } => {
             use coexist::load::client;
             let rcpts = client::recipients(directory.as_deref(), 10_000)?;
@@ -783,6 +791,8 @@ fn main() -> anyhow::Result<()> {
                         coexist::config::TlsPolicy::None
                     },
                     max_duration: std::time::Duration::from_secs(max_seconds),
+                    pipelining: !no_pipelining,
+                    chunking: !no_chunking,
                 },
                 gen,
             ));

@@ -114,6 +114,8 @@ impl Connection {
         let mut c = SmtpClient::connect(addr, timeout)
             .await
             .map_err(|e| HopError::Connect(addr, e.to_string()))?;
+        // Commands and data are batched into whole writes here, so Nagle only adds delay.
+        let _ = c.stream.set_nodelay(true);
         let greeting = tokio::time::timeout(timeout, c.read())
             .await
             .map_err(|_| HopError::Refused(addr, "greeting timeout".into()))?
@@ -158,6 +160,16 @@ impl Connection {
             addr,
             timeout,
         })
+    }
+
+    /// Stops using extensions the server offers: PIPELINING and/or CHUNKING (load tests).
+    pub fn limit_extensions(&mut self, pipelining: bool, chunking: bool) {
+        if !pipelining {
+            self.caps &= !EXT_PIPELINING;
+        }
+        if !chunking {
+            self.caps &= !EXT_CHUNKING;
+        }
     }
 
     /// True when the session is encrypted.

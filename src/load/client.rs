@@ -96,6 +96,10 @@ pub struct LoadOptions {
     pub tls: TlsPolicy,
     /// Stop sending after this long, whatever the count.
     pub max_duration: Duration,
+    /// Use PIPELINING when offered.
+    pub pipelining: bool,
+    /// Use CHUNKING (BDAT) when offered.
+    pub chunking: bool,
 }
 
 /// What a run measured.
@@ -148,6 +152,7 @@ pub async fn run(opts: LoadOptions, gen: Arc<Generator>) -> LoadReport {
             opts.tls,
         );
         let route_tls = crate::deliver::RouteTls::plain(tls);
+        let (pipelining, chunking) = (opts.pipelining, opts.chunking);
         tasks.spawn(async move {
             let mut local = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).ok();
             'sessions: while Instant::now() < deadline {
@@ -160,7 +165,10 @@ pub async fn run(opts: LoadOptions, gen: Arc<Generator>) -> LoadReport {
                 )
                 .await
                 {
-                    Ok(c) => c,
+                    Ok(mut c) => {
+                        c.limit_extensions(pipelining, chunking);
+                        c
+                    }
                     Err(_) => {
                         lock(&report).errors += 1;
                         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -134,6 +134,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
                 TlsPolicy::None
             },
             max_duration: Duration::from_secs(300),
+            pipelining: true,
+            chunking: true,
         },
         gen,
     )

@@ -64,7 +64,8 @@ pub struct SinkOptions {
     /// Keep message bodies (tests); counts only otherwise.
     pub keep_bodies: bool,
     /// Append one line per accepted message to this file: the queue id from the first
-    /// `Received:` header (the relay's) and the recipient count. Flushed per message.
+    /// `Received:` header (the relay's), the recipient count and the recipients
+    /// (comma-separated). Flushed per message.
     pub record: Option<std::path::PathBuf>,
     /// Share (0..1) of recipients deferred at RCPT with 450 4.2.1, at random.
     pub defer_share: f64,
@@ -240,10 +241,12 @@ impl Handler for SinkHandler {
         }
         if let Some(rec) = &s.record {
             use std::io::Write;
+            let rcpts: Vec<String> = msg.rcpts.iter().map(|a| a.to_string()).collect();
             let line = format!(
-                "{} {}\n",
+                "{} {} {}\n",
                 received_id(&msg.body).unwrap_or_else(|| "-".into()),
-                msg.rcpts.len()
+                msg.rcpts.len(),
+                rcpts.join(",")
             );
             let mut f = rec.lock().unwrap_or_else(|p| p.into_inner());
             if f.write_all(line.as_bytes()).is_err() {

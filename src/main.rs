@@ -123,6 +123,31 @@ enum Cmd {
         /// Do not use CHUNKING (BDAT) even when offered: send with DATA.
         #[arg(long)]
         no_chunking: bool,
+        /// Open loop: start this many messages per second (sessions at most --concurrency);
+        /// the report says when the target was missed.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Measure MAIL-RCPT and DATA apart (waits for the RCPT replies before the body).
+        #[arg(long)]
+        phases: bool,
+        /// Replay the .eml files of this folder instead of generated mail.
+        #[arg(long)]
+        eml: Option<PathBuf>,
+        /// Replay the messages of this mbox file instead of generated mail.
+        #[arg(long)]
+        mbox: Option<PathBuf>,
+        /// Envelope sender for replayed files (default: their From header).
+        #[arg(long)]
+        from: Option<String>,
+        /// Envelope recipients for replayed files (default: their To and Cc headers).
+        #[arg(long)]
+        to: Vec<String>,
+        /// Write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Draw throughput and latency over time as SVG into this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// Re-read the running server's config file and swap it in (refused whole if invalid).
     Reload {
@@ -770,15 +795,45 @@ fn main() -> anyhow::Result<()> {
             ids,
             no_pipelining,
             no_chunking,
+            rate,
+            phases,
+            eml,
+            mbox,
+            from,
+            to,
+            json,
+            report: svg,
         } => {
             use coexist::load::client;
-            let rcpts = client::recipients(directory.as_deref(), 10_000)?;
-            anyhow::ensure!(!rcpts.is_empty(), "no recipients to send to");
-            let gen = std::sync::Arc::new(client::Generator {
-                rcpts,
-                max_rcpts,
-                size,
-            });
+            let gen = if eml.is_some() || mbox.is_some() {
+                let from = from
+                    .map(|f| coexist::types::Address::parse(&f, true))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--from: {e}"))?;
+                let to = to
+                    .iter()
+                    .map(|t| {
+                        coexist::types::Address::parse(t, true)
+                            .map_err(|e| anyhow::anyhow!("--to {t}: {e}"))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let msgs =
+                    client::read_messages(eml.as_deref(), mbox.as_deref(), from.as_ref(), &to)?;
+                anyhow::ensure!(
+                    !msgs.is_empty(),
+                    "no message with a sender and recipients in the files"
+                );
+                client::Traffic::Files(msgs)
+            } else {
+                let rcpts = client::recipients(directory.as_deref(), 10_000)?;
+                anyhow::ensure!(!rcpts.is_empty(), "no recipients to send to");
+                client::Traffic::Synthetic(client::Generator {
+                    rcpts,
+                    max_rcpts,
+                    size,
+                })
+            };
+            let gen = std::sync::Arc::new(gen);
             let report = rt.block_on(client::run(
                 client::LoadOptions {
                     target,
@@ -793,10 +848,21 @@ fn main() -> anyhow::Result<()> {
                     max_duration: std::time::Duration::from_secs(max_seconds),
                     pipelining: !no_pipelining,
                     chunking: !no_chunking,
+                    rate,
+                    phases,
+                    progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 },
                 gen,
             ));
             println!("{}", report.summary(concurrency));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report.to_json())?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(path) = svg {
+                std::fs::write(&path, report.svg())
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             if let Some(path) = ids {
                 let mut text = report.ids.join("\n");
                 text.push('\n');

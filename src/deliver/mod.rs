@@ -85,6 +85,13 @@ pub struct Connection {
     caps: u32,
     addr: SocketAddr,
     timeout: Duration,
+    /// Time to connect, and then to the end of greeting, EHLO and STARTTLS.
+    pub opened: (Duration, Duration),
+    /// Wait for the MAIL/RCPT replies before sending the body (load tests measure the two
+    /// phases apart; delivery pipelines the whole transaction).
+    pub split_phases: bool,
+    /// Time from MAIL to its RCPT replies in the last transaction, when measured.
+    pub last_mail_rcpt: Option<Duration>,
 }
 
 fn reply_text(r: &smtp_proto::Response<String>) -> String {
@@ -111,9 +118,11 @@ impl Connection {
         tls: &RouteTls,
         timeout: Duration,
     ) -> Result<Connection, HopError> {
+        let t0 = std::time::Instant::now();
         let mut c = SmtpClient::connect(addr, timeout)
             .await
             .map_err(|e| HopError::Connect(addr, e.to_string()))?;
+        let connected = t0.elapsed();
         // Commands and data are batched into whole writes here, so Nagle only adds delay.
         let _ = c.stream.set_nodelay(true);
         let greeting = tokio::time::timeout(timeout, c.read())
@@ -142,6 +151,9 @@ impl Connection {
                 caps: ehlo.capabilities(),
                 addr,
                 timeout,
+                opened: (connected, t0.elapsed() - connected),
+                split_phases: false,
+                last_mail_rcpt: None,
             });
         }
         let name = tls.server_name(host);
@@ -159,6 +171,9 @@ impl Connection {
             caps: ehlo.capabilities(),
             addr,
             timeout,
+            opened: (connected, t0.elapsed() - connected),
+            split_phases: false,
+            last_mail_rcpt: None,
         })
     }
 
@@ -184,11 +199,15 @@ impl Connection {
 
     /// Runs one transaction; returns one outcome per recipient, in order.
     pub async fn send(&mut self, out: &Outbound<'_>) -> Result<Vec<RcptOutcome>, HopError> {
-        let (caps, timeout, addr) = (self.caps, self.timeout, self.addr);
+        let (caps, timeout, addr, split) = (self.caps, self.timeout, self.addr, self.split_phases);
+        let mut mail_rcpt = None;
         let res = match &mut self.client {
-            Client::Plain(c) => transaction(c, caps, timeout, out).await,
-            Client::Tls(c) => transaction(c.as_mut(), caps, timeout, out).await,
+            Client::Plain(c) => transaction(c, caps, timeout, out, split, &mut mail_rcpt).await,
+            Client::Tls(c) => {
+                transaction(c.as_mut(), caps, timeout, out, split, &mut mail_rcpt).await
+            }
         };
+        self.last_mail_rcpt = mail_rcpt;
         res.map_err(|e| HopError::Lost(addr, e))
     }
 
@@ -252,7 +271,10 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     caps: u32,
     timeout: Duration,
     out: &Outbound<'_>,
+    split: bool,
+    mail_rcpt: &mut Option<Duration>,
 ) -> Result<Vec<RcptOutcome>, String> {
+    let started = std::time::Instant::now();
     let n = out.rcpts.len();
     let needs_utf8 = out.from.is_some_and(|a| !a.to_string().is_ascii())
         || out.rcpts.iter().any(|a| !a.to_string().is_ascii());
@@ -308,7 +330,17 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         body_cmd.extend_from_slice(out.message);
     }
 
-    let (mail_reply, rcpt_replies, body_reply) = if caps & EXT_PIPELINING != 0 {
+    let (mail_reply, rcpt_replies, body_reply) = if caps & EXT_PIPELINING != 0 && split {
+        // MAIL and RCPTs pipelined, then the body: the server sends nothing more until
+        // the body command, so reading exactly n + 1 replies loses nothing.
+        write_timed(&mut c.stream, &cmds, timeout).await?;
+        let mut replies = read_n(c, n + 1, timeout).await?;
+        *mail_rcpt = Some(started.elapsed());
+        let mail_reply = replies.remove(0);
+        write_timed(&mut c.stream, &body_cmd, timeout).await?;
+        let body_reply = read_n(c, 1, timeout).await?.remove(0);
+        (mail_reply, replies, Some(body_reply))
+    } else if caps & EXT_PIPELINING != 0 {
         cmds.extend_from_slice(&body_cmd);
         write_timed(&mut c.stream, &cmds, timeout).await?;
         let mut replies = read_n(c, n + 2, timeout).await?;
@@ -329,6 +361,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
             write_timed(&mut c.stream, line, timeout).await?;
             rcpt_replies.push(read_n(c, 1, timeout).await?.remove(0));
         }
+        *mail_rcpt = Some(started.elapsed());
         let any_ok = rcpt_replies.iter().any(|r| r.code < 400);
         let body_reply = if any_ok {
             write_timed(&mut c.stream, &body_cmd, timeout).await?;

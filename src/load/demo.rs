@@ -116,11 +116,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     );
 
     let expected: HashMap<String, &str> = mailboxes.iter().map(|(a, s)| (a.key(), *s)).collect();
-    let gen = Arc::new(Generator {
+    let gen = Arc::new(client::Traffic::Synthetic(Generator {
         rcpts: mailboxes.into_iter().map(|(a, _)| a).collect(),
         max_rcpts: opts.max_rcpts,
         size: opts.size,
-    });
+    }));
     let started = Instant::now();
     let report = client::run(
         LoadOptions {
@@ -136,6 +136,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             max_duration: Duration::from_secs(300),
             pipelining: true,
             chunking: true,
+            rate: None,
+            phases: false,
+            progress: false,
         },
         gen,
     )

@@ -27,6 +27,8 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Run the relay.
     Serve {
@@ -148,6 +150,18 @@ enum Cmd {
         /// Draw throughput and latency over time as SVG into this file.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Size distribution instead of --size, e.g. 2k:50,10k:30,100k:15,1m:5 (size:weight).
+        #[arg(long)]
+        size_dist: Option<String>,
+        /// With --directory: share (0 to 1) of recipients drawn from `cloud` mailboxes.
+        #[arg(long)]
+        cloud_share: Option<f64>,
+        /// UTF-8 Subject and an 8-bit body line.
+        #[arg(long)]
+        utf8: bool,
+        /// Share (0 to 1) of messages with a base64 attachment.
+        #[arg(long, default_value_t = 0.0)]
+        attachment_share: f64,
     },
     /// Re-read the running server's config file and swap it in (refused whole if invalid).
     Reload {
@@ -803,6 +817,10 @@ fn main() -> anyhow::Result<()> {
             to,
             json,
             report: svg,
+            size_dist,
+            cloud_share,
+            utf8,
+            attachment_share,
         } => {
             use coexist::load::client;
             let gen = if eml.is_some() || mbox.is_some() {
@@ -827,10 +845,32 @@ fn main() -> anyhow::Result<()> {
             } else {
                 let rcpts = client::recipients(directory.as_deref(), 10_000)?;
                 anyhow::ensure!(!rcpts.is_empty(), "no recipients to send to");
+                let sizes = match &size_dist {
+                    Some(d) => {
+                        client::parse_sizes(d).map_err(|e| anyhow::anyhow!("--size-dist {e}"))?
+                    }
+                    None => Vec::new(),
+                };
+                let by_state = match (cloud_share, directory.as_deref()) {
+                    (Some(share), Some(dir)) => {
+                        anyhow::ensure!(
+                            (0.0..=1.0).contains(&share),
+                            "--cloud-share must be between 0 and 1"
+                        );
+                        let (cloud, other) = client::recipients_by_state(dir)?;
+                        Some((cloud, other, share))
+                    }
+                    (Some(_), None) => anyhow::bail!("--cloud-share needs --directory"),
+                    _ => None,
+                };
                 client::Traffic::Synthetic(client::Generator {
                     rcpts,
                     max_rcpts,
                     size,
+                    sizes,
+                    by_state,
+                    utf8,
+                    attachment_share,
                 })
             };
             let gen = std::sync::Arc::new(gen);

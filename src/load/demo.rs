@@ -120,6 +120,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         rcpts: mailboxes.into_iter().map(|(a, _)| a).collect(),
         max_rcpts: opts.max_rcpts,
         size: opts.size,
+        ..Generator::default()
     }));
     let started = Instant::now();
     let report = client::run(

@@ -186,7 +186,7 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:2601")]
         listen: SocketAddr,
-        /// Append `QUEUE-ID COUNT RCPT,RCPT...` per accepted message to this file.
+        /// Append `QUEUE-ID COUNT RCPT,RCPT... CRC32` per accepted message to this file.
         #[arg(long)]
         record: Option<PathBuf>,
         /// Share (0 to 1) of recipients to defer with 450 4.2.1.

@@ -60,11 +60,14 @@ async fn shares_delay_and_domain_counts() {
         250
     );
     let by = slow.state.by_domain();
-    assert_eq!((by["nhs.test"], by["other.test"]), (2, 1));
+    assert_eq!((by["nhs.test"].recipients, by["nhs.test"].messages), (2, 1));
+    assert_eq!(
+        (by["other.test"].recipients, by["other.test"].messages),
+        (1, 1)
+    );
+    assert_eq!(by["nhs.test"].bytes, sample("d").len() as u64);
     assert!(
-        slow.state
-            .summary()
-            .contains("by domain: nhs.test=2 other.test=1"),
+        slow.state.summary().contains("nhs.test=2rcpt/1msg/"),
         "{}",
         slow.state.summary()
     );

@@ -64,8 +64,8 @@ pub struct SinkOptions {
     /// Keep message bodies (tests); counts only otherwise.
     pub keep_bodies: bool,
     /// Append one line per accepted message to this file: the queue id from the first
-    /// `Received:` header (the relay's), the recipient count and the recipients
-    /// (comma-separated). Flushed per message.
+    /// `Received:` header (the relay's), the recipient count, the recipients
+    /// (comma-separated) and a CRC32 digest of the message. Flushed per message.
     pub record: Option<std::path::PathBuf>,
     /// Share (0..1) of recipients deferred at RCPT with 450 4.2.1, at random.
     pub defer_share: f64,
@@ -91,6 +91,17 @@ impl Default for SinkOptions {
     }
 }
 
+/// What the sink received for one recipient domain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DomainCount {
+    /// Recipients in the domain.
+    pub recipients: u64,
+    /// Messages with at least one recipient in the domain.
+    pub messages: u64,
+    /// Bytes of those messages.
+    pub bytes: u64,
+}
+
 /// What the sink has seen; shared with the test or tool that started it.
 pub struct SinkState {
     mode: AtomicU8,
@@ -109,7 +120,7 @@ pub struct SinkState {
     defer_share: f64,
     reject_share: f64,
     delay: Duration,
-    by_domain: Mutex<std::collections::BTreeMap<String, u64>>,
+    by_domain: Mutex<std::collections::BTreeMap<String, DomainCount>>,
 }
 
 /// The queue id in the first `Received:` header (`... id QID ...`), if any.
@@ -132,8 +143,8 @@ impl SinkState {
         self.mode.store(m as u8, Ordering::SeqCst);
     }
 
-    /// Accepted recipients per domain.
-    pub fn by_domain(&self) -> std::collections::BTreeMap<String, u64> {
+    /// Counts per envelope recipient domain.
+    pub fn by_domain(&self) -> std::collections::BTreeMap<String, DomainCount> {
         self.by_domain
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -145,7 +156,7 @@ impl SinkState {
         let domains: Vec<String> = self
             .by_domain()
             .iter()
-            .map(|(d, n)| format!("{d}={n}"))
+            .map(|(d, c)| format!("{d}={}rcpt/{}msg/{}B", c.recipients, c.messages, c.bytes))
             .collect();
         format!(
             "sink: {} messages, {} recipients, {} bytes, {} sessions; by domain: {}",
@@ -243,17 +254,19 @@ impl Handler for SinkHandler {
             use std::io::Write;
             let rcpts: Vec<String> = msg.rcpts.iter().map(|a| a.to_string()).collect();
             let line = format!(
-                "{} {} {}\n",
+                "{} {} {} {:08x}\n",
                 received_id(&msg.body).unwrap_or_else(|| "-".into()),
                 msg.rcpts.len(),
-                rcpts.join(",")
+                rcpts.join(","),
+                crc32fast::hash(&msg.body)
             );
             let mut f = rec.lock().unwrap_or_else(|p| p.into_inner());
             if f.write_all(line.as_bytes()).is_err() {
                 return Reply::new(451, "4.3.0", "Sink: cannot write the record file");
             }
         }
-        s.bytes.fetch_add(msg.body.len() as u64, Ordering::SeqCst);
+        let size = msg.body.len() as u64;
+        s.bytes.fetch_add(size, Ordering::SeqCst);
         s.accepted.fetch_add(1, Ordering::SeqCst);
         let n = msg.rcpts.len() as u64;
         let reply = Reply::owned(250, "2.0.0", format!("Sink: queued as {}", msg.id));
@@ -269,8 +282,15 @@ impl Handler for SinkHandler {
         };
         {
             let mut d = s.by_domain.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen: Vec<&str> = Vec::new();
             for r in &m.rcpts {
-                *d.entry(r.domain().to_string()).or_default() += 1;
+                let c = d.entry(r.domain().to_string()).or_default();
+                c.recipients += 1;
+                if !seen.contains(&r.domain().as_str()) {
+                    seen.push(r.domain().as_str());
+                    c.messages += 1;
+                    c.bytes += size;
+                }
             }
         }
         s.messages.lock().unwrap_or_else(|p| p.into_inner()).push(m);

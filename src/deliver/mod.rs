@@ -145,16 +145,17 @@ impl Connection {
             }
             TlsPolicy::Required | TlsPolicy::Verify => true,
         };
+        let ready = |client, caps| Connection {
+            client,
+            caps,
+            addr,
+            timeout,
+            opened: (connected, t0.elapsed() - connected),
+            split_phases: false,
+            last_mail_rcpt: None,
+        };
         if !want_tls {
-            return Ok(Connection {
-                client: Client::Plain(c),
-                caps: ehlo.capabilities(),
-                addr,
-                timeout,
-                opened: (connected, t0.elapsed() - connected),
-                split_phases: false,
-                last_mail_rcpt: None,
-            });
+            return Ok(ready(Client::Plain(c), ehlo.capabilities()));
         }
         let name = tls.server_name(host);
         let started = c.start_tls(&tls.connector, &name).await;
@@ -166,15 +167,7 @@ impl Connection {
             .ehlo(helo)
             .await
             .map_err(|e| HopError::Refused(addr, e.to_string()))?;
-        Ok(Connection {
-            client: Client::Tls(Box::new(t)),
-            caps: ehlo.capabilities(),
-            addr,
-            timeout,
-            opened: (connected, t0.elapsed() - connected),
-            split_phases: false,
-            last_mail_rcpt: None,
-        })
+        Ok(ready(Client::Tls(Box::new(t)), ehlo.capabilities()))
     }
 
     /// Stops using extensions the server offers: PIPELINING and/or CHUNKING (load tests).

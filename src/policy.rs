@@ -19,11 +19,6 @@ impl Policy {
         }
     }
 
-    /// True when `domain` is one of ours.
-    pub fn accepts_domain(&self, domain: &Domain) -> bool {
-        self.accepted.contains(domain.as_str())
-    }
-
     /// Refuses relaying: the domain must be ours, and the local part must not carry
     /// sender-specified routing (`%`, `!`, or `@` inside quotes) that a next hop might
     /// act on (Postfix's `allow_untrusted_routing = no`).

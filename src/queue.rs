@@ -32,8 +32,7 @@ pub fn unix_now() -> u64 {
 }
 
 /// Where a queued message is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// Being delivered now (or waiting for a delivery slot).
     Active,
@@ -66,7 +65,7 @@ pub enum QueueError {
 }
 
 /// A message as the queue sees it, for listings and metrics.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct QueueEntry {
     /// Envelope.
     pub envelope: Arc<Envelope>,
@@ -76,7 +75,6 @@ pub struct QueueEntry {
     pub phase: Phase,
     /// Unix time of the next attempt, when deferred.
     pub next_attempt: Option<u64>,
-    #[serde(skip)]
     control: Arc<MsgControl>,
 }
 
@@ -537,13 +535,12 @@ async fn attempt(
 ) {
     let pending = state.pending();
     let dir = &inner.directory;
-    let config = inner.config.load();
-    let accepted = crate::policy::Policy::new(&config.server.accepted_domains);
+    let config = inner.config.load_full();
     let external = config.external_route();
     // Recipients follow the directory; only a DSN's recipient (the original sender) can be
     // outside our domains, and then it takes the external route.
     let plan = route::plan(pending.iter().map(|&i| (i, &env.rcpts[i])), |a| {
-        if !env.bounce || accepted.accepts_domain(a.domain()) {
+        if !env.bounce || config.server.accepted_domains.contains(a.domain()) {
             dir.resolve(a)
         } else {
             match &external {
@@ -559,7 +556,6 @@ async fn attempt(
         state.rcpts[i].last_reply = Some(reply);
     }
     let mut tasks = JoinSet::new();
-    let config = inner.config.load_full();
     for d in plan.deliveries {
         let (inner, env, message, config) =
             (inner.clone(), env.clone(), message.clone(), config.clone());

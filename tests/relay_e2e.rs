@@ -181,32 +181,21 @@ async fn dead_first_hop_fails_over_to_a_named_next_hop() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let Harness {
-        relay,
-        onprem,
-        cloud,
-        dir,
-        certs,
-        ..
-    } = harness(|_| {}).await;
-    drop(relay);
-    let h = (onprem, cloud, dir, certs);
-    // Same sinks, new relay whose cloud route lists a dead hop first, then a host name.
-    let (onprem, cloud, dir, certs) = h;
-    let mut cfg = test_config(dir.path(), &certs, onprem.addr, cloud.addr);
-    cfg.spool.dir = dir.path().join("spool2");
-    cfg.routes.get_mut("cloud").unwrap().next_hops = vec![
-        dead.into(),
-        coexist::config::NextHop::parse(&format!("localhost:{}", cloud.addr.port())).unwrap(),
-    ];
-    let relay = coexist::relay::start(cfg).await.unwrap();
+    // The cloud route lists a dead hop first, then the cloud sink by host name.
+    let h = harness(|c| {
+        let route = c.routes.get_mut("cloud").unwrap();
+        let port = route.next_hops[0].port;
+        route.next_hops = vec![
+            dead.into(),
+            coexist::config::NextHop::parse(&format!("localhost:{port}")).unwrap(),
+        ];
+    })
+    .await;
     assert_eq!(
-        send_one(relay.local_addrs[0], &["bob@nhs.test"], "failover")
-            .await
-            .code,
+        send_one(h.addr, &["bob@nhs.test"], "failover").await.code,
         250
     );
-    assert_eq!(wait(&cloud, 1).await, 1);
+    assert_eq!(wait(&h.cloud, 1).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,20 +272,12 @@ async fn a_dead_next_hop_is_skipped_while_its_circuit_is_open() {
             drop(s);
         }
     });
-    let h = harness(|_| {}).await;
-    drop(h.relay);
-    let Harness {
-        onprem,
-        cloud,
-        dir,
-        certs,
-        ..
-    } = h;
-    let mut cfg = test_config(dir.path(), &certs, onprem.addr, cloud.addr);
-    cfg.spool.dir = dir.path().join("spool2");
-    cfg.routes.get_mut("cloud").unwrap().next_hops = vec![dead_addr.into(), cloud.addr.into()];
-    let relay = coexist::relay::start(cfg).await.unwrap();
-    let mut c = connect(relay.local_addrs[0]).await;
+    let h = harness(|c| {
+        let route = c.routes.get_mut("cloud").unwrap();
+        route.next_hops.insert(0, dead_addr.into());
+    })
+    .await;
+    let mut c = connect(h.addr).await;
     c.expect("EHLO client.test", 250).await;
     for i in 0..20 {
         assert_eq!(
@@ -311,7 +292,7 @@ async fn a_dead_next_hop_is_skipped_while_its_circuit_is_open() {
         );
     }
     assert_eq!(
-        wait(&cloud, 20).await,
+        wait(&h.cloud, 20).await,
         20,
         "every message failed over to the live hop"
     );

@@ -843,26 +843,41 @@ fn main() -> anyhow::Result<()> {
                 );
                 client::Traffic::Files(msgs)
             } else {
-                let rcpts = client::recipients(directory.as_deref(), 10_000)?;
-                anyhow::ensure!(!rcpts.is_empty(), "no recipients to send to");
+                // One read of the directory serves both the recipient list and the split by state.
+                let rows = match directory.as_deref() {
+                    Some(path) => client::directory_rows(path)?,
+                    None => client::synthetic_recipients(10_000)
+                        .into_iter()
+                        .map(|a| (a, false))
+                        .collect(),
+                };
+                anyhow::ensure!(!rows.is_empty(), "no recipients to send to");
                 let sizes = match &size_dist {
                     Some(d) => {
                         client::parse_sizes(d).map_err(|e| anyhow::anyhow!("--size-dist {e}"))?
                     }
                     None => Vec::new(),
                 };
-                let by_state = match (cloud_share, directory.as_deref()) {
-                    (Some(share), Some(dir)) => {
+                let by_state = match cloud_share {
+                    Some(_) if directory.is_none() => {
+                        anyhow::bail!("--cloud-share needs --directory")
+                    }
+                    Some(share) => {
                         anyhow::ensure!(
                             (0.0..=1.0).contains(&share),
                             "--cloud-share must be between 0 and 1"
                         );
-                        let (cloud, other) = client::recipients_by_state(dir)?;
-                        Some((cloud, other, share))
+                        let (cloud, other): (Vec<_>, Vec<_>) =
+                            rows.iter().cloned().partition(|(_, c)| *c);
+                        Some((
+                            cloud.into_iter().map(|(a, _)| a).collect(),
+                            other.into_iter().map(|(a, _)| a).collect(),
+                            share,
+                        ))
                     }
-                    (Some(_), None) => anyhow::bail!("--cloud-share needs --directory"),
-                    _ => None,
+                    None => None,
                 };
+                let rcpts = rows.into_iter().map(|(a, _)| a).collect();
                 client::Traffic::Synthetic(client::Generator {
                     rcpts,
                     max_rcpts,

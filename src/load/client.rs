@@ -736,48 +736,26 @@ impl LoadReport {
     }
 }
 
-/// Recipients of a directory CSV split by state: (`cloud`, every other state).
-pub fn recipients_by_state(
-    path: &std::path::Path,
-) -> std::io::Result<(Vec<Address>, Vec<Address>)> {
+/// The addresses of a directory CSV (header `address,state…` skipped), each with whether
+/// its state is `cloud`.
+pub fn directory_rows(path: &std::path::Path) -> std::io::Result<Vec<(Address, bool)>> {
     let text = std::fs::read_to_string(path)?;
-    let (mut cloud, mut other) = (Vec::new(), Vec::new());
-    for line in text.lines().skip(1) {
-        let mut f = line.split(',');
-        let (Some(a), state) = (f.next(), f.next().unwrap_or("").trim()) else {
-            continue;
-        };
-        if let Ok(a) = Address::parse(a.trim(), true) {
-            if state == "cloud" {
-                cloud.push(a);
-            } else {
-                other.push(a);
-            }
-        }
-    }
-    Ok((cloud, other))
+    Ok(text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut f = line.split(',');
+            let addr = Address::parse(f.next()?.trim(), true).ok()?;
+            Some((addr, f.next().is_some_and(|s| s.trim() == "cloud")))
+        })
+        .collect())
 }
 
-/// Recipients for a load run: the addresses of a directory CSV (first column, header
-/// skipped), or `count` synthetic `user{i}@nhs.test`.
-pub fn recipients(
-    directory: Option<&std::path::Path>,
-    count: usize,
-) -> std::io::Result<Vec<Address>> {
-    match directory {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)?;
-            Ok(text
-                .lines()
-                .skip(1)
-                .filter_map(|l| l.split(',').next())
-                .filter_map(|a| Address::parse(a.trim(), true).ok())
-                .collect())
-        }
-        None => Ok((0..count)
-            .filter_map(|i| Address::parse(&format!("user{i}@nhs.test"), false).ok())
-            .collect()),
-    }
+/// `count` synthetic recipients `user{i}@nhs.test`.
+pub fn synthetic_recipients(count: usize) -> Vec<Address> {
+    (0..count)
+        .filter_map(|i| Address::parse(&format!("user{i}@nhs.test"), false).ok())
+        .collect()
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ fn data_reader(c: &mut Criterion) {
             let mut r = DataReader::new(1 << 20);
             let (_, done) = r.feed(black_box(&msg));
             assert!(done);
-            r.message.len()
+            r.message().len()
         })
     });
     g.finish();

@@ -112,6 +112,7 @@ fn default_strip_headers() -> Vec<String> {
     [
         "X-MS-Exchange-Organization-",
         "X-MS-Exchange-CrossTenant-",
+        "X-MS-Exchange-CrossPremises-",
         "X-MS-Exchange-Transport-",
         "X-MS-Exchange-Processed-By-",
         "X-MS-Exchange-Forest-",
@@ -175,6 +176,14 @@ pub struct ServerConfig {
     /// Errors allowed per session before 421 and disconnect.
     #[serde(default = "default_max_errors")]
     pub max_errors: u32,
+    /// Refused recipients allowed per session before 421 and disconnect (apart from
+    /// `max_errors`: a message may have many unknown recipients and still be delivered).
+    #[serde(default = "default_max_rcpt_refusals")]
+    pub max_rcpt_refusals: u32,
+    /// Bytes all sessions together may hold in messages being received; beyond it MAIL
+    /// gets `452 4.3.1` (0 = no limit). Default: a quarter of the machine's memory.
+    #[serde(default = "default_max_inflight_bytes")]
+    pub max_inflight_bytes: u64,
     /// Concurrent sessions; more are answered 421 4.7.0.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -431,6 +440,21 @@ fn default_max_recipients() -> usize {
 fn default_max_line_length() -> usize {
     2048
 }
+fn default_max_rcpt_refusals() -> u32 {
+    100
+}
+
+/// A quarter of the machine's memory (Linux `/proc/meminfo`), else 1 GiB.
+fn default_max_inflight_bytes() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    total.map(|t| t / 4).unwrap_or(1 << 30)
+}
+
 fn default_max_errors() -> u32 {
     20
 }
@@ -562,6 +586,13 @@ impl Config {
                 "server",
                 "max_line_length",
                 "must be at least 512 (RFC 5321 4.5.3.1.4)".into(),
+            ));
+        }
+        if self.server.max_rcpt_refusals == 0 {
+            return Err(fail(
+                "server",
+                "max_rcpt_refusals",
+                "must be at least 1".into(),
             ));
         }
         if self.routes.is_empty() {

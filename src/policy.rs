@@ -2,7 +2,6 @@
 
 use crate::smtp::reply::{canned, Reply};
 use crate::types::{Address, Domain};
-use mailparse::MailHeaderMap;
 use std::collections::HashSet;
 
 /// Recipient checks that do not depend on the directory.
@@ -46,63 +45,79 @@ pub fn is_trusted(networks: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
     networks.iter().any(|n| n.contains(&ip))
 }
 
-/// Removes header fields whose names start with one of `prefixes` (case-insensitive) from the
-/// header section, continuation lines included. Every other byte is kept as it was (DESIGN
-/// invariant 6). Returns `None` when nothing matched, else the new message and the count.
-pub fn strip_headers(message: &[u8], prefixes: &[String]) -> Option<(Vec<u8>, usize)> {
-    if prefixes.is_empty() {
+/// The end (after its LF) of the header line starting at `pos`, or `None` at the end of the
+/// header section (the empty line, or the end of the message). The scans below are streaming
+/// scans built on it: nothing is allocated per line, so a header section of millions of
+/// tiny fields costs no memory (mailparse would allocate per field).
+fn header_line_end(message: &[u8], pos: usize) -> Option<usize> {
+    let rest = message.get(pos..).filter(|r| !r.is_empty())?;
+    let end = memchr::memchr(b'\n', rest).map_or(message.len(), |i| pos + i + 1);
+    let line = &message[pos..end];
+    (line != b"\r\n" && line != b"\n").then_some(end)
+}
+
+/// The field name of a header line that starts a field (`None` for continuation lines and
+/// lines without a colon). Obsolete syntax allows blanks before the colon (RFC 5322 4.5.3).
+fn field_name(line: &[u8]) -> Option<&[u8]> {
+    if matches!(line.first(), Some(b' ' | b'\t')) {
         return None;
     }
-    let mut out: Option<Vec<u8>> = None;
-    let mut removed = 0;
-    let mut pos = 0;
+    let colon = memchr::memchr(b':', line)?;
+    let name = &line[..colon];
+    let end = name
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(0, |i| i + 1);
+    (end > 0).then_some(&name[..end])
+}
+
+/// Removes, in place, header fields whose names start with one of `prefixes`
+/// (case-insensitive) from the header section, continuation lines included. Every other
+/// byte is kept as it was (DESIGN invariant 6), and the message is not copied: kept lines
+/// move down over removed ones. Returns the number of fields removed.
+pub fn strip_headers(message: &mut Vec<u8>, prefixes: &[String]) -> usize {
+    if prefixes.is_empty() {
+        return 0;
+    }
+    let (mut read, mut write) = (0, 0);
     let mut dropping = false;
-    while pos < message.len() {
-        let end = memchr::memchr(b'\n', &message[pos..])
-            .map(|i| pos + i + 1)
-            .unwrap_or(message.len());
-        let line = &message[pos..end];
-        if line == b"\r\n" || line == b"\n" {
-            break; // end of the header section
-        }
-        let continuation = matches!(line.first(), Some(b' ' | b'\t'));
-        if !continuation {
-            let name_end = line.iter().position(|&b| b == b':').unwrap_or(0);
-            let name = &line[..name_end];
-            dropping = name_end > 0
-                && prefixes.iter().any(|p| {
-                    name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p.as_bytes())
-                });
-            if dropping {
-                removed += 1;
-                if out.is_none() {
-                    out = Some(message[..pos].to_vec());
-                }
-            }
+    let mut removed = 0;
+    while let Some(end) = header_line_end(message, read) {
+        let line = &message[read..end];
+        if let Some(name) = field_name(line) {
+            dropping = prefixes.iter().any(|p| {
+                name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            });
+            removed += usize::from(dropping);
+        } else if !matches!(line.first(), Some(b' ' | b'\t')) {
+            dropping = false;
         }
         if !dropping {
-            if let Some(o) = out.as_mut() {
-                o.extend_from_slice(line);
+            if write != read {
+                message.copy_within(read..end, write);
             }
+            write += end - read;
         }
-        pos = end;
+        read = end;
     }
-    let mut out = out?;
-    out.extend_from_slice(&message[pos..]);
-    Some((out, removed))
+    if write != read {
+        let len = message.len();
+        message.copy_within(read..len, write);
+        message.truncate(write + len - read);
+    }
+    removed
 }
 
 /// Number of `Received:` headers in a message's header section (the hop count).
 pub fn count_hops(message: &[u8]) -> usize {
-    match mailparse::parse_headers(message) {
-        Ok((headers, _)) => headers.get_all_headers("Received").len(),
-        // Malformed headers are passed on unchanged (transparency); count by hand then.
-        Err(_) => message
-            .split(|&b| b == b'\n')
-            .take_while(|l| !l.is_empty() && *l != b"\r")
-            .filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case(b"received:"))
-            .count(),
+    let (mut pos, mut hops) = (0, 0);
+    while let Some(end) = header_line_end(message, pos) {
+        hops += usize::from(
+            field_name(&message[pos..end]).is_some_and(|n| n.eq_ignore_ascii_case(b"received")),
+        );
+        pos = end;
     }
+    hops
 }
 
 #[cfg(test)]
@@ -139,13 +154,15 @@ mod tests {
     fn strips_forged_internal_headers_and_keeps_the_rest() {
         let p = vec!["X-MS-Exchange-Organization-".to_string()];
         let m = b"Received: x\r\nx-ms-exchange-organization-AuthAs: Internal\r\n\tcontinued\r\nSubject: hi\r\nX-MS-Exchange-Organization-SCL: -1\r\n\r\nX-MS-Exchange-Organization-Body: stays\r\n";
-        let (out, n) = strip_headers(m, &p).unwrap();
-        assert_eq!(n, 2);
+        let mut out = m.to_vec();
+        assert_eq!(strip_headers(&mut out, &p), 2);
         assert_eq!(
             out,
             b"Received: x\r\nSubject: hi\r\n\r\nX-MS-Exchange-Organization-Body: stays\r\n"
         );
-        assert!(strip_headers(b"Subject: x\r\n\r\nbody", &p).is_none());
+        let mut kept = b"Subject: x\r\n\r\nbody".to_vec();
+        assert_eq!(strip_headers(&mut kept, &p), 0);
+        assert_eq!(kept, b"Subject: x\r\n\r\nbody");
     }
 
     #[test]
@@ -158,7 +175,7 @@ mod tests {
 
     #[test]
     fn counts_received_headers() {
-        let m = b"Received: a\r\nReceived: b\r\n\tfolded\r\nSubject: x\r\n\r\nReceived: body\r\n";
-        assert_eq!(count_hops(m), 2);
+        let m = b"Received: a\r\nReceived: b\r\n\tfolded\r\nReceived : c\r\nX-Received: d\r\nSubject: x\r\n\r\nReceived: body\r\n";
+        assert_eq!(count_hops(m), 3);
     }
 }

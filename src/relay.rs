@@ -157,9 +157,9 @@ impl Handler for RelayHandler {
 
     async fn accept(&self, rules: &Arc<SessionRules>, mut msg: Incoming) -> Reply {
         if !crate::policy::is_trusted(&rules.trusted, msg.peer.addr.ip()) {
-            if let Some((body, n)) = crate::policy::strip_headers(&msg.body, &rules.strip_headers) {
+            let n = crate::policy::strip_headers(&mut msg.body, &rules.strip_headers);
+            if n > 0 {
                 info!(qid = %msg.id, client = %msg.peer.addr, removed = n, "removed internal headers from an untrusted client");
-                msg.body = body;
             }
         }
         let env = Envelope {
@@ -259,7 +259,8 @@ impl Control {
             None => None,
         };
         let route_tls = crate::deliver::tls::route_tls(&new)?;
-        let session = SessionConfig::from_config(&new, acceptor);
+        let inflight = self.server.session.load().inflight.clone();
+        let session = SessionConfig::from_config(&new, acceptor, inflight);
         let rules = SessionRules::new(&new);
         let changed = changed_sections(&old, &new);
         let new = Arc::new(new);
@@ -427,7 +428,11 @@ pub async fn start_with_file(
         queue: queue.clone(),
     });
     let server = Arc::new(ServerControl::new(
-        SessionConfig::from_config(&config, acceptor),
+        SessionConfig::from_config(
+            &config,
+            acceptor,
+            crate::smtp::budget::InflightBudget::new(config.server.max_inflight_bytes),
+        ),
         config.server.max_connections,
     ));
     let control = Arc::new(Control {

@@ -210,11 +210,12 @@ impl Spool {
         })?;
         let write = || -> io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            let mut buf = Vec::with_capacity(header.len() + 1 + message.len());
-            buf.extend_from_slice(&header);
-            buf.push(b'\n');
-            buf.extend_from_slice(message);
-            f.write_all(&buf)?;
+            // Envelope line, then the message straight from the session's buffer: the
+            // message is never copied to join them.
+            let mut header = header;
+            header.push(b'\n');
+            f.write_all(&header)?;
+            f.write_all(message)?;
             f.sync_data()
         };
         if let Err(e) = write() {

@@ -300,6 +300,8 @@ async fn too_many_errors_and_recipients() {
     c.expect("RCPT TO:<bob@nhs.test>", 250).await;
     let r = c.cmd("RCPT TO:<carol@nhs.test>").await;
     assert_eq!((r.code, r.status()), (452, "4.5.3"));
+    // A refused recipient is not a protocol error: three errors are still needed.
+    c.expect("BOGUS", 500).await;
     c.expect("BOGUS", 500).await;
     let r = c.cmd("BOGUS").await;
     assert_eq!(r.code, 500);
@@ -355,4 +357,41 @@ async fn looping_message_is_refused_with_546() {
     m.extend_from_slice(&sample("loop"));
     let r = c.mail("a@example.org", &["bob@nhs.test"], &m).await;
     assert_eq!((r.code, r.status()), (554, "5.4.6"), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_recipients_do_not_end_the_session_until_their_own_limit() {
+    // Defaults: max_errors 20, max_rcpt_refusals 100. Twenty-five unknown recipients and one
+    // valid one: the message goes through.
+    let h = harness(|c| c.directory.unknown = "reject".into()).await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<a@example.org>", 250).await;
+    for i in 0..25 {
+        let r = c.cmd(&format!("RCPT TO:<nobody{i}@nhs.test>")).await;
+        assert_eq!((r.code, r.status()), (550, "5.1.1"), "{r:?}");
+    }
+    c.expect("RCPT TO:<bob@nhs.test>", 250).await;
+    c.expect("DATA", 354).await;
+    c.send(b"Subject: many unknown\r\n\r\nhi\r\n.\r\n").await;
+    assert_eq!(c.reply().await.code, 250);
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+
+    // Harvesting still ends: the refusal limit closes the session.
+    let h = harness(|c| {
+        c.directory.unknown = "reject".into();
+        c.server.max_rcpt_refusals = 5;
+    })
+    .await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO harvester.test", 250).await;
+    c.expect("MAIL FROM:<a@example.org>", 250).await;
+    for i in 0..4 {
+        c.expect(&format!("RCPT TO:<guess{i}@nhs.test>"), 550).await;
+    }
+    c.expect("RCPT TO:<guess4@nhs.test>", 550).await;
+    let r = c.reply().await;
+    assert_eq!((r.code, r.status()), (421, "4.7.0"), "{r:?}");
+    assert!(r.text.contains("refused recipients"), "{r:?}");
+    assert!(c.try_reply().await.is_none());
 }

@@ -349,6 +349,8 @@ impl Sink {
             max_recipients: 100_000,
             max_line_length: 4096,
             max_errors: 1000,
+            max_rcpt_refusals: u32::MAX,
+            inflight: crate::smtp::budget::InflightBudget::new(0),
             command_timeout: Duration::from_secs(60),
             max_hops: usize::MAX,
             tls: opts.tls,

@@ -1,6 +1,7 @@
-//! Inbound SMTP: listener, TLS, the ESMTP session, the command parser, replies and the
-//! DATA/BDAT readers.
+//! Inbound SMTP: listener, TLS, the ESMTP session, the command parser, replies, the
+//! DATA/BDAT readers and the memory budget of messages in transfer.
 
+pub mod budget;
 pub mod command;
 pub mod data;
 pub mod reply;

@@ -4,7 +4,8 @@
 //! handler checks policy and spools; the test sink's handler records.
 
 use super::command::{self, Command, MailParams, RcptDsn};
-use super::data::{BodyFlags, ChunkCollector, DataReader};
+use super::budget::{Charge, InflightBudget};
+use super::data::{ChunkCollector, DataReader, MessageBuf};
 use super::reply::{canned, Reply};
 use super::tls::MaybeTls;
 use crate::types::{Address, QueueId};
@@ -31,6 +32,9 @@ pub struct SessionConfig {
     pub max_line_length: usize,
     /// Errors before 421.
     pub max_errors: u32,
+    /// Refused recipients before 421 (counted apart from errors, so one message with many
+    /// unknown recipients still gets through, while directory harvesting is stopped).
+    pub max_rcpt_refusals: u32,
     /// Wait for each read from the client.
     pub command_timeout: Duration,
     /// Most Received headers accepted (loop detection).
@@ -51,13 +55,23 @@ pub struct SessionConfig {
     pub max_connections_per_ip: usize,
     /// New sessions per minute per client address (0 = no limit).
     pub max_connection_rate_per_ip: u32,
+    /// Memory budget shared by every session's message buffer.
+    pub inflight: Arc<InflightBudget>,
 }
 
 impl SessionConfig {
-    /// Session settings from the `[server]` and `[policy]` sections.
-    pub fn from_config(c: &crate::config::Config, tls: Option<TlsAcceptor>) -> SessionConfig {
+    /// Session settings from the `[server]` and `[policy]` sections; `inflight` is the
+    /// budget shared across reloads (its limit is set from `server.max_inflight_bytes`).
+    pub fn from_config(
+        c: &crate::config::Config,
+        tls: Option<TlsAcceptor>,
+        inflight: Arc<InflightBudget>,
+    ) -> SessionConfig {
         let s = &c.server;
+        inflight.set_max(s.max_inflight_bytes);
         SessionConfig {
+            inflight,
+            max_rcpt_refusals: s.max_rcpt_refusals,
             data_timeout: s.data_timeout,
             trusted_networks: c.policy.trusted_networks.clone(),
             max_connections_per_ip: c.policy.max_connections_per_ip,
@@ -137,6 +151,8 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 struct Transaction {
+    /// Queue id, given at MAIL (it goes into the Received header written before the data).
+    id: QueueId,
     from: Option<Address>,
     params: MailParams,
     rcpts: Vec<Address>,
@@ -280,6 +296,7 @@ pub async fn run<H: Handler>(
         },
         tx: None,
         errors: 0,
+        rcpt_refusals: 0,
     };
     match s.serve().await {
         Ok(()) => debug!(peer = %peer_addr, "session closed"),
@@ -302,6 +319,7 @@ struct Session<H: Handler> {
     peer: Peer,
     tx: Option<Transaction>,
     errors: u32,
+    rcpt_refusals: u32,
 }
 
 /// Whether the session goes on after a command.
@@ -458,6 +476,11 @@ impl<H: Handler> Session<H> {
         if params.size.is_some_and(|s| s > self.cfg.max_message_size) {
             return self.error(canned::TOO_BIG);
         }
+        if self.cfg.inflight.exhausted() {
+            // The server's condition, not the client's error: not counted against it.
+            info!(peer = %self.peer.addr, held = self.cfg.inflight.used(), "memory budget of messages in transfer spent: 452 4.3.1");
+            return self.ok(&canned::INFLIGHT_FULL);
+        }
         if let Err(r) = self
             .handler
             .check_mail(&self.ctx, &self.peer, from.as_ref(), &params)
@@ -473,6 +496,7 @@ impl<H: Handler> Session<H> {
             ),
         );
         self.tx = Some(Transaction {
+            id: QueueId::generate(),
             from,
             params,
             rcpts: Vec::new(),
@@ -488,7 +512,7 @@ impl<H: Handler> Session<H> {
             return self.error(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
         };
         if tx.rcpts.len() >= self.cfg.max_recipients {
-            return self.error(Reply::new(452, "4.5.3", "Too many recipients"));
+            return self.rcpt_refused(Reply::new(452, "4.5.3", "Too many recipients"));
         }
         match self
             .handler
@@ -502,9 +526,22 @@ impl<H: Handler> Session<H> {
             }
             Err(r) => {
                 metrics::counter!(crate::metrics::RCPT_REJECTED, "status" => r.status).increment(1);
-                self.error(r)
+                self.rcpt_refused(r)
             }
         }
+    }
+
+    /// Sends a recipient refusal and counts it against `max_rcpt_refusals` (not
+    /// `max_errors`); closes after too many, which stops directory harvesting.
+    fn rcpt_refused(&mut self, r: Reply) -> Next {
+        self.conn.reply(&r);
+        self.rcpt_refusals += 1;
+        if self.rcpt_refusals >= self.cfg.max_rcpt_refusals {
+            self.conn.reply(&canned::TOO_MANY_REFUSALS);
+            info!(peer = %self.peer.addr, refused = self.rcpt_refusals, "too many refused recipients, disconnecting");
+            return Next::Close;
+        }
+        Next::Continue
     }
 
     /// Checks that a message body may start now; `Err` carries the reply.
@@ -516,8 +553,18 @@ impl<H: Handler> Session<H> {
         }
     }
 
-    fn limit(&self) -> usize {
-        usize::try_from(self.cfg.max_message_size).unwrap_or(usize::MAX)
+    /// A buffer for the message of the current transaction: our Received header first (so
+    /// the message is never copied to prepend it), the size limit, the memory budget.
+    fn message_buf(&self) -> MessageBuf {
+        let limit = usize::try_from(self.cfg.max_message_size).unwrap_or(usize::MAX);
+        let received = match &self.tx {
+            Some(tx) if self.cfg.add_received => {
+                received_header(&self.cfg.hostname, &self.peer, &tx.id, tx)
+            }
+            _ => String::new(),
+        };
+        let charge = Charge::new(self.cfg.inflight.clone());
+        MessageBuf::new(received.as_bytes(), limit, Some(charge))
     }
 
     async fn data(&mut self) -> io::Result<Next> {
@@ -526,7 +573,7 @@ impl<H: Handler> Session<H> {
         }
         self.conn
             .reply(&Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"));
-        let mut reader = DataReader::new(self.limit());
+        let mut reader = DataReader::with_buf(self.message_buf());
         // The whole transfer has a deadline, not only each read: a client trickling one
         // byte per read (slowloris) is cut off after `data_timeout`.
         let conn = &mut self.conn;
@@ -547,18 +594,16 @@ impl<H: Handler> Session<H> {
             Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "DATA deadline")),
         }
         let tx = self.tx.take();
-        Ok(self.finish(tx, reader.message, reader.flags).await)
+        Ok(self.finish(tx, reader.finish()).await)
     }
 
     async fn bdat(&mut self, size: u64, last: bool) -> io::Result<Next> {
         // The chunk is always read, even when the transaction is refused (RFC 3030 2).
         let early = self.body_allowed().err();
-        let tx_limit = self.limit();
-        if early.is_none() {
+        if early.is_none() && self.tx.as_ref().is_some_and(|t| t.chunks.is_none()) {
+            let buf = self.message_buf();
             if let Some(tx) = self.tx.as_mut() {
-                if tx.chunks.is_none() {
-                    tx.chunks = Some(ChunkCollector::new(tx_limit));
-                }
+                tx.chunks = Some(ChunkCollector::with_buf(buf));
             }
         }
         let (conn, tx) = (&mut self.conn, &mut self.tx);
@@ -594,8 +639,11 @@ impl<H: Handler> Session<H> {
         let Some(tx) = self.tx.as_mut() else {
             return Ok(self.error(canned::BAD_SEQUENCE));
         };
-        if tx.chunk_error.is_none() && tx.chunks.as_ref().is_some_and(|c| c.flags.too_big) {
-            tx.chunk_error = Some(canned::TOO_BIG);
+        if tx.chunk_error.is_none() {
+            tx.chunk_error = tx.chunks.as_ref().and_then(|c| {
+                let f = c.flags();
+                (f.too_big || f.over_budget).then(|| body_reply(f)).flatten()
+            });
         }
         if !last {
             if let Some(r) = tx.chunk_error.clone() {
@@ -605,20 +653,20 @@ impl<H: Handler> Session<H> {
             return Ok(self.ok(&r));
         }
         let mut tx = self.tx.take();
-        let (body, flags) = match tx.as_mut().and_then(|t| t.chunks.take()) {
-            Some(c) => (c.message, c.flags),
-            None => (Vec::new(), BodyFlags::default()),
+        let buf = match tx.as_mut().and_then(|t| t.chunks.take()) {
+            Some(c) => c.finish(),
+            None => self.message_buf(),
         };
-        Ok(self.finish(tx, body, flags).await)
+        Ok(self.finish(tx, buf).await)
     }
 
-    /// Ends a transaction: checks the body, adds the Received header, hands it over.
-    async fn finish(&mut self, tx: Option<Transaction>, body: Vec<u8>, flags: BodyFlags) -> Next {
+    /// Ends a transaction: checks the body and hands it over.
+    async fn finish(&mut self, tx: Option<Transaction>, buf: MessageBuf) -> Next {
         let Some(tx) = tx else {
             return self.error(canned::BAD_SEQUENCE);
         };
-        let size = body.len() as u64;
-        let reply = self.message_reply(tx, body, flags).await;
+        let size = buf.message().len() as u64;
+        let reply = self.message_reply(tx, buf).await;
         let result = if reply.is_positive() {
             "accepted"
         } else {
@@ -638,18 +686,11 @@ impl<H: Handler> Session<H> {
         }
     }
 
-    async fn message_reply(&mut self, tx: Transaction, body: Vec<u8>, flags: BodyFlags) -> Reply {
-        if flags.too_big {
-            return canned::TOO_BIG;
+    async fn message_reply(&mut self, tx: Transaction, buf: MessageBuf) -> Reply {
+        if let Some(r) = body_reply(buf.flags()) {
+            return r;
         }
-        if flags.bare_lf {
-            return Reply::new(
-                550,
-                "5.5.2",
-                "Bare LF in message text is not accepted; end lines with CRLF (RFC 5321 2.3.8)",
-            );
-        }
-        let hops = crate::policy::count_hops(&body);
+        let hops = crate::policy::count_hops(buf.message());
         if hops > self.cfg.max_hops {
             return Reply::owned(
                 554,
@@ -660,26 +701,18 @@ impl<H: Handler> Session<H> {
                 ),
             );
         }
-        let id = QueueId::generate();
-        let full = if self.cfg.add_received {
-            let received = received_header(&self.cfg.hostname, &self.peer, &id, &tx);
-            let mut full = Vec::with_capacity(received.len() + body.len());
-            full.extend_from_slice(received.as_bytes());
-            full.extend_from_slice(&body);
-            full
-        } else {
-            body
-        };
+        // The buffer's budget charge is held until the handler is done with the bytes.
+        let (body, _, _charge) = buf.into_parts();
         self.handler
             .accept(
                 &self.ctx,
                 Incoming {
-                    id,
+                    id: tx.id,
                     from: tx.from,
                     rcpts: tx.rcpts,
                     rcpt_dsn: tx.rcpt_dsn,
                     params: tx.params,
-                    body: full,
+                    body,
                     peer: self.peer.clone(),
                 },
             )
@@ -736,6 +769,29 @@ impl<H: Handler> Session<H> {
                 "TLS handshake timeout",
             )),
         }
+    }
+}
+
+/// The refusal a message's anomalies call for, if any.
+fn body_reply(f: &super::data::BodyFlags) -> Option<Reply> {
+    if f.too_big {
+        Some(canned::TOO_BIG)
+    } else if f.over_budget {
+        Some(canned::INFLIGHT_FULL)
+    } else if f.bare_lf {
+        Some(Reply::new(
+            550,
+            "5.5.2",
+            "Bare LF in message text is not accepted; end lines with CRLF (RFC 5321 2.3.8)",
+        ))
+    } else if f.bare_cr {
+        Some(Reply::new(
+            550,
+            "5.5.2",
+            "Bare CR in message text is not accepted; end lines with CRLF (RFC 5321 2.3.8)",
+        ))
+    } else {
+        None
     }
 }
 

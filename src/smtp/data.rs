@@ -23,8 +23,8 @@ pub struct BodyFlags {
     pub bare_cr: bool,
 }
 
-/// Smallest step a message buffer grows by.
-const MIN_GROW: usize = 64 * 1024;
+/// Smallest step a message buffer grows by (and its capacity at the start).
+const MIN_GROW: usize = super::budget::FIRST_BUFFER as usize;
 
 /// The bytes of one message being received: an optional prefix (our `Received:` header,
 /// written first so the message is never copied to prepend it) and the message text,
@@ -371,7 +371,10 @@ mod tests {
                 assert!(done, "{fake:?} split {split}");
                 assert_eq!(used, input.len() - 4, "{fake:?} split {split}: ended early");
                 assert!(m.ends_with(b"DATA\r\nx\r\n"), "{fake:?}");
-                assert!(f.bare_lf || f.bare_cr, "{fake:?} split {split}: not flagged");
+                assert!(
+                    f.bare_lf || f.bare_cr,
+                    "{fake:?} split {split}: not flagged"
+                );
             }
         }
     }
@@ -455,6 +458,9 @@ mod tests {
         let mut c = ChunkCollector::new(100);
         c.push(b"a\r\nb\r");
         assert!(!c.flags().bare_cr);
-        assert!(c.finish().flags().bare_cr, "a CR ending the message is bare");
+        assert!(
+            c.finish().flags().bare_cr,
+            "a CR ending the message is bare"
+        );
     }
 }

@@ -69,8 +69,11 @@ pub mod canned {
     pub const TOO_MANY_ERRORS: Reply =
         Reply::new(421, "4.7.0", "Too many errors, closing connection");
     /// Too many refused recipients (directory harvesting).
-    pub const TOO_MANY_REFUSALS: Reply =
-        Reply::new(421, "4.7.0", "Too many refused recipients, closing connection");
+    pub const TOO_MANY_REFUSALS: Reply = Reply::new(
+        421,
+        "4.7.0",
+        "Too many refused recipients, closing connection",
+    );
     /// The memory budget of messages in transfer is spent (`server.max_inflight_bytes`).
     pub const INFLIGHT_FULL: Reply = Reply::new(
         452,

@@ -3,8 +3,8 @@
 //! What to do with recipients and finished messages is decided by a [`Handler`]: the relay's
 //! handler checks policy and spools; the test sink's handler records.
 
-use super::command::{self, Command, MailParams, RcptDsn};
 use super::budget::{Charge, InflightBudget};
+use super::command::{self, Command, MailParams, RcptDsn};
 use super::data::{ChunkCollector, DataReader, MessageBuf};
 use super::reply::{canned, Reply};
 use super::tls::MaybeTls;
@@ -642,7 +642,9 @@ impl<H: Handler> Session<H> {
         if tx.chunk_error.is_none() {
             tx.chunk_error = tx.chunks.as_ref().and_then(|c| {
                 let f = c.flags();
-                (f.too_big || f.over_budget).then(|| body_reply(f)).flatten()
+                (f.too_big || f.over_budget)
+                    .then(|| body_reply(f))
+                    .flatten()
             });
         }
         if !last {

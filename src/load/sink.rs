@@ -235,6 +235,10 @@ pub fn client_cert_acceptor(
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
+    // Every handshake a full one: a resumed session presents no certificate to record.
+    let mut config = config;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), seen))
 }
 

@@ -700,3 +700,50 @@ fn edit_reply(lines: &[&[u8]], edit: ReplyEdit, out: &mut Vec<u8>) {
         out.extend_from_slice(&l);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edit(input: &[u8], e: ReplyEdit) -> (Vec<u8>, Vec<u8>) {
+        let mut pending = input.to_vec();
+        let out = edit_replies(&mut pending, e);
+        (out, pending)
+    }
+
+    const NO_UTF8: ReplyEdit = ReplyEdit {
+        drop_smtputf8: true,
+        multiline_errors: false,
+    };
+    const MULTI: ReplyEdit = ReplyEdit {
+        drop_smtputf8: false,
+        multiline_errors: true,
+    };
+
+    #[test]
+    fn smtputf8_leaves_ehlo_replies_wherever_it_is() {
+        let (out, rest) = edit(b"250-a\r\n250-SMTPUTF8\r\n250 DSN\r\n", NO_UTF8);
+        assert_eq!(out, b"250-a\r\n250 DSN\r\n");
+        assert!(rest.is_empty());
+        // As the last line, the line before it becomes the last.
+        let (out, _) = edit(b"250-a\r\n250-DSN\r\n250 SMTPUTF8\r\n", NO_UTF8);
+        assert_eq!(out, b"250-a\r\n250 DSN\r\n");
+        // An unfinished reply waits for its last line.
+        let (out, rest) = edit(b"250 ok\r\n250-a\r\n250-SMT", NO_UTF8);
+        assert_eq!(out, b"250 ok\r\n");
+        assert_eq!(rest, b"250-a\r\n250-SMT");
+    }
+
+    #[test]
+    fn error_replies_become_three_lines() {
+        let (out, _) = edit(b"250 2.0.0 ok\r\n451 4.3.0 busy\r\n500 bad\r\n", MULTI);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.split_inclusive("\r\n").collect();
+        assert_eq!(lines[0], "250 2.0.0 ok\r\n");
+        assert_eq!(lines[1], "451-4.3.0 busy\r\n");
+        assert!(lines[2].starts_with("451-4.3.0 ") && lines[3].starts_with("451 4.3.0 "));
+        assert_eq!(lines[4], "500-bad\r\n");
+        assert!(lines[5].starts_with("500-(") && lines[6].starts_with("500 end"));
+        assert_eq!(lines.len(), 7);
+    }
+}

@@ -285,13 +285,13 @@ pub fn build(
         env.id
     );
     if let Some(e) = &env.envid {
-        push_field(&mut m, "Original-Envelope-Id", &ascii(e), &[]);
+        push_field(&mut m, "Original-Envelope-Id", e, &[]);
     }
     let _ = write!(m, "Arrival-Date: {arrival}\r\n");
     for f in failures {
         let _ = write!(m, "\r\nFinal-Recipient: rfc822; {}\r\n", f.rcpt);
         if let Some(o) = f.orcpt {
-            push_field(&mut m, "Original-Recipient", &ascii(o), &[]);
+            push_field(&mut m, "Original-Recipient", o, &[]);
         }
         let status = match kind {
             Kind::Failed => status_of(f.reply),

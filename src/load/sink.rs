@@ -133,7 +133,8 @@ impl Default for SinkOptions {
 ///
 /// A session runs in one tokio task from greeting to QUIT, and its TLS handshake (and so
 /// the certificate check) runs in that task too: the verifier files the certificate under
-/// the task's id, and the message handler, later in the same task, looks it up.
+/// the task's id, and the message handler, later in the same task, looks it up. Entries
+/// stay for the sink's life (a test's), one per TLS session.
 #[derive(Debug, Default)]
 pub struct ClientCerts {
     by_session: Mutex<HashMap<tokio::task::Id, Vec<u8>>>,

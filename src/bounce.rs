@@ -1,6 +1,20 @@
 //! Delivery Status Notifications (RFC 3464): the bounce sent to the envelope sender when
 //! recipients fail permanently or expire. The DSN goes back into the spool like any message,
 //! from the null sender `<>`.
+//!
+//! A DSN quotes text we do not control: next hops' replies (often several lines, kept with
+//! `\n` between them), local errors, and the original message. Strict receivers, coexist
+//! itself included, refuse a message with a bare LF or a bare CR, so every line of the DSN
+//! is written here with CRLF and nothing else:
+//! - quoted replies are split into their lines; control characters become spaces;
+//! - in the human-readable part each reply line is a line of its own (indented after the
+//!   first), wrapped before 998 octets;
+//! - in `message/delivery-status` a reply line becomes a header-field continuation line
+//!   (starting with a space), so `Diagnostic-Code` unfolds to the whole reply; lines are
+//!   folded at spaces to about 78 octets and never longer than 998 (RFC 5322 2.1.1, 2.2.3);
+//!   the field is US-ASCII (RFC 3464), other characters become `?`;
+//! - the returned original (its header section, or all of it with `RET=FULL`) gets CRLF for
+//!   any bare CR or LF, and lines over 998 octets broken (folded in the header section).
 
 use crate::spool::Envelope;
 use crate::types::{Address, QueueId};
@@ -40,6 +54,132 @@ fn header_section(message: &[u8]) -> &[u8] {
     match memchr::memmem::find(message, b"\r\n\r\n") {
         Some(i) => &message[..i + 2],
         None => message,
+    }
+}
+
+/// Longest line written, line end excluded (RFC 5322 2.1.1 allows 998).
+const MAX_LINE: usize = 998;
+/// Lines of header fields are folded at a space before this many octets where possible.
+const FOLD_AT: usize = 78;
+
+/// The lines of a quoted reply or error: split at CR and LF, control characters made
+/// spaces, trailing spaces dropped, empty lines left out.
+fn text_lines(text: &str) -> Vec<String> {
+    text.split(['\r', '\n'])
+        .map(|l| {
+            l.chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect::<String>()
+                .trim_end()
+                .to_string()
+        })
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// The largest index `<= max` that is a char boundary of `s`.
+fn floor_boundary(s: &str, max: usize) -> usize {
+    let mut i = max.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Splits `line` into pieces to put on lines of their own: at the last space before `soft`
+/// octets (the space starts the next piece), else at the first space after it, and only
+/// where a piece would exceed `hard` octets without a space, at that limit.
+fn wrap(line: &str, soft: usize, hard: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = line;
+    while rest.len() > soft {
+        let before = rest[..floor_boundary(rest, soft)]
+            .rfind(' ')
+            .filter(|&i| i > 0);
+        let after = || {
+            let (from, to) = (floor_boundary(rest, soft), floor_boundary(rest, hard));
+            rest.get(from..to)
+                .and_then(|t| t.find(' '))
+                .map(|i| i + from)
+                .filter(|&i| i > 0)
+        };
+        let cut = match before.or_else(after) {
+            Some(i) => i,
+            None if rest.len() > hard => {
+                floor_boundary(rest, hard).max(rest.chars().next().map_or(1, char::len_utf8))
+            }
+            None => break,
+        };
+        out.push(&rest[..cut]);
+        rest = &rest[cut..];
+    }
+    out.push(rest);
+    out
+}
+
+/// Appends header field `name` whose value is `first` and then `more` lines: each further
+/// line becomes a continuation line (a space first), and every line is folded at spaces
+/// near [`FOLD_AT`] octets and always within [`MAX_LINE`].
+fn push_field(m: &mut String, name: &str, first: &str, more: &[String]) {
+    let mut lines = vec![format!("{name}: {first}")];
+    lines.extend(more.iter().map(|l| format!(" {}", l.trim_start())));
+    for (i, l) in lines.iter().enumerate() {
+        for (j, piece) in wrap(l, FOLD_AT, MAX_LINE - 1).into_iter().enumerate() {
+            // Pieces cut at a space start with it; one cut inside a long word needs one.
+            if (i > 0 || j > 0) && !piece.starts_with(' ') {
+                m.push(' ');
+            }
+            m.push_str(piece);
+            m.push_str("\r\n");
+        }
+    }
+}
+
+/// `text` for a `message/delivery-status` field: printable US-ASCII (RFC 3464).
+fn ascii(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_ascii() { c } else { '?' })
+        .collect()
+}
+
+/// Appends `bytes` with every line ended by CRLF (a bare CR or LF becomes CRLF, a missing
+/// final line end is added) and no line over [`MAX_LINE`] octets: longer lines are broken,
+/// in the header section as folded continuation lines.
+fn push_lines(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut in_headers = true;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let end = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
+        let line = &rest[..end];
+        let skip = match (rest.get(end), rest.get(end + 1)) {
+            (Some(b'\r'), Some(b'\n')) => 2,
+            (Some(_), _) => 1,
+            (None, _) => 0,
+        };
+        rest = &rest[end + skip..];
+        if line.is_empty() {
+            in_headers = false;
+        }
+        let mut piece = line;
+        let mut first = true;
+        loop {
+            let room = if first || !in_headers {
+                MAX_LINE
+            } else {
+                MAX_LINE - 1
+            };
+            if !first && in_headers {
+                out.push(b' ');
+            }
+            let take = piece.len().min(room);
+            out.extend_from_slice(&piece[..take]);
+            out.extend_from_slice(b"\r\n");
+            piece = &piece[take..];
+            first = false;
+            if piece.is_empty() {
+                break;
+            }
+        }
     }
 }
 
@@ -117,7 +257,23 @@ pub fn build(
         env.id
     );
     for f in failures {
-        let _ = write!(m, "<{}>: {}\r\n", f.rcpt, f.reply);
+        let lines = text_lines(f.reply);
+        let mut first = format!("<{}>:", f.rcpt);
+        for (i, l) in lines.iter().enumerate() {
+            let line = if i == 0 {
+                format!("{first} {l}")
+            } else {
+                format!("    {l}")
+            };
+            for piece in wrap(&line, MAX_LINE, MAX_LINE) {
+                m.push_str(piece);
+                m.push_str("\r\n");
+            }
+            first.clear();
+        }
+        if lines.is_empty() {
+            let _ = write!(m, "{first} (no reply text)\r\n");
+        }
     }
     let _ = write!(
         m,
@@ -129,24 +285,29 @@ pub fn build(
         env.id
     );
     if let Some(e) = &env.envid {
-        let _ = write!(m, "Original-Envelope-Id: {e}\r\n");
+        push_field(&mut m, "Original-Envelope-Id", e, &[]);
     }
     let _ = write!(m, "Arrival-Date: {arrival}\r\n");
     for f in failures {
         let _ = write!(m, "\r\nFinal-Recipient: rfc822; {}\r\n", f.rcpt);
         if let Some(o) = f.orcpt {
-            let _ = write!(m, "Original-Recipient: {o}\r\n");
+            push_field(&mut m, "Original-Recipient", o, &[]);
         }
         let status = match kind {
             Kind::Failed => status_of(f.reply),
             Kind::Delayed => delay_status(f.reply),
         };
         let _ = write!(m, "Action: {action}\r\nStatus: {status}\r\n");
-        if f.reply.len() > 3 && f.reply.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
-            let _ = write!(m, "Diagnostic-Code: smtp; {}\r\n", f.reply);
+        let lines: Vec<String> = text_lines(f.reply).iter().map(|l| ascii(l)).collect();
+        let (first, more) = lines
+            .split_first()
+            .map_or(("", &[][..]), |(f, m)| (f.as_str(), m));
+        let kind = if f.reply.len() > 3 && f.reply.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
+            "smtp"
         } else {
-            let _ = write!(m, "Diagnostic-Code: X-coexist; {}\r\n", f.reply);
-        }
+            "X-coexist"
+        };
+        push_field(&mut m, "Diagnostic-Code", &format!("{kind}; {first}"), more);
     }
     let full = env.ret.as_deref() == Some("FULL");
     let _ = write!(
@@ -160,12 +321,9 @@ pub fn build(
     );
     let mut out = m.into_bytes();
     if full {
-        out.extend_from_slice(original);
-        if !original.ends_with(b"\r\n") {
-            out.extend_from_slice(b"\r\n");
-        }
+        push_lines(&mut out, original);
     } else {
-        out.extend_from_slice(header_section(original));
+        push_lines(&mut out, header_section(original));
     }
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     out
@@ -185,6 +343,158 @@ mod tests {
             status_of("message expired in queue; last reply: 451 4.3.0 x"),
             "5.4.7"
         );
+    }
+
+    fn envelope(ret: Option<&str>) -> Envelope {
+        Envelope {
+            id: QueueId::generate(),
+            from: Some(Address::parse("sender@example.org", false).unwrap()),
+            rcpts: vec![Address::parse("u@nhs.test", false).unwrap()],
+            smtputf8: false,
+            body: Default::default(),
+            received_at: 1_764_000_000,
+            size: 10,
+            client: "x".into(),
+            ret: ret.map(str::to_string),
+            envid: Some("E1".into()),
+            rcpt_dsn: Vec::new(),
+            bounce: false,
+        }
+    }
+
+    /// Every line ends in CRLF, none is longer than 998 octets.
+    fn assert_well_formed(dsn: &[u8]) {
+        for (i, &b) in dsn.iter().enumerate() {
+            if b == b'\n' {
+                assert!(i > 0 && dsn[i - 1] == b'\r', "bare LF at {i}");
+            }
+            if b == b'\r' {
+                assert_eq!(dsn.get(i + 1), Some(&b'\n'), "bare CR at {i}");
+            }
+        }
+        assert!(dsn.ends_with(b"\r\n"));
+        for l in dsn.split(|&b| b == b'\n') {
+            assert!(l.len() <= MAX_LINE + 1, "line of {} octets", l.len());
+        }
+    }
+
+    /// Field `name` of the per-recipient block of a DSN's delivery-status part, unfolded.
+    fn recipient_field(dsn: &[u8], name: &str) -> Option<String> {
+        let parsed = mailparse::parse_mail(dsn).unwrap();
+        let status = parsed.subparts[1].get_body_raw().unwrap();
+        let status = String::from_utf8(status).unwrap();
+        let block = format!("{}\r\n\r\n", status.split("\r\n\r\n").nth(1).unwrap());
+        let fields = mailparse::parse_headers(block.as_bytes()).unwrap().0;
+        fields.get_first_value(name)
+    }
+
+    #[test]
+    fn multi_line_and_hostile_replies_are_folded_with_crlf_only() {
+        let env = envelope(None);
+        let long_word = "x".repeat(3000);
+        let long_words = "word ".repeat(600);
+        let cases = [
+            "550 5.1.1 first line\nsecond line\nthird line",
+            "550 5.7.1 bare\rcarriage return\r\nand CRLF\u{7}bell",
+            &format!("554 5.0.0 {long_word}"),
+            &format!("554 5.0.0 {long_words}"),
+            "550 5.1.1 caf\u{e9} non-ASCII",
+            "message expired in queue; last reply: 451 4.3.0 a\nb",
+            "",
+        ];
+        for reply in cases {
+            let f = [Failure {
+                rcpt: &env.rcpts[0],
+                orcpt: Some("rfc822;u@nhs.test"),
+                reply,
+            }];
+            for kind in [Kind::Failed, Kind::Delayed] {
+                let original = b"Subject: hi\r\n\r\nbody\r\n";
+                let dsn = build("mx1.test", &QueueId::generate(), &env, original, &f, kind);
+                assert_well_formed(&dsn);
+                let diag = recipient_field(&dsn, "Diagnostic-Code").unwrap();
+                let want: String = text_lines(reply)
+                    .iter()
+                    .map(|l| ascii(l))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                if reply.len() < 1000 {
+                    // Folded at spaces: unfolding gives back the reply's lines.
+                    assert!(diag.ends_with(&want), "{diag:?} / {want:?}");
+                } else {
+                    assert!(diag.replace(' ', "").contains(&want.replace(' ', "")));
+                }
+                let text = String::from_utf8_lossy(&dsn).to_string();
+                if let Some(l) = text_lines(reply).first() {
+                    let start = &l[..floor_boundary(l, 9)];
+                    assert!(text.contains(&format!("<u@nhs.test>: {start}")), "{text}");
+                }
+            }
+        }
+        // The first example: each reply line on a continuation line of its own.
+        let f = [Failure {
+            rcpt: &env.rcpts[0],
+            orcpt: None,
+            reply: cases[0],
+        }];
+        let dsn = build(
+            "mx1.test",
+            &QueueId::generate(),
+            &env,
+            b"",
+            &f,
+            Kind::Failed,
+        );
+        let text = String::from_utf8(dsn).unwrap();
+        assert!(
+            text.contains(
+                "Diagnostic-Code: smtp; 550 5.1.1 first line\r\n second line\r\n third line\r\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("<u@nhs.test>: 550 5.1.1 first line\r\n    second line\r\n"));
+    }
+
+    #[test]
+    fn returned_original_gets_crlf_lines_within_998_octets() {
+        let long_header = format!("X-Long: {}\r\n", "h".repeat(2500));
+        let long_body = "b".repeat(2500);
+        let original =
+            format!("Subject: bare\rCR\nX-A: bare LF\r\n{long_header}\r\nbody\nline\r{long_body}");
+        let env = envelope(Some("FULL"));
+        let f = [Failure {
+            rcpt: &env.rcpts[0],
+            orcpt: None,
+            reply: "550 5.1.1 no",
+        }];
+        let dsn = build(
+            "mx1.test",
+            &QueueId::generate(),
+            &env,
+            original.as_bytes(),
+            &f,
+            Kind::Failed,
+        );
+        assert_well_formed(&dsn);
+        let parsed = mailparse::parse_mail(&dsn).unwrap();
+        let returned = parsed.subparts[2].get_body_raw().unwrap();
+        let inner = mailparse::parse_mail(&returned).unwrap();
+        // The long header is folded (one field), the body lines are all there.
+        // (cut inside a word: unfolding shows a space at each cut)
+        let long = inner.headers.get_first_value("X-Long").unwrap();
+        assert_eq!(long.replace(' ', ""), "h".repeat(2500));
+        let body = String::from_utf8(inner.get_body_raw().unwrap()).unwrap();
+        assert_eq!(body.replace("\r\n", ""), format!("bodyline{long_body}"));
+        // Headers only: the same rules.
+        let dsn = build(
+            "mx1.test",
+            &QueueId::generate(),
+            &envelope(None),
+            original.as_bytes(),
+            &f,
+            Kind::Failed,
+        );
+        assert_well_formed(&dsn);
     }
 
     #[test]

@@ -198,6 +198,15 @@ enum Cmd {
         /// Milliseconds to wait before answering the end of data.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Most recipients per transaction; further RCPTs get 452 4.5.3 (0: every RCPT).
+        #[arg(long, default_value_t = 100_000)]
+        max_rcpts: usize,
+        /// Do not offer SMTPUTF8 (MAIL with SMTPUTF8 gets 555 5.5.4).
+        #[arg(long)]
+        no_smtputf8: bool,
+        /// Send every error reply (4xx, 5xx) in three lines, the original text first.
+        #[arg(long)]
+        multiline_errors: bool,
     },
 }
 
@@ -944,6 +953,9 @@ fn main() -> anyhow::Result<()> {
             defer_share,
             reject_share,
             delay_ms,
+            max_rcpts,
+            no_smtputf8,
+            multiline_errors,
         } => {
             init_logging(cli.log_format);
             anyhow::ensure!(
@@ -962,6 +974,9 @@ fn main() -> anyhow::Result<()> {
                         defer_share,
                         reject_share,
                         delay: std::time::Duration::from_millis(delay_ms),
+                        max_rcpts,
+                        smtputf8: !no_smtputf8,
+                        multiline_errors,
                         ..Default::default()
                     },
                 )

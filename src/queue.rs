@@ -585,6 +585,7 @@ async fn attempt(
                 ret: env.ret.as_deref(),
                 envid: env.envid.as_deref(),
                 rcpt_dsn: d.rcpts.iter().map(|&i| env.dsn(i)).collect(),
+                smtputf8: env.smtputf8,
             };
             let tls = inner
                 .tls

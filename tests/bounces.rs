@@ -217,3 +217,87 @@ async fn one_delay_warning_then_delivery() {
     assert_eq!(wait(&h.cloud, 1).await, 1);
     assert_eq!(dsns(&h.onprem.state.messages()).len(), 1);
 }
+
+/// Every line ends in CRLF: no bare LF, no bare CR, and no line over 998 octets.
+fn assert_crlf_only(msg: &[u8]) {
+    for (i, &b) in msg.iter().enumerate() {
+        if b == b'\n' {
+            assert!(i > 0 && msg[i - 1] == b'\r', "bare LF at {i}");
+        }
+        if b == b'\r' {
+            assert_eq!(msg.get(i + 1), Some(&b'\n'), "bare CR at {i}");
+        }
+    }
+    for line in msg.split(|&b| b == b'\n') {
+        assert!(line.len() <= 999, "line over 998 octets");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_line_refusal_gives_a_well_formed_dsn_with_the_whole_reply() {
+    // The next hops answer every error in three lines. The DSN goes to the sender through
+    // the on-premises next hop, which, like coexist itself, refuses bare LF and bare CR.
+    let opts = coexist::load::sink::SinkOptions {
+        multiline_errors: true,
+        ..Default::default()
+    };
+    let h = harness_with(opts, |_| {}).await;
+    let r = send_one(h.addr, &["reject-me@nhs.test"], "multi").await;
+    assert_eq!(r.code, 250);
+    let dsn = wait_dsn(&h.onprem).await;
+    assert_crlf_only(&dsn.body);
+    let parsed = mailparse::parse_mail(&dsn.body).unwrap();
+    assert_eq!(parsed.ctype.mimetype, "multipart/report");
+    let human = String::from_utf8_lossy(&parsed.subparts[0].get_body_raw().unwrap()).to_string();
+    for want in [
+        "Sink: mailbox unavailable",
+        "three lines",
+        "end of the reply",
+    ] {
+        assert!(human.contains(want), "{want} missing:\n{human}");
+    }
+    // The delivery-status fields, parsed as header fields (continuation lines unfolded).
+    let status = parsed.subparts[1].get_body_raw().unwrap();
+    let status = String::from_utf8(status).unwrap();
+    let blocks: Vec<&str> = status.split("\r\n\r\n").collect();
+    let block = format!("{}\r\n\r\n", blocks[1]);
+    let rcpt = mailparse::parse_headers(block.as_bytes()).unwrap().0;
+    let diag = rcpt
+        .get_first_value("Diagnostic-Code")
+        .expect("Diagnostic-Code");
+    assert!(
+        diag.starts_with("smtp; 550 5.1.1 Sink: mailbox unavailable"),
+        "{diag}"
+    );
+    assert!(
+        diag.contains("three lines") && diag.contains("end of the reply"),
+        "{diag}"
+    );
+    assert_eq!(rcpt.get_first_value("Status").as_deref(), Some("5.1.1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_warning_with_a_multi_line_reply_is_well_formed() {
+    let opts = coexist::load::sink::SinkOptions {
+        multiline_errors: true,
+        ..Default::default()
+    };
+    let h = harness_with(opts, |c| c.queue.delay_warning = Duration::from_secs(1)).await;
+    h.cloud.state.set_mode(coexist::load::sink::SinkMode::Defer);
+    assert_eq!(send_one(h.addr, &["bob@nhs.test"], "slow").await.code, 250);
+    let warning = wait_dsn(&h.onprem).await;
+    assert_crlf_only(&warning.body);
+    let text = String::from_utf8_lossy(&warning.body).to_string();
+    assert!(
+        text.contains("Action: delayed") && text.contains("Status: 4.3.0"),
+        "{text}"
+    );
+    let parsed = mailparse::parse_mail(&warning.body).unwrap();
+    let status = String::from_utf8_lossy(&parsed.subparts[1].get_body_raw().unwrap()).to_string();
+    let unfolded = status.replace("\r\n ", " ");
+    assert!(
+        unfolded.contains("Diagnostic-Code: smtp; 451 4.3.0 Sink: deferring on request")
+            && unfolded.contains("end of the reply"),
+        "{status}"
+    );
+}

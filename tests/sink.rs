@@ -72,3 +72,79 @@ async fn shares_delay_and_domain_counts() {
         slow.state.summary()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipient_limit_no_smtputf8_and_multi_line_errors() {
+    let lo = "127.0.0.1:0".parse().unwrap();
+    // At most 2 recipients per transaction.
+    let limited = Sink::start(
+        lo,
+        SinkOptions {
+            max_rcpts: 2,
+            ..SinkOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut c = connect(limited.addr).await;
+    c.expect("EHLO t.test", 250).await;
+    c.expect("MAIL FROM:<a@b.test>", 250).await;
+    c.expect("RCPT TO:<x@nhs.test>", 250).await;
+    c.expect("RCPT TO:<y@nhs.test>", 250).await;
+    assert_eq!(c.cmd("RCPT TO:<z@nhs.test>").await.status(), "4.5.3");
+
+    // Without SMTPUTF8: not in EHLO, refused on MAIL; everything else as usual.
+    let plain = Sink::start(
+        lo,
+        SinkOptions {
+            smtputf8: false,
+            ..SinkOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut c = connect(plain.addr).await;
+    let ehlo = c.expect("EHLO t.test", 250).await;
+    assert!(!ehlo.text.contains("SMTPUTF8"), "{}", ehlo.text);
+    assert!(ehlo.text.contains("PIPELINING") && ehlo.text.ends_with("\r\n"));
+    assert_eq!(c.cmd("MAIL FROM:<a@b.test> SMTPUTF8").await.code, 555);
+    assert_eq!(
+        c.mail("a@b.test", &["x@nhs.test"], &sample("p")).await.code,
+        250
+    );
+    assert!(!plain.state.messages()[0].smtputf8);
+
+    // Multi-line errors: three lines, the original text first; successes unchanged.
+    let multi = Sink::start(
+        lo,
+        SinkOptions {
+            multiline_errors: true,
+            ..SinkOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut c = connect(multi.addr).await;
+    c.expect("EHLO t.test", 250).await;
+    c.expect("MAIL FROM:<a@b.test>", 250).await;
+    let r = c.cmd("RCPT TO:<reject-me@nhs.test>").await;
+    let lines: Vec<&str> = r.text.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", r.text);
+    assert_eq!(lines[0], "550-5.1.1 Sink: mailbox unavailable");
+    assert!(lines[1].starts_with("550-5.1.1 ") && lines[2].starts_with("550 5.1.1 "));
+
+    // The reply-editing front is clear text only.
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let acceptor = coexist::smtp::tls::load_acceptor(&certs.cert, &certs.key).unwrap();
+    let refused = Sink::start(
+        lo,
+        SinkOptions {
+            tls: Some(acceptor),
+            smtputf8: false,
+            ..SinkOptions::default()
+        },
+    )
+    .await;
+    assert!(refused.is_err());
+}

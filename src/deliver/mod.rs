@@ -6,6 +6,21 @@
 //! changes the message (see notes/dependencies.md). We pipeline when the next hop offers
 //! PIPELINING, send the exact bytes with BDAT when it offers CHUNKING, and otherwise use a
 //! buffered dot-stuffing writer.
+//!
+//! Two rules shape what a transaction carries:
+//! - **Recipients per transaction.** A next hop may take fewer recipients per transaction
+//!   than a message has: it answers `452` (RFC 5321 4.5.3.1.10; `452 4.5.3`, or `552 5.5.3`
+//!   from older servers) to the RCPTs beyond its limit. Those recipients go at once in a
+//!   further transaction (on the same session, or a new one if it broke), within the same
+//!   attempt, not after a retry delay. Only when the *first* RCPT of a transaction gets such
+//!   a reply (the hop took nothing) are they deferred like any temporary failure, so every
+//!   extra transaction settles at least one recipient and the loop ends.
+//! - **SMTPUTF8** (RFC 6531) is passed on MAIL FROM whenever the envelope asked for it and
+//!   the next hop offers it. When the hop does not offer it, what the message needs decides:
+//!   a non-ASCII address fails with `553 5.6.7`, UTF-8 in the header section of a message
+//!   that asked for SMTPUTF8 fails with `554 5.6.9` (both permanent: a DSN tells the
+//!   sender); a message that asked for it but is all ASCII in its envelope and headers is
+//!   sent without it, as nothing in it needs the extension.
 
 pub mod dns;
 pub mod pool;
@@ -72,6 +87,34 @@ pub struct Outbound<'a> {
     pub envid: Option<&'a str>,
     /// DSN parameters per recipient (same order as `rcpts`; may be empty).
     pub rcpt_dsn: Vec<crate::smtp::command::RcptDsn>,
+    /// The envelope asked for SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+}
+
+impl<'a> Outbound<'a> {
+    /// The same message for the recipients at positions `which` only.
+    fn only(&self, which: &[usize]) -> Outbound<'a> {
+        Outbound {
+            from: self.from,
+            rcpts: which.iter().map(|&i| self.rcpts[i]).collect(),
+            message: self.message,
+            eight_bit: self.eight_bit,
+            ret: self.ret,
+            envid: self.envid,
+            rcpt_dsn: which
+                .iter()
+                .filter_map(|&i| self.rcpt_dsn.get(i).cloned())
+                .collect(),
+            smtputf8: self.smtputf8,
+        }
+    }
+}
+
+/// One recipient's result in one transaction.
+struct TxRcpt {
+    outcome: RcptOutcome,
+    /// Refused because the transaction had too many recipients (RCPT `452 4.5.3`).
+    too_many: bool,
 }
 
 enum Client {
@@ -190,8 +233,19 @@ impl Connection {
         self.addr
     }
 
-    /// Runs one transaction; returns one outcome per recipient, in order.
+    /// Runs one transaction; returns one outcome per recipient, in order. Recipients the
+    /// next hop refused as too many for one transaction are deferred here; [`deliver`] sends
+    /// them in further transactions instead.
     pub async fn send(&mut self, out: &Outbound<'_>) -> Result<Vec<RcptOutcome>, HopError> {
+        Ok(self
+            .transaction(out)
+            .await?
+            .into_iter()
+            .map(|r| r.outcome)
+            .collect())
+    }
+
+    async fn transaction(&mut self, out: &Outbound<'_>) -> Result<Vec<TxRcpt>, HopError> {
         let (caps, timeout, addr, split) = (self.caps, self.timeout, self.addr, self.split_phases);
         let mut mail_rcpt = None;
         let res = match &mut self.client {
@@ -249,6 +303,19 @@ async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|e| e.to_string())
 }
 
+/// A RCPT reply that means "too many recipients in this transaction": `452` with `4.5.3` or
+/// without an enhanced code (RFC 5321 4.5.3.1.10), or `552 5.5.3` (RFC 821 servers).
+fn too_many(r: &smtp_proto::Response<String>) -> bool {
+    (r.code == 452 && (r.esc == [4, 5, 3] || r.esc == [0, 0, 0]))
+        || (r.code == 552 && r.esc == [5, 5, 3])
+}
+
+/// UTF-8 (any byte over 127) in the header section of `message`.
+fn utf8_headers(message: &[u8]) -> bool {
+    let end = memchr::memmem::find(message, b"\r\n\r\n").unwrap_or(message.len());
+    !message[..end].is_ascii()
+}
+
 /// Classifies a reply for the recipients it applies to.
 fn outcome(r: &smtp_proto::Response<String>) -> RcptOutcome {
     let text = reply_text(r);
@@ -266,16 +333,35 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     out: &Outbound<'_>,
     split: bool,
     mail_rcpt: &mut Option<Duration>,
-) -> Result<Vec<RcptOutcome>, String> {
+) -> Result<Vec<TxRcpt>, String> {
     let started = std::time::Instant::now();
     let n = out.rcpts.len();
-    let needs_utf8 = out.from.is_some_and(|a| !a.to_string().is_ascii())
+    let all = |o: RcptOutcome| -> Vec<TxRcpt> {
+        (0..n)
+            .map(|_| TxRcpt {
+                outcome: o.clone(),
+                too_many: false,
+            })
+            .collect()
+    };
+    let utf8_address = out.from.is_some_and(|a| !a.to_string().is_ascii())
         || out.rcpts.iter().any(|a| !a.to_string().is_ascii());
-    if needs_utf8 && caps & EXT_SMTP_UTF8 == 0 {
-        let msg =
-            "553 5.6.7 Next hop does not support SMTPUTF8 for a non-ASCII address".to_string();
-        return Ok(vec![RcptOutcome::Failed(msg); n]);
+    let offers_utf8 = caps & EXT_SMTP_UTF8 != 0;
+    if !offers_utf8 && utf8_address {
+        return Ok(all(RcptOutcome::Failed(
+            "553 5.6.7 Non-ASCII addresses not permitted for that sender/recipient \
+             (the next hop does not offer SMTPUTF8)"
+                .into(),
+        )));
     }
+    if !offers_utf8 && out.smtputf8 && utf8_headers(out.message) {
+        return Ok(all(RcptOutcome::Failed(
+            "554 5.6.9 UTF-8 header message cannot be transferred \
+             (the next hop does not offer SMTPUTF8)"
+                .into(),
+        )));
+    }
+    let needs_utf8 = offers_utf8 && (out.smtputf8 || utf8_address);
     let mut mail = format!(
         "MAIL FROM:<{}>",
         out.from.map(|a| a.to_string()).unwrap_or_default()
@@ -347,7 +433,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         write_timed(&mut c.stream, mail_line, timeout).await?;
         let mail_reply = read_n(c, 1, timeout).await?.remove(0);
         if mail_reply.code >= 400 {
-            return Ok(vec![outcome(&mail_reply); n]);
+            return Ok(all(outcome(&mail_reply)));
         }
         let mut rcpt_replies = Vec::with_capacity(n);
         for line in lines {
@@ -371,7 +457,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         if !chunking && body_reply.as_ref().is_some_and(|r| r.code == 354) {
             end_data_anyway(c, timeout).await?;
         }
-        return Ok(vec![outcome(&mail_reply); n]);
+        return Ok(all(outcome(&mail_reply)));
     }
     let accepted = rcpt_replies.iter().any(|r| r.code < 400);
     let mut final_reply = body_reply;
@@ -394,12 +480,13 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         .unwrap_or_else(|| RcptOutcome::Deferred("451 4.3.0 no reply to end of data".into()));
     Ok(rcpt_replies
         .iter()
-        .map(|r| {
-            if r.code >= 400 {
+        .map(|r| TxRcpt {
+            outcome: if r.code >= 400 {
                 outcome(r)
             } else {
                 body_outcome.clone()
-            }
+            },
+            too_many: too_many(r),
         })
         .collect())
 }
@@ -523,7 +610,8 @@ pub async fn deliver(
             continue;
         }
         let _slot = pool.slot(hop).await;
-        let (mut conn, reused) = match pool.checkout(hop, host, helo, tls, timeout).await {
+        let key = pool::SessionKey::new(hop, host, helo, tls);
+        let (conn, reused) = match pool.checkout(&key, host, helo, tls, timeout).await {
             Ok(c) => c,
             Err(e) => {
                 if matches!(e, HopError::Connect(..) | HopError::Refused(..)) {
@@ -538,14 +626,7 @@ pub async fn deliver(
         };
         pool.report(hop, true);
         let is_tls = conn.is_tls();
-        let outcomes = match conn.send(out).await {
-            Ok(outcomes) => {
-                pool.checkin(conn, tls);
-                outcomes
-            }
-            // The message may or may not have been taken: defer (at-least-once).
-            Err(e) => vec![RcptOutcome::Deferred(format!("451 4.4.2 {e}")); out.rcpts.len()],
-        };
+        let outcomes = transactions(pool, &key, conn, (host, helo, tls, timeout), out).await;
         metrics::counter!(crate::metrics::CONNECTIONS, "next_hop" => hop.to_string(), "reused" => if reused { "yes" } else { "no" }).increment(1);
         return Attempt {
             outcomes,
@@ -558,6 +639,83 @@ pub async fn deliver(
         next_hop: None,
         tls: false,
     }
+}
+
+/// Sends `out` over `conn` in as many transactions as the next hop needs (see the module
+/// docs: recipients refused as too many go in the next transaction at once), then returns
+/// the session to the pool. One outcome per recipient, in order.
+async fn transactions(
+    pool: &Pool,
+    key: &pool::SessionKey,
+    conn: Connection,
+    (host, helo, tls, timeout): (&str, &str, &RouteTls, Duration),
+    out: &Outbound<'_>,
+) -> Vec<RcptOutcome> {
+    let n = out.rcpts.len();
+    let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; n];
+    let mut todo: Vec<usize> = (0..n).collect();
+    let mut conn = Some(conn);
+    while !todo.is_empty() {
+        let Some(c) = conn.as_mut() else { break };
+        let part = out.only(&todo);
+        let results = match c.transaction(&part).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The message may or may not have been taken: defer (at-least-once).
+                for &i in &todo {
+                    outcomes[i] = Some(RcptOutcome::Deferred(format!("451 4.4.2 {e}")));
+                }
+                conn = None;
+                break;
+            }
+        };
+        // The first RCPT refused as "too many": the hop took nothing, a real deferral.
+        let progress = results.first().is_some_and(|r| !r.too_many);
+        let mut next = Vec::new();
+        for (&i, r) in todo.iter().zip(results) {
+            if r.too_many && progress {
+                next.push(i);
+            } else if r.too_many {
+                // A 552 5.5.3 is temporary too (RFC 5321 4.5.3.1.10).
+                let text = match r.outcome {
+                    RcptOutcome::Failed(t)
+                    | RcptOutcome::Deferred(t)
+                    | RcptOutcome::Delivered(t) => t,
+                };
+                outcomes[i] = Some(RcptOutcome::Deferred(text));
+            } else {
+                outcomes[i] = Some(r.outcome);
+            }
+        }
+        todo = next;
+        if todo.is_empty() {
+            break;
+        }
+        // The next transaction: on this session if it still answers, else on a new one.
+        if let Some(mut c) = conn.take() {
+            if c.reset().await {
+                conn = Some(c);
+            }
+        }
+        if conn.is_none() {
+            match pool.checkout(key, host, helo, tls, timeout).await {
+                Ok((c, _)) => conn = Some(c),
+                Err(e) => {
+                    for &i in &todo {
+                        outcomes[i] = Some(RcptOutcome::Deferred(format!("451 4.4.1 {e}")));
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(c) = conn {
+        pool.checkin(key.clone(), c);
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| RcptOutcome::Deferred("451 4.3.0 not attempted".into())))
+        .collect()
 }
 
 #[cfg(test)]

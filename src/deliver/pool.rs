@@ -1,9 +1,13 @@
 //! Connection reuse and a circuit breaker per next hop.
 //!
-//! - Reuse: after a transaction the connection goes back to an idle list for its next hop
-//!   (and TLS policy); the next delivery there checks it with `RSET` and reuses it, saving
-//!   the TCP and TLS handshakes and EHLO. Idle connections older than `IDLE_TIMEOUT` are
-//!   closed.
+//! - Reuse: after a transaction the connection goes back to an idle list for its
+//!   [`SessionKey`]; the next delivery with the same key checks it with `RSET` and reuses it,
+//!   saving the TCP and TLS handshakes and EHLO. The key holds everything that shapes a
+//!   session: the address, the EHLO name, the TLS policy, the name presented and checked
+//!   (SNI), and the route's TLS identity (trusted roots, client certificate and key). So a
+//!   session opened with one route's client certificate or CA bundle never carries another
+//!   route's mail, even to the same next hop. Idle connections older than `IDLE_TIMEOUT`
+//!   are closed.
 //! - Circuit: a next hop that refuses connections is marked down for a growing time
 //!   (1 s, 2 s, ... up to 60 s). While it is down deliveries skip it (failing over to the
 //!   next hop, or deferring); when the time is up exactly one delivery probes it, the others
@@ -23,11 +27,35 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest time a failing next hop is skipped before the next probe.
 const MAX_DOWN: Duration = Duration::from_secs(60);
 
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct Key {
+/// What a pooled session may be reused for: sessions are shared only between deliveries
+/// with equal keys.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey {
     addr: SocketAddr,
+    helo: String,
     tls: TlsPolicy,
-    name: Option<String>,
+    /// The name presented (SNI) and, for `verify`, checked.
+    server_name: String,
+    /// [`RouteTls::identity`]: roots, client certificate and key.
+    identity: Arc<[u8]>,
+}
+
+impl SessionKey {
+    /// The key of a session to `addr` (the next hop `host`) saying EHLO `helo`, with `tls`.
+    pub fn new(addr: SocketAddr, host: &str, helo: &str, tls: &RouteTls) -> SessionKey {
+        SessionKey {
+            addr,
+            helo: helo.to_string(),
+            tls: tls.policy,
+            server_name: tls.server_name(host),
+            identity: Arc::from(tls.identity()),
+        }
+    }
+
+    /// The next hop's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
 }
 
 struct Idle {
@@ -55,7 +83,7 @@ pub enum Admission {
 
 /// Idle connections and health, per next hop.
 pub struct Pool {
-    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    idle: Mutex<HashMap<SessionKey, Vec<Idle>>>,
     health: Mutex<HashMap<SocketAddr, Health>>,
     slots: Mutex<HashMap<SocketAddr, Arc<Semaphore>>>,
     max_idle: usize,
@@ -120,25 +148,21 @@ impl Pool {
         e.down_until = Some(Instant::now() + Duration::from_secs(secs).min(MAX_DOWN));
     }
 
-    /// A ready connection to `addr`: a reused one that answers RSET, or a new one.
+    /// A ready connection for `key` (to the next hop `host`, saying EHLO `helo`, with
+    /// `tls`, from which `key` was made): a reused one that answers RSET, or a new one.
     /// Returns whether it was reused.
     pub async fn checkout(
         &self,
-        addr: SocketAddr,
+        key: &SessionKey,
         host: &str,
         helo: &str,
         tls: &RouteTls,
         timeout: Duration,
     ) -> Result<(Connection, bool), HopError> {
-        let key = Key {
-            addr,
-            tls: tls.policy,
-            name: tls.name.clone(),
-        };
         loop {
             let idle = {
                 let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                map.get_mut(&key).and_then(Vec::pop)
+                map.get_mut(key).and_then(Vec::pop)
             };
             let Some(idle) = idle else { break };
             if idle.since.elapsed() > IDLE_TIMEOUT {
@@ -150,21 +174,21 @@ impl Pool {
                 return Ok((conn, true));
             }
         }
-        Connection::open(addr, host, helo, tls, timeout)
+        Connection::open(key.addr, host, helo, tls, timeout)
             .await
             .map(|c| (c, false))
     }
 
-    /// Returns a connection after a completed transaction, for reuse.
-    pub fn checkin(&self, conn: Connection, tls: &RouteTls) {
-        let key = Key {
-            addr: conn.addr(),
-            tls: tls.policy,
-            name: tls.name.clone(),
-        };
+    /// Returns a connection checked out for `key`, after a completed transaction, for reuse.
+    pub fn checkin(&self, key: SessionKey, conn: Connection) {
         let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // Close what has idled too long under any key (keys of settings replaced by a
+        // reload are never checked out again).
+        map.retain(|_, list| {
+            list.retain(|i| i.since.elapsed() <= IDLE_TIMEOUT);
+            !list.is_empty()
+        });
         let list = map.entry(key).or_default();
-        list.retain(|i| i.since.elapsed() <= IDLE_TIMEOUT);
         if list.len() < self.max_idle {
             list.push(Idle {
                 conn,
@@ -177,6 +201,56 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_keys_differ_with_anything_that_shapes_the_session() {
+        let a: SocketAddr = "127.0.0.1:25".parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str| {
+            let c = crate::certs::generate(name).unwrap();
+            let (cert, key, ca) = (
+                dir.path().join(format!("{name}.crt")),
+                dir.path().join(format!("{name}.key")),
+                dir.path().join(format!("{name}.ca")),
+            );
+            std::fs::write(&cert, c.cert_pem).unwrap();
+            std::fs::write(&key, c.key_pem).unwrap();
+            std::fs::write(&ca, c.ca_pem).unwrap();
+            (cert, key, ca)
+        };
+        let (cert1, key1, ca1) = write("one.test");
+        let (cert2, key2, ca2) = write("two.test");
+        let route = |cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path| {
+            let r: crate::config::RouteConfig = toml::from_str(&format!(
+                "next_hops = [\"127.0.0.1:25\"]\ntls = \"verify\"\n\
+                 client_cert = {cert:?}\nclient_key = {key:?}\ntls_ca_file = {ca:?}\n"
+            ))
+            .unwrap();
+            RouteTls::from_route(&r).unwrap()
+        };
+        let base = route(&cert1, &key1, &ca1);
+        let k = |tls: &RouteTls, host: &str, helo: &str| SessionKey::new(a, host, helo, tls);
+        let key = k(&base, "hop.test", "mx1");
+        // Same settings read again (a reload): the same key, so sessions are still reused.
+        assert_eq!(key, k(&route(&cert1, &key1, &ca1), "hop.test", "mx1"));
+        // Another client certificate, another CA bundle, name, EHLO name or policy: not.
+        assert_ne!(key, k(&route(&cert2, &key2, &ca1), "hop.test", "mx1"));
+        assert_ne!(key, k(&route(&cert1, &key1, &ca2), "hop.test", "mx1"));
+        assert_ne!(key, k(&base, "other.test", "mx1"));
+        assert_ne!(key, k(&base, "hop.test", "mx2"));
+        assert_ne!(
+            key,
+            k(&RouteTls::plain(TlsPolicy::Verify), "hop.test", "mx1")
+        );
+        assert_ne!(
+            k(&RouteTls::plain(TlsPolicy::Required), "hop.test", "mx1"),
+            k(
+                &RouteTls::plain(TlsPolicy::Opportunistic),
+                "hop.test",
+                "mx1"
+            )
+        );
+    }
 
     #[test]
     fn circuit_opens_then_allows_one_probe() {

@@ -1,5 +1,12 @@
 //! Outbound TLS per route: the policy, the rustls connector (verifying or not, with an
 //! optional client certificate) and the name to check.
+//!
+//! A route's TLS settings also carry an identity: a SHA-256 digest of everything that shapes
+//! a session made with them (policy, trusted roots, client certificate chain and key). The
+//! connection pool keys idle sessions on it, so a session opened with one route's client
+//! certificate is never reused by a route that presents another (Exchange Online tells
+//! connectors apart by that certificate), nor a session checked against one CA bundle by a
+//! route that trusts another.
 
 use crate::config::{RouteConfig, TlsPolicy};
 use crate::smtp::tls::{provider, TlsError};
@@ -20,6 +27,8 @@ pub struct RouteTls {
     pub connector: TlsConnector,
     /// Name to present (SNI) and, for `verify`, to check; default: the next hop's host.
     pub name: Option<String>,
+    /// Digest of the material behind `connector` (see the module docs).
+    identity: Arc<[u8]>,
 }
 
 impl RouteTls {
@@ -29,6 +38,7 @@ impl RouteTls {
             policy,
             connector: build(false, None, None).unwrap_or_else(|_| unverified_fallback()),
             name: None,
+            identity: identity(policy, None, None),
         }
     }
 
@@ -50,11 +60,19 @@ impl RouteTls {
         } else {
             None
         };
+        let identity = identity(r.tls, roots.as_deref(), client.as_ref());
         Ok(RouteTls {
             policy: r.tls,
             connector: build(r.tls == TlsPolicy::Verify, roots, client)?,
             name: r.tls_name.clone(),
+            identity,
         })
+    }
+
+    /// What tells sessions made with these settings apart from sessions made with others:
+    /// equal for equal policy, roots and client certificate and key (see the module docs).
+    pub fn identity(&self) -> &[u8] {
+        &self.identity
     }
 
     /// The server name for a next hop `host`.
@@ -87,6 +105,59 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 type ClientAuth = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// SHA-256 over the policy, the trusted roots (`None`: no verification) and the client
+/// certificate chain and key, each part length-prefixed.
+fn identity(
+    policy: TlsPolicy,
+    roots: Option<&[CertificateDer<'static>]>,
+    client: Option<&ClientAuth>,
+) -> Arc<[u8]> {
+    let mut parts: Vec<&[u8]> = vec![match policy {
+        TlsPolicy::None => b"none",
+        TlsPolicy::Opportunistic => b"opportunistic",
+        TlsPolicy::Required => b"required",
+        TlsPolicy::Verify => b"verify",
+    }];
+    match roots {
+        Some(roots) => {
+            parts.push(b"roots");
+            parts.extend(roots.iter().map(|c| c.as_ref()));
+        }
+        None => parts.push(b"no verification"),
+    }
+    match client {
+        Some((chain, key)) => {
+            parts.push(b"client");
+            parts.extend(chain.iter().map(|c| c.as_ref()));
+            parts.push(key.secret_der());
+        }
+        None => parts.push(b"no client certificate"),
+    }
+    sha256(&parts)
+}
+
+/// SHA-256 of the length-prefixed `parts`, with the hash of the crypto provider in use.
+fn sha256(parts: &[&[u8]]) -> Arc<[u8]> {
+    let framed = parts.iter().flat_map(|p| {
+        (p.len() as u64)
+            .to_be_bytes()
+            .into_iter()
+            .chain(p.iter().copied())
+    });
+    match rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256 {
+        rustls::SupportedCipherSuite::Tls13(suite) => {
+            let mut h = suite.common.hash_provider.start();
+            for p in parts {
+                h.update(&(p.len() as u64).to_be_bytes());
+                h.update(p);
+            }
+            Arc::from(h.finish().as_ref())
+        }
+        // Not reached (that suite is TLS 1.3); the material itself is an exact identity.
+        _ => framed.collect::<Vec<u8>>().into(),
+    }
+}
 
 fn build(
     verify: bool,

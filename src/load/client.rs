@@ -507,6 +507,7 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
                         ret: None,
                         envid: None,
                         rcpt_dsn: Vec::new(),
+                        smtputf8: false,
                     };
                     let t0 = Instant::now();
                     let res = conn.send(&out).await;

@@ -1,14 +1,30 @@
 //! The sink: an SMTP server for next hops in tests, demos and benchmarks. It runs the same
 //! session code as the relay and records what it receives.
+//!
+//! Some next hops the relay must cope with behave differently from our own session code: they
+//! lack the SMTPUTF8 extension, or answer errors with multi-line replies. The session code
+//! offers one behaviour only (and belongs to the inbound side), so the sink emulates these
+//! by serving its clients through a small clear-text front that edits the replies on their
+//! way out (see [`SinkOptions::smtputf8`] and [`SinkOptions::multiline_errors`]).
+//!
+//! Client certificates are recorded per session with a certificate verifier that notes the
+//! certificate of the session (task) whose handshake it checks; the message handler of the
+//! same session then finds it (see [`client_cert_acceptor`]).
 
+use crate::smtp::command::MailParams;
 use crate::smtp::reply::Reply;
+use crate::smtp::tls::{provider, TlsError};
 use crate::smtp::{server, Handler, Incoming, Peer, SessionConfig};
 use crate::types::Address;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -48,6 +64,11 @@ pub struct SinkMessage {
     pub ret: Option<String>,
     /// DSN `ENVID`.
     pub envid: Option<String>,
+    /// MAIL FROM carried `SMTPUTF8`.
+    pub smtputf8: bool,
+    /// The client certificate (DER) presented in the session, when the sink records them
+    /// ([`SinkOptions::client_certs`]).
+    pub client_cert: Option<Vec<u8>>,
 }
 
 /// Sink settings.
@@ -73,6 +94,19 @@ pub struct SinkOptions {
     pub reject_share: f64,
     /// Wait this long before answering the end of data.
     pub delay: Duration,
+    /// Most recipients per transaction; further RCPTs get `452 4.5.3 Too many recipients`
+    /// (0: every RCPT does).
+    pub max_rcpts: usize,
+    /// Offer SMTPUTF8 (RFC 6531). Off: EHLO does not list it, and MAIL with `SMTPUTF8` gets
+    /// `555 5.5.4`, as from a server that does not know the extension. Served through the
+    /// clear-text front: cannot be combined with `tls`.
+    pub smtputf8: bool,
+    /// Send every error reply (4xx and 5xx) as a three-line reply, the original text on its
+    /// first line. Served through the clear-text front: cannot be combined with `tls`.
+    pub multiline_errors: bool,
+    /// Where the certificates that clients present are recorded; set together with `tls`
+    /// from [`client_cert_acceptor`].
+    pub client_certs: Option<Arc<ClientCerts>>,
 }
 
 impl Default for SinkOptions {
@@ -87,8 +121,126 @@ impl Default for SinkOptions {
             defer_share: 0.0,
             reject_share: 0.0,
             delay: Duration::ZERO,
+            max_rcpts: 100_000,
+            smtputf8: true,
+            multiline_errors: false,
+            client_certs: None,
         }
     }
+}
+
+/// The client certificate each sink session presented, by session.
+///
+/// A session runs in one tokio task from greeting to QUIT, and its TLS handshake (and so
+/// the certificate check) runs in that task too: the verifier files the certificate under
+/// the task's id, and the message handler, later in the same task, looks it up. Entries
+/// stay for the sink's life (a test's), one per TLS session.
+#[derive(Debug, Default)]
+pub struct ClientCerts {
+    by_session: Mutex<HashMap<tokio::task::Id, Vec<u8>>>,
+}
+
+impl ClientCerts {
+    fn record(&self, cert: &[u8]) {
+        if let Some(id) = tokio::task::try_id() {
+            self.by_session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, cert.to_vec());
+        }
+    }
+
+    /// The certificate (DER) presented in the session running in the current task.
+    fn current(&self) -> Option<Vec<u8>> {
+        let id = tokio::task::try_id()?;
+        self.by_session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+}
+
+/// Checks client certificates like `inner` and records the ones that pass.
+#[derive(Debug)]
+struct RecordingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    seen: Arc<ClientCerts>,
+}
+
+impl ClientCertVerifier for RecordingVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.seen.record(end_entity.as_ref());
+        Ok(ok)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A STARTTLS acceptor for a sink that requires a client certificate issued by one of
+/// `client_cas` (PEM) and records, per session, the certificate presented: put the
+/// acceptor in [`SinkOptions::tls`] and the record in [`SinkOptions::client_certs`]; each
+/// [`SinkMessage::client_cert`] then says which certificate its session presented.
+pub fn client_cert_acceptor(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_cas: &[u8],
+) -> Result<(tokio_rustls::TlsAcceptor, Arc<ClientCerts>), TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(client_cas) {
+        roots
+            .add(c.map_err(|e| TlsError::Config(e.to_string()))?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+    }
+    let inner =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+    let seen = Arc::new(ClientCerts::default());
+    let verifier = Arc::new(RecordingVerifier {
+        inner,
+        seen: seen.clone(),
+    });
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    // Every handshake a full one: a resumed session presents no certificate to record.
+    let mut config = config;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), seen))
 }
 
 /// What the sink received for one recipient domain.
@@ -120,6 +272,8 @@ pub struct SinkState {
     defer_share: f64,
     reject_share: f64,
     delay: Duration,
+    smtputf8: bool,
+    client_certs: Option<Arc<ClientCerts>>,
     by_domain: Mutex<std::collections::BTreeMap<String, DomainCount>>,
 }
 
@@ -205,6 +359,23 @@ impl Handler for SinkHandler {
         self.0.sessions.fetch_add(1, Ordering::SeqCst);
     }
 
+    fn check_mail(
+        &self,
+        _: &(),
+        _: &Peer,
+        _: Option<&Address>,
+        params: &MailParams,
+    ) -> Result<(), Reply> {
+        if params.smtputf8 && !self.0.smtputf8 {
+            return Err(Reply::new(
+                555,
+                "5.5.4",
+                "Sink: SMTPUTF8 is not supported here",
+            ));
+        }
+        Ok(())
+    }
+
     fn check_rcpt(&self, _: &(), _: &Peer, _: Option<&Address>, to: &Address) -> Result<(), Reply> {
         // Test hooks by local part: `reject…` is refused, `defer…` is deferred.
         let local = to.local().to_ascii_lowercase();
@@ -277,8 +448,10 @@ impl Handler for SinkHandler {
             tls: msg.peer.tls.is_some(),
             tls_summary: msg.peer.tls.clone(),
             rcpt_dsn: msg.rcpt_dsn,
+            smtputf8: msg.params.smtputf8,
             ret: msg.params.ret,
             envid: msg.params.envid,
+            client_cert: s.client_certs.as_ref().and_then(|c| c.current()),
         };
         {
             let mut d = s.by_domain.lock().unwrap_or_else(|p| p.into_inner());
@@ -318,8 +491,26 @@ impl Drop for Sink {
 impl Sink {
     /// Starts a sink on `addr` (port 0 picks a free port).
     pub async fn start(addr: SocketAddr, opts: SinkOptions) -> std::io::Result<Sink> {
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
+        let edit = ReplyEdit {
+            drop_smtputf8: !opts.smtputf8,
+            multiline_errors: opts.multiline_errors,
+        };
+        let front = edit.drop_smtputf8 || edit.multiline_errors;
+        if front && opts.tls.is_some() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "sink: no SMTPUTF8 and multi-line errors are clear-text only (no STARTTLS)",
+            ));
+        }
+        let outer = TcpListener::bind(addr).await?;
+        let addr = outer.local_addr()?;
+        // With reply edits, the session code listens on a private loopback port behind the
+        // front; otherwise it serves the public listener itself.
+        let (listener, outer) = if front {
+            (TcpListener::bind("127.0.0.1:0").await?, Some(outer))
+        } else {
+            (outer, None)
+        };
         let state = Arc::new(SinkState {
             mode: AtomicU8::new(SinkMode::Accept as u8),
             keep_bodies: opts.keep_bodies,
@@ -341,12 +532,14 @@ impl Sink {
             defer_share: opts.defer_share,
             reject_share: opts.reject_share,
             delay: opts.delay,
+            smtputf8: opts.smtputf8,
+            client_certs: opts.client_certs.clone(),
             by_domain: Mutex::new(std::collections::BTreeMap::new()),
         });
         let cfg = SessionConfig {
             hostname: opts.hostname,
             max_message_size: 1 << 30,
-            max_recipients: 100_000,
+            max_recipients: opts.max_rcpts,
             max_line_length: 4096,
             max_errors: 1000,
             max_rcpt_refusals: u32::MAX,
@@ -362,11 +555,198 @@ impl Sink {
             max_connections_per_ip: 0,
             max_connection_rate_per_ip: 0,
         };
-        let task = tokio::spawn(server::serve(
+        let inner = listener.local_addr()?;
+        let serve = server::serve(
             listener,
             Arc::new(server::ServerControl::new(cfg, 10_000)),
             Arc::new(SinkHandler(state.clone())),
-        ));
+        );
+        let task = match outer {
+            None => tokio::spawn(serve),
+            Some(outer) => tokio::spawn(async move {
+                tokio::join!(serve, run_front(outer, inner, edit));
+            }),
+        };
         Ok(Sink { addr, state, task })
+    }
+}
+
+/// How the clear-text front edits the session's replies.
+#[derive(Clone, Copy, Debug)]
+struct ReplyEdit {
+    /// Remove `SMTPUTF8` from EHLO replies.
+    drop_smtputf8: bool,
+    /// Send error replies in three lines.
+    multiline_errors: bool,
+}
+
+/// Longest reply the front holds back while waiting for its last line; a longer one is
+/// passed on as it is.
+const MAX_HELD_REPLY: usize = 64 * 1024;
+
+/// Accepts clients on `outer` and connects each to the session code at `inner`: commands
+/// pass unchanged, replies are edited.
+async fn run_front(outer: TcpListener, inner: SocketAddr, edit: ReplyEdit) {
+    loop {
+        let client = match outer.accept().await {
+            Ok((c, _)) => c,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let Ok(server) = TcpStream::connect(inner).await else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let up = async {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                let _ = sw.shutdown().await;
+            };
+            let down = async {
+                let mut pending = Vec::new();
+                let mut buf = vec![0u8; 8192];
+                loop {
+                    let n = match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&buf[..n]);
+                    let out = edit_replies(&mut pending, edit);
+                    if !out.is_empty() && cw.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = cw.write_all(&pending).await;
+                let _ = cw.shutdown().await;
+            };
+            tokio::join!(up, down);
+        });
+    }
+}
+
+/// Takes every complete reply from the front of `pending` and returns them edited; an
+/// incomplete reply stays in `pending` (unless it grew past [`MAX_HELD_REPLY`]).
+fn edit_replies(pending: &mut Vec<u8>, edit: ReplyEdit) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut reply: Vec<&[u8]> = Vec::new();
+    let mut start = 0;
+    let mut taken = 0;
+    while let Some(nl) = memchr::memchr(b'\n', &pending[start..]) {
+        let line = &pending[start..start + nl + 1];
+        start += nl + 1;
+        reply.push(line);
+        if line.get(3) != Some(&b'-') {
+            edit_reply(&reply, edit, &mut out);
+            reply.clear();
+            taken = start;
+        }
+    }
+    if taken == 0 && pending.len() > MAX_HELD_REPLY {
+        taken = pending.len();
+        out.extend_from_slice(pending);
+    }
+    pending.drain(..taken);
+    out
+}
+
+/// Appends one whole reply (lines with their line ends), edited, to `out`.
+fn edit_reply(lines: &[&[u8]], edit: ReplyEdit, out: &mut Vec<u8>) {
+    let text = |l: &[u8]| -> Vec<u8> {
+        let end = l.len() - usize::from(l.ends_with(b"\n")) - usize::from(l.ends_with(b"\r\n"));
+        l.get(4..end).unwrap_or_default().to_vec()
+    };
+    let mut kept: Vec<Vec<u8>> = Vec::with_capacity(lines.len());
+    for l in lines {
+        if edit.drop_smtputf8 && l.starts_with(b"250") && text(l).eq_ignore_ascii_case(b"SMTPUTF8")
+        {
+            continue;
+        }
+        kept.push(l.to_vec());
+    }
+    let code = lines
+        .first()
+        .and_then(|l| l.get(..3))
+        .unwrap_or_default()
+        .to_vec();
+    if edit.multiline_errors && kept.len() == 1 && matches!(code.first(), Some(b'4' | b'5')) {
+        let first = text(&kept[0]);
+        let status: Vec<u8> = first
+            .split(|&b| b == b' ')
+            .next()
+            .filter(|s| s.iter().all(|b| b.is_ascii_digit() || *b == b'.') && s.contains(&b'.'))
+            .map(|s| [s, b" "].concat())
+            .unwrap_or_default();
+        kept = vec![
+            [&code[..], b"-", &first[..], b"\r\n"].concat(),
+            [
+                &code[..],
+                b"-",
+                &status[..],
+                b"(the sink sends error replies in three lines)\r\n",
+            ]
+            .concat(),
+            [&code[..], b" ", &status[..], b"end of the reply\r\n"].concat(),
+        ];
+    }
+    // A removed last line makes the one before it the last.
+    if let Some(last) = kept.last_mut() {
+        if last.get(3) == Some(&b'-') && lines.last().is_some_and(|l| l.get(3) != Some(&b'-')) {
+            last[3] = b' ';
+        }
+    }
+    for l in kept {
+        out.extend_from_slice(&l);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edit(input: &[u8], e: ReplyEdit) -> (Vec<u8>, Vec<u8>) {
+        let mut pending = input.to_vec();
+        let out = edit_replies(&mut pending, e);
+        (out, pending)
+    }
+
+    const NO_UTF8: ReplyEdit = ReplyEdit {
+        drop_smtputf8: true,
+        multiline_errors: false,
+    };
+    const MULTI: ReplyEdit = ReplyEdit {
+        drop_smtputf8: false,
+        multiline_errors: true,
+    };
+
+    #[test]
+    fn smtputf8_leaves_ehlo_replies_wherever_it_is() {
+        let (out, rest) = edit(b"250-a\r\n250-SMTPUTF8\r\n250 DSN\r\n", NO_UTF8);
+        assert_eq!(out, b"250-a\r\n250 DSN\r\n");
+        assert!(rest.is_empty());
+        // As the last line, the line before it becomes the last.
+        let (out, _) = edit(b"250-a\r\n250-DSN\r\n250 SMTPUTF8\r\n", NO_UTF8);
+        assert_eq!(out, b"250-a\r\n250 DSN\r\n");
+        // An unfinished reply waits for its last line.
+        let (out, rest) = edit(b"250 ok\r\n250-a\r\n250-SMT", NO_UTF8);
+        assert_eq!(out, b"250 ok\r\n");
+        assert_eq!(rest, b"250-a\r\n250-SMT");
+    }
+
+    #[test]
+    fn error_replies_become_three_lines() {
+        let (out, _) = edit(b"250 2.0.0 ok\r\n451 4.3.0 busy\r\n500 bad\r\n", MULTI);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.split_inclusive("\r\n").collect();
+        assert_eq!(lines[0], "250 2.0.0 ok\r\n");
+        assert_eq!(lines[1], "451-4.3.0 busy\r\n");
+        assert!(lines[2].starts_with("451-4.3.0 ") && lines[3].starts_with("451 4.3.0 "));
+        assert_eq!(lines[4], "500-bad\r\n");
+        assert!(lines[5].starts_with("500-(") && lines[6].starts_with("500 end"));
+        assert_eq!(lines.len(), 7);
     }
 }

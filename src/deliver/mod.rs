@@ -280,7 +280,18 @@ async fn write_timed<T: AsyncWrite + Unpin>(
     buf: &[u8],
     timeout: Duration,
 ) -> Result<(), String> {
-    for chunk in buf.chunks(256 * 1024) {
+    write_parts(s, &[buf], timeout).await
+}
+
+/// Writes `parts` one after the other (each in pieces with their own timeout), then
+/// flushes once: a command and the message it carries go out without being joined in a
+/// copy of the message.
+async fn write_parts<T: AsyncWrite + Unpin>(
+    s: &mut T,
+    parts: &[&[u8]],
+    timeout: Duration,
+) -> Result<(), String> {
+    for chunk in parts.iter().flat_map(|p| p.chunks(256 * 1024)) {
         tokio::time::timeout(timeout, s.write_all(chunk))
             .await
             .map_err(|_| "write timeout".to_string())?
@@ -400,14 +411,14 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         cmds.extend_from_slice(line.as_bytes());
     }
     let chunking = caps & EXT_CHUNKING != 0;
-    let mut body_cmd = if chunking {
-        format!("BDAT {} LAST\r\n", out.message.len()).into_bytes()
+    // The body command, and with BDAT the message bytes that follow it (written from the
+    // queue's copy, never joined into a second one).
+    let (body_cmd, body_data): (Vec<u8>, &[u8]) = if chunking {
+        let cmd = format!("BDAT {} LAST\r\n", out.message.len()).into_bytes();
+        (cmd, out.message)
     } else {
-        b"DATA\r\n".to_vec()
+        (b"DATA\r\n".to_vec(), &[])
     };
-    if chunking {
-        body_cmd.extend_from_slice(out.message);
-    }
 
     let (mail_reply, rcpt_replies, body_reply) = if caps & EXT_PIPELINING != 0 && split {
         // MAIL and RCPTs pipelined, then the body: the server sends nothing more until
@@ -416,12 +427,12 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         let mut replies = read_n(c, n + 1, timeout).await?;
         *mail_rcpt = Some(started.elapsed());
         let mail_reply = replies.remove(0);
-        write_timed(&mut c.stream, &body_cmd, timeout).await?;
+        write_parts(&mut c.stream, &[&body_cmd, body_data], timeout).await?;
         let body_reply = read_n(c, 1, timeout).await?.remove(0);
         (mail_reply, replies, Some(body_reply))
     } else if caps & EXT_PIPELINING != 0 {
         cmds.extend_from_slice(&body_cmd);
-        write_timed(&mut c.stream, &cmds, timeout).await?;
+        write_parts(&mut c.stream, &[&cmds, body_data], timeout).await?;
         let mut replies = read_n(c, n + 2, timeout).await?;
         let body_reply = replies.pop().ok_or("missing reply")?;
         let mail_reply = replies.remove(0);
@@ -443,7 +454,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         *mail_rcpt = Some(started.elapsed());
         let any_ok = rcpt_replies.iter().any(|r| r.code < 400);
         let body_reply = if any_ok {
-            write_timed(&mut c.stream, &body_cmd, timeout).await?;
+            write_parts(&mut c.stream, &[&body_cmd, body_data], timeout).await?;
             Some(read_n(c, 1, timeout).await?.remove(0))
         } else {
             let _ = write_timed(&mut c.stream, b"RSET\r\n", timeout).await;
@@ -464,9 +475,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     if !chunking && accepted {
         match &final_reply {
             Some(r) if r.code == 354 => {
-                let mut buf = Vec::with_capacity(out.message.len() + out.message.len() / 50 + 8);
-                dot_stuff(out.message, &mut buf);
-                write_timed(&mut c.stream, &buf, timeout).await?;
+                write_dot_stuffed(&mut c.stream, out.message, timeout).await?;
                 final_reply = Some(read_n(c, 1, timeout).await?.remove(0));
             }
             _ => {}
@@ -500,25 +509,58 @@ async fn end_data_anyway<T: AsyncRead + AsyncWrite + Unpin>(
     read_n(c, 1, timeout).await.map(|_| ())
 }
 
-/// Appends the DATA form of `msg` to `out`: a dot is doubled at the start of every line
-/// (the first line included) and the end marker is added. A message that does not end in
-/// CRLF gets one, because DATA cannot carry it otherwise.
-pub fn dot_stuff(msg: &[u8], out: &mut Vec<u8>) {
-    if msg.first() == Some(&b'.') {
-        out.push(b'.');
-    }
-    let mut last = 0;
-    for pos in memchr::memmem::find_iter(msg, b"\r\n.") {
-        out.extend_from_slice(&msg[last..pos + 2]);
-        out.push(b'.');
-        last = pos + 2;
-    }
-    out.extend_from_slice(&msg[last..]);
-    if msg.is_empty() || msg.ends_with(b"\r\n") {
-        out.extend_from_slice(b".\r\n");
+/// The DATA form of `msg` as a sequence of slices: a dot is doubled at the start of every
+/// line (the first line included) and the end marker is added. A message that does not end
+/// in CRLF gets one, because DATA cannot carry it otherwise.
+fn dot_stuffed(msg: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let lead: &[u8] = if msg.first() == Some(&b'.') {
+        b"."
     } else {
-        out.extend_from_slice(b"\r\n.\r\n");
+        b""
+    };
+    let end: &[u8] = if msg.is_empty() || msg.ends_with(b"\r\n") {
+        b".\r\n"
+    } else {
+        b"\r\n.\r\n"
+    };
+    // Every line that starts with a dot (after a CRLF) gets one more in front of it.
+    let cuts = memchr::memmem::find_iter(msg, b"\r\n.").map(|pos| pos + 2);
+    let mut last = 0;
+    std::iter::once(lead).chain(cuts.chain(std::iter::once(msg.len())).flat_map(move |cut| {
+        let piece = &msg[last..cut];
+        last = cut;
+        [piece, if cut == msg.len() { end } else { b"." }]
+    }))
+}
+
+/// Appends the DATA form of `msg` (see [`dot_stuffed`]) to `out`.
+pub fn dot_stuff(msg: &[u8], out: &mut Vec<u8>) {
+    for piece in dot_stuffed(msg) {
+        out.extend_from_slice(piece);
     }
+}
+
+/// Writes the DATA form of `msg` through a 64 KiB buffer: a large message is never copied
+/// whole to stuff it, and small pieces still go out in few writes.
+async fn write_dot_stuffed<T: AsyncWrite + Unpin>(
+    s: &mut T,
+    msg: &[u8],
+    timeout: Duration,
+) -> Result<(), String> {
+    const BUF: usize = 64 * 1024;
+    let mut buf = Vec::with_capacity(BUF);
+    for piece in dot_stuffed(msg) {
+        if buf.len() + piece.len() > BUF && !buf.is_empty() {
+            write_parts(s, &[&buf], timeout).await?;
+            buf.clear();
+        }
+        if piece.len() >= BUF {
+            write_parts(s, &[piece], timeout).await?;
+        } else {
+            buf.extend_from_slice(piece);
+        }
+    }
+    write_parts(s, &[&buf], timeout).await
 }
 
 /// Result of trying a route's next hops for one set of recipients.
@@ -734,5 +776,21 @@ mod tests {
         assert_eq!(stuffed(b"x"), b"x\r\n.\r\n");
         assert_eq!(stuffed(b""), b".\r\n");
         assert_eq!(stuffed(b"a\r\n.\r\n"), b"a\r\n..\r\n.\r\n");
+    }
+
+    #[tokio::test]
+    async fn buffered_writer_sends_what_dot_stuff_builds() {
+        // Dot lines all through, a 100 KiB line larger than the buffer, no final CRLF.
+        let mut m = Vec::new();
+        for i in 0..5000 {
+            m.extend_from_slice(format!(".line {i}\r\nplain\r\n").as_bytes());
+        }
+        m.extend_from_slice(&[b'x'; 100 * 1024]);
+        m.extend_from_slice(b"\r\n.last");
+        let mut wire = Vec::new();
+        super::write_dot_stuffed(&mut wire, &m, std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(wire, stuffed(&m));
     }
 }

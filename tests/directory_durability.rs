@@ -168,3 +168,77 @@ async fn a_failed_append_does_not_swallow_later_batches() {
     assert!(lookup(&s, "alice@nhs.test").contains("state   onprem"));
     let _ = dave;
 }
+
+/// Writes `text` as the directory file the safe way: a new file, fsynced, renamed over.
+fn replace_directory(s: &Setup, text: &str) {
+    use std::io::Write;
+    let tmp = s.path("directory.csv.new");
+    let mut f = std::fs::File::create(&tmp).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    std::fs::rename(&tmp, s.path("directory.csv")).unwrap();
+}
+
+/// A third route, so that a file edit can move a mailbox to a state other than the one a
+/// batch gave it.
+fn with_archive_route(text: String) -> String {
+    let onprem = text
+        .split("[routes.onprem]\nnext_hops = [\"")
+        .nth(1)
+        .and_then(|t| t.split('"').next())
+        .unwrap()
+        .to_string();
+    format!("{text}\n[routes.archive]\nnext_hops = [\"{onprem}\"]\n")
+}
+
+/// Item 9, one scenario for both ways a file edit is loaded: erin is `archive` in the file;
+/// batch 1 moves erin and alice to `cloud`; then the file is edited to put erin `onprem`
+/// (alice's row is untouched). The edit is loaded live (`directory reload`) or at the next
+/// start; either way erin takes the file's state and alice keeps the batch's.
+async fn file_edit_after_a_batch(live: bool) {
+    let file = format!("{DIRECTORY}erin@nhs.test,archive\n");
+    let s = setup(&file, with_archive_route).await;
+    let server = start(&s, "relay1.log", None);
+    assert!(lookup(&s, "erin@nhs.test").contains("state   archive (from file"));
+    let (ok, out, err) = apply(&s, "b.csv", "erin@nhs.test\nalice@nhs.test\n", "cloud");
+    assert!(ok, "{err}");
+    assert_eq!(applied_id(&out), 1);
+    let edited = file.replace("erin@nhs.test,archive", "erin@nhs.test,onprem");
+    let server = if live {
+        replace_directory(&s, &edited);
+        let (ok, _, err) = cli(s.config(), &["directory", "reload"]);
+        assert!(ok, "{err}");
+        server
+    } else {
+        stop(server);
+        replace_directory(&s, &edited);
+        start(&s, "relay2.log", None)
+    };
+    let check = |when: &str| {
+        let erin = lookup(&s, "erin@nhs.test");
+        assert!(
+            erin.contains("state   onprem (from file"),
+            "{when}: the row the edit changed takes the file's state: {erin}"
+        );
+        let alice = lookup(&s, "alice@nhs.test");
+        assert!(
+            alice.contains("state   cloud (from batch 1)"),
+            "{when}: a row the edit did not change keeps its batch state: {alice}"
+        );
+    };
+    check(if live { "live reload" } else { "restart" });
+    stop(server);
+    let _server = start(&s, "relay3.log", None);
+    check("the restart after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_edit_after_a_batch_wins_on_live_reload() {
+    file_edit_after_a_batch(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_edit_after_a_batch_wins_at_restart() {
+    file_edit_after_a_batch(false).await;
+}

@@ -6,7 +6,7 @@ use super::Directory;
 use notify::{RecursiveMode, Watcher};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{error, warn};
+use tracing::warn;
 
 /// Keeps the watch alive; dropping it stops watching.
 pub struct FileWatch {
@@ -49,12 +49,9 @@ pub fn spawn(directory: Arc<Directory>, file: &std::path::Path) -> notify::Resul
                 continue;
             }
             let dir = directory.clone();
-            match tokio::task::spawn_blocking(move || dir.reload_file()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    error!(error = %e, "directory file refused; the previous directory stays in force")
-                }
-                Err(e) => warn!(error = %e, "directory reload task failed"),
+            // Outcomes (and refusals) are logged by the directory itself.
+            if let Err(e) = tokio::task::spawn_blocking(move || dir.reload_file(false)).await {
+                warn!(error = %e, "directory reload task failed");
             }
         }
     });

@@ -242,3 +242,211 @@ async fn file_edit_after_a_batch_wins_on_live_reload() {
 async fn file_edit_after_a_batch_wins_at_restart() {
     file_edit_after_a_batch(false).await;
 }
+
+/// The test directory plus `user0..user{n-1}@nhs.test` (onprem).
+fn big_directory(n: usize) -> String {
+    let mut d = DIRECTORY.to_string();
+    for i in 0..n {
+        d.push_str(&format!("user{i}@nhs.test,onprem\n"));
+    }
+    d
+}
+
+/// Waits (at most 30 s) until the relay's log `log` has a line containing `text`.
+fn wait_for_log(s: &Setup, log: &str, text: &str) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        if std::fs::read_to_string(s.path(log)).is_ok_and(|l| l.contains(text)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Waits (at most 30 s) until `cond` holds for the output of `coexist status --json`.
+fn wait_for_status(
+    s: &Setup,
+    what: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let v = status(s);
+        if cond(&v) {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn status(s: &Setup) -> serde_json::Value {
+    let (ok, out, err) = cli(s.config(), &["status", "--json"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The Prometheus text of the running relay.
+fn metrics(s: &Setup) -> String {
+    let client = coexist::admin::client::AdminClient::new(s.bin.admin, "s3cret-token".into());
+    match client.get("/metrics").unwrap() {
+        serde_json::Value::String(t) => t,
+        v => panic!("not metrics text: {v}"),
+    }
+}
+
+/// Item 8: a directory file being written in place is not loaded until its writer closes it.
+/// Here the writer stops after 99 of 104 rows (cut at a row boundary, 5% fewer addresses, so
+/// the shrink limit would let it through): nothing may change until the file is closed, and
+/// then the whole new file is loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_being_written_is_not_loaded_before_it_is_closed() {
+    use std::io::Write;
+    let s = setup(&big_directory(100), |t| t).await;
+    let _server = start(&s, "relay.log", None);
+    let edited = big_directory(100).replace("dave@nhs.test,onprem", "dave@nhs.test,cloud");
+    let cut = edited.match_indices('\n').nth(99).unwrap().0 + 1; // header + 99 rows
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(s.path("directory.csv"))
+        .unwrap();
+    f.write_all(&edited.as_bytes()[..cut]).unwrap();
+    f.sync_data().unwrap();
+    // The relay saw the write (and waits for the close).
+    let seen = wait_for_log(&s, "relay.log", "directory file is being written in place");
+    let last = lookup(&s, "user99@nhs.test");
+    assert!(
+        last.contains("state   onprem (from file"),
+        "a mailbox after the cut vanished while the file was being written: {last}"
+    );
+    assert!(
+        lookup(&s, "dave@nhs.test").contains("state   onprem (from file"),
+        "nothing of the partial file is loaded"
+    );
+    assert!(seen, "the write in place is logged");
+    f.write_all(&edited.as_bytes()[cut..]).unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+    let t0 = Instant::now();
+    while !lookup(&s, "dave@nhs.test").contains("state   cloud (from file") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the closed file was not loaded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(lookup(&s, "user99@nhs.test").contains("state   onprem (from file"));
+    assert_eq!(status(&s)["directory_entries"], 104);
+    assert!(metrics(&s).contains("coexist_directory_reloads_total{result=\"ok\"} 1"));
+}
+
+/// Item 8: a file renamed into place that removes more than `directory.max_shrink` (10%) of
+/// the addresses is refused, by the watcher, `directory reload` and SIGHUP alike, with a log
+/// line, a metric and the reason in `coexist status`; `directory reload --force` applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrunken_file_is_refused_unless_forced() {
+    let full = big_directory(100);
+    let s = setup(&full, |t| t).await;
+    let server = start(&s, "relay.log", None);
+    assert_eq!(status(&s)["directory_entries"], 104);
+    // Half the file (cut at a row boundary, so it parses), renamed into place.
+    let cut = full.match_indices('\n').nth(52).unwrap().0 + 1; // header + 52 rows
+    replace_directory(&s, &full[..cut]);
+    let v = wait_for_status(&s, "the watcher's reload", |v| {
+        v["directory_reload"]["last_result"].is_string() || v["directory_entries"] != 104
+    });
+    assert_eq!(
+        v["directory_entries"], 104,
+        "the shrunken file was loaded: {v}"
+    );
+    assert_eq!(
+        v["directory_reload"]["last_result"], "refused_shrink",
+        "{v}"
+    );
+    let why = "removes 52 of 104 addresses (50.0%), more than directory.max_shrink (10%)";
+    let reason = v["directory_reload"]["last_refused"]["reason"]
+        .as_str()
+        .unwrap();
+    assert!(
+        reason.contains(why) && reason.contains("directory.csv"),
+        "{reason}"
+    );
+    assert!(lookup(&s, "user99@nhs.test").contains("state   onprem (from file"));
+    assert!(wait_for_log(&s, "relay.log", why), "the refusal is logged");
+    let (_, out, _) = cli(s.config(), &["status"]);
+    assert!(
+        out.contains("last refused directory file reload: refused_shrink at ") && out.contains(why),
+        "{out}"
+    );
+
+    let (ok, _, err) = cli(s.config(), &["directory", "reload"]);
+    assert!(!ok);
+    assert!(
+        err.contains(why) && err.contains("coexist directory reload --force"),
+        "{err}"
+    );
+    server.signal("HUP");
+    let t0 = Instant::now();
+    while !metrics(&s).contains("coexist_directory_reloads_total{result=\"refused_shrink\"} 3") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "SIGHUP did not try the file: {}",
+            metrics(&s)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status(&s)["directory_entries"], 104);
+
+    let (ok, out, err) = cli(s.config(), &["directory", "reload", "--force"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("reloaded (forced): 52 addresses"), "{out}");
+    assert!(lookup(&s, "user99@nhs.test").contains("(from unlisted)"));
+    let m = metrics(&s);
+    assert!(
+        m.contains("coexist_directory_reloads_total{result=\"ok\"} 1"),
+        "{m}"
+    );
+    assert_eq!(status(&s)["directory_reload"]["last_result"], "ok");
+}
+
+/// Item 8 at start-up: with a snapshot present, a file that shrank while the relay was down
+/// is the same case: the relay starts, keeps the directory it had (batches included), and
+/// says why in the log and in status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_shrank_while_stopped_is_refused_at_start() {
+    let full = big_directory(100);
+    let s = setup(&full, |t| t).await;
+    let server = start(&s, "relay1.log", None);
+    let (ok, _, err) = apply(&s, "b.csv", "alice@nhs.test\n", "cloud");
+    assert!(ok, "{err}");
+    stop(server);
+    let cut = full.match_indices('\n').nth(52).unwrap().0 + 1;
+    replace_directory(&s, &full[..cut]);
+
+    let _server = start(&s, "relay2.log", None);
+    let v = status(&s);
+    assert_eq!(
+        v["directory_entries"], 104,
+        "the shrunken file was loaded at start: {v}"
+    );
+    assert_eq!(
+        v["directory_reload"]["last_result"], "refused_shrink",
+        "{v}"
+    );
+    assert!(lookup(&s, "alice@nhs.test").contains("state   cloud (from batch 1)"));
+    assert!(lookup(&s, "user99@nhs.test").contains("state   onprem (from file"));
+    let log = std::fs::read_to_string(s.path("relay2.log")).unwrap();
+    assert!(
+        log.contains("removes 52 of 104 addresses")
+            && log.contains("serving the directory as it was before the restart"),
+        "{log}"
+    );
+    let (ok, _, err) = cli(s.config(), &["directory", "reload", "--force"]);
+    assert!(ok, "{err}");
+    assert_eq!(status(&s)["directory_entries"], 52);
+}

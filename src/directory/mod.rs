@@ -9,6 +9,15 @@
 //! The live state is an immutable [`View`] behind an `ArcSwap`: a batch, rollback or file
 //! reload builds a new view and swaps it in at once, so a lookup sees a whole change or none
 //! of it, and no lookup ever waits for a writer (DESIGN invariant 4).
+//!
+//! Batches and file edits meet by one rule: loading the file (a live reload, or the first
+//! thing after a restart, once the snapshot and the change log have brought back the state
+//! of before) gives every mailbox whose row the edit changed the file's state, and leaves the
+//! others as batches set them. The restart path calls the same [`Directory::reload_file`] as
+//! the watcher, SIGHUP and the API, so an edit and a batch are never ordered differently
+//! after a restart. The same call guards against a truncated or half-copied file: a load
+//! that would remove more than `directory.max_shrink` of the addresses is refused unless
+//! forced, and the directory in force stays.
 
 pub mod batch;
 pub mod generate;

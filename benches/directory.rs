@@ -76,6 +76,7 @@ fn main() {
         cache_ttl: Duration::from_secs(60),
         store_dir: tmp.path().join("store"),
         watch: false,
+        max_shrink: coexist::config::Percent::parse("10%").unwrap(),
     };
     let t = Instant::now();
     let dir = Directory::open(&cfg(0), states()).expect("first open");

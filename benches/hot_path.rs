@@ -70,6 +70,7 @@ fn directory(c: &mut Criterion) {
         cache_ttl: Duration::from_secs(60),
         store_dir: "unused".into(),
         watch: false,
+        max_shrink: coexist::config::Percent::parse("10%").unwrap(),
     };
     let dir = Directory::in_memory(parsed, states(), &cfg);
     let addrs: Vec<Address> = (0..1000)

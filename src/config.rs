@@ -248,6 +248,56 @@ pub struct DirectoryConfig {
     /// Reload the file when it changes on disk (SIGHUP reloads it too).
     #[serde(default = "default_true")]
     pub watch: bool,
+    /// Largest share of the addresses a reload of the file may remove; a file that removes
+    /// more is refused (a half-written or truncated file) unless the reload is forced.
+    #[serde(default = "default_max_shrink")]
+    pub max_shrink: Percent,
+}
+
+/// A share written as a percentage, `"10%"`, between 0% and 100%.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Percent(f64);
+
+impl Percent {
+    /// The share as a fraction between 0 and 1.
+    pub fn fraction(self) -> f64 {
+        self.0
+    }
+
+    /// Parses `"N%"` (N from 0 to 100, decimals allowed).
+    pub fn parse(s: &str) -> Result<Percent, String> {
+        let n = s
+            .trim()
+            .strip_suffix('%')
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .ok_or_else(|| format!("{s:?} is not a percentage such as \"10%\""))?;
+        if !(0.0..=100.0).contains(&n) {
+            return Err(format!("{s:?} must be between 0% and 100%"));
+        }
+        Ok(Percent(n / 100.0))
+    }
+}
+
+impl std::fmt::Display for Percent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}%", self.0 * 100.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Percent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a percentage such as \"10%\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Percent, E> {
+                Percent::parse(s).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 /// `[queue]`: retries and expiry, Postfix's defaults.
@@ -484,6 +534,9 @@ fn default_store_dir() -> PathBuf {
 }
 fn default_true() -> bool {
     true
+}
+fn default_max_shrink() -> Percent {
+    Percent(0.10)
 }
 fn default_min_backoff() -> Duration {
     Duration::from_secs(300)
@@ -839,5 +892,29 @@ mod tests {
         let text = DEFAULT_CONFIG.replace("[spool]", "[spool]\nfsync = false");
         let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
         assert!(err.contains("unknown field `fsync`"), "{err}");
+    }
+
+    #[test]
+    fn max_shrink_is_a_percentage_with_line_and_key() {
+        let cfg = Config::parse(DEFAULT_CONFIG, "default").unwrap();
+        assert_eq!(cfg.directory.max_shrink.fraction(), 0.10);
+        let text = DEFAULT_CONFIG.replace("max_shrink = \"10%\"", "max_shrink = \"2.5%\"");
+        let cfg = Config::parse(&text, "x.toml").unwrap();
+        assert_eq!(cfg.directory.max_shrink.to_string(), "2.5%");
+        for (bad, why) in [
+            ("\"150%\"", "must be between 0% and 100%"),
+            ("\"ten\"", "is not a percentage such as \"10%\""),
+            ("0.1", "expected a percentage such as \"10%\""),
+        ] {
+            let text =
+                DEFAULT_CONFIG.replace("max_shrink = \"10%\"", &format!("max_shrink = {bad}"));
+            let line = text.lines().position(|l| l.contains("max_shrink")).unwrap() + 1;
+            let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("x.toml:{line}: key `directory.max_shrink`"))
+                    && err.contains(why),
+                "{err}"
+            );
+        }
     }
 }

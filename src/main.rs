@@ -265,6 +265,9 @@ enum DirCmd {
     },
     /// Re-read the directory file on the running server.
     Reload {
+        /// Apply it even if it removes more than `directory.max_shrink` of the addresses.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         api: Api,
     },
@@ -598,12 +601,15 @@ fn run_directory(cmd: DirCmd) -> anyhow::Result<()> {
             });
             Ok(())
         }
-        DirCmd::Reload { api } => {
-            let v = client(&api)?.post("/v1/directory/reload", b"", "text/plain")?;
+        DirCmd::Reload { force, api } => {
+            let path = format!("/v1/directory/reload?force={force}");
+            let v = client(&api)?.post(&path, b"", "text/plain")?;
             show(&api, &v, |v| {
                 format!(
-                    "reloaded: {} addresses, {} mailboxes; changed {}, added {}, removed {} ({} ms)",
-                    v["entries"], v["mailboxes"], v["changed"], v["added"], v["removed"], v["elapsed_ms"]
+                    "reloaded{}: {} addresses, {} mailboxes; changed {}, added {}, removed {} ({} addresses) ({} ms)",
+                    if v["forced"].as_bool() == Some(true) { " (forced)" } else { "" },
+                    v["entries"], v["mailboxes"], v["changed"], v["added"], v["removed"],
+                    v["removed_addresses"], v["elapsed_ms"]
                 )
             });
             Ok(())
@@ -659,7 +665,6 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
-/// Serves signals until SIGINT or SIGTERM: SIGHUP reloads the directory file.
 /// Serves signals until SIGINT or SIGTERM. SIGHUP reloads the config file and then the
 /// directory file (if it changed). SIGTERM/SIGINT stop gracefully: no new sessions, open
 /// sessions get `server.shutdown_timeout` to finish.
@@ -677,10 +682,9 @@ async fn wait_for_stop(running: &coexist::relay::Running) -> anyhow::Result<()> 
                 let _ = tokio::task::spawn_blocking(move || control.reload()).await;
                 let dir = running.directory.clone();
                 if dir.source_changed() {
-                    match tokio::task::spawn_blocking(move || dir.reload_file()).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => tracing::error!(error = %e, "directory file refused; the previous directory stays in force"),
-                        Err(e) => tracing::error!(error = %e, "reload task failed"),
+                    // Outcomes (and refusals) are logged by the directory itself.
+                    if let Err(e) = tokio::task::spawn_blocking(move || dir.reload_file(false)).await {
+                        tracing::error!(error = %e, "reload task failed");
                     }
                 }
             }
@@ -798,10 +802,23 @@ fn main() -> anyhow::Result<()> {
         Cmd::Status { api } => {
             let v = client(&api)?.get("/v1/ready")?;
             show(&api, &v, |v| {
-                format!(
+                let mut out = format!(
                     "ready: {}; draining: {}; SMTP sessions open: {}; directory entries: {}",
                     v["ready"], v["draining"], v["sessions_open"], v["directory_entries"]
-                )
+                );
+                let r = &v["directory_reload"];
+                if let (Some(res), Some(t)) = (r["last_result"].as_str(), r["last_time"].as_str()) {
+                    out.push_str(&format!("\nlast directory file reload: {res} at {t}"));
+                }
+                if let Some(f) = r["last_refused"].as_object() {
+                    out.push_str(&format!(
+                        "\nlast refused directory file reload: {} at {}: {}",
+                        f["result"].as_str().unwrap_or(""),
+                        f["time"].as_str().unwrap_or(""),
+                        f["reason"].as_str().unwrap_or("")
+                    ));
+                }
+                out
             });
             Ok(())
         }

@@ -35,6 +35,10 @@ pub const QUEUE_OLDEST: &str = "coexist_queue_oldest_age_seconds";
 pub const DIRECTORY_ENTRIES: &str = "coexist_directory_entries";
 /// Directory changes applied, by `kind` (apply, rollback, reload).
 pub const DIRECTORY_CHANGES: &str = "coexist_directory_changes_total";
+/// Directory file reloads (watch, SIGHUP, API, start-up), by `result`: ok, refused_shrink
+/// (removes more than `directory.max_shrink`), refused_invalid (unreadable or bad row),
+/// failed (the change could not be recorded).
+pub const DIRECTORY_RELOADS: &str = "coexist_directory_reloads_total";
 /// RCPT-time directory lookup latency (histogram, seconds).
 pub const LOOKUP_LATENCY: &str = "coexist_directory_lookup_seconds";
 /// TLS handshakes, by `side` (inbound/outbound) and `result` (ok/failed).

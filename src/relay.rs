@@ -267,6 +267,7 @@ impl Control {
         self.server.session.store(Arc::new(session));
         self.handler.rules.store(Arc::new(rules));
         self.directory.set_unknown(&new.directory.unknown);
+        self.directory.set_max_shrink(new.directory.max_shrink);
         self.queue.set_config(new.clone(), route_tls);
         self.config.store(new);
         Ok(changed)

@@ -8,8 +8,11 @@
 //! - `failed/ID.msg` and `failed/ID.state`: messages with a permanently failed recipient,
 //!   kept until bounces exist (they are never dropped silently).
 //!
-//! Directory fsyncs are grouped: one fsync covers every rename made before it started, so
-//! concurrent sessions share it (group commit).
+//! Directory fsyncs are grouped: one fsync of a directory covers every rename into or out of
+//! that directory made before it started, so concurrent sessions share it (group commit).
+//! There is one commit group per directory (`active/`, `failed/`): an fsync of `failed/` says
+//! nothing about entries of `active/`, so a store waiting for its `active/` fsync is never
+//! released by a sync of another directory.
 
 use crate::smtp::command::BodyType;
 use crate::types::{Address, QueueId};
@@ -156,10 +159,83 @@ impl DeliveryState {
     }
 }
 
-/// Group commit of directory fsyncs.
+/// Group commit of the fsyncs of one directory: callers take a ticket after their rename;
+/// an fsync that starts after ticket `n` was taken completes every ticket up to `n`.
 struct DirSync {
-    state: Mutex<(u64, u64, bool)>, // (requested, completed, syncing)
+    /// The directory this group commits (the only one its fsyncs cover).
+    dir: PathBuf,
+    state: Mutex<SyncState>,
     cv: Condvar,
+    #[cfg(test)]
+    hook: std::sync::OnceLock<tests::Hook>,
+}
+
+/// Tickets of one [`DirSync`].
+#[derive(Default)]
+struct SyncState {
+    /// Last ticket handed out.
+    requested: u64,
+    /// Every ticket up to this one is covered by a finished fsync.
+    completed: u64,
+    /// An fsync of this directory is running.
+    syncing: bool,
+}
+
+impl DirSync {
+    fn new(dir: PathBuf) -> DirSync {
+        DirSync {
+            dir,
+            state: Mutex::new(SyncState::default()),
+            cv: Condvar::new(),
+            #[cfg(test)]
+            hook: std::sync::OnceLock::new(),
+        }
+    }
+
+    #[cfg(test)]
+    fn at(&self, p: tests::SyncPoint) {
+        if let Some(h) = self.hook.get() {
+            h(&self.dir, p)
+        }
+    }
+
+    /// fsyncs the directory, sharing one fsync among all callers that arrive while one runs.
+    /// Returns once an fsync that started after this call began has finished.
+    fn sync(&self) -> Result<(), SpoolError> {
+        #[cfg(test)]
+        self.at(tests::SyncPoint::Enter);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.requested += 1;
+        let ticket = st.requested;
+        loop {
+            if st.completed >= ticket {
+                #[cfg(test)]
+                self.at(tests::SyncPoint::Exit);
+                return Ok(());
+            }
+            if !st.syncing {
+                st.syncing = true;
+                let target = st.requested;
+                drop(st);
+                #[cfg(test)]
+                self.at(tests::SyncPoint::Start);
+                let res = File::open(&self.dir).and_then(|f| f.sync_all());
+                #[cfg(test)]
+                self.at(tests::SyncPoint::Done);
+                st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.syncing = false;
+                if res.is_ok() {
+                    st.completed = st.completed.max(target);
+                }
+                self.cv.notify_all();
+                res.map_err(io_err(&self.dir))?;
+            } else {
+                #[cfg(test)]
+                self.at(tests::SyncPoint::Waiting);
+                st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
 }
 
 /// The spool.
@@ -167,7 +243,10 @@ pub struct Spool {
     incoming: PathBuf,
     active: PathBuf,
     failed: PathBuf,
-    dir_sync: DirSync,
+    /// Commit group of `active/`.
+    active_sync: DirSync,
+    /// Commit group of `failed/`.
+    failed_sync: DirSync,
 }
 
 impl Spool {
@@ -177,10 +256,8 @@ impl Spool {
             incoming: dir.join("incoming"),
             active: dir.join("active"),
             failed: dir.join("failed"),
-            dir_sync: DirSync {
-                state: Mutex::new((0, 0, false)),
-                cv: Condvar::new(),
-            },
+            active_sync: DirSync::new(dir.join("active")),
+            failed_sync: DirSync::new(dir.join("failed")),
         };
         for d in [&s.incoming, &s.active, &s.failed] {
             fs::create_dir_all(d).map_err(io_err(d))?;
@@ -224,35 +301,7 @@ impl Spool {
         }
         let dest = self.msg_path(&env.id);
         fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
-        self.sync_dir(&self.active)
-    }
-
-    /// fsyncs `dir`, sharing one fsync among all callers that arrive while one runs.
-    fn sync_dir(&self, dir: &Path) -> Result<(), SpoolError> {
-        let ds = &self.dir_sync;
-        let mut st = ds.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0 += 1;
-        let ticket = st.0;
-        loop {
-            if st.1 >= ticket {
-                return Ok(());
-            }
-            if !st.2 {
-                st.2 = true;
-                let target = st.0;
-                drop(st);
-                let res = File::open(dir).and_then(|f| f.sync_all());
-                st = ds.state.lock().unwrap_or_else(|p| p.into_inner());
-                st.2 = false;
-                if res.is_ok() {
-                    st.1 = st.1.max(target);
-                }
-                ds.cv.notify_all();
-                res.map_err(io_err(dir))?;
-            } else {
-                st = ds.cv.wait(st).unwrap_or_else(|p| p.into_inner());
-            }
-        }
+        self.active_sync.sync()
     }
 
     /// Records the delivery state after an attempt (atomic replace).
@@ -270,7 +319,7 @@ impl Spool {
         };
         write().map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        self.sync_dir(&self.active)
+        self.active_sync.sync()
     }
 
     /// Reads a queued message's bytes (without the envelope line).
@@ -302,8 +351,8 @@ impl Spool {
         }
         let dest = self.failed.join(format!("{id}.msg"));
         fs::rename(self.msg_path(id), &dest).map_err(io_err(&dest))?;
-        self.sync_dir(&self.failed)?;
-        self.sync_dir(&self.active)
+        self.failed_sync.sync()?;
+        self.active_sync.sync()
     }
 
     /// Start-up scan: drops unacknowledged files in `incoming/` and returns every queued
@@ -359,6 +408,36 @@ fn read_envelope(path: &Path) -> Result<Envelope, SpoolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// Where a caller of a directory sync is (test hook).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum SyncPoint {
+        /// Entered the sync, after its rename.
+        Enter,
+        /// Waiting for another caller's fsync.
+        Waiting,
+        /// About to fsync the directory.
+        Start,
+        /// The fsync returned.
+        Done,
+        /// Returning `Ok` to its caller.
+        Exit,
+    }
+
+    /// Called at each [`SyncPoint`] with the directory being synced.
+    pub(super) type Hook = Arc<dyn Fn(&Path, SyncPoint) + Send + Sync>;
+
+    /// Waits (at most 30 s) until `cond` holds on the shared value.
+    fn wait_for<T>(m: &Mutex<T>, cv: &Condvar, what: &str, cond: impl Fn(&T) -> bool) {
+        let t0 = Instant::now();
+        let mut g = m.lock().unwrap();
+        while !cond(&g) {
+            assert!(t0.elapsed() < Duration::from_secs(30), "timed out: {what}");
+            g = cv.wait_timeout(g, Duration::from_millis(100)).unwrap().0;
+        }
+    }
 
     fn env(id: QueueId) -> Envelope {
         Envelope {
@@ -375,6 +454,11 @@ mod tests {
             rcpt_dsn: Vec::new(),
             bounce: false,
         }
+    }
+
+    fn install_hook(s: &mut Spool, hook: Hook) {
+        let _ = s.active_sync.hook.set(hook.clone());
+        let _ = s.failed_sync.hook.set(hook);
     }
 
     #[test]
@@ -397,5 +481,113 @@ mod tests {
         s.move_to_failed(&id).unwrap();
         assert!(s.recover().unwrap().is_empty());
         assert!(dir.path().join(format!("failed/{id}.msg")).exists());
+    }
+
+    /// Item: a store waiting behind an fsync of `failed/` must not be released by it (and a
+    /// move to `failed/` must not be released by an fsync of `active/`). One store holds an
+    /// fsync of `active/` open; a second store and a move to `failed/` queue behind it; then
+    /// every call that returned must have seen an fsync of its own directory that started
+    /// after it entered the sync (i.e. after its rename) and ended before it returned.
+    #[test]
+    fn each_call_waits_for_an_fsync_of_its_own_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path()).unwrap();
+        let moved = QueueId::generate();
+        s.store(&env(moved.clone()), b"to fail").unwrap();
+
+        type Log = Vec<(String, PathBuf, SyncPoint)>;
+        let log: Arc<(Mutex<Log>, Condvar)> = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let release = Arc::new((Mutex::new(false), Condvar::new()));
+        let hook: Hook = {
+            let (log, release) = (log.clone(), release.clone());
+            let active = s.active.clone();
+            Arc::new(move |d: &Path, p: SyncPoint| {
+                let me = std::thread::current().name().unwrap_or("?").to_string();
+                {
+                    let mut l = log.0.lock().unwrap();
+                    l.push((me.clone(), d.to_path_buf(), p));
+                    log.1.notify_all();
+                }
+                // t1's fsync of active/ is held until the others are queued.
+                if me == "t1" && p == SyncPoint::Start && d == active {
+                    let (m, cv) = &*release;
+                    let t0 = Instant::now();
+                    let mut g = m.lock().unwrap();
+                    while !*g && t0.elapsed() < Duration::from_secs(30) {
+                        g = cv.wait_timeout(g, Duration::from_millis(100)).unwrap().0;
+                    }
+                }
+            })
+        };
+        install_hook(&mut s, hook);
+        let s = &s;
+        std::thread::scope(|scope| {
+            let named = |name: &str| std::thread::Builder::new().name(name.into());
+            let has = |who: &'static str, p: SyncPoint| {
+                move |l: &Log| l.iter().any(|(t, _, q)| t == who && *q == p)
+            };
+            let t1 = named("t1")
+                .spawn_scoped(scope, || {
+                    s.store(&env(QueueId::generate()), b"one").unwrap()
+                })
+                .unwrap();
+            wait_for(
+                &log.0,
+                &log.1,
+                "t1 starts its fsync",
+                has("t1", SyncPoint::Start),
+            );
+            let t2 = named("t2")
+                .spawn_scoped(scope, || {
+                    s.store(&env(QueueId::generate()), b"two").unwrap()
+                })
+                .unwrap();
+            let t3 = named("t3")
+                .spawn_scoped(scope, || s.move_to_failed(&moved).unwrap())
+                .unwrap();
+            wait_for(&log.0, &log.1, "t2 queued", has("t2", SyncPoint::Waiting));
+            wait_for(&log.0, &log.1, "t3 queued", has("t3", SyncPoint::Waiting));
+            *release.0.lock().unwrap() = true;
+            release.1.notify_all();
+            for t in [t1, t2, t3] {
+                t.join().unwrap();
+            }
+        });
+
+        let log = log.0.lock().unwrap().clone();
+        // Each fsync: (start index, done index, directory).
+        let mut syncs = Vec::new();
+        for (i, (t, d, p)) in log.iter().enumerate() {
+            if *p == SyncPoint::Start {
+                let done = log[i..]
+                    .iter()
+                    .position(|(u, e, q)| u == t && e == d && *q == SyncPoint::Done)
+                    .map(|k| i + k)
+                    .unwrap();
+                syncs.push((i, done, d.clone()));
+            }
+        }
+        // Each call: (thread, directory, enter index, exit index).
+        let mut checked = 0;
+        for (i, (t, d, p)) in log.iter().enumerate() {
+            if *p != SyncPoint::Enter {
+                continue;
+            }
+            let exit = log[i..]
+                .iter()
+                .position(|(u, e, q)| u == t && e == d && *q == SyncPoint::Exit)
+                .map(|k| i + k)
+                .unwrap();
+            assert!(
+                syncs
+                    .iter()
+                    .any(|(s, e, sd)| sd == d && *s > i && *e < exit),
+                "{t} returned from the sync of {} without an fsync of it after its rename; events: {log:#?}",
+                d.display()
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 4, "t1, t2 and t3 (failed/ then active/)");
+        assert!(dir.path().join(format!("failed/{moved}.msg")).exists());
     }
 }

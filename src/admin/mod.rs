@@ -195,17 +195,24 @@ async fn batches(State(s): State<AdminState>) -> Json<Vec<crate::directory::stor
     Json(s.directory.history_snapshot())
 }
 
+#[derive(Deserialize)]
+struct ReloadQuery {
+    /// Apply even if the file removes more than `directory.max_shrink` of the addresses.
+    #[serde(default)]
+    force: bool,
+}
+
 async fn reload(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<ReloadQuery>,
 ) -> Result<Json<crate::directory::ReloadReport>, ApiError> {
     let dir = s.directory.clone();
-    let report = tokio::task::spawn_blocking(move || dir.reload_file())
+    let res = tokio::task::spawn_blocking(move || dir.reload_file(q.force))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(unprocessable)?;
-    info!(client = %peer, changed = report.changed, "admin: directory reload");
-    Ok(Json(report))
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    info!(client = %peer, force = q.force, ok = res.is_ok(), "admin: directory reload");
+    Ok(Json(res.map_err(unprocessable)?))
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -220,6 +227,7 @@ async fn ready(State(s): State<AdminState>) -> Response {
         "draining": s.control.draining(),
         "sessions_open": s.control.open_sessions(),
         "directory_entries": s.directory.len(),
+        "directory_reload": s.directory.reload_status(),
     });
     let code = if s.control.draining() {
         StatusCode::SERVICE_UNAVAILABLE

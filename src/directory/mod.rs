@@ -9,6 +9,15 @@
 //! The live state is an immutable [`View`] behind an `ArcSwap`: a batch, rollback or file
 //! reload builds a new view and swaps it in at once, so a lookup sees a whole change or none
 //! of it, and no lookup ever waits for a writer (DESIGN invariant 4).
+//!
+//! Batches and file edits meet by one rule: loading the file (a live reload, or the first
+//! thing after a restart, once the snapshot and the change log have brought back the state
+//! of before) gives every mailbox whose row the edit changed the file's state, and leaves the
+//! others as batches set them. The restart path calls the same [`Directory::reload_file`] as
+//! the watcher, SIGHUP and the API, so an edit and a batch are never ordered differently
+//! after a restart. The same call guards against a truncated or half-copied file: a load
+//! that would remove more than `directory.max_shrink` of the addresses is refused unless
+//! forced, and the directory in force stays.
 
 pub mod batch;
 pub mod generate;
@@ -16,7 +25,7 @@ pub mod store;
 pub mod table;
 pub mod watch;
 
-use crate::config::DirectoryConfig;
+use crate::config::{DirectoryConfig, Percent};
 use crate::types::{Address, RouteName};
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -24,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use store::{Change, ChangeEntry, ChangeKind, ChangeSummary, Fingerprint, Store, Stored};
 use table::{Parsed, Table};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// A directory problem; row errors name file, line and reason.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +59,30 @@ pub enum DirectoryError {
     /// A batch id that does not exist or cannot be rolled back.
     #[error("{0}")]
     Batch(String),
+    /// A reload would remove more of the addresses than `directory.max_shrink` allows.
+    #[error("{file}: refused: the new file removes {removed} of {before} addresses ({share:.1}%), more than directory.max_shrink ({limit}); the previous directory stays in force (if the removal is intended: coexist directory reload --force)")]
+    Shrink {
+        /// The directory file.
+        file: String,
+        /// Addresses listed now and missing from the new file.
+        removed: usize,
+        /// Addresses listed now.
+        before: usize,
+        /// `removed` as a percentage of `before`.
+        share: f64,
+        /// The limit in force.
+        limit: Percent,
+    },
+    /// The change log is damaged where no crash can damage it (before its last record).
+    #[error("{file}: change log damaged at offset {offset}: {reason}")]
+    Corrupt {
+        /// The change log.
+        file: String,
+        /// Byte offset of the damaged record.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 fn io_err(file: &Path) -> impl FnOnce(std::io::Error) -> DirectoryError + '_ {
@@ -184,8 +217,34 @@ pub struct ReloadReport {
     pub added: usize,
     /// Mailboxes gone from the file.
     pub removed: usize,
+    /// Addresses gone from the file (what `directory.max_shrink` limits).
+    pub removed_addresses: usize,
+    /// Applied with `force` although it removed more than `directory.max_shrink`.
+    pub forced: bool,
     /// Time taken, in milliseconds.
     pub elapsed_ms: u64,
+}
+
+/// A reload of the directory file that was refused, for status.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct RefusedReload {
+    /// RFC 3339 time.
+    pub time: String,
+    /// `refused_shrink` or `refused_invalid`.
+    pub result: String,
+    /// Why, naming the file.
+    pub reason: String,
+}
+
+/// Outcome of the directory file reloads since start, for `coexist status` and `/v1/ready`.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ReloadStatus {
+    /// Result of the last attempt: `ok`, `refused_shrink`, `refused_invalid` or `failed`.
+    pub last_result: Option<String>,
+    /// Time of the last attempt.
+    pub last_time: Option<String>,
+    /// The last refused reload and why (kept after later successful reloads).
+    pub last_refused: Option<RefusedReload>,
 }
 
 /// Cached lookups: key to (view generation, state). An entry from an older generation is
@@ -202,6 +261,9 @@ pub struct Directory {
     store: Option<Mutex<Store>>,
     history: Mutex<Vec<ChangeSummary>>,
     writer: Mutex<()>,
+    /// `directory.max_shrink` (config reloads change it).
+    max_shrink: Mutex<Percent>,
+    reload_status: Mutex<ReloadStatus>,
 }
 
 fn now_rfc3339() -> String {
@@ -233,6 +295,8 @@ impl Directory {
             store: store.map(Mutex::new),
             history: Mutex::new(history),
             writer: Mutex::new(()),
+            max_shrink: Mutex::new(cfg.max_shrink),
+            reload_status: Mutex::new(ReloadStatus::default()),
         }
     }
 
@@ -263,59 +327,70 @@ impl Directory {
         Directory::build(cfg, states, view, None, Vec::new())
     }
 
-    /// Opens the directory: from the snapshot when the file is unchanged since, else by
-    /// parsing the file (keeping batch effects on rows the file did not change); then
-    /// replays newer batches from the change log.
+    /// Opens the directory.
+    ///
+    /// With a snapshot, the directory is first brought back to what it was before the restart
+    /// (the snapshot, then the change log's newer records); then, if the file changed, it is
+    /// loaded exactly as a live reload loads it ([`Directory::reload_file`]): rows the edit
+    /// changed take the file's state, the others keep what batches gave them, and a file that
+    /// is invalid or removes more than `directory.max_shrink` of the addresses is refused
+    /// (logged, counted, shown in status) while the directory of before the restart stays in
+    /// force. So a restart never orders a file edit and a batch differently from a running
+    /// server.
+    ///
+    /// Without a usable snapshot (first start, or the routes changed) the file is parsed
+    /// and every change in the log is replayed over it.
     pub fn open(
         cfg: &DirectoryConfig,
         states: Vec<RouteName>,
     ) -> Result<Directory, DirectoryError> {
-        let store = Store::open(&cfg.store_dir).map_err(io_err(&cfg.store_dir))?;
+        let store = Store::open(&cfg.store_dir)?;
         let source = FileSource {
             path: cfg.file.clone(),
         };
-        let fp = source.fingerprint()?;
         // State numbers follow the route names; a snapshot written under other routes is
         // renumbered by name (or dropped if a state is no longer a route).
-        let snapshot = store
-            .read_snapshot()
-            .map_err(io_err(&cfg.store_dir))?
-            .and_then(|s| s.renumber(&states));
-        let mut dirty = false;
-        let mut view = match snapshot {
-            Some(s) if s.fingerprint == fp => View {
-                generation: 1,
-                table: Arc::new(s.table),
-                file_states: Arc::new(s.file_states),
-                states: s.states,
-                origin: s.origin,
-                last_change: s.last_change,
-                fingerprint: fp,
-            },
-            prev => {
-                dirty = true;
-                let parsed = source.load(&states)?;
-                let base = prev.map(|s| View {
-                    generation: 0,
-                    table: Arc::new(s.table),
-                    file_states: Arc::new(s.file_states),
-                    states: s.states,
-                    origin: s.origin,
-                    last_change: s.last_change,
-                    fingerprint: s.fingerprint,
-                });
-                merge(base.as_ref(), parsed, fp).0
+        let snapshot = store.read_snapshot()?.and_then(|s| s.renumber(&states));
+        let Some(s) = snapshot else {
+            let fp = source.fingerprint()?;
+            let parsed = source.load(&states)?;
+            let mut view = merge(None, parsed, fp).0;
+            let (history, tail) = store.read_log(0)?;
+            for change in &tail {
+                replay(&mut view, change, &states);
             }
+            let dir = Directory::build(cfg, states, view, Some(store), history);
+            dir.persist_snapshot()?;
+            return Ok(dir);
         };
-        let (history, tail) = store
-            .read_log(view.last_change)
-            .map_err(io_err(&cfg.store_dir))?;
+        let mut view = View {
+            generation: 1,
+            table: Arc::new(s.table),
+            file_states: Arc::new(s.file_states),
+            states: s.states,
+            origin: s.origin,
+            last_change: s.last_change,
+            fingerprint: s.fingerprint,
+        };
+        let (history, tail) = store.read_log(view.last_change)?;
         for change in &tail {
             replay(&mut view, change, &states);
-            dirty = true;
         }
+        let file_changed = source
+            .fingerprint()
+            .map_or(true, |fp| fp != view.fingerprint);
         let dir = Directory::build(cfg, states, view, Some(store), history);
-        if dirty {
+        if file_changed {
+            match dir.reload_file(false) {
+                // The reload wrote the snapshot.
+                Ok(_) => return Ok(dir),
+                Err(e) => error!(
+                    error = %e,
+                    "at start-up: the directory file was not loaded; serving the directory as it was before the restart (snapshot and change log)"
+                ),
+            }
+        }
+        if !tail.is_empty() {
             dir.persist_snapshot()?;
         }
         Ok(dir)
@@ -324,6 +399,23 @@ impl Directory {
     /// Applies a new `directory.unknown` (config reload).
     pub fn set_unknown(&self, unknown: &str) {
         self.unknown.store(unknown_route(unknown));
+    }
+
+    /// Applies a new `directory.max_shrink` (config reload).
+    pub fn set_max_shrink(&self, max_shrink: Percent) {
+        *self.max_shrink.lock().unwrap_or_else(|p| p.into_inner()) = max_shrink;
+    }
+
+    fn max_shrink(&self) -> Percent {
+        *self.max_shrink.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How the reloads of the directory file went (last result, last refusal and why).
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reload_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The route names (state index = position).
@@ -489,7 +581,7 @@ impl Directory {
                 .as_ref()
                 .ok_or_else(|| DirectoryError::Batch("no change log".into()))?;
             let store = store.lock().unwrap_or_else(|p| p.into_inner());
-            store.find(id).map_err(io_err(Path::new("changes.log")))?
+            store.find(id)?
         };
         let record =
             record.ok_or_else(|| DirectoryError::Batch(format!("batch {id} not found")))?;
@@ -570,15 +662,83 @@ impl Directory {
         Ok(report)
     }
 
-    /// Re-reads the source. A file with a bad row is refused whole and the current state
-    /// stays. Rows the file did not change keep the state batches gave them.
-    pub fn reload_file(&self) -> Result<ReloadReport, DirectoryError> {
+    /// Re-reads the source (file watch, SIGHUP, `coexist directory reload`, start-up after
+    /// an edit). Rows the file changed since it was last loaded take the file's state; rows
+    /// it did not change keep the state batches gave them. Refused, with the current
+    /// directory left in force: a file with a bad row, and (unless `force`) a file that
+    /// removes more than `directory.max_shrink` of the addresses. Every outcome is logged,
+    /// counted in `coexist_directory_reloads_total{result}` and kept for [`Self::reload_status`].
+    pub fn reload_file(&self, force: bool) -> Result<ReloadReport, DirectoryError> {
+        let (res, result) = match self.reload_inner(force) {
+            Ok(r) => (Ok(r), "ok"),
+            Err((stage, e)) => (Err(e), stage),
+        };
+        metrics::counter!(crate::metrics::DIRECTORY_RELOADS, "result" => result).increment(1);
+        let time = now_rfc3339();
+        let mut st = self.reload_status.lock().unwrap_or_else(|p| p.into_inner());
+        st.last_result = Some(result.to_string());
+        st.last_time = Some(time.clone());
+        match &res {
+            Ok(r) => info!(
+                source = %self.source.name(),
+                entries = r.entries,
+                changed = r.changed,
+                added = r.added,
+                removed = r.removed,
+                removed_addresses = r.removed_addresses,
+                forced = r.forced,
+                ms = r.elapsed_ms,
+                "directory file reloaded"
+            ),
+            Err(e) => {
+                error!(result, error = %e, "directory file refused; the previous directory stays in force");
+                if result != "failed" {
+                    st.last_refused = Some(RefusedReload {
+                        time,
+                        result: result.to_string(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        res
+    }
+
+    /// The reload; on error also the `result` label: `refused_invalid` (the file cannot be
+    /// read or has a bad row), `refused_shrink`, or `failed` (the store could not record it).
+    fn reload_inner(&self, force: bool) -> Result<ReloadReport, (&'static str, DirectoryError)> {
+        let invalid = |e| ("refused_invalid", e);
+        let failed = |e| ("failed", e);
         let t0 = std::time::Instant::now();
-        let fp = self.source.fingerprint()?;
-        let parsed = self.source.load(&self.states)?;
+        let fp = self.source.fingerprint().map_err(invalid)?;
+        let parsed = self.source.load(&self.states).map_err(invalid)?;
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let view = self.view.load_full();
         let (mut next, mut report) = merge(Some(&view), parsed, fp);
+        let before = view.table.len();
+        let removed = view
+            .table
+            .keys()
+            .filter(|k| next.table.mailbox(k).is_none())
+            .count();
+        report.removed_addresses = removed;
+        let limit = self.max_shrink();
+        if removed as f64 > limit.fraction() * before as f64 {
+            if !force {
+                return Err((
+                    "refused_shrink",
+                    DirectoryError::Shrink {
+                        file: self.source.name(),
+                        removed,
+                        before,
+                        share: removed as f64 * 100.0 / before as f64,
+                        limit,
+                    },
+                ));
+            }
+            report.forced = true;
+            warn!(source = %self.source.name(), removed, before, "directory reload forced although it removes more than directory.max_shrink");
+        }
         next.generation = view.generation + 1;
         let id = self.next_id(&view);
         next.last_change = id;
@@ -595,11 +755,10 @@ impl Directory {
             already: 0,
             entries: Vec::new(),
         };
-        self.log(&change)?;
+        self.log(&change).map_err(failed)?;
         self.view.store(Arc::new(next));
-        self.persist_snapshot()?;
+        self.persist_snapshot().map_err(failed)?;
         report.elapsed_ms = t0.elapsed().as_millis() as u64;
-        info!(source = %self.source.name(), entries = report.entries, changed = report.changed, added = report.added, removed = report.removed, ms = report.elapsed_ms, "directory file reloaded");
         Ok(report)
     }
 
@@ -624,9 +783,7 @@ impl Directory {
     fn log(&self, change: &Change) -> Result<(), DirectoryError> {
         if let Some(store) = &self.store {
             let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
-            store
-                .append(change)
-                .map_err(io_err(Path::new("changes.log")))?;
+            store.append(change)?;
         }
         self.history
             .lock()
@@ -666,9 +823,7 @@ impl Directory {
         };
         let stored = self.view.load().stored(&self.states);
         let store = store.lock().unwrap_or_else(|p| p.into_inner());
-        store
-            .write_snapshot(&stored)
-            .map_err(io_err(Path::new("snapshot.bin")))
+        store.write_snapshot(&stored)
     }
 }
 
@@ -692,6 +847,8 @@ fn merge(old: Option<&View>, parsed: Parsed, fp: Fingerprint) -> (View, ReloadRe
         changed: 0,
         added: 0,
         removed: 0,
+        removed_addresses: 0,
+        forced: false,
         elapsed_ms: 0,
     };
     let mut kept = 0usize;
@@ -767,6 +924,7 @@ mod tests {
             cache_ttl: std::time::Duration::from_secs(60),
             store_dir: dir.join("store"),
             watch: false,
+            max_shrink: Percent::parse("10%").unwrap(),
         }
     }
 
@@ -881,7 +1039,7 @@ mod tests {
             "address,state\na@nhs.test,onprem\nb@nhs.test,cloud\nc@nhs.test,cloud\n",
         )
         .unwrap();
-        let r = d.reload_file().unwrap();
+        let r = d.reload_file(false).unwrap();
         assert_eq!((r.changed, r.added, r.removed), (1, 1, 0));
         let cloud = Resolution::Listed(RouteName("cloud".into()));
         assert_eq!(
@@ -892,7 +1050,7 @@ mod tests {
         assert_eq!(d.resolve(&a("b@nhs.test")), cloud);
         assert_eq!(d.resolve(&a("c@nhs.test")), cloud);
         std::fs::write(&file, "address,state\na@nhs.test,onprem\nb@nhs.test,mars\n").unwrap();
-        let e = d.reload_file().unwrap_err().to_string();
+        let e = d.reload_file(false).unwrap_err().to_string();
         assert!(
             e.ends_with("d.csv:3: unknown state \"mars\" (routes: cloud, onprem)"),
             "{e}"
@@ -901,6 +1059,193 @@ mod tests {
             d.resolve(&a("c@nhs.test")),
             cloud,
             "old state stays in force"
+        );
+    }
+
+    fn log_file(dir: &Path) -> PathBuf {
+        dir.join("store").join("changes.log")
+    }
+
+    fn log_len(dir: &Path) -> u64 {
+        std::fs::metadata(log_file(dir)).unwrap().len()
+    }
+
+    /// Writes `bytes` as the change log, fsynced, as a crash would have left it.
+    fn put_log(dir: &Path, bytes: &[u8]) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(log_file(dir)).unwrap();
+        f.write_all(bytes).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    const ABC: &str = "address,state\na@nhs.test,onprem\nb@nhs.test,onprem\nc@nhs.test,onprem\n";
+
+    /// Item 7: an append cut short by a crash leaves a torn record at the end of the log. At
+    /// the next start it is cut off (the file shrinks back to the last whole record), and a
+    /// batch applied after that survives the following restart and can be rolled back.
+    #[test]
+    fn torn_log_tail_is_cut_at_start_and_later_batches_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("d.csv"), ABC).unwrap();
+        let c = cfg(dir.path(), "reject");
+        let cloud = Resolution::Listed(RouteName("cloud".into()));
+        let onprem = Resolution::Listed(RouteName("onprem".into()));
+        let d = Directory::open(&c, states()).unwrap();
+        d.apply(
+            &rows("EmailAddress\na@nhs.test\n", "cloud"),
+            "one.csv",
+            false,
+        )
+        .unwrap();
+        let after_one = log_len(dir.path());
+        d.apply(
+            &rows("EmailAddress\nb@nhs.test\n", "cloud"),
+            "two.csv",
+            false,
+        )
+        .unwrap();
+        drop(d);
+        // The crash: batch two's record lost its last bytes.
+        let bytes = std::fs::read(log_file(dir.path())).unwrap();
+        put_log(dir.path(), &bytes[..bytes.len() - 5]);
+
+        let d = Directory::open(&c, states()).unwrap();
+        assert_eq!(
+            log_len(dir.path()),
+            after_one,
+            "the torn record is cut off at start"
+        );
+        assert_eq!(d.resolve(&a("a@nhs.test")), cloud, "batch one is whole");
+        assert_eq!(d.resolve(&a("b@nhs.test")), onprem, "batch two was torn");
+        let three = d
+            .apply(
+                &rows("EmailAddress\nc@nhs.test\n", "cloud"),
+                "three.csv",
+                false,
+            )
+            .unwrap()
+            .id
+            .unwrap();
+        drop(d);
+
+        let d = Directory::open(&c, states()).unwrap();
+        assert_eq!(d.resolve(&a("a@nhs.test")), cloud);
+        assert_eq!(
+            d.resolve(&a("c@nhs.test")),
+            cloud,
+            "a batch applied after the torn one survives a restart"
+        );
+        let rb = d.rollback(three).unwrap();
+        assert_eq!(rb.changed, 1, "and rollback finds it");
+        assert_eq!(d.resolve(&a("c@nhs.test")), onprem);
+    }
+
+    /// Item 7: damage inside the log (not at its end) stops the start with the file and the
+    /// offset of the damaged record, instead of skipping a change silently.
+    #[test]
+    fn damage_in_the_middle_of_the_log_names_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("d.csv"), ABC).unwrap();
+        let c = cfg(dir.path(), "reject");
+        let d = Directory::open(&c, states()).unwrap();
+        for (who, name) in [("a", "one.csv"), ("b", "two.csv"), ("c", "three.csv")] {
+            d.apply(
+                &rows(&format!("EmailAddress\n{who}@nhs.test\n"), "cloud"),
+                name,
+                false,
+            )
+            .unwrap();
+        }
+        drop(d);
+        let mut bytes = std::fs::read(log_file(dir.path())).unwrap();
+        let mid = bytes.len() / 6; // inside the first of three records
+        bytes[mid] = if bytes[mid] == b'~' { b'!' } else { b'~' };
+        put_log(dir.path(), &bytes);
+        let e = match Directory::open(&c, states()) {
+            Ok(_) => panic!("a damaged change log was accepted"),
+            Err(e) => e.to_string(),
+        };
+        let file = log_file(dir.path()).display().to_string();
+        // The first record starts right after the 8-byte file header.
+        assert!(
+            e.contains(&file) && e.contains("offset 8"),
+            "error names the file and the record's offset: {e}"
+        );
+    }
+
+    /// Item 7: a log in the line format of earlier versions is read, not lost: converted to
+    /// framed records (the old file kept), its torn last line dropped, and a batch that the
+    /// old code glued onto a torn line recovered.
+    #[test]
+    fn line_format_log_is_converted_and_a_glued_batch_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("d.csv"), ABC).unwrap();
+        let change = |id: u32, who: &str| {
+            format!(
+                r#"{{"id":{id},"time":"2026-11-01T10:00:00Z","kind":"apply","source":"b{id}.csv","count":1,"not_found":0,"already":0,"entries":[{{"address":"{who}@nhs.test","from":"onprem","from_origin":0,"to":"cloud"}}]}}"#
+            )
+        };
+        let two = change(2, "b");
+        let four = change(4, "a");
+        let v1 = format!(
+            "{}\n{}{}\n{}",
+            change(1, "a"),
+            &two[..40],
+            change(3, "c"),
+            &four[..30]
+        );
+        std::fs::create_dir_all(dir.path().join("store")).unwrap();
+        put_log(dir.path(), v1.as_bytes());
+        let c = cfg(dir.path(), "reject");
+        let cloud = Resolution::Listed(RouteName("cloud".into()));
+        let onprem = Resolution::Listed(RouteName("onprem".into()));
+        let d = Directory::open(&c, states()).unwrap();
+        assert_eq!(d.resolve(&a("a@nhs.test")), cloud);
+        assert_eq!(d.resolve(&a("b@nhs.test")), onprem, "batch 2 was torn");
+        assert_eq!(
+            d.lookup(&a("c@nhs.test")).origin,
+            "batch 3",
+            "glued batch recovered"
+        );
+        let ids: Vec<u32> = d.history_snapshot().iter().map(|h| h.id).collect();
+        assert_eq!(ids, vec![1, 3]);
+        let old = dir.path().join("store").join("changes.log.v1");
+        assert_eq!(std::fs::read(&old).unwrap(), v1.as_bytes(), "old file kept");
+        assert!(std::fs::read(log_file(dir.path()))
+            .unwrap()
+            .starts_with(b"COEXLOG2"));
+        d.apply(
+            &rows("EmailAddress\nb@nhs.test\n", "cloud"),
+            "b5.csv",
+            false,
+        )
+        .unwrap();
+        drop(d);
+        let d = Directory::open(&c, states()).unwrap();
+        assert_eq!(d.resolve(&a("b@nhs.test")), cloud);
+        assert_eq!(d.rollback(3).unwrap().changed, 1);
+        assert_eq!(d.resolve(&a("c@nhs.test")), onprem);
+        drop(d);
+
+        // A damaged line in the middle of an old log is an error with its offset.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("d.csv"), ABC).unwrap();
+        std::fs::create_dir_all(dir.path().join("store")).unwrap();
+        let first = change(1, "a");
+        put_log(
+            dir.path(),
+            format!("{first}\n{{\"id\":2,garbage\n{}\n", change(3, "c")).as_bytes(),
+        );
+        let e = match Directory::open(&cfg(dir.path(), "reject"), states()) {
+            Ok(_) => panic!("a damaged old log was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains(&format!(
+                "changes.log: change log damaged at offset {}",
+                first.len() + 1
+            )),
+            "{e}"
         );
     }
 }

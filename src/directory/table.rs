@@ -126,6 +126,12 @@ impl Table {
         Ok(off)
     }
 
+    /// Every address (lower case), in the order they were added.
+    pub fn keys(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.offsets()
+            .filter_map(|off| record(&self.arena, off).map(|(k, _)| k))
+    }
+
     /// Offsets of every record, in order.
     fn offsets(&self) -> impl Iterator<Item = usize> + '_ {
         let mut off = 0;

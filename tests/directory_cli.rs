@@ -171,7 +171,7 @@ async fn unauthenticated_calls_are_refused() {
     let _server = spawn(&s);
     let wrong = std::fs::read_to_string(&s.config)
         .unwrap()
-        .replace("s3cret-token", "wrong-token");
+        .replace(TOKEN, "9c0d2e4f6a8b1c3d5e7f9a0b2c4d6e8f");
     let wrong_cfg = s.dir.path().join("wrong.toml");
     std::fs::write(&wrong_cfg, wrong).unwrap();
     let (ok, _, err) = cli(&wrong_cfg, &["directory", "lookup", "alice@nhs.test"]);

@@ -174,7 +174,10 @@ async fn a_missing_token_file_gets_a_fresh_token_that_the_cli_uses() {
     let _server = common::bin::Server(child);
     let t0 = Instant::now();
     while std::net::TcpStream::connect(cfg.admin).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "relay did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "relay did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let token = std::fs::read_to_string(&file).unwrap();
@@ -220,7 +223,10 @@ async fn a_clear_text_admin_api_off_loopback_needs_an_opt_in() {
     for addr in ["10.1.2.3:8025", "[::]:8025", "[2001:db8::1]:8025"] {
         std::fs::write(&cfg.path, text.replace("0.0.0.0:8025", addr)).unwrap();
         let (ok, _, err) = cli(&cfg.path, &["check-config"]);
-        assert!(!ok && err.contains("is not a loopback address"), "{addr}: {err}");
+        assert!(
+            !ok && err.contains("is not a loopback address"),
+            "{addr}: {err}"
+        );
     }
     // With the explicit opt-in the config is valid (not bound here: tests stay on loopback).
     let opted = text.replace(
@@ -240,7 +246,8 @@ async fn a_clear_text_admin_api_off_loopback_needs_an_opt_in() {
     c.admin.as_mut().unwrap().listen = "0.0.0.0:0".parse().unwrap();
     let e = coexist::relay::start(c).await.err().expect("started");
     assert!(
-        e.to_string().contains("key `admin.listen`: 0.0.0.0:0 is not a loopback address"),
+        e.to_string()
+            .contains("key `admin.listen`: 0.0.0.0:0 is not a loopback address"),
         "{e}"
     );
 }
@@ -311,23 +318,58 @@ async fn malformed_json_query_and_path_get_json_errors() {
     let t = Some(TOKEN);
     let json = Some("application/json");
 
-    let ok = http(api, "POST", "/v1/route/explain", t, json, br#"{"addresses":["bob@nhs.test"]}"#).await;
+    let ok = http(
+        api,
+        "POST",
+        "/v1/route/explain",
+        t,
+        json,
+        br#"{"addresses":["bob@nhs.test"]}"#,
+    )
+    .await;
     assert_eq!(ok.0, 200, "{}", ok.2);
 
     let e = json_error(
-        &http(api, "POST", "/v1/route/explain", t, json, br#"{"addresses": ["#).await,
+        &http(
+            api,
+            "POST",
+            "/v1/route/explain",
+            t,
+            json,
+            br#"{"addresses": ["#,
+        )
+        .await,
         400,
         "truncated JSON",
     );
-    assert!(e.contains("Failed to parse the request body as JSON"), "{e}");
+    assert!(
+        e.contains("Failed to parse the request body as JSON"),
+        "{e}"
+    );
     let e = json_error(
-        &http(api, "POST", "/v1/route/explain", t, json, br#"{"addresses": "bob"}"#).await,
+        &http(
+            api,
+            "POST",
+            "/v1/route/explain",
+            t,
+            json,
+            br#"{"addresses": "bob"}"#,
+        )
+        .await,
         422,
         "JSON of the wrong shape",
     );
     assert!(e.contains("addresses"), "{e}");
     let e = json_error(
-        &http(api, "POST", "/v1/route/explain", t, None, br#"{"addresses":[]}"#).await,
+        &http(
+            api,
+            "POST",
+            "/v1/route/explain",
+            t,
+            None,
+            br#"{"addresses":[]}"#,
+        )
+        .await,
         415,
         "no content type",
     );
@@ -351,17 +393,37 @@ async fn malformed_json_query_and_path_get_json_errors() {
         "bad boolean",
     );
     json_error(
-        &http(api, "POST", "/v1/directory/batches?dry_run=perhaps", t, Some("text/csv"), b"EmailAddress\nbob@nhs.test\n").await,
+        &http(
+            api,
+            "POST",
+            "/v1/directory/batches?dry_run=perhaps",
+            t,
+            Some("text/csv"),
+            b"EmailAddress\nbob@nhs.test\n",
+        )
+        .await,
         400,
         "bad boolean in a batch query",
     );
     let e = json_error(
-        &http(api, "POST", "/v1/directory/batches/first/rollback", t, None, b"").await,
+        &http(
+            api,
+            "POST",
+            "/v1/directory/batches/first/rollback",
+            t,
+            None,
+            b"",
+        )
+        .await,
         400,
         "bad path parameter",
     );
     assert!(e.contains("first") || e.contains("parse"), "{e}");
-    json_error(&http(api, "GET", "/v1/nothing-here", t, None, b"").await, 404, "unknown path");
+    json_error(
+        &http(api, "GET", "/v1/nothing-here", t, None, b"").await,
+        404,
+        "unknown path",
+    );
     json_error(
         &http(api, "DELETE", "/v1/route/explain", t, None, b"").await,
         405,
@@ -412,7 +474,9 @@ async fn wrong_tokens_of_any_length_get_401() {
             s.read_to_string(&mut out).await.unwrap();
             out
         };
-        let out = tokio::time::timeout(Duration::from_secs(20), fut).await.unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(20), fut)
+            .await
+            .unwrap();
         assert!(out.starts_with("HTTP/1.1 200"), "{scheme}: {out}");
     }
 }

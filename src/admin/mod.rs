@@ -201,9 +201,7 @@ async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes())
-        .and_then(|v| {
-            (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
-        })
+        .and_then(|v| (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..]))
         .unwrap_or(b"");
     if !s.token.matches(given) {
         return ApiError(

@@ -344,7 +344,11 @@ mod tests {
             let why = weakness(t).unwrap_or_default();
             assert!(why.contains("run"), "{t}: {why:?}");
         }
-        for t in ["with space in it 0123", "tab\tin-the-token-xyz", "naïve-token-0193847"] {
+        for t in [
+            "with space in it 0123",
+            "tab\tin-the-token-xyz",
+            "naïve-token-0193847",
+        ] {
             let why = weakness(t).unwrap_or_default();
             assert!(why.contains("printable ASCII"), "{t}: {why:?}");
         }

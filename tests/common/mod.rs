@@ -341,11 +341,26 @@ pub mod bin {
 
     /// Starts `coexist serve --config` and waits until SMTP and admin ports answer.
     pub fn spawn(cfg: &BinConfig) -> Server {
+        spawn_logged(cfg, None)
+    }
+
+    /// Like [`spawn`], with the server's log (warnings and errors) appended to `log`.
+    pub fn spawn_logged(cfg: &BinConfig, log: Option<&Path>) -> Server {
+        let stderr = match log {
+            Some(p) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .unwrap(),
+            ),
+            None => Stdio::null(),
+        };
         let child = Command::new(BIN)
             .args(["serve", "--config", cfg.path.to_str().unwrap()])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let server = Server(child);

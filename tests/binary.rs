@@ -540,7 +540,11 @@ async fn kill_9_during_a_directory_batch_applies_all_or_nothing() {
         apply_and_kill(&s, &mut server, "cloud", KillAt::AfterReply, Duration::ZERO);
     assert!(reported, "the batch was not applied");
     let server = spawn(&s.cfg);
-    assert_eq!(count_in_state(&s.cfg, &s.addresses, "cloud"), N);
+    assert_eq!(
+        count_in_state(&s.cfg, &s.addresses, "cloud"),
+        N,
+        "a batch reported applied was lost at restart"
+    );
     drop(server);
 
     // Then the batch back, killed while it is in flight: as the change starts to reach the

@@ -229,7 +229,9 @@ pub fn create_file(path: &Path) -> Result<String, TokenError> {
     {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return read_file(path).map_err(io)?.ok_or(TokenError::Random);
+            return read_file(path)
+                .map_err(io)?
+                .ok_or_else(|| io(std::io::ErrorKind::NotFound.into()));
         }
         Err(e) => return Err(io(e)),
     };

@@ -1,7 +1,7 @@
 # Shared set-up for the bench/ scripts (sourced, not run). Builds the release binary into $B,
 # makes a work directory $W removed on exit, stops every PID in PIDS on exit, and writes a
 # config for ports ${BASE}525 (SMTP), ${BASE}601/${BASE}602 (on-prem/cloud sinks), ${BASE}080
-# (admin) with all paths in $W.
+# (admin) with all paths in $W (the admin token file too: `serve` writes it, the CLI reads it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
@@ -17,7 +17,7 @@ bench_config() {
     $B gen-certs --out "$W" >/dev/null
     sed -e "s#127.0.0.1:2525#127.0.0.1:${base}525#; s#127.0.0.1:2601#127.0.0.1:${base}601#; s#127.0.0.1:2602#127.0.0.1:${base}602#" \
         -e "s#127.0.0.1:8025#127.0.0.1:${base}080#; s#certs/server#$W/server#; s#var/spool#$W/spool#" \
-        -e "s#var/directory#$W/store#; s#config/directory.csv#$W/directory.csv#" \
+        -e "s#var/directory#$W/store#; s#config/directory.csv#$W/directory.csv#; s#var/admin.token#$W/admin.token#" \
         "$@" config/coexist.toml > "$W/coexist.toml"
 }
 

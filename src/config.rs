@@ -130,25 +130,34 @@ fn default_per_ip_connections() -> usize {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address to listen on (keep it on loopback or a management network).
+    /// Address to listen on: loopback unless `allow_plaintext_remote` (the API is clear HTTP).
     pub listen: SocketAddr,
-    /// The token, inline.
+    /// The token, inline (at least 16 characters, no placeholder).
     pub token: Option<String>,
-    /// A file holding the token (first line).
+    /// A file holding the token (first line); `serve` writes a fresh random token there
+    /// (mode 0600) when the file does not exist.
     pub token_file: Option<PathBuf>,
+    /// Allow `listen` on a non-loopback address although the API speaks clear HTTP (the
+    /// token then crosses the network readable): only for a trusted management network.
+    #[serde(default)]
+    pub allow_plaintext_remote: bool,
 }
 
 impl AdminConfig {
-    /// The token, from `token` or `token_file`.
+    /// The token, from `token` or `token_file` (for the CLI; the server uses
+    /// [`crate::admin::token::for_server`], which also creates a missing file).
     pub fn token(&self) -> std::io::Result<String> {
         match (&self.token, &self.token_file) {
             (Some(t), _) => Ok(t.clone()),
-            (None, Some(f)) => Ok(std::fs::read_to_string(f)?
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()),
+            (None, Some(f)) => crate::admin::token::read_file(f)?.ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "{} does not exist (`coexist serve` writes it at its first start)",
+                        f.display()
+                    ),
+                )
+            }),
             (None, None) => Ok(String::new()),
         }
     }
@@ -699,21 +708,45 @@ impl Config {
                     "give exactly one of `token` and `token_file`".into(),
                 ));
             }
-            match admin.token() {
-                Err(e) => return Err(fail("admin", "token_file", format!("cannot read: {e}"))),
-                Ok(t) if t.len() < 8 => {
-                    let key = if admin.token.is_some() {
-                        "token"
-                    } else {
-                        "token_file"
-                    };
-                    return Err(fail(
-                        "admin",
-                        key,
-                        "the token must be at least 8 characters".into(),
-                    ));
+            if let Some(t) = &admin.token {
+                if let Some(reason) = crate::admin::token::weakness(t) {
+                    return Err(fail("admin", "token", reason));
                 }
-                Ok(_) => {}
+            }
+            if let Some(f) = &admin.token_file {
+                // A file that does not exist yet is written by `serve` with a fresh token.
+                match crate::admin::token::read_file(f) {
+                    Err(e) => {
+                        return Err(fail(
+                            "admin",
+                            "token_file",
+                            format!("{}: cannot read: {e}", f.display()),
+                        ))
+                    }
+                    Ok(Some(t)) => {
+                        if let Some(reason) = crate::admin::token::weakness(&t) {
+                            return Err(fail(
+                                "admin",
+                                "token_file",
+                                format!("{}: {reason}", f.display()),
+                            ));
+                        }
+                    }
+                    Ok(None) => {}
+                }
+            }
+            if !admin.listen.ip().to_canonical().is_loopback() && !admin.allow_plaintext_remote {
+                return Err(fail(
+                    "admin",
+                    "listen",
+                    format!(
+                        "{} is not a loopback address and the admin API speaks clear HTTP \
+                         (the bearer token would cross the network readable): listen on \
+                         127.0.0.1 or [::1] and reach it through an SSH tunnel or a TLS proxy, \
+                         or set `allow_plaintext_remote = true` for a trusted management network",
+                        admin.listen
+                    ),
+                ));
             }
         }
         if self.queue.min_backoff.is_zero() || self.queue.min_backoff > self.queue.max_backoff {

@@ -750,6 +750,14 @@ fn main() -> anyhow::Result<()> {
                 cfg.routes.len(),
                 dir.table.len()
             );
+            if let Some(f) = cfg.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
+                if !f.exists() {
+                    println!(
+                        "note: admin.token_file {} does not exist yet; `coexist serve` will write a fresh token to it",
+                        f.display()
+                    );
+                }
+            }
             Ok(())
         }
         Cmd::Demo {

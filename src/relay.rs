@@ -38,7 +38,7 @@ pub enum StartError {
     Directory(#[from] crate::directory::DirectoryError),
     /// The admin API could not start.
     #[error("admin API: {0}")]
-    Admin(std::io::Error),
+    Admin(#[from] crate::admin::AdminError),
     /// A listen address could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
@@ -445,10 +445,7 @@ pub async fn start_with_file(
         directory: directory.clone(),
         reload_lock: Mutex::new(()),
     });
-    let (admin_addr, admin) = match crate::admin::start(control.clone())
-        .await
-        .map_err(StartError::Admin)?
-    {
+    let (admin_addr, admin) = match crate::admin::start(control.clone()).await? {
         Some((addr, task)) => (Some(addr), Some(task)),
         None => (None, None),
     };

@@ -171,7 +171,7 @@ async fn unauthenticated_calls_are_refused() {
     let _server = spawn(&s);
     let wrong = std::fs::read_to_string(&s.config)
         .unwrap()
-        .replace("s3cret-token", "wrong-token");
+        .replace(TOKEN, "9c0d2e4f6a8b1c3d5e7f9a0b2c4d6e8f");
     let wrong_cfg = s.dir.path().join("wrong.toml");
     std::fs::write(&wrong_cfg, wrong).unwrap();
     let (ok, _, err) = cli(&wrong_cfg, &["directory", "lookup", "alice@nhs.test"]);
@@ -185,7 +185,8 @@ async fn unauthenticated_calls_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edited_file_is_picked_up_and_batches_survive_restart() {
     let s = setup().await;
-    let mut server = spawn(&s);
+    let log = s.dir.path().join("serve.log");
+    let mut server = common::bin::spawn_logged(&s.bin, Some(&log));
     let batch = s.dir.path().join("b.csv");
     std::fs::write(&batch, "EmailAddress\nalice@nhs.test\n").unwrap();
     assert!(
@@ -202,15 +203,47 @@ async fn edited_file_is_picked_up_and_batches_survive_restart() {
         .0
     );
 
-    // The admin edits the file: dave moves; a broken edit is refused and changes nothing.
+    // The admin edits the file. A broken edit (dave moved, and a bad row on line 6) is
+    // refused whole: the watcher logs the file, line and reason, `directory reload` answers
+    // the same, and the old state stays in force (dave on premises, alice's batch kept).
     let file = s.dir.path().join("directory.csv");
-    std::fs::write(&file, format!("{DIRECTORY}broken\n")).unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    std::fs::write(
-        &file,
-        DIRECTORY.replace("dave@nhs.test,onprem", "dave@nhs.test,cloud"),
-    )
-    .unwrap();
+    let moved = DIRECTORY.replace("dave@nhs.test,onprem", "dave@nhs.test,cloud");
+    std::fs::write(&file, format!("{moved}broken\n")).unwrap();
+    let bad_row = format!("{}:6: expected 2 fields", file.display());
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains(&bad_row)) {
+            assert!(l.contains("directory file refused"), "{l}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the watcher did not report the broken file: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, out, err) = cli(&s.config, &["directory", "reload"]);
+    assert!(!ok, "broken file accepted: {out}");
+    assert!(err.contains(&format!("422 {bad_row}")), "{err}");
+    let (_, out, _) = cli(&s.config, &["directory", "lookup", "dave@nhs.test"]);
+    assert!(out.contains("state   onprem (from file"), "{out}");
+    let (_, out, _) = cli(&s.config, &["directory", "lookup", "alice@nhs.test"]);
+    assert!(out.contains("state   cloud (from batch 1)"), "{out}");
+    let (_, out, _) = cli(&s.config, &["directory", "batches"]);
+    assert!(
+        !out.contains("reload"),
+        "a refused file was recorded: {out}"
+    );
+    send(s.listen, &["dave@nhs.test"], "broken edit").await;
+    assert_eq!(
+        wait(&s.onprem, 1).await,
+        1,
+        "dave's mail still goes on premises"
+    );
+
+    // The fixed file is picked up.
+    std::fs::write(&file, &moved).unwrap();
     let t0 = Instant::now();
     loop {
         let (_, out, _) = cli(&s.config, &["directory", "lookup", "dave@nhs.test"]);
@@ -243,7 +276,11 @@ async fn edited_file_is_picked_up_and_batches_survive_restart() {
     )
     .await;
     assert_eq!(wait(&s.cloud, 3).await, 3);
-    assert!(s.onprem.state.messages().is_empty());
+    assert_eq!(
+        s.onprem.state.messages().len(),
+        1,
+        "only the mail sent before dave moved"
+    );
 }
 
 #[test]

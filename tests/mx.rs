@@ -3,34 +3,80 @@
 
 mod common;
 
+use coexist::load::sink::{Sink, SinkOptions};
 use common::dns::{self, Rec};
 use common::*;
 use std::time::Duration;
 
+/// Two recording sinks on the same port of two loopback addresses (127.0.0.2 and 127.0.0.1),
+/// since an MX route has one port for all its hosts.
+async fn sinks_on_one_port() -> (Sink, Sink) {
+    for _ in 0..20 {
+        let a = Sink::start("127.0.0.2:0".parse().unwrap(), SinkOptions::default())
+            .await
+            .expect("127.0.0.2 is loopback on Linux");
+        let same_port = std::net::SocketAddr::new([127, 0, 0, 1].into(), a.addr.port());
+        if let Ok(b) = Sink::start(same_port, SinkOptions::default()).await {
+            return (a, b);
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and 127.0.0.2");
+}
+
+fn mx_route(c: &mut coexist::config::Config, ns: std::net::SocketAddr, port: u16, domain: &str) {
+    c.dns.nameservers = vec![ns];
+    let route = c.routes.get_mut("cloud").unwrap();
+    route.port = port;
+    route.next_hops = Vec::new();
+    route.mx = Some(coexist::types::Domain::parse(domain, false).unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mx_route_follows_preference_and_fails_over() {
+    // Both MX hosts of tenant.test listen and record; the less preferred one is listed first
+    // in the DNS answer, so neither answer order nor a reversed sort picks the right one.
+    let (preferred, other) = sinks_on_one_port().await;
+    let port = preferred.addr.port();
     let ns = dns::start(vec![
         ("tenant.test", Rec::Mx(20, "mx2.tenant.test".into())),
         ("tenant.test", Rec::Mx(10, "mx1.tenant.test".into())),
-        // The preferred host has no server listening: delivery falls back to mx2.
         ("mx1.tenant.test", Rec::A("127.0.0.2".parse().unwrap())),
         ("mx2.tenant.test", Rec::A("127.0.0.1".parse().unwrap())),
+        // failover.test: the preferred host (127.0.0.3) has no listener on the port.
+        ("failover.test", Rec::Mx(20, "mx2.failover.test".into())),
+        ("failover.test", Rec::Mx(10, "mx1.failover.test".into())),
+        ("mx1.failover.test", Rec::A("127.0.0.3".parse().unwrap())),
+        ("mx2.failover.test", Rec::A("127.0.0.1".parse().unwrap())),
+        // nomx.test: no MX record, so the domain's own address is used (implicit MX,
+        // RFC 5321 5.1).
         ("nomx.test", Rec::A("127.0.0.1".parse().unwrap())),
     ])
     .await;
-    // tenant.test: MX by preference; nomx.test: no MX record, so the domain's own address
-    // is used (implicit MX, RFC 5321 5.1).
-    for domain in ["tenant.test", "nomx.test"] {
-        let h = harness(|c| {
-            c.dns.nameservers = vec![ns];
-            let route = c.routes.get_mut("cloud").unwrap();
-            route.port = route.next_hops[0].port;
-            route.next_hops = Vec::new();
-            route.mx = Some(coexist::types::Domain::parse(domain, false).unwrap());
-        })
-        .await;
+
+    let h = harness(|c| mx_route(c, ns, port, "tenant.test")).await;
+    for i in 0..3 {
+        let subject = format!("preference{i}");
+        assert_eq!(
+            send_one(h.addr, &["bob@nhs.test"], &subject).await.code,
+            250
+        );
+    }
+    assert_eq!(
+        wait(&preferred, 3).await,
+        3,
+        "mail goes to the preferred MX"
+    );
+    assert!(
+        other.state.messages().is_empty(),
+        "the less preferred MX got mail while the preferred one was up"
+    );
+    drop(h);
+
+    for (domain, n) in [("failover.test", 1), ("nomx.test", 2)] {
+        let h = harness(|c| mx_route(c, ns, port, domain)).await;
         assert_eq!(send_one(h.addr, &["bob@nhs.test"], domain).await.code, 250);
-        assert_eq!(wait(&h.cloud, 1).await, 1, "{domain}");
+        assert_eq!(wait(&other, n).await, n, "{domain}");
+        assert_eq!(preferred.state.messages().len(), 3, "{domain}");
     }
 }
 

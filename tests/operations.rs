@@ -35,7 +35,7 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 fn scrape(cfg: &BinConfig) -> String {
-    let c = AdminClient::new(cfg.admin, "s3cret-token".into());
+    let c = AdminClient::new(cfg.admin, TOKEN.into());
     match c.get("/metrics").unwrap() {
         serde_json::Value::String(s) => s,
         other => panic!("not text: {other}"),

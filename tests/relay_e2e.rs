@@ -177,17 +177,50 @@ async fn tls_required_route_uses_starttls_when_offered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_hops_are_tried_in_order() {
+    // Both hops of the cloud route listen and record: the first named gets the mail.
+    let h = harness(|c| {
+        let onprem = c.routes["onprem"].next_hops[0].clone();
+        c.routes.get_mut("cloud").unwrap().next_hops.push(onprem);
+    })
+    .await;
+    for i in 0..3 {
+        let subject = format!("order{i}");
+        assert_eq!(
+            send_one(h.addr, &["bob@nhs.test"], &subject).await.code,
+            250
+        );
+    }
+    assert_eq!(
+        wait(&h.cloud, 3).await,
+        3,
+        "the first next hop gets the mail"
+    );
+    assert!(
+        h.onprem.state.messages().is_empty(),
+        "the second next hop got mail while the first was up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_first_hop_fails_over_to_a_named_next_hop() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    // The cloud route lists a dead hop first, then the cloud sink by host name.
+    // The first hop accepts TCP, records the attempt and closes without a greeting.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    let tries = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let t = tries.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = dead.accept().await {
+            t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    // The cloud route lists the dead hop first, then the cloud sink by host name.
     let h = harness(|c| {
         let route = c.routes.get_mut("cloud").unwrap();
         let port = route.next_hops[0].port;
         route.next_hops = vec![
-            dead.into(),
+            dead_addr.into(),
             coexist::config::NextHop::parse(&format!("localhost:{port}")).unwrap(),
         ];
     })
@@ -197,6 +230,10 @@ async fn dead_first_hop_fails_over_to_a_named_next_hop() {
         250
     );
     assert_eq!(wait(&h.cloud, 1).await, 1);
+    assert!(
+        tries.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the first next hop was never tried"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,25 +49,46 @@ async fn shares_delay_and_domain_counts() {
     .unwrap();
     let mut c = connect(slow.addr).await;
     c.expect("EHLO t.test", 250).await;
-    assert_eq!(
-        c.mail(
-            "a@b.test",
-            &["x@nhs.test", "y@other.test", "z@nhs.test"],
-            &sample("d")
-        )
-        .await
-        .code,
-        250
+    // The delay holds back the reply to the end of data: measured from the last byte sent,
+    // the 250 comes no sooner than 300 ms (a lower bound only: a slow machine adds time).
+    c.expect("MAIL FROM:<a@b.test>", 250).await;
+    for r in ["x@nhs.test", "y@other.test", "z@nhs.test"] {
+        c.expect(&format!("RCPT TO:<{r}>"), 250).await;
+    }
+    c.expect("DATA", 354).await;
+    let mut stuffed = Vec::new();
+    coexist::deliver::dot_stuff(&sample("d"), &mut stuffed);
+    c.send(&stuffed).await;
+    let t0 = std::time::Instant::now();
+    let r = c.reply().await;
+    let waited = t0.elapsed();
+    assert_eq!(r.code, 250, "{r:?}");
+    assert!(
+        waited >= Duration::from_millis(300),
+        "end of data answered after {waited:?}, before the 300 ms delay"
+    );
+    // Each message waits again.
+    let t0 = std::time::Instant::now();
+    c.expect("NOOP", 250).await;
+    let r = c.mail("a@b.test", &["w@nhs.test"], &sample("e")).await;
+    assert_eq!(r.code, 250, "{r:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "second message answered after {:?}",
+        t0.elapsed()
     );
     let by = slow.state.by_domain();
-    assert_eq!((by["nhs.test"].recipients, by["nhs.test"].messages), (2, 1));
+    assert_eq!((by["nhs.test"].recipients, by["nhs.test"].messages), (3, 2));
     assert_eq!(
         (by["other.test"].recipients, by["other.test"].messages),
         (1, 1)
     );
-    assert_eq!(by["nhs.test"].bytes, sample("d").len() as u64);
+    assert_eq!(
+        by["nhs.test"].bytes,
+        (sample("d").len() + sample("e").len()) as u64
+    );
     assert!(
-        slow.state.summary().contains("nhs.test=2rcpt/1msg/"),
+        slow.state.summary().contains("nhs.test=3rcpt/2msg/"),
         "{}",
         slow.state.summary()
     );

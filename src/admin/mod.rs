@@ -1,16 +1,19 @@
 //! The admin HTTP API (axum) that the CLI talks to: directory lookups, batches, rollbacks,
 //! reloads and route explanations. Every call needs `Authorization: Bearer TOKEN`; every
-//! change is logged with the caller's address.
+//! change is logged with the caller's address. Every error, including a malformed JSON body,
+//! query string or path and an unknown path, is answered `{"error": "..."}`.
 
 pub mod client;
+pub mod token;
 
 use crate::config::Config;
 use crate::directory::{batch, Directory, Lookup};
 use crate::policy::Policy;
 use crate::relay::Control;
 use crate::types::Address;
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::{header, request::Parts, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,7 +32,21 @@ pub struct AdminState {
     /// Reload, drain, queue.
     pub control: Arc<Control>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    token: Arc<str>,
+    token: Arc<token::Expected>,
+}
+
+/// Why the admin API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No usable token (weak, unreadable, or the file cannot be written).
+    #[error(transparent)]
+    Token(#[from] token::TokenError),
+    /// A non-loopback clear-text listen address without `allow_plaintext_remote`.
+    #[error("key `admin.listen`: {0} is not a loopback address and the admin API speaks clear HTTP; set `allow_plaintext_remote = true` to allow it")]
+    Plaintext(SocketAddr),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
 }
 
 /// An API error: HTTP status and a message naming what is wrong.
@@ -43,6 +60,89 @@ impl IntoResponse for ApiError {
 
 fn unprocessable(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+}
+
+/// axum's `Json`, with its rejections as `{"error": …}`: 400 for malformed JSON, 415 without
+/// `Content-Type: application/json`, 422 for JSON of the wrong shape.
+struct ApiJson<T>(T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(r) => Err(ApiError(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// axum's `Query`, with a malformed query string answered 400 `{"error": …}`.
+struct ApiQuery<T>(T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    Query<T>: FromRequestParts<S, Rejection = QueryRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(r) => Err(ApiError(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// axum's `Path`, with a malformed path parameter answered 400 `{"error": …}`.
+struct ApiPath<T>(T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    Path<T>: FromRequestParts<S, Rejection = PathRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(r) => Err(ApiError(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// The raw body, with a body over the limit answered 413 `{"error": …}`.
+struct ApiBody(axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        axum::body::Bytes::from_request(req, state)
+            .await
+            .map(ApiBody)
+            .map_err(|r: BytesRejection| ApiError(r.status(), r.body_text()))
+    }
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no such API path: {}", req.uri().path()),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
 }
 
 /// Why a recipient would go where it goes, for `route explain`.
@@ -95,13 +195,15 @@ pub fn explain(
 }
 
 async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response {
+    // The scheme is case-insensitive (RFC 9110 11.1); the token is compared as digests in
+    // constant time (see `token::Expected`).
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !constant_time_eq(given.as_bytes(), s.token.as_bytes()) {
+        .map(|v| v.as_bytes())
+        .and_then(|v| (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..]))
+        .unwrap_or(b"");
+    if !s.token.matches(given) {
         return ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
@@ -111,10 +213,6 @@ async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response
     next.run(req).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[derive(Deserialize)]
 struct LookupQuery {
     address: String,
@@ -122,7 +220,7 @@ struct LookupQuery {
 
 async fn lookup(
     State(s): State<AdminState>,
-    Query(q): Query<LookupQuery>,
+    ApiQuery(q): ApiQuery<LookupQuery>,
 ) -> Result<Json<Explain>, ApiError> {
     let mut out =
         explain(&s.directory, &s.control.config(), &[q.address]).map_err(unprocessable)?;
@@ -138,7 +236,7 @@ struct ExplainBody {
 
 async fn route_explain(
     State(s): State<AdminState>,
-    Json(b): Json<ExplainBody>,
+    ApiJson(b): ApiJson<ExplainBody>,
 ) -> Result<Json<Vec<Explain>>, ApiError> {
     explain(&s.directory, &s.control.config(), &b.addresses)
         .map(Json)
@@ -156,8 +254,8 @@ struct BatchQuery {
 async fn apply_batch(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(q): Query<BatchQuery>,
-    body: axum::body::Bytes,
+    ApiQuery(q): ApiQuery<BatchQuery>,
+    ApiBody(body): ApiBody,
 ) -> Result<Json<crate::directory::BatchReport>, ApiError> {
     let source = q.source.unwrap_or_else(|| "batch".into());
     let dir = s.directory.clone();
@@ -179,7 +277,7 @@ async fn apply_batch(
 async fn rollback(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<u32>,
+    ApiPath(id): ApiPath<u32>,
 ) -> Result<Json<crate::directory::BatchReport>, ApiError> {
     let dir = s.directory.clone();
     let report = tokio::task::spawn_blocking(move || dir.rollback(id))
@@ -270,7 +368,7 @@ struct QueueFilter {
 
 async fn queue_list(
     State(s): State<AdminState>,
-    Query(f): Query<QueueFilter>,
+    ApiQuery(f): ApiQuery<QueueFilter>,
 ) -> Json<Vec<crate::queue::MessageView>> {
     let q = &s.control.queue;
     let rcpt = f.rcpt.map(|r| r.to_lowercase());
@@ -298,7 +396,7 @@ async fn queue_list(
 
 async fn queue_show(
     State(s): State<AdminState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<crate::queue::MessageView>, ApiError> {
     let q = &s.control.queue;
     q.get(&id).map(|e| Json(q.view(&e))).ok_or_else(|| {
@@ -312,7 +410,7 @@ async fn queue_show(
 async fn queue_action(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path((id, action)): Path<(String, String)>,
+    ApiPath((id, action)): ApiPath<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let q = &s.control.queue;
     let res = match action.as_str() {
@@ -340,7 +438,7 @@ struct FlushQuery {
 async fn queue_flush(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(f): Query<FlushQuery>,
+    ApiQuery(f): ApiQuery<FlushQuery>,
 ) -> Json<serde_json::Value> {
     let q = &s.control.queue;
     let n = q.flush_where(|e| match &f.route {
@@ -380,7 +478,7 @@ fn yes() -> bool {
 async fn drain(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(q): Query<DrainQuery>,
+    ApiQuery(q): ApiQuery<DrainQuery>,
 ) -> Json<serde_json::Value> {
     s.control.set_draining(q.on);
     info!(client = %peer, draining = q.on, "admin: drain");
@@ -404,27 +502,44 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/directory/batches/{id}/rollback", post(rollback))
         .route("/v1/directory/reload", post(reload))
         .route("/v1/route/explain", post(route_explain))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
         .with_state(state)
 }
 
 /// Binds the admin listener and serves the API in a task; returns the bound address.
+/// Refuses a weak token and a clear-text non-loopback address without
+/// `allow_plaintext_remote`; writes a fresh token to a missing `admin.token_file`.
 pub async fn start(
     control: Arc<Control>,
-) -> std::io::Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>> {
+) -> Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>, AdminError> {
     let config = control.config();
     let Some(admin) = &config.admin else {
         return Ok(None);
     };
-    let token: Arc<str> = admin.token()?.into();
-    let listener = TcpListener::bind(admin.listen).await?;
-    let addr = listener.local_addr()?;
+    if !admin.listen.ip().to_canonical().is_loopback() && !admin.allow_plaintext_remote {
+        return Err(AdminError::Plaintext(admin.listen));
+    }
+    let (token, origin) = token::for_server(admin)?;
+    if let token::Origin::Created(path) = &origin {
+        tracing::warn!(
+            file = %path.display(),
+            "admin token file did not exist: wrote a fresh random token to it (mode 0600); the CLI reads it from there with the same config"
+        );
+    }
+    let listener = TcpListener::bind(admin.listen)
+        .await
+        .map_err(|e| AdminError::Bind(admin.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| AdminError::Bind(admin.listen, e))?;
     let app = router(AdminState {
         directory: control.directory.clone(),
         control,
         metrics: crate::metrics::install(),
-        token,
+        token: Arc::new(token::Expected::new(&token)),
     });
     let task = tokio::spawn(async move {
         let svc = app.into_make_service_with_connect_info::<SocketAddr>();

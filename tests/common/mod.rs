@@ -15,6 +15,10 @@ use tokio::net::TcpStream;
 /// The test directory: alice and dave on premises, bob and carol in the cloud.
 pub const DIRECTORY: &str = "address,state\nalice@nhs.test,onprem\nbob@nhs.test,cloud\ncarol@nhs.test,cloud\ndave@nhs.test,onprem\n";
 
+/// The admin token of every test config (random hex: placeholders and short tokens are
+/// refused).
+pub const TOKEN: &str = "3f9a1c7e5b2d4086a1e9c3b7d5f20486";
+
 /// Certificates written for a test.
 pub struct TestCerts {
     pub cert: PathBuf,
@@ -39,7 +43,10 @@ pub fn write_certs(dir: &Path) -> TestCerts {
 pub fn test_config(dir: &Path, certs: &TestCerts, onprem: SocketAddr, cloud: SocketAddr) -> Config {
     let mut cfg = Config::parse(DEFAULT_CONFIG, "default").unwrap();
     cfg.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
-    cfg.admin.as_mut().unwrap().listen = "127.0.0.1:0".parse().unwrap();
+    let admin = cfg.admin.as_mut().unwrap();
+    admin.listen = "127.0.0.1:0".parse().unwrap();
+    admin.token = Some(TOKEN.to_string());
+    admin.token_file = None;
     cfg.directory.watch = false;
     cfg.spool.dir = dir.join("spool");
     let dfile = dir.join("directory.csv");
@@ -235,7 +242,7 @@ pub async fn wait(sink: &Sink, n: u64) -> u64 {
 
 /// Helpers for tests that run the real `coexist` binary.
 pub mod bin {
-    use super::{write_certs, DIRECTORY};
+    use super::{write_certs, DIRECTORY, TOKEN};
     use std::net::{SocketAddr, TcpListener};
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
@@ -262,7 +269,7 @@ pub mod bin {
     }
 
     /// Writes certificates, the test directory and a config into `dir`: the default config
-    /// with these ports, temp paths, fast retries, and token `s3cret-token`.
+    /// with these ports, temp paths, fast retries, and the admin token [`TOKEN`] inline.
     pub fn write_config(dir: &Path, onprem: SocketAddr, cloud: SocketAddr) -> BinConfig {
         let (listen, admin) = (free_port(), free_port());
         let certs = write_certs(dir);
@@ -275,7 +282,10 @@ pub mod bin {
             .replace("127.0.0.1:2601", &onprem.to_string())
             .replace("127.0.0.1:2602", &cloud.to_string())
             .replace("127.0.0.1:8025", &admin.to_string())
-            .replace("change-me", "s3cret-token")
+            .replace(
+                "token_file = \"var/admin.token\"",
+                &format!("token = \"{TOKEN}\""),
+            )
             .replace("var/directory", &p("store"))
             .replace("certs/server.crt", certs.cert.to_str().unwrap())
             .replace("certs/server.key", certs.key.to_str().unwrap())
@@ -331,11 +341,26 @@ pub mod bin {
 
     /// Starts `coexist serve --config` and waits until SMTP and admin ports answer.
     pub fn spawn(cfg: &BinConfig) -> Server {
+        spawn_logged(cfg, None)
+    }
+
+    /// Like [`spawn`], with the server's log (warnings and errors) appended to `log`.
+    pub fn spawn_logged(cfg: &BinConfig, log: Option<&Path>) -> Server {
+        let stderr = match log {
+            Some(p) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .unwrap(),
+            ),
+            None => Stdio::null(),
+        };
         let child = Command::new(BIN)
             .args(["serve", "--config", cfg.path.to_str().unwrap()])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let server = Server(child);

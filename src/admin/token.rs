@@ -1,0 +1,411 @@
+//! The admin API's bearer token: which tokens a config may hold, a fresh one for
+//! `admin.token_file` at first start, and a comparison that leaks neither the token's content
+//! nor its length.
+//!
+//! Why each rule:
+//! - A token from the documentation (`change-me`, `secret`, `password`, `example-token`…) is
+//!   the first thing anyone tries, so a config holding one is refused, in `check-config`,
+//!   `serve` and reload alike.
+//! - Short tokens, one character or a short pattern repeated, and keyboard or alphabet runs
+//!   are guessable; 16 characters is the floor (a generated token has 64 hex digits).
+//! - The API compares SHA-256 digests of the expected and the given token with a
+//!   constant-time comparison: the time taken does not depend on how many leading characters
+//!   are right, nor on the expected token's length.
+
+use aws_lc_rs::digest::{digest, SHA256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Fewest characters a token may have.
+pub const MIN_LEN: usize = 16;
+
+/// Why no token could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The token (inline or from its file) is refused; `key` is `admin.token` or
+    /// `admin.token_file`.
+    #[error("key `{key}`: {reason}")]
+    Weak {
+        /// The config key that holds the token.
+        key: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The token file cannot be read or written.
+    #[error("admin.token_file {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The operating system gave no random bytes.
+    #[error("cannot draw random bytes for a new admin token")]
+    Random,
+    /// Neither `token` nor `token_file` is set.
+    #[error("[admin] needs `token` or `token_file`")]
+    Missing,
+}
+
+/// Words that, alone or strung together (with at most four digits between them), make a
+/// placeholder rather than a secret. Compared after lower-casing and dropping everything but
+/// letters and digits.
+const PLACEHOLDER_WORDS: &[&str] = &[
+    "access",
+    "admin",
+    "administrator",
+    "api",
+    "auth",
+    "bar",
+    "baz",
+    "bearer",
+    "change",
+    "changeme",
+    "coexist",
+    "default",
+    "demo",
+    "dev",
+    "dummy",
+    "example",
+    "fixme",
+    "foo",
+    "here",
+    "key",
+    "letmein",
+    "local",
+    "me",
+    "my",
+    "new",
+    "pass",
+    "passwd",
+    "password",
+    "placeholder",
+    "please",
+    "prod",
+    "pwd",
+    "qwerty",
+    "replace",
+    "root",
+    "sample",
+    "secret",
+    "temp",
+    "test",
+    "testing",
+    "the",
+    "this",
+    "tmp",
+    "todo",
+    "token",
+    "user",
+    "your",
+];
+
+/// Fragments that mark a token as a placeholder wherever they appear in it.
+const PLACEHOLDER_PARTS: &[&str] = &[
+    "changeme",
+    "changethis",
+    "replaceme",
+    "placeholder",
+    "example",
+    "yourtoken",
+    "yoursecret",
+    "redacted",
+];
+
+/// Runs that are typed rather than drawn at random (checked forwards and backwards).
+const RUNS: &[&str] = &[
+    "0123456789abcdefghijklmnopqrstuvwxyz0123456789",
+    "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz",
+    "1234567890qwertyuiopasdfghjklzxcvbnm1234567890",
+];
+
+/// Why `token` must not guard the admin API, or `None` when it may.
+pub fn weakness(token: &str) -> Option<String> {
+    if token.is_empty() {
+        return Some("the token is empty".into());
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Some(
+            "the token must be printable ASCII without spaces (it travels in an HTTP header)"
+                .into(),
+        );
+    }
+    let norm: String = token
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if PLACEHOLDER_PARTS.iter().any(|p| norm.contains(p)) || made_of_placeholder_words(&norm) {
+        return Some(format!(
+            "{token:?} is a placeholder, not a secret; generate one, e.g. `openssl rand -hex 32`"
+        ));
+    }
+    if token.len() < MIN_LEN {
+        return Some(format!(
+            "the token is shorter than {MIN_LEN} characters; generate one, e.g. `openssl rand -hex 32`"
+        ));
+    }
+    let lower = token.to_ascii_lowercase();
+    let b = lower.as_bytes();
+    if (1..=b.len() / 2).any(|p| (p..b.len()).all(|i| b[i] == b[i - p])) {
+        return Some(
+            "the token is one character or a short pattern repeated; generate one, e.g. `openssl rand -hex 32`"
+                .into(),
+        );
+    }
+    let reversed: String = norm.chars().rev().collect();
+    if norm.len() >= MIN_LEN / 2
+        && RUNS
+            .iter()
+            .any(|r| r.contains(norm.as_str()) || r.contains(reversed.as_str()))
+    {
+        return Some(
+            "the token is an alphabet or keyboard run; generate one, e.g. `openssl rand -hex 32`"
+                .into(),
+        );
+    }
+    None
+}
+
+/// True when `norm` splits wholly into placeholder words and runs of at most four digits.
+fn made_of_placeholder_words(norm: &str) -> bool {
+    let b = norm.as_bytes();
+    if b.is_empty() {
+        return false;
+    }
+    // ok[i]: the first i bytes split into words and short digit runs.
+    let mut ok = vec![false; b.len() + 1];
+    ok[0] = true;
+    for i in 0..b.len() {
+        if !ok[i] {
+            continue;
+        }
+        for w in PLACEHOLDER_WORDS {
+            if b[i..].starts_with(w.as_bytes()) {
+                ok[i + w.len()] = true;
+            }
+        }
+        let digits = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+        for n in 1..=digits.min(4) {
+            ok[i + n] = true;
+        }
+    }
+    ok[b.len()] && b.iter().any(|c| c.is_ascii_alphabetic())
+}
+
+/// A fresh token: 32 random bytes from the operating system, as 64 hex digits.
+pub fn generate() -> Result<String, TokenError> {
+    let mut bytes = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| TokenError::Random)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The token in `path` (its first line, trimmed), or `None` when the file does not exist.
+pub fn read_file(path: &Path) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text.lines().next().unwrap_or("").trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a fresh token to `path`, which must not exist yet (mode 0600, parent folders
+/// created, synced). When another process created it meanwhile, its token is returned.
+pub fn create_file(path: &Path) -> Result<String, TokenError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| TokenError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let token = generate()?;
+    let mut f = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return read_file(path)
+                .map_err(io)?
+                .ok_or_else(|| io(std::io::ErrorKind::NotFound.into()));
+        }
+        Err(e) => return Err(io(e)),
+    };
+    f.write_all(format!("{token}\n").as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(token)
+}
+
+/// Where the token of a starting server came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// `admin.token`.
+    Inline,
+    /// `admin.token_file`, which existed.
+    File(PathBuf),
+    /// `admin.token_file`, written now with a fresh token.
+    Created(PathBuf),
+}
+
+/// The token a starting server uses: `admin.token`, or the first line of
+/// `admin.token_file` (written with a fresh token when the file does not exist). A weak
+/// token is refused.
+pub fn for_server(admin: &crate::config::AdminConfig) -> Result<(String, Origin), TokenError> {
+    let (token, origin, key) = match (&admin.token, &admin.token_file) {
+        (Some(t), _) => (t.clone(), Origin::Inline, "admin.token"),
+        (None, Some(path)) => match read_file(path).map_err(|source| TokenError::File {
+            path: path.clone(),
+            source,
+        })? {
+            Some(t) => (t, Origin::File(path.clone()), "admin.token_file"),
+            None => (
+                create_file(path)?,
+                Origin::Created(path.clone()),
+                "admin.token_file",
+            ),
+        },
+        (None, None) => return Err(TokenError::Missing),
+    };
+    match weakness(&token) {
+        Some(reason) => Err(TokenError::Weak { key, reason }),
+        None => Ok((token, origin)),
+    }
+}
+
+/// The expected token, kept only as its SHA-256 digest.
+pub struct Expected([u8; 32]);
+
+impl Expected {
+    /// Keeps the digest of `token`.
+    pub fn new(token: &str) -> Expected {
+        let mut d = [0u8; 32];
+        d.copy_from_slice(digest(&SHA256, token.as_bytes()).as_ref());
+        Expected(d)
+    }
+
+    /// True when `given` is the token. Both sides are 32-byte digests compared in constant
+    /// time, so neither the position of the first wrong byte nor the expected token's length
+    /// shows in the time taken.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let d = digest(&SHA256, given);
+        aws_lc_rs::constant_time::verify_slices_are_equal(d.as_ref(), &self.0).is_ok()
+    }
+}
+
+impl std::fmt::Debug for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Expected(<sha-256 of the admin token>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_short_and_patterned_tokens_are_refused() {
+        for t in [
+            "change-me",
+            "changeme",
+            "CHANGE_ME",
+            "secret",
+            "password",
+            "token",
+            "test",
+            "example",
+            "change-me-change-me",
+            "secret-token-secret",
+            "admin-password-2024",
+            "test-token-1234-test",
+            "my-example-token-for-coexist",
+            "https://example.org/replace",
+            "passwordpassword",
+            "TestTestTestTest",
+        ] {
+            let why = weakness(t).unwrap_or_default();
+            assert!(why.contains("placeholder"), "{t}: {why:?}");
+        }
+        for t in ["x", "k3Jx9pQ2", "Zq8mR2vLk1Tn7wB"] {
+            let why = weakness(t).unwrap_or_default();
+            assert!(why.contains("shorter than 16"), "{t}: {why:?}");
+        }
+        for t in [
+            "aaaaaaaaaaaaaaaa",
+            "################",
+            "abababababababab",
+            "k3J9k3J9k3J9k3J9",
+        ] {
+            let why = weakness(t).unwrap_or_default();
+            assert!(why.contains("repeated"), "{t}: {why:?}");
+        }
+        for t in ["abcdefghijklmnop", "0123456789abcdef", "ponmlkjihgfedcba"] {
+            let why = weakness(t).unwrap_or_default();
+            assert!(why.contains("run"), "{t}: {why:?}");
+        }
+        for t in [
+            "with space in it 0123",
+            "tab\tin-the-token-xyz",
+            "naïve-token-0193847",
+        ] {
+            let why = weakness(t).unwrap_or_default();
+            assert!(why.contains("printable ASCII"), "{t}: {why:?}");
+        }
+    }
+
+    #[test]
+    fn random_tokens_pass() {
+        for t in [
+            "3f9a1c7e5b2d4086a1e9c3b7d5f20486",
+            "Zq8mR2vLk1Tn7wBx",
+            "token-83749281740192-Xb",
+        ] {
+            assert_eq!(weakness(t), None, "{t}");
+        }
+        for _ in 0..100 {
+            let t = generate().unwrap();
+            assert_eq!(t.len(), 64);
+            assert_eq!(weakness(&t), None, "{t}");
+        }
+        assert_ne!(generate().unwrap(), generate().unwrap());
+    }
+
+    #[test]
+    fn comparison_accepts_only_the_token() {
+        let e = Expected::new("3f9a1c7e5b2d4086a1e9c3b7d5f20486");
+        assert!(e.matches(b"3f9a1c7e5b2d4086a1e9c3b7d5f20486"));
+        assert!(!e.matches(b"3f9a1c7e5b2d4086a1e9c3b7d5f20487"));
+        assert!(!e.matches(b"3f9a1c7e5b2d4086a1e9c3b7d5f2048"));
+        assert!(!e.matches(b"3f9a1c7e5b2d4086a1e9c3b7d5f204866"));
+        assert!(!e.matches(b""));
+        assert!(!format!("{e:?}").contains("3f9a"));
+    }
+
+    #[test]
+    fn a_missing_token_file_is_created_once_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/admin.token");
+        let admin = crate::config::AdminConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: None,
+            token_file: Some(path.clone()),
+            allow_plaintext_remote: false,
+        };
+        let (t1, o1) = for_server(&admin).unwrap();
+        assert_eq!(o1, Origin::Created(path.clone()));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (t2, o2) = for_server(&admin).unwrap();
+        assert_eq!((t1, o2), (t2, Origin::File(path.clone())));
+        std::fs::write(&path, "changeme\n").unwrap();
+        let e = for_server(&admin).unwrap_err().to_string();
+        assert!(
+            e.starts_with("key `admin.token_file`: \"changeme\" is a placeholder"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,482 @@
+//! Admin API hardening, as an operator and an attacker see it: weak tokens are refused by
+//! `check-config` and `serve` with the file, line and key; a missing token file is created
+//! with a fresh token the CLI then uses; a clear-text non-loopback listener needs an explicit
+//! opt-in; wrong tokens of any length get 401; malformed input gets a JSON error.
+
+mod common;
+
+use common::bin::{cli, free_port, write_config, BIN};
+use common::*;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The config at `path` with the inline test token replaced by `line` (a whole
+/// `token = …`, `token_file = …` or other `[admin]` line).
+fn with_admin_line(path: &Path, line: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let old = format!("token = \"{TOKEN}\"");
+    assert!(text.contains(&old), "test config lost its token line");
+    text.replace(&old, line)
+}
+
+/// 1-based line of the first line containing `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines().position(|l| l.contains(needle)).unwrap() + 1
+}
+
+#[test]
+fn check_config_refuses_placeholder_short_and_patterned_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), free_port(), free_port());
+    let original = std::fs::read_to_string(&cfg.path).unwrap();
+    for (token, reason) in [
+        ("change-me", "\"change-me\" is a placeholder, not a secret"),
+        ("changeme", "\"changeme\" is a placeholder, not a secret"),
+        ("secret", "\"secret\" is a placeholder, not a secret"),
+        ("password", "\"password\" is a placeholder, not a secret"),
+        ("token", "\"token\" is a placeholder, not a secret"),
+        ("test", "\"test\" is a placeholder, not a secret"),
+        (
+            "example-token-1234",
+            "\"example-token-1234\" is a placeholder, not a secret",
+        ),
+        (
+            "change-me-change-me",
+            "\"change-me-change-me\" is a placeholder, not a secret",
+        ),
+        ("k3Jx9pQ2vL", "the token is shorter than 16 characters"),
+        (
+            "zzzzzzzzzzzzzzzzzzzzzzzz",
+            "the token is one character or a short pattern repeated",
+        ),
+    ] {
+        let text = with_admin_line(&cfg.path, &format!("token = \"{token}\""));
+        std::fs::write(&cfg.path, &text).unwrap();
+        let (ok, out, err) = cli(&cfg.path, &["check-config"]);
+        assert!(!ok, "{token:?} accepted: {out}");
+        let line = line_of(&text, &format!("token = \"{token}\""));
+        let want = format!("coexist.toml:{line}: key `admin.token`: {reason}");
+        assert!(err.contains(&want), "{token:?}: want {want:?} in {err}");
+        std::fs::write(&cfg.path, &original).unwrap();
+    }
+
+    // The same rules for a token file, named with its key.
+    let file = dir.path().join("admin.token");
+    std::fs::write(&file, "secret-token-secret\n").unwrap();
+    let text = with_admin_line(&cfg.path, &format!("token_file = {:?}", file));
+    std::fs::write(&cfg.path, &text).unwrap();
+    let (ok, _, err) = cli(&cfg.path, &["check-config"]);
+    assert!(!ok);
+    let line = line_of(&text, &format!("token_file = {:?}", file));
+    let want = format!(
+        "coexist.toml:{line}: key `admin.token_file`: {}: \"secret-token-secret\" is a placeholder",
+        file.display()
+    );
+    assert!(err.contains(&want), "want {want:?} in {err}");
+
+    // A strong token passes.
+    std::fs::write(&file, "Zq8mR2vLk1Tn7wBx\n").unwrap();
+    let (ok, out, err) = cli(&cfg.path, &["check-config"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(": ok"), "{out}");
+}
+
+/// Runs `coexist serve --config PATH`; returns (exited on its own within 30 s, success,
+/// stderr). A server that does start is killed by PID.
+fn serve_outcome(config: &Path, cwd: &Path) -> (bool, bool, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    (status.is_some(), status.is_some_and(|s| s.success()), err)
+}
+
+#[test]
+fn serve_refuses_to_start_with_a_weak_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), free_port(), free_port());
+    for (token, reason) in [
+        ("change-me", "is a placeholder"),
+        ("k3Jx9pQ2vL", "shorter than 16"),
+    ] {
+        let text = with_admin_line(&cfg.path, &format!("token = \"{token}\""));
+        let path = dir.path().join("weak.toml");
+        std::fs::write(&path, &text).unwrap();
+        let (exited, ok, err) = serve_outcome(&path, dir.path());
+        assert!(exited && !ok, "serve started with token {token:?}: {err}");
+        let line = line_of(&text, &format!("token = \"{token}\""));
+        assert!(
+            err.contains(&format!("weak.toml:{line}: key `admin.token`:")) && err.contains(reason),
+            "{err}"
+        );
+        assert!(
+            std::net::TcpStream::connect(cfg.listen).is_err(),
+            "SMTP port open"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_token_file_gets_a_fresh_token_that_the_cli_uses() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), free_port(), free_port());
+    // Relative, like the shipped config: resolved against the working directory.
+    let text = with_admin_line(&cfg.path, "token_file = \"var/admin.token\"");
+    std::fs::write(&cfg.path, &text).unwrap();
+    let file = dir.path().join("var/admin.token");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", cfg.path.to_str().unwrap()])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!file.exists(), "check-config must not write the token");
+
+    let child = Command::new(BIN)
+        .args(["serve", "--config", cfg.path.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = common::bin::Server(child);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(cfg.admin).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "relay did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let token = std::fs::read_to_string(&file).unwrap();
+    let token = token.trim_end();
+    assert_eq!(token.len(), 64, "{token:?}");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token:?}");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let out = Command::new(BIN)
+        .args(["status", "--config", cfg.path.to_str().unwrap()])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ready: true"),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, _, _) = http(cfg.admin, "GET", "/v1/health", Some(token), None, b"").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clear_text_admin_api_off_loopback_needs_an_opt_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), free_port(), free_port());
+    let text = std::fs::read_to_string(&cfg.path)
+        .unwrap()
+        .replace(&cfg.admin.to_string(), "0.0.0.0:8025");
+    std::fs::write(&cfg.path, &text).unwrap();
+    let (ok, _, err) = cli(&cfg.path, &["check-config"]);
+    assert!(!ok);
+    let line = line_of(&text, "0.0.0.0:8025");
+    assert!(
+        err.contains(&format!(
+            "coexist.toml:{line}: key `admin.listen`: 0.0.0.0:8025 is not a loopback address"
+        )) && err.contains("allow_plaintext_remote = true"),
+        "{err}"
+    );
+    // The same for an address of this host's own network and for IPv6.
+    for addr in ["10.1.2.3:8025", "[::]:8025", "[2001:db8::1]:8025"] {
+        std::fs::write(&cfg.path, text.replace("0.0.0.0:8025", addr)).unwrap();
+        let (ok, _, err) = cli(&cfg.path, &["check-config"]);
+        assert!(
+            !ok && err.contains("is not a loopback address"),
+            "{addr}: {err}"
+        );
+    }
+    // With the explicit opt-in the config is valid (not bound here: tests stay on loopback).
+    let opted = text.replace(
+        &format!("token = \"{TOKEN}\""),
+        &format!("token = \"{TOKEN}\"\nallow_plaintext_remote = true"),
+    );
+    std::fs::write(&cfg.path, &opted).unwrap();
+    let (ok, _, err) = cli(&cfg.path, &["check-config"]);
+    assert!(ok, "{err}");
+
+    // A server built from a config in memory refuses too, before binding anything.
+    let h = harness(|_| {}).await;
+    let mut c = (*h.relay.control.config()).clone();
+    c.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    c.spool.dir = h.dir.path().join("spool2");
+    c.directory.store_dir = h.dir.path().join("store2");
+    c.admin.as_mut().unwrap().listen = "0.0.0.0:0".parse().unwrap();
+    let e = coexist::relay::start(c).await.err().expect("started");
+    assert!(
+        e.to_string()
+            .contains("key `admin.listen`: 0.0.0.0:0 is not a loopback address"),
+        "{e}"
+    );
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, content type, body). Bounded
+/// by 20 s.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some(ct) = content_type {
+        head.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    head.push_str("\r\n");
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        out
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(20), fut)
+        .await
+        .expect("no HTTP response within 20 s");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("no header end");
+    let status = head[9..12].parse().unwrap();
+    let ct = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, ct, body.to_string())
+}
+
+/// Asserts a JSON `{"error": "..."}` answer with `status`; returns the message.
+fn json_error(resp: &(u16, String, String), status: u16, what: &str) -> String {
+    let (code, ct, body) = resp;
+    assert_eq!(*code, status, "{what}: {body}");
+    assert_eq!(ct, "application/json", "{what}: {body}");
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body}"));
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no error text: {body}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_query_and_path_get_json_errors() {
+    let h = harness(|_| {}).await;
+    let api = h.relay.admin_addr.unwrap();
+    let t = Some(TOKEN);
+    let json = Some("application/json");
+
+    let ok = http(
+        api,
+        "POST",
+        "/v1/route/explain",
+        t,
+        json,
+        br#"{"addresses":["bob@nhs.test"]}"#,
+    )
+    .await;
+    assert_eq!(ok.0, 200, "{}", ok.2);
+
+    let e = json_error(
+        &http(
+            api,
+            "POST",
+            "/v1/route/explain",
+            t,
+            json,
+            br#"{"addresses": ["#,
+        )
+        .await,
+        400,
+        "truncated JSON",
+    );
+    assert!(
+        e.contains("Failed to parse the request body as JSON"),
+        "{e}"
+    );
+    let e = json_error(
+        &http(
+            api,
+            "POST",
+            "/v1/route/explain",
+            t,
+            json,
+            br#"{"addresses": "bob"}"#,
+        )
+        .await,
+        422,
+        "JSON of the wrong shape",
+    );
+    assert!(e.contains("addresses"), "{e}");
+    let e = json_error(
+        &http(
+            api,
+            "POST",
+            "/v1/route/explain",
+            t,
+            None,
+            br#"{"addresses":[]}"#,
+        )
+        .await,
+        415,
+        "no content type",
+    );
+    assert!(e.contains("application/json"), "{e}");
+
+    let e = json_error(
+        &http(api, "GET", "/v1/queue?min_age=soon", t, None, b"").await,
+        400,
+        "bad number in the query",
+    );
+    assert!(e.contains("min_age"), "{e}");
+    let e = json_error(
+        &http(api, "GET", "/v1/directory/lookup", t, None, b"").await,
+        400,
+        "missing query parameter",
+    );
+    assert!(e.contains("address"), "{e}");
+    json_error(
+        &http(api, "POST", "/v1/drain?on=maybe", t, None, b"").await,
+        400,
+        "bad boolean",
+    );
+    json_error(
+        &http(
+            api,
+            "POST",
+            "/v1/directory/batches?dry_run=perhaps",
+            t,
+            Some("text/csv"),
+            b"EmailAddress\nbob@nhs.test\n",
+        )
+        .await,
+        400,
+        "bad boolean in a batch query",
+    );
+    let e = json_error(
+        &http(
+            api,
+            "POST",
+            "/v1/directory/batches/first/rollback",
+            t,
+            None,
+            b"",
+        )
+        .await,
+        400,
+        "bad path parameter",
+    );
+    assert!(e.contains("first") || e.contains("parse"), "{e}");
+    json_error(
+        &http(api, "GET", "/v1/nothing-here", t, None, b"").await,
+        404,
+        "unknown path",
+    );
+    json_error(
+        &http(api, "DELETE", "/v1/route/explain", t, None, b"").await,
+        405,
+        "wrong method",
+    );
+    // Nothing above was applied.
+    assert!(!h.relay.control.draining());
+    assert!(h.relay.directory.history_snapshot().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tokens_of_any_length_get_401() {
+    let h = harness(|_| {}).await;
+    let api = h.relay.admin_addr.unwrap();
+    let mut same_len = TOKEN.as_bytes().to_vec();
+    same_len[TOKEN.len() - 1] ^= 1; // differs in the last character only
+    let same_len = String::from_utf8(same_len).unwrap();
+    assert_eq!(same_len.len(), TOKEN.len());
+    let longer = format!("{TOKEN}0");
+    let prefix = &TOKEN[..TOKEN.len() - 1];
+    for (what, token) in [
+        ("same length, last character wrong", Some(same_len.as_str())),
+        ("the token plus one character", Some(longer.as_str())),
+        ("the token less its last character", Some(prefix)),
+        ("a short wrong token", Some("x")),
+        ("an empty token", Some("")),
+        ("no Authorization header", None),
+    ] {
+        for path in ["/v1/health", "/v1/queue", "/metrics", "/v1/nothing-here"] {
+            let r = http(api, "GET", path, token, None, b"").await;
+            let e = json_error(&r, 401, &format!("{what} on {path}"));
+            assert_eq!(e, "missing or wrong bearer token");
+        }
+    }
+    // A wrong token changes nothing.
+    let r = http(api, "POST", "/v1/drain?on=true", Some(&same_len), None, b"").await;
+    json_error(&r, 401, "drain with a wrong token");
+    assert!(!h.relay.control.draining());
+    // The right token, with the scheme in any case.
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let fut = async {
+            let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
+            let req = format!(
+                "GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {scheme} {TOKEN}\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let out = tokio::time::timeout(Duration::from_secs(20), fut)
+            .await
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{scheme}: {out}");
+    }
+}

@@ -572,7 +572,6 @@ async fn kill_9_during_a_directory_batch_applies_all_or_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails until issue 10 item 7 lands: a batch logged after a torn change-log tail is glued onto it and lost at restart"]
 async fn a_batch_applied_after_a_kill_mid_append_survives_restart() {
     const N: usize = 20_000;
     let s = batch_setup(N);

@@ -292,7 +292,7 @@ fn status(s: &Setup) -> serde_json::Value {
 
 /// The Prometheus text of the running relay.
 fn metrics(s: &Setup) -> String {
-    let client = coexist::admin::client::AdminClient::new(s.bin.admin, "s3cret-token".into());
+    let client = coexist::admin::client::AdminClient::new(s.bin.admin, common::TOKEN.into());
     match client.get("/metrics").unwrap() {
         serde_json::Value::String(t) => t,
         v => panic!("not metrics text: {v}"),

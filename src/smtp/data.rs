@@ -184,65 +184,60 @@ impl DataReader {
     pub fn feed(&mut self, input: &[u8]) -> (usize, bool) {
         let mut i = 0;
         while i < input.len() {
-            if self.state == State::Middle {
-                // Fast path: copy up to the next CR or LF.
-                match memchr::memchr2(b'\r', b'\n', &input[i..]) {
-                    None => {
+            match self.state {
+                State::Middle => {
+                    // Fast path: copy up to the next CR or LF; a CRLF goes with its line.
+                    let Some(off) = memchr::memchr2(b'\r', b'\n', &input[i..]) else {
                         self.buf.push(&input[i..]);
                         return (input.len(), false);
+                    };
+                    let at = i + off;
+                    if input[at] == b'\r' && input.get(at + 1) == Some(&b'\n') {
+                        self.buf.push(&input[i..at + 2]);
+                        i = at + 2;
+                        self.state = State::LineStart;
+                        continue;
                     }
-                    Some(off) => {
-                        self.buf.push(&input[i..i + off]);
-                        i += off;
+                    self.buf.push(&input[i..=at]);
+                    i = at + 1;
+                    if input[at] == b'\r' {
+                        self.state = State::Cr;
+                    } else {
+                        // A bare LF does not start a line: a dot after it is text, not an end.
+                        self.buf.flags.bare_lf = true;
                     }
                 }
-            }
-            let b = input[i];
-            i += 1;
-            match self.state {
-                State::LineStart if b == b'.' => self.state = State::Dot,
-                State::Cr if b == b'\n' => {
+                State::LineStart if input[i] == b'.' => {
+                    i += 1;
+                    self.state = State::Dot;
+                }
+                // A leading dot on a non-empty line is stuffing and is dropped (RFC 5321
+                // 4.5.2); what follows it is line content.
+                State::Dot if input[i] == b'\r' => {
+                    i += 1;
+                    self.state = State::DotCr;
+                }
+                State::LineStart | State::Dot => self.state = State::Middle,
+                State::Cr if input[i] == b'\n' => {
                     self.buf.push(b"\n");
+                    i += 1;
                     self.state = State::LineStart;
                 }
                 State::Cr => {
+                    // The CR (already kept) is not followed by LF: it is bare.
                     self.buf.flags.bare_cr = true;
-                    self.byte(b);
+                    self.state = State::Middle;
                 }
-                // A leading dot on a non-empty line is stuffing and is removed (RFC 5321
-                // 4.5.2).
-                State::Dot if b == b'\r' => self.state = State::DotCr,
-                State::DotCr if b == b'\n' => return (i, true),
+                State::DotCr if input[i] == b'\n' => return (i + 1, true),
                 State::DotCr => {
                     // ".\r" followed by something else: the dot was stuffing, the CR is bare.
                     self.buf.push(b"\r");
                     self.buf.flags.bare_cr = true;
-                    self.byte(b);
+                    self.state = State::Middle;
                 }
-                State::LineStart | State::Middle | State::Dot => self.byte(b),
             }
         }
         (input.len(), false)
-    }
-
-    /// Takes one byte as line content: a CR may start a line end, a LF here is bare.
-    fn byte(&mut self, b: u8) {
-        match b {
-            b'\r' => {
-                self.buf.push(b"\r");
-                self.state = State::Cr;
-            }
-            b'\n' => {
-                // A bare LF does not start a line: a dot after it is text, not an end.
-                self.buf.flags.bare_lf = true;
-                self.buf.push(b"\n");
-                self.state = State::Middle;
-            }
-            _ => {
-                self.buf.push(&[b]);
-                self.state = State::Middle;
-            }
-        }
     }
 }
 

@@ -144,6 +144,12 @@ pub struct AdminConfig {
 }
 
 impl AdminConfig {
+    /// True when the clear-text API would listen off loopback without the opt-in
+    /// `allow_plaintext_remote` (checked by config validation and again at start).
+    pub fn plaintext_remote_refused(&self) -> bool {
+        !self.listen.ip().to_canonical().is_loopback() && !self.allow_plaintext_remote
+    }
+
     /// The token, from `token` or `token_file` (for the CLI; the server uses
     /// [`crate::admin::token::for_server`], which also creates a missing file).
     pub fn token(&self) -> std::io::Result<String> {
@@ -270,7 +276,7 @@ pub struct Percent(f64);
 impl Percent {
     /// The share as a fraction between 0 and 1.
     pub fn fraction(self) -> f64 {
-        self.0
+        self.0 / 100.0
     }
 
     /// Parses `"N%"` (N from 0 to 100, decimals allowed).
@@ -283,13 +289,14 @@ impl Percent {
         if !(0.0..=100.0).contains(&n) {
             return Err(format!("{s:?} must be between 0% and 100%"));
         }
-        Ok(Percent(n / 100.0))
+        // Kept as written (7, not 0.07), so messages print "7%", not "7.000000000000001%".
+        Ok(Percent(n))
     }
 }
 
 impl std::fmt::Display for Percent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}%", self.0 * 100.0)
+        write!(f, "{}%", self.0)
     }
 }
 
@@ -503,14 +510,23 @@ fn default_max_rcpt_refusals() -> u32 {
     100
 }
 
-/// A quarter of the machine's memory (Linux `/proc/meminfo`), else 1 GiB.
+/// A quarter of the memory this process may use: the machine's (Linux `/proc/meminfo`), or
+/// a container's cgroup limit when lower (`/sys/fs/cgroup/memory.max`); else 1 GiB.
 fn default_max_inflight_bytes() -> u64 {
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+    let ram = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map(|kib| kib * 1024)
     });
+    // "max" (no limit) does not parse and is skipped.
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let total = match (ram, cgroup) {
+        (Some(r), Some(c)) => Some(r.min(c)),
+        (r, c) => r.or(c),
+    };
     total.map(|t| t / 4).unwrap_or(1 << 30)
 }
 
@@ -545,7 +561,7 @@ fn default_true() -> bool {
     true
 }
 fn default_max_shrink() -> Percent {
-    Percent(0.10)
+    Percent(10.0)
 }
 fn default_min_backoff() -> Duration {
     Duration::from_secs(300)
@@ -650,6 +666,18 @@ impl Config {
                 "must be at least 512 (RFC 5321 4.5.3.1.4)".into(),
             ));
         }
+        // Room for at least one whole message (and its first buffer step), or no limit.
+        let one_message = self.server.max_message_size.saturating_add(64 * 1024);
+        if self.server.max_inflight_bytes != 0 && self.server.max_inflight_bytes < one_message {
+            return Err(fail(
+                "server",
+                "max_inflight_bytes",
+                format!(
+                    "must be 0 (no limit) or at least max_message_size + 64 KiB ({one_message}), \
+                     or no message of the largest size could ever be received"
+                ),
+            ));
+        }
         if self.server.max_rcpt_refusals == 0 {
             return Err(fail(
                 "server",
@@ -735,7 +763,7 @@ impl Config {
                     Ok(None) => {}
                 }
             }
-            if !admin.listen.ip().to_canonical().is_loopback() && !admin.allow_plaintext_remote {
+            if admin.plaintext_remote_refused() {
                 return Err(fail(
                     "admin",
                     "listen",
@@ -931,6 +959,7 @@ mod tests {
     fn max_shrink_is_a_percentage_with_line_and_key() {
         let cfg = Config::parse(DEFAULT_CONFIG, "default").unwrap();
         assert_eq!(cfg.directory.max_shrink.fraction(), 0.10);
+        assert_eq!(Percent::parse("7%").unwrap().to_string(), "7%");
         let text = DEFAULT_CONFIG.replace("max_shrink = \"10%\"", "max_shrink = \"2.5%\"");
         let cfg = Config::parse(&text, "x.toml").unwrap();
         assert_eq!(cfg.directory.max_shrink.to_string(), "2.5%");

@@ -423,27 +423,13 @@ async fn run_message(
         }
         state.attempts += 1;
         inner.set_phase(&id, &state, Phase::Active, None);
-        let message = match body.take() {
-            Some(b) => b,
-            None => {
-                let spool = inner.spool.clone();
-                let qid = id.clone();
-                match tokio::task::spawn_blocking(move || spool.load_message(&qid)).await {
-                    Ok(Ok(b)) => Arc::new(b),
-                    Ok(Err(e)) => {
-                        error!(qid = %id, error = %e, "cannot read queued message; will retry");
-                        wait_for_retry(&inner, &id, &state, &ctl).await;
-                        continue;
-                    }
-                    Err(e) => {
-                        error!(qid = %id, error = %e, "spool reader task failed; will retry");
-                        wait_for_retry(&inner, &id, &state, &ctl).await;
-                        continue;
-                    }
-                }
-            }
+        // The body lives for this attempt only: never across the wait for the next one.
+        let message = AttemptBody {
+            id: id.clone(),
+            spool: inner.spool.clone(),
+            slot: tokio::sync::Mutex::new(body.take()),
         };
-        attempt(&inner, &env, &mut state, &message).await;
+        attempt(&inner, &env, &mut state, Arc::new(message)).await;
 
         let pending = state.pending();
         let expired = unix_now().saturating_sub(env.received_at)
@@ -526,12 +512,46 @@ fn retry_delay(inner: &Inner, attempts: u32) -> Duration {
     backoff(attempts, cfg.queue.min_backoff, cfg.queue.max_backoff)
 }
 
+/// A message's bytes during one attempt: the copy handed over at acceptance if there is
+/// one, else read from the spool when a delivery gets its route slot. A delivery that must
+/// wait for a slot lets the copy go first, so messages waiting behind a slow or dead next hop
+/// hold no body in memory: bodies in memory are bounded by the deliveries in flight
+/// (DESIGN invariant 8).
+struct AttemptBody {
+    id: QueueId,
+    spool: Arc<Spool>,
+    slot: tokio::sync::Mutex<Option<Arc<Vec<u8>>>>,
+}
+
+impl AttemptBody {
+    /// Drops the shared copy (deliveries already sending keep theirs).
+    async fn release(&self) {
+        *self.slot.lock().await = None;
+    }
+
+    /// The bytes, read from the spool if no copy is held.
+    async fn get(&self) -> Result<Arc<Vec<u8>>, String> {
+        let mut slot = self.slot.lock().await;
+        if let Some(b) = slot.as_ref() {
+            return Ok(b.clone());
+        }
+        let (spool, id) = (self.spool.clone(), self.id.clone());
+        let b = match tokio::task::spawn_blocking(move || spool.load_message(&id)).await {
+            Ok(Ok(b)) => Arc::new(b),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(e) => return Err(format!("spool reader task failed: {e}")),
+        };
+        *slot = Some(b.clone());
+        Ok(b)
+    }
+}
+
 /// One delivery attempt for all pending recipients, one delivery per route, in parallel.
 async fn attempt(
     inner: &Arc<Inner>,
     env: &Arc<Envelope>,
     state: &mut DeliveryState,
-    message: &Arc<Vec<u8>>,
+    body: Arc<AttemptBody>,
 ) {
     let pending = state.pending();
     let dir = &inner.directory;
@@ -557,8 +577,7 @@ async fn attempt(
     }
     let mut tasks = JoinSet::new();
     for d in plan.deliveries {
-        let (inner, env, message, config) =
-            (inner.clone(), env.clone(), message.clone(), config.clone());
+        let (inner, env, body, config) = (inner.clone(), env.clone(), body.clone(), config.clone());
         tasks.spawn(async move {
             let Some(route) = config.routes.get(d.route.as_str()) else {
                 let reply = format!("451 4.3.5 route {} is not configured", d.route);
@@ -567,8 +586,23 @@ async fn attempt(
             };
             let limit = inner.limits.load().get(d.route.as_str()).cloned();
             let _permit = match limit {
-                Some(s) => s.acquire_owned().await.ok(),
+                Some(s) => match s.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        body.release().await;
+                        s.acquire_owned().await.ok()
+                    }
+                },
                 None => None,
+            };
+            let message = match body.get().await {
+                Ok(m) => m,
+                Err(e) => {
+                    error!(qid = %env.id, error = %e, "cannot read queued message; will retry");
+                    let reply = format!("451 4.3.0 cannot read the queued message: {e}");
+                    let n = d.rcpts.len();
+                    return (d, None, vec![RcptOutcome::Deferred(reply); n]);
+                }
             };
             let rewritten: Option<Vec<Address>> = route
                 .rewrite_domain

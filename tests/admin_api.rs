@@ -396,6 +396,19 @@ async fn malformed_json_query_and_path_get_json_errors() {
         &http(
             api,
             "POST",
+            "/v1/directory/reload?force=maybe",
+            t,
+            None,
+            b"",
+        )
+        .await,
+        400,
+        "bad boolean in the reload query",
+    );
+    json_error(
+        &http(
+            api,
+            "POST",
             "/v1/directory/batches?dry_run=perhaps",
             t,
             Some("text/csv"),

@@ -271,51 +271,64 @@ async fn bad_tls_material_stops_start_up_naming_the_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_budget_of_messages_in_transfer_is_enforced() {
-    // Room for one first buffer (64 KiB) and a little more, not for two.
-    let h = harness(|c| c.server.max_inflight_bytes = 100_000).await;
-    let mut a = connect(h.addr).await;
-    a.expect("EHLO a.test", 250).await;
-    a.expect("MAIL FROM:<x@example.org>", 250).await;
-    a.expect("RCPT TO:<bob@nhs.test>", 250).await;
-    a.expect("DATA", 354).await;
-    a.send(b"Subject: held open\r\n\r\n").await;
-    // While A's transfer holds its buffer, a new transaction is refused for now.
-    let mut b = connect(h.addr).await;
-    b.expect("EHLO b.test", 250).await;
+    // Messages up to 200 KB; all transfers together may hold 270 KB (the least the config
+    // allows: one whole message and a first 64 KiB buffer).
+    let h = harness(|c| {
+        c.server.max_message_size = 200_000;
+        c.server.max_inflight_bytes = 270_000;
+    })
+    .await;
+    let start = |name: &'static str| async move {
+        let mut c = connect(h.addr).await;
+        c.expect(&format!("EHLO {name}.test"), 250).await;
+        c.expect("MAIL FROM:<x@example.org>", 250).await;
+        c.expect("RCPT TO:<bob@nhs.test>", 250).await;
+        c.expect("DATA", 354).await;
+        c
+    };
+    let (mut a, mut b) = (start("a").await, start("b").await);
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO c.test", 250).await;
+    // A and B each send 120 KB: their buffers grow to 128 KiB, and what is left of the budget
+    // no longer holds a first buffer: a new transaction is refused for now (452, not an
+    // error of the client's).
+    let line = [b'a'; 998];
+    for s in [&mut a, &mut b] {
+        s.send(b"Subject: big\r\n\r\n").await;
+        for _ in 0..120 {
+            s.send(&line).await;
+            s.send(b"\r\n").await;
+        }
+    }
     let mut refused = None;
-    for _ in 0..50 {
-        let r = b.cmd("MAIL FROM:<y@example.org>").await;
+    for _ in 0..250 {
+        let r = c.cmd("MAIL FROM:<y@example.org>").await;
         if r.code == 452 {
             refused = Some(r);
             break;
         }
-        b.expect("RSET", 250).await;
+        c.expect("RSET", 250).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let r = refused.expect("MAIL was never refused while the budget was spent");
     assert_eq!(r.status(), "4.3.1", "{r:?}");
-    // A message that outgrows the budget is read to its end and refused with 452 4.3.1;
-    // the session goes on.
-    let line = [b'a'; 998];
-    for _ in 0..200 {
+    // A needs more than is left: its message is read to its end and refused with 452 4.3.1,
+    // and its session goes on. B, within its buffer, is accepted.
+    for _ in 0..60 {
         a.send(&line).await;
         a.send(b"\r\n").await;
     }
     a.send(b".\r\n").await;
     let r = a.reply().await;
     assert_eq!((r.code, r.status()), (452, "4.3.1"), "{r:?}");
-    // The budget is given back: both sessions can send again.
-    assert_eq!(
-        a.mail("x@example.org", &["bob@nhs.test"], &sample("a"))
-            .await
-            .code,
-        250
-    );
-    assert_eq!(
-        b.mail("y@example.org", &["bob@nhs.test"], &sample("b"))
-            .await
-            .code,
-        250
-    );
-    assert_eq!(wait(&h.cloud, 2).await, 2);
+    b.send(b".\r\n").await;
+    assert_eq!(b.reply().await.code, 250);
+    // The budget is given back: everyone can send again.
+    for s in [&mut a, &mut c] {
+        let r = s
+            .mail("x@example.org", &["bob@nhs.test"], &sample("again"))
+            .await;
+        assert_eq!(r.code, 250, "{r:?}");
+    }
+    assert_eq!(wait(&h.cloud, 3).await, 3);
 }

@@ -377,6 +377,25 @@ async fn refused_recipients_do_not_end_the_session_until_their_own_limit() {
     assert_eq!(c.reply().await.code, 250);
     assert_eq!(wait(&h.cloud, 1).await, 1);
 
+    // Recipients past max_recipients get 452 4.5.3 and are not counted as refusals.
+    let h = harness(|c| {
+        c.server.max_recipients = 2;
+        c.server.max_rcpt_refusals = 2;
+    })
+    .await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<a@example.org>", 250).await;
+    c.expect("RCPT TO:<alice@nhs.test>", 250).await;
+    c.expect("RCPT TO:<bob@nhs.test>", 250).await;
+    for _ in 0..5 {
+        let r = c.cmd("RCPT TO:<carol@nhs.test>").await;
+        assert_eq!((r.code, r.status()), (452, "4.5.3"), "{r:?}");
+    }
+    c.expect("DATA", 354).await;
+    c.send(b"Subject: two of them\r\n\r\nhi\r\n.\r\n").await;
+    assert_eq!(c.reply().await.code, 250);
+
     // Harvesting still ends: the refusal limit closes the session.
     let h = harness(|c| {
         c.directory.unknown = "reject".into();

@@ -303,7 +303,7 @@ struct ReloadQuery {
 async fn reload(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(q): Query<ReloadQuery>,
+    ApiQuery(q): ApiQuery<ReloadQuery>,
 ) -> Result<Json<crate::directory::ReloadReport>, ApiError> {
     let dir = s.directory.clone();
     let res = tokio::task::spawn_blocking(move || dir.reload_file(q.force))
@@ -519,7 +519,7 @@ pub async fn start(
     let Some(admin) = &config.admin else {
         return Ok(None);
     };
-    if !admin.listen.ip().to_canonical().is_loopback() && !admin.allow_plaintext_remote {
+    if admin.plaintext_remote_refused() {
         return Err(AdminError::Plaintext(admin.listen));
     }
     let (token, origin) = token::for_server(admin)?;

@@ -29,7 +29,7 @@ const MAX_DOWN: Duration = Duration::from_secs(60);
 
 /// What a pooled session may be reused for: sessions are shared only between deliveries
 /// with equal keys.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct SessionKey {
     addr: SocketAddr,
     helo: String,
@@ -38,6 +38,18 @@ pub struct SessionKey {
     server_name: String,
     /// [`RouteTls::identity`]: roots, client certificate and key.
     identity: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for SessionKey {
+    /// Everything but the identity digest (derived from the client key: kept out of logs).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionKey")
+            .field("addr", &self.addr)
+            .field("helo", &self.helo)
+            .field("tls", &self.tls)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SessionKey {

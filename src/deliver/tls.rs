@@ -137,26 +137,14 @@ fn identity(
     sha256(&parts)
 }
 
-/// SHA-256 of the length-prefixed `parts`, with the hash of the crypto provider in use.
+/// SHA-256 of the length-prefixed `parts` (an identity that never holds the key itself).
 fn sha256(parts: &[&[u8]]) -> Arc<[u8]> {
-    let framed = parts.iter().flat_map(|p| {
-        (p.len() as u64)
-            .to_be_bytes()
-            .into_iter()
-            .chain(p.iter().copied())
-    });
-    match rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256 {
-        rustls::SupportedCipherSuite::Tls13(suite) => {
-            let mut h = suite.common.hash_provider.start();
-            for p in parts {
-                h.update(&(p.len() as u64).to_be_bytes());
-                h.update(p);
-            }
-            Arc::from(h.finish().as_ref())
-        }
-        // Not reached (that suite is TLS 1.3); the material itself is an exact identity.
-        _ => framed.collect::<Vec<u8>>().into(),
+    let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for p in parts {
+        h.update(&(p.len() as u64).to_be_bytes());
+        h.update(p);
     }
+    Arc::from(h.finish().as_ref())
 }
 
 fn build(

@@ -512,7 +512,9 @@ impl<H: Handler> Session<H> {
             return self.error(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
         };
         if tx.rcpts.len() >= self.cfg.max_recipients {
-            return self.rcpt_refused(Reply::new(452, "4.5.3", "Too many recipients"));
+            // Not a refusal of the address (the client sends the rest in another
+            // transaction, RFC 5321 3.3): counted neither as an error nor as a refusal.
+            return self.ok(&Reply::new(452, "4.5.3", "Too many recipients"));
         }
         match self
             .handler
@@ -649,6 +651,10 @@ impl<H: Handler> Session<H> {
         }
         if !last {
             if let Some(r) = tx.chunk_error.clone() {
+                // The server's own condition (memory budget) is not the client's error.
+                if r.code == canned::INFLIGHT_FULL.code {
+                    return Ok(self.ok(&r));
+                }
                 return Ok(self.error(r));
             }
             let r = Reply::owned(250, "2.0.0", format!("{size} octets received"));

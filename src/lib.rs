@@ -14,6 +14,7 @@ pub mod directory;
 pub mod load;
 pub mod metrics;
 pub mod policy;
+pub mod proto;
 pub mod queue;
 pub mod relay;
 pub mod route;

@@ -178,7 +178,7 @@ pub fn explain(
             let rcpt = match policy.check_recipient(&addr) {
                 Err(r) => r.to_string(),
                 Ok(()) if lookup.route.is_none() => {
-                    crate::smtp::reply::canned::UNKNOWN_USER.to_string()
+                    crate::proto::reply::canned::UNKNOWN_USER.to_string()
                 }
                 Ok(()) => "accept".to_string(),
             };

@@ -499,6 +499,37 @@ mod tests {
     }
 
     #[test]
+    fn ret_decides_what_is_returned() {
+        let original = b"Subject: hello\r\n\r\nsecret body\r\n";
+        for (ret, mimetype, body_returned) in [
+            (Some(Ret::Full), "message/rfc822", true),
+            (Some(Ret::Hdrs), "text/rfc822-headers", false),
+            (None, "text/rfc822-headers", false),
+        ] {
+            let env = envelope(ret);
+            let f = [Failure {
+                rcpt: &env.rcpts[0],
+                orcpt: None,
+                reply: "550 5.1.1 no",
+            }];
+            let dsn = build(
+                "mx1.test",
+                &QueueId::generate(),
+                &env,
+                original,
+                &f,
+                Kind::Failed,
+            );
+            let parsed = mailparse::parse_mail(&dsn).unwrap();
+            assert_eq!(parsed.subparts[2].ctype.mimetype, mimetype, "{ret:?}");
+            let returned = parsed.subparts[2].get_body_raw().unwrap();
+            let returned = String::from_utf8_lossy(&returned);
+            assert!(returned.contains("Subject: hello"), "{ret:?}");
+            assert_eq!(returned.contains("secret body"), body_returned, "{ret:?}");
+        }
+    }
+
+    #[test]
     fn dsn_is_a_parseable_multipart_report() {
         let env = Envelope {
             id: QueueId::generate(),

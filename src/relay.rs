@@ -292,6 +292,31 @@ impl Control {
     }
 }
 
+/// The admin API's view of the relay: the methods above, and the parts it reads.
+impl crate::admin::Controls for Control {
+    fn config(&self) -> Arc<Config> {
+        Control::config(self)
+    }
+    fn reload(&self) -> Result<Vec<String>, crate::admin::controls::ReloadRefused> {
+        Ok(Control::reload(self)?)
+    }
+    fn set_draining(&self, on: bool) {
+        Control::set_draining(self, on)
+    }
+    fn draining(&self) -> bool {
+        Control::draining(self)
+    }
+    fn open_sessions(&self) -> usize {
+        Control::open_sessions(self)
+    }
+    fn queue(&self) -> &Queue {
+        &self.queue
+    }
+    fn directory(&self) -> &Arc<Directory> {
+        &self.directory
+    }
+}
+
 fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
     let mut v = Vec::new();
     if old.server != new.server {

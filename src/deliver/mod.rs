@@ -753,7 +753,26 @@ async fn transactions(
 
 #[cfg(test)]
 mod tests {
-    use super::dot_stuff;
+    use super::{dot_stuff, too_many};
+    use crate::proto::Reply;
+
+    #[test]
+    fn too_many_recipients_is_read_from_code_and_status() {
+        assert!(too_many(&Reply::new(452, "4.5.3", "Too many recipients")));
+        assert!(too_many(&Reply::multiline(
+            452,
+            None,
+            ["Too many", "recipients"]
+        )));
+        assert!(too_many(&Reply::new(552, "5.5.3", "Too many recipients")));
+        assert!(!too_many(&Reply::new(
+            452,
+            "4.3.1",
+            "Insufficient system storage"
+        )));
+        assert!(!too_many(&Reply::new(552, "5.3.4", "Message too big")));
+        assert!(!too_many(&Reply::new(550, "5.5.3", "No")));
+    }
 
     fn stuffed(m: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();

@@ -16,6 +16,7 @@
 //! - the returned original (its header section, or all of it with `RET=FULL`) gets CRLF for
 //!   any bare CR or LF, and lines over 998 octets broken (folded in the header section).
 
+use crate::proto::Ret;
 use crate::spool::Envelope;
 use crate::types::{Address, QueueId};
 use std::fmt::Write;
@@ -309,7 +310,7 @@ pub fn build(
         };
         push_field(&mut m, "Diagnostic-Code", &format!("{kind}; {first}"), more);
     }
-    let full = env.ret.as_deref() == Some("FULL");
+    let full = env.ret == Some(Ret::Full);
     let _ = write!(
         m,
         "\r\n--{boundary}\r\nContent-Type: {}\r\n\r\n",
@@ -345,7 +346,7 @@ mod tests {
         );
     }
 
-    fn envelope(ret: Option<&str>) -> Envelope {
+    fn envelope(ret: Option<Ret>) -> Envelope {
         Envelope {
             id: QueueId::generate(),
             from: Some(Address::parse("sender@example.org", false).unwrap()),
@@ -355,7 +356,7 @@ mod tests {
             received_at: 1_764_000_000,
             size: 10,
             client: "x".into(),
-            ret: ret.map(str::to_string),
+            ret,
             envid: Some("E1".into()),
             rcpt_dsn: Vec::new(),
             bounce: false,
@@ -461,7 +462,7 @@ mod tests {
         let long_body = "b".repeat(2500);
         let original =
             format!("Subject: bare\rCR\nX-A: bare LF\r\n{long_header}\r\nbody\nline\r{long_body}");
-        let env = envelope(Some("FULL"));
+        let env = envelope(Some(Ret::Full));
         let f = [Failure {
             rcpt: &env.rcpts[0],
             orcpt: None,
@@ -495,6 +496,37 @@ mod tests {
             Kind::Failed,
         );
         assert_well_formed(&dsn);
+    }
+
+    #[test]
+    fn ret_decides_what_is_returned() {
+        let original = b"Subject: hello\r\n\r\nsecret body\r\n";
+        for (ret, mimetype, body_returned) in [
+            (Some(Ret::Full), "message/rfc822", true),
+            (Some(Ret::Hdrs), "text/rfc822-headers", false),
+            (None, "text/rfc822-headers", false),
+        ] {
+            let env = envelope(ret);
+            let f = [Failure {
+                rcpt: &env.rcpts[0],
+                orcpt: None,
+                reply: "550 5.1.1 no",
+            }];
+            let dsn = build(
+                "mx1.test",
+                &QueueId::generate(),
+                &env,
+                original,
+                &f,
+                Kind::Failed,
+            );
+            let parsed = mailparse::parse_mail(&dsn).unwrap();
+            assert_eq!(parsed.subparts[2].ctype.mimetype, mimetype, "{ret:?}");
+            let returned = parsed.subparts[2].get_body_raw().unwrap();
+            let returned = String::from_utf8_lossy(&returned);
+            assert!(returned.contains("Subject: hello"), "{ret:?}");
+            assert_eq!(returned.contains("secret body"), body_returned, "{ret:?}");
+        }
     }
 
     #[test]

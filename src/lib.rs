@@ -4,6 +4,10 @@
 //! [`directory`], write to the [`spool`], and the [`queue`] plans each attempt with
 //! [`route`] and sends it with [`deliver`]. [`relay`] wires them together; [`load`] holds the
 //! traffic tools (sink, load client, demo).
+//!
+//! What every stage shares sits beside the flow rather than in one stage: [`proto`] holds
+//! the SMTP vocabulary (envelope parameters, replies) and [`certs`] reads TLS material, so
+//! that later stages never import the inbound [`smtp`] module.
 
 pub mod admin;
 pub mod bounce;
@@ -14,6 +18,7 @@ pub mod directory;
 pub mod load;
 pub mod metrics;
 pub mod policy;
+pub mod proto;
 pub mod queue;
 pub mod relay;
 pub mod route;

@@ -9,8 +9,8 @@ use crate::config::Config;
 use crate::deliver::{self, Outbound, RcptOutcome};
 use crate::directory::{Directory, Resolution};
 use crate::metrics as m;
+use crate::proto::BodyType;
 use crate::route;
-use crate::smtp::command::BodyType;
 use crate::spool::{DeliveryState, Envelope, RcptStatus, Spool};
 use crate::types::{Address, QueueId};
 use arc_swap::ArcSwap;
@@ -58,7 +58,7 @@ pub enum QueueError {
     NotFound(String),
     /// Outbound TLS material of a route is unusable.
     #[error(transparent)]
-    Tls(#[from] crate::smtp::tls::TlsError),
+    Tls(#[from] crate::certs::TlsError),
     /// The resolver could not be set up.
     #[error("DNS: {0}")]
     Dns(String),
@@ -616,7 +616,7 @@ async fn attempt(
                 },
                 message: &message,
                 eight_bit: env.body == BodyType::EightBitMime,
-                ret: env.ret.as_deref(),
+                ret: env.ret,
                 envid: env.envid.as_deref(),
                 rcpt_dsn: d.rcpts.iter().map(|&i| env.dsn(i)).collect(),
                 smtputf8: env.smtputf8,

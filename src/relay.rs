@@ -2,12 +2,14 @@
 //! API), the session handler that joins policy, directory and spool, and the [`Control`]
 //! surface for reload, drain and shutdown.
 
+use crate::certs::TlsError;
 use crate::config::Config;
 use crate::directory::{Directory, Resolution};
 use crate::metrics as m;
 use crate::policy::Policy;
+use crate::proto::reply::{canned, Reply};
+use crate::proto::MailParams;
 use crate::queue::{unix_now, Queue};
-use crate::smtp::reply::{canned, Reply};
 use crate::smtp::server::ServerControl;
 use crate::smtp::{server, tls, Handler, Incoming, Peer, SessionConfig};
 use crate::spool::{DeliveryState, Envelope, Spool};
@@ -26,7 +28,7 @@ use tracing::{debug, error, info, warn};
 pub enum StartError {
     /// TLS material unusable.
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] TlsError),
     /// Spool unusable.
     #[error("spool: {0}")]
     Spool(#[from] crate::spool::SpoolError),
@@ -55,7 +57,7 @@ pub enum ReloadError {
     Config(#[from] crate::config::ConfigError),
     /// TLS material of the new config is unusable.
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] TlsError),
     /// Keys changed that only a restart can apply.
     #[error("refused: these keys changed and need a restart: {0}")]
     NeedsRestart(String),
@@ -106,7 +108,7 @@ impl Handler for RelayHandler {
         rules: &Arc<SessionRules>,
         peer: &Peer,
         _from: Option<&Address>,
-        params: &crate::smtp::command::MailParams,
+        params: &MailParams,
     ) -> Result<(), Reply> {
         let need = rules
             .min_free_space
@@ -287,6 +289,31 @@ impl Control {
     /// SMTP sessions open now.
     pub fn open_sessions(&self) -> usize {
         self.server.open_sessions()
+    }
+}
+
+/// The admin API's view of the relay: the methods above, and the parts it reads.
+impl crate::admin::Controls for Control {
+    fn config(&self) -> Arc<Config> {
+        Control::config(self)
+    }
+    fn reload(&self) -> Result<Vec<String>, crate::admin::controls::ReloadRefused> {
+        Ok(Control::reload(self)?)
+    }
+    fn set_draining(&self, on: bool) {
+        Control::set_draining(self, on)
+    }
+    fn draining(&self) -> bool {
+        Control::draining(self)
+    }
+    fn open_sessions(&self) -> usize {
+        Control::open_sessions(self)
+    }
+    fn queue(&self) -> &Queue {
+        &self.queue
+    }
+    fn directory(&self) -> &Arc<Directory> {
+        &self.directory
     }
 }
 

@@ -14,7 +14,7 @@
 //! nothing about entries of `active/`, so a store waiting for its `active/` fsync is never
 //! released by a sync of another directory.
 
-use crate::smtp::command::BodyType;
+use crate::proto::{BodyType, RcptDsn, Ret};
 use crate::types::{Address, QueueId};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
@@ -77,15 +77,15 @@ pub struct Envelope {
     pub size: u64,
     /// Client address.
     pub client: String,
-    /// DSN `RET` (FULL or HDRS).
+    /// DSN `RET` (stored as `"FULL"` or `"HDRS"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ret: Option<String>,
+    pub ret: Option<Ret>,
     /// DSN `ENVID`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envid: Option<String>,
     /// DSN parameters per recipient (same order as `rcpts`; may be empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rcpt_dsn: Vec<crate::smtp::command::RcptDsn>,
+    pub rcpt_dsn: Vec<RcptDsn>,
     /// A DSN we generated: its recipient (the original sender) may be outside our domains.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bounce: bool,
@@ -93,7 +93,7 @@ pub struct Envelope {
 
 impl Envelope {
     /// The DSN parameters of recipient `i` (defaults when none were given).
-    pub fn dsn(&self, i: usize) -> crate::smtp::command::RcptDsn {
+    pub fn dsn(&self, i: usize) -> RcptDsn {
         self.rcpt_dsn.get(i).cloned().unwrap_or_default()
     }
 }
@@ -481,6 +481,45 @@ mod tests {
         s.move_to_failed(&id).unwrap();
         assert!(s.recover().unwrap().is_empty());
         assert!(dir.path().join(format!("failed/{id}.msg")).exists());
+    }
+
+    /// Spool files written before `RET` was typed hold it as the keyword string; they must
+    /// still load, and new files keep writing the same form.
+    #[test]
+    fn envelopes_with_ret_as_written_by_older_versions_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for ret in [Some("FULL"), Some("HDRS"), None] {
+            let id = QueueId::generate();
+            let ret = ret.map(|r| format!(r#","ret":"{r}""#)).unwrap_or_default();
+            let line = format!(
+                r#"{{"id":"{id}","from":{{"local":"s","domain":"example.org"}},"rcpts":[{{"local":"u","domain":"nhs.test"}}],"smtputf8":false,"body":"EightBitMime","received_at":1764000000,"size":5,"client":"192.0.2.1:25"{ret},"envid":"E1","rcpt_dsn":[{{"notify":"FAILURE"}}]}}"#
+            );
+            fs::write(
+                dir.path().join(format!("active/{id}.msg")),
+                format!("{line}\nhello"),
+            )
+            .unwrap();
+            ids.push(id);
+        }
+        let rec = s.recover().unwrap();
+        let rets: Vec<Option<Ret>> = rec.iter().map(|(e, _)| e.ret).collect();
+        assert_eq!(rets, [Some(Ret::Full), Some(Ret::Hdrs), None]);
+        let old = &rec[0].0;
+        assert_eq!(old.id, ids[0]);
+        assert_eq!(old.body, BodyType::EightBitMime);
+        assert_eq!(old.envid.as_deref(), Some("E1"));
+        assert!(old.dsn(0).wants_failure() && !old.dsn(0).wants_delay());
+        assert_eq!(s.load_message(&ids[0]).unwrap(), b"hello");
+
+        // What this version writes, older versions read: the same keyword.
+        let id = QueueId::generate();
+        let mut e = env(id.clone());
+        e.ret = Some(Ret::Hdrs);
+        s.store(&e, b"x").unwrap();
+        let written = fs::read_to_string(dir.path().join(format!("active/{id}.msg"))).unwrap();
+        assert!(written.contains(r#""ret":"HDRS""#), "{written}");
     }
 
     /// Item: a store waiting behind an fsync of `failed/` must not be released by it (and a

@@ -184,7 +184,7 @@ async fn dsn_parameters_are_passed_to_next_hops_that_offer_dsn() {
     assert_eq!(m.rcpt_dsn[0].notify.as_deref(), Some("SUCCESS,FAILURE"));
     assert_eq!(m.rcpt_dsn[0].orcpt.as_deref(), Some("rfc822;bob@nhs.test"));
     assert_eq!(m.envid.as_deref(), Some("ABC"));
-    assert_eq!(m.ret.as_deref(), Some("HDRS"));
+    assert_eq!(m.ret, Some(coexist::proto::Ret::Hdrs));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,12 +4,12 @@
 //! query string or path and an unknown path, is answered `{"error": "..."}`.
 
 pub mod client;
+pub mod controls;
 pub mod token;
 
 use crate::config::Config;
 use crate::directory::{batch, Directory, Lookup};
 use crate::policy::Policy;
-use crate::relay::Control;
 use crate::types::Address;
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -18,6 +18,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+pub use controls::Controls;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ pub struct AdminState {
     /// The live directory.
     pub directory: Arc<Directory>,
     /// Reload, drain, queue.
-    pub control: Arc<Control>,
+    pub control: Arc<dyn Controls>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     token: Arc<token::Expected>,
 }
@@ -178,7 +179,7 @@ pub fn explain(
             let rcpt = match policy.check_recipient(&addr) {
                 Err(r) => r.to_string(),
                 Ok(()) if lookup.route.is_none() => {
-                    crate::smtp::reply::canned::UNKNOWN_USER.to_string()
+                    crate::proto::reply::canned::UNKNOWN_USER.to_string()
                 }
                 Ok(()) => "accept".to_string(),
             };
@@ -337,7 +338,7 @@ async fn ready(State(s): State<AdminState>) -> Response {
 
 async fn metrics_text(State(s): State<AdminState>) -> Response {
     use crate::metrics as m;
-    let q = s.control.queue.stats();
+    let q = s.control.queue().stats();
     metrics::gauge!(m::QUEUE_MESSAGES, "state" => "active").set(q.active as f64);
     metrics::gauge!(m::QUEUE_MESSAGES, "state" => "deferred").set(q.deferred as f64);
     metrics::gauge!(m::QUEUE_OLDEST, "state" => "active").set(q.oldest_active as f64);
@@ -370,7 +371,7 @@ async fn queue_list(
     State(s): State<AdminState>,
     ApiQuery(f): ApiQuery<QueueFilter>,
 ) -> Json<Vec<crate::queue::MessageView>> {
-    let q = &s.control.queue;
+    let q = s.control.queue();
     let rcpt = f.rcpt.map(|r| r.to_lowercase());
     let views = q
         .list()
@@ -398,7 +399,7 @@ async fn queue_show(
     State(s): State<AdminState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<crate::queue::MessageView>, ApiError> {
-    let q = &s.control.queue;
+    let q = s.control.queue();
     q.get(&id).map(|e| Json(q.view(&e))).ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
@@ -412,7 +413,7 @@ async fn queue_action(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiPath((id, action)): ApiPath<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let q = &s.control.queue;
+    let q = s.control.queue();
     let res = match action.as_str() {
         "hold" => q.hold(&id),
         "release" => q.release(&id),
@@ -440,7 +441,7 @@ async fn queue_flush(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiQuery(f): ApiQuery<FlushQuery>,
 ) -> Json<serde_json::Value> {
-    let q = &s.control.queue;
+    let q = s.control.queue();
     let n = q.flush_where(|e| match &f.route {
         None => true,
         Some(r) => q
@@ -513,7 +514,7 @@ pub fn router(state: AdminState) -> Router {
 /// Refuses a weak token and a clear-text non-loopback address without
 /// `allow_plaintext_remote`; writes a fresh token to a missing `admin.token_file`.
 pub async fn start(
-    control: Arc<Control>,
+    control: Arc<dyn Controls>,
 ) -> Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>, AdminError> {
     let config = control.config();
     let Some(admin) = &config.admin else {
@@ -536,7 +537,7 @@ pub async fn start(
         .local_addr()
         .map_err(|e| AdminError::Bind(admin.listen, e))?;
     let app = router(AdminState {
-        directory: control.directory.clone(),
+        directory: control.directory().clone(),
         control,
         metrics: crate::metrics::install(),
         token: Arc::new(token::Expected::new(&token)),

@@ -27,6 +27,7 @@ pub mod pool;
 pub mod tls;
 
 use crate::config::{NextHop, TlsPolicy};
+use crate::proto::{EnhancedStatus, RcptDsn, Reply, Ret};
 use crate::types::Address;
 use mail_send::SmtpClient;
 use pool::{Admission, Pool};
@@ -82,11 +83,11 @@ pub struct Outbound<'a> {
     /// Declared 8BITMIME.
     pub eight_bit: bool,
     /// DSN `RET` and `ENVID`, passed on when the next hop offers DSN.
-    pub ret: Option<&'a str>,
+    pub ret: Option<Ret>,
     /// DSN `ENVID`.
     pub envid: Option<&'a str>,
     /// DSN parameters per recipient (same order as `rcpts`; may be empty).
-    pub rcpt_dsn: Vec<crate::smtp::command::RcptDsn>,
+    pub rcpt_dsn: Vec<RcptDsn>,
     /// The envelope asked for SMTPUTF8 (RFC 6531).
     pub smtputf8: bool,
 }
@@ -137,21 +138,6 @@ pub struct Connection {
     pub last_mail_rcpt: Option<Duration>,
 }
 
-fn reply_text(r: &smtp_proto::Response<String>) -> String {
-    if r.esc[0] == 0 {
-        format!("{} {}", r.code, r.message.trim_end())
-    } else {
-        format!(
-            "{} {}.{}.{} {}",
-            r.code,
-            r.esc[0],
-            r.esc[1],
-            r.esc[2],
-            r.message.trim_end()
-        )
-    }
-}
-
 impl Connection {
     /// Connects, reads the greeting, says EHLO and applies the TLS policy.
     pub async fn open(
@@ -168,12 +154,13 @@ impl Connection {
         let connected = t0.elapsed();
         // Commands and data are batched into whole writes here, so Nagle only adds delay.
         let _ = c.stream.set_nodelay(true);
-        let greeting = tokio::time::timeout(timeout, c.read())
+        let greeting: Reply = tokio::time::timeout(timeout, c.read())
             .await
             .map_err(|_| HopError::Refused(addr, "greeting timeout".into()))?
-            .map_err(|e| HopError::Refused(addr, e.to_string()))?;
+            .map_err(|e| HopError::Refused(addr, e.to_string()))?
+            .into();
         if greeting.code != 220 {
-            return Err(HopError::Refused(addr, reply_text(&greeting)));
+            return Err(HopError::Refused(addr, greeting.to_string()));
         }
         let ehlo = c
             .ehlo(helo)
@@ -303,22 +290,26 @@ async fn write_parts<T: AsyncWrite + Unpin>(
         .map_err(|e| e.to_string())
 }
 
+/// Reads `n` replies (mail-send parses them) as [`Reply`] values.
 async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
     c: &mut SmtpClient<T>,
     n: usize,
     timeout: Duration,
-) -> Result<Vec<smtp_proto::Response<String>>, String> {
+) -> Result<Vec<Reply>, String> {
     tokio::time::timeout(timeout, c.read_many(n))
         .await
         .map_err(|_| "reply timeout".to_string())?
+        .map(|replies| replies.into_iter().map(Reply::from).collect())
         .map_err(|e| e.to_string())
 }
 
 /// A RCPT reply that means "too many recipients in this transaction": `452` with `4.5.3` or
 /// without an enhanced code (RFC 5321 4.5.3.1.10), or `552 5.5.3` (RFC 821 servers).
-fn too_many(r: &smtp_proto::Response<String>) -> bool {
-    (r.code == 452 && (r.esc == [4, 5, 3] || r.esc == [0, 0, 0]))
-        || (r.code == 552 && r.esc == [5, 5, 3])
+fn too_many(r: &Reply) -> bool {
+    const TOO_MANY: EnhancedStatus = EnhancedStatus::new(4, 5, 3);
+    const TOO_MANY_OLD: EnhancedStatus = EnhancedStatus::new(5, 5, 3);
+    (r.code == 452 && (r.status == Some(TOO_MANY) || r.status.is_none()))
+        || (r.code == 552 && r.status == Some(TOO_MANY_OLD))
 }
 
 /// UTF-8 (any byte over 127) in the header section of `message`.
@@ -328,8 +319,8 @@ fn utf8_headers(message: &[u8]) -> bool {
 }
 
 /// Classifies a reply for the recipients it applies to.
-fn outcome(r: &smtp_proto::Response<String>) -> RcptOutcome {
-    let text = reply_text(r);
+fn outcome(r: &Reply) -> RcptOutcome {
+    let text = r.to_string();
     match r.code {
         200..=399 => RcptOutcome::Delivered(text),
         500..=599 => RcptOutcome::Failed(text),
@@ -762,7 +753,26 @@ async fn transactions(
 
 #[cfg(test)]
 mod tests {
-    use super::dot_stuff;
+    use super::{dot_stuff, too_many};
+    use crate::proto::Reply;
+
+    #[test]
+    fn too_many_recipients_is_read_from_code_and_status() {
+        assert!(too_many(&Reply::new(452, "4.5.3", "Too many recipients")));
+        assert!(too_many(&Reply::multiline(
+            452,
+            None,
+            ["Too many", "recipients"]
+        )));
+        assert!(too_many(&Reply::new(552, "5.5.3", "Too many recipients")));
+        assert!(!too_many(&Reply::new(
+            452,
+            "4.3.1",
+            "Insufficient system storage"
+        )));
+        assert!(!too_many(&Reply::new(552, "5.3.4", "Message too big")));
+        assert!(!too_many(&Reply::new(550, "5.5.3", "No")));
+    }
 
     fn stuffed(m: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();

@@ -8,13 +8,11 @@
 //! connectors apart by that certificate), nor a session checked against one CA bundle by a
 //! route that trusts another.
 
+use crate::certs::{load_certs, load_key, provider, TlsError};
 use crate::config::{RouteConfig, TlsPolicy};
-use crate::smtp::tls::{provider, TlsError};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::DigitallySignedStruct;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use std::path::Path;
 use std::sync::Arc;
 use tokio_rustls::TlsConnector;
 
@@ -52,10 +50,7 @@ impl RouteTls {
         let roots = if r.tls == TlsPolicy::Verify {
             Some(match &r.tls_ca_file {
                 Some(f) => load_certs(f)?,
-                None => {
-                    let found = rustls_native_certs::load_native_certs();
-                    found.certs
-                }
+                None => crate::certs::system_roots(),
             })
         } else {
             None
@@ -79,29 +74,6 @@ impl RouteTls {
     pub fn server_name(&self, host: &str) -> String {
         self.name.clone().unwrap_or_else(|| host.to_string())
     }
-}
-
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Cert {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Cert {
-            path: path.display().to_string(),
-            reason: "no PEM certificate found".into(),
-        });
-    }
-    Ok(certs)
-}
-
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
 }
 
 type ClientAuth = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);

@@ -11,9 +11,8 @@
 //! certificate of the session (task) whose handshake it checks; the message handler of the
 //! same session then finds it (see [`client_cert_acceptor`]).
 
-use crate::smtp::command::MailParams;
-use crate::smtp::reply::Reply;
-use crate::smtp::tls::{provider, TlsError};
+use crate::certs::{provider, roots_from_pem, TlsError};
+use crate::proto::{MailParams, RcptDsn, Reply, Ret};
 use crate::smtp::{server, Handler, Incoming, Peer, SessionConfig};
 use crate::types::Address;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -59,9 +58,9 @@ pub struct SinkMessage {
     /// TLS details ("TLSv1_3 with cipher …, client certificate").
     pub tls_summary: Option<String>,
     /// DSN parameters per recipient.
-    pub rcpt_dsn: Vec<crate::smtp::command::RcptDsn>,
+    pub rcpt_dsn: Vec<RcptDsn>,
     /// DSN `RET`.
-    pub ret: Option<String>,
+    pub ret: Option<Ret>,
     /// DSN `ENVID`.
     pub envid: Option<String>,
     /// MAIL FROM carried `SMTPUTF8`.
@@ -214,13 +213,7 @@ pub fn client_cert_acceptor(
     key: PrivateKeyDer<'static>,
     client_cas: &[u8],
 ) -> Result<(tokio_rustls::TlsAcceptor, Arc<ClientCerts>), TlsError> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(client_cas) {
-        roots
-            .add(c.map_err(|e| TlsError::Config(e.to_string()))?)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-    }
+    let roots = roots_from_pem(client_cas)?;
     let inner =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()

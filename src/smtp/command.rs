@@ -3,60 +3,8 @@
 //! Written by hand rather than with smtp-proto: we need the exact reply for every malformed
 //! line (RFC 3463 codes), must see source routes to refuse them, and the parser is small.
 
-use super::reply::Reply;
+use crate::proto::{BodyType, MailParams, RcptDsn, Reply, Ret};
 use crate::types::{Address, AddressError};
-
-/// Body type declared with `BODY=` (RFC 6152).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub enum BodyType {
-    /// 7-bit (the default).
-    #[default]
-    SevenBit,
-    /// 8BITMIME.
-    EightBitMime,
-}
-
-/// Parameters of `MAIL FROM`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MailParams {
-    /// Declared size (RFC 1870).
-    pub size: Option<u64>,
-    /// Declared body type.
-    pub body: BodyType,
-    /// SMTPUTF8 requested (RFC 6531).
-    pub smtputf8: bool,
-    /// DSN `RET=FULL|HDRS` (RFC 3461), upper case.
-    pub ret: Option<String>,
-    /// DSN `ENVID=` (xtext, as sent).
-    pub envid: Option<String>,
-}
-
-/// DSN parameters of one recipient (RFC 3461 4.1, 4.2).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RcptDsn {
-    /// `NOTIFY=` value in upper case: `NEVER` or a list of SUCCESS, FAILURE, DELAY.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub notify: Option<String>,
-    /// `ORCPT=` value as sent (`addr-type;xtext`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub orcpt: Option<String>,
-}
-
-impl RcptDsn {
-    /// Whether a failure DSN is wanted (the default when NOTIFY is absent).
-    pub fn wants_failure(&self) -> bool {
-        self.notify
-            .as_deref()
-            .is_none_or(|n| n.split(',').any(|x| x == "FAILURE"))
-    }
-
-    /// Whether a delay DSN is wanted (the default when NOTIFY is absent).
-    pub fn wants_delay(&self) -> bool {
-        self.notify
-            .as_deref()
-            .is_none_or(|n| n.split(',').any(|x| x == "DELAY"))
-    }
-}
 
 /// True for RFC 3461 xtext: printable ASCII except `+` and `=`, with `+XX` hex escapes.
 fn is_xtext(s: &str) -> bool {
@@ -267,11 +215,7 @@ fn parse_mail(rest: &str) -> Result<Command, Reply> {
                 ))
             }
             ("SMTPUTF8", None) => params.smtputf8 = true,
-            ("RET", Some(v))
-                if v.eq_ignore_ascii_case("FULL") || v.eq_ignore_ascii_case("HDRS") =>
-            {
-                params.ret = Some(v.to_ascii_uppercase())
-            }
+            ("RET", Some(v)) if Ret::parse(v).is_some() => params.ret = Ret::parse(v),
             ("RET", _) => return Err(err(501, "5.5.4", "Syntax error: RET must be FULL or HDRS")),
             ("ENVID", Some(v)) if !v.is_empty() && v.len() <= 100 && is_xtext(v) => {
                 params.envid = Some(v.to_string())
@@ -448,14 +392,15 @@ mod tests {
     #[test]
     fn refuses_with_precise_codes() {
         assert_eq!(p("FOO").unwrap_err().code, 500);
-        assert_eq!(p("MAIL FROM:a@b").unwrap_err().status, "5.1.7");
+        let status = |line: &str| p(line).unwrap_err().status.map(|s| s.to_string());
+        assert_eq!(status("MAIL FROM:a@b").as_deref(), Some("5.1.7"));
         assert_eq!(p("MAIL FROM:<a@b> FOO=1").unwrap_err().code, 555);
         assert_eq!(
-            p("RCPT TO:<@x.test:u@nhs.test>").unwrap_err().status,
-            "5.7.1"
+            status("RCPT TO:<@x.test:u@nhs.test>").as_deref(),
+            Some("5.7.1")
         );
-        assert_eq!(p("RCPT TO:<u@nhs.test").unwrap_err().status, "5.1.7");
-        assert_eq!(p("RCPT TO:<jö@nhs.test>").unwrap_err().status, "5.6.7");
+        assert_eq!(status("RCPT TO:<u@nhs.test").as_deref(), Some("5.1.7"));
+        assert_eq!(status("RCPT TO:<jö@nhs.test>").as_deref(), Some("5.6.7"));
         assert_eq!(p("BDAT x").unwrap_err().code, 501);
         assert_eq!(p("EHLO").unwrap_err().code, 501);
         assert_eq!(parse(b"NOOP\xff", false).unwrap_err().code, 500);
@@ -466,7 +411,7 @@ mod tests {
     fn dsn_parameters() {
         match p("MAIL FROM:<a@b.test> RET=hdrs ENVID=QQ+2B1").unwrap() {
             Command::Mail { params, .. } => {
-                assert_eq!(params.ret.as_deref(), Some("HDRS"));
+                assert_eq!(params.ret, Some(Ret::Hdrs));
                 assert_eq!(params.envid.as_deref(), Some("QQ+2B1"));
             }
             other => panic!("{other:?}"),

@@ -1,9 +1,9 @@
 //! The listener: accepts connections, enforces the connection limit and drain mode, runs one
 //! task per session with the session config in force when it connected.
 
-use super::reply::Reply;
 use super::session::{self, Handler, SessionConfig};
 use crate::metrics as m;
+use crate::proto::reply::{canned, Reply};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -170,7 +170,7 @@ pub async fn serve<H: Handler>(
             Ok(p) => p,
             Err(_) => {
                 info!(peer = %peer, "connection limit reached, answering 421");
-                refuse(stream, super::reply::canned::TOO_MANY_CONNECTIONS, "limit");
+                refuse(stream, canned::TOO_MANY_CONNECTIONS, "limit");
                 continue;
             }
         };

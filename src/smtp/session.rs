@@ -4,10 +4,11 @@
 //! handler checks policy and spools; the test sink's handler records.
 
 use super::budget::{Charge, InflightBudget};
-use super::command::{self, Command, MailParams, RcptDsn};
+use super::command::{self, Command};
 use super::data::{ChunkCollector, DataReader, MessageBuf};
-use super::reply::{canned, Reply};
 use super::tls::MaybeTls;
+use crate::proto::reply::canned;
+use crate::proto::{MailParams, RcptDsn, Reply};
 use crate::types::{Address, QueueId};
 use std::future::Future;
 use std::io;
@@ -456,14 +457,8 @@ impl<H: Handler> Session<H> {
         if self.cfg.chunking {
             lines.push("CHUNKING".into());
         }
-        let n = lines.len();
-        for (i, l) in lines.iter().enumerate() {
-            let sep = if i + 1 == n { ' ' } else { '-' };
-            self.conn
-                .out
-                .extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
-        }
-        Next::Continue
+        // EHLO replies carry no enhanced status codes (RFC 2034 3).
+        self.ok(&Reply::multiline(250, None, lines))
     }
 
     fn mail(&mut self, from: Option<Address>, params: MailParams) -> Next {
@@ -527,7 +522,8 @@ impl<H: Handler> Session<H> {
                 self.ok(&r)
             }
             Err(r) => {
-                metrics::counter!(crate::metrics::RCPT_REJECTED, "status" => r.status).increment(1);
+                metrics::counter!(crate::metrics::RCPT_REJECTED, "status" => status_label(&r))
+                    .increment(1);
                 self.rcpt_refused(r)
             }
         }
@@ -680,7 +676,7 @@ impl<H: Handler> Session<H> {
         } else {
             "rejected"
         };
-        metrics::counter!(crate::metrics::MESSAGES, "result" => result, "status" => reply.status)
+        metrics::counter!(crate::metrics::MESSAGES, "result" => result, "status" => status_label(&reply))
             .increment(1);
         if reply.is_positive() {
             metrics::counter!(crate::metrics::MESSAGE_BYTES).increment(size);
@@ -801,6 +797,11 @@ fn body_reply(f: &super::data::BodyFlags) -> Option<Reply> {
     } else {
         None
     }
+}
+
+/// The enhanced status code of `r` as a metrics label (empty when it has none).
+fn status_label(r: &Reply) -> String {
+    r.status.map(|s| s.to_string()).unwrap_or_default()
 }
 
 /// Builds our `Received:` header (RFC 5321 4.4), folded, ending in CRLF.

@@ -1,8 +1,7 @@
-//! TLS for inbound sessions: loading the server certificate and the stream that can be
-//! upgraded by STARTTLS.
+//! TLS for inbound sessions: the server's acceptor (built from material that
+//! [`crate::certs`] loads) and the stream that STARTTLS upgrades.
 
-use rustls::crypto::CryptoProvider;
-use rustls_pki_types::pem::PemObject;
+use crate::certs::{self, provider, TlsError};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::io;
 use std::path::Path;
@@ -14,53 +13,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// Why the server certificate could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// The certificate file is missing or holds no certificate.
-    #[error("{path}: cannot load certificate: {reason}")]
-    Cert {
-        /// File.
-        path: String,
-        /// Reason.
-        reason: String,
-    },
-    /// The key file is missing or holds no usable key.
-    #[error("{path}: cannot load private key: {reason}")]
-    Key {
-        /// File.
-        path: String,
-        /// Reason.
-        reason: String,
-    },
-    /// Certificate and key do not fit together, or rustls refused them.
-    #[error("TLS config: {0}")]
-    Config(String),
-}
-
-/// The crypto provider used everywhere (one provider, so no ambiguity at run time).
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
 /// Builds the STARTTLS acceptor from PEM files (TLS 1.2 and 1.3 only).
 pub fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Cert {
-            path: cert.display().to_string(),
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Cert {
-            path: cert.display().to_string(),
-            reason: "no PEM certificate found".into(),
-        });
-    }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
-        path: key.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let certs = certs::load_certs(cert)?;
+    let key_der = certs::load_key(key)?;
     acceptor_from(certs, key_der).map_err(|e| match e {
         TlsError::Config(reason) => TlsError::Key {
             path: format!("{} (with {})", key.display(), cert.display()),
@@ -91,12 +47,7 @@ pub fn acceptor_requiring_client_cert(
     key: PrivateKeyDer<'static>,
     client_cas: &[u8],
 ) -> Result<TlsAcceptor, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(client_cas) {
-        roots
-            .add(c.map_err(|e| TlsError::Config(e.to_string()))?)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-    }
+    let roots = certs::roots_from_pem(client_cas)?;
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()

@@ -222,7 +222,7 @@ pub fn tls_connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(coexist::smtp::tls::provider())
+    let cfg = rustls::ClientConfig::builder_with_provider(coexist::certs::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)

@@ -648,7 +648,7 @@ impl<H: Handler> Session<H> {
         if !last {
             if let Some(r) = tx.chunk_error.clone() {
                 // The server's own condition (memory budget) is not the client's error.
-                if r.code == canned::INFLIGHT_FULL.code {
+                if r == canned::INFLIGHT_FULL {
                     return Ok(self.ok(&r));
                 }
                 return Ok(self.error(r));

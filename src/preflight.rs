@@ -121,10 +121,18 @@ pub fn writable_dir(dir: &Path) -> io::Result<()> {
                     format!("{} is a file, not a folder", here.display()),
                 ))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match at.parent() {
-                Some(p) => at = p,
-                None => return Err(e),
-            },
+            // Not there, or a file stands in the way higher up: look further up.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                match at.parent() {
+                    Some(p) => at = p,
+                    None => return Err(e),
+                }
+            }
             Err(e) => return Err(e),
         }
     }

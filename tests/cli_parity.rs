@@ -258,7 +258,9 @@ fn check_config_refuses_what_serve_refuses_in_the_same_words() {
         .parse::<toml::Table>()
         .unwrap()["tls"]["cert"]
         .clone();
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    // (what is wrong, how to break the config that way, a word the refusal names)
+    type Case<'a> = (&'a str, Box<dyn Fn(&Path) + 'a>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "spool folder under a file",
             Box::new(|c| set(c, "spool", "dir", path("plain/spool").into())),

@@ -151,8 +151,11 @@ impl AdminClient {
         a: Answer,
         also: Option<u16>,
     ) -> Result<T, ClientError> {
-        if !(200..300).contains(&a.status) && Some(a.status) != also {
-            return Err(Self::refused(&a));
+        if !(200..300).contains(&a.status) {
+            return match serde_json::from_str(&a.text) {
+                Ok(v) if Some(a.status) == also => Ok(v),
+                _ => Err(Self::refused(&a)),
+            };
         }
         serde_json::from_str(&a.text).map_err(|e| ClientError::Unexpected {
             call: call.to_string(),
@@ -317,4 +320,49 @@ pub fn encode(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, text: &str) -> Answer {
+        Answer {
+            status,
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn answers_are_read_as_the_api_type_or_refused_with_the_api_error() {
+        let ok: FlushReply =
+            AdminClient::typed("POST /f", answer(200, r#"{"flushed":3}"#), None).unwrap();
+        assert_eq!(ok.flushed, 3);
+        let e = AdminClient::typed::<MessageView>(
+            "GET /v1/queue/X",
+            answer(404, r#"{"error":"no message X in the queue"}"#),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "404 no message X in the queue");
+        let e = AdminClient::typed::<FlushReply>("POST /f", answer(200, r#"{"flush":3}"#), None)
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "unexpected answer from the admin API to POST /f: missing field `flushed`"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_draining_server_still_answers_ready() {
+        let body = r#"{"ready":false,"draining":true,"sessions_open":2,"directory_entries":4,
+            "directory_reload":{"last_result":null,"last_time":null,"last_refused":null}}"#;
+        let r: Ready = AdminClient::typed("GET /v1/ready", answer(503, body), Some(503)).unwrap();
+        assert!(r.draining && !r.ready);
+        let e = AdminClient::typed::<Ready>("GET /v1/ready", answer(503, "busy"), Some(503))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "503 busy");
+    }
 }

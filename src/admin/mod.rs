@@ -2,6 +2,9 @@
 //! reloads and route explanations. Every call needs `Authorization: Bearer TOKEN`; every
 //! change is logged with the caller's address. Every error, including a malformed JSON body,
 //! query string or path and an unknown path, is answered `{"error": "..."}`.
+//!
+//! Every body the API reads or answers is a named type, listed in [`types`]; the CLI's
+//! [`client`] deserializes the same types, so server and CLI cannot disagree on a field.
 
 pub mod client;
 pub mod token;

@@ -390,17 +390,16 @@ impl Drop for Running {
 }
 
 /// Starts the relay from `config` (read from `config_file`, if any, which reloads re-read).
-/// Loads TLS, directory and spool, re-queues what the spool holds, binds every listen
+/// Runs the start-up checks `check-config` shares ([`crate::preflight::check`]), then loads
+/// TLS, directory and spool, re-queues what the spool holds, binds every listen
 /// address, and starts the admin API. Must be called inside a tokio runtime.
 pub async fn start_with_file(
     config: Config,
     config_file: Option<std::path::PathBuf>,
 ) -> Result<Running, StartError> {
     let _ = m::install();
-    let acceptor = match &config.tls {
-        Some(t) => Some(tls::load_acceptor(&t.cert, &t.key)?),
-        None => None,
-    };
+    // The checks `coexist check-config` runs too: TLS material, admin token, writable folders.
+    let acceptor = crate::preflight::check(&config)?.acceptor;
     let t0 = Instant::now();
     let directory = {
         let (cfg, names) = (config.directory.clone(), config.route_names());

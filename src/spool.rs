@@ -238,6 +238,10 @@ impl DirSync {
     }
 }
 
+/// The folders [`Spool::open`] keeps under the spool directory (messages being written,
+/// queued messages, failed ones), each of which must be writable.
+pub const FOLDERS: [&str; 3] = ["incoming", "active", "failed"];
+
 /// The spool.
 pub struct Spool {
     incoming: PathBuf,
@@ -252,12 +256,13 @@ pub struct Spool {
 impl Spool {
     /// Opens (and creates) the spool under `dir`.
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
+        let [incoming, active, failed] = FOLDERS.map(|f| dir.join(f));
         let s = Spool {
-            incoming: dir.join("incoming"),
-            active: dir.join("active"),
-            failed: dir.join("failed"),
-            active_sync: DirSync::new(dir.join("active")),
-            failed_sync: DirSync::new(dir.join("failed")),
+            active_sync: DirSync::new(active.clone()),
+            failed_sync: DirSync::new(failed.clone()),
+            incoming,
+            active,
+            failed,
         };
         for d in [&s.incoming, &s.active, &s.failed] {
             fs::create_dir_all(d).map_err(io_err(d))?;

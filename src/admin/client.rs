@@ -1,6 +1,16 @@
 //! The CLI's side of the admin API: a small blocking HTTP client (ureq) with the token.
+//!
+//! One method per API call, each returning the type the server answers with (see
+//! [`super::types`]): the CLI never picks fields out of untyped JSON. [`AdminClient::get`] and
+//! [`AdminClient::post`] stay for callers that want the raw answer (tests, `/metrics`).
 
+use super::types::{
+    ApiErrorBody, BatchReport, ChangeSummary, ConfigReloadReply, DrainReply, Explain,
+    ExplainRequest, FlushReply, MessageView, QueueAction, QueueActionReply, QueueFilter, Ready,
+    ReloadReport,
+};
 use crate::config::Config;
+use serde::de::DeserializeOwned;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -24,6 +34,33 @@ pub enum ClientError {
     /// The server refused the call.
     #[error("{0}")]
     Refused(String),
+    /// The answer is not the type this CLI expects for the call.
+    #[error("unexpected answer from the admin API to {call}: {reason} (is the server the same version as this CLI?)")]
+    Unexpected {
+        /// Method and path.
+        call: String,
+        /// What did not fit.
+        reason: String,
+    },
+}
+
+/// A batch file to send to the directory (`coexist directory apply/diff`).
+#[derive(Debug, Clone)]
+pub struct BatchUpload<'a> {
+    /// The CSV file's bytes.
+    pub body: &'a [u8],
+    /// Its name, recorded in the change log.
+    pub source: &'a str,
+    /// Target state when the file has no `state` column.
+    pub state: Option<&'a str>,
+    /// Preview only: change nothing.
+    pub dry_run: bool,
+}
+
+/// An answer: HTTP status and body text.
+struct Answer {
+    status: u16,
+    text: String,
 }
 
 /// A client for one server's admin API.
@@ -61,61 +98,214 @@ impl AdminClient {
         format!("http://{}{path}", self.addr)
     }
 
-    fn finish(
+    fn send(
         &self,
         res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<serde_json::Value, ClientError> {
-        let mut res = res.map_err(|e| ClientError::Unreachable {
+    ) -> Result<Answer, ClientError> {
+        let unreachable = |e: ureq::Error| ClientError::Unreachable {
             addr: self.addr,
             reason: e.to_string(),
-        })?;
-        let status = res.status();
-        let text = res
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| ClientError::Unreachable {
-                addr: self.addr,
-                reason: e.to_string(),
-            })?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        // /v1/ready answers 503 while draining: that is an answer, not a failure.
-        if status.is_success() || (status.as_u16() == 503 && value.get("draining").is_some()) {
-            Ok(value)
-        } else {
-            let msg = value
-                .get("error")
-                .and_then(|e| e.as_str())
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
-            Err(ClientError::Refused(format!("{} {}", status.as_u16(), msg)))
-        }
+        };
+        let mut res = res.map_err(unreachable)?;
+        let status = res.status().as_u16();
+        let text = res.body_mut().read_to_string().map_err(unreachable)?;
+        Ok(Answer { status, text })
     }
 
-    /// GET `path` (with its query string).
-    pub fn get(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+    fn get_answer(&self, path: &str) -> Result<Answer, ClientError> {
         let res = self
             .agent
             .get(self.url(path))
             .header("Authorization", format!("Bearer {}", self.token))
             .call();
-        self.finish(res)
+        self.send(res)
     }
 
-    /// POST raw bytes to `path`.
-    pub fn post(
+    fn post_answer(
         &self,
         path: &str,
         body: &[u8],
         content_type: &str,
-    ) -> Result<serde_json::Value, ClientError> {
+    ) -> Result<Answer, ClientError> {
         let res = self
             .agent
             .post(self.url(path))
             .header("Authorization", format!("Bearer {}", self.token))
             .header("Content-Type", content_type)
             .send(body);
-        self.finish(res)
+        self.send(res)
+    }
+
+    /// The refusal of an answer that is not a success: its status and the API's error text.
+    fn refused(a: &Answer) -> ClientError {
+        let msg = match serde_json::from_str::<ApiErrorBody>(&a.text) {
+            Ok(e) => e.error,
+            Err(_) => a.text.clone(),
+        };
+        ClientError::Refused(format!("{} {}", a.status, msg))
+    }
+
+    /// Deserializes a successful answer (or, with `also`, an answer of that status) as `T`.
+    fn typed<T: DeserializeOwned>(
+        call: &str,
+        a: Answer,
+        also: Option<u16>,
+    ) -> Result<T, ClientError> {
+        if !(200..300).contains(&a.status) {
+            return match serde_json::from_str(&a.text) {
+                Ok(v) if Some(a.status) == also => Ok(v),
+                _ => Err(Self::refused(&a)),
+            };
+        }
+        serde_json::from_str(&a.text).map_err(|e| ClientError::Unexpected {
+            call: call.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn get_typed<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        Self::typed(&format!("GET {path}"), self.get_answer(path)?, None)
+    }
+
+    fn post_typed<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &[u8],
+        content_type: &str,
+    ) -> Result<T, ClientError> {
+        let a = self.post_answer(path, body, content_type)?;
+        Self::typed(&format!("POST {path}"), a, None)
+    }
+
+    /// The raw answer as JSON (a body that is not JSON, such as `/metrics`, as a JSON string).
+    fn raw(a: Answer) -> Result<serde_json::Value, ClientError> {
+        let value: serde_json::Value =
+            serde_json::from_str(&a.text).unwrap_or(serde_json::Value::String(a.text.clone()));
+        // /v1/ready answers 503 while draining: that is an answer, not a failure.
+        if (200..300).contains(&a.status) || (a.status == 503 && value.get("draining").is_some()) {
+            Ok(value)
+        } else {
+            Err(Self::refused(&a))
+        }
+    }
+
+    /// GET `path` (with its query string), untyped.
+    pub fn get(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        Self::raw(self.get_answer(path)?)
+    }
+
+    /// POST raw bytes to `path`, untyped.
+    pub fn post(
+        &self,
+        path: &str,
+        body: &[u8],
+        content_type: &str,
+    ) -> Result<serde_json::Value, ClientError> {
+        Self::raw(self.post_answer(path, body, content_type)?)
+    }
+
+    /// `GET /v1/ready`. A draining server answers 503 with the same body: that is an answer
+    /// here, not a failure.
+    pub fn ready(&self) -> Result<Ready, ClientError> {
+        let path = "/v1/ready";
+        Self::typed(&format!("GET {path}"), self.get_answer(path)?, Some(503))
+    }
+
+    /// `GET /v1/queue`: the queued messages that pass `filter`.
+    pub fn queue_list(&self, filter: &QueueFilter) -> Result<Vec<MessageView>, ClientError> {
+        self.get_typed(&format!("/v1/queue?{}", filter.query()))
+    }
+
+    /// `GET /v1/queue/{id}`: one message.
+    pub fn queue_show(&self, id: &str) -> Result<MessageView, ClientError> {
+        self.get_typed(&format!("/v1/queue/{}", encode(id)))
+    }
+
+    /// `POST /v1/queue/{id}/{action}`: hold, release, delete or flush one message.
+    pub fn queue_action(
+        &self,
+        id: &str,
+        action: QueueAction,
+    ) -> Result<QueueActionReply, ClientError> {
+        self.post_typed(
+            &format!("/v1/queue/{}/{action}", encode(id)),
+            b"",
+            "text/plain",
+        )
+    }
+
+    /// `POST /v1/queue/flush`: attempt every deferred message now, or those with a pending
+    /// recipient on `route`.
+    pub fn queue_flush(&self, route: Option<&str>) -> Result<FlushReply, ClientError> {
+        let path = match route {
+            Some(r) => format!("/v1/queue/flush?route={}", encode(r)),
+            None => "/v1/queue/flush".to_string(),
+        };
+        self.post_typed(&path, b"", "text/plain")
+    }
+
+    /// `POST /v1/config/reload`: re-read the server's config file.
+    pub fn config_reload(&self) -> Result<ConfigReloadReply, ClientError> {
+        self.post_typed("/v1/config/reload", b"", "text/plain")
+    }
+
+    /// `POST /v1/drain`: start (`on`) or stop draining.
+    pub fn drain(&self, on: bool) -> Result<DrainReply, ClientError> {
+        self.post_typed(&format!("/v1/drain?on={on}"), b"", "text/plain")
+    }
+
+    /// `GET /v1/directory/lookup`: an address's state, origin and route now.
+    pub fn directory_lookup(&self, address: &str) -> Result<Explain, ClientError> {
+        self.get_typed(&format!("/v1/directory/lookup?address={}", encode(address)))
+    }
+
+    /// `GET /v1/directory/batches`: the change log's summaries.
+    pub fn directory_batches(&self) -> Result<Vec<ChangeSummary>, ClientError> {
+        self.get_typed("/v1/directory/batches")
+    }
+
+    /// `POST /v1/directory/batches`: apply (or preview) a batch file.
+    pub fn directory_apply(&self, batch: &BatchUpload<'_>) -> Result<BatchReport, ClientError> {
+        let mut path = format!(
+            "/v1/directory/batches?source={}&dry_run={}",
+            encode(batch.source),
+            batch.dry_run
+        );
+        if let Some(s) = batch.state {
+            path.push_str(&format!("&state={}", encode(s)));
+        }
+        self.post_typed(&path, batch.body, "text/csv")
+    }
+
+    /// `POST /v1/directory/batches/{id}/rollback`: undo batch `id`.
+    pub fn directory_rollback(&self, id: u32) -> Result<BatchReport, ClientError> {
+        self.post_typed(
+            &format!("/v1/directory/batches/{id}/rollback"),
+            b"",
+            "text/plain",
+        )
+    }
+
+    /// `POST /v1/directory/reload`: re-read the directory file (`force`: past
+    /// `directory.max_shrink`).
+    pub fn directory_reload(&self, force: bool) -> Result<ReloadReport, ClientError> {
+        self.post_typed(
+            &format!("/v1/directory/reload?force={force}"),
+            b"",
+            "text/plain",
+        )
+    }
+
+    /// `POST /v1/route/explain`: where mail for each address would go now, and why.
+    pub fn route_explain(&self, addresses: &[String]) -> Result<Vec<Explain>, ClientError> {
+        let body = ExplainRequest {
+            addresses: addresses.to_vec(),
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| ClientError::Unexpected {
+            call: "POST /v1/route/explain".into(),
+            reason: e.to_string(),
+        })?;
+        self.post_typed("/v1/route/explain", &body, "application/json")
     }
 }
 
@@ -130,4 +320,49 @@ pub fn encode(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, text: &str) -> Answer {
+        Answer {
+            status,
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn answers_are_read_as_the_api_type_or_refused_with_the_api_error() {
+        let ok: FlushReply =
+            AdminClient::typed("POST /f", answer(200, r#"{"flushed":3}"#), None).unwrap();
+        assert_eq!(ok.flushed, 3);
+        let e = AdminClient::typed::<MessageView>(
+            "GET /v1/queue/X",
+            answer(404, r#"{"error":"no message X in the queue"}"#),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "404 no message X in the queue");
+        let e = AdminClient::typed::<FlushReply>("POST /f", answer(200, r#"{"flush":3}"#), None)
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "unexpected answer from the admin API to POST /f: missing field `flushed`"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_draining_server_still_answers_ready() {
+        let body = r#"{"ready":false,"draining":true,"sessions_open":2,"directory_entries":4,
+            "directory_reload":{"last_result":null,"last_time":null,"last_refused":null}}"#;
+        let r: Ready = AdminClient::typed("GET /v1/ready", answer(503, body), Some(503)).unwrap();
+        assert!(r.draining && !r.ready);
+        let e = AdminClient::typed::<Ready>("GET /v1/ready", answer(503, "busy"), Some(503))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "503 busy");
+    }
 }

@@ -2,12 +2,16 @@
 //! reloads and route explanations. Every call needs `Authorization: Bearer TOKEN`; every
 //! change is logged with the caller's address. Every error, including a malformed JSON body,
 //! query string or path and an unknown path, is answered `{"error": "..."}`.
+//!
+//! Every body the API reads or answers is a named type, listed in [`types`]; the CLI's
+//! [`client`] deserializes the same types, so server and CLI cannot disagree on a field.
 
 pub mod client;
 pub mod controls;
 pub mod token;
+pub mod types;
 
-use crate::config::Config;
+use crate::config::{AdminConfig, Config};
 use crate::directory::{batch, Directory, Lookup};
 use crate::policy::Policy;
 use crate::types::Address;
@@ -24,6 +28,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::info;
+use types::{
+    ApiErrorBody, ConfigReloadReply, DrainReply, ExplainRequest, FlushReply, Health, QueueAction,
+    QueueActionReply, QueueFilter, Ready,
+};
 
 /// Shared state of the API.
 #[derive(Clone)]
@@ -55,7 +63,7 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ApiErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -230,14 +238,9 @@ async fn lookup(
         .ok_or_else(|| unprocessable("no address"))
 }
 
-#[derive(Deserialize)]
-struct ExplainBody {
-    addresses: Vec<String>,
-}
-
 async fn route_explain(
     State(s): State<AdminState>,
-    ApiJson(b): ApiJson<ExplainBody>,
+    ApiJson(b): ApiJson<ExplainRequest>,
 ) -> Result<Json<Vec<Explain>>, ApiError> {
     explain(&s.directory, &s.control.config(), &b.addresses)
         .map(Json)
@@ -314,21 +317,24 @@ async fn reload(
     Ok(Json(res.map_err(unprocessable)?))
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 /// Ready to take mail: listening and not draining (503 while draining, so a load balancer
 /// moves traffic away).
 async fn ready(State(s): State<AdminState>) -> Response {
-    let body = serde_json::json!({
-        "ready": !s.control.draining(),
-        "draining": s.control.draining(),
-        "sessions_open": s.control.open_sessions(),
-        "directory_entries": s.directory.len(),
-        "directory_reload": s.directory.reload_status(),
-    });
-    let code = if s.control.draining() {
+    let draining = s.control.draining();
+    let body = Ready {
+        ready: !draining,
+        draining,
+        sessions_open: s.control.open_sessions(),
+        directory_entries: s.directory.len(),
+        directory_reload: s.directory.reload_status(),
+    };
+    let code = if draining {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
@@ -357,14 +363,6 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
         )
         .into_response(),
     }
-}
-
-#[derive(Deserialize, Default)]
-struct QueueFilter {
-    route: Option<String>,
-    state: Option<String>,
-    min_age: Option<u64>,
-    rcpt: Option<String>,
 }
 
 async fn queue_list(
@@ -412,23 +410,23 @@ async fn queue_action(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiPath((id, action)): ApiPath<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<QueueActionReply>, ApiError> {
     let q = s.control.queue();
-    let res = match action.as_str() {
-        "hold" => q.hold(&id),
-        "release" => q.release(&id),
-        "delete" => q.delete(&id),
-        "flush" => q.flush(&id),
-        other => {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!("unknown queue action {other:?}"),
-            ))
-        }
+    let Some(action) = QueueAction::parse(&action) else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("unknown queue action {action:?}"),
+        ));
+    };
+    let res = match action {
+        QueueAction::Hold => q.hold(&id),
+        QueueAction::Release => q.release(&id),
+        QueueAction::Delete => q.delete(&id),
+        QueueAction::Flush => q.flush(&id),
     };
     res.map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
-    info!(client = %peer, qid = id, action, "admin: queue");
-    Ok(Json(serde_json::json!({ "id": id, "action": action })))
+    info!(client = %peer, qid = id, action = action.as_str(), "admin: queue");
+    Ok(Json(QueueActionReply { id, action }))
 }
 
 #[derive(Deserialize)]
@@ -440,7 +438,7 @@ async fn queue_flush(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiQuery(f): ApiQuery<FlushQuery>,
-) -> Json<serde_json::Value> {
+) -> Json<FlushReply> {
     let q = s.control.queue();
     let n = q.flush_where(|e| match &f.route {
         None => true,
@@ -450,20 +448,25 @@ async fn queue_flush(
             .any(|(_, x)| x.as_ref() == Some(r)),
     });
     info!(client = %peer, route = ?f.route, messages = n, "admin: queue flush");
-    Json(serde_json::json!({ "flushed": n }))
+    Json(FlushReply { flushed: n })
 }
 
 async fn config_reload(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ConfigReloadReply>, ApiError> {
     let control = s.control.clone();
     let res = tokio::task::spawn_blocking(move || control.reload())
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     info!(client = %peer, ok = res.is_ok(), "admin: config reload");
-    res.map(|changed| Json(serde_json::json!({ "reloaded": true, "changed": changed })))
-        .map_err(unprocessable)
+    res.map(|changed| {
+        Json(ConfigReloadReply {
+            reloaded: true,
+            changed,
+        })
+    })
+    .map_err(unprocessable)
 }
 
 #[derive(Deserialize)]
@@ -480,10 +483,13 @@ async fn drain(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiQuery(q): ApiQuery<DrainQuery>,
-) -> Json<serde_json::Value> {
+) -> Json<DrainReply> {
     s.control.set_draining(q.on);
     info!(client = %peer, draining = q.on, "admin: drain");
-    Json(serde_json::json!({ "draining": q.on, "sessions_open": s.control.open_sessions() }))
+    Json(DrainReply {
+        draining: q.on,
+        sessions_open: s.control.open_sessions(),
+    })
 }
 
 /// The API's routes.
@@ -510,6 +516,22 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// Refuses a clear-text non-loopback listen address without `allow_plaintext_remote`.
+fn check_listen(admin: &AdminConfig) -> Result<(), AdminError> {
+    if admin.plaintext_remote_refused() {
+        return Err(AdminError::Plaintext(admin.listen));
+    }
+    Ok(())
+}
+
+/// The rules [`start`] applies, checked without binding or writing anything (for
+/// [`crate::preflight`]): the listen address and the token. `Ok(Some(path))` names a token
+/// file that does not exist yet and that [`start`] will write.
+pub fn check(admin: &AdminConfig) -> Result<Option<std::path::PathBuf>, AdminError> {
+    check_listen(admin)?;
+    Ok(token::check(admin)?)
+}
+
 /// Binds the admin listener and serves the API in a task; returns the bound address.
 /// Refuses a weak token and a clear-text non-loopback address without
 /// `allow_plaintext_remote`; writes a fresh token to a missing `admin.token_file`.
@@ -520,9 +542,7 @@ pub async fn start(
     let Some(admin) = &config.admin else {
         return Ok(None);
     };
-    if admin.plaintext_remote_refused() {
-        return Err(AdminError::Plaintext(admin.listen));
-    }
+    check_listen(admin)?;
     let (token, origin) = token::for_server(admin)?;
     if let token::Origin::Created(path) = &origin {
         tracing::warn!(

@@ -270,9 +270,33 @@ pub fn for_server(admin: &crate::config::AdminConfig) -> Result<(String, Origin)
         },
         (None, None) => return Err(TokenError::Missing),
     };
-    match weakness(&token) {
+    strong(&token, key)?;
+    Ok((token, origin))
+}
+
+/// What [`for_server`] would find, without writing anything: `Ok(Some(path))` when the
+/// token file does not exist yet and a starting server will write it (the caller checks that
+/// its folder is writable), `Ok(None)` when a strong token is there, the same errors as
+/// [`for_server`] otherwise.
+pub fn check(admin: &crate::config::AdminConfig) -> Result<Option<PathBuf>, TokenError> {
+    match (&admin.token, &admin.token_file) {
+        (Some(t), _) => strong(t, "admin.token").map(|()| None),
+        (None, Some(path)) => match read_file(path).map_err(|source| TokenError::File {
+            path: path.clone(),
+            source,
+        })? {
+            Some(t) => strong(&t, "admin.token_file").map(|()| None),
+            None => Ok(Some(path.clone())),
+        },
+        (None, None) => Err(TokenError::Missing),
+    }
+}
+
+/// Refuses a weak `token`, naming the config `key` that holds it.
+fn strong(token: &str, key: &'static str) -> Result<(), TokenError> {
+    match weakness(token) {
         Some(reason) => Err(TokenError::Weak { key, reason }),
-        None => Ok((token, origin)),
+        None => Ok(()),
     }
 }
 

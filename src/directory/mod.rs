@@ -184,7 +184,7 @@ pub struct Lookup {
 }
 
 /// Outcome of applying (or previewing) a batch or rollback.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq, Default)]
 pub struct BatchReport {
     /// Change id given to it (`None` for a preview or a no-op).
     pub id: Option<u32>,
@@ -205,7 +205,7 @@ pub struct BatchReport {
 }
 
 /// Outcome of a directory file reload.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ReloadReport {
     /// Addresses now listed.
     pub entries: usize,

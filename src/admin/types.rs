@@ -1,0 +1,215 @@
+//! The admin API's vocabulary: every request and response body, as Rust types.
+//!
+//! The server answers with these types and the CLI ([`super::client`]) deserializes the same
+//! types and renders text from their fields, so the two cannot drift apart: renaming a field
+//! is a compile error in the CLI's renderers, never a `null` on the admin's terminal.
+//!
+//! Bodies that belong to the part of the relay that produces them are defined there and
+//! re-exported here, so this file is the one list of what the API speaks:
+//!
+//! | path | method | answer |
+//! |---|---|---|
+//! | `/v1/health` | GET | [`Health`] |
+//! | `/v1/ready` | GET | [`Ready`] (503 while draining) |
+//! | `/v1/queue?route=&state=&min_age=&rcpt=` ([`QueueFilter`]) | GET | `Vec<`[`MessageView`]`>` |
+//! | `/v1/queue/{id}` | GET | [`MessageView`] |
+//! | `/v1/queue/{id}/{action}` ([`QueueAction`]) | POST | [`QueueActionReply`] |
+//! | `/v1/queue/flush?route=` | POST | [`FlushReply`] |
+//! | `/v1/config/reload` | POST | [`ConfigReloadReply`] |
+//! | `/v1/drain?on=` | POST | [`DrainReply`] |
+//! | `/v1/directory/lookup?address=` | GET | [`Explain`] |
+//! | `/v1/directory/batches` | GET | `Vec<`[`ChangeSummary`]`>` |
+//! | `/v1/directory/batches?source=&state=&dry_run=` (CSV body) | POST | [`BatchReport`] |
+//! | `/v1/directory/batches/{id}/rollback` | POST | [`BatchReport`] |
+//! | `/v1/directory/reload?force=` | POST | [`ReloadReport`] |
+//! | `/v1/route/explain` ([`ExplainRequest`]) | POST | `Vec<`[`Explain`]`>` |
+//!
+//! Every error is an [`ApiErrorBody`].
+
+use serde::{Deserialize, Serialize};
+
+pub use super::Explain;
+pub use crate::directory::store::{ChangeKind, ChangeSummary};
+pub use crate::directory::{BatchReport, RefusedReload, ReloadReport, ReloadStatus};
+pub use crate::queue::{MessageView, RcptView};
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiErrorBody {
+    /// What is wrong, worded for the admin.
+    pub error: String,
+}
+
+/// `GET /v1/health`: the API answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// `GET /v1/ready`: whether the relay takes mail, for load balancers and `coexist status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ready {
+    /// Listening and not draining.
+    pub ready: bool,
+    /// New sessions are answered 421.
+    pub draining: bool,
+    /// SMTP sessions open now.
+    pub sessions_open: usize,
+    /// Addresses in the directory.
+    pub directory_entries: usize,
+    /// How the reloads of the directory file went.
+    pub directory_reload: ReloadStatus,
+}
+
+/// What `POST /v1/queue/{id}/{action}` does to one message.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueAction {
+    /// No delivery until released (kept across restarts).
+    Hold,
+    /// Release a held message (attempted at once).
+    Release,
+    /// Remove from the queue and the spool, without a bounce.
+    Delete,
+    /// Attempt now.
+    Flush,
+}
+
+impl QueueAction {
+    /// The action's name in the API path.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueAction::Hold => "hold",
+            QueueAction::Release => "release",
+            QueueAction::Delete => "delete",
+            QueueAction::Flush => "flush",
+        }
+    }
+
+    /// The action named `name` in a path, if any.
+    pub fn parse(name: &str) -> Option<QueueAction> {
+        [
+            QueueAction::Hold,
+            QueueAction::Release,
+            QueueAction::Delete,
+            QueueAction::Flush,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for QueueAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The answer to a [`QueueAction`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueActionReply {
+    /// Queue id.
+    pub id: String,
+    /// What was done.
+    pub action: QueueAction,
+}
+
+/// `POST /v1/queue/flush`: deferred messages attempted now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlushReply {
+    /// How many.
+    pub flushed: usize,
+}
+
+/// `POST /v1/config/reload`: the new config is in force.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConfigReloadReply {
+    /// Always true (a refused reload is an error answer).
+    pub reloaded: bool,
+    /// Config sections whose values changed.
+    pub changed: Vec<String>,
+}
+
+/// `POST /v1/drain`: the drain state now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DrainReply {
+    /// New sessions are answered 421.
+    pub draining: bool,
+    /// SMTP sessions still open.
+    pub sessions_open: usize,
+}
+
+/// The body of `POST /v1/route/explain`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExplainRequest {
+    /// Addresses to explain.
+    pub addresses: Vec<String>,
+}
+
+/// The filters of `GET /v1/queue` (all optional; a message must match every one given).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueFilter {
+    /// Only messages with a pending recipient on this route.
+    pub route: Option<String>,
+    /// Only messages in this phase: active, deferred, held.
+    pub state: Option<String>,
+    /// Only messages at least this many seconds old.
+    pub min_age: Option<u64>,
+    /// Only messages with a recipient containing this text (case-insensitive).
+    pub rcpt: Option<String>,
+}
+
+impl QueueFilter {
+    /// The filter as a query string (without `?`), for the client.
+    pub fn query(&self) -> String {
+        let mut q = Vec::new();
+        if let Some(r) = &self.route {
+            q.push(format!("route={}", super::client::encode(r)));
+        }
+        if let Some(s) = &self.state {
+            q.push(format!("state={}", super::client::encode(s)));
+        }
+        if let Some(a) = self.min_age {
+            q.push(format!("min_age={a}"));
+        }
+        if let Some(r) = &self.rcpt {
+            q.push(format!("rcpt={}", super::client::encode(r)));
+        }
+        q.join("&")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_actions_round_trip_by_name() {
+        for a in [
+            QueueAction::Hold,
+            QueueAction::Release,
+            QueueAction::Delete,
+            QueueAction::Flush,
+        ] {
+            assert_eq!(QueueAction::parse(a.as_str()), Some(a));
+            assert_eq!(
+                serde_json::to_string(&a).unwrap(),
+                format!("\"{}\"", a.as_str())
+            );
+        }
+        assert_eq!(QueueAction::parse("bounce"), None);
+    }
+
+    #[test]
+    fn queue_filter_query_encodes_its_values() {
+        let f = QueueFilter {
+            route: Some("cloud".into()),
+            state: None,
+            min_age: Some(1800),
+            rcpt: Some("a b&c".into()),
+        };
+        assert_eq!(f.query(), "route=cloud&min_age=1800&rcpt=a%20b%26c");
+        assert_eq!(QueueFilter::default().query(), "");
+    }
+}

@@ -1,0 +1,279 @@
+//! `coexist directory …`: the migration-state directory of the running server, through the
+//! admin API (apply, diff, rollback, lookup, batches, reload), and `generate`, which writes a
+//! synthetic directory file locally.
+
+use super::route::explain_text;
+use super::Api;
+use crate::admin::client::BatchUpload;
+use crate::admin::types::{BatchReport, ChangeKind, ChangeSummary, ReloadReport};
+use anyhow::Context;
+use clap::Subcommand;
+use std::path::{Path, PathBuf};
+
+/// The directory commands.
+#[derive(Subcommand)]
+pub enum DirCmd {
+    /// Apply a migration batch to the running server (our CSV or New-MigrationBatch CSV).
+    Apply {
+        /// Batch file.
+        file: PathBuf,
+        /// Target state (route name); without it the file needs a `state` column.
+        #[arg(long)]
+        state: Option<String>,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Preview what a batch would change, without applying it.
+    Diff {
+        /// Batch file.
+        file: PathBuf,
+        /// Target state (route name).
+        #[arg(long)]
+        state: Option<String>,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Undo a batch by id.
+    Rollback {
+        /// Batch id (from `apply` or `batches`).
+        id: u32,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Show an address's state, where it comes from, and its route now.
+    Lookup {
+        /// Address.
+        address: String,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// List applied batches, rollbacks and file reloads.
+    Batches {
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Re-read the directory file on the running server.
+    Reload {
+        /// Apply it even if it removes more than `directory.max_shrink` of the addresses.
+        #[arg(long)]
+        force: bool,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Write a synthetic directory CSV (for tests and benchmarks).
+    Generate {
+        /// Number of addresses.
+        #[arg(long)]
+        count: usize,
+        /// Number of domains (nhs.test, trust1.nhs.test, ...).
+        #[arg(long, default_value_t = 1)]
+        domains: usize,
+        /// Share of mailboxes in `cloud` (0 to 1).
+        #[arg(long, default_value_t = 0.5)]
+        cloud_share: f64,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Runs a directory command.
+pub fn run(cmd: DirCmd) -> anyhow::Result<()> {
+    match cmd {
+        DirCmd::Apply { file, state, api } => batch(&file, state.as_deref(), &api, false),
+        DirCmd::Diff { file, state, api } => batch(&file, state.as_deref(), &api, true),
+        DirCmd::Rollback { id, api } => {
+            let r = api.client()?.directory_rollback(id)?;
+            api.print(&r, |r| batch_text(r, &format!("rollback of batch {id}")))
+        }
+        DirCmd::Lookup { address, api } => {
+            let e = api.client()?.directory_lookup(&address)?;
+            api.print(&e, explain_text)
+        }
+        DirCmd::Batches { api } => {
+            let list = api.client()?.directory_batches()?;
+            api.print(&list, |l| batches_text(l))
+        }
+        DirCmd::Reload { force, api } => {
+            let r = api.client()?.directory_reload(force)?;
+            api.print(&r, reload_text)
+        }
+        DirCmd::Generate {
+            count,
+            domains,
+            cloud_share,
+            out,
+        } => {
+            if !(0.0..=1.0).contains(&cloud_share) {
+                anyhow::bail!("--cloud-share must be between 0 and 1");
+            }
+            let f = std::fs::File::create(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            crate::directory::generate::write(f, count, domains, cloud_share)?;
+            println!("wrote {count} addresses to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+/// Sends a batch file to be applied, or only previewed (`dry_run`).
+fn batch(file: &Path, state: Option<&str>, api: &Api, dry_run: bool) -> anyhow::Result<()> {
+    let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let source = file
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let r = api.client()?.directory_apply(&BatchUpload {
+        body: &body,
+        source: &source,
+        state,
+        dry_run,
+    })?;
+    api.print(&r, |r| {
+        batch_text(r, if dry_run { "preview" } else { "applied" })
+    })
+}
+
+/// What a batch, preview or rollback did (`what` says which).
+pub fn batch_text(r: &BatchReport, what: &str) -> String {
+    let mut s = match r.id {
+        Some(id) => format!("{what}: id {id}"),
+        None => format!("{what}: nothing applied"),
+    };
+    s.push_str(&format!(
+        "\n  rows {}, changed {}, already in state {}, not found {}",
+        r.rows, r.changed, r.already, r.not_found_count
+    ));
+    if r.changed_since > 0 {
+        s.push_str(&format!(
+            ", moved again since (left alone) {}",
+            r.changed_since
+        ));
+    }
+    if !r.not_found.is_empty() {
+        s.push_str(&format!(
+            "\n  not in the directory: {}",
+            r.not_found.join(", ")
+        ));
+    }
+    s.push_str(&format!("\n  took {} ms", r.elapsed_ms));
+    s
+}
+
+/// The change log as a table: id, time, kind, count, source (and which batch a rollback
+/// undoes).
+pub fn batches_text(list: &[ChangeSummary]) -> String {
+    let rows: Vec<String> = list
+        .iter()
+        .map(|c| {
+            let kind = match c.kind {
+                ChangeKind::Apply => "apply",
+                ChangeKind::Rollback => "rollback",
+                ChangeKind::Reload => "reload",
+            };
+            format!(
+                "{:>5}  {}  {:<8}  {:>7}  {}{}",
+                c.id,
+                c.time,
+                kind,
+                c.count,
+                c.source,
+                c.rolls_back
+                    .map(|b| format!(" (undoes {b})"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    format!(
+        "   id  time                  kind        count  source\n{}",
+        rows.join("\n")
+    )
+}
+
+/// What a reload of the directory file changed.
+pub fn reload_text(r: &ReloadReport) -> String {
+    format!(
+        "reloaded{}: {} addresses, {} mailboxes; changed {}, added {}, removed {} ({} addresses) ({} ms)",
+        if r.forced { " (forced)" } else { "" },
+        r.entries,
+        r.mailboxes,
+        r.changed,
+        r.added,
+        r.removed,
+        r.removed_addresses,
+        r.elapsed_ms
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_report_names_what_it_skipped() {
+        let r = BatchReport {
+            id: Some(3),
+            rows: 4,
+            changed: 2,
+            already: 1,
+            not_found: vec!["nobody@nhs.test".into()],
+            not_found_count: 1,
+            changed_since: 0,
+            elapsed_ms: 7,
+        };
+        assert_eq!(
+            batch_text(&r, "applied"),
+            "applied: id 3\n  rows 4, changed 2, already in state 1, not found 1\n  \
+             not in the directory: nobody@nhs.test\n  took 7 ms"
+        );
+        let preview = BatchReport {
+            changed_since: 2,
+            ..Default::default()
+        };
+        assert!(batch_text(&preview, "preview")
+            .starts_with("preview: nothing applied\n  rows 0, changed 0, already in state 0, not found 0, moved again since (left alone) 2"));
+    }
+
+    #[test]
+    fn the_change_log_shows_what_a_rollback_undoes() {
+        let list = vec![ChangeSummary {
+            id: 2,
+            time: "2026-11-25T10:00:00Z".into(),
+            kind: ChangeKind::Rollback,
+            source: "evening.csv".into(),
+            rolls_back: Some(1),
+            count: 12,
+        }];
+        let text = batches_text(&list);
+        assert!(
+            text.ends_with(
+                "    2  2026-11-25T10:00:00Z  rollback       12  evening.csv (undoes 1)"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_reload_says_when_it_was_forced() {
+        let r = ReloadReport {
+            entries: 52,
+            mailboxes: 50,
+            changed: 1,
+            added: 0,
+            removed: 52,
+            removed_addresses: 52,
+            forced: true,
+            elapsed_ms: 3,
+        };
+        assert_eq!(
+            reload_text(&r),
+            "reloaded (forced): 52 addresses, 50 mailboxes; changed 1, added 0, removed 52 (52 addresses) (3 ms)"
+        );
+    }
+}

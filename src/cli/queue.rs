@@ -1,0 +1,249 @@
+//! `coexist queue …`: the queue of the running server, like Postfix's postqueue and
+//! postsuper, through the admin API.
+//!
+//! A listing shows per message its id, age, size, phase and sender, then each recipient not
+//! yet delivered with its status, the route it would take now, the time to the next attempt
+//! and the last reply of the next hop:
+//!
+//! ```text
+//! 1 message(s)
+//! 5F2A9C0E1B3D4A77      4m      2048  deferred  <a@example.org>
+//!     bob@nhs.test                             deferred  route cloud    next in 2m
+//!         (451 4.3.0 Sink: deferring on request)
+//! ```
+
+use super::Api;
+use crate::admin::types::{MessageView, QueueAction, QueueFilter};
+use anyhow::Context;
+use clap::Subcommand;
+
+/// The queue commands.
+#[derive(Subcommand)]
+pub enum QueueCmd {
+    /// List queued messages with each recipient's state, route, next attempt and last reply.
+    List {
+        /// Only messages with a pending recipient on this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// Only messages in this state: active, deferred, held.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only messages older than this (e.g. 30m, 4h).
+        #[arg(long)]
+        min_age: Option<String>,
+        /// Only messages with a recipient containing this text.
+        #[arg(long)]
+        rcpt: Option<String>,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Show one message.
+    Show {
+        /// Queue id.
+        id: String,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Attempt deferred mail now: one message, one route, or all.
+    Flush {
+        /// Queue id (all deferred messages when absent).
+        id: Option<String>,
+        /// Only messages with a pending recipient on this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Hold a message: no delivery until released (kept across restarts).
+    Hold {
+        /// Queue id.
+        id: String,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Release a held message (attempted at once).
+    Release {
+        /// Queue id.
+        id: String,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Delete a message from the queue and the spool, without a bounce.
+    Delete {
+        /// Queue id.
+        id: String,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Attempt every deferred message now.
+    RetryNow {
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+}
+
+/// Runs a queue command.
+pub fn run(cmd: QueueCmd) -> anyhow::Result<()> {
+    match cmd {
+        QueueCmd::List {
+            route,
+            state,
+            min_age,
+            rcpt,
+            api,
+        } => {
+            let min_age = min_age
+                .map(|a| {
+                    humantime::parse_duration(&a)
+                        .map(|d| d.as_secs())
+                        .with_context(|| format!("--min-age {a:?}"))
+                })
+                .transpose()?;
+            let filter = QueueFilter {
+                route,
+                state,
+                min_age,
+                rcpt,
+            };
+            let list = api.client()?.queue_list(&filter)?;
+            api.print(&list, |l| list_text(l))
+        }
+        QueueCmd::Show { id, api } => {
+            let m = api.client()?.queue_show(&id)?;
+            api.print(&m, message_text)
+        }
+        QueueCmd::Flush {
+            id: Some(id), api, ..
+        } => action(&id, QueueAction::Flush, &api),
+        QueueCmd::Flush {
+            id: None,
+            route,
+            api,
+        } => {
+            let r = api.client()?.queue_flush(route.as_deref())?;
+            api.print(&r, |r| format!("flushed {} deferred message(s)", r.flushed))
+        }
+        QueueCmd::Hold { id, api } => action(&id, QueueAction::Hold, &api),
+        QueueCmd::Release { id, api } => action(&id, QueueAction::Release, &api),
+        QueueCmd::Delete { id, api } => action(&id, QueueAction::Delete, &api),
+        QueueCmd::RetryNow { api } => {
+            let r = api.client()?.queue_flush(None)?;
+            api.print(&r, |r| format!("flushed {} deferred message(s)", r.flushed))
+        }
+    }
+}
+
+/// Hold, release, delete or flush one message.
+fn action(id: &str, what: QueueAction, api: &Api) -> anyhow::Result<()> {
+    let r = api.client()?.queue_action(id, what)?;
+    api.print(&r, |r| format!("{}: {}", r.id, r.action))
+}
+
+/// A duration for humans, in its largest whole unit: `45s`, `12m`, `5h`, `3d`.
+pub fn age(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// A listing: the count, then each message.
+pub fn list_text(list: &[MessageView]) -> String {
+    let mut out = format!("{} message(s)", list.len());
+    for m in list {
+        out.push('\n');
+        out.push_str(&message_text(m));
+    }
+    out
+}
+
+/// One message: a head line, then each recipient not yet delivered.
+pub fn message_text(m: &MessageView) -> String {
+    let mut out = format!(
+        "{}  {:>6}  {:>8}  {:<8}  <{}>",
+        m.id,
+        age(m.age_s),
+        m.size,
+        m.phase,
+        m.from
+    );
+    for r in &m.recipients {
+        if r.status == "delivered" {
+            continue;
+        }
+        out.push_str(&format!(
+            "\n    {:<40} {:<9} route {:<8}",
+            r.address,
+            r.status,
+            r.route.as_deref().unwrap_or("-")
+        ));
+        if r.status == "deferred" {
+            if let Some(n) = m.next_attempt_in_s {
+                out.push_str(&format!(" next in {}", age(n)));
+            }
+        }
+        if let Some(reply) = &r.last_reply {
+            out.push_str(&format!("\n        ({reply})"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::types::RcptView;
+
+    #[test]
+    fn ages_use_their_largest_whole_unit() {
+        assert_eq!(age(0), "0s");
+        assert_eq!(age(119), "119s");
+        assert_eq!(age(120), "2m");
+        assert_eq!(age(7200), "2h");
+        assert_eq!(age(172_800), "2d");
+    }
+
+    #[test]
+    fn a_message_shows_its_undelivered_recipients_with_route_and_reply() {
+        let m = MessageView {
+            id: "QID1".into(),
+            from: "a@example.org".into(),
+            age_s: 240,
+            size: 2048,
+            phase: "deferred".into(),
+            attempts: 2,
+            next_attempt_in_s: Some(130),
+            recipients: vec![
+                RcptView {
+                    address: "bob@nhs.test".into(),
+                    status: "deferred".into(),
+                    route: Some("cloud".into()),
+                    last_reply: Some("451 4.3.0 try later".into()),
+                },
+                RcptView {
+                    address: "alice@nhs.test".into(),
+                    status: "delivered".into(),
+                    route: None,
+                    last_reply: None,
+                },
+            ],
+        };
+        let text = list_text(std::slice::from_ref(&m));
+        assert_eq!(
+            text,
+            "1 message(s)\n\
+             QID1      4m      2048  deferred  <a@example.org>\n    \
+             bob@nhs.test                             deferred  route cloud    next in 2m\n        \
+             (451 4.3.0 try later)"
+        );
+    }
+}

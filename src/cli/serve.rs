@@ -1,0 +1,99 @@
+//! `coexist serve` and `coexist check-config`.
+//!
+//! Both run the same start-up checks, [`crate::preflight::check`]: `serve` through
+//! [`crate::relay::start_with_file`], before it opens the spool or binds a port, and
+//! `check-config` alone, so a config that `check-config` passes does not then stop `serve`
+//! on any of them, and a refusal reads the same in both.
+//!
+//! `serve` then runs until SIGINT or SIGTERM; SIGHUP reloads the config file and then the
+//! directory file (when it changed).
+
+use super::load_config;
+use crate::config::Config;
+use crate::relay::Running;
+use std::path::PathBuf;
+
+/// Arguments of `coexist serve`.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Config file (TOML); the embedded default config when absent.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Arguments of `coexist check-config`.
+#[derive(clap::Args)]
+pub struct CheckConfigArgs {
+    /// Config file (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+/// Runs the relay until SIGINT or SIGTERM.
+pub fn serve(args: ServeArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    let cfg = load_config(args.config.as_ref())?;
+    rt.block_on(async {
+        let running = crate::relay::start_with_file(cfg, args.config.clone()).await?;
+        tracing::info!(addrs = ?running.local_addrs, "coexist ready");
+        wait_for_stop(&running).await
+    })
+}
+
+/// Validates a config file with the start-up checks of `serve`, and loads its directory
+/// file, without starting anything; prints what it found.
+pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(&args.config)?;
+    let found = crate::preflight::check(&cfg)?;
+    let entries = crate::preflight::dry_run_directory(&cfg)?;
+    println!(
+        "{}: ok ({} routes, {entries} directory entries)",
+        args.config.display(),
+        cfg.routes.len(),
+    );
+    if let Some(f) = &found.new_token_file {
+        println!(
+            "note: admin.token_file {} does not exist yet; `coexist serve` will write a fresh token to it",
+            f.display()
+        );
+    }
+    Ok(())
+}
+
+/// Serves signals until SIGINT or SIGTERM. SIGHUP reloads the config file and then the
+/// directory file (if it changed). SIGTERM/SIGINT stop gracefully: no new sessions, open
+/// sessions get `server.shutdown_timeout` to finish.
+async fn wait_for_stop(running: &Running) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config and the directory file");
+                let control = running.control.clone();
+                let _ = tokio::task::spawn_blocking(move || control.reload()).await;
+                let dir = running.directory.clone();
+                if dir.source_changed() {
+                    // Outcomes (and refusals) are logged by the directory itself.
+                    if let Err(e) = tokio::task::spawn_blocking(move || dir.reload_file(false)).await {
+                        tracing::error!(error = %e, "reload task failed");
+                    }
+                }
+            }
+        }
+    }
+    let deadline = running.control.config().server.shutdown_timeout;
+    tracing::info!(
+        open_sessions = running.control.open_sessions(),
+        deadline_s = deadline.as_secs(),
+        "stopping: no new sessions"
+    );
+    let left = running.shutdown(deadline).await;
+    tracing::info!(
+        sessions_cut = left,
+        "stopped; every acknowledged message is in the spool or delivered"
+    );
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! `coexist status`, `coexist drain` and `coexist reload`: the running server's readiness,
+//! its drain switch and its config, through the admin API.
+
+use super::Api;
+use crate::admin::types::{ConfigReloadReply, DrainReply, Ready};
+
+/// Arguments of `coexist drain`.
+#[derive(clap::Args)]
+pub struct DrainArgs {
+    /// Stop draining.
+    #[arg(long)]
+    pub off: bool,
+    /// Where the running server is.
+    #[command(flatten)]
+    pub api: Api,
+}
+
+/// Prints the server's readiness (a draining server is an answer, not an error).
+pub fn status(api: &Api) -> anyhow::Result<()> {
+    let r = api.client()?.ready()?;
+    api.print(&r, ready_text)
+}
+
+/// Starts or (with `--off`) stops draining.
+pub fn drain(args: &DrainArgs) -> anyhow::Result<()> {
+    let r = args.api.client()?.drain(!args.off)?;
+    args.api.print(&r, drain_text)
+}
+
+/// Has the server re-read its config file.
+pub fn reload(api: &Api) -> anyhow::Result<()> {
+    let r = api.client()?.config_reload()?;
+    api.print(&r, reload_text)
+}
+
+/// Readiness, drain state, open sessions and directory size, then the last directory file
+/// reload and the last refused one with its reason.
+pub fn ready_text(r: &Ready) -> String {
+    let mut out = format!(
+        "ready: {}; draining: {}; SMTP sessions open: {}; directory entries: {}",
+        r.ready, r.draining, r.sessions_open, r.directory_entries
+    );
+    let d = &r.directory_reload;
+    if let (Some(res), Some(t)) = (&d.last_result, &d.last_time) {
+        out.push_str(&format!("\nlast directory file reload: {res} at {t}"));
+    }
+    if let Some(f) = &d.last_refused {
+        out.push_str(&format!(
+            "\nlast refused directory file reload: {} at {}: {}",
+            f.result, f.time, f.reason
+        ));
+    }
+    out
+}
+
+/// The drain state after the change.
+pub fn drain_text(r: &DrainReply) -> String {
+    format!(
+        "draining: {}; SMTP sessions still open: {}",
+        r.draining, r.sessions_open
+    )
+}
+
+/// The config sections the reload changed (as a JSON list, as this command always printed).
+pub fn reload_text(r: &ConfigReloadReply) -> String {
+    let changed = serde_json::to_string(&r.changed).unwrap_or_default();
+    format!("config reloaded; changed sections: {changed}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::types::{RefusedReload, ReloadStatus};
+
+    #[test]
+    fn status_shows_the_last_refused_directory_reload() {
+        let r = Ready {
+            ready: false,
+            draining: true,
+            sessions_open: 1,
+            directory_entries: 104,
+            directory_reload: ReloadStatus {
+                last_result: Some("ok".into()),
+                last_time: Some("2026-11-25T10:00:00Z".into()),
+                last_refused: Some(RefusedReload {
+                    time: "2026-11-25T09:00:00Z".into(),
+                    result: "refused_shrink".into(),
+                    reason: "too small".into(),
+                }),
+            },
+        };
+        assert_eq!(
+            ready_text(&r),
+            "ready: false; draining: true; SMTP sessions open: 1; directory entries: 104\n\
+             last directory file reload: ok at 2026-11-25T10:00:00Z\n\
+             last refused directory file reload: refused_shrink at 2026-11-25T09:00:00Z: too small"
+        );
+    }
+
+    #[test]
+    fn reload_lists_the_changed_sections() {
+        let r = ConfigReloadReply {
+            reloaded: true,
+            changed: vec!["queue".into(), "routes".into()],
+        };
+        assert_eq!(
+            reload_text(&r),
+            "config reloaded; changed sections: [\"queue\",\"routes\"]"
+        );
+    }
+}

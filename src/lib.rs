@@ -11,6 +11,8 @@
 //! the SMTP vocabulary (envelope parameters, replies) and [`certs`] reads TLS material, so
 //! that later stages never import the inbound [`smtp`] module.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod bounce;
 pub mod certs;

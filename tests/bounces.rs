@@ -14,9 +14,7 @@ fn dsns(msgs: &[SinkMessage]) -> Vec<&SinkMessage> {
 
 async fn wait_dsn(sink: &coexist::load::sink::Sink) -> SinkMessage {
     eventually("a DSN", || {
-        dsns(&sink.state.messages())
-            .first()
-            .map(|m| (*m).clone())
+        dsns(&sink.state.messages()).first().map(|m| (*m).clone())
     })
     .await
 }
@@ -206,8 +204,7 @@ async fn one_delay_warning_then_delivery() {
     let warned_at = h.deferred(&qid).await.state.attempts;
     eventually("another attempt", || {
         let e = h.relay.queue.get(&qid)?;
-        (e.phase == coexist::queue::Phase::Deferred && e.state.attempts > warned_at)
-            .then_some(())
+        (e.phase == coexist::queue::Phase::Deferred && e.state.attempts > warned_at).then_some(())
     })
     .await;
     h.cloud

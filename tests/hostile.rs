@@ -178,7 +178,9 @@ async fn full_disk_answers_452_and_accepts_again_when_space_returns() {
     let (ok, _, err) = cli(&cfg.path, &["reload"]);
     assert!(ok, "{err}");
     assert_eq!(
-        send_one(cfg.listen(), &["bob@nhs.test"], "space").await.code,
+        send_one(cfg.listen(), &["bob@nhs.test"], "space")
+            .await
+            .code,
         250
     );
     assert_eq!(wait(&cloud, 1).await, 1);

@@ -677,6 +677,28 @@ pub mod bin {
         Ok(server)
     }
 
+    /// `text` (a config file) with the value of `key` in `[table]` replaced by `raw` (TOML as
+    /// written): for the tests of how a bad value is reported, which the typed config cannot
+    /// hold. Returns the new text and the 1-based line changed.
+    pub fn with_raw_value(text: &str, table: &str, key: &str, raw: &str) -> (String, usize) {
+        let (mut current, mut changed) = (String::new(), None);
+        let mut out: Vec<String> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.starts_with('[') {
+                current = line.trim_matches(['[', ']']).to_string();
+            }
+            let (k, _) = line.split_once(" = ").unwrap_or_default();
+            if current == table && k == key && changed.is_none() {
+                out.push(format!("{key} = {raw}"));
+                changed = Some(i + 1);
+            } else {
+                out.push(line.to_string());
+            }
+        }
+        let line = changed.unwrap_or_else(|| panic!("no {key} in [{table}]:\n{text}"));
+        (out.join("\n") + "\n", line)
+    }
+
     /// Runs `coexist ARGS --config CONFIG`; returns (success, stdout, stderr).
     pub fn cli(config: &Path, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(BIN)

@@ -593,3 +593,22 @@ async fn a_batch_applied_after_a_kill_mid_append_survives_restart() {
     }
     eprintln!("no torn tail in 10 kills: nothing to check");
 }
+
+/// The test harness itself: when a port picked for the server is taken by someone else
+/// before the server binds it, the harness does not mistake the other listener for the
+/// server; it starts the server again on fresh ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_moves_to_fresh_ports_when_one_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = write_config(dir.path(), NOWHERE, NOWHERE);
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap();
+    cfg.config.server.listen = vec![taken];
+    cfg.write();
+    let _server = spawn(&mut cfg);
+    assert_ne!(cfg.listen(), taken);
+    let (ok, out, err) = cli(&cfg.path, &["status"]);
+    assert!(ok && out.contains("ready: true"), "{out}{err}");
+    let mut c = connect(cfg.listen()).await;
+    c.expect("EHLO client.test", 250).await;
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use coexist::load::sink::{Sink, SinkMode, SinkOptions};
+use coexist::load::sink::{received_id, Sink, SinkMode, SinkOptions};
 use common::bin::{cli, spawn, wait_queue_empty, write_config};
 use common::*;
 use std::net::SocketAddr;
@@ -94,13 +94,17 @@ async fn list_hold_release_delete_flush() {
     assert!(ok && out.contains("flushed 0"), "{out}");
     let out = wait_listing(&cfg.path, &["--state", "held"], &a);
     assert!(out.starts_with("1 message(s)"), "{out}");
-    assert!(cloud.state.messages().is_empty());
+    // (By queue id: a sink may still answer a transaction the relay gave up on, such as
+    // b's attempt that timed out on a busy machine.)
+    assert_eq!(went_out(&cloud, &a), 0, "a held message was sent");
     assert!(cli(&cfg.path, &["queue", "release", &a]).0);
-    assert_eq!(wait(&cloud, 1).await, 1);
-    assert_eq!(
-        cloud.state.messages()[0].rcpts[0].to_string(),
-        "bob@nhs.test"
-    );
+    eventually("a to arrive", || went_out(&cloud, &a) == 1).await;
+    let sent = cloud.state.messages();
+    let m = sent
+        .iter()
+        .find(|m| received_id(&m.body).as_deref() == Some(a.as_str()))
+        .unwrap();
+    assert_eq!(m.rcpts[0].to_string(), "bob@nhs.test");
 
     // retry-now flushes every deferred message.
     cloud.state.set_mode(SinkMode::Defer);
@@ -109,8 +113,17 @@ async fn list_hold_release_delete_flush() {
     cloud.state.set_mode(SinkMode::Accept);
     let (ok, out, _) = cli(&cfg.path, &["queue", "retry-now"]);
     assert!(ok && out.contains("flushed 1"), "{out}");
-    assert_eq!(wait(&cloud, 2).await, 2);
+    eventually("c to arrive", || went_out(&cloud, &c) == 1).await;
     wait_queue_empty(&cfg);
-    // Each message went out once: a (released) and c (retried now); b was deleted.
-    assert_eq!(cloud.state.messages().len(), 2);
+    // Each message went out once: a (released) and c (retried now).
+    assert_eq!((went_out(&cloud, &a), went_out(&cloud, &c)), (1, 1));
+}
+
+/// How many times `sink` took message `id` (by the queue id in its Received header).
+fn went_out(sink: &Sink, id: &str) -> usize {
+    sink.state
+        .messages()
+        .iter()
+        .filter(|m| received_id(&m.body).as_deref() == Some(id))
+        .count()
 }

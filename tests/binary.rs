@@ -601,12 +601,17 @@ async fn a_batch_applied_after_a_kill_mid_append_survives_restart() {
 async fn spawn_moves_to_fresh_ports_when_one_is_taken() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = write_config(dir.path(), NOWHERE, NOWHERE);
-    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let taken = squatter.local_addr().unwrap();
-    cfg.config.server.listen = vec![taken];
+    let smtp_squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin_squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = [
+        smtp_squatter.local_addr().unwrap(),
+        admin_squatter.local_addr().unwrap(),
+    ];
+    cfg.config.server.listen = vec![taken[0]];
+    cfg.config.admin.as_mut().unwrap().listen = taken[1];
     cfg.write();
     let _server = spawn(&mut cfg);
-    assert_ne!(cfg.listen(), taken);
+    assert!(!taken.contains(&cfg.listen()) && !taken.contains(&cfg.admin()));
     let (ok, out, err) = cli(&cfg.path, &["status"]);
     assert!(ok && out.contains("ready: true"), "{out}{err}");
     let mut c = connect(cfg.listen()).await;

@@ -1,5 +1,13 @@
 //! Shared test harness: a real relay on an ephemeral loopback port, two sink next hops, and a
 //! raw SMTP client that shows every reply.
+//!
+//! Tests never sleep to wait. They wait, with a deadline ([`PATIENCE`]), on something the
+//! relay or a sink shows: a message deferred or the queue empty ([`Harness::deferred`],
+//! [`Harness::settled`]), recipients at a sink ([`wait`]), the relay having read what was sent
+//! ([`unread`]), the CLI's or the admin API's answer ([`eventually_blocking`]). A check that
+//! something did *not* happen first waits for the event after which it could no longer
+//! happen. Ports are bound once and kept (port 0, [`DownPort`], [`forward`]); the binary's
+//! configs are written from the typed config ([`bin::write_config`]).
 #![allow(dead_code)]
 
 use coexist::config::{Config, DEFAULT_CONFIG};

@@ -4,7 +4,7 @@
 //! working directory of the process, as in the examples in `config/`.
 
 use crate::types::{Domain, RouteName};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,8 +38,9 @@ pub enum ConfigError {
     },
 }
 
-/// The whole config.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// The whole config. It serializes back to TOML that [`Config::parse`] reads the same (the
+/// tests write the binary's configs that way).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Inbound SMTP.
@@ -69,7 +70,7 @@ pub struct Config {
 }
 
 /// `[dns]`: which name servers answer MX and address lookups.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
     /// `ip:port` of name servers; empty (the default) means the system's (/etc/resolv.conf).
@@ -78,7 +79,7 @@ pub struct DnsConfig {
 }
 
 /// `[policy]`: who is trusted, what is stripped from everyone else, per-client limits.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Networks of the organisation's own servers (e.g. on-premises Exchange): their mail
@@ -127,7 +128,7 @@ fn default_per_ip_connections() -> usize {
 }
 
 /// `[admin]`: the HTTP API for the CLI, with bearer-token auth.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address to listen on: loopback unless `allow_plaintext_remote` (the API is clear HTTP).
@@ -170,7 +171,7 @@ impl AdminConfig {
 }
 
 /// `[server]`: inbound SMTP listener and limits.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Name in the greeting, EHLO reply and Received header.
@@ -217,7 +218,7 @@ pub struct ServerConfig {
 }
 
 /// `[tls]`: server certificate for STARTTLS.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain.
@@ -227,7 +228,7 @@ pub struct TlsConfig {
 }
 
 /// `[spool]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
     /// Directory holding queued messages.
@@ -243,7 +244,7 @@ fn default_min_free_space() -> u64 {
 }
 
 /// `[directory]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectoryConfig {
     /// CSV file with header `address,state`.
@@ -300,6 +301,12 @@ impl std::fmt::Display for Percent {
     }
 }
 
+impl Serialize for Percent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for Percent {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -317,7 +324,7 @@ impl<'de> Deserialize<'de> for Percent {
 }
 
 /// `[queue]`: retries and expiry, Postfix's defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// First retry delay; it doubles per attempt.
@@ -347,7 +354,7 @@ impl Default for QueueConfig {
 }
 
 /// `[delivery]`: outbound SMTP.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// Timeout for connect and each reply.
@@ -374,7 +381,7 @@ impl Default for DeliveryConfig {
 }
 
 /// TLS policy for a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsPolicy {
     /// Never use TLS.
@@ -447,6 +454,12 @@ impl std::fmt::Display for NextHop {
     }
 }
 
+impl Serialize for NextHop {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for NextHop {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -455,7 +468,7 @@ impl<'de> Deserialize<'de> for NextHop {
 }
 
 /// `[routes.NAME]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Next hops as host:port, tried in order (names are resolved at each attempt).
@@ -587,8 +600,12 @@ fn default_concurrency() -> usize {
 
 /// Durations written like "300s", "5m", "5d" (humantime syntax).
 mod duration {
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;

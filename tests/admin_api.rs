@@ -5,21 +5,29 @@
 
 mod common;
 
-use common::bin::{cli, free_port, write_config, BIN};
+use coexist::config::AdminConfig;
+use common::bin::{cli, spawn_with, write_config, BinConfig, Server, Start, BIN, NOWHERE};
 use common::*;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The config at `path` with the inline test token replaced by `line` (a whole
-/// `token = …`, `token_file = …` or other `[admin]` line).
-fn with_admin_line(path: &Path, line: &str) -> String {
-    let text = std::fs::read_to_string(path).unwrap();
-    let old = format!("token = \"{TOKEN}\"");
-    assert!(text.contains(&old), "test config lost its token line");
-    text.replace(&old, line)
+/// The `[admin]` section of `cfg`.
+fn admin(cfg: &mut BinConfig) -> &mut AdminConfig {
+    cfg.config.admin.as_mut().unwrap()
+}
+
+/// `cfg` with the inline token `token` instead of the test token, written to `path`.
+fn with_token(cfg: &BinConfig, path: PathBuf, token: &str) -> BinConfig {
+    let mut weak = BinConfig {
+        path,
+        config: cfg.config.clone(),
+    };
+    admin(&mut weak).token = Some(token.into());
+    weak.write();
+    weak
 }
 
 /// 1-based line of the first line containing `needle`.
@@ -30,8 +38,7 @@ fn line_of(text: &str, needle: &str) -> usize {
 #[test]
 fn check_config_refuses_placeholder_short_and_patterned_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), free_port(), free_port());
-    let original = std::fs::read_to_string(&cfg.path).unwrap();
+    let mut cfg = write_config(dir.path(), NOWHERE, NOWHERE);
     for (token, reason) in [
         ("change-me", "\"change-me\" is a placeholder, not a secret"),
         ("changeme", "\"changeme\" is a placeholder, not a secret"),
@@ -53,24 +60,23 @@ fn check_config_refuses_placeholder_short_and_patterned_tokens() {
             "the token is one character or a short pattern repeated",
         ),
     ] {
-        let text = with_admin_line(&cfg.path, &format!("token = \"{token}\""));
-        std::fs::write(&cfg.path, &text).unwrap();
-        let (ok, out, err) = cli(&cfg.path, &["check-config"]);
+        let weak = with_token(&cfg, cfg.path.clone(), token);
+        let (ok, out, err) = cli(&weak.path, &["check-config"]);
         assert!(!ok, "{token:?} accepted: {out}");
-        let line = line_of(&text, &format!("token = \"{token}\""));
+        let line = line_of(&weak.text(), &format!("token = \"{token}\""));
         let want = format!("coexist.toml:{line}: key `admin.token`: {reason}");
         assert!(err.contains(&want), "{token:?}: want {want:?} in {err}");
-        std::fs::write(&cfg.path, &original).unwrap();
     }
 
     // The same rules for a token file, named with its key.
     let file = dir.path().join("admin.token");
     std::fs::write(&file, "secret-token-secret\n").unwrap();
-    let text = with_admin_line(&cfg.path, &format!("token_file = {:?}", file));
-    std::fs::write(&cfg.path, &text).unwrap();
+    admin(&mut cfg).token = None;
+    admin(&mut cfg).token_file = Some(file.clone());
+    cfg.write();
     let (ok, _, err) = cli(&cfg.path, &["check-config"]);
     assert!(!ok);
-    let line = line_of(&text, &format!("token_file = {:?}", file));
+    let line = line_of(&cfg.text(), "token_file = ");
     let want = format!(
         "coexist.toml:{line}: key `admin.token_file`: {}: \"secret-token-secret\" is a placeholder",
         file.display()
@@ -87,7 +93,7 @@ fn check_config_refuses_placeholder_short_and_patterned_tokens() {
 /// Runs `coexist serve --config PATH`; returns (exited on its own within 30 s, success,
 /// stderr). A server that does start is killed by PID.
 fn serve_outcome(config: &Path, cwd: &Path) -> (bool, bool, String) {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["serve", "--config", config.to_str().unwrap()])
         .current_dir(cwd)
         .env("RUST_LOG", "info")
@@ -95,50 +101,35 @@ fn serve_outcome(config: &Path, cwd: &Path) -> (bool, bool, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    let mut server = Server(child);
+    let exited = server.wait_exit(PATIENCE);
+    let status = server.0.try_wait().unwrap();
     let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
+    if exited {
         use std::io::Read;
-        let _ = e.read_to_string(&mut err);
+        let _ = server.0.stderr.take().unwrap().read_to_string(&mut err);
     }
-    (status.is_some(), status.is_some_and(|s| s.success()), err)
+    (exited, status.is_some_and(|s| s.success()), err)
 }
 
 #[test]
 fn serve_refuses_to_start_with_a_weak_token() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), free_port(), free_port());
+    let cfg = write_config(dir.path(), NOWHERE, NOWHERE);
     for (token, reason) in [
         ("change-me", "is a placeholder"),
         ("k3Jx9pQ2vL", "shorter than 16"),
     ] {
-        let text = with_admin_line(&cfg.path, &format!("token = \"{token}\""));
-        let path = dir.path().join("weak.toml");
-        std::fs::write(&path, &text).unwrap();
-        let (exited, ok, err) = serve_outcome(&path, dir.path());
+        let weak = with_token(&cfg, dir.path().join("weak.toml"), token);
+        let (exited, ok, err) = serve_outcome(&weak.path, dir.path());
         assert!(exited && !ok, "serve started with token {token:?}: {err}");
-        let line = line_of(&text, &format!("token = \"{token}\""));
+        let line = line_of(&weak.text(), &format!("token = \"{token}\""));
         assert!(
             err.contains(&format!("weak.toml:{line}: key `admin.token`:")) && err.contains(reason),
             "{err}"
         );
-        assert!(
-            std::net::TcpStream::connect(cfg.listen).is_err(),
-            "SMTP port open"
-        );
+        // Refused before it bound anything (the log says where it listens, at info).
+        assert!(!err.contains("listening"), "{err}");
     }
 }
 
@@ -146,10 +137,11 @@ fn serve_refuses_to_start_with_a_weak_token() {
 async fn a_missing_token_file_gets_a_fresh_token_that_the_cli_uses() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), free_port(), free_port());
+    let mut cfg = write_config(dir.path(), NOWHERE, NOWHERE);
     // Relative, like the shipped config: resolved against the working directory.
-    let text = with_admin_line(&cfg.path, "token_file = \"var/admin.token\"");
-    std::fs::write(&cfg.path, &text).unwrap();
+    admin(&mut cfg).token = None;
+    admin(&mut cfg).token_file = Some("var/admin.token".into());
+    cfg.write();
     let file = dir.path().join("var/admin.token");
     let out = Command::new(BIN)
         .args(["check-config", "--config", cfg.path.to_str().unwrap()])
@@ -163,23 +155,13 @@ async fn a_missing_token_file_gets_a_fresh_token_that_the_cli_uses() {
     );
     assert!(!file.exists(), "check-config must not write the token");
 
-    let child = Command::new(BIN)
-        .args(["serve", "--config", cfg.path.to_str().unwrap()])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = common::bin::Server(child);
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(cfg.admin).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "relay did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _server = spawn_with(
+        &mut cfg,
+        Start {
+            cwd: Some(dir.path()),
+            ..Start::default()
+        },
+    );
     let token = std::fs::read_to_string(&file).unwrap();
     let token = token.trim_end();
     assert_eq!(token.len(), 64, "{token:?}");
@@ -198,21 +180,19 @@ async fn a_missing_token_file_gets_a_fresh_token_that_the_cli_uses() {
         "{stdout} {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (status, _, _) = http(cfg.admin, "GET", "/v1/health", Some(token), None, b"").await;
+    let (status, _, _) = http(cfg.admin(), "GET", "/v1/health", Some(token), None, b"").await;
     assert_eq!(status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clear_text_admin_api_off_loopback_needs_an_opt_in() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), free_port(), free_port());
-    let text = std::fs::read_to_string(&cfg.path)
-        .unwrap()
-        .replace(&cfg.admin.to_string(), "0.0.0.0:8025");
-    std::fs::write(&cfg.path, &text).unwrap();
+    let mut cfg = write_config(dir.path(), NOWHERE, NOWHERE);
+    admin(&mut cfg).listen = "0.0.0.0:8025".parse().unwrap();
+    cfg.write();
     let (ok, _, err) = cli(&cfg.path, &["check-config"]);
     assert!(!ok);
-    let line = line_of(&text, "0.0.0.0:8025");
+    let line = line_of(&cfg.text(), "0.0.0.0:8025");
     assert!(
         err.contains(&format!(
             "coexist.toml:{line}: key `admin.listen`: 0.0.0.0:8025 is not a loopback address"
@@ -221,7 +201,8 @@ async fn a_clear_text_admin_api_off_loopback_needs_an_opt_in() {
     );
     // The same for an address of this host's own network and for IPv6.
     for addr in ["10.1.2.3:8025", "[::]:8025", "[2001:db8::1]:8025"] {
-        std::fs::write(&cfg.path, text.replace("0.0.0.0:8025", addr)).unwrap();
+        admin(&mut cfg).listen = addr.parse().unwrap();
+        cfg.write();
         let (ok, _, err) = cli(&cfg.path, &["check-config"]);
         assert!(
             !ok && err.contains("is not a loopback address"),
@@ -229,11 +210,9 @@ async fn a_clear_text_admin_api_off_loopback_needs_an_opt_in() {
         );
     }
     // With the explicit opt-in the config is valid (not bound here: tests stay on loopback).
-    let opted = text.replace(
-        &format!("token = \"{TOKEN}\""),
-        &format!("token = \"{TOKEN}\"\nallow_plaintext_remote = true"),
-    );
-    std::fs::write(&cfg.path, &opted).unwrap();
+    admin(&mut cfg).listen = "0.0.0.0:8025".parse().unwrap();
+    admin(&mut cfg).allow_plaintext_remote = true;
+    cfg.write();
     let (ok, _, err) = cli(&cfg.path, &["check-config"]);
     assert!(ok, "{err}");
 

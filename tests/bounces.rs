@@ -13,14 +13,10 @@ fn dsns(msgs: &[SinkMessage]) -> Vec<&SinkMessage> {
 }
 
 async fn wait_dsn(sink: &coexist::load::sink::Sink) -> SinkMessage {
-    let t0 = std::time::Instant::now();
-    loop {
-        if let Some(m) = dsns(&sink.state.messages()).first() {
-            return (*m).clone();
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "no DSN arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("a DSN", || {
+        dsns(&sink.state.messages()).first().map(|m| (*m).clone())
+    })
+    .await
 }
 
 fn spool_files(dir: &std::path::Path, sub: &str) -> usize {
@@ -95,7 +91,7 @@ async fn permanent_failure_bounces_that_recipient_only_with_a_parseable_dsn() {
         .messages()
         .iter()
         .any(|m| m.rcpts[0].to_string() == "alice@nhs.test"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.settled().await;
     assert_eq!(spool_files(h.dir.path(), "active"), 0);
     assert_eq!(spool_files(h.dir.path(), "failed"), 0);
 }
@@ -127,12 +123,10 @@ async fn ret_full_returns_the_whole_message_and_notify_never_sends_none() {
     c.expect("DATA", 354).await;
     c.send(b"Subject: quiet\r\n\r\nx\r\n.\r\n").await;
     assert_eq!(c.reply().await.code, 250);
-    let t0 = std::time::Instant::now();
-    while spool_files(h.dir.path(), "active") > 0 {
-        assert!(t0.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the message has its outcome, a DSN (if one were made) would have been queued
+    // before it and delivered.
+    h.settled().await;
+    assert_eq!(spool_files(h.dir.path(), "active"), 0);
     assert!(dsns(&h.onprem.state.messages()).is_empty());
     assert_eq!(spool_files(h.dir.path(), "failed"), 0);
 }
@@ -147,18 +141,11 @@ async fn null_sender_never_gets_a_bounce() {
         .await;
     assert_eq!(r.code, 250);
     let qid = queue_id(&r);
+    // The message has its outcome (kept in failed/); a DSN would have been queued first.
+    h.settled().await;
     let failed = h.dir.path().join(format!("spool/failed/{qid}.state"));
-    let t0 = std::time::Instant::now();
-    while !failed.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "not kept in failed/"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let text = std::fs::read_to_string(&failed).unwrap();
+    let text = std::fs::read_to_string(&failed).expect("kept in failed/");
     assert!(text.contains("550 5.1.1"), "{text}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(dsns(&h.onprem.state.messages()).is_empty(), "no DSN for <>");
 }
 
@@ -191,7 +178,9 @@ async fn dsn_parameters_are_passed_to_next_hops_that_offer_dsn() {
 async fn one_delay_warning_then_delivery() {
     let h = harness(|c| c.queue.delay_warning = Duration::from_secs(1)).await;
     h.cloud.state.set_mode(coexist::load::sink::SinkMode::Defer);
-    assert_eq!(send_one(h.addr, &["bob@nhs.test"], "slow").await.code, 250);
+    let r = send_one(h.addr, &["bob@nhs.test"], "slow").await;
+    assert_eq!(r.code, 250);
+    let qid = queue_id(&r);
     let warning = wait_dsn(&h.onprem).await;
     assert_eq!(warning.rcpts[0].to_string(), "x@example.org");
     let text = String::from_utf8_lossy(&warning.body).to_string();
@@ -204,24 +193,25 @@ async fn one_delay_warning_then_delivery() {
         "{text}"
     );
     // The message is still queued and goes out when the next hop recovers; one warning only.
-    // (The warning's own spool file goes once the sink's 250 is processed: wait for that.)
-    let queued = || {
-        std::fs::read_dir(h.dir.path().join("spool/active"))
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().extension().is_some_and(|x| x == "msg"))
-            .count()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while queued() > 1 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(queued(), 1);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // (Only its own file is checked: the warning may not have left the spool yet.)
+    assert!(h
+        .dir
+        .path()
+        .join(format!("spool/active/{qid}.msg"))
+        .exists());
+    // Another failed attempt after the one that warned (a warning is queued at the end of an
+    // attempt, before the message is deferred): it sends no second warning.
+    let warned_at = h.deferred(&qid).await.state.attempts;
+    eventually("another attempt", || {
+        let e = h.relay.queue.get(&qid)?;
+        (e.phase == coexist::queue::Phase::Deferred && e.state.attempts > warned_at).then_some(())
+    })
+    .await;
     h.cloud
         .state
         .set_mode(coexist::load::sink::SinkMode::Accept);
     assert_eq!(wait(&h.cloud, 1).await, 1);
+    h.settled().await;
     assert_eq!(dsns(&h.onprem.state.messages()).len(), 1);
 }
 

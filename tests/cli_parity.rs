@@ -13,7 +13,7 @@ mod common;
 use coexist::admin::client::AdminClient;
 use coexist::admin::types::{Explain, MessageView, Ready};
 use coexist::load::sink::{Sink, SinkMode, SinkOptions};
-use common::bin::{cli, free_port, spawn, write_config, BIN};
+use common::bin::{cli, spawn, write_config, BIN, NOWHERE};
 use common::*;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -87,16 +87,16 @@ async fn cli_text_carries_every_value_the_server_has() {
     let onprem = Sink::start(lo, SinkOptions::default()).await.unwrap();
     let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
     cloud.state.set_mode(SinkMode::Defer);
-    let cfg = write_config(dir.path(), onprem.addr, cloud.addr);
-    let _server = spawn(&cfg);
+    let mut cfg = write_config(dir.path(), onprem.addr, cloud.addr);
+    let _server = spawn(&mut cfg);
 
-    let r = send_one(cfg.listen, &["bob@nhs.test", "alice@nhs.test"], "typed").await;
+    let r = send_one(cfg.listen(), &["bob@nhs.test", "alice@nhs.test"], "typed").await;
     assert_eq!(r.code, 250, "{r:?}");
     let id = queue_id(&r);
     // Wait for the first attempt: alice delivered, bob deferred with the sink's reply.
     let t0 = Instant::now();
     let m: MessageView = loop {
-        let m: MessageView = server_has(cfg.admin, &format!("/v1/queue/{id}"));
+        let m: MessageView = server_has(cfg.admin(), &format!("/v1/queue/{id}"));
         if m.phase == "deferred" {
             break m;
         }
@@ -133,7 +133,7 @@ async fn cli_text_carries_every_value_the_server_has() {
     );
 
     // status: the first line is the server's readiness, value by value.
-    let ready: Ready = server_has(cfg.admin, "/v1/ready");
+    let ready: Ready = server_has(cfg.admin(), "/v1/ready");
     let out = cli_ok(&cfg.path, &["status"]);
     assert_eq!(
         out.lines().next().unwrap(),
@@ -150,7 +150,7 @@ async fn cli_text_carries_every_value_the_server_has() {
     // directory lookup: mailbox, state, origin, verdict, route, next hops, TLS.
     for address in ["bob@nhs.test", "nobody@elsewhere.test"] {
         let e: Explain = server_has(
-            cfg.admin,
+            cfg.admin(),
             &format!("/v1/directory/lookup?address={address}"),
         );
         let out = cli_ok(&cfg.path, &["directory", "lookup", address]);
@@ -180,7 +180,7 @@ async fn cli_text_carries_every_value_the_server_has() {
         let out = cli_ok(&cfg.path, &["directory", "lookup", address, "--json"]);
         assert_eq!(serde_json::from_str::<Explain>(&out).unwrap(), e);
     }
-    let bob: Explain = server_has(cfg.admin, "/v1/directory/lookup?address=bob@nhs.test");
+    let bob: Explain = server_has(cfg.admin(), "/v1/directory/lookup?address=bob@nhs.test");
     assert_eq!(
         (bob.lookup.state.as_deref(), bob.next_hops.clone()),
         (Some("cloud"), vec![cloud.addr.to_string()])
@@ -248,7 +248,7 @@ fn check_config_refuses_what_serve_refuses_in_the_same_words() {
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     // A plain file where a folder would have to be created.
     std::fs::write(dir.path().join("plain"), "not a folder\n").unwrap();
-    let cfg = write_config(dir.path(), free_port(), free_port());
+    let cfg = write_config(dir.path(), NOWHERE, NOWHERE);
     let original = std::fs::read_to_string(&cfg.path).unwrap();
     let (ok, _, err) = cli(&cfg.path, &["check-config"]);
     assert!(ok, "{err}");

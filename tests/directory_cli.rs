@@ -8,16 +8,20 @@ use common::*;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 struct Setup {
     dir: tempfile::TempDir,
     config: PathBuf,
-    listen: SocketAddr,
-    admin: SocketAddr,
     onprem: Sink,
     cloud: Sink,
     bin: BinConfig,
+}
+
+impl Setup {
+    /// The relay's SMTP address (known once it runs).
+    fn listen(&self) -> SocketAddr {
+        self.bin.listen()
+    }
 }
 
 async fn setup() -> Setup {
@@ -29,16 +33,14 @@ async fn setup() -> Setup {
     Setup {
         dir,
         config: bin.path.clone(),
-        listen: bin.listen,
-        admin: bin.admin,
         onprem,
         cloud,
         bin,
     }
 }
 
-fn spawn(s: &Setup) -> Server {
-    common::bin::spawn(&s.bin)
+fn spawn(s: &mut Setup) -> Server {
+    common::bin::spawn(&mut s.bin)
 }
 
 async fn send(addr: SocketAddr, rcpts: &[&str], subject: &str) {
@@ -59,9 +61,9 @@ fn rcpts_of(sink: &Sink) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_moves_mail_rollback_restores_and_bad_rows_change_nothing() {
-    let s = setup().await;
-    let _server = spawn(&s);
-    send(s.listen, &["alice@nhs.test", "dave@nhs.test"], "before").await;
+    let mut s = setup().await;
+    let _server = spawn(&mut s);
+    send(s.listen(), &["alice@nhs.test", "dave@nhs.test"], "before").await;
     assert_eq!(wait(&s.onprem, 2).await, 2);
 
     // A New-MigrationBatch CSV moves alice (and names someone not in the directory).
@@ -118,7 +120,7 @@ async fn batch_moves_mail_rollback_restores_and_bad_rows_change_nothing() {
         "{out}"
     );
 
-    send(s.listen, &["alice@nhs.test", "dave@nhs.test"], "after").await;
+    send(s.listen(), &["alice@nhs.test", "dave@nhs.test"], "after").await;
     assert_eq!(wait(&s.cloud, 1).await, 1);
     assert_eq!(wait(&s.onprem, 3).await, 3);
     assert_eq!(rcpts_of(&s.cloud), vec!["alice@nhs.test"], "alice moved");
@@ -153,7 +155,7 @@ async fn batch_moves_mail_rollback_restores_and_bad_rows_change_nothing() {
     let (ok, out, err) = cli(&s.config, &["directory", "rollback", "1"]);
     assert!(ok, "{err}");
     assert!(out.contains("rollback of batch 1: id 2"), "{out}");
-    send(s.listen, &["alice@nhs.test"], "rolled back").await;
+    send(s.listen(), &["alice@nhs.test"], "rolled back").await;
     assert_eq!(wait(&s.onprem, 4).await, 4);
     assert_eq!(rcpts_of(&s.cloud).len(), 1);
 
@@ -167,26 +169,33 @@ async fn batch_moves_mail_rollback_restores_and_bad_rows_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_calls_are_refused() {
-    let s = setup().await;
-    let _server = spawn(&s);
-    let wrong = std::fs::read_to_string(&s.config)
-        .unwrap()
-        .replace(TOKEN, "9c0d2e4f6a8b1c3d5e7f9a0b2c4d6e8f");
-    let wrong_cfg = s.dir.path().join("wrong.toml");
-    std::fs::write(&wrong_cfg, wrong).unwrap();
-    let (ok, _, err) = cli(&wrong_cfg, &["directory", "lookup", "alice@nhs.test"]);
+    let mut s = setup().await;
+    let _server = spawn(&mut s);
+    let mut wrong = BinConfig {
+        path: s.dir.path().join("wrong.toml"),
+        config: s.bin.config.clone(),
+    };
+    wrong.config.admin.as_mut().unwrap().token = Some("9c0d2e4f6a8b1c3d5e7f9a0b2c4d6e8f".into());
+    wrong.write();
+    let (ok, _, err) = cli(&wrong.path, &["directory", "lookup", "alice@nhs.test"]);
     assert!(!ok);
     assert!(err.contains("401 missing or wrong bearer token"), "{err}");
-    let client = coexist::admin::client::AdminClient::new(s.admin, String::new());
+    let client = coexist::admin::client::AdminClient::new(s.bin.admin(), String::new());
     let e = client.get("/v1/health").unwrap_err().to_string();
     assert!(e.starts_with("401"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edited_file_is_picked_up_and_batches_survive_restart() {
-    let s = setup().await;
+    let mut s = setup().await;
     let log = s.dir.path().join("serve.log");
-    let mut server = common::bin::spawn_logged(&s.bin, Some(&log));
+    let mut server = common::bin::spawn_with(
+        &mut s.bin,
+        common::bin::Start {
+            log: Some(&log),
+            ..Default::default()
+        },
+    );
     let batch = s.dir.path().join("b.csv");
     std::fs::write(&batch, "EmailAddress\nalice@nhs.test\n").unwrap();
     assert!(
@@ -210,19 +219,15 @@ async fn edited_file_is_picked_up_and_batches_survive_restart() {
     let moved = DIRECTORY.replace("dave@nhs.test,onprem", "dave@nhs.test,cloud");
     std::fs::write(&file, format!("{moved}broken\n")).unwrap();
     let bad_row = format!("{}:6: expected 2 fields", file.display());
-    let t0 = Instant::now();
-    loop {
+    let l = eventually("the watcher to report the broken file", || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.contains(&bad_row)) {
-            assert!(l.contains("directory file refused"), "{l}");
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the watcher did not report the broken file: {text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        text.lines()
+            .find(|l| l.contains(&bad_row))
+            .map(str::to_string)
+            .ok_or(text)
+    })
+    .await;
+    assert!(l.contains("directory file refused"), "{l}");
     let (ok, out, err) = cli(&s.config, &["directory", "reload"]);
     assert!(!ok, "broken file accepted: {out}");
     assert!(err.contains(&format!("422 {bad_row}")), "{err}");
@@ -235,7 +240,7 @@ async fn edited_file_is_picked_up_and_batches_survive_restart() {
         !out.contains("reload"),
         "a refused file was recorded: {out}"
     );
-    send(s.listen, &["dave@nhs.test"], "broken edit").await;
+    send(s.listen(), &["dave@nhs.test"], "broken edit").await;
     assert_eq!(
         wait(&s.onprem, 1).await,
         1,
@@ -244,18 +249,15 @@ async fn edited_file_is_picked_up_and_batches_survive_restart() {
 
     // The fixed file is picked up.
     std::fs::write(&file, &moved).unwrap();
-    let t0 = Instant::now();
-    loop {
+    eventually("the edit to be picked up", || {
         let (_, out, _) = cli(&s.config, &["directory", "lookup", "dave@nhs.test"]);
         if out.contains("state   cloud") {
-            break;
+            Ok(())
+        } else {
+            Err(out)
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "edit not picked up: {out}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
+    .await;
     let (_, out, _) = cli(&s.config, &["directory", "lookup", "alice@nhs.test"]);
     assert!(
         out.contains("state   cloud (from batch 1)"),
@@ -266,11 +268,11 @@ async fn edited_file_is_picked_up_and_batches_survive_restart() {
     server.0.kill().unwrap();
     server.0.wait().unwrap();
     drop(server);
-    let _server = spawn(&s);
+    let _server = spawn(&mut s);
     let (_, out, _) = cli(&s.config, &["directory", "lookup", "alice@nhs.test"]);
     assert!(out.contains("state   cloud (from batch 1)"), "{out}");
     send(
-        s.listen,
+        s.listen(),
         &["alice@nhs.test", "dave@nhs.test", "bob@nhs.test"],
         "restart",
     )

@@ -4,13 +4,12 @@
 
 mod common;
 
+use coexist::config::Config;
 use coexist::load::sink::{Sink, SinkOptions};
-use common::bin::{cli, write_config, BinConfig, Server, BIN};
-use common::DIRECTORY;
+use common::bin::{cli, spawn_with, write_config, BinConfig, Server, Start};
+use common::{eventually_blocking, DIRECTORY};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -28,15 +27,15 @@ impl Setup {
 }
 
 /// A relay config in a temp dir whose directory file is `directory` (written first).
-async fn setup(directory: &str, tweak: impl FnOnce(String) -> String) -> Setup {
+async fn setup(directory: &str, tweak: impl FnOnce(&mut Config)) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("directory.csv"), directory).unwrap();
     let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let onprem = Sink::start(lo, SinkOptions::default()).await.unwrap();
     let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
-    let bin = write_config(dir.path(), onprem.addr, cloud.addr);
-    let text = tweak(std::fs::read_to_string(&bin.path).unwrap());
-    std::fs::write(&bin.path, text).unwrap();
+    let mut bin = write_config(dir.path(), onprem.addr, cloud.addr);
+    tweak(&mut bin.config);
+    bin.write();
     Setup {
         dir,
         bin,
@@ -47,42 +46,16 @@ async fn setup(directory: &str, tweak: impl FnOnce(String) -> String) -> Setup {
 /// Starts `coexist serve`, its log (RUST_LOG=info) going to `log`; with `fsize_kib`, under a
 /// file size limit (`ulimit -f`, SIGXFSZ ignored) so that writes past it fail with EFBIG the
 /// way they fail with ENOSPC on a full disk.
-fn start(s: &Setup, log: &str, fsize_kib: Option<u64>) -> Server {
-    let mut cmd = match fsize_kib {
-        Some(kib) => {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(format!(
-                    "trap '' XFSZ; ulimit -f {kib} && exec \"$0\" \"$@\""
-                ))
-                .arg(BIN);
-            c
-        }
-        None => Command::new(BIN),
-    };
-    let log = std::fs::File::create(s.path(log)).unwrap();
-    let child = cmd
-        .args(["serve", "--config", s.config().to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut server = Server(child);
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(s.bin.listen).is_err()
-        || std::net::TcpStream::connect(s.bin.admin).is_err()
-    {
-        assert!(
-            !server.wait_exit(Duration::from_millis(20)),
-            "relay exited at start"
-        );
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "relay did not start"
-        );
-    }
-    server
+fn start(s: &mut Setup, log: &str, fsize_kib: Option<u64>) -> Server {
+    let log = s.path(log);
+    spawn_with(
+        &mut s.bin,
+        Start {
+            log: Some(&log),
+            fsize_kib,
+            ..Start::default()
+        },
+    )
 }
 
 fn stop(server: Server) {
@@ -131,11 +104,11 @@ async fn a_failed_append_does_not_swallow_later_batches() {
     for i in 0..1500 {
         directory.push_str(&format!("user{i}@nhs.test,onprem\n"));
     }
-    let s = setup(&directory, |t| t).await;
+    let mut s = setup(&directory, |_| {}).await;
     // First start without a limit writes the snapshot (bigger than the limit below).
-    stop(start(&s, "relay0.log", None));
+    stop(start(&mut s, "relay0.log", None));
 
-    let server = start(&s, "relay1.log", Some(16));
+    let server = start(&mut s, "relay1.log", Some(16));
     let all: String = (0..1500).map(|i| format!("user{i}@nhs.test\n")).collect();
     let (ok, _, err) = apply(&s, "big.csv", &all, "cloud");
     assert!(
@@ -149,7 +122,7 @@ async fn a_failed_append_does_not_swallow_later_batches() {
     let alice = applied_id(&out);
     stop(server);
 
-    let server = start(&s, "relay2.log", None);
+    let server = start(&mut s, "relay2.log", None);
     assert!(
         lookup(&s, "alice@nhs.test").contains(&format!("state   cloud (from batch {alice})")),
         "the batch after the failed append survives a restart"
@@ -159,7 +132,7 @@ async fn a_failed_append_does_not_swallow_later_batches() {
     let dave = applied_id(&out);
     stop(server);
 
-    let _server = start(&s, "relay3.log", None);
+    let _server = start(&mut s, "relay3.log", None);
     assert!(lookup(&s, "alice@nhs.test").contains("state   cloud"));
     assert!(lookup(&s, "dave@nhs.test").contains("state   cloud"));
     assert!(lookup(&s, "user7@nhs.test").contains("state   onprem"));
@@ -180,16 +153,11 @@ fn replace_directory(s: &Setup, text: &str) {
     std::fs::rename(&tmp, s.path("directory.csv")).unwrap();
 }
 
-/// A third route, so that a file edit can move a mailbox to a state other than the one a
-/// batch gave it.
-fn with_archive_route(text: String) -> String {
-    let onprem = text
-        .split("[routes.onprem]\nnext_hops = [\"")
-        .nth(1)
-        .and_then(|t| t.split('"').next())
-        .unwrap()
-        .to_string();
-    format!("{text}\n[routes.archive]\nnext_hops = [\"{onprem}\"]\n")
+/// A third route (to the on-premises sink), so that a file edit can move a mailbox to a
+/// state other than the one a batch gave it.
+fn with_archive_route(c: &mut Config) {
+    let archive = c.routes["onprem"].clone();
+    c.routes.insert("archive".into(), archive);
 }
 
 /// Item 9, one scenario for both ways a file edit is loaded: erin is `archive` in the file;
@@ -198,8 +166,8 @@ fn with_archive_route(text: String) -> String {
 /// start; either way erin takes the file's state and alice keeps the batch's.
 async fn file_edit_after_a_batch(live: bool) {
     let file = format!("{DIRECTORY}erin@nhs.test,archive\n");
-    let s = setup(&file, with_archive_route).await;
-    let server = start(&s, "relay1.log", None);
+    let mut s = setup(&file, with_archive_route).await;
+    let server = start(&mut s, "relay1.log", None);
     assert!(lookup(&s, "erin@nhs.test").contains("state   archive (from file"));
     let (ok, out, err) = apply(&s, "b.csv", "erin@nhs.test\nalice@nhs.test\n", "cloud");
     assert!(ok, "{err}");
@@ -213,24 +181,24 @@ async fn file_edit_after_a_batch(live: bool) {
     } else {
         stop(server);
         replace_directory(&s, &edited);
-        start(&s, "relay2.log", None)
+        start(&mut s, "relay2.log", None)
     };
-    let check = |when: &str| {
-        let erin = lookup(&s, "erin@nhs.test");
+    let check = |s: &Setup, when: &str| {
+        let erin = lookup(s, "erin@nhs.test");
         assert!(
             erin.contains("state   onprem (from file"),
             "{when}: the row the edit changed takes the file's state: {erin}"
         );
-        let alice = lookup(&s, "alice@nhs.test");
+        let alice = lookup(s, "alice@nhs.test");
         assert!(
             alice.contains("state   cloud (from batch 1)"),
             "{when}: a row the edit did not change keeps its batch state: {alice}"
         );
     };
-    check(if live { "live reload" } else { "restart" });
+    check(&s, if live { "live reload" } else { "restart" });
     stop(server);
-    let _server = start(&s, "relay3.log", None);
-    check("the restart after");
+    let _server = start(&mut s, "relay3.log", None);
+    check(&s, "the restart after");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,36 +220,27 @@ fn big_directory(n: usize) -> String {
     d
 }
 
-/// Waits (at most 30 s) until the relay's log `log` has a line containing `text`.
-fn wait_for_log(s: &Setup, log: &str, text: &str) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(30) {
-        if std::fs::read_to_string(s.path(log)).is_ok_and(|l| l.contains(text)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
+/// Waits (bounded) until the relay's log `log` has a line containing `text`.
+fn wait_for_log(s: &Setup, log: &str, text: &str) {
+    eventually_blocking(&format!("{text:?} in {log}"), || {
+        std::fs::read_to_string(s.path(log)).is_ok_and(|l| l.contains(text))
+    })
 }
 
-/// Waits (at most 30 s) until `cond` holds for the output of `coexist status --json`.
+/// Waits (bounded) until `cond` holds for the output of `coexist status --json`.
 fn wait_for_status(
     s: &Setup,
     what: &str,
     cond: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let t0 = Instant::now();
-    loop {
+    eventually_blocking(what, || {
         let v = status(s);
         if cond(&v) {
-            return v;
+            Ok(v)
+        } else {
+            Err(v.to_string())
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 fn status(s: &Setup) -> serde_json::Value {
@@ -292,7 +251,7 @@ fn status(s: &Setup) -> serde_json::Value {
 
 /// The Prometheus text of the running relay.
 fn metrics(s: &Setup) -> String {
-    let client = coexist::admin::client::AdminClient::new(s.bin.admin, common::TOKEN.into());
+    let client = coexist::admin::client::AdminClient::new(s.bin.admin(), common::TOKEN.into());
     match client.get("/metrics").unwrap() {
         serde_json::Value::String(t) => t,
         v => panic!("not metrics text: {v}"),
@@ -306,8 +265,8 @@ fn metrics(s: &Setup) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_being_written_is_not_loaded_before_it_is_closed() {
     use std::io::Write;
-    let s = setup(&big_directory(100), |t| t).await;
-    let _server = start(&s, "relay.log", None);
+    let mut s = setup(&big_directory(100), |_| {}).await;
+    let _server = start(&mut s, "relay.log", None);
     let edited = big_directory(100).replace("dave@nhs.test,onprem", "dave@nhs.test,cloud");
     let cut = edited.match_indices('\n').nth(99).unwrap().0 + 1; // header + 99 rows
     let mut f = std::fs::OpenOptions::new()
@@ -318,7 +277,7 @@ async fn a_file_being_written_is_not_loaded_before_it_is_closed() {
     f.write_all(&edited.as_bytes()[..cut]).unwrap();
     f.sync_data().unwrap();
     // The relay saw the write (and waits for the close).
-    let seen = wait_for_log(&s, "relay.log", "directory file is being written in place");
+    wait_for_log(&s, "relay.log", "directory file is being written in place");
     let last = lookup(&s, "user99@nhs.test");
     assert!(
         last.contains("state   onprem (from file"),
@@ -328,18 +287,12 @@ async fn a_file_being_written_is_not_loaded_before_it_is_closed() {
         lookup(&s, "dave@nhs.test").contains("state   onprem (from file"),
         "nothing of the partial file is loaded"
     );
-    assert!(seen, "the write in place is logged");
     f.write_all(&edited.as_bytes()[cut..]).unwrap();
     f.sync_data().unwrap();
     drop(f);
-    let t0 = Instant::now();
-    while !lookup(&s, "dave@nhs.test").contains("state   cloud (from file") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the closed file was not loaded"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually_blocking("the closed file to be loaded", || {
+        lookup(&s, "dave@nhs.test").contains("state   cloud (from file")
+    });
     assert!(lookup(&s, "user99@nhs.test").contains("state   onprem (from file"));
     assert_eq!(status(&s)["directory_entries"], 104);
     assert!(metrics(&s).contains("coexist_directory_reloads_total{result=\"ok\"} 1"));
@@ -351,8 +304,8 @@ async fn a_file_being_written_is_not_loaded_before_it_is_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shrunken_file_is_refused_unless_forced() {
     let full = big_directory(100);
-    let s = setup(&full, |t| t).await;
-    let server = start(&s, "relay.log", None);
+    let mut s = setup(&full, |_| {}).await;
+    let server = start(&mut s, "relay.log", None);
     assert_eq!(status(&s)["directory_entries"], 104);
     // Half the file (cut at a row boundary, so it parses), renamed into place.
     let cut = full.match_indices('\n').nth(52).unwrap().0 + 1; // header + 52 rows
@@ -377,7 +330,7 @@ async fn a_shrunken_file_is_refused_unless_forced() {
         "{reason}"
     );
     assert!(lookup(&s, "user99@nhs.test").contains("state   onprem (from file"));
-    assert!(wait_for_log(&s, "relay.log", why), "the refusal is logged");
+    wait_for_log(&s, "relay.log", why);
     let (_, out, _) = cli(s.config(), &["status"]);
     assert!(
         out.contains("last refused directory file reload: refused_shrink at ") && out.contains(why),
@@ -391,15 +344,14 @@ async fn a_shrunken_file_is_refused_unless_forced() {
         "{err}"
     );
     server.signal("HUP");
-    let t0 = Instant::now();
-    while !metrics(&s).contains("coexist_directory_reloads_total{result=\"refused_shrink\"} 3") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "SIGHUP did not try the file: {}",
-            metrics(&s)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually_blocking("SIGHUP to try the file", || {
+        let m = metrics(&s);
+        if m.contains("coexist_directory_reloads_total{result=\"refused_shrink\"} 3") {
+            Ok(())
+        } else {
+            Err(m)
+        }
+    });
     assert_eq!(status(&s)["directory_entries"], 104);
 
     let (ok, out, err) = cli(s.config(), &["directory", "reload", "--force"]);
@@ -420,15 +372,15 @@ async fn a_shrunken_file_is_refused_unless_forced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_that_shrank_while_stopped_is_refused_at_start() {
     let full = big_directory(100);
-    let s = setup(&full, |t| t).await;
-    let server = start(&s, "relay1.log", None);
+    let mut s = setup(&full, |_| {}).await;
+    let server = start(&mut s, "relay1.log", None);
     let (ok, _, err) = apply(&s, "b.csv", "alice@nhs.test\n", "cloud");
     assert!(ok, "{err}");
     stop(server);
     let cut = full.match_indices('\n').nth(52).unwrap().0 + 1;
     replace_directory(&s, &full[..cut]);
 
-    let _server = start(&s, "relay2.log", None);
+    let _server = start(&mut s, "relay2.log", None);
     let v = status(&s);
     assert_eq!(
         v["directory_entries"], 104,

@@ -6,7 +6,6 @@ mod common;
 use coexist::load::sink::{Sink, SinkOptions};
 use common::dns::{self, Rec};
 use common::*;
-use std::time::Duration;
 
 /// Two recording sinks on the same port of two loopback addresses (127.0.0.2 and 127.0.0.1),
 /// since an MX route has one port for all its hosts.
@@ -95,18 +94,17 @@ async fn null_mx_fails_the_recipient_with_a_dsn() {
         250
     );
     // The DSN goes to the sender through the external route (on premises).
-    let t0 = std::time::Instant::now();
-    loop {
-        let msgs = h.onprem.state.messages();
-        if let Some(d) = msgs.iter().find(|m| m.from.is_none()) {
-            let text = String::from_utf8_lossy(&d.body);
-            assert!(
-                text.contains("Status: 5.1.10") && text.contains("null MX"),
-                "{text}"
-            );
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "no DSN");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let dsn = eventually("a DSN", || {
+        h.onprem
+            .state
+            .messages()
+            .into_iter()
+            .find(|m| m.from.is_none())
+    })
+    .await;
+    let text = String::from_utf8_lossy(&dsn.body);
+    assert!(
+        text.contains("Status: 5.1.10") && text.contains("null MX"),
+        "{text}"
+    );
 }

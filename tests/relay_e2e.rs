@@ -44,8 +44,8 @@ async fn message_for_both_estates_is_split_with_body_unchanged() {
         );
         assert!(received_header(&m.body).contains(&format!("id {qid}")));
     }
-    // Delivered messages leave the spool.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Delivered messages leave the spool (before they leave the queue).
+    h.settled().await;
     let left = std::fs::read_dir(h.dir.path().join("spool/active"))
         .unwrap()
         .count();
@@ -83,12 +83,10 @@ async fn data_to_next_hop_without_chunking_keeps_bytes() {
 async fn deferred_message_is_retried_and_follows_a_moved_mailbox() {
     let h = harness(|_| {}).await;
     h.onprem.state.set_mode(SinkMode::Defer);
-    assert_eq!(
-        send_one(h.addr, &["dave@nhs.test"], "moving").await.code,
-        250
-    );
+    let r = send_one(h.addr, &["dave@nhs.test"], "moving").await;
+    assert_eq!(r.code, 250);
     // dave is on premises, which defers. Then dave's mailbox moves to the cloud.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.deferred(&queue_id(&r)).await;
     assert!(h.onprem.state.messages().is_empty());
     let states = vec![RouteName("cloud".into()), RouteName("onprem".into())];
     let rows = coexist::directory::batch::parse(
@@ -115,8 +113,9 @@ async fn deferred_message_is_retried_and_follows_a_moved_mailbox() {
 async fn deferral_then_success_at_the_same_hop() {
     let h = harness(|_| {}).await;
     h.cloud.state.set_mode(SinkMode::Defer);
-    assert_eq!(send_one(h.addr, &["bob@nhs.test"], "retry").await.code, 250);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = send_one(h.addr, &["bob@nhs.test"], "retry").await;
+    assert_eq!(r.code, 250);
+    h.deferred(&queue_id(&r)).await;
     let state = std::fs::read_dir(h.dir.path().join("spool/active"))
         .unwrap()
         .filter_map(|e| e.ok())
@@ -133,18 +132,17 @@ async fn tls_required_route_defers_when_next_hop_has_no_starttls() {
     let h = harness(|c| c.routes.get_mut("cloud").unwrap().tls = TlsPolicy::Required).await;
     let mut c = connect(h.addr).await;
     c.expect("EHLO client.test", 250).await;
-    assert_eq!(
-        c.mail(
+    let r = c
+        .mail(
             "x@example.org",
             &["bob@nhs.test", "alice@nhs.test"],
-            &sample("tls")
+            &sample("tls"),
         )
-        .await
-        .code,
-        250
-    );
+        .await;
+    assert_eq!(r.code, 250);
+    // The attempt is over (alice delivered, bob deferred) before anything is checked.
+    h.deferred(&queue_id(&r)).await;
     assert_eq!(wait(&h.onprem, 1).await, 1);
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         h.cloud.state.messages().is_empty(),
         "a required-TLS route must never send in clear text"
@@ -377,13 +375,9 @@ async fn verify_policy_checks_the_next_hop_certificate() {
     assert!(good.cloud.state.messages()[0].tls);
 
     let (bad, _ca2) = verify_harness("exchange.other.test").await;
-    assert_eq!(
-        send_one(bad.addr, &["bob@nhs.test"], "unverified")
-            .await
-            .code,
-        250
-    );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let r = send_one(bad.addr, &["bob@nhs.test"], "unverified").await;
+    assert_eq!(r.code, 250);
+    bad.deferred(&queue_id(&r)).await;
     assert!(
         bad.cloud.state.messages().is_empty(),
         "a certificate for another name must not pass"
@@ -407,13 +401,12 @@ async fn hanging_and_dropping_next_hops_defer_and_mail_goes_out_later() {
     c.expect("EHLO client.test", 250).await;
     for (mode, name) in [(SinkMode::Hang, "hang"), (SinkMode::Drop, "drop")] {
         h.cloud.state.set_mode(mode);
-        assert_eq!(
-            c.mail("x@example.org", &["bob@nhs.test"], &sample(name))
-                .await
-                .code,
-            250
-        );
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let r = c
+            .mail("x@example.org", &["bob@nhs.test"], &sample(name))
+            .await;
+        assert_eq!(r.code, 250);
+        // The attempt ran into the timeout (hang) or the closed connection (drop).
+        h.deferred(&queue_id(&r)).await;
         assert!(
             h.cloud.state.messages().is_empty(),
             "{name}: nothing may count as delivered"
@@ -429,71 +422,72 @@ async fn hanging_and_dropping_next_hops_defer_and_mail_goes_out_later() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_next_hop_that_is_down_then_comes_back_gets_everything() {
-    let down = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let h = harness(|c| c.routes.get_mut("cloud").unwrap().next_hops = vec![down.into()]).await;
+    let down = DownPort::new();
+    let h =
+        harness(|c| c.routes.get_mut("cloud").unwrap().next_hops = vec![down.addr.into()]).await;
     let mut c = connect(h.addr).await;
     c.expect("EHLO client.test", 250).await;
+    let mut ids = Vec::new();
     for i in 0..5 {
-        assert_eq!(
-            c.mail(
+        let r = c
+            .mail(
                 "x@example.org",
                 &["bob@nhs.test"],
-                &sample(&format!("down{i}"))
+                &sample(&format!("down{i}")),
             )
-            .await
-            .code,
-            250
-        );
+            .await;
+        assert_eq!(r.code, 250);
+        ids.push(queue_id(&r));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let back = coexist::load::sink::Sink::start(down, SinkOptions::default())
-        .await
-        .unwrap();
+    // Every message found the hop down (or skipped it while its circuit was open).
+    for id in &ids {
+        h.deferred(id).await;
+    }
+    let back =
+        coexist::load::sink::Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
+            .await
+            .unwrap();
+    down.forward_to(back.addr);
     assert_eq!(wait(&back, 5).await, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_per_next_hop_are_limited() {
-    let h = harness(|c| {
+    // The next hop takes a second over each message, so transactions that the relay runs
+    // together overlap there, and the sink counts the most it had at once. The retry delay
+    // is an hour: only the flush below makes the deferred messages due.
+    let opts = SinkOptions {
+        delay: Duration::from_secs(1),
+        ..SinkOptions::default()
+    };
+    let h = harness_with(opts, |c| {
         c.delivery.hop_concurrency = 2;
-        c.delivery.timeout = Duration::from_secs(2);
+        c.queue.min_backoff = Duration::from_secs(3600);
+        c.queue.max_backoff = Duration::from_secs(3600);
     })
     .await;
-    h.cloud.state.set_mode(SinkMode::Hang);
+    h.cloud.state.set_mode(SinkMode::Defer);
+    let mut ids = Vec::new();
     for i in 0..5 {
-        assert_eq!(
-            send_one(h.addr, &["bob@nhs.test"], &format!("limit{i}"))
-                .await
-                .code,
-            250
-        );
+        let r = send_one(h.addr, &["bob@nhs.test"], &format!("limit{i}")).await;
+        assert_eq!(r.code, 250);
+        ids.push(queue_id(&r));
     }
-    let sessions = || {
+    for id in &ids {
+        h.deferred(id).await;
+    }
+    // All five are due at the same moment.
+    h.cloud.state.set_mode(SinkMode::Accept);
+    assert_eq!(h.relay.queue.flush_where(|_| true), 5);
+    assert_eq!(wait(&h.cloud, 5).await, 5);
+    assert_eq!(
         h.cloud
             .state
-            .sessions
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
-    let t0 = std::time::Instant::now();
-    while sessions() < 2 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "deliveries never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Five deliveries are waiting, but only two may be in flight at this hop.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        sessions(),
+            .peak_answering
+            .load(std::sync::atomic::Ordering::SeqCst),
         2,
-        "five deliveries waiting, two in flight at the hop"
+        "five deliveries due at once, at most two (and here two) in flight at the hop"
     );
-    h.cloud.state.set_mode(SinkMode::Accept);
-    assert_eq!(wait(&h.cloud, 5).await, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,19 +519,15 @@ async fn client_certificate_is_presented_to_a_next_hop_that_requires_one() {
         c.routes.get_mut("onprem").unwrap().tls = TlsPolicy::Required;
     })
     .await;
-    assert_eq!(
-        send_one(h.addr, &["bob@nhs.test", "alice@nhs.test"], "cert")
-            .await
-            .code,
-        250
-    );
+    let r = send_one(h.addr, &["bob@nhs.test", "alice@nhs.test"], "cert").await;
+    assert_eq!(r.code, 250);
     assert_eq!(wait(&h.cloud, 1).await, 1);
     let summary = h.cloud.state.messages()[0]
         .tls_summary
         .clone()
         .unwrap_or_default();
     assert!(summary.contains("client certificate"), "{summary}");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    h.deferred(&queue_id(&r)).await;
     assert!(
         h.onprem.state.messages().is_empty(),
         "no certificate, no delivery"
@@ -683,12 +673,8 @@ async fn recipients_beyond_the_next_hops_limit_go_in_further_transactions_at_onc
             assert!(m.rcpts.len() <= 2);
             assert_eq!(strip_received(&m.body), &body[..]);
         }
-        // Every recipient has its outcome: the message has left the queue.
-        let t0 = std::time::Instant::now();
-        while !h.relay.queue.list().is_empty() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "still queued");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Every recipient has its outcome: the message leaves the queue.
+        h.settled().await;
     }
 }
 
@@ -707,22 +693,11 @@ async fn a_next_hop_refusing_the_first_recipient_with_452_defers_without_looping
     .await;
     let r = send_one(h.addr, &["u1@nhs.test", "u2@nhs.test"], "none").await;
     assert_eq!(r.code, 250);
-    let qid = queue_id(&r);
-    let t0 = std::time::Instant::now();
-    loop {
-        let e = h.relay.queue.get(&qid).expect("still queued");
-        if e.phase == coexist::queue::Phase::Deferred {
-            for rcpt in &e.state.rcpts {
-                let reply = rcpt.last_reply.clone().unwrap_or_default();
-                assert!(reply.starts_with("452 4.5.3"), "{reply}");
-            }
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the attempt never ended (looping on 452?)"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // The attempt ends (it does not loop on 452).
+    let e = h.deferred(&queue_id(&r)).await;
+    for rcpt in &e.state.rcpts {
+        let reply = rcpt.last_reply.clone().unwrap_or_default();
+        assert!(reply.starts_with("452 4.5.3"), "{reply}");
     }
     assert_eq!(
         h.onprem
@@ -804,8 +779,7 @@ async fn next_hop_without_smtputf8_gets_only_what_needs_no_smtputf8() {
     send("carol@nhs.test", "café").await;
     // 3. A non-ASCII recipient: bounced with 5.6.7.
     send("jörg@nhs.test", "plain").await;
-    let t0 = std::time::Instant::now();
-    let dsns = loop {
+    let dsns = eventually("2 DSNs", || {
         let d: Vec<_> = onprem
             .state
             .messages()
@@ -813,15 +787,12 @@ async fn next_hop_without_smtputf8_gets_only_what_needs_no_smtputf8() {
             .filter(|m| m.from.is_none())
             .collect();
         if d.len() >= 2 {
-            break d;
+            Ok(d)
+        } else {
+            Err(format!("{} DSNs", d.len()))
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{} DSNs of 2 arrived",
-            d.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     let text: Vec<String> = dsns
         .iter()
         .map(|m| String::from_utf8_lossy(&m.body).to_string())

@@ -32,11 +32,13 @@ async fn attempt(h: &Harness, pieces: &[&[u8]]) -> Vec<Reply> {
     c.expect("MAIL FROM:<x@example.org>", 250).await;
     c.expect("RCPT TO:<bob@nhs.test>", 250).await;
     c.expect("DATA", 354).await;
+    let s = c.io.get_ref();
+    let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
     for p in pieces {
         c.send(p).await;
-        // Give the relay a chance to read each piece on its own (TCP may still coalesce them;
-        // the unit tests of the reader cover every split deterministically).
-        tokio::time::sleep(Duration::from_millis(15)).await;
+        // The relay reads each piece on its own: the next is sent once it has read this one
+        // (the unit tests of the reader cover every split too).
+        eventually("the relay to read the piece", || unread(local, peer) == 0).await;
     }
     c.send(b"QUIT\r\n").await;
     let mut replies = Vec::new();
@@ -77,7 +79,8 @@ async fn no_fake_end_of_data_ends_a_message() {
             );
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Refused at SMTP, so never queued: once the queue is empty, nothing is on its way.
+    h.settled().await;
     assert!(h.cloud.state.messages().is_empty(), "a message got through");
     assert!(
         h.onprem.state.messages().is_empty(),

@@ -260,6 +260,11 @@ pub struct SinkState {
     pub bytes: AtomicU64,
     /// SMTP sessions served.
     pub sessions: AtomicU64,
+    /// Transactions at their end of data now (being answered, after `delay` if any).
+    pub answering: AtomicU64,
+    /// The most transactions at their end of data at once: with a `delay`, how many the
+    /// sender had in flight together.
+    pub peak_answering: AtomicU64,
     changed: Notify,
     record: Option<Mutex<std::fs::File>>,
     defer_share: f64,
@@ -401,6 +406,7 @@ impl Handler for SinkHandler {
 
     async fn accept(&self, _: &(), msg: Incoming) -> Reply {
         let s = &self.0;
+        let _answering = Answering::new(s);
         match s.mode.load(Ordering::SeqCst) {
             1 => return Reply::new(451, "4.3.0", "Sink: deferring on request"),
             2 => return Reply::new(554, "5.6.0", "Sink: rejecting on request"),
@@ -466,6 +472,23 @@ impl Handler for SinkHandler {
     }
 }
 
+/// Counts a transaction in [`SinkState::answering`] while it lives.
+struct Answering<'a>(&'a SinkState);
+
+impl<'a> Answering<'a> {
+    fn new(s: &'a SinkState) -> Answering<'a> {
+        let now = s.answering.fetch_add(1, Ordering::SeqCst) + 1;
+        s.peak_answering.fetch_max(now, Ordering::SeqCst);
+        Answering(s)
+    }
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0.answering.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A running sink; stops when dropped.
 pub struct Sink {
     /// Where it listens.
@@ -512,6 +535,8 @@ impl Sink {
             recipients: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
+            answering: AtomicU64::new(0),
+            peak_answering: AtomicU64::new(0),
             changed: Notify::new(),
             record: match &opts.record {
                 Some(p) => Some(Mutex::new(

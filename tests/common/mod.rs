@@ -1,16 +1,109 @@
 //! Shared test harness: a real relay on an ephemeral loopback port, two sink next hops, and a
 //! raw SMTP client that shows every reply.
+//!
+//! Tests never sleep to wait. They wait, with a deadline ([`PATIENCE`]), on something the
+//! relay or a sink shows: a message deferred or the queue empty ([`Harness::deferred`],
+//! [`Harness::settled`]), recipients at a sink ([`wait`]), the relay having read what was sent
+//! ([`unread`]), the CLI's or the admin API's answer ([`eventually_blocking`]). A check that
+//! something did *not* happen first waits for the event after which it could no longer
+//! happen. Ports are bound once and kept (port 0, [`DownPort`], [`forward`]); the binary's
+//! configs are written from the typed config ([`bin::write_config`]).
 #![allow(dead_code)]
 
 use coexist::config::{Config, DEFAULT_CONFIG};
 use coexist::load::sink::{Sink, SinkOptions};
+use coexist::queue::{Phase, QueueEntry};
 use coexist::relay::{self, Running};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// How long a test waits for something that must happen before it fails. Generous on
+/// purpose: a busy machine makes the tests slower, not red. Nothing waits this long when
+/// the relay works.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Time between two looks at the state a test waits on.
+const POLL: Duration = Duration::from_millis(20);
+
+/// A condition a test waits on: `true`, `Some(value)` or `Ok(value)` when met; `Err` carries
+/// the last state seen, for the failure message.
+pub trait Check {
+    /// What the wait returns once the condition is met.
+    type Out;
+    /// `Ok` when met, else what was seen.
+    fn check(self) -> Result<Self::Out, String>;
+}
+
+impl Check for bool {
+    type Out = ();
+    fn check(self) -> Result<(), String> {
+        if self {
+            Ok(())
+        } else {
+            Err(String::new())
+        }
+    }
+}
+
+impl<T> Check for Option<T> {
+    type Out = T;
+    fn check(self) -> Result<T, String> {
+        self.ok_or_else(String::new)
+    }
+}
+
+impl<T> Check for Result<T, String> {
+    type Out = T;
+    fn check(self) -> Result<T, String> {
+        self
+    }
+}
+
+fn gave_up(what: &str, last: &str) -> ! {
+    if last.is_empty() {
+        panic!("gave up after {PATIENCE:?} waiting for {what}");
+    }
+    panic!("gave up after {PATIENCE:?} waiting for {what}; last seen: {last}");
+}
+
+/// Polls `cond` until it is met (see [`Check`]) and returns its value; panics naming `what`
+/// after [`PATIENCE`].
+pub async fn eventually<C: Check>(what: &str, mut cond: impl FnMut() -> C) -> C::Out {
+    eventually_async(what, || std::future::ready(cond())).await
+}
+
+/// [`eventually`] for a condition that has to await (connect, read a reply).
+pub async fn eventually_async<C: Check, F: Future<Output = C>>(
+    what: &str,
+    mut cond: impl FnMut() -> F,
+) -> C::Out {
+    let t0 = Instant::now();
+    loop {
+        match cond().await.check() {
+            Ok(v) => return v,
+            Err(last) if t0.elapsed() >= PATIENCE => gave_up(what, &last),
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// [`eventually`] for tests without a runtime, or where the condition blocks (the CLI, the
+/// admin client).
+pub fn eventually_blocking<C: Check>(what: &str, mut cond: impl FnMut() -> C) -> C::Out {
+    let t0 = Instant::now();
+    loop {
+        match cond().check() {
+            Ok(v) => return v,
+            Err(last) if t0.elapsed() >= PATIENCE => gave_up(what, &last),
+            Err(_) => std::thread::sleep(POLL),
+        }
+    }
+}
 
 /// The test directory: alice and dave on premises, bob and carol in the cloud.
 pub const DIRECTORY: &str = "address,state\nalice@nhs.test,onprem\nbob@nhs.test,cloud\ncarol@nhs.test,cloud\ndave@nhs.test,onprem\n";
@@ -66,6 +159,42 @@ pub fn test_config(dir: &Path, certs: &TestCerts, onprem: SocketAddr, cloud: Soc
     cfg
 }
 
+/// Waits until `relay`'s queue is empty: every message it accepted has its final outcome
+/// (delivered, or failed with its DSN spooled and delivered in turn, or kept in `failed/`).
+/// After this, whatever the relay was going to send has reached the sinks, and what is not
+/// there was never sent: the positive event that "nothing (else) arrived" checks wait on.
+/// (A message is queued before its `250` is sent; one refused at SMTP never is.)
+pub async fn queue_settled(relay: &Running) {
+    eventually("the relay's queue to empty", || {
+        let left = relay.queue.list();
+        if left.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = left
+            .iter()
+            .map(|e| format!("{} {:?}", e.envelope.id, e.phase))
+            .collect();
+        Err(ids.join(", "))
+    })
+    .await
+}
+
+/// Waits until message `qid` has finished a delivery attempt and waits for its retry (its
+/// state, with every recipient's last reply, is saved by then); returns the queue entry.
+pub async fn queue_deferred(relay: &Running, qid: &str) -> QueueEntry {
+    eventually(&format!("message {qid} to be deferred"), || {
+        match relay.queue.get(qid) {
+            Some(e) if e.phase == Phase::Deferred => Ok(e),
+            Some(e) => Err(format!(
+                "{:?} after {} attempt(s)",
+                e.phase, e.state.attempts
+            )),
+            None => Err("not in the queue".into()),
+        }
+    })
+    .await
+}
+
 /// A relay with two sinks.
 pub struct Harness {
     pub relay: Running,
@@ -74,6 +203,18 @@ pub struct Harness {
     pub cloud: Sink,
     pub dir: tempfile::TempDir,
     pub certs: TestCerts,
+}
+
+impl Harness {
+    /// [`queue_settled`] for this relay.
+    pub async fn settled(&self) {
+        queue_settled(&self.relay).await
+    }
+
+    /// [`queue_deferred`] for this relay.
+    pub async fn deferred(&self, qid: &str) -> QueueEntry {
+        queue_deferred(&self.relay, qid).await
+    }
 }
 
 pub async fn harness(tweak: impl FnOnce(&mut Config)) -> Harness {
@@ -237,72 +378,164 @@ pub fn sample(subject: &str) -> Vec<u8> {
 
 /// Waits (bounded) until `sink` has accepted `n` recipients; returns its count.
 pub async fn wait(sink: &Sink, n: u64) -> u64 {
-    sink.state.wait_recipients(n, Duration::from_secs(30)).await
+    sink.state.wait_recipients(n, PATIENCE).await
+}
+
+/// Forwards every connection accepted on `listener` to `to`, byte for byte, both ways.
+/// Lets a test hand out a listening port (bound once, never released) before the server
+/// behind it exists.
+pub fn forward(listener: TcpListener, to: SocketAddr) {
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+}
+
+/// A loopback port the test holds that refuses connections, like a next hop that is down:
+/// bound but not listening, so no other test or process can take it meanwhile.
+pub struct DownPort {
+    socket: TcpSocket,
+    pub addr: SocketAddr,
+}
+
+impl DownPort {
+    pub fn new() -> DownPort {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        DownPort { socket, addr }
+    }
+
+    /// The next hop comes up: the port starts listening (it was never released) and
+    /// forwards to `to`, e.g. a sink.
+    pub fn forward_to(self, to: SocketAddr) {
+        forward(self.socket.listen(128).unwrap(), to);
+    }
+}
+
+/// Bytes written on the loopback connection `local` → `peer` that the peer's process has
+/// not read yet: `local`'s send queue plus `peer`'s receive queue (Linux `/proc/net/tcp`).
+/// Zero means the other side has read everything sent so far.
+pub fn unread(local: SocketAddr, peer: SocketAddr) -> u64 {
+    fn hex(a: SocketAddr) -> String {
+        let SocketAddr::V4(a) = a else {
+            panic!("IPv4 only: {a}")
+        };
+        format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(a.ip().octets()),
+            a.port()
+        )
+    }
+    let (l, p) = (hex(local), hex(peer));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let mut total = 0;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some((tx, rx)) = f.get(4).and_then(|q| q.split_once(':')) else {
+            continue;
+        };
+        let queued = |q: &str| u64::from_str_radix(q, 16).unwrap_or(0);
+        if f[1] == l && f[2] == p {
+            total += queued(tx);
+        } else if f[1] == p && f[2] == l {
+            total += queued(rx);
+        }
+    }
+    total
 }
 
 /// Helpers for tests that run the real `coexist` binary.
 pub mod bin {
-    use super::{write_certs, DIRECTORY, TOKEN};
-    use std::net::{SocketAddr, TcpListener};
+    use super::{eventually_blocking, test_config, write_certs, PATIENCE, POLL};
+    use coexist::config::Config;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc::{self, RecvTimeoutError};
     use std::time::{Duration, Instant};
 
     /// The binary under test.
     pub const BIN: &str = env!("CARGO_BIN_EXE_coexist");
 
-    /// A free loopback port (bound and released; good enough on a test machine).
-    pub fn free_port() -> SocketAddr {
+    /// A next hop for configs whose mail never leaves (config checks, servers that get no
+    /// mail): the discard port on loopback, where nothing listens.
+    pub const NOWHERE: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9));
+
+    /// A loopback port that was free a moment ago. Only for the binary's own listeners,
+    /// which must be written into its config: [`spawn_with`] starts the server again on
+    /// fresh ports if one was taken meanwhile. Everything else binds port 0 and keeps it.
+    fn pick_port() -> SocketAddr {
         TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
     }
 
-    /// Ports and paths of a config written for the binary.
+    /// A config for the binary: the typed config, and the file it is written to.
     pub struct BinConfig {
         pub path: PathBuf,
-        pub listen: SocketAddr,
-        pub admin: SocketAddr,
-        pub onprem: SocketAddr,
-        pub cloud: SocketAddr,
+        pub config: Config,
     }
 
-    /// Writes certificates, the test directory and a config into `dir`: the default config
-    /// with these ports, temp paths, fast retries, and the admin token [`TOKEN`] inline.
+    impl BinConfig {
+        /// The SMTP address.
+        pub fn listen(&self) -> SocketAddr {
+            self.config.server.listen[0]
+        }
+
+        /// The admin API's address.
+        pub fn admin(&self) -> SocketAddr {
+            self.config.admin.as_ref().unwrap().listen
+        }
+
+        /// Writes `config` to `path` as TOML (serialized from the typed config, and checked
+        /// to read back the same; not validated, so a test can write a config the relay
+        /// must refuse).
+        pub fn write(&self) {
+            let text = toml::to_string(&self.config).unwrap();
+            let back: Config = toml::from_str(&text).unwrap();
+            assert_eq!(
+                back, self.config,
+                "the config does not survive TOML:\n{text}"
+            );
+            std::fs::write(&self.path, text).unwrap();
+        }
+
+        /// The config file's text.
+        pub fn text(&self) -> String {
+            std::fs::read_to_string(&self.path).unwrap()
+        }
+
+        fn new_ports(&mut self) {
+            self.config.server.listen = vec![pick_port()];
+            self.config.admin.as_mut().unwrap().listen = pick_port();
+        }
+    }
+
+    /// Writes certificates, the test directory and a config into `dir`: the in-process
+    /// tests' [`test_config`](super::test_config) (fast retries, the admin token
+    /// [`TOKEN`](super::TOKEN) inline) with fixed loopback ports, the directory watcher on,
+    /// and a 5 s delivery timeout. Change `config` and call [`BinConfig::write`] for more.
     pub fn write_config(dir: &Path, onprem: SocketAddr, cloud: SocketAddr) -> BinConfig {
-        let (listen, admin) = (free_port(), free_port());
         let certs = write_certs(dir);
-        if !dir.join("directory.csv").exists() {
-            std::fs::write(dir.join("directory.csv"), DIRECTORY).unwrap();
-        }
-        let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
-        let text = coexist::config::DEFAULT_CONFIG
-            .replace("127.0.0.1:2525", &listen.to_string())
-            .replace("127.0.0.1:2601", &onprem.to_string())
-            .replace("127.0.0.1:2602", &cloud.to_string())
-            .replace("127.0.0.1:8025", &admin.to_string())
-            .replace(
-                "token_file = \"var/admin.token\"",
-                &format!("token = \"{TOKEN}\""),
-            )
-            .replace("var/directory", &p("store"))
-            .replace("certs/server.crt", certs.cert.to_str().unwrap())
-            .replace("certs/server.key", certs.key.to_str().unwrap())
-            .replace("var/spool", &p("spool"))
-            .replace("config/directory.csv", &p("directory.csv"))
-            .replace("min_backoff = \"300s\"", "min_backoff = \"1s\"")
-            .replace("max_backoff = \"4000s\"", "max_backoff = \"2s\"")
-            .replace("timeout = \"60s\"", "timeout = \"5s\"");
-        let path = dir.join("coexist.toml");
-        std::fs::write(&path, text).unwrap();
-        BinConfig {
-            path,
-            listen,
-            admin,
-            onprem,
-            cloud,
-        }
+        let mut config = test_config(dir, &certs, onprem, cloud);
+        config.directory.watch = true;
+        config.directory.store_dir = dir.join("store");
+        config.delivery.timeout = Duration::from_secs(5);
+        let mut cfg = BinConfig {
+            path: dir.join("coexist.toml"),
+            config,
+        };
+        cfg.new_ports();
+        cfg.write();
+        cfg
     }
 
     /// A running `coexist serve`; killed (SIGKILL) when dropped.
@@ -333,48 +566,145 @@ pub mod bin {
                 if let Ok(Some(_)) = self.0.try_wait() {
                     return true;
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(POLL);
             }
             false
         }
     }
 
-    /// Starts `coexist serve --config` and waits until SMTP and admin ports answer.
-    pub fn spawn(cfg: &BinConfig) -> Server {
-        spawn_logged(cfg, None)
+    /// How to run `coexist serve`.
+    #[derive(Default, Clone, Copy)]
+    pub struct Start<'a> {
+        /// Append the server's log (RUST_LOG=info, text) to this file.
+        pub log: Option<&'a Path>,
+        /// Working directory (relative paths in the config are taken from it).
+        pub cwd: Option<&'a Path>,
+        /// Run under a file size limit in KiB (`ulimit -f`, SIGXFSZ ignored), so that writes
+        /// past it fail with EFBIG the way they fail with ENOSPC on a full disk.
+        pub fsize_kib: Option<u64>,
     }
 
-    /// Like [`spawn`], with the server's log (warnings and errors) appended to `log`.
-    pub fn spawn_logged(cfg: &BinConfig, log: Option<&Path>) -> Server {
-        let stderr = match log {
-            Some(p) => Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .unwrap(),
-            ),
-            None => Stdio::null(),
+    /// Starts `coexist serve --config` (see [`spawn_with`]).
+    pub fn spawn(cfg: &mut BinConfig) -> Server {
+        spawn_with(cfg, Start::default())
+    }
+
+    /// Starts `coexist serve --config` and returns once the server has logged that it
+    /// listens on the config's SMTP and admin addresses: its own word, so a test never talks
+    /// to another process that took the port. If one of the ports was taken before the
+    /// server could bind it, the server exits ("Address already in use") and is started
+    /// again on fresh ports: the config file is rewritten, so read `cfg.listen()` and
+    /// `cfg.admin()` after this call. Panics if the server exits for another reason.
+    pub fn spawn_with(cfg: &mut BinConfig, how: Start) -> Server {
+        for _ in 0..5 {
+            match try_spawn(cfg, how) {
+                Ok(server) => return server,
+                Err(log) if log.contains("Address already in use") => {
+                    cfg.new_ports();
+                    cfg.write();
+                }
+                Err(log) => panic!("the relay exited at start:\n{log}"),
+            }
+        }
+        panic!("five starts in a row found a port taken");
+    }
+
+    /// The addresses in `addr=` fields of a log line.
+    fn logged_addrs(line: &str) -> impl Iterator<Item = SocketAddr> + '_ {
+        line.split_whitespace()
+            .filter_map(|w| w.strip_prefix("addr=")?.parse().ok())
+    }
+
+    /// One start: the server, or its log if it exited before listening.
+    fn try_spawn(cfg: &BinConfig, how: Start) -> Result<Server, String> {
+        let mut cmd = match how.fsize_kib {
+            Some(kib) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!(
+                        "trap '' XFSZ; ulimit -f {kib} && exec \"$0\" \"$@\""
+                    ))
+                    .arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
         };
-        let child = Command::new(BIN)
+        if let Some(dir) = how.cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd
             .args(["serve", "--config", cfg.path.to_str().unwrap()])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(stderr)
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // A thread reads the log for as long as the server runs: into the log file if asked,
+        // and to this function until the server is up.
+        let stderr = child.stderr.take().unwrap();
+        let mut file = how.log.map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .unwrap()
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(f) = &mut file {
+                    let _ = writeln!(f, "{line}");
+                }
+                let _ = tx.send(line);
+            }
+        });
         let server = Server(child);
+        let (smtp, admin) = (cfg.listen(), cfg.admin());
+        let (mut smtp_up, mut admin_up) = (false, false);
+        let mut log = String::new();
         let t0 = Instant::now();
-        while std::net::TcpStream::connect(cfg.listen).is_err()
-            || std::net::TcpStream::connect(cfg.admin).is_err()
-        {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "relay did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        while !(smtp_up && admin_up) {
+            match rx.recv_timeout(POLL) {
+                Ok(line) => {
+                    for a in logged_addrs(&line) {
+                        smtp_up |= a == smtp;
+                        admin_up |= a == admin;
+                    }
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+                // The log ended: the server exited.
+                Err(RecvTimeoutError::Disconnected) => return Err(log),
+                Err(RecvTimeoutError::Timeout) => assert!(
+                    t0.elapsed() < PATIENCE,
+                    "the relay did not start listening:\n{log}"
+                ),
+            }
         }
-        server
+        Ok(server)
+    }
+
+    /// `text` (a config file) with the value of `key` in `[table]` replaced by `raw` (TOML as
+    /// written): for the tests of how a bad value is reported, which the typed config cannot
+    /// hold. Returns the new text and the 1-based line changed.
+    pub fn with_raw_value(text: &str, table: &str, key: &str, raw: &str) -> (String, usize) {
+        let (mut current, mut changed) = (String::new(), None);
+        let mut out: Vec<String> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.starts_with('[') {
+                current = line.trim_matches(['[', ']']).to_string();
+            }
+            let (k, _) = line.split_once(" = ").unwrap_or_default();
+            if current == table && k == key && changed.is_none() {
+                out.push(format!("{key} = {raw}"));
+                changed = Some(i + 1);
+            } else {
+                out.push(line.to_string());
+            }
+        }
+        let line = changed.unwrap_or_else(|| panic!("no {key} in [{table}]:\n{text}"));
+        (out.join("\n") + "\n", line)
     }
 
     /// Runs `coexist ARGS --config CONFIG`; returns (success, stdout, stderr).
@@ -389,6 +719,20 @@ pub mod bin {
             String::from_utf8_lossy(&out.stdout).to_string(),
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
+    }
+
+    /// Waits (bounded) until `coexist queue list` shows an empty queue: every message the
+    /// server holds has its final outcome.
+    pub fn wait_queue_empty(cfg: &BinConfig) {
+        eventually_blocking("an empty queue", || {
+            let (ok, out, err) = cli(&cfg.path, &["queue", "list"]);
+            assert!(ok, "{err}");
+            if out.starts_with("0 message(s)") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        })
     }
 }
 

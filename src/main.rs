@@ -529,7 +529,12 @@ fn explain_text(v: &serde_json::Value) -> String {
         .as_array()
         .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
         .unwrap_or_default();
-    format!(
+    let target = match v["mx"].as_str() {
+        Some(mx) => format!("mx {mx}"),
+        None if hops.is_empty() => "-".to_string(),
+        None => hops.join(", "),
+    };
+    let mut out = format!(
         "{}\n  mailbox {}\n  state   {} (from {})\n  rcpt    {}\n  route   {} -> {} (tls {})",
         s("address"),
         s("mailbox"),
@@ -537,13 +542,17 @@ fn explain_text(v: &serde_json::Value) -> String {
         s("origin"),
         s("rcpt"),
         s("route"),
-        if hops.is_empty() {
-            "-".to_string()
-        } else {
-            hops.join(", ")
-        },
+        target,
         s("tls")
-    )
+    );
+    if let Some(name) = v["tls_name"].as_str() {
+        out.push_str(&format!("\n  tls name {name}"));
+    }
+    if let Some(to) = v["rewritten"].as_str() {
+        out.push_str(&format!("\n  sent as {to}"));
+    }
+    out.push_str(&format!("\n  dsn     {}", s("dsn_route")));
+    out
 }
 
 fn run_directory(cmd: DirCmd) -> anyhow::Result<()> {

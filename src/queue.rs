@@ -7,12 +7,12 @@
 
 use crate::config::Config;
 use crate::deliver::{self, Outbound, RcptOutcome};
-use crate::directory::{Directory, Resolution};
+use crate::directory::Directory;
 use crate::metrics as m;
 use crate::proto::BodyType;
 use crate::route;
 use crate::spool::{DeliveryState, Envelope, RcptStatus, Spool};
-use crate::types::{Address, QueueId};
+use crate::types::QueueId;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -341,15 +341,20 @@ impl Queue {
         }
     }
 
-    /// The route each pending recipient of `e` would take now (`None`: no route).
+    /// The route each pending recipient of `e` would take now (`None`: no route): the
+    /// same [`route::plan`] an attempt makes now, so a listing shows the route delivery takes.
     pub fn pending_routes(&self, e: &QueueEntry) -> Vec<(usize, Option<String>)> {
-        e.state
-            .pending()
+        let pending = e.state.pending();
+        let config = self.inner.config.load();
+        let plan = route::plan(
+            pending.iter().map(|&i| (i, &e.envelope.rcpts[i])),
+            route::Kind::of(e.envelope.bounce),
+            |a| self.inner.directory.resolve(a),
+            &config,
+        );
+        pending
             .into_iter()
-            .map(|i| {
-                let r = self.inner.directory.resolve(&e.envelope.rcpts[i]);
-                (i, r.route().map(|r| r.as_str().to_string()))
-            })
+            .map(|i| (i, plan.route_of(i).map(|r| r.as_str().to_string())))
             .collect()
     }
 
@@ -556,34 +561,29 @@ async fn attempt(
     let pending = state.pending();
     let dir = &inner.directory;
     let config = inner.config.load_full();
-    let external = config.external_route();
-    // Recipients follow the directory; only a DSN's recipient (the original sender) can be
-    // outside our domains, and then it takes the external route.
-    let plan = route::plan(pending.iter().map(|&i| (i, &env.rcpts[i])), |a| {
-        if !env.bounce || config.server.accepted_domains.contains(a.domain()) {
-            dir.resolve(a)
-        } else {
-            match &external {
-                Some(r) => Resolution::Unlisted(r.clone()),
-                None => Resolution::Reject,
-            }
-        }
-    });
+    let plan = route::plan(
+        pending.iter().map(|&i| (i, &env.rcpts[i])),
+        route::Kind::of(env.bounce),
+        |a| dir.resolve(a),
+        &config,
+    );
     for &i in &plan.unroutable {
         let reply = "550 5.1.1 recipient is no longer in the directory".to_string();
         log_outcome(env, i, "-", None, "bounced", &reply);
         state.rcpts[i].status = RcptStatus::Failed;
         state.rcpts[i].last_reply = Some(reply);
     }
+    for (r, rcpts) in &plan.unconfigured {
+        let reply = format!("451 4.3.5 route {r} is not configured");
+        for &i in rcpts {
+            log_outcome(env, i, r.as_str(), None, "deferred", &reply);
+            state.rcpts[i].last_reply = Some(reply.clone());
+        }
+    }
     let mut tasks = JoinSet::new();
     for d in plan.deliveries {
         let (inner, env, body, config) = (inner.clone(), env.clone(), body.clone(), config.clone());
         tasks.spawn(async move {
-            let Some(route) = config.routes.get(d.route.as_str()) else {
-                let reply = format!("451 4.3.5 route {} is not configured", d.route);
-                let n = d.rcpts.len();
-                return (d, None, vec![RcptOutcome::Deferred(reply); n]);
-            };
             let limit = inner.limits.load().get(d.route.as_str()).cloned();
             let _permit = match limit {
                 Some(s) => match s.clone().try_acquire_owned() {
@@ -604,16 +604,9 @@ async fn attempt(
                     return (d, None, vec![RcptOutcome::Deferred(reply); n]);
                 }
             };
-            let rewritten: Option<Vec<Address>> = route
-                .rewrite_domain
-                .as_ref()
-                .map(|dom| d.rcpts.iter().map(|&i| env.rcpts[i].with_domain(dom)).collect());
             let out = Outbound {
                 from: env.from.as_ref(),
-                rcpts: match &rewritten {
-                    Some(v) => v.iter().collect(),
-                    None => d.rcpts.iter().map(|&i| &env.rcpts[i]).collect(),
-                },
+                rcpts: d.to.iter().collect(),
                 message: &message,
                 eight_bit: env.body == BodyType::EightBitMime,
                 ret: env.ret,
@@ -626,10 +619,10 @@ async fn attempt(
                 .load()
                 .get(d.route.as_str())
                 .cloned()
-                .unwrap_or_else(|| deliver::RouteTls::plain(route.tls));
-            let target = match &route.mx {
-                Some(domain) => deliver::Target::Mx(domain.as_str(), route.port),
-                None => deliver::Target::Hops(&route.next_hops),
+                .unwrap_or_else(|| deliver::RouteTls::plain(d.tls));
+            let target = match &d.target {
+                route::Target::Mx(domain, port) => deliver::Target::Mx(domain.as_str(), *port),
+                route::Target::Hops(hops) => deliver::Target::Hops(hops),
             };
             let a = deliver::deliver(
                 &inner.pool,

@@ -249,7 +249,7 @@ pub struct DirectoryConfig {
     /// CSV file with header `address,state`.
     pub file: PathBuf,
     /// Route for addresses not in the directory, or `reject` (550 5.1.1).
-    pub unknown: String,
+    pub unknown: Unknown,
     /// Entries held by the moka lookup cache; 0 (the default) turns it off, which is right
     /// for the in-memory file source (see README: the table is faster than a cache hit).
     #[serde(default = "default_cache_capacity")]
@@ -313,6 +313,53 @@ impl<'de> Deserialize<'de> for Percent {
             }
         }
         d.deserialize_str(V)
+    }
+}
+
+/// `directory.unknown`: what happens to an address the directory does not list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unknown {
+    /// Refused at RCPT with 550 5.1.1 (written `reject`).
+    Reject,
+    /// Sent on this route (written as the route's name).
+    Route(RouteName),
+}
+
+impl Unknown {
+    /// The route, unless unknown addresses are rejected.
+    pub fn route(&self) -> Option<&RouteName> {
+        match self {
+            Unknown::Reject => None,
+            Unknown::Route(r) => Some(r),
+        }
+    }
+}
+
+/// `reject`, or a route name (checked against `[routes]` by `validate`).
+impl From<&str> for Unknown {
+    fn from(s: &str) -> Unknown {
+        if s == "reject" {
+            Unknown::Reject
+        } else {
+            Unknown::Route(RouteName(s.into()))
+        }
+    }
+}
+
+/// As written in the config: `reject` or the route's name.
+impl std::fmt::Display for Unknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unknown::Reject => f.write_str("reject"),
+            Unknown::Route(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Unknown {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(Unknown::from(s.as_str()))
     }
 }
 
@@ -720,13 +767,14 @@ impl Config {
                 ));
             }
         }
-        let unknown = &self.directory.unknown;
-        if unknown != "reject" && !self.routes.contains_key(unknown) {
-            return Err(fail(
-                "directory",
-                "unknown",
-                format!("{unknown:?} is neither `reject` nor a route name"),
-            ));
+        if let Unknown::Route(r) = &self.directory.unknown {
+            if !self.routes.contains_key(r.as_str()) {
+                return Err(fail(
+                    "directory",
+                    "unknown",
+                    format!("{:?} is neither `reject` nor a route name", r.as_str()),
+                ));
+            }
         }
         if let Some(admin) = &self.admin {
             if admin.token.is_some() == admin.token_file.is_some() {
@@ -791,8 +839,10 @@ impl Config {
     pub fn external_route(&self) -> Option<RouteName> {
         let name = match &self.delivery.external_route {
             Some(r) => Some(r.as_str()),
-            None if self.directory.unknown != "reject" => Some(self.directory.unknown.as_str()),
-            None => self.routes.keys().next().map(String::as_str),
+            None => match self.directory.unknown.route() {
+                Some(r) => Some(r.as_str()),
+                None => self.routes.keys().next().map(String::as_str),
+            },
         };
         name.map(|n| RouteName(n.into()))
     }
@@ -926,6 +976,20 @@ mod tests {
             err.starts_with(&format!("x.toml:{line}: key `server.max_message_size`")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unknown_is_reject_or_a_route() {
+        let c = Config::parse(DEFAULT_CONFIG, "t").unwrap();
+        assert_eq!(
+            c.directory.unknown,
+            Unknown::Route(RouteName("onprem".into()))
+        );
+        let text = DEFAULT_CONFIG.replace("unknown = \"onprem\"", "unknown = \"reject\"");
+        let c = Config::parse(&text, "t").unwrap();
+        assert_eq!(c.directory.unknown, Unknown::Reject);
+        assert_eq!(c.directory.unknown.to_string(), "reject");
+        assert_eq!(c.external_route(), Some(RouteName("onprem".into())));
     }
 
     #[test]

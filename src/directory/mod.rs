@@ -25,7 +25,7 @@ pub mod store;
 pub mod table;
 pub mod watch;
 
-use crate::config::{DirectoryConfig, Percent};
+use crate::config::{DirectoryConfig, Percent, Unknown};
 use crate::types::{Address, RouteName};
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -397,7 +397,7 @@ impl Directory {
     }
 
     /// Applies a new `directory.unknown` (config reload).
-    pub fn set_unknown(&self, unknown: &str) {
+    pub fn set_unknown(&self, unknown: &Unknown) {
         self.unknown.store(unknown_route(unknown));
     }
 
@@ -827,8 +827,8 @@ impl Directory {
     }
 }
 
-fn unknown_route(unknown: &str) -> Option<Arc<RouteName>> {
-    (unknown != "reject").then(|| Arc::new(RouteName(unknown.into())))
+fn unknown_route(unknown: &Unknown) -> Option<Arc<RouteName>> {
+    unknown.route().map(|r| Arc::new(r.clone()))
 }
 
 fn lookup_state(view: &View, key: &[u8]) -> Option<u8> {

@@ -6,7 +6,7 @@
 //! invariant 3), so deferred mail follows a mailbox that moved meanwhile.
 
 use crate::config::Config;
-use crate::deliver::{self, Outbound, RcptOutcome};
+use crate::deliver::{self, Failure, LastReply, LocalError, Outbound, RcptOutcome};
 use crate::directory::Directory;
 use crate::metrics as m;
 use crate::proto::BodyType;
@@ -335,7 +335,7 @@ impl Queue {
                         RcptStatus::Pending => phase.to_string(),
                     },
                     route: routes.get(&i).cloned().flatten(),
-                    last_reply: r.last_reply.clone(),
+                    last_reply: r.last_reply.as_ref().map(|l| l.to_string()),
                 })
                 .collect(),
         }
@@ -443,9 +443,10 @@ async fn run_message(
             for i in pending {
                 let r = &mut state.rcpts[i];
                 r.status = RcptStatus::Failed;
-                let last = r.last_reply.clone().unwrap_or_default();
-                r.last_reply = Some(format!("message expired in queue; last reply: {last}"));
-                warn!(qid = %id, to = %env.rcpts[i], status = "expired", reply = %last, "delivery expired");
+                let last = r.last_reply.as_ref().and_then(|l| l.failure()).cloned();
+                let shown = last.as_ref().map(|l| l.to_string()).unwrap_or_default();
+                r.last_reply = Some(LastReply::Failed(Failure::Expired(last.map(Box::new))));
+                warn!(qid = %id, to = %env.rcpts[i], status = "expired", reply = %shown, "delivery expired");
             }
         }
         if state.pending().is_empty() {
@@ -568,13 +569,13 @@ async fn attempt(
         &config,
     );
     for &i in &plan.unroutable {
-        let reply = "550 5.1.1 recipient is no longer in the directory".to_string();
+        let reply = LastReply::Failed(Failure::Local(LocalError::NoRoute));
         log_outcome(env, i, "-", None, "bounced", &reply);
         state.rcpts[i].status = RcptStatus::Failed;
         state.rcpts[i].last_reply = Some(reply);
     }
     for (r, rcpts) in &plan.unconfigured {
-        let reply = format!("451 4.3.5 route {r} is not configured");
+        let reply = LastReply::Failed(Failure::Local(LocalError::route_not_configured(r)));
         for &i in rcpts {
             log_outcome(env, i, r.as_str(), None, "deferred", &reply);
             state.rcpts[i].last_reply = Some(reply.clone());
@@ -599,7 +600,7 @@ async fn attempt(
                 Ok(m) => m,
                 Err(e) => {
                     error!(qid = %env.id, error = %e, "cannot read queued message; will retry");
-                    let reply = format!("451 4.3.0 cannot read the queued message: {e}");
+                    let reply = Failure::Local(LocalError::Unreadable(e.to_string()));
                     let n = d.rcpts.len();
                     return (d, None, vec![RcptOutcome::Deferred(reply); n]);
                 }
@@ -646,10 +647,11 @@ async fn attempt(
         };
         let hop = hop.map(|h| h.to_string());
         for (&i, o) in d.rcpts.iter().zip(outcomes) {
-            let (status, text, label) = match o {
-                RcptOutcome::Delivered(t) => (RcptStatus::Delivered, t, "sent"),
-                RcptOutcome::Deferred(t) => (RcptStatus::Pending, t, "deferred"),
-                RcptOutcome::Failed(t) => (RcptStatus::Failed, t, "bounced"),
+            let text = LastReply::from(&o);
+            let (status, label) = match o {
+                RcptOutcome::Delivered(_) => (RcptStatus::Delivered, "sent"),
+                RcptOutcome::Deferred(_) => (RcptStatus::Pending, "deferred"),
+                RcptOutcome::Failed(_) => (RcptStatus::Failed, "bounced"),
             };
             log_outcome(env, i, d.route.as_str(), hop.as_deref(), label, &text);
             let route = d.route.as_str().to_string();
@@ -676,7 +678,7 @@ fn log_outcome(
     route: &str,
     hop: Option<&str>,
     status: &str,
-    reply: &str,
+    reply: &LastReply,
 ) {
     let delay = unix_now().saturating_sub(env.received_at);
     info!(
@@ -686,7 +688,7 @@ fn log_outcome(
         relay = hop.unwrap_or("none"),
         delay_s = delay,
         status,
-        reply,
+        %reply,
         "delivery"
     );
 }
@@ -767,10 +769,7 @@ async fn spool_dsn(
         .map(|&i| crate::bounce::Failure {
             rcpt: &env.rcpts[i],
             orcpt: env.rcpt_dsn.get(i).and_then(|d| d.orcpt.as_deref()),
-            reply: state.rcpts[i]
-                .last_reply
-                .as_deref()
-                .unwrap_or("unknown error"),
+            reply: state.rcpts[i].last_reply.as_ref().and_then(|l| l.failure()),
         })
         .collect();
     let body = crate::bounce::build(&hostname, &dsn_id, env, &original, &failures, kind);

@@ -14,6 +14,7 @@
 //! nothing about entries of `active/`, so a store waiting for its `active/` fsync is never
 //! released by a sync of another directory.
 
+use crate::deliver::LastReply;
 use crate::proto::{BodyType, RcptDsn, Ret};
 use crate::types::{Address, QueueId};
 use serde::{Deserialize, Serialize};
@@ -115,8 +116,8 @@ pub enum RcptStatus {
 pub struct RcptState {
     /// Status.
     pub status: RcptStatus,
-    /// Last reply or error seen for it.
-    pub last_reply: Option<String>,
+    /// Last reply or error seen for it (state files that hold it as a string still load).
+    pub last_reply: Option<LastReply>,
 }
 
 /// Mutable delivery state of a message.

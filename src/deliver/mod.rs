@@ -41,16 +41,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-/// What happened to one recipient in one attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RcptOutcome {
-    /// The next hop took it (reply text).
-    Delivered(String),
-    /// Temporary failure: retry later.
-    Deferred(String),
-    /// Permanent failure.
-    Failed(String),
-}
+pub mod outcome;
+pub use outcome::{Failure, LastReply, LocalError, RcptOutcome};
 
 /// Why a next hop could not be used at all (the next one is tried).
 #[derive(Debug, thiserror::Error)]
@@ -320,11 +312,10 @@ fn utf8_headers(message: &[u8]) -> bool {
 
 /// Classifies a reply for the recipients it applies to.
 fn outcome(r: &Reply) -> RcptOutcome {
-    let text = r.to_string();
     match r.code {
-        200..=399 => RcptOutcome::Delivered(text),
-        500..=599 => RcptOutcome::Failed(text),
-        _ => RcptOutcome::Deferred(text),
+        200..=399 => RcptOutcome::Delivered(r.clone()),
+        500..=599 => RcptOutcome::Failed(Failure::Remote(r.clone())),
+        _ => RcptOutcome::Deferred(Failure::Remote(r.clone())),
     }
 }
 
@@ -350,18 +341,14 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         || out.rcpts.iter().any(|a| !a.to_string().is_ascii());
     let offers_utf8 = caps & EXT_SMTP_UTF8 != 0;
     if !offers_utf8 && utf8_address {
-        return Ok(all(RcptOutcome::Failed(
-            "553 5.6.7 Non-ASCII addresses not permitted for that sender/recipient \
-             (the next hop does not offer SMTPUTF8)"
-                .into(),
-        )));
+        return Ok(all(RcptOutcome::Failed(Failure::Local(
+            LocalError::Utf8Address,
+        ))));
     }
     if !offers_utf8 && out.smtputf8 && utf8_headers(out.message) {
-        return Ok(all(RcptOutcome::Failed(
-            "554 5.6.9 UTF-8 header message cannot be transferred \
-             (the next hop does not offer SMTPUTF8)"
-                .into(),
-        )));
+        return Ok(all(RcptOutcome::Failed(Failure::Local(
+            LocalError::Utf8Headers,
+        ))));
     }
     let needs_utf8 = offers_utf8 && (out.smtputf8 || utf8_address);
     let mut mail = format!(
@@ -477,7 +464,9 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     let body_outcome = final_reply
         .as_ref()
         .map(outcome)
-        .unwrap_or_else(|| RcptOutcome::Deferred("451 4.3.0 no reply to end of data".into()));
+        .unwrap_or(RcptOutcome::Deferred(Failure::Local(
+            LocalError::NoEndOfDataReply,
+        )));
     Ok(rcpt_replies
         .iter()
         .map(|r| TxRcpt {
@@ -623,7 +612,12 @@ pub async fn deliver(
         Ok(a) => a,
         Err(e @ dns::DnsError::NullMx(_)) => {
             return Attempt {
-                outcomes: vec![RcptOutcome::Failed(format!("556 5.1.10 {e}")); out.rcpts.len()],
+                outcomes: vec![
+                    RcptOutcome::Failed(Failure::Local(LocalError::NullMx(
+                        e.to_string()
+                    )));
+                    out.rcpts.len()
+                ],
                 next_hop: None,
                 tls: false,
             }
@@ -668,7 +662,10 @@ pub async fn deliver(
         };
     }
     Attempt {
-        outcomes: vec![RcptOutcome::Deferred(format!("451 4.4.1 {last_error}")); out.rcpts.len()],
+        outcomes: vec![
+            RcptOutcome::Deferred(Failure::Local(LocalError::Unreachable(last_error)));
+            out.rcpts.len()
+        ],
         next_hop: None,
         tls: false,
     }
@@ -696,7 +693,9 @@ async fn transactions(
             Err(e) => {
                 // The message may or may not have been taken: defer (at-least-once).
                 for &i in &todo {
-                    outcomes[i] = Some(RcptOutcome::Deferred(format!("451 4.4.2 {e}")));
+                    outcomes[i] = Some(RcptOutcome::Deferred(Failure::Local(LocalError::Lost(
+                        e.to_string(),
+                    ))));
                 }
                 conn = None;
                 break;
@@ -710,12 +709,11 @@ async fn transactions(
                 next.push(i);
             } else if r.too_many {
                 // A 552 5.5.3 is temporary too (RFC 5321 4.5.3.1.10).
-                let text = match r.outcome {
-                    RcptOutcome::Failed(t)
-                    | RcptOutcome::Deferred(t)
-                    | RcptOutcome::Delivered(t) => t,
+                let failure = match r.outcome {
+                    RcptOutcome::Failed(f) | RcptOutcome::Deferred(f) => f,
+                    RcptOutcome::Delivered(r) => Failure::Remote(r),
                 };
-                outcomes[i] = Some(RcptOutcome::Deferred(text));
+                outcomes[i] = Some(RcptOutcome::Deferred(failure));
             } else {
                 outcomes[i] = Some(r.outcome);
             }
@@ -735,7 +733,9 @@ async fn transactions(
                 Ok((c, _)) => conn = Some(c),
                 Err(e) => {
                     for &i in &todo {
-                        outcomes[i] = Some(RcptOutcome::Deferred(format!("451 4.4.1 {e}")));
+                        outcomes[i] = Some(RcptOutcome::Deferred(Failure::Local(
+                            LocalError::Unreachable(e.to_string()),
+                        )));
                     }
                     break;
                 }
@@ -747,7 +747,11 @@ async fn transactions(
     }
     outcomes
         .into_iter()
-        .map(|o| o.unwrap_or_else(|| RcptOutcome::Deferred("451 4.3.0 not attempted".into())))
+        .map(|o| {
+            o.unwrap_or(RcptOutcome::Deferred(Failure::Local(
+                LocalError::NotAttempted,
+            )))
+        })
         .collect()
 }
 

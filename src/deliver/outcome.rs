@@ -147,14 +147,42 @@ impl fmt::Display for Failure {
     }
 }
 
-/// The last reply or error the spool keeps for a recipient.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// The last reply or error the spool keeps for a recipient. Written as
+/// `{"failed": <Failure>, "text": "<as displayed>"}` (or `"delivered": <Reply>`): the typed
+/// form is what is read back; `text` keeps state files greppable by the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LastReply {
     /// The next hop's acceptance.
-    Delivered(#[serde(with = "reply_serde")] Reply),
+    Delivered(Reply),
     /// The last failure.
     Failed(Failure),
+}
+
+/// A reply as a newtype, so `Option<Reply>` fields can use [`reply_serde`].
+#[derive(Serialize, Deserialize)]
+struct ReplyWire(#[serde(with = "reply_serde")] Reply);
+
+impl Serialize for LastReply {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            delivered: Option<ReplyWire>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            failed: Option<&'a Failure>,
+            text: String,
+        }
+        let (delivered, failed) = match self {
+            LastReply::Delivered(r) => (Some(ReplyWire(r.clone())), None),
+            LastReply::Failed(f) => (None, Some(f)),
+        };
+        Out {
+            delivered,
+            failed,
+            text: self.to_string(),
+        }
+        .serialize(s)
+    }
 }
 
 impl LastReply {
@@ -197,10 +225,11 @@ impl From<&RcptOutcome> for LastReply {
 impl<'de> Deserialize<'de> for LastReply {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
-        #[serde(rename_all = "snake_case")]
-        enum Typed {
-            Delivered(#[serde(with = "reply_serde")] Reply),
-            Failed(Failure),
+        struct Typed {
+            #[serde(default)]
+            delivered: Option<ReplyWire>,
+            #[serde(default)]
+            failed: Option<Failure>,
         }
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -208,11 +237,18 @@ impl<'de> Deserialize<'de> for LastReply {
             Typed(Typed),
             Legacy(String),
         }
-        Ok(match Stored::deserialize(d)? {
-            Stored::Typed(Typed::Delivered(r)) => LastReply::Delivered(r),
-            Stored::Typed(Typed::Failed(f)) => LastReply::Failed(f),
-            Stored::Legacy(s) => LastReply::from_legacy(&s),
-        })
+        match Stored::deserialize(d)? {
+            Stored::Typed(Typed {
+                delivered: Some(r), ..
+            }) => Ok(LastReply::Delivered(r.0)),
+            Stored::Typed(Typed {
+                failed: Some(f), ..
+            }) => Ok(LastReply::Failed(f)),
+            Stored::Typed(_) => Err(serde::de::Error::custom(
+                "a last reply needs `delivered` or `failed`",
+            )),
+            Stored::Legacy(s) => Ok(LastReply::from_legacy(&s)),
+        }
     }
 }
 
@@ -338,6 +374,8 @@ mod tests {
             let json = serde_json::to_string(&l).unwrap();
             let back: LastReply = serde_json::from_str(&json).unwrap();
             assert_eq!(back, l, "{json}");
+            let text = serde_json::to_string(&l.to_string()).unwrap();
+            assert!(json.contains(&format!("\"text\":{text}")), "{json}");
         }
     }
 }

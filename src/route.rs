@@ -279,15 +279,18 @@ mod tests {
         rcpt: &'static str,
         /// (route, rule, RCPT TO as sent, target as displayed, tls, tls_name), or `None`:
         /// unroutable.
-        want: Option<(
-            &'static str,
-            Rule,
-            &'static str,
-            &'static str,
-            TlsPolicy,
-            Option<&'static str>,
-        )>,
+        want: Option<Want>,
     }
+
+    /// (route, rule, RCPT TO as sent, target as displayed, tls, tls_name).
+    type Want = (
+        &'static str,
+        Rule,
+        &'static str,
+        &'static str,
+        TlsPolicy,
+        Option<&'static str>,
+    );
 
     fn nothing(_: &mut Config) {}
 

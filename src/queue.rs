@@ -64,6 +64,20 @@ pub enum QueueError {
     Dns(String),
 }
 
+/// Why the spool could not give a message's bytes or take a DSN.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolTaskError {
+    /// A DSN was asked for a message from `<>`.
+    #[error("no sender to return the message to")]
+    NoSender,
+    /// The spool refused the read or write.
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
+    /// The blocking task that did the I/O failed.
+    #[error("spool task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// A message as the queue sees it, for listings and metrics.
 #[derive(Debug, Clone)]
 pub struct QueueEntry {
@@ -536,17 +550,13 @@ impl AttemptBody {
     }
 
     /// The bytes, read from the spool if no copy is held.
-    async fn get(&self) -> Result<Arc<Vec<u8>>, String> {
+    async fn get(&self) -> Result<Arc<Vec<u8>>, SpoolTaskError> {
         let mut slot = self.slot.lock().await;
         if let Some(b) = slot.as_ref() {
             return Ok(b.clone());
         }
         let (spool, id) = (self.spool.clone(), self.id.clone());
-        let b = match tokio::task::spawn_blocking(move || spool.load_message(&id)).await {
-            Ok(Ok(b)) => Arc::new(b),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(e) => return Err(format!("spool reader task failed: {e}")),
-        };
+        let b = Arc::new(tokio::task::spawn_blocking(move || spool.load_message(&id)).await??);
         *slot = Some(b.clone());
         Ok(b)
     }
@@ -754,14 +764,11 @@ async fn spool_dsn(
     state: &DeliveryState,
     failed: &[usize],
     kind: crate::bounce::Kind,
-) -> Result<QueueId, String> {
-    let sender = env.from.clone().ok_or("no sender")?;
+) -> Result<QueueId, SpoolTaskError> {
+    let sender = env.from.clone().ok_or(SpoolTaskError::NoSender)?;
     let spool = inner.spool.clone();
     let id = env.id.clone();
-    let original = tokio::task::spawn_blocking(move || spool.load_message(&id))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let original = tokio::task::spawn_blocking(move || spool.load_message(&id)).await??;
     let dsn_id = QueueId::generate();
     let hostname = inner.config.load().server.hostname.clone();
     let failures: Vec<crate::bounce::Failure<'_>> = failed
@@ -789,10 +796,7 @@ async fn spool_dsn(
     };
     let body = Arc::new(body);
     let (spool, e2, b2) = (inner.spool.clone(), dsn_env.clone(), body.clone());
-    tokio::task::spawn_blocking(move || spool.store(&e2, &b2))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || spool.store(&e2, &b2)).await??;
     Queue {
         inner: inner.clone(),
     }

@@ -173,17 +173,30 @@ pub struct Explain {
     pub dsn_route: Option<String>,
 }
 
+/// An address `route explain` cannot read.
+#[derive(Debug, thiserror::Error)]
+#[error("{address:?}: {source}")]
+pub struct ExplainError {
+    /// The address as given.
+    pub address: String,
+    /// Why it is not an address.
+    pub source: crate::types::AddressError,
+}
+
 /// Explains where each address would go now.
 pub fn explain(
     directory: &Directory,
     config: &Config,
     addresses: &[String],
-) -> Result<Vec<Explain>, String> {
+) -> Result<Vec<Explain>, ExplainError> {
     let policy = Policy::new(&config.server.accepted_domains);
     addresses
         .iter()
         .map(|a| {
-            let addr = Address::parse(a, true).map_err(|e| format!("{a:?}: {e}"))?;
+            let addr = Address::parse(a, true).map_err(|source| ExplainError {
+                address: a.clone(),
+                source,
+            })?;
             let lookup = directory.lookup(&addr);
             let resolve = |a: &Address| directory.resolve(a);
             let rcpt = match route::admit(&policy, &addr, resolve) {

@@ -735,6 +735,14 @@ impl Config {
         if self.routes.is_empty() {
             return Err(fail("routes", "", "at least one route is needed".into()));
         }
+        let most = crate::directory::StateId::MAX_STATES;
+        if self.routes.len() > most {
+            return Err(fail(
+                "routes",
+                "",
+                format!("at most {most} routes (the directory keeps a state in one byte)"),
+            ));
+        }
         for (name, route) in &self.routes {
             let table = format!("routes.{name}");
             if name == "reject" {

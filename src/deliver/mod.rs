@@ -61,7 +61,27 @@ pub enum HopError {
     Tls(SocketAddr, String),
     /// The connection broke during the transaction.
     #[error("lost connection with {0}: {1}")]
-    Lost(SocketAddr, String),
+    Lost(SocketAddr, #[source] TxError),
+}
+
+/// Why a transaction broke off (the connection is then given up).
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    /// A write did not finish within the delivery timeout.
+    #[error("write timeout")]
+    WriteTimeout,
+    /// A reply did not come within the delivery timeout.
+    #[error("reply timeout")]
+    ReplyTimeout,
+    /// The socket failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The next hop's replies could not be read (mail-send's error).
+    #[error(transparent)]
+    Protocol(#[from] mail_send::Error),
+    /// Fewer replies than commands.
+    #[error("missing reply")]
+    MissingReply,
 }
 
 /// One message to send on a connection.
@@ -258,7 +278,7 @@ async fn write_timed<T: AsyncWrite + Unpin>(
     s: &mut T,
     buf: &[u8],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), TxError> {
     write_parts(s, &[buf], timeout).await
 }
 
@@ -269,17 +289,15 @@ async fn write_parts<T: AsyncWrite + Unpin>(
     s: &mut T,
     parts: &[&[u8]],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), TxError> {
     for chunk in parts.iter().flat_map(|p| p.chunks(256 * 1024)) {
         tokio::time::timeout(timeout, s.write_all(chunk))
             .await
-            .map_err(|_| "write timeout".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| TxError::WriteTimeout)??;
     }
-    tokio::time::timeout(timeout, s.flush())
+    Ok(tokio::time::timeout(timeout, s.flush())
         .await
-        .map_err(|_| "write timeout".to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|_| TxError::WriteTimeout)??)
 }
 
 /// Reads `n` replies (mail-send parses them) as [`Reply`] values.
@@ -287,12 +305,13 @@ async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
     c: &mut SmtpClient<T>,
     n: usize,
     timeout: Duration,
-) -> Result<Vec<Reply>, String> {
-    tokio::time::timeout(timeout, c.read_many(n))
+) -> Result<Vec<Reply>, TxError> {
+    Ok(tokio::time::timeout(timeout, c.read_many(n))
         .await
-        .map_err(|_| "reply timeout".to_string())?
-        .map(|replies| replies.into_iter().map(Reply::from).collect())
-        .map_err(|e| e.to_string())
+        .map_err(|_| TxError::ReplyTimeout)??
+        .into_iter()
+        .map(Reply::from)
+        .collect())
 }
 
 /// A RCPT reply that means "too many recipients in this transaction": `452` with `4.5.3` or
@@ -326,7 +345,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     out: &Outbound<'_>,
     split: bool,
     mail_rcpt: &mut Option<Duration>,
-) -> Result<Vec<TxRcpt>, String> {
+) -> Result<Vec<TxRcpt>, TxError> {
     let started = std::time::Instant::now();
     let n = out.rcpts.len();
     let all = |o: RcptOutcome| -> Vec<TxRcpt> {
@@ -412,7 +431,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         cmds.extend_from_slice(&body_cmd);
         write_parts(&mut c.stream, &[&cmds, body_data], timeout).await?;
         let mut replies = read_n(c, n + 2, timeout).await?;
-        let body_reply = replies.pop().ok_or("missing reply")?;
+        let body_reply = replies.pop().ok_or(TxError::MissingReply)?;
         let mail_reply = replies.remove(0);
         (mail_reply, replies, Some(body_reply))
     } else {
@@ -484,7 +503,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
 async fn end_data_anyway<T: AsyncRead + AsyncWrite + Unpin>(
     c: &mut SmtpClient<T>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), TxError> {
     write_timed(&mut c.stream, b".\r\n", timeout).await?;
     read_n(c, 1, timeout).await.map(|_| ())
 }
@@ -526,7 +545,7 @@ async fn write_dot_stuffed<T: AsyncWrite + Unpin>(
     s: &mut T,
     msg: &[u8],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), TxError> {
     const BUF: usize = 64 * 1024;
     let mut buf = Vec::with_capacity(BUF);
     for piece in dot_stuffed(msg) {

@@ -280,14 +280,14 @@ impl Percent {
     }
 
     /// Parses `"N%"` (N from 0 to 100, decimals allowed).
-    pub fn parse(s: &str) -> Result<Percent, String> {
+    pub fn parse(s: &str) -> Result<Percent, ValueError> {
         let n = s
             .trim()
             .strip_suffix('%')
             .and_then(|n| n.trim().parse::<f64>().ok())
-            .ok_or_else(|| format!("{s:?} is not a percentage such as \"10%\""))?;
+            .ok_or_else(|| ValueError::NotAPercentage(s.to_string()))?;
         if !(0.0..=100.0).contains(&n) {
-            return Err(format!("{s:?} must be between 0% and 100%"));
+            return Err(ValueError::PercentOutOfRange(s.to_string()));
         }
         // Kept as written (7, not 0.07), so messages print "7%", not "7.000000000000001%".
         Ok(Percent(n))
@@ -314,6 +314,31 @@ impl<'de> Deserialize<'de> for Percent {
         }
         d.deserialize_str(V)
     }
+}
+
+/// A config value that does not parse (the key and file are added by the caller).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// `N%` expected.
+    #[error("{0:?} is not a percentage such as \"10%\"")]
+    NotAPercentage(String),
+    /// A percentage over 100% or below 0%.
+    #[error("{0:?} must be between 0% and 100%")]
+    PercentOutOfRange(String),
+    /// `host:port` with a port that is not a number.
+    #[error("{value:?}: bad port {port:?}")]
+    BadPort {
+        /// The value as written.
+        value: String,
+        /// The port part.
+        port: String,
+    },
+    /// Port 0.
+    #[error("{0:?}: port 0")]
+    PortZero(String),
+    /// Neither a host name nor an IP address.
+    #[error("{0:?}: not a host name or IP address")]
+    NotAHost(String),
 }
 
 /// `directory.unknown`: what happens to an address the directory does not list.
@@ -446,7 +471,7 @@ pub struct NextHop {
 
 impl NextHop {
     /// Parses `host[:port]`.
-    pub fn parse(s: &str) -> Result<NextHop, String> {
+    pub fn parse(s: &str) -> Result<NextHop, ValueError> {
         if let Ok(sa) = s.parse::<SocketAddr>() {
             return Ok(NextHop::from(sa));
         }
@@ -456,17 +481,19 @@ impl NextHop {
         let (host, port) = match s.rsplit_once(':') {
             Some((h, p)) => (
                 h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("{s:?}: bad port {p:?}"))?,
+                p.parse::<u16>().map_err(|_| ValueError::BadPort {
+                    value: s.to_string(),
+                    port: p.to_string(),
+                })?,
             ),
             None => (s, 25),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if port == 0 {
-            return Err(format!("{s:?}: port 0"));
+            return Err(ValueError::PortZero(s.to_string()));
         }
         if Domain::parse(host, false).is_err() && host.parse::<std::net::IpAddr>().is_err() {
-            return Err(format!("{s:?}: not a host name or IP address"));
+            return Err(ValueError::NotAHost(s.to_string()));
         }
         Ok(NextHop {
             host: host.to_string(),

@@ -61,7 +61,7 @@ pub enum QueueError {
     Tls(#[from] crate::certs::TlsError),
     /// The resolver could not be set up.
     #[error("DNS: {0}")]
-    Dns(String),
+    Dns(#[source] hickory_resolver::net::NetError),
 }
 
 /// Why the spool could not give a message's bytes or take a DSN.

@@ -76,6 +76,8 @@ fn directory(c: &mut Criterion) {
     let addrs: Vec<Address> = (0..1000)
         .map(|i| Address::parse(&format!("User{}@NHS.test", i * 97), false).expect("address"))
         .collect();
+    let config = coexist::config::Config::parse(coexist::config::DEFAULT_CONFIG, "default")
+        .expect("default config");
     let mut g = c.benchmark_group("directory");
     let mut i = 0;
     g.bench_function("resolve (200k entries, hot cache)", |b| {
@@ -85,7 +87,14 @@ fn directory(c: &mut Criterion) {
         })
     });
     g.bench_function("route plan, 10 recipients", |b| {
-        b.iter(|| coexist::route::plan(addrs[..10].iter().enumerate(), |a| dir.resolve(a)))
+        b.iter(|| {
+            coexist::route::plan(
+                addrs[..10].iter().enumerate(),
+                coexist::route::Kind::Relayed,
+                |a| dir.resolve(a),
+                &config,
+            )
+        })
     });
     g.finish();
 }

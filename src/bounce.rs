@@ -16,6 +16,7 @@
 //! - the returned original (its header section, or all of it with `RET=FULL`) gets CRLF for
 //!   any bare CR or LF, and lines over 998 octets broken (folded in the header section).
 
+use crate::deliver::Failure as Reason;
 use crate::proto::Ret;
 use crate::spool::Envelope;
 use crate::types::{Address, QueueId};
@@ -27,26 +28,25 @@ pub struct Failure<'a> {
     pub rcpt: &'a Address,
     /// ORCPT as the client gave it (`rfc822;addr`).
     pub orcpt: Option<&'a str>,
-    /// The last reply or error.
-    pub reply: &'a str,
+    /// The last reply or error (`None`: none was recorded).
+    pub reply: Option<&'a Reason>,
 }
 
-/// The enhanced status code for a failure: taken from the reply when it has one,
-/// `5.4.7` for an expired message, else `5.0.0`.
-pub fn status_of(reply: &str) -> String {
-    if reply.starts_with("message expired") {
-        return "5.4.7".into();
+impl Failure<'_> {
+    /// The text quoted in the DSN: the reply or error as displayed, or `unknown error`.
+    fn text(&self) -> String {
+        self.reply
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "unknown error".into())
     }
-    let code = reply.split(' ').nth(1).unwrap_or("");
-    let parts: Vec<&str> = code.split('.').collect();
-    let ok = parts.len() == 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
-    if ok && (parts[0] == "5" || parts[0] == "4") {
-        format!("5.{}.{}", parts[1], parts[2])
-    } else {
-        "5.0.0".into()
+}
+
+/// The enhanced status code for a failure: `5.4.7` for an expired message, else the
+/// reply's (or local error's) own code made permanent, else `5.0.0`.
+pub fn status_of(reply: Option<&Reason>) -> String {
+    match reply.and_then(|r| r.status()) {
+        Some(s) if matches!(s.class(), 4 | 5) => format!("5.{}.{}", s.subject(), s.detail()),
+        _ => "5.0.0".into(),
     }
 }
 
@@ -194,13 +194,10 @@ pub enum Kind {
 }
 
 /// The enhanced status code for a delay: the reply's own 4.x.x code, else `4.0.0`.
-fn delay_status(reply: &str) -> String {
-    let code = reply.split(' ').nth(1).unwrap_or("");
-    let ok = code.starts_with("4.") && code.split('.').count() == 3 && code.len() <= 9;
-    if ok {
-        code.to_string()
-    } else {
-        "4.0.0".into()
+fn delay_status(reply: Option<&Reason>) -> String {
+    match reply.and_then(|r| r.status()) {
+        Some(s) if s.class() == 4 => s.to_string(),
+        _ => "4.0.0".into(),
     }
 }
 
@@ -258,7 +255,7 @@ pub fn build(
         env.id
     );
     for f in failures {
-        let lines = text_lines(f.reply);
+        let lines = text_lines(&f.text());
         let mut first = format!("<{}>:", f.rcpt);
         for (i, l) in lines.iter().enumerate() {
             let line = if i == 0 {
@@ -299,11 +296,12 @@ pub fn build(
             Kind::Delayed => delay_status(f.reply),
         };
         let _ = write!(m, "Action: {action}\r\nStatus: {status}\r\n");
-        let lines: Vec<String> = text_lines(f.reply).iter().map(|l| ascii(l)).collect();
+        let lines: Vec<String> = text_lines(&f.text()).iter().map(|l| ascii(l)).collect();
         let (first, more) = lines
             .split_first()
             .map_or(("", &[][..]), |(f, m)| (f.as_str(), m));
-        let kind = if f.reply.len() > 3 && f.reply.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
+        // A reply or a local error has a reply code; expiry and "unknown error" have none.
+        let kind = if f.reply.and_then(|r| r.code()).is_some() {
             "smtp"
         } else {
             "X-coexist"
@@ -335,15 +333,26 @@ mod tests {
     use super::*;
     use mailparse::MailHeaderMap;
 
+    /// A failure as an old state file held it (the display string).
+    fn fail(text: &str) -> Option<&'static Reason> {
+        let r = match crate::deliver::LastReply::from_legacy(text) {
+            crate::deliver::LastReply::Failed(f) => f,
+            crate::deliver::LastReply::Delivered(r) => Reason::Remote(r),
+        };
+        Some(Box::leak(Box::new(r)))
+    }
+
     #[test]
     fn status_codes() {
-        assert_eq!(status_of("550 5.1.1 no such user"), "5.1.1");
-        assert_eq!(status_of("554 5.4.6 loop"), "5.4.6");
-        assert_eq!(status_of("550 mailbox unavailable"), "5.0.0");
-        assert_eq!(
-            status_of("message expired in queue; last reply: 451 4.3.0 x"),
-            "5.4.7"
-        );
+        assert_eq!(status_of(fail("550 5.1.1 no such user")), "5.1.1");
+        assert_eq!(status_of(fail("554 5.4.6 loop")), "5.4.6");
+        assert_eq!(status_of(fail("550 mailbox unavailable")), "5.0.0");
+        assert_eq!(status_of(fail("451 4.4.1 down")), "5.4.1");
+        assert_eq!(status_of(None), "5.0.0");
+        let expired = Reason::Expired(fail("451 4.3.0 x").cloned().map(Box::new));
+        assert_eq!(status_of(Some(&expired)), "5.4.7");
+        assert_eq!(delay_status(fail("451 4.4.1 down")), "4.4.1");
+        assert_eq!(delay_status(fail("550 5.1.1 no")), "4.0.0");
     }
 
     fn envelope(ret: Option<Ret>) -> Envelope {
@@ -403,11 +412,15 @@ mod tests {
             "message expired in queue; last reply: 451 4.3.0 a\nb",
             "",
         ];
-        for reply in cases {
+        for case in cases {
+            let reason = fail(case);
+            // What the DSN quotes: the failure as displayed.
+            let shown = reason.map(|r| r.to_string()).unwrap_or_default();
+            let reply = shown.as_str();
             let f = [Failure {
                 rcpt: &env.rcpts[0],
                 orcpt: Some("rfc822;u@nhs.test"),
-                reply,
+                reply: reason,
             }];
             for kind in [Kind::Failed, Kind::Delayed] {
                 let original = b"Subject: hi\r\n\r\nbody\r\n";
@@ -436,7 +449,7 @@ mod tests {
         let f = [Failure {
             rcpt: &env.rcpts[0],
             orcpt: None,
-            reply: cases[0],
+            reply: fail(cases[0]),
         }];
         let dsn = build(
             "mx1.test",
@@ -466,7 +479,7 @@ mod tests {
         let f = [Failure {
             rcpt: &env.rcpts[0],
             orcpt: None,
-            reply: "550 5.1.1 no",
+            reply: fail("550 5.1.1 no"),
         }];
         let dsn = build(
             "mx1.test",
@@ -510,7 +523,7 @@ mod tests {
             let f = [Failure {
                 rcpt: &env.rcpts[0],
                 orcpt: None,
-                reply: "550 5.1.1 no",
+                reply: fail("550 5.1.1 no"),
             }];
             let dsn = build(
                 "mx1.test",
@@ -549,7 +562,7 @@ mod tests {
         let f = [Failure {
             rcpt: &env.rcpts[0],
             orcpt: Some("rfc822;u@nhs.test"),
-            reply: "550 5.1.1 no such user",
+            reply: fail("550 5.1.1 no such user"),
         }];
         let dsn = build(
             "mx1.test",

@@ -250,7 +250,7 @@ pub struct DirectoryConfig {
     /// CSV file with header `address,state`.
     pub file: PathBuf,
     /// Route for addresses not in the directory, or `reject` (550 5.1.1).
-    pub unknown: String,
+    pub unknown: Unknown,
     /// Entries held by the moka lookup cache; 0 (the default) turns it off, which is right
     /// for the in-memory file source (see README: the table is faster than a cache hit).
     #[serde(default = "default_cache_capacity")]
@@ -281,14 +281,14 @@ impl Percent {
     }
 
     /// Parses `"N%"` (N from 0 to 100, decimals allowed).
-    pub fn parse(s: &str) -> Result<Percent, String> {
+    pub fn parse(s: &str) -> Result<Percent, ValueError> {
         let n = s
             .trim()
             .strip_suffix('%')
             .and_then(|n| n.trim().parse::<f64>().ok())
-            .ok_or_else(|| format!("{s:?} is not a percentage such as \"10%\""))?;
+            .ok_or_else(|| ValueError::NotAPercentage(s.to_string()))?;
         if !(0.0..=100.0).contains(&n) {
-            return Err(format!("{s:?} must be between 0% and 100%"));
+            return Err(ValueError::PercentOutOfRange(s.to_string()));
         }
         // Kept as written (7, not 0.07), so messages print "7%", not "7.000000000000001%".
         Ok(Percent(n))
@@ -320,6 +320,85 @@ impl<'de> Deserialize<'de> for Percent {
             }
         }
         d.deserialize_str(V)
+    }
+}
+
+/// A config value that does not parse (the key and file are added by the caller).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// `N%` expected.
+    #[error("{0:?} is not a percentage such as \"10%\"")]
+    NotAPercentage(String),
+    /// A percentage over 100% or below 0%.
+    #[error("{0:?} must be between 0% and 100%")]
+    PercentOutOfRange(String),
+    /// `host:port` with a port that is not a number.
+    #[error("{value:?}: bad port {port:?}")]
+    BadPort {
+        /// The value as written.
+        value: String,
+        /// The port part.
+        port: String,
+    },
+    /// Port 0.
+    #[error("{0:?}: port 0")]
+    PortZero(String),
+    /// Neither a host name nor an IP address.
+    #[error("{0:?}: not a host name or IP address")]
+    NotAHost(String),
+}
+
+/// `directory.unknown`: what happens to an address the directory does not list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unknown {
+    /// Refused at RCPT with 550 5.1.1 (written `reject`).
+    Reject,
+    /// Sent on this route (written as the route's name).
+    Route(RouteName),
+}
+
+impl Unknown {
+    /// The route, unless unknown addresses are rejected.
+    pub fn route(&self) -> Option<&RouteName> {
+        match self {
+            Unknown::Reject => None,
+            Unknown::Route(r) => Some(r),
+        }
+    }
+}
+
+/// `reject`, or a route name (checked against `[routes]` by `validate`).
+impl From<&str> for Unknown {
+    fn from(s: &str) -> Unknown {
+        if s == "reject" {
+            Unknown::Reject
+        } else {
+            Unknown::Route(RouteName(s.into()))
+        }
+    }
+}
+
+/// As written in the config: `reject` or the route's name.
+impl std::fmt::Display for Unknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unknown::Reject => f.write_str("reject"),
+            Unknown::Route(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+impl Serialize for Unknown {
+    /// Written as in the file: `reject` or the route name.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Unknown {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(Unknown::from(s.as_str()))
     }
 }
 
@@ -406,7 +485,7 @@ pub struct NextHop {
 
 impl NextHop {
     /// Parses `host[:port]`.
-    pub fn parse(s: &str) -> Result<NextHop, String> {
+    pub fn parse(s: &str) -> Result<NextHop, ValueError> {
         if let Ok(sa) = s.parse::<SocketAddr>() {
             return Ok(NextHop::from(sa));
         }
@@ -416,17 +495,19 @@ impl NextHop {
         let (host, port) = match s.rsplit_once(':') {
             Some((h, p)) => (
                 h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("{s:?}: bad port {p:?}"))?,
+                p.parse::<u16>().map_err(|_| ValueError::BadPort {
+                    value: s.to_string(),
+                    port: p.to_string(),
+                })?,
             ),
             None => (s, 25),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if port == 0 {
-            return Err(format!("{s:?}: port 0"));
+            return Err(ValueError::PortZero(s.to_string()));
         }
         if Domain::parse(host, false).is_err() && host.parse::<std::net::IpAddr>().is_err() {
-            return Err(format!("{s:?}: not a host name or IP address"));
+            return Err(ValueError::NotAHost(s.to_string()));
         }
         Ok(NextHop {
             host: host.to_string(),
@@ -705,6 +786,14 @@ impl Config {
         if self.routes.is_empty() {
             return Err(fail("routes", "", "at least one route is needed".into()));
         }
+        let most = crate::directory::StateId::MAX_STATES;
+        if self.routes.len() > most {
+            return Err(fail(
+                "routes",
+                "",
+                format!("at most {most} routes (the directory keeps a state in one byte)"),
+            ));
+        }
         for (name, route) in &self.routes {
             let table = format!("routes.{name}");
             if name == "reject" {
@@ -737,13 +826,14 @@ impl Config {
                 ));
             }
         }
-        let unknown = &self.directory.unknown;
-        if unknown != "reject" && !self.routes.contains_key(unknown) {
-            return Err(fail(
-                "directory",
-                "unknown",
-                format!("{unknown:?} is neither `reject` nor a route name"),
-            ));
+        if let Unknown::Route(r) = &self.directory.unknown {
+            if !self.routes.contains_key(r.as_str()) {
+                return Err(fail(
+                    "directory",
+                    "unknown",
+                    format!("{:?} is neither `reject` nor a route name", r.as_str()),
+                ));
+            }
         }
         if let Some(admin) = &self.admin {
             if admin.token.is_some() == admin.token_file.is_some() {
@@ -808,8 +898,10 @@ impl Config {
     pub fn external_route(&self) -> Option<RouteName> {
         let name = match &self.delivery.external_route {
             Some(r) => Some(r.as_str()),
-            None if self.directory.unknown != "reject" => Some(self.directory.unknown.as_str()),
-            None => self.routes.keys().next().map(String::as_str),
+            None => match self.directory.unknown.route() {
+                Some(r) => Some(r.as_str()),
+                None => self.routes.keys().next().map(String::as_str),
+            },
         };
         name.map(|n| RouteName(n.into()))
     }
@@ -943,6 +1035,20 @@ mod tests {
             err.starts_with(&format!("x.toml:{line}: key `server.max_message_size`")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unknown_is_reject_or_a_route() {
+        let c = Config::parse(DEFAULT_CONFIG, "t").unwrap();
+        assert_eq!(
+            c.directory.unknown,
+            Unknown::Route(RouteName("onprem".into()))
+        );
+        let text = DEFAULT_CONFIG.replace("unknown = \"onprem\"", "unknown = \"reject\"");
+        let c = Config::parse(&text, "t").unwrap();
+        assert_eq!(c.directory.unknown, Unknown::Reject);
+        assert_eq!(c.directory.unknown.to_string(), "reject");
+        assert_eq!(c.external_route(), Some(RouteName("onprem".into())));
     }
 
     #[test]

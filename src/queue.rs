@@ -6,13 +6,13 @@
 //! invariant 3), so deferred mail follows a mailbox that moved meanwhile.
 
 use crate::config::Config;
-use crate::deliver::{self, Outbound, RcptOutcome};
-use crate::directory::{Directory, Resolution};
+use crate::deliver::{self, Failure, LastReply, LocalError, Outbound, RcptOutcome};
+use crate::directory::Directory;
 use crate::metrics as m;
 use crate::proto::BodyType;
 use crate::route;
 use crate::spool::{DeliveryState, Envelope, RcptStatus, Spool};
-use crate::types::{Address, QueueId};
+use crate::types::QueueId;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,7 +61,21 @@ pub enum QueueError {
     Tls(#[from] crate::certs::TlsError),
     /// The resolver could not be set up.
     #[error("DNS: {0}")]
-    Dns(String),
+    Dns(#[source] hickory_resolver::net::NetError),
+}
+
+/// Why the spool could not give a message's bytes or take a DSN.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolTaskError {
+    /// A DSN was asked for a message from `<>`.
+    #[error("no sender to return the message to")]
+    NoSender,
+    /// The spool refused the read or write.
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
+    /// The blocking task that did the I/O failed.
+    #[error("spool task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// A message as the queue sees it, for listings and metrics.
@@ -335,21 +349,26 @@ impl Queue {
                         RcptStatus::Pending => phase.to_string(),
                     },
                     route: routes.get(&i).cloned().flatten(),
-                    last_reply: r.last_reply.clone(),
+                    last_reply: r.last_reply.as_ref().map(|l| l.to_string()),
                 })
                 .collect(),
         }
     }
 
-    /// The route each pending recipient of `e` would take now (`None`: no route).
+    /// The route each pending recipient of `e` would take now (`None`: no route): the
+    /// same [`route::plan`] an attempt makes now, so a listing shows the route delivery takes.
     pub fn pending_routes(&self, e: &QueueEntry) -> Vec<(usize, Option<String>)> {
-        e.state
-            .pending()
+        let pending = e.state.pending();
+        let config = self.inner.config.load();
+        let plan = route::plan(
+            pending.iter().map(|&i| (i, &e.envelope.rcpts[i])),
+            route::Kind::of(e.envelope.bounce),
+            |a| self.inner.directory.resolve(a),
+            &config,
+        );
+        pending
             .into_iter()
-            .map(|i| {
-                let r = self.inner.directory.resolve(&e.envelope.rcpts[i]);
-                (i, r.route().map(|r| r.as_str().to_string()))
-            })
+            .map(|i| (i, plan.route_of(i).map(|r| r.as_str().to_string())))
             .collect()
     }
 
@@ -438,9 +457,10 @@ async fn run_message(
             for i in pending {
                 let r = &mut state.rcpts[i];
                 r.status = RcptStatus::Failed;
-                let last = r.last_reply.clone().unwrap_or_default();
-                r.last_reply = Some(format!("message expired in queue; last reply: {last}"));
-                warn!(qid = %id, to = %env.rcpts[i], status = "expired", reply = %last, "delivery expired");
+                let last = r.last_reply.as_ref().and_then(|l| l.failure()).cloned();
+                let shown = last.as_ref().map(|l| l.to_string()).unwrap_or_default();
+                r.last_reply = Some(LastReply::Failed(Failure::Expired(last.map(Box::new))));
+                warn!(qid = %id, to = %env.rcpts[i], status = "expired", reply = %shown, "delivery expired");
             }
         }
         if state.pending().is_empty() {
@@ -530,17 +550,13 @@ impl AttemptBody {
     }
 
     /// The bytes, read from the spool if no copy is held.
-    async fn get(&self) -> Result<Arc<Vec<u8>>, String> {
+    async fn get(&self) -> Result<Arc<Vec<u8>>, SpoolTaskError> {
         let mut slot = self.slot.lock().await;
         if let Some(b) = slot.as_ref() {
             return Ok(b.clone());
         }
         let (spool, id) = (self.spool.clone(), self.id.clone());
-        let b = match tokio::task::spawn_blocking(move || spool.load_message(&id)).await {
-            Ok(Ok(b)) => Arc::new(b),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(e) => return Err(format!("spool reader task failed: {e}")),
-        };
+        let b = Arc::new(tokio::task::spawn_blocking(move || spool.load_message(&id)).await??);
         *slot = Some(b.clone());
         Ok(b)
     }
@@ -556,34 +572,29 @@ async fn attempt(
     let pending = state.pending();
     let dir = &inner.directory;
     let config = inner.config.load_full();
-    let external = config.external_route();
-    // Recipients follow the directory; only a DSN's recipient (the original sender) can be
-    // outside our domains, and then it takes the external route.
-    let plan = route::plan(pending.iter().map(|&i| (i, &env.rcpts[i])), |a| {
-        if !env.bounce || config.server.accepted_domains.contains(a.domain()) {
-            dir.resolve(a)
-        } else {
-            match &external {
-                Some(r) => Resolution::Unlisted(r.clone()),
-                None => Resolution::Reject,
-            }
-        }
-    });
+    let plan = route::plan(
+        pending.iter().map(|&i| (i, &env.rcpts[i])),
+        route::Kind::of(env.bounce),
+        |a| dir.resolve(a),
+        &config,
+    );
     for &i in &plan.unroutable {
-        let reply = "550 5.1.1 recipient is no longer in the directory".to_string();
+        let reply = LastReply::Failed(Failure::Local(LocalError::NoRoute));
         log_outcome(env, i, "-", None, "bounced", &reply);
         state.rcpts[i].status = RcptStatus::Failed;
         state.rcpts[i].last_reply = Some(reply);
+    }
+    for (r, rcpts) in &plan.unconfigured {
+        let reply = LastReply::Failed(Failure::Local(LocalError::route_not_configured(r)));
+        for &i in rcpts {
+            log_outcome(env, i, r.as_str(), None, "deferred", &reply);
+            state.rcpts[i].last_reply = Some(reply.clone());
+        }
     }
     let mut tasks = JoinSet::new();
     for d in plan.deliveries {
         let (inner, env, body, config) = (inner.clone(), env.clone(), body.clone(), config.clone());
         tasks.spawn(async move {
-            let Some(route) = config.routes.get(d.route.as_str()) else {
-                let reply = format!("451 4.3.5 route {} is not configured", d.route);
-                let n = d.rcpts.len();
-                return (d, None, vec![RcptOutcome::Deferred(reply); n]);
-            };
             let limit = inner.limits.load().get(d.route.as_str()).cloned();
             let _permit = match limit {
                 Some(s) => match s.clone().try_acquire_owned() {
@@ -599,21 +610,14 @@ async fn attempt(
                 Ok(m) => m,
                 Err(e) => {
                     error!(qid = %env.id, error = %e, "cannot read queued message; will retry");
-                    let reply = format!("451 4.3.0 cannot read the queued message: {e}");
+                    let reply = Failure::Local(LocalError::Unreadable(e.to_string()));
                     let n = d.rcpts.len();
                     return (d, None, vec![RcptOutcome::Deferred(reply); n]);
                 }
             };
-            let rewritten: Option<Vec<Address>> = route
-                .rewrite_domain
-                .as_ref()
-                .map(|dom| d.rcpts.iter().map(|&i| env.rcpts[i].with_domain(dom)).collect());
             let out = Outbound {
                 from: env.from.as_ref(),
-                rcpts: match &rewritten {
-                    Some(v) => v.iter().collect(),
-                    None => d.rcpts.iter().map(|&i| &env.rcpts[i]).collect(),
-                },
+                rcpts: d.to.iter().collect(),
                 message: &message,
                 eight_bit: env.body == BodyType::EightBitMime,
                 ret: env.ret,
@@ -626,10 +630,10 @@ async fn attempt(
                 .load()
                 .get(d.route.as_str())
                 .cloned()
-                .unwrap_or_else(|| deliver::RouteTls::plain(route.tls));
-            let target = match &route.mx {
-                Some(domain) => deliver::Target::Mx(domain.as_str(), route.port),
-                None => deliver::Target::Hops(&route.next_hops),
+                .unwrap_or_else(|| deliver::RouteTls::plain(d.tls));
+            let target = match &d.target {
+                route::Target::Mx(domain, port) => deliver::Target::Mx(domain.as_str(), *port),
+                route::Target::Hops(hops) => deliver::Target::Hops(hops),
             };
             let a = deliver::deliver(
                 &inner.pool,
@@ -653,10 +657,11 @@ async fn attempt(
         };
         let hop = hop.map(|h| h.to_string());
         for (&i, o) in d.rcpts.iter().zip(outcomes) {
-            let (status, text, label) = match o {
-                RcptOutcome::Delivered(t) => (RcptStatus::Delivered, t, "sent"),
-                RcptOutcome::Deferred(t) => (RcptStatus::Pending, t, "deferred"),
-                RcptOutcome::Failed(t) => (RcptStatus::Failed, t, "bounced"),
+            let text = LastReply::from(&o);
+            let (status, label) = match o {
+                RcptOutcome::Delivered(_) => (RcptStatus::Delivered, "sent"),
+                RcptOutcome::Deferred(_) => (RcptStatus::Pending, "deferred"),
+                RcptOutcome::Failed(_) => (RcptStatus::Failed, "bounced"),
             };
             log_outcome(env, i, d.route.as_str(), hop.as_deref(), label, &text);
             let route = d.route.as_str().to_string();
@@ -683,7 +688,7 @@ fn log_outcome(
     route: &str,
     hop: Option<&str>,
     status: &str,
-    reply: &str,
+    reply: &LastReply,
 ) {
     let delay = unix_now().saturating_sub(env.received_at);
     info!(
@@ -693,7 +698,7 @@ fn log_outcome(
         relay = hop.unwrap_or("none"),
         delay_s = delay,
         status,
-        reply,
+        %reply,
         "delivery"
     );
 }
@@ -759,14 +764,11 @@ async fn spool_dsn(
     state: &DeliveryState,
     failed: &[usize],
     kind: crate::bounce::Kind,
-) -> Result<QueueId, String> {
-    let sender = env.from.clone().ok_or("no sender")?;
+) -> Result<QueueId, SpoolTaskError> {
+    let sender = env.from.clone().ok_or(SpoolTaskError::NoSender)?;
     let spool = inner.spool.clone();
     let id = env.id.clone();
-    let original = tokio::task::spawn_blocking(move || spool.load_message(&id))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let original = tokio::task::spawn_blocking(move || spool.load_message(&id)).await??;
     let dsn_id = QueueId::generate();
     let hostname = inner.config.load().server.hostname.clone();
     let failures: Vec<crate::bounce::Failure<'_>> = failed
@@ -774,10 +776,7 @@ async fn spool_dsn(
         .map(|&i| crate::bounce::Failure {
             rcpt: &env.rcpts[i],
             orcpt: env.rcpt_dsn.get(i).and_then(|d| d.orcpt.as_deref()),
-            reply: state.rcpts[i]
-                .last_reply
-                .as_deref()
-                .unwrap_or("unknown error"),
+            reply: state.rcpts[i].last_reply.as_ref().and_then(|l| l.failure()),
         })
         .collect();
     let body = crate::bounce::build(&hostname, &dsn_id, env, &original, &failures, kind);
@@ -797,10 +796,7 @@ async fn spool_dsn(
     };
     let body = Arc::new(body);
     let (spool, e2, b2) = (inner.spool.clone(), dsn_env.clone(), body.clone());
-    tokio::task::spawn_blocking(move || spool.store(&e2, &b2))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || spool.store(&e2, &b2)).await??;
     Queue {
         inner: inner.clone(),
     }

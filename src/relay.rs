@@ -4,7 +4,7 @@
 
 use crate::certs::TlsError;
 use crate::config::Config;
-use crate::directory::{Directory, Resolution};
+use crate::directory::Directory;
 use crate::metrics as m;
 use crate::policy::Policy;
 use crate::proto::reply::{canned, Reply};
@@ -133,23 +133,23 @@ impl Handler for RelayHandler {
         _from: Option<&Address>,
         to: &Address,
     ) -> Result<(), Reply> {
-        if let Err(r) = rules.policy.check_recipient(to) {
-            info!(client = %peer.addr, to = %to, reply = %r, "recipient refused");
-            return Err(r);
-        }
-        let t0 = Instant::now();
-        let res = self.directory.resolve(to);
-        metrics::histogram!(m::LOOKUP_LATENCY).record(t0.elapsed().as_secs_f64());
+        let res = crate::route::admit(&rules.policy, to, |a| {
+            let t0 = Instant::now();
+            let r = self.directory.resolve(a);
+            metrics::histogram!(m::LOOKUP_LATENCY).record(t0.elapsed().as_secs_f64());
+            r
+        });
         match res {
-            Resolution::Reject => {
+            Err(r) if r == canned::UNKNOWN_USER => {
                 info!(client = %peer.addr, to = %to, "unknown recipient refused");
-                Err(canned::UNKNOWN_USER)
+                Err(r)
             }
-            res => {
-                let route = res
-                    .route()
-                    .map(|r| r.as_str().to_string())
-                    .unwrap_or_default();
+            Err(r) => {
+                info!(client = %peer.addr, to = %to, reply = %r, "recipient refused");
+                Err(r)
+            }
+            Ok(d) => {
+                let route = d.route.as_str().to_string();
                 debug!(to = %to, route, "recipient accepted");
                 metrics::counter!(m::RCPT_ACCEPTED, "route" => route).increment(1);
                 Ok(())

@@ -1,17 +1,117 @@
-//! Route planning: a pure function from recipients and their current directory state to
-//! deliveries, one per route. No I/O, so it is cheap to test and to explain.
+//! Route planning: the one pure function from (recipients, directory view, config) to
+//! complete deliveries. No I/O, so it is cheap to test and to explain.
+//!
+//! Every caller that needs to know where a recipient goes asks this module:
+//! - delivery (`queue::attempt`) sends each [`Delivery`] of [`plan`] as it is;
+//! - `queue list/show` and the queue API show the route of [`plan`] for pending recipients;
+//! - `route explain` shows [`admit`] (the RCPT verdict) and the [`Delivery`] of [`plan`];
+//! - the RCPT check (`relay`) calls [`admit`].
+//!
+//! The rules, in order, for one recipient:
+//! 1. a DSN (a message from `<>` that we generated) to an address outside our accepted
+//!    domains takes `delivery.external_route` ([`Rule::External`]);
+//! 2. an address listed in the directory takes the route of its state ([`Rule::Listed`]);
+//! 3. anything else takes `directory.unknown`, unless that is `reject` ([`Rule::Unknown`]).
+//!
+//! A route then gives the target (fixed next hops or the MX hosts of a domain), the
+//! envelope rewrite (`rewrite_domain`) and the TLS policy and expected name.
 
+use crate::config::{Config, NextHop, TlsPolicy};
 use crate::directory::Resolution;
-use crate::types::{Address, RouteName};
+use crate::policy::Policy;
+use crate::proto::reply::{canned, Reply};
+use crate::types::{Address, Domain, RouteName};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// One delivery: the recipients (by index in the envelope) that go to one route.
+/// What kind of message the recipients belong to: it decides whether the external-route
+/// rule applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Mail accepted from a client: recipients are in our domains.
+    Relayed,
+    /// A DSN we generated: its recipient (the original sender) may be outside our domains.
+    Dsn,
+}
+
+impl Kind {
+    /// `Dsn` when `bounce` is set (the envelope's flag), else `Relayed`.
+    pub fn of(bounce: bool) -> Kind {
+        if bounce {
+            Kind::Dsn
+        } else {
+            Kind::Relayed
+        }
+    }
+}
+
+/// Which rule gave a recipient its route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rule {
+    /// Listed in the directory: the route of its state.
+    Listed,
+    /// Not listed: the `directory.unknown` route.
+    Unknown,
+    /// A DSN to an address outside our domains: `delivery.external_route`.
+    External,
+}
+
+/// The route of one recipient and the rule that gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The route.
+    pub route: RouteName,
+    /// Why.
+    pub rule: Rule,
+}
+
+/// Where a delivery goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The route's `next_hops`, in order.
+    Hops(Vec<NextHop>),
+    /// The MX hosts of this domain, on this port.
+    Mx(Domain, u16),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Hops(h) if h.is_empty() => f.write_str("-"),
+            Target::Hops(h) => {
+                for (n, hop) in h.iter().enumerate() {
+                    if n > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{hop}")?;
+                }
+                Ok(())
+            }
+            Target::Mx(d, port) => write!(f, "mx {d}:{port}"),
+        }
+    }
+}
+
+/// One complete delivery: the recipients that go to one route, and everything needed to
+/// send them there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     /// The route.
     pub route: RouteName,
     /// Indexes into the message's recipient list.
     pub rcpts: Vec<usize>,
+    /// The rule that gave each recipient this route (parallel to `rcpts`).
+    pub rules: Vec<Rule>,
+    /// The recipients as sent in `RCPT TO` (parallel to `rcpts`): rewritten to the route's
+    /// `rewrite_domain`, else unchanged.
+    pub to: Vec<Address>,
+    /// Next hops or MX domain.
+    pub target: Target,
+    /// TLS policy of the route.
+    pub tls: TlsPolicy,
+    /// The name the next hop's certificate must carry, when the route sets one.
+    pub tls_name: Option<String>,
 }
 
 /// The result of planning.
@@ -19,60 +119,455 @@ pub struct Delivery {
 pub struct Plan {
     /// Deliveries in route-name order.
     pub deliveries: Vec<Delivery>,
-    /// Recipients with no route now (unknown and `directory.unknown = "reject"`).
+    /// Recipients with no route now (unknown and `directory.unknown = "reject"`, or a DSN
+    /// to an outside address with no external route).
     pub unroutable: Vec<usize>,
+    /// Recipients whose route is not (or no longer) in the configuration, by route.
+    pub unconfigured: Vec<(RouteName, Vec<usize>)>,
 }
 
-/// Groups `rcpts` (index, address) by the route `resolve` gives each one now.
+impl Plan {
+    /// The route recipient `i` takes in this plan (`None`: unroutable or not planned).
+    pub fn route_of(&self, i: usize) -> Option<&RouteName> {
+        self.deliveries
+            .iter()
+            .find(|d| d.rcpts.contains(&i))
+            .map(|d| &d.route)
+            .or_else(|| {
+                self.unconfigured
+                    .iter()
+                    .find(|(_, r)| r.contains(&i))
+                    .map(|(r, _)| r)
+            })
+    }
+}
+
+/// The route of one recipient now, or `None` when it has none (see the module doc).
+pub fn decide(
+    addr: &Address,
+    kind: Kind,
+    resolve: impl Fn(&Address) -> Resolution,
+    config: &Config,
+) -> Option<Decision> {
+    if kind == Kind::Dsn && !config.server.accepted_domains.contains(addr.domain()) {
+        return config.external_route().map(|route| Decision {
+            route,
+            rule: Rule::External,
+        });
+    }
+    match resolve(addr) {
+        Resolution::Listed(route) => Some(Decision {
+            route,
+            rule: Rule::Listed,
+        }),
+        Resolution::Unlisted(route) => Some(Decision {
+            route,
+            rule: Rule::Unknown,
+        }),
+        Resolution::Reject => None,
+    }
+}
+
+/// The RCPT-time check: the relay policy (our domains, no source routes), then the
+/// directory. `Ok` carries the route the recipient would take now; `Err` the reply a
+/// sender gets.
+pub fn admit(
+    policy: &Policy,
+    addr: &Address,
+    resolve: impl Fn(&Address) -> Resolution,
+) -> Result<Decision, Reply> {
+    policy.check_recipient(addr)?;
+    match resolve(addr) {
+        Resolution::Listed(route) => Ok(Decision {
+            route,
+            rule: Rule::Listed,
+        }),
+        Resolution::Unlisted(route) => Ok(Decision {
+            route,
+            rule: Rule::Unknown,
+        }),
+        Resolution::Reject => Err(canned::UNKNOWN_USER),
+    }
+}
+
+/// Groups `rcpts` (index, address) into complete deliveries, one per route, from each
+/// recipient's state now (`resolve`) and `config`.
 pub fn plan<'a>(
     rcpts: impl IntoIterator<Item = (usize, &'a Address)>,
+    kind: Kind,
     resolve: impl Fn(&Address) -> Resolution,
+    config: &Config,
 ) -> Plan {
-    let mut groups: BTreeMap<RouteName, Vec<usize>> = BTreeMap::new();
+    let mut groups: BTreeMap<RouteName, Vec<(usize, &'a Address, Rule)>> = BTreeMap::new();
     let mut unroutable = Vec::new();
     for (i, addr) in rcpts {
-        match resolve(addr) {
-            Resolution::Listed(r) | Resolution::Unlisted(r) => groups.entry(r).or_default().push(i),
-            Resolution::Reject => unroutable.push(i),
+        match decide(addr, kind, &resolve, config) {
+            Some(d) => groups.entry(d.route).or_default().push((i, addr, d.rule)),
+            None => unroutable.push(i),
         }
     }
-    Plan {
-        deliveries: groups
-            .into_iter()
-            .map(|(route, rcpts)| Delivery { route, rcpts })
-            .collect(),
+    let mut plan = Plan {
         unroutable,
+        ..Plan::default()
+    };
+    for (route, members) in groups {
+        let Some(rc) = config.routes.get(route.as_str()) else {
+            plan.unconfigured
+                .push((route, members.iter().map(|m| m.0).collect()));
+            continue;
+        };
+        plan.deliveries.push(Delivery {
+            route,
+            rcpts: members.iter().map(|m| m.0).collect(),
+            rules: members.iter().map(|m| m.2).collect(),
+            to: members
+                .iter()
+                .map(|m| match &rc.rewrite_domain {
+                    Some(d) => m.1.with_domain(d),
+                    None => m.1.clone(),
+                })
+                .collect(),
+            target: match &rc.mx {
+                Some(d) => Target::Mx(d.clone(), rc.port),
+                None => Target::Hops(rc.next_hops.clone()),
+            },
+            tls: rc.tls,
+            tls_name: rc.tls_name.clone(),
+        });
     }
+    plan
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::config::DEFAULT_CONFIG as CONFIG;
+
+    fn addr(s: &str) -> Address {
+        Address::parse(s, false).unwrap()
+    }
+
+    fn route(s: &str) -> RouteName {
+        RouteName(s.into())
+    }
+
+    /// The directory of the table: `a*` cloud, `o*` onprem, `x*` unlisted.
+    fn resolve(unknown: Option<&'static str>) -> impl Fn(&Address) -> Resolution {
+        move |a: &Address| match a.local().as_bytes()[0] {
+            b'a' => Resolution::Listed(route("cloud")),
+            b'o' => Resolution::Listed(route("onprem")),
+            _ => match unknown {
+                Some(u) => Resolution::Unlisted(route(u)),
+                None => Resolution::Reject,
+            },
+        }
+    }
+
+    fn config(tweak: impl FnOnce(&mut Config)) -> Config {
+        let mut c = Config::parse(CONFIG, "test").unwrap();
+        tweak(&mut c);
+        c
+    }
+
+    /// One row of the table: what one recipient of a message of `kind` plans to.
+    struct Case {
+        name: &'static str,
+        tweak: fn(&mut Config),
+        unknown: Option<&'static str>,
+        kind: Kind,
+        rcpt: &'static str,
+        /// (route, rule, RCPT TO as sent, target as displayed, tls, tls_name), or `None`:
+        /// unroutable.
+        want: Option<Want>,
+    }
+
+    /// (route, rule, RCPT TO as sent, target as displayed, tls, tls_name).
+    type Want = (
+        &'static str,
+        Rule,
+        &'static str,
+        &'static str,
+        TlsPolicy,
+        Option<&'static str>,
+    );
+
+    fn nothing(_: &mut Config) {}
+
+    fn cloud_mx(c: &mut Config) {
+        let r = c.routes.get_mut("cloud").unwrap();
+        r.next_hops.clear();
+        r.mx = Some(Domain::parse("tenant-test.mail.protection.outlook.com", false).unwrap());
+        r.rewrite_domain = Some(Domain::parse("tenant.mail.onmicrosoft.com", false).unwrap());
+        r.tls = TlsPolicy::Verify;
+        r.tls_name = Some("mail.protection.outlook.com".into());
+    }
+
+    fn external_cloud(c: &mut Config) {
+        c.delivery.external_route = Some("cloud".into());
+    }
+
+    fn no_external(c: &mut Config) {
+        c.delivery.external_route = None;
+    }
+
     #[test]
-    fn splits_by_route() {
-        let addrs: Vec<Address> = ["a@x.test", "b@x.test", "c@x.test", "d@x.test"]
+    fn table() {
+        use Kind::*;
+        use Rule::*;
+        use TlsPolicy::{Opportunistic, Verify};
+        let cases = [
+            Case {
+                name: "listed cloud",
+                tweak: nothing,
+                unknown: Some("onprem"),
+                kind: Relayed,
+                rcpt: "a@nhs.test",
+                want: Some((
+                    "cloud",
+                    Listed,
+                    "a@nhs.test",
+                    "127.0.0.1:2602",
+                    Opportunistic,
+                    None,
+                )),
+            },
+            Case {
+                name: "listed onprem",
+                tweak: nothing,
+                unknown: Some("onprem"),
+                kind: Relayed,
+                rcpt: "o@nhs.test",
+                want: Some((
+                    "onprem",
+                    Listed,
+                    "o@nhs.test",
+                    "127.0.0.1:2601",
+                    Opportunistic,
+                    None,
+                )),
+            },
+            Case {
+                name: "unlisted to unknown route",
+                tweak: nothing,
+                unknown: Some("onprem"),
+                kind: Relayed,
+                rcpt: "x@nhs.test",
+                want: Some((
+                    "onprem",
+                    Unknown,
+                    "x@nhs.test",
+                    "127.0.0.1:2601",
+                    Opportunistic,
+                    None,
+                )),
+            },
+            Case {
+                name: "unlisted, unknown = reject",
+                tweak: nothing,
+                unknown: None,
+                kind: Relayed,
+                rcpt: "x@nhs.test",
+                want: None,
+            },
+            Case {
+                name: "MX route with rewrite and verify",
+                tweak: cloud_mx,
+                unknown: Some("onprem"),
+                kind: Relayed,
+                rcpt: "a@nhs.test",
+                want: Some((
+                    "cloud",
+                    Listed,
+                    "a@tenant.mail.onmicrosoft.com",
+                    "mx tenant-test.mail.protection.outlook.com:25",
+                    Verify,
+                    Some("mail.protection.outlook.com"),
+                )),
+            },
+            Case {
+                name: "DSN to an outside sender: external route",
+                tweak: external_cloud,
+                unknown: Some("onprem"),
+                kind: Dsn,
+                rcpt: "x@elsewhere.test",
+                want: Some((
+                    "cloud",
+                    External,
+                    "x@elsewhere.test",
+                    "127.0.0.1:2602",
+                    Opportunistic,
+                    None,
+                )),
+            },
+            Case {
+                name: "DSN to an outside sender, rewrite applies on the route",
+                tweak: |c| {
+                    external_cloud(c);
+                    cloud_mx(c)
+                },
+                unknown: Some("onprem"),
+                kind: Dsn,
+                rcpt: "x@elsewhere.test",
+                want: Some((
+                    "cloud",
+                    External,
+                    "x@tenant.mail.onmicrosoft.com",
+                    "mx tenant-test.mail.protection.outlook.com:25",
+                    Verify,
+                    Some("mail.protection.outlook.com"),
+                )),
+            },
+            Case {
+                name: "DSN to one of ours follows the directory",
+                tweak: external_cloud,
+                unknown: Some("onprem"),
+                kind: Dsn,
+                rcpt: "o@nhs.test",
+                want: Some((
+                    "onprem",
+                    Listed,
+                    "o@nhs.test",
+                    "127.0.0.1:2601",
+                    Opportunistic,
+                    None,
+                )),
+            },
+            Case {
+                name: "relayed mail to an outside address: not the external rule",
+                tweak: external_cloud,
+                unknown: Some("onprem"),
+                kind: Relayed,
+                rcpt: "x@elsewhere.test",
+                want: Some((
+                    "onprem",
+                    Unknown,
+                    "x@elsewhere.test",
+                    "127.0.0.1:2601",
+                    Opportunistic,
+                    None,
+                )),
+            },
+            Case {
+                name: "DSN outside, no external_route: the unknown route",
+                tweak: |c| {
+                    no_external(c);
+                    c.directory.unknown = "cloud".into()
+                },
+                unknown: Some("cloud"),
+                kind: Dsn,
+                rcpt: "x@elsewhere.test",
+                want: Some((
+                    "cloud",
+                    External,
+                    "x@elsewhere.test",
+                    "127.0.0.1:2602",
+                    Opportunistic,
+                    None,
+                )),
+            },
+            Case {
+                name: "DSN outside, no external_route, unknown = reject: the first route",
+                tweak: |c| {
+                    no_external(c);
+                    c.directory.unknown = "reject".into()
+                },
+                unknown: None,
+                kind: Dsn,
+                rcpt: "x@elsewhere.test",
+                want: Some((
+                    "cloud",
+                    External,
+                    "x@elsewhere.test",
+                    "127.0.0.1:2602",
+                    Opportunistic,
+                    None,
+                )),
+            },
+        ];
+        for case in cases {
+            let cfg = config(case.tweak);
+            let a = addr(case.rcpt);
+            let p = plan([(0, &a)], case.kind, resolve(case.unknown), &cfg);
+            match case.want {
+                None => {
+                    assert!(p.deliveries.is_empty(), "{}: {p:?}", case.name);
+                    assert_eq!(p.unroutable, vec![0], "{}", case.name);
+                }
+                Some((r, rule, to, target, tls, tls_name)) => {
+                    assert!(p.unroutable.is_empty(), "{}: {p:?}", case.name);
+                    let [d] = &p.deliveries[..] else {
+                        panic!("{}: {p:?}", case.name)
+                    };
+                    let got = (
+                        d.route.as_str(),
+                        d.rules[0],
+                        d.to[0].to_string(),
+                        d.target.to_string(),
+                        d.tls,
+                        d.tls_name.as_deref(),
+                    );
+                    assert_eq!(
+                        got,
+                        (r, rule, to.to_string(), target.to_string(), tls, tls_name),
+                        "{}",
+                        case.name
+                    );
+                    assert_eq!(p.route_of(0), Some(&d.route), "{}", case.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn splits_by_route_keeps_order_and_reports_unconfigured_routes() {
+        let cfg = config(nothing);
+        let addrs: Vec<Address> = [
+            "a1@nhs.test",
+            "o1@nhs.test",
+            "a2@nhs.test",
+            "x@nhs.test",
+            "z@nhs.test",
+        ]
+        .iter()
+        .map(|s| addr(s))
+        .collect();
+        let resolve = |a: &Address| match a.local() {
+            "z" => Resolution::Listed(route("archive")),
+            _ => resolve(None)(a),
+        };
+        let p = plan(addrs.iter().enumerate(), Kind::Relayed, resolve, &cfg);
+        let got: Vec<(&str, &[usize])> = p
+            .deliveries
             .iter()
-            .map(|s| Address::parse(s, false).unwrap())
+            .map(|d| (d.route.as_str(), &d.rcpts[..]))
             .collect();
-        let p = plan(addrs.iter().enumerate(), |a| match a.local() {
-            "a" | "c" => Resolution::Listed(RouteName("cloud".into())),
-            "b" => Resolution::Unlisted(RouteName("onprem".into())),
-            _ => Resolution::Reject,
-        });
-        assert_eq!(
-            p.deliveries,
-            vec![
-                Delivery {
-                    route: RouteName("cloud".into()),
-                    rcpts: vec![0, 2]
-                },
-                Delivery {
-                    route: RouteName("onprem".into()),
-                    rcpts: vec![1]
-                },
-            ]
-        );
+        assert_eq!(got, vec![("cloud", &[0, 2][..]), ("onprem", &[1][..])]);
         assert_eq!(p.unroutable, vec![3]);
+        assert_eq!(p.unconfigured, vec![(route("archive"), vec![4])]);
+        assert_eq!(p.route_of(4), Some(&route("archive")));
+        assert_eq!(p.route_of(3), None);
+    }
+
+    #[test]
+    fn admit_checks_policy_then_directory() {
+        let cfg = config(nothing);
+        let policy = Policy::new(&cfg.server.accepted_domains);
+        let r = resolve(None);
+        assert_eq!(
+            admit(&policy, &addr("a@nhs.test"), &r),
+            Ok(Decision {
+                route: route("cloud"),
+                rule: Rule::Listed
+            })
+        );
+        assert_eq!(
+            admit(&policy, &addr("x@nhs.test"), &r),
+            Err(canned::UNKNOWN_USER)
+        );
+        assert_eq!(
+            admit(&policy, &addr("a@elsewhere.test"), &r),
+            Err(canned::RELAY_DENIED)
+        );
     }
 }

@@ -14,6 +14,7 @@
 //! nothing about entries of `active/`, so a store waiting for its `active/` fsync is never
 //! released by a sync of another directory.
 
+use crate::deliver::LastReply;
 use crate::proto::{BodyType, RcptDsn, Ret};
 use crate::types::{Address, QueueId};
 use serde::{Deserialize, Serialize};
@@ -115,8 +116,8 @@ pub enum RcptStatus {
 pub struct RcptState {
     /// Status.
     pub status: RcptStatus,
-    /// Last reply or error seen for it.
-    pub last_reply: Option<String>,
+    /// Last reply or error seen for it (state files that hold it as a string still load).
+    pub last_reply: Option<LastReply>,
 }
 
 /// Mutable delivery state of a message.
@@ -415,6 +416,46 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn state_written_with_string_replies_still_loads() {
+        // The form of a `.state` file before replies were typed.
+        let old = br#"{"rcpts":[{"status":"delivered","last_reply":"250 2.0.0 Ok: queued as A"},
+            {"status":"failed","last_reply":"message expired in queue; last reply: 451 4.4.1 connect to 127.0.0.1:1 failed: refused"},
+            {"status":"pending","last_reply":"450 4.2.1 try later"},{"status":"pending","last_reply":null}],
+            "attempts":3}"#;
+        let st: DeliveryState = serde_json::from_slice(old).unwrap();
+        let shown: Vec<Option<String>> = st
+            .rcpts
+            .iter()
+            .map(|r| r.last_reply.as_ref().map(|l| l.to_string()))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                Some("250 2.0.0 Ok: queued as A".to_string()),
+                Some("message expired in queue; last reply: 451 4.4.1 connect to 127.0.0.1:1 failed: refused".to_string()),
+                Some("450 4.2.1 try later".to_string()),
+                None
+            ]
+        );
+        let expired = st.rcpts[1].last_reply.as_ref().and_then(|l| l.failure());
+        assert!(expired.is_some_and(|f| f.is_expired()));
+        // Written back in the typed form, it reads the same.
+        let again: DeliveryState =
+            serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        assert_eq!(
+            again
+                .rcpts
+                .iter()
+                .map(|r| r.last_reply.clone())
+                .collect::<Vec<_>>(),
+            st.rcpts
+                .iter()
+                .map(|r| r.last_reply.clone())
+                .collect::<Vec<_>>()
+        );
+    }
 
     /// Where a caller of a directory sync is (test hook).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]

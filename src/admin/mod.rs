@@ -14,6 +14,7 @@ pub mod types;
 use crate::config::{AdminConfig, Config};
 use crate::directory::{batch, Directory, Lookup};
 use crate::policy::Policy;
+use crate::route;
 use crate::types::Address;
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -154,7 +155,8 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
-/// Why a recipient would go where it goes, for `route explain`.
+/// Why a recipient would go where it goes, for `route explain`: the RCPT verdict and the
+/// delivery of [`route::plan`], as delivery would make it now.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Explain {
     /// Directory facts.
@@ -162,10 +164,31 @@ pub struct Explain {
     pub lookup: Lookup,
     /// RCPT-time verdict: `accept` or the reply a sender would get.
     pub rcpt: String,
-    /// Next hops of the route, in order.
+    /// The rule that gave the route: `listed`, `unknown` (or `external` for `dsn_route`).
+    pub rule: Option<route::Rule>,
+    /// Next hops of the route, in order (empty for an MX route).
     pub next_hops: Vec<String>,
+    /// The MX domain and port (`domain:port`) of an MX route.
+    pub mx: Option<String>,
+    /// The recipient as sent to the next hop, when the route rewrites it.
+    pub rewritten: Option<String>,
     /// TLS policy of the route.
     pub tls: Option<String>,
+    /// The name the next hop's certificate must carry, when the route sets one.
+    pub tls_name: Option<String>,
+    /// The route a DSN to this address would take (the external route for addresses
+    /// outside our domains).
+    pub dsn_route: Option<String>,
+}
+
+/// An address `route explain` cannot read.
+#[derive(Debug, thiserror::Error)]
+#[error("{address:?}: {source}")]
+pub struct ExplainError {
+    /// The address as given.
+    pub address: String,
+    /// Why it is not an address.
+    pub source: crate::types::AddressError,
 }
 
 /// Explains where each address would go now.
@@ -173,29 +196,40 @@ pub fn explain(
     directory: &Directory,
     config: &Config,
     addresses: &[String],
-) -> Result<Vec<Explain>, String> {
+) -> Result<Vec<Explain>, ExplainError> {
     let policy = Policy::new(&config.server.accepted_domains);
     addresses
         .iter()
         .map(|a| {
-            let addr = Address::parse(a, true).map_err(|e| format!("{a:?}: {e}"))?;
+            let addr = Address::parse(a, true).map_err(|source| ExplainError {
+                address: a.clone(),
+                source,
+            })?;
             let lookup = directory.lookup(&addr);
-            let route = lookup
-                .route
-                .as_ref()
-                .and_then(|r| config.routes.get(r.as_str()));
-            let rcpt = match policy.check_recipient(&addr) {
+            let resolve = |a: &Address| directory.resolve(a);
+            let rcpt = match route::admit(&policy, &addr, resolve) {
                 Err(r) => r.to_string(),
-                Ok(()) if lookup.route.is_none() => {
-                    crate::proto::reply::canned::UNKNOWN_USER.to_string()
-                }
-                Ok(()) => "accept".to_string(),
+                Ok(_) => "accept".to_string(),
             };
+            let plan = route::plan([(0, &addr)], route::Kind::Relayed, resolve, config);
+            let dsn = route::plan([(0, &addr)], route::Kind::Dsn, resolve, config);
+            let d = plan.deliveries.first();
             Ok(Explain {
-                next_hops: route
-                    .map(|r| r.next_hops.iter().map(|h| h.to_string()).collect())
-                    .unwrap_or_default(),
-                tls: route.map(|r| format!("{:?}", r.tls).to_lowercase()),
+                rule: d.map(|d| d.rules[0]),
+                next_hops: match d.map(|d| &d.target) {
+                    Some(route::Target::Hops(h)) => h.iter().map(|h| h.to_string()).collect(),
+                    _ => Vec::new(),
+                },
+                mx: match d.map(|d| &d.target) {
+                    Some(route::Target::Mx(dom, port)) => Some(format!("{dom}:{port}")),
+                    _ => None,
+                },
+                rewritten: d
+                    .map(|d| d.to[0].to_string())
+                    .filter(|to| *to != addr.to_string()),
+                tls: d.map(|d| format!("{:?}", d.tls).to_lowercase()),
+                tls_name: d.and_then(|d| d.tls_name.clone()),
+                dsn_route: dsn.route_of(0).map(|r| r.as_str().to_string()),
                 lookup,
                 rcpt,
             })

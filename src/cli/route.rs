@@ -32,16 +32,18 @@ pub fn run(cmd: RouteCmd) -> anyhow::Result<()> {
     }
 }
 
-/// One address: its mailbox, state and where it comes from, the RCPT verdict, and the route
-/// with its next hops and TLS policy (`-` for what does not apply).
+/// One address: its mailbox, state and where it comes from, the RCPT verdict, the route
+/// with its next hops or MX domain and TLS policy (`-` for what does not apply), then the
+/// certificate name, the rewritten recipient when there are such, and the route a DSN to it
+/// would take.
 pub fn explain_text(e: &Explain) -> String {
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    let hops = if e.next_hops.is_empty() {
-        "-".to_string()
-    } else {
-        e.next_hops.join(", ")
+    let target = match &e.mx {
+        Some(mx) => format!("mx {mx}"),
+        None if e.next_hops.is_empty() => "-".to_string(),
+        None => e.next_hops.join(", "),
     };
-    format!(
+    let mut out = format!(
         "{}\n  mailbox {}\n  state   {} (from {})\n  rcpt    {}\n  route   {} -> {} (tls {})",
         e.lookup.address,
         or_dash(&e.lookup.mailbox),
@@ -49,9 +51,17 @@ pub fn explain_text(e: &Explain) -> String {
         e.lookup.origin,
         e.rcpt,
         or_dash(&e.lookup.route),
-        hops,
+        target,
         or_dash(&e.tls),
-    )
+    );
+    if let Some(name) = &e.tls_name {
+        out.push_str(&format!("\n  tls name {name}"));
+    }
+    if let Some(to) = &e.rewritten {
+        out.push_str(&format!("\n  sent as {to}"));
+    }
+    out.push_str(&format!("\n  dsn     {}", or_dash(&e.dsn_route)));
+    out
 }
 
 #[cfg(test)]
@@ -70,13 +80,20 @@ mod tests {
                 route: Some("cloud".into()),
             },
             rcpt: "accept".into(),
+            rule: Some(crate::route::Rule::Listed),
             next_hops: vec!["127.0.0.1:2602".into()],
-            tls: Some("opportunistic".into()),
+            mx: None,
+            rewritten: Some("alice@tenant.mail.onmicrosoft.com".into()),
+            tls: Some("verify".into()),
+            tls_name: Some("mail.protection.outlook.com".into()),
+            dsn_route: Some("cloud".into()),
         };
         assert_eq!(
             explain_text(&e),
             "alice@nhs.test\n  mailbox alice@nhs.test\n  state   cloud (from batch 1)\n  \
-             rcpt    accept\n  route   cloud -> 127.0.0.1:2602 (tls opportunistic)"
+             rcpt    accept\n  route   cloud -> 127.0.0.1:2602 (tls verify)\n  \
+             tls name mail.protection.outlook.com\n  sent as alice@tenant.mail.onmicrosoft.com\n  \
+             dsn     cloud"
         );
         let unlisted = Explain {
             lookup: Lookup {
@@ -87,9 +104,14 @@ mod tests {
                 route: None,
             },
             rcpt: "550 5.7.1 Relay access denied".into(),
+            rule: None,
             next_hops: vec![],
+            mx: None,
+            rewritten: None,
             tls: None,
+            tls_name: None,
+            dsn_route: None,
         };
-        assert!(explain_text(&unlisted).ends_with("route   - -> - (tls -)"));
+        assert!(explain_text(&unlisted).ends_with("route   - -> - (tls -)\n  dsn     -"));
     }
 }

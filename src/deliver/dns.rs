@@ -27,7 +27,10 @@ pub struct Dns {
 
 impl Dns {
     /// A resolver asking `nameservers` (UDP, then TCP), or the system's when empty.
-    pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<Dns, String> {
+    pub fn new(
+        nameservers: &[SocketAddr],
+        timeout: Duration,
+    ) -> Result<Dns, hickory_resolver::net::NetError> {
         let provider = TokioRuntimeProvider::default();
         let mut builder = if nameservers.is_empty() {
             match TokioResolver::builder(provider.clone()) {
@@ -60,10 +63,7 @@ impl Dns {
         opts.timeout = timeout;
         opts.attempts = 2;
         opts.ndots = 0;
-        builder
-            .build()
-            .map(|resolver| Dns { resolver })
-            .map_err(|e| e.to_string())
+        builder.build().map(|resolver| Dns { resolver })
     }
 
     /// The mail hosts of `domain`, most preferred first; the domain itself when it has no MX.

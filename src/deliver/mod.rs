@@ -41,16 +41,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-/// What happened to one recipient in one attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RcptOutcome {
-    /// The next hop took it (reply text).
-    Delivered(String),
-    /// Temporary failure: retry later.
-    Deferred(String),
-    /// Permanent failure.
-    Failed(String),
-}
+pub mod outcome;
+pub use outcome::{Failure, LastReply, LocalError, RcptOutcome};
 
 /// Why a next hop could not be used at all (the next one is tried).
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +61,27 @@ pub enum HopError {
     Tls(SocketAddr, String),
     /// The connection broke during the transaction.
     #[error("lost connection with {0}: {1}")]
-    Lost(SocketAddr, String),
+    Lost(SocketAddr, #[source] TxError),
+}
+
+/// Why a transaction broke off (the connection is then given up).
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    /// A write did not finish within the delivery timeout.
+    #[error("write timeout")]
+    WriteTimeout,
+    /// A reply did not come within the delivery timeout.
+    #[error("reply timeout")]
+    ReplyTimeout,
+    /// The socket failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The next hop's replies could not be read (mail-send's error).
+    #[error(transparent)]
+    Protocol(#[from] mail_send::Error),
+    /// Fewer replies than commands.
+    #[error("missing reply")]
+    MissingReply,
 }
 
 /// One message to send on a connection.
@@ -266,7 +278,7 @@ async fn write_timed<T: AsyncWrite + Unpin>(
     s: &mut T,
     buf: &[u8],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), TxError> {
     write_parts(s, &[buf], timeout).await
 }
 
@@ -277,17 +289,15 @@ async fn write_parts<T: AsyncWrite + Unpin>(
     s: &mut T,
     parts: &[&[u8]],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), TxError> {
     for chunk in parts.iter().flat_map(|p| p.chunks(256 * 1024)) {
         tokio::time::timeout(timeout, s.write_all(chunk))
             .await
-            .map_err(|_| "write timeout".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| TxError::WriteTimeout)??;
     }
-    tokio::time::timeout(timeout, s.flush())
+    Ok(tokio::time::timeout(timeout, s.flush())
         .await
-        .map_err(|_| "write timeout".to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|_| TxError::WriteTimeout)??)
 }
 
 /// Reads `n` replies (mail-send parses them) as [`Reply`] values.
@@ -295,12 +305,13 @@ async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
     c: &mut SmtpClient<T>,
     n: usize,
     timeout: Duration,
-) -> Result<Vec<Reply>, String> {
-    tokio::time::timeout(timeout, c.read_many(n))
+) -> Result<Vec<Reply>, TxError> {
+    Ok(tokio::time::timeout(timeout, c.read_many(n))
         .await
-        .map_err(|_| "reply timeout".to_string())?
-        .map(|replies| replies.into_iter().map(Reply::from).collect())
-        .map_err(|e| e.to_string())
+        .map_err(|_| TxError::ReplyTimeout)??
+        .into_iter()
+        .map(Reply::from)
+        .collect())
 }
 
 /// A RCPT reply that means "too many recipients in this transaction": `452` with `4.5.3` or
@@ -320,11 +331,10 @@ fn utf8_headers(message: &[u8]) -> bool {
 
 /// Classifies a reply for the recipients it applies to.
 fn outcome(r: &Reply) -> RcptOutcome {
-    let text = r.to_string();
     match r.code {
-        200..=399 => RcptOutcome::Delivered(text),
-        500..=599 => RcptOutcome::Failed(text),
-        _ => RcptOutcome::Deferred(text),
+        200..=399 => RcptOutcome::Delivered(r.clone()),
+        500..=599 => RcptOutcome::Failed(Failure::Remote(r.clone())),
+        _ => RcptOutcome::Deferred(Failure::Remote(r.clone())),
     }
 }
 
@@ -335,7 +345,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     out: &Outbound<'_>,
     split: bool,
     mail_rcpt: &mut Option<Duration>,
-) -> Result<Vec<TxRcpt>, String> {
+) -> Result<Vec<TxRcpt>, TxError> {
     let started = std::time::Instant::now();
     let n = out.rcpts.len();
     let all = |o: RcptOutcome| -> Vec<TxRcpt> {
@@ -350,18 +360,14 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         || out.rcpts.iter().any(|a| !a.to_string().is_ascii());
     let offers_utf8 = caps & EXT_SMTP_UTF8 != 0;
     if !offers_utf8 && utf8_address {
-        return Ok(all(RcptOutcome::Failed(
-            "553 5.6.7 Non-ASCII addresses not permitted for that sender/recipient \
-             (the next hop does not offer SMTPUTF8)"
-                .into(),
-        )));
+        return Ok(all(RcptOutcome::Failed(Failure::Local(
+            LocalError::Utf8Address,
+        ))));
     }
     if !offers_utf8 && out.smtputf8 && utf8_headers(out.message) {
-        return Ok(all(RcptOutcome::Failed(
-            "554 5.6.9 UTF-8 header message cannot be transferred \
-             (the next hop does not offer SMTPUTF8)"
-                .into(),
-        )));
+        return Ok(all(RcptOutcome::Failed(Failure::Local(
+            LocalError::Utf8Headers,
+        ))));
     }
     let needs_utf8 = offers_utf8 && (out.smtputf8 || utf8_address);
     let mut mail = format!(
@@ -425,7 +431,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         cmds.extend_from_slice(&body_cmd);
         write_parts(&mut c.stream, &[&cmds, body_data], timeout).await?;
         let mut replies = read_n(c, n + 2, timeout).await?;
-        let body_reply = replies.pop().ok_or("missing reply")?;
+        let body_reply = replies.pop().ok_or(TxError::MissingReply)?;
         let mail_reply = replies.remove(0);
         (mail_reply, replies, Some(body_reply))
     } else {
@@ -477,7 +483,9 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     let body_outcome = final_reply
         .as_ref()
         .map(outcome)
-        .unwrap_or_else(|| RcptOutcome::Deferred("451 4.3.0 no reply to end of data".into()));
+        .unwrap_or(RcptOutcome::Deferred(Failure::Local(
+            LocalError::NoEndOfDataReply,
+        )));
     Ok(rcpt_replies
         .iter()
         .map(|r| TxRcpt {
@@ -495,7 +503,7 @@ async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
 async fn end_data_anyway<T: AsyncRead + AsyncWrite + Unpin>(
     c: &mut SmtpClient<T>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), TxError> {
     write_timed(&mut c.stream, b".\r\n", timeout).await?;
     read_n(c, 1, timeout).await.map(|_| ())
 }
@@ -537,7 +545,7 @@ async fn write_dot_stuffed<T: AsyncWrite + Unpin>(
     s: &mut T,
     msg: &[u8],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), TxError> {
     const BUF: usize = 64 * 1024;
     let mut buf = Vec::with_capacity(BUF);
     for piece in dot_stuffed(msg) {
@@ -623,7 +631,12 @@ pub async fn deliver(
         Ok(a) => a,
         Err(e @ dns::DnsError::NullMx(_)) => {
             return Attempt {
-                outcomes: vec![RcptOutcome::Failed(format!("556 5.1.10 {e}")); out.rcpts.len()],
+                outcomes: vec![
+                    RcptOutcome::Failed(Failure::Local(LocalError::NullMx(
+                        e.to_string()
+                    )));
+                    out.rcpts.len()
+                ],
                 next_hop: None,
                 tls: false,
             }
@@ -668,7 +681,10 @@ pub async fn deliver(
         };
     }
     Attempt {
-        outcomes: vec![RcptOutcome::Deferred(format!("451 4.4.1 {last_error}")); out.rcpts.len()],
+        outcomes: vec![
+            RcptOutcome::Deferred(Failure::Local(LocalError::Unreachable(last_error)));
+            out.rcpts.len()
+        ],
         next_hop: None,
         tls: false,
     }
@@ -696,7 +712,9 @@ async fn transactions(
             Err(e) => {
                 // The message may or may not have been taken: defer (at-least-once).
                 for &i in &todo {
-                    outcomes[i] = Some(RcptOutcome::Deferred(format!("451 4.4.2 {e}")));
+                    outcomes[i] = Some(RcptOutcome::Deferred(Failure::Local(LocalError::Lost(
+                        e.to_string(),
+                    ))));
                 }
                 conn = None;
                 break;
@@ -710,12 +728,11 @@ async fn transactions(
                 next.push(i);
             } else if r.too_many {
                 // A 552 5.5.3 is temporary too (RFC 5321 4.5.3.1.10).
-                let text = match r.outcome {
-                    RcptOutcome::Failed(t)
-                    | RcptOutcome::Deferred(t)
-                    | RcptOutcome::Delivered(t) => t,
+                let failure = match r.outcome {
+                    RcptOutcome::Failed(f) | RcptOutcome::Deferred(f) => f,
+                    RcptOutcome::Delivered(r) => Failure::Remote(r),
                 };
-                outcomes[i] = Some(RcptOutcome::Deferred(text));
+                outcomes[i] = Some(RcptOutcome::Deferred(failure));
             } else {
                 outcomes[i] = Some(r.outcome);
             }
@@ -735,7 +752,9 @@ async fn transactions(
                 Ok((c, _)) => conn = Some(c),
                 Err(e) => {
                     for &i in &todo {
-                        outcomes[i] = Some(RcptOutcome::Deferred(format!("451 4.4.1 {e}")));
+                        outcomes[i] = Some(RcptOutcome::Deferred(Failure::Local(
+                            LocalError::Unreachable(e.to_string()),
+                        )));
                     }
                     break;
                 }
@@ -747,7 +766,11 @@ async fn transactions(
     }
     outcomes
         .into_iter()
-        .map(|o| o.unwrap_or_else(|| RcptOutcome::Deferred("451 4.3.0 not attempted".into())))
+        .map(|o| {
+            o.unwrap_or(RcptOutcome::Deferred(Failure::Local(
+                LocalError::NotAttempted,
+            )))
+        })
         .collect()
 }
 

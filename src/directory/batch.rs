@@ -2,7 +2,7 @@
 //! `New-MigrationBatch` (header `EmailAddress`, other columns ignored).
 
 use super::table::{names, CsvRows};
-use super::DirectoryError;
+use super::{DirectoryError, StateId};
 use crate::types::{Address, RouteName};
 
 /// One row of a batch.
@@ -14,8 +14,8 @@ pub struct BatchRow {
     pub address: String,
     /// Lower-case directory key.
     pub key: String,
-    /// Target state (index into the route names).
-    pub state: u8,
+    /// Target state.
+    pub state: StateId,
 }
 
 /// Parses a batch file. With `target`, every row moves to that state; without it, the file
@@ -32,16 +32,12 @@ pub fn parse(
         reason,
     };
     let state_index = |name: &str, line: u64| {
-        states
-            .iter()
-            .position(|s| s.as_str() == name)
-            .map(|i| i as u8)
-            .ok_or_else(|| {
-                err(
-                    line,
-                    format!("unknown state {name:?} (routes: {})", names(states)),
-                )
-            })
+        StateId::find(states, name).ok_or_else(|| {
+            err(
+                line,
+                format!("unknown state {name:?} (routes: {})", names(states)),
+            )
+        })
     };
     let target = target.map(|t| state_index(t, 0)).transpose()?;
     // Exchange exports may start with a UTF-8 byte order mark (CsvRows skips it).
@@ -107,7 +103,7 @@ mod tests {
         let rows = parse(text.as_bytes(), "b.csv", &states(), Some("cloud")).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].key, "john@nhs.test");
-        assert_eq!((rows[1].line, rows[1].state), (3, 0));
+        assert_eq!((rows[1].line, rows[1].state.index()), (3, 0));
         let rows = parse(
             b"EmailAddress\r\n\r\n# note\r\na@nhs.test\r\nbad\r\n",
             "b.csv",
@@ -129,7 +125,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(rows[0].state, 1);
+        assert_eq!(rows[0].state.index(), 1);
         let e = parse(
             b"EmailAddress\na@nhs.test\nnot-an-address\n",
             "b.csv",

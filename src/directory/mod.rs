@@ -25,7 +25,7 @@ pub mod store;
 pub mod table;
 pub mod watch;
 
-use crate::config::{DirectoryConfig, Percent};
+use crate::config::{DirectoryConfig, Percent, Unknown};
 use crate::types::{Address, RouteName};
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -140,6 +140,41 @@ impl Resolution {
             Resolution::Listed(r) | Resolution::Unlisted(r) => Some(r),
             Resolution::Reject => None,
         }
+    }
+}
+
+/// A state: an index into the route names ([`Directory::states`]), stored as one byte per
+/// mailbox in the tables and snapshots. Made only by the checked [`StateId::find`] and
+/// [`StateId::from_index`], so no index is ever truncated into another state (the
+/// configuration refuses more than [`StateId::MAX_STATES`] routes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StateId(u8);
+
+impl StateId {
+    /// Most states (routes) a directory can tell apart.
+    pub const MAX_STATES: usize = u8::MAX as usize + 1;
+
+    /// The state at `index` of the route names, if it fits.
+    pub fn from_index(index: usize) -> Option<StateId> {
+        u8::try_from(index).ok().map(StateId)
+    }
+
+    /// The state named `name` among `states`.
+    pub fn find(states: &[RouteName], name: &str) -> Option<StateId> {
+        states
+            .iter()
+            .position(|r| r.as_str() == name)
+            .and_then(StateId::from_index)
+    }
+
+    /// The index into the route names.
+    pub fn index(self) -> usize {
+        self.0.into()
+    }
+
+    /// The stored byte.
+    pub fn raw(self) -> u8 {
+        self.0
     }
 }
 
@@ -397,7 +432,7 @@ impl Directory {
     }
 
     /// Applies a new `directory.unknown` (config reload).
-    pub fn set_unknown(&self, unknown: &str) {
+    pub fn set_unknown(&self, unknown: &Unknown) {
         self.unknown.store(unknown_route(unknown));
     }
 
@@ -514,10 +549,10 @@ impl Directory {
                 Some(m) if touched[m] => {}
                 Some(m) => {
                     touched[m] = true;
-                    if view.states[m] == r.state {
+                    if view.states[m] == r.state.raw() {
                         report.already += 1;
                     } else {
-                        target.push((m, r.state));
+                        target.push((m, r.state.raw()));
                     }
                 }
             }
@@ -611,7 +646,7 @@ impl Directory {
                 report.not_found_count += 1;
                 continue;
             };
-            let Some(s) = self.states.iter().position(|r| r.as_str() == e.from) else {
+            let Some(s) = StateId::find(&self.states, &e.from) else {
                 report.not_found_count += 1;
                 continue;
             };
@@ -619,7 +654,7 @@ impl Directory {
                 report.changed_since += 1;
                 continue;
             }
-            target.push((m, s as u8, e.from_origin, e));
+            target.push((m, s.raw(), e.from_origin, e));
         }
         report.changed = target.len();
         let new_id = self.next_id(&view);
@@ -827,8 +862,8 @@ impl Directory {
     }
 }
 
-fn unknown_route(unknown: &str) -> Option<Arc<RouteName>> {
-    (unknown != "reject").then(|| Arc::new(RouteName(unknown.into())))
+fn unknown_route(unknown: &Unknown) -> Option<Arc<RouteName>> {
+    unknown.route().map(|r| Arc::new(r.clone()))
 }
 
 fn lookup_state(view: &View, key: &[u8]) -> Option<u8> {
@@ -893,12 +928,12 @@ fn replay(view: &mut View, change: &Change, states: &[RouteName]) {
     for e in &change.entries {
         let (Some(m), Some(s)) = (
             view.table.mailbox(e.address.as_bytes()),
-            states.iter().position(|r| r.as_str() == e.to),
+            StateId::find(states, &e.to),
         ) else {
             warn!(change = change.head.id, address = %e.address, "change log entry no longer applies");
             continue;
         };
-        view.states[m] = s as u8;
+        view.states[m] = s.raw();
         view.origin[m] = if change.head.kind == ChangeKind::Apply {
             change.head.id
         } else {
@@ -911,6 +946,18 @@ fn replay(view: &mut View, change: &Change, states: &[RouteName]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_ids_are_checked() {
+        assert_eq!(StateId::from_index(255).map(StateId::raw), Some(255));
+        assert_eq!(StateId::from_index(256), None);
+        let names: Vec<RouteName> = (0..300)
+            .map(|i| RouteName(format!("r{i}").into()))
+            .collect();
+        assert_eq!(StateId::find(&names, "r255").map(StateId::index), Some(255));
+        assert_eq!(StateId::find(&names, "r256"), None, "not truncated into r0");
+        assert_eq!(StateId::find(&names, "nope"), None);
+    }
 
     fn states() -> Vec<RouteName> {
         vec![RouteName("cloud".into()), RouteName("onprem".into())]

@@ -339,7 +339,7 @@ impl Stored {
         let map: Vec<Option<u8>> = self
             .state_names
             .iter()
-            .map(|n| names.iter().position(|r| r.as_str() == n).map(|i| i as u8))
+            .map(|n| super::StateId::find(names, n).map(super::StateId::raw))
             .collect();
         for x in self.states.iter_mut().chain(self.file_states.iter_mut()) {
             *x = map.get(*x as usize).copied().flatten()?;

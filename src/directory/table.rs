@@ -244,15 +244,14 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
         let addr = Address::parse(addr_text, true)
             .map_err(|e| row_err(line, format!("bad address {addr_text:?}: {e}")))?;
         let state_text = String::from_utf8_lossy(&rec[1]);
-        let state = states
-            .iter()
-            .position(|s| s.as_str() == state_text)
+        let state = super::StateId::find(states, &state_text)
             .ok_or_else(|| {
                 row_err(
                     line,
                     format!("unknown state {state_text:?} (routes: {})", names(states)),
                 )
-            })? as u8;
+            })?
+            .raw();
         let key = addr.key().into_bytes();
         let mailbox = if with_mailbox && !rec[2].is_empty() {
             let next = file_states.len() as u32;

@@ -543,7 +543,7 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
                         r.accepted += 1;
                         r.bytes += m.body.len() as u64;
                         if let Some(RcptOutcome::Delivered(t)) = outcomes.first() {
-                            if let Some((_, id)) = t.rsplit_once("queued as ") {
+                            if let Some((_, id)) = t.text().rsplit_once("queued as ") {
                                 r.ids.push(id.trim().to_string());
                             }
                         }
@@ -557,7 +557,7 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
                         if let RcptOutcome::Deferred(t) | RcptOutcome::Failed(t) = o {
                             *sh.report
                                 .refused
-                                .entry(t.chars().take(3).collect())
+                                .entry(t.code().map(|c| c.to_string()).unwrap_or_default())
                                 .or_default() += 1;
                         }
                     }

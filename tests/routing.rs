@@ -1,0 +1,172 @@
+//! One routing decision: the queue view shows the route delivery takes (a DSN to an outside
+//! sender takes the external route in both), and `route explain` shows the whole delivery
+//! (MX, envelope rewrite, TLS policy and name, the DSN route).
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One HTTP/1.1 request with the test token; returns (status, body). Bounded by 20 s.
+async fn api(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        out
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(20), fut)
+        .await
+        .expect("no HTTP response within 20 s");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("no header end");
+    (head[9..12].parse().unwrap(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_view_shows_the_external_route_a_dsn_takes() {
+    // The cloud route is the external route, and its next hop refuses connections, so the
+    // DSN to the outside sender stays queued after its first attempt there. The directory's
+    // `unknown` route (onprem) is what an outside address resolves to: the old listing
+    // showed it, while delivery took the external route.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let h = harness(|c| {
+        c.delivery.external_route = Some("cloud".into());
+        c.directory.unknown = "onprem".into();
+        c.routes.get_mut("cloud").unwrap().next_hops = vec![closed_addr.into()];
+    })
+    .await;
+    let api_addr = h.relay.admin_addr.unwrap();
+
+    // reject-me is unknown, so it goes on premises, where the sink refuses it with 550:
+    // a DSN goes back to the outside sender.
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c
+        .mail(
+            "sender@elsewhere.test",
+            &["reject-me@nhs.test"],
+            &sample("to bounce"),
+        )
+        .await;
+    assert_eq!(r.code, 250, "{}", r.text);
+
+    let t0 = std::time::Instant::now();
+    let dsn = loop {
+        let (code, body) = api(api_addr, "GET", "/v1/queue", "").await;
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let list = v
+            .as_array()
+            .or_else(|| v["messages"].as_array())
+            .cloned()
+            .unwrap_or_default();
+        let found = list.into_iter().find(|m| {
+            m["from"] == "" && m["attempts"].as_u64().unwrap_or(0) >= 1 && m["phase"] == "deferred"
+        });
+        if let Some(m) = found {
+            break m;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no deferred DSN in the queue: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let rcpt = &dsn["recipients"][0];
+    assert_eq!(rcpt["address"], "sender@elsewhere.test", "{dsn}");
+    // Delivery took the external route: it tried the cloud hop.
+    let last = rcpt["last_reply"].as_str().unwrap_or_default();
+    assert!(
+        last.contains(&closed_addr.to_string()),
+        "the attempt went to the cloud hop {closed_addr}: {dsn}"
+    );
+    // The listing shows that same route.
+    assert_eq!(rcpt["route"], "cloud", "{dsn}");
+    assert_eq!(
+        h.onprem.state.messages().len(),
+        0,
+        "nothing went on premises"
+    );
+
+    // `queue show` (the API's view of one message) agrees.
+    let id = dsn["id"].as_str().unwrap();
+    let (code, body) = api(api_addr, "GET", &format!("/v1/queue/{id}"), "").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["recipients"][0]["route"], "cloud", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_explain_shows_mx_rewrite_tls_and_the_dsn_route() {
+    let h = harness(|c| {
+        let r = c.routes.get_mut("cloud").unwrap();
+        r.next_hops.clear();
+        r.mx = Some(
+            coexist::types::Domain::parse("tenant-test.mail.protection.outlook.test", false)
+                .unwrap(),
+        );
+        r.port = 2525;
+        r.rewrite_domain =
+            Some(coexist::types::Domain::parse("tenant.mail.onmicrosoft.test", false).unwrap());
+        r.tls = coexist::config::TlsPolicy::Required;
+        r.tls_name = Some("mail.protection.outlook.test".into());
+        c.delivery.external_route = Some("onprem".into());
+    })
+    .await;
+    let api_addr = h.relay.admin_addr.unwrap();
+    let (code, body) = api(
+        api_addr,
+        "POST",
+        "/v1/route/explain",
+        r#"{"addresses":["bob@nhs.test","alice@nhs.test","who@elsewhere.test"]}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+
+    let bob = &v[0];
+    assert_eq!(bob["route"], "cloud", "{bob}");
+    assert_eq!(bob["rule"], "listed", "{bob}");
+    assert_eq!(
+        bob["mx"], "tenant-test.mail.protection.outlook.test:2525",
+        "{bob}"
+    );
+    assert_eq!(bob["next_hops"], serde_json::json!([]), "{bob}");
+    assert_eq!(
+        bob["rewritten"], "bob@tenant.mail.onmicrosoft.test",
+        "{bob}"
+    );
+    assert_eq!(bob["tls"], "required", "{bob}");
+    assert_eq!(bob["tls_name"], "mail.protection.outlook.test", "{bob}");
+    assert_eq!(bob["rcpt"], "accept", "{bob}");
+
+    let alice = &v[1];
+    assert_eq!(alice["route"], "onprem", "{alice}");
+    assert_eq!(alice["mx"], serde_json::Value::Null, "{alice}");
+    assert_eq!(alice["rewritten"], serde_json::Value::Null, "{alice}");
+    assert_eq!(
+        alice["next_hops"],
+        serde_json::json!([h.onprem.addr.to_string()]),
+        "{alice}"
+    );
+
+    // Mail to an outside address is refused at RCPT, but a DSN to it takes the external route.
+    let who = &v[2];
+    assert!(
+        who["rcpt"].as_str().unwrap().starts_with("550 5.7.1"),
+        "{who}"
+    );
+    assert_eq!(who["dsn_route"], "onprem", "{who}");
+}

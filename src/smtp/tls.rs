@@ -47,18 +47,32 @@ pub fn acceptor_requiring_client_cert(
     key: PrivateKeyDer<'static>,
     client_cas: &[u8],
 ) -> Result<TlsAcceptor, TlsError> {
+    let config = config_with_client_verifier(certs, key, client_verifier(client_cas)?)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A verifier that accepts client certificates issued by one of `client_cas` (PEM).
+pub fn client_verifier(
+    client_cas: &[u8],
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let roots = certs::roots_from_pem(client_cas)?;
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))
+}
+
+/// A server config (TLS 1.2 and 1.3) that checks client certificates with `verifier`.
+pub fn config_with_client_verifier(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+        .map_err(|e| TlsError::Config(e.to_string()))
 }
 
 /// A session's byte stream: clear text until STARTTLS, then TLS.

@@ -2,7 +2,7 @@
 //! Exchange Online's partner connectors do) and records which certificate each session
 //! presented, so tests can check which client identity delivered which message.
 
-use crate::certs::{provider, roots_from_pem, TlsError};
+use crate::certs::TlsError;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use std::collections::HashMap;
@@ -93,22 +93,12 @@ pub fn client_cert_acceptor(
     key: PrivateKeyDer<'static>,
     client_cas: &[u8],
 ) -> Result<(tokio_rustls::TlsAcceptor, Arc<ClientCerts>), TlsError> {
-    let roots = roots_from_pem(client_cas)?;
-    let inner =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
     let seen = Arc::new(ClientCerts::default());
     let verifier = Arc::new(RecordingVerifier {
-        inner,
+        inner: crate::smtp::tls::client_verifier(client_cas)?,
         seen: seen.clone(),
     });
-    let config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let config = crate::smtp::tls::config_with_client_verifier(certs, key, verifier)?;
     // Every handshake a full one: a resumed session presents no certificate to record.
     let mut config = config;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});

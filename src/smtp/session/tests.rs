@@ -188,3 +188,88 @@ async fn starttls_is_refused_without_tls_config_and_eof_ends_the_session() {
         .any(|l| l.contains("STARTTLS") && l.starts_with("250")));
     assert_eq!(finals(&replies).last().map(|l| &l[..3]), Some("502"));
 }
+
+/// Reads from `s` until `needle` has arrived; returns everything read.
+async fn read_until(s: &mut tokio::io::DuplexStream, needle: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(
+            n > 0,
+            "EOF before {needle:?}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn starttls_over_an_in_memory_stream_drops_plaintext_injection() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let dev = crate::certs::generate("mx.test").expect("test certificates");
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(dev.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("certificate PEM");
+    let key = PrivateKeyDer::from_pem_slice(dev.key_pem.as_bytes()).expect("key PEM");
+    let mut cfg = config();
+    cfg.tls = Some(crate::smtp::tls::acceptor_from(chain, key).expect("acceptor"));
+    let roots = crate::certs::roots_from_pem(dev.ca_pem.as_bytes()).expect("CA");
+    let client_cfg = rustls::ClientConfig::builder_with_provider(crate::certs::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    let handler = Arc::new(Recorder::default());
+    let peer: SocketAddr = "192.0.2.7:40000".parse().expect("literal address");
+    let task = tokio::spawn(run(server, peer, Arc::new(cfg), handler.clone()));
+    // A MAIL pipelined in clear text after STARTTLS (CVE-2011-0411) must be dropped.
+    client
+        .write_all(b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<evil@example.org>\r\n")
+        .await
+        .expect("write");
+    let clear = read_until(&mut client, "220 2.0.0 Ready to start TLS\r\n").await;
+    assert!(clear.contains("250-STARTTLS"), "{clear}");
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut tls = connector
+        .connect(name, client)
+        .await
+        .expect("TLS handshake");
+    tls.write_all(
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n\
+          Subject: tls\r\n\r\nhi\r\n.\r\nQUIT\r\n",
+    )
+    .await
+    .expect("write over TLS");
+    let mut out = Vec::new();
+    // The session closes after QUIT without a TLS close_notify exchange being required.
+    let _ = tls.read_to_end(&mut out).await;
+    task.await.expect("session task");
+    let replies = String::from_utf8_lossy(&out);
+    assert!(!replies.contains("evil"), "{replies}");
+    assert!(
+        !replies.contains("STARTTLS"),
+        "not offered twice: {replies}"
+    );
+    let codes: Vec<&str> = replies
+        .lines()
+        .filter(|l| l.as_bytes().get(3) != Some(&b'-'))
+        .map(|l| &l[..3])
+        .collect();
+    assert_eq!(
+        codes,
+        ["250", "250", "250", "354", "250", "221"],
+        "{replies}"
+    );
+    let messages = handler.messages.lock().expect("not poisoned");
+    assert_eq!(messages.len(), 1);
+    assert!(messages[0].peer.tls.is_some());
+    let text = String::from_utf8_lossy(&messages[0].body);
+    assert!(text.contains("with ESMTPS id"), "{text}");
+}

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
@@ -563,6 +563,9 @@ impl AttemptBody {
 }
 
 /// One delivery attempt for all pending recipients, one delivery per route, in parallel.
+/// Runs in an `attempt` span with the queue id; each route's delivery in a `delivery` span
+/// with the queue id, the route and (once known) the next hop.
+#[tracing::instrument(name = "attempt", skip_all, fields(qid = %env.id))]
 async fn attempt(
     inner: &Arc<Inner>,
     env: &Arc<Envelope>,
@@ -635,6 +638,7 @@ async fn attempt(
                 route::Target::Mx(domain, port) => deliver::Target::Mx(domain.as_str(), *port),
                 route::Target::Hops(hops) => deliver::Target::Hops(hops),
             };
+            let span = tracing::info_span!("delivery", qid = %env.id, route = %d.route, next_hop = tracing::field::Empty);
             let a = deliver::deliver(
                 &inner.pool,
                 &inner.dns,
@@ -644,7 +648,11 @@ async fn attempt(
                 config.delivery.timeout,
                 &out,
             )
+            .instrument(span.clone())
             .await;
+            if let Some(h) = a.next_hop {
+                span.record("next_hop", tracing::field::display(h));
+            }
             let hop = a.next_hop.map(|h| h.to_string()).unwrap_or_else(|| "none".into());
             metrics::counter!(m::ATTEMPTS, "route" => d.route.as_str().to_string(), "next_hop" => hop).increment(1);
             (d, a.next_hop, a.outcomes)

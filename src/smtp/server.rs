@@ -186,6 +186,7 @@ pub async fn serve<H: Handler>(
         let handler = handler.clone();
         metrics::counter!(m::SESSIONS_TOTAL).increment(1);
         metrics::gauge!(m::SESSIONS_OPEN).increment(1.0);
+        let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             session::run(stream, peer, cfg, handler).await;
             metrics::gauge!(m::SESSIONS_OPEN).decrement(1.0);

@@ -75,17 +75,18 @@ pub fn config_with_client_verifier(
         .map_err(|e| TlsError::Config(e.to_string()))
 }
 
-/// A session's byte stream: clear text until STARTTLS, then TLS.
-pub enum MaybeTls {
+/// A session's byte stream: clear text until STARTTLS, then TLS over the same stream `S`
+/// (a TCP socket in production, an in-memory duplex in tests).
+pub enum MaybeTls<S = TcpStream> {
     /// Clear text.
-    Plain(TcpStream),
+    Plain(S),
     /// After STARTTLS.
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<S>>),
     /// Taken away for the TLS handshake; reads see end of stream, writes fail.
     Closed,
 }
 
-impl MaybeTls {
+impl<S> MaybeTls<S> {
     /// "TLSv1_3 with cipher X" for the Received header and logs, when TLS is on.
     pub fn tls_summary(&self) -> Option<String> {
         match self {
@@ -111,7 +112,7 @@ impl MaybeTls {
     }
 }
 
-impl AsyncRead for MaybeTls {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -125,7 +126,7 @@ impl AsyncRead for MaybeTls {
     }
 }
 
-impl AsyncWrite for MaybeTls {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

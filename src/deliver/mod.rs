@@ -139,13 +139,16 @@ pub struct Connection {
     caps: u32,
     addr: SocketAddr,
     timeout: Duration,
-    /// Time to connect, and then to the end of greeting, EHLO and STARTTLS.
-    pub opened: (Duration, Duration),
-    /// Wait for the MAIL/RCPT replies before sending the body (load tests measure the two
-    /// phases apart; delivery pipelines the whole transaction).
-    pub split_phases: bool,
-    /// Time from MAIL to its RCPT replies in the last transaction, when measured.
-    pub last_mail_rcpt: Option<Duration>,
+}
+
+/// How long [`Connection::open_timed`] took: to connect, and then to the end of greeting,
+/// EHLO and STARTTLS (the load tool reports the two).
+#[derive(Debug, Clone, Copy)]
+pub struct OpenTimes {
+    /// Time to connect.
+    pub connect: Duration,
+    /// Time from connected to the end of greeting, EHLO and STARTTLS.
+    pub ehlo: Duration,
 }
 
 impl Connection {
@@ -157,6 +160,20 @@ impl Connection {
         tls: &RouteTls,
         timeout: Duration,
     ) -> Result<Connection, HopError> {
+        Self::open_timed(addr, host, helo, tls, timeout)
+            .await
+            .map(|(c, _)| c)
+    }
+
+    /// [`Connection::open`], also returning how long connecting and the greeting, EHLO and
+    /// STARTTLS took.
+    pub async fn open_timed(
+        addr: SocketAddr,
+        host: &str,
+        helo: &str,
+        tls: &RouteTls,
+        timeout: Duration,
+    ) -> Result<(Connection, OpenTimes), HopError> {
         let t0 = std::time::Instant::now();
         let mut c = SmtpClient::connect(addr, timeout)
             .await
@@ -185,14 +202,18 @@ impl Connection {
             }
             TlsPolicy::Required | TlsPolicy::Verify => true,
         };
-        let ready = |client, caps| Connection {
-            client,
-            caps,
-            addr,
-            timeout,
-            opened: (connected, t0.elapsed() - connected),
-            split_phases: false,
-            last_mail_rcpt: None,
+        let ready = |client, caps| {
+            let times = OpenTimes {
+                connect: connected,
+                ehlo: t0.elapsed() - connected,
+            };
+            let c = Connection {
+                client,
+                caps,
+                addr,
+                timeout,
+            };
+            (c, times)
         };
         if !want_tls {
             return Ok(ready(Client::Plain(c), ehlo.capabilities()));
@@ -234,16 +255,27 @@ impl Connection {
     /// next hop refused as too many for one transaction are deferred here; [`deliver`] sends
     /// them in further transactions instead.
     pub async fn send(&mut self, out: &Outbound<'_>) -> Result<Vec<RcptOutcome>, HopError> {
-        Ok(self
-            .transaction(out)
-            .await?
-            .into_iter()
-            .map(|r| r.outcome)
-            .collect())
+        self.send_phased(out, false).await.map(|(o, _)| o)
     }
 
-    async fn transaction(&mut self, out: &Outbound<'_>) -> Result<Vec<TxRcpt>, HopError> {
-        let (caps, timeout, addr, split) = (self.caps, self.timeout, self.addr, self.split_phases);
+    /// [`Connection::send`] for the load tool: with `split`, waits for the MAIL/RCPT replies
+    /// before sending the body (delivery pipelines the whole transaction), and returns also
+    /// the time from MAIL to its RCPT replies, when measured.
+    pub async fn send_phased(
+        &mut self,
+        out: &Outbound<'_>,
+        split: bool,
+    ) -> Result<(Vec<RcptOutcome>, Option<Duration>), HopError> {
+        let (rcpts, mail_rcpt) = self.transaction(out, split).await?;
+        Ok((rcpts.into_iter().map(|r| r.outcome).collect(), mail_rcpt))
+    }
+
+    async fn transaction(
+        &mut self,
+        out: &Outbound<'_>,
+        split: bool,
+    ) -> Result<(Vec<TxRcpt>, Option<Duration>), HopError> {
+        let (caps, timeout, addr) = (self.caps, self.timeout, self.addr);
         let mut mail_rcpt = None;
         let res = match &mut self.client {
             Client::Plain(c) => transaction(c, caps, timeout, out, split, &mut mail_rcpt).await,
@@ -251,8 +283,8 @@ impl Connection {
                 transaction(c.as_mut(), caps, timeout, out, split, &mut mail_rcpt).await
             }
         };
-        self.last_mail_rcpt = mail_rcpt;
-        res.map_err(|e| HopError::Lost(addr, e))
+        res.map(|r| (r, mail_rcpt))
+            .map_err(|e| HopError::Lost(addr, e))
     }
 
     /// Sends RSET; true when the connection is still usable.
@@ -417,8 +449,8 @@ async fn transactions(
     while !todo.is_empty() {
         let Some(c) = conn.as_mut() else { break };
         let part = out.only(&todo);
-        let results = match c.transaction(&part).await {
-            Ok(r) => r,
+        let results = match c.transaction(&part, false).await {
+            Ok((r, _)) => r,
             Err(e) => {
                 // The message may or may not have been taken: defer (at-least-once).
                 for &i in &todo {

@@ -21,23 +21,28 @@
 //!   that asked for SMTPUTF8 fails with `554 5.6.9` (both permanent: a DSN tells the
 //!   sender); a message that asked for it but is all ASCII in its envelope and headers is
 //!   sent without it, as nothing in it needs the extension.
+//!
+//! This file holds the public API ([`Connection`], [`Outbound`], [`deliver`]) and the
+//! failover over a route's next hops; `transaction` drives one MAIL/RCPT/DATA-BDAT
+//! exchange and writes the message bytes.
 
 pub mod dns;
 pub mod pool;
 pub mod tls;
+mod transaction;
+
+pub use transaction::dot_stuff;
+use transaction::{transaction, TxRcpt};
 
 use crate::config::{NextHop, TlsPolicy};
-use crate::proto::{EnhancedStatus, RcptDsn, Reply, Ret};
+use crate::proto::{RcptDsn, Reply, Ret};
 use crate::types::Address;
 use mail_send::SmtpClient;
 use pool::{Admission, Pool};
-use smtp_proto::{
-    EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
-};
+use smtp_proto::{EXT_CHUNKING, EXT_PIPELINING, EXT_START_TLS};
 use std::net::SocketAddr;
 use std::time::Duration;
 pub use tls::RouteTls;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -123,13 +128,6 @@ impl<'a> Outbound<'a> {
     }
 }
 
-/// One recipient's result in one transaction.
-struct TxRcpt {
-    outcome: RcptOutcome,
-    /// Refused because the transaction had too many recipients (RCPT `452 4.5.3`).
-    too_many: bool,
-}
-
 enum Client {
     Plain(SmtpClient<TcpStream>),
     Tls(Box<SmtpClient<TlsStream<TcpStream>>>),
@@ -141,13 +139,16 @@ pub struct Connection {
     caps: u32,
     addr: SocketAddr,
     timeout: Duration,
-    /// Time to connect, and then to the end of greeting, EHLO and STARTTLS.
-    pub opened: (Duration, Duration),
-    /// Wait for the MAIL/RCPT replies before sending the body (load tests measure the two
-    /// phases apart; delivery pipelines the whole transaction).
-    pub split_phases: bool,
-    /// Time from MAIL to its RCPT replies in the last transaction, when measured.
-    pub last_mail_rcpt: Option<Duration>,
+}
+
+/// How long [`Connection::open_timed`] took: to connect, and then to the end of greeting,
+/// EHLO and STARTTLS (the load tool reports the two).
+#[derive(Debug, Clone, Copy)]
+pub struct OpenTimes {
+    /// Time to connect.
+    pub connect: Duration,
+    /// Time from connected to the end of greeting, EHLO and STARTTLS.
+    pub ehlo: Duration,
 }
 
 impl Connection {
@@ -159,6 +160,20 @@ impl Connection {
         tls: &RouteTls,
         timeout: Duration,
     ) -> Result<Connection, HopError> {
+        Self::open_timed(addr, host, helo, tls, timeout)
+            .await
+            .map(|(c, _)| c)
+    }
+
+    /// [`Connection::open`], also returning how long connecting and the greeting, EHLO and
+    /// STARTTLS took.
+    pub async fn open_timed(
+        addr: SocketAddr,
+        host: &str,
+        helo: &str,
+        tls: &RouteTls,
+        timeout: Duration,
+    ) -> Result<(Connection, OpenTimes), HopError> {
         let t0 = std::time::Instant::now();
         let mut c = SmtpClient::connect(addr, timeout)
             .await
@@ -187,14 +202,18 @@ impl Connection {
             }
             TlsPolicy::Required | TlsPolicy::Verify => true,
         };
-        let ready = |client, caps| Connection {
-            client,
-            caps,
-            addr,
-            timeout,
-            opened: (connected, t0.elapsed() - connected),
-            split_phases: false,
-            last_mail_rcpt: None,
+        let ready = |client, caps| {
+            let times = OpenTimes {
+                connect: connected,
+                ehlo: t0.elapsed() - connected,
+            };
+            let c = Connection {
+                client,
+                caps,
+                addr,
+                timeout,
+            };
+            (c, times)
         };
         if !want_tls {
             return Ok(ready(Client::Plain(c), ehlo.capabilities()));
@@ -236,16 +255,27 @@ impl Connection {
     /// next hop refused as too many for one transaction are deferred here; [`deliver`] sends
     /// them in further transactions instead.
     pub async fn send(&mut self, out: &Outbound<'_>) -> Result<Vec<RcptOutcome>, HopError> {
-        Ok(self
-            .transaction(out)
-            .await?
-            .into_iter()
-            .map(|r| r.outcome)
-            .collect())
+        self.send_phased(out, false).await.map(|(o, _)| o)
     }
 
-    async fn transaction(&mut self, out: &Outbound<'_>) -> Result<Vec<TxRcpt>, HopError> {
-        let (caps, timeout, addr, split) = (self.caps, self.timeout, self.addr, self.split_phases);
+    /// [`Connection::send`] for the load tool: with `split`, waits for the MAIL/RCPT replies
+    /// before sending the body (delivery pipelines the whole transaction), and returns also
+    /// the time from MAIL to its RCPT replies, when measured.
+    pub async fn send_phased(
+        &mut self,
+        out: &Outbound<'_>,
+        split: bool,
+    ) -> Result<(Vec<RcptOutcome>, Option<Duration>), HopError> {
+        let (rcpts, mail_rcpt) = self.transaction(out, split).await?;
+        Ok((rcpts.into_iter().map(|r| r.outcome).collect(), mail_rcpt))
+    }
+
+    async fn transaction(
+        &mut self,
+        out: &Outbound<'_>,
+        split: bool,
+    ) -> Result<(Vec<TxRcpt>, Option<Duration>), HopError> {
+        let (caps, timeout, addr) = (self.caps, self.timeout, self.addr);
         let mut mail_rcpt = None;
         let res = match &mut self.client {
             Client::Plain(c) => transaction(c, caps, timeout, out, split, &mut mail_rcpt).await,
@@ -253,8 +283,8 @@ impl Connection {
                 transaction(c.as_mut(), caps, timeout, out, split, &mut mail_rcpt).await
             }
         };
-        self.last_mail_rcpt = mail_rcpt;
-        res.map_err(|e| HopError::Lost(addr, e))
+        res.map(|r| (r, mail_rcpt))
+            .map_err(|e| HopError::Lost(addr, e))
     }
 
     /// Sends RSET; true when the connection is still usable.
@@ -272,294 +302,6 @@ impl Connection {
             Client::Tls(c) => (*c).quit().await,
         };
     }
-}
-
-async fn write_timed<T: AsyncWrite + Unpin>(
-    s: &mut T,
-    buf: &[u8],
-    timeout: Duration,
-) -> Result<(), TxError> {
-    write_parts(s, &[buf], timeout).await
-}
-
-/// Writes `parts` one after the other (each in pieces with their own timeout), then
-/// flushes once: a command and the message it carries go out without being joined in a
-/// copy of the message.
-async fn write_parts<T: AsyncWrite + Unpin>(
-    s: &mut T,
-    parts: &[&[u8]],
-    timeout: Duration,
-) -> Result<(), TxError> {
-    for chunk in parts.iter().flat_map(|p| p.chunks(256 * 1024)) {
-        tokio::time::timeout(timeout, s.write_all(chunk))
-            .await
-            .map_err(|_| TxError::WriteTimeout)??;
-    }
-    Ok(tokio::time::timeout(timeout, s.flush())
-        .await
-        .map_err(|_| TxError::WriteTimeout)??)
-}
-
-/// Reads `n` replies (mail-send parses them) as [`Reply`] values.
-async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut SmtpClient<T>,
-    n: usize,
-    timeout: Duration,
-) -> Result<Vec<Reply>, TxError> {
-    Ok(tokio::time::timeout(timeout, c.read_many(n))
-        .await
-        .map_err(|_| TxError::ReplyTimeout)??
-        .into_iter()
-        .map(Reply::from)
-        .collect())
-}
-
-/// A RCPT reply that means "too many recipients in this transaction": `452` with `4.5.3` or
-/// without an enhanced code (RFC 5321 4.5.3.1.10), or `552 5.5.3` (RFC 821 servers).
-fn too_many(r: &Reply) -> bool {
-    const TOO_MANY: EnhancedStatus = EnhancedStatus::new(4, 5, 3);
-    const TOO_MANY_OLD: EnhancedStatus = EnhancedStatus::new(5, 5, 3);
-    (r.code == 452 && (r.status == Some(TOO_MANY) || r.status.is_none()))
-        || (r.code == 552 && r.status == Some(TOO_MANY_OLD))
-}
-
-/// UTF-8 (any byte over 127) in the header section of `message`.
-fn utf8_headers(message: &[u8]) -> bool {
-    let end = memchr::memmem::find(message, b"\r\n\r\n").unwrap_or(message.len());
-    !message[..end].is_ascii()
-}
-
-/// Classifies a reply for the recipients it applies to.
-fn outcome(r: &Reply) -> RcptOutcome {
-    match r.code {
-        200..=399 => RcptOutcome::Delivered(r.clone()),
-        500..=599 => RcptOutcome::Failed(Failure::Remote(r.clone())),
-        _ => RcptOutcome::Deferred(Failure::Remote(r.clone())),
-    }
-}
-
-async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut SmtpClient<T>,
-    caps: u32,
-    timeout: Duration,
-    out: &Outbound<'_>,
-    split: bool,
-    mail_rcpt: &mut Option<Duration>,
-) -> Result<Vec<TxRcpt>, TxError> {
-    let started = std::time::Instant::now();
-    let n = out.rcpts.len();
-    let all = |o: RcptOutcome| -> Vec<TxRcpt> {
-        (0..n)
-            .map(|_| TxRcpt {
-                outcome: o.clone(),
-                too_many: false,
-            })
-            .collect()
-    };
-    let utf8_address = out.from.is_some_and(|a| !a.to_string().is_ascii())
-        || out.rcpts.iter().any(|a| !a.to_string().is_ascii());
-    let offers_utf8 = caps & EXT_SMTP_UTF8 != 0;
-    if !offers_utf8 && utf8_address {
-        return Ok(all(RcptOutcome::Failed(Failure::Local(
-            LocalError::Utf8Address,
-        ))));
-    }
-    if !offers_utf8 && out.smtputf8 && utf8_headers(out.message) {
-        return Ok(all(RcptOutcome::Failed(Failure::Local(
-            LocalError::Utf8Headers,
-        ))));
-    }
-    let needs_utf8 = offers_utf8 && (out.smtputf8 || utf8_address);
-    let mut mail = format!(
-        "MAIL FROM:<{}>",
-        out.from.map(|a| a.to_string()).unwrap_or_default()
-    );
-    if caps & EXT_SIZE != 0 {
-        mail.push_str(&format!(" SIZE={}", out.message.len()));
-    }
-    if out.eight_bit && caps & EXT_8BIT_MIME != 0 {
-        mail.push_str(" BODY=8BITMIME");
-    }
-    if needs_utf8 {
-        mail.push_str(" SMTPUTF8");
-    }
-    let dsn = caps & EXT_DSN != 0;
-    if dsn {
-        if let Some(r) = out.ret {
-            mail.push_str(&format!(" RET={r}"));
-        }
-        if let Some(e) = out.envid {
-            mail.push_str(&format!(" ENVID={e}"));
-        }
-    }
-    mail.push_str("\r\n");
-    let mut cmds = mail.into_bytes();
-    for (i, r) in out.rcpts.iter().enumerate() {
-        let mut line = format!("RCPT TO:<{r}>");
-        if let Some(d) = out.rcpt_dsn.get(i).filter(|_| dsn) {
-            if let Some(n) = &d.notify {
-                line.push_str(&format!(" NOTIFY={n}"));
-            }
-            if let Some(o) = &d.orcpt {
-                line.push_str(&format!(" ORCPT={o}"));
-            }
-        }
-        line.push_str("\r\n");
-        cmds.extend_from_slice(line.as_bytes());
-    }
-    let chunking = caps & EXT_CHUNKING != 0;
-    // The body command, and with BDAT the message bytes that follow it (written from the
-    // queue's copy, never joined into a second one).
-    let (body_cmd, body_data): (Vec<u8>, &[u8]) = if chunking {
-        let cmd = format!("BDAT {} LAST\r\n", out.message.len()).into_bytes();
-        (cmd, out.message)
-    } else {
-        (b"DATA\r\n".to_vec(), &[])
-    };
-
-    let (mail_reply, rcpt_replies, body_reply) = if caps & EXT_PIPELINING != 0 && split {
-        // MAIL and RCPTs pipelined, then the body: the server sends nothing more until
-        // the body command, so reading exactly n + 1 replies loses nothing.
-        write_timed(&mut c.stream, &cmds, timeout).await?;
-        let mut replies = read_n(c, n + 1, timeout).await?;
-        *mail_rcpt = Some(started.elapsed());
-        let mail_reply = replies.remove(0);
-        write_parts(&mut c.stream, &[&body_cmd, body_data], timeout).await?;
-        let body_reply = read_n(c, 1, timeout).await?.remove(0);
-        (mail_reply, replies, Some(body_reply))
-    } else if caps & EXT_PIPELINING != 0 {
-        cmds.extend_from_slice(&body_cmd);
-        write_parts(&mut c.stream, &[&cmds, body_data], timeout).await?;
-        let mut replies = read_n(c, n + 2, timeout).await?;
-        let body_reply = replies.pop().ok_or(TxError::MissingReply)?;
-        let mail_reply = replies.remove(0);
-        (mail_reply, replies, Some(body_reply))
-    } else {
-        // Lockstep: one command, one reply.
-        let mut lines = cmds.split_inclusive(|&b| b == b'\n');
-        let mail_line = lines.next().unwrap_or_default();
-        write_timed(&mut c.stream, mail_line, timeout).await?;
-        let mail_reply = read_n(c, 1, timeout).await?.remove(0);
-        if mail_reply.code >= 400 {
-            return Ok(all(outcome(&mail_reply)));
-        }
-        let mut rcpt_replies = Vec::with_capacity(n);
-        for line in lines {
-            write_timed(&mut c.stream, line, timeout).await?;
-            rcpt_replies.push(read_n(c, 1, timeout).await?.remove(0));
-        }
-        *mail_rcpt = Some(started.elapsed());
-        let any_ok = rcpt_replies.iter().any(|r| r.code < 400);
-        let body_reply = if any_ok {
-            write_parts(&mut c.stream, &[&body_cmd, body_data], timeout).await?;
-            Some(read_n(c, 1, timeout).await?.remove(0))
-        } else {
-            let _ = write_timed(&mut c.stream, b"RSET\r\n", timeout).await;
-            let _ = read_n(c, 1, timeout).await;
-            None
-        };
-        (mail_reply, rcpt_replies, body_reply)
-    };
-
-    if mail_reply.code >= 400 {
-        if !chunking && body_reply.as_ref().is_some_and(|r| r.code == 354) {
-            end_data_anyway(c, timeout).await?;
-        }
-        return Ok(all(outcome(&mail_reply)));
-    }
-    let accepted = rcpt_replies.iter().any(|r| r.code < 400);
-    let mut final_reply = body_reply;
-    if !chunking && accepted {
-        match &final_reply {
-            Some(r) if r.code == 354 => {
-                write_dot_stuffed(&mut c.stream, out.message, timeout).await?;
-                final_reply = Some(read_n(c, 1, timeout).await?.remove(0));
-            }
-            _ => {}
-        }
-    } else if !chunking && final_reply.as_ref().is_some_and(|r| r.code == 354) {
-        end_data_anyway(c, timeout).await?;
-    }
-    let body_outcome = final_reply
-        .as_ref()
-        .map(outcome)
-        .unwrap_or(RcptOutcome::Deferred(Failure::Local(
-            LocalError::NoEndOfDataReply,
-        )));
-    Ok(rcpt_replies
-        .iter()
-        .map(|r| TxRcpt {
-            outcome: if r.code >= 400 {
-                outcome(r)
-            } else {
-                body_outcome.clone()
-            },
-            too_many: too_many(r),
-        })
-        .collect())
-}
-
-/// A server that answers 354 with no valid recipient gets an empty message ended at once.
-async fn end_data_anyway<T: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut SmtpClient<T>,
-    timeout: Duration,
-) -> Result<(), TxError> {
-    write_timed(&mut c.stream, b".\r\n", timeout).await?;
-    read_n(c, 1, timeout).await.map(|_| ())
-}
-
-/// The DATA form of `msg` as a sequence of slices: a dot is doubled at the start of every
-/// line (the first line included) and the end marker is added. A message that does not end
-/// in CRLF gets one, because DATA cannot carry it otherwise.
-fn dot_stuffed(msg: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let lead: &[u8] = if msg.first() == Some(&b'.') {
-        b"."
-    } else {
-        b""
-    };
-    let end: &[u8] = if msg.is_empty() || msg.ends_with(b"\r\n") {
-        b".\r\n"
-    } else {
-        b"\r\n.\r\n"
-    };
-    // Every line that starts with a dot (after a CRLF) gets one more in front of it.
-    let cuts = memchr::memmem::find_iter(msg, b"\r\n.").map(|pos| pos + 2);
-    let mut last = 0;
-    std::iter::once(lead).chain(cuts.chain(std::iter::once(msg.len())).flat_map(move |cut| {
-        let piece = &msg[last..cut];
-        last = cut;
-        [piece, if cut == msg.len() { end } else { b"." }]
-    }))
-}
-
-/// Appends the DATA form of `msg` (see [`dot_stuffed`]) to `out`.
-pub fn dot_stuff(msg: &[u8], out: &mut Vec<u8>) {
-    for piece in dot_stuffed(msg) {
-        out.extend_from_slice(piece);
-    }
-}
-
-/// Writes the DATA form of `msg` through a 64 KiB buffer: a large message is never copied
-/// whole to stuff it, and small pieces still go out in few writes.
-async fn write_dot_stuffed<T: AsyncWrite + Unpin>(
-    s: &mut T,
-    msg: &[u8],
-    timeout: Duration,
-) -> Result<(), TxError> {
-    const BUF: usize = 64 * 1024;
-    let mut buf = Vec::with_capacity(BUF);
-    for piece in dot_stuffed(msg) {
-        if buf.len() + piece.len() > BUF && !buf.is_empty() {
-            write_parts(s, &[&buf], timeout).await?;
-            buf.clear();
-        }
-        if piece.len() >= BUF {
-            write_parts(s, &[piece], timeout).await?;
-        } else {
-            buf.extend_from_slice(piece);
-        }
-    }
-    write_parts(s, &[&buf], timeout).await
 }
 
 /// Result of trying a route's next hops for one set of recipients.
@@ -707,8 +449,8 @@ async fn transactions(
     while !todo.is_empty() {
         let Some(c) = conn.as_mut() else { break };
         let part = out.only(&todo);
-        let results = match c.transaction(&part).await {
-            Ok(r) => r,
+        let results = match c.transaction(&part, false).await {
+            Ok((r, _)) => r,
             Err(e) => {
                 // The message may or may not have been taken: defer (at-least-once).
                 for &i in &todo {
@@ -772,58 +514,4 @@ async fn transactions(
             )))
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{dot_stuff, too_many};
-    use crate::proto::Reply;
-
-    #[test]
-    fn too_many_recipients_is_read_from_code_and_status() {
-        assert!(too_many(&Reply::new(452, "4.5.3", "Too many recipients")));
-        assert!(too_many(&Reply::multiline(
-            452,
-            None,
-            ["Too many", "recipients"]
-        )));
-        assert!(too_many(&Reply::new(552, "5.5.3", "Too many recipients")));
-        assert!(!too_many(&Reply::new(
-            452,
-            "4.3.1",
-            "Insufficient system storage"
-        )));
-        assert!(!too_many(&Reply::new(552, "5.3.4", "Message too big")));
-        assert!(!too_many(&Reply::new(550, "5.5.3", "No")));
-    }
-
-    fn stuffed(m: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        dot_stuff(m, &mut v);
-        v
-    }
-
-    #[test]
-    fn stuffs_first_line_and_keeps_bytes() {
-        assert_eq!(stuffed(b".a\r\n.b\r\nc\r\n"), b"..a\r\n..b\r\nc\r\n.\r\n");
-        assert_eq!(stuffed(b"x"), b"x\r\n.\r\n");
-        assert_eq!(stuffed(b""), b".\r\n");
-        assert_eq!(stuffed(b"a\r\n.\r\n"), b"a\r\n..\r\n.\r\n");
-    }
-
-    #[tokio::test]
-    async fn buffered_writer_sends_what_dot_stuff_builds() {
-        // Dot lines all through, a 100 KiB line larger than the buffer, no final CRLF.
-        let mut m = Vec::new();
-        for i in 0..5000 {
-            m.extend_from_slice(format!(".line {i}\r\nplain\r\n").as_bytes());
-        }
-        m.extend_from_slice(&[b'x'; 100 * 1024]);
-        m.extend_from_slice(b"\r\n.last");
-        let mut wire = Vec::new();
-        super::write_dot_stuffed(&mut wire, &m, std::time::Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(wire, stuffed(&m));
-    }
 }

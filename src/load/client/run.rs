@@ -93,7 +93,7 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
         tasks.spawn(async move {
             let mut local = Phases::new();
             'sessions: while Instant::now() < deadline {
-                let mut conn = match Connection::open(
+                let mut conn = match Connection::open_timed(
                     target,
                     &target.ip().to_string(),
                     "load.coexist.test",
@@ -102,11 +102,12 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
                 )
                 .await
                 {
-                    Ok(mut c) => {
+                    Ok((mut c, opened)) => {
                         c.limit_extensions(pipelining, chunking);
-                        c.split_phases = split;
-                        let _ = local.connect.record((c.opened.0.as_micros() as u64).max(1));
-                        let _ = local.ehlo.record((c.opened.1.as_micros() as u64).max(1));
+                        let _ = local
+                            .connect
+                            .record((opened.connect.as_micros() as u64).max(1));
+                        let _ = local.ehlo.record((opened.ehlo.as_micros() as u64).max(1));
                         c
                     }
                     Err(_) => {
@@ -143,7 +144,7 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
                         smtputf8: false,
                     };
                     let t0 = Instant::now();
-                    let res = conn.send(&out).await;
+                    let res = conn.send_phased(&out, split).await;
                     let us = (t0.elapsed().as_micros() as u64).max(1);
                     let second = started.elapsed().as_secs();
                     bar.inc(1);
@@ -154,7 +155,7 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
                         r.late += 1;
                     }
                     r.max_lag = r.max_lag.max(lag);
-                    let outcomes = match res {
+                    let (outcomes, mail_rcpt) = match res {
                         Ok(o) => o,
                         Err(_) => {
                             r.errors += 1;
@@ -162,7 +163,7 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
                         }
                     };
                     let _ = local.message.record(us);
-                    if let Some(mr) = conn.last_mail_rcpt {
+                    if let Some(mr) = mail_rcpt {
                         let mr = (mr.as_micros() as u64).max(1);
                         let _ = local.mail_rcpt.record(mr);
                         let _ = local.data.record(us.saturating_sub(mr).max(1));

@@ -1,0 +1,141 @@
+//! Ending a message and telling its sender: removal once every recipient has a final
+//! outcome, failure DSNs and one-time delay warnings spooled and queued as new messages.
+
+use super::{unix_now, Inner, Queue, SpoolTaskError};
+use crate::spool::{DeliveryState, Envelope, RcptStatus};
+use crate::types::QueueId;
+use std::sync::Arc;
+use tracing::{error, info, warn};
+
+/// Sends the sender one "delayed" DSN once the message has waited `queue.delay_warning`
+/// (for recipients whose NOTIFY allows it; never for `<>` or for our own DSNs).
+pub(super) async fn warn_if_delayed(
+    inner: &Arc<Inner>,
+    env: &Arc<Envelope>,
+    state: &mut DeliveryState,
+) {
+    let after = inner.config.load().queue.delay_warning;
+    if state.warned || after.is_zero() || env.from.is_none() || env.bounce {
+        return;
+    }
+    if unix_now().saturating_sub(env.received_at) < after.as_secs() {
+        return;
+    }
+    let delayed: Vec<usize> = state
+        .pending()
+        .into_iter()
+        .filter(|&i| env.dsn(i).wants_delay())
+        .collect();
+    state.warned = true;
+    if delayed.is_empty() {
+        return;
+    }
+    match spool_dsn(inner, env, state, &delayed, crate::bounce::Kind::Delayed).await {
+        Ok(dsn) => info!(qid = %env.id, dsn = %dsn, "delay warning queued for the sender"),
+        Err(e) => {
+            state.warned = false;
+            warn!(qid = %env.id, error = %e, "cannot queue the delay warning; will try again");
+        }
+    }
+}
+
+/// Ends a message whose recipients all have a final outcome (DESIGN invariant 2): removed
+/// when all were delivered; with failures, a DSN to the sender is spooled first (then the
+/// original is removed), unless the sender is `<>` or asked for no DSN. If the DSN cannot be
+/// spooled, the original is kept in `failed/`.
+pub(super) async fn finish(inner: &Arc<Inner>, env: &Arc<Envelope>, state: DeliveryState) {
+    let failed: Vec<usize> = (0..state.rcpts.len())
+        .filter(|&i| state.rcpts[i].status == RcptStatus::Failed)
+        .collect();
+    let notify: Vec<usize> = failed
+        .iter()
+        .copied()
+        .filter(|&i| env.dsn(i).wants_failure())
+        .collect();
+    let keep_failed = !failed.is_empty() && env.from.is_none();
+    if !notify.is_empty() && env.from.is_some() {
+        match spool_dsn(inner, env, &state, &notify, crate::bounce::Kind::Failed).await {
+            Ok(dsn_id) => {
+                info!(qid = %env.id, dsn = %dsn_id, failed = failed.len(), "bounced: DSN queued for the sender")
+            }
+            Err(e) => {
+                error!(qid = %env.id, error = %e, "cannot queue the DSN; keeping the message in spool failed/");
+                return keep_in_failed(inner, env, state).await;
+            }
+        }
+    } else if keep_failed {
+        warn!(qid = %env.id, "failed recipients of a message from <> (no bounce of a bounce); kept in spool failed/");
+        return keep_in_failed(inner, env, state).await;
+    } else if !failed.is_empty() {
+        info!(qid = %env.id, failed = failed.len(), "failed recipients asked for no DSN (NOTIFY)");
+    }
+    let spool = inner.spool.clone();
+    let id = env.id.clone();
+    match tokio::task::spawn_blocking(move || spool.remove(&id)).await {
+        Ok(Ok(())) => info!(qid = %env.id, "removed"),
+        Ok(Err(e)) => error!(qid = %env.id, error = %e, "cannot remove message from the spool"),
+        Err(e) => error!(qid = %env.id, error = %e, "spool task failed"),
+    }
+}
+
+async fn keep_in_failed(inner: &Arc<Inner>, env: &Arc<Envelope>, state: DeliveryState) {
+    let spool = inner.spool.clone();
+    let id = env.id.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        spool.save_state(&id, &state)?;
+        spool.move_to_failed(&id)
+    })
+    .await;
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(qid = %env.id, error = %e, "cannot move message to spool failed/"),
+        Err(e) => error!(qid = %env.id, error = %e, "spool task failed"),
+    }
+}
+
+/// Builds the DSN for recipients `failed` and spools it durably, then queues it.
+async fn spool_dsn(
+    inner: &Arc<Inner>,
+    env: &Arc<Envelope>,
+    state: &DeliveryState,
+    failed: &[usize],
+    kind: crate::bounce::Kind,
+) -> Result<QueueId, SpoolTaskError> {
+    let sender = env.from.clone().ok_or(SpoolTaskError::NoSender)?;
+    let spool = inner.spool.clone();
+    let id = env.id.clone();
+    let original = tokio::task::spawn_blocking(move || spool.load_message(&id)).await??;
+    let dsn_id = QueueId::generate();
+    let hostname = inner.config.load().server.hostname.clone();
+    let failures: Vec<crate::bounce::Failure<'_>> = failed
+        .iter()
+        .map(|&i| crate::bounce::Failure {
+            rcpt: &env.rcpts[i],
+            orcpt: env.rcpt_dsn.get(i).and_then(|d| d.orcpt.as_deref()),
+            reply: state.rcpts[i].last_reply.as_ref().and_then(|l| l.failure()),
+        })
+        .collect();
+    let body = crate::bounce::build(&hostname, &dsn_id, env, &original, &failures, kind);
+    let dsn_env = Envelope {
+        id: dsn_id.clone(),
+        from: None,
+        rcpts: vec![sender],
+        smtputf8: env.smtputf8,
+        body: env.body,
+        received_at: unix_now(),
+        size: body.len() as u64,
+        client: "coexist bounce".into(),
+        ret: None,
+        envid: None,
+        rcpt_dsn: Vec::new(),
+        bounce: true,
+    };
+    let body = Arc::new(body);
+    let (spool, e2, b2) = (inner.spool.clone(), dsn_env.clone(), body.clone());
+    tokio::task::spawn_blocking(move || spool.store(&e2, &b2)).await??;
+    Queue {
+        inner: inner.clone(),
+    }
+    .submit(dsn_env, DeliveryState::new(1), Some(body));
+    Ok(dsn_id)
+}

@@ -1,0 +1,271 @@
+//! Typed TOML configuration, validated at load. Every error names the file, the line and the key.
+//!
+//! Relative paths in the config (spool, directory, certificates) are taken relative to the
+//! working directory of the process, as in the examples in `config/`.
+//!
+//! This module holds [`Config`] itself, loading and parsing, and the error type. The section
+//! structs are in `schema`, the value types (percentages, next hops, ...) in `values`, the
+//! checks run after parsing in `validate`, and the mapping of a TOML offset or key to its
+//! line in `locate`.
+
+mod locate;
+mod schema;
+mod validate;
+mod values;
+
+pub use schema::{
+    AdminConfig, DeliveryConfig, DirectoryConfig, DnsConfig, PolicyConfig, QueueConfig,
+    RouteConfig, ServerConfig, SpoolConfig, TlsConfig,
+};
+pub use values::{NextHop, Percent, TlsPolicy, Unknown, ValueError};
+
+use crate::types::RouteName;
+use locate::locate;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The config shipped in the binary (`config/coexist.toml`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/coexist.toml");
+
+/// A config that failed to load, with its location.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The config file.
+        file: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Syntax, type or value error, with where it is.
+    #[error("{file}:{line}: key `{key}`: {reason}")]
+    Invalid {
+        /// The config file.
+        file: String,
+        /// 1-based line, 0 when unknown.
+        line: usize,
+        /// Dotted key path such as `server.listen`.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The whole config. It serializes back to TOML that [`Config::parse`] reads the same (the
+/// tests write the binary's configs that way).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Inbound SMTP.
+    pub server: ServerConfig,
+    /// Certificate and key for STARTTLS; without it STARTTLS is not offered.
+    pub tls: Option<TlsConfig>,
+    /// The durable queue.
+    pub spool: SpoolConfig,
+    /// Migration-state directory.
+    pub directory: DirectoryConfig,
+    /// Retry policy.
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// Outbound SMTP settings shared by all routes.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Routes by name; each directory state names one.
+    pub routes: BTreeMap<String, RouteConfig>,
+    /// Admin HTTP API (used by the CLI); absent means no API.
+    pub admin: Option<AdminConfig>,
+    /// Trust and abuse limits.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// DNS for MX routes and next-hop names.
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, key) = match e.span() {
+                Some(span) => locate(text, span.start),
+                None => (0, String::new()),
+            };
+            ConfigError::Invalid {
+                file: file.to_string(),
+                line,
+                key,
+                reason: e.message().trim().to_string(),
+            }
+        })?;
+        cfg.validate(text, file)?;
+        Ok(cfg)
+    }
+
+    /// The route for recipients outside our domains (see `delivery.external_route`).
+    pub fn external_route(&self) -> Option<RouteName> {
+        let name = match &self.delivery.external_route {
+            Some(r) => Some(r.as_str()),
+            None => match self.directory.unknown.route() {
+                Some(r) => Some(r.as_str()),
+                None => self.routes.keys().next().map(String::as_str),
+            },
+        };
+        name.map(|n| RouteName(n.into()))
+    }
+
+    /// Keys whose change needs a restart, where `new` differs from `self`. A reload that
+    /// changes any of them is refused (listeners, spool, directory store and the set of
+    /// routes, which is the set of directory states).
+    pub fn restart_keys(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        let mut check = |changed: bool, key: &'static str| {
+            if changed {
+                keys.push(key);
+            }
+        };
+        check(self.server.listen != new.server.listen, "server.listen");
+        check(
+            self.server.max_connections != new.server.max_connections,
+            "server.max_connections",
+        );
+        check(self.spool.dir != new.spool.dir, "spool.dir");
+        check(self.directory.file != new.directory.file, "directory.file");
+        check(
+            self.directory.store_dir != new.directory.store_dir,
+            "directory.store_dir",
+        );
+        check(
+            self.directory.watch != new.directory.watch,
+            "directory.watch",
+        );
+        check(
+            self.directory.cache_capacity != new.directory.cache_capacity
+                || self.directory.cache_ttl != new.directory.cache_ttl,
+            "directory.cache_capacity/cache_ttl",
+        );
+        check(self.admin != new.admin, "admin");
+        check(self.dns != new.dns, "dns");
+        check(
+            self.delivery.hop_concurrency != new.delivery.hop_concurrency,
+            "delivery.hop_concurrency",
+        );
+        check(
+            self.route_names() != new.route_names(),
+            "routes (the set of route names)",
+        );
+        keys
+    }
+
+    /// The route names, i.e. the valid directory states.
+    pub fn route_names(&self) -> Vec<RouteName> {
+        self.routes
+            .keys()
+            .map(|k| RouteName(k.as_str().into()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        let cfg = Config::parse(DEFAULT_CONFIG, "default").unwrap();
+        assert!(cfg.routes.contains_key("onprem"));
+        assert!(cfg.routes.contains_key("cloud"));
+    }
+
+    #[test]
+    fn type_error_names_line_and_key() {
+        let text =
+            DEFAULT_CONFIG.replace("max_message_size = 52428800", "max_message_size = \"big\"");
+        let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        let line = text
+            .lines()
+            .position(|l| l.contains("max_message_size"))
+            .unwrap()
+            + 1;
+        assert!(
+            err.starts_with(&format!("x.toml:{line}: key `server.max_message_size`")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_is_reject_or_a_route() {
+        let c = Config::parse(DEFAULT_CONFIG, "t").unwrap();
+        assert_eq!(
+            c.directory.unknown,
+            Unknown::Route(RouteName("onprem".into()))
+        );
+        let text = DEFAULT_CONFIG.replace("unknown = \"onprem\"", "unknown = \"reject\"");
+        let c = Config::parse(&text, "t").unwrap();
+        assert_eq!(c.directory.unknown, Unknown::Reject);
+        assert_eq!(c.directory.unknown.to_string(), "reject");
+        assert_eq!(c.external_route(), Some(RouteName("onprem".into())));
+    }
+
+    #[test]
+    fn unknown_route_is_refused_with_line() {
+        let text = DEFAULT_CONFIG.replace("unknown = \"onprem\"", "unknown = \"mars\"");
+        let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("key `directory.unknown`"), "{err}");
+        assert!(err.contains("\"mars\" is neither"), "{err}");
+        assert!(!err.contains(":0:"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_and_unknown_key_are_refused() {
+        let text = DEFAULT_CONFIG.replace("127.0.0.1:2601", "exchange.corp.test:2525");
+        let cfg = Config::parse(&text, "x.toml").unwrap();
+        assert_eq!(
+            cfg.routes["onprem"].next_hops[0].to_string(),
+            "exchange.corp.test:2525"
+        );
+        assert_eq!(NextHop::parse("[::1]:26").unwrap().to_string(), "[::1]:26");
+        assert_eq!(NextHop::parse("mx.test").unwrap().port, 25);
+        let text = DEFAULT_CONFIG.replace("127.0.0.1:2601", "127.0.0.1:99999");
+        let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("routes.onprem.next_hops"), "{err}");
+        let text = DEFAULT_CONFIG.replace("[spool]", "[spool]\nfsync = false");
+        let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("unknown field `fsync`"), "{err}");
+    }
+
+    #[test]
+    fn max_shrink_is_a_percentage_with_line_and_key() {
+        let cfg = Config::parse(DEFAULT_CONFIG, "default").unwrap();
+        assert_eq!(cfg.directory.max_shrink.fraction(), 0.10);
+        assert_eq!(Percent::parse("7%").unwrap().to_string(), "7%");
+        let text = DEFAULT_CONFIG.replace("max_shrink = \"10%\"", "max_shrink = \"2.5%\"");
+        let cfg = Config::parse(&text, "x.toml").unwrap();
+        assert_eq!(cfg.directory.max_shrink.to_string(), "2.5%");
+        for (bad, why) in [
+            ("\"150%\"", "must be between 0% and 100%"),
+            ("\"ten\"", "is not a percentage such as \"10%\""),
+            ("0.1", "expected a percentage such as \"10%\""),
+        ] {
+            let text =
+                DEFAULT_CONFIG.replace("max_shrink = \"10%\"", &format!("max_shrink = {bad}"));
+            let line = text.lines().position(|l| l.contains("max_shrink")).unwrap() + 1;
+            let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("x.toml:{line}: key `directory.max_shrink`"))
+                    && err.contains(why),
+                "{err}"
+            );
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The checks run on a parsed config, beyond what its types say (a route per state, a
+//! readable admin token, sane backoffs, ...). Each error names FILE:LINE: key, the line
+//! found in the text by `locate`.
+
+use super::locate::find_key;
+use super::{Config, ConfigError, Unknown};
+
+impl Config {
+    pub(super) fn validate(&self, text: &str, file: &str) -> Result<(), ConfigError> {
+        let fail = |table: &str, key: &str, reason: String| ConfigError::Invalid {
+            file: file.to_string(),
+            line: find_key(text, table, key),
+            key: format!("{table}.{key}"),
+            reason,
+        };
+        if self.server.listen.is_empty() {
+            return Err(fail(
+                "server",
+                "listen",
+                "needs at least one address".into(),
+            ));
+        }
+        if self.server.accepted_domains.is_empty() {
+            return Err(fail(
+                "server",
+                "accepted_domains",
+                "needs at least one domain".into(),
+            ));
+        }
+        if self.server.hostname.is_empty()
+            || !self
+                .server
+                .hostname
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
+            return Err(fail(
+                "server",
+                "hostname",
+                "must be a host name (letters, digits, '.', '-')".into(),
+            ));
+        }
+        if self.server.max_line_length < 512 {
+            return Err(fail(
+                "server",
+                "max_line_length",
+                "must be at least 512 (RFC 5321 4.5.3.1.4)".into(),
+            ));
+        }
+        // Room for at least one whole message (and its first buffer step), or no limit.
+        let one_message = self.server.max_message_size.saturating_add(64 * 1024);
+        if self.server.max_inflight_bytes != 0 && self.server.max_inflight_bytes < one_message {
+            return Err(fail(
+                "server",
+                "max_inflight_bytes",
+                format!(
+                    "must be 0 (no limit) or at least max_message_size + 64 KiB ({one_message}), \
+                     or no message of the largest size could ever be received"
+                ),
+            ));
+        }
+        if self.server.max_rcpt_refusals == 0 {
+            return Err(fail(
+                "server",
+                "max_rcpt_refusals",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.routes.is_empty() {
+            return Err(fail("routes", "", "at least one route is needed".into()));
+        }
+        let most = crate::directory::StateId::MAX_STATES;
+        if self.routes.len() > most {
+            return Err(fail(
+                "routes",
+                "",
+                format!("at most {most} routes (the directory keeps a state in one byte)"),
+            ));
+        }
+        for (name, route) in &self.routes {
+            let table = format!("routes.{name}");
+            if name == "reject" {
+                return Err(fail(&table, "", "`reject` is reserved".into()));
+            }
+            if route.next_hops.is_empty() == route.mx.is_none() {
+                return Err(fail(
+                    &table,
+                    "next_hops",
+                    "give either `next_hops` (at least one host:port) or `mx`, not both".into(),
+                ));
+            }
+            if route.client_cert.is_some() != route.client_key.is_some() {
+                return Err(fail(
+                    &table,
+                    "client_cert",
+                    "give both `client_cert` and `client_key`, or neither".into(),
+                ));
+            }
+            if route.concurrency == 0 {
+                return Err(fail(&table, "concurrency", "must be at least 1".into()));
+            }
+        }
+        if let Some(r) = &self.delivery.external_route {
+            if !self.routes.contains_key(r) {
+                return Err(fail(
+                    "delivery",
+                    "external_route",
+                    format!("{r:?} is not a route name"),
+                ));
+            }
+        }
+        if let Unknown::Route(r) = &self.directory.unknown {
+            if !self.routes.contains_key(r.as_str()) {
+                return Err(fail(
+                    "directory",
+                    "unknown",
+                    format!("{:?} is neither `reject` nor a route name", r.as_str()),
+                ));
+            }
+        }
+        if let Some(admin) = &self.admin {
+            if admin.token.is_some() == admin.token_file.is_some() {
+                return Err(fail(
+                    "admin",
+                    "token",
+                    "give exactly one of `token` and `token_file`".into(),
+                ));
+            }
+            if let Some(t) = &admin.token {
+                if let Some(reason) = crate::admin::token::weakness(t) {
+                    return Err(fail("admin", "token", reason));
+                }
+            }
+            if let Some(f) = &admin.token_file {
+                // A file that does not exist yet is written by `serve` with a fresh token.
+                match crate::admin::token::read_file(f) {
+                    Err(e) => {
+                        return Err(fail(
+                            "admin",
+                            "token_file",
+                            format!("{}: cannot read: {e}", f.display()),
+                        ))
+                    }
+                    Ok(Some(t)) => {
+                        if let Some(reason) = crate::admin::token::weakness(&t) {
+                            return Err(fail(
+                                "admin",
+                                "token_file",
+                                format!("{}: {reason}", f.display()),
+                            ));
+                        }
+                    }
+                    Ok(None) => {}
+                }
+            }
+            if admin.plaintext_remote_refused() {
+                return Err(fail(
+                    "admin",
+                    "listen",
+                    format!(
+                        "{} is not a loopback address and the admin API speaks clear HTTP \
+                         (the bearer token would cross the network readable): listen on \
+                         127.0.0.1 or [::1] and reach it through an SSH tunnel or a TLS proxy, \
+                         or set `allow_plaintext_remote = true` for a trusted management network",
+                        admin.listen
+                    ),
+                ));
+            }
+        }
+        if self.queue.min_backoff.is_zero() || self.queue.min_backoff > self.queue.max_backoff {
+            return Err(fail(
+                "queue",
+                "min_backoff",
+                "must be above zero and not above max_backoff".into(),
+            ));
+        }
+        Ok(())
+    }
+}

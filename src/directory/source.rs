@@ -1,0 +1,323 @@
+//! Where the directory's entries come from, and loading them: the [`Source`] trait and the
+//! file source, opening the directory at start-up (snapshot, change log, then the file) and
+//! reloading the file on top of what batches did (`merge`), refused when the file is bad or
+//! shrinks too much.
+
+use super::changes::{now_rfc3339, replay};
+use super::store::{Change, ChangeKind, ChangeSummary, Fingerprint, Store};
+use super::table::{self, Parsed};
+use super::view::View;
+use super::{Directory, DirectoryError, RefusedReload, ReloadReport};
+use crate::config::DirectoryConfig;
+use crate::types::RouteName;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tracing::{error, info, warn};
+
+pub(super) fn io_err(file: &Path) -> impl FnOnce(std::io::Error) -> DirectoryError + '_ {
+    move |source| DirectoryError::Io {
+        file: file.display().to_string(),
+        source,
+    }
+}
+
+/// Where the directory's entries come from. A source delivers the whole set; the directory
+/// diffs it against what it holds, so batches applied since survive a reload.
+pub trait Source: Send + Sync {
+    /// Name for logs and lookups (the file path for the file source).
+    fn name(&self) -> String;
+    /// Identifies the current content: equal fingerprints mean nothing to reload.
+    fn fingerprint(&self) -> Result<Fingerprint, DirectoryError>;
+    /// Reads every entry; a bad row fails the whole load.
+    fn load(&self, states: &[RouteName]) -> Result<Parsed, DirectoryError>;
+}
+
+/// The embedded default source: the CSV file `directory.file`.
+pub struct FileSource {
+    /// The CSV file.
+    pub path: PathBuf,
+}
+
+impl Source for FileSource {
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn fingerprint(&self) -> Result<Fingerprint, DirectoryError> {
+        Fingerprint::of(&self.path).map_err(io_err(&self.path))
+    }
+    fn load(&self, states: &[RouteName]) -> Result<Parsed, DirectoryError> {
+        let text = std::fs::read(&self.path).map_err(io_err(&self.path))?;
+        table::parse(&text, &self.name(), states)
+    }
+}
+
+impl Directory {
+    /// Opens the directory.
+    ///
+    /// With a snapshot, the directory is first brought back to what it was before the restart
+    /// (the snapshot, then the change log's newer records); then, if the file changed, it is
+    /// loaded exactly as a live reload loads it ([`Directory::reload_file`]): rows the edit
+    /// changed take the file's state, the others keep what batches gave them, and a file that
+    /// is invalid or removes more than `directory.max_shrink` of the addresses is refused
+    /// (logged, counted, shown in status) while the directory of before the restart stays in
+    /// force. So a restart never orders a file edit and a batch differently from a running
+    /// server.
+    ///
+    /// Without a usable snapshot (first start, or the routes changed) the file is parsed
+    /// and every change in the log is replayed over it.
+    pub fn open(
+        cfg: &DirectoryConfig,
+        states: Vec<RouteName>,
+    ) -> Result<Directory, DirectoryError> {
+        let store = Store::open(&cfg.store_dir)?;
+        let source = FileSource {
+            path: cfg.file.clone(),
+        };
+        // State numbers follow the route names; a snapshot written under other routes is
+        // renumbered by name (or dropped if a state is no longer a route).
+        let snapshot = store.read_snapshot()?.and_then(|s| s.renumber(&states));
+        let Some(s) = snapshot else {
+            let fp = source.fingerprint()?;
+            let parsed = source.load(&states)?;
+            let mut view = merge(None, parsed, fp).0;
+            let (history, tail) = store.read_log(0)?;
+            for change in &tail {
+                replay(&mut view, change, &states);
+            }
+            let dir = Directory::build(cfg, states, view, Some(store), history);
+            dir.persist_snapshot()?;
+            return Ok(dir);
+        };
+        let mut view = View {
+            generation: 1,
+            table: Arc::new(s.table),
+            file_states: Arc::new(s.file_states),
+            states: s.states,
+            origin: s.origin,
+            last_change: s.last_change,
+            fingerprint: s.fingerprint,
+        };
+        let (history, tail) = store.read_log(view.last_change)?;
+        for change in &tail {
+            replay(&mut view, change, &states);
+        }
+        let file_changed = source
+            .fingerprint()
+            .map_or(true, |fp| fp != view.fingerprint);
+        let dir = Directory::build(cfg, states, view, Some(store), history);
+        if file_changed {
+            match dir.reload_file(false) {
+                // The reload wrote the snapshot.
+                Ok(_) => return Ok(dir),
+                Err(e) => error!(
+                    error = %e,
+                    "at start-up: the directory file was not loaded; serving the directory as it was before the restart (snapshot and change log)"
+                ),
+            }
+        }
+        if !tail.is_empty() {
+            dir.persist_snapshot()?;
+        }
+        Ok(dir)
+    }
+
+    /// Re-reads the source (file watch, SIGHUP, `coexist directory reload`, start-up after
+    /// an edit). Rows the file changed since it was last loaded take the file's state; rows
+    /// it did not change keep the state batches gave them. Refused, with the current
+    /// directory left in force: a file with a bad row, and (unless `force`) a file that
+    /// removes more than `directory.max_shrink` of the addresses. Every outcome is logged,
+    /// counted in `coexist_directory_reloads_total{result}` and kept for [`Self::reload_status`].
+    pub fn reload_file(&self, force: bool) -> Result<ReloadReport, DirectoryError> {
+        let (res, result) = match self.reload_inner(force) {
+            Ok(r) => (Ok(r), "ok"),
+            Err((stage, e)) => (Err(e), stage),
+        };
+        metrics::counter!(crate::metrics::DIRECTORY_RELOADS, "result" => result).increment(1);
+        let time = now_rfc3339();
+        let mut st = self.reload_status.lock().unwrap_or_else(|p| p.into_inner());
+        st.last_result = Some(result.to_string());
+        st.last_time = Some(time.clone());
+        match &res {
+            Ok(r) => info!(
+                source = %self.source.name(),
+                entries = r.entries,
+                changed = r.changed,
+                added = r.added,
+                removed = r.removed,
+                removed_addresses = r.removed_addresses,
+                forced = r.forced,
+                ms = r.elapsed_ms,
+                "directory file reloaded"
+            ),
+            Err(e) => {
+                error!(result, error = %e, "directory file refused; the previous directory stays in force");
+                if result != "failed" {
+                    st.last_refused = Some(RefusedReload {
+                        time,
+                        result: result.to_string(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        res
+    }
+
+    /// The reload; on error also the `result` label: `refused_invalid` (the file cannot be
+    /// read or has a bad row), `refused_shrink`, or `failed` (the store could not record it).
+    pub(super) fn reload_inner(
+        &self,
+        force: bool,
+    ) -> Result<ReloadReport, (&'static str, DirectoryError)> {
+        let invalid = |e| ("refused_invalid", e);
+        let failed = |e| ("failed", e);
+        let t0 = std::time::Instant::now();
+        let fp = self.source.fingerprint().map_err(invalid)?;
+        let parsed = self.source.load(&self.states).map_err(invalid)?;
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let view = self.view.load_full();
+        let (mut next, mut report) = merge(Some(&view), parsed, fp);
+        let before = view.table.len();
+        let removed = view
+            .table
+            .keys()
+            .filter(|k| next.table.mailbox(k).is_none())
+            .count();
+        report.removed_addresses = removed;
+        let limit = self.max_shrink();
+        if removed as f64 > limit.fraction() * before as f64 {
+            if !force {
+                return Err((
+                    "refused_shrink",
+                    DirectoryError::Shrink {
+                        file: self.source.name(),
+                        removed,
+                        before,
+                        share: removed as f64 * 100.0 / before as f64,
+                        limit,
+                    },
+                ));
+            }
+            report.forced = true;
+            warn!(source = %self.source.name(), removed, before, "directory reload forced although it removes more than directory.max_shrink");
+        }
+        next.generation = view.generation + 1;
+        let id = self.next_id(&view);
+        next.last_change = id;
+        let change = Change {
+            head: ChangeSummary {
+                id,
+                time: now_rfc3339(),
+                kind: ChangeKind::Reload,
+                source: self.source.name(),
+                rolls_back: None,
+                count: report.changed,
+            },
+            not_found: 0,
+            already: 0,
+            entries: Vec::new(),
+        };
+        self.log(&change).map_err(failed)?;
+        self.view.store(Arc::new(next));
+        self.persist_snapshot().map_err(failed)?;
+        report.elapsed_ms = t0.elapsed().as_millis() as u64;
+        Ok(report)
+    }
+}
+
+/// Builds the view for a newly parsed file on top of `old`: a mailbox whose file state is
+/// unchanged keeps its current state and origin (so batches survive); others take the file.
+pub(super) fn merge(old: Option<&View>, parsed: Parsed, fp: Fingerprint) -> (View, ReloadReport) {
+    let n = parsed.states.len();
+    let mut states = parsed.states.clone();
+    let mut origin = vec![0u32; n];
+    let mut report = ReloadReport {
+        entries: parsed.table.len(),
+        mailboxes: n,
+        changed: 0,
+        added: 0,
+        removed: 0,
+        removed_addresses: 0,
+        forced: false,
+        elapsed_ms: 0,
+    };
+    let mut kept = 0usize;
+    if let Some(old) = old {
+        for (m, state) in states.iter_mut().enumerate() {
+            match old
+                .table
+                .mailbox(parsed.table.primary_address(m).as_bytes())
+            {
+                Some(om) if old.file_states[om] == parsed.states[m] => {
+                    *state = old.states[om];
+                    origin[m] = old.origin[om];
+                    kept += 1;
+                }
+                Some(_) => {
+                    report.changed += 1;
+                    kept += 1;
+                }
+                None => report.added += 1,
+            }
+        }
+        report.removed = old.table.mailboxes().saturating_sub(kept);
+    }
+    let view = View {
+        generation: old.map(|v| v.generation + 1).unwrap_or(1),
+        table: Arc::new(parsed.table),
+        file_states: Arc::new(parsed.states),
+        states,
+        origin,
+        last_change: old.map(|v| v.last_change).unwrap_or(0),
+        fingerprint: fp,
+    };
+    (view, report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{a, cfg, rows, states};
+    use super::*;
+    use crate::directory::Resolution;
+    use crate::types::RouteName;
+
+    #[test]
+    fn file_reload_diffs_and_keeps_batches_and_refuses_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d.csv");
+        std::fs::write(
+            &file,
+            "address,state\na@nhs.test,onprem\nb@nhs.test,onprem\n",
+        )
+        .unwrap();
+        let d = Directory::open(&cfg(dir.path(), "onprem"), states()).unwrap();
+        d.apply(&rows("EmailAddress\na@nhs.test\n", "cloud"), "b.csv", false)
+            .unwrap();
+        std::fs::write(
+            &file,
+            "address,state\na@nhs.test,onprem\nb@nhs.test,cloud\nc@nhs.test,cloud\n",
+        )
+        .unwrap();
+        let r = d.reload_file(false).unwrap();
+        assert_eq!((r.changed, r.added, r.removed), (1, 1, 0));
+        let cloud = Resolution::Listed(RouteName("cloud".into()));
+        assert_eq!(
+            d.resolve(&a("a@nhs.test")),
+            cloud,
+            "batch kept: the file did not change this row"
+        );
+        assert_eq!(d.resolve(&a("b@nhs.test")), cloud);
+        assert_eq!(d.resolve(&a("c@nhs.test")), cloud);
+        std::fs::write(&file, "address,state\na@nhs.test,onprem\nb@nhs.test,mars\n").unwrap();
+        let e = d.reload_file(false).unwrap_err().to_string();
+        assert!(
+            e.ends_with("d.csv:3: unknown state \"mars\" (routes: cloud, onprem)"),
+            "{e}"
+        );
+        assert_eq!(
+            d.resolve(&a("c@nhs.test")),
+            cloud,
+            "old state stays in force"
+        );
+    }
+}

@@ -1,0 +1,134 @@
+//! The immutable view of the directory that is swapped in whole by each change, and the
+//! lookups on it: [`Directory::resolve`] (cached, never waits for a writer) and
+//! [`Directory::lookup`] (state, mailbox and provenance).
+
+use super::store::{Fingerprint, Stored};
+use super::table::Table;
+use super::Directory;
+use crate::types::{Address, RouteName};
+use serde::Serialize;
+use std::sync::Arc;
+
+/// How an address resolves now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Listed in the directory with this state.
+    Listed(RouteName),
+    /// Not listed; `directory.unknown` sends it to this route.
+    Unlisted(RouteName),
+    /// Not listed and `directory.unknown = "reject"`.
+    Reject,
+}
+
+impl Resolution {
+    /// The route, unless rejected.
+    pub fn route(&self) -> Option<&RouteName> {
+        match self {
+            Resolution::Listed(r) | Resolution::Unlisted(r) => Some(r),
+            Resolution::Reject => None,
+        }
+    }
+}
+
+/// One immutable version of the directory.
+pub(super) struct View {
+    pub(super) generation: u64,
+    pub(super) table: Arc<Table>,
+    pub(super) file_states: Arc<Vec<u8>>,
+    pub(super) states: Vec<u8>,
+    pub(super) origin: Vec<u32>,
+    pub(super) last_change: u32,
+    pub(super) fingerprint: Fingerprint,
+}
+
+impl View {
+    pub(super) fn stored(&self, names: &[RouteName]) -> Stored {
+        Stored {
+            fingerprint: self.fingerprint,
+            last_change: self.last_change,
+            state_names: names.iter().map(|r| r.as_str().to_string()).collect(),
+            table: (*self.table).clone(),
+            file_states: (*self.file_states).clone(),
+            states: self.states.clone(),
+            origin: self.origin.clone(),
+        }
+    }
+}
+
+/// Everything known about one address, for `directory lookup` and `route explain`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Lookup {
+    /// The address asked about.
+    pub address: String,
+    /// Primary address of its mailbox, when listed.
+    pub mailbox: Option<String>,
+    /// Current state, when listed.
+    pub state: Option<String>,
+    /// Where the state comes from: `file`, `batch N`, or `unlisted`.
+    pub origin: String,
+    /// The route a message would take now (`None` = rejected).
+    pub route: Option<String>,
+}
+
+/// Cached lookups: key to (view generation, state). An entry from an older generation is
+/// ignored, so a lookup racing with a batch can never pin a stale state in the cache.
+pub(super) type LookupCache = moka::sync::Cache<Box<str>, (u64, Option<u8>)>;
+
+impl Directory {
+    /// The current state of an address (case-insensitive). Never blocks on writers.
+    pub fn resolve(&self, addr: &Address) -> Resolution {
+        let view = self.view.load();
+        let state = match &self.cache {
+            Some(cache) => {
+                let key = addr.key();
+                match cache.get(key.as_str()) {
+                    Some((generation, s)) if generation == view.generation => s,
+                    _ => {
+                        let s = lookup_state(&view, key.as_bytes());
+                        cache.insert(key.into_boxed_str(), (view.generation, s));
+                        s
+                    }
+                }
+            }
+            None => addr.with_key(|k| lookup_state(&view, k)),
+        };
+        self.resolution(state)
+    }
+
+    pub(super) fn resolution(&self, state: Option<u8>) -> Resolution {
+        match state.and_then(|s| self.states.get(s as usize)) {
+            Some(route) => Resolution::Listed(route.clone()),
+            None => match &*self.unknown.load() {
+                Some(r) => Resolution::Unlisted((**r).clone()),
+                None => Resolution::Reject,
+            },
+        }
+    }
+
+    /// State, mailbox and provenance of an address.
+    pub fn lookup(&self, addr: &Address) -> Lookup {
+        let view = self.view.load();
+        let m = view.table.mailbox(addr.key().as_bytes());
+        let state = m.map(|m| view.states[m]);
+        Lookup {
+            address: addr.to_string(),
+            mailbox: m.map(|m| view.table.primary_address(m).to_string()),
+            state: state
+                .and_then(|s| self.states.get(s as usize))
+                .map(|r| r.as_str().to_string()),
+            origin: match m.map(|m| view.origin[m]) {
+                None => "unlisted".into(),
+                Some(0) => format!("file {}", self.source.name()),
+                Some(id) => format!("batch {id}"),
+            },
+            route: self
+                .resolution(state)
+                .route()
+                .map(|r| r.as_str().to_string()),
+        }
+    }
+}
+
+pub(super) fn lookup_state(view: &View, key: &[u8]) -> Option<u8> {
+    view.table.mailbox(key).map(|m| view.states[m])
+}

@@ -16,7 +16,7 @@
 //! - the returned original (its header section, or all of it with `RET=FULL`) gets CRLF for
 //!   any bare CR or LF, and lines over 998 octets broken (folded in the header section).
 
-use crate::deliver::Failure as Reason;
+use crate::proto::Failure as Reason;
 use crate::proto::Ret;
 use crate::spool::Envelope;
 use crate::types::{Address, QueueId};
@@ -335,9 +335,9 @@ mod tests {
 
     /// A failure as an old state file held it (the display string).
     fn fail(text: &str) -> Option<&'static Reason> {
-        let r = match crate::deliver::LastReply::from_legacy(text) {
-            crate::deliver::LastReply::Failed(f) => f,
-            crate::deliver::LastReply::Delivered(r) => Reason::Remote(r),
+        let r = match crate::proto::LastReply::from_legacy(text) {
+            crate::proto::LastReply::Failed(f) => f,
+            crate::proto::LastReply::Delivered(r) => Reason::Remote(r),
         };
         Some(Box::leak(Box::new(r)))
     }

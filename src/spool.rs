@@ -14,7 +14,7 @@
 //! nothing about entries of `active/`, so a store waiting for its `active/` fsync is never
 //! released by a sync of another directory.
 
-use crate::deliver::LastReply;
+use crate::proto::LastReply;
 use crate::proto::{BodyType, RcptDsn, Ret};
 use crate::types::{Address, QueueId};
 use serde::{Deserialize, Serialize};

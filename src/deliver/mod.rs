@@ -46,8 +46,7 @@ pub use tls::RouteTls;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-pub mod outcome;
-pub use outcome::{Failure, LastReply, LocalError, RcptOutcome};
+use crate::proto::{Failure, LocalError, RcptOutcome};
 
 /// Why a next hop could not be used at all (the next one is tried).
 #[derive(Debug, thiserror::Error)]

@@ -12,13 +12,18 @@
 //!   ([`BodyType`], [`Ret`], [`MailParams`], [`RcptDsn`]);
 //! - [`reply`]: an SMTP reply as a value ([`Reply`]: code, enhanced status, lines), the
 //!   replies used in several places ([`reply::canned`]), and the conversion of a next hop's
-//!   reply as mail-send parses it into the same type.
+//!   reply as mail-send parses it into the same type;
+//! - [`outcome`]: what became of a recipient ([`RcptOutcome`], [`Failure`], [`LocalError`])
+//!   and what the spool keeps of it ([`LastReply`]): delivery produces them, the queue and
+//!   the spool record them, bounces read them.
 //!
 //! The command *parser* is not here: only the inbound side reads commands, so it stays in
-//! `smtp::command`. This module has no I/O and depends on nothing else in the crate.
+//! `smtp::command`. This module has no I/O and depends only on [`crate::types`].
 
 pub mod envelope;
+pub mod outcome;
 pub mod reply;
 
 pub use envelope::{BodyType, MailParams, RcptDsn, Ret};
+pub use outcome::{Failure, LastReply, LocalError, RcptOutcome};
 pub use reply::{EnhancedStatus, Reply};

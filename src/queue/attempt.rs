@@ -3,9 +3,10 @@
 //! records each recipient's outcome.
 
 use super::{unix_now, Inner, SpoolTaskError};
-use crate::deliver::{self, Failure, LastReply, LocalError, Outbound, RcptOutcome};
+use crate::deliver::{self, Outbound};
 use crate::metrics as m;
 use crate::proto::BodyType;
+use crate::proto::{Failure, LastReply, LocalError, RcptOutcome};
 use crate::route;
 use crate::spool::{DeliveryState, Envelope, RcptStatus, Spool};
 use crate::types::QueueId;

@@ -5,7 +5,7 @@
 use super::attempt::{attempt, AttemptBody};
 use super::dsn::{finish, warn_if_delayed};
 use super::{unix_now, Inner, MsgControl, Phase};
-use crate::deliver::{Failure, LastReply};
+use crate::proto::{Failure, LastReply};
 use crate::spool::{DeliveryState, Envelope, RcptStatus};
 use crate::types::QueueId;
 use std::sync::atomic::Ordering;

@@ -9,7 +9,8 @@
 use super::replay::Traffic;
 use super::report::{histogram, LoadReport, Phases, Second};
 use crate::config::TlsPolicy;
-use crate::deliver::{Connection, Outbound, RcptOutcome};
+use crate::deliver::{Connection, Outbound};
+use crate::proto::RcptOutcome;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

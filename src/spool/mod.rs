@@ -14,10 +14,11 @@
 //! nothing about entries of `active/`, so a store waiting for its `active/` fsync is never
 //! released by a sync of another directory.
 
-use crate::proto::LastReply;
-use crate::proto::{BodyType, RcptDsn, Ret};
-use crate::types::{Address, QueueId};
-use serde::{Deserialize, Serialize};
+mod records;
+
+pub use records::{DeliveryState, Envelope, RcptState, RcptStatus};
+
+use crate::types::QueueId;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -56,107 +57,6 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     move |source| SpoolError::Io {
         path: path.display().to_string(),
         source,
-    }
-}
-
-/// The envelope of a queued message; written once with the message.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Envelope {
-    /// Queue id.
-    pub id: QueueId,
-    /// Reverse path; `None` is `<>`.
-    pub from: Option<Address>,
-    /// Recipients, in the order accepted.
-    pub rcpts: Vec<Address>,
-    /// SMTPUTF8 was requested.
-    pub smtputf8: bool,
-    /// Declared body type.
-    pub body: BodyType,
-    /// Unix time of acceptance.
-    pub received_at: u64,
-    /// Message size in bytes (with our Received header).
-    pub size: u64,
-    /// Client address.
-    pub client: String,
-    /// DSN `RET` (stored as `"FULL"` or `"HDRS"`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ret: Option<Ret>,
-    /// DSN `ENVID`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub envid: Option<String>,
-    /// DSN parameters per recipient (same order as `rcpts`; may be empty).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rcpt_dsn: Vec<RcptDsn>,
-    /// A DSN we generated: its recipient (the original sender) may be outside our domains.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub bounce: bool,
-}
-
-impl Envelope {
-    /// The DSN parameters of recipient `i` (defaults when none were given).
-    pub fn dsn(&self, i: usize) -> RcptDsn {
-        self.rcpt_dsn.get(i).cloned().unwrap_or_default()
-    }
-}
-
-/// Delivery status of one recipient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RcptStatus {
-    /// Not yet delivered.
-    Pending,
-    /// Accepted by a next hop.
-    Delivered,
-    /// Failed permanently.
-    Failed,
-}
-
-/// Delivery state of one recipient.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RcptState {
-    /// Status.
-    pub status: RcptStatus,
-    /// Last reply or error seen for it (state files that hold it as a string still load).
-    pub last_reply: Option<LastReply>,
-}
-
-/// Mutable delivery state of a message.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeliveryState {
-    /// One per envelope recipient, same order.
-    pub rcpts: Vec<RcptState>,
-    /// Delivery attempts made.
-    pub attempts: u32,
-    /// Put on hold by an admin: no attempts until released (survives restarts).
-    #[serde(default)]
-    pub held: bool,
-    /// A delay warning was sent to the sender.
-    #[serde(default)]
-    pub warned: bool,
-}
-
-impl DeliveryState {
-    /// All recipients pending.
-    pub fn new(n: usize) -> DeliveryState {
-        DeliveryState {
-            rcpts: vec![
-                RcptState {
-                    status: RcptStatus::Pending,
-                    last_reply: None
-                };
-                n
-            ],
-            attempts: 0,
-            held: false,
-            warned: false,
-        }
-    }
-
-    /// Indexes of recipients still pending.
-    pub fn pending(&self) -> Vec<usize> {
-        (0..self.rcpts.len())
-            .filter(|&i| self.rcpts[i].status == RcptStatus::Pending)
-            .collect()
     }
 }
 
@@ -414,6 +314,8 @@ fn read_envelope(path: &Path) -> Result<Envelope, SpoolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::{BodyType, Ret};
+    use crate::types::Address;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 

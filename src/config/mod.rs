@@ -10,6 +10,7 @@
 
 mod locate;
 mod schema;
+pub mod token;
 mod validate;
 mod values;
 

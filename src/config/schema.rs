@@ -96,7 +96,7 @@ impl AdminConfig {
     pub fn token(&self) -> std::io::Result<String> {
         match (&self.token, &self.token_file) {
             (Some(t), _) => Ok(t.clone()),
-            (None, Some(f)) => crate::admin::token::read_file(f)?.ok_or_else(|| {
+            (None, Some(f)) => super::token::read_file(f)?.ok_or_else(|| {
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     format!(

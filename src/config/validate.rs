@@ -127,13 +127,13 @@ impl Config {
                 ));
             }
             if let Some(t) = &admin.token {
-                if let Some(reason) = crate::admin::token::weakness(t) {
+                if let Some(reason) = super::token::weakness(t) {
                     return Err(fail("admin", "token", reason));
                 }
             }
             if let Some(f) = &admin.token_file {
                 // A file that does not exist yet is written by `serve` with a fresh token.
-                match crate::admin::token::read_file(f) {
+                match super::token::read_file(f) {
                     Err(e) => {
                         return Err(fail(
                             "admin",
@@ -142,7 +142,7 @@ impl Config {
                         ))
                     }
                     Ok(Some(t)) => {
-                        if let Some(reason) = crate::admin::token::weakness(&t) {
+                        if let Some(reason) = super::token::weakness(&t) {
                             return Err(fail(
                                 "admin",
                                 "token_file",

@@ -100,4 +100,26 @@ async fn a_message_s_lines_carry_its_queue_id_from_the_spans() {
             .is_some_and(|p| p.starts_with("127.0.0.1:")),
         "{queued}"
     );
+
+    // The message's whole life in the queue, its removal included, is in its `message` span.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let removed = loop {
+        let found = captured
+            .lines()
+            .into_iter()
+            .find(|l| l["fields"]["message"] == "removed");
+        if found.is_some() || std::time::Instant::now() > deadline {
+            break found.expect("a removed line");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let message = span(&removed, "message").unwrap_or_else(|| panic!("no message span: {removed}"));
+    assert_eq!(message["qid"], qid.as_str(), "{removed}");
+    for d in &deliveries {
+        assert_eq!(
+            span(d, "message").map(|m| &m["qid"]),
+            Some(&qid.as_str().into()),
+            "{d}"
+        );
+    }
 }

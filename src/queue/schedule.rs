@@ -21,6 +21,9 @@ pub fn backoff(attempts: u32, min: Duration, max: Duration) -> Duration {
     min.saturating_mul(factor).min(max)
 }
 
+/// One queued message's life, from its first attempt to its removal. Every line it logs
+/// (attempts, retry waits, DSNs, removal) carries the `message` span with its queue id.
+#[tracing::instrument(name = "message", skip_all, fields(qid = %env.id))]
 pub(super) async fn run_message(
     inner: Arc<Inner>,
     env: Arc<Envelope>,

@@ -1,13 +1,7 @@
-//! The admin API's bearer token: which tokens a config may hold, a fresh one for
-//! `admin.token_file` at first start, and a comparison that leaks neither the token's content
-//! nor its length.
+//! The admin API's bearer token: the token the server expects (checked against the rules of
+//! [`crate::config::token`], which also explains them), a fresh one for `admin.token_file`
+//! at first start, and a comparison that leaks neither the token's content nor its length.
 //!
-//! Why each rule:
-//! - A token from the documentation (`change-me`, `secret`, `password`, `example-token`…) is
-//!   the first thing anyone tries, so a config holding one is refused, in `check-config`,
-//!   `serve` and reload alike.
-//! - Short tokens, one character or a short pattern repeated, and keyboard or alphabet runs
-//!   are guessable; 16 characters is the floor (a generated token has 64 hex digits).
 //! - The API compares SHA-256 digests of the expected and the given token with a
 //!   constant-time comparison: the time taken does not depend on how many leading characters
 //!   are right, nor on the expected token's length.

@@ -1,6 +1,13 @@
 //! What makes an admin token acceptable: long enough, not a placeholder, not a pattern.
 //! The rules live with the config, which checks them when it is validated; the admin API
 //! (`admin::token`) applies the same rules when it starts, and creates missing token files.
+//!
+//! Why each rule:
+//! - A token from the documentation (`change-me`, `secret`, `password`, `example-token`…) is
+//!   the first thing anyone tries, so a config holding one is refused, in `check-config`,
+//!   `serve` and reload alike.
+//! - Short tokens, one character or a short pattern repeated, and keyboard or alphabet runs
+//!   are guessable; 16 characters is the floor (a generated token has 64 hex digits).
 
 use std::path::Path;
 

@@ -45,6 +45,14 @@ use store::{ChangeSummary, Fingerprint, Store};
 use table::Parsed;
 use view::{LookupCache, View};
 
+/// Turns an I/O error on `file` into [`DirectoryError::Io`] naming it (sources and the store).
+fn io_err(file: &std::path::Path) -> impl FnOnce(std::io::Error) -> DirectoryError + '_ {
+    move |source| DirectoryError::Io {
+        file: file.display().to_string(),
+        source,
+    }
+}
+
 /// A directory problem; row errors name file, line and reason.
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {

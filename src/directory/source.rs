@@ -7,19 +7,12 @@ use super::changes::{now_rfc3339, replay};
 use super::store::{Change, ChangeKind, ChangeSummary, Fingerprint, Store};
 use super::table::{self, Parsed};
 use super::view::View;
-use super::{Directory, DirectoryError, RefusedReload, ReloadReport};
+use super::{io_err, Directory, DirectoryError, RefusedReload, ReloadReport};
 use crate::config::DirectoryConfig;
 use crate::types::RouteName;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tracing::{error, info, warn};
-
-pub(super) fn io_err(file: &Path) -> impl FnOnce(std::io::Error) -> DirectoryError + '_ {
-    move |source| DirectoryError::Io {
-        file: file.display().to_string(),
-        source,
-    }
-}
 
 /// Where the directory's entries come from. A source delivers the whole set; the directory
 /// diffs it against what it holds, so batches applied since survive a reload.

@@ -15,7 +15,6 @@ mod dsn;
 mod schedule;
 mod view;
 
-pub use schedule::backoff;
 pub use view::{MessageView, QueueStats, RcptView};
 
 use schedule::run_message;

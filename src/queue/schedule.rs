@@ -14,7 +14,7 @@ use std::time::Duration;
 use tracing::{error, warn};
 
 /// Retry delay after `attempts` attempts: min_backoff doubled per attempt, capped.
-pub fn backoff(attempts: u32, min: Duration, max: Duration) -> Duration {
+fn backoff(attempts: u32, min: Duration, max: Duration) -> Duration {
     let factor = 1u32
         .checked_shl(attempts.saturating_sub(1).min(20))
         .unwrap_or(u32::MAX);

@@ -98,7 +98,7 @@ impl MessageBuf {
             let target = cap
                 .saturating_mul(2)
                 .max(cap + MIN_GROW)
-                .min(self.prefix + self.limit)
+                .min(self.prefix.saturating_add(self.limit))
                 .max(need);
             if !self.reserve(target) {
                 return;

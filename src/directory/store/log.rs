@@ -21,7 +21,8 @@
 //! recovered.
 
 use super::super::DirectoryError;
-use super::{corrupt, io_err, Store};
+use super::{corrupt, Store};
+use crate::directory::io_err;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

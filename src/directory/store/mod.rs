@@ -16,7 +16,7 @@ mod log;
 pub use log::{Change, ChangeEntry, ChangeKind, ChangeSummary};
 
 use super::table::Table;
-use super::DirectoryError;
+use super::{io_err, DirectoryError};
 use log::{convert_v1, open_log, RecordPos, LOG_MAGIC, LOG_NAME};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -143,13 +143,6 @@ pub struct Store {
     summaries: Vec<ChangeSummary>,
     /// A failed append may have left bytes after `end`; cut them before the next one.
     dirty: bool,
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DirectoryError + '_ {
-    move |source| DirectoryError::Io {
-        file: path.display().to_string(),
-        source,
-    }
 }
 
 fn corrupt(path: &Path, offset: u64, reason: String) -> DirectoryError {

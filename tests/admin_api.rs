@@ -8,7 +8,6 @@ mod common;
 use coexist::config::AdminConfig;
 use common::bin::{cli, spawn_with, write_config, BinConfig, Server, Start, BIN, NOWHERE};
 use common::*;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -229,52 +228,6 @@ async fn a_clear_text_admin_api_off_loopback_needs_an_opt_in() {
             .contains("key `admin.listen`: 0.0.0.0:0 is not a loopback address"),
         "{e}"
     );
-}
-
-/// One HTTP/1.1 request on a fresh connection; returns (status, content type, body). Bounded
-/// by 20 s.
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    content_type: Option<&str>,
-    body: &[u8],
-) -> (u16, String, String) {
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(t) = token {
-        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    if let Some(ct) = content_type {
-        head.push_str(&format!("Content-Type: {ct}\r\n"));
-    }
-    head.push_str("\r\n");
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(head.as_bytes()).await.unwrap();
-        s.write_all(body).await.unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.unwrap();
-        out
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(20), fut)
-        .await
-        .expect("no HTTP response within 20 s");
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("no header end");
-    let status = head[9..12].parse().unwrap();
-    let ct = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type:")
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    (status, ct, body.to_string())
 }
 
 /// Asserts a JSON `{"error": "..."}` answer with `status`; returns the message.

@@ -7,29 +7,12 @@ mod common;
 use common::*;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// One HTTP/1.1 request with the test token; returns (status, body). Bounded by 20 s.
+/// One JSON request to the admin API with the test token; returns (status, body).
 async fn api(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(head.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.unwrap();
-        out
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(20), fut)
-        .await
-        .expect("no HTTP response within 20 s");
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("no header end");
-    (head[9..12].parse().unwrap(), body.to_string())
+    let json = Some("application/json");
+    let (code, _, body) = http(addr, method, path, Some(TOKEN), json, body.as_bytes()).await;
+    (code, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

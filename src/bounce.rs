@@ -544,20 +544,7 @@ mod tests {
 
     #[test]
     fn dsn_is_a_parseable_multipart_report() {
-        let env = Envelope {
-            id: QueueId::generate(),
-            from: Some(Address::parse("sender@example.org", false).unwrap()),
-            rcpts: vec![Address::parse("u@nhs.test", false).unwrap()],
-            smtputf8: false,
-            body: Default::default(),
-            received_at: 1_764_000_000,
-            size: 10,
-            client: "x".into(),
-            ret: None,
-            envid: Some("E1".into()),
-            rcpt_dsn: Vec::new(),
-            bounce: false,
-        };
+        let env = envelope(None);
         let original = b"Subject: hello\r\nX-A: b\r\n\r\nsecret body\r\n";
         let f = [Failure {
             rcpt: &env.rcpts[0],

@@ -27,9 +27,11 @@
 //! holds them) and whether next hops answer.
 
 use crate::config::Config;
+use crate::deliver::tls::RouteTls;
 use crate::directory::{DirectoryError, FileSource, Source};
 use crate::relay::StartError;
 use crate::spool::SpoolError;
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use tokio_rustls::TlsAcceptor;
@@ -38,6 +40,8 @@ use tokio_rustls::TlsAcceptor;
 pub struct Preflight {
     /// The inbound TLS acceptor, when `[tls]` is set.
     pub acceptor: Option<TlsAcceptor>,
+    /// Each route's outbound TLS settings, loaded once here and handed to the queue.
+    pub route_tls: HashMap<String, RouteTls>,
     /// `admin.token_file` when it does not exist yet: `serve` will write a fresh token there.
     pub new_token_file: Option<PathBuf>,
 }
@@ -46,6 +50,7 @@ impl std::fmt::Debug for Preflight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Preflight")
             .field("acceptor", &self.acceptor.is_some())
+            .field("routes_with_tls", &self.route_tls.len())
             .field("new_token_file", &self.new_token_file)
             .finish()
     }
@@ -58,7 +63,8 @@ pub fn check(config: &Config) -> Result<Preflight, StartError> {
         Some(t) => Some(crate::smtp::tls::load_acceptor(&t.cert, &t.key)?),
         None => None,
     };
-    crate::deliver::tls::route_tls(config).map_err(crate::queue::QueueError::from)?;
+    let route_tls =
+        crate::deliver::tls::route_tls(config).map_err(crate::queue::QueueError::from)?;
     let new_token_file = match &config.admin {
         Some(admin) => match crate::admin::check(admin)? {
             Some(path) => {
@@ -89,6 +95,7 @@ pub fn check(config: &Config) -> Result<Preflight, StartError> {
     })?;
     Ok(Preflight {
         acceptor,
+        route_tls,
         new_token_file,
     })
 }

@@ -399,7 +399,8 @@ pub async fn start_with_file(
 ) -> Result<Running, StartError> {
     let _ = m::install();
     // The checks `coexist check-config` runs too: TLS material, admin token, writable folders.
-    let acceptor = crate::preflight::check(&config)?.acceptor;
+    let found = crate::preflight::check(&config)?;
+    let acceptor = found.acceptor;
     let t0 = Instant::now();
     let directory = {
         let (cfg, names) = (config.directory.clone(), config.route_names());
@@ -422,7 +423,12 @@ pub async fn start_with_file(
     };
     let spool = Arc::new(Spool::open(&config.spool.dir)?);
     let config = Arc::new(config);
-    let queue = Queue::new(spool.clone(), directory.clone(), config.clone())?;
+    let queue = Queue::new(
+        spool.clone(),
+        directory.clone(),
+        config.clone(),
+        found.route_tls,
+    )?;
 
     let mut bound = Vec::new();
     for addr in &config.server.listen {

@@ -148,11 +148,14 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// A scheduler over `spool` that routes with `directory` and `config`.
+    /// A scheduler over `spool` that routes with `directory` and `config`, with each route's
+    /// outbound TLS settings already loaded (`deliver::tls::route_tls`, run by the start-up
+    /// checks).
     pub fn new(
         spool: Arc<Spool>,
         directory: Arc<Directory>,
         config: Arc<Config>,
+        route_tls: HashMap<String, deliver::RouteTls>,
     ) -> Result<Queue, QueueError> {
         let hop_concurrency = config.delivery.hop_concurrency;
         Ok(Queue {
@@ -160,7 +163,7 @@ impl Queue {
                 spool,
                 directory,
                 limits: ArcSwap::from_pointee(route_limits(&config)),
-                tls: ArcSwap::from_pointee(deliver::tls::route_tls(&config)?),
+                tls: ArcSwap::from_pointee(route_tls),
                 dns: deliver::dns::Dns::new(&config.dns.nameservers, config.delivery.timeout)
                     .map_err(QueueError::Dns)?,
                 config: ArcSwap::new(config),

@@ -12,7 +12,7 @@ use crate::proto::MailParams;
 use crate::queue::{unix_now, Queue};
 use crate::smtp::server::ServerControl;
 use crate::smtp::{server, tls, Handler, Incoming, Peer, SessionConfig};
-use crate::spool::{DeliveryState, Envelope, Spool};
+use crate::spool::{Envelope, Spool};
 use crate::types::Address;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -179,10 +179,10 @@ impl Handler for RelayHandler {
             bounce: false,
         };
         let body = Arc::new(msg.body);
-        let (spool, env2, body2) = (self.spool.clone(), env.clone(), body.clone());
-        let stored = tokio::task::spawn_blocking(move || spool.store(&env2, &body2)).await;
-        match stored {
-            Ok(Ok(())) => {
+        // Group commit: this waits for the sync that covers this message (and every other
+        // one that arrived meanwhile); only then is the 250 sent.
+        match self.spool.store(&env, body.clone()).await {
+            Ok(loc) => {
                 info!(
                     qid = %env.id,
                     from = %env.from.as_ref().map(|a| a.to_string()).unwrap_or_default(),
@@ -193,20 +193,15 @@ impl Handler for RelayHandler {
                     "queued"
                 );
                 let reply = Reply::owned(250, "2.0.0", format!("Ok: queued as {}", env.id));
-                let n = env.rcpts.len();
-                self.queue.submit(env, DeliveryState::new(n), Some(body));
+                self.queue.submit(env, loc, Some(body));
                 reply
             }
-            Ok(Err(e)) if e.is_no_space() => {
+            Err(e) if e.is_no_space() => {
                 error!(qid = %env.id, error = %e, "spool disk full");
                 NO_SPACE
             }
-            Ok(Err(e)) => {
-                error!(qid = %env.id, error = %e, "cannot spool message");
-                canned::LOCAL_ERROR
-            }
             Err(e) => {
-                error!(qid = %env.id, error = %e, "spool task failed");
+                error!(qid = %env.id, error = %e, "cannot spool message");
                 canned::LOCAL_ERROR
             }
         }
@@ -421,7 +416,13 @@ pub async fn start_with_file(
     } else {
         None
     };
-    let spool = Arc::new(Spool::open(&config.spool.dir)?);
+    let opened = {
+        let dir = config.spool.dir.clone();
+        tokio::task::spawn_blocking(move || Spool::open(&dir))
+            .await
+            .map_err(|e| StartError::Task(e.to_string()))??
+    };
+    let spool = Arc::new(opened.spool);
     let config = Arc::new(config);
     let queue = Queue::new(
         spool.clone(),
@@ -438,21 +439,14 @@ pub async fn start_with_file(
         bound.push(l);
     }
 
-    let recovered = {
-        let spool = spool.clone();
-        tokio::task::spawn_blocking(move || spool.recover())
-            .await
-            .map_err(|e| StartError::Task(e.to_string()))??
-    };
-    if !recovered.is_empty() {
+    if !opened.queued.is_empty() {
         info!(
-            messages = recovered.len(),
+            messages = opened.queued.len(),
+            segments = spool.segment_count(),
             "re-queued messages from the spool"
         );
     }
-    for (env, state) in recovered {
-        queue.submit(env, state, None);
-    }
+    queue.restore(opened.queued);
 
     let handler = Arc::new(RelayHandler {
         rules: ArcSwap::from_pointee(SessionRules::new(&config)),

@@ -276,6 +276,44 @@ impl QueueId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The id as a 16-byte number for compact indexes, when it has the form
+    /// [`generate`](QueueId::generate) gives (17 upper-case hex digits), which
+    /// [`QueueKey::id`] turns back into the same text. Keys sort as the ids do.
+    pub fn key(&self) -> Option<QueueKey> {
+        let s = self.0.as_bytes();
+        if s.len() != 17 || !s.iter().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b)) {
+            return None;
+        }
+        let v = u128::from_str_radix(&self.0, 16).ok()?;
+        Some(QueueKey {
+            hi: (v >> 64) as u64,
+            lo: v as u64,
+        })
+    }
+}
+
+/// A [`QueueId`] as a number: what the queue's index keys its entries by. Ordered like the
+/// ids, so oldest first (ids begin with the time they were made).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueKey {
+    hi: u64,
+    lo: u64,
+}
+
+impl QueueKey {
+    /// The id this key stands for.
+    pub fn id(self) -> QueueId {
+        let v = ((self.hi as u128) << 64) | self.lo as u128;
+        QueueId(format!("{v:017X}"))
+    }
+
+    /// Unix time in milliseconds at which the id was made (its first 13 hex digits are
+    /// microseconds).
+    pub fn made_at_ms(self) -> u64 {
+        let v = ((self.hi as u128) << 64) | self.lo as u128;
+        ((v >> 16) / 1000) as u64
+    }
 }
 
 impl fmt::Display for QueueId {
@@ -331,6 +369,10 @@ mod tests {
         let b = QueueId::generate();
         assert_ne!(a, b);
         assert!(QueueId::from_file_stem(a.as_str()).is_some());
+        let (ka, kb) = (a.key().unwrap(), b.key().unwrap());
+        assert_eq!(ka.id(), a);
+        assert_eq!(ka.cmp(&kb), a.cmp(&b));
+        assert!(QueueId::from_file_stem("abc").unwrap().key().is_none());
         assert!(QueueId::from_file_stem("../x").is_none());
     }
 }

@@ -405,11 +405,18 @@ async fn queue_list(
 ) -> Json<Vec<crate::queue::MessageView>> {
     let q = s.control.queue();
     let rcpt = f.rcpt.map(|r| r.to_lowercase());
+    let phase = match f.state.as_deref() {
+        None => None,
+        Some("active") => Some(crate::queue::Phase::Active),
+        Some("deferred") => Some(crate::queue::Phase::Deferred),
+        Some("held") => Some(crate::queue::Phase::Held),
+        Some(_) => return Json(Vec::new()),
+    };
+    // The index picks the candidates by phase and age; only those are read from the spool.
     let views = q
-        .list()
+        .select(phase, f.min_age.unwrap_or(0), usize::MAX, |_| true)
         .iter()
         .map(|e| q.view(e))
-        .filter(|v| f.state.as_ref().is_none_or(|st| &v.phase == st))
         .filter(|v| f.min_age.is_none_or(|a| v.age_s >= a))
         .filter(|v| {
             f.route

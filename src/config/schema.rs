@@ -227,6 +227,14 @@ pub struct QueueConfig {
     /// "0s" turns warnings off.
     #[serde(default = "default_delay_warning", with = "duration")]
     pub delay_warning: Duration,
+    /// Delivery attempts running at once, across routes (Postfix's `qmgr_message_active_limit`
+    /// plays the same part); due messages beyond it wait in the index, costing no task.
+    #[serde(default = "default_max_active")]
+    pub max_active: usize,
+    /// While a route's next hops cannot be reached, its oldest deferred message is tried this
+    /// often; when one gets through, all mail deferred for that route is released at once.
+    #[serde(default = "default_probe_interval", with = "duration")]
+    pub probe_interval: Duration,
 }
 
 impl Default for QueueConfig {
@@ -236,6 +244,8 @@ impl Default for QueueConfig {
             max_backoff: default_max_backoff(),
             max_lifetime: default_max_lifetime(),
             delay_warning: default_delay_warning(),
+            max_active: default_max_active(),
+            probe_interval: default_probe_interval(),
         }
     }
 }
@@ -376,6 +386,14 @@ fn default_true() -> bool {
 fn default_max_shrink() -> Percent {
     Percent(10.0)
 }
+fn default_max_active() -> usize {
+    5000
+}
+
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
 fn default_min_backoff() -> Duration {
     Duration::from_secs(300)
 }

@@ -8,8 +8,7 @@ use crate::metrics as m;
 use crate::proto::BodyType;
 use crate::proto::{Failure, LastReply, LocalError, RcptOutcome};
 use crate::route;
-use crate::spool::{DeliveryState, Envelope, RcptStatus, Spool};
-use crate::types::QueueId;
+use crate::spool::{DeliveryState, Envelope, Loc, RcptStatus, Spool};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::task::JoinSet;
@@ -21,12 +20,29 @@ use tracing::{error, info, Instrument};
 /// hold no body in memory: bodies in memory are bounded by the deliveries in flight
 /// (DESIGN invariant 8).
 pub(super) struct AttemptBody {
-    pub(super) id: QueueId,
-    pub(super) spool: Arc<Spool>,
-    pub(super) slot: tokio::sync::Mutex<Option<Arc<Vec<u8>>>>,
+    spool: Arc<Spool>,
+    msg: Loc,
+    slot: tokio::sync::Mutex<Option<Arc<Vec<u8>>>>,
+}
+
+/// What one route's delivery in an attempt learned about its next hops.
+pub(super) struct RouteReport {
+    /// The route.
+    pub(super) route: String,
+    /// A next hop answered (false: none could be reached).
+    pub(super) reached: bool,
 }
 
 impl AttemptBody {
+    /// The bytes of the message at `msg`, starting from `first` when the caller has them.
+    pub(super) fn new(spool: Arc<Spool>, msg: Loc, first: Option<Arc<Vec<u8>>>) -> AttemptBody {
+        AttemptBody {
+            spool,
+            msg,
+            slot: tokio::sync::Mutex::new(first),
+        }
+    }
+
     /// Drops the shared copy (deliveries already sending keep theirs).
     async fn release(&self) {
         *self.slot.lock().await = None;
@@ -38,8 +54,8 @@ impl AttemptBody {
         if let Some(b) = slot.as_ref() {
             return Ok(b.clone());
         }
-        let (spool, id) = (self.spool.clone(), self.id.clone());
-        let b = Arc::new(tokio::task::spawn_blocking(move || spool.load_message(&id)).await??);
+        let (spool, msg) = (self.spool.clone(), self.msg);
+        let b = Arc::new(tokio::task::spawn_blocking(move || spool.read_message(msg)).await??);
         *slot = Some(b.clone());
         Ok(b)
     }
@@ -47,14 +63,15 @@ impl AttemptBody {
 
 /// One delivery attempt for all pending recipients, one delivery per route, in parallel.
 /// Runs in an `attempt` span with the queue id; each route's delivery in a `delivery` span
-/// with the queue id, the route and (once known) the next hop.
+/// with the queue id, the route and (once known) the next hop. Returns, per route
+/// delivered to, whether a next hop answered.
 #[tracing::instrument(name = "attempt", skip_all, fields(qid = %env.id))]
 pub(super) async fn attempt(
     inner: &Arc<Inner>,
     env: &Arc<Envelope>,
     state: &mut DeliveryState,
     body: Arc<AttemptBody>,
-) {
+) -> Vec<RouteReport> {
     let pending = state.pending();
     let dir = &inner.directory;
     let config = inner.config.load_full();
@@ -98,7 +115,7 @@ pub(super) async fn attempt(
                     error!(qid = %env.id, error = %e, "cannot read queued message; will retry");
                     let reply = Failure::Local(LocalError::Unreadable(e.to_string()));
                     let n = d.rcpts.len();
-                    return (d, None, vec![RcptOutcome::Deferred(reply); n]);
+                    return (d, None, vec![RcptOutcome::Deferred(reply); n], true);
                 }
             };
             let out = Outbound {
@@ -138,14 +155,22 @@ pub(super) async fn attempt(
             }
             let hop = a.next_hop.map(|h| h.to_string()).unwrap_or_else(|| "none".into());
             metrics::counter!(m::ATTEMPTS, "route" => d.route.as_str().to_string(), "next_hop" => hop).increment(1);
-            (d, a.next_hop, a.outcomes)
+            // No next hop answered and nobody refused: the route's hops are unreachable.
+            let reached = a.next_hop.is_some()
+                || !a.outcomes.iter().all(|o| matches!(o, RcptOutcome::Deferred(_)));
+            (d, a.next_hop, a.outcomes, reached)
         });
     }
+    let mut reports = Vec::new();
     while let Some(res) = tasks.join_next().await {
-        let Ok((d, hop, outcomes)) = res else {
+        let Ok((d, hop, outcomes, reached)) = res else {
             error!(qid = %env.id, "delivery task failed; recipients stay pending");
             continue;
         };
+        reports.push(RouteReport {
+            route: d.route.as_str().to_string(),
+            reached,
+        });
         let hop = hop.map(|h| h.to_string());
         for (&i, o) in d.rcpts.iter().zip(outcomes) {
             let text = LastReply::from(&o);
@@ -170,6 +195,7 @@ pub(super) async fn attempt(
             state.rcpts[i].last_reply = Some(text);
         }
     }
+    reports
 }
 
 /// The per-recipient outcome line, like Postfix's `status=sent` lines.

@@ -1,8 +1,9 @@
-//! Ending a message and telling its sender: removal once every recipient has a final
-//! outcome, failure DSNs and one-time delay warnings spooled and queued as new messages.
+//! Ending a message and telling its sender: its end recorded in the spool once every
+//! recipient has a final outcome, failure DSNs and one-time delay warnings spooled and queued as new messages.
 
+use super::index::{Entry, Slot, NO_ROUTE};
 use super::{unix_now, Inner, Queue, SpoolTaskError};
-use crate::spool::{DeliveryState, Envelope, RcptStatus};
+use crate::spool::{DeliveryState, Envelope, Loc, RcptStatus};
 use crate::types::QueueId;
 use std::sync::Arc;
 use tracing::{error, info, warn};
@@ -12,6 +13,7 @@ use tracing::{error, info, warn};
 pub(super) async fn warn_if_delayed(
     inner: &Arc<Inner>,
     env: &Arc<Envelope>,
+    msg: Loc,
     state: &mut DeliveryState,
 ) {
     let after = inner.config.load().queue.delay_warning;
@@ -30,7 +32,7 @@ pub(super) async fn warn_if_delayed(
     if delayed.is_empty() {
         return;
     }
-    match spool_dsn(inner, env, state, &delayed, crate::bounce::Kind::Delayed).await {
+    match spool_dsn(inner, env, msg, state, &delayed, crate::bounce::Kind::Delayed).await {
         Ok(dsn) => info!(qid = %env.id, dsn = %dsn, "delay warning queued for the sender"),
         Err(e) => {
             state.warned = false;
@@ -39,11 +41,25 @@ pub(super) async fn warn_if_delayed(
     }
 }
 
-/// Ends a message whose recipients all have a final outcome (DESIGN invariant 2): removed
-/// when all were delivered; with failures, a DSN to the sender is spooled first (then the
-/// original is removed), unless the sender is `<>` or asked for no DSN. If the DSN cannot be
-/// spooled, the original is kept in `failed/`.
-pub(super) async fn finish(inner: &Arc<Inner>, env: &Arc<Envelope>, state: DeliveryState) {
+/// What became of a message [`finish`] was asked to end.
+pub(super) enum End {
+    /// Finished in the spool (its DSN, if any, queued first); gone from the queue.
+    Gone,
+    /// The spool refused to record the end: the message stays queued.
+    Kept(Entry),
+}
+
+/// Ends a message whose recipients all have a final outcome (DESIGN invariant 2): finished
+/// in the spool when all were delivered; with failures, a DSN to the sender is spooled first
+/// (then the original is finished), unless the sender is `<>` or asked for no DSN. If the DSN
+/// cannot be spooled, the original is kept in `failed/`.
+pub(super) async fn finish(
+    inner: &Arc<Inner>,
+    env: &Arc<Envelope>,
+    state: &DeliveryState,
+    msg: Loc,
+    state_loc: Option<Loc>,
+) -> End {
     let failed: Vec<usize> = (0..state.rcpts.len())
         .filter(|&i| state.rcpts[i].status == RcptStatus::Failed)
         .collect();
@@ -54,57 +70,82 @@ pub(super) async fn finish(inner: &Arc<Inner>, env: &Arc<Envelope>, state: Deliv
         .collect();
     let keep_failed = !failed.is_empty() && env.from.is_none();
     if !notify.is_empty() && env.from.is_some() {
-        match spool_dsn(inner, env, &state, &notify, crate::bounce::Kind::Failed).await {
+        match spool_dsn(inner, env, msg, state, &notify, crate::bounce::Kind::Failed).await {
             Ok(dsn_id) => {
                 info!(qid = %env.id, dsn = %dsn_id, failed = failed.len(), "bounced: DSN queued for the sender")
             }
             Err(e) => {
                 error!(qid = %env.id, error = %e, "cannot queue the DSN; keeping the message in spool failed/");
-                return keep_in_failed(inner, env, state).await;
+                return keep_in_failed(inner, env, state, msg, state_loc).await;
             }
         }
     } else if keep_failed {
         warn!(qid = %env.id, "failed recipients of a message from <> (no bounce of a bounce); kept in spool failed/");
-        return keep_in_failed(inner, env, state).await;
+        return keep_in_failed(inner, env, state, msg, state_loc).await;
     } else if !failed.is_empty() {
         info!(qid = %env.id, failed = failed.len(), "failed recipients asked for no DSN (NOTIFY)");
     }
-    let spool = inner.spool.clone();
-    let id = env.id.clone();
-    match tokio::task::spawn_blocking(move || spool.remove(&id)).await {
-        Ok(Ok(())) => info!(qid = %env.id, "removed"),
-        Ok(Err(e)) => error!(qid = %env.id, error = %e, "cannot remove message from the spool"),
-        Err(e) => error!(qid = %env.id, error = %e, "spool task failed"),
+    match inner.spool.finish(&env.id, msg, state_loc).await {
+        Ok(()) => {
+            info!(qid = %env.id, "removed");
+            End::Gone
+        }
+        Err(e) => {
+            error!(qid = %env.id, error = %e, "cannot record the message's end in the spool; it stays queued");
+            End::Kept(kept(msg, state_loc, state))
+        }
     }
 }
 
-async fn keep_in_failed(inner: &Arc<Inner>, env: &Arc<Envelope>, state: DeliveryState) {
-    let spool = inner.spool.clone();
-    let id = env.id.clone();
+fn kept(msg: Loc, state_loc: Option<Loc>, state: &DeliveryState) -> Entry {
+    Entry {
+        msg,
+        state: state_loc,
+        due_ms: 0,
+        attempts: state.attempts,
+        route: NO_ROUTE,
+        slot: Slot::Busy,
+        asks: Default::default(),
+    }
+}
+
+async fn keep_in_failed(
+    inner: &Arc<Inner>,
+    env: &Arc<Envelope>,
+    state: &DeliveryState,
+    msg: Loc,
+    state_loc: Option<Loc>,
+) -> End {
+    let (spool, e2, st) = (inner.spool.clone(), env.clone(), state.clone());
     let res = tokio::task::spawn_blocking(move || {
-        spool.save_state(&id, &state)?;
-        spool.move_to_failed(&id)
+        let message = spool.read_message(msg)?;
+        spool.keep_failed(&e2, &message, &st)
     })
     .await;
-    match res {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => error!(qid = %env.id, error = %e, "cannot move message to spool failed/"),
-        Err(e) => error!(qid = %env.id, error = %e, "spool task failed"),
-    }
+    let err = match res {
+        Ok(Ok(())) => match inner.spool.finish(&env.id, msg, state_loc).await {
+            Ok(()) => return End::Gone,
+            Err(e) => e.to_string(),
+        },
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    error!(qid = %env.id, error = %err, "cannot move message to spool failed/; it stays queued");
+    End::Kept(kept(msg, state_loc, state))
 }
 
 /// Builds the DSN for recipients `failed` and spools it durably, then queues it.
 async fn spool_dsn(
     inner: &Arc<Inner>,
     env: &Arc<Envelope>,
+    msg: Loc,
     state: &DeliveryState,
     failed: &[usize],
     kind: crate::bounce::Kind,
 ) -> Result<QueueId, SpoolTaskError> {
     let sender = env.from.clone().ok_or(SpoolTaskError::NoSender)?;
     let spool = inner.spool.clone();
-    let id = env.id.clone();
-    let original = tokio::task::spawn_blocking(move || spool.load_message(&id)).await??;
+    let original = tokio::task::spawn_blocking(move || spool.read_message(msg)).await??;
     let dsn_id = QueueId::generate();
     let hostname = inner.config.load().server.hostname.clone();
     let failures: Vec<crate::bounce::Failure<'_>> = failed
@@ -131,11 +172,10 @@ async fn spool_dsn(
         bounce: true,
     };
     let body = Arc::new(body);
-    let (spool, e2, b2) = (inner.spool.clone(), dsn_env.clone(), body.clone());
-    tokio::task::spawn_blocking(move || spool.store(&e2, &b2)).await??;
+    let loc = inner.spool.store(&dsn_env, body.clone()).await?;
     Queue {
         inner: inner.clone(),
     }
-    .submit(dsn_env, DeliveryState::new(1), Some(body));
+    .submit(dsn_env, loc, Some(body));
     Ok(dsn_id)
 }

@@ -1,50 +1,56 @@
-//! The scheduler: one lightweight task per queued message that plans, delivers, records
-//! and retries with exponential backoff until every recipient has a final outcome or the
-//! message expires.
+//! The scheduler: small index entries in memory, envelopes, states and bodies in the spool.
 //!
-//! The route is planned again at every attempt from the current directory (DESIGN
-//! invariant 3), so deferred mail follows a mailbox that moved meanwhile.
+//! A dispatcher task takes due messages from the [`index`] (ready ones first, oldest first,
+//! then the timer) while fewer than `queue.max_active` attempts run, and starts one task per
+//! attempt ([`schedule`]); a message waiting for its next attempt has no task and no body in
+//! memory (DESIGN invariant 8). Each attempt plans the route again from the current
+//! directory (invariant 3), delivers ([`attempt`]), and appends the new state to the spool
+//! before the message is deferred, so a restart resumes the schedule. When a route's next
+//! hops could not be reached, the messages deferred for it are released as soon as that
+//! route answers again (a fresh message or a probe every `queue.probe_interval`), at the pace
+//! the route's concurrency allows.
 //!
-//! This module holds the [`Queue`] handle (submit, hold, release, delete, flush) and the
-//! state its tasks share; `schedule` runs each message's loop of attempts and retry waits,
-//! `attempt` makes one attempt, `dsn` ends messages and spools DSNs, and `view` gives
-//! listings and counts.
+//! This module holds the [`Queue`] handle (submit, restore, hold, release, delete, flush);
+//! `dsn` ends messages and spools DSNs, and `view` gives listings and counts.
 
 mod attempt;
 mod dsn;
+mod index;
 mod schedule;
 mod view;
 
 pub use view::{MessageView, QueueStats, RcptView};
 
-use schedule::run_message;
-
 use crate::config::Config;
 use crate::deliver;
 use crate::directory::Directory;
-use crate::spool::{DeliveryState, Envelope, Spool};
-use crate::types::QueueId;
+use crate::spool::{DeliveryState, Envelope, Loc, Queued, Spool};
+use crate::types::{QueueId, QueueKey};
 use arc_swap::ArcSwap;
+use index::{Asks, Entry, Index, Slot, NO_ROUTE};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, Semaphore};
-use tracing::info;
+use tracing::{error, info};
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
+    now_ms() / 1000
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
 /// Where a queued message is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Being delivered now (or waiting for a delivery slot).
+    /// Being delivered now, or due and waiting for a delivery slot.
     Active,
     /// Waiting for its next attempt.
     Deferred,
@@ -52,12 +58,14 @@ pub enum Phase {
     Held,
 }
 
-/// Admin requests for one queued message, seen by its task between attempts.
-#[derive(Debug, Default)]
-pub struct MsgControl {
-    wake: Notify,
-    held: AtomicBool,
-    deleted: AtomicBool,
+impl From<Slot> for Phase {
+    fn from(s: Slot) -> Phase {
+        match s {
+            Slot::Ready | Slot::Busy => Phase::Active,
+            Slot::Deferred => Phase::Deferred,
+            Slot::Held => Phase::Held,
+        }
+    }
 }
 
 /// A queue-control call that could not be done.
@@ -72,6 +80,9 @@ pub enum QueueError {
     /// The resolver could not be set up.
     #[error("DNS: {0}")]
     Dns(#[source] hickory_resolver::net::NetError),
+    /// The spool could not be read.
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
 }
 
 /// Why the spool could not give a message's bytes or take a DSN.
@@ -88,18 +99,45 @@ pub enum SpoolTaskError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// A message as the queue sees it, for listings and metrics.
+/// A message as the queue shows it (read from the spool for listings and `queue show`).
 #[derive(Debug, Clone)]
 pub struct QueueEntry {
     /// Envelope.
     pub envelope: Arc<Envelope>,
-    /// Per-recipient state after the last attempt.
+    /// Per-recipient state as last written to the spool.
     pub state: DeliveryState,
     /// Phase.
     pub phase: Phase,
     /// Unix time of the next attempt, when deferred.
     pub next_attempt: Option<u64>,
-    control: Arc<MsgControl>,
+}
+
+/// Route health as the scheduler tracks it, by route tag.
+#[derive(Debug, Default)]
+struct Routes {
+    /// Route names; an entry's tag is an index here.
+    names: Vec<String>,
+    /// Per tag: since when (Unix ms) its next hops could not be reached, if they cannot.
+    down_since: Vec<Option<u64>>,
+    /// Per tag: when to probe it next.
+    next_probe: Vec<u64>,
+    /// Routes that answered again, with where their release has got to.
+    releasing: Vec<(u16, Option<QueueKey>)>,
+}
+
+impl Routes {
+    fn tag(&mut self, name: &str) -> u16 {
+        if let Some(i) = self.names.iter().position(|n| n == name) {
+            return i as u16;
+        }
+        if self.names.len() >= NO_ROUTE as usize {
+            return NO_ROUTE;
+        }
+        self.names.push(name.to_string());
+        self.down_since.push(None);
+        self.next_probe.push(0);
+        (self.names.len() - 1) as u16
+    }
 }
 
 struct Inner {
@@ -107,7 +145,12 @@ struct Inner {
     directory: Arc<Directory>,
     config: ArcSwap<Config>,
     limits: ArcSwap<HashMap<String, Arc<Semaphore>>>,
-    entries: Mutex<HashMap<QueueId, QueueEntry>>,
+    index: Mutex<Index>,
+    routes: Mutex<Routes>,
+    /// Attempts running (at most `queue.max_active`).
+    active: Arc<Semaphore>,
+    /// Wakes the dispatcher (new ready message, flush, release, route up).
+    wake: Notify,
     pool: deliver::pool::Pool,
     tls: ArcSwap<HashMap<String, deliver::RouteTls>>,
     dns: deliver::dns::Dns,
@@ -122,22 +165,12 @@ fn route_limits(config: &Config) -> HashMap<String, Arc<Semaphore>> {
 }
 
 impl Inner {
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<QueueId, QueueEntry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set_phase(
-        &self,
-        id: &QueueId,
-        state: &DeliveryState,
-        phase: Phase,
-        next_attempt: Option<u64>,
-    ) {
-        if let Some(e) = self.entries().get_mut(id) {
-            e.state = state.clone();
-            e.phase = phase;
-            e.next_attempt = next_attempt;
-        }
+    fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -150,7 +183,7 @@ pub struct Queue {
 impl Queue {
     /// A scheduler over `spool` that routes with `directory` and `config`, with each route's
     /// outbound TLS settings already loaded (`deliver::tls::route_tls`, run by the start-up
-    /// checks).
+    /// checks). Starts the dispatcher task (call inside the runtime).
     pub fn new(
         spool: Arc<Spool>,
         directory: Arc<Directory>,
@@ -158,19 +191,22 @@ impl Queue {
         route_tls: HashMap<String, deliver::RouteTls>,
     ) -> Result<Queue, QueueError> {
         let hop_concurrency = config.delivery.hop_concurrency;
-        Ok(Queue {
-            inner: Arc::new(Inner {
-                spool,
-                directory,
-                limits: ArcSwap::from_pointee(route_limits(&config)),
-                tls: ArcSwap::from_pointee(route_tls),
-                dns: deliver::dns::Dns::new(&config.dns.nameservers, config.delivery.timeout)
-                    .map_err(QueueError::Dns)?,
-                config: ArcSwap::new(config),
-                entries: Mutex::new(HashMap::new()),
-                pool: deliver::pool::Pool::new(16, hop_concurrency),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            spool,
+            directory,
+            limits: ArcSwap::from_pointee(route_limits(&config)),
+            tls: ArcSwap::from_pointee(route_tls),
+            dns: deliver::dns::Dns::new(&config.dns.nameservers, config.delivery.timeout)
+                .map_err(QueueError::Dns)?,
+            active: Arc::new(Semaphore::new(config.queue.max_active)),
+            config: ArcSwap::new(config),
+            index: Mutex::new(Index::default()),
+            routes: Mutex::new(Routes::default()),
+            wake: Notify::new(),
+            pool: deliver::pool::Pool::new(16, hop_concurrency),
+        });
+        tokio::spawn(schedule::dispatch(inner.clone()));
+        Ok(Queue { inner })
     }
 
     /// Uses `config` from the next attempt on (routes, next hops, TLS, retry policy).
@@ -188,58 +224,116 @@ impl Queue {
         self.inner.config.store(config);
     }
 
-    /// Starts delivering a spooled message. `body` saves re-reading a fresh message.
-    pub fn submit(&self, env: Envelope, state: DeliveryState, body: Option<Arc<Vec<u8>>>) {
-        let inner = self.inner.clone();
-        let env = Arc::new(env);
-        let control = Arc::new(MsgControl::default());
-        control.held.store(state.held, Ordering::SeqCst);
-        inner.entries().insert(
-            env.id.clone(),
-            QueueEntry {
-                envelope: env.clone(),
-                state: state.clone(),
-                phase: if state.held {
-                    Phase::Held
-                } else {
-                    Phase::Active
+    /// Queues a message just written to the spool at `msg`. With its `body` and a free
+    /// attempt slot it is attempted at once without reading it back.
+    pub fn submit(&self, env: Envelope, msg: Loc, body: Option<Arc<Vec<u8>>>) {
+        let Some(key) = env.id.key() else {
+            error!(qid = %env.id, "queue id not in the generated form; the message stays in the spool until a restart");
+            return;
+        };
+        let entry = |slot| Entry {
+            msg,
+            state: None,
+            due_ms: 0,
+            attempts: 0,
+            route: NO_ROUTE,
+            slot,
+            asks: Asks::default(),
+        };
+        let permit = body
+            .as_ref()
+            .and_then(|_| self.inner.active.clone().try_acquire_owned().ok());
+        match (permit, body) {
+            (Some(permit), Some(body)) => {
+                let e = entry(Slot::Busy);
+                self.inner.index().insert(key, e);
+                let fresh = schedule::Fresh {
+                    env: Arc::new(env),
+                    body,
+                };
+                tokio::spawn(schedule::run(
+                    self.inner.clone(),
+                    key,
+                    e,
+                    Some(fresh),
+                    permit,
+                ));
+            }
+            _ => {
+                self.inner.index().insert(key, entry(Slot::Ready));
+                self.inner.wake.notify_one();
+            }
+        }
+    }
+
+    /// Queues the messages found in the spool at start-up, resuming their schedule: held ones
+    /// stay held, deferred ones keep their next attempt, the rest are due now.
+    pub fn restore(&self, queued: Vec<Queued>) {
+        let mut ix = self.inner.index();
+        for q in queued {
+            let Some(key) = q.id.key() else {
+                error!(qid = %q.id, "queue id not in the generated form; left in the spool");
+                continue;
+            };
+            let (slot, due_ms) = match (q.held, q.next_attempt_ms) {
+                (true, _) => (Slot::Held, 0),
+                (false, Some(t)) => (Slot::Deferred, t),
+                (false, None) => (Slot::Ready, 0),
+            };
+            ix.insert(
+                key,
+                Entry {
+                    msg: q.msg,
+                    state: q.state,
+                    due_ms,
+                    attempts: q.attempts,
+                    route: NO_ROUTE,
+                    slot,
+                    asks: Asks::default(),
                 },
-                next_attempt: None,
-                control: control.clone(),
-            },
-        );
-        tokio::spawn(async move { run_message(inner, env, state, body, control).await });
+            );
+        }
+        drop(ix);
+        self.inner.wake.notify_one();
     }
 
-    /// One queued message.
-    pub fn get(&self, id: &str) -> Option<QueueEntry> {
-        self.inner
-            .entries()
-            .values()
-            .find(|e| e.envelope.id.as_str() == id)
-            .cloned()
+    /// Messages queued.
+    pub fn len(&self) -> usize {
+        self.inner.index().len()
     }
 
-    fn control(&self, id: &str) -> Result<Arc<MsgControl>, QueueError> {
-        self.get(id)
-            .map(|e| e.control)
-            .ok_or_else(|| QueueError::NotFound(id.to_string()))
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.inner.index().is_empty()
+    }
+
+    fn ask(&self, id: &str, a: Asks) -> Result<(), QueueError> {
+        let not_found = || QueueError::NotFound(id.to_string());
+        let key = QueueId::from_file_stem(id)
+            .and_then(|q| q.key())
+            .ok_or_else(not_found)?;
+        let res = self.inner.index().ask(key, a);
+        match res {
+            Err(()) => return Err(not_found()),
+            Ok(Some(e)) => {
+                // Idle and the request changes what is on disk: a task writes it.
+                tokio::spawn(schedule::apply_asks(self.inner.clone(), key, e, a));
+            }
+            Ok(None) => self.inner.wake.notify_one(),
+        }
+        Ok(())
     }
 
     /// Holds a message: no attempts until released (kept across restarts).
     pub fn hold(&self, id: &str) -> Result<(), QueueError> {
-        let c = self.control(id)?;
-        c.held.store(true, Ordering::SeqCst);
-        c.wake.notify_one();
+        self.ask(id, Asks::HOLD)?;
         info!(qid = id, "held by admin");
         Ok(())
     }
 
     /// Releases a held message; it is attempted at once.
     pub fn release(&self, id: &str) -> Result<(), QueueError> {
-        let c = self.control(id)?;
-        c.held.store(false, Ordering::SeqCst);
-        c.wake.notify_one();
+        self.ask(id, Asks::RELEASE)?;
         info!(qid = id, "released by admin");
         Ok(())
     }
@@ -247,32 +341,15 @@ impl Queue {
     /// Deletes a message from the queue and the spool (no bounce), after any attempt in
     /// progress.
     pub fn delete(&self, id: &str) -> Result<(), QueueError> {
-        let c = self.control(id)?;
-        c.deleted.store(true, Ordering::SeqCst);
-        c.wake.notify_one();
+        self.ask(id, Asks::DELETE)?;
         info!(qid = id, "deleted by admin");
         Ok(())
     }
 
     /// Attempts a deferred message now.
     pub fn flush(&self, id: &str) -> Result<(), QueueError> {
-        self.control(id)?.wake.notify_one();
+        self.ask(id, Asks::FLUSH)?;
         info!(qid = id, "flushed by admin");
         Ok(())
-    }
-
-    /// Attempts now every deferred message for which `pick` is true; returns how many.
-    pub fn flush_where(&self, pick: impl Fn(&QueueEntry) -> bool) -> usize {
-        let picked: Vec<Arc<MsgControl>> = self
-            .inner
-            .entries()
-            .values()
-            .filter(|e| e.phase == Phase::Deferred && pick(e))
-            .map(|e| e.control.clone())
-            .collect();
-        for c in &picked {
-            c.wake.notify_one();
-        }
-        picked.len()
     }
 }

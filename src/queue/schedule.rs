@@ -1,17 +1,18 @@
-//! A message's life in the queue: the per-message task that runs attempts, applies admin
-//! requests between them, expires what waited too long, and waits for the next attempt
-//! with exponential backoff.
+//! Running the queue: the dispatcher that starts attempts for due messages, the task of one
+//! attempt (deliver, expire, record, defer), admin changes to idle messages, and route
+//! release and probes.
 
-use super::attempt::{attempt, AttemptBody};
-use super::dsn::{finish, warn_if_delayed};
-use super::{unix_now, Inner, MsgControl, Phase};
+use super::attempt::{attempt, AttemptBody, RouteReport};
+use super::dsn::{finish, warn_if_delayed, End};
+use super::index::{Asks, Entry, Settle, NO_ROUTE};
+use super::{now_ms, unix_now, Inner};
 use crate::proto::{Failure, LastReply};
 use crate::spool::{DeliveryState, Envelope, RcptStatus};
-use crate::types::QueueId;
-use std::sync::atomic::Ordering;
+use crate::types::QueueKey;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{error, warn};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{error, info, warn};
 
 /// Retry delay after `attempts` attempts: min_backoff doubled per attempt, capped.
 fn backoff(attempts: u32, min: Duration, max: Duration) -> Duration {
@@ -21,97 +22,298 @@ fn backoff(attempts: u32, min: Duration, max: Duration) -> Duration {
     min.saturating_mul(factor).min(max)
 }
 
-/// One queued message's life, from its first attempt to its removal. Every line it logs
-/// (attempts, retry waits, DSNs, removal) carries the `message` span with its queue id.
-#[tracing::instrument(name = "message", skip_all, fields(qid = %env.id))]
-pub(super) async fn run_message(
-    inner: Arc<Inner>,
-    env: Arc<Envelope>,
-    mut state: DeliveryState,
-    mut body: Option<Arc<Vec<u8>>>,
-    ctl: Arc<MsgControl>,
-) {
-    let id = env.id.clone();
+/// How many deferred entries one release step looks at (bounds how long the index lock is
+/// held while a route that answered again releases its mail).
+const RELEASE_STEP: usize = 20_000;
+
+/// The dispatcher: starts an attempt for each due message while attempt slots are free, runs
+/// route releases and probes, and sleeps until the next message is due or it is woken.
+pub(super) async fn dispatch(inner: Arc<Inner>) {
     loop {
-        // Admin requests take effect between attempts.
-        if ctl.deleted.load(Ordering::SeqCst) {
-            let spool = inner.spool.clone();
-            let qid = id.clone();
-            match tokio::task::spawn_blocking(move || spool.remove(&qid)).await {
-                Ok(Ok(())) => warn!(qid = %id, "deleted from the queue by an admin (no bounce)"),
-                Ok(Err(e)) => error!(qid = %id, error = %e, "cannot delete message"),
-                Err(e) => error!(qid = %id, error = %e, "delete task failed"),
+        release_and_probe(&inner);
+        loop {
+            let permit = match inner.active.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => match inner.active.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let next = inner.index().next(now_ms());
+            let Some((key, entry)) = next else { break };
+            tokio::spawn(run(inner.clone(), key, entry, None, permit));
+        }
+        let wait = {
+            let due = inner.index().next_due();
+            let until = due.map_or(1000, |d| d.saturating_sub(now_ms()));
+            let releasing = !inner.routes().releasing.is_empty();
+            Duration::from_millis(if releasing { 0 } else { until.clamp(1, 1000) })
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = inner.wake.notified() => {}
+        }
+    }
+}
+
+/// One step of each route release, and a probe of each route that is down and due for one.
+fn release_and_probe(inner: &Inner) {
+    let now = now_ms();
+    let probe_every = inner.config.load().queue.probe_interval.as_millis() as u64;
+    let mut routes = inner.routes();
+    let mut released = 0;
+    let releasing = std::mem::take(&mut routes.releasing);
+    for (tag, from) in releasing {
+        let (n, next) = inner.index().release_route(tag, from, RELEASE_STEP);
+        released += n;
+        if next.is_some() {
+            routes.releasing.push((tag, next));
+        }
+    }
+    for tag in 0..routes.names.len() {
+        if routes.down_since[tag].is_some() && routes.next_probe[tag] <= now {
+            routes.next_probe[tag] = now + probe_every;
+            if let Some(k) = inner.index().probe_route(tag as u16) {
+                info!(route = %routes.names[tag], qid = %k.id(), "next hops unreachable: probing with the oldest deferred message");
             }
-            inner.entries().remove(&id);
-            return;
         }
-        let held = ctl.held.load(Ordering::SeqCst);
-        if held != state.held {
-            state.held = held;
-            save_state(&inner, &id, &state).await;
-        }
-        if held {
-            inner.set_phase(&id, &state, Phase::Held, None);
-            ctl.wake.notified().await;
+    }
+    drop(routes);
+    if released > 0 {
+        inner.wake.notify_one();
+    }
+}
+
+/// Records what an attempt learned about each route's next hops: a route that answers again
+/// after being unreachable has its deferred mail released at once.
+fn report_routes(inner: &Inner, reports: &[RouteReport]) -> u16 {
+    let now = now_ms();
+    let probe_every = inner.config.load().queue.probe_interval.as_millis() as u64;
+    let mut routes = inner.routes();
+    let mut tag_down = NO_ROUTE;
+    for r in reports {
+        let tag = routes.tag(&r.route);
+        if tag == NO_ROUTE {
             continue;
         }
-        state.attempts += 1;
-        inner.set_phase(&id, &state, Phase::Active, None);
-        // The body lives for this attempt only: never across the wait for the next one.
-        let message = AttemptBody {
-            id: id.clone(),
-            spool: inner.spool.clone(),
-            slot: tokio::sync::Mutex::new(body.take()),
-        };
-        attempt(&inner, &env, &mut state, Arc::new(message)).await;
-
-        let pending = state.pending();
-        let expired = unix_now().saturating_sub(env.received_at)
-            >= inner.config.load().queue.max_lifetime.as_secs();
-        if !pending.is_empty() && expired {
-            for i in pending {
-                let r = &mut state.rcpts[i];
-                r.status = RcptStatus::Failed;
-                let last = r.last_reply.as_ref().and_then(|l| l.failure()).cloned();
-                let shown = last.as_ref().map(|l| l.to_string()).unwrap_or_default();
-                r.last_reply = Some(LastReply::Failed(Failure::Expired(last.map(Box::new))));
-                warn!(qid = %id, to = %env.rcpts[i], status = "expired", reply = %shown, "delivery expired");
+        let t = tag as usize;
+        if r.reached {
+            if let Some(since) = routes.down_since[t].take() {
+                info!(route = %r.route, down_s = now.saturating_sub(since) / 1000, "next hops answer again: releasing the mail deferred for them");
+                routes.releasing.push((tag, None));
+                inner.wake.notify_one();
+            }
+        } else {
+            if routes.down_since[t].is_none() {
+                routes.down_since[t] = Some(now);
+                routes.next_probe[t] = now + probe_every;
+            }
+            if tag_down == NO_ROUTE {
+                tag_down = tag;
             }
         }
-        if state.pending().is_empty() {
-            finish(&inner, &env, state).await;
-            inner.entries().remove(&id);
-            return;
+    }
+    tag_down
+}
+
+/// A message just accepted: its envelope and bytes, so its first attempt reads nothing back.
+pub(super) struct Fresh {
+    pub(super) env: Arc<Envelope>,
+    pub(super) body: Arc<Vec<u8>>,
+}
+
+/// Reads a message's envelope and state from the spool.
+async fn load(inner: &Inner, e: &Entry) -> Result<(Arc<Envelope>, DeliveryState), String> {
+    let (spool, msg, state) = (inner.spool.clone(), e.msg, e.state);
+    let res = tokio::task::spawn_blocking(move || {
+        let env = spool.read_envelope(msg)?;
+        let st = match state {
+            Some(l) => spool.read_state(l)?,
+            None => DeliveryState::new(env.rcpts.len()),
+        };
+        Ok::<_, crate::spool::SpoolError>((env, st))
+    })
+    .await;
+    match res {
+        Ok(Ok((env, st))) if st.rcpts.len() == env.rcpts.len() => Ok((Arc::new(env), st)),
+        Ok(Ok(_)) => Err("state record does not match the envelope".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// One attempt of one message, then its next place in the queue. Every line it logs carries
+/// the `message` span with its queue id.
+#[tracing::instrument(name = "message", skip_all, fields(qid = %key.id()))]
+pub(super) async fn run(
+    inner: Arc<Inner>,
+    key: QueueKey,
+    e: Entry,
+    fresh: Option<Fresh>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let (env, mut state, first_body) = match fresh {
+        Some(f) => {
+            let n = f.env.rcpts.len();
+            (f.env, DeliveryState::new(n), Some(f.body))
         }
-        warn_if_delayed(&inner, &env, &mut state).await;
-        save_state(&inner, &id, &state).await;
-        wait_for_retry(&inner, &id, &state, &ctl).await;
+        None => match load(&inner, &e).await {
+            Ok((env, st)) => (env, st, None),
+            Err(err) => {
+                error!(qid = %key.id(), error = %err, "cannot read the queued message; will try again");
+                return unreadable(&inner, key, e).await;
+            }
+        },
+    };
+    state.attempts += 1;
+    state.next_attempt_ms = None;
+    let body = AttemptBody::new(inner.spool.clone(), e.msg, first_body);
+    let reports = attempt(&inner, &env, &mut state, Arc::new(body)).await;
+    let route = report_routes(&inner, &reports);
+
+    let pending = state.pending();
+    let expired = unix_now().saturating_sub(env.received_at)
+        >= inner.config.load().queue.max_lifetime.as_secs();
+    if !pending.is_empty() && expired {
+        for i in pending {
+            let r = &mut state.rcpts[i];
+            r.status = RcptStatus::Failed;
+            let last = r.last_reply.as_ref().and_then(|l| l.failure()).cloned();
+            let shown = last.as_ref().map(|l| l.to_string()).unwrap_or_default();
+            r.last_reply = Some(LastReply::Failed(Failure::Expired(last.map(Box::new))));
+            warn!(qid = %env.id, to = %env.rcpts[i], status = "expired", reply = %shown, "delivery expired");
+        }
+    }
+    if state.pending().is_empty() {
+        let end = finish(&inner, &env, &state, e.msg, e.state).await;
+        return ended(&inner, key, end);
+    }
+    warn_if_delayed(&inner, &env, e.msg, &mut state).await;
+    let due = now_ms() + retry_delay(&inner, state.attempts).as_millis() as u64;
+    let mut e = e;
+    e.route = route;
+    defer(&inner, key, e, &env, state, Settle::Deferred(due)).await;
+}
+
+/// A message whose records could not be read: tried again after the first backoff; an
+/// admin's delete still ends it.
+async fn unreadable(inner: &Inner, key: QueueKey, e: Entry) {
+    let due = now_ms() + retry_delay(inner, 1).as_millis() as u64;
+    let res = inner
+        .index()
+        .settle(key, e.state, e.attempts, e.route, Settle::Deferred(due));
+    if let Err(asks) = res {
+        if asks.has(Asks::DELETE) {
+            return delete(inner, key, e).await;
+        }
+        let _ = inner
+            .index()
+            .settle(key, e.state, e.attempts, e.route, Settle::Deferred(due));
     }
 }
 
-async fn save_state(inner: &Inner, id: &QueueId, state: &DeliveryState) {
-    let spool = inner.spool.clone();
-    let (qid, st) = (id.clone(), state.clone());
-    match tokio::task::spawn_blocking(move || spool.save_state(&qid, &st)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => error!(qid = %id, error = %e, "cannot save delivery state"),
-        Err(e) => error!(qid = %id, error = %e, "state writer task failed"),
+/// Writes the message's state and places it in the queue (`how`), applying any admin
+/// requests that came in meanwhile.
+async fn defer(
+    inner: &Inner,
+    key: QueueKey,
+    mut e: Entry,
+    env: &Envelope,
+    mut state: DeliveryState,
+    mut how: Settle,
+) {
+    loop {
+        if let Settle::Deferred(t) = how {
+            state.next_attempt_ms = Some(t);
+        } else {
+            state.next_attempt_ms = None;
+        }
+        state.held = matches!(how, Settle::Held);
+        match inner.spool.save_state(&env.id, &state, e.state).await {
+            Ok(loc) => e.state = Some(loc),
+            Err(err) => {
+                error!(qid = %env.id, error = %err, "cannot save delivery state (the previous one stays in force)")
+            }
+        }
+        let res = inner
+            .index()
+            .settle(key, e.state, state.attempts, e.route, how);
+        let asks = match res {
+            Ok(()) => {
+                if matches!(how, Settle::Ready) {
+                    inner.wake.notify_one();
+                }
+                return;
+            }
+            Err(asks) => asks,
+        };
+        if asks.has(Asks::DELETE) {
+            return delete(inner, key, e).await;
+        }
+        how = next_settle(asks, how, inner, &state);
     }
 }
 
-/// Sleeps until the next attempt is due, or until an admin flushes, holds or deletes it.
-async fn wait_for_retry(inner: &Inner, id: &QueueId, state: &DeliveryState, ctl: &MsgControl) {
-    let delay = retry_delay(inner, state.attempts);
-    inner.set_phase(
-        id,
-        state,
-        Phase::Deferred,
-        Some(unix_now() + delay.as_secs()),
-    );
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => {}
-        _ = ctl.wake.notified() => {}
+/// Where admin requests move a message that would otherwise settle as `how`.
+fn next_settle(asks: Asks, how: Settle, inner: &Inner, state: &DeliveryState) -> Settle {
+    if asks.has(Asks::HOLD) {
+        Settle::Held
+    } else if asks.has(Asks::RELEASE) || asks.has(Asks::FLUSH) {
+        Settle::Ready
+    } else if matches!(how, Settle::Held) {
+        Settle::Held
+    } else {
+        let due = now_ms() + retry_delay(inner, state.attempts.max(1)).as_millis() as u64;
+        match how {
+            Settle::Deferred(t) => Settle::Deferred(t),
+            _ => Settle::Deferred(due),
+        }
     }
+}
+
+async fn delete(inner: &Inner, key: QueueKey, e: Entry) {
+    let id = key.id();
+    match inner.spool.finish(&id, e.msg, e.state).await {
+        Ok(()) => warn!(qid = %id, "deleted from the queue by an admin (no bounce)"),
+        Err(err) => error!(qid = %id, error = %err, "cannot delete message"),
+    }
+    inner.index().remove(key);
+}
+
+fn ended(inner: &Inner, key: QueueKey, end: End) {
+    match end {
+        End::Gone => {
+            inner.index().remove(key);
+        }
+        End::Kept(e) => {
+            // Could not be finished (the spool refused): try again later.
+            let due = now_ms() + retry_delay(inner, 1).as_millis() as u64;
+            let _ = inner
+                .index()
+                .settle(key, e.state, e.attempts, NO_ROUTE, Settle::Deferred(due));
+        }
+    }
+}
+
+/// Applies an admin request to a message that was idle (ready, deferred or held) and is now
+/// busy: writes the change to the spool, then places it.
+pub(super) async fn apply_asks(inner: Arc<Inner>, key: QueueKey, e: Entry, a: Asks) {
+    if a.has(Asks::DELETE) {
+        return delete(&inner, key, e).await;
+    }
+    let (env, state) = match load(&inner, &e).await {
+        Ok(x) => x,
+        Err(err) => {
+            error!(qid = %key.id(), error = %err, "cannot read the queued message for an admin request");
+            return unreadable(&inner, key, e).await;
+        }
+    };
+    let how = if a.has(Asks::HOLD) {
+        Settle::Held
+    } else {
+        Settle::Ready
+    };
+    defer(&inner, key, e, &env, state, how).await;
 }
 
 fn retry_delay(inner: &Inner, attempts: u32) -> Duration {

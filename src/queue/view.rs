@@ -1,10 +1,12 @@
 //! What admins and metrics see of the queue: the listing form of a message
 //! ([`MessageView`]), the route each pending recipient would take now, and per-phase counts.
 
-use super::{unix_now, Phase, Queue, QueueEntry};
+use super::{now_ms, unix_now, Phase, Queue, QueueEntry};
 use crate::route;
-use crate::spool::RcptStatus;
+use crate::spool::{DeliveryState, RcptStatus};
+use crate::types::{QueueId, QueueKey};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A queued message as `coexist queue list/show` presents it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -116,31 +118,101 @@ impl Queue {
             .collect()
     }
 
-    /// The messages in the queue, oldest first.
-    pub fn list(&self) -> Vec<QueueEntry> {
-        let mut v: Vec<QueueEntry> = self.inner.entries().values().cloned().collect();
-        v.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
-        v
+    /// One queued message, read from the spool.
+    pub fn get(&self, id: &str) -> Option<QueueEntry> {
+        let key = QueueId::from_file_stem(id)?.key()?;
+        self.entry(key)
     }
 
-    /// Counts per phase and oldest ages.
-    pub fn stats(&self) -> QueueStats {
-        let now = unix_now();
-        let mut s = QueueStats::default();
-        for e in self.inner.entries().values() {
-            let age = now.saturating_sub(e.envelope.received_at);
-            match e.phase {
-                Phase::Active => {
-                    s.active += 1;
-                    s.oldest_active = s.oldest_active.max(age);
+    fn entry(&self, key: QueueKey) -> Option<QueueEntry> {
+        let e = self.inner.index().get(key)?;
+        let spool = &self.inner.spool;
+        let env = spool.read_envelope(e.msg).ok()?;
+        let state = match e.state {
+            Some(l) => spool.read_state(l).ok()?,
+            None => DeliveryState::new(env.rcpts.len()),
+        };
+        let phase = Phase::from(e.slot);
+        Some(QueueEntry {
+            envelope: Arc::new(env),
+            state,
+            phase,
+            next_attempt: (phase == Phase::Deferred).then_some(e.due_ms / 1000),
+        })
+    }
+
+    /// The messages in the queue, oldest first (each read from the spool).
+    pub fn list(&self) -> Vec<QueueEntry> {
+        self.select(None, 0, usize::MAX, |_| true)
+    }
+
+    /// Up to `limit` messages in `phase` (all phases: `None`) at least `min_age_s` old for
+    /// which `pick` is true, oldest first. Costs the messages looked at, not the queue: the
+    /// index gives the candidates in order and only those are read from the spool.
+    pub fn select(
+        &self,
+        phase: Option<Phase>,
+        min_age_s: u64,
+        limit: usize,
+        pick: impl Fn(&QueueEntry) -> bool,
+    ) -> Vec<QueueEntry> {
+        use super::index::Slot;
+        let slots: &[Slot] = match phase {
+            None => &[Slot::Ready, Slot::Busy, Slot::Deferred, Slot::Held],
+            Some(Phase::Active) => &[Slot::Ready, Slot::Busy],
+            Some(Phase::Deferred) => &[Slot::Deferred],
+            Some(Phase::Held) => &[Slot::Held],
+        };
+        let newest_ms = now_ms().saturating_sub(min_age_s.saturating_mul(1000));
+        let mut out = Vec::new();
+        let mut after = None;
+        'pages: loop {
+            let keys = self.inner.index().keys(slots, after, 1000);
+            let Some(&last) = keys.last() else { break };
+            after = Some(last);
+            for k in keys {
+                if k.made_at_ms() > newest_ms {
+                    // Ids are in time order: every later one is younger too.
+                    break 'pages;
                 }
-                Phase::Deferred => {
-                    s.deferred += 1;
-                    s.oldest_deferred = s.oldest_deferred.max(age);
+                if let Some(e) = self.entry(k).filter(|e| pick(e)) {
+                    out.push(e);
+                    if out.len() >= limit {
+                        break 'pages;
+                    }
                 }
-                Phase::Held => s.held += 1,
             }
         }
-        s
+        out
+    }
+
+    /// Attempts now every deferred message for which `pick` is true; returns how many.
+    pub fn flush_where(&self, pick: impl Fn(&QueueEntry) -> bool) -> usize {
+        let picked = self.select(Some(Phase::Deferred), 0, usize::MAX, pick);
+        picked
+            .iter()
+            .filter(|e| self.flush(e.envelope.id.as_str()).is_ok())
+            .count()
+    }
+
+    /// Counts per phase and oldest ages, from the index alone.
+    pub fn stats(&self) -> QueueStats {
+        use super::index::Slot;
+        let c = self.inner.index().census();
+        let now = now_ms();
+        let age = |s: &[Slot]| {
+            s.iter()
+                .filter_map(|&s| c.oldest[s as usize])
+                .map(|k| now.saturating_sub(k.made_at_ms()) / 1000)
+                .max()
+                .unwrap_or(0)
+        };
+        QueueStats {
+            active: c.count[Slot::Ready as usize] + c.count[Slot::Busy as usize],
+            deferred: c.count[Slot::Deferred as usize],
+            held: c.count[Slot::Held as usize],
+            oldest_active: age(&[Slot::Ready, Slot::Busy]),
+            oldest_deferred: age(&[Slot::Deferred]),
+        }
     }
 }

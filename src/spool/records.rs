@@ -1,6 +1,6 @@
 //! What the spool keeps about a message besides its bytes: the envelope, written once with
-//! the message, and the per-recipient delivery state, replaced after each attempt. Both are
-//! JSON on disk; fields added later have defaults, so older spool files still load.
+//! the message, and the per-recipient delivery state, written again after each attempt. Both
+//! are JSON in the log's records; fields added later have defaults, so older spool files still load.
 
 use crate::proto::LastReply;
 use crate::proto::{BodyType, RcptDsn, Ret};
@@ -81,6 +81,10 @@ pub struct DeliveryState {
     /// A delay warning was sent to the sender.
     #[serde(default)]
     pub warned: bool,
+    /// Unix time in milliseconds of the next attempt, when one is scheduled: a restart
+    /// resumes the schedule instead of retrying everything at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_ms: Option<u64>,
 }
 
 impl DeliveryState {
@@ -97,6 +101,7 @@ impl DeliveryState {
             attempts: 0,
             held: false,
             warned: false,
+            next_attempt_ms: None,
         }
     }
 

@@ -1,0 +1,413 @@
+//! The queue's memory: one small entry per queued message (where its records are, its phase,
+//! its next attempt), one set per phase in id order (oldest first), and one timer heap of
+//! next-attempt times. Envelopes, states and bodies stay in the spool; an entry is about
+//! 60 bytes plus its place in a set and the timer (the README gives the measured size).
+//!
+//! Everything here is O(log n) per message and never touches the disk, so the lock around
+//! it is held only briefly: acceptance, listings and metrics do not wait for each other.
+
+use crate::spool::Loc;
+use crate::types::QueueKey;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+/// Where a message is, as the scheduler sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// Due now: waiting for the dispatcher to start an attempt.
+    Ready = 0,
+    /// An attempt (or an admin change) is running; requests wait in [`Asks`].
+    Busy = 1,
+    /// Waiting for its next attempt (in the timer).
+    Deferred = 2,
+    /// Held by an admin.
+    Held = 3,
+}
+
+/// Admin requests made while a message is busy, applied when it settles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Asks(u8);
+
+impl Asks {
+    /// Hold it.
+    pub const HOLD: Asks = Asks(1);
+    /// Release it.
+    pub const RELEASE: Asks = Asks(2);
+    /// Delete it.
+    pub const DELETE: Asks = Asks(4);
+    /// Attempt it again at once.
+    pub const FLUSH: Asks = Asks(8);
+
+    /// True when `other`'s requests are all in this set.
+    pub fn has(self, other: Asks) -> bool {
+        self.0 & other.0 == other.0 && other.0 != 0
+    }
+
+    /// No requests.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    fn add(&mut self, a: Asks) {
+        // Hold and release cancel each other: the later one wins.
+        if a.has(Asks::HOLD) {
+            self.0 &= !Asks::RELEASE.0;
+        }
+        if a.has(Asks::RELEASE) {
+            self.0 &= !Asks::HOLD.0;
+        }
+        self.0 |= a.0;
+    }
+}
+
+/// No route recorded.
+pub const NO_ROUTE: u16 = u16::MAX;
+
+/// One queued message.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    /// Its message record.
+    pub msg: Loc,
+    /// Its latest state record.
+    pub state: Option<Loc>,
+    /// Next attempt (Unix ms), when deferred.
+    pub due_ms: u64,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The route whose next hops could not be reached at its last attempt ([`NO_ROUTE`]:
+    /// none): it is released early when that route answers again.
+    pub route: u16,
+    /// Phase.
+    pub slot: Slot,
+    /// Requests waiting for a busy message.
+    pub asks: Asks,
+}
+
+/// How a busy message settles after its attempt or admin change.
+#[derive(Debug, Clone, Copy)]
+pub enum Settle {
+    /// Attempt again at once.
+    Ready,
+    /// Attempt again at this time (Unix ms).
+    Deferred(u64),
+    /// Held until released.
+    Held,
+}
+
+/// Counts and oldest ids per phase.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Census {
+    /// Messages per [`Slot`].
+    pub count: [usize; 4],
+    /// Oldest message per [`Slot`].
+    pub oldest: [Option<QueueKey>; 4],
+}
+
+/// The index.
+#[derive(Default)]
+pub struct Index {
+    entries: BTreeMap<QueueKey, Entry>,
+    slots: [BTreeSet<QueueKey>; 4],
+    /// Next attempts; an item is stale when its entry is no longer deferred at that time.
+    timer: BinaryHeap<Reverse<(u64, QueueKey)>>,
+}
+
+impl Index {
+    /// Messages queued.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// One entry.
+    pub fn get(&self, k: QueueKey) -> Option<Entry> {
+        self.entries.get(&k).copied()
+    }
+
+    /// Adds a message (replacing any entry with that key).
+    pub fn insert(&mut self, k: QueueKey, e: Entry) {
+        self.remove(k);
+        self.slots[e.slot as usize].insert(k);
+        if e.slot == Slot::Deferred {
+            self.timer.push(Reverse((e.due_ms, k)));
+        }
+        self.entries.insert(k, e);
+    }
+
+    /// Removes a message.
+    pub fn remove(&mut self, k: QueueKey) -> Option<Entry> {
+        let e = self.entries.remove(&k)?;
+        self.slots[e.slot as usize].remove(&k);
+        Some(e)
+    }
+
+    fn move_to(&mut self, k: QueueKey, slot: Slot, due_ms: u64) -> Option<&mut Entry> {
+        let e = self.entries.get_mut(&k)?;
+        self.slots[e.slot as usize].remove(&k);
+        self.slots[slot as usize].insert(k);
+        e.slot = slot;
+        e.due_ms = due_ms;
+        if slot == Slot::Deferred {
+            self.timer.push(Reverse((due_ms, k)));
+        }
+        Some(e)
+    }
+
+    /// Takes the next message to attempt: the oldest ready one, else the earliest deferred
+    /// one that is due at `now_ms`. It becomes busy.
+    pub fn next(&mut self, now_ms: u64) -> Option<(QueueKey, Entry)> {
+        let k = match self.slots[Slot::Ready as usize].first() {
+            Some(&k) => k,
+            None => self.pop_due(now_ms)?,
+        };
+        let e = *self.move_to(k, Slot::Busy, 0)?;
+        Some((k, e))
+    }
+
+    fn pop_due(&mut self, now_ms: u64) -> Option<QueueKey> {
+        while let Some(&Reverse((due, k))) = self.timer.peek() {
+            if !self.is_current(due, k) {
+                self.timer.pop();
+                continue;
+            }
+            if due > now_ms {
+                return None;
+            }
+            self.timer.pop();
+            return Some(k);
+        }
+        None
+    }
+
+    fn is_current(&self, due: u64, k: QueueKey) -> bool {
+        self.entries
+            .get(&k)
+            .is_some_and(|e| e.slot == Slot::Deferred && e.due_ms == due)
+    }
+
+    /// When the earliest deferred message is due (Unix ms).
+    pub fn next_due(&mut self) -> Option<u64> {
+        while let Some(&Reverse((due, k))) = self.timer.peek() {
+            if self.is_current(due, k) {
+                return Some(due);
+            }
+            self.timer.pop();
+        }
+        None
+    }
+
+    /// Settles a busy message, unless requests arrived meanwhile: those are returned (and
+    /// cleared) and the message stays busy, for the caller to apply and settle again.
+    pub fn settle(
+        &mut self,
+        k: QueueKey,
+        state: Option<Loc>,
+        attempts: u32,
+        route: u16,
+        how: Settle,
+    ) -> Result<(), Asks> {
+        let e = self.entries.get_mut(&k).ok_or(Asks::default())?;
+        e.state = state.or(e.state);
+        e.attempts = attempts;
+        e.route = route;
+        if !e.asks.is_empty() {
+            return Err(std::mem::take(&mut e.asks));
+        }
+        let (slot, due) = match how {
+            Settle::Ready => (Slot::Ready, 0),
+            Settle::Deferred(t) => (Slot::Deferred, t),
+            Settle::Held => (Slot::Held, 0),
+        };
+        self.move_to(k, slot, due);
+        Ok(())
+    }
+
+    /// An admin request. A busy message keeps it for when it settles (returns `None`);
+    /// otherwise the message becomes busy and the request is returned with the entry, for the
+    /// caller to apply (a flush of a deferred message just makes it ready: `None`).
+    pub fn ask(&mut self, k: QueueKey, a: Asks) -> Result<Option<Entry>, ()> {
+        let e = self.entries.get_mut(&k).ok_or(())?;
+        match e.slot {
+            Slot::Busy => {
+                e.asks.add(a);
+                Ok(None)
+            }
+            Slot::Deferred | Slot::Ready if a == Asks::FLUSH => {
+                self.move_to(k, Slot::Ready, 0);
+                Ok(None)
+            }
+            Slot::Held if a == Asks::FLUSH || a == Asks::HOLD => Ok(None),
+            Slot::Ready | Slot::Deferred if a == Asks::RELEASE => Ok(None),
+            _ => Ok(self.move_to(k, Slot::Busy, 0).copied()),
+        }
+    }
+
+    /// Makes ready up to `max` deferred messages whose last attempt found `route`'s next
+    /// hops unreachable, scanning from `from`; returns how many, and where to go on (`None`:
+    /// done).
+    pub fn release_route(
+        &mut self,
+        route: u16,
+        from: Option<QueueKey>,
+        max: usize,
+    ) -> (usize, Option<QueueKey>) {
+        let deferred = &self.slots[Slot::Deferred as usize];
+        let mut picked = Vec::new();
+        let mut next = None;
+        let range = match from {
+            Some(f) => deferred.range(f..),
+            None => deferred.range(..),
+        };
+        for (scanned, &k) in range.enumerate() {
+            if scanned >= max {
+                next = Some(k);
+                break;
+            }
+            if self.entries.get(&k).is_some_and(|e| e.route == route) {
+                picked.push(k);
+            }
+        }
+        for &k in &picked {
+            self.move_to(k, Slot::Ready, 0);
+        }
+        (picked.len(), next)
+    }
+
+    /// The oldest deferred message waiting for `route`, made ready (a probe of the route).
+    pub fn probe_route(&mut self, route: u16) -> Option<QueueKey> {
+        let k = self.slots[Slot::Deferred as usize]
+            .iter()
+            .copied()
+            .find(|k| self.entries.get(k).is_some_and(|e| e.route == route))?;
+        self.move_to(k, Slot::Ready, 0);
+        Some(k)
+    }
+
+    /// Counts and oldest per phase: O(1) per phase.
+    pub fn census(&self) -> Census {
+        let mut c = Census::default();
+        for (i, s) in self.slots.iter().enumerate() {
+            c.count[i] = s.len();
+            c.oldest[i] = s.first().copied();
+        }
+        c
+    }
+
+    /// Up to `max` keys in id order from `after` (exclusive), in the given phases.
+    pub fn keys(&self, slots: &[Slot], after: Option<QueueKey>, max: usize) -> Vec<QueueKey> {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        if let [one] = slots {
+            return self.slots[*one as usize]
+                .range((lower, Bound::Unbounded))
+                .take(max)
+                .copied()
+                .collect();
+        }
+        self.entries
+            .range((lower, Bound::Unbounded))
+            .filter(|(_, e)| slots.contains(&e.slot))
+            .take(max)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::QueueId;
+
+    fn key() -> QueueKey {
+        QueueId::generate().key().unwrap()
+    }
+
+    fn entry(slot: Slot, due_ms: u64) -> Entry {
+        Entry {
+            msg: Loc {
+                seg: 1,
+                meta_len: 10,
+                off: 8,
+            },
+            state: None,
+            due_ms,
+            attempts: 0,
+            route: NO_ROUTE,
+            slot,
+            asks: Asks::default(),
+        }
+    }
+
+    #[test]
+    fn ready_first_then_due_in_time_order() {
+        let mut ix = Index::default();
+        let (a, b, c) = (key(), key(), key());
+        ix.insert(a, entry(Slot::Deferred, 300));
+        ix.insert(b, entry(Slot::Deferred, 100));
+        ix.insert(c, entry(Slot::Ready, 0));
+        assert_eq!(ix.next(50).map(|x| x.0), Some(c));
+        assert_eq!(ix.next(50).map(|x| x.0), None, "nothing due at 50");
+        assert_eq!(ix.next_due(), Some(100));
+        assert_eq!(ix.next(1000).map(|x| x.0), Some(b));
+        assert_eq!(ix.next(1000).map(|x| x.0), Some(a));
+        assert_eq!(ix.census().count, [0, 3, 0, 0]);
+    }
+
+    #[test]
+    fn a_flushed_message_leaves_a_stale_timer_item_that_is_skipped() {
+        let mut ix = Index::default();
+        let a = key();
+        ix.insert(a, entry(Slot::Deferred, 100));
+        assert!(matches!(ix.ask(a, Asks::FLUSH), Ok(None)));
+        assert_eq!(ix.next(0).map(|x| x.0), Some(a));
+        ix.settle(a, None, 1, NO_ROUTE, Settle::Deferred(500)).unwrap();
+        assert_eq!(ix.next_due(), Some(500), "the item at 100 is stale");
+        assert!(ix.next(200).is_none());
+    }
+
+    #[test]
+    fn requests_to_a_busy_message_wait_for_it_to_settle() {
+        let mut ix = Index::default();
+        let a = key();
+        ix.insert(a, entry(Slot::Ready, 0));
+        ix.next(0).unwrap();
+        assert!(matches!(ix.ask(a, Asks::HOLD), Ok(None)));
+        assert!(matches!(ix.ask(a, Asks::DELETE), Ok(None)));
+        let asks = ix.settle(a, None, 1, NO_ROUTE, Settle::Deferred(9)).unwrap_err();
+        assert!(asks.has(Asks::HOLD) && asks.has(Asks::DELETE));
+        assert_eq!(ix.get(a).unwrap().slot, Slot::Busy);
+        ix.settle(a, None, 1, NO_ROUTE, Settle::Held).unwrap();
+        assert_eq!(ix.census().count[Slot::Held as usize], 1);
+        // Held: a release makes it busy for the caller to write the change.
+        assert!(ix.ask(a, Asks::RELEASE).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_route_that_answers_again_releases_its_messages() {
+        let mut ix = Index::default();
+        let mut mine = Vec::new();
+        for i in 0..10 {
+            let k = key();
+            let mut e = entry(Slot::Deferred, 1_000_000);
+            e.route = if i % 2 == 0 { 3 } else { 4 };
+            if e.route == 3 {
+                mine.push(k);
+            }
+            ix.insert(k, e);
+        }
+        let (n1, next) = ix.release_route(3, None, 4);
+        let (n2, next) = ix.release_route(3, next, 4);
+        let (n3, next) = ix.release_route(3, next, 4);
+        assert_eq!((n1 + n2 + n3, next), (5, None));
+        let mut got = Vec::new();
+        while let Some((k, _)) = ix.next(0) {
+            got.push(k);
+        }
+        assert_eq!(got, mine, "oldest first, only route 3");
+        assert_eq!(ix.probe_route(4).is_some(), true);
+    }
+}

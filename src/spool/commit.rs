@@ -1,0 +1,266 @@
+//! The commit stage: one thread owns the head segment and appends records for everybody.
+//!
+//! Each turn it takes every request waiting at that moment, writes their records one after
+//! another and makes them durable with one `fdatasync` (group commit); only then does any of
+//! the callers hear back (and a session send its `250`). A failed write or sync is cut off
+//! the file again and reported to every caller of that turn, whose records are then not in
+//! the spool. When the head segment is full a new one is started. Deleting segments nothing
+//! needs any more is done here too, so all file changes of the spool happen on this thread.
+//!
+//! Written by hand rather than with an embedded store: the spool needs exactly this append
+//! path (records of a message written once, read back by position, whole segments dropped
+//! when their messages are done); the README compares it with fjall on this machine.
+
+use super::reclaim::Reclaim;
+use super::segment::{self, Kind, HEADER_LEN};
+use super::{io_err, Loc, SpoolError};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+use tracing::{error, warn};
+
+/// A head segment at least this long is closed and a new one started.
+pub const SEGMENT_SIZE: u64 = 64 << 20;
+/// One turn writes at most about this much before syncing (bounds a turn's latency).
+const MAX_TURN_BYTES: u64 = 32 << 20;
+/// Bodies longer than this are written straight from the caller's buffer.
+const DIRECT_WRITE: usize = 64 << 10;
+
+/// Counters of the commit stage.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Syncs made (one per turn).
+    pub commits: AtomicU64,
+    /// Records those syncs covered.
+    pub records: AtomicU64,
+}
+
+/// One record to append.
+pub struct Rec {
+    /// Kind.
+    pub kind: Kind,
+    /// Metadata (JSON).
+    pub meta: Vec<u8>,
+    /// Message bytes (messages only).
+    pub body: Option<Arc<Vec<u8>>>,
+}
+
+impl Rec {
+    fn len(&self) -> u64 {
+        (HEADER_LEN + self.meta.len() + self.body.as_ref().map_or(0, |b| b.len())) as u64
+    }
+}
+
+/// Work for the commit thread.
+pub enum Job {
+    /// Append records durably; the reply carries where each one is.
+    Append {
+        /// Records, written in this order.
+        recs: Vec<Rec>,
+        /// Where the positions (or the error) go.
+        reply: oneshot::Sender<Result<Vec<Loc>, SpoolError>>,
+    },
+    /// Delete these segments (nothing needs them).
+    Delete(Vec<u32>),
+    /// Test only: stop until the sender side is dropped, so requests pile up.
+    #[cfg(test)]
+    Pause(std::sync::mpsc::Receiver<()>),
+}
+
+/// The head segment being written.
+pub struct Head {
+    /// Segments folder.
+    pub dir: PathBuf,
+    /// Segment number.
+    pub n: u32,
+    /// The open file, positioned at `len`.
+    pub file: File,
+    /// Bytes written and synced.
+    pub len: u64,
+}
+
+impl Head {
+    /// Creates segment `n` (with its file header) and syncs it and its folder.
+    pub fn create(dir: &Path, n: u32) -> Result<Head, SpoolError> {
+        let path = dir.join(segment::file_name(n));
+        let make = || -> io::Result<File> {
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            f.write_all(segment::FILE_MAGIC)?;
+            f.sync_all()?;
+            File::open(dir)?.sync_all()?;
+            Ok(f)
+        };
+        let file = make().map_err(io_err(&path))?;
+        Ok(Head {
+            dir: dir.to_path_buf(),
+            n,
+            file,
+            len: segment::FILE_MAGIC.len() as u64,
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(segment::file_name(self.n))
+    }
+
+    /// Appends `recs` (not yet synced); returns their positions.
+    pub fn write(&mut self, recs: &[&Rec], buf: &mut Vec<u8>) -> io::Result<Vec<Loc>> {
+        let mut locs = Vec::with_capacity(recs.len());
+        let mut off = self.len;
+        buf.clear();
+        for r in recs {
+            let body = r.body.as_deref().map_or(&[][..], |b| &b[..]);
+            buf.extend_from_slice(&segment::encode_header(r.kind, &r.meta, body));
+            buf.extend_from_slice(&r.meta);
+            if body.len() > DIRECT_WRITE {
+                self.file.write_all(buf)?;
+                buf.clear();
+                self.file.write_all(body)?;
+            } else {
+                buf.extend_from_slice(body);
+            }
+            locs.push(Loc {
+                seg: self.n,
+                meta_len: r.meta.len() as u32,
+                off,
+            });
+            off += r.len();
+        }
+        self.file.write_all(buf)?;
+        self.len = off;
+        Ok(locs)
+    }
+
+    /// Makes everything written durable.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Cuts the file back to `len` (after a failed write or sync).
+    fn cut(&mut self, len: u64) -> io::Result<()> {
+        self.len = len;
+        self.file.set_len(len)?;
+        self.file.seek(SeekFrom::Start(len))?;
+        self.file.sync_data()
+    }
+}
+
+/// Runs the commit stage until every sender is gone.
+pub fn run(
+    mut head: Head,
+    jobs: Receiver<Job>,
+    reclaim: Arc<Mutex<Reclaim>>,
+    stats: Arc<Stats>,
+    segment_size: u64,
+) {
+    let mut buf = Vec::with_capacity(256 << 10);
+    while let Ok(first) = jobs.recv() {
+        let mut appends: Vec<(Vec<Rec>, oneshot::Sender<Result<Vec<Loc>, SpoolError>>)> =
+            Vec::new();
+        let mut deletes = Vec::new();
+        let mut bytes = 0u64;
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Append { recs, reply } => {
+                    bytes += recs.iter().map(Rec::len).sum::<u64>();
+                    appends.push((recs, reply));
+                }
+                Job::Delete(segs) => deletes.extend(segs),
+                #[cfg(test)]
+                Job::Pause(gate) => {
+                    let _ = gate.recv();
+                }
+            }
+            if bytes < MAX_TURN_BYTES {
+                match jobs.try_recv() {
+                    Ok(j) => next = Some(j),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
+                }
+            }
+        }
+        if !appends.is_empty() {
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats
+                .records
+                .fetch_add(appends.iter().map(|a| a.0.len() as u64).sum(), Ordering::Relaxed);
+            commit_turn(&mut head, appends, &mut buf);
+            if head.len >= segment_size {
+                match Head::create(&head.dir, head.n + 1) {
+                    Ok(h) => {
+                        head = h;
+                        let old = lock(&reclaim).rotated(head.n);
+                        deletes.extend(old);
+                    }
+                    Err(e) => error!(error = %e, "cannot start a new spool segment; the current one keeps growing"),
+                }
+            }
+        }
+        delete(&head.dir, deletes, &reclaim);
+    }
+}
+
+fn lock(r: &Mutex<Reclaim>) -> std::sync::MutexGuard<'_, Reclaim> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type Waiting = Vec<(Vec<Rec>, oneshot::Sender<Result<Vec<Loc>, SpoolError>>)>;
+
+/// Writes one turn's records, syncs once, answers every caller.
+fn commit_turn(head: &mut Head, appends: Waiting, buf: &mut Vec<u8>) {
+    let start = head.len;
+    let all: Vec<&Rec> = appends.iter().flat_map(|(r, _)| r.iter()).collect();
+    let res = head.write(&all, buf).and_then(|locs| head.sync().map(|()| locs));
+    drop(all);
+    match res {
+        Ok(locs) => {
+            let mut locs = locs.into_iter();
+            for (recs, reply) in appends {
+                let mine: Vec<Loc> = locs.by_ref().take(recs.len()).collect();
+                let _ = reply.send(Ok(mine));
+            }
+        }
+        Err(e) => {
+            let path = head.path();
+            warn!(path = %path.display(), error = %e, "spool write failed; the records of this commit are cut off");
+            if let Err(e2) = head.cut(start) {
+                error!(path = %path.display(), error = %e2, "cannot cut a failed spool write off the segment");
+            }
+            for (_, reply) in appends {
+                let err = io::Error::new(e.kind(), e.to_string());
+                let _ = reply.send(Err(io_err(&path)(err)));
+            }
+        }
+    }
+}
+
+/// Deletes `segs` and whatever their deletion frees; the folder is synced before any pin a
+/// deleted segment held is released.
+fn delete(dir: &Path, mut segs: Vec<u32>, reclaim: &Mutex<Reclaim>) {
+    while !segs.is_empty() {
+        segs.sort_unstable();
+        segs.dedup();
+        for &s in &segs {
+            let path = dir.join(segment::file_name(s));
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    warn!(path = %path.display(), error = %e, "cannot delete a spent spool segment");
+                }
+            }
+        }
+        if let Err(e) = File::open(dir).and_then(|f| f.sync_all()) {
+            warn!(dir = %dir.display(), error = %e, "cannot sync the spool segments folder");
+            return;
+        }
+        let mut r = lock(reclaim);
+        segs = segs.iter().flat_map(|&s| r.deleted(s)).collect();
+    }
+}

@@ -1,0 +1,321 @@
+//! Start-up: replays the segments to find every queued message and its latest state, cuts
+//! a torn tail off the segment that was being written, and brings in a spool of the former
+//! layout (one file per message under `active/`).
+//!
+//! Segments before the last were synced whole before the next one was started, so damage in
+//! them is not a torn write: it is reported with the file and offset, and the relay does not
+//! start on a spool it cannot read.
+
+use super::commit::{Head, Rec};
+use super::reclaim::Reclaim;
+use super::segment::{self, Header, Kind, HEADER_LEN};
+use super::{io_err, DeliveryState, Envelope, Loc, SpoolError};
+use crate::types::QueueId;
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// A queued message found at start-up: where its records are and the schedule it had.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// Queue id.
+    pub id: QueueId,
+    /// Unix time of acceptance.
+    pub received_at: u64,
+    /// Its message record.
+    pub msg: Loc,
+    /// Its latest state record, if an attempt or admin action wrote one.
+    pub state: Option<Loc>,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Held by an admin.
+    pub held: bool,
+    /// Unix time (milliseconds) of the next attempt, if one was scheduled.
+    pub next_attempt_ms: Option<u64>,
+}
+
+/// The parts of an envelope the scan needs.
+#[derive(serde::Deserialize)]
+struct EnvHead {
+    id: QueueId,
+    received_at: u64,
+}
+
+/// The parts of a state record the scan needs.
+#[derive(serde::Deserialize)]
+struct StateHead {
+    id: QueueId,
+    state: StateSummary,
+}
+
+#[derive(serde::Deserialize)]
+struct StateSummary {
+    attempts: u32,
+    #[serde(default)]
+    held: bool,
+    #[serde(default)]
+    next_attempt_ms: Option<u64>,
+}
+
+/// What a replay found.
+pub struct Replayed {
+    /// Queued messages, oldest first.
+    pub queued: Vec<Queued>,
+    /// Segment bookkeeping (references of the queued messages, pins of `Done` records).
+    pub reclaim: Reclaim,
+    /// The head segment to write to next.
+    pub head: Head,
+}
+
+/// Replays every segment under `dir`, imports a former `active/` spool, and opens a new head.
+pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
+    let mut numbers = Vec::new();
+    for e in fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        if let Some(n) = e.file_name().to_str().and_then(segment::number) {
+            numbers.push(n);
+        }
+    }
+    numbers.sort_unstable();
+    let mut live: HashMap<QueueId, Queued> = HashMap::new();
+    // Done records: (segment of the Done, segment of the message record).
+    let mut dones: Vec<(u32, u32)> = Vec::new();
+    for (i, &n) in numbers.iter().enumerate() {
+        let last = i + 1 == numbers.len();
+        scan(&dir.join(segment::file_name(n)), n, last, &mut |loc, h, meta| {
+            apply(&mut live, &mut dones, loc, h, meta)
+        })?;
+    }
+    let mut head = Head::create(dir, numbers.last().map_or(1, |n| n + 1))?;
+    let imported = import_former(root, &mut head, &mut live)?;
+    if imported > 0 {
+        info!(messages = imported, "imported the queue of the former spool layout (active/)");
+    }
+    let mut reclaim = Reclaim::new(numbers.iter().copied(), head.n);
+    let mut queued: Vec<Queued> = live.into_values().collect();
+    queued.sort_by(|a, b| a.id.cmp(&b.id));
+    for q in &queued {
+        reclaim.add_ref(q.msg.seg);
+        if let Some(s) = q.state {
+            reclaim.add_ref(s.seg);
+        }
+    }
+    for (done, msg) in dones {
+        reclaim.pin(done, msg);
+    }
+    Ok(Replayed {
+        queued,
+        reclaim,
+        head,
+    })
+}
+
+fn apply(
+    live: &mut HashMap<QueueId, Queued>,
+    dones: &mut Vec<(u32, u32)>,
+    loc: Loc,
+    h: &Header,
+    meta: &[u8],
+) -> Result<(), String> {
+    match h.kind {
+        Kind::Message => {
+            let e: EnvHead = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
+            live.insert(
+                e.id.clone(),
+                Queued {
+                    id: e.id,
+                    received_at: e.received_at,
+                    msg: loc,
+                    state: None,
+                    attempts: 0,
+                    held: false,
+                    next_attempt_ms: None,
+                },
+            );
+        }
+        Kind::State => {
+            let s: StateHead = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
+            if let Some(q) = live.get_mut(&s.id) {
+                q.state = Some(loc);
+                q.attempts = s.state.attempts;
+                q.held = s.state.held;
+                q.next_attempt_ms = s.state.next_attempt_ms;
+            }
+        }
+        Kind::Done => {
+            let id: QueueId = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
+            if let Some(q) = live.remove(&id) {
+                dones.push((loc.seg, q.msg.seg));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads every record of segment `n`; bodies are skipped unless `last` (the segment that was
+/// being written), where they are checked and a torn tail is cut off.
+fn scan(
+    path: &Path,
+    n: u32,
+    last: bool,
+    each: &mut dyn FnMut(Loc, &Header, &[u8]) -> Result<(), String>,
+) -> Result<(), SpoolError> {
+    let corrupt = |off: u64, reason: String| SpoolError::Corrupt {
+        path: format!("{} at offset {off}", path.display()),
+        reason,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(last)
+        .open(path)
+        .map_err(io_err(path))?;
+    let file_len = file.metadata().map_err(io_err(path))?.len();
+    let mut r = BufReader::with_capacity(256 << 10, &file);
+    let mut magic = [0u8; 8];
+    let got = segment::read_full(&mut r, &mut magic).map_err(io_err(path))?;
+    if got < magic.len() || &magic != segment::FILE_MAGIC {
+        if last && got < magic.len() {
+            // Created but its header never reached the disk: nothing was written to it.
+            warn!(path = %path.display(), "empty spool segment left by a crash; removed");
+            drop(r);
+            return fs::remove_file(path).map_err(io_err(path));
+        }
+        return Err(corrupt(0, "not a coexist spool segment".into()));
+    }
+    let mut off = magic.len() as u64;
+    let mut meta = Vec::new();
+    let mut body = Vec::new();
+    loop {
+        let mut hb = [0u8; HEADER_LEN];
+        let got = segment::read_full(&mut r, &mut hb).map_err(io_err(path))?;
+        if got == 0 {
+            return Ok(());
+        }
+        let header = (got == HEADER_LEN)
+            .then(|| segment::decode_header(&hb))
+            .flatten()
+            .filter(|h| off + h.record_len() <= file_len);
+        let torn = |why: &str| -> Result<(), SpoolError> {
+            if !last {
+                return Err(corrupt(off, why.to_string()));
+            }
+            warn!(path = %path.display(), offset = off, reason = why, "torn record at the end of the spool log (a write cut short by a crash); cut off");
+            file.set_len(off)
+                .and_then(|()| file.sync_data())
+                .map_err(io_err(path))
+        };
+        let Some(h) = header else {
+            return torn("incomplete or damaged record header");
+        };
+        meta.resize(h.meta_len as usize, 0);
+        r.read_exact(&mut meta).map_err(io_err(path))?;
+        if !h.meta_ok(&meta) {
+            return torn("record checksum mismatch");
+        }
+        if last {
+            body.resize(h.body_len as usize, 0);
+            r.read_exact(&mut body).map_err(io_err(path))?;
+            if !h.body_ok(&body) {
+                return torn("message checksum mismatch");
+            }
+        } else {
+            r.seek_relative(h.body_len as i64).map_err(io_err(path))?;
+        }
+        let loc = Loc {
+            seg: n,
+            meta_len: h.meta_len,
+            off,
+        };
+        each(loc, &h, &meta).map_err(|e| corrupt(off, e))?;
+        off += h.record_len();
+    }
+}
+
+/// Moves the messages of the former layout (`active/ID.msg` with an envelope line, and
+/// `active/ID.state`) into the head segment, syncs it, then removes the old files.
+fn import_former(
+    root: &Path,
+    head: &mut Head,
+    live: &mut HashMap<QueueId, Queued>,
+) -> Result<usize, SpoolError> {
+    let incoming = root.join("incoming");
+    if incoming.is_dir() {
+        // Never acknowledged: a message being written when the former version stopped.
+        let _ = fs::remove_dir_all(&incoming);
+    }
+    let active = root.join("active");
+    if !active.is_dir() {
+        return Ok(0);
+    }
+    let mut files = Vec::new();
+    for e in fs::read_dir(&active).map_err(io_err(&active))? {
+        let path = e.map_err(io_err(&active))?.path();
+        let stem = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".msg"))
+            .and_then(QueueId::from_file_stem);
+        if let Some(id) = stem {
+            files.push((id, path));
+        }
+    }
+    files.sort();
+    let mut buf = Vec::new();
+    for (id, path) in &files {
+        let (env, body) = read_former(path)?;
+        let state_path = active.join(format!("{id}.state"));
+        let state = fs::read(&state_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<DeliveryState>(&b).ok())
+            .filter(|s| s.rcpts.len() == env.rcpts.len())
+            .unwrap_or_else(|| DeliveryState::new(env.rcpts.len()));
+        let recs = [
+            super::message_rec(&env, Arc::new(body))?,
+            super::state_rec(&env.id, &state)?,
+        ];
+        let locs = head
+            .write(&recs.iter().collect::<Vec<&Rec>>(), &mut buf)
+            .map_err(io_err(path))?;
+        live.insert(
+            env.id.clone(),
+            Queued {
+                id: env.id.clone(),
+                received_at: env.received_at,
+                msg: locs[0],
+                state: Some(locs[1]),
+                attempts: state.attempts,
+                held: state.held,
+                next_attempt_ms: None,
+            },
+        );
+    }
+    head.sync().map_err(io_err(&active))?;
+    for e in fs::read_dir(&active).map_err(io_err(&active))? {
+        let p = e.map_err(io_err(&active))?.path();
+        fs::remove_file(&p).map_err(io_err(&p))?;
+    }
+    fs::remove_dir(&active).map_err(io_err(&active))?;
+    File::open(root)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(root))?;
+    Ok(files.len())
+}
+
+/// A message file of the former layout: one JSON envelope line, then the message.
+pub(super) fn read_former(path: &Path) -> Result<(Envelope, Vec<u8>), SpoolError> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let mut r = BufReader::new(f);
+    let mut line = Vec::new();
+    r.read_until(b'\n', &mut line).map_err(io_err(path))?;
+    let env: Envelope = serde_json::from_slice(&line).map_err(|e| SpoolError::Corrupt {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut body = Vec::new();
+    r.read_to_end(&mut body).map_err(io_err(path))?;
+    Ok((env, body))
+}
+

@@ -1,0 +1,294 @@
+//! Spool tests: durability across reopen, torn tails, damage, group commit, segment
+//! reclaim, and the import of the former layout.
+
+use super::*;
+use crate::proto::{BodyType, Ret};
+use crate::types::Address;
+use std::time::{Duration, Instant};
+
+fn env(id: QueueId) -> Envelope {
+    Envelope {
+        id,
+        from: None,
+        rcpts: vec![Address::parse("a@nhs.test", false).unwrap()],
+        smtputf8: false,
+        body: BodyType::SevenBit,
+        received_at: 1,
+        size: 5,
+        client: "127.0.0.1:1".into(),
+        ret: None,
+        envid: None,
+        rcpt_dsn: Vec::new(),
+        bounce: false,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn seg_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn ids(o: &Opened) -> Vec<QueueId> {
+    o.queued.iter().map(|q| q.id.clone()).collect()
+}
+
+#[test]
+fn store_state_finish_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let s = Spool::open(dir.path()).unwrap().spool;
+    let (a, b) = (QueueId::generate(), QueueId::generate());
+    let la = rt.block_on(s.store(&env(a.clone()), Arc::new(b"hello".to_vec()))).unwrap();
+    let lb = rt.block_on(s.store(&env(b.clone()), Arc::new(b"world".to_vec()))).unwrap();
+    let mut st = DeliveryState::new(1);
+    st.attempts = 2;
+    st.held = true;
+    st.next_attempt_ms = Some(123_456);
+    st.rcpts[0].status = RcptStatus::Pending;
+    let sa = rt.block_on(s.save_state(&a, &st, None)).unwrap();
+    rt.block_on(s.finish(&b, lb, None)).unwrap();
+    drop(s);
+
+    let o = Spool::open(dir.path()).unwrap();
+    assert_eq!(ids(&o), vec![a.clone()], "b was finished");
+    let q = &o.queued[0];
+    assert_eq!((q.msg, q.state), (la, Some(sa)));
+    assert_eq!((q.attempts, q.held, q.next_attempt_ms), (2, true, Some(123_456)));
+    assert_eq!(q.received_at, 1);
+    assert_eq!(o.spool.read_message(q.msg).unwrap(), b"hello");
+    assert_eq!(o.spool.read_envelope(q.msg).unwrap().id, a);
+    assert_eq!(o.spool.read_state(sa).unwrap().attempts, 2);
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_the_complete_records_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let s = Spool::open(dir.path()).unwrap().spool;
+    let kept: Vec<QueueId> = (0..3).map(|_| QueueId::generate()).collect();
+    for id in &kept {
+        rt.block_on(s.store(&env(id.clone()), Arc::new(vec![b'x'; 100]))).unwrap();
+    }
+    let torn = QueueId::generate();
+    rt.block_on(s.store(&env(torn.clone()), Arc::new(vec![b'y'; 100]))).unwrap();
+    drop(s);
+    let seg = dir.path().join("segments").join(&seg_files(dir.path())[0]);
+    let full = fs::metadata(&seg).unwrap().len();
+    // Cut the last record at every length short of whole: each reopen keeps exactly the
+    // three complete messages and cuts the file back to them.
+    let bytes = fs::read(&seg).unwrap();
+    let last_len = (HEADER_LEN + serde_json::to_vec(&env(torn.clone())).unwrap().len() + 100) as u64;
+    for cut in [1, 10, HEADER_LEN as u64, last_len - 1] {
+        let d2 = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d2.path().join("segments")).unwrap();
+        let copy = d2.path().join("segments").join(seg.file_name().unwrap());
+        fs::write(&copy, &bytes[..(full - last_len + cut) as usize]).unwrap();
+        let o = Spool::open(d2.path()).unwrap();
+        assert_eq!(ids(&o), kept, "cut at {cut}");
+        assert_eq!(fs::metadata(&copy).unwrap().len(), full - last_len, "cut at {cut}");
+    }
+    // A flipped byte in the last message's body is caught too.
+    let d3 = tempfile::tempdir().unwrap();
+    fs::create_dir_all(d3.path().join("segments")).unwrap();
+    let mut bad = bytes.clone();
+    let n = bad.len();
+    bad[n - 5] ^= 1;
+    fs::write(d3.path().join("segments").join(seg.file_name().unwrap()), &bad).unwrap();
+    assert_eq!(ids(&Spool::open(d3.path()).unwrap()), kept);
+}
+
+#[test]
+fn damage_before_the_last_segment_is_reported_with_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let s = Spool::open(dir.path()).unwrap().spool;
+    rt.block_on(s.store(&env(QueueId::generate()), Arc::new(b"one".to_vec()))).unwrap();
+    drop(s);
+    // Reopening starts a new head: the first segment is now sealed.
+    drop(Spool::open(dir.path()).unwrap());
+    let first = dir.path().join("segments").join(&seg_files(dir.path())[0]);
+    let mut b = fs::read(&first).unwrap();
+    b[8 + HEADER_LEN + 3] ^= 0x20; // inside the first record's envelope
+    fs::write(&first, &b).unwrap();
+    let err = Spool::open(dir.path()).err().expect("refused").to_string();
+    assert!(err.contains("0000000001.seg at offset 8"), "{err}");
+    assert!(err.contains("checksum"), "{err}");
+}
+
+#[test]
+fn records_waiting_together_share_one_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = Arc::new(Spool::open(dir.path()).unwrap().spool);
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    s.jobs.send(Job::Pause(gate_rx)).unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let s = s.clone();
+            rt.spawn(async move {
+                s.store(&env(QueueId::generate()), Arc::new(b"m".to_vec()))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    // Every store is waiting for the commit stage (none answered while it is paused).
+    let t0 = Instant::now();
+    while s.jobs_waiting_for_test() < 50 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "stores did not queue");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(tasks.iter().all(|t| !t.is_finished()));
+    drop(gate_tx);
+    let locs: Vec<Loc> = tasks.into_iter().map(|t| rt.block_on(t).unwrap()).collect();
+    assert_eq!(s.commit_stats(), (1, 50), "one fdatasync for the 50 messages");
+    let mut offs: Vec<u64> = locs.iter().map(|l| l.off).collect();
+    offs.dedup();
+    assert_eq!(offs.len(), 50);
+}
+
+#[test]
+fn segments_are_deleted_when_done_and_a_done_record_outlives_its_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let s = Spool::open_sized(dir.path(), 4096).unwrap().spool;
+    let body = || Arc::new(vec![b'z'; 3000]);
+    let store = |id: &QueueId| rt.block_on(s.store(&env(id.clone()), body())).unwrap();
+    let [a, b, c, d] = [(); 4].map(|_| QueueId::generate());
+    let (la, lb) = (store(&a), store(&b));
+    assert_eq!((la.seg, lb.seg), (1, 1));
+    rt.block_on(s.finish(&b, lb, None)).unwrap(); // Done in segment 2, pinned by 1
+    let (lc, ld) = (store(&c), store(&d));
+    assert_eq!((lc.seg, ld.seg), (2, 2));
+    rt.block_on(s.finish(&c, lc, None)).unwrap();
+    rt.block_on(s.finish(&d, ld, None)).unwrap();
+    // Segment 2 holds nothing queued but b's Done, which must outlive segment 1 (a).
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(seg_files(dir.path()).contains(&segment::file_name(2)));
+    drop(s);
+    let o = Spool::open_sized(dir.path(), 4096).unwrap();
+    assert_eq!(ids(&o), vec![a.clone()], "b, c and d stay finished");
+    let q = o.queued[0].clone();
+    rt.block_on(o.spool.finish(&a, q.msg, q.state)).unwrap();
+    let t0 = Instant::now();
+    while seg_files(dir.path()).len() > 1 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", seg_files(dir.path()));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(o);
+    assert!(Spool::open(dir.path()).unwrap().queued.is_empty());
+}
+
+/// A spool of the former layout (`active/ID.msg` with an envelope line, `ID.state`) is
+/// imported at start, including envelopes with `RET` as older versions wrote it.
+#[test]
+fn the_former_layout_is_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    let active = dir.path().join("active");
+    fs::create_dir_all(&active).unwrap();
+    fs::create_dir_all(dir.path().join("incoming")).unwrap();
+    fs::write(dir.path().join("incoming/junk"), b"x").unwrap();
+    let mut ids = Vec::new();
+    for ret in [Some("FULL"), Some("HDRS"), None] {
+        let id = QueueId::generate();
+        let ret = ret.map(|r| format!(r#","ret":"{r}""#)).unwrap_or_default();
+        let line = format!(
+            r#"{{"id":"{id}","from":{{"local":"s","domain":"example.org"}},"rcpts":[{{"local":"u","domain":"nhs.test"}}],"smtputf8":false,"body":"EightBitMime","received_at":1764000000,"size":5,"client":"192.0.2.1:25"{ret},"envid":"E1","rcpt_dsn":[{{"notify":"FAILURE"}}]}}"#
+        );
+        fs::write(active.join(format!("{id}.msg")), format!("{line}\nhello")).unwrap();
+        ids.push(id);
+    }
+    fs::write(
+        active.join(format!("{}.state", ids[1])),
+        br#"{"rcpts":[{"status":"pending","last_reply":"450 4.2.1 try later"}],"attempts":3,"held":true}"#,
+    )
+    .unwrap();
+    let o = Spool::open(dir.path()).unwrap();
+    assert_eq!(o.queued.iter().map(|q| q.id.clone()).collect::<Vec<_>>(), ids);
+    assert!(!active.exists() && !dir.path().join("incoming").exists());
+    let rets: Vec<Option<Ret>> = o
+        .queued
+        .iter()
+        .map(|q| o.spool.read_envelope(q.msg).unwrap().ret)
+        .collect();
+    assert_eq!(rets, [Some(Ret::Full), Some(Ret::Hdrs), None]);
+    let old = o.spool.read_envelope(o.queued[0].msg).unwrap();
+    assert_eq!(old.body, BodyType::EightBitMime);
+    assert!(old.dsn(0).wants_failure() && !old.dsn(0).wants_delay());
+    assert_eq!(o.spool.read_message(o.queued[0].msg).unwrap(), b"hello");
+    assert_eq!((o.queued[1].attempts, o.queued[1].held), (3, true));
+    drop(o);
+    // Imported once: a second start finds them in the log.
+    assert_eq!(Spool::open(dir.path()).unwrap().queued.len(), 3);
+}
+
+#[test]
+fn kept_failed_messages_are_files_for_the_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path()).unwrap().spool;
+    let id = QueueId::generate();
+    let mut st = DeliveryState::new(1);
+    st.rcpts[0].status = RcptStatus::Failed;
+    s.keep_failed(&env(id.clone()), b"body", &st).unwrap();
+    let msg = fs::read_to_string(dir.path().join(format!("failed/{id}.msg"))).unwrap();
+    assert!(msg.ends_with("\nbody") && msg.starts_with('{'), "{msg}");
+    assert!(fs::read_to_string(dir.path().join(format!("failed/{id}.state")))
+        .unwrap()
+        .contains("failed"));
+}
+
+#[test]
+fn state_written_with_string_replies_still_loads() {
+        // The form of a `.state` file before replies were typed.
+        let old = br#"{"rcpts":[{"status":"delivered","last_reply":"250 2.0.0 Ok: queued as A"},
+            {"status":"failed","last_reply":"message expired in queue; last reply: 451 4.4.1 connect to 127.0.0.1:1 failed: refused"},
+            {"status":"pending","last_reply":"450 4.2.1 try later"},{"status":"pending","last_reply":null}],
+            "attempts":3}"#;
+        let st: DeliveryState = serde_json::from_slice(old).unwrap();
+        let shown: Vec<Option<String>> = st
+            .rcpts
+            .iter()
+            .map(|r| r.last_reply.as_ref().map(|l| l.to_string()))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                Some("250 2.0.0 Ok: queued as A".to_string()),
+                Some("message expired in queue; last reply: 451 4.4.1 connect to 127.0.0.1:1 failed: refused".to_string()),
+                Some("450 4.2.1 try later".to_string()),
+                None
+            ]
+        );
+        let expired = st.rcpts[1].last_reply.as_ref().and_then(|l| l.failure());
+        assert!(expired.is_some_and(|f| f.is_expired()));
+        // Written back in the typed form, it reads the same.
+        let again: DeliveryState =
+            serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        assert_eq!(
+            again
+                .rcpts
+                .iter()
+                .map(|r| r.last_reply.clone())
+                .collect::<Vec<_>>(),
+            st.rcpts
+                .iter()
+                .map(|r| r.last_reply.clone())
+                .collect::<Vec<_>>()
+        );
+    }
+

@@ -282,7 +282,11 @@ impl QueueId {
     /// [`QueueKey::id`] turns back into the same text. Keys sort as the ids do.
     pub fn key(&self) -> Option<QueueKey> {
         let s = self.0.as_bytes();
-        if s.len() != 17 || !s.iter().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b)) {
+        if s.len() != 17
+            || !s
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b))
+        {
             return None;
         }
         let v = u128::from_str_radix(&self.0, 16).ok()?;

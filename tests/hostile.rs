@@ -221,7 +221,7 @@ async fn a_loop_between_two_relays_ends_with_546() {
     // Only the relay that bounced still has work (finishing the original, sending the DSN).
     a.settled().await;
     b.settled().await;
-    let active = |d: &std::path::Path| std::fs::read_dir(d.join("spool/active")).unwrap().count();
+    let active = |d: &std::path::Path| spooled(&d.join("spool")).len();
     assert_eq!(
         active(a.dir.path()) + active(b.dir.path()),
         0,

@@ -344,15 +344,9 @@ async fn sigterm_during_load_keeps_every_acknowledged_message() {
                 .map(|id| id.trim_end_matches(';').to_string())
         })
         .collect();
-    let spooled: HashSet<String> = std::fs::read_dir(dir.path().join("spool/active"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".msg"))
-                .map(str::to_string)
-        })
+    let spooled: HashSet<String> = spooled(&dir.path().join("spool"))
+        .into_iter()
+        .map(|(id, _)| id)
         .collect();
     for id in &acked {
         assert!(

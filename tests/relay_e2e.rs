@@ -46,10 +46,7 @@ async fn message_for_both_estates_is_split_with_body_unchanged() {
     }
     // Delivered messages leave the spool (before they leave the queue).
     h.settled().await;
-    let left = std::fs::read_dir(h.dir.path().join("spool/active"))
-        .unwrap()
-        .count();
-    assert_eq!(left, 0);
+    assert_eq!(spooled(&h.dir.path().join("spool")), vec![]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,11 +113,8 @@ async fn deferral_then_success_at_the_same_hop() {
     let r = send_one(h.addr, &["bob@nhs.test"], "retry").await;
     assert_eq!(r.code, 250);
     h.deferred(&queue_id(&r)).await;
-    let state = std::fs::read_dir(h.dir.path().join("spool/active"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.path().extension().is_some_and(|x| x == "state"));
-    let text = std::fs::read_to_string(state.expect("state file after a deferral").path()).unwrap();
+    let spooled = spooled(&h.dir.path().join("spool"));
+    let text = &spooled.first().expect("state written after a deferral").1;
     assert!(text.contains("451 4.3.0"), "{text}");
     h.cloud.state.set_mode(SinkMode::Accept);
     assert_eq!(wait(&h.cloud, 1).await, 1);
@@ -147,12 +141,8 @@ async fn tls_required_route_defers_when_next_hop_has_no_starttls() {
         h.cloud.state.messages().is_empty(),
         "a required-TLS route must never send in clear text"
     );
-    let state = std::fs::read_dir(h.dir.path().join("spool/active"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.path().extension().is_some_and(|x| x == "state"))
-        .expect("message still queued");
-    let text = std::fs::read_to_string(state.path()).unwrap();
+    let spooled = spooled(&h.dir.path().join("spool"));
+    let text = &spooled.first().expect("message still queued").1;
     assert!(text.contains("does not offer STARTTLS"), "{text}");
 }
 
@@ -382,12 +372,8 @@ async fn verify_policy_checks_the_next_hop_certificate() {
         bad.cloud.state.messages().is_empty(),
         "a certificate for another name must not pass"
     );
-    let state = std::fs::read_dir(bad.dir.path().join("spool/active"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.path().extension().is_some_and(|x| x == "state"))
-        .expect("message still queued");
-    let text = std::fs::read_to_string(state.path()).unwrap();
+    let spooled = spooled(&bad.dir.path().join("spool"));
+    let text = &spooled.first().expect("message still queued").1;
     assert!(
         text.contains("TLS with") && text.contains("failed"),
         "{text}"

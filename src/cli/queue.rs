@@ -87,6 +87,26 @@ pub enum QueueCmd {
         #[command(flatten)]
         api: Api,
     },
+    /// List what the spool on disk holds, read straight from its log without a server (a
+    /// stopped relay, or after a crash); changes nothing.
+    Spooled {
+        /// Spool directory (default: `spool.dir` of the config).
+        #[arg(long)]
+        spool: Option<std::path::PathBuf>,
+        /// Where the config is, and output format.
+        #[command(flatten)]
+        api: Api,
+    },
+}
+
+/// A message in the spool on disk, as `queue spooled --json` prints it.
+#[derive(serde::Serialize)]
+struct Spooled {
+    id: String,
+    received_at: u64,
+    attempts: u32,
+    held: bool,
+    next_attempt_ms: Option<u64>,
 }
 
 /// Runs a queue command.
@@ -136,6 +156,35 @@ pub fn run(cmd: QueueCmd) -> anyhow::Result<()> {
         QueueCmd::RetryNow { api } => {
             let r = api.client()?.queue_flush(None)?;
             api.print(&r, |r| format!("flushed {} deferred message(s)", r.flushed))
+        }
+        QueueCmd::Spooled { spool, api } => {
+            let dir = match spool {
+                Some(d) => d,
+                None => super::load_config(api.config.as_ref())?.spool.dir,
+            };
+            let queued = crate::spool::inspect(&dir)?;
+            let list: Vec<Spooled> = queued
+                .into_iter()
+                .map(|q| Spooled {
+                    id: q.id.to_string(),
+                    received_at: q.received_at,
+                    attempts: q.attempts,
+                    held: q.held,
+                    next_attempt_ms: q.next_attempt_ms,
+                })
+                .collect();
+            api.print(&list, |l| {
+                let mut out = format!("{} message(s) in the spool\n", l.len());
+                for m in l {
+                    out += &format!(
+                        "{}  attempts {}{}\n",
+                        m.id,
+                        m.attempts,
+                        if m.held { "  held" } else { "" }
+                    );
+                }
+                out.trim_end().to_string()
+            })
         }
     }
 }

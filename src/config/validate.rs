@@ -70,7 +70,11 @@ impl Config {
             return Err(fail("queue", "max_active", "must be at least 1".into()));
         }
         if self.queue.probe_interval.is_zero() {
-            return Err(fail("queue", "probe_interval", "must be more than 0s".into()));
+            return Err(fail(
+                "queue",
+                "probe_interval",
+                "must be more than 0s".into(),
+            ));
         }
         if self.routes.is_empty() {
             return Err(fail("routes", "", "at least one route is needed".into()));

@@ -32,7 +32,16 @@ pub(super) async fn warn_if_delayed(
     if delayed.is_empty() {
         return;
     }
-    match spool_dsn(inner, env, msg, state, &delayed, crate::bounce::Kind::Delayed).await {
+    match spool_dsn(
+        inner,
+        env,
+        msg,
+        state,
+        &delayed,
+        crate::bounce::Kind::Delayed,
+    )
+    .await
+    {
         Ok(dsn) => info!(qid = %env.id, dsn = %dsn, "delay warning queued for the sender"),
         Err(e) => {
             state.warned = false;

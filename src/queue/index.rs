@@ -364,7 +364,8 @@ mod tests {
         ix.insert(a, entry(Slot::Deferred, 100));
         assert!(matches!(ix.ask(a, Asks::FLUSH), Ok(None)));
         assert_eq!(ix.next(0).map(|x| x.0), Some(a));
-        ix.settle(a, None, 1, NO_ROUTE, Settle::Deferred(500)).unwrap();
+        ix.settle(a, None, 1, NO_ROUTE, Settle::Deferred(500))
+            .unwrap();
         assert_eq!(ix.next_due(), Some(500), "the item at 100 is stale");
         assert!(ix.next(200).is_none());
     }
@@ -377,7 +378,9 @@ mod tests {
         ix.next(0).unwrap();
         assert!(matches!(ix.ask(a, Asks::HOLD), Ok(None)));
         assert!(matches!(ix.ask(a, Asks::DELETE), Ok(None)));
-        let asks = ix.settle(a, None, 1, NO_ROUTE, Settle::Deferred(9)).unwrap_err();
+        let asks = ix
+            .settle(a, None, 1, NO_ROUTE, Settle::Deferred(9))
+            .unwrap_err();
         assert!(asks.has(Asks::HOLD) && asks.has(Asks::DELETE));
         assert_eq!(ix.get(a).unwrap().slot, Slot::Busy);
         ix.settle(a, None, 1, NO_ROUTE, Settle::Held).unwrap();
@@ -408,6 +411,6 @@ mod tests {
             got.push(k);
         }
         assert_eq!(got, mine, "oldest first, only route 3");
-        assert_eq!(ix.probe_route(4).is_some(), true);
+        assert!(ix.probe_route(4).is_some());
     }
 }

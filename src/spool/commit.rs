@@ -17,8 +17,8 @@ use super::{io_err, Loc, SpoolError};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tracing::{error, warn};
@@ -62,7 +62,7 @@ pub enum Job {
         /// Records, written in this order.
         recs: Vec<Rec>,
         /// Where the positions (or the error) go.
-        reply: oneshot::Sender<Result<Vec<Loc>, SpoolError>>,
+        reply: ReplyTo,
     },
     /// Delete these segments (nothing needs them).
     Delete(Vec<u32>),
@@ -163,8 +163,7 @@ pub fn run(
 ) {
     let mut buf = Vec::with_capacity(256 << 10);
     while let Ok(first) = jobs.recv() {
-        let mut appends: Vec<(Vec<Rec>, oneshot::Sender<Result<Vec<Loc>, SpoolError>>)> =
-            Vec::new();
+        let mut appends: Waiting = Vec::new();
         let mut deletes = Vec::new();
         let mut bytes = 0u64;
         let mut next = Some(first);
@@ -189,9 +188,10 @@ pub fn run(
         }
         if !appends.is_empty() {
             stats.commits.fetch_add(1, Ordering::Relaxed);
-            stats
-                .records
-                .fetch_add(appends.iter().map(|a| a.0.len() as u64).sum(), Ordering::Relaxed);
+            stats.records.fetch_add(
+                appends.iter().map(|a| a.0.len() as u64).sum(),
+                Ordering::Relaxed,
+            );
             commit_turn(&mut head, appends, &mut buf);
             if head.len >= segment_size {
                 match Head::create(&head.dir, head.n + 1) {
@@ -200,7 +200,9 @@ pub fn run(
                         let old = lock(&reclaim).rotated(head.n);
                         deletes.extend(old);
                     }
-                    Err(e) => error!(error = %e, "cannot start a new spool segment; the current one keeps growing"),
+                    Err(e) => {
+                        error!(error = %e, "cannot start a new spool segment; the current one keeps growing")
+                    }
                 }
             }
         }
@@ -212,13 +214,19 @@ fn lock(r: &Mutex<Reclaim>) -> std::sync::MutexGuard<'_, Reclaim> {
     r.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-type Waiting = Vec<(Vec<Rec>, oneshot::Sender<Result<Vec<Loc>, SpoolError>>)>;
+/// Where the positions of one request's records (or the error) go.
+type ReplyTo = oneshot::Sender<Result<Vec<Loc>, SpoolError>>;
+
+/// The append requests of one turn.
+type Waiting = Vec<(Vec<Rec>, ReplyTo)>;
 
 /// Writes one turn's records, syncs once, answers every caller.
 fn commit_turn(head: &mut Head, appends: Waiting, buf: &mut Vec<u8>) {
     let start = head.len;
     let all: Vec<&Rec> = appends.iter().flat_map(|(r, _)| r.iter()).collect();
-    let res = head.write(&all, buf).and_then(|locs| head.sync().map(|()| locs));
+    let res = head
+        .write(&all, buf)
+        .and_then(|locs| head.sync().map(|()| locs));
     drop(all);
     match res {
         Ok(locs) => {

@@ -22,7 +22,7 @@ mod recover;
 pub mod segment;
 
 pub use records::{DeliveryState, Envelope, RcptState, RcptStatus};
-pub use recover::Queued;
+pub use recover::{inspect, Queued};
 
 use crate::types::QueueId;
 use commit::{Job, Rec};
@@ -94,6 +94,7 @@ pub const FOLDERS: [&str; 2] = ["segments", "failed"];
 /// The spool: the log's commit stage and readers.
 pub struct Spool {
     segments: PathBuf,
+    reader: Reader,
     failed: PathBuf,
     jobs: mpsc::Sender<Job>,
     reclaim: Arc<Mutex<Reclaim>>,
@@ -169,6 +170,7 @@ impl Spool {
             .spawn(move || commit::run(replayed.head, rx, r2, s2, segment_size))
             .map_err(io_err(&segments))?;
         let spool = Spool {
+            reader: Reader::new(dir),
             segments,
             failed,
             jobs: tx,
@@ -197,7 +199,10 @@ impl Spool {
     /// how many records share one `fdatasync`.
     pub fn commit_stats(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        (self.stats.commits.load(Relaxed), self.stats.records.load(Relaxed))
+        (
+            self.stats.commits.load(Relaxed),
+            self.stats.records.load(Relaxed),
+        )
     }
 
     /// Test only: requests sent to the commit stage and not yet answered or taken.
@@ -250,7 +255,12 @@ impl Spool {
 
     /// Records that a message is finished (delivered, bounced, deleted or kept in
     /// `failed/`); its records are then no longer needed.
-    pub async fn finish(&self, id: &QueueId, msg: Loc, state: Option<Loc>) -> Result<(), SpoolError> {
+    pub async fn finish(
+        &self,
+        id: &QueueId,
+        msg: Loc,
+        state: Option<Loc>,
+    ) -> Result<(), SpoolError> {
         let done = self
             .append(vec![Rec {
                 kind: Kind::Done,
@@ -270,6 +280,72 @@ impl Spool {
         Ok(())
     }
 
+    /// Reads a queued message's envelope (blocking; a few hundred bytes).
+    pub fn read_envelope(&self, msg: Loc) -> Result<Envelope, SpoolError> {
+        self.reader.read_envelope(msg)
+    }
+
+    /// Reads a message's state record (blocking).
+    pub fn read_state(&self, state: Loc) -> Result<DeliveryState, SpoolError> {
+        self.reader.read_state(state)
+    }
+
+    /// Reads a queued message's bytes, checked against their checksum (blocking).
+    pub fn read_message(&self, msg: Loc) -> Result<Vec<u8>, SpoolError> {
+        self.reader.read_message(msg)
+    }
+
+    /// Keeps a message with failed recipients that cannot be bounced in `failed/` for the
+    /// admin (`ID.msg`: envelope line and message; `ID.state`), durably (blocking). The
+    /// caller then [`finish`](Spool::finish)es it in the log.
+    pub fn keep_failed(
+        &self,
+        env: &Envelope,
+        message: &[u8],
+        state: &DeliveryState,
+    ) -> Result<(), SpoolError> {
+        let id = QueueId::from_file_stem(env.id.as_str()).ok_or_else(|| SpoolError::Corrupt {
+            path: self.failed.display().to_string(),
+            reason: format!("queue id {:?} is not a file name", env.id.as_str()),
+        })?;
+        let write = |name: String, parts: &[&[u8]]| -> Result<(), SpoolError> {
+            let path = self.failed.join(name);
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            for p in parts {
+                f.write_all(p).map_err(io_err(&path))?;
+            }
+            f.sync_data().map_err(io_err(&path))
+        };
+        let mut line = json(env)?;
+        line.push(b'\n');
+        write(format!("{id}.msg"), &[&line, message])?;
+        write(format!("{id}.state"), &[&json(state)?])?;
+        File::open(&self.failed)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&self.failed))
+    }
+}
+
+/// Reads records by position; works on the spool of a running or stopped relay (with the
+/// positions [`inspect`] gives).
+#[derive(Debug, Clone)]
+pub struct Reader {
+    segments: PathBuf,
+}
+
+impl Reader {
+    /// A reader of the spool under `dir`.
+    pub fn new(dir: &Path) -> Reader {
+        Reader {
+            segments: dir.join("segments"),
+        }
+    }
+
     fn read(&self, loc: Loc, body: bool) -> Result<(Vec<u8>, Vec<u8>), SpoolError> {
         let path = self.segments.join(segment::file_name(loc.seg));
         let corrupt = |reason: &str| SpoolError::Corrupt {
@@ -279,7 +355,9 @@ impl Spool {
         let f = File::open(&path).map_err(io_err(&path))?;
         let mut head = vec![0u8; HEADER_LEN + loc.meta_len as usize];
         f.read_exact_at(&mut head, loc.off).map_err(io_err(&path))?;
-        let hb: [u8; HEADER_LEN] = head[..HEADER_LEN].try_into().map_err(|_| corrupt("short"))?;
+        let hb: [u8; HEADER_LEN] = head[..HEADER_LEN]
+            .try_into()
+            .map_err(|_| corrupt("short"))?;
         let h = segment::decode_header(&hb).ok_or_else(|| corrupt("not a record header"))?;
         let meta = head.split_off(HEADER_LEN);
         if h.meta_len != loc.meta_len || !h.meta_ok(&meta) {
@@ -320,41 +398,6 @@ impl Spool {
     /// Reads a queued message's bytes, checked against their checksum (blocking).
     pub fn read_message(&self, msg: Loc) -> Result<Vec<u8>, SpoolError> {
         Ok(self.read(msg, true)?.1)
-    }
-
-    /// Keeps a message with failed recipients that cannot be bounced in `failed/` for the
-    /// admin (`ID.msg`: envelope line and message; `ID.state`), durably (blocking). The
-    /// caller then [`finish`](Spool::finish)es it in the log.
-    pub fn keep_failed(
-        &self,
-        env: &Envelope,
-        message: &[u8],
-        state: &DeliveryState,
-    ) -> Result<(), SpoolError> {
-        let id = QueueId::from_file_stem(env.id.as_str()).ok_or_else(|| SpoolError::Corrupt {
-            path: self.failed.display().to_string(),
-            reason: format!("queue id {:?} is not a file name", env.id.as_str()),
-        })?;
-        let write = |name: String, parts: &[&[u8]]| -> Result<(), SpoolError> {
-            let path = self.failed.join(name);
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .map_err(io_err(&path))?;
-            for p in parts {
-                f.write_all(p).map_err(io_err(&path))?;
-            }
-            f.sync_data().map_err(io_err(&path))
-        };
-        let mut line = json(env)?;
-        line.push(b'\n');
-        write(format!("{id}.msg"), &[&line, message])?;
-        write(format!("{id}.state"), &[&json(state)?])?;
-        File::open(&self.failed)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err(&self.failed))
     }
 }
 

@@ -70,8 +70,14 @@ pub struct Replayed {
     pub head: Head,
 }
 
-/// Replays every segment under `dir`, imports a former `active/` spool, and opens a new head.
-pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
+/// What the segments under `dir` hold.
+struct Found {
+    numbers: Vec<u32>,
+    live: HashMap<QueueId, Queued>,
+    dones: Vec<(u32, u32)>,
+}
+
+fn replay_segments(dir: &Path, read_only: bool) -> Result<Found, SpoolError> {
     let mut numbers = Vec::new();
     for e in fs::read_dir(dir).map_err(io_err(dir))? {
         let e = e.map_err(io_err(dir))?;
@@ -85,14 +91,49 @@ pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
     let mut dones: Vec<(u32, u32)> = Vec::new();
     for (i, &n) in numbers.iter().enumerate() {
         let last = i + 1 == numbers.len();
-        scan(&dir.join(segment::file_name(n)), n, last, &mut |loc, h, meta| {
-            apply(&mut live, &mut dones, loc, h, meta)
-        })?;
+        let tail = match (last, read_only) {
+            (false, _) => Tail::Sealed,
+            (true, false) => Tail::Cut,
+            (true, true) => Tail::Stop,
+        };
+        scan(
+            &dir.join(segment::file_name(n)),
+            n,
+            tail,
+            &mut |loc, h, meta| apply(&mut live, &mut dones, loc, h, meta),
+        )?;
     }
+    Ok(Found {
+        numbers,
+        live,
+        dones,
+    })
+}
+
+/// The queued messages of the spool under `root` as its log says, without changing anything
+/// (for a spool whose relay is stopped, or to look at a live one: a record being written is
+/// not counted). Oldest first.
+pub fn inspect(root: &Path) -> Result<Vec<Queued>, SpoolError> {
+    let dir = root.join("segments");
+    let mut queued: Vec<Queued> = replay_segments(&dir, true)?.live.into_values().collect();
+    queued.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(queued)
+}
+
+/// Replays every segment under `dir`, imports a former `active/` spool, and opens a new head.
+pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
+    let Found {
+        numbers,
+        mut live,
+        dones,
+    } = replay_segments(dir, false)?;
     let mut head = Head::create(dir, numbers.last().map_or(1, |n| n + 1))?;
     let imported = import_former(root, &mut head, &mut live)?;
     if imported > 0 {
-        info!(messages = imported, "imported the queue of the former spool layout (active/)");
+        info!(
+            messages = imported,
+            "imported the queue of the former spool layout (active/)"
+        );
     }
     let mut reclaim = Reclaim::new(numbers.iter().copied(), head.n);
     let mut queued: Vec<Queued> = live.into_values().collect();
@@ -155,21 +196,30 @@ fn apply(
     Ok(())
 }
 
-/// Reads every record of segment `n`; bodies are skipped unless `last` (the segment that was
-/// being written), where they are checked and a torn tail is cut off.
-fn scan(
-    path: &Path,
-    n: u32,
-    last: bool,
-    each: &mut dyn FnMut(Loc, &Header, &[u8]) -> Result<(), String>,
-) -> Result<(), SpoolError> {
+/// What a scan calls for each record: its position, header and metadata.
+type RecordFn<'a> = dyn FnMut(Loc, &Header, &[u8]) -> Result<(), String> + 'a;
+
+/// How a scan treats the end of a segment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    /// Synced whole before the next was started: damage is an error.
+    Sealed,
+    /// The segment being written at the crash: bodies are checked, a torn tail is cut off.
+    Cut,
+    /// As `Cut`, but nothing is changed: the scan stops at the torn tail.
+    Stop,
+}
+
+/// Reads every record of segment `n`; bodies are skipped in sealed segments.
+fn scan(path: &Path, n: u32, tail: Tail, each: &mut RecordFn<'_>) -> Result<(), SpoolError> {
     let corrupt = |off: u64, reason: String| SpoolError::Corrupt {
         path: format!("{} at offset {off}", path.display()),
         reason,
     };
+    let last = tail != Tail::Sealed;
     let file = OpenOptions::new()
         .read(true)
-        .write(last)
+        .write(tail == Tail::Cut)
         .open(path)
         .map_err(io_err(path))?;
     let file_len = file.metadata().map_err(io_err(path))?.len();
@@ -178,6 +228,9 @@ fn scan(
     let got = segment::read_full(&mut r, &mut magic).map_err(io_err(path))?;
     if got < magic.len() || &magic != segment::FILE_MAGIC {
         if last && got < magic.len() {
+            if tail == Tail::Stop {
+                return Ok(());
+            }
             // Created but its header never reached the disk: nothing was written to it.
             warn!(path = %path.display(), "empty spool segment left by a crash; removed");
             drop(r);
@@ -199,8 +252,10 @@ fn scan(
             .flatten()
             .filter(|h| off + h.record_len() <= file_len);
         let torn = |why: &str| -> Result<(), SpoolError> {
-            if !last {
-                return Err(corrupt(off, why.to_string()));
+            match tail {
+                Tail::Sealed => return Err(corrupt(off, why.to_string())),
+                Tail::Stop => return Ok(()),
+                Tail::Cut => {}
             }
             warn!(path = %path.display(), offset = off, reason = why, "torn record at the end of the spool log (a write cut short by a crash); cut off");
             file.set_len(off)
@@ -318,4 +373,3 @@ pub(super) fn read_former(path: &Path) -> Result<(Envelope, Vec<u8>), SpoolError
     r.read_to_end(&mut body).map_err(io_err(path))?;
     Ok((env, body))
 }
-

@@ -49,8 +49,12 @@ fn store_state_finish_survive_reopen() {
     let rt = rt();
     let s = Spool::open(dir.path()).unwrap().spool;
     let (a, b) = (QueueId::generate(), QueueId::generate());
-    let la = rt.block_on(s.store(&env(a.clone()), Arc::new(b"hello".to_vec()))).unwrap();
-    let lb = rt.block_on(s.store(&env(b.clone()), Arc::new(b"world".to_vec()))).unwrap();
+    let la = rt
+        .block_on(s.store(&env(a.clone()), Arc::new(b"hello".to_vec())))
+        .unwrap();
+    let lb = rt
+        .block_on(s.store(&env(b.clone()), Arc::new(b"world".to_vec())))
+        .unwrap();
     let mut st = DeliveryState::new(1);
     st.attempts = 2;
     st.held = true;
@@ -64,7 +68,10 @@ fn store_state_finish_survive_reopen() {
     assert_eq!(ids(&o), vec![a.clone()], "b was finished");
     let q = &o.queued[0];
     assert_eq!((q.msg, q.state), (la, Some(sa)));
-    assert_eq!((q.attempts, q.held, q.next_attempt_ms), (2, true, Some(123_456)));
+    assert_eq!(
+        (q.attempts, q.held, q.next_attempt_ms),
+        (2, true, Some(123_456))
+    );
     assert_eq!(q.received_at, 1);
     assert_eq!(o.spool.read_message(q.msg).unwrap(), b"hello");
     assert_eq!(o.spool.read_envelope(q.msg).unwrap().id, a);
@@ -78,17 +85,20 @@ fn a_torn_tail_is_cut_and_the_complete_records_stay() {
     let s = Spool::open(dir.path()).unwrap().spool;
     let kept: Vec<QueueId> = (0..3).map(|_| QueueId::generate()).collect();
     for id in &kept {
-        rt.block_on(s.store(&env(id.clone()), Arc::new(vec![b'x'; 100]))).unwrap();
+        rt.block_on(s.store(&env(id.clone()), Arc::new(vec![b'x'; 100])))
+            .unwrap();
     }
     let torn = QueueId::generate();
-    rt.block_on(s.store(&env(torn.clone()), Arc::new(vec![b'y'; 100]))).unwrap();
+    rt.block_on(s.store(&env(torn.clone()), Arc::new(vec![b'y'; 100])))
+        .unwrap();
     drop(s);
     let seg = dir.path().join("segments").join(&seg_files(dir.path())[0]);
     let full = fs::metadata(&seg).unwrap().len();
     // Cut the last record at every length short of whole: each reopen keeps exactly the
     // three complete messages and cuts the file back to them.
     let bytes = fs::read(&seg).unwrap();
-    let last_len = (HEADER_LEN + serde_json::to_vec(&env(torn.clone())).unwrap().len() + 100) as u64;
+    let last_len =
+        (HEADER_LEN + serde_json::to_vec(&env(torn.clone())).unwrap().len() + 100) as u64;
     for cut in [1, 10, HEADER_LEN as u64, last_len - 1] {
         let d2 = tempfile::tempdir().unwrap();
         fs::create_dir_all(d2.path().join("segments")).unwrap();
@@ -96,7 +106,11 @@ fn a_torn_tail_is_cut_and_the_complete_records_stay() {
         fs::write(&copy, &bytes[..(full - last_len + cut) as usize]).unwrap();
         let o = Spool::open(d2.path()).unwrap();
         assert_eq!(ids(&o), kept, "cut at {cut}");
-        assert_eq!(fs::metadata(&copy).unwrap().len(), full - last_len, "cut at {cut}");
+        assert_eq!(
+            fs::metadata(&copy).unwrap().len(),
+            full - last_len,
+            "cut at {cut}"
+        );
     }
     // A flipped byte in the last message's body is caught too.
     let d3 = tempfile::tempdir().unwrap();
@@ -104,7 +118,11 @@ fn a_torn_tail_is_cut_and_the_complete_records_stay() {
     let mut bad = bytes.clone();
     let n = bad.len();
     bad[n - 5] ^= 1;
-    fs::write(d3.path().join("segments").join(seg.file_name().unwrap()), &bad).unwrap();
+    fs::write(
+        d3.path().join("segments").join(seg.file_name().unwrap()),
+        &bad,
+    )
+    .unwrap();
     assert_eq!(ids(&Spool::open(d3.path()).unwrap()), kept);
 }
 
@@ -113,7 +131,8 @@ fn damage_before_the_last_segment_is_reported_with_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
     let s = Spool::open(dir.path()).unwrap().spool;
-    rt.block_on(s.store(&env(QueueId::generate()), Arc::new(b"one".to_vec()))).unwrap();
+    rt.block_on(s.store(&env(QueueId::generate()), Arc::new(b"one".to_vec())))
+        .unwrap();
     drop(s);
     // Reopening starts a new head: the first segment is now sealed.
     drop(Spool::open(dir.path()).unwrap());
@@ -150,13 +169,20 @@ fn records_waiting_together_share_one_sync() {
     // Every store is waiting for the commit stage (none answered while it is paused).
     let t0 = Instant::now();
     while s.jobs_waiting_for_test() < 50 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "stores did not queue");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "stores did not queue"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(tasks.iter().all(|t| !t.is_finished()));
     drop(gate_tx);
     let locs: Vec<Loc> = tasks.into_iter().map(|t| rt.block_on(t).unwrap()).collect();
-    assert_eq!(s.commit_stats(), (1, 50), "one fdatasync for the 50 messages");
+    assert_eq!(
+        s.commit_stats(),
+        (1, 50),
+        "one fdatasync for the 50 messages"
+    );
     let mut offs: Vec<u64> = locs.iter().map(|l| l.off).collect();
     offs.dedup();
     assert_eq!(offs.len(), 50);
@@ -187,7 +213,11 @@ fn segments_are_deleted_when_done_and_a_done_record_outlives_its_message() {
     rt.block_on(o.spool.finish(&a, q.msg, q.state)).unwrap();
     let t0 = Instant::now();
     while seg_files(dir.path()).len() > 1 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", seg_files(dir.path()));
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            seg_files(dir.path())
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     drop(o);
@@ -219,7 +249,10 @@ fn the_former_layout_is_imported() {
     )
     .unwrap();
     let o = Spool::open(dir.path()).unwrap();
-    assert_eq!(o.queued.iter().map(|q| q.id.clone()).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        o.queued.iter().map(|q| q.id.clone()).collect::<Vec<_>>(),
+        ids
+    );
     assert!(!active.exists() && !dir.path().join("incoming").exists());
     let rets: Vec<Option<Ret>> = o
         .queued
@@ -247,25 +280,27 @@ fn kept_failed_messages_are_files_for_the_admin() {
     s.keep_failed(&env(id.clone()), b"body", &st).unwrap();
     let msg = fs::read_to_string(dir.path().join(format!("failed/{id}.msg"))).unwrap();
     assert!(msg.ends_with("\nbody") && msg.starts_with('{'), "{msg}");
-    assert!(fs::read_to_string(dir.path().join(format!("failed/{id}.state")))
-        .unwrap()
-        .contains("failed"));
+    assert!(
+        fs::read_to_string(dir.path().join(format!("failed/{id}.state")))
+            .unwrap()
+            .contains("failed")
+    );
 }
 
 #[test]
 fn state_written_with_string_replies_still_loads() {
-        // The form of a `.state` file before replies were typed.
-        let old = br#"{"rcpts":[{"status":"delivered","last_reply":"250 2.0.0 Ok: queued as A"},
+    // The form of a `.state` file before replies were typed.
+    let old = br#"{"rcpts":[{"status":"delivered","last_reply":"250 2.0.0 Ok: queued as A"},
             {"status":"failed","last_reply":"message expired in queue; last reply: 451 4.4.1 connect to 127.0.0.1:1 failed: refused"},
             {"status":"pending","last_reply":"450 4.2.1 try later"},{"status":"pending","last_reply":null}],
             "attempts":3}"#;
-        let st: DeliveryState = serde_json::from_slice(old).unwrap();
-        let shown: Vec<Option<String>> = st
-            .rcpts
-            .iter()
-            .map(|r| r.last_reply.as_ref().map(|l| l.to_string()))
-            .collect();
-        assert_eq!(
+    let st: DeliveryState = serde_json::from_slice(old).unwrap();
+    let shown: Vec<Option<String>> = st
+        .rcpts
+        .iter()
+        .map(|r| r.last_reply.as_ref().map(|l| l.to_string()))
+        .collect();
+    assert_eq!(
             shown,
             vec![
                 Some("250 2.0.0 Ok: queued as A".to_string()),
@@ -274,21 +309,19 @@ fn state_written_with_string_replies_still_loads() {
                 None
             ]
         );
-        let expired = st.rcpts[1].last_reply.as_ref().and_then(|l| l.failure());
-        assert!(expired.is_some_and(|f| f.is_expired()));
-        // Written back in the typed form, it reads the same.
-        let again: DeliveryState =
-            serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
-        assert_eq!(
-            again
-                .rcpts
-                .iter()
-                .map(|r| r.last_reply.clone())
-                .collect::<Vec<_>>(),
-            st.rcpts
-                .iter()
-                .map(|r| r.last_reply.clone())
-                .collect::<Vec<_>>()
-        );
-    }
-
+    let expired = st.rcpts[1].last_reply.as_ref().and_then(|l| l.failure());
+    assert!(expired.is_some_and(|f| f.is_expired()));
+    // Written back in the typed form, it reads the same.
+    let again: DeliveryState = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+    assert_eq!(
+        again
+            .rcpts
+            .iter()
+            .map(|r| r.last_reply.clone())
+            .collect::<Vec<_>>(),
+        st.rcpts
+            .iter()
+            .map(|r| r.last_reply.clone())
+            .collect::<Vec<_>>()
+    );
+}

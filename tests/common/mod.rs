@@ -181,6 +181,23 @@ pub async fn queue_settled(relay: &Running) {
 
 /// Waits until message `qid` has finished a delivery attempt and waits for its retry (its
 /// state, with every recipient's last reply, is saved by then); returns the queue entry.
+/// The queued messages the spool under `spool` holds on disk, with each one's last written
+/// delivery state as JSON text (read from the log; the relay may be running or stopped).
+pub fn spooled(spool: &std::path::Path) -> Vec<(String, String)> {
+    let reader = coexist::spool::Reader::new(spool);
+    coexist::spool::inspect(spool)
+        .expect("spool readable")
+        .into_iter()
+        .map(|q| {
+            let state = q
+                .state
+                .map(|l| serde_json::to_string(&reader.read_state(l).expect("state")).unwrap())
+                .unwrap_or_default();
+            (q.id.to_string(), state)
+        })
+        .collect()
+}
+
 pub async fn queue_deferred(relay: &Running, qid: &str) -> QueueEntry {
     eventually(&format!("message {qid} to be deferred"), || {
         match relay.queue.get(qid) {

@@ -378,6 +378,7 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.stop_listening();
+        self.queue.stop();
         if let Some(a) = &self.admin {
             a.abort();
         }

@@ -151,6 +151,8 @@ struct Inner {
     active: Arc<Semaphore>,
     /// Wakes the dispatcher (new ready message, flush, release, route up).
     wake: Notify,
+    /// Set by [`Queue::stop`]: the dispatcher starts no more attempts.
+    stopped: std::sync::atomic::AtomicBool,
     pool: deliver::pool::Pool,
     tls: ArcSwap<HashMap<String, deliver::RouteTls>>,
     dns: deliver::dns::Dns,
@@ -203,6 +205,7 @@ impl Queue {
             index: Mutex::new(Index::default()),
             routes: Mutex::new(Routes::default()),
             wake: Notify::new(),
+            stopped: Default::default(),
             pool: deliver::pool::Pool::new(16, hop_concurrency),
         });
         tokio::spawn(schedule::dispatch(inner.clone()));
@@ -294,6 +297,16 @@ impl Queue {
             );
         }
         drop(ix);
+        self.inner.wake.notify_one();
+    }
+
+    /// Stops the dispatcher: no new attempts start (those running finish). For a relay
+    /// that is being shut down.
+    pub fn stop(&self) {
+        self.inner
+            .stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.active.close();
         self.inner.wake.notify_one();
     }
 

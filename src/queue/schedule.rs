@@ -29,7 +29,8 @@ const RELEASE_STEP: usize = 20_000;
 /// The dispatcher: starts an attempt for each due message while attempt slots are free, runs
 /// route releases and probes, and sleeps until the next message is due or it is woken.
 pub(super) async fn dispatch(inner: Arc<Inner>) {
-    loop {
+    use std::sync::atomic::Ordering::SeqCst;
+    while !inner.stopped.load(SeqCst) {
         release_and_probe(&inner);
         loop {
             let permit = match inner.active.clone().try_acquire_owned() {

@@ -179,8 +179,6 @@ pub async fn queue_settled(relay: &Running) {
     .await
 }
 
-/// Waits until message `qid` has finished a delivery attempt and waits for its retry (its
-/// state, with every recipient's last reply, is saved by then); returns the queue entry.
 /// The queued messages the spool under `spool` holds on disk, with each one's last written
 /// delivery state as JSON text (read from the log; the relay may be running or stopped).
 pub fn spooled(spool: &std::path::Path) -> Vec<(String, String)> {
@@ -198,6 +196,8 @@ pub fn spooled(spool: &std::path::Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Waits until message `qid` has finished a delivery attempt and waits for its retry (its
+/// state, with every recipient's last reply, is saved by then); returns the queue entry.
 pub async fn queue_deferred(relay: &Running, qid: &str) -> QueueEntry {
     eventually(&format!("message {qid} to be deferred"), || {
         match relay.queue.get(qid) {

@@ -1,0 +1,114 @@
+//! The scheduler at scale: mail deferred because a route's next hops were down is released
+//! when they answer again (not at each message's own retry time), and a restart resumes the
+//! schedule written in the spool instead of retrying everything at once.
+
+mod common;
+
+use coexist::load::sink::{Sink, SinkMode, SinkOptions};
+use coexist::queue::Phase;
+use common::*;
+use std::time::Duration;
+
+/// Ten messages for a route whose next hop refuses connections, with a one-hour backoff:
+/// when the hop comes up, a probe (every `queue.probe_interval`) gets through and every
+/// deferred message goes out, long before its own next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_waiting_for_a_down_route_goes_out_when_it_answers_again() {
+    let down = DownPort::new();
+    let h = harness(|c| {
+        c.routes.get_mut("cloud").unwrap().next_hops = vec![down.addr.into()];
+        c.queue.min_backoff = Duration::from_secs(3600);
+        c.queue.max_backoff = Duration::from_secs(3600);
+        c.queue.probe_interval = Duration::from_secs(1);
+    })
+    .await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let r = c
+            .mail(
+                "x@example.org",
+                &["bob@nhs.test"],
+                &sample(&format!("m{i}")),
+            )
+            .await;
+        assert_eq!(r.code, 250, "{}", r.text);
+        ids.push(queue_id(&r));
+    }
+    for id in &ids {
+        let e = h.deferred(id).await;
+        let wait = e
+            .next_attempt
+            .unwrap()
+            .saturating_sub(coexist::queue::unix_now());
+        assert!(
+            wait > 3000,
+            "next attempt in {wait} s: the backoff is an hour"
+        );
+    }
+    let back = Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
+        .await
+        .unwrap();
+    down.forward_to(back.addr);
+    assert_eq!(wait(&back, 10).await, 10);
+    h.settled().await;
+    assert!(h.onprem.state.messages().is_empty());
+}
+
+/// A message deferred with a one-hour backoff keeps its attempts and its next attempt time
+/// across a restart (read from the spool), rather than being retried at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_the_schedule_from_the_spool() {
+    let h = harness(|c| {
+        c.queue.min_backoff = Duration::from_secs(3600);
+        c.queue.max_backoff = Duration::from_secs(3600);
+    })
+    .await;
+    h.cloud.state.set_mode(SinkMode::Defer);
+    let r = send_one(h.addr, &["bob@nhs.test"], "resume").await;
+    assert_eq!(r.code, 250);
+    let qid = queue_id(&r);
+    let before = h.deferred(&qid).await;
+    assert_eq!(before.state.attempts, 1);
+    let due = before.next_attempt.unwrap();
+
+    // Same spool, same config, new relay: the hop accepts now, but the message's next
+    // attempt is an hour away.
+    h.cloud.state.set_mode(SinkMode::Accept);
+    let Harness {
+        relay,
+        dir,
+        certs,
+        onprem,
+        cloud,
+        ..
+    } = h;
+    let cfg = relay.control.config();
+    drop(relay);
+    let again = coexist::relay::start((*cfg).clone()).await.unwrap();
+    let e = again
+        .queue
+        .get(&qid)
+        .expect("still queued after the restart");
+    assert_eq!(e.phase, Phase::Deferred);
+    assert_eq!(e.state.attempts, 1);
+    assert_eq!(
+        e.next_attempt,
+        Some(due),
+        "the schedule written before the restart"
+    );
+    assert_eq!(
+        e.state.rcpts[0]
+            .last_reply
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default()[..9],
+        *"451 4.3.0"
+    );
+    // An admin flush sends it now.
+    again.queue.flush(&qid).unwrap();
+    assert_eq!(wait(&cloud, 1).await, 1);
+    queue_settled(&again).await;
+    drop((dir, certs, onprem));
+}

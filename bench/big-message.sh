@@ -56,5 +56,5 @@ else:
 for i, r in enumerate(out):
     print(f"session {i}: {r}")
 PY
-for _ in $(seq 1 600); do [ -z "$(ls "$W/spool/active" 2>/dev/null)" ] && break; sleep 0.5; done
+for _ in $(seq 1 600); do [ "$(spooled)" = 0 ] && break; sleep 0.5; done
 echo "relay RSS before $((before / 1024)) MB; peak (VmHWM) $(( $(kb VmHWM) / 1024 )) MB; now $(( $(kb VmRSS) / 1024 )) MB; $SESSIONS x $MB MB messages of header lines"

@@ -20,7 +20,7 @@ for round in $(seq 1 "$ROUNDS"); do
     sleep "0.$((RANDOM % 9 + 1))"; sleep "$((RANDOM % 2))"
     kill -9 "$RELAY"; wait "$RELAY" 2>/dev/null || true
     wait "$LOAD" || true
-    echo "round $round: killed after load start; acknowledged $(wc -l < "$W/ids.$round" 2>/dev/null || echo 0) so far, spool holds $(ls "$W/spool/active" 2>/dev/null | grep -c '\.msg$' || true)"
+    echo "round $round: killed after load start; acknowledged $(wc -l < "$W/ids.$round" 2>/dev/null || echo 0) so far, spool holds $(spooled)"
 done
 
 # Final run: deliver everything left in the spool.
@@ -28,7 +28,7 @@ RUST_LOG=error $B serve --config "$W/coexist.toml" 2>>"$W/serve.log" & RELAY=$!
 PIDS+=("$RELAY")
 wait_port 28525
 for _ in $(seq 1 1200); do
-    left=$(ls "$W/spool/active" | grep -c '\.msg$' || true)
+    left=$(spooled)
     [ "$left" = 0 ] && break
     sleep 0.1
 done

@@ -23,3 +23,7 @@ bench_config() {
 
 # wait_port PORT: until something listens on 127.0.0.1:PORT (20 s at most).
 wait_port() { for _ in $(seq 1 400); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+
+# spooled: how many messages the spool under $W/spool holds (read from its log; the relay may
+# be running or stopped).
+spooled() { $B queue spooled --spool "$W/spool" 2>/dev/null | head -1 | awk '{print $1}'; }

@@ -1,11 +1,17 @@
-# Shared set-up for the bench/ scripts (sourced, not run). Builds the release binary into $B,
-# makes a work directory $W removed on exit, stops every PID in PIDS on exit, and writes a
+# Shared set-up for the bench/ scripts (sourced, not run). Builds the release binary into $B
+# (COEXIST_BIN=path: that binary, no build; the build honours CARGO_TARGET_DIR), makes a
+# work directory $W removed on exit, stops every PID in PIDS on exit, and writes a
 # config for ports ${BASE}525 (SMTP), ${BASE}601/${BASE}602 (on-prem/cloud sinks), ${BASE}080
 # (admin) with all paths in $W (the admin token file too: `serve` writes it, the CLI reads it).
 set -euo pipefail
+if [ -n "${COEXIST_BIN:-}" ]; then COEXIST_BIN=$(realpath "$COEXIST_BIN"); fi
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
-B=$PWD/target/release/coexist
+if [ -n "${COEXIST_BIN:-}" ]; then
+    B=$COEXIST_BIN
+else
+    cargo build --release --quiet
+    B=$(realpath "${CARGO_TARGET_DIR:-target}")/release/coexist
+fi
 W=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }

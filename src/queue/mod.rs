@@ -121,6 +121,8 @@ struct Routes {
     down_since: Vec<Option<u64>>,
     /// Per tag: when to probe it next.
     next_probe: Vec<u64>,
+    /// Per tag: when (Unix ms) its next hops last answered again after being unreachable.
+    up_since: Vec<u64>,
     /// Routes that answered again, with where their release has got to.
     releasing: Vec<(u16, Option<QueueKey>)>,
 }
@@ -136,6 +138,7 @@ impl Routes {
         self.names.push(name.to_string());
         self.down_since.push(None);
         self.next_probe.push(0);
+        self.up_since.push(0);
         (self.names.len() - 1) as u16
     }
 }

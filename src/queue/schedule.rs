@@ -85,13 +85,25 @@ fn release_and_probe(inner: &Inner) {
     }
 }
 
-/// Records what an attempt learned about each route's next hops: a route that answers again
-/// after being unreachable has its deferred mail released at once.
-fn report_routes(inner: &Inner, reports: &[RouteReport]) -> u16 {
+/// What an attempt's route reports mean for its message.
+struct RouteNews {
+    /// The first route whose next hops could not be reached ([`NO_ROUTE`]: none).
+    down: u16,
+    /// A route that failed this attempt has answered again since the attempt began (the
+    /// failure is stale): try again at once rather than after a backoff.
+    retry_now: bool,
+}
+
+/// Records what an attempt that began at `started_ms` learned about each route's next hops:
+/// a route that answers again after being unreachable has its deferred mail released at once.
+fn report_routes(inner: &Inner, reports: &[RouteReport], started_ms: u64) -> RouteNews {
     let now = now_ms();
     let probe_every = inner.config.load().queue.probe_interval.as_millis() as u64;
     let mut routes = inner.routes();
-    let mut tag_down = NO_ROUTE;
+    let mut news = RouteNews {
+        down: NO_ROUTE,
+        retry_now: false,
+    };
     for r in reports {
         let tag = routes.tag(&r.route);
         if tag == NO_ROUTE {
@@ -101,20 +113,25 @@ fn report_routes(inner: &Inner, reports: &[RouteReport]) -> u16 {
         if r.reached {
             if let Some(since) = routes.down_since[t].take() {
                 info!(route = %r.route, down_s = now.saturating_sub(since) / 1000, "next hops answer again: releasing the mail deferred for them");
+                routes.up_since[t] = now;
                 routes.releasing.push((tag, None));
                 inner.wake.notify_one();
             }
+        } else if routes.down_since[t].is_none() && routes.up_since[t] >= started_ms {
+            // Began while the route was down (skipped an open circuit, say), ended after it
+            // came back: not news of a new outage.
+            news.retry_now = true;
         } else {
             if routes.down_since[t].is_none() {
                 routes.down_since[t] = Some(now);
                 routes.next_probe[t] = now + probe_every;
             }
-            if tag_down == NO_ROUTE {
-                tag_down = tag;
+            if news.down == NO_ROUTE {
+                news.down = tag;
             }
         }
     }
-    tag_down
+    news
 }
 
 /// A message just accepted: its envelope and bytes, so its first attempt reads nothing back.
@@ -168,9 +185,10 @@ pub(super) async fn run(
     };
     state.attempts += 1;
     state.next_attempt_ms = None;
+    let started_ms = now_ms();
     let body = AttemptBody::new(inner.spool.clone(), e.msg, first_body);
     let reports = attempt(&inner, &env, &mut state, Arc::new(body)).await;
-    let route = report_routes(&inner, &reports);
+    let news = report_routes(&inner, &reports, started_ms);
 
     let pending = state.pending();
     let expired = unix_now().saturating_sub(env.received_at)
@@ -190,10 +208,14 @@ pub(super) async fn run(
         return ended(&inner, key, end);
     }
     warn_if_delayed(&inner, &env, e.msg, &mut state).await;
-    let due = now_ms() + retry_delay(&inner, state.attempts).as_millis() as u64;
+    let how = if news.retry_now {
+        Settle::Ready
+    } else {
+        Settle::Deferred(now_ms() + retry_delay(&inner, state.attempts).as_millis() as u64)
+    };
     let mut e = e;
-    e.route = route;
-    defer(&inner, key, e, &env, state, Settle::Deferred(due)).await;
+    e.route = news.down;
+    defer(&inner, key, e, &env, state, how).await;
 }
 
 /// A message whose records could not be read: tried again after the first backoff; an

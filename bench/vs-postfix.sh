@@ -86,6 +86,28 @@ delivered() { cat "$W/$1.onprem" "$W/$1.cloud" 2>/dev/null | awk '{n+=$2} END {p
 # processes), summed over the given PIDs, so Postfix's many processes are not overcounted.
 pss() { for p in "$@"; do cat "/proc/$p/smaps_rollup" 2>/dev/null; done | awk '/^Pss:/{s+=$2} END {print s+0}'; }
 
+# cpu_ms PID: CPU time (user + system) the process has used so far, in ms.
+cpu_ms() { awk -v t="$(getconf CLK_TCK)" '{print int(($14 + $15) * 1000 / t)}' "/proc/$1/stat"; }
+
+# source_run NAME PORT: Postfix's own smtp-source as the client (SRC_SESSIONS sessions,
+# MESSAGES messages of SRC_SIZE bytes, one recipient from the directory each, DATA), then
+# waits for the sinks; records the end-to-end time.
+SRC_SESSIONS=${SRC_SESSIONS:-20}
+SRC_SIZE=${SRC_SIZE:-5120}
+declare -A SRC
+source_run() {
+    local name=$1 port=$2 t0 rcpt
+    rcpt=$(awk -F, 'NR==2 {print $1}' "$W/directory.csv")
+    sinks "src-$name"
+    t0=$(date +%s.%N)
+    timeout 900 smtp-source -s "$SRC_SESSIONS" -m "$MESSAGES" -l "$SRC_SIZE" -f x@example.org -t "$rcpt" "127.0.0.1:$port" >/dev/null || true
+    local sent
+    sent=$(awk "BEGIN{printf \"%.2f\", $(date +%s.%N) - $t0}")
+    for _ in $(seq 1 6000); do [ "$(delivered "src-$name")" -ge "$MESSAGES" ] && break; sleep 0.1; done
+    SRC[$name]="$(awk "BEGIN{printf \"%.2f\", $(date +%s.%N) - $t0}") $sent $(delivered "src-$name")"
+    stop_sinks
+}
+
 # run NAME PORT: load, then wait for the sinks; prints a result line.
 run() {
     local name=$1 port=$2 t0 t1 want
@@ -112,14 +134,7 @@ postfix -c "$PF" check || true
 postfix -c "$PF" start
 wait_port 31526
 run postfix 31526
-# Cross-check of the client: Postfix's own smtp-source against the same Postfix instance.
-if command -v smtp-source >/dev/null 2>&1; then
-    sinks smtpsource
-    t0=$(date +%s.%N)
-    smtp-source -c -s "$CONC" -m "$MESSAGES" -l 4096 -f x@example.org -t user1@nhs.test 127.0.0.1:31526 >/dev/null
-    echo "smtp-source against Postfix: $MESSAGES messages in $(awk "BEGIN{printf \"%.2f\", $(date +%s.%N) - $t0}") s"
-    stop_sinks
-fi
+source_run postfix 31526
 MASTER=$(head -1 "$PF/queue/pid/master.pid" | tr -d ' ')
 RSS[postfix]=$(pss "$MASTER" $(pgrep -P "$MASTER"))
 cleanup_pf
@@ -128,7 +143,11 @@ cleanup_pf
 RUST_LOG=warn $B serve --config "$W/coexist.toml" 2>"$W/serve.log" & RELAY=$!
 PIDS+=("$RELAY")
 wait_port 31525
+c0=$(cpu_ms "$RELAY")
 run coexist 31525
+c1=$(cpu_ms "$RELAY")
+source_run coexist 31525
+c2=$(cpu_ms "$RELAY")
 RSS[coexist]=$(pss "$RELAY")
 kill "$RELAY"; wait "$RELAY" 2>/dev/null || true
 
@@ -140,6 +159,13 @@ for name in postfix coexist; do
 done
 rate() { awk '/^acceptance:/{print $2}' "$W/$1.load"; }
 p99() { awk '/^acceptance:/{for(i=1;i<=NF;i++) if($i=="p99") print $(i+1)}' "$W/$1.load"; }
+echo "coexist CPU per relayed message: $(awk "BEGIN{printf \"%.3f\", ($c1 - $c0) / ${WANT[coexist]:-1}}") ms per recipient with coexist load; $(awk "BEGIN{printf \"%.3f\", ($c2 - $c1) / $MESSAGES}") ms per message with smtp-source"
+for name in postfix coexist; do
+    read -r e2e sent got <<<"${SRC[$name]}"
+    echo "== smtp-source ($SRC_SESSIONS sessions, $MESSAGES x $SRC_SIZE B, 1 recipient) against $name: sent in $sent s, end to end $e2e s ($(awk "BEGIN{printf \"%.0f\", $MESSAGES / $e2e}") msg/s), delivered $got"
+done
+read -r pe _ _ <<<"${SRC[postfix]}"; read -r ce _ _ <<<"${SRC[coexist]}"
+echo "== smtp-source ratio: end to end $(awk "BEGIN{printf \"%.2f\", $pe / $ce}")x faster"
 echo
 echo "== ratio coexist / postfix: acceptance $(awk "BEGIN{printf \"%.2f\", $(rate coexist) / $(rate postfix)}")x," \
      "end to end $(awk "BEGIN{printf \"%.2f\", ${E2E[postfix]} / ${E2E[coexist]}}")x faster," \

@@ -31,6 +31,15 @@ pub const DELIVERY_LATENCY: &str = "coexist_delivery_latency_seconds";
 pub const QUEUE_MESSAGES: &str = "coexist_queue_messages";
 /// Age of the oldest message in the queue, by `state` (seconds).
 pub const QUEUE_OLDEST: &str = "coexist_queue_oldest_age_seconds";
+/// Syncs (`fdatasync`) made by the spool's commit stage.
+pub const SPOOL_SYNCS: &str = "coexist_spool_syncs_total";
+/// Records (messages, states, ends) those syncs covered: records / syncs is the group size.
+pub const SPOOL_RECORDS: &str = "coexist_spool_records_total";
+/// Segment files the spool holds.
+pub const SPOOL_SEGMENTS: &str = "coexist_spool_segments";
+/// 1 while a route's next hops cannot be reached (its deferred mail waits for a probe), by
+/// `route`.
+pub const ROUTE_UNREACHABLE: &str = "coexist_route_unreachable";
 /// Addresses in the directory.
 pub const DIRECTORY_ENTRIES: &str = "coexist_directory_entries";
 /// Directory changes applied, by `kind` (apply, rollback, reload).

@@ -385,6 +385,13 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     metrics::gauge!(m::QUEUE_OLDEST, "state" => "deferred").set(q.oldest_deferred as f64);
     metrics::gauge!(m::QUEUE_MESSAGES, "state" => "held").set(q.held as f64);
     metrics::gauge!(m::DIRECTORY_ENTRIES).set(s.directory.len() as f64);
+    let (syncs, records, segments) = s.control.queue().spool_stats();
+    metrics::counter!(m::SPOOL_SYNCS).absolute(syncs);
+    metrics::counter!(m::SPOOL_RECORDS).absolute(records);
+    metrics::gauge!(m::SPOOL_SEGMENTS).set(segments as f64);
+    for (route, down) in s.control.queue().routes_down() {
+        metrics::gauge!(m::ROUTE_UNREACHABLE, "route" => route).set(if down { 1.0 } else { 0.0 });
+    }
     match &s.metrics {
         Some(h) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

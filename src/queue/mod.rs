@@ -313,6 +313,23 @@ impl Queue {
         self.inner.wake.notify_one();
     }
 
+    /// Each route the scheduler has delivered to, and whether its next hops are unreachable
+    /// now.
+    pub fn routes_down(&self) -> Vec<(String, bool)> {
+        let r = self.inner.routes();
+        r.names
+            .iter()
+            .zip(&r.down_since)
+            .map(|(n, d)| (n.clone(), d.is_some()))
+            .collect()
+    }
+
+    /// The spool's commit counters (syncs, records) and segment files.
+    pub fn spool_stats(&self) -> (u64, u64, usize) {
+        let (syncs, records) = self.inner.spool.commit_stats();
+        (syncs, records, self.inner.spool.segment_count())
+    }
+
     /// Messages queued.
     pub fn len(&self) -> usize {
         self.inner.index().len()

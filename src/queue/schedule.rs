@@ -268,6 +268,7 @@ async fn defer(
                 }
                 return;
             }
+            Err(asks) if asks.is_empty() => return, // no longer in the index
             Err(asks) => asks,
         };
         if asks.has(Asks::DELETE) {

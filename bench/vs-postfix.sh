@@ -159,7 +159,7 @@ for name in postfix coexist; do
 done
 rate() { awk '/^acceptance:/{print $2}' "$W/$1.load"; }
 p99() { awk '/^acceptance:/{for(i=1;i<=NF;i++) if($i=="p99") print $(i+1)}' "$W/$1.load"; }
-echo "coexist CPU per relayed message: $(awk "BEGIN{printf \"%.3f\", ($c1 - $c0) / ${WANT[coexist]:-1}}") ms per recipient with coexist load; $(awk "BEGIN{printf \"%.3f\", ($c2 - $c1) / $MESSAGES}") ms per message with smtp-source"
+echo "coexist CPU per relayed message: $(awk "BEGIN{printf \"%.3f\", ($c1 - $c0) / $MESSAGES}") ms per message ($(awk "BEGIN{printf \"%.3f\", ($c1 - $c0) / ${WANT[coexist]:-1}}") per recipient) with coexist load; $(awk "BEGIN{printf \"%.3f\", ($c2 - $c1) / $MESSAGES}") ms per message with smtp-source"
 for name in postfix coexist; do
     read -r e2e sent got <<<"${SRC[$name]}"
     echo "== smtp-source ($SRC_SESSIONS sessions, $MESSAGES x $SRC_SIZE B, 1 recipient) against $name: sent in $sent s, end to end $e2e s ($(awk "BEGIN{printf \"%.0f\", $MESSAGES / $e2e}") msg/s), delivered $got"

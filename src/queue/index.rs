@@ -200,6 +200,13 @@ impl Index {
         None
     }
 
+    /// The message's record was copied to `msg` (compaction).
+    pub fn moved(&mut self, k: QueueKey, msg: Loc) {
+        if let Some(e) = self.entries.get_mut(&k) {
+            e.msg = msg;
+        }
+    }
+
     /// Settles a busy message, unless requests arrived meanwhile: those are returned (and
     /// cleared) and the message stays busy, for the caller to apply and settle again.
     pub fn settle(

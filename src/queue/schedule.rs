@@ -5,7 +5,7 @@
 use super::attempt::{attempt, AttemptBody, RouteReport};
 use super::dsn::{finish, warn_if_delayed, End};
 use super::index::{Asks, Entry, Settle, NO_ROUTE};
-use super::{now_ms, unix_now, Inner};
+use super::{now_ms, unix_now, Inner, SpoolTaskError};
 use crate::proto::{Failure, LastReply};
 use crate::spool::{DeliveryState, Envelope, RcptStatus};
 use crate::types::QueueKey;
@@ -252,11 +252,8 @@ async fn defer(
             state.next_attempt_ms = None;
         }
         state.held = matches!(how, Settle::Held);
-        match inner.spool.save_state(&env.id, &state, e.state).await {
-            Ok(loc) => e.state = Some(loc),
-            Err(err) => {
-                error!(qid = %env.id, error = %err, "cannot save delivery state (the previous one stays in force)")
-            }
+        if let Err(err) = save(inner, key, &mut e, env, &state).await {
+            error!(qid = %env.id, error = %err, "cannot save delivery state (the previous one stays in force)")
         }
         let res = inner
             .index()
@@ -276,6 +273,30 @@ async fn defer(
         }
         how = next_settle(asks, how, inner, &state);
     }
+}
+
+/// Appends the message's new state; when its message record keeps a mostly dead segment
+/// alive, copies the message forward with it (compaction) so that segment can be deleted.
+async fn save(
+    inner: &Inner,
+    key: QueueKey,
+    e: &mut Entry,
+    env: &Envelope,
+    state: &DeliveryState,
+) -> Result<(), SpoolTaskError> {
+    let spool = &inner.spool;
+    if spool.should_relocate(e.msg) {
+        let (s2, msg) = (spool.clone(), e.msg);
+        let body = Arc::new(tokio::task::spawn_blocking(move || s2.read_message(msg)).await??);
+        let (msg, st) = spool.relocate(env, body, state, e.msg, e.state).await?;
+        e.msg = msg;
+        e.state = Some(st);
+        inner.index().moved(key, msg);
+        info!(qid = %env.id, segment = msg.seg, "copied forward out of a mostly dead spool segment");
+    } else {
+        e.state = Some(spool.save_state(&env.id, state, e.state).await?);
+    }
+    Ok(())
 }
 
 /// Where admin requests move a message that would otherwise settle as `how`.

@@ -253,6 +253,41 @@ impl Spool {
         Ok(loc)
     }
 
+    /// True when the message at `msg` sits in a mostly dead segment and should be
+    /// [`relocate`](Spool::relocate)d so that segment can be deleted.
+    pub fn should_relocate(&self, msg: Loc) -> bool {
+        lock(&self.reclaim).sparse(msg.seg)
+    }
+
+    /// Compaction of one message: appends a copy of its message record and its state (in
+    /// one commit), which replace the records at `msg` and `prev`. Returns the new positions
+    /// (message, state).
+    pub async fn relocate(
+        &self,
+        env: &Envelope,
+        body: Arc<Vec<u8>>,
+        state: &DeliveryState,
+        msg: Loc,
+        prev: Option<Loc>,
+    ) -> Result<(Loc, Loc), SpoolError> {
+        let locs = self
+            .append(vec![message_rec(env, body)?, state_rec(&env.id, state)?])
+            .await?;
+        let (new_msg, new_state) = (locs[0], locs[1]);
+        let free: Vec<u32> = {
+            let mut r = lock(&self.reclaim);
+            r.add_ref(new_msg.seg);
+            r.add_ref(new_state.seg);
+            r.pin(new_msg.seg, msg.seg);
+            std::iter::once(msg)
+                .chain(prev)
+                .filter_map(|l| r.drop_ref(l.seg))
+                .collect()
+        };
+        self.delete(free);
+        Ok((new_msg, new_state))
+    }
+
     /// Records that a message is finished (delivered, bounced, deleted or kept in
     /// `failed/`); its records are then no longer needed.
     pub async fn finish(

@@ -8,6 +8,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+/// A segment with at most this many records of queued messages is compacted: their
+/// messages are copied forward at their next attempt.
+const SPARSE_REFS: u32 = 64;
+
 /// Reference and pin counts per segment.
 #[derive(Debug, Default)]
 pub struct Reclaim {
@@ -63,7 +67,8 @@ impl Reclaim {
         self.free(seg).then_some(seg)
     }
 
-    /// A `Done` record in `done` finished a message whose message record is in `msg`.
+    /// A record in `done` ends or supersedes a message record in `msg`, so `done` must
+    /// outlive `msg` (a `Done` record; or a message's record copied to a newer segment).
     pub fn pin(&mut self, done: u32, msg: u32) {
         if done != msg && self.existing.contains(&msg) {
             *self.pins.entry(done).or_default() += 1;
@@ -87,6 +92,13 @@ impl Reclaim {
             }
         }
         freed
+    }
+
+    /// True when the message record of a queued message in `seg` should be copied forward so
+    /// that the segment can go: `seg` is at least two segments behind the head and holds few
+    /// records of queued messages (a mostly dead segment kept for a handful of stragglers).
+    pub fn sparse(&self, seg: u32) -> bool {
+        seg + 2 <= self.head && self.refs.get(&seg).is_some_and(|&n| n <= SPARSE_REFS)
     }
 
     /// Every segment that nothing needs (after recovery).

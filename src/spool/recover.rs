@@ -87,7 +87,8 @@ fn replay_segments(dir: &Path, read_only: bool) -> Result<Found, SpoolError> {
     }
     numbers.sort_unstable();
     let mut live: HashMap<QueueId, Queued> = HashMap::new();
-    // Done records: (segment of the Done, segment of the message record).
+    // Segments that must outlive others: (segment of a Done or of a copied message record,
+    // segment of the message record it ends or supersedes).
     let mut dones: Vec<(u32, u32)> = Vec::new();
     for (i, &n) in numbers.iter().enumerate() {
         let last = i + 1 == numbers.len();
@@ -164,6 +165,10 @@ fn apply(
     match h.kind {
         Kind::Message => {
             let e: EnvHead = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
+            if let Some(old) = live.get(&e.id) {
+                // Copied forward by compaction: the copy must outlive the original.
+                dones.push((loc.seg, old.msg.seg));
+            }
             live.insert(
                 e.id.clone(),
                 Queued {

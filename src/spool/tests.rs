@@ -325,3 +325,41 @@ fn state_written_with_string_replies_still_loads() {
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_straggler_is_copied_forward_and_its_old_segment_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let s = Spool::open_sized(dir.path(), 4096).unwrap().spool;
+    let body = || Arc::new(vec![b'z'; 3000]);
+    let store = |id: &QueueId| rt.block_on(s.store(&env(id.clone()), body())).unwrap();
+    let [a, b, c, d] = [(); 4].map(|_| QueueId::generate());
+    let (la, lb) = (store(&a), store(&b)); // segment 1
+    rt.block_on(s.finish(&b, lb, None)).unwrap();
+    let (lc, ld) = (store(&c), store(&d)); // segment 2
+    rt.block_on(s.finish(&c, lc, None)).unwrap();
+    rt.block_on(s.finish(&d, ld, None)).unwrap();
+    store(&QueueId::generate()); // segment 3: the head is two segments past a's
+    assert!(s.should_relocate(la));
+    let mut st = DeliveryState::new(1);
+    st.attempts = 4;
+    let (na, ns) = rt
+        .block_on(s.relocate(&env(a.clone()), body(), &st, la, None))
+        .unwrap();
+    assert!(na.seg >= 3);
+    let t0 = Instant::now();
+    while seg_files(dir.path()).contains(&segment::file_name(1)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            seg_files(dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(s);
+    let o = Spool::open_sized(dir.path(), 4096).unwrap();
+    let qa = o.queued.iter().find(|q| q.id == a).expect("a still queued");
+    assert_eq!((qa.msg, qa.state, qa.attempts), (na, Some(ns), 4));
+    assert_eq!(o.spool.read_message(qa.msg).unwrap(), vec![b'z'; 3000]);
+    assert!(!o.queued.iter().any(|q| q.id == b || q.id == c || q.id == d));
+}

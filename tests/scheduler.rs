@@ -112,3 +112,45 @@ async fn a_restart_resumes_the_schedule_from_the_spool() {
     queue_settled(&again).await;
     drop((dir, certs, onprem));
 }
+
+/// Mail waiting for a route that was down keeps waiting for it across a restart: the new
+/// relay probes that route at once and releases the mail when it answers, instead of waiting
+/// out each message's one-hour backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_mail_for_a_down_route_goes_out_when_it_answers() {
+    let down = DownPort::new();
+    let h = harness(|c| {
+        c.routes.get_mut("cloud").unwrap().next_hops = vec![down.addr.into()];
+        c.queue.min_backoff = Duration::from_secs(3600);
+        c.queue.max_backoff = Duration::from_secs(3600);
+        c.queue.probe_interval = Duration::from_secs(1);
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = send_one(h.addr, &["bob@nhs.test"], &format!("r{i}")).await;
+        assert_eq!(r.code, 250);
+        ids.push(queue_id(&r));
+    }
+    for id in &ids {
+        h.deferred(id).await;
+    }
+    let Harness {
+        relay,
+        dir,
+        certs,
+        onprem,
+        cloud,
+        ..
+    } = h;
+    let cfg = relay.control.config();
+    drop(relay);
+    let again = coexist::relay::start((*cfg).clone()).await.unwrap();
+    let back = Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
+        .await
+        .unwrap();
+    down.forward_to(back.addr);
+    assert_eq!(wait(&back, 3).await, 3);
+    queue_settled(&again).await;
+    drop((dir, certs, onprem, cloud));
+}

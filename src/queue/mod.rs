@@ -275,6 +275,8 @@ impl Queue {
     /// Queues the messages found in the spool at start-up, resuming their schedule: held ones
     /// stay held, deferred ones keep their next attempt, the rest are due now.
     pub fn restore(&self, queued: Vec<Queued>) {
+        let now = now_ms();
+        let mut routes = self.inner.routes();
         let mut ix = self.inner.index();
         for q in queued {
             let Some(key) = q.id.key() else {
@@ -286,6 +288,19 @@ impl Queue {
                 (false, Some(t)) => (Slot::Deferred, t),
                 (false, None) => (Slot::Ready, 0),
             };
+            // Waiting for a route that was down before the restart: probe it at once, and
+            // release its mail when it answers.
+            let route = match &q.unreachable {
+                Some(name) => {
+                    let tag = routes.tag(name);
+                    if tag != NO_ROUTE && routes.down_since[tag as usize].is_none() {
+                        routes.down_since[tag as usize] = Some(now);
+                        routes.next_probe[tag as usize] = now;
+                    }
+                    tag
+                }
+                None => NO_ROUTE,
+            };
             ix.insert(
                 key,
                 Entry {
@@ -293,13 +308,14 @@ impl Queue {
                     state: q.state,
                     due_ms,
                     attempts: q.attempts,
-                    route: NO_ROUTE,
+                    route,
                     slot,
                     asks: Asks::default(),
                 },
             );
         }
         drop(ix);
+        drop(routes);
         self.inner.wake.notify_one();
     }
 

@@ -89,6 +89,8 @@ fn release_and_probe(inner: &Inner) {
 struct RouteNews {
     /// The first route whose next hops could not be reached ([`NO_ROUTE`]: none).
     down: u16,
+    /// Its name.
+    down_name: Option<String>,
     /// A route that failed this attempt has answered again since the attempt began (the
     /// failure is stale): try again at once rather than after a backoff.
     retry_now: bool,
@@ -102,6 +104,7 @@ fn report_routes(inner: &Inner, reports: &[RouteReport], started_ms: u64) -> Rou
     let mut routes = inner.routes();
     let mut news = RouteNews {
         down: NO_ROUTE,
+        down_name: None,
         retry_now: false,
     };
     for r in reports {
@@ -128,6 +131,7 @@ fn report_routes(inner: &Inner, reports: &[RouteReport], started_ms: u64) -> Rou
             }
             if news.down == NO_ROUTE {
                 news.down = tag;
+                news.down_name = Some(r.route.clone());
             }
         }
     }
@@ -215,6 +219,7 @@ pub(super) async fn run(
     };
     let mut e = e;
     e.route = news.down;
+    state.unreachable = news.down_name;
     defer(&inner, key, e, &env, state, how).await;
 }
 

@@ -85,6 +85,10 @@ pub struct DeliveryState {
     /// resumes the schedule instead of retrying everything at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_ms: Option<u64>,
+    /// The route whose next hops could not be reached at the last attempt: after a restart
+    /// the message still waits for that route, which is probed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<String>,
 }
 
 impl DeliveryState {
@@ -102,6 +106,7 @@ impl DeliveryState {
             held: false,
             warned: false,
             next_attempt_ms: None,
+            unreachable: None,
         }
     }
 

@@ -14,6 +14,7 @@ use crate::types::QueueId;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use tracing::{info, warn};
@@ -35,6 +36,8 @@ pub struct Queued {
     pub held: bool,
     /// Unix time (milliseconds) of the next attempt, if one was scheduled.
     pub next_attempt_ms: Option<u64>,
+    /// The route whose next hops could not be reached at its last attempt.
+    pub unreachable: Option<String>,
 }
 
 /// The parts of an envelope the scan needs.
@@ -58,6 +61,8 @@ struct StateSummary {
     held: bool,
     #[serde(default)]
     next_attempt_ms: Option<u64>,
+    #[serde(default)]
+    unreachable: Option<String>,
 }
 
 /// What a replay found.
@@ -179,6 +184,7 @@ fn apply(
                     attempts: 0,
                     held: false,
                     next_attempt_ms: None,
+                    unreachable: None,
                 },
             );
         }
@@ -189,6 +195,7 @@ fn apply(
                 q.attempts = s.state.attempts;
                 q.held = s.state.held;
                 q.next_attempt_ms = s.state.next_attempt_ms;
+                q.unreachable = s.state.unreachable;
             }
         }
         Kind::Done => {
@@ -228,9 +235,10 @@ fn scan(path: &Path, n: u32, tail: Tail, each: &mut RecordFn<'_>) -> Result<(), 
         .open(path)
         .map_err(io_err(path))?;
     let file_len = file.metadata().map_err(io_err(path))?.len();
-    let mut r = BufReader::with_capacity(256 << 10, &file);
+    // Positioned reads of each record's header and metadata: the bodies of sealed segments
+    // are never read (a restart over gigabytes of queued mail reads only the envelopes).
     let mut magic = [0u8; 8];
-    let got = segment::read_full(&mut r, &mut magic).map_err(io_err(path))?;
+    let got = read_at_most(&file, &mut magic, 0).map_err(io_err(path))?;
     if got < magic.len() || &magic != segment::FILE_MAGIC {
         if last && got < magic.len() {
             if tail == Tail::Stop {
@@ -238,22 +246,24 @@ fn scan(path: &Path, n: u32, tail: Tail, each: &mut RecordFn<'_>) -> Result<(), 
             }
             // Created but its header never reached the disk: nothing was written to it.
             warn!(path = %path.display(), "empty spool segment left by a crash; removed");
-            drop(r);
             return fs::remove_file(path).map_err(io_err(path));
         }
         return Err(corrupt(0, "not a coexist spool segment".into()));
     }
     let mut off = magic.len() as u64;
-    let mut meta = Vec::new();
+    let mut head = vec![0u8; GUESS];
     let mut body = Vec::new();
     loop {
-        let mut hb = [0u8; HEADER_LEN];
-        let got = segment::read_full(&mut r, &mut hb).map_err(io_err(path))?;
-        if got == 0 {
+        if off >= file_len {
             return Ok(());
         }
-        let header = (got == HEADER_LEN)
-            .then(|| segment::decode_header(&hb))
+        head.resize(GUESS, 0);
+        let got = read_at_most(&file, &mut head, off).map_err(io_err(path))?;
+        let header = (got >= HEADER_LEN)
+            .then(|| {
+                let hb: [u8; HEADER_LEN] = head[..HEADER_LEN].try_into().ok()?;
+                segment::decode_header(&hb)
+            })
             .flatten()
             .filter(|h| off + h.record_len() <= file_len);
         let torn = |why: &str| -> Result<(), SpoolError> {
@@ -270,28 +280,49 @@ fn scan(path: &Path, n: u32, tail: Tail, each: &mut RecordFn<'_>) -> Result<(), 
         let Some(h) = header else {
             return torn("incomplete or damaged record header");
         };
-        meta.resize(h.meta_len as usize, 0);
-        r.read_exact(&mut meta).map_err(io_err(path))?;
-        if !h.meta_ok(&meta) {
+        let want = HEADER_LEN + h.meta_len as usize;
+        if want > got {
+            head.resize(want, 0);
+            file.read_exact_at(&mut head[got..], off + got as u64)
+                .map_err(io_err(path))?;
+        }
+        let meta = &head[HEADER_LEN..want];
+        if !h.meta_ok(meta) {
             return torn("record checksum mismatch");
         }
         if last {
             body.resize(h.body_len as usize, 0);
-            r.read_exact(&mut body).map_err(io_err(path))?;
+            file.read_exact_at(&mut body, off + want as u64)
+                .map_err(io_err(path))?;
             if !h.body_ok(&body) {
                 return torn("message checksum mismatch");
             }
-        } else {
-            r.seek_relative(h.body_len as i64).map_err(io_err(path))?;
         }
         let loc = Loc {
             seg: n,
             meta_len: h.meta_len,
             off,
         };
-        each(loc, &h, &meta).map_err(|e| corrupt(off, e))?;
+        each(loc, &h, meta).map_err(|e| corrupt(off, e))?;
         off += h.record_len();
     }
+}
+
+/// Bytes read at a record's start: its header and, nearly always, all its metadata.
+const GUESS: usize = 2048;
+
+/// Reads into `buf` at `off` until it is full or the file ends; returns the bytes read.
+fn read_at_most(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Moves the messages of the former layout (`active/ID.msg` with an envelope line, and
@@ -349,6 +380,7 @@ fn import_former(
                 attempts: state.attempts,
                 held: state.held,
                 next_attempt_ms: None,
+                unreachable: None,
             },
         );
     }

@@ -13,8 +13,6 @@
 //! whenever the body is read (recovery of the segment that was being written, and every read
 //! for delivery). All integers are little-endian.
 
-use std::io::{self, Read};
-
 /// First bytes of every segment file.
 pub const FILE_MAGIC: &[u8; 8] = b"COEXSEG1";
 /// First bytes of every record.
@@ -126,21 +124,6 @@ pub fn number(name: &str) -> Option<u32> {
     (stem.len() == 10 && stem.bytes().all(|b| b.is_ascii_digit()))
         .then(|| stem.parse().ok())
         .flatten()
-}
-
-/// Fills `buf` from `r`; returns how many bytes were read (less than `buf.len()` only at the
-/// end of the file).
-pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

@@ -410,7 +410,7 @@ async fn queue_list(
     State(s): State<AdminState>,
     ApiQuery(f): ApiQuery<QueueFilter>,
 ) -> Json<Vec<crate::queue::MessageView>> {
-    let q = s.control.queue();
+    let q = s.control.queue().clone();
     let rcpt = f.rcpt.map(|r| r.to_lowercase());
     let phase = match f.state.as_deref() {
         None => None,
@@ -419,25 +419,29 @@ async fn queue_list(
         Some("held") => Some(crate::queue::Phase::Held),
         Some(_) => return Json(Vec::new()),
     };
-    // The index picks the candidates by phase and age; only those are read from the spool.
-    let views = q
-        .select(phase, f.min_age.unwrap_or(0), usize::MAX, |_| true)
+    let limit = f.limit.unwrap_or(QueueFilter::DEFAULT_LIMIT);
+    let (route, min_age) = (f.route, f.min_age);
+    // The index picks the candidates by phase and age; only those are read from the spool,
+    // off the async workers.
+    let views = tokio::task::spawn_blocking(move || {
+        q.select(phase, min_age.unwrap_or(0), limit, |e| {
+            let v = q.view(e);
+            min_age.is_none_or(|a| v.age_s >= a)
+                && route
+                    .as_ref()
+                    .is_none_or(|r| v.recipients.iter().any(|x| x.route.as_ref() == Some(r)))
+                && rcpt.as_ref().is_none_or(|r| {
+                    v.recipients
+                        .iter()
+                        .any(|x| x.address.to_lowercase().contains(r))
+                })
+        })
         .iter()
         .map(|e| q.view(e))
-        .filter(|v| f.min_age.is_none_or(|a| v.age_s >= a))
-        .filter(|v| {
-            f.route
-                .as_ref()
-                .is_none_or(|r| v.recipients.iter().any(|x| x.route.as_ref() == Some(r)))
-        })
-        .filter(|v| {
-            rcpt.as_ref().is_none_or(|r| {
-                v.recipients
-                    .iter()
-                    .any(|x| x.address.to_lowercase().contains(r))
-            })
-        })
-        .collect();
+        .collect()
+    })
+    .await
+    .unwrap_or_default();
     Json(views)
 }
 

@@ -158,9 +158,16 @@ pub struct QueueFilter {
     pub min_age: Option<u64>,
     /// Only messages with a recipient containing this text (case-insensitive).
     pub rcpt: Option<String>,
+    /// At most this many messages, oldest first (default [`QueueFilter::DEFAULT_LIMIT`]).
+    #[serde(default)]
+    pub limit: Option<usize>,
 }
 
 impl QueueFilter {
+    /// Messages listed when no `limit` is given: a listing reads each message from the spool,
+    /// so a queue of millions is listed a page at a time.
+    pub const DEFAULT_LIMIT: usize = 10_000;
+
     /// The filter as a query string (without `?`), for the client.
     pub fn query(&self) -> String {
         let mut q = Vec::new();
@@ -175,6 +182,9 @@ impl QueueFilter {
         }
         if let Some(r) = &self.rcpt {
             q.push(format!("rcpt={}", super::client::encode(r)));
+        }
+        if let Some(n) = self.limit {
+            q.push(format!("limit={n}"));
         }
         q.join("&")
     }
@@ -208,8 +218,9 @@ mod tests {
             state: None,
             min_age: Some(1800),
             rcpt: Some("a b&c".into()),
+            limit: Some(5),
         };
-        assert_eq!(f.query(), "route=cloud&min_age=1800&rcpt=a%20b%26c");
+        assert_eq!(f.query(), "route=cloud&min_age=1800&rcpt=a%20b%26c&limit=5");
         assert_eq!(QueueFilter::default().query(), "");
     }
 }

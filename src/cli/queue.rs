@@ -34,6 +34,9 @@ pub enum QueueCmd {
         /// Only messages with a recipient containing this text.
         #[arg(long)]
         rcpt: Option<String>,
+        /// At most this many messages, oldest first (default 10000).
+        #[arg(long)]
+        limit: Option<usize>,
         /// Where the running server is.
         #[command(flatten)]
         api: Api,
@@ -117,6 +120,7 @@ pub fn run(cmd: QueueCmd) -> anyhow::Result<()> {
             state,
             min_age,
             rcpt,
+            limit,
             api,
         } => {
             let min_age = min_age
@@ -131,6 +135,7 @@ pub fn run(cmd: QueueCmd) -> anyhow::Result<()> {
                 state,
                 min_age,
                 rcpt,
+                limit,
             };
             let list = api.client()?.queue_list(&filter)?;
             api.print(&list, |l| list_text(l))

@@ -115,7 +115,8 @@ pub(super) async fn attempt(
                     error!(qid = %env.id, error = %e, "cannot read queued message; will retry");
                     let reply = Failure::Local(LocalError::Unreadable(e.to_string()));
                     let n = d.rcpts.len();
-                    return (d, None, vec![RcptOutcome::Deferred(reply); n], true);
+                    // Says nothing about the route's next hops.
+                    return (d, None, vec![RcptOutcome::Deferred(reply); n], None);
                 }
             };
             let out = Outbound {
@@ -158,7 +159,7 @@ pub(super) async fn attempt(
             // No next hop answered and nobody refused: the route's hops are unreachable.
             let reached = a.next_hop.is_some()
                 || !a.outcomes.iter().all(|o| matches!(o, RcptOutcome::Deferred(_)));
-            (d, a.next_hop, a.outcomes, reached)
+            (d, a.next_hop, a.outcomes, Some(reached))
         });
     }
     let mut reports = Vec::new();
@@ -167,10 +168,12 @@ pub(super) async fn attempt(
             error!(qid = %env.id, "delivery task failed; recipients stay pending");
             continue;
         };
-        reports.push(RouteReport {
-            route: d.route.as_str().to_string(),
-            reached,
-        });
+        if let Some(reached) = reached {
+            reports.push(RouteReport {
+                route: d.route.as_str().to_string(),
+                reached,
+            });
+        }
         let hop = hop.map(|h| h.to_string());
         for (&i, o) in d.rcpts.iter().zip(outcomes) {
             let text = LastReply::from(&o);

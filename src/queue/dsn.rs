@@ -127,7 +127,11 @@ async fn keep_in_failed(
 ) -> End {
     let (spool, e2, st) = (inner.spool.clone(), env.clone(), state.clone());
     let res = tokio::task::spawn_blocking(move || {
-        let message = spool.read_message(msg)?;
+        // Kept even when its bytes cannot be read back: the envelope and state still say
+        // who it was for and what happened.
+        let message = spool
+            .read_message(msg)
+            .unwrap_or_else(|e| format!("(message bytes unreadable: {e})\n").into_bytes());
         spool.keep_failed(&e2, &message, &st)
     })
     .await;

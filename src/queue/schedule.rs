@@ -209,7 +209,7 @@ pub(super) async fn run(
     }
     if state.pending().is_empty() {
         let end = finish(&inner, &env, &state, e.msg, e.state).await;
-        return ended(&inner, key, end);
+        return ended(&inner, key, end).await;
     }
     warn_if_delayed(&inner, &env, e.msg, &mut state).await;
     let how = if news.retry_now {
@@ -227,16 +227,29 @@ pub(super) async fn run(
 /// admin's delete still ends it.
 async fn unreadable(inner: &Inner, key: QueueKey, e: Entry) {
     let due = now_ms() + retry_delay(inner, 1).as_millis() as u64;
-    let res = inner
-        .index()
-        .settle(key, e.state, e.attempts, e.route, Settle::Deferred(due));
-    if let Err(asks) = res {
+    settle_unwritten(inner, key, e, Settle::Deferred(due)).await;
+}
+
+/// Places a busy message whose state cannot be written now (its records could not be read,
+/// or the spool refused its end), applying admin requests that came in meanwhile: a delete
+/// still ends it; a hold or release holds only until the next restart.
+async fn settle_unwritten(inner: &Inner, key: QueueKey, e: Entry, mut how: Settle) {
+    loop {
+        let res = inner
+            .index()
+            .settle(key, e.state, e.attempts, e.route, how);
+        let asks = match res {
+            Ok(()) => return,
+            Err(asks) if asks.is_empty() => return,
+            Err(asks) => asks,
+        };
         if asks.has(Asks::DELETE) {
             return delete(inner, key, e).await;
         }
-        let _ = inner
-            .index()
-            .settle(key, e.state, e.attempts, e.route, Settle::Deferred(due));
+        if asks.has(Asks::HOLD) {
+            warn!(qid = %key.id(), "held, but its state cannot be written now: the hold lasts until a restart");
+        }
+        how = next_settle(asks, how, inner, e.attempts);
     }
 }
 
@@ -276,7 +289,7 @@ async fn defer(
         if asks.has(Asks::DELETE) {
             return delete(inner, key, e).await;
         }
-        how = next_settle(asks, how, inner, &state);
+        how = next_settle(asks, how, inner, state.attempts);
     }
 }
 
@@ -304,19 +317,20 @@ async fn save(
     Ok(())
 }
 
-/// Where admin requests move a message that would otherwise settle as `how`.
-fn next_settle(asks: Asks, how: Settle, inner: &Inner, state: &DeliveryState) -> Settle {
-    if asks.has(Asks::HOLD) {
+/// Where admin requests move a message that would otherwise settle as `how`. A flush never
+/// undoes a hold (as a flush of a held message does nothing).
+fn next_settle(asks: Asks, how: Settle, inner: &Inner, attempts: u32) -> Settle {
+    let held = matches!(how, Settle::Held);
+    if asks.has(Asks::HOLD) || (held && !asks.has(Asks::RELEASE)) {
         Settle::Held
     } else if asks.has(Asks::RELEASE) || asks.has(Asks::FLUSH) {
         Settle::Ready
-    } else if matches!(how, Settle::Held) {
-        Settle::Held
     } else {
-        let due = now_ms() + retry_delay(inner, state.attempts.max(1)).as_millis() as u64;
         match how {
             Settle::Deferred(t) => Settle::Deferred(t),
-            _ => Settle::Deferred(due),
+            _ => Settle::Deferred(
+                now_ms() + retry_delay(inner, attempts.max(1)).as_millis() as u64,
+            ),
         }
     }
 }
@@ -330,7 +344,7 @@ async fn delete(inner: &Inner, key: QueueKey, e: Entry) {
     inner.index().remove(key);
 }
 
-fn ended(inner: &Inner, key: QueueKey, end: End) {
+async fn ended(inner: &Inner, key: QueueKey, end: End) {
     match end {
         End::Gone => {
             inner.index().remove(key);
@@ -338,9 +352,7 @@ fn ended(inner: &Inner, key: QueueKey, end: End) {
         End::Kept(e) => {
             // Could not be finished (the spool refused): try again later.
             let due = now_ms() + retry_delay(inner, 1).as_millis() as u64;
-            let _ = inner
-                .index()
-                .settle(key, e.state, e.attempts, NO_ROUTE, Settle::Deferred(due));
+            settle_unwritten(inner, key, e, Settle::Deferred(due)).await;
         }
     }
 }

@@ -132,6 +132,9 @@ impl Queue {
             Some(l) => spool.read_state(l).ok()?,
             None => DeliveryState::new(env.rcpts.len()),
         };
+        if state.rcpts.len() != env.rcpts.len() {
+            return None;
+        }
         let phase = Phase::from(e.slot);
         Some(QueueEntry {
             envelope: Arc::new(env),

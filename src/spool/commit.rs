@@ -15,7 +15,7 @@ use super::reclaim::Reclaim;
 use super::segment::{self, Kind, HEADER_LEN};
 use super::{io_err, Loc, SpoolError};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -47,6 +47,21 @@ pub struct Rec {
     pub meta: Vec<u8>,
     /// Message bytes (messages only).
     pub body: Option<Arc<Vec<u8>>>,
+    /// What keeps the record's segment: recorded under the reclaim lock before the caller
+    /// hears back, so no rotation or deletion can slip in between.
+    pub keep: Keep,
+}
+
+/// Why a record's segment must stay.
+#[derive(Debug, Clone, Copy)]
+pub enum Keep {
+    /// A record of a queued message (a message or its latest state): one reference.
+    Ref,
+    /// A `Done` record ending a message whose message record is in this segment.
+    Ends(u32),
+    /// A message record copied forward from this segment (a reference, and the copy must
+    /// outlive the original).
+    Copies(u32),
 }
 
 impl Rec {
@@ -81,6 +96,8 @@ pub struct Head {
     pub file: File,
     /// Bytes written and synced.
     pub len: u64,
+    /// A failed write could not be cut off: nothing more goes into this segment.
+    pub broken: bool,
 }
 
 impl Head {
@@ -104,6 +121,7 @@ impl Head {
             n,
             file,
             len: segment::FILE_MAGIC.len() as u64,
+            broken: false,
         })
     }
 
@@ -111,19 +129,24 @@ impl Head {
         self.dir.join(segment::file_name(self.n))
     }
 
-    /// Appends `recs` (not yet synced); returns their positions.
+    /// Appends `recs` (not yet synced) at the end of what is written; returns their
+    /// positions. Writes are positioned, so the positions hold whatever a failed write left.
     pub fn write(&mut self, recs: &[&Rec], buf: &mut Vec<u8>) -> io::Result<Vec<Loc>> {
+        use std::os::unix::fs::FileExt;
         let mut locs = Vec::with_capacity(recs.len());
         let mut off = self.len;
+        let mut at = self.len;
         buf.clear();
         for r in recs {
             let body = r.body.as_deref().map_or(&[][..], |b| &b[..]);
             buf.extend_from_slice(&segment::encode_header(r.kind, &r.meta, body));
             buf.extend_from_slice(&r.meta);
             if body.len() > DIRECT_WRITE {
-                self.file.write_all(buf)?;
+                self.file.write_all_at(buf, at)?;
+                at += buf.len() as u64;
                 buf.clear();
-                self.file.write_all(body)?;
+                self.file.write_all_at(body, at)?;
+                at += body.len() as u64;
             } else {
                 buf.extend_from_slice(body);
             }
@@ -134,7 +157,7 @@ impl Head {
             });
             off += r.len();
         }
-        self.file.write_all(buf)?;
+        self.file.write_all_at(buf, at)?;
         self.len = off;
         Ok(locs)
     }
@@ -148,7 +171,6 @@ impl Head {
     fn cut(&mut self, len: u64) -> io::Result<()> {
         self.len = len;
         self.file.set_len(len)?;
-        self.file.seek(SeekFrom::Start(len))?;
         self.file.sync_data()
     }
 }
@@ -192,8 +214,8 @@ pub fn run(
                 appends.iter().map(|a| a.0.len() as u64).sum(),
                 Ordering::Relaxed,
             );
-            commit_turn(&mut head, appends, &mut buf);
-            if head.len >= segment_size {
+            commit_turn(&mut head, appends, &mut buf, &reclaim);
+            if head.len >= segment_size || head.broken {
                 match Head::create(&head.dir, head.n + 1) {
                     Ok(h) => {
                         head = h;
@@ -221,15 +243,28 @@ type ReplyTo = oneshot::Sender<Result<Vec<Loc>, SpoolError>>;
 type Waiting = Vec<(Vec<Rec>, ReplyTo)>;
 
 /// Writes one turn's records, syncs once, answers every caller.
-fn commit_turn(head: &mut Head, appends: Waiting, buf: &mut Vec<u8>) {
+fn commit_turn(head: &mut Head, appends: Waiting, buf: &mut Vec<u8>, reclaim: &Mutex<Reclaim>) {
     let start = head.len;
     let all: Vec<&Rec> = appends.iter().flat_map(|(r, _)| r.iter()).collect();
     let res = head
         .write(&all, buf)
         .and_then(|locs| head.sync().map(|()| locs));
-    drop(all);
     match res {
         Ok(locs) => {
+            {
+                let mut r = lock(reclaim);
+                for (rec, loc) in all.iter().zip(&locs) {
+                    match rec.keep {
+                        Keep::Ref => r.add_ref(loc.seg),
+                        Keep::Ends(msg) => r.pin(loc.seg, msg),
+                        Keep::Copies(old) => {
+                            r.add_ref(loc.seg);
+                            r.pin(loc.seg, old);
+                        }
+                    }
+                }
+            }
+            drop(all);
             let mut locs = locs.into_iter();
             for (recs, reply) in appends {
                 let mine: Vec<Loc> = locs.by_ref().take(recs.len()).collect();
@@ -237,10 +272,12 @@ fn commit_turn(head: &mut Head, appends: Waiting, buf: &mut Vec<u8>) {
             }
         }
         Err(e) => {
+            drop(all);
             let path = head.path();
             warn!(path = %path.display(), error = %e, "spool write failed; the records of this commit are cut off");
             if let Err(e2) = head.cut(start) {
-                error!(path = %path.display(), error = %e2, "cannot cut a failed spool write off the segment");
+                error!(path = %path.display(), error = %e2, "cannot cut a failed spool write off the segment; starting a new one");
+                head.broken = true;
             }
             for (_, reply) in appends {
                 let err = io::Error::new(e.kind(), e.to_string());

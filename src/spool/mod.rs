@@ -25,7 +25,7 @@ pub use records::{DeliveryState, Envelope, RcptState, RcptStatus};
 pub use recover::{inspect, Queued};
 
 use crate::types::QueueId;
-use commit::{Job, Rec};
+use commit::{Job, Keep, Rec};
 use reclaim::Reclaim;
 use segment::{Kind, HEADER_LEN};
 use std::fs::{self, File, OpenOptions};
@@ -131,10 +131,17 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, SpoolError> {
 }
 
 pub(crate) fn message_rec(env: &Envelope, body: Arc<Vec<u8>>) -> Result<Rec, SpoolError> {
+    if u32::try_from(body.len()).is_err() {
+        return Err(SpoolError::Corrupt {
+            path: "(record being written)".into(),
+            reason: format!("a message of {} bytes is too large for a spool record", body.len()),
+        });
+    }
     Ok(Rec {
         kind: Kind::Message,
         meta: json(env)?,
         body: Some(body),
+        keep: Keep::Ref,
     })
 }
 
@@ -143,6 +150,7 @@ pub(crate) fn state_rec(id: &QueueId, state: &DeliveryState) -> Result<Rec, Spoo
         kind: Kind::State,
         meta: json(&StateMeta { id, state })?,
         body: None,
+        keep: Keep::Ref,
     })
 }
 
@@ -231,9 +239,7 @@ impl Spool {
 
     /// Writes a new message durably. When this returns, the message survives a crash.
     pub async fn store(&self, env: &Envelope, body: Arc<Vec<u8>>) -> Result<Loc, SpoolError> {
-        let loc = self.append(vec![message_rec(env, body)?]).await?[0];
-        lock(&self.reclaim).add_ref(loc.seg);
-        Ok(loc)
+        Ok(self.append(vec![message_rec(env, body)?]).await?[0])
     }
 
     /// Records a message's delivery state durably; `prev` is the state record it replaces.
@@ -244,11 +250,7 @@ impl Spool {
         prev: Option<Loc>,
     ) -> Result<Loc, SpoolError> {
         let loc = self.append(vec![state_rec(id, state)?]).await?[0];
-        let free = {
-            let mut r = lock(&self.reclaim);
-            r.add_ref(loc.seg);
-            prev.and_then(|p| r.drop_ref(p.seg))
-        };
+        let free = prev.and_then(|p| lock(&self.reclaim).drop_ref(p.seg));
         self.delete(free.into_iter().collect());
         Ok(loc)
     }
@@ -270,15 +272,12 @@ impl Spool {
         msg: Loc,
         prev: Option<Loc>,
     ) -> Result<(Loc, Loc), SpoolError> {
-        let locs = self
-            .append(vec![message_rec(env, body)?, state_rec(&env.id, state)?])
-            .await?;
+        let mut copy = message_rec(env, body)?;
+        copy.keep = Keep::Copies(msg.seg);
+        let locs = self.append(vec![copy, state_rec(&env.id, state)?]).await?;
         let (new_msg, new_state) = (locs[0], locs[1]);
         let free: Vec<u32> = {
             let mut r = lock(&self.reclaim);
-            r.add_ref(new_msg.seg);
-            r.add_ref(new_state.seg);
-            r.pin(new_msg.seg, msg.seg);
             std::iter::once(msg)
                 .chain(prev)
                 .filter_map(|l| r.drop_ref(l.seg))
@@ -296,16 +295,15 @@ impl Spool {
         msg: Loc,
         state: Option<Loc>,
     ) -> Result<(), SpoolError> {
-        let done = self
-            .append(vec![Rec {
-                kind: Kind::Done,
-                meta: json(id)?,
-                body: None,
-            }])
-            .await?[0];
+        self.append(vec![Rec {
+            kind: Kind::Done,
+            meta: json(id)?,
+            body: None,
+            keep: Keep::Ends(msg.seg),
+        }])
+        .await?;
         let free: Vec<u32> = {
             let mut r = lock(&self.reclaim);
-            r.pin(done.seg, msg.seg);
             std::iter::once(msg)
                 .chain(state)
                 .filter_map(|l| r.drop_ref(l.seg))
@@ -339,6 +337,7 @@ impl Spool {
         message: &[u8],
         state: &DeliveryState,
     ) -> Result<(), SpoolError> {
+        // (`message` may be a note in place of bytes that could not be read back.)
         let id = QueueId::from_file_stem(env.id.as_str()).ok_or_else(|| SpoolError::Corrupt {
             path: self.failed.display().to_string(),
             reason: format!("queue id {:?} is not a file name", env.id.as_str()),

@@ -170,9 +170,12 @@ fn apply(
     match h.kind {
         Kind::Message => {
             let e: EnvHead = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
-            if let Some(old) = live.get(&e.id) {
-                // Copied forward by compaction: the copy must outlive the original.
+            if let Some(old) = live.get_mut(&e.id) {
+                // Copied forward by compaction: the copy must outlive the original, and the
+                // state so far stays (the state record written with the copy may be torn).
                 dones.push((loc.seg, old.msg.seg));
+                old.msg = loc;
+                return Ok(());
             }
             live.insert(
                 e.id.clone(),
@@ -385,11 +388,13 @@ fn import_former(
         );
     }
     head.sync().map_err(io_err(&active))?;
-    for e in fs::read_dir(&active).map_err(io_err(&active))? {
-        let p = e.map_err(io_err(&active))?.path();
-        fs::remove_file(&p).map_err(io_err(&p))?;
+    for (id, path) in &files {
+        fs::remove_file(path).map_err(io_err(path))?;
+        let _ = fs::remove_file(active.join(format!("{id}.state")));
     }
-    fs::remove_dir(&active).map_err(io_err(&active))?;
+    if fs::remove_dir(&active).is_err() {
+        warn!(dir = %active.display(), "files that are not queued messages were left in the former spool folder");
+    }
     File::open(root)
         .and_then(|f| f.sync_all())
         .map_err(io_err(root))?;

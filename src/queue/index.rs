@@ -9,7 +9,7 @@
 use crate::spool::Loc;
 use crate::types::QueueKey;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 /// Where a message is, as the scheduler sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +108,14 @@ pub struct Census {
 pub struct Index {
     entries: BTreeMap<QueueKey, Entry>,
     slots: [BTreeSet<QueueKey>; 4],
+    /// Ready messages per route tag (the route that deferred them, [`NO_ROUTE`] for the
+    /// rest): the dispatcher takes from each in turn, so one route's backlog never holds up
+    /// the others.
+    ready: BTreeMap<u16, BTreeSet<QueueKey>>,
+    /// Busy messages per route tag, for the per-route limit.
+    busy: HashMap<u16, usize>,
+    /// The route tag the dispatcher took from last (round robin).
+    turn: u16,
     /// Next attempts; an item is stale when its entry is no longer deferred at that time.
     timer: BinaryHeap<Reverse<(u64, QueueKey)>>,
 }
@@ -131,41 +139,100 @@ impl Index {
     /// Adds a message (replacing any entry with that key).
     pub fn insert(&mut self, k: QueueKey, e: Entry) {
         self.remove(k);
-        self.slots[e.slot as usize].insert(k);
-        if e.slot == Slot::Deferred {
-            self.timer.push(Reverse((e.due_ms, k)));
-        }
         self.entries.insert(k, e);
+        self.enter(k, e.slot, e.due_ms);
     }
 
     /// Removes a message.
     pub fn remove(&mut self, k: QueueKey) -> Option<Entry> {
-        let e = self.entries.remove(&k)?;
-        self.slots[e.slot as usize].remove(&k);
-        Some(e)
+        self.leave(k);
+        self.entries.remove(&k)
+    }
+
+    /// Takes `k` out of the structures of its slot (the entry stays).
+    fn leave(&mut self, k: QueueKey) {
+        let Some(e) = self.entries.get(&k) else {
+            return;
+        };
+        let (slot, tag) = (e.slot, e.route);
+        self.slots[slot as usize].remove(&k);
+        match slot {
+            Slot::Ready => {
+                if let Some(set) = self.ready.get_mut(&tag) {
+                    set.remove(&k);
+                    if set.is_empty() {
+                        self.ready.remove(&tag);
+                    }
+                }
+            }
+            Slot::Busy => {
+                if let Some(n) = self.busy.get_mut(&tag) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            Slot::Deferred | Slot::Held => {}
+        }
+    }
+
+    /// Puts `k` (already out of its former slot) into `slot`.
+    fn enter(&mut self, k: QueueKey, slot: Slot, due_ms: u64) -> Option<&mut Entry> {
+        let e = self.entries.get_mut(&k)?;
+        e.slot = slot;
+        e.due_ms = due_ms;
+        let tag = e.route;
+        self.slots[slot as usize].insert(k);
+        match slot {
+            Slot::Ready => {
+                self.ready.entry(tag).or_default().insert(k);
+            }
+            Slot::Busy => *self.busy.entry(tag).or_default() += 1,
+            Slot::Deferred => self.timer.push(Reverse((due_ms, k))),
+            Slot::Held => {}
+        }
+        self.entries.get_mut(&k)
     }
 
     fn move_to(&mut self, k: QueueKey, slot: Slot, due_ms: u64) -> Option<&mut Entry> {
-        let e = self.entries.get_mut(&k)?;
-        self.slots[e.slot as usize].remove(&k);
-        self.slots[slot as usize].insert(k);
-        e.slot = slot;
-        e.due_ms = due_ms;
-        if slot == Slot::Deferred {
-            self.timer.push(Reverse((due_ms, k)));
-        }
-        Some(e)
+        self.leave(k);
+        self.enter(k, slot, due_ms)
     }
 
-    /// Takes the next message to attempt: the oldest ready one, else the earliest deferred
-    /// one that is due at `now_ms`. It becomes busy.
-    pub fn next(&mut self, now_ms: u64) -> Option<(QueueKey, Entry)> {
-        let k = match self.slots[Slot::Ready as usize].first() {
-            Some(&k) => k,
-            None => self.pop_due(now_ms)?,
+    /// Takes the next message to attempt and makes it busy: a ready one, taking the routes
+    /// in turn, from a route with fewer than `cap(route)` busy messages; else the earliest
+    /// deferred one due at `now_ms` (one due for a route at its limit waits as ready).
+    pub fn next(&mut self, now_ms: u64, cap: impl Fn(u16) -> usize) -> Option<(QueueKey, Entry)> {
+        let k = match self.pick_ready(&cap) {
+            Some(k) => k,
+            None => loop {
+                let k = self.pop_due(now_ms)?;
+                let tag = self.entries.get(&k)?.route;
+                if self.busy.get(&tag).copied().unwrap_or(0) < cap(tag) {
+                    break k;
+                }
+                self.move_to(k, Slot::Ready, 0);
+            },
         };
         let e = *self.move_to(k, Slot::Busy, 0)?;
         Some((k, e))
+    }
+
+    fn pick_ready(&mut self, cap: &impl Fn(u16) -> usize) -> Option<QueueKey> {
+        let after = self
+            .ready
+            .range(self.turn.saturating_add(1)..)
+            .chain(self.ready.range(..=self.turn));
+        let mut pick = None;
+        for (&tag, set) in after {
+            if self.busy.get(&tag).copied().unwrap_or(0) < cap(tag) {
+                pick = set.first().map(|&k| (tag, k));
+                if pick.is_some() {
+                    break;
+                }
+            }
+        }
+        let (tag, k) = pick?;
+        self.turn = tag;
+        Some(k)
     }
 
     fn pop_due(&mut self, now_ms: u64) -> Option<QueueKey> {
@@ -220,7 +287,6 @@ impl Index {
         let e = self.entries.get_mut(&k).ok_or(Asks::default())?;
         e.state = state.or(e.state);
         e.attempts = attempts;
-        e.route = route;
         if !e.asks.is_empty() {
             return Err(std::mem::take(&mut e.asks));
         }
@@ -229,7 +295,11 @@ impl Index {
             Settle::Deferred(t) => (Slot::Deferred, t),
             Settle::Held => (Slot::Held, 0),
         };
-        self.move_to(k, slot, due);
+        self.leave(k);
+        if let Some(e) = self.entries.get_mut(&k) {
+            e.route = route;
+        }
+        self.enter(k, slot, due);
         Ok(())
     }
 
@@ -356,11 +426,15 @@ mod tests {
         ix.insert(a, entry(Slot::Deferred, 300));
         ix.insert(b, entry(Slot::Deferred, 100));
         ix.insert(c, entry(Slot::Ready, 0));
-        assert_eq!(ix.next(50).map(|x| x.0), Some(c));
-        assert_eq!(ix.next(50).map(|x| x.0), None, "nothing due at 50");
+        assert_eq!(ix.next(50, |_| usize::MAX).map(|x| x.0), Some(c));
+        assert_eq!(
+            ix.next(50, |_| usize::MAX).map(|x| x.0),
+            None,
+            "nothing due at 50"
+        );
         assert_eq!(ix.next_due(), Some(100));
-        assert_eq!(ix.next(1000).map(|x| x.0), Some(b));
-        assert_eq!(ix.next(1000).map(|x| x.0), Some(a));
+        assert_eq!(ix.next(1000, |_| usize::MAX).map(|x| x.0), Some(b));
+        assert_eq!(ix.next(1000, |_| usize::MAX).map(|x| x.0), Some(a));
         assert_eq!(ix.census().count, [0, 3, 0, 0]);
     }
 
@@ -370,11 +444,11 @@ mod tests {
         let a = key();
         ix.insert(a, entry(Slot::Deferred, 100));
         assert!(matches!(ix.ask(a, Asks::FLUSH), Ok(None)));
-        assert_eq!(ix.next(0).map(|x| x.0), Some(a));
+        assert_eq!(ix.next(0, |_| usize::MAX).map(|x| x.0), Some(a));
         ix.settle(a, None, 1, NO_ROUTE, Settle::Deferred(500))
             .unwrap();
         assert_eq!(ix.next_due(), Some(500), "the item at 100 is stale");
-        assert!(ix.next(200).is_none());
+        assert!(ix.next(200, |_| usize::MAX).is_none());
     }
 
     #[test]
@@ -382,7 +456,7 @@ mod tests {
         let mut ix = Index::default();
         let a = key();
         ix.insert(a, entry(Slot::Ready, 0));
-        ix.next(0).unwrap();
+        ix.next(0, |_| usize::MAX).unwrap();
         assert!(matches!(ix.ask(a, Asks::HOLD), Ok(None)));
         assert!(matches!(ix.ask(a, Asks::DELETE), Ok(None)));
         let asks = ix
@@ -414,10 +488,47 @@ mod tests {
         let (n3, next) = ix.release_route(3, next, 4);
         assert_eq!((n1 + n2 + n3, next), (5, None));
         let mut got = Vec::new();
-        while let Some((k, _)) = ix.next(0) {
+        while let Some((k, _)) = ix.next(0, |_| usize::MAX) {
             got.push(k);
         }
         assert_eq!(got, mine, "oldest first, only route 3");
         assert!(ix.probe_route(4).is_some());
+    }
+
+    #[test]
+    fn a_route_at_its_limit_does_not_hold_up_the_others() {
+        let mut ix = Index::default();
+        // A released backlog of route 3 (older), then fresh mail (no route).
+        let backlog: Vec<QueueKey> = (0..5)
+            .map(|_| {
+                let k = key();
+                let mut e = entry(Slot::Ready, 0);
+                e.route = 3;
+                ix.insert(k, e);
+                k
+            })
+            .collect();
+        let fresh: Vec<QueueKey> = (0..3)
+            .map(|_| {
+                let k = key();
+                ix.insert(k, entry(Slot::Ready, 0));
+                k
+            })
+            .collect();
+        let cap = |tag: u16| if tag == 3 { 2 } else { usize::MAX };
+        let mut got = Vec::new();
+        while let Some((k, _)) = ix.next(0, cap) {
+            got.push(k);
+        }
+        // Two of the backlog (its limit), and every fresh message.
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert!(fresh.iter().all(|k| got.contains(k)));
+        assert_eq!(got.iter().filter(|k| backlog.contains(k)).count(), 2);
+        // One of route 3 settles: the next of its backlog may go.
+        ix.settle(backlog[0], None, 1, NO_ROUTE, Settle::Deferred(10_000))
+            .unwrap();
+        assert_eq!(ix.next(0, cap).map(|x| x.0), Some(backlog[2]));
+        assert!(ix.next(0, cap).is_none());
+        assert_eq!(ix.census().count[Slot::Ready as usize], 2);
     }
 }

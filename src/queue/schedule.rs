@@ -40,7 +40,11 @@ pub(super) async fn dispatch(inner: Arc<Inner>) {
                     Err(_) => return,
                 },
             };
-            let next = inner.index().next(now_ms());
+            let next = {
+                let caps = route_caps(&inner);
+                let cap = |tag: u16| caps.get(tag as usize).copied().unwrap_or(usize::MAX);
+                inner.index().next(now_ms(), cap)
+            };
             let Some((key, entry)) = next else { break };
             tokio::spawn(run(inner.clone(), key, entry, None, permit));
         }
@@ -55,6 +59,24 @@ pub(super) async fn dispatch(inner: Arc<Inner>) {
             _ = inner.wake.notified() => {}
         }
     }
+}
+
+/// Per route tag, how many of the messages waiting for that route may be in attempts at
+/// once: twice the route's `concurrency` (one sending, one ready behind it), so a released
+/// backlog goes out at the pace the route takes and leaves attempt slots to other routes.
+fn route_caps(inner: &Inner) -> Vec<usize> {
+    let config = inner.config.load();
+    inner
+        .routes()
+        .names
+        .iter()
+        .map(|n| {
+            config
+                .routes
+                .get(n)
+                .map_or(usize::MAX, |r| r.concurrency.saturating_mul(2))
+        })
+        .collect()
 }
 
 /// One step of each route release, and a probe of each route that is down and due for one.
@@ -164,26 +186,33 @@ async fn load(inner: &Inner, e: &Entry) -> Result<(Arc<Envelope>, DeliveryState)
     }
 }
 
-/// One attempt of one message, then its next place in the queue. Every line it logs carries
-/// the `message` span with its queue id.
-#[tracing::instrument(name = "message", skip_all, fields(qid = %key.id()))]
+/// One attempt of one message, then its next place in the queue; the dispatcher is woken
+/// after it (an attempt slot and a slot of the message's route are free again).
 pub(super) async fn run(
     inner: Arc<Inner>,
     key: QueueKey,
     e: Entry,
     fresh: Option<Fresh>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
+    attempt_and_place(&inner, key, e, fresh).await;
+    drop(permit);
+    inner.wake.notify_one();
+}
+
+/// Every line it logs carries the `message` span with the queue id.
+#[tracing::instrument(name = "message", skip_all, fields(qid = %key.id()))]
+async fn attempt_and_place(inner: &Arc<Inner>, key: QueueKey, e: Entry, fresh: Option<Fresh>) {
     let (env, mut state, first_body) = match fresh {
         Some(f) => {
             let n = f.env.rcpts.len();
             (f.env, DeliveryState::new(n), Some(f.body))
         }
-        None => match load(&inner, &e).await {
+        None => match load(inner, &e).await {
             Ok((env, st)) => (env, st, None),
             Err(err) => {
                 error!(qid = %key.id(), error = %err, "cannot read the queued message; will try again");
-                return unreadable(&inner, key, e).await;
+                return unreadable(inner, key, e).await;
             }
         },
     };
@@ -191,8 +220,8 @@ pub(super) async fn run(
     state.next_attempt_ms = None;
     let started_ms = now_ms();
     let body = AttemptBody::new(inner.spool.clone(), e.msg, first_body);
-    let reports = attempt(&inner, &env, &mut state, Arc::new(body)).await;
-    let news = report_routes(&inner, &reports, started_ms);
+    let reports = attempt(inner, &env, &mut state, Arc::new(body)).await;
+    let news = report_routes(inner, &reports, started_ms);
 
     let pending = state.pending();
     let expired = unix_now().saturating_sub(env.received_at)
@@ -208,19 +237,19 @@ pub(super) async fn run(
         }
     }
     if state.pending().is_empty() {
-        let end = finish(&inner, &env, &state, e.msg, e.state).await;
-        return ended(&inner, key, end).await;
+        let end = finish(inner, &env, &state, e.msg, e.state).await;
+        return ended(inner, key, end).await;
     }
-    warn_if_delayed(&inner, &env, e.msg, &mut state).await;
+    warn_if_delayed(inner, &env, e.msg, &mut state).await;
     let how = if news.retry_now {
         Settle::Ready
     } else {
-        Settle::Deferred(now_ms() + retry_delay(&inner, state.attempts).as_millis() as u64)
+        Settle::Deferred(now_ms() + retry_delay(inner, state.attempts).as_millis() as u64)
     };
     let mut e = e;
     e.route = news.down;
     state.unreachable = news.down_name;
-    defer(&inner, key, e, &env, state, how).await;
+    defer(inner, key, e, &env, state, how).await;
 }
 
 /// A message whose records could not be read: tried again after the first backoff; an
@@ -235,9 +264,7 @@ async fn unreadable(inner: &Inner, key: QueueKey, e: Entry) {
 /// still ends it; a hold or release holds only until the next restart.
 async fn settle_unwritten(inner: &Inner, key: QueueKey, e: Entry, mut how: Settle) {
     loop {
-        let res = inner
-            .index()
-            .settle(key, e.state, e.attempts, e.route, how);
+        let res = inner.index().settle(key, e.state, e.attempts, e.route, how);
         let asks = match res {
             Ok(()) => return,
             Err(asks) if asks.is_empty() => return,
@@ -328,9 +355,9 @@ fn next_settle(asks: Asks, how: Settle, inner: &Inner, attempts: u32) -> Settle 
     } else {
         match how {
             Settle::Deferred(t) => Settle::Deferred(t),
-            _ => Settle::Deferred(
-                now_ms() + retry_delay(inner, attempts.max(1)).as_millis() as u64,
-            ),
+            _ => {
+                Settle::Deferred(now_ms() + retry_delay(inner, attempts.max(1)).as_millis() as u64)
+            }
         }
     }
 }
@@ -360,14 +387,19 @@ async fn ended(inner: &Inner, key: QueueKey, end: End) {
 /// Applies an admin request to a message that was idle (ready, deferred or held) and is now
 /// busy: writes the change to the spool, then places it.
 pub(super) async fn apply_asks(inner: Arc<Inner>, key: QueueKey, e: Entry, a: Asks) {
+    apply(&inner, key, e, a).await;
+    inner.wake.notify_one();
+}
+
+async fn apply(inner: &Arc<Inner>, key: QueueKey, e: Entry, a: Asks) {
     if a.has(Asks::DELETE) {
-        return delete(&inner, key, e).await;
+        return delete(inner, key, e).await;
     }
-    let (env, state) = match load(&inner, &e).await {
+    let (env, state) = match load(inner, &e).await {
         Ok(x) => x,
         Err(err) => {
             error!(qid = %key.id(), error = %err, "cannot read the queued message for an admin request");
-            return unreadable(&inner, key, e).await;
+            return unreadable(inner, key, e).await;
         }
     };
     let how = if a.has(Asks::HOLD) {
@@ -375,7 +407,7 @@ pub(super) async fn apply_asks(inner: Arc<Inner>, key: QueueKey, e: Entry, a: As
     } else {
         Settle::Ready
     };
-    defer(&inner, key, e, &env, state, how).await;
+    defer(inner, key, e, &env, state, how).await;
 }
 
 fn retry_delay(inner: &Inner, attempts: u32) -> Duration {

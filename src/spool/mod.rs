@@ -134,7 +134,10 @@ pub(crate) fn message_rec(env: &Envelope, body: Arc<Vec<u8>>) -> Result<Rec, Spo
     if u32::try_from(body.len()).is_err() {
         return Err(SpoolError::Corrupt {
             path: "(record being written)".into(),
-            reason: format!("a message of {} bytes is too large for a spool record", body.len()),
+            reason: format!(
+                "a message of {} bytes is too large for a spool record",
+                body.len()
+            ),
         });
     }
     Ok(Rec {

@@ -24,7 +24,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long a connection may sit idle before it is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest time a failing next hop is skipped before the next probe.
+/// Longest time a failing next hop is skipped before the next probe, unless the pool is
+/// given a shorter one (the queue's `probe_interval`, so a route's probe is never skipped
+/// for longer than the interval it is made at).
 const MAX_DOWN: Duration = Duration::from_secs(60);
 
 /// What a pooled session may be reused for: sessions are shared only between deliveries
@@ -100,6 +102,8 @@ pub struct Pool {
     slots: Mutex<HashMap<SocketAddr, Arc<Semaphore>>>,
     max_idle: usize,
     per_hop: usize,
+    /// Longest skip of a failing hop, in milliseconds (at most [`MAX_DOWN`]).
+    max_down_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Pool {
@@ -113,7 +117,15 @@ impl Pool {
             slots: Mutex::new(HashMap::new()),
             max_idle,
             per_hop: per_hop.max(1),
+            max_down_ms: std::sync::atomic::AtomicU64::new(MAX_DOWN.as_millis() as u64),
         }
+    }
+
+    /// A failing hop is skipped for at most `d` (capped at 60 s) before it is probed again.
+    pub fn set_max_down(&self, d: Duration) {
+        let ms = d.min(MAX_DOWN).as_millis().max(1) as u64;
+        self.max_down_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Waits for a transaction slot at `addr` (held until the permit is dropped).
@@ -157,7 +169,9 @@ impl Pool {
         let secs = 1u64
             .checked_shl(e.failures.saturating_sub(1).min(6))
             .unwrap_or(64);
-        e.down_until = Some(Instant::now() + Duration::from_secs(secs).min(MAX_DOWN));
+        let max =
+            Duration::from_millis(self.max_down_ms.load(std::sync::atomic::Ordering::Relaxed));
+        e.down_until = Some(Instant::now() + Duration::from_secs(secs).min(max));
     }
 
     /// A ready connection for `key` (to the next hop `host`, saying EHLO `helo`, with

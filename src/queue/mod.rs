@@ -211,6 +211,9 @@ impl Queue {
             stopped: Default::default(),
             pool: deliver::pool::Pool::new(16, hop_concurrency),
         });
+        inner
+            .pool
+            .set_max_down(inner.config.load().queue.probe_interval);
         tokio::spawn(schedule::dispatch(inner.clone()));
         Ok(Queue { inner })
     }
@@ -227,6 +230,7 @@ impl Queue {
         {
             self.inner.limits.store(Arc::new(route_limits(&config)));
         }
+        self.inner.pool.set_max_down(config.queue.probe_interval);
         self.inner.config.store(config);
     }
 

@@ -4,8 +4,11 @@
 //! another and makes them durable with one `fdatasync` (group commit); only then does any of
 //! the callers hear back (and a session send its `250`). A failed write or sync is cut off
 //! the file again and reported to every caller of that turn, whose records are then not in
-//! the spool. When the head segment is full a new one is started. Deleting segments nothing
-//! needs any more is done here too, so all file changes of the spool happen on this thread.
+//! the spool. Before anyone hears back, what keeps each new record's segment (a reference,
+//! or a pin) is recorded under the reclaim lock, so a rotation or deletion can never take a
+//! segment holding a record its caller is about to rely on. When the head segment is full a
+//! new one is started. Deleting segments nothing needs any more is done here too, so all
+//! file changes of the spool happen on this thread.
 //!
 //! Written by hand rather than with an embedded store: the spool needs exactly this append
 //! path (records of a message written once, read back by position, whole segments dropped

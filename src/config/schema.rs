@@ -228,7 +228,8 @@ pub struct QueueConfig {
     #[serde(default = "default_delay_warning", with = "duration")]
     pub delay_warning: Duration,
     /// Delivery attempts running at once, across routes (Postfix's `qmgr_message_active_limit`
-    /// plays the same part); due messages beyond it wait in the index, costing no task.
+    /// plays the same part); due messages beyond it wait in the index, costing no task. Read
+    /// at start.
     #[serde(default = "default_max_active")]
     pub max_active: usize,
     /// While a route's next hops cannot be reached, its oldest deferred message is tried this

@@ -1,12 +1,15 @@
 //! Hot-path micro benchmarks: command parser, DATA reader, directory lookup, route planning,
 //! spool write (with fsync). Run with `cargo bench --bench hot_path`.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use coexist::config::DirectoryConfig;
 use coexist::directory::{table, Directory};
 use coexist::smtp::command;
 use coexist::smtp::data::DataReader;
-use coexist::spool::{Envelope, Spool};
-use coexist::types::{Address, QueueId, RouteName};
+use coexist::spool::Spool;
+use coexist::types::{Address, RouteName};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 use std::time::Duration;
@@ -99,23 +102,6 @@ fn directory(c: &mut Criterion) {
     g.finish();
 }
 
-fn envelope() -> Envelope {
-    Envelope {
-        id: QueueId::generate(),
-        from: None,
-        rcpts: vec![Address::parse("a@nhs.test", false).expect("address")],
-        smtputf8: false,
-        body: Default::default(),
-        received_at: 0,
-        size: 4096,
-        client: "127.0.0.1:1".into(),
-        ret: None,
-        envid: None,
-        rcpt_dsn: Vec::new(),
-        bounce: false,
-    }
-}
-
 /// The spool's append path: one message alone (a group of one: its own fdatasync), and 64
 /// messages stored at once (the commit stage covers them with as few syncs as it can), each
 /// finished afterwards as delivery does.
@@ -132,7 +118,7 @@ fn spool(c: &mut Criterion) {
     g.sample_size(20);
     g.bench_function("store + finish one 4 KiB message alone", |b| {
         b.iter(|| {
-            let env = envelope();
+            let env = support::envelope(4096);
             rt.block_on(async {
                 let loc = spool.store(&env, body.clone()).await.expect("store");
                 spool.finish(&env.id, loc, None).await.expect("finish");
@@ -147,7 +133,7 @@ fn spool(c: &mut Criterion) {
                     .map(|_| {
                         let (spool, body) = (spool.clone(), body.clone());
                         tokio::spawn(async move {
-                            let env = envelope();
+                            let env = support::envelope(4096);
                             let loc = spool.store(&env, body).await.expect("store");
                             spool.finish(&env.id, loc, None).await.expect("finish");
                         })

@@ -22,8 +22,11 @@
 //! Environment: `SPOOL_COMPARE_N` (default 20000), `SPOOL_COMPARE_C` (comma-separated
 //! concurrencies, default `1,20,64`).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use coexist::spool::{Envelope, Spool};
-use coexist::types::{Address, QueueId};
+use coexist::types::QueueId;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, PersistMode};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,23 +36,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 const BODY_LEN: usize = 5 * 1024;
-
-fn envelope() -> Envelope {
-    Envelope {
-        id: QueueId::generate(),
-        from: None,
-        rcpts: vec![Address::parse("a@nhs.test", false).expect("address")],
-        smtputf8: false,
-        body: Default::default(),
-        received_at: 0,
-        size: BODY_LEN as u64,
-        client: "127.0.0.1:1".into(),
-        ret: None,
-        envid: None,
-        rcpt_dsn: Vec::new(),
-        bounce: false,
-    }
-}
 
 /// 5 KiB of base64-looking lines (like an attachment): fjall compresses blobs with LZ4 by
 /// default, and a body of one repeated byte would flatter it.
@@ -204,7 +190,7 @@ impl Store {
 
     /// One message's life: stored durably, then finished durably.
     async fn store_and_finish(&self, body: &Arc<Vec<u8>>) {
-        let env = envelope();
+        let env = support::envelope(BODY_LEN as u64);
         match self {
             Store::Coexist(s) => {
                 let loc = s.store(&env, body.clone()).await.expect("spool store");

@@ -5,15 +5,14 @@
 mod common;
 
 use coexist::load::sink::{Sink, SinkMode, SinkOptions};
-use coexist::queue::Phase;
+use coexist::queue::{Phase, QueueEntry};
 use common::*;
 use std::time::Duration;
 
-/// Ten messages for a route whose next hop refuses connections, with a one-hour backoff:
-/// when the hop comes up, a probe (every `queue.probe_interval`) gets through and every
-/// deferred message goes out, long before its own next attempt.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mail_waiting_for_a_down_route_goes_out_when_it_answers_again() {
+/// A relay whose `cloud` route's next hop refuses connections, with a one-hour backoff and
+/// a 1 s probe, holding `n` messages for that route, each deferred once; returns the port
+/// that can come up later, the relay and the messages' queue entries.
+async fn mail_for_a_down_route(n: usize) -> (DownPort, Harness, Vec<QueueEntry>) {
     let down = DownPort::new();
     let h = harness(|c| {
         c.routes.get_mut("cloud").unwrap().next_hops = vec![down.addr.into()];
@@ -25,7 +24,7 @@ async fn mail_waiting_for_a_down_route_goes_out_when_it_answers_again() {
     let mut c = connect(h.addr).await;
     c.expect("EHLO client.test", 250).await;
     let mut ids = Vec::new();
-    for i in 0..10 {
+    for i in 0..n {
         let r = c
             .mail(
                 "x@example.org",
@@ -36,8 +35,20 @@ async fn mail_waiting_for_a_down_route_goes_out_when_it_answers_again() {
         assert_eq!(r.code, 250, "{}", r.text);
         ids.push(queue_id(&r));
     }
+    let mut deferred = Vec::new();
     for id in &ids {
-        let e = h.deferred(id).await;
+        deferred.push(h.deferred(id).await);
+    }
+    (down, h, deferred)
+}
+
+/// Ten messages for a route whose next hop refuses connections, with a one-hour backoff:
+/// when the hop comes up, a probe (every `queue.probe_interval`) gets through and every
+/// deferred message goes out, long before its own next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_waiting_for_a_down_route_goes_out_when_it_answers_again() {
+    let (down, h, deferred) = mail_for_a_down_route(10).await;
+    for e in &deferred {
         let wait = e
             .next_attempt
             .unwrap()
@@ -76,18 +87,9 @@ async fn a_restart_resumes_the_schedule_from_the_spool() {
     // Same spool, same config, new relay: the hop accepts now, but the message's next
     // attempt is an hour away.
     h.cloud.state.set_mode(SinkMode::Accept);
-    let Harness {
-        relay,
-        dir,
-        certs,
-        onprem,
-        cloud,
-        ..
-    } = h;
-    let cfg = relay.control.config();
-    drop(relay);
-    let again = coexist::relay::start((*cfg).clone()).await.unwrap();
-    let e = again
+    let h = h.restart().await;
+    let e = h
+        .relay
         .queue
         .get(&qid)
         .expect("still queued after the restart");
@@ -107,10 +109,9 @@ async fn a_restart_resumes_the_schedule_from_the_spool() {
         *"451 4.3.0"
     );
     // An admin flush sends it now.
-    again.queue.flush(&qid).unwrap();
-    assert_eq!(wait(&cloud, 1).await, 1);
-    queue_settled(&again).await;
-    drop((dir, certs, onprem));
+    h.relay.queue.flush(&qid).unwrap();
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    h.settled().await;
 }
 
 /// Mail waiting for a route that was down keeps waiting for it across a restart: the new
@@ -118,39 +119,12 @@ async fn a_restart_resumes_the_schedule_from_the_spool() {
 /// out each message's one-hour backoff.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_mail_for_a_down_route_goes_out_when_it_answers() {
-    let down = DownPort::new();
-    let h = harness(|c| {
-        c.routes.get_mut("cloud").unwrap().next_hops = vec![down.addr.into()];
-        c.queue.min_backoff = Duration::from_secs(3600);
-        c.queue.max_backoff = Duration::from_secs(3600);
-        c.queue.probe_interval = Duration::from_secs(1);
-    })
-    .await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        let r = send_one(h.addr, &["bob@nhs.test"], &format!("r{i}")).await;
-        assert_eq!(r.code, 250);
-        ids.push(queue_id(&r));
-    }
-    for id in &ids {
-        h.deferred(id).await;
-    }
-    let Harness {
-        relay,
-        dir,
-        certs,
-        onprem,
-        cloud,
-        ..
-    } = h;
-    let cfg = relay.control.config();
-    drop(relay);
-    let again = coexist::relay::start((*cfg).clone()).await.unwrap();
+    let (down, h, _) = mail_for_a_down_route(3).await;
+    let h = h.restart().await;
     let back = Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
         .await
         .unwrap();
     down.forward_to(back.addr);
     assert_eq!(wait(&back, 3).await, 3);
-    queue_settled(&again).await;
-    drop((dir, certs, onprem, cloud));
+    h.settled().await;
 }

@@ -1,7 +1,6 @@
 //! Ending a message and telling its sender: its end recorded in the spool once every
 //! recipient has a final outcome, failure DSNs and one-time delay warnings spooled and queued as new messages.
 
-use super::index::{Entry, Slot, NO_ROUTE};
 use super::{unix_now, Inner, Queue, SpoolTaskError};
 use crate::spool::{DeliveryState, Envelope, Loc, RcptStatus};
 use crate::types::QueueId;
@@ -55,7 +54,7 @@ pub(super) enum End {
     /// Finished in the spool (its DSN, if any, queued first); gone from the queue.
     Gone,
     /// The spool refused to record the end: the message stays queued.
-    Kept(Entry),
+    Kept,
 }
 
 /// Ends a message whose recipients all have a final outcome (DESIGN invariant 2): finished
@@ -101,20 +100,8 @@ pub(super) async fn finish(
         }
         Err(e) => {
             error!(qid = %env.id, error = %e, "cannot record the message's end in the spool; it stays queued");
-            End::Kept(kept(msg, state_loc, state))
+            End::Kept
         }
-    }
-}
-
-fn kept(msg: Loc, state_loc: Option<Loc>, state: &DeliveryState) -> Entry {
-    Entry {
-        msg,
-        state: state_loc,
-        due_ms: 0,
-        attempts: state.attempts,
-        route: NO_ROUTE,
-        slot: Slot::Busy,
-        asks: Default::default(),
     }
 }
 
@@ -144,7 +131,7 @@ async fn keep_in_failed(
         Err(e) => e.to_string(),
     };
     error!(qid = %env.id, error = %err, "cannot move message to spool failed/; it stays queued");
-    End::Kept(kept(msg, state_loc, state))
+    End::Kept
 }
 
 /// Builds the DSN for recipients `failed` and spools it durably, then queues it.

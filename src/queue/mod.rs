@@ -47,6 +47,11 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The index key of the queue id an admin typed, if it is one.
+fn key_of(id: &str) -> Option<QueueKey> {
+    QueueId::from_file_stem(id)?.key()
+}
+
 /// Where a queued message is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -362,9 +367,7 @@ impl Queue {
 
     fn ask(&self, id: &str, a: Asks) -> Result<(), QueueError> {
         let not_found = || QueueError::NotFound(id.to_string());
-        let key = QueueId::from_file_stem(id)
-            .and_then(|q| q.key())
-            .ok_or_else(not_found)?;
+        let key = key_of(id).ok_or_else(not_found)?;
         let res = self.inner.index().ask(key, a);
         match res {
             Err(()) => return Err(not_found()),

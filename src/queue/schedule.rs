@@ -32,6 +32,9 @@ pub(super) async fn dispatch(inner: Arc<Inner>) {
     use std::sync::atomic::Ordering::SeqCst;
     while !inner.stopped.load(SeqCst) {
         release_and_probe(&inner);
+        // Routes met later in this round (new tags) have no limit until the next round.
+        let caps = route_caps(&inner);
+        let cap = |tag: u16| caps.get(tag as usize).copied().unwrap_or(usize::MAX);
         loop {
             let permit = match inner.active.clone().try_acquire_owned() {
                 Ok(p) => p,
@@ -40,11 +43,7 @@ pub(super) async fn dispatch(inner: Arc<Inner>) {
                     Err(_) => return,
                 },
             };
-            let next = {
-                let caps = route_caps(&inner);
-                let cap = |tag: u16| caps.get(tag as usize).copied().unwrap_or(usize::MAX);
-                inner.index().next(now_ms(), cap)
-            };
+            let next = inner.index().next(now_ms(), cap);
             let Some((key, entry)) = next else { break };
             tokio::spawn(run(inner.clone(), key, entry, None, permit));
         }
@@ -169,18 +168,8 @@ pub(super) struct Fresh {
 /// Reads a message's envelope and state from the spool.
 async fn load(inner: &Inner, e: &Entry) -> Result<(Arc<Envelope>, DeliveryState), String> {
     let (spool, msg, state) = (inner.spool.clone(), e.msg, e.state);
-    let res = tokio::task::spawn_blocking(move || {
-        let env = spool.read_envelope(msg)?;
-        let st = match state {
-            Some(l) => spool.read_state(l)?,
-            None => DeliveryState::new(env.rcpts.len()),
-        };
-        Ok::<_, crate::spool::SpoolError>((env, st))
-    })
-    .await;
-    match res {
-        Ok(Ok((env, st))) if st.rcpts.len() == env.rcpts.len() => Ok((Arc::new(env), st)),
-        Ok(Ok(_)) => Err("state record does not match the envelope".into()),
+    match tokio::task::spawn_blocking(move || spool.read_queued(msg, state)).await {
+        Ok(Ok((env, st))) => Ok((Arc::new(env), st)),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),
     }
@@ -237,14 +226,26 @@ async fn attempt_and_place(inner: &Arc<Inner>, key: QueueKey, e: Entry, fresh: O
         }
     }
     if state.pending().is_empty() {
-        let end = finish(inner, &env, &state, e.msg, e.state).await;
-        return ended(inner, key, end).await;
+        return match finish(inner, &env, &state, e.msg, e.state).await {
+            End::Gone => {
+                inner.index().remove(key);
+            }
+            End::Kept => {
+                // The spool refused to record the end: try again later.
+                let kept = Entry {
+                    attempts: state.attempts,
+                    route: NO_ROUTE,
+                    ..e
+                };
+                settle_unwritten(inner, key, kept, Settle::Deferred(due_after(inner, 1))).await;
+            }
+        };
     }
     warn_if_delayed(inner, &env, e.msg, &mut state).await;
     let how = if news.retry_now {
         Settle::Ready
     } else {
-        Settle::Deferred(now_ms() + retry_delay(inner, state.attempts).as_millis() as u64)
+        Settle::Deferred(due_after(inner, state.attempts))
     };
     let mut e = e;
     e.route = news.down;
@@ -255,8 +256,7 @@ async fn attempt_and_place(inner: &Arc<Inner>, key: QueueKey, e: Entry, fresh: O
 /// A message whose records could not be read: tried again after the first backoff; an
 /// admin's delete still ends it.
 async fn unreadable(inner: &Inner, key: QueueKey, e: Entry) {
-    let due = now_ms() + retry_delay(inner, 1).as_millis() as u64;
-    settle_unwritten(inner, key, e, Settle::Deferred(due)).await;
+    settle_unwritten(inner, key, e, Settle::Deferred(due_after(inner, 1))).await;
 }
 
 /// Places a busy message whose state cannot be written now (its records could not be read,
@@ -371,19 +371,6 @@ async fn delete(inner: &Inner, key: QueueKey, e: Entry) {
     inner.index().remove(key);
 }
 
-async fn ended(inner: &Inner, key: QueueKey, end: End) {
-    match end {
-        End::Gone => {
-            inner.index().remove(key);
-        }
-        End::Kept(e) => {
-            // Could not be finished (the spool refused): try again later.
-            let due = now_ms() + retry_delay(inner, 1).as_millis() as u64;
-            settle_unwritten(inner, key, e, Settle::Deferred(due)).await;
-        }
-    }
-}
-
 /// Applies an admin request to a message that was idle (ready, deferred or held) and is now
 /// busy: writes the change to the spool, then places it.
 pub(super) async fn apply_asks(inner: Arc<Inner>, key: QueueKey, e: Entry, a: Asks) {
@@ -408,6 +395,11 @@ async fn apply(inner: &Arc<Inner>, key: QueueKey, e: Entry, a: Asks) {
         Settle::Ready
     };
     defer(inner, key, e, &env, state, how).await;
+}
+
+/// When (Unix ms) a message with `attempts` attempts made is tried next.
+fn due_after(inner: &Inner, attempts: u32) -> u64 {
+    now_ms() + retry_delay(inner, attempts).as_millis() as u64
 }
 
 fn retry_delay(inner: &Inner, attempts: u32) -> Duration {

@@ -3,8 +3,8 @@
 
 use super::{now_ms, unix_now, Phase, Queue, QueueEntry};
 use crate::route;
-use crate::spool::{DeliveryState, RcptStatus};
-use crate::types::{QueueId, QueueKey};
+use crate::spool::RcptStatus;
+use crate::types::QueueKey;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -120,21 +120,12 @@ impl Queue {
 
     /// One queued message, read from the spool.
     pub fn get(&self, id: &str) -> Option<QueueEntry> {
-        let key = QueueId::from_file_stem(id)?.key()?;
-        self.entry(key)
+        self.entry(super::key_of(id)?)
     }
 
     fn entry(&self, key: QueueKey) -> Option<QueueEntry> {
         let e = self.inner.index().get(key)?;
-        let spool = &self.inner.spool;
-        let env = spool.read_envelope(e.msg).ok()?;
-        let state = match e.state {
-            Some(l) => spool.read_state(l).ok()?,
-            None => DeliveryState::new(env.rcpts.len()),
-        };
-        if state.rcpts.len() != env.rcpts.len() {
-            return None;
-        }
+        let (env, state) = self.inner.spool.read_queued(e.msg, e.state).ok()?;
         let phase = Phase::from(e.slot);
         Some(QueueEntry {
             envelope: Arc::new(env),

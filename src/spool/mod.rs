@@ -93,7 +93,6 @@ pub const FOLDERS: [&str; 2] = ["segments", "failed"];
 
 /// The spool: the log's commit stage and readers.
 pub struct Spool {
-    segments: PathBuf,
     reader: Reader,
     failed: PathBuf,
     jobs: mpsc::Sender<Job>,
@@ -182,7 +181,6 @@ impl Spool {
             .map_err(io_err(&segments))?;
         let spool = Spool {
             reader: Reader::new(dir),
-            segments,
             failed,
             jobs: tx,
             reclaim,
@@ -198,7 +196,7 @@ impl Spool {
 
     /// Free bytes for us on the spool's file system.
     pub fn available_space(&self) -> io::Result<u64> {
-        fs4::available_space(&self.segments)
+        fs4::available_space(&self.reader.segments)
     }
 
     /// Segment files on disk (for metrics and tests).
@@ -234,6 +232,16 @@ impl Spool {
         res?
     }
 
+    /// Records at `locs` are no longer needed (replaced or finished, by records already
+    /// durable): segments nothing needs any more are deleted.
+    fn release(&self, locs: impl IntoIterator<Item = Loc>) {
+        let free: Vec<u32> = {
+            let mut r = lock(&self.reclaim);
+            locs.into_iter().filter_map(|l| r.drop_ref(l.seg)).collect()
+        };
+        self.delete(free);
+    }
+
     fn delete(&self, segs: Vec<u32>) {
         if !segs.is_empty() {
             let _ = self.jobs.send(Job::Delete(segs));
@@ -253,8 +261,7 @@ impl Spool {
         prev: Option<Loc>,
     ) -> Result<Loc, SpoolError> {
         let loc = self.append(vec![state_rec(id, state)?]).await?[0];
-        let free = prev.and_then(|p| lock(&self.reclaim).drop_ref(p.seg));
-        self.delete(free.into_iter().collect());
+        self.release(prev);
         Ok(loc)
     }
 
@@ -278,16 +285,8 @@ impl Spool {
         let mut copy = message_rec(env, body)?;
         copy.keep = Keep::Copies(msg.seg);
         let locs = self.append(vec![copy, state_rec(&env.id, state)?]).await?;
-        let (new_msg, new_state) = (locs[0], locs[1]);
-        let free: Vec<u32> = {
-            let mut r = lock(&self.reclaim);
-            std::iter::once(msg)
-                .chain(prev)
-                .filter_map(|l| r.drop_ref(l.seg))
-                .collect()
-        };
-        self.delete(free);
-        Ok((new_msg, new_state))
+        self.release(std::iter::once(msg).chain(prev));
+        Ok((locs[0], locs[1]))
     }
 
     /// Records that a message is finished (delivered, bounced, deleted or kept in
@@ -305,14 +304,7 @@ impl Spool {
             keep: Keep::Ends(msg.seg),
         }])
         .await?;
-        let free: Vec<u32> = {
-            let mut r = lock(&self.reclaim);
-            std::iter::once(msg)
-                .chain(state)
-                .filter_map(|l| r.drop_ref(l.seg))
-                .collect()
-        };
-        self.delete(free);
+        self.release(std::iter::once(msg).chain(state));
         Ok(())
     }
 
@@ -329,6 +321,27 @@ impl Spool {
     /// Reads a queued message's bytes, checked against their checksum (blocking).
     pub fn read_message(&self, msg: Loc) -> Result<Vec<u8>, SpoolError> {
         self.reader.read_message(msg)
+    }
+
+    /// Reads a queued message's envelope and latest state (a fresh state when it has no
+    /// state record yet), checked to belong together (blocking).
+    pub fn read_queued(
+        &self,
+        msg: Loc,
+        state: Option<Loc>,
+    ) -> Result<(Envelope, DeliveryState), SpoolError> {
+        let env = self.read_envelope(msg)?;
+        let st = match state {
+            Some(l) => self.read_state(l)?,
+            None => DeliveryState::new(env.rcpts.len()),
+        };
+        if st.rcpts.len() != env.rcpts.len() {
+            return Err(SpoolError::Corrupt {
+                path: format!("segment {} at offset {}", msg.seg, msg.off),
+                reason: "state record does not match the envelope".into(),
+            });
+        }
+        Ok((env, st))
     }
 
     /// Keeps a message with failed recipients that cannot be bounced in `failed/` for the

@@ -121,9 +121,14 @@ fn replay_segments(dir: &Path, read_only: bool) -> Result<Found, SpoolError> {
 /// not counted). Oldest first.
 pub fn inspect(root: &Path) -> Result<Vec<Queued>, SpoolError> {
     let dir = root.join("segments");
-    let mut queued: Vec<Queued> = replay_segments(&dir, true)?.live.into_values().collect();
+    Ok(oldest_first(replay_segments(&dir, true)?.live))
+}
+
+/// The queued messages in id order, which is the order they were accepted in.
+fn oldest_first(live: HashMap<QueueId, Queued>) -> Vec<Queued> {
+    let mut queued: Vec<Queued> = live.into_values().collect();
     queued.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(queued)
+    queued
 }
 
 /// Replays every segment under `dir`, imports a former `active/` spool, and opens a new head.
@@ -142,8 +147,7 @@ pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
         );
     }
     let mut reclaim = Reclaim::new(numbers.iter().copied(), head.n);
-    let mut queued: Vec<Queued> = live.into_values().collect();
-    queued.sort_by(|a, b| a.id.cmp(&b.id));
+    let queued = oldest_first(live);
     for q in &queued {
         reclaim.add_ref(q.msg.seg);
         if let Some(s) = q.state {

@@ -188,13 +188,16 @@ fn records_waiting_together_share_one_sync() {
     assert_eq!(offs.len(), 50);
 }
 
-#[test]
-fn segments_are_deleted_when_done_and_a_done_record_outlives_its_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = rt();
-    let s = Spool::open_sized(dir.path(), 4096).unwrap().spool;
-    let body = || Arc::new(vec![b'z'; 3000]);
-    let store = |id: &QueueId| rt.block_on(s.store(&env(id.clone()), body())).unwrap();
+/// A message body that fills most of a 4 KiB segment.
+fn big() -> Arc<Vec<u8>> {
+    Arc::new(vec![b'z'; 3000])
+}
+
+/// On a spool with 4 KiB segments: message `a` stays queued in segment 1 while `b` (segment
+/// 1, finished by a Done in segment 2), `c` and `d` (segment 2) are finished. Returns `a`, its
+/// position and the ids of the finished ones.
+fn one_straggler(rt: &tokio::runtime::Runtime, s: &Spool) -> (QueueId, Loc, [QueueId; 3]) {
+    let store = |id: &QueueId| rt.block_on(s.store(&env(id.clone()), big())).unwrap();
     let [a, b, c, d] = [(); 4].map(|_| QueueId::generate());
     let (la, lb) = (store(&a), store(&b));
     assert_eq!((la.seg, lb.seg), (1, 1));
@@ -203,6 +206,28 @@ fn segments_are_deleted_when_done_and_a_done_record_outlives_its_message() {
     assert_eq!((lc.seg, ld.seg), (2, 2));
     rt.block_on(s.finish(&c, lc, None)).unwrap();
     rt.block_on(s.finish(&d, ld, None)).unwrap();
+    (a, la, [b, c, d])
+}
+
+/// Waits (at most 30 s) until the segment files under `dir` are as `done` wants.
+fn wait_segments(dir: &Path, done: impl Fn(&[String]) -> bool) {
+    let t0 = Instant::now();
+    while !done(&seg_files(dir)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            seg_files(dir)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn segments_are_deleted_when_done_and_a_done_record_outlives_its_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let s = Spool::open_sized(dir.path(), 4096).unwrap().spool;
+    let (a, _, _) = one_straggler(&rt, &s);
     // Segment 2 holds nothing queued but b's Done, which must outlive segment 1 (a).
     std::thread::sleep(Duration::from_millis(200));
     assert!(seg_files(dir.path()).contains(&segment::file_name(2)));
@@ -211,15 +236,7 @@ fn segments_are_deleted_when_done_and_a_done_record_outlives_its_message() {
     assert_eq!(ids(&o), vec![a.clone()], "b, c and d stay finished");
     let q = o.queued[0].clone();
     rt.block_on(o.spool.finish(&a, q.msg, q.state)).unwrap();
-    let t0 = Instant::now();
-    while seg_files(dir.path()).len() > 1 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{:?}",
-            seg_files(dir.path())
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_segments(dir.path(), |f| f.len() <= 1);
     drop(o);
     assert!(Spool::open(dir.path()).unwrap().queued.is_empty());
 }
@@ -331,31 +348,18 @@ fn a_straggler_is_copied_forward_and_its_old_segment_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
     let s = Spool::open_sized(dir.path(), 4096).unwrap().spool;
-    let body = || Arc::new(vec![b'z'; 3000]);
-    let store = |id: &QueueId| rt.block_on(s.store(&env(id.clone()), body())).unwrap();
-    let [a, b, c, d] = [(); 4].map(|_| QueueId::generate());
-    let (la, lb) = (store(&a), store(&b)); // segment 1
-    rt.block_on(s.finish(&b, lb, None)).unwrap();
-    let (lc, ld) = (store(&c), store(&d)); // segment 2
-    rt.block_on(s.finish(&c, lc, None)).unwrap();
-    rt.block_on(s.finish(&d, ld, None)).unwrap();
-    store(&QueueId::generate()); // segment 3: the head is two segments past a's
+    let (a, la, [b, c, d]) = one_straggler(&rt, &s);
+    // Segment 3: the head is two segments past a's.
+    rt.block_on(s.store(&env(QueueId::generate()), big()))
+        .unwrap();
     assert!(s.should_relocate(la));
     let mut st = DeliveryState::new(1);
     st.attempts = 4;
     let (na, ns) = rt
-        .block_on(s.relocate(&env(a.clone()), body(), &st, la, None))
+        .block_on(s.relocate(&env(a.clone()), big(), &st, la, None))
         .unwrap();
     assert!(na.seg >= 3);
-    let t0 = Instant::now();
-    while seg_files(dir.path()).contains(&segment::file_name(1)) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{:?}",
-            seg_files(dir.path())
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_segments(dir.path(), |f| !f.contains(&segment::file_name(1)));
     drop(s);
     let o = Spool::open_sized(dir.path(), 4096).unwrap();
     let qa = o.queued.iter().find(|q| q.id == a).expect("a still queued");

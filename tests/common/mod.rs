@@ -232,6 +232,19 @@ impl Harness {
     pub async fn deferred(&self, qid: &str) -> QueueEntry {
         queue_deferred(&self.relay, qid).await
     }
+
+    /// Stops this relay and starts a new one with the same config and spool (as a restart
+    /// of the process would); the sinks stay.
+    pub async fn restart(self) -> Harness {
+        let cfg = self.relay.control.config();
+        drop(self.relay);
+        let relay = relay::start((*cfg).clone()).await.unwrap();
+        Harness {
+            addr: relay.local_addrs[0],
+            relay,
+            ..self
+        }
+    }
 }
 
 pub async fn harness(tweak: impl FnOnce(&mut Config)) -> Harness {

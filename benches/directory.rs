@@ -70,7 +70,7 @@ fn main() {
     );
 
     let cfg = |cache: u64| DirectoryConfig {
-        file: file.clone(),
+        file: Some(file.clone()),
         unknown: "onprem".into(),
         cache_capacity: cache,
         cache_ttl: Duration::from_secs(60),

@@ -67,7 +67,7 @@ fn directory(c: &mut Criterion) {
     }
     let parsed = table::parse(csv.as_bytes(), "bench", &states()).expect("bench directory");
     let cfg = DirectoryConfig {
-        file: "bench".into(),
+        file: Some("bench".into()),
         unknown: "onprem".into(),
         cache_capacity: 100_000,
         cache_ttl: Duration::from_secs(60),

@@ -50,6 +50,15 @@ pub const DIRECTORY_CHANGES: &str = "coexist_directory_changes_total";
 pub const DIRECTORY_RELOADS: &str = "coexist_directory_reloads_total";
 /// RCPT-time directory lookup latency (histogram, seconds).
 pub const LOOKUP_LATENCY: &str = "coexist_directory_lookup_seconds";
+/// Fleet: 1 while this node is connected to PostgreSQL and following the change log.
+pub const FLEET_POSTGRES_UP: &str = "coexist_fleet_postgres_up";
+/// Fleet: the last change of the fleet log applied on this node.
+pub const FLEET_APPLIED: &str = "coexist_fleet_applied_sequence";
+/// Fleet: 1 while this node drains because it is behind the fleet (`fleet.max_lag`).
+pub const FLEET_BEHIND: &str = "coexist_fleet_behind";
+/// Fleet: time from a change's commit in PostgreSQL to its application here (histogram,
+/// seconds).
+pub const FLEET_APPLY_DELAY: &str = "coexist_fleet_apply_delay_seconds";
 /// TLS handshakes, by `side` (inbound/outbound) and `result` (ok/failed).
 pub const TLS_HANDSHAKES: &str = "coexist_tls_handshakes_total";
 /// Config reloads, by `result` (ok/refused).
@@ -74,6 +83,14 @@ pub fn install() -> Option<PrometheusHandle> {
                     b.set_buckets_for_metric(
                         Matcher::Full(LOOKUP_LATENCY.into()),
                         &[2.5e-7, 5e-7, 1e-6, 2.5e-6, 1e-5, 1e-4, 1e-3],
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(FLEET_APPLY_DELAY.into()),
+                        &[
+                            0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 30.0, 300.0,
+                        ],
                     )
                 });
             let handle = builder.ok()?.install_recorder().ok()?;

@@ -103,9 +103,11 @@ pub fn check(config: &Config) -> Result<Preflight, StartError> {
 /// Loads the directory file as `serve` does at its first start, and drops the table: the
 /// number of addresses, or the error `serve` would stop with (a bad row names file and line).
 pub fn dry_run_directory(config: &Config) -> Result<usize, StartError> {
-    let source = FileSource {
-        path: config.directory.file.clone(),
+    let Some(path) = config.directory.file.clone() else {
+        // A fleet node without a file: its directory comes from PostgreSQL.
+        return Ok(0);
     };
+    let source = FileSource { path };
     let parsed = source.load(&config.route_names())?;
     Ok(parsed.table.len())
 }

@@ -5,6 +5,7 @@
 use crate::certs::TlsError;
 use crate::config::Config;
 use crate::directory::Directory;
+use crate::fleet::Fleet;
 use crate::metrics as m;
 use crate::policy::Policy;
 use crate::proto::reply::{canned, Reply};
@@ -38,6 +39,9 @@ pub enum StartError {
     /// Directory unusable.
     #[error("directory: {0}")]
     Directory(#[from] crate::directory::DirectoryError),
+    /// The fleet could not be joined.
+    #[error("fleet: {0}")]
+    Fleet(#[from] crate::fleet::FleetError),
     /// The admin API could not start.
     #[error("admin API: {0}")]
     Admin(#[from] crate::admin::AdminError),
@@ -218,6 +222,8 @@ pub struct Control {
     pub queue: Queue,
     /// The directory.
     pub directory: Arc<Directory>,
+    /// The fleet this node belongs to, if any.
+    pub fleet: Option<Fleet>,
     reload_lock: Mutex<()>,
 }
 
@@ -310,6 +316,9 @@ impl crate::admin::Controls for Control {
     fn directory(&self) -> &Arc<Directory> {
         &self.directory
     }
+    fn fleet(&self) -> Option<&Fleet> {
+        self.fleet.as_ref()
+    }
 }
 
 fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
@@ -379,6 +388,9 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.stop_listening();
         self.queue.stop();
+        if let Some(f) = &self.control.fleet {
+            f.stop();
+        }
         if let Some(a) = &self.admin {
             a.abort();
         }
@@ -398,16 +410,23 @@ pub async fn start_with_file(
     let found = crate::preflight::check(&config)?;
     let acceptor = found.acceptor;
     let t0 = Instant::now();
-    let directory = {
-        let (cfg, names) = (config.directory.clone(), config.route_names());
-        tokio::task::spawn_blocking(move || Directory::open(&cfg, names))
-            .await
-            .map_err(|e| StartError::Task(e.to_string()))??
+    let (directory, fleet) = match &config.fleet {
+        Some(_) => {
+            let (fleet, directory) = Fleet::start(&config).await?;
+            (directory, Some(fleet))
+        }
+        None => {
+            let (cfg, names) = (config.directory.clone(), config.route_names());
+            let d = tokio::task::spawn_blocking(move || Directory::open(&cfg, names))
+                .await
+                .map_err(|e| StartError::Task(e.to_string()))??;
+            (Arc::new(d), None)
+        }
     };
-    let directory = Arc::new(directory);
-    info!(entries = directory.len(), file = %config.directory.file.display(), ms = t0.elapsed().as_millis() as u64, "directory loaded");
-    let watch = if config.directory.watch {
-        match crate::directory::watch::spawn(directory.clone(), &config.directory.file) {
+    info!(entries = directory.len(), source = %directory.source_name(), ms = t0.elapsed().as_millis() as u64, "directory loaded");
+    let watch_file = config.directory.file.as_ref().filter(|_| fleet.is_none());
+    let watch = if let (true, Some(file)) = (config.directory.watch, watch_file) {
+        match crate::directory::watch::spawn(directory.clone(), file) {
             Ok(w) => Some(w),
             Err(e) => {
                 warn!(error = %e, "cannot watch the directory file; use SIGHUP or `coexist directory reload`");
@@ -462,6 +481,7 @@ pub async fn start_with_file(
             crate::smtp::budget::InflightBudget::new(config.server.max_inflight_bytes),
         ),
         config.server.max_connections,
+        fleet.as_ref().map(|f| f.behind_flag()),
     ));
     let control = Arc::new(Control {
         config: ArcSwap::new(config.clone()),
@@ -470,8 +490,22 @@ pub async fn start_with_file(
         handler: handler.clone(),
         queue: queue.clone(),
         directory: directory.clone(),
+        fleet: fleet.clone(),
         reload_lock: Mutex::new(()),
     });
+    if let Some(f) = &fleet {
+        let c = Arc::downgrade(&control);
+        f.set_reporter(move || match c.upgrade() {
+            Some(c) => {
+                let q = c.queue.stats();
+                crate::fleet::NodeReport {
+                    draining: c.draining(),
+                    queue: (q.active + q.deferred + q.held) as u64,
+                }
+            }
+            None => crate::fleet::NodeReport::default(),
+        });
+    }
     let (admin_addr, admin) = match crate::admin::start(control.clone()).await? {
         Some((addr, task)) => (Some(addr), Some(task)),
         None => (None, None),

@@ -5,9 +5,9 @@
 //! [`AdminClient::post`] stay for callers that want the raw answer (tests, `/metrics`).
 
 use super::types::{
-    ApiErrorBody, BatchReport, ChangeSummary, ConfigReloadReply, DrainReply, Explain,
-    ExplainRequest, FlushReply, MessageView, QueueAction, QueueActionReply, QueueFilter, Ready,
-    ReloadReport,
+    ApiErrorBody, BatchReply, ChangeSummary, ConfigReloadReply, DrainReply, Explain,
+    ExplainRequest, FleetBatch, FleetStatus, FlushReply, MessageView, NodeApplied, QueueAction,
+    QueueActionReply, QueueFilter, Ready, ReloadReport,
 };
 use crate::config::Config;
 use serde::de::DeserializeOwned;
@@ -86,9 +86,14 @@ impl AdminClient {
 
     /// A client for the API at `addr` with `token`.
     pub fn new(addr: SocketAddr, token: String) -> AdminClient {
+        AdminClient::with_timeout(addr, token, Duration::from_secs(300))
+    }
+
+    /// A client whose calls give up after `timeout`.
+    pub fn with_timeout(addr: SocketAddr, token: String, timeout: Duration) -> AdminClient {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(300)))
+            .timeout_global(Some(timeout))
             .build()
             .new_agent();
         AdminClient { addr, token, agent }
@@ -265,7 +270,7 @@ impl AdminClient {
     }
 
     /// `POST /v1/directory/batches`: apply (or preview) a batch file.
-    pub fn directory_apply(&self, batch: &BatchUpload<'_>) -> Result<BatchReport, ClientError> {
+    pub fn directory_apply(&self, batch: &BatchUpload<'_>) -> Result<BatchReply, ClientError> {
         let mut path = format!(
             "/v1/directory/batches?source={}&dry_run={}",
             encode(batch.source),
@@ -278,7 +283,7 @@ impl AdminClient {
     }
 
     /// `POST /v1/directory/batches/{id}/rollback`: undo batch `id`.
-    pub fn directory_rollback(&self, id: u32) -> Result<BatchReport, ClientError> {
+    pub fn directory_rollback(&self, id: u32) -> Result<BatchReply, ClientError> {
         self.post_typed(
             &format!("/v1/directory/batches/{id}/rollback"),
             b"",
@@ -294,6 +299,33 @@ impl AdminClient {
             b"",
             "text/plain",
         )
+    }
+
+    /// `POST /v1/directory/import`: a directory file as the fleet's new base.
+    pub fn directory_import(
+        &self,
+        body: &[u8],
+        source: &str,
+        force: bool,
+    ) -> Result<FleetBatch, ClientError> {
+        self.post_typed(
+            &format!(
+                "/v1/directory/import?source={}&force={force}",
+                encode(source)
+            ),
+            body,
+            "text/csv",
+        )
+    }
+
+    /// `GET /v1/fleet`: every node of the fleet with its lag.
+    pub fn fleet_status(&self) -> Result<FleetStatus, ClientError> {
+        self.get_typed("/v1/fleet")
+    }
+
+    /// `GET /v1/fleet/node`: what this node has applied.
+    pub fn fleet_node(&self) -> Result<NodeApplied, ClientError> {
+        self.get_typed("/v1/fleet/node")
     }
 
     /// `POST /v1/route/explain`: where mail for each address would go now, and why.

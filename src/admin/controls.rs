@@ -31,4 +31,6 @@ pub trait Controls: Send + Sync + 'static {
     fn queue(&self) -> &Queue;
     /// The live directory.
     fn directory(&self) -> &Arc<Directory>;
+    /// The fleet this node belongs to (`[fleet]`), if any.
+    fn fleet(&self) -> Option<&crate::fleet::Fleet>;
 }

@@ -30,8 +30,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::info;
 use types::{
-    ApiErrorBody, ConfigReloadReply, DrainReply, ExplainRequest, FlushReply, Health, QueueAction,
-    QueueActionReply, QueueFilter, Ready,
+    ApiErrorBody, BatchReply, ConfigReloadReply, DrainReply, ExplainRequest, FlushReply, Health,
+    QueueAction, QueueActionReply, QueueFilter, Ready,
 };
 
 /// Shared state of the API.
@@ -289,42 +289,136 @@ struct BatchQuery {
     dry_run: bool,
 }
 
+/// A fleet error as an API error: 503 while PostgreSQL is unreachable, else 422.
+fn fleet_err(e: crate::fleet::FleetError) -> ApiError {
+    let code = if e.is_unreachable() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    ApiError(code, e.to_string())
+}
+
+fn task_err(e: tokio::task::JoinError) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// The fleet, or 404 naming `what` when this node is not in one.
+fn need_fleet<'a>(s: &'a AdminState, what: &str) -> Result<&'a crate::fleet::Fleet, ApiError> {
+    s.control.fleet().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{what} needs a fleet: this node has no [fleet] section"),
+        )
+    })
+}
+
 async fn apply_batch(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiQuery(q): ApiQuery<BatchQuery>,
     ApiBody(body): ApiBody,
-) -> Result<Json<crate::directory::BatchReport>, ApiError> {
+) -> Result<Json<BatchReply>, ApiError> {
     let source = q.source.unwrap_or_else(|| "batch".into());
     let dir = s.directory.clone();
-    let src = source.clone();
-    let res = tokio::task::spawn_blocking(move || {
-        let rows = batch::parse(&body, &src, dir.states(), q.state.as_deref())?;
-        dir.apply(&rows, &src, q.dry_run)
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let report = res.map_err(unprocessable)?;
-    if report.id.is_some() {
+    let rows = {
+        let (src, state) = (source.clone(), q.state.clone());
+        tokio::task::spawn_blocking(move || {
+            batch::parse(&body, &src, dir.states(), state.as_deref())
+        })
+        .await
+        .map_err(task_err)?
+        .map_err(unprocessable)?
+    };
+    let dir = s.directory.clone();
+    let reply = match s.control.fleet() {
+        Some(fleet) if !q.dry_run => {
+            let (report, fleet) = fleet.apply(rows, source.clone()).await.map_err(fleet_err)?;
+            BatchReply { report, fleet }
+        }
+        _ => {
+            let (src, dry_run) = (source.clone(), q.dry_run);
+            let report = tokio::task::spawn_blocking(move || dir.apply(&rows, &src, dry_run))
+                .await
+                .map_err(task_err)?
+                .map_err(unprocessable)?;
+            BatchReply {
+                report,
+                fleet: None,
+            }
+        }
+    };
+    if reply.report.id.is_some() {
         metrics::counter!(crate::metrics::DIRECTORY_CHANGES, "kind" => "apply").increment(1);
     }
-    info!(client = %peer, source, dry_run = q.dry_run, id = ?report.id, changed = report.changed, "admin: directory batch");
-    Ok(Json(report))
+    info!(client = %peer, source, dry_run = q.dry_run, id = ?reply.report.id, changed = reply.report.changed, "admin: directory batch");
+    Ok(Json(reply))
 }
 
 async fn rollback(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiPath(id): ApiPath<u32>,
-) -> Result<Json<crate::directory::BatchReport>, ApiError> {
-    let dir = s.directory.clone();
-    let report = tokio::task::spawn_blocking(move || dir.rollback(id))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(unprocessable)?;
+) -> Result<Json<BatchReply>, ApiError> {
+    let reply = match s.control.fleet() {
+        Some(fleet) => {
+            let (report, p) = fleet.rollback(id).await.map_err(fleet_err)?;
+            BatchReply {
+                report,
+                fleet: Some(p),
+            }
+        }
+        None => {
+            let dir = s.directory.clone();
+            let report = tokio::task::spawn_blocking(move || dir.rollback(id))
+                .await
+                .map_err(task_err)?
+                .map_err(unprocessable)?;
+            BatchReply {
+                report,
+                fleet: None,
+            }
+        }
+    };
     metrics::counter!(crate::metrics::DIRECTORY_CHANGES, "kind" => "rollback").increment(1);
-    info!(client = %peer, batch = id, restored = report.changed, "admin: directory rollback");
-    Ok(Json(report))
+    info!(client = %peer, batch = id, restored = reply.report.changed, "admin: directory rollback");
+    Ok(Json(reply))
+}
+
+#[derive(Deserialize)]
+struct ImportQuery {
+    source: Option<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn import(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiQuery(q): ApiQuery<ImportQuery>,
+    ApiBody(body): ApiBody,
+) -> Result<Json<crate::fleet::FleetBatch>, ApiError> {
+    let fleet = need_fleet(&s, "directory import")?;
+    let source = q.source.unwrap_or_else(|| "import".into());
+    let r = fleet
+        .import(body.to_vec(), source.clone(), q.force)
+        .await
+        .map_err(fleet_err)?;
+    metrics::counter!(crate::metrics::DIRECTORY_CHANGES, "kind" => "base").increment(1);
+    info!(client = %peer, source, id = ?r.id, entries = r.report.entries, changed = r.report.changed, "admin: directory import");
+    Ok(Json(r))
+}
+
+async fn fleet_status(
+    State(s): State<AdminState>,
+) -> Result<Json<crate::fleet::FleetStatus>, ApiError> {
+    Ok(Json(need_fleet(&s, "fleet status")?.status().await))
+}
+
+async fn fleet_node(
+    State(s): State<AdminState>,
+) -> Result<Json<crate::fleet::NodeApplied>, ApiError> {
+    Ok(Json(need_fleet(&s, "fleet node")?.node_applied()))
 }
 
 async fn batches(State(s): State<AdminState>) -> Json<Vec<crate::directory::store::ChangeSummary>> {
@@ -361,14 +455,18 @@ async fn health() -> Json<Health> {
 /// moves traffic away).
 async fn ready(State(s): State<AdminState>) -> Response {
     let draining = s.control.draining();
+    let fleet = s.control.fleet();
+    let fleet_behind = fleet.is_some_and(|f| f.behind());
     let body = Ready {
-        ready: !draining,
+        ready: !draining && !fleet_behind,
         draining,
         sessions_open: s.control.open_sessions(),
         directory_entries: s.directory.len(),
         directory_reload: s.directory.reload_status(),
+        fleet_behind,
+        fleet_postgres_up: fleet.map(|f| f.postgres_up()),
     };
-    let code = if draining {
+    let code = if draining || fleet_behind {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
@@ -560,6 +658,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/directory/batches", get(batches).post(apply_batch))
         .route("/v1/directory/batches/{id}/rollback", post(rollback))
         .route("/v1/directory/reload", post(reload))
+        .route("/v1/directory/import", post(import))
+        .route("/v1/fleet", get(fleet_status))
+        .route("/v1/fleet/node", get(fleet_node))
         .route("/v1/route/explain", post(route_explain))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -19,9 +19,12 @@
 //! | `/v1/drain?on=` | POST | [`DrainReply`] |
 //! | `/v1/directory/lookup?address=` | GET | [`Explain`] |
 //! | `/v1/directory/batches` | GET | `Vec<`[`ChangeSummary`]`>` |
-//! | `/v1/directory/batches?source=&state=&dry_run=` (CSV body) | POST | [`BatchReport`] |
-//! | `/v1/directory/batches/{id}/rollback` | POST | [`BatchReport`] |
+//! | `/v1/directory/batches?source=&state=&dry_run=` (CSV body) | POST | [`BatchReply`] |
+//! | `/v1/directory/batches/{id}/rollback` | POST | [`BatchReply`] |
 //! | `/v1/directory/reload?force=` | POST | [`ReloadReport`] |
+//! | `/v1/directory/import?source=&force=` (CSV body; fleet only) | POST | [`FleetBatch`] |
+//! | `/v1/fleet` | GET | [`FleetStatus`] (404 without `[fleet]`) |
+//! | `/v1/fleet/node` | GET | [`NodeApplied`] (404 without `[fleet]`) |
 //! | `/v1/route/explain` ([`ExplainRequest`]) | POST | `Vec<`[`Explain`]`>` |
 //!
 //! Every error is an [`ApiErrorBody`].
@@ -31,7 +34,19 @@ use serde::{Deserialize, Serialize};
 pub use super::Explain;
 pub use crate::directory::store::{ChangeKind, ChangeSummary};
 pub use crate::directory::{BatchReport, RefusedReload, ReloadReport, ReloadStatus};
+pub use crate::fleet::{FleetBatch, FleetStatus, NodeApplied, NodeRow, PgHealth, Progress};
 pub use crate::queue::{MessageView, RcptView};
+
+/// What a batch or rollback did; in a fleet also how far it has spread.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchReply {
+    /// The directory's report.
+    #[serde(flatten)]
+    pub report: BatchReport,
+    /// In a fleet, for a committed change: nodes that have applied it so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<Progress>,
+}
 
 /// The body of every error answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -60,6 +75,12 @@ pub struct Ready {
     pub directory_entries: usize,
     /// How the reloads of the directory file went.
     pub directory_reload: ReloadStatus,
+    /// In a fleet: draining because this node is behind the fleet (`fleet.max_lag`).
+    #[serde(default)]
+    pub fleet_behind: bool,
+    /// In a fleet: connected to PostgreSQL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_postgres_up: Option<bool>,
 }
 
 /// What `POST /v1/queue/{id}/{action}` does to one message.

@@ -5,7 +5,9 @@
 use super::route::explain_text;
 use super::Api;
 use crate::admin::client::BatchUpload;
-use crate::admin::types::{BatchReport, ChangeKind, ChangeSummary, ReloadReport};
+use crate::admin::types::{
+    BatchReply, BatchReport, ChangeKind, ChangeSummary, FleetBatch, Progress, ReloadReport,
+};
 use anyhow::Context;
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
@@ -66,6 +68,19 @@ pub enum DirCmd {
         #[command(flatten)]
         api: Api,
     },
+    /// Load a directory file as the fleet's new base (fleet only; COPY into PostgreSQL).
+    /// Merged like a file reload: mailboxes whose row changed take the file's state, the
+    /// others keep what batches gave them.
+    Import {
+        /// Directory CSV (`address,state[,mailbox]`).
+        file: PathBuf,
+        /// Import it even if it removes more than `directory.max_shrink` of the addresses.
+        #[arg(long)]
+        force: bool,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
     /// Write a synthetic directory CSV (for tests and benchmarks).
     Generate {
         /// Number of addresses.
@@ -90,7 +105,15 @@ pub fn run(cmd: DirCmd) -> anyhow::Result<()> {
         DirCmd::Diff { file, state, api } => batch(&file, state.as_deref(), &api, true),
         DirCmd::Rollback { id, api } => {
             let r = api.client()?.directory_rollback(id)?;
-            api.print(&r, |r| batch_text(r, &format!("rollback of batch {id}")))
+            api.print(&r, |r| reply_text(r, &format!("rollback of batch {id}")))
+        }
+        DirCmd::Import { file, force, api } => {
+            let body =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = api
+                .client()?
+                .directory_import(&body, &file.display().to_string(), force)?;
+            api.print(&r, import_text)
         }
         DirCmd::Lookup { address, api } => {
             let e = api.client()?.directory_lookup(&address)?;
@@ -136,8 +159,50 @@ fn batch(file: &Path, state: Option<&str>, api: &Api, dry_run: bool) -> anyhow::
         dry_run,
     })?;
     api.print(&r, |r| {
-        batch_text(r, if dry_run { "preview" } else { "applied" })
+        reply_text(r, if dry_run { "preview" } else { "applied" })
     })
+}
+
+/// A batch's or rollback's report, and in a fleet how far it has spread.
+pub fn reply_text(r: &BatchReply, what: &str) -> String {
+    let mut s = batch_text(&r.report, what);
+    if let Some(p) = &r.fleet {
+        s.push('\n');
+        s.push_str(&progress_text(p));
+    }
+    s
+}
+
+/// "applied on N of M live nodes so far", and the silent nodes.
+pub fn progress_text(p: &Progress) -> String {
+    let mut s = format!(
+        "  fleet change {}: applied on {} of {} live nodes so far",
+        p.seq, p.applied, p.live
+    );
+    if !p.silent.is_empty() {
+        s.push_str(&format!(
+            "; silent (they apply it when back): {}",
+            p.silent.join(", ")
+        ));
+    }
+    s
+}
+
+/// What a base import did.
+pub fn import_text(r: &FleetBatch) -> String {
+    let id = r.id.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+    format!(
+        "imported as base {id}: {} addresses, {} mailboxes; changed {}, added {}, removed {} ({} addresses){} ({} ms)\n{}",
+        r.report.entries,
+        r.report.mailboxes,
+        r.report.changed,
+        r.report.added,
+        r.report.removed,
+        r.report.removed_addresses,
+        if r.report.forced { ", forced" } else { "" },
+        r.report.elapsed_ms,
+        progress_text(&r.nodes)
+    )
 }
 
 /// What a batch, preview or rollback did (`what` says which).
@@ -176,6 +241,7 @@ pub fn batches_text(list: &[ChangeSummary]) -> String {
                 ChangeKind::Apply => "apply",
                 ChangeKind::Rollback => "rollback",
                 ChangeKind::Reload => "reload",
+                ChangeKind::Base => "base",
             };
             format!(
                 "{:>5}  {}  {:<8}  {:>7}  {}{}",

@@ -40,6 +40,13 @@ pub fn ready_text(r: &Ready) -> String {
         "ready: {}; draining: {}; SMTP sessions open: {}; directory entries: {}",
         r.ready, r.draining, r.sessions_open, r.directory_entries
     );
+    if let Some(up) = r.fleet_postgres_up {
+        out.push_str(&format!(
+            "\nfleet: PostgreSQL {}; behind the fleet (draining): {}",
+            if up { "connected" } else { "UNREACHABLE" },
+            r.fleet_behind
+        ));
+    }
     let d = &r.directory_reload;
     if let (Some(res), Some(t)) = (&d.last_result, &d.last_time) {
         out.push_str(&format!("\nlast directory file reload: {res} at {t}"));
@@ -88,6 +95,8 @@ mod tests {
                     reason: "too small".into(),
                 }),
             },
+            fleet_behind: false,
+            fleet_postgres_up: None,
         };
         assert_eq!(
             ready_text(&r),

@@ -15,8 +15,8 @@ mod validate;
 mod values;
 
 pub use schema::{
-    AdminConfig, DeliveryConfig, DirectoryConfig, DnsConfig, PolicyConfig, QueueConfig,
-    RouteConfig, ServerConfig, SpoolConfig, TlsConfig,
+    AdminConfig, DeliveryConfig, DirectoryConfig, DnsConfig, FleetConfig, PolicyConfig,
+    QueueConfig, RouteConfig, ServerConfig, SpoolConfig, TlsConfig,
 };
 pub use values::{NextHop, Percent, TlsPolicy, Unknown, ValueError};
 
@@ -83,6 +83,8 @@ pub struct Config {
     /// DNS for MX routes and next-hop names.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// Several nodes sharing one directory through PostgreSQL; absent: a single node.
+    pub fleet: Option<FleetConfig>,
 }
 
 impl Config {
@@ -156,6 +158,7 @@ impl Config {
             "directory.cache_capacity/cache_ttl",
         );
         check(self.admin != new.admin, "admin");
+        check(self.fleet != new.fleet, "fleet");
         check(self.dns != new.dns, "dns");
         check(
             self.delivery.hop_concurrency != new.delivery.hop_concurrency,

@@ -187,8 +187,10 @@ fn default_min_free_space() -> u64 {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectoryConfig {
-    /// CSV file with header `address,state`.
-    pub file: PathBuf,
+    /// CSV file with header `address,state`. Required without `[fleet]`; with it, optional:
+    /// the first node of a new fleet imports it as the fleet's first base.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
     /// Route for addresses not in the directory, or `reject` (550 5.1.1).
     pub unknown: Unknown,
     /// Entries held by the moka lookup cache; 0 (the default) turns it off, which is right
@@ -208,6 +210,22 @@ pub struct DirectoryConfig {
     /// more is refused (a half-written or truncated file) unless the reload is forced.
     #[serde(default = "default_max_shrink")]
     pub max_shrink: Percent,
+}
+
+/// `[fleet]`: several MX nodes sharing one directory through PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// libpq URL (`postgresql://user@host:port/db`) or key=value string.
+    pub postgres: String,
+    /// Schema holding every fleet table; created and migrated at start.
+    #[serde(default = "default_fleet_schema")]
+    pub schema: String,
+    /// This node's unique name in the fleet.
+    pub node: String,
+    /// Behind the fleet for longer than this: drain until caught up.
+    #[serde(default = "default_max_lag", with = "duration")]
+    pub max_lag: Duration,
 }
 
 /// `[queue]`: retries and expiry, Postfix's defaults.
@@ -377,6 +395,12 @@ fn default_cache_capacity() -> u64 {
 }
 fn default_cache_ttl() -> Duration {
     Duration::from_secs(60)
+}
+fn default_fleet_schema() -> String {
+    "coexist".into()
+}
+fn default_max_lag() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_store_dir() -> PathBuf {
     PathBuf::from("var/directory")

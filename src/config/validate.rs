@@ -20,6 +20,55 @@ impl Config {
                 "needs at least one address".into(),
             ));
         }
+        match (&self.fleet, &self.directory.file) {
+            (None, None) => {
+                return Err(fail(
+                    "directory",
+                    "file",
+                    "is required (without [fleet] the directory comes from this file)".into(),
+                ))
+            }
+            (Some(f), _) => {
+                if let Err(e) = f.postgres.parse::<tokio_postgres::Config>() {
+                    return Err(fail(
+                        "fleet",
+                        "postgres",
+                        format!("not a PostgreSQL connection string: {e}"),
+                    ));
+                }
+                let ident = |s: &str| {
+                    !s.is_empty()
+                        && s.len() <= 40
+                        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                        && s.chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                };
+                if !ident(&f.schema) {
+                    return Err(fail(
+                        "fleet",
+                        "schema",
+                        "must be a lower-case SQL name (a-z, 0-9, _; at most 40)".into(),
+                    ));
+                }
+                if f.node.is_empty()
+                    || f.node.len() > 64
+                    || !f
+                        .node
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                {
+                    return Err(fail(
+                        "fleet",
+                        "node",
+                        "must be a node name (letters, digits, '.', '_', '-'; at most 64)".into(),
+                    ));
+                }
+                if f.max_lag.is_zero() {
+                    return Err(fail("fleet", "max_lag", "must be more than 0s".into()));
+                }
+            }
+            (None, Some(_)) => {}
+        }
         if self.server.accepted_domains.is_empty() {
             return Err(fail(
                 "server",

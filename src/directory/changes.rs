@@ -18,9 +18,53 @@ impl Directory {
         source: &str,
         dry_run: bool,
     ) -> Result<BatchReport, DirectoryError> {
+        self.apply_inner(rows, source, dry_run, None)
+            .map(|r| r.unwrap_or_default())
+    }
+
+    /// Applies change `seq` of a fleet's change log (see `crate::fleet`): the same as
+    /// [`Directory::apply`], under the id the fleet gave it, and recorded even when it
+    /// changes nothing here, so the node's applied sequence moves on. `Ok(None)` when this
+    /// node has it already; an error when `seq` is not the next one.
+    pub fn apply_at(
+        &self,
+        seq: u32,
+        rows: &[batch::BatchRow],
+        source: &str,
+    ) -> Result<Option<BatchReport>, DirectoryError> {
+        self.apply_inner(rows, source, false, Some(seq))
+    }
+
+    /// Checks that fleet change `seq` is the next one for `view`: `Ok(false)` when it is
+    /// applied already.
+    pub(super) fn in_order(view: &View, seq: u32) -> Result<bool, DirectoryError> {
+        if seq <= view.last_change {
+            return Ok(false);
+        }
+        if seq != view.last_change + 1 {
+            return Err(DirectoryError::Batch(format!(
+                "fleet change {seq} is out of order: this node has applied up to {}",
+                view.last_change
+            )));
+        }
+        Ok(true)
+    }
+
+    fn apply_inner(
+        &self,
+        rows: &[batch::BatchRow],
+        source: &str,
+        dry_run: bool,
+        seq: Option<u32>,
+    ) -> Result<Option<BatchReport>, DirectoryError> {
         let t0 = std::time::Instant::now();
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let view = self.view.load_full();
+        if let Some(seq) = seq {
+            if !Self::in_order(&view, seq)? {
+                return Ok(None);
+            }
+        }
         let mut report = BatchReport {
             rows: rows.len(),
             ..BatchReport::default()
@@ -47,11 +91,11 @@ impl Directory {
             }
         }
         report.changed = target.len();
-        if dry_run || target.is_empty() {
+        if dry_run || (target.is_empty() && seq.is_none()) {
             report.elapsed_ms = t0.elapsed().as_millis() as u64;
-            return Ok(report);
+            return Ok(Some(report));
         }
-        let id = self.next_id(&view);
+        let id = seq.unwrap_or_else(|| self.next_id(&view));
         let entries = target
             .iter()
             .map(|&(m, s)| ChangeEntry {
@@ -91,14 +135,74 @@ impl Directory {
             ms = report.elapsed_ms,
             "directory batch applied"
         );
-        Ok(report)
+        Ok(Some(report))
     }
 
     /// Undoes batch `id`: mailboxes it moved and nothing moved since go back to their state
     /// before it. Recorded as a change of its own.
     pub fn rollback(&self, id: u32) -> Result<BatchReport, DirectoryError> {
+        self.rollback_inner(id, false, None)
+            .map(|r| r.unwrap_or_default())
+    }
+
+    /// What rolling back batch `id` would do, changing nothing (the checks of
+    /// [`Directory::rollback`] included).
+    pub fn rollback_preview(&self, id: u32) -> Result<BatchReport, DirectoryError> {
+        self.rollback_inner(id, true, None)
+            .map(|r| r.unwrap_or_default())
+    }
+
+    /// Applies change `seq` of a fleet's change log, a rollback of batch `id` (see
+    /// [`Directory::apply_at`] for `seq`). A batch this node cannot roll back (it started
+    /// from a later base) is recorded as an empty change: the base already decided those
+    /// mailboxes, on every node alike.
+    pub fn rollback_at(&self, seq: u32, id: u32) -> Result<Option<BatchReport>, DirectoryError> {
+        match self.rollback_inner(id, false, Some(seq)) {
+            Err(DirectoryError::Batch(why)) => {
+                warn!(
+                    change = seq,
+                    batch = id,
+                    why,
+                    "fleet rollback does not apply on this node; recorded as empty"
+                );
+                let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                let view = self.view.load_full();
+                if !Self::in_order(&view, seq)? {
+                    return Ok(None);
+                }
+                let change = Change {
+                    head: ChangeSummary {
+                        id: seq,
+                        time: now_rfc3339(),
+                        kind: ChangeKind::Rollback,
+                        source: String::new(),
+                        rolls_back: Some(id),
+                        count: 0,
+                    },
+                    not_found: 0,
+                    already: 0,
+                    entries: Vec::new(),
+                };
+                self.commit(&view, change, |_, _| {})?;
+                Ok(Some(BatchReport::default()))
+            }
+            other => other,
+        }
+    }
+
+    fn rollback_inner(
+        &self,
+        id: u32,
+        dry_run: bool,
+        seq: Option<u32>,
+    ) -> Result<Option<BatchReport>, DirectoryError> {
         let t0 = std::time::Instant::now();
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(seq) = seq {
+            if !Self::in_order(&self.view.load(), seq)? {
+                return Ok(None);
+            }
+        }
         let record = {
             let store = self
                 .store
@@ -146,7 +250,11 @@ impl Directory {
             target.push((m, s.raw(), e.from_origin, e));
         }
         report.changed = target.len();
-        let new_id = self.next_id(&view);
+        if dry_run {
+            report.elapsed_ms = t0.elapsed().as_millis() as u64;
+            return Ok(Some(report));
+        }
+        let new_id = seq.unwrap_or_else(|| self.next_id(&view));
         let change = Change {
             head: ChangeSummary {
                 id: new_id,
@@ -183,7 +291,7 @@ impl Directory {
             changed_since = report.changed_since,
             "directory batch rolled back"
         );
-        Ok(report)
+        Ok(Some(report))
     }
 
     /// The change history (batches, rollbacks, reloads), oldest first.
@@ -257,7 +365,7 @@ pub(super) fn now_rfc3339() -> String {
 
 /// Re-applies a logged change at start-up.
 pub(super) fn replay(view: &mut View, change: &Change, states: &[RouteName]) {
-    if change.head.kind == ChangeKind::Reload {
+    if matches!(change.head.kind, ChangeKind::Reload | ChangeKind::Base) {
         view.last_change = view.last_change.max(change.head.id);
         return;
     }

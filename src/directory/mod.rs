@@ -24,6 +24,7 @@
 //! that would remove more than `directory.max_shrink` of the addresses is refused unless
 //! forced, and the directory in force stays.
 
+mod base;
 pub mod batch;
 mod changes;
 pub mod generate;
@@ -33,7 +34,8 @@ pub mod table;
 mod view;
 pub mod watch;
 
-pub use source::{FileSource, Source};
+pub use base::{Base, BaseRow};
+pub use source::{FileSource, FleetSource, Source};
 pub use view::{Lookup, Resolution};
 
 use crate::config::{DirectoryConfig, Percent, Unknown};
@@ -224,6 +226,7 @@ impl Directory {
         view: View,
         store: Option<Store>,
         history: Vec<ChangeSummary>,
+        source: Box<dyn Source>,
     ) -> Directory {
         let cache = (cfg.cache_capacity > 0).then(|| {
             moka::sync::Cache::builder()
@@ -236,9 +239,7 @@ impl Directory {
             view: ArcSwap::from_pointee(view),
             cache,
             unknown: arc_swap::ArcSwapOption::new(unknown_route(&cfg.unknown)),
-            source: Box::new(FileSource {
-                path: cfg.file.clone(),
-            }),
+            source,
             store: store.map(Mutex::new),
             history: Mutex::new(history),
             writer: Mutex::new(()),
@@ -271,7 +272,11 @@ impl Directory {
             last_change: 0,
             fingerprint: Fingerprint::default(),
         };
-        Directory::build(cfg, states, view, None, Vec::new())
+        let source: Box<dyn Source> = match &cfg.file {
+            Some(path) => Box::new(FileSource { path: path.clone() }),
+            None => Box::new(FleetSource),
+        };
+        Directory::build(cfg, states, view, None, Vec::new(), source)
     }
 
     /// Applies a new `directory.unknown` (config reload).
@@ -301,6 +306,11 @@ impl Directory {
         &self.states
     }
 
+    /// The id of the last change in force (in a fleet: the fleet sequence applied here).
+    pub fn applied(&self) -> u32 {
+        self.view.load().last_change
+    }
+
     /// Number of addresses.
     pub fn len(&self) -> usize {
         self.view.load().table.len()
@@ -328,7 +338,7 @@ mod tests {
 
     pub(super) fn cfg(dir: &Path, unknown: &str) -> DirectoryConfig {
         DirectoryConfig {
-            file: dir.join("d.csv"),
+            file: Some(dir.join("d.csv")),
             unknown: unknown.into(),
             cache_capacity: 100,
             cache_ttl: std::time::Duration::from_secs(60),

@@ -12,7 +12,7 @@ use crate::config::DirectoryConfig;
 use crate::types::RouteName;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 /// Where the directory's entries come from. A source delivers the whole set; the directory
 /// diffs it against what it holds, so batches applied since survive a reload.
@@ -44,7 +44,76 @@ impl Source for FileSource {
     }
 }
 
+/// The source of a fleet node: the directory comes from the fleet's change log in
+/// PostgreSQL (see `crate::fleet`), never from a local file, so there is nothing to reload.
+pub struct FleetSource;
+
+impl Source for FleetSource {
+    fn name(&self) -> String {
+        "fleet".into()
+    }
+    fn fingerprint(&self) -> Result<Fingerprint, DirectoryError> {
+        Ok(Fingerprint::default())
+    }
+    fn load(&self, _states: &[RouteName]) -> Result<Parsed, DirectoryError> {
+        Err(DirectoryError::Batch(
+            "this node is in a fleet: its directory comes from PostgreSQL; load a new base with `coexist directory import FILE`".into(),
+        ))
+    }
+}
+
 impl Directory {
+    /// Opens a fleet node's directory from its local store alone (snapshot and change log
+    /// under `store_dir`, ids being the fleet's sequence numbers); empty when there is none.
+    /// The fleet brings it up to date from PostgreSQL.
+    pub fn open_local(
+        cfg: &DirectoryConfig,
+        states: Vec<RouteName>,
+        store_dir: &std::path::Path,
+    ) -> Result<Directory, DirectoryError> {
+        let store = Store::open(store_dir)?;
+        let snapshot = store.read_snapshot()?.and_then(|s| s.renumber(&states));
+        let mut view = match snapshot {
+            Some(s) => View {
+                generation: 1,
+                table: Arc::new(s.table),
+                file_states: Arc::new(s.file_states),
+                states: s.states,
+                origin: s.origin,
+                last_change: s.last_change,
+                fingerprint: s.fingerprint,
+            },
+            None => View {
+                generation: 1,
+                table: Arc::new(table::Table::default()),
+                file_states: Arc::new(Vec::new()),
+                states: Vec::new(),
+                origin: Vec::new(),
+                last_change: 0,
+                fingerprint: Fingerprint::default(),
+            },
+        };
+        let (history, tail) = store.read_log(view.last_change)?;
+        for change in &tail {
+            // A base's rows are not in the local log: a base logged but not yet in the
+            // snapshot (a crash between the two) is fetched again from the fleet.
+            if change.head.kind == ChangeKind::Base {
+                break;
+            }
+            replay(&mut view, change, &states);
+        }
+        let replayed = view.last_change;
+        let history = history.into_iter().filter(|h| h.id <= replayed).collect();
+        Ok(Directory::build(
+            cfg,
+            states,
+            view,
+            Some(store),
+            history,
+            Box::new(FleetSource),
+        ))
+    }
+
     /// Opens the directory.
     ///
     /// With a snapshot, the directory is first brought back to what it was before the restart
@@ -64,7 +133,10 @@ impl Directory {
     ) -> Result<Directory, DirectoryError> {
         let store = Store::open(&cfg.store_dir)?;
         let source = FileSource {
-            path: cfg.file.clone(),
+            path: cfg
+                .file
+                .clone()
+                .ok_or_else(|| DirectoryError::Batch("directory.file is not set".into()))?,
         };
         // State numbers follow the route names; a snapshot written under other routes is
         // renumbered by name (or dropped if a state is no longer a route).
@@ -77,7 +149,7 @@ impl Directory {
             for change in &tail {
                 replay(&mut view, change, &states);
             }
-            let dir = Directory::build(cfg, states, view, Some(store), history);
+            let dir = Directory::build(cfg, states, view, Some(store), history, Box::new(source));
             dir.persist_snapshot()?;
             return Ok(dir);
         };
@@ -97,7 +169,7 @@ impl Directory {
         let file_changed = source
             .fingerprint()
             .map_or(true, |fp| fp != view.fingerprint);
-        let dir = Directory::build(cfg, states, view, Some(store), history);
+        let dir = Directory::build(cfg, states, view, Some(store), history, Box::new(source));
         if file_changed {
             match dir.reload_file(false) {
                 // The reload wrote the snapshot.
@@ -170,30 +242,11 @@ impl Directory {
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let view = self.view.load_full();
         let (mut next, mut report) = merge(Some(&view), parsed, fp);
-        let before = view.table.len();
-        let removed = view
-            .table
-            .keys()
-            .filter(|k| next.table.mailbox(k).is_none())
-            .count();
+        let (removed, forced) = self
+            .check_shrink(&view, &next, &self.source.name(), force)
+            .map_err(|e| ("refused_shrink", e))?;
         report.removed_addresses = removed;
-        let limit = self.max_shrink();
-        if removed as f64 > limit.fraction() * before as f64 {
-            if !force {
-                return Err((
-                    "refused_shrink",
-                    DirectoryError::Shrink {
-                        file: self.source.name(),
-                        removed,
-                        before,
-                        share: removed as f64 * 100.0 / before as f64,
-                        limit,
-                    },
-                ));
-            }
-            report.forced = true;
-            warn!(source = %self.source.name(), removed, before, "directory reload forced although it removes more than directory.max_shrink");
-        }
+        report.forced = forced;
         next.generation = view.generation + 1;
         let id = self.next_id(&view);
         next.last_change = id;

@@ -132,6 +132,12 @@ impl Table {
             .filter_map(|off| record(&self.arena, off).map(|(k, _)| k))
     }
 
+    /// Every address (lower-case key) with its mailbox number, in order.
+    pub fn entries(&self) -> impl Iterator<Item = (&[u8], usize)> + '_ {
+        self.offsets()
+            .filter_map(|off| record(&self.arena, off).map(|(k, m)| (k, m as usize)))
+    }
+
     /// Offsets of every record, in order.
     fn offsets(&self) -> impl Iterator<Item = usize> + '_ {
         let mut off = 0;

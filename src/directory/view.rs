@@ -64,7 +64,8 @@ pub struct Lookup {
     pub mailbox: Option<String>,
     /// Current state, when listed.
     pub state: Option<String>,
-    /// Where the state comes from: `file`, `batch N`, or `unlisted`.
+    /// Where the state comes from: `file PATH`, `batch N`, `base N` (a fleet's base
+    /// import), or `unlisted`.
     pub origin: String,
     /// The route a message would take now (`None` = rejected).
     pub route: Option<String>,
@@ -119,12 +120,28 @@ impl Directory {
             origin: match m.map(|m| view.origin[m]) {
                 None => "unlisted".into(),
                 Some(0) => format!("file {}", self.source.name()),
-                Some(id) => format!("batch {id}"),
+                Some(id) => self.origin_name(id),
             },
             route: self
                 .resolution(state)
                 .route()
                 .map(|r| r.as_str().to_string()),
+        }
+    }
+}
+
+impl Directory {
+    /// `batch N`, or `base N` when change `id` was a fleet's base import.
+    fn origin_name(&self, id: u32) -> String {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let base = h
+            .binary_search_by_key(&id, |c| c.id)
+            .ok()
+            .is_some_and(|i| h[i].kind == super::store::ChangeKind::Base);
+        if base {
+            format!("base {id}")
+        } else {
+            format!("batch {id}")
         }
     }
 }

@@ -95,7 +95,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     cfg.admin = None;
     cfg.directory.watch = false;
     cfg.spool.dir = dir.join("spool");
-    cfg.directory.file = dir.join("directory.csv");
+    cfg.directory.file = Some(dir.join("directory.csv"));
     cfg.directory.store_dir = dir.join("directory-store");
     if let Some(t) = cfg.tls.as_mut() {
         t.cert = dir.join("server.crt");

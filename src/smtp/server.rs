@@ -21,6 +21,9 @@ pub struct ServerControl {
     pub session: ArcSwap<SessionConfig>,
     /// When set, new sessions get `421 4.3.2` (drain before maintenance).
     pub draining: AtomicBool,
+    /// When set, new sessions get `421 4.3.2` too: this node's directory is behind its
+    /// fleet's (set by the fleet follower; see `crate::fleet`).
+    pub behind: Arc<AtomicBool>,
     /// Session slots; a session holds one permit.
     pub slots: Arc<Semaphore>,
     /// Total slots.
@@ -61,11 +64,16 @@ impl Drop for ClientSlot {
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 impl ServerControl {
-    /// Controls with `max_sessions` slots.
-    pub fn new(session: SessionConfig, max_sessions: usize) -> ServerControl {
+    /// Controls with `max_sessions` slots; `behind` is the fleet's flag, when in a fleet.
+    pub fn new(
+        session: SessionConfig,
+        max_sessions: usize,
+        behind: Option<Arc<AtomicBool>>,
+    ) -> ServerControl {
         ServerControl {
             session: ArcSwap::from_pointee(session),
             draining: AtomicBool::new(false),
+            behind: behind.unwrap_or_default(),
             slots: Arc::new(Semaphore::new(max_sessions)),
             max_sessions,
             per_ip: Mutex::new(HashMap::new()),
@@ -164,6 +172,16 @@ pub async fn serve<H: Handler>(
                 format!("{host} Service not available (draining), try another MX"),
             );
             refuse(stream, r, "draining");
+            continue;
+        }
+        if control.behind.load(Ordering::Relaxed) {
+            let host = control.session.load().hostname.clone();
+            let r = Reply::owned(
+                421,
+                "4.3.2",
+                format!("{host} Directory behind the fleet, try another MX"),
+            );
+            refuse(stream, r, "behind");
             continue;
         }
         let permit = match control.slots.clone().try_acquire_owned() {

@@ -146,7 +146,7 @@ pub fn test_config(dir: &Path, certs: &TestCerts, onprem: SocketAddr, cloud: Soc
     if !dfile.exists() {
         std::fs::write(&dfile, DIRECTORY).unwrap();
     }
-    cfg.directory.file = dfile;
+    cfg.directory.file = Some(dfile);
     cfg.directory.store_dir = dir.join("directory-store");
     let tls = cfg.tls.as_mut().unwrap();
     tls.cert = certs.cert.clone();

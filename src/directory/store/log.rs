@@ -149,6 +149,9 @@ pub enum ChangeKind {
     Rollback,
     /// The directory file was reloaded (recorded for audit; not replayed).
     Reload,
+    /// A fleet node took a new base directory from PostgreSQL (its rows are in the
+    /// snapshot written with it, not in the log).
+    Base,
 }
 
 /// One record of the change log: its summary plus what it changed.

@@ -470,7 +470,7 @@ impl Sink {
         let inner = listener.local_addr()?;
         let serve = server::serve(
             listener,
-            Arc::new(server::ServerControl::new(cfg, 10_000)),
+            Arc::new(server::ServerControl::new(cfg, 10_000, None)),
             Arc::new(SinkHandler(state.clone())),
         );
         let task = match outer {

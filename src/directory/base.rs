@@ -1,0 +1,248 @@
+//! A fleet's base directory (see `crate::fleet`): the whole state of every mailbox, as one
+//! node computes it when an admin imports a new directory file, and as every node installs
+//! it from PostgreSQL.
+//!
+//! The importing node merges the new file into its current state exactly as a single node
+//! reloads its file ([`super::source::merge`]): mailboxes whose row the new file changed take
+//! the file's state, the others keep what batches gave them; the shrink guard applies. The
+//! result is written to PostgreSQL whole, so a node that starts from it (a new node, or one
+//! far behind) needs only the latest base and the changes after it, never the older ones.
+
+use super::source::merge;
+use super::store::{Change, ChangeKind, ChangeSummary, Fingerprint};
+use super::table::{self, Parsed};
+use super::view::View;
+use super::{changes::now_rfc3339, Directory, DirectoryError, ReloadReport};
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// One row of a base: an address, its mailbox's primary address, the mailbox's state now,
+/// its state as the imported file gave it, and the change that set the state now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseRow {
+    /// The address (lower case).
+    pub address: String,
+    /// Primary address of its mailbox (the address itself for a primary).
+    pub mailbox: String,
+    /// Route name in force.
+    pub state: String,
+    /// Route name as imported.
+    pub file_state: String,
+    /// Change id that set `state` (the base's own id for rows the file decided).
+    pub origin: u32,
+}
+
+/// A whole base, ready to be written to the fleet or installed.
+pub struct Base {
+    view: View,
+    /// What the import changed (for the importing node's report).
+    pub report: ReloadReport,
+}
+
+impl Base {
+    /// Every row, primaries first (so a node rebuilding the table sees each mailbox's primary
+    /// address before its aliases).
+    pub fn rows<'a>(
+        &'a self,
+        names: &'a [crate::types::RouteName],
+    ) -> impl Iterator<Item = BaseRow> + 'a {
+        let v = &self.view;
+        let name = move |s: u8| {
+            names
+                .get(s as usize)
+                .map(|r| r.as_str().to_string())
+                .unwrap_or_default()
+        };
+        let entries = move |primaries: bool| {
+            v.table.entries().filter_map(move |(key, m)| {
+                let mailbox = v.table.primary_address(m);
+                let is_primary = mailbox.as_bytes() == key;
+                (is_primary == primaries).then(|| BaseRow {
+                    address: String::from_utf8_lossy(key).into_owned(),
+                    mailbox: mailbox.to_string(),
+                    state: name(v.states[m]),
+                    file_state: name(v.file_states[m]),
+                    origin: v.origin[m],
+                })
+            })
+        };
+        entries(true).chain(entries(false))
+    }
+
+    /// Number of addresses.
+    pub fn len(&self) -> usize {
+        self.view.table.len()
+    }
+
+    /// True when the base lists no address.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A base rebuilt from its rows (as read back from the fleet), primaries first. A row
+    /// naming a state that is not a route here fails the whole base: nodes of one fleet must
+    /// have the same routes.
+    pub fn from_rows(
+        rows: &[BaseRow],
+        names: &[crate::types::RouteName],
+        what: &str,
+    ) -> Result<Base, DirectoryError> {
+        let mut csv = Vec::with_capacity(rows.len() * 48 + 32);
+        csv.extend_from_slice(b"address,state,mailbox\n");
+        for r in rows {
+            csv.extend_from_slice(r.address.as_bytes());
+            csv.push(b',');
+            csv.extend_from_slice(r.state.as_bytes());
+            csv.push(b',');
+            csv.extend_from_slice(r.mailbox.as_bytes());
+            csv.push(b'\n');
+        }
+        let parsed = table::parse(&csv, what, names)?;
+        let n = parsed.states.len();
+        let mut file_states = vec![0u8; n];
+        let mut origin = vec![0u32; n];
+        for (i, r) in rows.iter().enumerate() {
+            let bad = |reason: String| DirectoryError::Row {
+                file: what.to_string(),
+                line: i + 2,
+                reason,
+            };
+            let m = parsed
+                .table
+                .mailbox(r.address.as_bytes())
+                .ok_or_else(|| bad(format!("{} missing after load", r.address)))?;
+            file_states[m] = super::StateId::find(names, &r.file_state)
+                .ok_or_else(|| bad(format!("unknown state {:?}", r.file_state)))?
+                .raw();
+            origin[m] = r.origin;
+        }
+        let view = View {
+            generation: 1,
+            table: Arc::new(parsed.table),
+            file_states: Arc::new(file_states),
+            states: parsed.states,
+            origin,
+            last_change: 0,
+            fingerprint: Fingerprint::default(),
+        };
+        Ok(Base {
+            report: ReloadReport {
+                entries: view.table.len(),
+                mailboxes: n,
+                changed: 0,
+                added: 0,
+                removed: 0,
+                removed_addresses: 0,
+                forced: false,
+                elapsed_ms: 0,
+            },
+            view,
+        })
+    }
+}
+
+impl Directory {
+    /// The base that importing `parsed` as fleet change `seq` gives: merged into the state in
+    /// force (see the module doc), refused when it removes more than `directory.max_shrink`
+    /// of the addresses unless `force`. Changes nothing.
+    pub fn merge_base(
+        &self,
+        parsed: Parsed,
+        seq: u32,
+        source: &str,
+        force: bool,
+    ) -> Result<Base, DirectoryError> {
+        let t0 = std::time::Instant::now();
+        let view = self.view.load_full();
+        let (mut next, mut report) = merge(Some(&view), parsed, Fingerprint::default());
+        // Rows the file decided carry the base's id as their origin (`base N` in lookups).
+        for (m, o) in next.origin.iter_mut().enumerate() {
+            let file_decided = view
+                .table
+                .mailbox(next.table.primary_address(m).as_bytes())
+                .is_none_or(|om| view.file_states[om] != next.file_states[m]);
+            if file_decided || *o == 0 {
+                *o = seq;
+            }
+        }
+        let (removed, forced) = self.check_shrink(&view, &next, source, force)?;
+        report.removed_addresses = removed;
+        report.forced = forced;
+        report.elapsed_ms = t0.elapsed().as_millis() as u64;
+        Ok(Base { view: next, report })
+    }
+
+    /// Installs `base` as fleet change `seq` (see [`Directory::apply_at`] for `seq`): the
+    /// snapshot is written first, then the change is logged, so a restart finds the base in
+    /// the snapshot. `Ok(false)` when this node has it already.
+    pub fn install_base(&self, seq: u32, base: Base, source: &str) -> Result<bool, DirectoryError> {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let view = self.view.load_full();
+        if !Self::in_order(&view, seq)? {
+            return Ok(false);
+        }
+        let mut next = base.view;
+        next.generation = view.generation + 1;
+        next.last_change = seq;
+        let count = next.table.mailboxes();
+        self.view.store(Arc::new(next));
+        self.persist_snapshot()?;
+        self.log(&Change {
+            head: ChangeSummary {
+                id: seq,
+                time: now_rfc3339(),
+                kind: ChangeKind::Base,
+                source: source.to_string(),
+                rolls_back: None,
+                count,
+            },
+            not_found: 0,
+            already: 0,
+            entries: Vec::new(),
+        })?;
+        info!(
+            change = seq,
+            source,
+            mailboxes = count,
+            "fleet base installed"
+        );
+        Ok(true)
+    }
+
+    /// The shrink guard of file reloads and base imports: the addresses `next` drops, and
+    /// whether that many were let through by `force`.
+    pub(super) fn check_shrink(
+        &self,
+        view: &View,
+        next: &View,
+        source: &str,
+        force: bool,
+    ) -> Result<(usize, bool), DirectoryError> {
+        let before = view.table.len();
+        let removed = view
+            .table
+            .keys()
+            .filter(|k| next.table.mailbox(k).is_none())
+            .count();
+        let limit = self.max_shrink();
+        if removed as f64 <= limit.fraction() * before as f64 {
+            return Ok((removed, false));
+        }
+        if !force {
+            return Err(DirectoryError::Shrink {
+                file: source.to_string(),
+                removed,
+                before,
+                share: removed as f64 * 100.0 / before as f64,
+                limit,
+            });
+        }
+        warn!(
+            source,
+            removed,
+            before,
+            "directory load forced although it removes more than directory.max_shrink"
+        );
+        Ok((removed, true))
+    }
+}

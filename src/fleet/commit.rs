@@ -1,0 +1,381 @@
+//! Directory changes through the fleet: batches, rollbacks and base imports are committed to
+//! PostgreSQL first, then applied here.
+//!
+//! Each commit is one transaction on a connection of its own: take the log's advisory lock,
+//! read the head, bring this node up to it ([`follow::catch_up`]), compute the change against
+//! the now current directory (the report the admin sees is exact: no other change can commit
+//! meanwhile), insert it as head + 1 with a `NOTIFY`, commit, and apply it here. A node that
+//! cannot reach PostgreSQL refuses the change ([`FleetError::Unreachable`]).
+
+use super::follow::{self, encode_rows};
+use super::sql::{self, db_err, lock_key};
+use super::{Fleet, FleetError};
+use crate::directory::{batch::BatchRow, table, BatchReport, ReloadReport};
+use futures_util::SinkExt;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+use tracing::info;
+
+/// How far a committed change has spread: nodes that have applied it, of the nodes whose
+/// heartbeat is recent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Progress {
+    /// The change's sequence number.
+    pub seq: u32,
+    /// Live nodes that have applied it (this one included).
+    pub applied: usize,
+    /// Nodes with a heartbeat in the last 30 s.
+    pub live: usize,
+    /// Nodes known to the fleet with no recent heartbeat (stopped or cut off): they apply
+    /// the change when they come back.
+    pub silent: Vec<String>,
+}
+
+/// What a base import did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FleetBatch {
+    /// The merge of the file into the fleet's directory (changed, added, removed).
+    #[serde(flatten)]
+    pub report: ReloadReport,
+    /// Its change id, `None` when refused or empty.
+    pub id: Option<u32>,
+    /// How far it has spread.
+    pub nodes: Progress,
+}
+
+/// Nodes with a heartbeat older than this are counted as silent.
+const LIVE: &str = "30 seconds";
+
+impl Fleet {
+    /// Applies batch `rows` (from file `source`) through the fleet log.
+    pub async fn apply(
+        &self,
+        rows: Vec<BatchRow>,
+        source: String,
+    ) -> Result<(BatchReport, Option<Progress>), FleetError> {
+        let (client, head) = self.begin().await?;
+        let dir = self.inner.directory.clone();
+        let preview = {
+            let (d, r, s) = (dir.clone(), rows.clone(), source.clone());
+            blocking(move || d.apply(&r, &s, true)).await??
+        };
+        if preview.changed == 0 {
+            return Ok((preview, None));
+        }
+        let seq = head + 1;
+        let body = encode_rows(&rows, dir.states());
+        self.insert(
+            &client,
+            seq,
+            "apply",
+            &source,
+            None,
+            rows.len(),
+            preview.changed,
+            &body,
+        )
+        .await?;
+        let report = {
+            let s = source.clone();
+            blocking(move || dir.apply_at(seq, &rows, &s)).await??
+        };
+        let mut report = report.unwrap_or(preview);
+        report.id = Some(seq);
+        let nodes = self.progress(&client, seq).await?;
+        info!(
+            change = seq,
+            source,
+            changed = report.changed,
+            "fleet: batch committed"
+        );
+        Ok((report, Some(nodes)))
+    }
+
+    /// Rolls back batch `batch` through the fleet log.
+    pub async fn rollback(&self, batch: u32) -> Result<(BatchReport, Progress), FleetError> {
+        let (client, head) = self.begin().await?;
+        let s = self.inner.schema().to_string();
+        let base: Option<i64> = client
+            .query_one(
+                &format!(r#"SELECT max(seq) FROM "{s}".changes WHERE kind = 'base'"#),
+                &[],
+            )
+            .await
+            .map_err(db_err(&self.inner.pg))?
+            .get(0);
+        if let Some(b) = base.filter(|b| *b > i64::from(batch)) {
+            return Err(FleetError::Refused(format!(
+                "batch {batch} came before base {b}, which decided every mailbox anew: it cannot be rolled back (apply a batch instead)"
+            )));
+        }
+        let dir = self.inner.directory.clone();
+        let preview = {
+            let d = dir.clone();
+            blocking(move || d.rollback_preview(batch)).await??
+        };
+        let seq = head + 1;
+        self.insert(
+            &client,
+            seq,
+            "rollback",
+            &format!("rollback of {batch}"),
+            Some(batch),
+            preview.rows,
+            preview.changed,
+            &[],
+        )
+        .await?;
+        let report = blocking(move || dir.rollback_at(seq, batch)).await??;
+        let mut report = report.unwrap_or(preview);
+        report.id = Some(seq);
+        let nodes = self.progress(&client, seq).await?;
+        info!(
+            change = seq,
+            batch,
+            restored = report.changed,
+            "fleet: rollback committed"
+        );
+        Ok((report, nodes))
+    }
+
+    /// Imports a directory file (`text`, named `source`) as a new base: merged into the
+    /// fleet's directory as a file reload is, refused beyond `directory.max_shrink` unless
+    /// `force`; its rows go to PostgreSQL with COPY.
+    pub async fn import(
+        &self,
+        text: Vec<u8>,
+        source: String,
+        force: bool,
+    ) -> Result<FleetBatch, FleetError> {
+        let t0 = std::time::Instant::now();
+        let names = self.inner.directory.states().to_vec();
+        let parsed = {
+            let s = source.clone();
+            blocking(move || table::parse(&text, &s, &names)).await??
+        };
+        let (client, head) = self.begin().await?;
+        let seq = head + 1;
+        let dir = self.inner.directory.clone();
+        let base = {
+            let (d, s) = (dir.clone(), source.clone());
+            blocking(move || d.merge_base(parsed, seq, &s, force)).await??
+        };
+        if base.is_empty() {
+            return Err(FleetError::Refused(format!(
+                "{source}: no addresses; a fleet's base needs at least one"
+            )));
+        }
+        let mut report = base.report.clone();
+        self.copy_base(&client, seq, &base).await?;
+        let s = self.inner.schema().to_string();
+        client
+            .execute(
+                &format!(
+                    r#"DELETE FROM "{s}".base_rows WHERE seq < coalesce((SELECT max(seq) FROM "{s}".changes WHERE kind = 'base' AND seq < $1), 0)"#
+                ),
+                &[&i64::from(seq)],
+            )
+            .await
+            .map_err(db_err(&self.inner.pg))?;
+        self.insert(
+            &client,
+            seq,
+            "base",
+            &source,
+            None,
+            base.len(),
+            report.changed,
+            &[],
+        )
+        .await?;
+        {
+            let s = source.clone();
+            blocking(move || dir.install_base(seq, base, &s)).await??;
+        }
+        self.inner.published();
+        let nodes = self.progress(&client, seq).await?;
+        report.elapsed_ms = t0.elapsed().as_millis() as u64;
+        info!(
+            change = seq,
+            source,
+            entries = report.entries,
+            changed = report.changed,
+            ms = report.elapsed_ms,
+            "fleet: base imported"
+        );
+        Ok(FleetBatch {
+            report,
+            id: Some(seq),
+            nodes,
+        })
+    }
+
+    /// Opens a transaction holding the log's lock, with this node caught up to the head.
+    async fn begin(&self) -> Result<(Client, u32), FleetError> {
+        let inner = &self.inner;
+        let client = sql::connect(&inner.pg).await?;
+        let err = db_err(&inner.pg);
+        client.batch_execute("BEGIN").await.map_err(&err)?;
+        client
+            .execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))",
+                &[&lock_key(inner.schema(), "log")],
+            )
+            .await
+            .map_err(&err)?;
+        let head = sql::head(&client, inner.schema()).await?;
+        let applied = follow::catch_up(inner, &client).await?;
+        if applied < head {
+            return Err(FleetError::Refused(format!(
+                "this node could not catch up with the fleet (applied {applied}, head {head})"
+            )));
+        }
+        Ok((client, head))
+    }
+
+    /// Inserts change `seq`, notifies the nodes and commits.
+    #[allow(clippy::too_many_arguments)]
+    async fn insert(
+        &self,
+        client: &Client,
+        seq: u32,
+        kind: &str,
+        source: &str,
+        rolls_back: Option<u32>,
+        rows: usize,
+        changed: usize,
+        body: &[u8],
+    ) -> Result<(), FleetError> {
+        let s = self.inner.schema();
+        let err = db_err(&self.inner.pg);
+        client
+            .execute(
+                &format!(
+                    r#"INSERT INTO "{s}".changes (seq, kind, node, source, rolls_back, rows, changed, body)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"#
+                ),
+                &[
+                    &i64::from(seq),
+                    &kind,
+                    &self.inner.cfg.node,
+                    &source,
+                    &rolls_back.map(i64::from),
+                    &(rows as i64),
+                    &(changed as i64),
+                    &body,
+                ],
+            )
+            .await
+            .map_err(&err)?;
+        client
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&sql::channel(s), &seq.to_string()],
+            )
+            .await
+            .map_err(&err)?;
+        client.batch_execute("COMMIT").await.map_err(&err)?;
+        Ok(())
+    }
+
+    /// Writes the rows of `base` as base `seq` (COPY, CSV, in chunks of about 1 MiB).
+    async fn copy_base(
+        &self,
+        client: &Client,
+        seq: u32,
+        base: &crate::directory::Base,
+    ) -> Result<(), FleetError> {
+        let err = db_err(&self.inner.pg);
+        let sink = client
+            .copy_in(&format!(
+                r#"COPY "{}".base_rows (seq, address, mailbox, state, file_state, origin) FROM STDIN (FORMAT csv)"#,
+                self.inner.schema()
+            ))
+            .await
+            .map_err(&err)?;
+        let mut sink = std::pin::pin!(sink);
+        let names = self.inner.directory.states();
+        let writer = || {
+            csv::WriterBuilder::new()
+                .has_headers(false)
+                .from_writer(Vec::with_capacity((1 << 20) + 4096))
+        };
+        let mut w = writer();
+        let seq_text = seq.to_string();
+        let csv_err = |e: String| FleetError::Sql(format!("encoding base rows: {e}"));
+        for r in base.rows(names) {
+            let origin = r.origin.to_string();
+            w.write_record([
+                seq_text.as_str(),
+                &r.address,
+                &r.mailbox,
+                &r.state,
+                &r.file_state,
+                &origin,
+            ])
+            .map_err(|e| csv_err(e.to_string()))?;
+            if w.get_ref().len() >= 1 << 20 {
+                let chunk = std::mem::replace(&mut w, writer())
+                    .into_inner()
+                    .map_err(|e| csv_err(e.to_string()))?;
+                sink.send(bytes::Bytes::from(chunk)).await.map_err(&err)?;
+            }
+        }
+        let rest = w.into_inner().map_err(|e| csv_err(e.to_string()))?;
+        if !rest.is_empty() {
+            sink.send(bytes::Bytes::from(rest)).await.map_err(&err)?;
+        }
+        sink.as_mut().finish().await.map_err(&err)?;
+        Ok(())
+    }
+
+    /// Records that this node has `seq` and counts the live nodes that have it.
+    async fn progress(&self, client: &Client, seq: u32) -> Result<Progress, FleetError> {
+        let s = self.inner.schema();
+        let err = db_err(&self.inner.pg);
+        client
+            .execute(
+                &format!(
+                    r#"UPDATE "{s}".nodes SET applied = greatest(applied, $1) WHERE name = $2"#
+                ),
+                &[
+                    &i64::from(self.inner.directory.applied()),
+                    &self.inner.cfg.node,
+                ],
+            )
+            .await
+            .map_err(&err)?;
+        let rows = client
+            .query(
+                &format!(
+                    r#"SELECT name, applied >= $1, heartbeat > clock_timestamp() - interval '{LIVE}' FROM "{s}".nodes ORDER BY name"#
+                ),
+                &[&i64::from(seq)],
+            )
+            .await
+            .map_err(&err)?;
+        let mut p = Progress {
+            seq,
+            ..Progress::default()
+        };
+        for r in rows {
+            let (name, has, live): (String, bool, bool) = (r.get(0), r.get(1), r.get(2));
+            if live {
+                p.live += 1;
+                p.applied += usize::from(has);
+            } else {
+                p.silent.push(name);
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// Runs blocking directory work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, FleetError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FleetError::Refused(format!("directory task failed: {e}")))
+}

@@ -1,0 +1,496 @@
+//! Following the fleet's change log: connect, `LISTEN`, apply every change after the local
+//! sequence in order, write this node's heartbeat, and decide whether it is behind.
+//!
+//! The loop wakes on a notification, on a local commit, or every [`TICK`] (the backstop
+//! for a missed notification; also the heartbeat). A broken connection is retried every
+//! [`TICK`]; meanwhile the directory in force stays as it is.
+//!
+//! Behind the fleet: while connected, a node is behind when the log has changes it could
+//! not apply. While PostgreSQL is unreachable a node cannot read the log, so it asks its
+//! peers' admin APIs (addresses from the last read of the nodes table) what they have
+//! applied: if one has more, this node is behind since it lost PostgreSQL. Only a node that
+//! knows it is behind drains; when PostgreSQL is down for everyone, nobody can commit a
+//! change, no node is behind, and every node keeps taking mail.
+
+use super::sql::{self, db_err, seq_u32};
+use super::{FleetError, Inner, NodeApplied};
+use crate::directory::{batch::BatchRow, Base, BaseRow, StateId};
+use crate::metrics as m;
+use futures_util::StreamExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+use tracing::{error, info, warn};
+
+/// Poll and heartbeat interval.
+pub(super) const TICK: Duration = Duration::from_secs(1);
+
+/// Changes fetched per round trip while catching up.
+const FETCH: i64 = 16;
+
+/// Follows the log until the fleet is stopped.
+pub(super) async fn run(inner: Arc<Inner>) {
+    let mut last_peer_check = Instant::now();
+    while !inner.stop.load(Ordering::SeqCst) {
+        if let Err(e) = session(&inner).await {
+            let first = {
+                let mut h = inner.lock_health();
+                let was_up = h.up;
+                h.up = false;
+                h.error = Some(e.to_string());
+                if was_up {
+                    h.since = super::now_rfc3339();
+                    h.since_at = Instant::now();
+                }
+                was_up
+            };
+            metrics::gauge!(m::FLEET_POSTGRES_UP).set(0.0);
+            if first {
+                error!(error = %e, "fleet: lost PostgreSQL; routing on the directory in force, directory changes refused until it is back");
+            }
+        }
+        if inner.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        if last_peer_check.elapsed() >= TICK * 2 {
+            last_peer_check = Instant::now();
+            check_peers(&inner).await;
+        }
+        evaluate(&inner);
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = inner.wake.notified() => {}
+        }
+    }
+}
+
+/// One connection's life: listen, then catch up and beat until it fails.
+async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
+    let (client, mut notes) = sql::connect_listening(&inner.pg).await?;
+    let id = sql::migrate(&client, inner.schema()).await?;
+    {
+        let known = inner
+            .fleet_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if known.as_ref().is_some_and(|k| *k != id)
+            || (known.is_none() && inner.directory.applied() > 0)
+        {
+            inner.mark_behind("the local directory belongs to another fleet (was the schema created again?): restart this node");
+            evaluate(inner);
+            return Err(FleetError::Refused(
+                "the local directory store belongs to another fleet; restart this node".into(),
+            ));
+        }
+        *inner.fleet_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+    }
+    client
+        .batch_execute(&format!(r#"LISTEN "{}""#, sql::channel(inner.schema())))
+        .await
+        .map_err(db_err(&inner.pg))?;
+    {
+        let mut h = inner.lock_health();
+        if !h.up {
+            h.up = true;
+            h.error = None;
+            h.since = super::now_rfc3339();
+            h.since_at = Instant::now();
+            info!("fleet: connected to PostgreSQL; following the change log");
+        }
+    }
+    metrics::gauge!(m::FLEET_POSTGRES_UP).set(1.0);
+    loop {
+        let step = async {
+            let res = catch_up(inner, &client).await;
+            beat(inner, &client).await?;
+            res.map(|_| ())
+        };
+        match tokio::time::timeout(super::STATEMENT_TIMEOUT, step).await {
+            Err(_) => {
+                return Err(FleetError::Unreachable {
+                    target: super::target(&inner.pg),
+                    reason: "no answer within 60 s".into(),
+                })
+            }
+            Ok(Err(e)) if e.is_unreachable() => return Err(e),
+            Ok(Err(e)) => {
+                // The log has a change this node cannot apply: it stays behind (and drains
+                // after max_lag) rather than skip it.
+                error!(error = %e, "fleet: cannot apply the change log");
+                inner.mark_behind(&e.to_string());
+            }
+            Ok(Ok(())) => {}
+        }
+        evaluate(inner);
+        if inner.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        tokio::select! {
+            n = notes.recv() => {
+                if n.is_none() {
+                    return Err(FleetError::Unreachable {
+                        target: super::target(&inner.pg),
+                        reason: "connection closed".into(),
+                    });
+                }
+            }
+            _ = inner.wake.notified() => {}
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+/// Applies every change after the local sequence, in order; returns the sequence applied.
+/// A base later than the next change makes the changes before it moot: the node jumps to
+/// it (its rows are the whole state at that point).
+pub(super) async fn catch_up(inner: &Inner, client: &Client) -> Result<u32, FleetError> {
+    let s = inner.schema().to_string();
+    let err = db_err(&inner.pg);
+    loop {
+        let applied = inner.directory.applied();
+        let head = sql::head(client, &s).await?;
+        {
+            let mut h = inner.lock_health();
+            h.head = head;
+        }
+        if head <= applied {
+            let mut h = inner.lock_health();
+            if h.behind_since.is_some() && inner.directory.applied() >= head {
+                h.behind_since = None;
+                h.behind_why = None;
+            }
+            return Ok(applied);
+        }
+        let base: Option<i64> = client
+            .query_one(
+                &format!(r#"SELECT max(seq) FROM "{s}".changes WHERE kind = 'base' AND seq > $1"#),
+                &[&i64::from(applied + 1)],
+            )
+            .await
+            .map_err(&err)?
+            .get(0);
+        if let Some(b) = base {
+            let b = seq_u32(b)?;
+            let row = client
+                .query_one(
+                    &format!(
+                        r#"SELECT source, extract(epoch FROM committed_at)::float8 FROM "{s}".changes WHERE seq = $1"#
+                    ),
+                    &[&i64::from(b)],
+                )
+                .await
+                .map_err(&err)?;
+            info!(
+                from = applied,
+                to = b,
+                "fleet: a later base makes the changes before it moot; loading it"
+            );
+            install_base(inner, client, b, row.get(0), row.get(1)).await?;
+            continue;
+        }
+        let rows = client
+            .query(
+                &format!(
+                    r#"SELECT seq, kind, source, rolls_back, body, extract(epoch FROM committed_at)::float8
+                       FROM "{s}".changes WHERE seq > $1 ORDER BY seq LIMIT {FETCH}"#
+                ),
+                &[&i64::from(applied)],
+            )
+            .await
+            .map_err(&err)?;
+        for row in rows {
+            let seq = seq_u32(row.get(0))?;
+            let kind: &str = row.get(1);
+            let source: String = row.get(2);
+            let committed: f64 = row.get(5);
+            match kind {
+                "apply" => {
+                    let body: Vec<u8> = row.get(4);
+                    apply_rows(inner, seq, body, source).await?;
+                }
+                "rollback" => {
+                    let batch = seq_u32(row.get::<_, Option<i64>>(3).unwrap_or(0))?;
+                    let dir = inner.directory.clone();
+                    tokio::task::spawn_blocking(move || dir.rollback_at(seq, batch))
+                        .await
+                        .map_err(|e| FleetError::Refused(e.to_string()))??;
+                }
+                "base" => install_base(inner, client, seq, source, committed).await?,
+                other => {
+                    return Err(FleetError::Refused(format!(
+                        "change {seq} has unknown kind {other:?}: upgrade this node"
+                    )))
+                }
+            }
+            applied_now(inner, committed);
+        }
+    }
+}
+
+/// Records that a change committed at `committed` (epoch seconds) is applied here now.
+fn applied_now(inner: &Inner, committed: f64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    metrics::histogram!(m::FLEET_APPLY_DELAY).record((now - committed).max(0.0));
+    inner.published();
+}
+
+/// The rows of an `apply` change, as the directory takes them. A state that is not a route
+/// on this node fails the change: nodes of one fleet must have the same routes.
+pub(super) fn decode_rows(
+    body: &[u8],
+    names: &[crate::types::RouteName],
+    seq: u32,
+) -> Result<Vec<BatchRow>, FleetError> {
+    let mut rows = Vec::new();
+    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let text = std::str::from_utf8(line).map_err(|_| {
+            FleetError::Refused(format!("change {seq}: row {} is not UTF-8", i + 1))
+        })?;
+        let (address, state) = text.split_once('\t').ok_or_else(|| {
+            FleetError::Refused(format!("change {seq}: row {} has no state", i + 1))
+        })?;
+        let state = StateId::find(names, state).ok_or_else(|| {
+            FleetError::Refused(format!(
+                "change {seq} moves mailboxes to {state:?}, which is not a route on this node (every node of a fleet needs the same routes)"
+            ))
+        })?;
+        rows.push(BatchRow {
+            line: i as u64 + 1,
+            address: address.to_string(),
+            key: address.to_string(),
+            state,
+        });
+    }
+    Ok(rows)
+}
+
+/// The body of an `apply` change: one `address TAB state` line per row.
+pub(super) fn encode_rows(rows: &[BatchRow], names: &[crate::types::RouteName]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.len() * 40);
+    for r in rows {
+        out.extend_from_slice(r.key.as_bytes());
+        out.push(b'\t');
+        out.extend_from_slice(
+            names
+                .get(r.state.index())
+                .map(|n| n.as_str())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        out.push(b'\n');
+    }
+    out
+}
+
+async fn apply_rows(
+    inner: &Inner,
+    seq: u32,
+    body: Vec<u8>,
+    source: String,
+) -> Result<(), FleetError> {
+    let dir = inner.directory.clone();
+    tokio::task::spawn_blocking(move || {
+        let rows = decode_rows(&body, dir.states(), seq)?;
+        dir.apply_at(seq, &rows, &source)?;
+        Ok::<_, FleetError>(())
+    })
+    .await
+    .map_err(|e| FleetError::Refused(e.to_string()))?
+}
+
+/// Reads base `seq`'s rows from PostgreSQL and installs them.
+async fn install_base(
+    inner: &Inner,
+    client: &Client,
+    seq: u32,
+    source: String,
+    committed: f64,
+) -> Result<(), FleetError> {
+    let t0 = Instant::now();
+    let rows = read_base(inner, client, seq).await?;
+    let dir = inner.directory.clone();
+    let what = format!("fleet base {seq}");
+    tokio::task::spawn_blocking(move || {
+        let base = Base::from_rows(&rows, dir.states(), &what)?;
+        dir.install_base(seq, base, &source)?;
+        Ok::<_, FleetError>(())
+    })
+    .await
+    .map_err(|e| FleetError::Refused(e.to_string()))??;
+    info!(
+        change = seq,
+        ms = t0.elapsed().as_millis() as u64,
+        "fleet: base loaded from PostgreSQL"
+    );
+    applied_now(inner, committed);
+    Ok(())
+}
+
+/// The rows of base `seq` (COPY out as CSV), primaries first.
+pub(super) async fn read_base(
+    inner: &Inner,
+    client: &Client,
+    seq: u32,
+) -> Result<Vec<BaseRow>, FleetError> {
+    let err = db_err(&inner.pg);
+    let stream = client
+        .copy_out(&format!(
+            r#"COPY (SELECT address, mailbox, state, file_state, origin FROM "{}".base_rows WHERE seq = {seq}) TO STDOUT (FORMAT csv)"#,
+            inner.schema()
+        ))
+        .await
+        .map_err(&err)?;
+    let mut stream = std::pin::pin!(stream);
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        data.extend_from_slice(&chunk.map_err(&err)?);
+    }
+    let mut primaries = Vec::new();
+    let mut aliases = Vec::new();
+    let mut rd = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(data.as_slice());
+    for rec in rd.records() {
+        let rec = rec.map_err(|e| FleetError::Sql(format!("base {seq}: {e}")))?;
+        let field = |i: usize| rec.get(i).unwrap_or_default().to_string();
+        let row = BaseRow {
+            address: field(0),
+            mailbox: field(1),
+            state: field(2),
+            file_state: field(3),
+            origin: field(4)
+                .parse()
+                .map_err(|_| FleetError::Sql(format!("base {seq}: bad origin {:?}", field(4))))?,
+        };
+        if row.address == row.mailbox {
+            primaries.push(row);
+        } else {
+            aliases.push(row);
+        }
+    }
+    if primaries.is_empty() && !aliases.is_empty() {
+        return Err(FleetError::Sql(format!(
+            "base {seq}: rows without their mailboxes"
+        )));
+    }
+    primaries.append(&mut aliases);
+    Ok(primaries)
+}
+
+/// Writes this node's row of the nodes table and reads the peers' admin addresses.
+async fn beat(inner: &Inner, client: &Client) -> Result<(), FleetError> {
+    let s = inner.schema();
+    let report = inner.reporter.get().map(|f| f()).unwrap_or_default();
+    let admin = inner.admin.as_ref().map(|(a, _)| a.clone());
+    client
+        .execute(
+            &format!(
+                r#"INSERT INTO "{s}".nodes (name, admin, applied, heartbeat, draining, behind, queue, version)
+                   VALUES ($1, $2, $3, clock_timestamp(), $4, $5, $6, $7)
+                   ON CONFLICT (name) DO UPDATE SET admin = excluded.admin, applied = excluded.applied,
+                     heartbeat = excluded.heartbeat, draining = excluded.draining,
+                     behind = excluded.behind, queue = excluded.queue, version = excluded.version"#
+            ),
+            &[
+                &inner.cfg.node,
+                &admin,
+                &i64::from(inner.directory.applied()),
+                &report.draining,
+                &inner.behind.load(Ordering::SeqCst),
+                &i64::try_from(report.queue).unwrap_or(i64::MAX),
+                &env!("CARGO_PKG_VERSION"),
+            ],
+        )
+        .await
+        .map_err(db_err(&inner.pg))?;
+    let peers = client
+        .query(
+            &format!(
+                r#"SELECT name, admin FROM "{s}".nodes WHERE name <> $1 AND admin IS NOT NULL"#
+            ),
+            &[&inner.cfg.node],
+        )
+        .await
+        .map_err(db_err(&inner.pg))?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    inner.lock_health().peers = peers;
+    Ok(())
+}
+
+/// While PostgreSQL is unreachable: asks the peers what they have applied; one that has
+/// more means this node is behind since it lost PostgreSQL.
+async fn check_peers(inner: &Arc<Inner>) {
+    let (peers, since) = {
+        let h = inner.lock_health();
+        if h.up {
+            return;
+        }
+        (h.peers.clone(), h.since_at)
+    };
+    let Some((_, token)) = inner.admin.clone() else {
+        return;
+    };
+    let ours = inner.directory.applied();
+    let asked = tokio::task::spawn_blocking(move || {
+        peers
+            .iter()
+            .filter_map(|(name, addr)| {
+                let a: std::net::SocketAddr = addr.parse().ok()?;
+                let c = crate::admin::client::AdminClient::with_timeout(
+                    a,
+                    token.clone(),
+                    Duration::from_secs(2),
+                );
+                c.fleet_node()
+                    .ok()
+                    .map(|n: NodeApplied| (name.clone(), n.applied))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    if let Some((name, theirs)) = asked.into_iter().find(|(_, a)| *a > ours) {
+        let mut h = inner.lock_health();
+        if h.behind_since.is_none() {
+            warn!(peer = name, theirs, ours, "fleet: a peer has applied changes this node cannot read (PostgreSQL unreachable from here)");
+            h.behind_since = Some(since);
+        }
+        h.behind_why = Some(format!(
+            "PostgreSQL unreachable and node {name} has applied change {theirs} (here: {ours})"
+        ));
+    }
+}
+
+/// Sets or clears the drain for lag from what is known now.
+pub(super) fn evaluate(inner: &Inner) {
+    let (behind, why) = {
+        let h = inner.lock_health();
+        // A node with no directory at all while PostgreSQL is unreachable has nothing to
+        // route with: it drains at once.
+        let empty = !h.up && inner.directory.applied() == 0;
+        let behind = empty
+            || h.behind_since
+                .is_some_and(|t| t.elapsed() >= inner.cfg.max_lag);
+        (behind, h.behind_why.clone())
+    };
+    let was = inner.behind.swap(behind, Ordering::SeqCst);
+    metrics::gauge!(m::FLEET_BEHIND).set(if behind { 1.0 } else { 0.0 });
+    if behind && !was {
+        warn!(why = why.unwrap_or_default(), max_lag = ?inner.cfg.max_lag, "fleet: behind the fleet for longer than fleet.max_lag; draining (421 4.3.2) until caught up");
+    } else if was && !behind {
+        info!(
+            applied = inner.directory.applied(),
+            "fleet: caught up with the fleet; drain for lag ended"
+        );
+    }
+}

@@ -1,0 +1,400 @@
+//! A fleet: several MX nodes sharing one directory through PostgreSQL (`[fleet]`).
+//!
+//! PostgreSQL holds one ordered change log (`changes`: batches, rollbacks and base imports,
+//! each with a gap-free sequence number), the latest bases (`base_rows`) and the nodes
+//! table (`nodes`). Every directory change goes to PostgreSQL first: the committing node
+//! takes a transaction-scoped advisory lock, brings its own directory up to the head of the
+//! log, computes the change against it, inserts it as head + 1 and commits. Holding the lock
+//! from reading the head to the commit is what makes the numbers gap-free and ordered by
+//! commit, so a follower that reads "everything after my sequence" can never miss a change
+//! that commits late with a lower number (the trap of a plain `serial`).
+//!
+//! Every node, the committing one included, then applies the log in sequence order
+//! ([`follow`]): `LISTEN` wakes it at once, and a poll every second catches what a missed
+//! notification would lose. A node that starts or reconnects applies everything after its
+//! local snapshot's sequence. The directory's own store (snapshot and change log under
+//! `directory.store_dir/fleet`) keeps what was applied, so a restart needs only the tail.
+//!
+//! When PostgreSQL cannot be reached, nodes keep routing on the state they have (DESIGN
+//! invariant 9: no node refuses mail because the shared store is down) and directory changes
+//! are refused with an error naming PostgreSQL. A node that knows it is behind the fleet (a
+//! peer has applied more than it has) for longer than `fleet.max_lag` drains (`421 4.3.2`,
+//! readiness 503) so that sending MTAs use the up-to-date MX hosts, and leaves drain once it
+//! has caught up.
+//!
+//! Files: [`sql`] (schema, migrations, the statements), [`follow`] (following the log,
+//! heartbeat, lag and drain), [`commit`] (batches, rollbacks and base imports through the
+//! log), [`status`] (the nodes table as `fleet status` shows it).
+
+mod commit;
+mod follow;
+mod sql;
+mod status;
+
+pub use commit::{FleetBatch, Progress};
+pub use status::{FleetStatus, NodeApplied, NodeRow, PgHealth};
+
+use crate::config::{Config, FleetConfig};
+use crate::directory::{Directory, DirectoryError};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+use tracing::{error, info, warn};
+
+/// A fleet problem.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// PostgreSQL cannot be reached (or the connection broke): changes are refused.
+    #[error("PostgreSQL is unreachable ({target}): {reason}; directory changes are refused until it is back (mail keeps flowing on the directory in force)")]
+    Unreachable {
+        /// Host and database, without credentials.
+        target: String,
+        /// The driver's error.
+        reason: String,
+    },
+    /// A statement failed.
+    #[error("PostgreSQL: {0}")]
+    Sql(String),
+    /// The directory refused or failed (a bad row, the shrink guard, the local store).
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    /// Refused by the fleet's rules, with why.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl FleetError {
+    /// True when PostgreSQL could not be reached (the caller may retry later).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, FleetError::Unreachable { .. })
+    }
+}
+
+/// What the relay reports about this node in the nodes table.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeReport {
+    /// Drained by an admin.
+    pub draining: bool,
+    /// Messages in the queue.
+    pub queue: u64,
+}
+
+/// What a node knows about PostgreSQL and the fleet, kept by the follower.
+struct Health {
+    /// Connected and following.
+    up: bool,
+    /// When `up` last changed (RFC 3339), and the instant.
+    since: String,
+    since_at: Instant,
+    /// The last connection or statement error.
+    error: Option<String>,
+    /// Highest sequence seen in the fleet log.
+    head: u32,
+    /// Since when this node is known to be behind the fleet.
+    behind_since: Option<Instant>,
+    /// Why it is behind (for status and logs).
+    behind_why: Option<String>,
+    /// The other nodes' admin addresses, from the last read of the nodes table.
+    peers: Vec<(String, String)>,
+}
+
+/// Shared state of the fleet client: the config, the directory it feeds, the follower's
+/// health and the signals to the relay.
+struct Inner {
+    cfg: FleetConfig,
+    pg: tokio_postgres::Config,
+    directory: Arc<Directory>,
+    health: Mutex<Health>,
+    /// Wakes the follower (after a local commit, in tests).
+    wake: Notify,
+    /// The sequence applied here, for waiters.
+    applied: watch::Sender<u32>,
+    /// Set while this node drains because it is behind the fleet.
+    behind: Arc<AtomicBool>,
+    /// Drain state and queue size, read at each heartbeat (set by the relay once started).
+    reporter: OnceLock<Box<dyn Fn() -> NodeReport + Send + Sync>>,
+    /// This node's admin API address and token (peers are asked with the same token).
+    admin: Option<(String, String)>,
+    fleet_id: Mutex<Option<String>>,
+    /// Stops the follower.
+    stop: AtomicBool,
+}
+
+/// The fleet client of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Fleet {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("node", &self.inner.cfg.node)
+            .finish()
+    }
+}
+
+/// Host, port and database of a connection config, never its password.
+fn target(pg: &tokio_postgres::Config) -> String {
+    let host = pg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgresql://{host}:{port}/{}",
+        pg.get_dbname().unwrap_or("")
+    )
+}
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long any statement may take before the connection is given up.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Fleet {
+    /// Opens this node's directory and joins the fleet: migrates the schema, checks that the
+    /// local store belongs to this fleet, seeds a new fleet with `directory.file` when it has
+    /// no base yet, catches up, and starts following. When PostgreSQL is unreachable the
+    /// node starts on its local snapshot (draining if it has none) and keeps trying.
+    /// Must be called inside a tokio runtime.
+    pub async fn start(config: &Config) -> Result<(Fleet, Arc<Directory>), FleetError> {
+        let cfg = config
+            .fleet
+            .clone()
+            .ok_or_else(|| FleetError::Refused("no [fleet] section".into()))?;
+        let mut pg: tokio_postgres::Config = cfg
+            .postgres
+            .parse()
+            .map_err(|e| FleetError::Refused(format!("fleet.postgres: {e}")))?;
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(CONNECT_TIMEOUT);
+        }
+        pg.application_name(format!("coexist {}", cfg.node));
+        pg.keepalives_idle(Duration::from_secs(10));
+        let store_dir = config.directory.store_dir.join("fleet");
+        let first = sql::connect(&pg).await;
+        let fleet_id = match &first {
+            Ok(client) => {
+                let id = sql::migrate(client, &cfg.schema).await?;
+                claim_store(&store_dir, &id)?;
+                Some(id)
+            }
+            Err(e) => {
+                error!(error = %e, "fleet: PostgreSQL unreachable at start; serving the local snapshot of the directory until it is back");
+                None
+            }
+        };
+        let directory = {
+            let (dcfg, names, dir) = (
+                config.directory.clone(),
+                config.route_names(),
+                store_dir.clone(),
+            );
+            tokio::task::spawn_blocking(move || Directory::open_local(&dcfg, names, &dir))
+                .await
+                .map_err(|e| FleetError::Refused(e.to_string()))??
+        };
+        let directory = Arc::new(directory);
+        let admin = config.admin.as_ref().and_then(|a| {
+            let mut addr = a.listen;
+            let token = a.token().ok()?;
+            let host = if addr.ip().is_unspecified() {
+                config.server.hostname.clone()
+            } else {
+                addr.ip().to_string()
+            };
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            let shown = if host.contains(':') {
+                format!("[{host}]:{}", addr.port())
+            } else {
+                format!("{host}:{}", addr.port())
+            };
+            Some((shown, token))
+        });
+        let now = Instant::now();
+        let (applied, _) = watch::channel(directory.applied());
+        let fleet = Fleet {
+            inner: Arc::new(Inner {
+                pg,
+                directory: directory.clone(),
+                health: Mutex::new(Health {
+                    up: false,
+                    since: now_rfc3339(),
+                    since_at: now,
+                    error: first.as_ref().err().map(|e| e.to_string()),
+                    head: 0,
+                    behind_since: None,
+                    behind_why: None,
+                    peers: Vec::new(),
+                }),
+                wake: Notify::new(),
+                applied,
+                behind: Arc::new(AtomicBool::new(false)),
+                reporter: OnceLock::new(),
+                admin,
+                fleet_id: Mutex::new(fleet_id),
+                stop: AtomicBool::new(false),
+                cfg,
+            }),
+        };
+        match first {
+            Ok(client) => {
+                if let Some(file) = &config.directory.file {
+                    fleet.seed(&client, file).await?;
+                }
+                let applied = follow::catch_up(&fleet.inner, &client).await?;
+                info!(node = %fleet.inner.cfg.node, applied, entries = directory.len(), "fleet: caught up with the change log");
+            }
+            Err(_) if directory.applied() == 0 => {
+                fleet
+                    .inner
+                    .mark_behind("no directory yet and PostgreSQL is unreachable");
+                fleet.inner.behind.store(true, Ordering::SeqCst);
+                warn!("fleet: this node has no directory yet; draining until it has caught up with the fleet");
+            }
+            Err(_) => {}
+        }
+        tokio::spawn(follow::run(fleet.inner.clone()));
+        Ok((fleet, directory))
+    }
+
+    /// Imports `directory.file` as the first base of a fleet that has none yet.
+    async fn seed(&self, client: &tokio_postgres::Client, file: &Path) -> Result<(), FleetError> {
+        if sql::head(client, &self.inner.cfg.schema).await? > 0 {
+            info!(file = %file.display(), "fleet: the fleet has a directory already; directory.file is not read (use `coexist directory import` for a new base)");
+            return Ok(());
+        }
+        let text = match std::fs::read(file) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(file = %file.display(), error = %e, "fleet: cannot read directory.file to seed the fleet");
+                return Ok(());
+            }
+        };
+        let source = file.display().to_string();
+        match self.import(text, source.clone(), false).await {
+            Ok(b) => {
+                info!(file = %source, change = ?b.id, "fleet: seeded the fleet's first base from directory.file")
+            }
+            Err(FleetError::Refused(why)) => info!(why, "fleet: not seeded"),
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// The flag the SMTP listener reads: set while this node drains for lag.
+    pub fn behind_flag(&self) -> Arc<AtomicBool> {
+        self.inner.behind.clone()
+    }
+
+    /// Sets what the heartbeat reports about drain and queue (the relay, once started).
+    pub fn set_reporter(&self, f: impl Fn() -> NodeReport + Send + Sync + 'static) {
+        let _ = self.inner.reporter.set(Box::new(f));
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.inner.cfg.node
+    }
+
+    /// The fleet sequence applied here.
+    pub fn applied(&self) -> u32 {
+        self.inner.directory.applied()
+    }
+
+    /// True while this node drains because it is behind the fleet.
+    pub fn behind(&self) -> bool {
+        self.inner.behind.load(Ordering::SeqCst)
+    }
+
+    /// True while the follower is connected to PostgreSQL.
+    pub fn postgres_up(&self) -> bool {
+        self.inner.lock_health().up
+    }
+
+    /// Waits until this node has applied `seq` (or `timeout` passes): true when it has.
+    pub async fn wait_applied(&self, seq: u32, timeout: Duration) -> bool {
+        let mut rx = self.inner.applied.subscribe();
+        self.inner.wake.notify_one();
+        tokio::time::timeout(timeout, rx.wait_for(|a| *a >= seq))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Stops following (the relay is shutting down).
+    pub fn stop(&self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+    }
+}
+
+impl Inner {
+    fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that this node is behind, from now on unless already noted.
+    fn mark_behind(&self, why: &str) {
+        let mut h = self.lock_health();
+        if h.behind_since.is_none() {
+            h.behind_since = Some(Instant::now());
+        }
+        h.behind_why = Some(why.to_string());
+    }
+
+    /// The schema, quoted for SQL.
+    fn schema(&self) -> &str {
+        &self.cfg.schema
+    }
+
+    /// Publishes the applied sequence to waiters.
+    fn published(&self) {
+        let a = self.directory.applied();
+        self.applied.send_if_modified(|v| {
+            let changed = *v != a;
+            *v = a;
+            changed
+        });
+        metrics::gauge!(crate::metrics::FLEET_APPLIED).set(f64::from(a));
+    }
+}
+
+/// Makes `dir` the local store of fleet `id`: a store left by another fleet (its schema
+/// dropped and created again) is cleared, since its sequence numbers mean nothing here.
+fn claim_store(dir: &Path, id: &str) -> Result<(), FleetError> {
+    let io = |e: std::io::Error| {
+        FleetError::Directory(DirectoryError::Io {
+            file: dir.display().to_string(),
+            source: e,
+        })
+    };
+    let marker = dir.join("fleet.id");
+    match std::fs::read_to_string(&marker) {
+        Ok(old) if old.trim() == id => return Ok(()),
+        Ok(old) => {
+            warn!(dir = %dir.display(), old = old.trim(), new = id, "fleet: the local directory store belongs to another fleet; starting it afresh from PostgreSQL");
+            std::fs::remove_dir_all(dir).map_err(io)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = dir.join("fleet.id.tmp");
+    std::fs::write(&tmp, id)
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, &marker))
+        .and_then(|_| std::fs::File::open(dir)?.sync_all())
+        .map_err(io)
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}

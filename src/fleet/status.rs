@@ -1,0 +1,160 @@
+//! The fleet as `coexist fleet status` and `GET /v1/fleet` show it: this node's view of
+//! PostgreSQL, and every node's row of the nodes table with its lag.
+
+use super::sql::{self, db_err};
+use super::{Fleet, FleetError};
+use serde::{Deserialize, Serialize};
+
+/// This node's connection to PostgreSQL.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PgHealth {
+    /// Connected and following the log.
+    pub up: bool,
+    /// Since when (RFC 3339).
+    pub since: String,
+    /// The last error, while down.
+    pub error: Option<String>,
+}
+
+/// One node of the fleet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeRow {
+    /// Node name (`fleet.node`).
+    pub name: String,
+    /// Its admin API address.
+    pub admin: Option<String>,
+    /// The last change it has applied.
+    pub applied: u32,
+    /// Changes in the log it has not applied.
+    pub lag_changes: u32,
+    /// Age in seconds of the oldest change it has not applied (0 when up to date).
+    pub lag_seconds: f64,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age_seconds: f64,
+    /// Heartbeat in the last 30 s.
+    pub alive: bool,
+    /// Drained by an admin.
+    pub draining: bool,
+    /// Draining because it is behind the fleet.
+    pub behind: bool,
+    /// Messages in its queue.
+    pub queue: u64,
+    /// Its version.
+    pub version: String,
+}
+
+/// The fleet as this node sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FleetStatus {
+    /// This node.
+    pub node: String,
+    /// Its connection to PostgreSQL.
+    pub postgres: PgHealth,
+    /// The last change in the log (as last read, while PostgreSQL is down).
+    pub head: u32,
+    /// The last change applied here.
+    pub applied: u32,
+    /// Draining because it is behind the fleet.
+    pub behind: bool,
+    /// Why it is (or was last) behind.
+    pub behind_why: Option<String>,
+    /// Every node, from the nodes table (empty while PostgreSQL is down).
+    pub nodes: Vec<NodeRow>,
+}
+
+/// What a node has applied (`GET /v1/fleet/node`), asked by peers that lost PostgreSQL.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeApplied {
+    /// Node name.
+    pub node: String,
+    /// The last change applied there.
+    pub applied: u32,
+}
+
+impl Fleet {
+    /// What this node has applied, for its peers.
+    pub fn node_applied(&self) -> NodeApplied {
+        NodeApplied {
+            node: self.inner.cfg.node.clone(),
+            applied: self.applied(),
+        }
+    }
+
+    /// The fleet now: the nodes table read from PostgreSQL (on a short-lived connection), or
+    /// this node's own view with the error while PostgreSQL cannot be reached.
+    pub async fn status(&self) -> FleetStatus {
+        let (postgres, head, behind_why) = {
+            let h = self.inner.lock_health();
+            (
+                PgHealth {
+                    up: h.up,
+                    since: h.since.clone(),
+                    error: h.error.clone(),
+                },
+                h.head,
+                h.behind_why.clone(),
+            )
+        };
+        let mut st = FleetStatus {
+            node: self.inner.cfg.node.clone(),
+            postgres,
+            head,
+            applied: self.applied(),
+            behind: self.behind(),
+            behind_why,
+            nodes: Vec::new(),
+        };
+        match self.read_nodes().await {
+            Ok((head, nodes)) => {
+                st.head = head;
+                st.nodes = nodes;
+            }
+            Err(e) => {
+                st.postgres.up = false;
+                st.postgres.error = Some(e.to_string());
+            }
+        }
+        st
+    }
+
+    async fn read_nodes(&self) -> Result<(u32, Vec<NodeRow>), FleetError> {
+        let client = sql::connect(&self.inner.pg).await?;
+        let s = self.inner.schema();
+        let head = sql::head(&client, s).await?;
+        let rows = client
+            .query(
+                &format!(
+                    r#"SELECT n.name, n.admin, n.applied,
+                         extract(epoch FROM clock_timestamp() - n.heartbeat)::float8,
+                         n.draining, n.behind, n.queue, n.version,
+                         coalesce((SELECT extract(epoch FROM clock_timestamp() - min(c.committed_at))::float8
+                                   FROM "{s}".changes c WHERE c.seq > n.applied), 0)
+                       FROM "{s}".nodes n ORDER BY n.name"#
+                ),
+                &[],
+            )
+            .await
+            .map_err(db_err(&self.inner.pg))?;
+        let nodes = rows
+            .iter()
+            .map(|r| {
+                let applied = sql::seq_u32(r.get(2)).unwrap_or(0);
+                let age: f64 = r.get(3);
+                NodeRow {
+                    name: r.get(0),
+                    admin: r.get(1),
+                    applied,
+                    lag_changes: head.saturating_sub(applied),
+                    lag_seconds: r.get(8),
+                    heartbeat_age_seconds: age,
+                    alive: age < 30.0,
+                    draining: r.get(4),
+                    behind: r.get(5),
+                    queue: u64::try_from(r.get::<_, i64>(6)).unwrap_or(0),
+                    version: r.get(7),
+                }
+            })
+            .collect();
+        Ok((head, nodes))
+    }
+}

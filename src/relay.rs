@@ -510,6 +510,9 @@ pub async fn start_with_file(
         Some((addr, task)) => (Some(addr), Some(task)),
         None => (None, None),
     };
+    if let (Some(f), Some(a)) = (&fleet, admin_addr) {
+        f.set_admin_addr(a, &config.server.hostname);
+    }
     let mut local_addrs = Vec::new();
     let mut listeners = Vec::new();
     for l in bound {

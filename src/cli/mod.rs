@@ -7,8 +7,9 @@
 //! |---|---|
 //! | [`serve`] | `serve` (with its signal loop) and `check-config` |
 //! | [`queue`] | `queue list, show, flush, hold, release, delete, retry-now` |
-//! | [`directory`] | `directory apply, diff, rollback, lookup, batches, reload, generate` |
+//! | [`directory`] | `directory apply, diff, rollback, lookup, batches, reload, import, generate` |
 //! | [`route`] | `route explain` |
+//! | [`fleet`] | `fleet status` |
 //! | [`status`] | `status`, `drain`, `reload`: the running server's state |
 //! | [`load`] | `load`, `sink` and `demo`: the traffic tools |
 //! | [`certs`] | `gen-certs` |
@@ -24,6 +25,7 @@
 
 pub mod certs;
 pub mod directory;
+pub mod fleet;
 pub mod load;
 pub mod queue;
 pub mod route;
@@ -86,6 +88,12 @@ pub enum Cmd {
         /// The queue command.
         #[command(subcommand)]
         cmd: queue::QueueCmd,
+    },
+    /// The fleet of MX nodes sharing the directory through PostgreSQL (through the admin API).
+    Fleet {
+        /// The fleet command.
+        #[command(subcommand)]
+        cmd: fleet::FleetCmd,
     },
     /// Routing questions (through the admin API).
     Route {
@@ -191,6 +199,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Directory { cmd } => directory::run(cmd),
         Cmd::Queue { cmd } => queue::run(cmd),
         Cmd::Route { cmd } => route::run(cmd),
+        Cmd::Fleet { cmd } => fleet::run(cmd),
         Cmd::Load(args) => load::load(args, &runtime()?),
         Cmd::Reload { api } => status::reload(&api),
         Cmd::Drain(args) => status::drain(&args),

@@ -24,10 +24,10 @@ pub struct Progress {
     pub seq: u32,
     /// Live nodes that have applied it (this one included).
     pub applied: usize,
-    /// Nodes with a heartbeat in the last 30 s.
+    /// Nodes with a heartbeat in the last 30 s that have not stopped.
     pub live: usize,
-    /// Nodes known to the fleet with no recent heartbeat (stopped or cut off): they apply
-    /// the change when they come back.
+    /// Nodes known to the fleet that stopped or have no recent heartbeat (cut off): they
+    /// apply the change when they come back.
     pub silent: Vec<String>,
 }
 
@@ -348,7 +348,7 @@ impl Fleet {
         let rows = client
             .query(
                 &format!(
-                    r#"SELECT name, applied >= $1, heartbeat > clock_timestamp() - interval '{LIVE}' FROM "{s}".nodes ORDER BY name"#
+                    r#"SELECT name, applied >= $1, NOT stopped AND heartbeat > clock_timestamp() - interval '{LIVE}' FROM "{s}".nodes ORDER BY name"#
                 ),
                 &[&i64::from(seq)],
             )

@@ -125,6 +125,16 @@ async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
         }
         evaluate(inner);
         if inner.stop.load(Ordering::SeqCst) {
+            // Stopped on purpose: say so, so that the others do not count it as live.
+            let _ = client
+                .execute(
+                    &format!(
+                        r#"UPDATE "{}".nodes SET stopped = true WHERE name = $1"#,
+                        inner.schema()
+                    ),
+                    &[&inner.cfg.node],
+                )
+                .await;
             return Ok(());
         }
         tokio::select! {
@@ -389,13 +399,14 @@ pub(super) async fn read_base(
 async fn beat(inner: &Inner, client: &Client) -> Result<(), FleetError> {
     let s = inner.schema();
     let report = inner.reporter.get().map(|f| f()).unwrap_or_default();
-    let admin = inner.admin.as_ref().map(|(a, _)| a.clone());
+    let admin = inner.admin_addr.get().cloned();
     client
         .execute(
             &format!(
                 r#"INSERT INTO "{s}".nodes (name, admin, applied, heartbeat, draining, behind, queue, version)
                    VALUES ($1, $2, $3, clock_timestamp(), $4, $5, $6, $7)
                    ON CONFLICT (name) DO UPDATE SET admin = excluded.admin, applied = excluded.applied,
+                     stopped = false,
                      heartbeat = excluded.heartbeat, draining = excluded.draining,
                      behind = excluded.behind, queue = excluded.queue, version = excluded.version"#
             ),
@@ -437,7 +448,7 @@ async fn check_peers(inner: &Arc<Inner>) {
         }
         (h.peers.clone(), h.since_at)
     };
-    let Some((_, token)) = inner.admin.clone() else {
+    let Some(token) = inner.token.clone() else {
         return;
     };
     let ours = inner.directory.applied();
@@ -445,7 +456,8 @@ async fn check_peers(inner: &Arc<Inner>) {
         peers
             .iter()
             .filter_map(|(name, addr)| {
-                let a: std::net::SocketAddr = addr.parse().ok()?;
+                use std::net::ToSocketAddrs;
+                let a = addr.to_socket_addrs().ok()?.next()?;
                 let c = crate::admin::client::AdminClient::with_timeout(
                     a,
                     token.clone(),

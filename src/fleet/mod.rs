@@ -115,8 +115,10 @@ struct Inner {
     behind: Arc<AtomicBool>,
     /// Drain state and queue size, read at each heartbeat (set by the relay once started).
     reporter: OnceLock<Box<dyn Fn() -> NodeReport + Send + Sync>>,
-    /// This node's admin API address and token (peers are asked with the same token).
-    admin: Option<(String, String)>,
+    /// The admin token (peers are asked with the same token).
+    token: Option<String>,
+    /// This node's admin API address as peers reach it (set once the API listens).
+    admin_addr: OnceLock<String>,
     fleet_id: Mutex<Option<String>>,
     /// Stops the follower.
     stop: AtomicBool,
@@ -203,22 +205,7 @@ impl Fleet {
                 .map_err(|e| FleetError::Refused(e.to_string()))??
         };
         let directory = Arc::new(directory);
-        let admin = config.admin.as_ref().and_then(|a| {
-            let mut addr = a.listen;
-            let token = a.token().ok()?;
-            let host = if addr.ip().is_unspecified() {
-                config.server.hostname.clone()
-            } else {
-                addr.ip().to_string()
-            };
-            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            let shown = if host.contains(':') {
-                format!("[{host}]:{}", addr.port())
-            } else {
-                format!("{host}:{}", addr.port())
-            };
-            Some((shown, token))
-        });
+        let token = config.admin.as_ref().and_then(|a| a.token().ok());
         let now = Instant::now();
         let (applied, _) = watch::channel(directory.applied());
         let fleet = Fleet {
@@ -239,7 +226,8 @@ impl Fleet {
                 applied,
                 behind: Arc::new(AtomicBool::new(false)),
                 reporter: OnceLock::new(),
-                admin,
+                token,
+                admin_addr: OnceLock::new(),
                 fleet_id: Mutex::new(fleet_id),
                 stop: AtomicBool::new(false),
                 cfg,
@@ -298,6 +286,17 @@ impl Fleet {
     /// Sets what the heartbeat reports about drain and queue (the relay, once started).
     pub fn set_reporter(&self, f: impl Fn() -> NodeReport + Send + Sync + 'static) {
         let _ = self.inner.reporter.set(Box::new(f));
+    }
+
+    /// Records the address the admin API listens on, as the nodes table shows it to peers
+    /// and `coexist trace` (an unspecified address is replaced by `server.hostname`).
+    pub fn set_admin_addr(&self, addr: std::net::SocketAddr, hostname: &str) {
+        let shown = if addr.ip().is_unspecified() {
+            format!("{hostname}:{}", addr.port())
+        } else {
+            addr.to_string()
+        };
+        let _ = self.inner.admin_addr.set(shown);
     }
 
     /// This node's name.

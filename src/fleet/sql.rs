@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS "{s}".nodes (
     draining boolean NOT NULL DEFAULT false,
     behind boolean NOT NULL DEFAULT false,
     queue bigint NOT NULL DEFAULT 0,
+    stopped boolean NOT NULL DEFAULT false,
     version text NOT NULL,
     started timestamptz NOT NULL DEFAULT clock_timestamp()
 );

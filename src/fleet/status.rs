@@ -31,7 +31,7 @@ pub struct NodeRow {
     pub lag_seconds: f64,
     /// Seconds since its last heartbeat.
     pub heartbeat_age_seconds: f64,
-    /// Heartbeat in the last 30 s.
+    /// Heartbeat in the last 30 s and not stopped.
     pub alive: bool,
     /// Drained by an admin.
     pub draining: bool,
@@ -107,6 +107,11 @@ impl Fleet {
         match self.read_nodes().await {
             Ok((head, nodes)) => {
                 st.head = head;
+                self.inner.lock_health().peers = nodes
+                    .iter()
+                    .filter(|n| n.name != st.node)
+                    .filter_map(|n| Some((n.name.clone(), n.admin.clone()?)))
+                    .collect();
                 st.nodes = nodes;
             }
             Err(e) => {
@@ -126,9 +131,9 @@ impl Fleet {
                 &format!(
                     r#"SELECT n.name, n.admin, n.applied,
                          extract(epoch FROM clock_timestamp() - n.heartbeat)::float8,
-                         n.draining, n.behind, n.queue, n.version,
+                         n.draining, n.behind, n.queue, n.version, n.stopped,
                          coalesce((SELECT extract(epoch FROM clock_timestamp() - min(c.committed_at))::float8
-                                   FROM "{s}".changes c WHERE c.seq > n.applied), 0)
+                                   FROM "{s}".changes c WHERE c.seq > n.applied), 0::float8)
                        FROM "{s}".nodes n ORDER BY n.name"#
                 ),
                 &[],
@@ -145,9 +150,9 @@ impl Fleet {
                     admin: r.get(1),
                     applied,
                     lag_changes: head.saturating_sub(applied),
-                    lag_seconds: r.get(8),
+                    lag_seconds: r.get(9),
                     heartbeat_age_seconds: age,
-                    alive: age < 30.0,
+                    alive: age < 30.0 && !r.get::<_, bool>(8),
                     draining: r.get(4),
                     behind: r.get(5),
                     queue: u64::try_from(r.get::<_, i64>(6)).unwrap_or(0),

@@ -10,6 +10,8 @@
 //! configs are written from the typed config ([`bin::write_config`]).
 #![allow(dead_code)]
 
+pub mod pg;
+
 use coexist::config::{Config, DEFAULT_CONFIG};
 use coexist::load::sink::{Sink, SinkOptions};
 use coexist::queue::{Phase, QueueEntry};

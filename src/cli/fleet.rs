@@ -1,0 +1,81 @@
+//! `coexist fleet status`: every node of the fleet, with its lag, through the admin API.
+
+use super::Api;
+use crate::admin::types::FleetStatus;
+use clap::Subcommand;
+
+/// The fleet commands.
+#[derive(Subcommand)]
+pub enum FleetCmd {
+    /// Every node: applied change, lag, heartbeat, drain, queue, version.
+    Status {
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+}
+
+/// Runs a fleet command.
+pub fn run(cmd: FleetCmd) -> anyhow::Result<()> {
+    match cmd {
+        FleetCmd::Status { api } => {
+            let st = api.client()?.fleet_status()?;
+            api.print(&st, status_text)
+        }
+    }
+}
+
+/// The fleet as a table, headed by this node's view of PostgreSQL.
+pub fn status_text(st: &FleetStatus) -> String {
+    let pg = if st.postgres.up {
+        format!("PostgreSQL connected since {}", st.postgres.since)
+    } else {
+        format!(
+            "PostgreSQL UNREACHABLE since {}: {}",
+            st.postgres.since,
+            st.postgres.error.as_deref().unwrap_or("")
+        )
+    };
+    let mut out = format!(
+        "node {}: {pg}\nfleet log head {}, applied here {}{}",
+        st.node,
+        st.head,
+        st.applied,
+        if st.behind {
+            format!(
+                "; BEHIND, draining: {}",
+                st.behind_why.as_deref().unwrap_or("")
+            )
+        } else {
+            String::new()
+        }
+    );
+    out.push_str(&format!(
+        "\n{:<16} {:>8} {:>6} {:>9} {:>10} {:<8} {:>7}  {:<8} admin",
+        "node", "applied", "lag", "lag_s", "heartbeat", "state", "queue", "version"
+    ));
+    for n in &st.nodes {
+        let state = if !n.alive {
+            "silent"
+        } else if n.behind {
+            "behind"
+        } else if n.draining {
+            "draining"
+        } else {
+            "up"
+        };
+        out.push_str(&format!(
+            "\n{:<16} {:>8} {:>6} {:>9.1} {:>9.1}s {:<8} {:>7}  {:<8} {}",
+            n.name,
+            n.applied,
+            n.lag_changes,
+            n.lag_seconds,
+            n.heartbeat_age_seconds,
+            state,
+            n.queue,
+            n.version,
+            n.admin.as_deref().unwrap_or("-")
+        ));
+    }
+    out
+}

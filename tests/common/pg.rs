@@ -1,0 +1,163 @@
+//! PostgreSQL for fleet tests: a schema of its own per test (dropped afterwards), and a TCP
+//! proxy in front of the server that a test can cut and restore.
+//!
+//! The server is the one the machine runs on 127.0.0.1:5432 (trust auth, database `test`);
+//! `COEXIST_TEST_POSTGRES` names another.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+/// The test server's connection string.
+pub fn url() -> String {
+    std::env::var("COEXIST_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The server's address (for the proxy), from [`url`].
+pub fn server_addr() -> SocketAddr {
+    let cfg: tokio_postgres::Config = url().parse().expect("COEXIST_TEST_POSTGRES");
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}").parse().expect("a numeric host")
+}
+
+/// `url()` with its host and port replaced by `addr` (a proxy).
+pub fn url_via(addr: SocketAddr) -> String {
+    let cfg: tokio_postgres::Config = url().parse().unwrap();
+    format!(
+        "host={} port={} user={} dbname={}",
+        addr.ip(),
+        addr.port(),
+        cfg.get_user().unwrap_or("postgres"),
+        cfg.get_dbname().unwrap_or("test")
+    )
+}
+
+async fn client() -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (see README: fleet tests need it)");
+    tokio::spawn(conn);
+    c
+}
+
+/// A schema for one test, dropped (with everything in it) when this is dropped.
+pub struct Schema {
+    pub name: String,
+}
+
+impl Schema {
+    /// A fresh, unused schema name (the fleet creates the schema itself).
+    pub async fn new(test: &str) -> Schema {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "t_{test}_{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst),
+            fastrand::u32(..)
+        );
+        let c = client().await;
+        c.batch_execute(&format!(r#"DROP SCHEMA IF EXISTS "{name}" CASCADE"#))
+            .await
+            .unwrap();
+        Schema { name }
+    }
+
+    /// Runs `sql` against the test server (in this schema's search path).
+    pub async fn execute(&self, sql: &str) {
+        let c = client().await;
+        c.batch_execute(&format!(r#"SET search_path TO "{}"; {sql}"#, self.name))
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Dropped inside the test's runtime: a thread with a runtime of its own does it.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((c, conn)) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = c
+                        .batch_execute(&format!(r#"DROP SCHEMA IF EXISTS "{name}" CASCADE"#))
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// A TCP proxy to PostgreSQL that can be cut (every connection closed, new ones closed at
+/// once) and restored.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<AbortHandle>>>,
+    task: AbortHandle,
+}
+
+impl Proxy {
+    pub async fn start() -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let (c, k) = (cut.clone(), conns.clone());
+        let to = server_addr();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let h = tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                k.lock().unwrap().push(h.abort_handle());
+            }
+        })
+        .abort_handle();
+        Proxy {
+            addr,
+            cut,
+            conns,
+            task,
+        }
+    }
+
+    /// PostgreSQL becomes unreachable through the proxy: open connections are closed.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    /// PostgreSQL is reachable again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}

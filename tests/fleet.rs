@@ -1,0 +1,432 @@
+//! A fleet of MX nodes sharing one directory through the real PostgreSQL (issue 13): three
+//! nodes in one test, a batch through one seen on the others, a stopped node catching up,
+//! PostgreSQL cut off behind a proxy while mail keeps flowing, and recovery.
+//!
+//! Each test works in a schema of its own, dropped afterwards ([`pg::Schema`]).
+
+mod common;
+
+use coexist::admin::client::{AdminClient, BatchUpload};
+use coexist::admin::types::{BatchReply, FleetStatus, Ready};
+use coexist::config::{Config, FleetConfig};
+use coexist::load::sink::{Sink, SinkOptions};
+use coexist::relay::{self, Running};
+use common::pg::{self, Proxy, Schema};
+use common::*;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Two sinks every node of a test delivers to.
+struct Hops {
+    onprem: Sink,
+    cloud: Sink,
+}
+
+async fn hops() -> Hops {
+    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    Hops {
+        onprem: Sink::start(lo, SinkOptions::default()).await.unwrap(),
+        cloud: Sink::start(lo, SinkOptions::default()).await.unwrap(),
+    }
+}
+
+/// The config of node `name` in `schema`, its files under `dir`; PostgreSQL at `postgres`.
+/// Only a node given `seed` has `directory.file` (the first node seeds the fleet with it).
+fn node_config(
+    dir: &Path,
+    hops: &Hops,
+    schema: &Schema,
+    name: &str,
+    postgres: &str,
+    seed: bool,
+) -> Config {
+    let certs = write_certs(dir);
+    let mut cfg = test_config(dir, &certs, hops.onprem.addr, hops.cloud.addr);
+    if !seed {
+        cfg.directory.file = None;
+    }
+    cfg.fleet = Some(FleetConfig {
+        postgres: postgres.to_string(),
+        schema: schema.name.clone(),
+        node: name.to_string(),
+        max_lag: Duration::from_secs(300),
+    });
+    cfg
+}
+
+/// A started node and its folder.
+struct Node {
+    relay: Running,
+    dir: tempfile::TempDir,
+    cfg: Config,
+}
+
+impl Node {
+    async fn start(cfg: Config, dir: tempfile::TempDir) -> Node {
+        let relay = relay::start(cfg.clone()).await.unwrap();
+        Node { relay, dir, cfg }
+    }
+
+    fn api(&self) -> AdminClient {
+        AdminClient::new(self.relay.admin_addr.unwrap(), TOKEN.to_string())
+    }
+
+    fn route_of(&self, address: &str) -> (Option<String>, String) {
+        let l = self
+            .relay
+            .directory
+            .lookup(&coexist::types::Address::parse(address, true).unwrap());
+        (l.state, l.origin)
+    }
+
+    /// The config file a CLI would use to talk to this node.
+    fn cli_config(&self) -> std::path::PathBuf {
+        let mut c = self.cfg.clone();
+        c.admin.as_mut().unwrap().listen = self.relay.admin_addr.unwrap();
+        let path = self.dir.path().join("cli.toml");
+        std::fs::write(&path, toml::to_string(&c).unwrap()).unwrap();
+        path
+    }
+}
+
+async fn node(hops: &Hops, schema: &Schema, name: &str, postgres: &str, seed: bool) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), hops, schema, name, postgres, seed);
+    Node::start(cfg, dir).await
+}
+
+async fn apply(n: &Node, csv: &str, state: &str) -> Result<BatchReply, String> {
+    let api = n.api();
+    let (csv, state) = (csv.to_string(), state.to_string());
+    tokio::task::spawn_blocking(move || {
+        api.directory_apply(&BatchUpload {
+            body: csv.as_bytes(),
+            source: "batch.csv",
+            state: Some(&state),
+            dry_run: false,
+        })
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap()
+}
+
+async fn status(n: &Node) -> FleetStatus {
+    let api = n.api();
+    tokio::task::spawn_blocking(move || api.fleet_status().unwrap())
+        .await
+        .unwrap()
+}
+
+async fn ready(n: &Node) -> Ready {
+    let api = n.api();
+    tokio::task::spawn_blocking(move || api.ready().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_through_one_node_is_seen_on_every_node() {
+    let schema = Schema::new("seen").await;
+    let hops = hops().await;
+    let url = pg::url();
+    let a = node(&hops, &schema, "mx1", &url, true).await;
+    let b = node(&hops, &schema, "mx2", &url, false).await;
+    let c = node(&hops, &schema, "mx3", &url, false).await;
+
+    // mx1 seeded the fleet with its file; the others started from PostgreSQL, before
+    // listening, so the state is there at once.
+    for n in [&a, &b, &c] {
+        assert_eq!(
+            n.route_of("alice@nhs.test"),
+            (Some("onprem".into()), "base 1".into())
+        );
+        assert_eq!(n.route_of("bob@nhs.test").0.as_deref(), Some("cloud"));
+    }
+    eventually_async("three live nodes in the nodes table", || async {
+        let st = status(&b).await;
+        let live = st.nodes.iter().filter(|n| n.alive).count();
+        if live == 3 {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+
+    let r = apply(&a, "EmailAddress\nalice@nhs.test\nzed@nhs.test\n", "cloud")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.report.id, r.report.changed, r.report.not_found_count),
+        (Some(2), 1, 1)
+    );
+    let p = r.fleet.expect("fleet progress");
+    assert_eq!((p.seq, p.live), (2, 3));
+    assert!(p.applied >= 1, "{p:?}");
+    assert_eq!(
+        a.route_of("alice@nhs.test"),
+        (Some("cloud".into()), "batch 2".into())
+    );
+    for n in [&b, &c] {
+        eventually("the batch on every node", || {
+            n.route_of("alice@nhs.test") == (Some("cloud".into()), "batch 2".into())
+        })
+        .await;
+    }
+    // Mail through another node follows the batch.
+    let reply = send_one(c.relay.local_addrs[0], &["alice@nhs.test"], "after-batch").await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    wait(&hops.cloud, 1).await;
+
+    // fleet status through any node: every node with its lag, once each has reported.
+    eventually_async("every node at change 2 in fleet status", || async {
+        let st = status(&c).await;
+        let all = st.nodes.len() == 3
+            && st
+                .nodes
+                .iter()
+                .all(|n| n.applied == 2 && n.lag_changes == 0 && n.alive);
+        if all && st.head == 2 && st.postgres.up {
+            Ok(st)
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+
+    // The CLI: a rollback through mx2 says how many nodes have it.
+    let (ok, out, err) = bin::cli(&b.cli_config(), &["directory", "rollback", "2"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("fleet change 3: applied on"), "{out}");
+    for n in [&a, &b, &c] {
+        eventually("the rollback on every node", || {
+            n.route_of("alice@nhs.test") == (Some("onprem".into()), "base 1".into())
+        })
+        .await;
+    }
+    let (ok, out, err) = bin::cli(&c.cli_config(), &["fleet", "status"]);
+    assert!(ok, "{err}");
+    for name in ["mx1", "mx2", "mx3"] {
+        assert!(out.contains(name), "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_node_catches_up_when_it_starts_again() {
+    let schema = Schema::new("restart").await;
+    let hops = hops().await;
+    let url = pg::url();
+    let a = node(&hops, &schema, "mx1", &url, true).await;
+    let b = node(&hops, &schema, "mx2", &url, false).await;
+    assert_eq!(b.route_of("dave@nhs.test").0.as_deref(), Some("onprem"));
+
+    // mx2 stops; meanwhile a batch and a new base go through mx1.
+    let Node { relay, dir, cfg } = b;
+    drop(relay);
+    eventually_async("mx2 to be seen as stopped", || async {
+        let st = status(&a).await;
+        let stopped = st.nodes.iter().any(|n| n.name == "mx2" && !n.alive);
+        if stopped {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+    apply(&a, "EmailAddress\ndave@nhs.test\n", "cloud")
+        .await
+        .unwrap();
+    let newer = a.dir.path().join("newer.csv");
+    std::fs::write(
+        &newer,
+        format!("{DIRECTORY}erin@nhs.test,cloud\n")
+            .replace("carol@nhs.test,cloud", "carol@nhs.test,onprem"),
+    )
+    .unwrap();
+    let (ok, out, err) = bin::cli(
+        &a.cli_config(),
+        &["directory", "import", newer.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("imported as base 3:"), "{out}");
+    assert!(out.contains("changed 1, added 1, removed 0"), "{out}");
+    assert!(
+        out.contains("applied on 1 of 1 live nodes so far; silent (they apply it when back): mx2"),
+        "{out}"
+    );
+    // The batch survives the base (the file did not change dave's row); carol's row changed.
+    assert_eq!(
+        a.route_of("dave@nhs.test"),
+        (Some("cloud".into()), "batch 2".into())
+    );
+    assert_eq!(
+        a.route_of("carol@nhs.test"),
+        (Some("onprem".into()), "base 3".into())
+    );
+
+    // mx2 starts again from its own snapshot and catches up before it listens.
+    let b = Node::start(cfg, dir).await;
+    assert_eq!(b.relay.directory.applied(), 3);
+    assert_eq!(
+        b.route_of("dave@nhs.test"),
+        (Some("cloud".into()), "batch 2".into())
+    );
+    assert_eq!(
+        b.route_of("carol@nhs.test"),
+        (Some("onprem".into()), "base 3".into())
+    );
+    assert_eq!(b.route_of("erin@nhs.test").0.as_deref(), Some("cloud"));
+
+    // Batch 2 came before base 3: it cannot be rolled back.
+    let e = {
+        let api = b.api();
+        tokio::task::spawn_blocking(move || api.directory_rollback(2).unwrap_err().to_string())
+            .await
+            .unwrap()
+    };
+    assert!(e.contains("came before base 3"), "{e}");
+
+    // A bad import is refused with file and line; nothing changes.
+    let bad = a.dir.path().join("bad.csv");
+    std::fs::write(&bad, "address,state\nx@nhs.test,mars\n").unwrap();
+    let (ok, _, err) = bin::cli(
+        &a.cli_config(),
+        &["directory", "import", bad.to_str().unwrap()],
+    );
+    assert!(!ok);
+    assert!(err.contains("bad.csv:2: unknown state \"mars\""), "{err}");
+    // One that drops most addresses is refused by the shrink guard.
+    let small = a.dir.path().join("small.csv");
+    std::fs::write(&small, "address,state\nalice@nhs.test,onprem\n").unwrap();
+    let (ok, _, err) = bin::cli(
+        &a.cli_config(),
+        &["directory", "import", small.to_str().unwrap()],
+    );
+    assert!(!ok);
+    assert!(err.contains("more than directory.max_shrink"), "{err}");
+    assert_eq!(a.relay.directory.applied(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_cut_off_mail_flows_batches_refused_lagging_node_drains_then_recovers() {
+    let schema = Schema::new("cut").await;
+    let hops = hops().await;
+    let proxy = Proxy::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = node_config(
+        dir.path(),
+        &hops,
+        &schema,
+        "mx1",
+        &pg::url_via(proxy.addr),
+        true,
+    );
+    cfg.fleet.as_mut().unwrap().max_lag = Duration::from_secs(2);
+    let a = Node::start(cfg, dir).await;
+    let b = node(&hops, &schema, "mx2", &pg::url(), false).await;
+    // mx1 knows its peer (from the nodes table) before the cut.
+    eventually_async("mx1 to see mx2", || async {
+        let st = status(&a).await;
+        if st.nodes.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+
+    proxy.cut();
+    eventually_async("mx1 to notice PostgreSQL is gone", || async {
+        let r = ready(&a).await;
+        if r.fleet_postgres_up == Some(false) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await;
+    // Mail keeps flowing on the state in force.
+    let reply = send_one(a.relay.local_addrs[0], &["alice@nhs.test"], "cut-1").await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    wait(&hops.onprem, 1).await;
+    // A batch through mx1 is refused, naming PostgreSQL, with a non-zero exit.
+    let batch = a.dir.path().join("b.csv");
+    std::fs::write(&batch, "EmailAddress\nalice@nhs.test\n").unwrap();
+    let (ok, _, err) = bin::cli(
+        &a.cli_config(),
+        &[
+            "directory",
+            "apply",
+            batch.to_str().unwrap(),
+            "--state",
+            "cloud",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("503") && err.contains("PostgreSQL is unreachable"),
+        "{err}"
+    );
+    let st = status(&a).await;
+    assert!(!st.postgres.up && st.postgres.error.is_some(), "{st:?}");
+    // fleet status still answers, with this node's view and the error.
+    assert_eq!(st.node, "mx1");
+
+    // The same batch through mx2, which reaches PostgreSQL: mx1 is now behind. It learns so
+    // from mx2's admin API and, after max_lag (2 s), drains.
+    let r = apply(&b, "EmailAddress\nalice@nhs.test\n", "cloud")
+        .await
+        .unwrap();
+    assert_eq!(r.report.id, Some(2));
+    eventually_async("mx1 to drain for lag", || async {
+        let r = ready(&a).await;
+        if r.fleet_behind && !r.ready {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await;
+    let mut c = tokio::net::TcpStream::connect(a.relay.local_addrs[0])
+        .await
+        .unwrap();
+    let mut banner = String::new();
+    use tokio::io::AsyncBufReadExt;
+    tokio::io::BufReader::new(&mut c)
+        .read_line(&mut banner)
+        .await
+        .unwrap();
+    assert!(banner.starts_with("421 4.3.2 "), "{banner}");
+    assert!(banner.contains("behind the fleet"), "{banner}");
+    assert_eq!(a.route_of("alice@nhs.test").0.as_deref(), Some("onprem"));
+
+    // PostgreSQL is back: mx1 catches up and leaves drain.
+    proxy.restore();
+    eventually_async("mx1 to catch up and take mail again", || async {
+        let r = ready(&a).await;
+        if r.ready && r.fleet_postgres_up == Some(true) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await;
+    assert_eq!(
+        a.route_of("alice@nhs.test"),
+        (Some("cloud".into()), "batch 2".into())
+    );
+    let reply = send_one(a.relay.local_addrs[0], &["alice@nhs.test"], "back").await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    wait(&hops.cloud, 1).await;
+    let m = {
+        let api = a.api();
+        tokio::task::spawn_blocking(move || api.get("/metrics").unwrap())
+            .await
+            .unwrap()
+    };
+    let text = m.as_str().unwrap_or_default().to_string();
+    assert!(text.contains("coexist_fleet_postgres_up 1"), "{text}");
+    assert!(text.contains("coexist_fleet_behind 0"), "{text}");
+}

@@ -143,6 +143,19 @@ pub struct DemoArgs {
     /// Plain text on both legs instead of STARTTLS.
     #[arg(long)]
     pub no_tls: bool,
+    /// Three nodes sharing the directory through PostgreSQL: applies migration batches
+    /// through each node in turn and prints how long each takes to be in force on all three.
+    #[arg(long)]
+    pub fleet: bool,
+    /// PostgreSQL for `--fleet` (a schema of its own is created and dropped).
+    #[arg(long, default_value = "postgresql://postgres@127.0.0.1:5432/test")]
+    pub postgres: String,
+    /// Batches `--fleet` applies.
+    #[arg(long, default_value_t = 6)]
+    pub batches: usize,
+    /// Mailboxes per batch with `--fleet` (a migration weekend's batch).
+    #[arg(long, default_value_t = 83_000)]
+    pub batch_size: usize,
 }
 
 /// Runs the load, prints the summary and writes the files asked for.
@@ -297,6 +310,17 @@ pub fn sink(args: SinkArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> 
 /// Runs the demo: the relay on the embedded default config between the load client and two
 /// sinks.
 pub fn demo(args: DemoArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    if args.fleet {
+        return rt.block_on(crate::load::fleet_demo::run(
+            crate::load::fleet_demo::FleetDemoOptions {
+                postgres: args.postgres,
+                mailboxes: args.mailboxes.max(args.batch_size * 2),
+                batches: args.batches,
+                batch_size: args.batch_size,
+                messages: 300,
+            },
+        ));
+    }
     rt.block_on(crate::load::demo::run(crate::load::demo::DemoOptions {
         messages: args.messages,
         concurrency: args.concurrency,

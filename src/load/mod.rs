@@ -1,6 +1,7 @@
 //! Traffic tools used by tests, the demo and benchmarks: the sink (a recording SMTP next
-//! hop), the load client, and the end-to-end demo.
+//! hop), the load client, the end-to-end demo and the fleet demo.
 
 pub mod client;
 pub mod demo;
+pub mod fleet_demo;
 pub mod sink;

@@ -374,7 +374,8 @@ fn next_settle(asks: Asks, how: Settle, inner: &Inner, attempts: u32) -> Settle 
 async fn delete(inner: &Inner, key: QueueKey, e: Entry) {
     let id = key.id();
     // Each recipient still pending goes into the record of recent outcomes as deleted; that
-    // needs the envelope and state, read before the spool lets them go.
+    // needs the envelope and state, read before the spool lets them go (a message that
+    // cannot be read is deleted unrecorded).
     if inner.recent.enabled() {
         if let Ok((env, state)) = load(inner, &e).await {
             for i in state.pending() {

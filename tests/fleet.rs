@@ -155,6 +155,10 @@ async fn a_batch_through_one_node_is_seen_on_every_node() {
     })
     .await;
 
+    let reply = send_one(a.relay.local_addrs[0], &["alice@nhs.test"], "before-batch").await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    wait(&hops.onprem, 1).await;
+
     let r = apply(&a, "EmailAddress\nalice@nhs.test\nzed@nhs.test\n", "cloud")
         .await
         .unwrap();
@@ -179,6 +183,30 @@ async fn a_batch_through_one_node_is_seen_on_every_node() {
     let reply = send_one(c.relay.local_addrs[0], &["alice@nhs.test"], "after-batch").await;
     assert_eq!(reply.code, 250, "{reply:?}");
     wait(&hops.cloud, 1).await;
+
+    // `coexist trace` through mx2 asks every node: mx1 sent alice's first message on
+    // premises (the base decided), mx3 the second to the cloud (batch 2 decided).
+    eventually_blocking("both deliveries in the trace", || {
+        let (ok, out, err) = bin::cli(&b.cli_config(), &["trace", "alice@nhs.test"]);
+        assert!(ok, "{err}");
+        let first = out.lines().any(|l| {
+            l.contains(" mx1 ")
+                && l.contains("delivered")
+                && l.contains("route=onprem")
+                && l.contains("origin=\"base 1\"")
+        });
+        let second = out.lines().any(|l| {
+            l.contains(" mx3 ")
+                && l.contains("delivered")
+                && l.contains("route=cloud")
+                && l.contains("origin=\"batch 2\"")
+        });
+        if first && second {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    });
 
     // fleet status through any node: every node with its lag, once each has reported.
     eventually_async("every node at change 2 in fleet status", || async {

@@ -7,7 +7,7 @@
 use super::types::{
     ApiErrorBody, BatchReply, ChangeSummary, ConfigReloadReply, DrainReply, Explain,
     ExplainRequest, FleetBatch, FleetStatus, FlushReply, MessageView, NodeApplied, QueueAction,
-    QueueActionReply, QueueFilter, Ready, ReloadReport,
+    QueueActionReply, QueueFilter, Ready, ReloadReport, TraceReply,
 };
 use crate::config::Config;
 use serde::de::DeserializeOwned;
@@ -97,6 +97,11 @@ impl AdminClient {
             .build()
             .new_agent();
         AdminClient { addr, token, agent }
+    }
+
+    /// The address of the API this client talks to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     fn url(&self, path: &str) -> String {
@@ -326,6 +331,16 @@ impl AdminClient {
     /// `GET /v1/fleet/node`: what this node has applied.
     pub fn fleet_node(&self) -> Result<NodeApplied, ClientError> {
         self.get_typed("/v1/fleet/node")
+    }
+
+    /// `GET /v1/trace`: where mail for `address` went on this node in the last `since`
+    /// seconds (the server's default, 12 hours, when `None`), newest first.
+    pub fn trace(&self, address: &str, since: Option<u64>) -> Result<TraceReply, ClientError> {
+        let mut path = format!("/v1/trace?address={}", encode(address));
+        if let Some(s) = since {
+            path.push_str(&format!("&since={s}"));
+        }
+        self.get_typed(&path)
     }
 
     /// `POST /v1/route/explain`: where mail for each address would go now, and why.

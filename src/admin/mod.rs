@@ -9,6 +9,7 @@
 pub mod client;
 pub mod controls;
 pub mod token;
+mod trace;
 pub mod types;
 
 use crate::config::{AdminConfig, Config};
@@ -652,6 +653,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/queue/flush", post(queue_flush))
         .route("/v1/queue/{id}", get(queue_show))
         .route("/v1/queue/{id}/{action}", post(queue_action))
+        .route("/v1/trace", get(trace::trace))
         .route("/v1/config/reload", post(config_reload))
         .route("/v1/drain", post(drain))
         .route("/v1/directory/lookup", get(lookup))

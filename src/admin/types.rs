@@ -26,6 +26,7 @@
 //! | `/v1/fleet` | GET | [`FleetStatus`] (404 without `[fleet]`) |
 //! | `/v1/fleet/node` | GET | [`NodeApplied`] (404 without `[fleet]`) |
 //! | `/v1/route/explain` ([`ExplainRequest`]) | POST | `Vec<`[`Explain`]`>` |
+//! | `/v1/trace?address=&since=` | GET | [`TraceReply`] |
 //!
 //! Every error is an [`ApiErrorBody`].
 
@@ -35,6 +36,7 @@ pub use super::Explain;
 pub use crate::directory::store::{ChangeKind, ChangeSummary};
 pub use crate::directory::{BatchReport, RefusedReload, ReloadReport, ReloadStatus};
 pub use crate::fleet::{FleetBatch, FleetStatus, NodeApplied, NodeRow, PgHealth, Progress};
+pub use crate::queue::recent::Outcome;
 pub use crate::queue::{MessageView, RcptView};
 
 /// What a batch or rollback did; in a fleet also how far it has spread.
@@ -208,6 +210,78 @@ impl QueueFilter {
             q.push(format!("limit={n}"));
         }
         q.join("&")
+    }
+}
+
+/// `GET /v1/trace?address=ADDR&since=SECONDS`: where mail for an address went on one node,
+/// from its record of recent outcomes (`queue.recent_outcomes`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TraceReply {
+    /// The node that answered (its `server.hostname`).
+    pub node: String,
+    /// The outcomes for the address (as received or as sent, ignoring case) in the last
+    /// `since` seconds (default [`TraceReply::DEFAULT_SINCE`]), newest first.
+    pub entries: Vec<TraceEntry>,
+}
+
+impl TraceReply {
+    /// Seconds looked back when `since` is not given: 12 hours.
+    pub const DEFAULT_SINCE: u64 = 43_200;
+}
+
+/// One recipient's outcome in a [`TraceReply`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TraceEntry {
+    /// Unix time (seconds) of the outcome.
+    pub time: u64,
+    /// Queue id of the message.
+    pub queue_id: String,
+    /// The recipient as received.
+    pub recipient: String,
+    /// The recipient as sent to the next hop, when the route rewrote it.
+    pub sent_as: Option<String>,
+    /// The route taken (`None`: no route, as for an unroutable recipient, an expiry or a
+    /// delete).
+    pub route: Option<String>,
+    /// The next hop that answered (`host:port`), when one did.
+    pub next_hop: Option<String>,
+    /// What became of the recipient.
+    pub outcome: Outcome,
+    /// The reply behind the outcome (`None` for a delete).
+    pub reply: Option<OutcomeReply>,
+    /// Where the directory state behind the route came from when it was decided: `file …`,
+    /// `batch N`, `unlisted`.
+    pub origin: String,
+}
+
+/// The reply behind a [`TraceEntry`]: the next hop's, or the one a local error stands for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OutcomeReply {
+    /// Reply code (`None` for an expiry).
+    pub code: Option<u16>,
+    /// Enhanced status code, e.g. `5.1.1`.
+    pub status: Option<String>,
+    /// The text, lines separated by `\n`.
+    pub text: String,
+}
+
+impl From<&crate::queue::recent::RecentOutcome> for TraceEntry {
+    fn from(o: &crate::queue::recent::RecentOutcome) -> TraceEntry {
+        TraceEntry {
+            time: o.time,
+            queue_id: o.queue_id.to_string(),
+            recipient: o.rcpt.to_string(),
+            sent_as: o.sent_as.as_ref().map(|s| s.to_string()),
+            route: o.route.as_ref().map(|r| r.as_str().to_string()),
+            next_hop: o.next_hop.map(|h| h.to_string()),
+            outcome: o.outcome,
+            reply: o.reply.as_ref().map(|r| OutcomeReply {
+                code: r.code,
+                status: r.status.map(|s| s.to_string()),
+                text: r.text.to_string(),
+            }),
+            origin: o.origin.to_string(),
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! | [`directory`] | `directory apply, diff, rollback, lookup, batches, reload, import, generate` |
 //! | [`route`] | `route explain` |
 //! | [`fleet`] | `fleet status` |
+//! | [`trace`] | `trace`: where mail for an address went, on every node |
 //! | [`status`] | `status`, `drain`, `reload`: the running server's state |
 //! | [`load`] | `load`, `sink` and `demo`: the traffic tools |
 //! | [`certs`] | `gen-certs` |
@@ -31,6 +32,7 @@ pub mod queue;
 pub mod route;
 pub mod serve;
 pub mod status;
+pub mod trace;
 
 use crate::admin::client::AdminClient;
 use crate::config::{Config, DEFAULT_CONFIG};
@@ -101,6 +103,9 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: route::RouteCmd,
     },
+    /// Where mail for an address went on every node, with the origin of each routing
+    /// decision (through the admin API).
+    Trace(trace::TraceArgs),
     /// Send a bounded load of generated mail to an SMTP server and report rates and latency.
     Load(load::LoadArgs),
     /// Re-read the running server's config file and swap it in (refused whole if invalid).
@@ -200,6 +205,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Queue { cmd } => queue::run(cmd),
         Cmd::Route { cmd } => route::run(cmd),
         Cmd::Fleet { cmd } => fleet::run(cmd),
+        Cmd::Trace(args) => trace::trace(&args),
         Cmd::Load(args) => load::load(args, &runtime()?),
         Cmd::Reload { api } => status::reload(&api),
         Cmd::Drain(args) => status::drain(&args),

@@ -254,6 +254,11 @@ pub struct QueueConfig {
     /// often; when one gets through, all mail deferred for that route is released at once.
     #[serde(default = "default_probe_interval", with = "duration")]
     pub probe_interval: Duration,
+    /// Per-recipient outcomes kept in memory for `coexist trace` (`GET /v1/trace`), the
+    /// newest: when full, the oldest is dropped for each new one. 0 keeps none. Read at
+    /// start.
+    #[serde(default = "default_recent_outcomes")]
+    pub recent_outcomes: usize,
 }
 
 impl Default for QueueConfig {
@@ -265,6 +270,7 @@ impl Default for QueueConfig {
             delay_warning: default_delay_warning(),
             max_active: default_max_active(),
             probe_interval: default_probe_interval(),
+            recent_outcomes: default_recent_outcomes(),
         }
     }
 }
@@ -413,6 +419,10 @@ fn default_max_shrink() -> Percent {
 }
 fn default_max_active() -> usize {
     5000
+}
+
+fn default_recent_outcomes() -> usize {
+    100_000
 }
 
 fn default_probe_interval() -> Duration {

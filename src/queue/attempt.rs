@@ -1,7 +1,9 @@
 //! One delivery attempt: plans the pending recipients through [`route::plan`], delivers
 //! each route's share in parallel (with the message bytes held by [`AttemptBody`]) and
-//! records each recipient's outcome.
+//! records each recipient's outcome: in its state, in the outcome log line and in the
+//! record of recent outcomes ([`super::recent`]).
 
+use super::recent::{cut, Outcome, RecentOutcome, RecordedReply, MAX_ORIGIN};
 use super::{unix_now, Inner, SpoolTaskError};
 use crate::deliver::{self, Outbound};
 use crate::metrics as m;
@@ -9,6 +11,8 @@ use crate::proto::BodyType;
 use crate::proto::{Failure, LastReply, LocalError, RcptOutcome};
 use crate::route;
 use crate::spool::{DeliveryState, Envelope, Loc, RcptStatus, Spool};
+use crate::types::{Address, RouteName};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::task::JoinSet;
@@ -81,16 +85,20 @@ pub(super) async fn attempt(
         |a| dir.resolve(a),
         &config,
     );
+    let origins = origins(inner, env, &pending);
+    let origin = |i: usize| origins.get(i).map(|o| &**o);
     for &i in &plan.unroutable {
         let reply = LastReply::Failed(Failure::Local(LocalError::NoRoute));
-        log_outcome(env, i, "-", None, "bounced", &reply);
+        let told = Told::new(None, Outcome::Bounced, Some(&reply));
+        log_outcome(inner, env, i, origin(i), &told);
         state.rcpts[i].status = RcptStatus::Failed;
         state.rcpts[i].last_reply = Some(reply);
     }
     for (r, rcpts) in &plan.unconfigured {
         let reply = LastReply::Failed(Failure::Local(LocalError::route_not_configured(r)));
         for &i in rcpts {
-            log_outcome(env, i, r.as_str(), None, "deferred", &reply);
+            let told = Told::new(Some(r), Outcome::Deferred, Some(&reply));
+            log_outcome(inner, env, i, origin(i), &told);
             state.rcpts[i].last_reply = Some(reply.clone());
         }
     }
@@ -174,15 +182,22 @@ pub(super) async fn attempt(
                 reached,
             });
         }
+        let next_hop = hop;
         let hop = hop.map(|h| h.to_string());
-        for (&i, o) in d.rcpts.iter().zip(outcomes) {
+        for ((&i, o), to) in d.rcpts.iter().zip(outcomes).zip(&d.to) {
             let text = LastReply::from(&o);
-            let (status, label) = match o {
-                RcptOutcome::Delivered(_) => (RcptStatus::Delivered, "sent"),
-                RcptOutcome::Deferred(_) => (RcptStatus::Pending, "deferred"),
-                RcptOutcome::Failed(_) => (RcptStatus::Failed, "bounced"),
+            let (status, outcome) = match o {
+                RcptOutcome::Delivered(_) => (RcptStatus::Delivered, Outcome::Delivered),
+                RcptOutcome::Deferred(_) => (RcptStatus::Pending, Outcome::Deferred),
+                RcptOutcome::Failed(_) => (RcptStatus::Failed, Outcome::Bounced),
             };
-            log_outcome(env, i, d.route.as_str(), hop.as_deref(), label, &text);
+            let label = log_label(outcome);
+            let told = Told {
+                hop: next_hop,
+                sent_as: Some(to).filter(|to| **to != env.rcpts[i]),
+                ..Told::new(Some(&d.route), outcome, Some(&text))
+            };
+            log_outcome(inner, env, i, origin(i), &told);
             let route = d.route.as_str().to_string();
             metrics::counter!(m::DELIVERIES, "route" => route.clone(), "next_hop" => hop.clone().unwrap_or_else(|| "none".into()), "outcome" => label)
                 .increment(1);
@@ -201,24 +216,113 @@ pub(super) async fn attempt(
     reports
 }
 
-/// The per-recipient outcome line, like Postfix's `status=sent` lines.
-fn log_outcome(
-    env: &Envelope,
-    i: usize,
-    route: &str,
-    hop: Option<&str>,
-    status: &str,
-    reply: &LastReply,
-) {
+/// What became of one recipient: what its outcome line logs and the record of recent
+/// outcomes keeps.
+pub(super) struct Told<'a> {
+    /// The route it took (`None`: no route).
+    pub(super) route: Option<&'a RouteName>,
+    /// The next hop that answered.
+    pub(super) hop: Option<SocketAddr>,
+    /// The recipient as sent, when the route rewrote it.
+    pub(super) sent_as: Option<&'a Address>,
+    /// What became of it.
+    pub(super) outcome: Outcome,
+    /// The reply or error behind it (`None` for a delete).
+    pub(super) reply: Option<&'a LastReply>,
+}
+
+impl<'a> Told<'a> {
+    /// An outcome on `route` without a next hop or rewrite.
+    pub(super) fn new(
+        route: Option<&'a RouteName>,
+        outcome: Outcome,
+        reply: Option<&'a LastReply>,
+    ) -> Told<'a> {
+        Told {
+            route,
+            hop: None,
+            sent_as: None,
+            outcome,
+            reply,
+        }
+    }
+}
+
+/// The `status` of an outcome line: Postfix's `sent` for a delivery.
+fn log_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Delivered => "sent",
+        o => o.as_str(),
+    }
+}
+
+/// Per recipient index, where the directory state behind its route comes from (`file …`,
+/// `batch N`, `unlisted`), read right after planning, for the record of recent outcomes
+/// (empty when the record is off). Read by a second lookup after [`route::plan`]'s: a batch
+/// applied between the two (microseconds apart) could make them disagree for one attempt.
+fn origins(inner: &Inner, env: &Envelope, pending: &[usize]) -> Vec<Box<str>> {
+    if !inner.recent.enabled() {
+        return Vec::new();
+    }
+    let mut out = vec![Box::<str>::from(""); env.rcpts.len()];
+    for &i in pending {
+        out[i] = cut(&inner.directory.lookup(&env.rcpts[i]).origin, MAX_ORIGIN);
+    }
+    out
+}
+
+/// The per-recipient outcome line, like Postfix's `status=sent` lines; the same outcome goes
+/// into the record of recent outcomes, with `origin` (see [`record`]).
+fn log_outcome(inner: &Inner, env: &Envelope, i: usize, origin: Option<&str>, told: &Told<'_>) {
+    use std::fmt::Display;
     let delay = unix_now().saturating_sub(env.received_at);
+    let relay: &dyn Display = match &told.hop {
+        Some(h) => h,
+        None => &"none",
+    };
+    let reply: &dyn Display = match told.reply {
+        Some(r) => r,
+        None => &"",
+    };
     info!(
         qid = %env.id,
         to = %env.rcpts[i],
-        route,
-        relay = hop.unwrap_or("none"),
+        route = told.route.map_or("-", |r| r.as_str()),
+        %relay,
         delay_s = delay,
-        status,
+        status = log_label(told.outcome),
         %reply,
         "delivery"
     );
+    record(inner, env, i, origin, told);
+}
+
+/// Adds recipient `i`'s outcome to the record of recent outcomes, when it is on. `origin` is
+/// the directory's origin of its route when the route was decided; `None` reads it now.
+pub(super) fn record(
+    inner: &Inner,
+    env: &Envelope,
+    i: usize,
+    origin: Option<&str>,
+    told: &Told<'_>,
+) {
+    if !inner.recent.enabled() {
+        return;
+    }
+    let rcpt = &env.rcpts[i];
+    let origin = match origin {
+        Some(o) => o.into(),
+        None => cut(&inner.directory.lookup(rcpt).origin, MAX_ORIGIN),
+    };
+    inner.recent.record(RecentOutcome {
+        time: unix_now(),
+        queue_id: env.id.clone(),
+        rcpt: rcpt.to_string().into_boxed_str(),
+        sent_as: told.sent_as.map(|a| a.to_string().into_boxed_str()),
+        route: told.route.cloned(),
+        next_hop: told.hop,
+        outcome: told.outcome,
+        reply: told.reply.map(RecordedReply::of),
+        origin,
+    });
 }

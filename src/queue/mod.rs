@@ -11,11 +11,13 @@
 //! the route's concurrency allows.
 //!
 //! This module holds the [`Queue`] handle (submit, restore, hold, release, delete, flush);
-//! `dsn` ends messages and spools DSNs, and `view` gives listings and counts.
+//! `dsn` ends messages and spools DSNs, `view` gives listings and counts, and [`recent`]
+//! keeps the recent per-recipient outcomes for `coexist trace`.
 
 mod attempt;
 mod dsn;
 mod index;
+pub mod recent;
 mod schedule;
 mod view;
 
@@ -164,6 +166,8 @@ struct Inner {
     pool: deliver::pool::Pool,
     tls: ArcSwap<HashMap<String, deliver::RouteTls>>,
     dns: deliver::dns::Dns,
+    /// The recent per-recipient outcomes (`queue.recent_outcomes`, read at start).
+    recent: recent::Recent,
 }
 
 fn route_limits(config: &Config) -> HashMap<String, Arc<Semaphore>> {
@@ -209,6 +213,7 @@ impl Queue {
             dns: deliver::dns::Dns::new(&config.dns.nameservers, config.delivery.timeout)
                 .map_err(QueueError::Dns)?,
             active: Arc::new(Semaphore::new(config.queue.max_active)),
+            recent: recent::Recent::new(config.queue.recent_outcomes),
             config: ArcSwap::new(config),
             index: Mutex::new(Index::default()),
             routes: Mutex::new(Routes::default()),
@@ -347,6 +352,11 @@ impl Queue {
             .zip(&r.down_since)
             .map(|(n, d)| (n.clone(), d.is_some()))
             .collect()
+    }
+
+    /// The record of recent per-recipient outcomes (for `coexist trace`).
+    pub fn recent(&self) -> &recent::Recent {
+        &self.inner.recent
     }
 
     /// The spool's commit counters (syncs, records) and segment files.

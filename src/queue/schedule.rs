@@ -2,9 +2,10 @@
 //! attempt (deliver, expire, record, defer), admin changes to idle messages, and route
 //! release and probes.
 
-use super::attempt::{attempt, AttemptBody, RouteReport};
+use super::attempt::{attempt, record, AttemptBody, RouteReport, Told};
 use super::dsn::{finish, warn_if_delayed, End};
 use super::index::{Asks, Entry, Settle, NO_ROUTE};
+use super::recent::Outcome;
 use super::{now_ms, unix_now, Inner, SpoolTaskError};
 use crate::proto::{Failure, LastReply};
 use crate::spool::{DeliveryState, Envelope, RcptStatus};
@@ -221,8 +222,16 @@ async fn attempt_and_place(inner: &Arc<Inner>, key: QueueKey, e: Entry, fresh: O
             r.status = RcptStatus::Failed;
             let last = r.last_reply.as_ref().and_then(|l| l.failure()).cloned();
             let shown = last.as_ref().map(|l| l.to_string()).unwrap_or_default();
-            r.last_reply = Some(LastReply::Failed(Failure::Expired(last.map(Box::new))));
+            let reply = LastReply::Failed(Failure::Expired(last.map(Box::new)));
             warn!(qid = %env.id, to = %env.rcpts[i], status = "expired", reply = %shown, "delivery expired");
+            record(
+                inner,
+                &env,
+                i,
+                None,
+                &Told::new(None, Outcome::Expired, Some(&reply)),
+            );
+            r.last_reply = Some(reply);
         }
     }
     if state.pending().is_empty() {
@@ -364,6 +373,22 @@ fn next_settle(asks: Asks, how: Settle, inner: &Inner, attempts: u32) -> Settle 
 
 async fn delete(inner: &Inner, key: QueueKey, e: Entry) {
     let id = key.id();
+    // Each recipient still pending goes into the record of recent outcomes as deleted; that
+    // needs the envelope and state, read before the spool lets them go (a message that
+    // cannot be read is deleted unrecorded).
+    if inner.recent.enabled() {
+        if let Ok((env, state)) = load(inner, &e).await {
+            for i in state.pending() {
+                record(
+                    inner,
+                    &env,
+                    i,
+                    None,
+                    &Told::new(None, Outcome::Deleted, None),
+                );
+            }
+        }
+    }
     match inner.spool.finish(&id, e.msg, e.state).await {
         Ok(()) => warn!(qid = %id, "deleted from the queue by an admin (no bounce)"),
         Err(err) => error!(qid = %id, error = %err, "cannot delete message"),

@@ -249,6 +249,59 @@ mod tests {
     }
 
     #[test]
+    fn fleet_keys_are_checked_and_make_the_directory_file_optional() {
+        let line_of =
+            |text: &str, pat: &str| text.lines().position(|l| l.starts_with(pat)).unwrap() + 1;
+        let no_file: String = DEFAULT_CONFIG
+            .lines()
+            .filter(|l| !l.starts_with("file = "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let err = Config::parse(&no_file, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("key `directory.file`: is required"), "{err}");
+        let fleet = "\n[fleet]\npostgres = \"postgresql://postgres@127.0.0.1:5432/test\"\nschema = \"coexist\"\nnode = \"mx1\"\nmax_lag = \"5m\"\n";
+        let cfg = Config::parse(&format!("{no_file}{fleet}"), "x.toml").unwrap();
+        let f = cfg.fleet.unwrap();
+        assert_eq!((f.node.as_str(), f.max_lag.as_secs()), ("mx1", 300));
+        assert_eq!(cfg.directory.file, None);
+        for (from, to, key, why) in [
+            (
+                "schema = \"coexist\"",
+                "schema = \"Coexist; DROP\"",
+                "fleet.schema",
+                "lower-case SQL name",
+            ),
+            (
+                "node = \"mx1\"",
+                "node = \"mx 1\"",
+                "fleet.node",
+                "must be a node name",
+            ),
+            (
+                "max_lag = \"5m\"",
+                "max_lag = \"0s\"",
+                "fleet.max_lag",
+                "more than 0s",
+            ),
+            (
+                "postgresql://postgres@127.0.0.1:5432/test",
+                "host=x port=notaport",
+                "fleet.postgres",
+                "not a PostgreSQL connection string",
+            ),
+        ] {
+            let text = format!("{no_file}{}", fleet.replace(from, to));
+            let err = Config::parse(&text, "x.toml").unwrap_err().to_string();
+            let line = line_of(&text, key.trim_start_matches("fleet."));
+            assert!(
+                err.starts_with(&format!("x.toml:{line}: key `{key}`: ")),
+                "{err}"
+            );
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
     fn max_shrink_is_a_percentage_with_line_and_key() {
         let cfg = Config::parse(DEFAULT_CONFIG, "default").unwrap();
         assert_eq!(cfg.directory.max_shrink.fraction(), 0.10);

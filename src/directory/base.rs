@@ -247,3 +247,102 @@ impl Directory {
         Ok((removed, true))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{a, cfg, rows, states};
+    use super::*;
+    use crate::directory::Resolution;
+    use crate::types::RouteName;
+
+    /// A base merged on one node, written as rows and rebuilt on another, resolves the
+    /// same: aliases with their mailbox, batches kept where the file did not change, the
+    /// base's id as the origin where it did.
+    #[test]
+    fn a_merged_base_round_trips_through_its_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let one = Directory::open_local(
+            &cfg(tmp.path(), "reject"),
+            states(),
+            &tmp.path().join("one"),
+        )
+        .unwrap();
+        let first = table::parse(
+            b"address,state,mailbox\na@nhs.test,onprem,m1\nalias@nhs.test,onprem,m1\nb@nhs.test,onprem,\n",
+            "d.csv",
+            &states(),
+        )
+        .unwrap();
+        let base = one.merge_base(first, 1, "d.csv", false).unwrap();
+        assert!(one.install_base(1, base, "d.csv").unwrap());
+        assert!(one
+            .apply_at(2, &rows("EmailAddress\nb@nhs.test\n", "cloud"), "b.csv")
+            .unwrap()
+            .is_some());
+        let second = table::parse(
+            b"address,state,mailbox\na@nhs.test,cloud,m1\nalias@nhs.test,cloud,m1\nb@nhs.test,onprem,\nc@nhs.test,onprem,\n",
+            "d2.csv",
+            &states(),
+        )
+        .unwrap();
+        let base = one.merge_base(second, 3, "d2.csv", false).unwrap();
+        assert_eq!((base.report.changed, base.report.added), (1, 1));
+        let written: Vec<BaseRow> = base.rows(&states()).collect();
+        assert_eq!(written.len(), 4);
+        assert!(
+            written[..3].iter().all(|r| r.address == r.mailbox),
+            "primaries first"
+        );
+        assert_eq!(written[3].address, "alias@nhs.test");
+        assert!(one.install_base(3, base, "d2.csv").unwrap());
+
+        let two = Directory::open_local(
+            &cfg(tmp.path(), "reject"),
+            states(),
+            &tmp.path().join("two"),
+        )
+        .unwrap();
+        let rebuilt = Base::from_rows(&written, &states(), "fleet base 3").unwrap();
+        assert!(two.install_base(3, rebuilt, "d2.csv").unwrap());
+        let cloud = Resolution::Listed(RouteName("cloud".into()));
+        for d in [&one, &two] {
+            assert_eq!(d.resolve(&a("alias@nhs.test")), cloud);
+            assert_eq!(d.lookup(&a("a@nhs.test")).origin, "base 3");
+            assert_eq!(
+                d.lookup(&a("b@nhs.test")).origin,
+                "batch 2",
+                "the batch survives"
+            );
+            assert_eq!(d.resolve(&a("b@nhs.test")), cloud);
+            assert_eq!(d.lookup(&a("c@nhs.test")).state.as_deref(), Some("onprem"));
+        }
+        assert!(
+            !two.install_base(
+                3,
+                Base::from_rows(&written, &states(), "x").unwrap(),
+                "d2.csv"
+            )
+            .unwrap(),
+            "applied already"
+        );
+        let e = two
+            .apply_at(5, &rows("EmailAddress\nb@nhs.test\n", "onprem"), "b.csv")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("fleet change 5 is out of order"),
+            "{e}"
+        );
+        drop(two);
+        // A restart of the second node finds the base in its snapshot.
+        let two = Directory::open_local(
+            &cfg(tmp.path(), "reject"),
+            states(),
+            &tmp.path().join("two"),
+        )
+        .unwrap();
+        assert_eq!(
+            (two.applied(), two.resolve(&a("alias@nhs.test"))),
+            (3, cloud)
+        );
+    }
+}

@@ -506,3 +506,41 @@ pub(super) fn evaluate(inner: &Inner) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::RouteName;
+
+    fn names() -> Vec<RouteName> {
+        vec![RouteName("cloud".into()), RouteName("onprem".into())]
+    }
+
+    #[test]
+    fn batch_rows_round_trip_and_unknown_states_fail_the_change() {
+        let rows = crate::directory::batch::parse(
+            b"EmailAddress\nAlice@NHS.test\nbob@nhs.test\n",
+            "b.csv",
+            &names(),
+            Some("onprem"),
+        )
+        .unwrap();
+        let body = encode_rows(&rows, &names());
+        assert_eq!(body, b"alice@nhs.test\tonprem\nbob@nhs.test\tonprem\n");
+        let back = decode_rows(&body, &names(), 7).unwrap();
+        assert_eq!(
+            back.iter()
+                .map(|r| (r.key.as_str(), r.state.index()))
+                .collect::<Vec<_>>(),
+            vec![("alice@nhs.test", 1), ("bob@nhs.test", 1)]
+        );
+        let e = decode_rows(b"a@nhs.test\tarchive\n", &names(), 7)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("change 7 moves mailboxes to \"archive\""), "{e}");
+        let e = decode_rows(b"a@nhs.test\n", &names(), 8)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "change 8: row 1 has no state");
+    }
+}

@@ -397,3 +397,36 @@ fn claim_store(dir: &Path, id: &str) -> Result<(), FleetError> {
 fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_of_another_fleet_is_cleared_and_the_marker_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("fleet");
+        claim_store(&dir, "aaa").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("fleet.id")).unwrap(),
+            "aaa"
+        );
+        std::fs::write(dir.join("snapshot.bin"), b"x").unwrap();
+        claim_store(&dir, "aaa").unwrap();
+        assert!(dir.join("snapshot.bin").exists(), "same fleet: kept");
+        claim_store(&dir, "bbb").unwrap();
+        assert!(!dir.join("snapshot.bin").exists(), "another fleet: cleared");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("fleet.id")).unwrap(),
+            "bbb"
+        );
+    }
+
+    #[test]
+    fn the_connection_target_never_shows_the_password() {
+        let pg: tokio_postgres::Config = "postgresql://coexist:secret@db.example:6432/mail"
+            .parse()
+            .unwrap();
+        assert_eq!(target(&pg), "postgresql://db.example:6432/mail");
+    }
+}

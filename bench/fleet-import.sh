@@ -22,20 +22,26 @@ node_config() { # NAME BASE
 node_config mx1 46
 node_config mx2 47
 
-start() { # NAME BASE: starts a node, prints seconds until it listens
+# start NAME BASE: starts a node (its PID in PIDS and LAST) and sets UP to the seconds until
+# it listens. Not in a subshell, so that PIDS reaches the cleanup.
+start() {
     local t0; t0=$(date +%s.%N)
-    $B serve --config "$W/$1.toml" 2>>"$W/$1.log" &
-    PIDS+=($!)
+    $B serve --config "$W/$1.toml" >>"$W/$1.log" 2>&1 &
+    LAST=$!
+    PIDS+=("$LAST")
     wait_port "${2}525"
-    echo "$(date +%s.%N) - $t0" | bc
+    UP=$(echo "$(date +%s.%N) - $t0" | bc)
 }
-echo "mx1 (empty fleet) listening after $(start mx1 46) s"
+start mx1 46
+echo "mx1 (empty fleet) listening after $UP s"
 t0=$(date +%s.%N)
 $B directory import "$W/directory.csv" --config "$W/mx1.toml"
 echo "import of $COUNT addresses: $(echo "$(date +%s.%N) - $t0" | bc) s wall (CLI upload included)"
 psql "$PG" -Atc "SELECT 'base_rows in PostgreSQL: ' || count(*) FROM $SCHEMA.base_rows"
-echo "mx2 (joins: loads the base from PostgreSQL) listening after $(start mx2 47) s"
-kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'
-echo "mx2 restarted (local snapshot) listening after $(start mx2 47) s"
+start mx2 47
+echo "mx2 (joins: loads the base from PostgreSQL) listening after $UP s"
+kill "$LAST"; wait "$LAST" 2>/dev/null || true
+start mx2 47
+echo "mx2 restarted (local snapshot) listening after $UP s"
 $B fleet status --config "$W/mx1.toml"
 grep -h 'fleet: base loaded\|fleet: base imported' "$W"/mx*.log | sed 's/^/  log: /' | cut -c1-220

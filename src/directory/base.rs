@@ -87,30 +87,44 @@ impl Base {
         names: &[crate::types::RouteName],
         what: &str,
     ) -> Result<Base, DirectoryError> {
-        let mut csv = Vec::with_capacity(rows.len() * 48 + 32);
+        // The table is built by the directory file's own parser. Only mailboxes with aliases
+        // name their mailbox (the parser groups those through a hash map); a primary without
+        // aliases is a mailbox of its own, which the parser numbers in row order.
+        let grouped: std::collections::HashSet<&str> = rows
+            .iter()
+            .filter(|r| r.address != r.mailbox)
+            .map(|r| r.mailbox.as_str())
+            .collect();
+        let mut csv = Vec::with_capacity(rows.len() * 40 + 32);
         csv.extend_from_slice(b"address,state,mailbox\n");
         for r in rows {
             csv.extend_from_slice(r.address.as_bytes());
             csv.push(b',');
             csv.extend_from_slice(r.state.as_bytes());
             csv.push(b',');
-            csv.extend_from_slice(r.mailbox.as_bytes());
+            if grouped.contains(r.mailbox.as_str()) {
+                csv.extend_from_slice(r.mailbox.as_bytes());
+            }
             csv.push(b'\n');
         }
         let parsed = table::parse(&csv, what, names)?;
+        drop(csv);
         let n = parsed.states.len();
         let mut file_states = vec![0u8; n];
         let mut origin = vec![0u32; n];
-        for (i, r) in rows.iter().enumerate() {
+        // Mailbox m is the m-th row (primaries come first, one per mailbox).
+        for (m, r) in rows.iter().take(n).enumerate() {
             let bad = |reason: String| DirectoryError::Row {
                 file: what.to_string(),
-                line: i + 2,
+                line: m + 2,
                 reason,
             };
-            let m = parsed
-                .table
-                .mailbox(r.address.as_bytes())
-                .ok_or_else(|| bad(format!("{} missing after load", r.address)))?;
+            if parsed.table.primary_address(m) != r.address {
+                return Err(bad(format!(
+                    "{} is not mailbox {m}'s primary address",
+                    r.address
+                )));
+            }
             file_states[m] = super::StateId::find(names, &r.file_state)
                 .ok_or_else(|| bad(format!("unknown state {:?}", r.file_state)))?
                 .raw();

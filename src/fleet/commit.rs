@@ -13,6 +13,7 @@ use super::{Fleet, FleetError};
 use crate::directory::{batch::BatchRow, table, BatchReport, ReloadReport};
 use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use tokio_postgres::Client;
 use tracing::info;
 
@@ -53,7 +54,7 @@ impl Fleet {
         rows: Vec<BatchRow>,
         source: String,
     ) -> Result<(BatchReport, Option<Progress>), FleetError> {
-        let (client, head) = self.begin().await?;
+        let (client, head, _applying) = self.begin().await?;
         let dir = self.inner.directory.clone();
         let preview = {
             let (d, r, s) = (dir.clone(), rows.clone(), source.clone());
@@ -93,7 +94,7 @@ impl Fleet {
 
     /// Rolls back batch `batch` through the fleet log.
     pub async fn rollback(&self, batch: u32) -> Result<(BatchReport, Progress), FleetError> {
-        let (client, head) = self.begin().await?;
+        let (client, head, _applying) = self.begin().await?;
         let s = self.inner.schema().to_string();
         let base: Option<i64> = client
             .query_one(
@@ -153,7 +154,7 @@ impl Fleet {
             let s = source.clone();
             blocking(move || table::parse(&text, &s, &names)).await??
         };
-        let (client, head) = self.begin().await?;
+        let (client, head, _applying) = self.begin().await?;
         let seq = head + 1;
         let dir = self.inner.directory.clone();
         let base = {
@@ -166,7 +167,13 @@ impl Fleet {
             )));
         }
         let mut report = base.report.clone();
-        self.copy_base(&client, seq, &base).await?;
+        let merged = t0.elapsed();
+        let base = Arc::new(base);
+        self.copy_base(&client, seq, base.clone()).await?;
+        let copied = t0.elapsed();
+        let rows = base.len();
+        let base = Arc::try_unwrap(base)
+            .map_err(|_| FleetError::Refused("base still shared after COPY".into()))?;
         let s = self.inner.schema().to_string();
         client
             .execute(
@@ -183,7 +190,7 @@ impl Fleet {
             "base",
             &source,
             None,
-            base.len(),
+            rows,
             report.changed,
             &[],
         )
@@ -201,6 +208,8 @@ impl Fleet {
             entries = report.entries,
             changed = report.changed,
             ms = report.elapsed_ms,
+            parse_merge_ms = merged.as_millis() as u64,
+            copy_ms = (copied - merged).as_millis() as u64,
             "fleet: base imported"
         );
         Ok(FleetBatch {
@@ -210,9 +219,11 @@ impl Fleet {
         })
     }
 
-    /// Opens a transaction holding the log's lock, with this node caught up to the head.
-    async fn begin(&self) -> Result<(Client, u32), FleetError> {
+    /// Opens a transaction holding the log's lock, with this node caught up to the head;
+    /// the guard keeps the follower from applying until the commit has applied its change.
+    async fn begin(&self) -> Result<(Client, u32, tokio::sync::MutexGuard<'_, ()>), FleetError> {
         let inner = &self.inner;
+        let guard = inner.applying.lock().await;
         let client = sql::connect(&inner.pg).await?;
         let err = db_err(&inner.pg);
         client.batch_execute("BEGIN").await.map_err(&err)?;
@@ -224,13 +235,13 @@ impl Fleet {
             .await
             .map_err(&err)?;
         let head = sql::head(&client, inner.schema()).await?;
-        let applied = follow::catch_up(inner, &client).await?;
+        let applied = follow::catch_up_locked(inner, &client).await?;
         if applied < head {
             return Err(FleetError::Refused(format!(
                 "this node could not catch up with the fleet (applied {applied}, head {head})"
             )));
         }
-        Ok((client, head))
+        Ok((client, head, guard))
     }
 
     /// Inserts change `seq`, notifies the nodes and commits.
@@ -278,12 +289,13 @@ impl Fleet {
         Ok(())
     }
 
-    /// Writes the rows of `base` as base `seq` (COPY, CSV, in chunks of about 1 MiB).
+    /// Writes the rows of `base` as base `seq` (COPY, CSV, in chunks of about 1 MiB). The
+    /// rows are encoded on a blocking thread while PostgreSQL takes the chunks before them.
     async fn copy_base(
         &self,
         client: &Client,
         seq: u32,
-        base: &crate::directory::Base,
+        base: Arc<crate::directory::Base>,
     ) -> Result<(), FleetError> {
         let err = db_err(&self.inner.pg);
         let sink = client
@@ -294,37 +306,51 @@ impl Fleet {
             .await
             .map_err(&err)?;
         let mut sink = std::pin::pin!(sink);
-        let names = self.inner.directory.states();
-        let writer = || {
-            csv::WriterBuilder::new()
-                .has_headers(false)
-                .from_writer(Vec::with_capacity((1 << 20) + 4096))
-        };
-        let mut w = writer();
-        let seq_text = seq.to_string();
-        let csv_err = |e: String| FleetError::Sql(format!("encoding base rows: {e}"));
-        for r in base.rows(names) {
-            let origin = r.origin.to_string();
-            w.write_record([
-                seq_text.as_str(),
-                &r.address,
-                &r.mailbox,
-                &r.state,
-                &r.file_state,
-                &origin,
-            ])
-            .map_err(|e| csv_err(e.to_string()))?;
-            if w.get_ref().len() >= 1 << 20 {
-                let chunk = std::mem::replace(&mut w, writer())
-                    .into_inner()
-                    .map_err(|e| csv_err(e.to_string()))?;
+        let names = self.inner.directory.states().to_vec();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
+        let encoder = tokio::task::spawn_blocking(move || {
+            const CHUNK: usize = 1 << 20;
+            let writer = || {
+                csv::WriterBuilder::new()
+                    .has_headers(false)
+                    .from_writer(Vec::with_capacity(CHUNK + 4096))
+            };
+            let mut w = writer();
+            let seq_text = seq.to_string();
+            for r in base.rows(&names) {
+                let origin = r.origin.to_string();
+                let record = [
+                    seq_text.as_str(),
+                    &r.address,
+                    &r.mailbox,
+                    &r.state,
+                    &r.file_state,
+                    &origin,
+                ];
+                if let Err(e) = w.write_record(record) {
+                    let _ = tx.blocking_send(Err(e.to_string()));
+                    return;
+                }
+                if w.get_ref().len() >= CHUNK {
+                    let chunk = std::mem::replace(&mut w, writer())
+                        .into_inner()
+                        .map_err(|e| e.to_string());
+                    if tx.blocking_send(chunk).is_err() {
+                        return;
+                    }
+                }
+            }
+            let _ = tx.blocking_send(w.into_inner().map_err(|e| e.to_string()));
+        });
+        while let Some(chunk) = rx.recv().await {
+            let chunk = chunk.map_err(|e| FleetError::Sql(format!("encoding base rows: {e}")))?;
+            if !chunk.is_empty() {
                 sink.send(bytes::Bytes::from(chunk)).await.map_err(&err)?;
             }
         }
-        let rest = w.into_inner().map_err(|e| csv_err(e.to_string()))?;
-        if !rest.is_empty() {
-            sink.send(bytes::Bytes::from(rest)).await.map_err(&err)?;
-        }
+        encoder
+            .await
+            .map_err(|e| FleetError::Refused(format!("encoding base rows: {e}")))?;
         sink.as_mut().finish().await.map_err(&err)?;
         Ok(())
     }

@@ -153,9 +153,17 @@ async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
 }
 
 /// Applies every change after the local sequence, in order; returns the sequence applied.
+/// One applier at a time (the follower, a commit).
 /// A base later than the next change makes the changes before it moot: the node jumps to
 /// it (its rows are the whole state at that point).
 pub(super) async fn catch_up(inner: &Inner, client: &Client) -> Result<u32, FleetError> {
+    let _one = inner.applying.lock().await;
+    catch_up_locked(inner, client).await
+}
+
+/// [`catch_up`] for a caller that holds `inner.applying` (a commit, which keeps it until it
+/// has applied its own change, so the follower does not fetch that change meanwhile).
+pub(super) async fn catch_up_locked(inner: &Inner, client: &Client) -> Result<u32, FleetError> {
     let s = inner.schema().to_string();
     let err = db_err(&inner.pg);
     loop {
@@ -326,18 +334,24 @@ async fn install_base(
 ) -> Result<(), FleetError> {
     let t0 = Instant::now();
     let rows = read_base(inner, client, seq).await?;
+    let fetched = t0.elapsed();
     let dir = inner.directory.clone();
     let what = format!("fleet base {seq}");
-    tokio::task::spawn_blocking(move || {
+    let built = tokio::task::spawn_blocking(move || {
+        let t1 = Instant::now();
         let base = Base::from_rows(&rows, dir.states(), &what)?;
+        let built = t1.elapsed();
+        drop(rows);
         dir.install_base(seq, base, &source)?;
-        Ok::<_, FleetError>(())
+        Ok::<_, FleetError>(built)
     })
     .await
     .map_err(|e| FleetError::Refused(e.to_string()))??;
     info!(
         change = seq,
         ms = t0.elapsed().as_millis() as u64,
+        fetch_ms = fetched.as_millis() as u64,
+        build_ms = built.as_millis() as u64,
         "fleet: base loaded from PostgreSQL"
     );
     applied_now(inner, committed);

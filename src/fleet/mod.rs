@@ -122,6 +122,9 @@ struct Inner {
     fleet_id: Mutex<Option<String>>,
     /// Stops the follower.
     stop: AtomicBool,
+    /// Held by whoever applies changes from the log (the follower's catch-up, a commit from
+    /// reading the head to applying its own change).
+    applying: tokio::sync::Mutex<()>,
 }
 
 /// The fleet client of one node. Cheap to clone.
@@ -230,6 +233,7 @@ impl Fleet {
                 admin_addr: OnceLock::new(),
                 fleet_id: Mutex::new(fleet_id),
                 stop: AtomicBool::new(false),
+                applying: tokio::sync::Mutex::new(()),
                 cfg,
             }),
         };

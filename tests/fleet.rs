@@ -239,6 +239,21 @@ async fn a_batch_through_one_node_is_seen_on_every_node() {
     for name in ["mx1", "mx2", "mx3"] {
         assert!(out.contains(name), "{out}");
     }
+
+    // A change whose notification is lost (here: written with no NOTIFY at all) is still
+    // applied everywhere: nodes poll the log by sequence.
+    schema
+        .execute(
+            "INSERT INTO changes (seq, kind, node, source, rows, changed, body) \
+             VALUES (4, 'apply', 'sql', 'silent.csv', 1, 1, convert_to(E'dave@nhs.test\\tcloud\\n', 'UTF8'))",
+        )
+        .await;
+    for n in [&a, &b, &c] {
+        eventually("the silent change on every node", || {
+            n.route_of("dave@nhs.test") == (Some("cloud".into()), "batch 4".into())
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

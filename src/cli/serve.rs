@@ -50,6 +50,29 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
         args.config.display(),
         cfg.routes.len(),
     );
+    if let Some(f) = &cfg.fleet {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        match rt.block_on(crate::fleet::probe(f)) {
+            Ok((0, _)) => println!(
+                "fleet: PostgreSQL reachable; schema {:?} has no directory yet{}",
+                f.schema,
+                if cfg.directory.file.is_some() {
+                    " (the first node seeds it from directory.file)"
+                } else {
+                    " (load one with `coexist directory import`)"
+                }
+            ),
+            Ok((head, nodes)) => println!(
+                "fleet: PostgreSQL reachable; schema {:?} at change {head}, {nodes} node(s) known",
+                f.schema
+            ),
+            Err(e) => println!(
+                "warning: fleet: {e} (the node would start on its local snapshot and keep trying)"
+            ),
+        }
+    }
     if let Some(f) = &found.new_token_file {
         println!(
             "note: admin.token_file {} does not exist yet; `coexist serve` will write a fresh token to it",

@@ -140,16 +140,7 @@ impl Base {
             fingerprint: Fingerprint::default(),
         };
         Ok(Base {
-            report: ReloadReport {
-                entries: view.table.len(),
-                mailboxes: n,
-                changed: 0,
-                added: 0,
-                removed: 0,
-                removed_addresses: 0,
-                forced: false,
-                elapsed_ms: 0,
-            },
+            report: ReloadReport::of(view.table.len(), n),
             view,
         })
     }

@@ -43,7 +43,7 @@ use crate::types::RouteName;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
-use store::{ChangeSummary, Fingerprint, Store};
+use store::{ChangeSummary, Store};
 use table::Parsed;
 use view::{LookupCache, View};
 
@@ -182,6 +182,23 @@ pub struct ReloadReport {
     pub elapsed_ms: u64,
 }
 
+impl ReloadReport {
+    /// A report of a load of `entries` addresses in `mailboxes` mailboxes that changed
+    /// nothing yet.
+    pub fn of(entries: usize, mailboxes: usize) -> ReloadReport {
+        ReloadReport {
+            entries,
+            mailboxes,
+            changed: 0,
+            added: 0,
+            removed: 0,
+            removed_addresses: 0,
+            forced: false,
+            elapsed_ms: 0,
+        }
+    }
+}
+
 /// A reload of the directory file that was refused, for status.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct RefusedReload {
@@ -262,16 +279,7 @@ impl Directory {
 
     /// A directory from parsed data, without persistence (tests, benches).
     pub fn in_memory(parsed: Parsed, states: Vec<RouteName>, cfg: &DirectoryConfig) -> Directory {
-        let n = parsed.states.len();
-        let view = View {
-            generation: 1,
-            table: Arc::new(parsed.table),
-            file_states: Arc::new(parsed.states.clone()),
-            states: parsed.states,
-            origin: vec![0; n],
-            last_change: 0,
-            fingerprint: Fingerprint::default(),
-        };
+        let view = View::of_parsed(parsed);
         let source: Box<dyn Source> = match &cfg.file {
             Some(path) => Box::new(FileSource { path: path.clone() }),
             None => Box::new(FleetSource),

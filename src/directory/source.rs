@@ -74,24 +74,11 @@ impl Directory {
         let store = Store::open(store_dir)?;
         let snapshot = store.read_snapshot()?.and_then(|s| s.renumber(&states));
         let mut view = match snapshot {
-            Some(s) => View {
-                generation: 1,
-                table: Arc::new(s.table),
-                file_states: Arc::new(s.file_states),
-                states: s.states,
-                origin: s.origin,
-                last_change: s.last_change,
-                fingerprint: s.fingerprint,
-            },
-            None => View {
-                generation: 1,
-                table: Arc::new(table::Table::default()),
-                file_states: Arc::new(Vec::new()),
+            Some(s) => View::from_stored(s),
+            None => View::of_parsed(Parsed {
+                table: table::Table::default(),
                 states: Vec::new(),
-                origin: Vec::new(),
-                last_change: 0,
-                fingerprint: Fingerprint::default(),
-            },
+            }),
         };
         let (history, tail) = store.read_log(view.last_change)?;
         for change in &tail {
@@ -153,15 +140,7 @@ impl Directory {
             dir.persist_snapshot()?;
             return Ok(dir);
         };
-        let mut view = View {
-            generation: 1,
-            table: Arc::new(s.table),
-            file_states: Arc::new(s.file_states),
-            states: s.states,
-            origin: s.origin,
-            last_change: s.last_change,
-            fingerprint: s.fingerprint,
-        };
+        let mut view = View::from_stored(s);
         let (history, tail) = store.read_log(view.last_change)?;
         for change in &tail {
             replay(&mut view, change, &states);
@@ -277,16 +256,7 @@ pub(super) fn merge(old: Option<&View>, parsed: Parsed, fp: Fingerprint) -> (Vie
     let n = parsed.states.len();
     let mut states = parsed.states.clone();
     let mut origin = vec![0u32; n];
-    let mut report = ReloadReport {
-        entries: parsed.table.len(),
-        mailboxes: n,
-        changed: 0,
-        added: 0,
-        removed: 0,
-        removed_addresses: 0,
-        forced: false,
-        elapsed_ms: 0,
-    };
+    let mut report = ReloadReport::of(parsed.table.len(), n);
     let mut kept = 0usize;
     if let Some(old) = old {
         for (m, state) in states.iter_mut().enumerate() {

@@ -3,7 +3,7 @@
 //! [`Directory::lookup`] (state, mailbox and provenance).
 
 use super::store::{Fingerprint, Stored};
-use super::table::Table;
+use super::table::{Parsed, Table};
 use super::Directory;
 use crate::types::{Address, RouteName};
 use serde::Serialize;
@@ -42,6 +42,33 @@ pub(super) struct View {
 }
 
 impl View {
+    /// The view a snapshot holds (first generation).
+    pub(super) fn from_stored(s: Stored) -> View {
+        View {
+            generation: 1,
+            table: Arc::new(s.table),
+            file_states: Arc::new(s.file_states),
+            states: s.states,
+            origin: s.origin,
+            last_change: s.last_change,
+            fingerprint: s.fingerprint,
+        }
+    }
+
+    /// A view of the whole of `parsed`: every mailbox in its file state, origin 0.
+    pub(super) fn of_parsed(parsed: Parsed) -> View {
+        let n = parsed.states.len();
+        View {
+            generation: 1,
+            table: Arc::new(parsed.table),
+            file_states: Arc::new(parsed.states.clone()),
+            states: parsed.states,
+            origin: vec![0; n],
+            last_change: 0,
+            fingerprint: Fingerprint::default(),
+        }
+    }
+
     pub(super) fn stored(&self, names: &[RouteName]) -> Stored {
         Stored {
             fingerprint: self.fingerprint,

@@ -32,7 +32,7 @@ mod sql;
 mod status;
 
 pub use commit::{FleetBatch, Progress};
-pub use status::{FleetStatus, NodeApplied, NodeRow, PgHealth};
+pub use status::{probe, FleetStatus, NodeApplied, NodeRow, PgHealth};
 
 use crate::config::{Config, FleetConfig};
 use crate::directory::{Directory, DirectoryError};

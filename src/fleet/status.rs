@@ -71,6 +71,37 @@ pub struct NodeApplied {
     pub applied: u32,
 }
 
+/// What `check-config` reports about a fleet: the head of its log and its nodes, or why
+/// PostgreSQL cannot be asked (a node still starts then, on its local snapshot).
+pub async fn probe(cfg: &crate::config::FleetConfig) -> Result<(u32, usize), FleetError> {
+    let pg: tokio_postgres::Config = cfg
+        .postgres
+        .parse()
+        .map_err(|e| FleetError::Refused(format!("fleet.postgres: {e}")))?;
+    let client = sql::connect(&pg).await?;
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.tables WHERE table_schema = $1 AND table_name = 'changes')",
+            &[&cfg.schema],
+        )
+        .await
+        .map_err(db_err(&pg))?
+        .get(0);
+    if !exists {
+        return Ok((0, 0));
+    }
+    let head = sql::head(&client, &cfg.schema).await?;
+    let nodes: i64 = client
+        .query_one(
+            &format!(r#"SELECT count(*) FROM "{}".nodes"#, cfg.schema),
+            &[],
+        )
+        .await
+        .map_err(db_err(&pg))?
+        .get(0);
+    Ok((head, usize::try_from(nodes).unwrap_or(0)))
+}
+
 impl Fleet {
     /// What this node has applied, for its peers.
     pub fn node_applied(&self) -> NodeApplied {

@@ -124,23 +124,17 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }));
     let started = Instant::now();
     let report = client::run(
-        LoadOptions {
+        LoadOptions::closed_loop(
             target,
-            messages: opts.messages,
-            concurrency: opts.concurrency,
-            per_session: 100,
-            tls: if opts.tls {
+            opts.messages,
+            opts.concurrency,
+            if opts.tls {
                 TlsPolicy::Opportunistic
             } else {
                 TlsPolicy::None
             },
-            max_duration: Duration::from_secs(300),
-            pipelining: true,
-            chunking: true,
-            rate: None,
-            phases: false,
-            progress: false,
-        },
+            Duration::from_secs(300),
+        ),
         gen,
     )
     .await;

@@ -202,19 +202,13 @@ async fn mail(
             ..Generator::default()
         }));
         let r = client::run(
-            LoadOptions {
-                target: n.local_addrs[0],
-                messages: opts.messages,
-                concurrency: 8,
-                per_session: 100,
-                tls: TlsPolicy::None,
-                max_duration: Duration::from_secs(120),
-                pipelining: true,
-                chunking: true,
-                rate: None,
-                phases: false,
-                progress: false,
-            },
+            LoadOptions::closed_loop(
+                n.local_addrs[0],
+                opts.messages,
+                8,
+                TlsPolicy::None,
+                Duration::from_secs(120),
+            ),
             gen,
         )
         .await;

@@ -44,6 +44,33 @@ pub struct LoadOptions {
     pub progress: bool,
 }
 
+impl LoadOptions {
+    /// A closed loop of `concurrency` sessions sending `messages` to `target` as fast as
+    /// they can (100 per session, PIPELINING and CHUNKING when offered, no progress bar),
+    /// for at most `max_duration`: what the demos run.
+    pub fn closed_loop(
+        target: SocketAddr,
+        messages: u64,
+        concurrency: usize,
+        tls: TlsPolicy,
+        max_duration: Duration,
+    ) -> LoadOptions {
+        LoadOptions {
+            target,
+            messages,
+            concurrency,
+            per_session: 100,
+            tls,
+            max_duration,
+            pipelining: true,
+            chunking: true,
+            rate: None,
+            phases: false,
+            progress: false,
+        }
+    }
+}
+
 struct Shared {
     report: LoadReport,
     per_second: BTreeMap<u64, Histogram<u64>>,

@@ -77,6 +77,7 @@ fn main() {
         store_dir: tmp.path().join("store"),
         watch: false,
         max_shrink: coexist::config::Percent::parse("10%").unwrap(),
+        ldap: None,
     };
     let t = Instant::now();
     let dir = Directory::open(&cfg(0), states()).expect("first open");

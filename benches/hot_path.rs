@@ -74,6 +74,7 @@ fn directory(c: &mut Criterion) {
         store_dir: "unused".into(),
         watch: false,
         max_shrink: coexist::config::Percent::parse("10%").unwrap(),
+        ldap: None,
     };
     let dir = Directory::in_memory(parsed, states(), &cfg);
     let addrs: Vec<Address> = (0..1000)

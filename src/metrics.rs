@@ -59,6 +59,11 @@ pub const FLEET_BEHIND: &str = "coexist_fleet_behind";
 /// Fleet: time from a change's commit in PostgreSQL to its application here (histogram,
 /// seconds).
 pub const FLEET_APPLY_DELAY: &str = "coexist_fleet_apply_delay_seconds";
+/// 1 while the directory's source can be read (always 1 for the file source; the LDAP
+/// source's last sync succeeded).
+pub const DIRECTORY_SOURCE_UP: &str = "coexist_directory_source_up";
+/// LDAP syncs, by `kind` (full, delta) and `result` (ok, failed).
+pub const LDAP_SYNCS: &str = "coexist_ldap_syncs_total";
 /// TLS handshakes, by `side` (inbound/outbound) and `result` (ok/failed).
 pub const TLS_HANDSHAKES: &str = "coexist_tls_handshakes_total";
 /// Config reloads, by `result` (ok/refused).

@@ -89,6 +89,14 @@ impl SessionRules {
     }
 }
 
+/// The reply to a recipient the directory does not know while its source cannot be read
+/// (RFC 3463 4.4.3: directory server failure): the sender retries, the mail is not lost.
+const SOURCE_DOWN: Reply = Reply::new(
+    451,
+    "4.4.3",
+    "Directory temporarily unavailable, try again later",
+);
+
 /// The reply while the spool's disk is short of space (RFC 3463 4.3.1).
 const NO_SPACE: Reply = Reply::new(452, "4.3.1", "Insufficient system storage, try again later");
 
@@ -137,12 +145,19 @@ impl Handler for RelayHandler {
         _from: Option<&Address>,
         to: &Address,
     ) -> Result<(), Reply> {
+        let listed = std::cell::Cell::new(true);
         let res = crate::route::admit(&rules.policy, to, |a| {
             let t0 = Instant::now();
             let r = self.directory.resolve(a);
             metrics::histogram!(m::LOOKUP_LATENCY).record(t0.elapsed().as_secs_f64());
+            listed.set(matches!(r, crate::directory::Resolution::Listed(..)));
             r
         });
+        // The source is down: an address it does not know may be a mailbox created since.
+        if !listed.get() && self.directory.source_down() {
+            info!(client = %peer.addr, to = %to, "recipient not in the directory while its source is down: deferred");
+            return Err(SOURCE_DOWN);
+        }
         match res {
             Err(r) if r == canned::UNKNOWN_USER => {
                 info!(client = %peer.addr, to = %to, "unknown recipient refused");
@@ -415,13 +430,7 @@ pub async fn start_with_file(
             let (fleet, directory) = Fleet::start(&config).await?;
             (directory, Some(fleet))
         }
-        None => {
-            let (cfg, names) = (config.directory.clone(), config.route_names());
-            let d = tokio::task::spawn_blocking(move || Directory::open(&cfg, names))
-                .await
-                .map_err(|e| StartError::Task(e.to_string()))??;
-            (Arc::new(d), None)
-        }
+        None => (open_directory(&config).await?, None),
     };
     info!(entries = directory.len(), source = %directory.source_name(), ms = t0.elapsed().as_millis() as u64, "directory loaded");
     let watch_file = config.directory.file.as_ref().filter(|_| fleet.is_none());
@@ -537,6 +546,22 @@ pub async fn start_with_file(
         admin,
         _watch: watch,
     })
+}
+
+/// Opens the directory of a single node: from `directory.file`, or with `[directory.ldap]`
+/// from the LDAP source (a first full sync, bounded by its timeout, then the sync task).
+async fn open_directory(config: &Config) -> Result<Arc<Directory>, StartError> {
+    use crate::directory::ldap;
+    let (cfg, names) = (config.directory.clone(), config.route_names());
+    let Some(l) = config.directory.ldap.clone() else {
+        let d = tokio::task::spawn_blocking(move || Directory::open(&cfg, names))
+            .await
+            .map_err(|e| StartError::Task(e.to_string()))??;
+        return Ok(Arc::new(d));
+    };
+    Ok(ldap::open(l, cfg, names)
+        .await
+        .map_err(|e| StartError::Task(e.to_string()))??)
 }
 
 /// Starts the relay from an in-memory config (no reload from file).

@@ -15,8 +15,8 @@ mod validate;
 mod values;
 
 pub use schema::{
-    AdminConfig, DeliveryConfig, DirectoryConfig, DnsConfig, FleetConfig, PolicyConfig,
-    QueueConfig, RouteConfig, ServerConfig, SpoolConfig, TlsConfig,
+    AdminConfig, DeliveryConfig, DirectoryConfig, DnsConfig, FleetConfig, LdapConfig, LdapFlavor,
+    PolicyConfig, QueueConfig, RouteConfig, ServerConfig, SpoolConfig, TlsConfig,
 };
 pub use values::{NextHop, Percent, TlsPolicy, Unknown, ValueError};
 

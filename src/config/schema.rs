@@ -210,6 +210,136 @@ pub struct DirectoryConfig {
     /// more is refused (a half-written or truncated file) unless the reload is forced.
     #[serde(default = "default_max_shrink")]
     pub max_shrink: Percent,
+    /// The directory from Active Directory or OpenLDAP instead of `file`.
+    #[serde(default)]
+    pub ldap: Option<LdapConfig>,
+}
+
+/// How the LDAP source finds changes since its last sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LdapFlavor {
+    /// `uSNChanged` above the last `highestCommittedUSN` of the same domain controller
+    /// (its `invocationId` watched: another DC or a restore means a full sync).
+    ActiveDirectory,
+    /// `modifyTimestamp` at or after the newest one seen.
+    Openldap,
+}
+
+/// `[directory.ldap]`: the migration state from Active Directory (or OpenLDAP).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapConfig {
+    /// `ldap://host:port` or `ldaps://host:port`.
+    pub url: String,
+    /// Upgrade `ldap://` with StartTLS.
+    #[serde(default)]
+    pub starttls: bool,
+    /// PEM CA bundle for `ldaps://` and StartTLS (default: the system's roots).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// DN to bind as (simple bind); none: anonymous.
+    #[serde(default)]
+    pub bind_dn: Option<String>,
+    /// Bind password, inline.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Bind password, first line of this file.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Where to search.
+    pub base_dn: String,
+    /// Which entries are mailboxes.
+    #[serde(default = "default_ldap_filter")]
+    pub filter: String,
+    /// How changes are found: `active-directory` or `openldap`.
+    #[serde(default = "default_ldap_flavor")]
+    pub flavor: LdapFlavor,
+    /// Time between delta syncs.
+    #[serde(default = "default_sync_interval", with = "duration")]
+    pub sync_interval: Duration,
+    /// Time between full syncs (which also see deleted entries).
+    #[serde(default = "default_full_sync_interval", with = "duration")]
+    pub full_sync_interval: Duration,
+    /// Entries per page of a paged search.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+    /// Connect and per-operation timeout.
+    #[serde(default = "default_ldap_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Attribute whose value gives the route.
+    #[serde(default = "default_state_attribute")]
+    pub state_attribute: String,
+    /// Attribute value → route name; entries with other values are not mailboxes.
+    #[serde(default = "default_state_values")]
+    pub states: std::collections::BTreeMap<String, String>,
+    /// Attribute with every address of the mailbox (`SMTP:` primary, `smtp:` others).
+    #[serde(default = "default_addresses_attribute")]
+    pub addresses_attribute: String,
+    /// Attribute with the mailbox's routing address (`SMTP:alias@tenant.mail.onmicrosoft.com`).
+    #[serde(default = "default_routing_attribute")]
+    pub routing_attribute: String,
+}
+
+impl LdapConfig {
+    /// The bind password (inline or from `password_file`), if any.
+    pub fn password(&self) -> std::io::Result<Option<String>> {
+        if let Some(p) = &self.password {
+            return Ok(Some(p.clone()));
+        }
+        match &self.password_file {
+            Some(f) => Ok(std::fs::read_to_string(f)?
+                .lines()
+                .next()
+                .map(str::to_string)),
+            None => Ok(None),
+        }
+    }
+}
+
+fn default_ldap_filter() -> String {
+    "(proxyAddresses=*)".into()
+}
+fn default_ldap_flavor() -> LdapFlavor {
+    LdapFlavor::ActiveDirectory
+}
+fn default_sync_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_full_sync_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_page_size() -> u32 {
+    500
+}
+fn default_ldap_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_state_attribute() -> String {
+    "msExchRecipientTypeDetails".into()
+}
+fn default_addresses_attribute() -> String {
+    "proxyAddresses".into()
+}
+fn default_routing_attribute() -> String {
+    "targetAddress".into()
+}
+/// Active Directory's `msExchRecipientTypeDetails`: on-premises mailboxes (user, shared,
+/// room, equipment) and their remote counterparts once moved to Exchange Online.
+fn default_state_values() -> std::collections::BTreeMap<String, String> {
+    [
+        ("1", "onprem"),
+        ("4", "onprem"),
+        ("16", "onprem"),
+        ("32", "onprem"),
+        ("2147483648", "cloud"),
+        ("8589934592", "cloud"),
+        ("17179869184", "cloud"),
+        ("34359738368", "cloud"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 /// `[fleet]`: several MX nodes sharing one directory through PostgreSQL.

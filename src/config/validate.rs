@@ -20,14 +20,51 @@ impl Config {
                 "needs at least one address".into(),
             ));
         }
+        if let Some(l) = &self.directory.ldap {
+            let t = "directory.ldap";
+            if !(l.url.starts_with("ldap://") || l.url.starts_with("ldaps://")) {
+                return Err(fail(
+                    t,
+                    "url",
+                    "must be ldap://HOST[:PORT] or ldaps://HOST[:PORT]".into(),
+                ));
+            }
+            if l.password.is_some() && l.password_file.is_some() {
+                return Err(fail(
+                    t,
+                    "password",
+                    "set password or password_file, not both".into(),
+                ));
+            }
+            for (value, route) in &l.states {
+                if !self.routes.contains_key(route) {
+                    return Err(fail(
+                        "directory.ldap.states",
+                        value,
+                        format!("{route:?} is not a route"),
+                    ));
+                }
+            }
+            if l.sync_interval.is_zero() || l.page_size == 0 {
+                return Err(fail(
+                    t,
+                    "sync_interval",
+                    "sync_interval and page_size must be more than 0".into(),
+                ));
+            }
+            if self.fleet.is_some() {
+                return Err(fail(t, "url", "an LDAP source in a fleet is not supported yet: run the LDAP source on one node without [fleet]".into()));
+            }
+        }
         match (&self.fleet, &self.directory.file) {
-            (None, None) => {
+            (None, None) if self.directory.ldap.is_none() => {
                 return Err(fail(
                     "directory",
                     "file",
-                    "is required (without [fleet] the directory comes from this file)".into(),
+                    "is required (without [fleet] or [directory.ldap] the directory comes from this file)".into(),
                 ))
             }
+            (None, None) => {}
             (Some(f), _) => {
                 if let Err(e) = f.postgres.parse::<tokio_postgres::Config>() {
                     return Err(fail(

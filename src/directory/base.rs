@@ -159,17 +159,8 @@ impl Directory {
     ) -> Result<Base, DirectoryError> {
         let t0 = std::time::Instant::now();
         let view = self.view.load_full();
-        let (mut next, mut report) = merge(Some(&view), parsed, Fingerprint::default());
         // Rows the file decided carry the base's id as their origin (`base N` in lookups).
-        for (m, o) in next.origin.iter_mut().enumerate() {
-            let file_decided = view
-                .table
-                .mailbox(next.table.primary_address(m).as_bytes())
-                .is_none_or(|om| view.file_states[om] != next.file_states[m]);
-            if file_decided || *o == 0 {
-                *o = seq;
-            }
-        }
+        let (next, mut report) = merge(Some(&view), parsed, Fingerprint::default(), seq);
         let (removed, forced) = self.check_shrink(&view, &next, source, force)?;
         report.removed_addresses = removed;
         report.forced = forced;

@@ -28,6 +28,7 @@ mod base;
 pub mod batch;
 mod changes;
 pub mod generate;
+pub mod ldap;
 mod source;
 pub mod store;
 pub mod table;
@@ -270,6 +271,12 @@ impl Directory {
         self.source.name()
     }
 
+    /// True while the source cannot be read (LDAP down): recipients the directory does not
+    /// know are then deferred, not refused.
+    pub fn source_down(&self) -> bool {
+        !self.source.healthy()
+    }
+
     /// True when the source changed since it was last loaded.
     pub fn source_changed(&self) -> bool {
         self.source
@@ -353,6 +360,7 @@ mod tests {
             store_dir: dir.join("store"),
             watch: false,
             max_shrink: Percent::parse("10%").unwrap(),
+            ldap: None,
         }
     }
 

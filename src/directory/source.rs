@@ -23,6 +23,16 @@ pub trait Source: Send + Sync {
     fn fingerprint(&self) -> Result<Fingerprint, DirectoryError>;
     /// Reads every entry; a bad row fails the whole load.
     fn load(&self, states: &[RouteName]) -> Result<Parsed, DirectoryError>;
+    /// False while the source cannot be read (LDAP down): the directory in force stays, and
+    /// recipients it does not know are deferred (`451 4.4.3`) rather than refused.
+    fn healthy(&self) -> bool {
+        true
+    }
+    /// True when the mailboxes a load changes should show that load's change (its source
+    /// name, e.g. `ldap usn 123456`) as their origin, rather than `file PATH`.
+    fn marks_origin(&self) -> bool {
+        false
+    }
 }
 
 /// The embedded default source: the CSV file `directory.file`.
@@ -118,25 +128,48 @@ impl Directory {
         cfg: &DirectoryConfig,
         states: Vec<RouteName>,
     ) -> Result<Directory, DirectoryError> {
-        let store = Store::open(&cfg.store_dir)?;
         let source = FileSource {
             path: cfg
                 .file
                 .clone()
                 .ok_or_else(|| DirectoryError::Batch("directory.file is not set".into()))?,
         };
+        Directory::open_with(cfg, states, Box::new(source))
+    }
+
+    /// [`Directory::open`] with another source (the LDAP source). A source that marks
+    /// origins is loaded at the first start through a reload, so its change is logged; one
+    /// that is unhealthy at the first start leaves the directory empty until it is back.
+    pub fn open_with(
+        cfg: &DirectoryConfig,
+        states: Vec<RouteName>,
+        source: Box<dyn Source>,
+    ) -> Result<Directory, DirectoryError> {
+        let store = Store::open(&cfg.store_dir)?;
         // State numbers follow the route names; a snapshot written under other routes is
         // renumbered by name (or dropped if a state is no longer a route).
         let snapshot = store.read_snapshot()?.and_then(|s| s.renumber(&states));
         let Some(s) = snapshot else {
+            if source.marks_origin() || !source.healthy() {
+                let empty = View::of_parsed(Parsed {
+                    table: table::Table::default(),
+                    states: Vec::new(),
+                });
+                let (history, _) = store.read_log(0)?;
+                let dir = Directory::build(cfg, states, empty, Some(store), history, source);
+                if let Err(e) = dir.reload_file(false) {
+                    error!(error = %e, "at first start: the directory source could not be read; the directory is empty until it can");
+                }
+                return Ok(dir);
+            }
             let fp = source.fingerprint()?;
             let parsed = source.load(&states)?;
-            let mut view = merge(None, parsed, fp).0;
+            let mut view = merge(None, parsed, fp, 0).0;
             let (history, tail) = store.read_log(0)?;
             for change in &tail {
                 replay(&mut view, change, &states);
             }
-            let dir = Directory::build(cfg, states, view, Some(store), history, Box::new(source));
+            let dir = Directory::build(cfg, states, view, Some(store), history, source);
             dir.persist_snapshot()?;
             return Ok(dir);
         };
@@ -148,7 +181,7 @@ impl Directory {
         let file_changed = source
             .fingerprint()
             .map_or(true, |fp| fp != view.fingerprint);
-        let dir = Directory::build(cfg, states, view, Some(store), history, Box::new(source));
+        let dir = Directory::build(cfg, states, view, Some(store), history, source);
         if file_changed {
             match dir.reload_file(false) {
                 // The reload wrote the snapshot.
@@ -220,14 +253,15 @@ impl Directory {
         let parsed = self.source.load(&self.states).map_err(invalid)?;
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let view = self.view.load_full();
-        let (mut next, mut report) = merge(Some(&view), parsed, fp);
+        let id = self.next_id(&view);
+        let fresh = if self.source.marks_origin() { id } else { 0 };
+        let (mut next, mut report) = merge(Some(&view), parsed, fp, fresh);
         let (removed, forced) = self
             .check_shrink(&view, &next, &self.source.name(), force)
             .map_err(|e| ("refused_shrink", e))?;
         report.removed_addresses = removed;
         report.forced = forced;
         next.generation = view.generation + 1;
-        let id = self.next_id(&view);
         next.last_change = id;
         let change = Change {
             head: ChangeSummary {
@@ -251,11 +285,17 @@ impl Directory {
 }
 
 /// Builds the view for a newly parsed file on top of `old`: a mailbox whose file state is
-/// unchanged keeps its current state and origin (so batches survive); others take the file.
-pub(super) fn merge(old: Option<&View>, parsed: Parsed, fp: Fingerprint) -> (View, ReloadReport) {
+/// unchanged keeps its current state and origin (so batches survive); others take the file,
+/// with `fresh` as their origin (0: the file itself).
+pub(super) fn merge(
+    old: Option<&View>,
+    parsed: Parsed,
+    fp: Fingerprint,
+    fresh: u32,
+) -> (View, ReloadReport) {
     let n = parsed.states.len();
     let mut states = parsed.states.clone();
-    let mut origin = vec![0u32; n];
+    let mut origin = vec![fresh; n];
     let mut report = ReloadReport::of(parsed.table.len(), n);
     let mut kept = 0usize;
     if let Some(old) = old {

@@ -92,7 +92,7 @@ pub struct Lookup {
     /// Current state, when listed.
     pub state: Option<String>,
     /// Where the state comes from: `file PATH`, `batch N`, `base N` (a fleet's base
-    /// import), or `unlisted`.
+    /// import), the LDAP sync that set it (`ldap usn 123456`), or `unlisted`.
     pub origin: String,
     /// The route a message would take now (`None` = rejected).
     pub route: Option<String>,
@@ -158,17 +158,15 @@ impl Directory {
 }
 
 impl Directory {
-    /// `batch N`, or `base N` when change `id` was a fleet's base import.
+    /// `batch N`; `base N` when change `id` was a fleet's base import; the source's mark
+    /// (`ldap usn 123456`) when it was a load of a source that marks origins.
     fn origin_name(&self, id: u32) -> String {
+        use super::store::ChangeKind;
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        let base = h
-            .binary_search_by_key(&id, |c| c.id)
-            .ok()
-            .is_some_and(|i| h[i].kind == super::store::ChangeKind::Base);
-        if base {
-            format!("base {id}")
-        } else {
-            format!("batch {id}")
+        match h.binary_search_by_key(&id, |c| c.id).ok().map(|i| &h[i]) {
+            Some(c) if c.kind == ChangeKind::Base => format!("base {id}"),
+            Some(c) if c.kind == ChangeKind::Reload => c.source.clone(),
+            _ => format!("batch {id}"),
         }
     }
 }

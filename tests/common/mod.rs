@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod slapd;
 
 use coexist::config::{Config, DEFAULT_CONFIG};
 use coexist::load::sink::{Sink, SinkOptions};

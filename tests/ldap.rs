@@ -1,0 +1,184 @@
+//! The directory from a real OpenLDAP server carrying the Exchange attributes (issue 14):
+//! 10,000 mailboxes synced at start, a mailbox moved in LDAP sent to the cloud next hop at
+//! its routing address after the next delta sync, a new mailbox picked up, and the server
+//! stopped: known recipients still routed, unknown ones deferred with `451 4.4.3` until it
+//! is back.
+
+mod common;
+
+use coexist::config::LdapConfig;
+use common::slapd::{self, Slapd};
+use common::*;
+use ldap3::{LdapConnAsync, Mod};
+use std::collections::HashSet;
+
+const USERS: usize = 10_000;
+
+fn ldap_config(url: &str) -> LdapConfig {
+    toml::from_str(&format!(
+        r#"
+url = "{url}"
+bind_dn = "{}"
+password = "{}"
+base_dn = "ou=people,{}"
+flavor = "openldap"
+sync_interval = "1s"
+"#,
+        slapd::ROOT_DN,
+        slapd::ROOT_PW,
+        slapd::SUFFIX
+    ))
+    .unwrap()
+}
+
+async fn admin(url: &str) -> ldap3::Ldap {
+    let (conn, mut ldap) = LdapConnAsync::new(url).await.unwrap();
+    ldap3::drive!(conn);
+    ldap.simple_bind(slapd::ROOT_DN, slapd::ROOT_PW)
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    ldap
+}
+
+fn lookup(h: &Harness, a: &str) -> (Option<String>, String) {
+    let l = h
+        .relay
+        .directory
+        .lookup(&coexist::types::Address::parse(a, true).unwrap());
+    (l.state, l.origin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mailboxes_follow_active_directory_attributes_and_survive_the_server_going_down() {
+    let mut entries = String::new();
+    for i in 0..USERS {
+        let ldif = if i % 2 == 0 {
+            slapd::user_ldif(i, "1", None)
+        } else {
+            slapd::user_ldif(
+                i,
+                "2147483648",
+                Some(&format!("user{i}@tenant.mail.onmicrosoft.com")),
+            )
+        };
+        entries.push_str(&ldif);
+        entries.push('\n');
+    }
+    let mut server = tokio::task::spawn_blocking(move || Slapd::start(&entries))
+        .await
+        .unwrap();
+    let url = server.url();
+    let h = harness(|c| {
+        let d = |s: &str| coexist::types::Domain::parse(s, false).unwrap();
+        c.server.accepted_domains = vec![d("corp.test"), d("trust.test")];
+        c.directory.file = None;
+        c.directory.unknown = coexist::config::Unknown::Reject;
+        c.directory.ldap = Some(ldap_config(&url));
+        c.routes.get_mut("cloud").unwrap().rewrite_domain = Some(d("tenant.mail.onmicrosoft.com"));
+    })
+    .await;
+
+    // The first full sync ran before the relay listened: every mailbox, aliases included.
+    assert_eq!(h.relay.directory.len(), 2 * USERS);
+    let (state, origin) = lookup(&h, "user0@corp.test");
+    assert_eq!(state.as_deref(), Some("onprem"));
+    assert!(origin.starts_with("ldap modifyTimestamp "), "{origin}");
+    assert_eq!(lookup(&h, "U1@Trust.test").0.as_deref(), Some("cloud"));
+    let r = send_one(h.addr, &["user0@corp.test"], "before-move").await;
+    assert_eq!(r.code, 250, "{r:?}");
+    wait(&h.onprem, 1).await;
+
+    // The mailbox moves: Active Directory turns it into a remote mailbox.
+    let mut ldap = admin(&url).await;
+    ldap.modify(
+        &format!("cn=user0,ou=people,{}", slapd::SUFFIX),
+        vec![
+            Mod::Replace("msExchRecipientTypeDetails", HashSet::from(["2147483648"])),
+            Mod::Replace("msExchRemoteRecipientType", HashSet::from(["4"])),
+            Mod::Replace(
+                "targetAddress",
+                HashSet::from(["SMTP:jdoe.user0@tenant.mail.onmicrosoft.com"]),
+            ),
+        ],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    eventually("the move after a delta sync", || {
+        lookup(&h, "u0@trust.test").0.as_deref() == Some("cloud")
+    })
+    .await;
+    assert!(lookup(&h, "user0@corp.test")
+        .1
+        .starts_with("ldap modifyTimestamp "));
+    // Mail to its secondary address goes to the cloud next hop, at the mailbox's own
+    // routing address (not the rewritten secondary address Exchange Online would refuse).
+    let r = send_one(h.addr, &["u0@trust.test"], "after-move").await;
+    assert_eq!(r.code, 250, "{r:?}");
+    wait(&h.cloud, 1).await;
+    let got: Vec<String> = h.cloud.state.messages()[0]
+        .rcpts
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    assert_eq!(got, vec!["jdoe.user0@tenant.mail.onmicrosoft.com"]);
+
+    // A new mailbox appears with the next delta sync.
+    ldap.add(
+        &format!("cn=user{USERS},ou=people,{}", slapd::SUFFIX),
+        vec![
+            (
+                "objectClass",
+                HashSet::from(["inetOrgPerson", "msExchRecipient"]),
+            ),
+            ("cn", HashSet::from(["newuser"])),
+            ("sn", HashSet::from(["New"])),
+            ("msExchRecipientTypeDetails", HashSet::from(["1"])),
+            ("proxyAddresses", HashSet::from(["SMTP:new@corp.test"])),
+        ],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    let _ = ldap.unbind().await;
+    eventually("the new mailbox", || {
+        lookup(&h, "new@corp.test").0.as_deref() == Some("onprem")
+    })
+    .await;
+
+    // The server goes away: the state in force stays; unknown recipients are deferred.
+    // (Blocking briefly: kill, then wait for the process.)
+    server.stop();
+    eventually("the source to be seen down", || {
+        h.relay.directory.source_down()
+    })
+    .await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<x@example.org>", 250).await;
+    let r = c.cmd("RCPT TO:<nobody@corp.test>").await;
+    assert_eq!((r.code, r.status()), (451, "4.4.3"), "{r:?}");
+    c.expect("RCPT TO:<user2@corp.test>", 250).await;
+    c.expect("DATA", 354).await;
+    c.send(b"Subject: during outage\r\n\r\nHello.\r\n.\r\n")
+        .await;
+    assert_eq!(c.reply().await.code, 250);
+    wait(&h.onprem, 2).await;
+
+    // Back: unknown recipients are refused again.
+    server.run();
+    eventually("the source to be healthy again", || {
+        !h.relay.directory.source_down()
+    })
+    .await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<x@example.org>", 250).await;
+    let r = c.cmd("RCPT TO:<nobody@corp.test>").await;
+    assert_eq!((r.code, r.status()), (550, "5.1.1"), "{r:?}");
+    drop(server);
+}

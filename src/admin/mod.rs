@@ -464,6 +464,7 @@ async fn ready(State(s): State<AdminState>) -> Response {
         sessions_open: s.control.open_sessions(),
         directory_entries: s.directory.len(),
         directory_reload: s.directory.reload_status(),
+        directory_source_up: !s.directory.source_down(),
         fleet_behind,
         fleet_postgres_up: fleet.map(|f| f.postgres_up()),
     };

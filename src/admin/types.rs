@@ -77,6 +77,10 @@ pub struct Ready {
     pub directory_entries: usize,
     /// How the reloads of the directory file went.
     pub directory_reload: ReloadStatus,
+    /// The directory's source can be read (false while the LDAP source is down: unknown
+    /// recipients get `451 4.4.3`).
+    #[serde(default = "yes")]
+    pub directory_source_up: bool,
     /// In a fleet: draining because this node is behind the fleet (`fleet.max_lag`).
     #[serde(default)]
     pub fleet_behind: bool,
@@ -283,6 +287,10 @@ impl From<&crate::queue::recent::RecentOutcome> for TraceEntry {
             origin: o.origin.to_string(),
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[cfg(test)]

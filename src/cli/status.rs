@@ -40,6 +40,11 @@ pub fn ready_text(r: &Ready) -> String {
         "ready: {}; draining: {}; SMTP sessions open: {}; directory entries: {}",
         r.ready, r.draining, r.sessions_open, r.directory_entries
     );
+    if !r.directory_source_up {
+        out.push_str(
+            "\ndirectory source: DOWN (the directory in force stays; unknown recipients get 451 4.4.3)",
+        );
+    }
     if let Some(up) = r.fleet_postgres_up {
         out.push_str(&format!(
             "\nfleet: PostgreSQL {}; behind the fleet (draining): {}",
@@ -95,6 +100,7 @@ mod tests {
                     reason: "too small".into(),
                 }),
             },
+            directory_source_up: true,
             fleet_behind: false,
             fleet_postgres_up: None,
         };

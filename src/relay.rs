@@ -4,6 +4,7 @@
 
 use crate::certs::TlsError;
 use crate::config::Config;
+use crate::directory::scheduled::{self, ScheduleStore};
 use crate::directory::Directory;
 use crate::fleet::Fleet;
 use crate::metrics as m;
@@ -239,6 +240,8 @@ pub struct Control {
     pub directory: Arc<Directory>,
     /// The fleet this node belongs to, if any.
     pub fleet: Option<Fleet>,
+    /// Batches scheduled for later.
+    pub scheduled: Arc<ScheduleStore>,
     reload_lock: Mutex<()>,
 }
 
@@ -334,6 +337,9 @@ impl crate::admin::Controls for Control {
     fn fleet(&self) -> Option<&Fleet> {
         self.fleet.as_ref()
     }
+    fn scheduled(&self) -> &Arc<ScheduleStore> {
+        &self.scheduled
+    }
 }
 
 fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
@@ -375,6 +381,7 @@ pub struct Running {
     pub control: Arc<Control>,
     listeners: Vec<JoinHandle<()>>,
     admin: Option<JoinHandle<()>>,
+    schedule_task: JoinHandle<()>,
     _watch: Option<crate::directory::watch::FileWatch>,
 }
 
@@ -409,6 +416,7 @@ impl Drop for Running {
         if let Some(a) = &self.admin {
             a.abort();
         }
+        self.schedule_task.abort();
     }
 }
 
@@ -445,6 +453,14 @@ pub async fn start_with_file(
     } else {
         None
     };
+    let scheduled = Arc::new(ScheduleStore::open(
+        &config.directory.store_dir.join("scheduled"),
+    )?);
+    let schedule_task = tokio::spawn(scheduled::run(
+        scheduled.clone(),
+        config.route_names(),
+        apply_fn(directory.clone(), fleet.clone()),
+    ));
     let opened = {
         let dir = config.spool.dir.clone();
         tokio::task::spawn_blocking(move || Spool::open(&dir))
@@ -500,6 +516,7 @@ pub async fn start_with_file(
         queue: queue.clone(),
         directory: directory.clone(),
         fleet: fleet.clone(),
+        scheduled: scheduled.clone(),
         reload_lock: Mutex::new(()),
     });
     if let Some(f) = &fleet {
@@ -544,7 +561,31 @@ pub async fn start_with_file(
         control,
         listeners,
         admin,
+        schedule_task,
         _watch: watch,
+    })
+}
+
+/// How a due scheduled batch is applied: through the fleet's log in a fleet (retried while
+/// PostgreSQL is unreachable), else on the directory.
+fn apply_fn(directory: Arc<Directory>, fleet: Option<Fleet>) -> scheduled::ApplyFn {
+    use scheduled::ApplyError;
+    Arc::new(move |rows, source| {
+        let (directory, fleet) = (directory.clone(), fleet.clone());
+        Box::pin(async move {
+            match fleet {
+                Some(f) => match f.apply(rows, source).await {
+                    Ok((r, _)) => Ok(r.id),
+                    Err(e) if e.is_unreachable() => Err(ApplyError::Retry(e.to_string())),
+                    Err(e) => Err(ApplyError::Fail(e.to_string())),
+                },
+                None => tokio::task::spawn_blocking(move || directory.apply(&rows, &source, false))
+                    .await
+                    .map_err(|e| ApplyError::Retry(e.to_string()))?
+                    .map(|r| r.id)
+                    .map_err(|e| ApplyError::Fail(e.to_string())),
+            }
+        })
     })
 }
 

@@ -105,6 +105,7 @@ async fn apply(n: &Node, csv: &str, state: &str) -> Result<BatchReply, String> {
             source: "batch.csv",
             state: Some(&state),
             dry_run: false,
+            at: None,
         })
         .map_err(|e| e.to_string())
     })

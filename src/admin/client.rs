@@ -7,7 +7,7 @@
 use super::types::{
     ApiErrorBody, BatchReply, ChangeSummary, ConfigReloadReply, DrainReply, Explain,
     ExplainRequest, FleetBatch, FleetStatus, FlushReply, MessageView, NodeApplied, QueueAction,
-    QueueActionReply, QueueFilter, Ready, ReloadReport, TraceReply,
+    QueueActionReply, QueueFilter, Ready, ReloadReport, Scheduled, TraceReply,
 };
 use crate::config::Config;
 use serde::de::DeserializeOwned;
@@ -55,6 +55,8 @@ pub struct BatchUpload<'a> {
     pub state: Option<&'a str>,
     /// Preview only: change nothing.
     pub dry_run: bool,
+    /// Apply at this time (RFC 3339) instead of now.
+    pub at: Option<&'a str>,
 }
 
 /// An answer: HTTP status and body text.
@@ -284,6 +286,9 @@ impl AdminClient {
         if let Some(s) = batch.state {
             path.push_str(&format!("&state={}", encode(s)));
         }
+        if let Some(at) = batch.at {
+            path.push_str(&format!("&at={}", encode(at)));
+        }
         self.post_typed(&path, batch.body, "text/csv")
     }
 
@@ -301,6 +306,20 @@ impl AdminClient {
     pub fn directory_reload(&self, force: bool) -> Result<ReloadReport, ClientError> {
         self.post_typed(
             &format!("/v1/directory/reload?force={force}"),
+            b"",
+            "text/plain",
+        )
+    }
+
+    /// `GET /v1/directory/scheduled`: the scheduled batches.
+    pub fn directory_scheduled(&self) -> Result<Vec<Scheduled>, ClientError> {
+        self.get_typed("/v1/directory/scheduled")
+    }
+
+    /// `POST /v1/directory/scheduled/{id}/cancel`: cancel a pending scheduled batch.
+    pub fn directory_cancel(&self, id: u32) -> Result<Scheduled, ClientError> {
+        self.post_typed(
+            &format!("/v1/directory/scheduled/{id}/cancel"),
             b"",
             "text/plain",
         )

@@ -33,4 +33,6 @@ pub trait Controls: Send + Sync + 'static {
     fn directory(&self) -> &Arc<Directory>;
     /// The fleet this node belongs to (`[fleet]`), if any.
     fn fleet(&self) -> Option<&crate::fleet::Fleet>;
+    /// Batches scheduled for later (`directory apply --at`).
+    fn scheduled(&self) -> &Arc<crate::directory::scheduled::ScheduleStore>;
 }

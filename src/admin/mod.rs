@@ -288,6 +288,8 @@ struct BatchQuery {
     source: Option<String>,
     #[serde(default)]
     dry_run: bool,
+    /// Apply at this time instead of now (RFC 3339).
+    at: Option<String>,
 }
 
 /// A fleet error as an API error: 503 while PostgreSQL is unreachable, else 422.
@@ -322,6 +324,7 @@ async fn apply_batch(
 ) -> Result<Json<BatchReply>, ApiError> {
     let source = q.source.unwrap_or_else(|| "batch".into());
     let dir = s.directory.clone();
+    let kept = body.clone();
     let rows = {
         let (src, state) = (source.clone(), q.state.clone());
         tokio::task::spawn_blocking(move || {
@@ -332,10 +335,34 @@ async fn apply_batch(
         .map_err(unprocessable)?
     };
     let dir = s.directory.clone();
+    if let Some(at) = &q.at {
+        // Scheduled: checked now (bad rows are refused at once), kept, applied at `at`.
+        let at = crate::directory::scheduled::parse_at(at).map_err(unprocessable)?;
+        let (src, state) = (source.clone(), q.state.clone());
+        let store = s.control.scheduled().clone();
+        let (report, scheduled) = tokio::task::spawn_blocking(move || {
+            let report = dir.apply(&rows, &src, true)?;
+            let kept = store.add(&kept, &src, state.as_deref(), "auto", at)?;
+            Ok::<_, crate::directory::DirectoryError>((report, kept))
+        })
+        .await
+        .map_err(task_err)?
+        .map_err(unprocessable)?;
+        info!(client = %peer, source, id = scheduled.id, at = %scheduled.at, "admin: directory batch scheduled");
+        return Ok(Json(BatchReply {
+            report,
+            fleet: None,
+            scheduled: Some(scheduled),
+        }));
+    }
     let reply = match s.control.fleet() {
         Some(fleet) if !q.dry_run => {
             let (report, fleet) = fleet.apply(rows, source.clone()).await.map_err(fleet_err)?;
-            BatchReply { report, fleet }
+            BatchReply {
+                report,
+                fleet,
+                scheduled: None,
+            }
         }
         _ => {
             let (src, dry_run) = (source.clone(), q.dry_run);
@@ -346,6 +373,7 @@ async fn apply_batch(
             BatchReply {
                 report,
                 fleet: None,
+                scheduled: None,
             }
         }
     };
@@ -367,6 +395,7 @@ async fn rollback(
             BatchReply {
                 report,
                 fleet: Some(p),
+                scheduled: None,
             }
         }
         None => {
@@ -378,6 +407,7 @@ async fn rollback(
             BatchReply {
                 report,
                 fleet: None,
+                scheduled: None,
             }
         }
     };
@@ -407,6 +437,33 @@ async fn import(
         .map_err(fleet_err)?;
     metrics::counter!(crate::metrics::DIRECTORY_CHANGES, "kind" => "base").increment(1);
     info!(client = %peer, source, id = ?r.id, entries = r.report.entries, changed = r.report.changed, "admin: directory import");
+    Ok(Json(r))
+}
+
+async fn scheduled_list(
+    State(s): State<AdminState>,
+) -> Result<Json<Vec<crate::directory::scheduled::Scheduled>>, ApiError> {
+    let store = s.control.scheduled().clone();
+    tokio::task::spawn_blocking(move || store.list())
+        .await
+        .map_err(task_err)?
+        .map(Json)
+        .map_err(unprocessable)
+}
+
+async fn scheduled_cancel(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiPath(id): ApiPath<u32>,
+) -> Result<Json<crate::directory::scheduled::Scheduled>, ApiError> {
+    use crate::directory::scheduled::Status;
+    let store = s.control.scheduled().clone();
+    let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let r = tokio::task::spawn_blocking(move || store.settle(id, Status::Cancelled { time }))
+        .await
+        .map_err(task_err)?
+        .map_err(unprocessable)?;
+    info!(client = %peer, id, "admin: scheduled batch cancelled");
     Ok(Json(r))
 }
 
@@ -662,6 +719,11 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/directory/batches/{id}/rollback", post(rollback))
         .route("/v1/directory/reload", post(reload))
         .route("/v1/directory/import", post(import))
+        .route("/v1/directory/scheduled", get(scheduled_list))
+        .route(
+            "/v1/directory/scheduled/{id}/cancel",
+            post(scheduled_cancel),
+        )
         .route("/v1/fleet", get(fleet_status))
         .route("/v1/fleet/node", get(fleet_node))
         .route("/v1/route/explain", post(route_explain))

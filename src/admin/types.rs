@@ -19,8 +19,10 @@
 //! | `/v1/drain?on=` | POST | [`DrainReply`] |
 //! | `/v1/directory/lookup?address=` | GET | [`Explain`] |
 //! | `/v1/directory/batches` | GET | `Vec<`[`ChangeSummary`]`>` |
-//! | `/v1/directory/batches?source=&state=&dry_run=` (CSV body) | POST | [`BatchReply`] |
+//! | `/v1/directory/batches?source=&state=&dry_run=&at=` (CSV body) | POST | [`BatchReply`] |
 //! | `/v1/directory/batches/{id}/rollback` | POST | [`BatchReply`] |
+//! | `/v1/directory/scheduled` | GET | `Vec<`[`Scheduled`]`>` |
+//! | `/v1/directory/scheduled/{id}/cancel` | POST | [`Scheduled`] |
 //! | `/v1/directory/reload?force=` | POST | [`ReloadReport`] |
 //! | `/v1/directory/import?source=&force=` (CSV body; fleet only) | POST | [`FleetBatch`] |
 //! | `/v1/fleet` | GET | [`FleetStatus`] (404 without `[fleet]`) |
@@ -33,6 +35,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use super::Explain;
+pub use crate::directory::scheduled::{Scheduled, Status as ScheduledStatus};
 pub use crate::directory::store::{ChangeKind, ChangeSummary};
 pub use crate::directory::{BatchReport, RefusedReload, ReloadReport, ReloadStatus};
 pub use crate::fleet::{FleetBatch, FleetStatus, NodeApplied, NodeRow, PgHealth, Progress};
@@ -48,6 +51,9 @@ pub struct BatchReply {
     /// In a fleet, for a committed change: nodes that have applied it so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<Progress>,
+    /// With `at`: the batch kept for later (the report is then what it would change now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled: Option<Scheduled>,
 }
 
 /// The body of every error answer.

@@ -7,6 +7,7 @@ use super::Api;
 use crate::admin::client::BatchUpload;
 use crate::admin::types::{
     BatchReply, BatchReport, ChangeKind, ChangeSummary, FleetBatch, Progress, ReloadReport,
+    Scheduled, ScheduledStatus,
 };
 use anyhow::Context;
 use clap::Subcommand;
@@ -22,6 +23,24 @@ pub enum DirCmd {
         /// Target state (route name); without it the file needs a `state` column.
         #[arg(long)]
         state: Option<String>,
+        /// Apply it at this time instead of now (e.g. 2026-11-28T22:00Z): kept on the server,
+        /// listed by `directory scheduled`, applied once, even across restarts.
+        #[arg(long)]
+        at: Option<String>,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// List batches scheduled with `apply --at`, with their status.
+    Scheduled {
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Cancel a scheduled batch before its time.
+    Cancel {
+        /// Scheduled batch id (from `apply --at` or `scheduled`).
+        id: u32,
         /// Where the running server is.
         #[command(flatten)]
         api: Api,
@@ -101,8 +120,23 @@ pub enum DirCmd {
 /// Runs a directory command.
 pub fn run(cmd: DirCmd) -> anyhow::Result<()> {
     match cmd {
-        DirCmd::Apply { file, state, api } => batch(&file, state.as_deref(), &api, false),
-        DirCmd::Diff { file, state, api } => batch(&file, state.as_deref(), &api, true),
+        DirCmd::Apply {
+            file,
+            state,
+            at,
+            api,
+        } => batch(&file, state.as_deref(), &api, false, at.as_deref()),
+        DirCmd::Diff { file, state, api } => batch(&file, state.as_deref(), &api, true, None),
+        DirCmd::Scheduled { api } => {
+            let list = api.client()?.directory_scheduled()?;
+            api.print(&list, |l| scheduled_text(l))
+        }
+        DirCmd::Cancel { id, api } => {
+            let s = api.client()?.directory_cancel(id)?;
+            api.print(&s, |s| {
+                format!("cancelled: {}", scheduled_text(std::slice::from_ref(s)))
+            })
+        }
         DirCmd::Rollback { id, api } => {
             let r = api.client()?.directory_rollback(id)?;
             api.print(&r, |r| reply_text(r, &format!("rollback of batch {id}")))
@@ -145,8 +179,15 @@ pub fn run(cmd: DirCmd) -> anyhow::Result<()> {
     }
 }
 
-/// Sends a batch file to be applied, or only previewed (`dry_run`).
-fn batch(file: &Path, state: Option<&str>, api: &Api, dry_run: bool) -> anyhow::Result<()> {
+/// Sends a batch file to be applied (now, or `at` a later time), or only previewed
+/// (`dry_run`).
+fn batch(
+    file: &Path,
+    state: Option<&str>,
+    api: &Api,
+    dry_run: bool,
+    at: Option<&str>,
+) -> anyhow::Result<()> {
     let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let source = file
         .file_name()
@@ -157,10 +198,41 @@ fn batch(file: &Path, state: Option<&str>, api: &Api, dry_run: bool) -> anyhow::
         source: &source,
         state,
         dry_run,
+        at,
     })?;
-    api.print(&r, |r| {
-        reply_text(r, if dry_run { "preview" } else { "applied" })
+    api.print(&r, |r| match &r.scheduled {
+        Some(s) => format!(
+            "scheduled as {} for {}; would change now:\n{}",
+            s.id,
+            s.at,
+            batch_text(&r.report, "preview")
+        ),
+        None => reply_text(r, if dry_run { "preview" } else { "applied" }),
     })
+}
+
+/// The scheduled batches as a table: id, time, status (and the change it became, or why it
+/// failed), source.
+pub fn scheduled_text(list: &[Scheduled]) -> String {
+    let rows: Vec<String> = list
+        .iter()
+        .map(|s| {
+            let status = match &s.status {
+                ScheduledStatus::Pending => "pending".to_string(),
+                ScheduledStatus::Applied { change, time } => match change {
+                    Some(c) => format!("applied as change {c} at {time}"),
+                    None => format!("applied at {time} (nothing to change)"),
+                },
+                ScheduledStatus::Failed { error, time } => format!("failed at {time}: {error}"),
+                ScheduledStatus::Cancelled { time } => format!("cancelled at {time}"),
+            };
+            format!("{:>4}  {}  {}  {}", s.id, s.at, s.source, status)
+        })
+        .collect();
+    format!(
+        "  id  at                    source  status\n{}",
+        rows.join("\n")
+    )
 }
 
 /// A batch's or rollback's report, and in a fleet how far it has spread.

@@ -29,6 +29,7 @@ pub mod batch;
 mod changes;
 pub mod generate;
 pub mod ldap;
+pub mod scheduled;
 mod source;
 pub mod store;
 pub mod table;

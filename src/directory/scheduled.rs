@@ -78,12 +78,10 @@ fn auto() -> String {
 pub fn parse_at(text: &str) -> Result<(i64, String), String> {
     let t = text.trim();
     let parsed = chrono::DateTime::parse_from_rfc3339(t).or_else(|_| {
-        // `…T22:00Z` (no seconds): add them.
-        let fixed = match t.find('T') {
-            Some(i) if t[i..].matches(':').count() == 1 => {
-                let (date_time, zone) = t.split_at(t.len() - zone_len(t));
-                format!("{date_time}:00{zone}")
-            }
+        // `…T22:00Z` or `…T22:00+01:00` (no seconds): add them.
+        let (main, zone) = t.split_at(t.len() - zone_len(t));
+        let fixed = match main.find('T') {
+            Some(i) if main[i..].matches(':').count() == 1 => format!("{main}:00{zone}"),
             _ => t.to_string(),
         };
         chrono::DateTime::parse_from_rfc3339(&fixed)

@@ -105,6 +105,7 @@ async fn apply(n: &Node, csv: &str, state: &str) -> Result<BatchReply, String> {
             source: "batch.csv",
             state: Some(&state),
             dry_run: false,
+            format: Default::default(),
         })
         .map_err(|e| e.to_string())
     })

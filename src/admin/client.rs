@@ -5,7 +5,7 @@
 //! [`AdminClient::post`] stay for callers that want the raw answer (tests, `/metrics`).
 
 use super::types::{
-    ApiErrorBody, BatchReply, ChangeSummary, ConfigReloadReply, DrainReply, Explain,
+    ApiErrorBody, BatchFormat, BatchReply, ChangeSummary, ConfigReloadReply, DrainReply, Explain,
     ExplainRequest, FleetBatch, FleetStatus, FlushReply, MessageView, NodeApplied, QueueAction,
     QueueActionReply, QueueFilter, Ready, ReloadReport, TraceReply,
 };
@@ -55,6 +55,8 @@ pub struct BatchUpload<'a> {
     pub state: Option<&'a str>,
     /// Preview only: change nothing.
     pub dry_run: bool,
+    /// How the server reads the file (`auto` is not sent, so older servers understand it).
+    pub format: BatchFormat,
 }
 
 /// An answer: HTTP status and body text.
@@ -284,7 +286,25 @@ impl AdminClient {
         if let Some(s) = batch.state {
             path.push_str(&format!("&state={}", encode(s)));
         }
-        self.post_typed(&path, batch.body, "text/csv")
+        if batch.format != BatchFormat::Auto {
+            path.push_str(&format!("&format={}", batch.format));
+        }
+        let reply: BatchReply = self.post_typed(&path, batch.body, "text/csv")?;
+        // A server that predates `format` ignores it and reads a report as a plain batch,
+        // moving every user listed: say so, with the way back.
+        if batch.format == BatchFormat::MigrationUsers && reply.report.not_completed.is_none() {
+            let what = match reply.report.id {
+                Some(id) => format!(
+                    "it applied the file as a plain batch, id {id}, moving every user listed, completed or not; undo it with `coexist directory rollback {id}`"
+                ),
+                None => "it read the file as a plain batch (nothing was applied)".into(),
+            };
+            return Err(ClientError::Unexpected {
+                call: format!("POST {path}"),
+                reason: format!("the server does not know format=migration-users: {what}"),
+            });
+        }
+        Ok(reply)
     }
 
     /// `POST /v1/directory/batches/{id}/rollback`: undo batch `id`.

@@ -288,6 +288,9 @@ struct BatchQuery {
     source: Option<String>,
     #[serde(default)]
     dry_run: bool,
+    /// `auto` (our CSV, `New-MigrationBatch`) or `migration-users` (an Exchange report).
+    #[serde(default)]
+    format: batch::BatchFormat,
 }
 
 /// A fleet error as an API error: 503 while PostgreSQL is unreachable, else 422.
@@ -322,10 +325,13 @@ async fn apply_batch(
 ) -> Result<Json<BatchReply>, ApiError> {
     let source = q.source.unwrap_or_else(|| "batch".into());
     let dir = s.directory.clone();
-    let rows = {
-        let (src, state) = (source.clone(), q.state.clone());
+    let batch::Batch {
+        rows,
+        not_completed,
+    } = {
+        let (src, state, format) = (source.clone(), q.state.clone(), q.format);
         tokio::task::spawn_blocking(move || {
-            batch::parse(&body, &src, dir.states(), state.as_deref())
+            batch::read(format, &body, &src, dir.states(), state.as_deref())
         })
         .await
         .map_err(task_err)?
@@ -349,10 +355,15 @@ async fn apply_batch(
             }
         }
     };
+    let mut reply = reply;
+    let left = not_completed
+        .as_ref()
+        .map_or(0, |g| g.iter().map(|g| g.count).sum::<usize>());
+    reply.report.not_completed = not_completed;
     if reply.report.id.is_some() {
         metrics::counter!(crate::metrics::DIRECTORY_CHANGES, "kind" => "apply").increment(1);
     }
-    info!(client = %peer, source, dry_run = q.dry_run, id = ?reply.report.id, changed = reply.report.changed, "admin: directory batch");
+    info!(client = %peer, source, format = %q.format, dry_run = q.dry_run, id = ?reply.report.id, changed = reply.report.changed, not_completed = left, "admin: directory batch");
     Ok(Json(reply))
 }
 

@@ -19,7 +19,7 @@
 //! | `/v1/drain?on=` | POST | [`DrainReply`] |
 //! | `/v1/directory/lookup?address=` | GET | [`Explain`] |
 //! | `/v1/directory/batches` | GET | `Vec<`[`ChangeSummary`]`>` |
-//! | `/v1/directory/batches?source=&state=&dry_run=` (CSV body) | POST | [`BatchReply`] |
+//! | `/v1/directory/batches?source=&state=&dry_run=&format=` ([`BatchFormat`]; CSV body) | POST | [`BatchReply`] |
 //! | `/v1/directory/batches/{id}/rollback` | POST | [`BatchReply`] |
 //! | `/v1/directory/reload?force=` | POST | [`ReloadReport`] |
 //! | `/v1/directory/import?source=&force=` (CSV body; fleet only) | POST | [`FleetBatch`] |
@@ -33,8 +33,9 @@
 use serde::{Deserialize, Serialize};
 
 pub use super::Explain;
+pub use crate::directory::batch::BatchFormat;
 pub use crate::directory::store::{ChangeKind, ChangeSummary};
-pub use crate::directory::{BatchReport, RefusedReload, ReloadReport, ReloadStatus};
+pub use crate::directory::{BatchReport, RefusedReload, ReloadReport, ReloadStatus, StatusGroup};
 pub use crate::fleet::{FleetBatch, FleetStatus, NodeApplied, NodeRow, PgHealth, Progress};
 pub use crate::queue::recent::Outcome;
 pub use crate::queue::{MessageView, RcptView};

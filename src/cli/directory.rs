@@ -6,7 +6,8 @@ use super::route::explain_text;
 use super::Api;
 use crate::admin::client::BatchUpload;
 use crate::admin::types::{
-    BatchReply, BatchReport, ChangeKind, ChangeSummary, FleetBatch, Progress, ReloadReport,
+    BatchFormat, BatchReply, BatchReport, ChangeKind, ChangeSummary, FleetBatch, Progress,
+    ReloadReport, StatusGroup,
 };
 use anyhow::Context;
 use clap::Subcommand;
@@ -15,13 +16,20 @@ use std::path::{Path, PathBuf};
 /// The directory commands.
 #[derive(Subcommand)]
 pub enum DirCmd {
-    /// Apply a migration batch to the running server (our CSV or New-MigrationBatch CSV).
+    /// Apply a migration batch to the running server (our CSV, New-MigrationBatch CSV, or
+    /// with `--format migration-users` a Get-MigrationUser/Get-MoveRequest export).
     Apply {
         /// Batch file.
         file: PathBuf,
-        /// Target state (route name); without it the file needs a `state` column.
+        /// Target state (route name); without it the file needs a `state` column (a
+        /// migration report moves its completed users to `cloud`).
         #[arg(long)]
         state: Option<String>,
+        /// `auto` (our CSV or New-MigrationBatch CSV: every row moves) or `migration-users`
+        /// (Get-MigrationUser/Get-MoveRequest export: only completed users move, the others
+        /// are reported by status).
+        #[arg(long, default_value_t = BatchFormat::Auto)]
+        format: BatchFormat,
         /// Where the running server is.
         #[command(flatten)]
         api: Api,
@@ -33,6 +41,9 @@ pub enum DirCmd {
         /// Target state (route name).
         #[arg(long)]
         state: Option<String>,
+        /// `auto` or `migration-users` (see `apply`).
+        #[arg(long, default_value_t = BatchFormat::Auto)]
+        format: BatchFormat,
         /// Where the running server is.
         #[command(flatten)]
         api: Api,
@@ -101,8 +112,18 @@ pub enum DirCmd {
 /// Runs a directory command.
 pub fn run(cmd: DirCmd) -> anyhow::Result<()> {
     match cmd {
-        DirCmd::Apply { file, state, api } => batch(&file, state.as_deref(), &api, false),
-        DirCmd::Diff { file, state, api } => batch(&file, state.as_deref(), &api, true),
+        DirCmd::Apply {
+            file,
+            state,
+            format,
+            api,
+        } => batch(&file, state.as_deref(), format, &api, false),
+        DirCmd::Diff {
+            file,
+            state,
+            format,
+            api,
+        } => batch(&file, state.as_deref(), format, &api, true),
         DirCmd::Rollback { id, api } => {
             let r = api.client()?.directory_rollback(id)?;
             api.print(&r, |r| reply_text(r, &format!("rollback of batch {id}")))
@@ -146,7 +167,13 @@ pub fn run(cmd: DirCmd) -> anyhow::Result<()> {
 }
 
 /// Sends a batch file to be applied, or only previewed (`dry_run`).
-fn batch(file: &Path, state: Option<&str>, api: &Api, dry_run: bool) -> anyhow::Result<()> {
+fn batch(
+    file: &Path,
+    state: Option<&str>,
+    format: BatchFormat,
+    api: &Api,
+    dry_run: bool,
+) -> anyhow::Result<()> {
     let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let source = file
         .file_name()
@@ -157,6 +184,7 @@ fn batch(file: &Path, state: Option<&str>, api: &Api, dry_run: bool) -> anyhow::
         source: &source,
         state,
         dry_run,
+        format,
     })?;
     api.print(&r, |r| {
         reply_text(r, if dry_run { "preview" } else { "applied" })
@@ -227,8 +255,33 @@ pub fn batch_text(r: &BatchReport, what: &str) -> String {
             r.not_found.join(", ")
         ));
     }
+    if let Some(groups) = &r.not_completed {
+        s.push_str(&format!(
+            "\n  not completed (left as they are): {}",
+            not_completed_text(groups)
+        ));
+    }
     s.push_str(&format!("\n  took {} ms", r.elapsed_ms));
     s
+}
+
+/// A migration report's users that have not completed: `Failed 3 (a@…, b@…, c@…), Syncing
+/// 25 (… and 5 more)`, or `none`.
+pub fn not_completed_text(groups: &[StatusGroup]) -> String {
+    if groups.is_empty() {
+        return "none".into();
+    }
+    groups
+        .iter()
+        .map(|g| {
+            let mut listed = g.addresses.join(", ");
+            if g.count > g.addresses.len() {
+                listed.push_str(&format!(" and {} more", g.count - g.addresses.len()));
+            }
+            format!("{} {} ({listed})", g.status, g.count)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The change log as a table: id, time, kind, count, source (and which batch a rollback
@@ -292,6 +345,7 @@ mod tests {
             not_found_count: 1,
             changed_since: 0,
             elapsed_ms: 7,
+            not_completed: None,
         };
         assert_eq!(
             batch_text(&r, "applied"),
@@ -304,6 +358,42 @@ mod tests {
         };
         assert!(batch_text(&preview, "preview")
             .starts_with("preview: nothing applied\n  rows 0, changed 0, already in state 0, not found 0, moved again since (left alone) 2"));
+    }
+
+    #[test]
+    fn a_migration_report_lists_who_was_left_by_status() {
+        let mut r = BatchReport {
+            id: Some(4),
+            rows: 2,
+            changed: 2,
+            not_completed: Some(vec![
+                StatusGroup {
+                    status: "Failed".into(),
+                    count: 2,
+                    addresses: vec!["ann@nhs.test".into(), "carl@nhs.test".into()],
+                },
+                StatusGroup {
+                    status: "Syncing".into(),
+                    count: 22,
+                    addresses: (0..20).map(|i| format!("u{i}@nhs.test")).collect(),
+                },
+            ]),
+            ..Default::default()
+        };
+        let text = batch_text(&r, "applied");
+        assert!(
+            text.contains(
+                "\n  not completed (left as they are): Failed 2 (ann@nhs.test, carl@nhs.test), \
+                 Syncing 22 (u0@nhs.test, u1@nhs.test,"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("u19@nhs.test and 2 more)\n  took 0 ms"),
+            "{text}"
+        );
+        r.not_completed = Some(Vec::new());
+        assert!(batch_text(&r, "preview").contains("\n  not completed (left as they are): none\n"));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! as they are.
 //!
 //! The files come as Windows PowerShell writes them: a `#TYPE …` first line (a comment to
-//! [`CsvRows`]), maybe a UTF-8 byte order mark, CRLF line ends, every field quoted, commas
+//! the CSV reader), maybe a UTF-8 byte order mark, CRLF line ends, every field quoted, commas
 //! inside quoted fields. The address is the first non-empty of `EmailAddress` and
 //! `PrimarySmtpAddress`, else `Identity` when it is an address (it may also be a GUID or
 //! `domain\user`). The status is the `Status` column, else `StatusSummary`, else `State`.

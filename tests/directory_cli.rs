@@ -315,3 +315,165 @@ fn generate_writes_a_synthetic_directory() {
     let parsed = coexist::directory::table::parse(text.as_bytes(), "d.csv", &states).unwrap();
     assert_eq!(parsed.table.len(), 1000);
 }
+
+/// A `Get-MigrationUser | Export-Csv -Encoding UTF8` as Windows PowerShell 5 writes it:
+/// BOM, `#TYPE`, CRLF, every field quoted, a comma inside a field. alice completed (with
+/// warnings), dave failed, ghost (not in the directory) is still syncing, carol's Identity is
+/// a GUID but her EmailAddress is given.
+const MIGRATION_USERS: &str = "\u{feff}#TYPE Microsoft.Exchange.Data.Storage.Management.MigrationUser\r\n\
+    \"Identity\",\"BatchId\",\"EmailAddress\",\"Status\",\"StatusSummary\",\"ErrorSummary\"\r\n\
+    \"alice@nhs.test\",\"Evening 14\",\"Alice@nhs.test\",\"CompletedWithWarnings\",\"Completed\",\"\"\r\n\
+    \"dave@nhs.test\",\"Evening 14\",\"dave@nhs.test\",\"Failed\",\"Failed\",\"Error: TooManyBadItemsPermanentException, limit 10\"\r\n\
+    \"ghost@nhs.test\",\"Evening 14\",\"ghost@nhs.test\",\"Syncing\",\"Active\",\"\"\r\n\
+    \"6f0c9e1a-2b3d-4c5e-8f70-9a1b2c3d4e5f\",\"Evening 14\",\"carol@nhs.test\",\"Completed\",\"Completed\",\"\"\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_report_moves_only_completed_users() {
+    let mut s = setup().await;
+    let _server = spawn(&mut s);
+    let report = s.dir.path().join("evening-users.csv");
+    std::fs::write(&report, MIGRATION_USERS).unwrap();
+    let path = report.to_str().unwrap();
+    let grouped =
+        "not completed (left as they are): Failed 1 (dave@nhs.test), Syncing 1 (ghost@nhs.test)";
+
+    // The preview: alice moves, carol is in the cloud already, the others are listed.
+    let (ok, out, err) = cli(
+        &s.config,
+        &["directory", "diff", path, "--format", "migration-users"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("preview: nothing applied"), "{out}");
+    assert!(
+        out.contains("rows 2, changed 1, already in state 1, not found 0"),
+        "{out}"
+    );
+    assert!(out.contains(grouped), "{out}");
+
+    // Without --state a report moves its completed users to cloud.
+    let (ok, out, err) = cli(
+        &s.config,
+        &["directory", "apply", path, "--format", "migration-users"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("applied: id 1"), "{out}");
+    assert!(out.contains(grouped), "{out}");
+    let (_, out, _) = cli(&s.config, &["directory", "lookup", "alice@nhs.test"]);
+    assert!(out.contains("state   cloud (from batch 1)"), "{out}");
+    assert!(
+        out.contains(&format!("route   cloud -> {}", s.cloud.addr)),
+        "{out}"
+    );
+    let (_, out, _) = cli(&s.config, &["directory", "lookup", "dave@nhs.test"]);
+    assert!(
+        out.contains("state   onprem (from file"),
+        "failed user moved: {out}"
+    );
+
+    // Mail follows: the completed user's to Exchange Online, the failed user's on premises.
+    send(s.listen(), &["alice@nhs.test"], "to alice").await;
+    send(s.listen(), &["dave@nhs.test"], "to dave").await;
+    assert_eq!(wait(&s.cloud, 1).await, 1);
+    assert_eq!(wait(&s.onprem, 1).await, 1);
+    assert_eq!(rcpts_of(&s.cloud), vec!["alice@nhs.test"]);
+    assert_eq!(rcpts_of(&s.onprem), vec!["dave@nhs.test"]);
+
+    // The JSON answer carries the grouping; an ordinary batch's does not.
+    let client = coexist::admin::client::AdminClient::new(s.bin.admin(), TOKEN.into());
+    let v = client
+        .post(
+            "/v1/directory/batches?source=r.csv&dry_run=true&format=migration-users",
+            MIGRATION_USERS.as_bytes(),
+            "text/csv",
+        )
+        .unwrap();
+    assert_eq!(
+        v["not_completed"][0],
+        serde_json::json!({"status": "Failed", "count": 1, "addresses": ["dave@nhs.test"]}),
+        "{v}"
+    );
+    let v = client
+        .post(
+            "/v1/directory/batches?source=r.csv&dry_run=true&state=cloud",
+            MIGRATION_USERS.as_bytes(),
+            "text/csv",
+        )
+        .unwrap();
+    assert!(v.get("not_completed").is_none(), "{v}");
+    assert_eq!(
+        (&v["changed"], &v["already"]),
+        (&serde_json::json!(1), &serde_json::json!(2)),
+        "the plain reading would move dave, who failed: {v}"
+    );
+
+    // A report whose row has no address is refused whole, naming the line.
+    let bad = s.dir.path().join("moves.csv");
+    std::fs::write(
+        &bad,
+        "#TYPE Microsoft.Exchange.Management.RecipientTasks.MoveRequest\r\n\
+         \"DisplayName\",\"Status\",\"Identity\"\r\n\
+         \"Doe, John\",\"Completed\",\"dave@nhs.test\"\r\n\
+         \"Jones, Ann\",\"Completed\",\"NHS\\ajones\"\r\n",
+    )
+    .unwrap();
+    let (ok, _, err) = cli(
+        &s.config,
+        &[
+            "directory",
+            "apply",
+            bad.to_str().unwrap(),
+            "--format",
+            "migration-users",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("422 moves.csv:4: no address: Identity \"NHS\\\\ajones\" is not an address"),
+        "{err}"
+    );
+    let (_, out, _) = cli(&s.config, &["directory", "lookup", "dave@nhs.test"]);
+    assert!(out.contains("state   onprem"), "{out}");
+
+    // Off-boarding: a Get-MoveRequest export moves its completed users back on premises.
+    let back = s.dir.path().join("offboard.csv");
+    std::fs::write(
+        &back,
+        "#TYPE Microsoft.Exchange.Management.RecipientTasks.MoveRequest\r\n\
+         \"DisplayName\",\"Status\",\"Identity\"\r\n\
+         \"Carol, C\",\"Completed\",\"carol@nhs.test\"\r\n\
+         \"Bob, B\",\"InProgress\",\"bob@nhs.test\"\r\n",
+    )
+    .unwrap();
+    let (ok, out, err) = cli(
+        &s.config,
+        &[
+            "directory",
+            "apply",
+            back.to_str().unwrap(),
+            "--format",
+            "migration-users",
+            "--state",
+            "onprem",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("applied: id 2"), "{out}");
+    assert!(
+        out.contains("not completed (left as they are): InProgress 1 (bob@nhs.test)"),
+        "{out}"
+    );
+    let (_, out, _) = cli(&s.config, &["directory", "lookup", "carol@nhs.test"]);
+    assert!(out.contains("state   onprem (from batch 2)"), "{out}");
+    let (_, out, _) = cli(&s.config, &["directory", "lookup", "bob@nhs.test"]);
+    assert!(out.contains("state   cloud (from file"), "{out}");
+
+    // Rolling back the report's batch brings alice back; dave was never in it.
+    let (ok, out, err) = cli(&s.config, &["directory", "rollback", "1"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("rollback of batch 1: id 3"), "{out}");
+    assert!(out.contains("rows 1, changed 1"), "{out}");
+    send(s.listen(), &["alice@nhs.test"], "rolled back").await;
+    assert_eq!(wait(&s.onprem, 2).await, 2);
+    assert_eq!(rcpts_of(&s.onprem), vec!["alice@nhs.test", "dave@nhs.test"]);
+    assert_eq!(rcpts_of(&s.cloud).len(), 1);
+}

@@ -106,6 +106,7 @@ async fn apply(n: &Node, csv: &str, state: &str) -> Result<BatchReply, String> {
             state: Some(&state),
             dry_run: false,
             at: None,
+            format: Default::default(),
         })
         .map_err(|e| e.to_string())
     })

@@ -26,6 +26,7 @@ async fn schedule(h: &Harness, csv: &str, at: String) -> Result<BatchReply, Stri
             state: Some("cloud"),
             dry_run: false,
             at: Some(&at),
+            format: Default::default(),
         })
         .map_err(|e| e.to_string())
     })

@@ -5,7 +5,7 @@
 //! [`AdminClient::post`] stay for callers that want the raw answer (tests, `/metrics`).
 
 use super::types::{
-    ApiErrorBody, BatchReply, ChangeSummary, ConfigReloadReply, DrainReply, Explain,
+    ApiErrorBody, BatchFormat, BatchReply, ChangeSummary, ConfigReloadReply, DrainReply, Explain,
     ExplainRequest, FleetBatch, FleetStatus, FlushReply, MessageView, NodeApplied, QueueAction,
     QueueActionReply, QueueFilter, Ready, ReloadReport, Scheduled, TraceReply,
 };
@@ -57,6 +57,8 @@ pub struct BatchUpload<'a> {
     pub dry_run: bool,
     /// Apply at this time (RFC 3339) instead of now.
     pub at: Option<&'a str>,
+    /// How the server reads the file (`auto` is not sent, so older servers understand it).
+    pub format: BatchFormat,
 }
 
 /// An answer: HTTP status and body text.
@@ -289,7 +291,25 @@ impl AdminClient {
         if let Some(at) = batch.at {
             path.push_str(&format!("&at={}", encode(at)));
         }
-        self.post_typed(&path, batch.body, "text/csv")
+        if batch.format != BatchFormat::Auto {
+            path.push_str(&format!("&format={}", batch.format));
+        }
+        let reply: BatchReply = self.post_typed(&path, batch.body, "text/csv")?;
+        // A server that predates `format` ignores it and reads a report as a plain batch,
+        // moving every user listed: say so, with the way back.
+        if batch.format == BatchFormat::MigrationUsers && reply.report.not_completed.is_none() {
+            let what = match reply.report.id {
+                Some(id) => format!(
+                    "it applied the file as a plain batch, id {id}, moving every user listed, completed or not; undo it with `coexist directory rollback {id}`"
+                ),
+                None => "it read the file as a plain batch (nothing was applied)".into(),
+            };
+            return Err(ClientError::Unexpected {
+                call: format!("POST {path}"),
+                reason: format!("the server does not know format=migration-users: {what}"),
+            });
+        }
+        Ok(reply)
     }
 
     /// `POST /v1/directory/batches/{id}/rollback`: undo batch `id`.

@@ -290,6 +290,9 @@ struct BatchQuery {
     dry_run: bool,
     /// Apply at this time instead of now (RFC 3339).
     at: Option<String>,
+    /// `auto` (our CSV, `New-MigrationBatch`) or `migration-users` (an Exchange report).
+    #[serde(default)]
+    format: batch::BatchFormat,
 }
 
 /// A fleet error as an API error: 503 while PostgreSQL is unreachable, else 422.
@@ -325,10 +328,13 @@ async fn apply_batch(
     let source = q.source.unwrap_or_else(|| "batch".into());
     let dir = s.directory.clone();
     let kept = body.clone();
-    let rows = {
-        let (src, state) = (source.clone(), q.state.clone());
+    let batch::Batch {
+        rows,
+        not_completed,
+    } = {
+        let (src, state, format) = (source.clone(), q.state.clone(), q.format);
         tokio::task::spawn_blocking(move || {
-            batch::parse(&body, &src, dir.states(), state.as_deref())
+            batch::read(format, &body, &src, dir.states(), state.as_deref())
         })
         .await
         .map_err(task_err)?
@@ -338,17 +344,19 @@ async fn apply_batch(
     if let Some(at) = &q.at {
         // Scheduled: checked now (bad rows are refused at once), kept, applied at `at`.
         let at = crate::directory::scheduled::parse_at(at).map_err(unprocessable)?;
-        let (src, state) = (source.clone(), q.state.clone());
+        let (src, state, format) = (source.clone(), q.state.clone(), q.format);
         let store = s.control.scheduled().clone();
         let (report, scheduled) = tokio::task::spawn_blocking(move || {
             let report = dir.apply(&rows, &src, true)?;
-            let kept = store.add(&kept, &src, state.as_deref(), "auto", at)?;
+            let kept = store.add(&kept, &src, state.as_deref(), format.as_str(), at)?;
             Ok::<_, crate::directory::DirectoryError>((report, kept))
         })
         .await
         .map_err(task_err)?
         .map_err(unprocessable)?;
         info!(client = %peer, source, id = scheduled.id, at = %scheduled.at, "admin: directory batch scheduled");
+        let mut report = report;
+        report.not_completed = not_completed;
         return Ok(Json(BatchReply {
             report,
             fleet: None,
@@ -377,10 +385,15 @@ async fn apply_batch(
             }
         }
     };
+    let mut reply = reply;
+    let left = not_completed
+        .as_ref()
+        .map_or(0, |g| g.iter().map(|g| g.count).sum::<usize>());
+    reply.report.not_completed = not_completed;
     if reply.report.id.is_some() {
         metrics::counter!(crate::metrics::DIRECTORY_CHANGES, "kind" => "apply").increment(1);
     }
-    info!(client = %peer, source, dry_run = q.dry_run, id = ?reply.report.id, changed = reply.report.changed, "admin: directory batch");
+    info!(client = %peer, source, format = %q.format, dry_run = q.dry_run, id = ?reply.report.id, changed = reply.report.changed, not_completed = left, "admin: directory batch");
     Ok(Json(reply))
 }
 

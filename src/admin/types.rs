@@ -20,6 +20,7 @@
 //! | `/v1/directory/lookup?address=` | GET | [`Explain`] |
 //! | `/v1/directory/batches` | GET | `Vec<`[`ChangeSummary`]`>` |
 //! | `/v1/directory/batches?source=&state=&dry_run=&at=` (CSV body) | POST | [`BatchReply`] |
+//! | `/v1/directory/batches?source=&state=&dry_run=&format=` ([`BatchFormat`]; CSV body) | POST | [`BatchReply`] |
 //! | `/v1/directory/batches/{id}/rollback` | POST | [`BatchReply`] |
 //! | `/v1/directory/scheduled` | GET | `Vec<`[`Scheduled`]`>` |
 //! | `/v1/directory/scheduled/{id}/cancel` | POST | [`Scheduled`] |
@@ -35,9 +36,10 @@
 use serde::{Deserialize, Serialize};
 
 pub use super::Explain;
+pub use crate::directory::batch::BatchFormat;
 pub use crate::directory::scheduled::{Scheduled, Status as ScheduledStatus};
 pub use crate::directory::store::{ChangeKind, ChangeSummary};
-pub use crate::directory::{BatchReport, RefusedReload, ReloadReport, ReloadStatus};
+pub use crate::directory::{BatchReport, RefusedReload, ReloadReport, ReloadStatus, StatusGroup};
 pub use crate::fleet::{FleetBatch, FleetStatus, NodeApplied, NodeRow, PgHealth, Progress};
 pub use crate::queue::recent::Outcome;
 pub use crate::queue::{MessageView, RcptView};

@@ -6,8 +6,8 @@ use super::route::explain_text;
 use super::Api;
 use crate::admin::client::BatchUpload;
 use crate::admin::types::{
-    BatchReply, BatchReport, ChangeKind, ChangeSummary, FleetBatch, Progress, ReloadReport,
-    Scheduled, ScheduledStatus,
+    BatchFormat, BatchReply, BatchReport, ChangeKind, ChangeSummary, FleetBatch, Progress,
+    ReloadReport, Scheduled, ScheduledStatus, StatusGroup,
 };
 use anyhow::Context;
 use clap::Subcommand;
@@ -16,13 +16,20 @@ use std::path::{Path, PathBuf};
 /// The directory commands.
 #[derive(Subcommand)]
 pub enum DirCmd {
-    /// Apply a migration batch to the running server (our CSV or New-MigrationBatch CSV).
+    /// Apply a migration batch to the running server (our CSV, New-MigrationBatch CSV, or
+    /// with `--format migration-users` a Get-MigrationUser/Get-MoveRequest export).
     Apply {
         /// Batch file.
         file: PathBuf,
-        /// Target state (route name); without it the file needs a `state` column.
+        /// Target state (route name); without it the file needs a `state` column (a
+        /// migration report moves its completed users to `cloud`).
         #[arg(long)]
         state: Option<String>,
+        /// `auto` (our CSV or New-MigrationBatch CSV: every row moves) or `migration-users`
+        /// (Get-MigrationUser/Get-MoveRequest export: only completed users move, the others
+        /// are reported by status).
+        #[arg(long, default_value_t = BatchFormat::Auto)]
+        format: BatchFormat,
         /// Apply it at this time instead of now (e.g. 2026-11-28T22:00Z): kept on the server,
         /// listed by `directory scheduled`, applied once, even across restarts.
         #[arg(long)]
@@ -52,6 +59,9 @@ pub enum DirCmd {
         /// Target state (route name).
         #[arg(long)]
         state: Option<String>,
+        /// `auto` or `migration-users` (see `apply`).
+        #[arg(long, default_value_t = BatchFormat::Auto)]
+        format: BatchFormat,
         /// Where the running server is.
         #[command(flatten)]
         api: Api,
@@ -123,10 +133,16 @@ pub fn run(cmd: DirCmd) -> anyhow::Result<()> {
         DirCmd::Apply {
             file,
             state,
+            format,
             at,
             api,
-        } => batch(&file, state.as_deref(), &api, false, at.as_deref()),
-        DirCmd::Diff { file, state, api } => batch(&file, state.as_deref(), &api, true, None),
+        } => batch(&file, state.as_deref(), format, &api, false, at.as_deref()),
+        DirCmd::Diff {
+            file,
+            state,
+            format,
+            api,
+        } => batch(&file, state.as_deref(), format, &api, true, None),
         DirCmd::Scheduled { api } => {
             let list = api.client()?.directory_scheduled()?;
             api.print(&list, |l| scheduled_text(l))
@@ -184,6 +200,7 @@ pub fn run(cmd: DirCmd) -> anyhow::Result<()> {
 fn batch(
     file: &Path,
     state: Option<&str>,
+    format: BatchFormat,
     api: &Api,
     dry_run: bool,
     at: Option<&str>,
@@ -199,6 +216,7 @@ fn batch(
         state,
         dry_run,
         at,
+        format,
     })?;
     api.print(&r, |r| match &r.scheduled {
         Some(s) => format!(
@@ -299,8 +317,33 @@ pub fn batch_text(r: &BatchReport, what: &str) -> String {
             r.not_found.join(", ")
         ));
     }
+    if let Some(groups) = &r.not_completed {
+        s.push_str(&format!(
+            "\n  not completed (left as they are): {}",
+            not_completed_text(groups)
+        ));
+    }
     s.push_str(&format!("\n  took {} ms", r.elapsed_ms));
     s
+}
+
+/// A migration report's users that have not completed: `Failed 3 (a@…, b@…, c@…), Syncing
+/// 25 (… and 5 more)`, or `none`.
+pub fn not_completed_text(groups: &[StatusGroup]) -> String {
+    if groups.is_empty() {
+        return "none".into();
+    }
+    groups
+        .iter()
+        .map(|g| {
+            let mut listed = g.addresses.join(", ");
+            if g.count > g.addresses.len() {
+                listed.push_str(&format!(" and {} more", g.count - g.addresses.len()));
+            }
+            format!("{} {} ({listed})", g.status, g.count)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The change log as a table: id, time, kind, count, source (and which batch a rollback
@@ -364,6 +407,7 @@ mod tests {
             not_found_count: 1,
             changed_since: 0,
             elapsed_ms: 7,
+            not_completed: None,
         };
         assert_eq!(
             batch_text(&r, "applied"),
@@ -376,6 +420,42 @@ mod tests {
         };
         assert!(batch_text(&preview, "preview")
             .starts_with("preview: nothing applied\n  rows 0, changed 0, already in state 0, not found 0, moved again since (left alone) 2"));
+    }
+
+    #[test]
+    fn a_migration_report_lists_who_was_left_by_status() {
+        let mut r = BatchReport {
+            id: Some(4),
+            rows: 2,
+            changed: 2,
+            not_completed: Some(vec![
+                StatusGroup {
+                    status: "Failed".into(),
+                    count: 2,
+                    addresses: vec!["ann@nhs.test".into(), "carl@nhs.test".into()],
+                },
+                StatusGroup {
+                    status: "Syncing".into(),
+                    count: 22,
+                    addresses: (0..20).map(|i| format!("u{i}@nhs.test")).collect(),
+                },
+            ]),
+            ..Default::default()
+        };
+        let text = batch_text(&r, "applied");
+        assert!(
+            text.contains(
+                "\n  not completed (left as they are): Failed 2 (ann@nhs.test, carl@nhs.test), \
+                 Syncing 22 (u0@nhs.test, u1@nhs.test,"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("u19@nhs.test and 2 more)\n  took 0 ms"),
+            "{text}"
+        );
+        r.not_completed = Some(Vec::new());
+        assert!(batch_text(&r, "preview").contains("\n  not completed (left as they are): none\n"));
     }
 
     #[test]

@@ -1,9 +1,92 @@
 //! Migration batch files: our CSV (`address,state`) or the CSV Exchange admins feed to
-//! `New-MigrationBatch` (header `EmailAddress`, other columns ignored).
+//! `New-MigrationBatch` (header `EmailAddress`, other columns ignored), or with
+//! [`BatchFormat::MigrationUsers`] an Exchange migration report (see [`super::report`]).
 
+use super::report::{self, StatusGroup};
 use super::table::{names, CsvRows};
 use super::{DirectoryError, StateId};
 use crate::types::{Address, RouteName};
+use serde::{Deserialize, Serialize};
+
+/// How a batch file is read (`--format`, the API's `format=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatchFormat {
+    /// Our CSV or a `New-MigrationBatch` CSV: every row moves ([`parse`]).
+    #[default]
+    Auto,
+    /// A `Get-MigrationUser` or `Get-MoveRequest` export: only completed users move, to
+    /// the target state or [`BatchFormat::DEFAULT_REPORT_TARGET`] ([`report::parse`]).
+    MigrationUsers,
+}
+
+impl BatchFormat {
+    /// Where a migration report moves its completed users when no target state is given.
+    pub const DEFAULT_REPORT_TARGET: &'static str = "cloud";
+
+    /// The name used on the command line and in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchFormat::Auto => "auto",
+            BatchFormat::MigrationUsers => "migration-users",
+        }
+    }
+}
+
+impl std::fmt::Display for BatchFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for BatchFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<BatchFormat, String> {
+        match s {
+            "auto" => Ok(BatchFormat::Auto),
+            "migration-users" => Ok(BatchFormat::MigrationUsers),
+            _ => Err(format!(
+                "unknown batch format {s:?} (formats: auto, migration-users)"
+            )),
+        }
+    }
+}
+
+/// A batch file read in some [`BatchFormat`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Batch {
+    /// The rows to apply.
+    pub rows: Vec<BatchRow>,
+    /// For a migration report: the users not completed, by status, left as they are
+    /// (`None` for other formats).
+    pub not_completed: Option<Vec<StatusGroup>>,
+}
+
+/// Reads a batch file in `format`. `target` as for [`parse`]; a migration report moves its
+/// completed users to `target`, else to [`BatchFormat::DEFAULT_REPORT_TARGET`].
+pub fn read(
+    format: BatchFormat,
+    text: &[u8],
+    file: &str,
+    states: &[RouteName],
+    target: Option<&str>,
+) -> Result<Batch, DirectoryError> {
+    match format {
+        BatchFormat::Auto => Ok(Batch {
+            rows: parse(text, file, states, target)?,
+            not_completed: None,
+        }),
+        BatchFormat::MigrationUsers => {
+            let target = target.unwrap_or(BatchFormat::DEFAULT_REPORT_TARGET);
+            let r = report::parse(text, file, states, target)?;
+            Ok(Batch {
+                rows: r.rows,
+                not_completed: Some(r.not_completed),
+            })
+        }
+    }
+}
 
 /// One row of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +197,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("b.csv:5: bad address"));
+    }
+
+    #[test]
+    fn the_format_decides_how_a_file_is_read() {
+        let text = b"#TYPE Microsoft.Exchange.Data.Storage.Management.MigrationUser\r\n\
+            \"EmailAddress\",\"Status\"\r\n\"a@nhs.test\",\"Completed\"\r\n\"b@nhs.test\",\"Failed\"\r\n";
+        // Today's reading moves everyone listed, failed or not.
+        let all = read(BatchFormat::Auto, text, "r.csv", &states(), Some("cloud")).unwrap();
+        assert_eq!((all.rows.len(), all.not_completed), (2, None));
+        // A report moves the completed users, to `cloud` unless told otherwise.
+        let r = read(BatchFormat::MigrationUsers, text, "r.csv", &states(), None).unwrap();
+        assert_eq!(r.rows.len(), 1);
+        assert_eq!(
+            (r.rows[0].key.as_str(), r.rows[0].state.index()),
+            ("a@nhs.test", 0)
+        );
+        assert_eq!(r.not_completed.unwrap()[0].status, "Failed");
+        let r = read(
+            BatchFormat::MigrationUsers,
+            text,
+            "r.csv",
+            &states(),
+            Some("onprem"),
+        )
+        .unwrap();
+        assert_eq!(r.rows[0].state.index(), 1);
+        for f in [BatchFormat::Auto, BatchFormat::MigrationUsers] {
+            assert_eq!(f.as_str().parse::<BatchFormat>(), Ok(f));
+        }
+        assert!("csv".parse::<BatchFormat>().is_err());
     }
 
     #[test]

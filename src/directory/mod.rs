@@ -3,6 +3,8 @@
 //! - [`table`]: the compact in-memory index loaded from the directory file (the embedded
 //!   source), with aliases (several addresses, one mailbox).
 //! - [`batch`]: migration batch files (ours or Exchange's `New-MigrationBatch` CSV).
+//! - [`report`]: Exchange migration reports (`Get-MigrationUser`, `Get-MoveRequest`
+//!   exports) read as batches of their completed users.
 //! - [`store`]: snapshot and append-only change log, so a restart keeps applied batches and
 //!   does not re-parse the CSV.
 //!
@@ -29,6 +31,7 @@ pub mod batch;
 mod changes;
 pub mod generate;
 pub mod ldap;
+pub mod report;
 pub mod scheduled;
 mod source;
 pub mod store;
@@ -37,6 +40,7 @@ mod view;
 pub mod watch;
 
 pub use base::{Base, BaseRow};
+pub use report::StatusGroup;
 pub use source::{FileSource, FleetSource, Source};
 pub use view::{Lookup, Resolution};
 
@@ -147,7 +151,7 @@ impl StateId {
 pub struct BatchReport {
     /// Change id given to it (`None` for a preview or a no-op).
     pub id: Option<u32>,
-    /// Rows in the file.
+    /// Rows in the batch (for a migration report: its completed users).
     pub rows: usize,
     /// Mailboxes whose state changes.
     pub changed: usize,
@@ -161,6 +165,11 @@ pub struct BatchReport {
     pub changed_since: usize,
     /// Time taken, in milliseconds.
     pub elapsed_ms: u64,
+    /// Migration report only (`--format migration-users`): its users that have not
+    /// completed, by status, left as they are. Absent for other batches and from servers
+    /// that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_completed: Option<Vec<StatusGroup>>,
 }
 
 /// Outcome of a directory file reload.

@@ -273,7 +273,12 @@ pub async fn run(
             Ok(due) => {
                 for s in due {
                     let rows = store.body(s.id).and_then(|body| {
-                        super::batch::parse(&body, &s.source, &states, s.state.as_deref())
+                        let format = s
+                            .format
+                            .parse::<super::batch::BatchFormat>()
+                            .map_err(DirectoryError::Batch)?;
+                        super::batch::read(format, &body, &s.source, &states, s.state.as_deref())
+                            .map(|b| b.rows)
                     });
                     let outcome = match rows {
                         Err(e) => Err(ApplyError::Fail(e.to_string())),

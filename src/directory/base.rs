@@ -17,7 +17,8 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 /// One row of a base: an address, its mailbox's primary address, the mailbox's state now,
-/// its state as the imported file gave it, and the change that set the state now.
+/// its state as the imported file gave it, the change that set the state now, and the
+/// mailbox's routing address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseRow {
     /// The address (lower case).
@@ -30,6 +31,8 @@ pub struct BaseRow {
     pub file_state: String,
     /// Change id that set `state` (the base's own id for rows the file decided).
     pub origin: u32,
+    /// Routing address of its mailbox (the same on every row of the mailbox); empty: none.
+    pub routing_address: String,
 }
 
 /// A whole base, ready to be written to the fleet or installed.
@@ -63,6 +66,7 @@ impl Base {
                     state: name(v.states[m]),
                     file_state: name(v.file_states[m]),
                     origin: v.origin[m],
+                    routing_address: v.routing.get(m).unwrap_or_default().to_string(),
                 })
             })
         };
@@ -95,8 +99,8 @@ impl Base {
             .filter(|r| r.address != r.mailbox)
             .map(|r| r.mailbox.as_str())
             .collect();
-        let mut csv = Vec::with_capacity(rows.len() * 40 + 32);
-        csv.extend_from_slice(b"address,state,mailbox\n");
+        let mut csv = Vec::with_capacity(rows.len() * 40 + 48);
+        csv.extend_from_slice(b"address,state,mailbox,routing_address\n");
         for r in rows {
             csv.extend_from_slice(r.address.as_bytes());
             csv.push(b',');
@@ -105,6 +109,8 @@ impl Base {
             if grouped.contains(r.mailbox.as_str()) {
                 csv.extend_from_slice(r.mailbox.as_bytes());
             }
+            csv.push(b',');
+            push_field(&mut csv, &r.routing_address);
             csv.push(b'\n');
         }
         let parsed = table::parse(&csv, what, names)?;
@@ -134,6 +140,7 @@ impl Base {
             generation: 1,
             table: Arc::new(parsed.table),
             file_states: Arc::new(file_states),
+            routing: Arc::new(parsed.routing),
             states: parsed.states,
             origin,
             last_change: 0,
@@ -143,6 +150,18 @@ impl Base {
             report: ReloadReport::of(view.table.len(), n),
             view,
         })
+    }
+}
+
+/// Appends a CSV field, quoted when it holds a separator, a quote or a line end (a quoted
+/// local part may).
+fn push_field(csv: &mut Vec<u8>, field: &str) {
+    if field.contains([',', '"', '\r', '\n']) {
+        csv.push(b'"');
+        csv.extend_from_slice(field.replace('"', "\"\"").as_bytes());
+        csv.push(b'"');
+    } else {
+        csv.extend_from_slice(field.as_bytes());
     }
 }
 

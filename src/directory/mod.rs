@@ -2,6 +2,7 @@
 //!
 //! - [`table`]: the compact in-memory index loaded from the directory file (the embedded
 //!   source), with aliases (several addresses, one mailbox).
+//! - [`routing`]: each mailbox's routing address (where a rewriting route sends its mail).
 //! - [`batch`]: migration batch files (ours or Exchange's `New-MigrationBatch` CSV).
 //! - [`store`]: snapshot and append-only change log, so a restart keeps applied batches and
 //!   does not re-parse the CSV.
@@ -28,6 +29,7 @@ mod base;
 pub mod batch;
 mod changes;
 pub mod generate;
+pub mod routing;
 mod source;
 pub mod store;
 pub mod table;
@@ -36,7 +38,7 @@ pub mod watch;
 
 pub use base::{Base, BaseRow};
 pub use source::{FileSource, FleetSource, Source};
-pub use view::{Lookup, Resolution};
+pub use view::{Lookup, Resolution, Resolved};
 
 use crate::config::{DirectoryConfig, Percent, Unknown};
 use crate::types::RouteName;

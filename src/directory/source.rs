@@ -78,6 +78,7 @@ impl Directory {
             None => View::of_parsed(Parsed {
                 table: table::Table::default(),
                 states: Vec::new(),
+                routing: Default::default(),
             }),
         };
         let (history, tail) = store.read_log(view.last_change)?;
@@ -252,6 +253,7 @@ impl Directory {
 
 /// Builds the view for a newly parsed file on top of `old`: a mailbox whose file state is
 /// unchanged keeps its current state and origin (so batches survive); others take the file.
+/// Routing addresses are the file's for every mailbox (batches change states only).
 pub(super) fn merge(old: Option<&View>, parsed: Parsed, fp: Fingerprint) -> (View, ReloadReport) {
     let n = parsed.states.len();
     let mut states = parsed.states.clone();
@@ -282,6 +284,8 @@ pub(super) fn merge(old: Option<&View>, parsed: Parsed, fp: Fingerprint) -> (Vie
         generation: old.map(|v| v.generation + 1).unwrap_or(1),
         table: Arc::new(parsed.table),
         file_states: Arc::new(parsed.states),
+        // The file's routing addresses, for every mailbox: batches never set them.
+        routing: Arc::new(parsed.routing),
         states,
         origin,
         last_change: old.map(|v| v.last_change).unwrap_or(0),

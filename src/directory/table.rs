@@ -5,6 +5,7 @@
 //! (notes/dependencies.md): at 2,000,000 addresses this table takes ~40 bytes per address
 //! plus the key bytes, and it can be written to and read from disk as flat arrays.
 
+use super::routing::{self, RoutingAddresses};
 use super::DirectoryError;
 use crate::types::{Address, RouteName};
 use std::hash::BuildHasher;
@@ -195,17 +196,40 @@ impl Table {
     }
 }
 
-/// A parsed directory file: the index and each mailbox's state in the file.
+/// A parsed directory file: the index, each mailbox's state in the file and each
+/// mailbox's routing address.
 #[derive(Debug, Clone)]
 pub struct Parsed {
     /// The address index.
     pub table: Table,
     /// State (index into the route names) of each mailbox, as written in the file.
     pub states: Vec<u8>,
+    /// Routing address of each mailbox (none for all when the file has no such column).
+    pub routing: RoutingAddresses,
 }
 
-/// Parses a directory CSV: header `address,state` or `address,state,mailbox` (aliases: rows
-/// with the same mailbox share one state). A bad row fails the whole file with its line.
+/// The directory file's header forms: `(has mailbox column, has routing_address column)`.
+fn columns(cols: &[String]) -> Option<(bool, bool)> {
+    match cols
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["address", "state"] => Some((false, false)),
+        ["address", "state", "mailbox"] => Some((true, false)),
+        ["address", "state", "routing_address"] => Some((false, true)),
+        ["address", "state", "mailbox", "routing_address"] => Some((true, true)),
+        _ => None,
+    }
+}
+
+/// Parses a directory CSV. The header is one of `address,state`, `address,state,mailbox`,
+/// `address,state,routing_address` and `address,state,mailbox,routing_address`. Rows with
+/// the same (non-empty) mailbox are aliases of one mailbox and share its state and routing
+/// address: an alias row may leave the routing address empty, but two different ones for
+/// one mailbox are an error. A routing address must be an ASCII address. A bad row fails
+/// the whole file with its line.
 pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, DirectoryError> {
     let row_err = |line: u64, reason: String| DirectoryError::Row {
         file: file.to_string(),
@@ -214,31 +238,23 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
     };
     let mut rows = CsvRows::new(text);
     let (header_line, cols) = rows.header().map_err(|(l, r)| row_err(l, r))?;
-    let with_mailbox = match cols
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["address", "state"] => false,
-        ["address", "state", "mailbox"] => true,
-        _ => {
-            return Err(row_err(
-                header_line,
-                format!(
-                    "header must be `address,state` or `address,state,mailbox`, found {:?}",
-                    cols.join(",")
-                ),
-            ));
-        }
+    let Some((with_mailbox, with_routing)) = columns(&cols) else {
+        return Err(row_err(
+            header_line,
+            format!(
+                "header must be `address,state`, `address,state,mailbox`, `address,state,routing_address` or `address,state,mailbox,routing_address`, found {:?}",
+                cols.join(",")
+            ),
+        ));
     };
+    let want = 2 + usize::from(with_mailbox) + usize::from(with_routing);
     let mut t = Table::default();
     let mut file_states: Vec<u8> = Vec::new();
+    let mut routing = routing::Builder::default();
     let mut mailbox_ids: std::collections::HashMap<Vec<u8>, u32> = std::collections::HashMap::new();
     let mut first_line: Vec<(u32, u32)> = Vec::new();
     while let Some(row) = rows.next_row() {
         let (line, rec) = row.map_err(|(l, r)| row_err(l, r))?;
-        let want = if with_mailbox { 3 } else { 2 };
         if rec.len() != want {
             return Err(row_err(
                 line,
@@ -258,6 +274,15 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
                 )
             })?
             .raw();
+        let routing_address = match rec.get(want - 1).filter(|f| with_routing && !f.is_empty()) {
+            None => None,
+            Some(field) => {
+                let text = String::from_utf8_lossy(field);
+                let ra = Address::parse(&text, false)
+                    .map_err(|e| row_err(line, format!("bad routing address {text:?}: {e}")))?;
+                Some(ra.to_string())
+            }
+        };
         let key = addr.key().into_bytes();
         let mailbox = if with_mailbox && !rec[2].is_empty() {
             let next = file_states.len() as u32;
@@ -275,6 +300,7 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
         }
         if mailbox as usize == file_states.len() {
             file_states.push(state);
+            routing.add_mailbox();
             t.primary.push(t.arena.len() as u32);
         } else if file_states[mailbox as usize] != state {
             let other = t.primary_address(mailbox as usize).to_string();
@@ -282,6 +308,27 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
                 line,
                 format!("alias {addr_text} has state {state_text:?} but its mailbox ({other}) has another state"),
             ));
+        }
+        if let Some(ra) = routing_address {
+            match routing.get(mailbox as usize) {
+                // The same address (the local part compared without case, as Exchange does).
+                Some(had) if had.eq_ignore_ascii_case(&ra) => {}
+                Some(had) => {
+                    let other = t.primary_address(mailbox as usize).to_string();
+                    return Err(row_err(
+                        line,
+                        format!("alias {addr_text} has routing address {ra:?} but its mailbox ({other}) has {had:?}"),
+                    ));
+                }
+                None => {
+                    if !routing.set(mailbox as usize, &ra) {
+                        return Err(row_err(
+                            line,
+                            "directory too large (over 4 GiB of routing addresses)".into(),
+                        ));
+                    }
+                }
+            }
         }
         match t.push(&key, mailbox) {
             Ok(off) => first_line.push((off as u32, line as u32)),
@@ -300,6 +347,7 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
     Ok(Parsed {
         table: t,
         states: file_states,
+        routing: routing.finish(),
     })
 }
 

@@ -300,7 +300,7 @@ impl Fleet {
         let err = db_err(&self.inner.pg);
         let sink = client
             .copy_in(&format!(
-                r#"COPY "{}".base_rows (seq, address, mailbox, state, file_state, origin) FROM STDIN (FORMAT csv)"#,
+                r#"COPY "{}".base_rows (seq, address, mailbox, state, file_state, origin, routing_address) FROM STDIN (FORMAT csv)"#,
                 self.inner.schema()
             ))
             .await
@@ -326,6 +326,7 @@ impl Fleet {
                     &r.state,
                     &r.file_state,
                     &origin,
+                    &r.routing_address,
                 ];
                 if let Err(e) = w.write_record(record) {
                     let _ = tx.blocking_send(Err(e.to_string()));

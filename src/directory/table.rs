@@ -486,6 +486,78 @@ mod tests {
     }
 
     #[test]
+    fn parses_the_four_headers() {
+        fn ra<'a>(d: &'a Parsed, a: &str) -> Option<&'a str> {
+            d.table.mailbox(a.as_bytes()).and_then(|m| d.routing.get(m))
+        }
+        let d = p("address,state\na@nhs.test,cloud\n").unwrap();
+        assert!(d.routing.is_empty() && d.routing.ends.is_empty());
+        let d = p("address,state,mailbox\na@nhs.test,cloud,m\nb@nhs.test,cloud,m\n").unwrap();
+        assert!(d.routing.is_empty());
+        let d = p("address,state,routing_address\na@nhs.test,cloud,a@Tenant.mail.onmicrosoft.test\nb@nhs.test,onprem,\n").unwrap();
+        assert_eq!(ra(&d, "a@nhs.test"), Some("a@tenant.mail.onmicrosoft.test"));
+        assert_eq!(ra(&d, "b@nhs.test"), None);
+        assert!(d.routing.is_consistent(d.table.mailboxes()));
+        // The form the LDAP source writes (header in any case).
+        let d = p("Address,State,Mailbox,Routing_Address\na@nhs.test,cloud,m1,a@t.test\nb@nhs.test,onprem,,\n").unwrap();
+        assert_eq!(ra(&d, "a@nhs.test"), Some("a@t.test"));
+        assert_eq!(ra(&d, "b@nhs.test"), None);
+        assert_eq!(d.states, vec![0, 1]);
+    }
+
+    #[test]
+    fn aliases_share_their_mailbox_routing_address() {
+        // The primary row leaves it empty, an alias on a secondary domain gives it, a third
+        // repeats it (local part in another case), a fourth leaves it empty.
+        let d = p("address,state,mailbox,routing_address\n\
+                   john.smith@nhs.test,cloud,m1,\n\
+                   other@nhs.test,onprem,m2,other@t.test\n\
+                   John.Smith@other.test,cloud,m1,jsmith@t.test\n\
+                   j.smith@nhs.test,cloud,M1,JSmith@t.test\n\
+                   js@nhs.test,cloud,m1,\n")
+        .unwrap();
+        assert_eq!(d.table.mailboxes(), 2);
+        for a in [
+            "john.smith@nhs.test",
+            "john.smith@other.test",
+            "j.smith@nhs.test",
+            "js@nhs.test",
+        ] {
+            let m = d.table.mailbox(a.as_bytes()).unwrap();
+            assert_eq!((m, d.routing.get(m)), (0, Some("jsmith@t.test")), "{a}");
+        }
+        assert_eq!(d.routing.get(1), Some("other@t.test"));
+        assert_eq!(d.routing.count(), 2);
+        assert!(d.routing.is_consistent(2));
+    }
+
+    #[test]
+    fn reports_bad_routing_addresses_with_line() {
+        let e = |t: &str| p(t).unwrap_err().to_string();
+        assert_eq!(
+            e("address,state,mailbox,routing_address\na@nhs.test,cloud,m,a@t.test\nb@nhs.test,cloud,m,\nc@nhs.test,cloud,m,c@t.test\n"),
+            "d.csv:4: alias c@nhs.test has routing address \"c@t.test\" but its mailbox (a@nhs.test) has \"a@t.test\""
+        );
+        assert_eq!(
+            e("address,state,routing_address\na@nhs.test,cloud,a@t.test\nb@nhs.test,cloud,not-an-address\n"),
+            "d.csv:3: bad routing address \"not-an-address\": missing @domain"
+        );
+        assert_eq!(
+            e("address,state,routing_address\nb@nhs.test,cloud,jö@t.test\n"),
+            "d.csv:2: bad routing address \"jö@t.test\": non-ASCII address needs SMTPUTF8"
+        );
+        assert!(e("address,state,routing_address\na@nhs.test,cloud\n")
+            .starts_with("d.csv:2: expected 3 fields, found 2"));
+        assert!(
+            e("address,state,mailbox,routing_address\na@nhs.test,cloud,m\n")
+                .starts_with("d.csv:2: expected 4 fields, found 3")
+        );
+        assert!(e("address,state,routing_address,mailbox\n").starts_with(
+            "d.csv:1: header must be `address,state`, `address,state,mailbox`, `address,state,routing_address` or `address,state,mailbox,routing_address`, found"
+        ));
+    }
+
+    #[test]
     fn many_entries_round_trip() {
         let mut text = String::from("address,state\n");
         for i in 0..10_000 {

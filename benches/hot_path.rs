@@ -95,7 +95,7 @@ fn directory(c: &mut Criterion) {
             coexist::route::plan(
                 addrs[..10].iter().enumerate(),
                 coexist::route::Kind::Relayed,
-                |a| dir.resolve(a),
+                |a| dir.resolve_routed(a),
                 &config,
             )
         })

@@ -14,10 +14,19 @@
 //! 3. anything else takes `directory.unknown`, unless that is `reject` ([`Rule::Unknown`]).
 //!
 //! A route then gives the target (fixed next hops or the MX hosts of a domain), the
-//! envelope rewrite (`rewrite_domain`) and the TLS policy and expected name.
+//! envelope rewrite and the TLS policy and expected name.
+//!
+//! The envelope rewrite (the `RCPT TO` sent, see [`Delivery::to`]): a route with
+//! `rewrite_domain` (the route to Exchange Online through the tenant's routing domain)
+//! sends a listed recipient whose mailbox has a routing address to that address (the
+//! mailbox's own, e.g. `jsmith@tenant.mail.onmicrosoft.com` for mail to
+//! `john.smith@other-domain.test`), and rewrites the domain of any other recipient
+//! (`user@nhs.test` sent as `user@tenant.mail.onmicrosoft.com`); `use_routing_address =
+//! false` on the route rewrites every recipient. A route without `rewrite_domain` sends
+//! every recipient as received, routing address or not.
 
-use crate::config::{Config, NextHop, TlsPolicy};
-use crate::directory::Resolution;
+use crate::config::{Config, NextHop, RouteConfig, TlsPolicy};
+use crate::directory::{Resolution, Resolved};
 use crate::policy::Policy;
 use crate::proto::reply::{canned, Reply};
 use crate::types::{Address, Domain, RouteName};
@@ -103,8 +112,9 @@ pub struct Delivery {
     pub rcpts: Vec<usize>,
     /// The rule that gave each recipient this route (parallel to `rcpts`).
     pub rules: Vec<Rule>,
-    /// The recipients as sent in `RCPT TO` (parallel to `rcpts`): rewritten to the route's
-    /// `rewrite_domain`, else unchanged.
+    /// The recipients as sent in `RCPT TO` (parallel to `rcpts`): on a route with
+    /// `rewrite_domain`, the mailbox's routing address, else the address at
+    /// `rewrite_domain`; on other routes unchanged (see the module doc).
     pub to: Vec<Address>,
     /// Next hops or MX domain.
     pub target: Target,
@@ -149,22 +159,48 @@ pub fn decide(
     resolve: impl Fn(&Address) -> Resolution,
     config: &Config,
 ) -> Option<Decision> {
+    decide_routed(addr, kind, |a| resolve(a).into(), config).map(|(d, _)| d)
+}
+
+/// [`decide`], with the routing address of a listed recipient's mailbox.
+fn decide_routed(
+    addr: &Address,
+    kind: Kind,
+    resolve: impl Fn(&Address) -> Resolved,
+    config: &Config,
+) -> Option<(Decision, Option<Address>)> {
     if kind == Kind::Dsn && !config.server.accepted_domains.contains(addr.domain()) {
-        return config.external_route().map(|route| Decision {
-            route,
-            rule: Rule::External,
+        return config.external_route().map(|route| {
+            let rule = Rule::External;
+            (Decision { route, rule }, None)
         });
     }
-    match resolve(addr) {
-        Resolution::Listed(route) => Some(Decision {
-            route,
-            rule: Rule::Listed,
-        }),
-        Resolution::Unlisted(route) => Some(Decision {
-            route,
-            rule: Rule::Unknown,
-        }),
+    let r = resolve(addr);
+    match r.resolution {
+        Resolution::Listed(route) => Some((
+            Decision {
+                route,
+                rule: Rule::Listed,
+            },
+            r.routing_address,
+        )),
+        Resolution::Unlisted(route) => Some((
+            Decision {
+                route,
+                rule: Rule::Unknown,
+            },
+            None,
+        )),
         Resolution::Reject => None,
+    }
+}
+
+/// The `RCPT TO` a recipient is sent as on route `rc` (see the module doc).
+fn sent_as(rc: &RouteConfig, addr: &Address, routing_address: Option<&Address>) -> Address {
+    match (&rc.rewrite_domain, routing_address) {
+        (Some(_), Some(ra)) if rc.use_routing_address => ra.clone(),
+        (Some(domain), _) => addr.with_domain(domain),
+        (None, _) => addr.clone(),
     }
 }
 
@@ -191,18 +227,23 @@ pub fn admit(
 }
 
 /// Groups `rcpts` (index, address) into complete deliveries, one per route, from each
-/// recipient's state now (`resolve`) and `config`.
+/// recipient's state and mailbox routing address now (`resolve`, in practice
+/// `Directory::resolve_routed`) and `config`.
 pub fn plan<'a>(
     rcpts: impl IntoIterator<Item = (usize, &'a Address)>,
     kind: Kind,
-    resolve: impl Fn(&Address) -> Resolution,
+    resolve: impl Fn(&Address) -> Resolved,
     config: &Config,
 ) -> Plan {
-    let mut groups: BTreeMap<RouteName, Vec<(usize, &'a Address, Rule)>> = BTreeMap::new();
+    type Member<'a> = (usize, &'a Address, Rule, Option<Address>);
+    let mut groups: BTreeMap<RouteName, Vec<Member<'a>>> = BTreeMap::new();
     let mut unroutable = Vec::new();
     for (i, addr) in rcpts {
-        match decide(addr, kind, &resolve, config) {
-            Some(d) => groups.entry(d.route).or_default().push((i, addr, d.rule)),
+        match decide_routed(addr, kind, &resolve, config) {
+            Some((d, ra)) => groups
+                .entry(d.route)
+                .or_default()
+                .push((i, addr, d.rule, ra)),
             None => unroutable.push(i),
         }
     }
@@ -222,10 +263,7 @@ pub fn plan<'a>(
             rules: members.iter().map(|m| m.2).collect(),
             to: members
                 .iter()
-                .map(|m| match &rc.rewrite_domain {
-                    Some(d) => m.1.with_domain(d),
-                    None => m.1.clone(),
-                })
+                .map(|m| sent_as(rc, m.1, m.3.as_ref()))
                 .collect(),
             target: match &rc.mx {
                 Some(d) => Target::Mx(d.clone(), rc.port),
@@ -262,6 +300,11 @@ mod tests {
                 None => Resolution::Reject,
             },
         }
+    }
+
+    /// `resolve` with no routing addresses, as `plan` takes it.
+    fn routed(r: impl Fn(&Address) -> Resolution) -> impl Fn(&Address) -> Resolved {
+        move |a: &Address| r(a).into()
     }
 
     fn config(tweak: impl FnOnce(&mut Config)) -> Config {
@@ -488,7 +531,7 @@ mod tests {
         for case in cases {
             let cfg = config(case.tweak);
             let a = addr(case.rcpt);
-            let p = plan([(0, &a)], case.kind, resolve(case.unknown), &cfg);
+            let p = plan([(0, &a)], case.kind, routed(resolve(case.unknown)), &cfg);
             match case.want {
                 None => {
                     assert!(p.deliveries.is_empty(), "{}: {p:?}", case.name);
@@ -536,7 +579,12 @@ mod tests {
             "z" => Resolution::Listed(route("archive")),
             _ => resolve(None)(a),
         };
-        let p = plan(addrs.iter().enumerate(), Kind::Relayed, resolve, &cfg);
+        let p = plan(
+            addrs.iter().enumerate(),
+            Kind::Relayed,
+            routed(resolve),
+            &cfg,
+        );
         let got: Vec<(&str, &[usize])> = p
             .deliveries
             .iter()
@@ -547,6 +595,119 @@ mod tests {
         assert_eq!(p.unconfigured, vec![(route("archive"), vec![4])]);
         assert_eq!(p.route_of(4), Some(&route("archive")));
         assert_eq!(p.route_of(3), None);
+    }
+
+    /// The directory of the routing-address tests: the mailbox of `jsmith@nhs.test` (aliases
+    /// `john.smith@nhs.test` and `John.Smith@other.test`, a secondary domain) is in the cloud
+    /// with the routing address `jsmith@tenant.mail.onmicrosoft.com`; `a*` are cloud
+    /// mailboxes without one; `o*` on premises with one; the rest unlisted (to onprem).
+    fn resolve_routed(a: &Address) -> Resolved {
+        let listed = |route: &str, ra: Option<&str>| Resolved {
+            resolution: Resolution::Listed(RouteName(route.into())),
+            routing_address: ra.map(addr),
+        };
+        match a.key().as_str() {
+            "jsmith@nhs.test" | "john.smith@nhs.test" | "john.smith@other.test" => {
+                listed("cloud", Some("jsmith@tenant.mail.onmicrosoft.com"))
+            }
+            k if k.starts_with('a') => listed("cloud", None),
+            k if k.starts_with('o') => listed("onprem", Some("o@tenant.mail.onmicrosoft.com")),
+            _ => Resolution::Unlisted(route("onprem")).into(),
+        }
+    }
+
+    /// The `RCPT TO` each recipient is sent as, by route.
+    fn sent(cfg: &Config, kind: Kind, rcpts: &[&str]) -> Vec<(String, Vec<String>)> {
+        let addrs: Vec<Address> = rcpts.iter().map(|s| addr(s)).collect();
+        let p = plan(addrs.iter().enumerate(), kind, resolve_routed, cfg);
+        p.deliveries
+            .iter()
+            .map(|d| {
+                let to = d.to.iter().map(Address::to_string).collect();
+                (d.route.as_str().to_string(), to)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_rewriting_route_sends_to_the_mailbox_routing_address() {
+        let owned = |v: &[(&str, &[&str])]| -> Vec<(String, Vec<String>)> {
+            v.iter()
+                .map(|(r, to)| (r.to_string(), to.iter().map(|t| t.to_string()).collect()))
+                .collect()
+        };
+        let rcpts = [
+            "John.Smith@other.test",
+            "john.smith@nhs.test",
+            "jsmith@nhs.test",
+            "Ann@nhs.test",
+            "o@nhs.test",
+            "x@nhs.test",
+        ];
+        // The cloud route rewrites: the mailbox's routing address for every alias of it
+        // (whatever its domain or local part), the rewrite for a mailbox without one. The
+        // onprem route does not rewrite: its routing address is not used; nor is there one
+        // for an unlisted address.
+        let cfg = config(cloud_mx);
+        let ra = "jsmith@tenant.mail.onmicrosoft.com";
+        assert_eq!(
+            sent(&cfg, Kind::Relayed, &rcpts),
+            owned(&[
+                ("cloud", &[ra, ra, ra, "Ann@tenant.mail.onmicrosoft.com"]),
+                ("onprem", &["o@nhs.test", "x@nhs.test"]),
+            ])
+        );
+        // `use_routing_address = false`: every recipient is rewritten, as before.
+        let cfg = config(|c| {
+            cloud_mx(c);
+            c.routes.get_mut("cloud").unwrap().use_routing_address = false;
+        });
+        assert_eq!(
+            sent(&cfg, Kind::Relayed, &rcpts[..4]),
+            owned(&[(
+                "cloud",
+                &[
+                    "John.Smith@tenant.mail.onmicrosoft.com",
+                    "john.smith@tenant.mail.onmicrosoft.com",
+                    "jsmith@tenant.mail.onmicrosoft.com",
+                    "Ann@tenant.mail.onmicrosoft.com"
+                ]
+            )])
+        );
+        // No rewrite on the cloud route: every recipient as received.
+        let cfg = config(nothing);
+        assert_eq!(
+            sent(&cfg, Kind::Relayed, &rcpts[..2]),
+            owned(&[("cloud", &["John.Smith@other.test", "john.smith@nhs.test"])])
+        );
+        // A rewriting route on premises uses the routing address of its mailboxes too (the
+        // option is per route); unlisted addresses are rewritten.
+        let cfg = config(|c| {
+            c.routes.get_mut("onprem").unwrap().rewrite_domain =
+                Some(Domain::parse("onprem.nhs.test", false).unwrap());
+        });
+        assert_eq!(
+            sent(&cfg, Kind::Relayed, &rcpts[4..]),
+            owned(&[(
+                "onprem",
+                &["o@tenant.mail.onmicrosoft.com", "x@onprem.nhs.test"]
+            )])
+        );
+        // A DSN to an address outside our domains takes the external route without looking
+        // at the directory: no routing address (other.test is not an accepted domain here).
+        let cfg = config(|c| {
+            external_cloud(c);
+            cloud_mx(c);
+        });
+        assert_eq!(
+            sent(&cfg, Kind::Dsn, &["John.Smith@other.test"]),
+            owned(&[("cloud", &["John.Smith@tenant.mail.onmicrosoft.com"])])
+        );
+        assert_eq!(
+            sent(&cfg, Kind::Dsn, &["john.smith@nhs.test"]),
+            owned(&[("cloud", &[ra])]),
+            "a DSN to one of ours follows its mailbox"
+        );
     }
 
     #[test]

@@ -475,3 +475,77 @@ async fn postgres_cut_off_mail_flows_batches_refused_lagging_node_drains_then_re
     assert!(text.contains("coexist_fleet_postgres_up 1"), "{text}");
     assert!(text.contains("coexist_fleet_behind 0"), "{text}");
 }
+
+/// Routing addresses travel with a base: in a schema made before them (its `base_rows`
+/// without the column) the first node adds the column at start and writes the base with
+/// them; a node that has no file and loads the base from PostgreSQL sends mail for an alias
+/// to its mailbox's routing address, and the rewrite for a mailbox without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_base_carries_routing_addresses_to_every_node() {
+    let schema = Schema::new("routing").await;
+    schema
+        .execute(&format!(
+            r#"CREATE SCHEMA "{0}";
+               CREATE TABLE "{0}".base_rows (seq bigint NOT NULL, address text NOT NULL,
+                   mailbox text NOT NULL, state text NOT NULL, file_state text NOT NULL,
+                   origin bigint NOT NULL);"#,
+            schema.name
+        ))
+        .await;
+    let hops = hops().await;
+    let url = pg::url();
+    let start = |name: &'static str, file: Option<&'static str>| {
+        let (hops, schema, url) = (&hops, &schema, &url);
+        async move {
+            let dir = tempfile::tempdir().unwrap();
+            if let Some(text) = file {
+                std::fs::write(dir.path().join("directory.csv"), text).unwrap();
+            }
+            let mut cfg = node_config(dir.path(), hops, schema, name, url, file.is_some());
+            cfg.routes.get_mut("cloud").unwrap().rewrite_domain =
+                Some(coexist::types::Domain::parse("tenant.mail.onmicrosoft.test", false).unwrap());
+            Node::start(cfg, dir).await
+        }
+    };
+    let a = start(
+        "mx1",
+        Some(
+            "address,state,mailbox,routing_address\n\
+             john.smith@nhs.test,cloud,js,jsmith@tenant.mail.onmicrosoft.test\n\
+             js@nhs.test,cloud,js,\n\
+             bob@nhs.test,cloud,,\n",
+        ),
+    )
+    .await;
+    let b = start("mx2", None).await;
+    for n in [&a, &b] {
+        let l = n
+            .relay
+            .directory
+            .lookup(&coexist::types::Address::parse("js@nhs.test", false).unwrap());
+        assert_eq!(
+            (l.origin.as_str(), l.routing_address.as_deref()),
+            ("base 1", Some("jsmith@tenant.mail.onmicrosoft.test"))
+        );
+    }
+    let reply = send_one(
+        b.relay.local_addrs[0],
+        &["js@nhs.test", "bob@nhs.test"],
+        "routing",
+    )
+    .await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    assert_eq!(wait(&hops.cloud, 2).await, 2);
+    let got: Vec<String> = hops.cloud.state.messages()[0]
+        .rcpts
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "jsmith@tenant.mail.onmicrosoft.test",
+            "bob@tenant.mail.onmicrosoft.test"
+        ]
+    );
+}

@@ -1,6 +1,7 @@
 //! One routing decision: the queue view shows the route delivery takes (a DSN to an outside
 //! sender takes the external route in both), and `route explain` shows the whole delivery
-//! (MX, envelope rewrite, TLS policy and name, the DSN route).
+//! (MX, envelope rewrite, TLS policy and name, the DSN route). A mailbox's routing address
+//! is where a rewriting route sends mail for any of its aliases.
 
 mod common;
 
@@ -143,4 +144,95 @@ async fn route_explain_shows_mx_rewrite_tls_and_the_dsn_route() {
         "{who}"
     );
     assert_eq!(who["dsn_route"], "onprem", "{who}");
+}
+
+/// Issue 14, item 3: a mailbox with a routing address gets mail for any of its aliases (here
+/// one on a secondary domain, with another local part) at that address on the route that
+/// rewrites; a mailbox without one falls back to `rewrite_domain`; the route that does not
+/// rewrite sends as received. `route explain` shows the routing address and what is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_to_an_alias_goes_to_the_mailbox_routing_address() {
+    let h = harness(|c| {
+        std::fs::write(
+            c.directory.file.as_ref().unwrap(),
+            "address,state,mailbox,routing_address\n\
+             john.smith@nhs.test,cloud,jsmith,jsmith@tenant.mail.onmicrosoft.test\n\
+             John.Smith@secondary.test,cloud,jsmith,\n\
+             bob@nhs.test,cloud,,\n\
+             alice@nhs.test,onprem,,alice@tenant.mail.onmicrosoft.test\n",
+        )
+        .unwrap();
+        c.server
+            .accepted_domains
+            .push(coexist::types::Domain::parse("secondary.test", false).unwrap());
+        c.routes.get_mut("cloud").unwrap().rewrite_domain =
+            Some(coexist::types::Domain::parse("tenant.mail.onmicrosoft.test", false).unwrap());
+    })
+    .await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c
+        .mail(
+            "x@example.org",
+            &[
+                "John.Smith@secondary.test",
+                "bob@nhs.test",
+                "alice@nhs.test",
+            ],
+            &sample("routing address"),
+        )
+        .await;
+    assert_eq!(r.code, 250, "{}", r.text);
+    assert_eq!(wait(&h.cloud, 2).await, 2);
+    assert_eq!(wait(&h.onprem, 1).await, 1);
+    h.settled().await;
+    let rcpts = |sink: &coexist::load::sink::Sink| -> Vec<String> {
+        let msgs = sink.state.messages();
+        assert_eq!(msgs.len(), 1);
+        msgs[0].rcpts.iter().map(|a| a.to_string()).collect()
+    };
+    assert_eq!(
+        rcpts(&h.cloud),
+        [
+            "jsmith@tenant.mail.onmicrosoft.test",
+            "bob@tenant.mail.onmicrosoft.test"
+        ],
+        "the alias at its mailbox's routing address, bob rewritten"
+    );
+    assert_eq!(
+        rcpts(&h.onprem),
+        ["alice@nhs.test"],
+        "no rewrite on premises"
+    );
+    assert_eq!(
+        strip_received(&h.cloud.state.messages()[0].body),
+        &sample("routing address")[..],
+        "headers untouched"
+    );
+
+    let (code, body) = api(
+        h.relay.admin_addr.unwrap(),
+        "POST",
+        "/v1/route/explain",
+        r#"{"addresses":["John.Smith@secondary.test","bob@nhs.test"]}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let alias = &v[0];
+    assert_eq!(alias["mailbox"], "john.smith@nhs.test", "{alias}");
+    assert_eq!(
+        alias["routing_address"], "jsmith@tenant.mail.onmicrosoft.test",
+        "{alias}"
+    );
+    assert_eq!(
+        alias["rewritten"], "jsmith@tenant.mail.onmicrosoft.test",
+        "{alias}"
+    );
+    let bob = &v[1];
+    assert_eq!(bob["routing_address"], serde_json::Value::Null, "{bob}");
+    assert_eq!(
+        bob["rewritten"], "bob@tenant.mail.onmicrosoft.test",
+        "{bob}"
+    );
 }

@@ -207,11 +207,11 @@ pub fn explain(
                 source,
             })?;
             let lookup = directory.lookup(&addr);
-            let resolve = |a: &Address| directory.resolve(a);
-            let rcpt = match route::admit(&policy, &addr, resolve) {
+            let rcpt = match route::admit(&policy, &addr, |a| directory.resolve(a)) {
                 Err(r) => r.to_string(),
                 Ok(_) => "accept".to_string(),
             };
+            let resolve = |a: &Address| directory.resolve_routed(a);
             let plan = route::plan([(0, &addr)], route::Kind::Relayed, resolve, config);
             let dsn = route::plan([(0, &addr)], route::Kind::Dsn, resolve, config);
             let d = plan.deliveries.first();

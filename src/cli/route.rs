@@ -32,10 +32,10 @@ pub fn run(cmd: RouteCmd) -> anyhow::Result<()> {
     }
 }
 
-/// One address: its mailbox, state and where it comes from, the RCPT verdict, the route
-/// with its next hops or MX domain and TLS policy (`-` for what does not apply), then the
-/// certificate name, the rewritten recipient when there are such, and the route a DSN to it
-/// would take.
+/// One address: its mailbox (and the mailbox's routing address when it has one), state and
+/// where it comes from, the RCPT verdict, the route with its next hops or MX domain and TLS
+/// policy (`-` for what does not apply), then the certificate name, the recipient as sent
+/// when the route rewrites it, and the route a DSN to it would take.
 pub fn explain_text(e: &Explain) -> String {
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let target = match &e.mx {
@@ -43,8 +43,12 @@ pub fn explain_text(e: &Explain) -> String {
         None if e.next_hops.is_empty() => "-".to_string(),
         None => e.next_hops.join(", "),
     };
+    let routing = match &e.lookup.routing_address {
+        Some(ra) => format!("\n  routing {ra}"),
+        None => String::new(),
+    };
     let mut out = format!(
-        "{}\n  mailbox {}\n  state   {} (from {})\n  rcpt    {}\n  route   {} -> {} (tls {})",
+        "{}\n  mailbox {}{routing}\n  state   {} (from {})\n  rcpt    {}\n  route   {} -> {} (tls {})",
         e.lookup.address,
         or_dash(&e.lookup.mailbox),
         or_dash(&e.lookup.state),
@@ -78,6 +82,7 @@ mod tests {
                 state: Some("cloud".into()),
                 origin: "batch 1".into(),
                 route: Some("cloud".into()),
+                routing_address: None,
             },
             rcpt: "accept".into(),
             rule: Some(crate::route::Rule::Listed),
@@ -102,6 +107,7 @@ mod tests {
                 state: None,
                 origin: "unlisted".into(),
                 route: None,
+                routing_address: None,
             },
             rcpt: "550 5.7.1 Relay access denied".into(),
             rule: None,
@@ -113,5 +119,18 @@ mod tests {
             dsn_route: None,
         };
         assert!(explain_text(&unlisted).ends_with("route   - -> - (tls -)\n  dsn     -"));
+        let mut alias = e.clone();
+        alias.lookup.address = "john.smith@other.test".into();
+        alias.lookup.routing_address = Some("jsmith@tenant.mail.onmicrosoft.com".into());
+        alias.rewritten = alias.lookup.routing_address.clone();
+        assert!(
+            explain_text(&alias).starts_with(
+                "john.smith@other.test\n  mailbox alice@nhs.test\n  \
+                 routing jsmith@tenant.mail.onmicrosoft.com\n  state   cloud (from batch 1)\n"
+            ),
+            "{}",
+            explain_text(&alias)
+        );
+        assert!(explain_text(&alias).contains("\n  sent as jsmith@tenant.mail.onmicrosoft.com\n"));
     }
 }

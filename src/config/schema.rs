@@ -457,6 +457,13 @@ pub struct RouteConfig {
     /// are not touched.
     #[serde(default)]
     pub rewrite_domain: Option<Domain>,
+    /// With `rewrite_domain`: a listed recipient whose mailbox has a routing address (the
+    /// directory's `routing_address`, Active Directory's `targetAddress`) is sent to that
+    /// address instead of being rewritten (default). `false`: every recipient is rewritten
+    /// (for a route that rewrites but does not lead to the estate the routing addresses
+    /// name). No effect without `rewrite_domain`.
+    #[serde(default = "default_true")]
+    pub use_routing_address: bool,
     /// Name the next hop's certificate must carry (`verify`); default: the next hop's host.
     #[serde(default)]
     pub tls_name: Option<String>,

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 /// One row of a base: an address, its mailbox's primary address, the mailbox's state now,
-/// its state as the imported file gave it, and the change that set the state now.
+/// its state as the imported file gave it, the change that set the state now, and the
+/// mailbox's routing address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseRow {
     /// The address (lower case).
@@ -30,6 +31,8 @@ pub struct BaseRow {
     pub file_state: String,
     /// Change id that set `state` (the base's own id for rows the file decided).
     pub origin: u32,
+    /// Routing address of its mailbox (the same on every row of the mailbox); empty: none.
+    pub routing_address: String,
 }
 
 /// A whole base, ready to be written to the fleet or installed.
@@ -63,6 +66,7 @@ impl Base {
                     state: name(v.states[m]),
                     file_state: name(v.file_states[m]),
                     origin: v.origin[m],
+                    routing_address: v.routing.get(m).unwrap_or_default().to_string(),
                 })
             })
         };
@@ -95,8 +99,8 @@ impl Base {
             .filter(|r| r.address != r.mailbox)
             .map(|r| r.mailbox.as_str())
             .collect();
-        let mut csv = Vec::with_capacity(rows.len() * 40 + 32);
-        csv.extend_from_slice(b"address,state,mailbox\n");
+        let mut csv = Vec::with_capacity(rows.len() * 40 + 48);
+        csv.extend_from_slice(b"address,state,mailbox,routing_address\n");
         for r in rows {
             csv.extend_from_slice(r.address.as_bytes());
             csv.push(b',');
@@ -105,6 +109,8 @@ impl Base {
             if grouped.contains(r.mailbox.as_str()) {
                 csv.extend_from_slice(r.mailbox.as_bytes());
             }
+            csv.push(b',');
+            push_field(&mut csv, &r.routing_address);
             csv.push(b'\n');
         }
         let parsed = table::parse(&csv, what, names)?;
@@ -134,6 +140,7 @@ impl Base {
             generation: 1,
             table: Arc::new(parsed.table),
             file_states: Arc::new(file_states),
+            routing: Arc::new(parsed.routing),
             states: parsed.states,
             origin,
             last_change: 0,
@@ -143,6 +150,18 @@ impl Base {
             report: ReloadReport::of(view.table.len(), n),
             view,
         })
+    }
+}
+
+/// Appends a CSV field, quoted when it holds a separator, a quote or a line end (a quoted
+/// local part may).
+fn push_field(csv: &mut Vec<u8>, field: &str) {
+    if field.contains([',', '"', '\r', '\n']) {
+        csv.push(b'"');
+        csv.extend_from_slice(field.replace('"', "\"\"").as_bytes());
+        csv.push(b'"');
+    } else {
+        csv.extend_from_slice(field.as_bytes());
     }
 }
 
@@ -340,5 +359,75 @@ mod tests {
             (two.applied(), two.resolve(&a("alias@nhs.test"))),
             (3, cloud)
         );
+    }
+
+    /// A base carries each mailbox's routing address on every row of the mailbox; a node
+    /// that rebuilds the base from its rows resolves the same routing addresses (one with a
+    /// quoted local part holding a comma and a quote included).
+    #[test]
+    fn routing_addresses_round_trip_through_base_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            Directory::open_local(&cfg(tmp.path(), "reject"), states(), &tmp.path().join(name))
+                .unwrap()
+        };
+        let one = open("one");
+        let parsed = table::parse(
+            b"address,state,mailbox,routing_address\n\
+              a@nhs.test,cloud,m1,\n\
+              alias@other.test,cloud,m1,a@tenant.test\n\
+              b@nhs.test,onprem,,\"\"\"b,\\\"\"x\"\"@tenant.test\"\n\
+              c@nhs.test,onprem,,\n",
+            "d.csv",
+            &states(),
+        )
+        .unwrap();
+        let base = one.merge_base(parsed, 1, "d.csv", false).unwrap();
+        let written: Vec<BaseRow> = base.rows(&states()).collect();
+        let ra: Vec<(&str, &str)> = written
+            .iter()
+            .map(|r| (r.address.as_str(), r.routing_address.as_str()))
+            .collect();
+        assert_eq!(
+            ra,
+            vec![
+                ("a@nhs.test", "a@tenant.test"),
+                ("b@nhs.test", "\"b,\\\"x\"@tenant.test"),
+                ("c@nhs.test", ""),
+                ("alias@other.test", "a@tenant.test"),
+            ]
+        );
+        assert!(one.install_base(1, base, "d.csv").unwrap());
+        let two = open("two");
+        let rebuilt = Base::from_rows(&written, &states(), "fleet base 1").unwrap();
+        assert_eq!(rebuilt.rows(&states()).collect::<Vec<_>>(), written);
+        assert!(two.install_base(1, rebuilt, "d.csv").unwrap());
+        for d in [&one, &two] {
+            let routed = |s: &str| {
+                d.resolve_routed(&a(s))
+                    .routing_address
+                    .map(|r| r.to_string())
+            };
+            assert_eq!(routed("alias@other.test").as_deref(), Some("a@tenant.test"));
+            assert_eq!(routed("a@nhs.test").as_deref(), Some("a@tenant.test"));
+            assert_eq!(
+                routed("b@nhs.test").as_deref(),
+                Some("\"b,\\\"x\"@tenant.test")
+            );
+            assert_eq!(routed("c@nhs.test"), None);
+        }
+        // Rows of a base written before routing addresses (the column's default, '').
+        let old: Vec<BaseRow> = written
+            .iter()
+            .cloned()
+            .map(|r| BaseRow {
+                routing_address: String::new(),
+                ..r
+            })
+            .collect();
+        let rebuilt = Base::from_rows(&old, &states(), "fleet base 2").unwrap();
+        assert!(rebuilt
+            .rows(&states())
+            .all(|r| r.routing_address.is_empty()));
     }
 }

@@ -340,6 +340,7 @@ impl Directory {
             generation: view.generation + 1,
             table: view.table.clone(),
             file_states: view.file_states.clone(),
+            routing: view.routing.clone(),
             states,
             origin,
             last_change: change.head.id,

@@ -2,6 +2,7 @@
 //!
 //! - [`table`]: the compact in-memory index loaded from the directory file (the embedded
 //!   source), with aliases (several addresses, one mailbox).
+//! - [`routing`]: each mailbox's routing address (where a rewriting route sends its mail).
 //! - [`batch`]: migration batch files (ours or Exchange's `New-MigrationBatch` CSV).
 //! - [`report`]: Exchange migration reports (`Get-MigrationUser`, `Get-MoveRequest`
 //!   exports) read as batches of their completed users.
@@ -32,6 +33,7 @@ mod changes;
 pub mod generate;
 pub mod ldap;
 pub mod report;
+pub mod routing;
 pub mod scheduled;
 mod source;
 pub mod store;
@@ -42,7 +44,7 @@ pub mod watch;
 pub use base::{Base, BaseRow};
 pub use report::StatusGroup;
 pub use source::{FileSource, FleetSource, Source};
-pub use view::{Lookup, Resolution};
+pub use view::{Lookup, Resolution, Resolved};
 
 use crate::config::{DirectoryConfig, Percent, Unknown};
 use crate::types::RouteName;

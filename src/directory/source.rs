@@ -88,6 +88,7 @@ impl Directory {
             None => View::of_parsed(Parsed {
                 table: table::Table::default(),
                 states: Vec::new(),
+                routing: Default::default(),
             }),
         };
         let (history, tail) = store.read_log(view.last_change)?;
@@ -154,6 +155,7 @@ impl Directory {
                 let empty = View::of_parsed(Parsed {
                     table: table::Table::default(),
                     states: Vec::new(),
+                    routing: Default::default(),
                 });
                 let (history, _) = store.read_log(0)?;
                 let dir = Directory::build(cfg, states, empty, Some(store), history, source);
@@ -286,7 +288,8 @@ impl Directory {
 
 /// Builds the view for a newly parsed file on top of `old`: a mailbox whose file state is
 /// unchanged keeps its current state and origin (so batches survive); others take the file,
-/// with `fresh` as their origin (0: the file itself).
+/// with `fresh` as their origin (0: the file itself). Routing addresses are the file's for
+/// every mailbox (batches change states only).
 pub(super) fn merge(
     old: Option<&View>,
     parsed: Parsed,
@@ -322,6 +325,8 @@ pub(super) fn merge(
         generation: old.map(|v| v.generation + 1).unwrap_or(1),
         table: Arc::new(parsed.table),
         file_states: Arc::new(parsed.states),
+        // The file's routing addresses, for every mailbox: batches never set them.
+        routing: Arc::new(parsed.routing),
         states,
         origin,
         last_change: old.map(|v| v.last_change).unwrap_or(0),
@@ -374,6 +379,97 @@ mod tests {
             d.resolve(&a("c@nhs.test")),
             cloud,
             "old state stays in force"
+        );
+    }
+
+    /// Routing addresses come from the file for every mailbox: a reload gives each mailbox
+    /// the new file's (also when only they changed), batches keep states but never touch
+    /// them, and a restart finds them in the snapshot.
+    #[test]
+    fn a_reload_takes_the_file_routing_addresses_and_batches_keep_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d.csv");
+        std::fs::write(
+            &file,
+            "address,state,mailbox,routing_address\n\
+             a@nhs.test,onprem,m1,a@tenant.test\n\
+             alias@other.test,onprem,m1,\n\
+             b@nhs.test,onprem,,b@tenant.test\n\
+             c@nhs.test,onprem,,\n",
+        )
+        .unwrap();
+        let d = Directory::open(&cfg(dir.path(), "onprem"), states()).unwrap();
+        let routed = |d: &Directory, s: &str| {
+            let r = d.resolve_routed(&a(s));
+            let ra = r.routing_address.map(|ra| ra.to_string());
+            (r.resolution.route().unwrap().as_str().to_string(), ra)
+        };
+        let pair = |r: &str, ra: Option<&str>| (r.to_string(), ra.map(str::to_string));
+        assert_eq!(
+            routed(&d, "ALIAS@other.test"),
+            pair("onprem", Some("a@tenant.test"))
+        );
+        assert_eq!(routed(&d, "c@nhs.test"), pair("onprem", None));
+        assert_eq!(
+            d.lookup(&a("alias@other.test")).routing_address.as_deref(),
+            Some("a@tenant.test")
+        );
+        d.apply(
+            &rows("EmailAddress\nalias@other.test\nb@nhs.test\n", "cloud"),
+            "b.csv",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            routed(&d, "alias@other.test"),
+            pair("cloud", Some("a@tenant.test")),
+            "a batch changes the state, not the routing address"
+        );
+        // Only routing addresses change: a's goes, b's changes, c gets one.
+        std::fs::write(
+            &file,
+            "address,state,mailbox,routing_address\n\
+             a@nhs.test,onprem,m1,\n\
+             alias@other.test,onprem,m1,\n\
+             b@nhs.test,onprem,,b2@tenant.test\n\
+             c@nhs.test,onprem,,c@tenant.test\n",
+        )
+        .unwrap();
+        let r = d.reload_file(false).unwrap();
+        assert_eq!((r.changed, r.added, r.removed), (0, 0, 0));
+        assert_eq!(
+            routed(&d, "alias@other.test"),
+            pair("cloud", None),
+            "batch kept, routing address gone"
+        );
+        assert_eq!(
+            routed(&d, "b@nhs.test"),
+            pair("cloud", Some("b2@tenant.test"))
+        );
+        assert_eq!(
+            routed(&d, "c@nhs.test"),
+            pair("onprem", Some("c@tenant.test"))
+        );
+        // A file without the column: no mailbox has one any more.
+        std::fs::write(
+            &file,
+            "address,state,mailbox\na@nhs.test,onprem,m1\nalias@other.test,onprem,m1\nb@nhs.test,onprem,\nc@nhs.test,onprem,\n",
+        )
+        .unwrap();
+        d.reload_file(false).unwrap();
+        assert_eq!(routed(&d, "b@nhs.test"), pair("cloud", None));
+        std::fs::write(
+            &file,
+            "address,state,routing_address\na@nhs.test,onprem,\nalias@other.test,onprem,\nb@nhs.test,onprem,b3@tenant.test\nc@nhs.test,onprem,\n",
+        )
+        .unwrap();
+        d.reload_file(false).unwrap();
+        drop(d);
+        let d = Directory::open(&cfg(dir.path(), "onprem"), states()).unwrap();
+        assert_eq!(
+            routed(&d, "b@nhs.test"),
+            pair("cloud", Some("b3@tenant.test")),
+            "after a restart (snapshot)"
         );
     }
 }

@@ -5,6 +5,7 @@
 //! (notes/dependencies.md): at 2,000,000 addresses this table takes ~40 bytes per address
 //! plus the key bytes, and it can be written to and read from disk as flat arrays.
 
+use super::routing::{self, RoutingAddresses};
 use super::DirectoryError;
 use crate::types::{Address, RouteName};
 use std::hash::BuildHasher;
@@ -195,17 +196,40 @@ impl Table {
     }
 }
 
-/// A parsed directory file: the index and each mailbox's state in the file.
+/// A parsed directory file: the index, each mailbox's state in the file and each
+/// mailbox's routing address.
 #[derive(Debug, Clone)]
 pub struct Parsed {
     /// The address index.
     pub table: Table,
     /// State (index into the route names) of each mailbox, as written in the file.
     pub states: Vec<u8>,
+    /// Routing address of each mailbox (none for all when the file has no such column).
+    pub routing: RoutingAddresses,
 }
 
-/// Parses a directory CSV: header `address,state` or `address,state,mailbox` (aliases: rows
-/// with the same mailbox share one state). A bad row fails the whole file with its line.
+/// The directory file's header forms: `(has mailbox column, has routing_address column)`.
+fn columns(cols: &[String]) -> Option<(bool, bool)> {
+    match cols
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["address", "state"] => Some((false, false)),
+        ["address", "state", "mailbox"] => Some((true, false)),
+        ["address", "state", "routing_address"] => Some((false, true)),
+        ["address", "state", "mailbox", "routing_address"] => Some((true, true)),
+        _ => None,
+    }
+}
+
+/// Parses a directory CSV. The header is one of `address,state`, `address,state,mailbox`,
+/// `address,state,routing_address` and `address,state,mailbox,routing_address`. Rows with
+/// the same (non-empty) mailbox are aliases of one mailbox and share its state and routing
+/// address: an alias row may leave the routing address empty, but two different ones for
+/// one mailbox are an error. A routing address must be an ASCII address. A bad row fails
+/// the whole file with its line.
 pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, DirectoryError> {
     let row_err = |line: u64, reason: String| DirectoryError::Row {
         file: file.to_string(),
@@ -214,31 +238,23 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
     };
     let mut rows = CsvRows::new(text);
     let (header_line, cols) = rows.header().map_err(|(l, r)| row_err(l, r))?;
-    let with_mailbox = match cols
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["address", "state"] => false,
-        ["address", "state", "mailbox"] => true,
-        _ => {
-            return Err(row_err(
-                header_line,
-                format!(
-                    "header must be `address,state` or `address,state,mailbox`, found {:?}",
-                    cols.join(",")
-                ),
-            ));
-        }
+    let Some((with_mailbox, with_routing)) = columns(&cols) else {
+        return Err(row_err(
+            header_line,
+            format!(
+                "header must be `address,state`, `address,state,mailbox`, `address,state,routing_address` or `address,state,mailbox,routing_address`, found {:?}",
+                cols.join(",")
+            ),
+        ));
     };
+    let want = 2 + usize::from(with_mailbox) + usize::from(with_routing);
     let mut t = Table::default();
     let mut file_states: Vec<u8> = Vec::new();
+    let mut routing = routing::Builder::default();
     let mut mailbox_ids: std::collections::HashMap<Vec<u8>, u32> = std::collections::HashMap::new();
     let mut first_line: Vec<(u32, u32)> = Vec::new();
     while let Some(row) = rows.next_row() {
         let (line, rec) = row.map_err(|(l, r)| row_err(l, r))?;
-        let want = if with_mailbox { 3 } else { 2 };
         if rec.len() != want {
             return Err(row_err(
                 line,
@@ -258,6 +274,15 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
                 )
             })?
             .raw();
+        let routing_address = match rec.get(want - 1).filter(|f| with_routing && !f.is_empty()) {
+            None => None,
+            Some(field) => {
+                let text = String::from_utf8_lossy(field);
+                let ra = Address::parse(&text, false)
+                    .map_err(|e| row_err(line, format!("bad routing address {text:?}: {e}")))?;
+                Some(ra.to_string())
+            }
+        };
         let key = addr.key().into_bytes();
         let mailbox = if with_mailbox && !rec[2].is_empty() {
             let next = file_states.len() as u32;
@@ -275,6 +300,7 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
         }
         if mailbox as usize == file_states.len() {
             file_states.push(state);
+            routing.add_mailbox();
             t.primary.push(t.arena.len() as u32);
         } else if file_states[mailbox as usize] != state {
             let other = t.primary_address(mailbox as usize).to_string();
@@ -282,6 +308,27 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
                 line,
                 format!("alias {addr_text} has state {state_text:?} but its mailbox ({other}) has another state"),
             ));
+        }
+        if let Some(ra) = routing_address {
+            match routing.get(mailbox as usize) {
+                // The same address (the local part compared without case, as Exchange does).
+                Some(had) if had.eq_ignore_ascii_case(&ra) => {}
+                Some(had) => {
+                    let other = t.primary_address(mailbox as usize).to_string();
+                    return Err(row_err(
+                        line,
+                        format!("alias {addr_text} has routing address {ra:?} but its mailbox ({other}) has {had:?}"),
+                    ));
+                }
+                None => {
+                    if !routing.set(mailbox as usize, &ra) {
+                        return Err(row_err(
+                            line,
+                            "directory too large (over 4 GiB of routing addresses)".into(),
+                        ));
+                    }
+                }
+            }
         }
         match t.push(&key, mailbox) {
             Ok(off) => first_line.push((off as u32, line as u32)),
@@ -300,6 +347,7 @@ pub fn parse(text: &[u8], file: &str, states: &[RouteName]) -> Result<Parsed, Di
     Ok(Parsed {
         table: t,
         states: file_states,
+        routing: routing.finish(),
     })
 }
 
@@ -435,6 +483,78 @@ mod tests {
             e("address,state,mailbox\na@nhs.test,cloud,m\nb@nhs.test,onprem,m\n")
                 .starts_with("d.csv:3: alias")
         );
+    }
+
+    #[test]
+    fn parses_the_four_headers() {
+        fn ra<'a>(d: &'a Parsed, a: &str) -> Option<&'a str> {
+            d.table.mailbox(a.as_bytes()).and_then(|m| d.routing.get(m))
+        }
+        let d = p("address,state\na@nhs.test,cloud\n").unwrap();
+        assert!(d.routing.is_empty() && d.routing.ends.is_empty());
+        let d = p("address,state,mailbox\na@nhs.test,cloud,m\nb@nhs.test,cloud,m\n").unwrap();
+        assert!(d.routing.is_empty());
+        let d = p("address,state,routing_address\na@nhs.test,cloud,a@Tenant.mail.onmicrosoft.test\nb@nhs.test,onprem,\n").unwrap();
+        assert_eq!(ra(&d, "a@nhs.test"), Some("a@tenant.mail.onmicrosoft.test"));
+        assert_eq!(ra(&d, "b@nhs.test"), None);
+        assert!(d.routing.is_consistent(d.table.mailboxes()));
+        // The form the LDAP source writes (header in any case).
+        let d = p("Address,State,Mailbox,Routing_Address\na@nhs.test,cloud,m1,a@t.test\nb@nhs.test,onprem,,\n").unwrap();
+        assert_eq!(ra(&d, "a@nhs.test"), Some("a@t.test"));
+        assert_eq!(ra(&d, "b@nhs.test"), None);
+        assert_eq!(d.states, vec![0, 1]);
+    }
+
+    #[test]
+    fn aliases_share_their_mailbox_routing_address() {
+        // The primary row leaves it empty, an alias on a secondary domain gives it, a third
+        // repeats it (local part in another case), a fourth leaves it empty.
+        let d = p("address,state,mailbox,routing_address\n\
+                   john.smith@nhs.test,cloud,m1,\n\
+                   other@nhs.test,onprem,m2,other@t.test\n\
+                   John.Smith@other.test,cloud,m1,jsmith@t.test\n\
+                   j.smith@nhs.test,cloud,M1,JSmith@t.test\n\
+                   js@nhs.test,cloud,m1,\n")
+        .unwrap();
+        assert_eq!(d.table.mailboxes(), 2);
+        for a in [
+            "john.smith@nhs.test",
+            "john.smith@other.test",
+            "j.smith@nhs.test",
+            "js@nhs.test",
+        ] {
+            let m = d.table.mailbox(a.as_bytes()).unwrap();
+            assert_eq!((m, d.routing.get(m)), (0, Some("jsmith@t.test")), "{a}");
+        }
+        assert_eq!(d.routing.get(1), Some("other@t.test"));
+        assert_eq!(d.routing.count(), 2);
+        assert!(d.routing.is_consistent(2));
+    }
+
+    #[test]
+    fn reports_bad_routing_addresses_with_line() {
+        let e = |t: &str| p(t).unwrap_err().to_string();
+        assert_eq!(
+            e("address,state,mailbox,routing_address\na@nhs.test,cloud,m,a@t.test\nb@nhs.test,cloud,m,\nc@nhs.test,cloud,m,c@t.test\n"),
+            "d.csv:4: alias c@nhs.test has routing address \"c@t.test\" but its mailbox (a@nhs.test) has \"a@t.test\""
+        );
+        assert_eq!(
+            e("address,state,routing_address\na@nhs.test,cloud,a@t.test\nb@nhs.test,cloud,not-an-address\n"),
+            "d.csv:3: bad routing address \"not-an-address\": missing @domain"
+        );
+        assert_eq!(
+            e("address,state,routing_address\nb@nhs.test,cloud,jö@t.test\n"),
+            "d.csv:2: bad routing address \"jö@t.test\": non-ASCII address needs SMTPUTF8"
+        );
+        assert!(e("address,state,routing_address\na@nhs.test,cloud\n")
+            .starts_with("d.csv:2: expected 3 fields, found 2"));
+        assert!(
+            e("address,state,mailbox,routing_address\na@nhs.test,cloud,m\n")
+                .starts_with("d.csv:2: expected 4 fields, found 3")
+        );
+        assert!(e("address,state,routing_address,mailbox\n").starts_with(
+            "d.csv:1: header must be `address,state`, `address,state,mailbox`, `address,state,routing_address` or `address,state,mailbox,routing_address`, found"
+        ));
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The immutable view of the directory that is swapped in whole by each change, and the
-//! lookups on it: [`Directory::resolve`] (cached, never waits for a writer) and
-//! [`Directory::lookup`] (state, mailbox and provenance).
+//! lookups on it: [`Directory::resolve`] (the RCPT check: cached, never waits for a writer,
+//! never allocates beyond the route name), [`Directory::resolve_routed`] (the same lookup
+//! with the mailbox's routing address, for delivery) and [`Directory::lookup`] (state,
+//! mailbox, routing address and provenance).
 
+use super::routing::RoutingAddresses;
 use super::store::{Fingerprint, Stored};
 use super::table::{Parsed, Table};
 use super::Directory;
@@ -30,11 +33,33 @@ impl Resolution {
     }
 }
 
+/// How an address resolves now, with its mailbox's routing address: what delivery needs
+/// (see `crate::route::plan`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The route, as [`Directory::resolve`] gives it.
+    pub resolution: Resolution,
+    /// The routing address of the address's mailbox, when it is listed and has one.
+    pub routing_address: Option<Address>,
+}
+
+impl From<Resolution> for Resolved {
+    /// A resolution without a routing address.
+    fn from(resolution: Resolution) -> Resolved {
+        Resolved {
+            resolution,
+            routing_address: None,
+        }
+    }
+}
+
 /// One immutable version of the directory.
 pub(super) struct View {
     pub(super) generation: u64,
     pub(super) table: Arc<Table>,
     pub(super) file_states: Arc<Vec<u8>>,
+    /// Each mailbox's routing address, from the file (batches do not change it).
+    pub(super) routing: Arc<RoutingAddresses>,
     pub(super) states: Vec<u8>,
     pub(super) origin: Vec<u32>,
     pub(super) last_change: u32,
@@ -48,6 +73,7 @@ impl View {
             generation: 1,
             table: Arc::new(s.table),
             file_states: Arc::new(s.file_states),
+            routing: Arc::new(s.routing),
             states: s.states,
             origin: s.origin,
             last_change: s.last_change,
@@ -62,6 +88,7 @@ impl View {
             generation: 1,
             table: Arc::new(parsed.table),
             file_states: Arc::new(parsed.states.clone()),
+            routing: Arc::new(parsed.routing),
             states: parsed.states,
             origin: vec![0; n],
             last_change: 0,
@@ -76,6 +103,7 @@ impl View {
             state_names: names.iter().map(|r| r.as_str().to_string()).collect(),
             table: (*self.table).clone(),
             file_states: (*self.file_states).clone(),
+            routing: (*self.routing).clone(),
             states: self.states.clone(),
             origin: self.origin.clone(),
         }
@@ -96,31 +124,55 @@ pub struct Lookup {
     pub origin: String,
     /// The route a message would take now (`None` = rejected).
     pub route: Option<String>,
+    /// The routing address of its mailbox, when listed and it has one (a route with
+    /// `rewrite_domain` sends to it).
+    #[serde(default)]
+    pub routing_address: Option<String>,
 }
 
-/// Cached lookups: key to (view generation, state). An entry from an older generation is
-/// ignored, so a lookup racing with a batch can never pin a stale state in the cache.
-pub(super) type LookupCache = moka::sync::Cache<Box<str>, (u64, Option<u8>)>;
+/// Cached lookups: key to (view generation, mailbox number). An entry from an older
+/// generation is ignored, so a lookup racing with a batch can never pin a stale state in
+/// the cache.
+pub(super) type LookupCache = moka::sync::Cache<Box<str>, (u64, Option<u32>)>;
 
 impl Directory {
     /// The current state of an address (case-insensitive). Never blocks on writers.
     pub fn resolve(&self, addr: &Address) -> Resolution {
         let view = self.view.load();
-        let state = match &self.cache {
+        let state = self.mailbox(&view, addr).map(|m| view.states[m]);
+        self.resolution(state)
+    }
+
+    /// The current state of an address and its mailbox's routing address, from one lookup
+    /// (what delivery plans with). Never blocks on writers.
+    pub fn resolve_routed(&self, addr: &Address) -> Resolved {
+        let view = self.view.load();
+        let m = self.mailbox(&view, addr);
+        Resolved {
+            resolution: self.resolution(m.map(|m| view.states[m])),
+            // Checked when the file was parsed; an address that no longer parses is none.
+            routing_address: m
+                .and_then(|m| view.routing.get(m))
+                .and_then(|ra| Address::parse(ra, false).ok()),
+        }
+    }
+
+    /// The mailbox number of an address in `view`, through the cache when there is one.
+    fn mailbox(&self, view: &View, addr: &Address) -> Option<usize> {
+        match &self.cache {
             Some(cache) => {
                 let key = addr.key();
                 match cache.get(key.as_str()) {
-                    Some((generation, s)) if generation == view.generation => s,
+                    Some((generation, m)) if generation == view.generation => m.map(|m| m as usize),
                     _ => {
-                        let s = lookup_state(&view, key.as_bytes());
-                        cache.insert(key.into_boxed_str(), (view.generation, s));
-                        s
+                        let m = view.table.mailbox(key.as_bytes());
+                        cache.insert(key.into_boxed_str(), (view.generation, m.map(|m| m as u32)));
+                        m
                     }
                 }
             }
-            None => addr.with_key(|k| lookup_state(&view, k)),
-        };
-        self.resolution(state)
+            None => addr.with_key(|k| view.table.mailbox(k)),
+        }
     }
 
     pub(super) fn resolution(&self, state: Option<u8>) -> Resolution {
@@ -153,6 +205,7 @@ impl Directory {
                 .resolution(state)
                 .route()
                 .map(|r| r.as_str().to_string()),
+            routing_address: m.and_then(|m| view.routing.get(m)).map(str::to_string),
         }
     }
 }
@@ -169,8 +222,4 @@ impl Directory {
             _ => format!("batch {id}"),
         }
     }
-}
-
-pub(super) fn lookup_state(view: &View, key: &[u8]) -> Option<u8> {
-    view.table.mailbox(key).map(|m| view.states[m])
 }

@@ -291,6 +291,8 @@ impl Fleet {
 
     /// Writes the rows of `base` as base `seq` (COPY, CSV, in chunks of about 1 MiB). The
     /// rows are encoded on a blocking thread while PostgreSQL takes the chunks before them.
+    /// An empty routing address is an empty field, which CSV COPY reads as NULL unless told
+    /// otherwise (`FORCE_NOT_NULL`).
     async fn copy_base(
         &self,
         client: &Client,
@@ -300,7 +302,7 @@ impl Fleet {
         let err = db_err(&self.inner.pg);
         let sink = client
             .copy_in(&format!(
-                r#"COPY "{}".base_rows (seq, address, mailbox, state, file_state, origin) FROM STDIN (FORMAT csv)"#,
+                r#"COPY "{}".base_rows (seq, address, mailbox, state, file_state, origin, routing_address) FROM STDIN (FORMAT csv, FORCE_NOT_NULL (routing_address))"#,
                 self.inner.schema()
             ))
             .await
@@ -326,6 +328,7 @@ impl Fleet {
                     &r.state,
                     &r.file_state,
                     &origin,
+                    &r.routing_address,
                 ];
                 if let Err(e) = w.write_record(record) {
                     let _ = tx.blocking_send(Err(e.to_string()));

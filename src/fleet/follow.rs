@@ -367,7 +367,7 @@ pub(super) async fn read_base(
     let err = db_err(&inner.pg);
     let stream = client
         .copy_out(&format!(
-            r#"COPY (SELECT address, mailbox, state, file_state, origin FROM "{}".base_rows WHERE seq = {seq}) TO STDOUT (FORMAT csv)"#,
+            r#"COPY (SELECT address, mailbox, state, file_state, origin, routing_address FROM "{}".base_rows WHERE seq = {seq}) TO STDOUT (FORMAT csv)"#,
             inner.schema()
         ))
         .await
@@ -393,6 +393,7 @@ pub(super) async fn read_base(
             origin: field(4)
                 .parse()
                 .map_err(|_| FleetError::Sql(format!("base {seq}: bad origin {:?}", field(4))))?,
+            routing_address: field(5),
         };
         if row.address == row.mailbox {
             primaries.push(row);

@@ -6,7 +6,9 @@
 //! - `changes`: the ordered change log. `seq` is gap-free (given under an advisory lock, see
 //!   the module doc of `fleet`); `kind` is `apply`, `rollback` or `base`; an `apply`'s `body`
 //!   holds its rows as `address TAB state` lines; a `rollback` names the batch it undoes.
-//! - `base_rows`: the rows of the latest bases (the one in force and the one before it).
+//! - `base_rows`: the rows of the latest bases (the one in force and the one before it);
+//!   `routing_address` is the mailbox's routing address, `''` for none (a column added by
+//!   `ALTER TABLE` to schemas made before it).
 //! - `nodes`: one row per node, written by its heartbeat.
 
 use super::{target, FleetError, CONNECT_TIMEOUT};
@@ -43,8 +45,11 @@ CREATE TABLE IF NOT EXISTS "{s}".base_rows (
     mailbox text NOT NULL,
     state text NOT NULL,
     file_state text NOT NULL,
-    origin bigint NOT NULL
+    origin bigint NOT NULL,
+    routing_address text NOT NULL DEFAULT ''
 );
+-- Schemas made before routing addresses: their bases have none.
+ALTER TABLE "{s}".base_rows ADD COLUMN IF NOT EXISTS routing_address text NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS "{s}".nodes (
     name text PRIMARY KEY,
     admin text,

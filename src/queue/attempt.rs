@@ -82,7 +82,7 @@ pub(super) async fn attempt(
     let plan = route::plan(
         pending.iter().map(|&i| (i, &env.rcpts[i])),
         route::Kind::of(env.bounce),
-        |a| dir.resolve(a),
+        |a| dir.resolve_routed(a),
         &config,
     );
     let origins = origins(inner, env, &pending);

@@ -109,7 +109,8 @@ impl Queue {
         let plan = route::plan(
             pending.iter().map(|&i| (i, &e.envelope.rcpts[i])),
             route::Kind::of(e.envelope.bounce),
-            |a| self.inner.directory.resolve(a),
+            // Only the route is shown: no routing address needed.
+            |a| self.inner.directory.resolve(a).into(),
             &config,
         );
         pending

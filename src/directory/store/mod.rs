@@ -1,8 +1,10 @@
 //! The persistent directory store under `directory.store_dir`:
 //!
-//! - `snapshot.bin`: the whole table and every mailbox's current state and origin, as flat
-//!   little-endian arrays with a CRC32. Loading it is a read and a checksum, with no parsing
-//!   and no hashing, so a restart with 2,000,000 entries does not re-parse the CSV.
+//! - `snapshot.bin`: the whole table and every mailbox's current state, origin and routing
+//!   address, as flat little-endian arrays with a CRC32. Loading it is a read and a
+//!   checksum, with no parsing and no hashing, so a restart with 2,000,000 entries does not
+//!   re-parse the CSV. Format `COEXDIR4`; a `COEXDIR3` snapshot (written before routing
+//!   addresses existed, so from a file without them) still loads, with no routing addresses.
 //! - `changes.log`: append-only, one record per batch, rollback or file reload, fsynced
 //!   before the change takes effect. Records newer than the snapshot are replayed at start.
 //!   Its format, framing and recovery are described in `log`.
@@ -15,6 +17,7 @@ mod log;
 
 pub use log::{Change, ChangeEntry, ChangeKind, ChangeSummary};
 
+use super::routing::RoutingAddresses;
 use super::table::Table;
 use super::{io_err, DirectoryError};
 use log::{convert_v1, open_log, RecordPos, LOG_MAGIC, LOG_NAME};
@@ -23,7 +26,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"COEXDIR3";
+/// The snapshot format written: `COEXDIR3` plus the routing addresses at the end.
+const MAGIC: &[u8; 8] = b"COEXDIR4";
+/// The format before routing addresses: read, never written.
+const MAGIC_V3: &[u8; 8] = b"COEXDIR3";
 
 /// What identifies the directory file a snapshot was built from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,6 +73,8 @@ pub struct Stored {
     pub states: Vec<u8>,
     /// Per mailbox: 0 = file, else the change id that set it.
     pub origin: Vec<u32>,
+    /// Per mailbox: routing address, from the file.
+    pub routing: RoutingAddresses,
 }
 
 fn put_u32s(out: &mut Vec<u8>, v: &[u32]) {
@@ -254,7 +262,12 @@ impl Store {
 fn encode(s: &Stored) -> Vec<u8> {
     let t = &s.table;
     let mut out = Vec::with_capacity(
-        64 + t.arena.len() + 4 * t.primary.len() + 8 * t.slots.len() + s.states.len() * 6,
+        80 + t.arena.len()
+            + 4 * t.primary.len()
+            + 8 * t.slots.len()
+            + s.states.len() * 6
+            + s.routing.arena.len()
+            + 4 * s.routing.ends.len(),
     );
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&s.fingerprint.len.to_le_bytes());
@@ -268,6 +281,8 @@ fn encode(s: &Stored) -> Vec<u8> {
     put_bytes(&mut out, &s.file_states);
     put_bytes(&mut out, &s.states);
     put_u32s(&mut out, &s.origin);
+    put_bytes(&mut out, &s.routing.arena);
+    put_u32s(&mut out, &s.routing.ends);
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
@@ -279,9 +294,11 @@ fn decode(data: &[u8]) -> Option<Stored> {
         return None;
     }
     let mut r = Reader(body);
-    if r.take(8)? != MAGIC {
-        return None;
-    }
+    let v3 = match r.take(8)? {
+        m if m == MAGIC => false,
+        m if m == MAGIC_V3 => true,
+        _ => return None,
+    };
     let fingerprint = Fingerprint {
         len: r.u64()?,
         mtime_ns: r.u64()?,
@@ -303,12 +320,21 @@ fn decode(data: &[u8]) -> Option<Stored> {
         file_states: r.bytes()?,
         states: r.bytes()?,
         origin: r.u32s()?,
+        routing: match v3 {
+            true => RoutingAddresses::default(),
+            false => RoutingAddresses {
+                arena: r.bytes()?,
+                ends: r.u32s()?,
+            },
+        },
     };
     let m = s.table.mailboxes();
-    let ok = s.table.is_consistent()
+    let ok = r.0.is_empty()
+        && s.table.is_consistent()
         && s.file_states.len() == m
         && s.states.len() == m
-        && s.origin.len() == m;
+        && s.origin.len() == m
+        && s.routing.is_consistent(m);
     ok.then_some(s)
 }
 
@@ -321,7 +347,7 @@ mod tests {
     fn snapshot_round_trip_and_corruption() {
         let states = vec![RouteName("cloud".into()), RouteName("onprem".into())];
         let p = super::super::table::parse(
-            b"address,state\na@nhs.test,cloud\nb@nhs.test,onprem\n",
+            b"address,state,mailbox,routing_address\na@nhs.test,cloud,m,\nalias@other.test,cloud,m,a@tenant.mail.onmicrosoft.test\nb@nhs.test,onprem,,\n",
             "d",
             &states,
         )
@@ -337,15 +363,63 @@ mod tests {
             file_states: p.states.clone(),
             states: vec![1, 1],
             origin: vec![7, 0],
+            routing: p.routing,
         };
+        assert_eq!(s.routing.get(0), Some("a@tenant.mail.onmicrosoft.test"));
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert!(store.read_snapshot().unwrap().is_none());
         store.write_snapshot(&s).unwrap();
         assert_eq!(store.read_snapshot().unwrap().unwrap(), s);
         let mut bytes = fs::read(dir.path().join("snapshot.bin")).unwrap();
+        assert_eq!(&bytes[..8], b"COEXDIR4");
         bytes[20] ^= 1;
         fs::write(dir.path().join("snapshot.bin"), &bytes).unwrap();
         assert!(store.read_snapshot().unwrap().is_none());
+    }
+
+    /// A snapshot written before routing addresses (`COEXDIR3`: the same arrays without the
+    /// routing addresses at the end) loads, with none.
+    #[test]
+    fn a_snapshot_of_the_format_before_loads_without_routing_addresses() {
+        let states = vec![RouteName("cloud".into()), RouteName("onprem".into())];
+        let p = super::super::table::parse(
+            b"address,state\na@nhs.test,cloud\nb@nhs.test,onprem\n",
+            "d",
+            &states,
+        )
+        .unwrap();
+        let s = Stored {
+            fingerprint: Fingerprint {
+                len: 1,
+                mtime_ns: 2,
+            },
+            last_change: 3,
+            state_names: vec!["cloud".into(), "onprem".into()],
+            table: p.table,
+            file_states: p.states.clone(),
+            states: vec![1, 1],
+            origin: vec![3, 0],
+            routing: RoutingAddresses::default(),
+        };
+        // The v3 bytes: this format's, less the two empty routing arrays (two lengths of
+        // 0) before the CRC, under the old magic and with the CRC of that.
+        let v4 = encode(&s);
+        let mut v3 = v4[..v4.len() - 4 - 16].to_vec();
+        assert_eq!(&v4[v4.len() - 20..v4.len() - 4], &[0u8; 16]);
+        v3[..8].copy_from_slice(MAGIC_V3);
+        let crc = crc32fast::hash(&v3);
+        v3.extend_from_slice(&crc.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("snapshot.bin"), &v3).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.read_snapshot().unwrap(), Some(s));
+        // An unknown magic is no snapshot (the directory is rebuilt from its file).
+        let mut other = v3[..v3.len() - 4].to_vec();
+        other[..8].copy_from_slice(b"COEXDIR9");
+        let crc = crc32fast::hash(&other);
+        other.extend_from_slice(&crc.to_le_bytes());
+        fs::write(dir.path().join("snapshot.bin"), &other).unwrap();
+        assert_eq!(store.read_snapshot().unwrap(), None);
     }
 }

@@ -182,3 +182,78 @@ async fn mailboxes_follow_active_directory_attributes_and_survive_the_server_goi
     assert_eq!((r.code, r.status()), (550, "5.1.1"), "{r:?}");
     drop(server);
 }
+
+/// With `[fleet]`, one node at a time syncs LDAP (an advisory lock) and commits what changed
+/// to the fleet log: every node routes by it, and every node defers unknown recipients while
+/// the source is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_a_fleet_one_node_syncs_and_every_node_follows() {
+    let mut entries = String::new();
+    for i in 0..100 {
+        entries.push_str(&slapd::user_ldif(i, "1", None));
+        entries.push('\n');
+    }
+    let mut server = tokio::task::spawn_blocking(move || Slapd::start(&entries))
+        .await
+        .unwrap();
+    let url = server.url();
+    let schema = common::pg::Schema::new("ldap").await;
+    let d = |s: &str| coexist::types::Domain::parse(s, false).unwrap();
+    let fleet_node = |name: &'static str| {
+        let (url, schema) = (url.clone(), schema.name.clone());
+        move |c: &mut coexist::config::Config| {
+            c.server.accepted_domains = vec![d("corp.test"), d("trust.test")];
+            c.directory.file = None;
+            c.directory.unknown = coexist::config::Unknown::Reject;
+            c.directory.ldap = Some(ldap_config(&url));
+            c.fleet = Some(coexist::config::FleetConfig {
+                postgres: common::pg::url(),
+                schema,
+                node: name.into(),
+                max_lag: std::time::Duration::from_secs(300),
+            });
+        }
+    };
+    let a = harness(fleet_node("mx1")).await;
+    let b = harness(fleet_node("mx2")).await;
+    for h in [&a, &b] {
+        eventually("the LDAP base on every node", || {
+            lookup(h, "user0@corp.test").0.as_deref() == Some("onprem")
+        })
+        .await;
+    }
+    let mut ldap = admin(&url).await;
+    ldap.modify(
+        &format!("cn=user7,ou=people,{}", slapd::SUFFIX),
+        vec![Mod::Replace(
+            "msExchRecipientTypeDetails",
+            HashSet::from(["2147483648"]),
+        )],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    let _ = ldap.unbind().await;
+    for h in [&a, &b] {
+        eventually("the move on every node", || {
+            let (state, origin) = lookup(h, "u7@trust.test");
+            state.as_deref() == Some("cloud") && origin.starts_with("ldap modifyTimestamp ")
+        })
+        .await;
+    }
+    server.stop();
+    for h in [&a, &b] {
+        eventually("every node to see the source down", || {
+            h.relay.directory.source_down()
+        })
+        .await;
+        let mut c = connect(h.addr).await;
+        c.expect("EHLO client.test", 250).await;
+        c.expect("MAIL FROM:<x@example.org>", 250).await;
+        let r = c.cmd("RCPT TO:<nobody@corp.test>").await;
+        assert_eq!((r.code, r.status()), (451, "4.4.3"), "{r:?}");
+        c.expect("RCPT TO:<user7@corp.test>", 250).await;
+    }
+    drop(server);
+}

@@ -52,9 +52,6 @@ impl Config {
                     "sync_interval and page_size must be more than 0".into(),
                 ));
             }
-            if self.fleet.is_some() {
-                return Err(fail(t, "url", "an LDAP source in a fleet is not supported yet: run the LDAP source on one node without [fleet]".into()));
-            }
         }
         match (&self.fleet, &self.directory.file) {
             (None, None) if self.directory.ldap.is_none() => {

@@ -280,6 +280,7 @@ mod tests {
             &cfg(tmp.path(), "reject"),
             states(),
             &tmp.path().join("one"),
+            Default::default(),
         )
         .unwrap();
         let first = table::parse(
@@ -315,6 +316,7 @@ mod tests {
             &cfg(tmp.path(), "reject"),
             states(),
             &tmp.path().join("two"),
+            Default::default(),
         )
         .unwrap();
         let rebuilt = Base::from_rows(&written, &states(), "fleet base 3").unwrap();
@@ -353,6 +355,7 @@ mod tests {
             &cfg(tmp.path(), "reject"),
             states(),
             &tmp.path().join("two"),
+            Default::default(),
         )
         .unwrap();
         assert_eq!(
@@ -368,8 +371,13 @@ mod tests {
     fn routing_addresses_round_trip_through_base_rows() {
         let tmp = tempfile::tempdir().unwrap();
         let open = |name: &str| {
-            Directory::open_local(&cfg(tmp.path(), "reject"), states(), &tmp.path().join(name))
-                .unwrap()
+            Directory::open_local(
+                &cfg(tmp.path(), "reject"),
+                states(),
+                &tmp.path().join(name),
+                Default::default(),
+            )
+            .unwrap()
         };
         let one = open("one");
         let parsed = table::parse(

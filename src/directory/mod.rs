@@ -301,7 +301,7 @@ impl Directory {
         let view = View::of_parsed(parsed);
         let source: Box<dyn Source> = match &cfg.file {
             Some(path) => Box::new(FileSource { path: path.clone() }),
-            None => Box::new(FleetSource),
+            None => Box::new(FleetSource::default()),
         };
         Directory::build(cfg, states, view, None, Vec::new(), source)
     }

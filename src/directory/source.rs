@@ -56,9 +56,24 @@ impl Source for FileSource {
 
 /// The source of a fleet node: the directory comes from the fleet's change log in
 /// PostgreSQL (see `crate::fleet`), never from a local file, so there is nothing to reload.
-pub struct FleetSource;
+/// `up` is false while the fleet's LDAP source is down (as its sync leader reports it).
+pub struct FleetSource {
+    /// The fleet's own source (LDAP) can be read.
+    pub up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Default for FleetSource {
+    fn default() -> FleetSource {
+        FleetSource {
+            up: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        }
+    }
+}
 
 impl Source for FleetSource {
+    fn healthy(&self) -> bool {
+        self.up.load(std::sync::atomic::Ordering::SeqCst)
+    }
     fn name(&self) -> String {
         "fleet".into()
     }
@@ -80,6 +95,7 @@ impl Directory {
         cfg: &DirectoryConfig,
         states: Vec<RouteName>,
         store_dir: &std::path::Path,
+        source: FleetSource,
     ) -> Result<Directory, DirectoryError> {
         let store = Store::open(store_dir)?;
         let snapshot = store.read_snapshot()?.and_then(|s| s.renumber(&states));
@@ -108,7 +124,7 @@ impl Directory {
             view,
             Some(store),
             history,
-            Box::new(FleetSource),
+            Box::new(source),
         ))
     }
 

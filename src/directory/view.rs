@@ -217,6 +217,9 @@ impl Directory {
         use super::store::ChangeKind;
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         match h.binary_search_by_key(&id, |c| c.id).ok().map(|i| &h[i]) {
+            Some(c) if c.kind == ChangeKind::Base && c.source.starts_with("ldap ") => {
+                format!("{} (base {id})", c.source)
+            }
             Some(c) if c.kind == ChangeKind::Base => format!("base {id}"),
             Some(c) if c.kind == ChangeKind::Reload => c.source.clone(),
             _ => format!("batch {id}"),

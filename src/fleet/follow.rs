@@ -450,6 +450,17 @@ async fn beat(inner: &Inner, client: &Client) -> Result<(), FleetError> {
         .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
     inner.lock_health().peers = peers;
+    let ldap: Option<String> = client
+        .query_opt(
+            &format!(r#"SELECT value FROM "{s}".meta WHERE key = 'ldap_healthy'"#),
+            &[],
+        )
+        .await
+        .map_err(db_err(&inner.pg))?
+        .map(|r| r.get(0));
+    inner
+        .ldap_up
+        .store(ldap.as_deref() != Some("false"), Ordering::SeqCst);
     Ok(())
 }
 

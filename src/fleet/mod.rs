@@ -24,10 +24,12 @@
 //!
 //! Files: [`sql`] (schema, migrations, the statements), [`follow`] (following the log,
 //! heartbeat, lag and drain), [`commit`] (batches, rollbacks and base imports through the
-//! log), [`status`] (the nodes table as `fleet status` shows it).
+//! log), [`status`] (the nodes table as `fleet status` shows it), [`ldap`] (the LDAP source
+//! of a fleet: one node at a time syncs it and imports what changed).
 
 mod commit;
 mod follow;
+mod ldap;
 mod sql;
 mod status;
 
@@ -125,6 +127,8 @@ struct Inner {
     /// Held by whoever applies changes from the log (the follower's catch-up, a commit from
     /// reading the head to applying its own change).
     applying: tokio::sync::Mutex<()>,
+    /// The fleet's LDAP source can be read (as its sync leader reports it in `meta`).
+    ldap_up: Arc<AtomicBool>,
 }
 
 /// The fleet client of one node. Cheap to clone.
@@ -197,13 +201,17 @@ impl Fleet {
                 None
             }
         };
+        let ldap_up = Arc::new(AtomicBool::new(true));
         let directory = {
             let (dcfg, names, dir) = (
                 config.directory.clone(),
                 config.route_names(),
                 store_dir.clone(),
             );
-            tokio::task::spawn_blocking(move || Directory::open_local(&dcfg, names, &dir))
+            let source = crate::directory::FleetSource {
+                up: ldap_up.clone(),
+            };
+            tokio::task::spawn_blocking(move || Directory::open_local(&dcfg, names, &dir, source))
                 .await
                 .map_err(|e| FleetError::Refused(e.to_string()))??
         };
@@ -234,6 +242,7 @@ impl Fleet {
                 fleet_id: Mutex::new(fleet_id),
                 stop: AtomicBool::new(false),
                 applying: tokio::sync::Mutex::new(()),
+                ldap_up,
                 cfg,
             }),
         };
@@ -255,6 +264,9 @@ impl Fleet {
             Err(_) => {}
         }
         tokio::spawn(follow::run(fleet.inner.clone()));
+        if let Some(l) = config.directory.ldap.clone() {
+            tokio::spawn(ldap::lead(fleet.clone(), l));
+        }
         Ok((fleet, directory))
     }
 

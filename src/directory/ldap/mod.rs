@@ -154,7 +154,7 @@ impl LdapSource {
     }
 
     /// Records a failed sync.
-    pub(super) fn failed(&self, error: String) {
+    pub fn failed(&self, error: String) {
         let was = self.healthy.swap(false, Ordering::SeqCst);
         metrics::gauge!(crate::metrics::DIRECTORY_SOURCE_UP).set(0.0);
         if was {
@@ -167,7 +167,7 @@ impl LdapSource {
 
     /// Records a successful sync that left `mailboxes` (by DN) with mark `mark`: returns
     /// true when the content changed (the directory should reload).
-    pub(super) fn synced(&self, mailboxes: HashMap<String, Mailbox>, mark: String) -> bool {
+    pub fn synced(&self, mailboxes: HashMap<String, Mailbox>, mark: String) -> bool {
         let n = mailboxes.len();
         let changed = {
             let mut c = self.content.lock().unwrap_or_else(|p| p.into_inner());
@@ -200,8 +200,17 @@ impl LdapSource {
         changed
     }
 
+    /// The directory CSV of what the source has now (`None` before its first sync).
+    pub fn csv(&self) -> Option<Arc<Vec<u8>>> {
+        self.content
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .csv
+            .clone()
+    }
+
     /// The mailboxes known now (a delta sync starts from them).
-    pub(super) fn mailboxes(&self) -> HashMap<String, Mailbox> {
+    pub fn mailboxes(&self) -> HashMap<String, Mailbox> {
         self.content
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -270,19 +270,24 @@ mod tests {
     use crate::directory::Resolution;
     use crate::types::RouteName;
 
+    /// A fleet node's directory with its store under `dir/name`.
+    fn open_at(dir: &std::path::Path, name: &str) -> Directory {
+        Directory::open_local(
+            &cfg(dir, "reject"),
+            states(),
+            &dir.join(name),
+            Default::default(),
+        )
+        .unwrap()
+    }
+
     /// A base merged on one node, written as rows and rebuilt on another, resolves the
     /// same: aliases with their mailbox, batches kept where the file did not change, the
     /// base's id as the origin where it did.
     #[test]
     fn a_merged_base_round_trips_through_its_rows() {
         let tmp = tempfile::tempdir().unwrap();
-        let one = Directory::open_local(
-            &cfg(tmp.path(), "reject"),
-            states(),
-            &tmp.path().join("one"),
-            Default::default(),
-        )
-        .unwrap();
+        let one = open_at(tmp.path(), "one");
         let first = table::parse(
             b"address,state,mailbox\na@nhs.test,onprem,m1\nalias@nhs.test,onprem,m1\nb@nhs.test,onprem,\n",
             "d.csv",
@@ -312,13 +317,7 @@ mod tests {
         assert_eq!(written[3].address, "alias@nhs.test");
         assert!(one.install_base(3, base, "d2.csv").unwrap());
 
-        let two = Directory::open_local(
-            &cfg(tmp.path(), "reject"),
-            states(),
-            &tmp.path().join("two"),
-            Default::default(),
-        )
-        .unwrap();
+        let two = open_at(tmp.path(), "two");
         let rebuilt = Base::from_rows(&written, &states(), "fleet base 3").unwrap();
         assert!(two.install_base(3, rebuilt, "d2.csv").unwrap());
         let cloud = Resolution::Listed(RouteName("cloud".into()));
@@ -351,13 +350,7 @@ mod tests {
         );
         drop(two);
         // A restart of the second node finds the base in its snapshot.
-        let two = Directory::open_local(
-            &cfg(tmp.path(), "reject"),
-            states(),
-            &tmp.path().join("two"),
-            Default::default(),
-        )
-        .unwrap();
+        let two = open_at(tmp.path(), "two");
         assert_eq!(
             (two.applied(), two.resolve(&a("alias@nhs.test"))),
             (3, cloud)
@@ -370,15 +363,7 @@ mod tests {
     #[test]
     fn routing_addresses_round_trip_through_base_rows() {
         let tmp = tempfile::tempdir().unwrap();
-        let open = |name: &str| {
-            Directory::open_local(
-                &cfg(tmp.path(), "reject"),
-                states(),
-                &tmp.path().join(name),
-                Default::default(),
-            )
-            .unwrap()
-        };
+        let open = |name: &str| open_at(tmp.path(), name);
         let one = open("one");
         let parsed = table::parse(
             b"address,state,mailbox,routing_address\n\

@@ -130,48 +130,51 @@ pub struct Lookup {
     pub routing_address: Option<String>,
 }
 
-/// Cached lookups: key to (view generation, mailbox number). An entry from an older
-/// generation is ignored, so a lookup racing with a batch can never pin a stale state in
-/// the cache.
-pub(super) type LookupCache = moka::sync::Cache<Box<str>, (u64, Option<u32>)>;
+/// Cached lookups: key to (view generation, state and mailbox number when listed). An
+/// entry from an older generation is ignored, so a lookup racing with a batch can never pin
+/// a stale state in the cache. The state is cached with the mailbox so that a hit in
+/// [`Directory::resolve`] reads nothing else.
+pub(super) type LookupCache = moka::sync::Cache<Box<str>, (u64, Option<(u8, u32)>)>;
 
 impl Directory {
     /// The current state of an address (case-insensitive). Never blocks on writers.
     pub fn resolve(&self, addr: &Address) -> Resolution {
         let view = self.view.load();
-        let state = self.mailbox(&view, addr).map(|m| view.states[m]);
-        self.resolution(state)
+        self.resolution(self.listed(&view, addr).map(|(state, _)| state))
     }
 
     /// The current state of an address and its mailbox's routing address, from one lookup
     /// (what delivery plans with). Never blocks on writers.
     pub fn resolve_routed(&self, addr: &Address) -> Resolved {
         let view = self.view.load();
-        let m = self.mailbox(&view, addr);
+        let listed = self.listed(&view, addr);
         Resolved {
-            resolution: self.resolution(m.map(|m| view.states[m])),
+            resolution: self.resolution(listed.map(|(state, _)| state)),
             // Checked when the file was parsed; an address that no longer parses is none.
-            routing_address: m
-                .and_then(|m| view.routing.get(m))
+            routing_address: listed
+                .and_then(|(_, m)| view.routing.get(m as usize))
                 .and_then(|ra| Address::parse(ra, false).ok()),
         }
     }
 
-    /// The mailbox number of an address in `view`, through the cache when there is one.
-    fn mailbox(&self, view: &View, addr: &Address) -> Option<usize> {
+    /// The state and mailbox number of a listed address in `view`, through the cache when
+    /// there is one.
+    #[inline]
+    fn listed(&self, view: &View, addr: &Address) -> Option<(u8, u32)> {
+        let find = |key: &[u8]| view.table.mailbox(key).map(|m| (view.states[m], m as u32));
         match &self.cache {
             Some(cache) => {
                 let key = addr.key();
                 match cache.get(key.as_str()) {
-                    Some((generation, m)) if generation == view.generation => m.map(|m| m as usize),
+                    Some((generation, listed)) if generation == view.generation => listed,
                     _ => {
-                        let m = view.table.mailbox(key.as_bytes());
-                        cache.insert(key.into_boxed_str(), (view.generation, m.map(|m| m as u32)));
-                        m
+                        let listed = find(key.as_bytes());
+                        cache.insert(key.into_boxed_str(), (view.generation, listed));
+                        listed
                     }
                 }
             }
-            None => addr.with_key(|k| view.table.mailbox(k)),
+            None => addr.with_key(find),
         }
     }
 
@@ -185,7 +188,7 @@ impl Directory {
         }
     }
 
-    /// State, mailbox and provenance of an address.
+    /// State, mailbox, the mailbox's routing address and provenance of an address.
     pub fn lookup(&self, addr: &Address) -> Lookup {
         let view = self.view.load();
         let m = view.table.mailbox(addr.key().as_bytes());

@@ -102,12 +102,12 @@ impl Base {
         let mut csv = Vec::with_capacity(rows.len() * 40 + 48);
         csv.extend_from_slice(b"address,state,mailbox,routing_address\n");
         for r in rows {
-            csv.extend_from_slice(r.address.as_bytes());
+            push_field(&mut csv, &r.address);
             csv.push(b',');
             csv.extend_from_slice(r.state.as_bytes());
             csv.push(b',');
             if grouped.contains(r.mailbox.as_str()) {
-                csv.extend_from_slice(r.mailbox.as_bytes());
+                push_field(&mut csv, &r.mailbox);
             }
             csv.push(b',');
             push_field(&mut csv, &r.routing_address);

@@ -76,8 +76,17 @@ pub(super) fn channel(s: &str) -> String {
     format!("coexist_{s}")
 }
 
+/// The error text, with PostgreSQL's own message when the server sent one (the driver's
+/// `Display` says only "db error").
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
 fn sql_err(e: tokio_postgres::Error) -> FleetError {
-    FleetError::Sql(e.to_string())
+    FleetError::Sql(describe(&e))
 }
 
 /// A statement error, or, when the connection itself broke, [`FleetError::Unreachable`].
@@ -88,7 +97,7 @@ pub(super) fn db_err(
         if e.is_closed() || e.code().is_none() {
             FleetError::Unreachable {
                 target: target(pg),
-                reason: e.to_string(),
+                reason: describe(&e),
             }
         } else {
             sql_err(e)

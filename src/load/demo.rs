@@ -50,6 +50,47 @@ pub fn write_directory(
     Ok(out)
 }
 
+/// Waits until the two sinks together have `want` recipients (or `deadline` passes);
+/// returns how many they have.
+pub(super) async fn wait_delivered(
+    onprem: &Sink,
+    cloud: &Sink,
+    want: u64,
+    deadline: Duration,
+) -> u64 {
+    let count = || {
+        onprem
+            .state
+            .recipients
+            .load(std::sync::atomic::Ordering::SeqCst)
+            + cloud
+                .state
+                .recipients
+                .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let t0 = Instant::now();
+    while count() < want && t0.elapsed() <= deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    count()
+}
+
+/// Recipients that reached the sink of the other side than `expected` (address key → side)
+/// says.
+pub(super) fn misrouted(onprem: &Sink, cloud: &Sink, expected: &HashMap<String, &str>) -> u64 {
+    [(onprem, "onprem"), (cloud, "cloud")]
+        .iter()
+        .map(|(sink, side)| {
+            sink.state
+                .messages()
+                .iter()
+                .flat_map(|m| m.rcpts.iter())
+                .filter(|r| expected.get(&r.key()).is_some_and(|s| s != side))
+                .count() as u64
+        })
+        .sum()
+}
+
 /// Runs the demo and prints its report.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
@@ -139,39 +180,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     )
     .await;
     let want = report.accepted_rcpts;
-    let deadline = Duration::from_secs(120);
-    let got_onprem_cloud = async {
-        let t0 = Instant::now();
-        loop {
-            let n = onprem
-                .state
-                .recipients
-                .load(std::sync::atomic::Ordering::SeqCst)
-                + cloud
-                    .state
-                    .recipients
-                    .load(std::sync::atomic::Ordering::SeqCst);
-            if n >= want || t0.elapsed() > deadline {
-                return n;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    .await;
+    let got_onprem_cloud = wait_delivered(&onprem, &cloud, want, Duration::from_secs(120)).await;
     let end_to_end = started.elapsed().as_secs_f64();
 
-    let mut misrouted = 0u64;
     let mut per_side = Vec::new();
     for (sink, side) in [(&onprem, "onprem"), (&cloud, "cloud")] {
         let msgs = sink.state.messages();
         let rcpts: usize = msgs.iter().map(|m| m.rcpts.len()).sum();
-        misrouted += msgs
-            .iter()
-            .flat_map(|m| m.rcpts.iter())
-            .filter(|r| expected.get(&r.key()).is_some_and(|s| *s != side))
-            .count() as u64;
         per_side.push((side, msgs.len(), rcpts));
     }
+    let misrouted = misrouted(&onprem, &cloud, &expected);
     relay.stop_listening();
 
     println!("{}", report.summary(opts.concurrency));

@@ -214,33 +214,11 @@ async fn mail(
         .await;
         want += r.accepted_rcpts;
     }
-    let t0 = Instant::now();
-    let count = || {
-        onprem
-            .state
-            .recipients
-            .load(std::sync::atomic::Ordering::SeqCst)
-            + cloud
-                .state
-                .recipients
-                .load(std::sync::atomic::Ordering::SeqCst)
-    };
-    while count() < want && t0.elapsed() < Duration::from_secs(120) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut misrouted = 0u64;
-    for (sink, side) in [(onprem, "onprem"), (cloud, "cloud")] {
-        misrouted += sink
-            .state
-            .messages()
-            .iter()
-            .flat_map(|m| m.rcpts.iter())
-            .filter(|r| states.get(&r.key()).is_some_and(|s| *s != side))
-            .count() as u64;
-    }
+    let delivered =
+        super::demo::wait_delivered(onprem, cloud, want, Duration::from_secs(120)).await;
+    let misrouted = super::demo::misrouted(onprem, cloud, states);
     println!(
-        "mail through all 3 nodes: {}/{want} recipients delivered, misrouted {misrouted}",
-        count()
+        "mail through all 3 nodes: {delivered}/{want} recipients delivered, misrouted {misrouted}"
     );
     Ok(misrouted)
 }

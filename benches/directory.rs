@@ -78,6 +78,7 @@ fn main() {
         watch: false,
         max_shrink: coexist::config::Percent::parse("10%").unwrap(),
         ldap: None,
+        move_grace: Duration::from_secs(7200),
     };
     let t = Instant::now();
     let dir = Directory::open(&cfg(0), states()).expect("first open");

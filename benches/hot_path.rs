@@ -75,6 +75,7 @@ fn directory(c: &mut Criterion) {
         watch: false,
         max_shrink: coexist::config::Percent::parse("10%").unwrap(),
         ldap: None,
+        move_grace: std::time::Duration::from_secs(7200),
     };
     let dir = Directory::in_memory(parsed, states(), &cfg);
     let addrs: Vec<Address> = (0..1000)

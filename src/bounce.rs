@@ -369,6 +369,7 @@ mod tests {
             envid: Some("E1".into()),
             rcpt_dsn: Vec::new(),
             bounce: false,
+            returned_from: Vec::new(),
         }
     }
 

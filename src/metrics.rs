@@ -68,6 +68,20 @@ pub const LDAP_SYNCS: &str = "coexist_ldap_syncs_total";
 pub const TLS_HANDSHAKES: &str = "coexist_tls_handshakes_total";
 /// Config reloads, by `result` (ok/refused).
 pub const CONFIG_RELOADS: &str = "coexist_config_reloads_total";
+/// 1 while a next hop is throttled (paused, or ramping back up), by `next_hop`.
+pub const HOP_THROTTLED: &str = "coexist_hop_throttled";
+/// Transactions a next hop may have in flight now, by `next_hop` (lowered while throttled).
+pub const HOP_CONCURRENCY: &str = "coexist_hop_concurrency_limit";
+/// Throttling replies ("slow down") from next hops, by `route` and `next_hop`.
+pub const HOP_THROTTLE_REPLIES: &str = "coexist_hop_throttle_replies_total";
+/// Recipients deferred instead of bounced because their mailbox moved within
+/// `directory.move_grace`, by `route`.
+pub const MOVE_GRACE_DEFERRALS: &str = "coexist_move_grace_deferrals_total";
+/// Recipients failed with 5.4.6 because the message came back from their route's next hop,
+/// by `route`.
+pub const ROUTING_LOOPS: &str = "coexist_routing_loops_total";
+/// Recipients failed because the message is larger than their route takes, by `route`.
+pub const ROUTE_TOO_BIG: &str = "coexist_route_message_too_big_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 

@@ -120,9 +120,79 @@ pub fn count_hops(message: &[u8]) -> usize {
     hops
 }
 
+/// True when a `Received:` header other than the first (ours, just written) says the
+/// message was received `by HOSTNAME` (case-insensitive): it has passed through this relay
+/// (or a fleet node with the same name) before. Part of the loop guard.
+pub fn passed_through(message: &[u8], hostname: &str) -> bool {
+    let host = hostname.as_bytes();
+    let (mut pos, mut received) = (0, 0usize);
+    // Inside a Received field (its continuation lines too).
+    let mut inside = false;
+    while let Some(end) = header_line_end(message, pos) {
+        let line = &message[pos..end];
+        match field_name(line) {
+            Some(n) => {
+                inside = n.eq_ignore_ascii_case(b"received");
+                received += usize::from(inside);
+            }
+            None if matches!(line.first(), Some(b' ' | b'\t')) => {}
+            None => inside = false,
+        }
+        if inside && received > 1 && says_by(line, host) {
+            return true;
+        }
+        pos = end;
+    }
+    false
+}
+
+/// True when `line` holds the word `by` followed by `host` (then a blank, `;`, `(` or the
+/// end of the line).
+fn says_by(line: &[u8], host: &[u8]) -> bool {
+    let words: Vec<&[u8]> = line
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.windows(2).any(|w| {
+        w[0].eq_ignore_ascii_case(b"by") && {
+            let name = w[1]
+                .split(|&b| b == b';' || b == b'(')
+                .next()
+                .unwrap_or_default();
+            name.eq_ignore_ascii_case(host)
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passed_through_reads_received_headers_after_ours() {
+        let ours = b"Received: from a ([127.0.0.1])\r\n\tby mx.nhs.test (coexist) with ESMTP id X; date\r\n";
+        let back = [
+            &ours[..],
+            b"Received: from onprem ([10.0.0.5])\r\n\tby exch01.nhs.test with ESMTP; d\r\n",
+            b"Received: from x ([127.0.0.1])\r\n by MX.nhs.test (coexist) with ESMTP id Y; d\r\n",
+            b"Subject: hi\r\n\r\nbody by mx.nhs.test\r\n",
+        ]
+        .concat();
+        assert!(passed_through(&back, "mx.nhs.test"));
+        // Only our fresh header, a look-alike name, or the name in the body: not.
+        let fresh = [
+            &ours[..],
+            b"Subject: by mx.nhs.test\r\n\r\nby mx.nhs.test\r\n",
+        ]
+        .concat();
+        assert!(!passed_through(&fresh, "mx.nhs.test"));
+        let other = [
+            &ours[..],
+            b"Received: from x by mx.nhs.test.evil with ESMTP; d\r\n\r\n",
+        ]
+        .concat();
+        assert!(!passed_through(&other, "mx.nhs.test"));
+    }
 
     fn policy() -> Policy {
         Policy::new(&[Domain::parse("nhs.test", false).unwrap()])

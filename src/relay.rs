@@ -77,6 +77,10 @@ pub struct SessionRules {
     trusted: Vec<ipnet::IpNet>,
     strip_headers: Vec<String>,
     min_free_space: u64,
+    /// `routes.NAME.max_message_size`, for the routes that set one.
+    route_sizes: std::collections::HashMap<String, u64>,
+    /// Our host name (the loop guard looks for it in `Received:` headers).
+    hostname: String,
 }
 
 impl SessionRules {
@@ -86,7 +90,28 @@ impl SessionRules {
             trusted: c.policy.trusted_networks.clone(),
             strip_headers: c.policy.strip_headers.clone(),
             min_free_space: c.spool.min_free_space,
+            route_sizes: c
+                .routes
+                .iter()
+                .filter_map(|(n, r)| r.max_message_size.map(|m| (n.clone(), m)))
+                .collect(),
+            hostname: c.server.hostname.clone(),
         }
+    }
+
+    /// The `552 5.3.4` for a message of `size` bytes to a recipient on `route`, when the
+    /// route takes less.
+    fn too_big_for(&self, route: &str, size: u64) -> Option<Reply> {
+        let limit = *self.route_sizes.get(route)?;
+        (size > limit).then(|| {
+            Reply::owned(
+                552,
+                "5.3.4",
+                format!(
+                    "Message too big for this recipient: its mailbox's side ({route}) takes at most {limit} bytes"
+                ),
+            )
+        })
     }
 }
 
@@ -144,6 +169,7 @@ impl Handler for RelayHandler {
         rules: &Arc<SessionRules>,
         peer: &Peer,
         _from: Option<&Address>,
+        params: &MailParams,
         to: &Address,
     ) -> Result<(), Reply> {
         let listed = std::cell::Cell::new(true);
@@ -170,6 +196,11 @@ impl Handler for RelayHandler {
             }
             Ok(d) => {
                 let route = d.route.as_str().to_string();
+                if let Some(r) = params.size.and_then(|s| rules.too_big_for(&route, s)) {
+                    info!(client = %peer.addr, to = %to, route, size = params.size, "recipient refused: message too big for its route");
+                    metrics::counter!(m::ROUTE_TOO_BIG, "route" => route).increment(1);
+                    return Err(r);
+                }
                 debug!(to = %to, route, "recipient accepted");
                 metrics::counter!(m::RCPT_ACCEPTED, "route" => route).increment(1);
                 Ok(())
@@ -184,6 +215,42 @@ impl Handler for RelayHandler {
                 info!(qid = %msg.id, client = %msg.peer.addr, removed = n, "removed internal headers from an untrusted client");
             }
         }
+        let size = msg.body.len() as u64;
+        // Without SIZE=, the size is known only now: refuse a message that none of its
+        // recipients' routes takes (when some take it, the others fail at delivery with a
+        // DSN, see `queue::attempt`).
+        let routes: Vec<String> = msg
+            .rcpts
+            .iter()
+            .filter_map(|to| {
+                crate::route::admit(&rules.policy, to, |a| self.directory.resolve(a))
+                    .ok()
+                    .map(|d| d.route.as_str().to_string())
+            })
+            .collect();
+        if !routes.is_empty() {
+            let refusals: Vec<Reply> = routes
+                .iter()
+                .filter_map(|r| rules.too_big_for(r, size))
+                .collect();
+            if refusals.len() == routes.len() {
+                info!(qid = %msg.id, client = %msg.peer.addr, size, "message refused: too big for every recipient's route");
+                for r in &routes {
+                    metrics::counter!(m::ROUTE_TOO_BIG, "route" => r.clone()).increment(1);
+                }
+                return refusals.into_iter().next().unwrap_or(canned::TOO_BIG);
+            }
+        }
+        // The loop guard: a message that passed through us before and now comes from a
+        // route's next hop must not go back to that route.
+        let returned_from = if crate::policy::passed_through(&msg.body, &rules.hostname) {
+            self.queue.routes_sending_from(msg.peer.addr.ip())
+        } else {
+            Vec::new()
+        };
+        if !returned_from.is_empty() {
+            warn!(qid = %msg.id, client = %msg.peer.addr, routes = ?returned_from, "message came back from a route's next hop after passing through us: it will not be sent to that route again");
+        }
         let env = Envelope {
             id: msg.id.clone(),
             from: msg.from,
@@ -191,12 +258,13 @@ impl Handler for RelayHandler {
             smtputf8: msg.params.smtputf8,
             body: msg.params.body,
             received_at: unix_now(),
-            size: msg.body.len() as u64,
+            size,
             client: msg.peer.addr.to_string(),
             ret: msg.params.ret,
             envid: msg.params.envid,
             rcpt_dsn: msg.rcpt_dsn,
             bounce: false,
+            returned_from,
         };
         let body = Arc::new(msg.body);
         // Group commit: this waits for the sync that covers this message (and every other

@@ -122,6 +122,17 @@ pub struct Delivery {
     pub tls: TlsPolicy,
     /// The name the next hop's certificate must carry, when the route sets one.
     pub tls_name: Option<String>,
+    /// Most recipients per transaction (`max_recipients_per_transaction`; `None`: no limit).
+    pub max_rcpts: Option<usize>,
+    /// Largest message the route takes (`max_message_size`; `None`: no limit).
+    pub max_message_size: Option<u64>,
+}
+
+impl Delivery {
+    /// True when a message of `size` bytes is larger than this route takes.
+    pub fn too_big(&self, size: u64) -> bool {
+        self.max_message_size.is_some_and(|m| size > m)
+    }
 }
 
 /// The result of planning.
@@ -271,6 +282,8 @@ pub fn plan<'a>(
             },
             tls: rc.tls,
             tls_name: rc.tls_name.clone(),
+            max_rcpts: rc.max_recipients_per_transaction,
+            max_message_size: rc.max_message_size,
         });
     }
     plan

@@ -18,5 +18,6 @@ pub fn envelope(size: u64) -> Envelope {
         envid: None,
         rcpt_dsn: Vec::new(),
         bounce: false,
+        returned_from: Vec::new(),
     }
 }

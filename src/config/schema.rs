@@ -213,6 +213,15 @@ pub struct DirectoryConfig {
     /// The directory from Active Directory or OpenLDAP instead of `file`.
     #[serde(default)]
     pub ldap: Option<LdapConfig>,
+    /// How long after a mailbox's move a `5.1.1`, `5.1.10` or `5.4.1` from the side it now
+    /// routes to is deferred instead of bounced: directory sync between on-premises and
+    /// Exchange Online lags behind a migration batch. `0s` turns it off.
+    #[serde(default = "default_move_grace", with = "duration")]
+    pub move_grace: Duration,
+}
+
+fn default_move_grace() -> Duration {
+    Duration::from_secs(2 * 3600)
 }
 
 /// How the LDAP source finds changes since its last sync.
@@ -477,6 +486,60 @@ pub struct RouteConfig {
     /// Private key of `client_cert`.
     #[serde(default)]
     pub client_key: Option<PathBuf>,
+    /// Most recipients in one transaction to this route's next hops (Exchange Online and
+    /// Exchange receive connectors have such a limit); a message's recipients beyond it go
+    /// in further transactions at once. Default: no limit (until the next hop answers
+    /// `452 4.5.3`, which has the same effect).
+    #[serde(default)]
+    pub max_recipients_per_transaction: Option<usize>,
+    /// Largest message (bytes) this route's next hops take. A recipient on this route is
+    /// refused `552 5.3.4` at RCPT when `SIZE=` declares more; without `SIZE=`, its
+    /// delivery fails at once with `5.3.4` (and a DSN) rather than being sent to bounce.
+    /// Default: no limit beyond `server.max_message_size`.
+    #[serde(default)]
+    pub max_message_size: Option<u64>,
+    /// Replies that mean "slow down" (`[CODE ]X.Y.Z[-LAST]`): they put the next hop into
+    /// the throttled state (fewer transactions at once, a pause, then ramp-up) instead of
+    /// deferring each message with its own backoff.
+    #[serde(default = "default_throttle_replies")]
+    pub throttle_replies: Vec<crate::proto::ReplyPattern>,
+    /// First pause of a throttled next hop; each further throttling reply while it
+    /// recovers doubles it, up to `throttle_max_pause`.
+    #[serde(default = "default_throttle_pause", with = "duration")]
+    pub throttle_pause: Duration,
+    /// Longest pause of a throttled next hop.
+    #[serde(default = "default_throttle_max_pause", with = "duration")]
+    pub throttle_max_pause: Duration,
+    /// Networks this route's next hops send mail *from* (Exchange Online sends from other
+    /// addresses than its MX hosts). A message that comes back from them, or from an
+    /// address this route delivers to, with our host name in a `Received:` header, is not
+    /// sent to this route again (a routing loop: `5.4.6`).
+    #[serde(default)]
+    pub returns_from: Vec<ipnet::IpNet>,
+}
+
+/// Exchange Online's and Exchange's "slow down" replies: too many concurrent connections
+/// (`421 4.3.2`), tenant or sending-IP throttling (`4.7.500`–`4.7.699`), `451 4.4.62`, and
+/// on-premises back pressure (`452 4.3.1 Insufficient system resources`).
+fn default_throttle_replies() -> Vec<crate::proto::ReplyPattern> {
+    [
+        "421 4.3.2",
+        "421 4.7.500-699",
+        "451 4.7.500-699",
+        "451 4.4.62",
+        "452 4.3.1",
+    ]
+    .iter()
+    .filter_map(|p| crate::proto::ReplyPattern::parse(p).ok())
+    .collect()
+}
+
+fn default_throttle_pause() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_throttle_max_pause() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn default_smtp_port() -> u16 {

@@ -192,6 +192,27 @@ impl Config {
             if route.concurrency == 0 {
                 return Err(fail(&table, "concurrency", "must be at least 1".into()));
             }
+            if route.max_recipients_per_transaction == Some(0) {
+                return Err(fail(
+                    &table,
+                    "max_recipients_per_transaction",
+                    "must be at least 1 (leave it out for no limit)".into(),
+                ));
+            }
+            if route.max_message_size.is_some_and(|m| m < 1024) {
+                return Err(fail(
+                    &table,
+                    "max_message_size",
+                    "must be at least 1024 bytes (leave it out for no limit)".into(),
+                ));
+            }
+            if route.throttle_pause.is_zero() || route.throttle_pause > route.throttle_max_pause {
+                return Err(fail(
+                    &table,
+                    "throttle_pause",
+                    "must be above zero and not above throttle_max_pause".into(),
+                ));
+            }
         }
         if let Some(r) = &self.delivery.external_route {
             if !self.routes.contains_key(r) {

@@ -14,7 +14,12 @@
 //!   further transaction (on the same session, or a new one if it broke), within the same
 //!   attempt, not after a retry delay. Only when the *first* RCPT of a transaction gets such
 //!   a reply (the hop took nothing) are they deferred like any temporary failure, so every
-//!   extra transaction settles at least one recipient and the loop ends.
+//!   extra transaction settles at least one recipient and the loop ends. A route's
+//!   `max_recipients_per_transaction` splits the same way before the hop has to say so.
+//! - **Throttling.** A reply matching the route's `throttle_replies` (at the greeting or in
+//!   the transaction) puts the next hop into the throttled state of [`hops`]: the
+//!   recipients not yet sent are deferred to the end of the hop's pause, and deliveries that
+//!   meet the pause skip the hop (failing over to another one) or defer to its end.
 //! - **SMTPUTF8** (RFC 6531) is passed on MAIL FROM whenever the envelope asked for it and
 //!   the next hop offers it. When the hop does not offer it, what the message needs decides:
 //!   a non-ASCII address fails with `553 5.6.7`, UTF-8 in the header section of a message
@@ -27,6 +32,7 @@
 //! exchange and writes the message bytes.
 
 pub mod dns;
+pub mod hops;
 pub mod pool;
 pub mod tls;
 mod transaction;
@@ -312,6 +318,9 @@ pub struct Attempt {
     pub next_hop: Option<SocketAddr>,
     /// TLS was used.
     pub tls: bool,
+    /// Unix ms when the throttled next hop that deferred these recipients resumes (their
+    /// next attempt), if throttling deferred them.
+    pub throttled_until_ms: Option<u64>,
 }
 
 /// The addresses of a next hop: an IP as is, a name through the system resolver.
@@ -354,20 +363,81 @@ async fn resolve(
     }
 }
 
+/// The session a route opens with its next hops: EHLO name, TLS settings, timeout.
+#[derive(Clone, Copy)]
+pub struct Hello<'a> {
+    /// The name we say EHLO with.
+    pub helo: &'a str,
+    /// The route's TLS settings.
+    pub tls: &'a RouteTls,
+    /// Connect and reply timeout.
+    pub timeout: Duration,
+}
+
+/// How a route's deliveries treat its next hops' limits (see the module docs and
+/// [`hops`]).
+#[derive(Clone, Copy)]
+pub struct HopRules<'a> {
+    /// The route (throttle state and metrics name it).
+    pub route: &'a str,
+    /// Most recipients per transaction (`None`: as many as the next hop takes).
+    pub max_rcpts: Option<usize>,
+    /// Replies that mean "slow down".
+    pub throttle_replies: &'a [crate::proto::ReplyPattern],
+    /// Pause of a throttled next hop.
+    pub pause: hops::PauseRules,
+}
+
+impl HopRules<'_> {
+    /// Rules with no recipient limit and no throttling replies (load tool, tests).
+    pub fn none() -> HopRules<'static> {
+        HopRules {
+            route: "-",
+            max_rcpts: None,
+            throttle_replies: &[],
+            pause: hops::PauseRules {
+                first: Duration::from_secs(30),
+                max: Duration::from_secs(600),
+            },
+        }
+    }
+
+    fn throttles(&self, r: &crate::proto::Reply) -> bool {
+        crate::proto::pattern::any_matches(self.throttle_replies, r)
+    }
+
+    fn throttles_text(&self, text: &str) -> bool {
+        self.throttle_replies.iter().any(|p| p.matches_text(text))
+    }
+}
+
+/// Unix ms of an instant.
+fn unix_ms(t: std::time::Instant) -> u64 {
+    crate::queue::now_ms()
+        + t.saturating_duration_since(std::time::Instant::now())
+            .as_millis() as u64
+}
+
 /// Tries the route's next hops (MX hosts or `next_hops`, and each address of a name) in
 /// order until one takes the transaction, reusing pooled connections and skipping hops whose
-/// circuit is open; if none can be used, every recipient is deferred with the last error
-/// (or fails, for a null MX).
+/// circuit is open or that are paused by throttling; if none can be used, every recipient is
+/// deferred with the last error (or fails, for a null MX).
 pub async fn deliver(
     pool: &Pool,
     dns: &dns::Dns,
     target: &Target<'_>,
-    helo: &str,
-    tls: &RouteTls,
-    timeout: Duration,
+    hello: Hello<'_>,
+    rules: &HopRules<'_>,
     out: &Outbound<'_>,
 ) -> Attempt {
     let mut last_error = String::from("no next hop configured");
+    // The earliest end of a pause met, with the text that explains it.
+    let mut throttled: Option<(std::time::Instant, String)> = None;
+    let mut met_pause = |until: std::time::Instant, why: String| {
+        if throttled.as_ref().is_none_or(|(t, _)| until < *t) {
+            throttled = Some((until, why));
+        }
+    };
     let addrs = match resolve(dns, target).await {
         Ok(a) => a,
         Err(e @ dns::DnsError::NullMx(_)) => {
@@ -380,6 +450,7 @@ pub async fn deliver(
                 ],
                 next_hop: None,
                 tls: false,
+                throttled_until_ms: None,
             }
         }
         Err(e) => {
@@ -389,82 +460,132 @@ pub async fn deliver(
     };
     for (hop, host) in &addrs {
         let (hop, host) = (*hop, host.as_str());
-        if let Admission::Skip(wait) = pool.admit(hop) {
-            last_error = format!(
-                "{hop} is down (circuit open; next probe in {} s)",
-                wait.as_secs()
-            );
-            continue;
+        match pool.admit(hop) {
+            Admission::Skip(wait) => {
+                last_error = format!(
+                    "{hop} is down (circuit open; next probe in {} s)",
+                    wait.as_secs()
+                );
+                continue;
+            }
+            Admission::Throttled(until, reply) => {
+                met_pause(until, paused_text(hop, until, &reply));
+                continue;
+            }
+            Admission::Go | Admission::Probe => {}
         }
         let _slot = pool.slot(hop).await;
-        let key = pool::SessionKey::new(hop, host, helo, tls);
-        let (conn, reused) = match pool.checkout(&key, host, helo, tls, timeout).await {
+        // A throttling reply may have paused the hop while this delivery waited for a slot.
+        if let Admission::Throttled(until, reply) = pool.admit(hop) {
+            met_pause(until, paused_text(hop, until, &reply));
+            continue;
+        }
+        let key = pool::SessionKey::new(hop, host, hello.helo, hello.tls);
+        let (conn, reused) = match pool
+            .checkout(&key, host, hello.helo, hello.tls, hello.timeout)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
-                if matches!(e, HopError::Connect(..) | HopError::Refused(..)) {
-                    pool.report(hop, false);
+                let text = e.to_string();
+                if matches!(e, HopError::Refused(..)) && rules.throttles_text(&text) {
+                    // "Too many connections" at the greeting: the hop is up but busy.
+                    let until = pool.throttle(hop, rules.route, &text, rules.pause);
+                    met_pause(until, paused_text(hop, until, &text));
+                } else if matches!(e, HopError::Connect(..) | HopError::Refused(..)) {
+                    pool.report(hop, Some(&text));
+                    last_error = text;
                 } else {
                     // Reachable but unusable under this TLS policy: not a dead host.
-                    pool.report(hop, true);
+                    pool.report(hop, None);
+                    last_error = text;
                 }
-                last_error = e.to_string();
                 continue;
             }
         };
-        pool.report(hop, true);
+        pool.report(hop, None);
         let is_tls = conn.is_tls();
-        let outcomes = transactions(pool, &key, conn, (host, helo, tls, timeout), out).await;
+        let (outcomes, paused) = transactions(pool, &key, conn, (host, hello), rules, out).await;
         metrics::counter!(crate::metrics::CONNECTIONS, "next_hop" => hop.to_string(), "reused" => if reused { "yes" } else { "no" }).increment(1);
         return Attempt {
             outcomes,
             next_hop: Some(hop),
             tls: is_tls,
+            throttled_until_ms: paused.map(unix_ms),
         };
     }
+    let (failure, throttled_until_ms) = match throttled {
+        Some((until, why)) => (LocalError::Throttled(why), Some(unix_ms(until))),
+        None => (LocalError::Unreachable(last_error), None),
+    };
     Attempt {
-        outcomes: vec![
-            RcptOutcome::Deferred(Failure::Local(LocalError::Unreachable(last_error)));
-            out.rcpts.len()
-        ],
+        outcomes: vec![RcptOutcome::Deferred(Failure::Local(failure)); out.rcpts.len()],
         next_hop: None,
         tls: false,
+        throttled_until_ms,
     }
 }
 
-/// Sends `out` over `conn` in as many transactions as the next hop needs (see the module
-/// docs: recipients refused as too many go in the next transaction at once), then returns
-/// the session to the pool. One outcome per recipient, in order.
+/// Why a delivery skipped a paused hop.
+fn paused_text(hop: SocketAddr, until: std::time::Instant, reply: &str) -> String {
+    let secs = until
+        .saturating_duration_since(std::time::Instant::now())
+        .as_secs();
+    format!("next hop {hop} is throttled (last reply: {reply}); paused for {secs} s more")
+}
+
+/// Sends `out` over `conn` in as many transactions as the route and the next hop need (see
+/// the module docs: at most `max_rcpts` per transaction, and recipients refused as too many
+/// go in the next transaction at once), then returns the session to the pool. One outcome
+/// per recipient, in order; and the end of the hop's pause when it answered with a
+/// throttling reply (the recipients not yet sent are then deferred to it).
 async fn transactions(
     pool: &Pool,
     key: &pool::SessionKey,
     conn: Connection,
-    (host, helo, tls, timeout): (&str, &str, &RouteTls, Duration),
+    (host, hello): (&str, Hello<'_>),
+    rules: &HopRules<'_>,
     out: &Outbound<'_>,
-) -> Vec<RcptOutcome> {
+) -> (Vec<RcptOutcome>, Option<std::time::Instant>) {
     let n = out.rcpts.len();
     let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; n];
     let mut todo: Vec<usize> = (0..n).collect();
     let mut conn = Some(conn);
+    let mut paused = None;
+    let defer_all = |outcomes: &mut Vec<Option<RcptOutcome>>, which: &[usize], e: LocalError| {
+        for &i in which {
+            outcomes[i] = Some(RcptOutcome::Deferred(Failure::Local(e.clone())));
+        }
+    };
     while !todo.is_empty() {
         let Some(c) = conn.as_mut() else { break };
-        let part = out.only(&todo);
+        let take = rules
+            .max_rcpts
+            .map_or(todo.len(), |m| m.clamp(1, todo.len()));
+        let (now, later) = todo.split_at(take);
+        let part = out.only(now);
         let results = match c.transaction(&part, false).await {
             Ok((r, _)) => r,
             Err(e) => {
                 // The message may or may not have been taken: defer (at-least-once).
-                for &i in &todo {
-                    outcomes[i] = Some(RcptOutcome::Deferred(Failure::Local(LocalError::Lost(
-                        e.to_string(),
-                    ))));
-                }
+                defer_all(&mut outcomes, &todo, LocalError::Lost(e.to_string()));
                 conn = None;
                 break;
             }
         };
+        let throttle = results.iter().find_map(|r| match &r.outcome {
+            RcptOutcome::Deferred(Failure::Remote(rep))
+            | RcptOutcome::Failed(Failure::Remote(rep))
+                if rules.throttles(rep) =>
+            {
+                Some(rep.to_string())
+            }
+            _ => None,
+        });
         // The first RCPT refused as "too many": the hop took nothing, a real deferral.
         let progress = results.first().is_some_and(|r| !r.too_many);
         let mut next = Vec::new();
-        for (&i, r) in todo.iter().zip(results) {
+        for (&i, r) in now.iter().zip(results) {
             if r.too_many && progress {
                 next.push(i);
             } else if r.too_many {
@@ -478,6 +599,25 @@ async fn transactions(
                 outcomes[i] = Some(r.outcome);
             }
         }
+        if let Some(reply) = throttle {
+            // Slow down: nothing more goes to this hop until its pause ends.
+            let until = pool.throttle(key.addr(), rules.route, &reply, rules.pause);
+            next.extend_from_slice(later);
+            defer_all(
+                &mut outcomes,
+                &next,
+                LocalError::Throttled(paused_text(key.addr(), until, &reply)),
+            );
+            paused = Some(until);
+            break;
+        }
+        pool.succeeded(key.addr());
+        if progress {
+            next.extend_from_slice(later);
+        } else {
+            let e = LocalError::NotAttempted;
+            defer_all(&mut outcomes, later, e);
+        }
         todo = next;
         if todo.is_empty() {
             break;
@@ -489,28 +629,30 @@ async fn transactions(
             }
         }
         if conn.is_none() {
-            match pool.checkout(key, host, helo, tls, timeout).await {
+            match pool
+                .checkout(key, host, hello.helo, hello.tls, hello.timeout)
+                .await
+            {
                 Ok((c, _)) => conn = Some(c),
                 Err(e) => {
-                    for &i in &todo {
-                        outcomes[i] = Some(RcptOutcome::Deferred(Failure::Local(
-                            LocalError::Unreachable(e.to_string()),
-                        )));
-                    }
+                    defer_all(&mut outcomes, &todo, LocalError::Unreachable(e.to_string()));
                     break;
                 }
             }
         }
     }
     if let Some(c) = conn {
-        pool.checkin(key.clone(), c);
+        if paused.is_none() {
+            pool.checkin(key.clone(), c);
+        }
     }
-    outcomes
+    let outcomes = outcomes
         .into_iter()
         .map(|o| {
             o.unwrap_or(RcptOutcome::Deferred(Failure::Local(
                 LocalError::NotAttempted,
             )))
         })
-        .collect()
+        .collect();
+    (outcomes, paused)
 }

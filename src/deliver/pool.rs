@@ -13,14 +13,17 @@
 //!   next hop, or deferring); when the time is up exactly one delivery probes it, the others
 //!   keep skipping until the probe succeeds. A hop that is down costs no message: the
 //!   recipients are deferred and retried.
+//! - Slots and throttling: at most `delivery.hop_concurrency` transactions per next-hop
+//!   address, fewer while the hop is throttled (see [`super::hops`]).
 
+use super::hops::{Gate, HopView, PauseRules, Slot, Throttles};
 use super::{Connection, HopError, RouteTls};
 use crate::config::TlsPolicy;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{info, warn};
 
 /// How long a connection may sit idle before it is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -82,10 +85,12 @@ struct Health {
     failures: u32,
     down_until: Option<Instant>,
     probing: bool,
+    /// The error that opened the circuit.
+    last_error: Option<String>,
 }
 
 /// What the circuit allows for a next hop now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
     /// Healthy: go ahead.
     Go,
@@ -93,13 +98,16 @@ pub enum Admission {
     Probe,
     /// Down: skip it; the next probe is due in this long.
     Skip(Duration),
+    /// Throttled and paused until then; the last throttling reply.
+    Throttled(Instant, String),
 }
 
 /// Idle connections and health, per next hop.
 pub struct Pool {
     idle: Mutex<HashMap<SessionKey, Vec<Idle>>>,
     health: Mutex<HashMap<SocketAddr, Health>>,
-    slots: Mutex<HashMap<SocketAddr, Arc<Semaphore>>>,
+    slots: Mutex<HashMap<SocketAddr, Arc<Gate>>>,
+    throttles: Throttles,
     max_idle: usize,
     per_hop: usize,
     /// Longest skip of a failing hop, in milliseconds (at most [`MAX_DOWN`]).
@@ -115,6 +123,7 @@ impl Pool {
             idle: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
+            throttles: Throttles::default(),
             max_idle,
             per_hop: per_hop.max(1),
             max_down_ms: std::sync::atomic::AtomicU64::new(MAX_DOWN.as_millis() as u64),
@@ -128,19 +137,112 @@ impl Pool {
             .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Waits for a transaction slot at `addr` (held until the permit is dropped).
-    pub async fn slot(&self, addr: SocketAddr) -> Option<OwnedSemaphorePermit> {
-        let sem = {
-            let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(addr)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_hop)))
-                .clone()
-        };
-        sem.acquire_owned().await.ok()
+    fn gate(&self, addr: SocketAddr) -> Arc<Gate> {
+        let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(addr)
+            .or_insert_with(|| Arc::new(Gate::new(self.per_hop)))
+            .clone()
     }
 
-    /// Asks the circuit whether `addr` may be tried now.
+    /// Waits for a transaction slot at `addr` (held until the slot is dropped).
+    pub async fn slot(&self, addr: SocketAddr) -> Option<Slot> {
+        self.gate(addr).slot().await
+    }
+
+    /// Records a throttling `reply` from `addr` met on `route`: lowers its limit and pauses
+    /// it (see [`super::hops`]). Returns the end of the pause.
+    pub fn throttle(
+        &self,
+        addr: SocketAddr,
+        route: &str,
+        reply: &str,
+        rules: PauseRules,
+    ) -> Instant {
+        let gate = self.gate(addr);
+        let current = gate.lock_limit();
+        let (limit, until, new) = self.throttles.throttled(addr, route, reply, rules, current);
+        gate.set_limit(limit);
+        let hop = addr.to_string();
+        metrics::counter!(crate::metrics::HOP_THROTTLE_REPLIES, "route" => route.to_string(), "next_hop" => hop.clone()).increment(1);
+        metrics::gauge!(crate::metrics::HOP_THROTTLED, "next_hop" => hop.clone()).set(1.0);
+        metrics::gauge!(crate::metrics::HOP_CONCURRENCY, "next_hop" => hop).set(limit as f64);
+        if new {
+            let pause = until.saturating_duration_since(Instant::now());
+            warn!(next_hop = %addr, route, limit, pause_s = pause.as_secs_f64().round(), reply, "next hop throttles: fewer transactions at once, paused");
+        }
+        until
+    }
+
+    /// Records a transaction `addr` took without a throttling reply: a throttled hop ramps
+    /// back up.
+    pub fn succeeded(&self, addr: SocketAddr) {
+        let Some((limit, up)) = self.throttles.succeeded(addr, self.per_hop) else {
+            return;
+        };
+        self.gate(addr).set_limit(limit);
+        let hop = addr.to_string();
+        metrics::gauge!(crate::metrics::HOP_CONCURRENCY, "next_hop" => hop.clone())
+            .set(limit as f64);
+        if up {
+            metrics::gauge!(crate::metrics::HOP_THROTTLED, "next_hop" => hop).set(0.0);
+            info!(next_hop = %addr, limit, "next hop no longer throttled");
+        }
+    }
+
+    /// Every next hop met so far: up, circuit open or throttled, with its limit.
+    pub fn hop_views(&self) -> Vec<HopView> {
+        let mut views = self.throttles.views(self.per_hop);
+        let now = Instant::now();
+        {
+            let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            for (a, e) in h.iter() {
+                if views.iter().any(|v| v.next_hop == a.to_string()) {
+                    continue;
+                }
+                if let Some(t) = e.down_until {
+                    views.push(HopView {
+                        next_hop: a.to_string(),
+                        state: "circuit open".into(),
+                        limit: self.per_hop,
+                        full_limit: self.per_hop,
+                        resumes_in_s: t.saturating_duration_since(now).as_secs(),
+                        since: None,
+                        last_reply: e.last_error.clone(),
+                        route: None,
+                    });
+                }
+            }
+        }
+        let known: Vec<SocketAddr> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        for a in known {
+            if !views.iter().any(|v| v.next_hop == a.to_string()) {
+                views.push(HopView {
+                    next_hop: a.to_string(),
+                    state: "up".into(),
+                    limit: self.per_hop,
+                    full_limit: self.per_hop,
+                    resumes_in_s: 0,
+                    since: None,
+                    last_reply: None,
+                    route: None,
+                });
+            }
+        }
+        views.sort_by(|a, b| a.next_hop.cmp(&b.next_hop));
+        views
+    }
+
+    /// Asks the circuit and the throttle whether `addr` may be tried now.
     pub fn admit(&self, addr: SocketAddr) -> Admission {
+        if let Some((until, reply)) = self.throttles.paused(addr) {
+            return Admission::Throttled(until, reply);
+        }
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = h.get_mut(&addr) else {
             return Admission::Go;
@@ -156,14 +258,15 @@ impl Pool {
         }
     }
 
-    /// Records whether a connection to `addr` could be set up.
-    pub fn report(&self, addr: SocketAddr, ok: bool) {
+    /// Records whether a connection to `addr` could be set up (`error`: why not).
+    pub fn report(&self, addr: SocketAddr, error: Option<&str>) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        if ok {
+        let Some(error) = error else {
             h.remove(&addr);
             return;
-        }
+        };
         let e = h.entry(addr).or_default();
+        e.last_error = Some(error.chars().take(300).collect());
         e.failures = e.failures.saturating_add(1);
         e.probing = false;
         let secs = 1u64
@@ -283,13 +386,13 @@ mod tests {
         let pool = Pool::new(4, 4);
         let a: SocketAddr = "127.0.0.1:9".parse().unwrap();
         assert_eq!(pool.admit(a), Admission::Go);
-        pool.report(a, false);
+        pool.report(a, Some("refused"));
         assert!(matches!(pool.admit(a), Admission::Skip(d) if d > Duration::ZERO));
         // Time is up: one probe, everyone else skips.
         pool.health.lock().unwrap().get_mut(&a).unwrap().down_until = Some(Instant::now());
         assert_eq!(pool.admit(a), Admission::Probe);
         assert_eq!(pool.admit(a), Admission::Skip(Duration::ZERO));
-        pool.report(a, true);
+        pool.report(a, None);
         assert_eq!(pool.admit(a), Admission::Go);
     }
 }

@@ -44,7 +44,7 @@ pub mod watch;
 pub use base::{Base, BaseRow};
 pub use report::StatusGroup;
 pub use source::{FileSource, FleetSource, Source};
-pub use view::{Lookup, Resolution, Resolved};
+pub use view::{Lookup, Moved, Resolution, Resolved};
 
 use crate::config::{DirectoryConfig, Percent, Unknown};
 use crate::types::RouteName;
@@ -373,6 +373,7 @@ mod tests {
             watch: false,
             max_shrink: Percent::parse("10%").unwrap(),
             ldap: None,
+            move_grace: std::time::Duration::from_secs(7200),
         }
     }
 

@@ -213,7 +213,39 @@ impl Directory {
     }
 }
 
+/// When and by what a mailbox's state was last changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    /// The change, as [`Lookup::origin`] names it (`batch 12`).
+    pub origin: String,
+    /// Its time, Unix seconds.
+    pub at: u64,
+}
+
 impl Directory {
+    /// When the state of `addr`'s mailbox was last changed by a batch, rollback, reload or
+    /// sync (`None`: unlisted, or in the state the directory was first loaded with).
+    pub fn moved(&self, addr: &Address) -> Option<Moved> {
+        let view = self.view.load();
+        let m = view.table.mailbox(addr.key().as_bytes())?;
+        let id = view.origin[m];
+        if id == 0 {
+            return None;
+        }
+        let time = {
+            let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            let i = h.binary_search_by_key(&id, |c| c.id).ok()?;
+            h[i].time.clone()
+        };
+        let at = chrono::DateTime::parse_from_rfc3339(&time)
+            .ok()?
+            .timestamp();
+        Some(Moved {
+            origin: self.origin_name(id),
+            at: u64::try_from(at).ok()?,
+        })
+    }
+
     /// `batch N`; `base N` when change `id` was a fleet's base import; the source's mark
     /// (`ldap usn 123456`) when it was a load of a source that marks origins.
     fn origin_name(&self, id: u32) -> String {

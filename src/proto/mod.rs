@@ -15,15 +15,19 @@
 //!   reply as mail-send parses it into the same type;
 //! - [`outcome`]: what became of a recipient ([`RcptOutcome`], [`Failure`], [`LocalError`])
 //!   and what the spool keeps of it ([`LastReply`]): delivery produces them, the queue and
-//!   the spool record them, bounces read them.
+//!   the spool record them, bounces read them;
+//! - [`pattern`]: reply patterns an admin configures ([`ReplyPattern`]: `"451 4.7.500-699"`),
+//!   e.g. the replies that mean a next hop is throttling us.
 //!
 //! The command *parser* is not here: only the inbound side reads commands, so it stays in
 //! `smtp::command`. This module has no I/O and depends only on [`crate::types`].
 
 pub mod envelope;
 pub mod outcome;
+pub mod pattern;
 pub mod reply;
 
 pub use envelope::{BodyType, MailParams, RcptDsn, Ret};
 pub use outcome::{Failure, LastReply, LocalError, RcptOutcome};
+pub use pattern::ReplyPattern;
 pub use reply::{EnhancedStatus, Reply};

@@ -77,6 +77,44 @@ pub enum LocalError {
     /// The queued message could not be read from the spool.
     #[error("cannot read the queued message: {0}")]
     Unreadable(String),
+    /// The message is larger than its route takes (`routes.NAME.max_message_size`): it is
+    /// not sent there, as the next hop would certainly refuse it.
+    #[error("message of {size} bytes is larger than route {route} takes ({limit} bytes at most)")]
+    TooBigForRoute {
+        /// The route.
+        route: String,
+        /// The message's size.
+        size: u64,
+        /// The route's `max_message_size`.
+        limit: u64,
+    },
+    /// The message came back to us from this route's next hop: sending it there again
+    /// would loop.
+    #[error(
+        "routing loop between coexist and {0}: the message came back from that route's next hop"
+    )]
+    RoutingLoop(String),
+    /// Every next hop of the route is throttling us (paused): the hop's state.
+    #[error("{0}")]
+    Throttled(String),
+    /// The route's next hop refused the recipient as unknown (`5.1.1`, `5.1.10`, `5.4.1`)
+    /// within `directory.move_grace` of its mailbox's move: directory sync between the
+    /// estates lags, so this is deferred, not bounced, until the grace ends.
+    #[error("{reply} (deferred: mailbox moved by {origin} at {moved}; move grace until {until})")]
+    MoveGrace {
+        /// The next hop's reply, as displayed.
+        reply: String,
+        /// Subject and detail of its enhanced status (kept in the 4.x.x code shown).
+        subject: u16,
+        /// Detail of its enhanced status.
+        detail: u16,
+        /// The change that moved the mailbox (`batch 12`).
+        origin: String,
+        /// When (RFC 3339).
+        moved: String,
+        /// When the grace ends (RFC 3339).
+        until: String,
+    },
 }
 
 impl LocalError {
@@ -93,6 +131,12 @@ impl LocalError {
             LocalError::NoRoute => (550, s(5, 1, 1)),
             LocalError::RouteNotConfigured(_) => (451, s(4, 3, 5)),
             LocalError::Unreadable(_) => (451, s(4, 3, 0)),
+            LocalError::TooBigForRoute { .. } => (552, s(5, 3, 4)),
+            LocalError::RoutingLoop(_) => (554, s(5, 4, 6)),
+            LocalError::Throttled(_) => (451, s(4, 4, 5)),
+            LocalError::MoveGrace {
+                subject, detail, ..
+            } => (451, s(4, *subject, *detail)),
         }
     }
 

@@ -5,6 +5,7 @@
 
 use super::recent::{cut, Outcome, RecentOutcome, RecordedReply, MAX_ORIGIN};
 use super::{unix_now, Inner, SpoolTaskError};
+use crate::deliver::hops::PauseRules;
 use crate::deliver::{self, Outbound};
 use crate::metrics as m;
 use crate::proto::BodyType;
@@ -35,6 +36,8 @@ pub(super) struct RouteReport {
     pub(super) route: String,
     /// A next hop answered (false: none could be reached).
     pub(super) reached: bool,
+    /// Unix ms when the throttled next hop that deferred recipients resumes.
+    pub(super) throttled_until_ms: Option<u64>,
 }
 
 impl AttemptBody {
@@ -104,6 +107,17 @@ pub(super) async fn attempt(
     }
     let mut tasks = JoinSet::new();
     for d in plan.deliveries {
+        // Not sent where it would certainly loop or bounce.
+        if let Some(e) = refusal(&d, env) {
+            let reply = LastReply::Failed(Failure::Local(e));
+            for &i in &d.rcpts {
+                let told = Told::new(Some(&d.route), Outcome::Bounced, Some(&reply));
+                log_outcome(inner, env, i, origin(i), &told);
+                state.rcpts[i].status = RcptStatus::Failed;
+                state.rcpts[i].last_reply = Some(reply.clone());
+            }
+            continue;
+        }
         let (inner, env, body, config) = (inner.clone(), env.clone(), body.clone(), config.clone());
         tasks.spawn(async move {
             let limit = inner.limits.load().get(d.route.as_str()).cloned();
@@ -147,44 +161,56 @@ pub(super) async fn attempt(
                 route::Target::Mx(domain, port) => deliver::Target::Mx(domain.as_str(), *port),
                 route::Target::Hops(hops) => deliver::Target::Hops(hops),
             };
+            let rc = config.routes.get(d.route.as_str());
+            let rules = deliver::HopRules {
+                route: d.route.as_str(),
+                max_rcpts: d.max_rcpts,
+                throttle_replies: rc.map_or(&[][..], |r| &r.throttle_replies),
+                pause: rc.map_or(deliver::HopRules::none().pause, |r| PauseRules {
+                    first: r.throttle_pause,
+                    max: r.throttle_max_pause,
+                }),
+            };
+            let hello = deliver::Hello {
+                helo: &config.server.hostname,
+                tls: &tls,
+                timeout: config.delivery.timeout,
+            };
             let span = tracing::info_span!("delivery", qid = %env.id, route = %d.route, next_hop = tracing::field::Empty);
-            let a = deliver::deliver(
-                &inner.pool,
-                &inner.dns,
-                &target,
-                &config.server.hostname,
-                &tls,
-                config.delivery.timeout,
-                &out,
-            )
-            .instrument(span.clone())
-            .await;
+            let a = deliver::deliver(&inner.pool, &inner.dns, &target, hello, &rules, &out)
+                .instrument(span.clone())
+                .await;
             if let Some(h) = a.next_hop {
                 span.record("next_hop", tracing::field::display(h));
+                inner.note_hop(h.ip(), d.route.as_str());
             }
             let hop = a.next_hop.map(|h| h.to_string()).unwrap_or_else(|| "none".into());
             metrics::counter!(m::ATTEMPTS, "route" => d.route.as_str().to_string(), "next_hop" => hop).increment(1);
             // No next hop answered and nobody refused: the route's hops are unreachable.
+            // Throttled hops are not unreachable: they answered "slow down".
             let reached = a.next_hop.is_some()
+                || a.throttled_until_ms.is_some()
                 || !a.outcomes.iter().all(|o| matches!(o, RcptOutcome::Deferred(_)));
-            (d, a.next_hop, a.outcomes, Some(reached))
+            let report = RouteReport {
+                route: d.route.as_str().to_string(),
+                reached,
+                throttled_until_ms: a.throttled_until_ms,
+            };
+            (d, a.next_hop, a.outcomes, Some(report))
         });
     }
+    let grace = config.directory.move_grace;
     let mut reports = Vec::new();
     while let Some(res) = tasks.join_next().await {
-        let Ok((d, hop, outcomes, reached)) = res else {
+        let Ok((d, hop, outcomes, report)) = res else {
             error!(qid = %env.id, "delivery task failed; recipients stay pending");
             continue;
         };
-        if let Some(reached) = reached {
-            reports.push(RouteReport {
-                route: d.route.as_str().to_string(),
-                reached,
-            });
-        }
+        reports.extend(report);
         let next_hop = hop;
         let hop = hop.map(|h| h.to_string());
-        for ((&i, o), to) in d.rcpts.iter().zip(outcomes).zip(&d.to) {
+        for (((&i, o), to), rule) in d.rcpts.iter().zip(outcomes).zip(&d.to).zip(&d.rules) {
+            let o = within_move_grace(inner, env, i, &d.route, *rule, grace, o);
             let text = LastReply::from(&o);
             let (status, outcome) = match o {
                 RcptOutcome::Delivered(_) => (RcptStatus::Delivered, Outcome::Delivered),
@@ -214,6 +240,80 @@ pub(super) async fn attempt(
         }
     }
     reports
+}
+
+/// Why a delivery must not be sent at all, if it must not: the message came back from this
+/// route's next hop (a routing loop), or it is larger than the route takes.
+fn refusal(d: &route::Delivery, env: &Envelope) -> Option<LocalError> {
+    let route = d.route.as_str();
+    if env.returned_from.iter().any(|r| r == route) {
+        metrics::counter!(m::ROUTING_LOOPS, "route" => route.to_string())
+            .increment(d.rcpts.len() as u64);
+        return Some(LocalError::RoutingLoop(route.to_string()));
+    }
+    if d.too_big(env.size) {
+        metrics::counter!(m::ROUTE_TOO_BIG, "route" => route.to_string())
+            .increment(d.rcpts.len() as u64);
+        return Some(LocalError::TooBigForRoute {
+            route: route.to_string(),
+            size: env.size,
+            limit: d.max_message_size.unwrap_or_default(),
+        });
+    }
+    None
+}
+
+/// The statuses that say "no such recipient" on the side a mailbox just moved to while
+/// directory sync between the estates catches up: `5.1.1`, `5.1.10` (Exchange Online's
+/// RecipientNotFound) and `5.4.1` (Exchange Online's "Recipient address rejected: Access
+/// denied", directory-based edge blocking).
+const NOT_YET_SYNCED: [(u16, u16); 3] = [(1, 1), (1, 10), (4, 1)];
+
+/// `o`, except that a permanent "unknown recipient" from the route's next hop for a listed
+/// recipient whose mailbox moved within `grace` becomes a deferral until the grace ends
+/// (counted, and logged with the change that moved it).
+fn within_move_grace(
+    inner: &Inner,
+    env: &Envelope,
+    i: usize,
+    route: &RouteName,
+    rule: route::Rule,
+    grace: std::time::Duration,
+    o: RcptOutcome,
+) -> RcptOutcome {
+    let RcptOutcome::Failed(Failure::Remote(r)) = &o else {
+        return o;
+    };
+    let Some(status) = r.status else { return o };
+    if grace.is_zero()
+        || rule != route::Rule::Listed
+        || status.class() != 5
+        || !NOT_YET_SYNCED.contains(&(status.subject(), status.detail()))
+    {
+        return o;
+    }
+    let Some(moved) = inner.directory.moved(&env.rcpts[i]) else {
+        return o;
+    };
+    let until = moved.at.saturating_add(grace.as_secs());
+    if unix_now() >= until {
+        return o;
+    }
+    let rfc3339 = |t: u64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp(t as i64, 0)
+            .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default()
+    };
+    metrics::counter!(m::MOVE_GRACE_DEFERRALS, "route" => route.as_str().to_string()).increment(1);
+    info!(qid = %env.id, to = %env.rcpts[i], route = %route, origin = %moved.origin, moved_at = %rfc3339(moved.at), reply = %r, "recipient unknown on the side it just moved to: deferred within the move grace");
+    RcptOutcome::Deferred(Failure::Local(LocalError::MoveGrace {
+        reply: r.to_string(),
+        subject: status.subject(),
+        detail: status.detail(),
+        origin: moved.origin,
+        moved: rfc3339(moved.at),
+        until: rfc3339(until),
+    }))
 }
 
 /// What became of one recipient: what its outcome line logs and the record of recent

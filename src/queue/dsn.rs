@@ -170,6 +170,7 @@ async fn spool_dsn(
         envid: None,
         rcpt_dsn: Vec::new(),
         bounce: true,
+        returned_from: Vec::new(),
     };
     let body = Arc::new(body);
     let loc = inner.spool.store(&dsn_env, body.clone()).await?;

@@ -168,6 +168,20 @@ struct Inner {
     dns: deliver::dns::Dns,
     /// The recent per-recipient outcomes (`queue.recent_outcomes`, read at start).
     recent: recent::Recent,
+    /// Next-hop addresses deliveries reached, with their routes (for the loop guard).
+    hop_routes: Mutex<HashMap<std::net::IpAddr, Vec<String>>>,
+}
+
+/// Most next-hop addresses remembered for the loop guard (an MX route to the internet
+/// meets many; the map starts over when full).
+const MAX_HOP_ROUTES: usize = 10_000;
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn plain_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
 }
 
 fn route_limits(config: &Config) -> HashMap<String, Arc<Semaphore>> {
@@ -185,6 +199,19 @@ impl Inner {
 
     fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers that a delivery on `route` reached the next hop at `ip` (loop guard).
+    fn note_hop(&self, ip: std::net::IpAddr, route: &str) {
+        let ip = plain_ip(ip);
+        let mut m = self.hop_routes.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&ip).is_some_and(|r| r.iter().any(|x| x == route)) {
+            return;
+        }
+        if m.len() >= MAX_HOP_ROUTES {
+            m.clear();
+        }
+        m.entry(ip).or_default().push(route.to_string());
     }
 }
 
@@ -214,6 +241,7 @@ impl Queue {
                 .map_err(QueueError::Dns)?,
             active: Arc::new(Semaphore::new(config.queue.max_active)),
             recent: recent::Recent::new(config.queue.recent_outcomes),
+            hop_routes: Mutex::new(HashMap::new()),
             config: ArcSwap::new(config),
             index: Mutex::new(Index::default()),
             routes: Mutex::new(Routes::default()),
@@ -352,6 +380,40 @@ impl Queue {
             .zip(&r.down_since)
             .map(|(n, d)| (n.clone(), d.is_some()))
             .collect()
+    }
+
+    /// The routes whose next hops send mail from `ip`: a route's `returns_from` networks,
+    /// its next hops given as IP addresses, and the addresses its deliveries reached.
+    pub fn routes_sending_from(&self, ip: std::net::IpAddr) -> Vec<String> {
+        let ip = plain_ip(ip);
+        let config = self.inner.config.load();
+        let mut out: std::collections::BTreeSet<String> = config
+            .routes
+            .iter()
+            .filter(|(_, r)| {
+                r.returns_from.iter().any(|n| n.contains(&ip))
+                    || r.next_hops.iter().any(|h| {
+                        h.host
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|a| plain_ip(a) == ip)
+                    })
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        let seen = self
+            .inner
+            .hop_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(routes) = seen.get(&ip) {
+            out.extend(routes.iter().cloned());
+        }
+        out.into_iter().collect()
+    }
+
+    /// Every next hop delivered to so far, with its state (up, circuit open, throttled).
+    pub fn hops(&self) -> Vec<deliver::hops::HopView> {
+        self.inner.pool.hop_views()
     }
 
     /// The record of recent per-recipient outcomes (for `coexist trace`).

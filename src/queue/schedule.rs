@@ -116,6 +116,9 @@ struct RouteNews {
     /// A route that failed this attempt has answered again since the attempt began (the
     /// failure is stale): try again at once rather than after a backoff.
     retry_now: bool,
+    /// Unix ms when the earliest throttled next hop that deferred recipients resumes: the
+    /// message's next attempt (the hop's pause, not the message's own backoff).
+    throttled_until: Option<u64>,
 }
 
 /// Records what an attempt that began at `started_ms` learned about each route's next hops:
@@ -128,6 +131,7 @@ fn report_routes(inner: &Inner, reports: &[RouteReport], started_ms: u64) -> Rou
         down: NO_ROUTE,
         down_name: None,
         retry_now: false,
+        throttled_until: reports.iter().filter_map(|r| r.throttled_until_ms).min(),
     };
     for r in reports {
         let tag = routes.tag(&r.route);
@@ -253,6 +257,8 @@ async fn attempt_and_place(inner: &Arc<Inner>, key: QueueKey, e: Entry, fresh: O
     warn_if_delayed(inner, &env, e.msg, &mut state).await;
     let how = if news.retry_now {
         Settle::Ready
+    } else if let Some(t) = news.throttled_until {
+        Settle::Deferred(t.max(now_ms() + 1))
     } else {
         Settle::Deferred(due_after(inner, state.attempts))
     };

@@ -38,6 +38,11 @@ pub struct Envelope {
     /// A DSN we generated: its recipient (the original sender) may be outside our domains.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bounce: bool,
+    /// Routes this message came back from: it had already passed through us (our host name
+    /// in a `Received:` header) and arrived from one of the route's next hops. It is never
+    /// sent to them again (a routing loop: `5.4.6`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub returned_from: Vec<String>,
 }
 
 impl Envelope {

@@ -20,6 +20,7 @@ fn env(id: QueueId) -> Envelope {
         envid: None,
         rcpt_dsn: Vec::new(),
         bounce: false,
+        returned_from: Vec::new(),
     }
 }
 

@@ -268,7 +268,14 @@ impl Handler for SinkHandler {
         Ok(())
     }
 
-    fn check_rcpt(&self, _: &(), _: &Peer, _: Option<&Address>, to: &Address) -> Result<(), Reply> {
+    fn check_rcpt(
+        &self,
+        _: &(),
+        _: &Peer,
+        _: Option<&Address>,
+        _: &MailParams,
+        to: &Address,
+    ) -> Result<(), Reply> {
         // Test hooks by local part: `reject…` is refused, `defer…` is deferred.
         let local = to.local().to_ascii_lowercase();
         if local.starts_with("reject") {

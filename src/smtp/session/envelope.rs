@@ -108,7 +108,7 @@ impl<S: SessionStream, H: Handler> Session<S, H> {
         }
         match self
             .handler
-            .check_rcpt(&self.ctx, &self.peer, tx.from.as_ref(), &to)
+            .check_rcpt(&self.ctx, &self.peer, tx.from.as_ref(), &tx.params, &to)
         {
             Ok(()) => {
                 let r = Reply::owned(250, "2.1.5", format!("Recipient <{to}> ok"));

@@ -170,12 +170,14 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Result<(), Reply> {
         Ok(())
     }
-    /// Decides on a recipient at RCPT time (`Ok` means 250).
+    /// Decides on a recipient at RCPT time (`Ok` means 250), given the transaction's
+    /// sender and MAIL parameters (`SIZE=`).
     fn check_rcpt(
         &self,
         ctx: &Self::Context,
         peer: &Peer,
         from: Option<&Address>,
+        params: &MailParams,
         to: &Address,
     ) -> Result<(), Reply>;
     /// Takes a finished message; the reply goes to the client as is (250 only once durable).

@@ -18,7 +18,14 @@ impl Handler for Recorder {
 
     fn context(&self) {}
 
-    fn check_rcpt(&self, _: &(), _: &Peer, _: Option<&Address>, to: &Address) -> Result<(), Reply> {
+    fn check_rcpt(
+        &self,
+        _: &(),
+        _: &Peer,
+        _: Option<&Address>,
+        _: &MailParams,
+        to: &Address,
+    ) -> Result<(), Reply> {
         if to.local().starts_with("reject") {
             return Err(Reply::new(550, "5.1.1", "No such user"));
         }

@@ -6,8 +6,8 @@
 
 use super::types::{
     ApiErrorBody, BatchFormat, BatchReply, ChangeSummary, ConfigReloadReply, DrainReply, Explain,
-    ExplainRequest, FleetBatch, FleetStatus, FlushReply, MessageView, NodeApplied, QueueAction,
-    QueueActionReply, QueueFilter, Ready, ReloadReport, Scheduled, TraceReply,
+    ExplainRequest, FleetBatch, FleetStatus, FlushReply, HopView, MessageView, NodeApplied,
+    QueueAction, QueueActionReply, QueueFilter, Ready, ReloadReport, Scheduled, TraceReply,
 };
 use crate::config::Config;
 use serde::de::DeserializeOwned;
@@ -223,6 +223,11 @@ impl AdminClient {
     pub fn ready(&self) -> Result<Ready, ClientError> {
         let path = "/v1/ready";
         Self::typed(&format!("GET {path}"), self.get_answer(path)?, Some(503))
+    }
+
+    /// `GET /v1/hops`: the next hops and their state.
+    pub fn hops(&self) -> Result<Vec<HopView>, ClientError> {
+        self.get_typed("/v1/hops")
     }
 
     /// `GET /v1/queue`: the queued messages that pass `filter`.

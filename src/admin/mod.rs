@@ -537,6 +537,7 @@ async fn ready(State(s): State<AdminState>) -> Response {
         directory_source_up: !s.directory.source_down(),
         fleet_behind,
         fleet_postgres_up: fleet.map(|f| f.postgres_up()),
+        hops: s.control.queue().hops(),
     };
     let code = if draining || fleet_behind {
         StatusCode::SERVICE_UNAVAILABLE
@@ -544,6 +545,11 @@ async fn ready(State(s): State<AdminState>) -> Response {
         StatusCode::OK
     };
     (code, Json(body)).into_response()
+}
+
+/// `GET /v1/hops`: every next hop delivered to so far, with its state.
+async fn hops(State(s): State<AdminState>) -> Json<Vec<types::HopView>> {
+    Json(s.control.queue().hops())
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> Response {
@@ -721,6 +727,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .route("/v1/queue", get(queue_list))
+        .route("/v1/hops", get(hops))
         .route("/v1/queue/flush", post(queue_flush))
         .route("/v1/queue/{id}", get(queue_show))
         .route("/v1/queue/{id}/{action}", post(queue_action))

@@ -36,6 +36,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use super::Explain;
+pub use crate::deliver::hops::HopView;
 pub use crate::directory::batch::BatchFormat;
 pub use crate::directory::scheduled::{Scheduled, Status as ScheduledStatus};
 pub use crate::directory::store::{ChangeKind, ChangeSummary};
@@ -95,6 +96,9 @@ pub struct Ready {
     /// In a fleet: connected to PostgreSQL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet_postgres_up: Option<bool>,
+    /// The next hops delivered to so far and their state (up, circuit open, throttled).
+    #[serde(default)]
+    pub hops: Vec<HopView>,
 }
 
 /// What `POST /v1/queue/{id}/{action}` does to one message.

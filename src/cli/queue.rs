@@ -137,8 +137,19 @@ pub fn run(cmd: QueueCmd) -> anyhow::Result<()> {
                 rcpt,
                 limit,
             };
-            let list = api.client()?.queue_list(&filter)?;
-            api.print(&list, |l| list_text(l))
+            let client = api.client()?;
+            let list = client.queue_list(&filter)?;
+            // Next hops that hold mail back (throttled, circuit open) head the text listing.
+            let hops = if api.json { Vec::new() } else { client.hops()? };
+            api.print(&list, |l| {
+                let mut out = String::new();
+                for line in super::status::hops_text(&hops) {
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+                out.push_str(&list_text(l));
+                out
+            })
         }
         QueueCmd::Show { id, api } => {
             let m = api.client()?.queue_show(&id)?;

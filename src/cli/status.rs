@@ -2,7 +2,7 @@
 //! its drain switch and its config, through the admin API.
 
 use super::Api;
-use crate::admin::types::{ConfigReloadReply, DrainReply, Ready};
+use crate::admin::types::{ConfigReloadReply, DrainReply, HopView, Ready};
 
 /// Arguments of `coexist drain`.
 #[derive(clap::Args)]
@@ -52,6 +52,10 @@ pub fn ready_text(r: &Ready) -> String {
             r.fleet_behind
         ));
     }
+    for line in hops_text(&r.hops) {
+        out.push('\n');
+        out.push_str(&line);
+    }
     let d = &r.directory_reload;
     if let (Some(res), Some(t)) = (&d.last_result, &d.last_time) {
         out.push_str(&format!("\nlast directory file reload: {res} at {t}"));
@@ -63,6 +67,36 @@ pub fn ready_text(r: &Ready) -> String {
         ));
     }
     out
+}
+
+/// One line per next hop that is not up: throttled (its limit, pause and last throttling
+/// reply) or circuit open (its last error).
+pub fn hops_text(hops: &[HopView]) -> Vec<String> {
+    hops.iter()
+        .filter(|h| h.state != "up")
+        .map(|h| {
+            let mut line = format!("next hop {}: {}", h.next_hop, h.state);
+            if h.state == "throttled" {
+                line.push_str(&format!(
+                    " ({} of {} transactions at once",
+                    h.limit, h.full_limit
+                ));
+                if h.resumes_in_s > 0 {
+                    line.push_str(&format!(", paused for {} s more", h.resumes_in_s));
+                }
+                line.push(')');
+            } else if h.resumes_in_s > 0 {
+                line.push_str(&format!(" (next probe in {} s)", h.resumes_in_s));
+            }
+            if let Some(r) = &h.route {
+                line.push_str(&format!(" on route {r}"));
+            }
+            if let Some(r) = &h.last_reply {
+                line.push_str(&format!("; last reply: {r}"));
+            }
+            line
+        })
+        .collect()
 }
 
 /// The drain state after the change.
@@ -103,10 +137,34 @@ mod tests {
             directory_source_up: true,
             fleet_behind: false,
             fleet_postgres_up: None,
+            hops: vec![
+                HopView {
+                    next_hop: "127.0.0.1:25".into(),
+                    state: "up".into(),
+                    limit: 10,
+                    full_limit: 10,
+                    resumes_in_s: 0,
+                    since: None,
+                    last_reply: None,
+                    route: None,
+                },
+                HopView {
+                    next_hop: "10.0.0.9:25".into(),
+                    state: "throttled".into(),
+                    limit: 2,
+                    full_limit: 10,
+                    resumes_in_s: 25,
+                    since: Some(1),
+                    last_reply: Some("451 4.7.500 Server busy".into()),
+                    route: Some("cloud".into()),
+                },
+            ],
         };
         assert_eq!(
             ready_text(&r),
             "ready: false; draining: true; SMTP sessions open: 1; directory entries: 104\n\
+             next hop 10.0.0.9:25: throttled (2 of 10 transactions at once, paused for 25 s more) \
+             on route cloud; last reply: 451 4.7.500 Server busy\n\
              last directory file reload: ok at 2026-11-25T10:00:00Z\n\
              last refused directory file reload: refused_shrink at 2026-11-25T09:00:00Z: too small"
         );

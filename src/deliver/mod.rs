@@ -92,6 +92,9 @@ pub enum TxError {
     /// Fewer replies than commands.
     #[error("missing reply")]
     MissingReply,
+    /// A reply could not be read.
+    #[error(transparent)]
+    Reply(#[from] crate::proto::reply::WireError),
 }
 
 /// One message to send on a connection.

@@ -42,17 +42,36 @@ async fn write_parts<T: AsyncWrite + Unpin>(
 }
 
 /// Reads `n` replies (mail-send parses them) as [`Reply`] values.
+/// Reads `n` replies (see [`crate::proto::reply::parse_wire`] for why not through
+/// mail-send). The next hop sends nothing it was not asked for, so no bytes are left over
+/// between calls.
 async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
     c: &mut SmtpClient<T>,
     n: usize,
     timeout: Duration,
 ) -> Result<Vec<Reply>, TxError> {
-    Ok(tokio::time::timeout(timeout, c.read_many(n))
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut out = Vec::with_capacity(n);
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while out.len() < n {
+            match crate::proto::reply::parse_wire(&buf)? {
+                Some((reply, used)) => {
+                    buf.drain(..used);
+                    out.push(reply);
+                }
+                None => match c.stream.read(&mut chunk).await? {
+                    0 => return Err(TxError::MissingReply),
+                    k => buf.extend_from_slice(&chunk[..k]),
+                },
+            }
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(timeout, read)
         .await
-        .map_err(|_| TxError::ReplyTimeout)??
-        .into_iter()
-        .map(Reply::from)
-        .collect())
+        .map_err(|_| TxError::ReplyTimeout)?
 }
 
 /// A RCPT reply that means "too many recipients in this transaction": `452` with `4.5.3` or

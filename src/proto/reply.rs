@@ -213,6 +213,88 @@ impl From<smtp_proto::Response<String>> for Reply {
     }
 }
 
+/// The longest reply [`parse_wire`] reads (all lines); a next hop that sends more is broken.
+pub const MAX_WIRE_REPLY: usize = 64 * 1024;
+
+/// Why a next hop's reply could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// A line does not start with a three-digit code and a space or hyphen.
+    #[error("malformed reply line: {0:?}")]
+    Malformed(String),
+    /// The lines of one reply carry different codes.
+    #[error("reply lines with different codes ({0} then {1})")]
+    MixedCodes(u16, u16),
+    /// The reply is longer than [`MAX_WIRE_REPLY`].
+    #[error("reply longer than {MAX_WIRE_REPLY} bytes")]
+    TooLong,
+}
+
+/// Reads one whole reply from the start of `buf`: the reply and the bytes it took, or
+/// `None` when its last line has not arrived yet. Lines end in CRLF (a bare LF is taken
+/// too); each carries the code, `-` (more lines follow) or a space, and the text, whose
+/// leading enhanced status (RFC 2034) is taken off. The status is read in full: mail-send's
+/// parser (smtp-proto) keeps each part in a byte and turns Exchange Online's `4.7.500` into
+/// `4.7.255`, so replies in the transaction are read here.
+pub fn parse_wire(buf: &[u8]) -> Result<Option<(Reply, usize)>, WireError> {
+    let mut pos = 0;
+    let mut code = None;
+    let mut status = None;
+    let mut lines: Vec<String> = Vec::new();
+    loop {
+        let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
+            if buf.len() > MAX_WIRE_REPLY {
+                return Err(WireError::TooLong);
+            }
+            return Ok(None);
+        };
+        let end = pos + nl + 1;
+        if end > MAX_WIRE_REPLY {
+            return Err(WireError::TooLong);
+        }
+        let raw = &buf[pos..pos + nl];
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let text = String::from_utf8_lossy(line);
+        let bad = || WireError::Malformed(text.chars().take(80).collect());
+        let digits = line.get(..3).filter(|d| d.iter().all(u8::is_ascii_digit));
+        let Some(digits) = digits else {
+            return Err(bad());
+        };
+        let this = digits
+            .iter()
+            .fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+        if let Some(c) = code {
+            if c != this {
+                return Err(WireError::MixedCodes(c, this));
+            }
+        }
+        code = Some(this);
+        let (more, rest) = match line.get(3) {
+            None => (false, ""),
+            Some(b' ') => (false, text.get(4..).unwrap_or("")),
+            Some(b'-') => (true, text.get(4..).unwrap_or("")),
+            Some(_) => return Err(bad()),
+        };
+        let rest = match rest.split_once(' ') {
+            Some((first, after)) if EnhancedStatus::parse(first).is_some() => {
+                status = status.or(EnhancedStatus::parse(first));
+                after
+            }
+            None if EnhancedStatus::parse(rest).is_some() => {
+                status = status.or(EnhancedStatus::parse(rest));
+                ""
+            }
+            _ => rest,
+        };
+        lines.push(rest.trim_end().to_string());
+        pos = end;
+        if !more {
+            let code = code.unwrap_or_default();
+            return Ok(Some((Reply::multiline(code, status, lines), pos)));
+        }
+    }
+}
+
 /// Replies used in several places, so their wording stays the same.
 pub mod canned {
     use super::Reply;
@@ -266,6 +348,47 @@ pub mod canned {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wire_replies_keep_three_digit_status_details() {
+        let (r, used) =
+            parse_wire(b"451 4.7.500 Server busy. Please try again later\r\n250 ok\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(used, 49);
+        assert_eq!(r.code, 451);
+        assert_eq!(r.status, Some(EnhancedStatus::new(4, 7, 500)));
+        assert_eq!(
+            r.to_string(),
+            "451 4.7.500 Server busy. Please try again later"
+        );
+        // Several lines, the status on each; a bare LF; a code alone.
+        let (r, _) = parse_wire(b"550-5.7.606 Access denied\n550 5.7.606 banned IP\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            r.lines().collect::<Vec<_>>(),
+            ["Access denied", "banned IP"]
+        );
+        assert_eq!(r.status, Some(EnhancedStatus::new(5, 7, 606)));
+        let (r, _) = parse_wire(b"354\r\n").unwrap().unwrap();
+        assert_eq!((r.code, r.status), (354, None));
+        // Not all there yet.
+        assert_eq!(parse_wire(b"250-first\r\n250 sec").unwrap(), None);
+        // Broken.
+        assert!(matches!(
+            parse_wire(b"25x ok\r\n"),
+            Err(WireError::Malformed(_))
+        ));
+        assert_eq!(
+            parse_wire(b"250-a\r\n451 b\r\n"),
+            Err(WireError::MixedCodes(250, 451))
+        );
+        assert_eq!(
+            parse_wire(&vec![b'2'; MAX_WIRE_REPLY + 1]),
+            Err(WireError::TooLong)
+        );
+    }
 
     fn wire(r: &Reply) -> String {
         let mut out = Vec::new();

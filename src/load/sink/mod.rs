@@ -44,6 +44,8 @@ pub enum SinkMode {
     Hang = 3,
     /// Answer 421 4.3.2 and close the connection.
     Drop = 4,
+    /// Answer MAIL with `451 4.7.500 Server busy` (Exchange Online's throttling reply).
+    Throttle = 5,
 }
 
 /// A message as the sink received it.
@@ -159,6 +161,8 @@ pub struct SinkState {
     /// The most transactions at their end of data at once: with a `delay`, how many the
     /// sender had in flight together.
     pub peak_answering: AtomicU64,
+    /// MAIL commands answered with a throttling reply ([`SinkMode::Throttle`]).
+    pub throttled: AtomicU64,
     changed: Notify,
     record: Option<Mutex<std::fs::File>>,
     defer_share: f64,
@@ -258,6 +262,15 @@ impl Handler for SinkHandler {
         _: Option<&Address>,
         params: &MailParams,
     ) -> Result<(), Reply> {
+        if self.0.mode.load(Ordering::SeqCst) == SinkMode::Throttle as u8 {
+            self.0.throttled.fetch_add(1, Ordering::SeqCst);
+            self.0.changed.notify_waiters();
+            return Err(Reply::new(
+                451,
+                "4.7.500",
+                "Server busy. Please try again later (sink throttling on request)",
+            ));
+        }
         if params.smtputf8 && !self.0.smtputf8 {
             return Err(Reply::new(
                 555,
@@ -276,10 +289,18 @@ impl Handler for SinkHandler {
         _: &MailParams,
         to: &Address,
     ) -> Result<(), Reply> {
-        // Test hooks by local part: `reject…` is refused, `defer…` is deferred.
+        // Test hooks by local part: `reject…` is refused, `defer…` is deferred, `unsynced…`
+        // is unknown as Exchange Online says it for a mailbox its directory does not have yet.
         let local = to.local().to_ascii_lowercase();
         if local.starts_with("reject") {
             return Err(Reply::new(550, "5.1.1", "Sink: mailbox unavailable"));
+        }
+        if local.starts_with("unsynced") {
+            return Err(Reply::new(
+                550,
+                "5.1.10",
+                "RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+            ));
         }
         if local.starts_with("defer") {
             return Err(Reply::new(450, "4.2.1", "Sink: mailbox busy, try later"));
@@ -438,6 +459,7 @@ impl Sink {
             sessions: AtomicU64::new(0),
             answering: AtomicU64::new(0),
             peak_answering: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
             changed: Notify::new(),
             record: match &opts.record {
                 Some(p) => Some(Mutex::new(

@@ -156,6 +156,19 @@ impl Pool {
         }
     }
 
+    /// The next hops whose circuit is open now: address, failed connects in a row, and the
+    /// time until the next probe (zero when one is due or under way).
+    pub fn open_circuits(&self) -> Vec<(SocketAddr, u32, Duration)> {
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        h.iter()
+            .filter_map(|(a, e)| {
+                e.down_until
+                    .map(|t| (*a, e.failures, t.saturating_duration_since(now)))
+            })
+            .collect()
+    }
+
     /// Records whether a connection to `addr` could be set up.
     pub fn report(&self, addr: SocketAddr, ok: bool) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());

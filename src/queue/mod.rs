@@ -16,12 +16,14 @@
 
 mod attempt;
 mod dsn;
+pub mod hops;
 mod index;
+pub mod rate;
 pub mod recent;
 mod schedule;
 mod view;
 
-pub use view::{MessageView, QueueStats, RcptView};
+pub use view::{age_bucket, MessageView, QueueShape, QueueStats, RcptView, RouteShape, AGE_BUCKETS_MIN};
 
 use crate::config::Config;
 use crate::deliver;
@@ -168,6 +170,8 @@ struct Inner {
     dns: deliver::dns::Dns,
     /// The recent per-recipient outcomes (`queue.recent_outcomes`, read at start).
     recent: recent::Recent,
+    /// Outcomes per minute over the last hour, and deferral reasons.
+    rates: rate::Rates,
 }
 
 fn route_limits(config: &Config) -> HashMap<String, Arc<Semaphore>> {
@@ -214,6 +218,7 @@ impl Queue {
                 .map_err(QueueError::Dns)?,
             active: Arc::new(Semaphore::new(config.queue.max_active)),
             recent: recent::Recent::new(config.queue.recent_outcomes),
+            rates: rate::Rates::default(),
             config: ArcSwap::new(config),
             index: Mutex::new(Index::default()),
             routes: Mutex::new(Routes::default()),
@@ -357,6 +362,11 @@ impl Queue {
     /// The record of recent per-recipient outcomes (for `coexist trace`).
     pub fn recent(&self) -> &recent::Recent {
         &self.inner.recent
+    }
+
+    /// Outcomes per minute over the last hour, and deferral reasons (for the console).
+    pub fn rates(&self) -> &rate::Rates {
+        &self.inner.rates
     }
 
     /// The spool's commit counters (syncs, records) and segment files.

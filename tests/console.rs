@@ -66,9 +66,14 @@ async fn an_admin_watches_and_acts_through_the_console_in_chromium() {
     assert_eq!(r.code, 250, "{r:?}");
     let qid = queue_id(&r);
     wait(&h.cloud, 1).await;
-    let onprem = b.wait_text("#ov-shape tr[data-route=\"onprem\"]", "onprem").await;
+    let onprem = b
+        .wait_text("#ov-shape tr[data-route=\"onprem\"]", "onprem")
+        .await;
     assert!(onprem.contains(&h.onprem_hop()), "{onprem}");
-    assert!(onprem.starts_with(&format!("onprem {} 1 1 1 0 0 0 0 0", h.onprem_hop())), "{onprem}");
+    assert!(
+        onprem.starts_with(&format!("onprem {} 1 1 1 0 0 0 0 0", h.onprem_hop())),
+        "{onprem}"
+    );
     b.wait_text("#ov-hops", "circuit open").await;
     b.wait_text("#ov-legend", "delivered 1").await;
     b.wait_text("#ov-reasons", "4.4.1").await;
@@ -79,7 +84,8 @@ async fn an_admin_watches_and_acts_through_the_console_in_chromium() {
     b.click(&format!("#queue-list tr[data-id=\"{qid}\"]")).await;
     b.wait_text("#queue-detail", "alice@nhs.test").await;
     b.click("#q-hold").await;
-    b.wait_text("#queue-confirm-text", &format!("Hold message {qid}?")).await;
+    b.wait_text("#queue-confirm-text", &format!("Hold message {qid}?"))
+        .await;
     b.click("#queue-confirm-yes").await;
     b.wait_text("#queue-phase", "State: held").await;
     b.screenshot(&dir.join("queue.png")).await;
@@ -98,15 +104,27 @@ async fn an_admin_watches_and_acts_through_the_console_in_chromium() {
     b.fill("#batch-file", csv.to_str().unwrap()).await;
     b.click("#batch-preview").await;
     let diff = b.wait_text("#batch-diff", "Preview of weekend-1.csv").await;
-    for want in ["rows\n3", "changed\n1", "already in that state\n1", "not found\n1"] {
+    for want in [
+        "rows\n3",
+        "changed\n1",
+        "already in that state\n1",
+        "not found\n1",
+    ] {
         assert!(diff.contains(want), "{want:?} in {diff}");
     }
     assert!(diff.contains("Not found: nobody@nhs.test"), "{diff}");
-    b.wait_text("#batch-confirm-text", "Apply weekend-1.csv: 1 mailbox(es) change state?")
-        .await;
+    b.wait_text(
+        "#batch-confirm-text",
+        "Apply weekend-1.csv: 1 mailbox(es) change state?",
+    )
+    .await;
     b.screenshot(&dir.join("batches.png")).await;
     assert_eq!(
-        h.relay.directory.lookup(&addr("alice@nhs.test")).state.as_deref(),
+        h.relay
+            .directory
+            .lookup(&addr("alice@nhs.test"))
+            .state
+            .as_deref(),
         Some("onprem"),
         "a preview changes nothing"
     );
@@ -116,15 +134,24 @@ async fn an_admin_watches_and_acts_through_the_console_in_chromium() {
     let entry = b.wait_text("#timeline", "weekend-1.csv").await;
     assert!(entry.contains("apply"), "{entry}");
     assert_eq!(
-        h.relay.directory.lookup(&addr("alice@nhs.test")).state.as_deref(),
+        h.relay
+            .directory
+            .lookup(&addr("alice@nhs.test"))
+            .state
+            .as_deref(),
         Some("cloud")
     );
     b.click("#timeline button.rollback").await;
-    b.wait_text("#batch-confirm-text", "Roll back change #").await;
+    b.wait_text("#batch-confirm-text", "Roll back change #")
+        .await;
     b.click("#batch-apply").await;
     b.wait_text("#timeline", "rollback").await;
     assert_eq!(
-        h.relay.directory.lookup(&addr("alice@nhs.test")).state.as_deref(),
+        h.relay
+            .directory
+            .lookup(&addr("alice@nhs.test"))
+            .state
+            .as_deref(),
         Some("onprem")
     );
 
@@ -133,7 +160,10 @@ async fn an_admin_watches_and_acts_through_the_console_in_chromium() {
     b.fill("#addr-input", "bob@nhs.test").await;
     b.click("#addr-search").await;
     let x = b.wait_text("#addr-explain", "route").await;
-    assert!(x.contains("state\ncloud") && x.contains(&h.cloud.addr.to_string()), "{x}");
+    assert!(
+        x.contains("state\ncloud") && x.contains(&h.cloud.addr.to_string()),
+        "{x}"
+    );
     let t = b.wait_text("#addr-trace", "delivered").await;
     assert!(t.contains(&qid) && t.contains("250"), "{t}");
     b.fill("#addr-input", "alice@nhs.test").await;
@@ -203,7 +233,11 @@ async fn request(
         .expect("no HTTP response within 20 s");
     let text = String::from_utf8_lossy(&raw).to_string();
     let (head, body) = text.split_once("\r\n\r\n").expect("no header end");
-    (head[9..12].parse().unwrap(), head.to_string(), body.to_string())
+    (
+        head[9..12].parse().unwrap(),
+        head.to_string(),
+        body.to_string(),
+    )
 }
 
 const FORM: (&str, &str) = ("Content-Type", "application/x-www-form-urlencoded");
@@ -224,7 +258,14 @@ async fn sessions_need_the_token_csrf_token_and_same_origin() {
     let origin = format!("http://{api}");
 
     // A wrong token: 401 with a clear message; after a few, logins wait.
-    let (code, _, body) = request(api, "POST", "/console/login", &[FORM], "token=wrong-token-123456").await;
+    let (code, _, body) = request(
+        api,
+        "POST",
+        "/console/login",
+        &[FORM],
+        "token=wrong-token-123456",
+    )
+    .await;
     assert_eq!(code, 401);
     assert!(body.contains("Wrong token"), "{body}");
     // A login posted from another site is refused.
@@ -240,7 +281,14 @@ async fn sessions_need_the_token_csrf_token_and_same_origin() {
 
     // The right token: a session cookie, HttpOnly, SameSite=Strict, with an expiry; Secure
     // when the request came over TLS (a proxy says so).
-    let (code, head, _) = request(api, "POST", "/console/login", &[FORM], &format!("token={TOKEN}")).await;
+    let (code, head, _) = request(
+        api,
+        "POST",
+        "/console/login",
+        &[FORM],
+        &format!("token={TOKEN}"),
+    )
+    .await;
     assert_eq!(code, 303, "{head}");
     let set = head.lines().find(|l| l.starts_with("set-cookie:")).unwrap();
     for want in ["HttpOnly", "SameSite=Strict", "Max-Age=28800", "Path=/"] {
@@ -280,7 +328,11 @@ async fn sessions_need_the_token_csrf_token_and_same_origin() {
         api,
         "POST",
         drain,
-        &[("Cookie", &cookie), ("X-CSRF-Token", &csrf), ("Origin", "http://evil.test")],
+        &[
+            ("Cookie", &cookie),
+            ("X-CSRF-Token", &csrf),
+            ("Origin", "http://evil.test"),
+        ],
         "",
     )
     .await;
@@ -290,7 +342,11 @@ async fn sessions_need_the_token_csrf_token_and_same_origin() {
         api,
         "POST",
         drain,
-        &[("Cookie", &cookie), ("X-CSRF-Token", &csrf), ("Origin", &origin)],
+        &[
+            ("Cookie", &cookie),
+            ("X-CSRF-Token", &csrf),
+            ("Origin", &origin),
+        ],
         "",
     )
     .await;
@@ -299,11 +355,25 @@ async fn sessions_need_the_token_csrf_token_and_same_origin() {
     // Without a cookie the API is what it was: bearer token or 401.
     let (code, _, body) = request(api, "POST", drain, &[("X-CSRF-Token", &csrf)], "").await;
     assert_eq!(code, 401, "{body}");
-    let (code, _, _) = request(api, "GET", "/v1/overview", &[("Authorization", &format!("Bearer {TOKEN}"))], "").await;
+    let (code, _, _) = request(
+        api,
+        "GET",
+        "/v1/overview",
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+        "",
+    )
+    .await;
     assert_eq!(code, 200);
 
     // Logout needs the CSRF token; afterwards the cookie opens nothing.
-    let (code, _, _) = request(api, "POST", "/console/logout", &[FORM, ("Cookie", &cookie)], "csrf=nope").await;
+    let (code, _, _) = request(
+        api,
+        "POST",
+        "/console/logout",
+        &[FORM, ("Cookie", &cookie)],
+        "csrf=nope",
+    )
+    .await;
     assert_eq!(code, 403);
     let (code, head, _) = request(
         api,
@@ -322,9 +392,23 @@ async fn sessions_need_the_token_csrf_token_and_same_origin() {
 
     // Repeated wrong tokens from one address: refused for a while, even the right one.
     for _ in 0..5 {
-        request(api, "POST", "/console/login", &[FORM], "token=wrong-token-123456").await;
+        request(
+            api,
+            "POST",
+            "/console/login",
+            &[FORM],
+            "token=wrong-token-123456",
+        )
+        .await;
     }
-    let (code, _, body) = request(api, "POST", "/console/login", &[FORM], &format!("token={TOKEN}")).await;
+    let (code, _, body) = request(
+        api,
+        "POST",
+        "/console/login",
+        &[FORM],
+        &format!("token={TOKEN}"),
+    )
+    .await;
     assert_eq!(code, 429);
     assert!(body.contains("Too many failed logins"), "{body}");
 }

@@ -42,9 +42,9 @@ pub use crate::directory::scheduled::{Scheduled, Status as ScheduledStatus};
 pub use crate::directory::store::{ChangeKind, ChangeSummary};
 pub use crate::directory::{BatchReport, RefusedReload, ReloadReport, ReloadStatus, StatusGroup};
 pub use crate::fleet::{FleetBatch, FleetStatus, NodeApplied, NodeRow, PgHealth, Progress};
-pub use crate::queue::recent::Outcome;
 pub use crate::queue::hops::{HopCondition, HopState};
 pub use crate::queue::rate::{MinuteCounts, ReasonCount};
+pub use crate::queue::recent::Outcome;
 pub use crate::queue::{MessageView, QueueShape, RcptView, RouteShape};
 
 /// `GET /v1/overview`: what the console's overview shows, in one answer.

@@ -72,7 +72,10 @@ impl Queue {
                         .parse::<std::net::IpAddr>()
                         .ok()
                         .map(|ip| SocketAddr::new(ip, h.port));
-                    (addr.map_or_else(|| format!("{}:{}", h.host, h.port), |a| a.to_string()), addr)
+                    (
+                        addr.map_or_else(|| format!("{}:{}", h.host, h.port), |a| a.to_string()),
+                        addr,
+                    )
                 })
                 .collect();
             if let Some(mx) = &route.mx {

@@ -23,7 +23,9 @@ pub mod recent;
 mod schedule;
 mod view;
 
-pub use view::{age_bucket, MessageView, QueueShape, QueueStats, RcptView, RouteShape, AGE_BUCKETS_MIN};
+pub use view::{
+    age_bucket, MessageView, QueueShape, QueueStats, RcptView, RouteShape, AGE_BUCKETS_MIN,
+};
 
 use crate::config::Config;
 use crate::deliver;

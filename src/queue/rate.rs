@@ -58,10 +58,13 @@ pub struct ReasonCount {
     pub sample: String,
 }
 
+/// The last reply text seen per enhanced status code.
+type Samples = HashMap<Box<str>, Box<str>>;
+
 /// The ring (see the module docs).
 #[derive(Default)]
 pub struct Rates {
-    inner: Mutex<(Vec<Slot>, HashMap<Box<str>, Box<str>>)>,
+    inner: Mutex<(Vec<Slot>, Samples)>,
 }
 
 impl Rates {
@@ -111,10 +114,9 @@ impl Rates {
             .rev()
             .map(|back| {
                 let minute = last.saturating_sub(back);
-                let s = g
-                    .0
-                    .get((minute % MINUTES as u64) as usize)
-                    .filter(|s| s.minute == minute);
+                let s =
+                    g.0.get((minute % MINUTES as u64) as usize)
+                        .filter(|s| s.minute == minute);
                 MinuteCounts {
                     minute: minute * 60,
                     delivered: s.map_or(0, |s| s.delivered),
@@ -171,7 +173,9 @@ mod tests {
         assert_eq!(last.minute, (t0 + 60) / 60 * 60);
         // An hour later the same slots are stale.
         let later = r.minutes(t0 + 60 + 3600);
-        assert!(later.iter().all(|m| m.delivered + m.deferred + m.bounced == 0));
+        assert!(later
+            .iter()
+            .all(|m| m.delivered + m.deferred + m.bounced == 0));
         assert!(r.top_deferrals(t0 + 60 + 3600, 5).is_empty());
     }
 

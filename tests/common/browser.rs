@@ -136,7 +136,9 @@ impl Browser {
                 }
             }
             if t0.elapsed() >= PATIENCE {
-                panic!("gave up after {PATIENCE:?} waiting for {want:?} in {css}; last seen: {last:?}");
+                panic!(
+                    "gave up after {PATIENCE:?} waiting for {want:?} in {css}; last seen: {last:?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -168,7 +170,9 @@ impl Browser {
             .await
             .unwrap_or_else(|e| panic!("no {css}: {e}"));
         if e.attr("type").await.ok().flatten().as_deref() != Some("file") {
-            e.clear().await.unwrap_or_else(|e| panic!("clear {css}: {e}"));
+            e.clear()
+                .await
+                .unwrap_or_else(|e| panic!("clear {css}: {e}"));
         }
         e.send_keys(text)
             .await

@@ -152,7 +152,9 @@ async fn page(State(s): State<AdminState>, headers: HeaderMap) -> Response {
                 .collect();
             html(
                 StatusCode::OK,
-                APP_HTML.replace("{{CSRF}}", &csrf).replace("{{NODE}}", &node),
+                APP_HTML
+                    .replace("{{CSRF}}", &csrf)
+                    .replace("{{NODE}}", &node),
             )
         }
         None => login_page(StatusCode::OK, ""),
@@ -233,12 +235,18 @@ async fn logout(
                 StatusCode::SEE_OTHER,
                 [
                     (header::LOCATION, "/console".to_string()),
-                    (header::SET_COOKIE, session::clear_cookie(over_tls(&headers))),
+                    (
+                        header::SET_COOKIE,
+                        session::clear_cookie(over_tls(&headers)),
+                    ),
                 ],
             )
                 .into_response()
         }
-        _ => login_page(StatusCode::FORBIDDEN, "Logout refused: no session, or a cross-site request."),
+        _ => login_page(
+            StatusCode::FORBIDDEN,
+            "Logout refused: no session, or a cross-site request.",
+        ),
     }
 }
 

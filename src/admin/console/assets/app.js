@@ -48,8 +48,7 @@ async function api(method, path, body, contentType) {
   let data = null;
   try { data = await r.json(); } catch (_) { /* not JSON */ }
   if (r.status === 401) {
-    banner("Your session has ended or was refused: log in again (reload the page).");
-    throw new ApiError("not logged in (401)");
+    throw new ApiError("your session has ended or was refused: log in again (reload the page)");
   }
   if (!r.ok) throw new ApiError((data && data.error) || ("HTTP " + r.status));
   return data;

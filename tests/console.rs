@@ -93,11 +93,12 @@ async fn an_admin_watches_and_acts_through_the_console_in_chromium() {
     b.click("#queue-confirm-yes").await;
     b.wait_text("#queue-phase", "State: deferred").await;
 
-    // A batch: preview the diff, apply it with a confirmation, roll it back.
+    // A batch: preview the diff, apply it with a confirmation, roll it back. (Dave has no
+    // mail queued: alice's message stays where it is.)
     let csv = h.dir.path().join("weekend-1.csv");
     std::fs::write(
         &csv,
-        "address,state\nalice@nhs.test,cloud\nbob@nhs.test,cloud\nnobody@nhs.test,cloud\n",
+        "address,state\ndave@nhs.test,cloud\nbob@nhs.test,cloud\nnobody@nhs.test,cloud\n",
     )
     .unwrap();
     b.open(&format!("http://{api}/console#batches")).await;
@@ -122,7 +123,7 @@ async fn an_admin_watches_and_acts_through_the_console_in_chromium() {
     assert_eq!(
         h.relay
             .directory
-            .lookup(&addr("alice@nhs.test"))
+            .lookup(&addr("dave@nhs.test"))
             .state
             .as_deref(),
         Some("onprem"),
@@ -136,7 +137,7 @@ async fn an_admin_watches_and_acts_through_the_console_in_chromium() {
     assert_eq!(
         h.relay
             .directory
-            .lookup(&addr("alice@nhs.test"))
+            .lookup(&addr("dave@nhs.test"))
             .state
             .as_deref(),
         Some("cloud")
@@ -149,7 +150,7 @@ async fn an_admin_watches_and_acts_through_the_console_in_chromium() {
     assert_eq!(
         h.relay
             .directory
-            .lookup(&addr("alice@nhs.test"))
+            .lookup(&addr("dave@nhs.test"))
             .state
             .as_deref(),
         Some("onprem")

@@ -592,7 +592,7 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
 
 /// Messages the overview's queue shape looks at, the oldest first (each is read from the
 /// spool): bounds what one refresh of the console costs.
-pub const SHAPE_LIMIT: usize = 20_000;
+pub const SHAPE_LIMIT: usize = 10_000;
 
 /// Deferral reasons the overview lists.
 const TOP_REASONS: usize = 10;

@@ -292,6 +292,24 @@ mod tests {
     }
 
     #[test]
+    fn open_circuits_lists_the_hops_being_skipped() {
+        let pool = Pool::new(4, 4);
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.1:10".parse().unwrap(),
+        );
+        assert!(pool.open_circuits().is_empty());
+        pool.report(a, false);
+        pool.report(a, false);
+        pool.report(b, true);
+        let open = pool.open_circuits();
+        assert_eq!(open.len(), 1);
+        assert_eq!((open[0].0, open[0].1), (a, 2));
+        pool.report(a, true);
+        assert!(pool.open_circuits().is_empty());
+    }
+
+    #[test]
     fn circuit_opens_then_allows_one_probe() {
         let pool = Pool::new(4, 4);
         let a: SocketAddr = "127.0.0.1:9".parse().unwrap();

@@ -84,7 +84,12 @@ impl Browser {
                 Err(e) if t0.elapsed() >= PATIENCE => {
                     panic!("no WebDriver session after {PATIENCE:?}: {e}")
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => {
+                    if let Ok(Some(status)) = browser.driver.try_wait() {
+                        panic!("chromedriver exited ({status}) before a session: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
             }
         };
         browser.client = Some(client);

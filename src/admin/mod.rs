@@ -3,10 +3,15 @@
 //! change is logged with the caller's address. Every error, including a malformed JSON body,
 //! query string or path and an unknown path, is answered `{"error": "..."}`.
 //!
+//! The web console ([`console`]) is served by the same listener and reads and acts through
+//! these same handlers: a request may carry a console session cookie (with its CSRF token
+//! for changes) instead of the bearer token.
+//!
 //! Every body the API reads or answers is a named type, listed in [`types`]; the CLI's
 //! [`client`] deserializes the same types, so server and CLI cannot disagree on a field.
 
 pub mod client;
+pub mod console;
 pub mod controls;
 pub mod token;
 mod trace;
@@ -32,7 +37,7 @@ use tokio::net::TcpListener;
 use tracing::info;
 use types::{
     ApiErrorBody, BatchReply, ConfigReloadReply, DrainReply, ExplainRequest, FlushReply, Health,
-    QueueAction, QueueActionReply, QueueFilter, Ready,
+    Overview, QueueAction, QueueActionReply, QueueFilter, Ready,
 };
 
 /// Shared state of the API.
@@ -44,6 +49,8 @@ pub struct AdminState {
     pub control: Arc<dyn Controls>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     token: Arc<token::Expected>,
+    /// The console's sessions.
+    sessions: Arc<console::session::Sessions>,
 }
 
 /// Why the admin API could not start.
@@ -247,14 +254,21 @@ async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response
         .map(|v| v.as_bytes())
         .and_then(|v| (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..]))
         .unwrap_or(b"");
-    if !s.token.matches(given) {
-        return ApiError(
+    if s.token.matches(given) {
+        return next.run(req).await;
+    }
+    // Or the console's session cookie, with its CSRF token for a change.
+    match console::check_session(&s, req.method(), req.headers()) {
+        console::SessionCheck::Ok => next.run(req).await,
+        console::SessionCheck::Refused(why) => {
+            ApiError(StatusCode::FORBIDDEN, why.into()).into_response()
+        }
+        console::SessionCheck::None => ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
         )
-        .into_response();
+        .into_response(),
     }
-    next.run(req).await
 }
 
 #[derive(Deserialize)]
@@ -582,6 +596,37 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     }
 }
 
+/// Messages the overview's queue shape looks at, the oldest first (each is read from the
+/// spool): bounds what one refresh of the console costs.
+pub const SHAPE_LIMIT: usize = 10_000;
+
+/// Deferral reasons the overview lists.
+const TOP_REASONS: usize = 10;
+
+async fn overview(State(s): State<AdminState>) -> Result<Json<Overview>, ApiError> {
+    let q = s.control.queue().clone();
+    let shape = tokio::task::spawn_blocking(move || q.shape(SHAPE_LIMIT))
+        .await
+        .map_err(task_err)?;
+    let q = s.control.queue();
+    let stats = q.stats();
+    let now = crate::queue::unix_now();
+    Ok(Json(Overview {
+        node: match s.control.fleet() {
+            Some(f) => f.node().to_string(),
+            None => s.control.config().server.hostname.clone(),
+        },
+        time: now,
+        active: stats.active,
+        deferred: stats.deferred,
+        held: stats.held,
+        shape,
+        hops: q.hop_states(),
+        minutes: q.rates().minutes(now),
+        deferral_reasons: q.rates().top_deferrals(now, TOP_REASONS),
+    }))
+}
+
 async fn queue_list(
     State(s): State<AdminState>,
     ApiQuery(f): ApiQuery<QueueFilter>,
@@ -747,11 +792,13 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/fleet", get(fleet_status))
         .route("/v1/fleet/node", get(fleet_node))
         .route("/v1/route/explain", post(route_explain))
+        .route("/v1/overview", get(overview))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(console::router(state))
 }
 
 /// Refuses a clear-text non-loopback listen address without `allow_plaintext_remote`.
@@ -799,6 +846,7 @@ pub async fn start(
         control,
         metrics: crate::metrics::install(),
         token: Arc::new(token::Expected::new(&token)),
+        sessions: Default::default(),
     });
     let task = tokio::spawn(async move {
         let svc = app.into_make_service_with_connect_info::<SocketAddr>();

@@ -30,6 +30,7 @@
 //! | `/v1/fleet/node` | GET | [`NodeApplied`] (404 without `[fleet]`) |
 //! | `/v1/route/explain` ([`ExplainRequest`]) | POST | `Vec<`[`Explain`]`>` |
 //! | `/v1/trace?address=&since=` | GET | [`TraceReply`] |
+//! | `/v1/overview` | GET | [`Overview`] (the console's overview) |
 //!
 //! Every error is an [`ApiErrorBody`].
 
@@ -42,8 +43,34 @@ pub use crate::directory::scheduled::{Scheduled, Status as ScheduledStatus};
 pub use crate::directory::store::{ChangeKind, ChangeSummary};
 pub use crate::directory::{BatchReport, RefusedReload, ReloadReport, ReloadStatus, StatusGroup};
 pub use crate::fleet::{FleetBatch, FleetStatus, NodeApplied, NodeRow, PgHealth, Progress};
+pub use crate::queue::hops::{HopCondition, HopState};
+pub use crate::queue::rate::{MinuteCounts, ReasonCount};
 pub use crate::queue::recent::Outcome;
-pub use crate::queue::{MessageView, RcptView};
+pub use crate::queue::{MessageView, QueueShape, RcptView, RouteShape};
+
+/// `GET /v1/overview`: what the console's overview shows, in one answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Overview {
+    /// This node's name (the fleet node name, else `server.hostname`).
+    pub node: String,
+    /// Unix time of the answer.
+    pub time: u64,
+    /// Active messages.
+    pub active: usize,
+    /// Deferred messages.
+    pub deferred: usize,
+    /// Held messages.
+    pub held: usize,
+    /// The queue by route and age (Postfix's `qshape`).
+    pub shape: QueueShape,
+    /// Every next hop and its state.
+    pub hops: Vec<HopState>,
+    /// Recipients delivered, deferred and bounced per minute over the last hour, oldest
+    /// first.
+    pub minutes: Vec<MinuteCounts>,
+    /// The most frequent deferral reasons of the last hour, by enhanced status code.
+    pub deferral_reasons: Vec<ReasonCount>,
+}
 
 /// What a batch or rollback did; in a fleet also how far it has spread.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

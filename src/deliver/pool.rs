@@ -382,6 +382,39 @@ mod tests {
     }
 
     #[test]
+    fn hop_views_list_open_circuits_and_throttled_hops() {
+        let pool = Pool::new(4, 4);
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.1:10".parse().unwrap(),
+        );
+        assert!(pool.hop_views().is_empty());
+        pool.report(a, Some("connection refused"));
+        pool.report(b, None);
+        let v = pool.hop_views();
+        assert_eq!(v.len(), 1);
+        assert_eq!(
+            (v[0].next_hop.as_str(), v[0].state.as_str()),
+            ("127.0.0.1:9", "circuit open")
+        );
+        assert_eq!(v[0].last_reply.as_deref(), Some("connection refused"));
+        let rules = PauseRules {
+            first: Duration::from_secs(30),
+            max: Duration::from_secs(60),
+        };
+        pool.throttle(b, "cloud", "451 4.7.500 busy", rules);
+        pool.report(a, None);
+        // a answers again (and had no transaction: not listed); b is throttled.
+        let v = pool.hop_views();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(
+            (v[0].next_hop.as_str(), v[0].state.as_str(), v[0].limit),
+            ("127.0.0.1:10", "throttled", 2)
+        );
+        assert!(matches!(pool.admit(b), Admission::Throttled(..)));
+    }
+
+    #[test]
     fn circuit_opens_then_allows_one_probe() {
         let pool = Pool::new(4, 4);
         let a: SocketAddr = "127.0.0.1:9".parse().unwrap();

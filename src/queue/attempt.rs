@@ -406,6 +406,12 @@ pub(super) fn record(
     origin: Option<&str>,
     told: &Told<'_>,
 ) {
+    let reply = told.reply.map(RecordedReply::of);
+    let status = reply.as_ref().and_then(|r| r.status).map(|s| s.to_string());
+    let text = reply.as_ref().map_or("", |r| &r.text);
+    inner
+        .rates
+        .record(unix_now(), told.outcome, status.as_deref(), text);
     if !inner.recent.enabled() {
         return;
     }
@@ -422,7 +428,7 @@ pub(super) fn record(
         route: told.route.cloned(),
         next_hop: told.hop,
         outcome: told.outcome,
-        reply: told.reply.map(RecordedReply::of),
+        reply,
         origin,
     });
 }

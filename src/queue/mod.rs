@@ -16,12 +16,16 @@
 
 mod attempt;
 mod dsn;
+pub mod hops;
 mod index;
+pub mod rate;
 pub mod recent;
 mod schedule;
 mod view;
 
-pub use view::{MessageView, QueueStats, RcptView};
+pub use view::{
+    age_bucket, MessageView, QueueShape, QueueStats, RcptView, RouteShape, AGE_BUCKETS_MIN,
+};
 
 use crate::config::Config;
 use crate::deliver;
@@ -170,6 +174,8 @@ struct Inner {
     recent: recent::Recent,
     /// Next-hop addresses deliveries reached, with their routes (for the loop guard).
     hop_routes: Mutex<HashMap<std::net::IpAddr, Vec<String>>>,
+    /// Outcomes per minute over the last hour, and deferral reasons.
+    rates: rate::Rates,
 }
 
 /// Most next-hop addresses remembered for the loop guard (an MX route to the internet
@@ -242,6 +248,7 @@ impl Queue {
             active: Arc::new(Semaphore::new(config.queue.max_active)),
             recent: recent::Recent::new(config.queue.recent_outcomes),
             hop_routes: Mutex::new(HashMap::new()),
+            rates: rate::Rates::default(),
             config: ArcSwap::new(config),
             index: Mutex::new(Index::default()),
             routes: Mutex::new(Routes::default()),
@@ -419,6 +426,11 @@ impl Queue {
     /// The record of recent per-recipient outcomes (for `coexist trace`).
     pub fn recent(&self) -> &recent::Recent {
         &self.inner.recent
+    }
+
+    /// Outcomes per minute over the last hour, and deferral reasons (for the console).
+    pub fn rates(&self) -> &rate::Rates {
+        &self.inner.rates
     }
 
     /// The spool's commit counters (syncs, records) and segment files.

@@ -211,3 +211,92 @@ impl Queue {
         }
     }
 }
+
+/// Upper ends, in minutes, of the age buckets of [`RouteShape::buckets`] (the last bucket,
+/// over 80 minutes, has none): the buckets of Postfix's `qshape`.
+pub const AGE_BUCKETS_MIN: [u64; 5] = [5, 10, 20, 40, 80];
+
+/// The queue of one route, as `qshape` shows a destination.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RouteShape {
+    /// The route pending recipients would take now (`None`: no route).
+    pub route: Option<String>,
+    /// Messages with a pending recipient on it.
+    pub messages: u64,
+    /// Its pending recipients.
+    pub recipients: u64,
+    /// Those messages by age: 0–5 min, 5–10, 10–20, 20–40, 40–80, over 80.
+    pub buckets: [u64; 6],
+}
+
+/// The queue by route and age ([`Queue::shape`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueShape {
+    /// One row per route, by route name.
+    pub routes: Vec<RouteShape>,
+    /// Messages looked at (the oldest first).
+    pub scanned: usize,
+    /// Messages in the queue.
+    pub total: usize,
+}
+
+/// The bucket of an age in seconds.
+pub fn age_bucket(age_s: u64) -> usize {
+    AGE_BUCKETS_MIN
+        .iter()
+        .position(|&m| age_s < m * 60)
+        .unwrap_or(AGE_BUCKETS_MIN.len())
+}
+
+impl Queue {
+    /// The queue by route and age bucket, over at most `limit` messages, the oldest first
+    /// (each is read from the spool and routed as an attempt would route it now, so the
+    /// cost is bounded by `limit`, not by the queue).
+    pub fn shape(&self, limit: usize) -> QueueShape {
+        let now = unix_now();
+        let total = self.len();
+        let mut rows: std::collections::BTreeMap<Option<String>, RouteShape> = Default::default();
+        let picked = self.select(None, 0, limit, |_| true);
+        for e in &picked {
+            let bucket = age_bucket(now.saturating_sub(e.envelope.received_at));
+            let mut per_route: HashMap<Option<String>, u64> = HashMap::new();
+            for (_, r) in self.pending_routes(e) {
+                *per_route.entry(r).or_default() += 1;
+            }
+            for (route, n) in per_route {
+                let row = rows.entry(route.clone()).or_insert_with(|| RouteShape {
+                    route,
+                    messages: 0,
+                    recipients: 0,
+                    buckets: [0; 6],
+                });
+                row.messages += 1;
+                row.recipients += n;
+                row.buckets[bucket] += 1;
+            }
+        }
+        QueueShape {
+            routes: rows.into_values().collect(),
+            scanned: picked.len(),
+            total,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_fall_into_qshape_buckets() {
+        let min = 60;
+        assert_eq!(age_bucket(0), 0);
+        assert_eq!(age_bucket(5 * min - 1), 0);
+        assert_eq!(age_bucket(5 * min), 1);
+        assert_eq!(age_bucket(19 * min), 2);
+        assert_eq!(age_bucket(39 * min), 3);
+        assert_eq!(age_bucket(79 * min), 4);
+        assert_eq!(age_bucket(80 * min), 5);
+        assert_eq!(age_bucket(100_000), 5);
+    }
+}

@@ -10,6 +10,7 @@
 //! configs are written from the typed config ([`bin::write_config`]).
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod pg;
 pub mod slapd;
 

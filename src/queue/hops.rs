@@ -1,0 +1,142 @@
+//! The state of every next hop, as the console's overview shows it: one function,
+//! [`Queue::hop_states`], that gathers what the scheduler and the connection pool know.
+//!
+//! Sources: the pool's view of each next-hop address ([`crate::deliver::hops::HopView`]:
+//! up, `circuit open` when it refuses connections, `throttled` when it asked us to slow
+//! down) and the scheduler's route health (no next hop of a route answered: its deferred
+//! mail waits for a probe).
+
+use super::Queue;
+use crate::deliver::hops::HopView;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// What a next hop allows now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HopCondition {
+    /// Deliveries go ahead.
+    #[serde(rename = "up")]
+    Up,
+    /// Connections failed: deliveries skip it until a probe gets through.
+    #[serde(rename = "circuit open")]
+    CircuitOpen,
+    /// The hop asked us to slow down: fewer deliveries in flight for a while.
+    #[serde(rename = "throttled")]
+    Throttled,
+}
+
+/// One next hop of one route (or a resolved address that no route names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopState {
+    /// The route (`None`: an address found through DNS, for an MX route or a host name).
+    pub route: Option<String>,
+    /// The hop as configured (`host:port`, `MX domain:port`) or its address.
+    pub next_hop: String,
+    /// Its state.
+    pub state: HopCondition,
+    /// Why, in words (empty when up).
+    pub detail: String,
+}
+
+impl Queue {
+    /// Every configured next hop of every route with its state, then the resolved addresses
+    /// whose circuit is open that no route names directly.
+    pub fn hop_states(&self) -> Vec<HopState> {
+        let config = self.inner.config.load();
+        let views = self.inner.pool.hop_views();
+        let routes_down = self.routes_down();
+        let mut used = vec![false; views.len()];
+        let mut out = Vec::new();
+        for (name, route) in &config.routes {
+            let down = routes_down.iter().any(|(r, d)| r == name && *d);
+            let mut hops: Vec<(String, Option<SocketAddr>)> = route
+                .next_hops
+                .iter()
+                .map(|h| {
+                    let addr = h
+                        .host
+                        .parse::<std::net::IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, h.port));
+                    (
+                        addr.map_or_else(|| format!("{}:{}", h.host, h.port), |a| a.to_string()),
+                        addr,
+                    )
+                })
+                .collect();
+            if let Some(mx) = &route.mx {
+                hops.push((format!("MX {mx}:{}", route.port), None));
+            }
+            for (hop, addr) in hops {
+                let found = addr.and_then(|a| {
+                    let a = a.to_string();
+                    views.iter().position(|v| v.next_hop == a)
+                });
+                let (state, detail) = match found {
+                    Some(i) => {
+                        used[i] = true;
+                        condition(&views[i])
+                    }
+                    None => (HopCondition::Up, String::new()),
+                };
+                let (state, detail) = match state {
+                    HopCondition::Up if down => (
+                        HopCondition::CircuitOpen,
+                        "no next hop of the route answered; its deferred mail waits for a probe"
+                            .to_string(),
+                    ),
+                    _ => (state, detail),
+                };
+                out.push(HopState {
+                    route: Some(name.clone()),
+                    next_hop: hop,
+                    state,
+                    detail,
+                });
+            }
+        }
+        // Addresses found through DNS (MX routes, host names) that are not up.
+        for (v, used) in views.iter().zip(used) {
+            let (state, detail) = condition(v);
+            if !used && state != HopCondition::Up {
+                out.push(HopState {
+                    route: v.route.clone(),
+                    next_hop: v.next_hop.clone(),
+                    state,
+                    detail,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// A pool view's state as a condition, with the words that explain it.
+fn condition(v: &HopView) -> (HopCondition, String) {
+    let last = v
+        .last_reply
+        .as_deref()
+        .map(|r| format!("; last reply: {r}"))
+        .unwrap_or_default();
+    match v.state.as_str() {
+        "throttled" => {
+            let paused = if v.resumes_in_s > 0 {
+                format!(", paused for {} s more", v.resumes_in_s)
+            } else {
+                String::new()
+            };
+            (
+                HopCondition::Throttled,
+                format!(
+                    "{} of {} transactions at once{paused}{last}",
+                    v.limit, v.full_limit
+                ),
+            )
+        }
+        "circuit open" => (
+            HopCondition::CircuitOpen,
+            format!("next probe in {} s{last}", v.resumes_in_s),
+        ),
+        _ => (HopCondition::Up, String::new()),
+    }
+}

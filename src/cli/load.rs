@@ -102,8 +102,8 @@ pub struct LoadArgs {
     /// Bearer token for --metrics-url: the file holding the relay's admin token.
     #[arg(long, requires = "metrics_url")]
     pub metrics_token_file: Option<PathBuf>,
-    /// With --metrics-url: after the load, wait at most this many seconds for deliveries to
-    /// stop changing.
+    /// With --metrics-url: after the load, wait at most this many seconds for every
+    /// recipient the relay accepted to be delivered or bounced.
     #[arg(long, default_value_t = 10, requires = "metrics_url")]
     pub metrics_settle: u64,
     /// Size distribution instead of --size, e.g. 2k:50,10k:30,100k:15,1m:5 (size:weight).

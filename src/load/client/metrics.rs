@@ -1,6 +1,6 @@
 //! The relay's own view of a run: its Prometheus endpoint (`/metrics` of the admin API)
 //! scraped once before the run, then every fraction of a second while it runs, then until
-//! deliveries stop changing. The report keeps, per route, the differences from the first
+//! every recipient it accepted has a final outcome (or a time limit passes). The report keeps, per route, the differences from the first
 //! scrape: recipients accepted at RCPT (`coexist_recipients_accepted_total`) and delivery
 //! outcomes (`coexist_delivery_recipients_total`, summed over next hops), and the delivered
 //! count at each scrape for the chart.
@@ -37,8 +37,6 @@ pub enum MetricsError {
 
 /// Largest answer read (the relay's metrics are a few tens of kilobytes).
 const MAX_BODY: u64 = 16 * 1024 * 1024;
-/// Stop waiting for deliveries when they have not changed for this long.
-const QUIET: Duration = Duration::from_secs(1);
 
 /// Per-route counts from one scrape.
 type Counts = BTreeMap<String, RouteTotals>;
@@ -165,6 +163,14 @@ fn minus(a: &Counts, b: &Counts) -> Counts {
         .collect()
 }
 
+/// Whether every recipient accepted at RCPT has a final outcome (delivered or bounced).
+fn final_for_all(c: &Counts) -> bool {
+    let (accepted, done) = c
+        .values()
+        .fold((0, 0), |(a, d), t| (a + t.accepted, d + t.sent + t.bounced));
+    done >= accepted
+}
+
 impl Scraper {
     /// Scrapes `url` once now (an error here means the endpoint is wrong, and is returned),
     /// then keeps scraping on a thread: every 100 ms for the first 2 s, every 250 ms up to
@@ -183,7 +189,6 @@ impl Scraper {
             let mut points = vec![(0.0, Counts::new())];
             let mut errors = 0u64;
             let mut settle_until: Option<Instant> = None;
-            let mut last_change = Instant::now();
             loop {
                 let t = started.elapsed();
                 let interval = if settle_until.is_some() {
@@ -197,29 +202,24 @@ impl Scraper {
                 };
                 if settle_until.is_none() {
                     match rx.recv_timeout(interval) {
-                        Ok(settle) => {
-                            settle_until = Some(Instant::now() + settle);
-                            last_change = Instant::now();
-                        }
+                        Ok(settle) => settle_until = Some(Instant::now() + settle),
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     }
                 } else {
                     std::thread::sleep(interval);
                 }
+                let mut settled = false;
                 match scrape(&agent, &u, token.as_deref()) {
                     Ok(c) => {
                         let c = minus(&c, &base);
-                        let changed = points.last().is_none_or(|(_, p)| *p != c);
-                        if changed {
-                            last_change = Instant::now();
-                        }
+                        settled = final_for_all(&c);
                         points.push((started.elapsed().as_secs_f64(), c));
                     }
                     Err(_) => errors += 1,
                 }
                 if let Some(until) = settle_until {
-                    if Instant::now() >= until || last_change.elapsed() >= QUIET {
+                    if settled || Instant::now() >= until {
                         break;
                     }
                 }
@@ -233,8 +233,9 @@ impl Scraper {
         })
     }
 
-    /// Ends the scraping once deliveries have not changed for a second, or after `settle`
-    /// at most, and returns the per-route counts of the run.
+    /// Ends the scraping once every recipient the relay accepted during the run has a final
+    /// outcome (delivered or bounced), or after `settle` at most, and returns the per-route
+    /// counts of the run.
     pub fn finish(self, settle: Duration) -> Routes {
         let _ = self.stop.send(settle);
         let (points, scrape_errors) = self.thread.join().unwrap_or_default();

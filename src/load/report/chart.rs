@@ -221,13 +221,14 @@ fn draw<DB: DrawingBackend>(
                 points: series(|p| p.p50_ms),
             });
         } else {
+            // Highest first, so that a lower percentile equal to it is drawn on top.
             for (j, (q, f)) in [
                 (
-                    "p50",
-                    (|p: &super::Point| p.p50_ms) as fn(&super::Point) -> f64,
+                    "p99.9",
+                    (|p: &super::Point| p.p99_9_ms) as fn(&super::Point) -> f64,
                 ),
                 ("p99", |p| p.p99_ms),
-                ("p99.9", |p| p.p99_9_ms),
+                ("p50", |p| p.p50_ms),
             ]
             .into_iter()
             .enumerate()
@@ -398,6 +399,38 @@ mod tests {
         assert_eq!(tick(1500.0, 2000.0), "1500");
         assert_eq!(tick(25000.0, 30000.0), "25,000");
         assert_eq!(tick(1234567.0, 2e6), "1,234,567");
+    }
+
+    /// The number of points of each data line in an SVG from plotters (grid lines, axes
+    /// and legend samples have two).
+    fn polylines(svg: &str) -> Vec<usize> {
+        svg.split("<polyline")
+            .skip(1)
+            .filter_map(|p| p.split("points=\"").nth(1))
+            .filter_map(|p| p.split('"').next())
+            .map(|p| p.split_whitespace().count())
+            .filter(|&n| n > 2)
+            .collect()
+    }
+
+    #[test]
+    fn a_thirty_second_run_has_a_point_per_second_on_labelled_axes() {
+        let svg = svg(&[sample("long", 30, 1.0)]).unwrap();
+        let lines = polylines(&svg);
+        // Throughput, three percentiles, two routes (31 scrapes).
+        assert_eq!(lines.len(), 6, "{lines:?}");
+        assert!(lines[..4].iter().all(|&n| n == 30), "{lines:?}");
+        assert!(lines[4..].iter().all(|&n| n == 31), "{lines:?}");
+        for label in [
+            "time since start (s)",
+            "accepted messages/s",
+            "latency (ms)",
+            // x ticks, each text on a line of its own
+            "\n10\n",
+            "\n20\n",
+        ] {
+            assert!(svg.contains(label), "{label} missing");
+        }
     }
 
     #[test]

@@ -95,10 +95,10 @@ pub fn html(runs: &[RunReport]) -> Result<String, ReportError> {
     summary(&mut h, runs);
 
     h.push_str("<h2>Charts</h2>\n");
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<figure id=\"chart\">{}<figcaption>Each point is one bucket of {}; \
-         latency is per message, from MAIL to the final reply.</figcaption></figure>\n",
+         latency is per message, from MAIL to the final reply.</figcaption></figure>",
         inline_svg(&super::svg(runs)?),
         runs.iter()
             .map(|r| format!("{} s ({})", r.series_bucket_s, esc(&r.label)))
@@ -107,9 +107,9 @@ pub fn html(runs: &[RunReport]) -> Result<String, ReportError> {
     );
     if several {
         for r in runs {
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<details><summary>{} alone (p50, p99, p99.9)</summary><figure>{}</figure></details>\n",
+                "<details><summary>{} alone (p50, p99, p99.9)</summary><figure>{}</figure></details>",
                 esc(&r.label),
                 inline_svg(&super::svg(std::slice::from_ref(r))?)
             );

@@ -174,7 +174,7 @@ fn final_for_all(c: &Counts) -> bool {
 impl Scraper {
     /// Scrapes `url` once now (an error here means the endpoint is wrong, and is returned),
     /// then keeps scraping on a thread: every 100 ms for the first 2 s, every 250 ms up to
-    /// 30 s, then every second. `token` is the admin API's bearer token.
+    /// 30 s, then every second (every 50 ms once the load is over). `token` is the admin API's bearer token.
     pub fn start(url: &str, token: Option<String>) -> Result<Scraper, MetricsError> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -191,8 +191,9 @@ impl Scraper {
             let mut settle_until: Option<Instant> = None;
             loop {
                 let t = started.elapsed();
+                // Closely while settling: the load ends as soon as the relay is done.
                 let interval = if settle_until.is_some() {
-                    Duration::from_millis(250)
+                    Duration::from_millis(50)
                 } else if t < Duration::from_secs(2) {
                     Duration::from_millis(100)
                 } else if t < Duration::from_secs(30) {

@@ -188,7 +188,14 @@ fn draw<DB: DrawingBackend>(
                 .collect(),
         })
         .collect();
-    panel(&areas[0], "Throughput", "accepted messages/s", x_max, lines)?;
+    panel(
+        &areas[0],
+        "Throughput",
+        "accepted messages/s",
+        x_max,
+        lines,
+        SeriesLabelPosition::UpperRight,
+    )?;
 
     // Latency percentiles.
     let mut lines = Vec::new();
@@ -235,7 +242,8 @@ fn draw<DB: DrawingBackend>(
             {
                 lines.push(Line {
                     name: name(q),
-                    colour: COLOURS[j],
+                    // p50 keeps the first colour, as throughput does.
+                    colour: COLOURS[2 - j],
                     thin: false,
                     points: series(f),
                 });
@@ -248,6 +256,7 @@ fn draw<DB: DrawingBackend>(
         "latency (ms)",
         x_max,
         lines,
+        SeriesLabelPosition::UpperRight,
     )?;
 
     // Deliveries per route.
@@ -278,12 +287,14 @@ fn draw<DB: DrawingBackend>(
             .iter()
             .flat_map(|l| l.points.iter().map(|p| p.0))
             .fold(x_max, f64::max);
+        // Counts that only grow: the upper left corner stays free.
         panel(
             area,
             "Deliveries per route (relay metrics)",
             "recipients delivered",
             x_max,
             lines,
+            SeriesLabelPosition::UpperLeft,
         )?;
     }
     Ok(())
@@ -297,13 +308,15 @@ fn panel<DB: DrawingBackend>(
     y_desc: &str,
     x_max: f64,
     lines: Vec<Line>,
+    legend: SeriesLabelPosition,
 ) -> Result<(), ReportError> {
     let y_max = lines
         .iter()
         .flat_map(|l| l.points.iter().map(|p| p.1))
         .filter(|v| v.is_finite())
         .fold(0.0, f64::max);
-    let y_max = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
+    // Headroom for the legend above the lines.
+    let y_max = if y_max > 0.0 { y_max * 1.25 } else { 1.0 };
     let x_max = x_max * 1.02;
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 16))
@@ -368,7 +381,7 @@ fn panel<DB: DrawingBackend>(
     if any {
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(legend)
             .background_style(WHITE.mix(0.85))
             .border_style(RGBColor(160, 160, 160))
             .label_font(("sans-serif", 12))

@@ -128,6 +128,31 @@ struct Line {
     points: Vec<(f64, f64)>,
 }
 
+/// Accepted messages per second of `r` over buckets of `width` seconds (its own when they
+/// are as wide or wider), each point in the middle of its bucket.
+fn throughput(r: &RunReport, width: f64) -> Vec<(f64, f64)> {
+    if width <= r.series_bucket_s || r.series_bucket_s <= 0.0 {
+        return r
+            .series
+            .iter()
+            .map(|p| (x_of(r, p.t), p.msg_per_s))
+            .collect();
+    }
+    let mut sums: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    for p in &r.series {
+        // Bucket starts are multiples of the run's own width: round before dividing.
+        let i = ((p.t + r.series_bucket_s / 2.0) / width).floor() as u64;
+        *sums.entry(i).or_default() += p.accepted;
+    }
+    sums.into_iter()
+        .map(|(i, n)| {
+            let start = i as f64 * width;
+            let span = (r.elapsed_s - start).clamp(r.series_bucket_s, width);
+            ((start + span / 2.0), n as f64 / span)
+        })
+        .collect()
+}
+
 /// The middle of each bucket, so that a point sits over the time it measured.
 fn x_of(r: &RunReport, t: f64) -> f64 {
     (t + r.series_bucket_s / 2.0).min(r.elapsed_s.max(t))
@@ -169,7 +194,9 @@ fn draw<DB: DrawingBackend>(
         .max(0.001);
     let several = runs.len() > 1;
 
-    // Throughput.
+    // Throughput, compared at one bucket width (the widest of the runs): rates over 10 ms
+    // and over 100 ms are not alike.
+    let width = runs.iter().map(|r| r.series_bucket_s).fold(0.0, f64::max);
     let lines = runs
         .iter()
         .enumerate()
@@ -181,11 +208,7 @@ fn draw<DB: DrawingBackend>(
             },
             colour: COLOURS[i % COLOURS.len()],
             thin: false,
-            points: r
-                .series
-                .iter()
-                .map(|p| (x_of(r, p.t), p.msg_per_s))
-                .collect(),
+            points: throughput(r, width),
         })
         .collect();
     panel(
@@ -404,6 +427,26 @@ fn panel<DB: DrawingBackend>(
 mod tests {
     use super::super::tests::sample;
     use super::*;
+
+    #[test]
+    fn runs_are_compared_at_the_widest_bucket() {
+        // 0.25 s of 10 ms buckets, 5 messages each: 500 msg/s.
+        let r = sample("fine", 25, 0.01);
+        let r = RunReport {
+            series: r
+                .series
+                .into_iter()
+                .map(|p| super::super::Point { accepted: 5, ..p })
+                .collect(),
+            ..r
+        };
+        let pts = throughput(&r, 0.1);
+        assert_eq!(pts.len(), 3);
+        assert!((pts[0].1 - 500.0).abs() < 1e-6 && (pts[1].1 - 500.0).abs() < 1e-6);
+        // The last bucket holds 5 buckets (0.05 s) of mail.
+        assert!((pts[2].1 - 500.0).abs() < 1e-6, "{pts:?}");
+        assert_eq!(throughput(&r, 0.01).len(), 25);
+    }
 
     #[test]
     fn ticks_have_the_decimals_their_range_needs() {

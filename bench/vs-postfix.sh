@@ -6,6 +6,10 @@
 # transport_maps holding the same directory (every address -> its sink), runs
 # `coexist load` against Postfix and against coexist, checks at the sinks that every
 # recipient reached the sink of its state, and prints both results and the ratios.
+# Writes the side-by-side report of the two `coexist load` runs (summary with ratios,
+# charts, parameters; self-contained HTML) to $REPORT (default
+# target/vs-postfix-DATE.html, relative to the repository) and its chart to the same name
+# with .png; coexist's run includes its deliveries per route, scraped from its /metrics.
 # Every process started here is stopped by PID (Postfix with `postfix stop`).
 set -euo pipefail
 COUNT=${1:-2000000}
@@ -20,6 +24,8 @@ if ! command -v postfix >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null
 fi
 source "$(dirname "$0")/lib.sh"
+REPORT=${REPORT:-target/vs-postfix-$(date -u +%F).html}
+mkdir -p "$(dirname "$REPORT")"
 PF=$W/pf
 cleanup_pf() { postfix -c "$PF" stop >/dev/null 2>&1 || true; }
 trap 'cleanup_pf; cleanup' EXIT
@@ -110,13 +116,16 @@ source_run() {
     stop_sinks
 }
 
-# run NAME PORT: load, then wait for the sinks; prints a result line.
+# run NAME PORT [LOAD OPTIONS...]: load, then wait for the sinks; prints a result line.
+# The load's report document goes to $W/NAME.json.
 run() {
     local name=$1 port=$2 t0 t1 want
+    shift 2
     sinks "$name"
     t0=$(date +%s.%N)
     $B load --target "127.0.0.1:$port" --directory "$W/directory.csv" --messages "$MESSAGES" \
-        --concurrency "$CONC" --max-rcpts 3 --size 4096 --max-seconds 600 $LOAD_OPTS > "$W/$name.load"
+        --concurrency "$CONC" --max-rcpts 3 --size 4096 --max-seconds 600 $LOAD_OPTS \
+        --label "$name" --json "$W/$name.json" "$@" > "$W/$name.load"
     want=$(awk '/accepted \(/{gsub(/\(/,""); for(i=1;i<=NF;i++) if($i=="recipients),") print $(i-1)}' "$W/$name.load")
     for _ in $(seq 1 3000); do [ "$(delivered "$name")" -ge "${want:-0}" ] && break; sleep 0.1; done
     t1=$(date +%s.%N)
@@ -146,7 +155,7 @@ RUST_LOG=warn $B serve --config "$W/coexist.toml" 2>"$W/serve.log" & RELAY=$!
 PIDS+=("$RELAY")
 wait_port 31525
 c0=$(cpu_ms "$RELAY")
-run coexist 31525
+run coexist 31525 --metrics-url http://127.0.0.1:31080/metrics --metrics-token-file "$W/admin.token"
 c1=$(cpu_ms "$RELAY")
 source_run coexist 31525
 c2=$(cpu_ms "$RELAY")
@@ -173,3 +182,5 @@ echo "== ratio coexist / postfix: acceptance $(awk "BEGIN{printf \"%.2f\", $(rat
      "end to end $(awk "BEGIN{printf \"%.2f\", ${E2E[postfix]} / ${E2E[coexist]}}")x faster," \
      "p99 $(p99 coexist) ms vs $(p99 postfix) ms," \
      "memory $(( ${RSS[coexist]} / 1024 )) MB vs $(( ${RSS[postfix]} / 1024 )) MB"
+$B report "$W/postfix.json" "$W/coexist.json" --html "$REPORT" --chart "${REPORT%.html}.png" >/dev/null
+echo "== side-by-side report: $REPORT (chart ${REPORT%.html}.png)"

@@ -4,9 +4,11 @@
 //!
 //! This file turns the flags into the options of [`crate::load`]: which traffic to send
 //! ([`client::Traffic`]: generated from a directory or synthetic recipients, or replayed
-//! from .eml files or an mbox), and where to write the report.
+//! from .eml files or an mbox, paced or not), and where to write the reports (JSON
+//! document, chart, HTML; see [`crate::load::report`]).
 
 use crate::load::client;
+use crate::load::report::{self, Parameters, RunReport, Skipped};
 use crate::load::sink::{Sink, SinkOptions};
 use crate::types::Address;
 use anyhow::Context;
@@ -70,15 +72,40 @@ pub struct LoadArgs {
     /// Envelope sender for replayed files (default: their From header).
     #[arg(long)]
     pub from: Option<String>,
-    /// Envelope recipients for replayed files (default: their To and Cc headers).
-    #[arg(long)]
+    /// Envelope recipients for replayed files (default: their To and Cc headers): a
+    /// comma-separated list, or the flag repeated.
+    #[arg(long, value_delimiter = ',')]
     pub to: Vec<String>,
-    /// Write the figures as JSON to this file.
+    /// Replayed files at their original pace (Date header, else the newest Received):
+    /// `original`, or a speed-up factor such as 60 (an hour in a minute). Files without a
+    /// date are skipped; --max-seconds still ends the run.
+    #[arg(long, value_name = "original|FACTOR")]
+    pub timing: Option<Timing>,
+    /// The run's name in reports (default: the target address).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Write the report document (figures, parameters, series over time) as JSON to this
+    /// file; `coexist report` reads it.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Draw throughput and latency over time as SVG into this file.
+    /// Draw throughput, latency percentiles and (with --metrics-url) per-route deliveries
+    /// over time into this file: PNG if its name ends in .png, else SVG.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Write a self-contained HTML report (parameters, summary, charts) to this file.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Scrape the relay's Prometheus metrics at this URL before, during and after the run,
+    /// for deliveries per route (e.g. http://127.0.0.1:8025/metrics).
+    #[arg(long)]
+    pub metrics_url: Option<String>,
+    /// Bearer token for --metrics-url: the file holding the relay's admin token.
+    #[arg(long, requires = "metrics_url")]
+    pub metrics_token_file: Option<PathBuf>,
+    /// With --metrics-url: after the load, wait at most this many seconds for every
+    /// recipient the relay accepted to be delivered or bounced.
+    #[arg(long, default_value_t = 10, requires = "metrics_url")]
+    pub metrics_settle: u64,
     /// Size distribution instead of --size, e.g. 2k:50,10k:30,100k:15,1m:5 (size:weight).
     #[arg(long)]
     pub size_dist: Option<String>,
@@ -158,38 +185,142 @@ pub struct DemoArgs {
     pub batch_size: usize,
 }
 
+/// `--timing`: replayed files at their original pace, or sped up.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Timing {
+    /// As they happened.
+    Original,
+    /// This many times faster.
+    Factor(f64),
+}
+
+impl std::str::FromStr for Timing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Timing, String> {
+        if s.eq_ignore_ascii_case("original") {
+            return Ok(Timing::Original);
+        }
+        match s.parse::<f64>() {
+            Ok(f) if f.is_finite() && f > 0.0 => Ok(Timing::Factor(f)),
+            _ => Err(format!(
+                "{s:?}: want `original` or a speed-up factor above 0 (60: a minute per second)"
+            )),
+        }
+    }
+}
+
+impl Timing {
+    fn factor(&self) -> f64 {
+        match self {
+            Timing::Original => 1.0,
+            Timing::Factor(f) => *f,
+        }
+    }
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Timing::Original => write!(f, "original"),
+            Timing::Factor(x) => write!(f, "{x}x faster"),
+        }
+    }
+}
+
 /// Runs the load, prints the summary and writes the files asked for.
 pub fn load(args: LoadArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
-    let traffic = Arc::new(traffic(&args)?);
-    let report = rt.block_on(client::run(
-        client::LoadOptions {
-            target: args.target,
-            messages: args.messages,
-            concurrency: args.concurrency,
-            per_session: args.per_session,
-            tls: if args.tls {
-                crate::config::TlsPolicy::Opportunistic
-            } else {
-                crate::config::TlsPolicy::None
-            },
-            max_duration: Duration::from_secs(args.max_seconds),
-            pipelining: !args.no_pipelining,
-            chunking: !args.no_chunking,
-            rate: args.rate,
-            phases: args.phases,
-            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    let chosen = traffic(&args)?;
+    let opts = client::LoadOptions {
+        target: args.target,
+        messages: args.messages,
+        concurrency: args.concurrency,
+        per_session: args.per_session,
+        tls: if args.tls {
+            crate::config::TlsPolicy::Opportunistic
+        } else {
+            crate::config::TlsPolicy::None
         },
-        traffic,
-    ));
+        max_duration: Duration::from_secs(args.max_seconds),
+        pipelining: !args.no_pipelining,
+        chunking: !args.no_chunking,
+        rate: args.rate,
+        offsets: chosen.offsets,
+        phases: args.phases,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let parameters = Parameters {
+        target: args.target.to_string(),
+        messages: args.messages,
+        concurrency: args.concurrency,
+        per_session: args.per_session,
+        tls: args.tls,
+        pipelining: !args.no_pipelining,
+        chunking: !args.no_chunking,
+        phases: args.phases,
+        rate: args.rate,
+        max_seconds: args.max_seconds as f64,
+        traffic: chosen.description,
+        timing: args.timing.as_ref().map(|t| t.to_string()),
+    };
+    let scraper = match &args.metrics_url {
+        Some(url) => {
+            let token = match &args.metrics_token_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("--metrics-token-file {}", p.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            Some(client::Scraper::start(url, token)?)
+        }
+        None => None,
+    };
+    let report = rt.block_on(client::run(opts, Arc::new(chosen.traffic)));
+    let routes = scraper.map(|s| s.finish(Duration::from_secs(args.metrics_settle)));
     println!("{}", report.summary(args.concurrency));
+    if let Some(s) = &chosen.skipped {
+        println!("{}", s.line());
+    }
+    if let Some(r) = &routes {
+        let split = r
+            .totals
+            .iter()
+            .map(|(k, t)| {
+                format!(
+                    "{k} {} accepted, {} delivered, {} deferred, {} bounced",
+                    t.accepted, t.sent, t.deferred, t.bounced
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        println!(
+            "relay metrics ({}): {}",
+            r.url,
+            if split.is_empty() {
+                "no route counted"
+            } else {
+                &split
+            }
+        );
+    }
+    let label = args
+        .label
+        .clone()
+        .unwrap_or_else(|| args.target.to_string());
+    let doc = report.document(label, parameters, routes, chosen.skipped);
     let write = |path: &PathBuf, bytes: &[u8]| {
         std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
     };
     if let Some(path) = &args.json {
-        write(path, &serde_json::to_vec_pretty(&report.to_json())?)?;
+        write(path, &serde_json::to_vec_pretty(&doc)?)?;
     }
     if let Some(path) = &args.report {
-        write(path, report.svg().as_bytes())?;
+        write(path, &chart(path, std::slice::from_ref(&doc))?)?;
+    }
+    if let Some(path) = &args.html {
+        write(path, report::html(std::slice::from_ref(&doc))?.as_bytes())?;
     }
     if let Some(path) = &args.ids {
         let mut text = report.ids.join("\n");
@@ -199,8 +330,31 @@ pub fn load(args: LoadArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The chart of `runs` for `path`: PNG when the name ends in `.png`, else SVG.
+pub fn chart(path: &std::path::Path, runs: &[RunReport]) -> anyhow::Result<Vec<u8>> {
+    let png = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    Ok(if png {
+        report::png(runs)?
+    } else {
+        report::svg(runs)?.into_bytes()
+    })
+}
+
+/// What the flags ask to send, how, and what was left out.
+struct Chosen {
+    traffic: client::Traffic,
+    /// Original pacing of replayed files (`--timing`).
+    offsets: Option<client::Offsets>,
+    /// The traffic in words, for reports.
+    description: String,
+    /// Replayed files not sent.
+    skipped: Option<Skipped>,
+}
+
 /// The traffic the flags ask for: recorded files replayed, or generated mail.
-fn traffic(args: &LoadArgs) -> anyhow::Result<client::Traffic> {
+fn traffic(args: &LoadArgs) -> anyhow::Result<Chosen> {
     if args.eml.is_some() || args.mbox.is_some() {
         let from = args
             .from
@@ -211,20 +365,68 @@ fn traffic(args: &LoadArgs) -> anyhow::Result<client::Traffic> {
         let to = args
             .to
             .iter()
+            .map(|t| t.trim())
+            .filter(|t| !t.is_empty())
             .map(|t| Address::parse(t, true).map_err(|e| anyhow::anyhow!("--to {t}: {e}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let msgs = client::read_messages(
+        let mut replayed = client::read_messages(
             args.eml.as_deref(),
             args.mbox.as_deref(),
             from.as_ref(),
             &to,
         )?;
-        anyhow::ensure!(
-            !msgs.is_empty(),
-            "no message with a sender and recipients in the files"
+        let offsets = args.timing.as_ref().map(|t| {
+            let times = replayed.by_time();
+            client::Offsets::from_times(&times, t.factor())
+        });
+        if replayed.messages.is_empty() {
+            anyhow::bail!(
+                "no message to replay in the files ({})",
+                replayed.skipped.line()
+            );
+        }
+        let places = [
+            args.eml
+                .as_ref()
+                .map(|p| format!("the .eml files of {}", p.display())),
+            args.mbox
+                .as_ref()
+                .map(|p| format!("the mbox {}", p.display())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" and ");
+        let description = format!(
+            "replayed: {} messages from {places}, round robin{}{}",
+            replayed.messages.len(),
+            args.from
+                .as_ref()
+                .map(|f| format!(", envelope sender {f}"))
+                .unwrap_or_default(),
+            if to.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", envelope recipients {}",
+                    to.iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
         );
-        return Ok(client::Traffic::Files(msgs));
+        return Ok(Chosen {
+            traffic: client::Traffic::Files(replayed.messages),
+            offsets,
+            description,
+            skipped: Some(replayed.skipped),
+        });
     }
+    anyhow::ensure!(
+        args.timing.is_none(),
+        "--timing needs replayed files (--eml or --mbox)"
+    );
     // One read of the directory serves both the recipient list and the split by state.
     let rows = match args.directory.as_deref() {
         Some(path) => client::directory_rows(path)?,
@@ -256,7 +458,28 @@ fn traffic(args: &LoadArgs) -> anyhow::Result<client::Traffic> {
         }
         None => None,
     };
-    Ok(client::Traffic::Synthetic(client::Generator {
+    let description = format!(
+        "generated: {}, 1 to {} recipients each from {}{}{}{}",
+        match &args.size_dist {
+            Some(d) => format!("sizes {d} (size:weight)"),
+            None => format!("about {} bytes", args.size),
+        },
+        args.max_rcpts.max(1),
+        match &args.directory {
+            Some(p) => format!("{} ({} addresses)", p.display(), rows.len()),
+            None => format!("{} synthetic addresses", rows.len()),
+        },
+        args.cloud_share
+            .map(|s| format!(", {:.0} % cloud", s * 100.0))
+            .unwrap_or_default(),
+        if args.utf8 { ", UTF-8 headers" } else { "" },
+        if args.attachment_share > 0.0 {
+            format!(", {:.0} % with attachments", args.attachment_share * 100.0)
+        } else {
+            String::new()
+        },
+    );
+    let traffic = client::Traffic::Synthetic(client::Generator {
         rcpts: rows.into_iter().map(|(a, _)| a).collect(),
         max_rcpts: args.max_rcpts,
         size: args.size,
@@ -264,7 +487,13 @@ fn traffic(args: &LoadArgs) -> anyhow::Result<client::Traffic> {
         by_state,
         utf8: args.utf8,
         attachment_share: args.attachment_share,
-    }))
+    });
+    Ok(Chosen {
+        traffic,
+        offsets: None,
+        description,
+        skipped: None,
+    })
 }
 
 /// Runs a sink until SIGINT or SIGTERM; SIGUSR1 prints its counts, and so does stopping.

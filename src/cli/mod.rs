@@ -13,6 +13,7 @@
 //! | [`trace`] | `trace`: where mail for an address went, on every node |
 //! | [`status`] | `status`, `drain`, `reload`: the running server's state |
 //! | [`load`] | `load`, `sink` and `demo`: the traffic tools |
+//! | [`report`] | `report`: load runs side by side (HTML, charts) |
 //! | [`certs`] | `gen-certs` |
 //!
 //! Commands that talk to a running server take [`Api`] (`--config`, `--json`) and call the
@@ -29,6 +30,7 @@ pub mod directory;
 pub mod fleet;
 pub mod load;
 pub mod queue;
+pub mod report;
 pub mod route;
 pub mod serve;
 pub mod status;
@@ -108,6 +110,8 @@ pub enum Cmd {
     Trace(trace::TraceArgs),
     /// Send a bounded load of generated mail to an SMTP server and report rates and latency.
     Load(load::LoadArgs),
+    /// Put load runs (`coexist load --json` files) side by side: HTML report and charts.
+    Report(report::ReportArgs),
     /// Re-read the running server's config file and swap it in (refused whole if invalid).
     Reload {
         /// Where the running server is.
@@ -207,6 +211,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Fleet { cmd } => fleet::run(cmd),
         Cmd::Trace(args) => trace::trace(&args),
         Cmd::Load(args) => load::load(args, &runtime()?),
+        Cmd::Report(args) => report::report(args),
         Cmd::Reload { api } => status::reload(&api),
         Cmd::Drain(args) => status::drain(&args),
         Cmd::Status { api } => status::status(&api),

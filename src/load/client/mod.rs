@@ -7,15 +7,21 @@
 //!   from;
 //! - `replay.rs`: messages read from `.eml` files or an mbox, and [`Traffic`], the source a
 //!   run takes its messages from;
-//! - `run.rs`: the sessions themselves ([`run`] with its [`LoadOptions`]);
-//! - `report.rs`: what a run measured ([`LoadReport`]) and how it is printed.
+//! - `run.rs`: the sessions themselves ([`run`] with its [`LoadOptions`]), paced or not;
+//! - `series.rs`: throughput and latency over time, in buckets that fit the run's length;
+//! - `metrics.rs`: the relay's per-route counts, scraped from its `/metrics` during the run;
+//! - `report.rs`: what a run measured ([`LoadReport`]), the summary it prints and the
+//!   report document ([`crate::load::report::RunReport`]) made from it.
 
 mod generate;
+mod metrics;
 mod replay;
 mod report;
 mod run;
+mod series;
 
 pub use generate::{directory_rows, parse_sizes, synthetic_recipients, Generated, Generator};
-pub use replay::{read_messages, Traffic};
-pub use report::{LoadReport, Phases, Second};
-pub use run::{run, LoadOptions};
+pub use metrics::{MetricsError, Scraper};
+pub use replay::{read_messages, Replayed, Traffic};
+pub use report::{LoadReport, Phases};
+pub use run::{run, LoadOptions, Offsets};

@@ -1,7 +1,11 @@
-//! What a run measured, and how it is shown: HDR latency histograms per message and per
-//! SMTP phase, a per-second series, refusals by code, and the summary and JSON report that
-//! `coexist load` and `coexist demo` print.
+//! What a run measured: HDR latency histograms per message and per SMTP phase, a series
+//! over time, refusals by code; the summary `coexist load` and `coexist demo` print, and
+//! the report document ([`RunReport`]) the JSON, chart and HTML reports are made from.
 
+use crate::load::report::{
+    Latencies, OpenLoop, Parameters, Percentiles, Point, Routes, RunReport, Skipped, SCHEMA,
+    VERSION,
+};
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -50,22 +54,11 @@ impl Phases {
     }
 }
 
-/// One second of a run: messages accepted and their latency.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Second {
-    /// Second since the start.
-    pub t: u64,
-    /// Messages accepted in it.
-    pub accepted: u64,
-    /// Median message latency in it (ms).
-    pub p50_ms: f64,
-    /// 99th percentile message latency in it (ms).
-    pub p99_ms: f64,
-}
-
 /// What a run measured.
 #[derive(Debug)]
 pub struct LoadReport {
+    /// When the run started.
+    pub started_at: chrono::DateTime<chrono::Utc>,
     /// Messages attempted.
     pub sent: u64,
     /// Messages accepted for every recipient.
@@ -90,16 +83,22 @@ pub struct LoadReport {
     pub late: u64,
     /// Open loop: the largest start delay.
     pub max_lag: Duration,
-    /// Per-second throughput and latency.
-    pub series: Vec<Second>,
+    /// Throughput and latency over time.
+    pub series: Vec<Point>,
+    /// Width of one point of `series` (s).
+    pub series_bucket_s: f64,
 }
 
-fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    serde_json::json!({
-        "count": h.len(), "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99),
-        "p99_9_ms": ms(0.999), "max_ms": h.max() as f64 / 1000.0,
-    })
+    Percentiles {
+        count: h.len(),
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        p99_9_ms: ms(0.999),
+        max_ms: h.max() as f64 / 1000.0,
+    }
 }
 
 impl LoadReport {
@@ -154,75 +153,50 @@ impl LoadReport {
         s
     }
 
-    /// The figures as JSON (for `--json FILE`).
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The run as a report document (`--json`, `--html`, `--report`): these figures with
+    /// the run's `label` and `parameters`, and the relay's per-route counts and the replay's
+    /// skipped messages when there are any.
+    pub fn document(
+        &self,
+        label: String,
+        parameters: Parameters,
+        routes: Option<Routes>,
+        skipped: Option<Skipped>,
+    ) -> RunReport {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
-        serde_json::json!({
-            "sent": self.sent,
-            "accepted": self.accepted,
-            "accepted_recipients": self.accepted_rcpts,
-            "refused_by_code": self.refused,
-            "connection_errors": self.errors,
-            "elapsed_s": secs,
-            "msg_per_s": self.accepted as f64 / secs,
-            "mb_per_s": self.bytes as f64 / 1e6 / secs,
-            "latency": {
-                "message": percentiles(&self.latency_us),
-                "connect": percentiles(&self.phases.connect),
-                "ehlo_tls": percentiles(&self.phases.ehlo),
-                "mail_rcpt": percentiles(&self.phases.mail_rcpt),
-                "data": percentiles(&self.phases.data),
+        RunReport {
+            schema: SCHEMA.into(),
+            version: VERSION,
+            label,
+            started_at: self
+                .started_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            coexist_version: env!("CARGO_PKG_VERSION").into(),
+            parameters,
+            sent: self.sent,
+            accepted: self.accepted,
+            accepted_recipients: self.accepted_rcpts,
+            refused_by_code: self.refused.clone(),
+            connection_errors: self.errors,
+            elapsed_s: secs,
+            msg_per_s: self.accepted as f64 / secs,
+            mb_per_s: self.bytes as f64 / 1e6 / secs,
+            bytes: self.bytes,
+            latency: Latencies {
+                message: percentiles(&self.latency_us),
+                connect: percentiles(&self.phases.connect),
+                ehlo_tls: percentiles(&self.phases.ehlo),
+                mail_rcpt: percentiles(&self.phases.mail_rcpt),
+                data: percentiles(&self.phases.data),
             },
-            "open_loop": { "late": self.late, "max_lag_ms": self.max_lag.as_secs_f64() * 1000.0 },
-            "series": self.series,
-        })
-    }
-
-    /// An SVG chart of throughput and latency over time (for `--report FILE.svg`).
-    /// Drawn by hand: two polylines and a few labels do not justify a plotting crate.
-    pub fn svg(&self) -> String {
-        let (w, h, pad) = (900.0, 420.0, 50.0);
-        let n = self.series.len().max(2) as f64;
-        let max_rate = self
-            .series
-            .iter()
-            .map(|s| s.accepted)
-            .max()
-            .unwrap_or(1)
-            .max(1) as f64;
-        let max_lat = self.series.iter().map(|s| s.p99_ms).fold(1.0, f64::max);
-        let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1.0);
-        let y = |v: f64, max: f64| h - pad - (h - 2.0 * pad) * v / max;
-        let line = |f: &dyn Fn(&Second) -> f64, max: f64| {
-            self.series
-                .iter()
-                .enumerate()
-                .map(|(i, s)| format!("{:.1},{:.1}", x(i), y(f(s), max)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        format!(
-            r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{pad}" y="25" font-size="15">coexist load: {} accepted in {:.1} s</text>
-<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="#888"/>
-<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="#888"/>
-<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{rate}"/>
-<polyline fill="none" stroke="#d62728" stroke-width="2" points="{lat}"/>
-<text x="{pad}" y="{ly}" fill="#1f77b4">msg/s (max {max_rate:.0})</text>
-<text x="{lx}" y="{ly}" fill="#d62728">p99 latency ms (max {max_lat:.1})</text>
-<text x="{r}" y="{tb}" text-anchor="end">seconds ({n:.0})</text>
-</svg>
-"##,
-            self.accepted,
-            self.elapsed.as_secs_f64(),
-            b = h - pad,
-            r = w - pad,
-            rate = line(&|s: &Second| s.accepted as f64, max_rate),
-            lat = line(&|s: &Second| s.p99_ms, max_lat),
-            ly = h - 15.0,
-            lx = pad + 250.0,
-            tb = h - 30.0,
-        )
+            open_loop: OpenLoop {
+                late: self.late,
+                max_lag_ms: self.max_lag.as_secs_f64() * 1000.0,
+            },
+            series_bucket_s: self.series_bucket_s,
+            series: self.series.clone(),
+            routes,
+            skipped,
+        }
     }
 }

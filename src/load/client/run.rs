@@ -1,4 +1,5 @@
-//! Running a load: N concurrent SMTP sessions (closed loop, or open loop at a fixed rate)
+//! Running a load: N concurrent SMTP sessions (closed loop, or open loop at a fixed rate or
+//! at replayed mail's original pace)
 //! sending messages from a [`Traffic`] to the server under test, bounded in count and time,
 //! each message timed from MAIL to its final reply and recorded in the [`LoadReport`].
 //!
@@ -7,11 +8,11 @@
 //! server with the same client code the relay delivers with.
 
 use super::replay::Traffic;
-use super::report::{histogram, LoadReport, Phases, Second};
+use super::report::{histogram, LoadReport, Phases};
+use super::series::Buckets;
 use crate::config::TlsPolicy;
 use crate::deliver::{Connection, Outbound};
 use crate::proto::RcptOutcome;
-use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +39,8 @@ pub struct LoadOptions {
     pub chunking: bool,
     /// Open loop: start messages at this rate (msg/s), with `concurrency` sessions at most.
     pub rate: Option<f64>,
+    /// Open loop at the replayed messages' original pace (takes precedence over `rate`).
+    pub offsets: Option<Offsets>,
     /// Measure MAIL-RCPT and DATA apart (one more round trip per message).
     pub phases: bool,
     /// Show a progress bar on stderr.
@@ -65,15 +68,63 @@ impl LoadOptions {
             pipelining: true,
             chunking: true,
             rate: None,
+            offsets: None,
             phases: false,
             progress: false,
         }
     }
 }
 
+/// Replayed mail at its original pace: when each message of the traffic is due after the
+/// start of the run. Messages past the end of the list start a new lap.
+#[derive(Clone, Debug, Default)]
+pub struct Offsets {
+    /// Due time of each message of one lap, in sending order.
+    pub at: Vec<Duration>,
+    /// Length of one lap: the next starts this long after the previous one.
+    pub lap: Duration,
+}
+
+impl Offsets {
+    /// Offsets from the messages' original times (Unix seconds, in sending order), sped up
+    /// by `factor` (1: as they happened; 60: a minute per second). A lap lasts the original
+    /// span plus one average gap.
+    pub fn from_times(times: &[i64], factor: f64) -> Offsets {
+        let factor = if factor.is_finite() && factor > 0.0 {
+            factor
+        } else {
+            1.0
+        };
+        let first = times.iter().copied().min().unwrap_or(0);
+        let scaled = |secs: i64| Duration::from_secs_f64((secs - first).max(0) as f64 / factor);
+        let at: Vec<Duration> = times.iter().map(|&t| scaled(t)).collect();
+        let span = at.iter().copied().max().unwrap_or_default();
+        let gap = if at.len() > 1 {
+            span / (at.len() as u32 - 1).max(1)
+        } else {
+            Duration::from_secs_f64(1.0 / factor)
+        };
+        Offsets {
+            at,
+            lap: span + gap,
+        }
+    }
+
+    /// When message `n` is due after the start.
+    pub fn due(&self, n: u64) -> Duration {
+        let len = self.at.len().max(1) as u64;
+        let lap = self.lap.mul_f64((n / len) as f64);
+        lap + self.at.get((n % len) as usize).copied().unwrap_or_default()
+    }
+}
+
+/// A connection left idle longer than this while waiting for a message's due time is
+/// closed and opened again when the message is due (servers drop idle sessions).
+const IDLE_QUIT: Duration = Duration::from_secs(10);
+
 struct Shared {
     report: LoadReport,
-    per_second: BTreeMap<u64, Histogram<u64>>,
+    buckets: Buckets,
 }
 
 /// Runs a bounded load against `opts.target`.
@@ -81,6 +132,7 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
     let next = Arc::new(AtomicU64::new(0));
     let shared = Arc::new(Mutex::new(Shared {
         report: LoadReport {
+            started_at: chrono::Utc::now(),
             sent: 0,
             accepted: 0,
             accepted_rcpts: 0,
@@ -94,8 +146,9 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
             late: 0,
             max_lag: Duration::ZERO,
             series: Vec::new(),
+            series_bucket_s: 1.0,
         },
-        per_second: BTreeMap::new(),
+        buckets: Buckets::new(),
     }));
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new(opts.messages);
@@ -108,123 +161,152 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let offsets = opts.offsets.clone().map(Arc::new);
     let started = Instant::now();
     let deadline = started + opts.max_duration;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..opts.concurrency.max(1) {
-        let (next, shared, traffic, bar) =
-            (next.clone(), shared.clone(), traffic.clone(), bar.clone());
+        let (next, shared, traffic, bar, offsets) = (
+            next.clone(),
+            shared.clone(),
+            traffic.clone(),
+            bar.clone(),
+            offsets.clone(),
+        );
         let (target, total, per_session) = (opts.target, opts.messages, opts.per_session.max(1));
         let (pipelining, chunking, rate, split) =
             (opts.pipelining, opts.chunking, opts.rate, opts.phases);
         let route_tls = crate::deliver::RouteTls::plain(opts.tls);
         tasks.spawn(async move {
             let mut local = Phases::new();
-            'sessions: while Instant::now() < deadline {
-                let mut conn = match Connection::open_timed(
-                    target,
-                    &target.ip().to_string(),
-                    "load.coexist.test",
-                    &route_tls,
-                    Duration::from_secs(30),
-                )
-                .await
-                {
-                    Ok((mut c, opened)) => {
-                        c.limit_extensions(pipelining, chunking);
-                        let _ = local
-                            .connect
-                            .record((opened.connect.as_micros() as u64).max(1));
-                        let _ = local.ehlo.record((opened.ehlo.as_micros() as u64).max(1));
-                        c
-                    }
-                    Err(_) => {
-                        lock(&shared).report.errors += 1;
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+            let mut conn: Option<Connection> = None;
+            let mut used = 0u64;
+            'messages: loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= total || Instant::now() >= deadline {
+                    break;
+                }
+                let due = match (&offsets, rate.filter(|r| *r > 0.0)) {
+                    (Some(o), _) => Some(started + o.due(n)),
+                    (None, Some(rate)) => Some(started + Duration::from_secs_f64(n as f64 / rate)),
+                    (None, None) => None,
                 };
-                for _ in 0..per_session {
-                    let n = next.fetch_add(1, Ordering::SeqCst);
-                    if n >= total || Instant::now() >= deadline {
-                        conn.quit().await;
-                        break 'sessions;
+                let mut lag = Duration::ZERO;
+                if let Some(due) = due {
+                    if due >= deadline {
+                        break;
                     }
-                    let mut lag = Duration::ZERO;
-                    if let Some(rate) = rate.filter(|r| *r > 0.0) {
-                        let due = started + Duration::from_secs_f64(n as f64 / rate);
-                        let now = Instant::now();
-                        if due > now {
-                            tokio::time::sleep_until(due.into()).await;
-                        } else {
-                            lag = now - due;
-                        }
-                    }
-                    let m = traffic.message(n);
-                    let out = Outbound {
-                        from: Some(&m.from),
-                        rcpts: m.rcpts.iter().collect(),
-                        message: &m.body,
-                        eight_bit: !m.body.is_ascii(),
-                        ret: None,
-                        envid: None,
-                        rcpt_dsn: Vec::new(),
-                        smtputf8: false,
-                    };
-                    let t0 = Instant::now();
-                    let res = conn.send_phased(&out, split).await;
-                    let us = (t0.elapsed().as_micros() as u64).max(1);
-                    let second = started.elapsed().as_secs();
-                    bar.inc(1);
-                    let mut sh = lock(&shared);
-                    let r = &mut sh.report;
-                    r.sent += 1;
-                    if lag > Duration::from_millis(100) {
-                        r.late += 1;
-                    }
-                    r.max_lag = r.max_lag.max(lag);
-                    let (outcomes, mail_rcpt) = match res {
-                        Ok(o) => o,
-                        Err(_) => {
-                            r.errors += 1;
-                            continue 'sessions;
-                        }
-                    };
-                    let _ = local.message.record(us);
-                    if let Some(mr) = mail_rcpt {
-                        let mr = (mr.as_micros() as u64).max(1);
-                        let _ = local.mail_rcpt.record(mr);
-                        let _ = local.data.record(us.saturating_sub(mr).max(1));
-                    }
-                    let ok = outcomes
-                        .iter()
-                        .filter(|o| matches!(o, RcptOutcome::Delivered(_)))
-                        .count();
-                    r.accepted_rcpts += ok as u64;
-                    if ok == outcomes.len() {
-                        r.accepted += 1;
-                        r.bytes += m.body.len() as u64;
-                        if let Some(RcptOutcome::Delivered(t)) = outcomes.first() {
-                            if let Some((_, id)) = t.text().rsplit_once("queued as ") {
-                                r.ids.push(id.trim().to_string());
+                    let now = Instant::now();
+                    if due > now {
+                        if due - now > IDLE_QUIT {
+                            if let Some(c) = conn.take() {
+                                c.quit().await;
                             }
                         }
-                        let h = sh.per_second.entry(second).or_insert_with(|| {
-                            Histogram::new_with_bounds(1, 600_000_000, 2)
-                                .unwrap_or_else(|_| histogram())
-                        });
-                        let _ = h.record(us);
+                        tokio::time::sleep_until(due.into()).await;
+                    } else {
+                        lag = now - due;
                     }
-                    for o in outcomes {
-                        if let RcptOutcome::Deferred(t) | RcptOutcome::Failed(t) = o {
-                            *sh.report
-                                .refused
-                                .entry(t.code().map(|c| c.to_string()).unwrap_or_default())
-                                .or_default() += 1;
+                }
+                if used >= per_session {
+                    if let Some(c) = conn.take() {
+                        c.quit().await;
+                    }
+                }
+                while conn.is_none() {
+                    if Instant::now() >= deadline {
+                        break 'messages;
+                    }
+                    match Connection::open_timed(
+                        target,
+                        &target.ip().to_string(),
+                        "load.coexist.test",
+                        &route_tls,
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    {
+                        Ok((mut c, opened)) => {
+                            c.limit_extensions(pipelining, chunking);
+                            let _ = local
+                                .connect
+                                .record((opened.connect.as_micros() as u64).max(1));
+                            let _ = local.ehlo.record((opened.ehlo.as_micros() as u64).max(1));
+                            used = 0;
+                            conn = Some(c);
+                        }
+                        Err(_) => {
+                            lock(&shared).report.errors += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
                 }
-                conn.quit().await;
+                let Some(c) = conn.as_mut() else { break };
+                used += 1;
+                let m = traffic.message(n);
+                let out = Outbound {
+                    from: Some(&m.from),
+                    rcpts: m.rcpts.iter().collect(),
+                    message: &m.body,
+                    eight_bit: !m.body.is_ascii(),
+                    ret: None,
+                    envid: None,
+                    rcpt_dsn: Vec::new(),
+                    smtputf8: false,
+                };
+                let t0 = Instant::now();
+                let res = c.send_phased(&out, split).await;
+                let us = (t0.elapsed().as_micros() as u64).max(1);
+                let at = started.elapsed();
+                bar.inc(1);
+                let mut sh = lock(&shared);
+                let sh = &mut *sh;
+                let r = &mut sh.report;
+                r.sent += 1;
+                if lag > Duration::from_millis(100) {
+                    r.late += 1;
+                }
+                r.max_lag = r.max_lag.max(lag);
+                let (outcomes, mail_rcpt) = match res {
+                    Ok(o) => o,
+                    Err(_) => {
+                        r.errors += 1;
+                        // The session is in an unknown state: drop it, open another.
+                        conn = None;
+                        continue;
+                    }
+                };
+                let _ = local.message.record(us);
+                if let Some(mr) = mail_rcpt {
+                    let mr = (mr.as_micros() as u64).max(1);
+                    let _ = local.mail_rcpt.record(mr);
+                    let _ = local.data.record(us.saturating_sub(mr).max(1));
+                }
+                let ok = outcomes
+                    .iter()
+                    .filter(|o| matches!(o, RcptOutcome::Delivered(_)))
+                    .count();
+                r.accepted_rcpts += ok as u64;
+                if ok == outcomes.len() {
+                    r.accepted += 1;
+                    r.bytes += m.body.len() as u64;
+                    if let Some(RcptOutcome::Delivered(t)) = outcomes.first() {
+                        if let Some((_, id)) = t.text().rsplit_once("queued as ") {
+                            r.ids.push(id.trim().to_string());
+                        }
+                    }
+                    sh.buckets.record(at, us);
+                }
+                for o in outcomes {
+                    if let RcptOutcome::Deferred(t) | RcptOutcome::Failed(t) = o {
+                        *r.refused
+                            .entry(t.code().map(|c| c.to_string()).unwrap_or_default())
+                            .or_default() += 1;
+                    }
+                }
+            }
+            if let Some(c) = conn.take() {
+                c.quit().await;
             }
             let mut sh = lock(&shared);
             let _ = sh.report.latency_us.add(&local.message);
@@ -233,25 +315,18 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
     }
     while tasks.join_next().await.is_some() {}
     bar.finish_and_clear();
+    let elapsed = started.elapsed();
     let mut sh = lock(&shared);
-    let series = sh
-        .per_second
-        .iter()
-        .map(|(t, h)| Second {
-            t: *t,
-            accepted: h.len(),
-            p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
-            p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
-        })
-        .collect();
+    let (series_bucket_s, series) = sh.buckets.points(elapsed);
     let r = &mut sh.report;
     LoadReport {
+        started_at: r.started_at,
         sent: r.sent,
         accepted: r.accepted,
         accepted_rcpts: r.accepted_rcpts,
         refused: std::mem::take(&mut r.refused),
         errors: r.errors,
-        elapsed: started.elapsed(),
+        elapsed,
         latency_us: r.latency_us.clone(),
         phases: r.phases.clone(),
         bytes: r.bytes,
@@ -259,9 +334,42 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
         late: r.late,
         max_lag: r.max_lag,
         series,
+        series_bucket_s,
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_times_become_scaled_offsets_with_laps() {
+        // 0, 60 and 180 s after the first, sixty times faster.
+        let o = Offsets::from_times(&[1_000, 1_060, 1_180], 60.0);
+        assert_eq!(
+            o.at,
+            vec![
+                Duration::ZERO,
+                Duration::from_secs(1),
+                Duration::from_secs(3)
+            ]
+        );
+        // One lap: the span (3 s) plus an average gap (1.5 s).
+        assert_eq!(o.lap, Duration::from_millis(4500));
+        assert_eq!(o.due(4), Duration::from_millis(5500));
+        let one = Offsets::from_times(&[5], 2.0);
+        assert_eq!(
+            (one.due(0), one.due(1)),
+            (Duration::ZERO, Duration::from_millis(500))
+        );
+        // A bad factor means real time.
+        assert_eq!(
+            Offsets::from_times(&[0, 2], 0.0).at[1],
+            Duration::from_secs(2)
+        );
+    }
 }

@@ -1,0 +1,88 @@
+//! `coexist report`: load runs side by side. Reads the JSON documents that
+//! `coexist load --json` writes and puts the runs next to each other, each later run with
+//! its ratio to the first, as a self-contained HTML page and/or a chart (SVG or PNG).
+
+use super::load::chart;
+use crate::load::report::{self, RunReport};
+use anyhow::Context;
+use std::path::PathBuf;
+
+/// Arguments of `coexist report`.
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// Report documents written by `coexist load --json`; the first is the reference for
+    /// ratios.
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Write the side-by-side HTML report to this file.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Write the comparison chart to this file: PNG if its name ends in .png, else SVG.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
+    /// Rename the runs in the report, in order (comma-separated), e.g. `postfix,coexist`.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
+}
+
+/// Reads the runs, prints a short comparison and writes the files asked for.
+pub fn report(args: ReportArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.labels.is_empty() || args.labels.len() == args.runs.len(),
+        "--labels names {} runs, but {} report files are given",
+        args.labels.len(),
+        args.runs.len()
+    );
+    let mut runs = args
+        .runs
+        .iter()
+        .map(|p| RunReport::read(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (r, l) in runs.iter_mut().zip(&args.labels) {
+        r.label = l.clone();
+    }
+    println!("{}", comparison(&runs));
+    let write = |path: &PathBuf, bytes: &[u8]| {
+        std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+    };
+    if let Some(path) = &args.html {
+        write(path, report::html(&runs)?.as_bytes())?;
+    }
+    if let Some(path) = &args.chart {
+        write(path, &chart(path, &runs)?)?;
+    }
+    Ok(())
+}
+
+/// One line per run: acceptance, p99, duration, and the ratios to the first run.
+fn comparison(runs: &[RunReport]) -> String {
+    let Some(first) = runs.first() else {
+        return String::new();
+    };
+    runs.iter()
+        .map(|r| {
+            let mut line = format!(
+                "{}: {} accepted in {:.2} s, {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms",
+                r.label,
+                r.accepted,
+                r.elapsed_s,
+                r.msg_per_s,
+                r.latency.message.p50_ms,
+                r.latency.message.p99_ms
+            );
+            if !std::ptr::eq(r, first)
+                && first.msg_per_s > 0.0
+                && first.latency.message.p99_ms > 0.0
+            {
+                line.push_str(&format!(
+                    " ({:.2}x the acceptance rate of {}, p99 {:.2}x)",
+                    r.msg_per_s / first.msg_per_s,
+                    first.label,
+                    r.latency.message.p99_ms / first.latency.message.p99_ms
+                ));
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

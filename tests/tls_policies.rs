@@ -629,3 +629,30 @@ async fn dane_bogus_signature_defers() {
         "sent despite bogus TLSA records"
     );
 }
+
+#[test]
+fn mta_sts_and_dane_need_an_mx_route_and_say_where() {
+    let base = coexist::config::DEFAULT_CONFIG;
+    for policy in ["mta-sts", "dane"] {
+        // The default config's `cloud` route has next_hops: give it the policy.
+        let text = base.replacen(
+            "[routes.cloud]\nnext_hops = [\"127.0.0.1:2602\"]\ntls = \"opportunistic\"\n",
+            &format!("[routes.cloud]\nnext_hops = [\"127.0.0.1:2602\"]\ntls = \"{policy}\"\n"),
+            1,
+        );
+        assert_ne!(text, base, "the default config has no [routes.cloud]");
+        let err = Config::parse(&text, "coexist.toml")
+            .unwrap_err()
+            .to_string();
+        let line = text
+            .lines()
+            .position(|l| l == format!("tls = \"{policy}\""))
+            .unwrap()
+            + 1;
+        assert!(
+            err.starts_with(&format!("coexist.toml:{line}: key `routes.cloud.tls`"))
+                && err.contains("needs `mx`"),
+            "{err}"
+        );
+    }
+}

@@ -459,5 +459,32 @@ mod tests {
         assert!(!Tlsa::usable(3, 1, 1, &[0; 32]).unwrap().matches(&der));
     }
 
+    #[test]
+    fn verifier_checks_ee_and_ta_records() {
+        let c = crate::certs::generate("mx.dane.test").unwrap();
+        let ee = CertificateDer::from_pem_slice(c.cert_pem.as_bytes()).unwrap();
+        let ca = CertificateDer::from_pem_slice(c.ca_pem.as_bytes()).unwrap();
+        let sha256 = |b: &[u8]| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b);
+        let now = UnixTime::now();
+        let host = ServerName::try_from("mx.dane.test").unwrap();
+        let other = ServerName::try_from("other.test").unwrap();
+        let verify = |tlsa: Tlsa, chain: &[CertificateDer<'_>], name: &ServerName<'_>| {
+            DaneVerifier::new(vec![tlsa], crate::certs::provider())
+                .verify_server_cert(&ee, chain, name, &[], now)
+                .is_ok()
+        };
+        // DANE-TA(2) on the issuing CA: the chain must lead to it and the name must match.
+        let ta = Tlsa::usable(2, 0, 1, sha256(ca.as_ref()).as_ref()).unwrap();
+        assert!(verify(ta.clone(), std::slice::from_ref(&ca), &host));
+        assert!(!verify(ta.clone(), std::slice::from_ref(&ca), &other));
+        assert!(!verify(ta, &[], &host), "the TA must be in the chain sent");
+        // DANE-EE(3): no name check.
+        let ee_rec = Tlsa::usable(3, 0, 1, sha256(ee.as_ref()).as_ref()).unwrap();
+        assert!(verify(ee_rec, &[], &other));
+        // A DANE-EE record of the CA does not match the server's own certificate.
+        let wrong = Tlsa::usable(3, 0, 1, sha256(ca.as_ref()).as_ref()).unwrap();
+        assert!(!verify(wrong, std::slice::from_ref(&ca), &host));
+    }
+
     use rustls_pki_types::pem::PemObject;
 }

@@ -482,3 +482,53 @@ pub fn route_tls(
         .map(|(name, r)| RouteTls::from_route(r).map(|t| (name.clone(), t)))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(tls: &str) -> RouteTls {
+        let r: RouteConfig =
+            toml::from_str(&format!("mx = \"example.org\"\ntls = \"{tls}\"\n")).unwrap();
+        RouteTls::from_route(&r).unwrap()
+    }
+
+    #[test]
+    fn per_hop_settings_have_their_own_identity() {
+        let (sts, dane, opp) = (route("mta-sts"), route("dane"), route("opportunistic"));
+        assert_eq!(sts.policy, TlsPolicy::MtaSts);
+        assert_eq!(dane.policy, TlsPolicy::Dane);
+        let tlsa = |b: u8| vec![super::super::dane::Tlsa::usable(3, 1, 1, &[b; 32]).unwrap()];
+        let ids = [
+            opp.identity().to_vec(),
+            sts.identity().to_vec(),
+            dane.identity().to_vec(),
+            sts.opportunistic().identity().to_vec(),
+            dane.opportunistic().identity().to_vec(),
+            sts.sts_enforce("example.org").identity().to_vec(),
+            sts.sts_testing("example.org").identity().to_vec(),
+            dane.dane("mx.example.org", tlsa(1))
+                .unwrap()
+                .identity()
+                .to_vec(),
+            dane.dane("mx.example.org", tlsa(2))
+                .unwrap()
+                .identity()
+                .to_vec(),
+            dane.dane_unauthenticated("mx.example.org")
+                .identity()
+                .to_vec(),
+        ];
+        for (i, a) in ids.iter().enumerate() {
+            for b in &ids[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(sts.sts_enforce("example.org").policy, TlsPolicy::Verify);
+        assert_eq!(dane.dane_unauthenticated("x").policy, TlsPolicy::Required);
+        assert!(sts
+            .sts_enforce("example.org")
+            .explain("bad certificate".into())
+            .starts_with("MTA-STS policy of example.org (enforce): "));
+    }
+}

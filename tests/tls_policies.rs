@@ -21,7 +21,7 @@ use hickory_resolver::proto::rr::{DNSClass, Name, RData, Record, RecordSet, Reco
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Most queries or connections a test server answers (every loop is bounded).
@@ -132,6 +132,11 @@ impl RootKey {
 /// cover them), else NODATA with the NSEC records of the name (and their RRSIGs) when the
 /// name exists (or has names below it), else NXDOMAIN. Written for the tests only.
 async fn dns_server(zone: Vec<Record>) -> SocketAddr {
+    dns_server_shared(Arc::new(Mutex::new(zone))).await
+}
+
+/// [`dns_server`] over a zone the test may change while it runs.
+async fn dns_server_shared(zone: Arc<Mutex<Vec<Record>>>) -> SocketAddr {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = sock.local_addr().unwrap();
     tokio::spawn(async move {
@@ -143,7 +148,8 @@ async fn dns_server(zone: Vec<Record>) -> SocketAddr {
             let Ok(query) = Message::from_vec(&buf[..n]) else {
                 continue;
             };
-            if let Some(resp) = answer(&query, &zone) {
+            let resp = answer(&query, &zone.lock().unwrap());
+            if let Some(resp) = resp {
                 let _ = sock.send_to(&resp, peer).await;
             }
         }
@@ -243,6 +249,10 @@ struct PolicyServer {
     addr: SocketAddr,
     requests: Arc<AtomicUsize>,
     ca_file: PathBuf,
+    /// The policy served (the test may change it).
+    body: Arc<Mutex<String>>,
+    /// When set, this raw HTTP response is sent instead of the policy.
+    raw: Arc<Mutex<Option<String>>>,
 }
 
 async fn policy_server(dir: &Path, domain: &str, policy: &str) -> PolicyServer {
@@ -250,13 +260,17 @@ async fn policy_server(dir: &Path, domain: &str, policy: &str) -> PolicyServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let requests = Arc::new(AtomicUsize::new(0));
-    let (count, body) = (requests.clone(), policy.to_string());
+    let body = Arc::new(Mutex::new(policy.to_string()));
+    let raw: Arc<Mutex<Option<String>>> = Arc::default();
+    let (count, body_c, raw_c) = (requests.clone(), body.clone(), raw.clone());
     tokio::spawn(async move {
         for _ in 0..MAX_SERVED {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (acceptor, count, body) = (acceptor.clone(), count.clone(), body.clone());
+            let body = body_c.lock().unwrap().clone();
+            let raw = raw_c.lock().unwrap().clone();
+            let (acceptor, count) = (acceptor.clone(), count.clone());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
@@ -272,10 +286,10 @@ async fn policy_server(dir: &Path, domain: &str, policy: &str) -> PolicyServer {
                 let text = String::from_utf8_lossy(&head);
                 let resp = if text.starts_with("GET /.well-known/mta-sts.txt HTTP/1.1\r\n") {
                     count.fetch_add(1, Ordering::SeqCst);
-                    format!(
+                    raw.unwrap_or_else(|| format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
-                    )
+                    ))
                 } else {
                     "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string()
                 };
@@ -288,6 +302,8 @@ async fn policy_server(dir: &Path, domain: &str, policy: &str) -> PolicyServer {
         addr,
         requests,
         ca_file,
+        body,
+        raw,
     }
 }
 
@@ -655,4 +671,124 @@ fn mta_sts_and_dane_need_an_mx_route_and_say_where() {
             "{err}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mta_sts_policy_is_fetched_again_when_the_txt_id_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, smtp_ca, acceptor) = cert_for(dir.path(), "mx.sts.test");
+    let server = policy_server(dir.path(), "sts.test", POLICY).await;
+    let zone = Arc::new(Mutex::new(sts_zone("sts.test", "mx.sts.test")));
+    let ns = dns_server_shared(zone.clone()).await;
+    let h = harness_with(sink_with_tls(acceptor), |c| {
+        sts_config(c, ns, &server, &smtp_ca);
+    })
+    .await;
+    assert_eq!(send_one(h.addr, &["bob@nhs.test"], "one").await.code, 250);
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    assert_eq!(server.requests.load(Ordering::SeqCst), 1);
+
+    // The domain publishes a new policy (now listing only another host) and a new id.
+    *server.body.lock().unwrap() = POLICY.replace("mx: mx.sts.test\n", "");
+    for r in zone.lock().unwrap().iter_mut() {
+        if let RData::TXT(_) = r.data {
+            r.data = RData::TXT(TXT::new(vec!["v=STSv1; id=20261126T2;".into()]));
+        }
+    }
+    // A relay started now (no DNS cache) sees the new id, fetches again and enforces the
+    // new policy: the MX host is no longer listed.
+    let h = h.restart().await;
+    let r = send_one(h.addr, &["bob@nhs.test"], "two").await;
+    assert_eq!(r.code, 250);
+    let reply = deferred_reply(&h, &queue_id(&r)).await;
+    assert!(reply.contains("lists none of its MX hosts"), "{reply}");
+    assert_eq!(server.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(h.cloud.state.messages().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mta_sts_unusable_policy_without_cache_means_opportunistic() {
+    let dir = tempfile::tempdir().unwrap();
+    // The sink's certificate would fail `enforce`: delivery shows the policy was not used.
+    let (_, smtp_ca, acceptor) = cert_for(dir.path(), "wrong-name.test");
+    let server = policy_server(dir.path(), "sts.test", POLICY).await;
+    *server.raw.lock().unwrap() = Some(
+        "HTTP/1.1 301 Moved Permanently\r\nLocation: https://evil.test/\r\nContent-Length: 0\r\n\r\n"
+            .into(),
+    );
+    let ns = dns_server(sts_zone("sts.test", "mx.sts.test")).await;
+    let h = harness_with(sink_with_tls(acceptor), |c| {
+        sts_config(c, ns, &server, &smtp_ca)
+    })
+    .await;
+    let r = send_one(h.addr, &["bob@nhs.test"], "redirected").await;
+    assert_eq!(r.code, 250);
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    assert!(h.cloud.state.messages()[0].tls);
+    assert_eq!(server.requests.load(Ordering::SeqCst), 1);
+    let m = metrics(&h).await;
+    assert!(
+        m.contains("coexist_mta_sts_fetches_total{result=\"failed\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dane_never_falls_back_to_clear_text_when_starttls_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (der, _, _) = cert_for(dir.path(), "mx.strip.test");
+    // The MX host does not offer STARTTLS (as after a downgrade attack).
+    let mx = Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
+        .await
+        .unwrap();
+    let key = RootKey::new();
+    let anchor = key.write_anchor(dir.path());
+    let port = mx.addr.port();
+    let tlsa = key.signed(vec![tlsa_3_1_1(
+        &format!("_{port}._tcp.mx.strip.test"),
+        spki_sha256(&der),
+    )]);
+    let ns = dns_server(dane_zone(&key, "strip.test", tlsa)).await;
+    let h = harness(|c| {
+        internet_route(c, ns, "strip.test", TlsPolicy::Dane);
+        c.routes.get_mut("cloud").unwrap().port = port;
+        c.dns.trust_anchor = Some(anchor);
+    })
+    .await;
+    let r = send_one(h.addr, &["bob@nhs.test"], "no starttls").await;
+    assert_eq!(r.code, 250);
+    let reply = deferred_reply(&h, &queue_id(&r)).await;
+    assert!(
+        reply.contains("does not offer STARTTLS") && reply.contains("DANE TLSA records"),
+        "{reply}"
+    );
+    assert!(mx.state.messages().is_empty(), "sent in clear text");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dane_with_only_unusable_tlsa_records_requires_unauthenticated_tls() {
+    let w = dane_world("pkix.test", |key, der, port| {
+        // PKIX-EE (usage 1) is unusable for SMTP (RFC 7672 3.1.3): TLS is still required.
+        let owner = format!("_{port}._tcp.mx.pkix.test");
+        let record = rec(
+            &owner,
+            RData::TLSA(TLSA::new(
+                CertUsage::PkixEe,
+                Selector::Spki,
+                Matching::Sha256,
+                spki_sha256(der),
+            )),
+        );
+        dane_zone(key, "pkix.test", key.signed(vec![record]))
+    })
+    .await;
+    let r = send_one(w.h.addr, &["bob@nhs.test"], "pkix").await;
+    assert_eq!(r.code, 250);
+    assert_eq!(wait(&w.mx, 1).await, 1);
+    assert!(w.mx.state.messages()[0].tls);
+    let m = metrics(&w.h).await;
+    assert!(
+        m.contains("coexist_dane_tlsa_lookups_total{result=\"unusable\"}"),
+        "{m}"
+    );
 }

@@ -201,10 +201,15 @@ fn status(records: &[&Record]) -> Proof {
     }
 }
 
-/// An error of a validating lookup: was DNSSEC validation what failed?
+/// An error of a validating lookup: was DNSSEC validation what failed (a bogus answer, or
+/// a denial of existence that could not be proven)?
 fn bogus_error(e: &hickory_resolver::net::NetError) -> bool {
-    let text = e.to_string();
-    text.contains("DNSSEC") || text.contains("Bogus") || text.contains("bogus")
+    use hickory_resolver::net::{DnsError as E, NetError};
+    match e {
+        NetError::Dns(E::DnssecBogus) => true,
+        NetError::Dns(E::Nsec { proof, .. }) => proof.is_bogus(),
+        _ => false,
+    }
 }
 
 /// The MX hosts of `domain` by preference and whether the MX RRset is secure.

@@ -60,7 +60,7 @@ pub enum HopError {
     #[error("{0} refused the session: {1}")]
     Refused(SocketAddr, String),
     /// The route (or the policy named) needs TLS and the next hop does not offer STARTTLS.
-    #[error("{0} does not offer STARTTLS and TLS is {1}")]
+    #[error("{0} does not offer STARTTLS and {1} requires TLS")]
     TlsUnavailable(SocketAddr, String),
     /// STARTTLS failed.
     #[error("TLS with {0} failed: {1}")]
@@ -201,10 +201,7 @@ impl Connection {
             // (the load tool), they are opportunistic.
             TlsPolicy::Opportunistic | TlsPolicy::MtaSts | TlsPolicy::Dane => offers_tls,
             TlsPolicy::Required | TlsPolicy::Verify if !offers_tls => {
-                return Err(HopError::TlsUnavailable(
-                    addr,
-                    tls.explain("required".into()),
-                ))
+                return Err(HopError::TlsUnavailable(addr, tls.requirer()))
             }
             TlsPolicy::Required | TlsPolicy::Verify => true,
         };

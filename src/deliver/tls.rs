@@ -198,6 +198,14 @@ impl RouteTls {
         )
     }
 
+    /// What requires TLS of a next hop: the policy that chose these settings, or the route.
+    pub fn requirer(&self) -> String {
+        match &self.why {
+            Some(w) => w.to_string(),
+            None => "the route".into(),
+        }
+    }
+
     /// `reason` with the policy that chose these settings, if any.
     pub fn explain(&self, reason: String) -> String {
         match &self.why {

@@ -69,7 +69,8 @@ pub const TLS_HANDSHAKES: &str = "coexist_tls_handshakes_total";
 /// MTA-STS policy fetches over HTTPS, by `result` (ok/failed).
 pub const MTA_STS_FETCHES: &str = "coexist_mta_sts_fetches_total";
 /// What an MTA-STS policy refused (`mode` enforce: not delivered there; `mode` testing:
-/// delivered anyway), by `reason` (mx: MX host not listed; certificate: not valid for it).
+/// delivered anyway), by `reason` (mx: MX host not listed; certificate: not valid for it;
+/// starttls: not offered).
 pub const MTA_STS_REFUSALS: &str = "coexist_mta_sts_refusals_total";
 /// DANE TLSA lookups per MX host, by `result`: secure (usable records), unusable (secure
 /// but none usable), none (no TLSA), insecure (unsigned), bogus (validation failed).

@@ -792,3 +792,27 @@ async fn dane_with_only_unusable_tlsa_records_requires_unauthenticated_tls() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mta_sts_testing_delivers_without_starttls_and_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, smtp_ca, _) = cert_for(dir.path(), "mx.sts.test");
+    let testing = POLICY.replace("mode: enforce", "mode: testing");
+    let server = policy_server(dir.path(), "sts.test", &testing).await;
+    let ns = dns_server(sts_zone("sts.test", "mx.sts.test")).await;
+    // The sink offers no STARTTLS.
+    let opts = SinkOptions {
+        keep_bodies: true,
+        ..SinkOptions::default()
+    };
+    let h = harness_with(opts, |c| sts_config(c, ns, &server, &smtp_ca)).await;
+    let r = send_one(h.addr, &["bob@nhs.test"], "testing, clear").await;
+    assert_eq!(r.code, 250);
+    assert_eq!(wait(&h.cloud, 1).await, 1);
+    assert!(!h.cloud.state.messages()[0].tls);
+    let m = metrics(&h).await;
+    assert!(
+        m.contains("coexist_mta_sts_refusals_total{mode=\"testing\",reason=\"starttls\"}"),
+        "{m}"
+    );
+}

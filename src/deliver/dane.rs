@@ -212,6 +212,14 @@ fn bogus_error(e: &hickory_resolver::net::NetError) -> bool {
     }
 }
 
+/// An error of a validating lookup that says the records do not exist, provably or in an
+/// insecure zone (not bogus).
+fn no_records(e: &hickory_resolver::net::NetError) -> bool {
+    use hickory_resolver::net::{DnsError as E, NetError};
+    e.is_no_records_found()
+        || matches!(e, NetError::Dns(E::Nsec { proof, .. }) if proof.is_insecure())
+}
+
 /// The MX hosts of `domain` by preference and whether the MX RRset is secure.
 async fn mx(resolver: &TokioResolver, domain: &str) -> Result<(Vec<String>, bool), DnsError> {
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
@@ -219,7 +227,7 @@ async fn mx(resolver: &TokioResolver, domain: &str) -> Result<(Vec<String>, bool
         Ok(l) => l,
         // No MX (the name exists): the domain is its own mail host, authenticated like
         // any host by its address records.
-        Err(e) if e.is_no_records_found() && !e.is_nx_domain() => {
+        Err(e) if no_records(&e) && !e.is_nx_domain() => {
             return Ok((vec![domain.to_string()], true))
         }
         Err(e) if bogus_error(&e) => {
@@ -319,7 +327,7 @@ async fn tlsa(resolver: &TokioResolver, host: &str, port: u16) -> TlsaAnswer {
     let name = format!("_{port}._tcp.{}.", host.trim_end_matches('.'));
     let lookup = match resolver.lookup(name.as_str(), RecordType::TLSA).await {
         Ok(l) => l,
-        Err(e) if e.is_no_records_found() || e.is_nx_domain() => {
+        Err(e) if no_records(&e) => {
             metrics::counter!(m::DANE_LOOKUPS, "result" => "none").increment(1);
             return TlsaAnswer::None;
         }

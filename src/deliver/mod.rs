@@ -219,6 +219,7 @@ impl Connection {
             (c, times)
         };
         if !want_tls {
+            tls.report_clear_text(addr);
             return Ok(ready(Client::Plain(c), ehlo.capabilities()));
         }
         let name = tls.server_name(host);

@@ -106,9 +106,15 @@ pub enum StsError {
 /// strings joined). Records that do not start with `v=STSv1` are ignored; more than one that
 /// does is an error (RFC 8461 3.1).
 pub fn parse_txt(records: &[String]) -> Result<String, StsError> {
+    // `v=STSv1`, then optional spaces or tabs and `;` (or the end): RFC 8461 3.1's ABNF.
     let sts: Vec<&String> = records
         .iter()
-        .filter(|r| r.starts_with("v=STSv1;") || r.as_str() == "v=STSv1")
+        .filter(|r| {
+            r.strip_prefix("v=STSv1").is_some_and(|rest| {
+                let rest = rest.trim_start_matches([' ', '\t']);
+                rest.is_empty() || rest.starts_with(';')
+            })
+        })
         .collect();
     let record = match sts.as_slice() {
         [] => return Err(StsError::NoRecord),
@@ -475,7 +481,7 @@ fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
         if size == 0 {
             return Ok(out);
         }
-        if out.len() + size > MAX_POLICY_BYTES {
+        if size > MAX_POLICY_BYTES - out.len() {
             return Err(format!("policy larger than {MAX_POLICY_BYTES} bytes"));
         }
         let chunk = rest.get(..size).ok_or("truncated chunk")?;
@@ -569,6 +575,11 @@ mod tests {
         );
         assert_eq!(parse_txt(&s(&["spf", "v=STSv1;id=abc"])).unwrap(), "abc");
         assert!(matches!(parse_txt(&s(&["spf"])), Err(StsError::NoRecord)));
+        assert!(matches!(
+            parse_txt(&s(&["v=STSv10; id=1"])),
+            Err(StsError::NoRecord)
+        ));
+        assert_eq!(parse_txt(&s(&["v=STSv1 ;\tid=x1 ;"])).unwrap(), "x1");
         assert!(parse_txt(&s(&["v=STSv1; id=a", "v=STSv1; id=b"])).is_err());
         assert!(parse_txt(&s(&["v=STSv1; id=bad-id"])).is_err());
         assert!(parse_txt(&s(&["v=STSv1;"])).is_err());
@@ -616,5 +627,7 @@ mod tests {
         assert!(response_body(html).is_err());
         assert!(response_body(b"HTTP/1.1 200 OK\r\nContent-Ty").is_err());
         assert!(dechunk(b"ffffffffffffffffffff\r\n").is_err());
+        assert!(dechunk(b"ffffffffffffffff\r\nx").is_err());
+        assert!(dechunk(b"3\r\nabc").is_err());
     }
 }

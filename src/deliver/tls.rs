@@ -29,6 +29,8 @@ pub struct RouteTls {
     identity: Arc<[u8]>,
     /// The policy that gave a next hop these settings (MTA-STS, DANE), named in TLS errors.
     why: Option<Arc<str>>,
+    /// MTA-STS `testing`: a session without TLS is logged and counted.
+    report_clear: bool,
     /// For `mta-sts` and `dane` routes: what per-hop settings are made from.
     internet: Option<Arc<Internet>>,
 }
@@ -58,6 +60,7 @@ impl RouteTls {
             name: None,
             identity: identity(policy, None, None),
             why: None,
+            report_clear: false,
             internet: None,
         }
     }
@@ -104,6 +107,7 @@ impl RouteTls {
             name: r.tls_name.clone(),
             identity,
             why: None,
+            report_clear: false,
             internet,
         })
     }
@@ -125,6 +129,7 @@ impl RouteTls {
             name: None,
             identity: sha256(&parts),
             why: why.map(Arc::from),
+            report_clear: false,
             internet: None,
         }
     }
@@ -165,12 +170,24 @@ impl RouteTls {
             .map(|i| i.report.clone())
             .unwrap_or_else(|| self.connector.clone());
         let why = format!("MTA-STS policy of {domain} (testing)");
-        self.for_hop(
-            TlsPolicy::Opportunistic,
-            connector,
-            &[b"mta-sts testing"],
-            Some(why),
-        )
+        RouteTls {
+            report_clear: true,
+            ..self.for_hop(
+                TlsPolicy::Opportunistic,
+                connector,
+                &[b"mta-sts testing"],
+                Some(why),
+            )
+        }
+    }
+
+    /// Under MTA-STS `testing`, logs and counts a session that goes without TLS (`enforce`
+    /// would have refused it).
+    pub fn report_clear_text(&self, addr: std::net::SocketAddr) {
+        if self.report_clear {
+            metrics::counter!(crate::metrics::MTA_STS_REFUSALS, "mode" => "testing", "reason" => "starttls").increment(1);
+            tracing::warn!(next_hop = %addr, policy = self.why.as_deref().unwrap_or(""), "MTA-STS (testing): no STARTTLS; delivering in clear text");
+        }
     }
 
     /// STARTTLS required and the certificate matched against `tlsa` (DANE, RFC 7672) for the

@@ -816,3 +816,20 @@ async fn mta_sts_testing_delivers_without_starttls_and_reports_it() {
         "{m}"
     );
 }
+
+#[test]
+fn new_settings_round_trip_through_toml() {
+    let mut c = Config::parse(coexist::config::DEFAULT_CONFIG, "default").unwrap();
+    c.dns.trust_anchor = Some("lab-root.key".into());
+    c.delivery.mta_sts.ca_file = Some("lab-ca.pem".into());
+    c.delivery.mta_sts.https_port = 8443;
+    c.delivery.mta_sts.cache_dir = Some("var/mta-sts".into());
+    let route = c.routes.get_mut("cloud").unwrap();
+    route.next_hops = Vec::new();
+    route.mx = Some(coexist::types::Domain::parse("example.org", false).unwrap());
+    route.tls = TlsPolicy::MtaSts;
+    c.routes.get_mut("onprem").unwrap().tls = TlsPolicy::Opportunistic;
+    let text = toml::to_string(&c).unwrap();
+    assert!(text.contains("tls = \"mta-sts\""), "{text}");
+    assert_eq!(Config::parse(&text, "written").unwrap(), c);
+}

@@ -533,7 +533,12 @@ pub(super) async fn hops(
         match &policy {
             Some(p) if p.mode == Mode::Enforce => {
                 if p.allows(host) {
-                    chosen.push((host.clone(), tls.sts_enforce(domain)));
+                    let Some(strict) = tls.sts_enforce(domain) else {
+                        return Err(DnsError::Policy(
+                            "MTA-STS: the route's TLS settings were not made for mta-sts".into(),
+                        ));
+                    };
+                    chosen.push((host.clone(), strict));
                 } else {
                     metrics::counter!(m::MTA_STS_REFUSALS, "mode" => "enforce", "reason" => "mx")
                         .increment(1);

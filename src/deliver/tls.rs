@@ -145,20 +145,16 @@ impl RouteTls {
     }
 
     /// STARTTLS required, the certificate valid for the MX host (MTA-STS `enforce` of
-    /// `domain`).
-    pub fn sts_enforce(&self, domain: &str) -> RouteTls {
-        let connector = match &self.internet {
-            Some(i) => i.strict.clone(),
-            // Not an mta-sts route: nothing to verify with, so nothing is trusted.
-            None => build(true, Some(Vec::new()), None).unwrap_or_else(|_| self.connector.clone()),
-        };
+    /// `domain`); `None` for settings not made from an `mta-sts` or `dane` route.
+    pub fn sts_enforce(&self, domain: &str) -> Option<RouteTls> {
+        let connector = self.internet.as_ref()?.strict.clone();
         let why = format!("MTA-STS policy of {domain} (enforce)");
-        self.for_hop(
+        Some(self.for_hop(
             TlsPolicy::Verify,
             connector,
             &[b"mta-sts enforce"],
             Some(why),
-        )
+        ))
     }
 
     /// Opportunistic TLS whose certificate failures are logged and counted (MTA-STS
@@ -530,7 +526,7 @@ mod tests {
             dane.identity().to_vec(),
             sts.opportunistic().identity().to_vec(),
             dane.opportunistic().identity().to_vec(),
-            sts.sts_enforce("example.org").identity().to_vec(),
+            sts.sts_enforce("example.org").unwrap().identity().to_vec(),
             sts.sts_testing("example.org").identity().to_vec(),
             dane.dane("mx.example.org", tlsa(1))
                 .unwrap()
@@ -549,10 +545,15 @@ mod tests {
                 assert_ne!(a, b);
             }
         }
-        assert_eq!(sts.sts_enforce("example.org").policy, TlsPolicy::Verify);
+        assert_eq!(
+            sts.sts_enforce("example.org").unwrap().policy,
+            TlsPolicy::Verify
+        );
+        assert!(opp.sts_enforce("example.org").is_none());
         assert_eq!(dane.dane_unauthenticated("x").policy, TlsPolicy::Required);
         assert!(sts
             .sts_enforce("example.org")
+            .unwrap()
             .explain("bad certificate".into())
             .starts_with("MTA-STS policy of example.org (enforce): "));
     }

@@ -66,6 +66,17 @@ pub const DIRECTORY_SOURCE_UP: &str = "coexist_directory_source_up";
 pub const LDAP_SYNCS: &str = "coexist_ldap_syncs_total";
 /// TLS handshakes, by `side` (inbound/outbound) and `result` (ok/failed).
 pub const TLS_HANDSHAKES: &str = "coexist_tls_handshakes_total";
+/// MTA-STS policy fetches over HTTPS, by `result` (ok/failed).
+pub const MTA_STS_FETCHES: &str = "coexist_mta_sts_fetches_total";
+/// What an MTA-STS policy refused (`mode` enforce: not delivered there; `mode` testing:
+/// delivered anyway), by `reason` (mx: MX host not listed; certificate: not valid for it;
+/// starttls: not offered).
+pub const MTA_STS_REFUSALS: &str = "coexist_mta_sts_refusals_total";
+/// DANE TLSA lookups per MX host, by `result`: secure (usable records), unusable (secure
+/// but none usable), none (no TLSA), insecure (unsigned), bogus (validation failed).
+pub const DANE_LOOKUPS: &str = "coexist_dane_tlsa_lookups_total";
+/// Certificates checked against TLSA records, by `result` (match/mismatch).
+pub const DANE_VERIFICATIONS: &str = "coexist_dane_verifications_total";
 /// Config reloads, by `result` (ok/refused).
 pub const CONFIG_RELOADS: &str = "coexist_config_reloads_total";
 /// 1 while a next hop is throttled (paused, or ramping back up), by `next_hop`.

@@ -235,7 +235,7 @@ pub fn explain(
                 rewritten: d
                     .map(|d| d.to[0].to_string())
                     .filter(|to| *to != addr.to_string()),
-                tls: d.map(|d| format!("{:?}", d.tls).to_lowercase()),
+                tls: d.map(|d| d.tls.name().to_string()),
                 tls_name: d.and_then(|d| d.tls_name.clone()),
                 dsn_route: dsn.route_of(0).map(|r| r.as_str().to_string()),
                 lookup,

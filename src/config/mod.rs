@@ -16,7 +16,7 @@ mod values;
 
 pub use schema::{
     AdminConfig, DeliveryConfig, DirectoryConfig, DnsConfig, FleetConfig, LdapConfig, LdapFlavor,
-    PolicyConfig, QueueConfig, RouteConfig, ServerConfig, SpoolConfig, TlsConfig,
+    MtaStsConfig, PolicyConfig, QueueConfig, RouteConfig, ServerConfig, SpoolConfig, TlsConfig,
 };
 pub use values::{NextHop, Percent, TlsPolicy, Unknown, ValueError};
 

@@ -16,6 +16,11 @@ pub struct DnsConfig {
     /// `ip:port` of name servers; empty (the default) means the system's (/etc/resolv.conf).
     #[serde(default)]
     pub nameservers: Vec<SocketAddr>,
+    /// DNSSEC trust anchor for `tls = "dane"` routes: a file of DNSKEY (or DS-less DNSKEY)
+    /// records for the root zone in zone-file syntax. Default: the IANA root keys built in.
+    /// Set it only for a lab or test with its own signed root.
+    #[serde(default)]
+    pub trust_anchor: Option<PathBuf>,
 }
 
 /// `[policy]`: who is trusted, what is stripped from everyone else, per-client limits.
@@ -429,6 +434,9 @@ pub struct DeliveryConfig {
     /// Transactions in flight per next-hop address, across routes.
     #[serde(default = "default_concurrency")]
     pub hop_concurrency: usize,
+    /// `[delivery.mta_sts]`: fetching and caching MTA-STS policies (`tls = "mta-sts"`).
+    #[serde(default)]
+    pub mta_sts: MtaStsConfig,
 }
 
 impl Default for DeliveryConfig {
@@ -437,8 +445,49 @@ impl Default for DeliveryConfig {
             timeout: default_delivery_timeout(),
             external_route: None,
             hop_concurrency: default_concurrency(),
+            mta_sts: MtaStsConfig::default(),
         }
     }
+}
+
+/// `[delivery.mta_sts]`: how MTA-STS policies (RFC 8461) are fetched and kept.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtaStsConfig {
+    /// Time limit for one policy fetch (connect, TLS, request and the whole response).
+    #[serde(default = "default_mta_sts_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Where fetched policies are kept across restarts (one small JSON file per domain).
+    /// Default: `mta-sts` under `spool.dir`.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// PEM CA bundle that the policy host's certificate must chain to, instead of the
+    /// system roots. For tests and labs only: on the internet, policies are served with
+    /// WebPKI certificates.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Port of the policy host. RFC 8461 fixes 443; another port is for tests and labs
+    /// only.
+    #[serde(default = "default_https_port")]
+    pub https_port: u16,
+}
+
+impl Default for MtaStsConfig {
+    fn default() -> Self {
+        MtaStsConfig {
+            timeout: default_mta_sts_timeout(),
+            cache_dir: None,
+            ca_file: None,
+            https_port: default_https_port(),
+        }
+    }
+}
+
+fn default_mta_sts_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_https_port() -> u16 {
+    443
 }
 
 /// `[routes.NAME]`.

@@ -3,7 +3,7 @@
 //! found in the text by `locate`.
 
 use super::locate::find_key;
-use super::{Config, ConfigError, Unknown};
+use super::{Config, ConfigError, TlsPolicy, Unknown};
 
 impl Config {
     pub(super) fn validate(&self, text: &str, file: &str) -> Result<(), ConfigError> {
@@ -213,6 +213,29 @@ impl Config {
                     "must be above zero and not above throttle_max_pause".into(),
                 ));
             }
+            if matches!(route.tls, TlsPolicy::MtaSts | TlsPolicy::Dane) {
+                if route.mx.is_none() {
+                    return Err(fail(
+                        &table,
+                        "tls",
+                        format!(
+                            "{:?} applies to MX hosts found in DNS: the route needs `mx`, not \
+                             `next_hops`",
+                            route.tls.name()
+                        ),
+                    ));
+                }
+                if route.tls_name.is_some() {
+                    return Err(fail(
+                        &table,
+                        "tls_name",
+                        format!(
+                            "not used with tls = {:?}: the MX host's own name is checked",
+                            route.tls.name()
+                        ),
+                    ));
+                }
+            }
         }
         if let Some(r) = &self.delivery.external_route {
             if !self.routes.contains_key(r) {
@@ -280,6 +303,13 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if self.delivery.mta_sts.https_port == 0 || self.delivery.mta_sts.timeout.is_zero() {
+            return Err(fail(
+                "delivery.mta_sts",
+                "https_port",
+                "https_port and timeout must be more than 0".into(),
+            ));
         }
         if self.queue.min_backoff.is_zero() || self.queue.min_backoff > self.queue.max_backoff {
             return Err(fail(

@@ -150,6 +150,28 @@ pub enum TlsPolicy {
     /// Like `required`, and the certificate must be valid for the expected name (system
     /// roots, or `tls_ca_file`).
     Verify,
+    /// MTA-STS (RFC 8461), for routes that deliver by MX: the MX domain's published policy
+    /// decides (`enforce`: only listed MX hosts, STARTTLS and a certificate valid for the
+    /// host; `testing` or no policy: opportunistic).
+    #[serde(rename = "mta-sts")]
+    MtaSts,
+    /// DANE (RFC 7672), for routes that deliver by MX: DNSSEC-secure TLSA records of an MX
+    /// host make STARTTLS mandatory and pin its certificate; without them, opportunistic.
+    Dane,
+}
+
+impl TlsPolicy {
+    /// The name written in the config (`opportunistic`, `mta-sts`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsPolicy::None => "none",
+            TlsPolicy::Opportunistic => "opportunistic",
+            TlsPolicy::Required => "required",
+            TlsPolicy::Verify => "verify",
+            TlsPolicy::MtaSts => "mta-sts",
+            TlsPolicy::Dane => "dane",
+        }
+    }
 }
 
 /// A next hop written `host:port`, `ip:port` or `[ipv6]:port` (port 25 when omitted).

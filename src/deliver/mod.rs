@@ -31,8 +31,10 @@
 //! failover over a route's next hops; `transaction` drives one MAIL/RCPT/DATA-BDAT
 //! exchange and writes the message bytes.
 
+pub mod dane;
 pub mod dns;
 pub mod hops;
+pub mod mta_sts;
 pub mod pool;
 pub mod tls;
 mod transaction;
@@ -63,9 +65,9 @@ pub enum HopError {
     /// The greeting or EHLO was refused or unreadable.
     #[error("{0} refused the session: {1}")]
     Refused(SocketAddr, String),
-    /// The route needs TLS and the next hop does not offer STARTTLS.
-    #[error("{0} does not offer STARTTLS and the route requires TLS")]
-    TlsUnavailable(SocketAddr),
+    /// The route (or the policy named) needs TLS and the next hop does not offer STARTTLS.
+    #[error("{0} does not offer STARTTLS and {1} requires TLS")]
+    TlsUnavailable(SocketAddr, String),
     /// STARTTLS failed.
     #[error("TLS with {0} failed: {1}")]
     Tls(SocketAddr, String),
@@ -204,9 +206,11 @@ impl Connection {
         let offers_tls = ehlo.has_capability(EXT_START_TLS);
         let want_tls = match tls.policy {
             TlsPolicy::None => false,
-            TlsPolicy::Opportunistic => offers_tls,
+            // `mta-sts` and `dane` are resolved per next hop (see `resolve`); unresolved
+            // (the load tool), they are opportunistic.
+            TlsPolicy::Opportunistic | TlsPolicy::MtaSts | TlsPolicy::Dane => offers_tls,
             TlsPolicy::Required | TlsPolicy::Verify if !offers_tls => {
-                return Err(HopError::TlsUnavailable(addr))
+                return Err(HopError::TlsUnavailable(addr, tls.requirer()))
             }
             TlsPolicy::Required | TlsPolicy::Verify => true,
         };
@@ -224,6 +228,7 @@ impl Connection {
             (c, times)
         };
         if !want_tls {
+            tls.report_clear_text(addr);
             return Ok(ready(Client::Plain(c), ehlo.capabilities()));
         }
         let name = tls.server_name(host);
@@ -231,7 +236,7 @@ impl Connection {
         let result = if started.is_ok() { "ok" } else { "failed" };
         metrics::counter!(crate::metrics::TLS_HANDSHAKES, "side" => "outbound", "result" => result)
             .increment(1);
-        let mut t = started.map_err(|e| HopError::Tls(addr, e.to_string()))?;
+        let mut t = started.map_err(|e| HopError::Tls(addr, tls.explain(e.to_string())))?;
         let ehlo = t
             .ehlo(helo)
             .await
@@ -335,28 +340,72 @@ pub enum Target<'a> {
     Mx(&'a str, u16),
 }
 
-/// The addresses to try for `target`, in order, each with the host name it came from.
+/// One address to try: where, the host name it came from, and the TLS settings for it.
+pub(crate) struct Hop {
+    addr: SocketAddr,
+    host: String,
+    tls: RouteTls,
+}
+
+/// The addresses to try for `target`, in order, each with the host name it came from and
+/// its TLS settings: the route's, or for `mta-sts` and `dane` routes to MX hosts what the
+/// domain's policy or the host's TLSA records give (`mta_sts::hops`, `dane::hops`).
 async fn resolve(
     dns: &dns::Dns,
     target: &Target<'_>,
-) -> Result<Vec<(SocketAddr, String)>, dns::DnsError> {
-    let hosts: Vec<(String, u16)> = match target {
-        Target::Hops(hops) => hops.iter().map(|h| (h.host.clone(), h.port)).collect(),
-        Target::Mx(domain, port) => dns
+    tls: &RouteTls,
+) -> Result<Vec<Hop>, dns::DnsError> {
+    let hosts: Vec<(String, u16, RouteTls)> = match (target, tls.policy) {
+        (Target::Mx(domain, port), TlsPolicy::MtaSts) => {
+            return mta_sts::hops(dns, domain, *port, tls).await
+        }
+        (Target::Mx(domain, port), TlsPolicy::Dane) => {
+            return dane::hops(dns, domain, *port, tls).await
+        }
+        (Target::Hops(hops), _) => hops
+            .iter()
+            .map(|h| (h.host.clone(), h.port, tls.clone()))
+            .collect(),
+        (Target::Mx(domain, port), _) => dns
             .mx_hosts(domain)
             .await?
             .into_iter()
-            .map(|h| (h, *port))
+            .map(|h| (h, *port, tls.clone()))
             .collect(),
     };
     let mut out = Vec::new();
     let mut last = None;
-    for (host, port) in hosts {
+    for (host, port, tls) in hosts {
         match dns.addresses(&host).await {
-            Ok(ips) => out.extend(
-                ips.into_iter()
-                    .map(|ip| (SocketAddr::new(ip, port), host.clone())),
-            ),
+            Ok(ips) => out.extend(ips.into_iter().map(|ip| Hop {
+                addr: SocketAddr::new(ip, port),
+                host: host.clone(),
+                tls: tls.clone(),
+            })),
+            Err(e) => last = Some(e),
+        }
+    }
+    match (out.is_empty(), last) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(out),
+    }
+}
+
+/// The addresses of `hosts` on `port`, each with its TLS settings (for `mta_sts::hops`).
+async fn addresses(
+    dns: &dns::Dns,
+    hosts: Vec<(String, RouteTls)>,
+    port: u16,
+) -> Result<Vec<Hop>, dns::DnsError> {
+    let mut out = Vec::new();
+    let mut last = None;
+    for (host, tls) in hosts {
+        match dns.addresses(&host).await {
+            Ok(ips) => out.extend(ips.into_iter().map(|ip| Hop {
+                addr: SocketAddr::new(ip, port),
+                host: host.clone(),
+                tls: tls.clone(),
+            })),
             Err(e) => last = Some(e),
         }
     }
@@ -441,7 +490,7 @@ pub async fn deliver(
             throttled = Some((until, why));
         }
     };
-    let addrs = match resolve(dns, target).await {
+    let addrs = match resolve(dns, target, hello.tls).await {
         Ok(a) => a,
         Err(e @ dns::DnsError::NullMx(_)) => {
             return Attempt {
@@ -461,8 +510,10 @@ pub async fn deliver(
             Vec::new()
         }
     };
-    for (hop, host) in &addrs {
-        let (hop, host) = (*hop, host.as_str());
+    for Hop { addr, host, tls } in &addrs {
+        let (hop, host) = (*addr, host.as_str());
+        // This host's TLS settings (what its MTA-STS policy or TLSA records give).
+        let hello = Hello { tls, ..hello };
         match pool.admit(hop) {
             Admission::Skip(wait) => {
                 last_error = format!(

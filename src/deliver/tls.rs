@@ -27,6 +27,28 @@ pub struct RouteTls {
     pub name: Option<String>,
     /// Digest of the material behind `connector` (see the module docs).
     identity: Arc<[u8]>,
+    /// The policy that gave a next hop these settings (MTA-STS, DANE), named in TLS errors.
+    why: Option<Arc<str>>,
+    /// MTA-STS `testing`: a session without TLS is logged and counted.
+    report_clear: bool,
+    /// For `mta-sts` and `dane` routes: what per-hop settings are made from.
+    internet: Option<Arc<Internet>>,
+}
+
+/// What the per-hop settings of an `mta-sts` or `dane` route are made from (the trusted
+/// roots for MTA-STS `enforce` are the route's: system, or `tls_ca_file`).
+struct Internet {
+    /// The route's client certificate and key.
+    client: Option<ClientAuth>,
+    /// Verifies with `roots` (MTA-STS `enforce`).
+    strict: TlsConnector,
+    /// Verifies with `roots` but only reports failures (MTA-STS `testing`).
+    report: TlsConnector,
+}
+
+fn clone_client(c: &Option<ClientAuth>) -> Option<ClientAuth> {
+    c.as_ref()
+        .map(|(chain, key)| (chain.clone(), key.clone_key()))
 }
 
 impl RouteTls {
@@ -37,6 +59,9 @@ impl RouteTls {
             connector: build(false, None, None).unwrap_or_else(|_| unverified_fallback()),
             name: None,
             identity: identity(policy, None, None),
+            why: None,
+            report_clear: false,
+            internet: None,
         }
     }
 
@@ -47,7 +72,8 @@ impl RouteTls {
             (Some(c), Some(k)) => Some((load_certs(c)?, load_key(k)?)),
             _ => None,
         };
-        let roots = if r.tls == TlsPolicy::Verify {
+        let needs_roots = matches!(r.tls, TlsPolicy::Verify | TlsPolicy::MtaSts);
+        let roots = if needs_roots {
             Some(match &r.tls_ca_file {
                 Some(f) => load_certs(f)?,
                 None => crate::certs::system_roots(),
@@ -56,12 +82,149 @@ impl RouteTls {
             None
         };
         let identity = identity(r.tls, roots.as_deref(), client.as_ref());
+        let internet = match r.tls {
+            TlsPolicy::MtaSts | TlsPolicy::Dane => {
+                let roots = roots.clone().unwrap_or_default();
+                let webpki = || webpki_verifier(&roots);
+                Some(Arc::new(Internet {
+                    strict: build_with(webpki()?, clone_client(&client))?,
+                    report: build_with(
+                        Arc::new(ReportOnly {
+                            inner: webpki()?,
+                            provider: provider(),
+                        }),
+                        clone_client(&client),
+                    )?,
+                    client: clone_client(&client),
+                }))
+            }
+            _ => None,
+        };
+        let verify = r.tls == TlsPolicy::Verify;
         Ok(RouteTls {
             policy: r.tls,
-            connector: build(r.tls == TlsPolicy::Verify, roots, client)?,
+            connector: build(verify, roots.filter(|_| verify), client)?,
             name: r.tls_name.clone(),
             identity,
+            why: None,
+            report_clear: false,
+            internet,
         })
+    }
+
+    /// These settings for one next hop, with `policy`, `connector` and a tag added to the
+    /// identity.
+    fn for_hop(
+        &self,
+        policy: TlsPolicy,
+        connector: TlsConnector,
+        tag: &[&[u8]],
+        why: Option<String>,
+    ) -> RouteTls {
+        let mut parts: Vec<&[u8]> = vec![&self.identity];
+        parts.extend_from_slice(tag);
+        RouteTls {
+            policy,
+            connector,
+            name: None,
+            identity: sha256(&parts),
+            why: why.map(Arc::from),
+            report_clear: false,
+            internet: None,
+        }
+    }
+
+    /// Opportunistic TLS for a next hop of an `mta-sts` or `dane` route without a policy.
+    pub fn opportunistic(&self) -> RouteTls {
+        self.for_hop(
+            TlsPolicy::Opportunistic,
+            self.connector.clone(),
+            &[b"opportunistic"],
+            None,
+        )
+    }
+
+    /// STARTTLS required, the certificate valid for the MX host (MTA-STS `enforce` of
+    /// `domain`); `None` for settings not made from an `mta-sts` or `dane` route.
+    pub fn sts_enforce(&self, domain: &str) -> Option<RouteTls> {
+        let connector = self.internet.as_ref()?.strict.clone();
+        let why = format!("MTA-STS policy of {domain} (enforce)");
+        Some(self.for_hop(
+            TlsPolicy::Verify,
+            connector,
+            &[b"mta-sts enforce"],
+            Some(why),
+        ))
+    }
+
+    /// Opportunistic TLS whose certificate failures are logged and counted (MTA-STS
+    /// `testing` of `domain`).
+    pub fn sts_testing(&self, domain: &str) -> RouteTls {
+        let connector = self
+            .internet
+            .as_ref()
+            .map(|i| i.report.clone())
+            .unwrap_or_else(|| self.connector.clone());
+        let why = format!("MTA-STS policy of {domain} (testing)");
+        RouteTls {
+            report_clear: true,
+            ..self.for_hop(
+                TlsPolicy::Opportunistic,
+                connector,
+                &[b"mta-sts testing"],
+                Some(why),
+            )
+        }
+    }
+
+    /// Under MTA-STS `testing`, logs and counts a session that goes without TLS (`enforce`
+    /// would have refused it).
+    pub fn report_clear_text(&self, addr: std::net::SocketAddr) {
+        if self.report_clear {
+            metrics::counter!(crate::metrics::MTA_STS_REFUSALS, "mode" => "testing", "reason" => "starttls").increment(1);
+            tracing::warn!(next_hop = %addr, policy = self.why.as_deref().unwrap_or(""), "MTA-STS (testing): no STARTTLS; delivering in clear text");
+        }
+    }
+
+    /// STARTTLS required and the certificate matched against `tlsa` (DANE, RFC 7672) for the
+    /// MX host `host`.
+    pub fn dane(&self, host: &str, tlsa: Vec<super::dane::Tlsa>) -> Result<RouteTls, TlsError> {
+        let mut tag: Vec<Vec<u8>> = vec![b"dane".to_vec()];
+        tag.extend(tlsa.iter().map(|t| t.key()));
+        let verifier = Arc::new(super::dane::DaneVerifier::new(tlsa, provider()));
+        let client = self.internet.as_ref().and_then(|i| clone_client(&i.client));
+        let connector = build_with(verifier, client)?;
+        let tag: Vec<&[u8]> = tag.iter().map(|t| t.as_slice()).collect();
+        let why = format!("DANE TLSA records of {host}");
+        Ok(self.for_hop(TlsPolicy::Verify, connector, &tag, Some(why)))
+    }
+
+    /// STARTTLS required without authentication: DNSSEC-secure TLSA records of `host`
+    /// exist but none is usable (RFC 7672 2.2).
+    pub fn dane_unauthenticated(&self, host: &str) -> RouteTls {
+        let why = format!("DANE (unusable TLSA records) of {host}");
+        self.for_hop(
+            TlsPolicy::Required,
+            self.connector.clone(),
+            &[b"dane unusable"],
+            Some(why),
+        )
+    }
+
+    /// What requires TLS of a next hop: the policy that chose these settings, or the route.
+    pub fn requirer(&self) -> String {
+        match &self.why {
+            Some(w) => w.to_string(),
+            None => "the route".into(),
+        }
+    }
+
+    /// `reason` with the policy that chose these settings, if any.
+    pub fn explain(&self, reason: String) -> String {
+        match &self.why {
+            Some(w) => format!("{w}: {reason}"),
+            None => reason,
+        }
     }
 
     /// What tells sessions made with these settings apart from sessions made with others:
@@ -90,6 +253,8 @@ fn identity(
         TlsPolicy::Opportunistic => b"opportunistic",
         TlsPolicy::Required => b"required",
         TlsPolicy::Verify => b"verify",
+        TlsPolicy::MtaSts => b"mta-sts",
+        TlsPolicy::Dane => b"dane",
     }];
     match roots {
         Some(roots) => {
@@ -144,6 +309,138 @@ fn build(
         None => builder.with_no_client_auth(),
     };
     Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// A connector that checks certificates with `verifier`, presenting `client` if set.
+fn build_with(
+    verifier: Arc<dyn ServerCertVerifier>,
+    client: Option<ClientAuth>,
+) -> Result<TlsConnector, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let config = match client {
+        Some((certs, key)) => builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// rustls' WebPKI verifier over `roots`.
+fn webpki_verifier(
+    roots: &[CertificateDer<'static>],
+) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
+    let mut store = rustls::RootCertStore::empty();
+    store.add_parsable_certificates(roots.to_vec());
+    if store.is_empty() {
+        // WebPKI refuses an empty store; a store that trusts nothing is what it means.
+        return Ok(Arc::new(TrustNothing(provider())));
+    }
+    rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider())
+        .build()
+        .map(|v| v as Arc<dyn ServerCertVerifier>)
+        .map_err(|e| TlsError::Config(e.to_string()))
+}
+
+/// Refuses every certificate (MTA-STS `enforce` with no trusted roots at all).
+#[derive(Debug)]
+struct TrustNothing(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for TrustNothing {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ))
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Checks like `inner`, but a refused certificate is only logged and counted (MTA-STS
+/// `testing`): the session goes on as opportunistic TLS.
+#[derive(Debug)]
+struct ReportOnly {
+    inner: Arc<dyn ServerCertVerifier>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for ReportOnly {
+    fn verify_server_cert(
+        &self,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Err(e) = self
+            .inner
+            .verify_server_cert(ee, intermediates, name, ocsp, now)
+        {
+            metrics::counter!(crate::metrics::MTA_STS_REFUSALS, "mode" => "testing", "reason" => "certificate").increment(1);
+            tracing::warn!(server = ?name, error = %e, "MTA-STS (testing): certificate not valid; delivering anyway");
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// Only reached if rustls refused TLS 1.2/1.3 with aws-lc-rs, which it supports.
@@ -205,4 +502,59 @@ pub fn route_tls(
         .iter()
         .map(|(name, r)| RouteTls::from_route(r).map(|t| (name.clone(), t)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(tls: &str) -> RouteTls {
+        let r: RouteConfig =
+            toml::from_str(&format!("mx = \"example.org\"\ntls = \"{tls}\"\n")).unwrap();
+        RouteTls::from_route(&r).unwrap()
+    }
+
+    #[test]
+    fn per_hop_settings_have_their_own_identity() {
+        let (sts, dane, opp) = (route("mta-sts"), route("dane"), route("opportunistic"));
+        assert_eq!(sts.policy, TlsPolicy::MtaSts);
+        assert_eq!(dane.policy, TlsPolicy::Dane);
+        let tlsa = |b: u8| vec![super::super::dane::Tlsa::usable(3, 1, 1, &[b; 32]).unwrap()];
+        let ids = [
+            opp.identity().to_vec(),
+            sts.identity().to_vec(),
+            dane.identity().to_vec(),
+            sts.opportunistic().identity().to_vec(),
+            dane.opportunistic().identity().to_vec(),
+            sts.sts_enforce("example.org").unwrap().identity().to_vec(),
+            sts.sts_testing("example.org").identity().to_vec(),
+            dane.dane("mx.example.org", tlsa(1))
+                .unwrap()
+                .identity()
+                .to_vec(),
+            dane.dane("mx.example.org", tlsa(2))
+                .unwrap()
+                .identity()
+                .to_vec(),
+            dane.dane_unauthenticated("mx.example.org")
+                .identity()
+                .to_vec(),
+        ];
+        for (i, a) in ids.iter().enumerate() {
+            for b in &ids[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(
+            sts.sts_enforce("example.org").unwrap().policy,
+            TlsPolicy::Verify
+        );
+        assert!(opp.sts_enforce("example.org").is_none());
+        assert_eq!(dane.dane_unauthenticated("x").policy, TlsPolicy::Required);
+        assert!(sts
+            .sts_enforce("example.org")
+            .unwrap()
+            .explain("bad certificate".into())
+            .starts_with("MTA-STS policy of example.org (enforce): "));
+    }
 }

@@ -90,7 +90,7 @@ pub enum QueueError {
     Tls(#[from] crate::certs::TlsError),
     /// The resolver could not be set up.
     #[error("DNS: {0}")]
-    Dns(#[source] hickory_resolver::net::NetError),
+    Dns(#[source] deliver::dns::SetupError),
     /// The spool could not be read.
     #[error(transparent)]
     Spool(#[from] crate::spool::SpoolError),
@@ -243,8 +243,7 @@ impl Queue {
             directory,
             limits: ArcSwap::from_pointee(route_limits(&config)),
             tls: ArcSwap::from_pointee(route_tls),
-            dns: deliver::dns::Dns::new(&config.dns.nameservers, config.delivery.timeout)
-                .map_err(QueueError::Dns)?,
+            dns: deliver::dns::Dns::for_config(&config).map_err(QueueError::Dns)?,
             active: Arc::new(Semaphore::new(config.queue.max_active)),
             recent: recent::Recent::new(config.queue.recent_outcomes),
             hop_routes: Mutex::new(HashMap::new()),

@@ -135,7 +135,8 @@ impl Delivery {
     }
 }
 
-/// The result of planning.
+/// The result of planning. A route with `recipient_mx` has one delivery per recipient
+/// domain; every other route at most one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     /// Deliveries in route-name order.
@@ -268,23 +269,38 @@ pub fn plan<'a>(
                 .push((route, members.iter().map(|m| m.0).collect()));
             continue;
         };
-        plan.deliveries.push(Delivery {
-            route,
+        let delivery = |members: &[Member<'a>], target: Target| Delivery {
+            route: route.clone(),
             rcpts: members.iter().map(|m| m.0).collect(),
             rules: members.iter().map(|m| m.2).collect(),
             to: members
                 .iter()
                 .map(|m| sent_as(rc, m.1, m.3.as_ref()))
                 .collect(),
-            target: match &rc.mx {
-                Some(d) => Target::Mx(d.clone(), rc.port),
-                None => Target::Hops(rc.next_hops.clone()),
-            },
+            target,
             tls: rc.tls,
             tls_name: rc.tls_name.clone(),
             max_rcpts: rc.max_recipients_per_transaction,
             max_message_size: rc.max_message_size,
-        });
+        };
+        if rc.recipient_mx {
+            // One delivery per recipient domain, to that domain's MX hosts.
+            let mut by_domain: BTreeMap<Domain, Vec<Member<'a>>> = BTreeMap::new();
+            for m in members {
+                let domain = sent_as(rc, m.1, m.3.as_ref()).domain().clone();
+                by_domain.entry(domain).or_default().push(m);
+            }
+            for (domain, members) in by_domain {
+                let target = Target::Mx(domain, rc.port);
+                plan.deliveries.push(delivery(&members, target));
+            }
+            continue;
+        }
+        let target = match &rc.mx {
+            Some(d) => Target::Mx(d.clone(), rc.port),
+            None => Target::Hops(rc.next_hops.clone()),
+        };
+        plan.deliveries.push(delivery(&members, target));
     }
     plan
 }

@@ -108,3 +108,46 @@ async fn null_mx_fails_the_recipient_with_a_dsn() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internet_route_delivers_each_dsn_to_its_senders_own_mx() {
+    // Two outside senders' domains, each with its MX host on its own loopback address.
+    let (a, b) = sinks_on_one_port().await;
+    let port = a.addr.port();
+    let ns = dns::start(vec![
+        ("example.org", Rec::Mx(10, "mx.example.org".into())),
+        ("mx.example.org", Rec::A("127.0.0.2".parse().unwrap())),
+        ("example.net", Rec::Mx(10, "mx.example.net".into())),
+        ("mx.example.net", Rec::A("127.0.0.1".parse().unwrap())),
+    ])
+    .await;
+    let h = harness(|c| {
+        c.dns.nameservers = vec![ns];
+        let mut internet = c.routes["onprem"].clone();
+        internet.next_hops = Vec::new();
+        internet.recipient_mx = true;
+        internet.port = port;
+        c.routes.insert("internet".into(), internet);
+        c.delivery.external_route = Some("internet".into());
+    })
+    .await;
+    // Refused on premises (`reject…`): each sender gets a DSN at its own MX.
+    for sender in ["x@example.org", "y@example.net"] {
+        let mut c = connect(h.addr).await;
+        c.expect("EHLO client.test", 250).await;
+        c.expect(&format!("MAIL FROM:<{sender}>"), 250).await;
+        c.expect("RCPT TO:<reject-me@nhs.test>", 250).await;
+        c.expect("DATA", 354).await;
+        let mut body = Vec::new();
+        coexist::deliver::dot_stuff(&sample("to bounce"), &mut body);
+        c.send(&body).await;
+        assert_eq!(c.reply().await.code, 250);
+    }
+    assert_eq!(wait(&a, 1).await, 1);
+    assert_eq!(wait(&b, 1).await, 1);
+    h.settled().await;
+    let rcpt = |s: &Sink| s.state.messages()[0].rcpts[0].to_string();
+    assert_eq!(rcpt(&a), "x@example.org", "127.0.0.2 is example.org's MX");
+    assert_eq!(rcpt(&b), "y@example.net", "127.0.0.1 is example.net's MX");
+    assert!(a.state.messages()[0].from.is_none(), "a DSN, from <>");
+}

@@ -501,6 +501,11 @@ pub struct RouteConfig {
     /// A/AAAA; the domain itself when it has no MX), e.g. `tenant-com.mail.protection.outlook.com`.
     #[serde(default)]
     pub mx: Option<Domain>,
+    /// Instead of `next_hops` or `mx`: deliver to the MX hosts of each recipient's own
+    /// domain (the route that carries DSNs and other mail to the internet, e.g. the
+    /// `delivery.external_route`).
+    #[serde(default)]
+    pub recipient_mx: bool,
     /// Port for MX hosts.
     #[serde(default = "default_smtp_port")]
     pub port: u16,

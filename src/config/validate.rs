@@ -175,11 +175,16 @@ impl Config {
             if name == "reject" {
                 return Err(fail(&table, "", "`reject` is reserved".into()));
             }
-            if route.next_hops.is_empty() == route.mx.is_none() {
+            let targets = usize::from(!route.next_hops.is_empty())
+                + usize::from(route.mx.is_some())
+                + usize::from(route.recipient_mx);
+            if targets != 1 {
                 return Err(fail(
                     &table,
                     "next_hops",
-                    "give either `next_hops` (at least one host:port) or `mx`, not both".into(),
+                    "give exactly one of `next_hops` (at least one host:port), `mx` or \
+                     `recipient_mx = true`"
+                        .into(),
                 ));
             }
             if route.client_cert.is_some() != route.client_key.is_some() {
@@ -214,13 +219,13 @@ impl Config {
                 ));
             }
             if matches!(route.tls, TlsPolicy::MtaSts | TlsPolicy::Dane) {
-                if route.mx.is_none() {
+                if route.mx.is_none() && !route.recipient_mx {
                     return Err(fail(
                         &table,
                         "tls",
                         format!(
-                            "{:?} applies to MX hosts found in DNS: the route needs `mx`, not \
-                             `next_hops`",
+                            "{:?} applies to MX hosts found in DNS: the route needs `mx` or \
+                             `recipient_mx`, not `next_hops`",
                             route.tls.name()
                         ),
                     ));

@@ -188,7 +188,10 @@ pub(super) async fn attempt(
             metrics::counter!(m::ATTEMPTS, "route" => d.route.as_str().to_string(), "next_hop" => hop).increment(1);
             // No next hop answered and nobody refused: the route's hops are unreachable.
             // Throttled hops are not unreachable: they answered "slow down".
-            let reached = a.next_hop.is_some()
+            // A route to each recipient domain's MX hosts is not down when one domain's are.
+            let per_domain = rc.is_some_and(|r| r.recipient_mx);
+            let reached = per_domain
+                || a.next_hop.is_some()
                 || a.throttled_until_ms.is_some()
                 || !a.outcomes.iter().all(|o| matches!(o, RcptOutcome::Deferred(_)));
             let report = RouteReport {

@@ -67,6 +67,9 @@ impl Queue {
             if let Some(mx) = &route.mx {
                 hops.push((format!("MX {mx}:{}", route.port), None));
             }
+            if route.recipient_mx {
+                hops.push((format!("MX of each recipient domain:{}", route.port), None));
+            }
             for (hop, addr) in hops {
                 let found = addr.and_then(|a| {
                     let a = a.to_string();

@@ -192,7 +192,7 @@ fn self_contained(page: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_short_run_has_a_report_document_a_chart_with_points_and_a_page() {
+async fn a_short_run_has_a_report_document_a_chart_with_points_and_a_page_a_browser_shows() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let sink = Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
@@ -284,6 +284,47 @@ async fn a_short_run_has_a_report_document_a_chart_with_points_and_a_page() {
     assert!(page.contains("×</td>"));
     let png = std::fs::read(d.join("cmp.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+
+    // The page as a reader sees it, in a real browser (headless Chromium): the title, the
+    // summary with ratios, and charts drawn with data and labelled axes; nothing fetched.
+    let browser = common::browser::Browser::start().await;
+    browser.open_file(&d.join("cmp.html")).await;
+    let h1 = browser.text("h1").await;
+    assert!(h1.starts_with("coexist load report"), "{h1}");
+    let table = browser.text("table").await;
+    assert!(
+        table.contains("acceptance rate")
+            && table.contains("coexist / postfix")
+            && table.contains('×'),
+        "{table}"
+    );
+    let seen = browser
+        .client()
+        .execute(
+            r#"const svg = document.querySelector('figure#chart svg');
+               const lines = svg ? [...svg.querySelectorAll('polyline')] : [];
+               const texts = svg ? [...svg.querySelectorAll('text')].map(t => t.textContent) : [];
+               return {
+                 width: svg ? svg.getBoundingClientRect().width : 0,
+                 longest: Math.max(0, ...lines.map(l => l.points.numberOfItems)),
+                 texts: texts.join('|'),
+                 fetched: performance.getEntriesByType('resource').length,
+                 details: document.querySelectorAll('details').length,
+               };"#,
+            vec![],
+        )
+        .await
+        .expect("script runs");
+    assert!(seen["width"].as_f64().unwrap_or(0.0) > 0.0, "{seen}");
+    assert!(seen["longest"].as_u64().unwrap_or(0) > 2, "{seen}");
+    let texts = seen["texts"].as_str().unwrap_or("");
+    assert!(
+        texts.contains("time since start (s)") && texts.contains("accepted messages/s"),
+        "{seen}"
+    );
+    assert_eq!(seen["fetched"], 0, "the page loads nothing: {seen}");
+    assert_eq!(seen["details"], 2, "one chart per run: {seen}");
+    browser.close().await;
 
     // Anything else is refused by name.
     std::fs::write(d.join("other.json"), "{\"sent\": 1}").unwrap();

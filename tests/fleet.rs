@@ -371,10 +371,11 @@ async fn postgres_cut_off_mail_flows_batches_refused_lagging_node_drains_then_re
     cfg.fleet.as_mut().unwrap().max_lag = Duration::from_secs(2);
     let a = Node::start(cfg, dir).await;
     let b = node(&hops, &schema, "mx2", &pg::url(), false).await;
-    // mx1 knows its peer (from the nodes table) before the cut.
-    eventually_async("mx1 to see mx2", || async {
+    // mx1 knows its peer and the peer's admin API (from the nodes table) before the cut:
+    // a node's row shows its admin address from its first heartbeat after the API listens.
+    eventually_async("mx1 to see mx2 and its admin API", || async {
         let st = status(&a).await;
-        if st.nodes.len() == 2 {
+        if st.nodes.len() == 2 && st.nodes.iter().all(|n| n.admin.is_some()) {
             Ok(())
         } else {
             Err(format!("{st:?}"))

@@ -403,3 +403,91 @@ async fn mail_that_comes_back_from_a_routes_next_hop_is_not_sent_there_again() {
         "{m}"
     );
 }
+
+/// A next hop that answers like an overloaded Exchange front end: `421 4.3.2` at the
+/// greeting (`at_mail` false) or to MAIL (after offering PIPELINING), then closes. Counts
+/// connections.
+async fn busy_next_hop(
+    at_mail: bool,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = count.clone();
+    const BUSY: &[u8] = b"421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, closing transmission channel\r\n";
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                if !at_mail {
+                    let _ = w.write_all(BUSY).await;
+                    return;
+                }
+                let _ = w.write_all(b"220 busy.test ESMTP\r\n").await;
+                let mut lines = tokio::io::BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let up = line.to_ascii_uppercase();
+                    if up.starts_with("EHLO") {
+                        let _ = w.write_all(b"250-busy.test\r\n250 PIPELINING\r\n").await;
+                    } else if up.starts_with("MAIL") {
+                        let _ = w.write_all(BUSY).await;
+                        return;
+                    } else if up.starts_with("QUIT") {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_421_at_the_greeting_or_to_mail_throttles_the_hop() {
+    for at_mail in [false, true] {
+        let (busy, connections) = busy_next_hop(at_mail).await;
+        let h = harness(|c| {
+            let cloud = c.routes.get_mut("cloud").unwrap();
+            cloud.next_hops = vec![busy.into()];
+            cloud.throttle_pause = Duration::from_secs(600);
+        })
+        .await;
+        let first = queue_id(&send_one(h.addr, &["bob@nhs.test"], "first").await);
+        let e = h.deferred(&first).await;
+        let reply = e.state.rcpts[0].last_reply.as_ref().unwrap().to_string();
+        assert!(reply.contains("421 4.3.2"), "at_mail {at_mail}: {reply}");
+        let second = queue_id(&send_one(h.addr, &["carol@nhs.test"], "second").await);
+        let e = h.deferred(&second).await;
+        let reply = e.state.rcpts[0].last_reply.as_ref().unwrap().to_string();
+        assert!(reply.contains("is throttled"), "at_mail {at_mail}: {reply}");
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            1,
+            "at_mail {at_mail}: the paused hop was not contacted again"
+        );
+        let (_, _, body) = http(
+            h.relay.admin_addr.unwrap(),
+            "GET",
+            "/v1/hops",
+            Some(TOKEN),
+            None,
+            b"",
+        )
+        .await;
+        let hops: Vec<coexist::admin::types::HopView> = serde_json::from_str(&body).unwrap();
+        let hop = hops
+            .iter()
+            .find(|v| v.next_hop == busy.to_string())
+            .unwrap_or_else(|| panic!("{body}"));
+        assert_eq!(hop.state, "throttled", "at_mail {at_mail}: {body}");
+        assert!(
+            hop.last_reply
+                .as_deref()
+                .unwrap_or("")
+                .contains("421 4.3.2"),
+            "{body}"
+        );
+    }
+}

@@ -211,6 +211,13 @@ impl Config {
                     "must be at least 1024 bytes (leave it out for no limit)".into(),
                 ));
             }
+            if let Some(p) = route.throttle_replies.iter().find(|p| p.class() != 4) {
+                return Err(fail(
+                    &table,
+                    "throttle_replies",
+                    format!("\"{p}\" is a permanent failure: only 4xx replies ask to slow down"),
+                ));
+            }
             if route.throttle_pause.is_zero() || route.throttle_pause > route.throttle_max_pause {
                 return Err(fail(
                     &table,

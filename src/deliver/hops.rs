@@ -1,5 +1,11 @@
 //! Per next hop: how many transactions may be in flight, and the throttled state.
 //!
+//! A next hop here is a host and port as the route names it (`next_hops`, or an MX host):
+//! its addresses share one limit and one throttled state, since a server farm behind one
+//! name (Exchange Online's MX hosts) throttles a sender as a whole, and pausing one address
+//! would only move the load to the next. Connection failures stay per address (the
+//! circuit breaker of `pool`).
+//!
 //! A next hop that answers "slow down" (a reply matching the route's `throttle_replies`,
 //! e.g. Exchange Online's `421 4.3.2` or `451 4.7.500`) is *throttled*:
 //! - its concurrency limit is halved (at least 1) and it is paused: no delivery starts a
@@ -16,7 +22,6 @@
 //! keeps the count of permits still owed.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -112,7 +117,7 @@ struct Throttle {
 /// What a next hop's state is, for `status`, `queue list`, the console and metrics.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HopView {
-    /// The next hop's address.
+    /// The next hop: `host:port` as the route names it (for a circuit open: the address).
     pub next_hop: String,
     /// `up`, `circuit open` or `throttled`.
     pub state: String,
@@ -136,7 +141,7 @@ pub struct HopView {
 /// Throttle states of all next hops.
 #[derive(Default)]
 pub(super) struct Throttles {
-    map: Mutex<HashMap<SocketAddr, Throttle>>,
+    map: Mutex<HashMap<String, Throttle>>,
 }
 
 /// What a pause is made of: the route's settings.
@@ -149,14 +154,14 @@ pub struct PauseRules {
 }
 
 impl Throttles {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Throttle>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Throttle>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The end of `addr`'s pause, while it is paused.
-    pub(super) fn paused(&self, addr: SocketAddr) -> Option<(Instant, String)> {
+    pub(super) fn paused(&self, hop: &str) -> Option<(Instant, String)> {
         let m = self.lock();
-        let t = m.get(&addr)?;
+        let t = m.get(hop)?;
         (t.paused_until > Instant::now()).then(|| (t.paused_until, t.last_reply.clone()))
     }
 
@@ -165,7 +170,7 @@ impl Throttles {
     /// already under way) do not lengthen it.
     pub(super) fn throttled(
         &self,
-        addr: SocketAddr,
+        hop: &str,
         route: &str,
         reply: &str,
         rules: PauseRules,
@@ -173,8 +178,8 @@ impl Throttles {
     ) -> (usize, Instant, bool) {
         let now = Instant::now();
         let mut m = self.lock();
-        let fresh = !m.contains_key(&addr);
-        let t = m.entry(addr).or_insert_with(|| Throttle {
+        let fresh = !m.contains_key(hop);
+        let t = m.entry(hop.to_string()).or_insert_with(|| Throttle {
             limit: current_limit,
             paused_until: now,
             pause: Duration::ZERO,
@@ -203,9 +208,9 @@ impl Throttles {
 
     /// Records a transaction `addr` took without throttling; returns the new limit when it
     /// was raised, and whether the hop is up again (back at `full`).
-    pub(super) fn succeeded(&self, addr: SocketAddr, full: usize) -> Option<(usize, bool)> {
+    pub(super) fn succeeded(&self, hop: &str, full: usize) -> Option<(usize, bool)> {
         let mut m = self.lock();
-        let t = m.get_mut(&addr)?;
+        let t = m.get_mut(hop)?;
         if t.paused_until > Instant::now() {
             return None;
         }
@@ -216,7 +221,7 @@ impl Throttles {
         t.successes = 0;
         t.limit += 1;
         if t.limit >= full {
-            m.remove(&addr);
+            m.remove(hop);
             return Some((full, true));
         }
         Some((t.limit, false))
@@ -227,8 +232,8 @@ impl Throttles {
         let now = Instant::now();
         self.lock()
             .iter()
-            .map(|(a, t)| HopView {
-                next_hop: a.to_string(),
+            .map(|(h, t)| HopView {
+                next_hop: h.clone(),
                 state: "throttled".into(),
                 limit: t.limit,
                 full_limit: full,
@@ -270,7 +275,7 @@ mod tests {
     #[test]
     fn throttling_halves_pauses_doubles_and_ramps_back_up() {
         let t = Throttles::default();
-        let a: SocketAddr = "127.0.0.1:25".parse().unwrap();
+        let a = "mx1.tenant.test:25";
         let rules = PauseRules {
             first: Duration::from_millis(1),
             max: Duration::from_millis(3),
@@ -282,7 +287,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         let (limit, _, _) = t.throttled(a, "cloud", "421 4.3.2 busy", rules, 8);
         assert_eq!(limit, 2);
-        assert_eq!(t.lock()[&a].pause, Duration::from_millis(2), "doubled");
+        assert_eq!(t.lock()[a].pause, Duration::from_millis(2), "doubled");
         std::thread::sleep(Duration::from_millis(3));
         // Two successes raise 2 -> 3, three more 3 -> 4 ... up to 8: then up again.
         let mut raised = Vec::new();

@@ -191,18 +191,25 @@ impl Connection {
         let connected = t0.elapsed();
         // Commands and data are batched into whole writes here, so Nagle only adds delay.
         let _ = c.stream.set_nodelay(true);
-        let greeting: Reply = tokio::time::timeout(timeout, c.read())
-            .await
-            .map_err(|_| HopError::Refused(addr, "greeting timeout".into()))?
-            .map_err(|e| HopError::Refused(addr, e.to_string()))?
-            .into();
+        // Read by our parser, as in the transaction: a `421 4.7.500` greeting keeps its code.
+        let greeting = match transaction::read_n(&mut c, 1, timeout).await {
+            Ok(mut r) => r.remove(0),
+            Err(TxError::ReplyTimeout) => {
+                return Err(HopError::Refused(addr, "greeting timeout".into()))
+            }
+            Err(e) => return Err(HopError::Refused(addr, e.to_string())),
+        };
         if greeting.code != 220 {
             return Err(HopError::Refused(addr, greeting.to_string()));
         }
-        let ehlo = c
-            .ehlo(helo)
-            .await
-            .map_err(|e| HopError::Refused(addr, e.to_string()))?;
+        let ehlo = c.ehlo(helo).await.map_err(|e| {
+            // A refused EHLO as the reply it was (`421 4.3.2 …`), so throttling is seen.
+            let why = match e {
+                mail_send::Error::UnexpectedReply(r) => Reply::from(r).to_string(),
+                e => e.to_string(),
+            };
+            HopError::Refused(addr, why)
+        })?;
         let offers_tls = ehlo.has_capability(EXT_START_TLS);
         let want_tls = match tls.policy {
             TlsPolicy::None => false,
@@ -514,24 +521,23 @@ pub async fn deliver(
         let (hop, host) = (*addr, host.as_str());
         // This host's TLS settings (what its MTA-STS policy or TLSA records give).
         let hello = Hello { tls, ..hello };
-        match pool.admit(hop) {
-            Admission::Skip(wait) => {
-                last_error = format!(
-                    "{hop} is down (circuit open; next probe in {} s)",
-                    wait.as_secs()
-                );
-                continue;
-            }
-            Admission::Throttled(until, reply) => {
-                met_pause(until, paused_text(hop, until, &reply));
-                continue;
-            }
-            Admission::Go | Admission::Probe => {}
+        // Limits and throttling are per host (all its addresses), circuits per address.
+        let name = hop_name(host, hop.port());
+        if let Some((until, reply)) = pool.paused(&name) {
+            met_pause(until, paused_text(&name, until, &reply));
+            continue;
         }
-        let _slot = pool.slot(hop).await;
+        if let Admission::Skip(wait) = pool.admit(hop) {
+            last_error = format!(
+                "{hop} is down (circuit open; next probe in {} s)",
+                wait.as_secs()
+            );
+            continue;
+        }
+        let _slot = pool.slot(&name).await;
         // A throttling reply may have paused the hop while this delivery waited for a slot.
-        if let Admission::Throttled(until, reply) = pool.admit(hop) {
-            met_pause(until, paused_text(hop, until, &reply));
+        if let Some((until, reply)) = pool.paused(&name) {
+            met_pause(until, paused_text(&name, until, &reply));
             continue;
         }
         let key = pool::SessionKey::new(hop, host, hello.helo, hello.tls);
@@ -544,8 +550,9 @@ pub async fn deliver(
                 let text = e.to_string();
                 if matches!(e, HopError::Refused(..)) && rules.throttles_text(&text) {
                     // "Too many connections" at the greeting: the hop is up but busy.
-                    let until = pool.throttle(hop, rules.route, &text, rules.pause);
-                    met_pause(until, paused_text(hop, until, &text));
+                    pool.report(hop, None);
+                    let until = pool.throttle(&name, rules.route, &text, rules.pause);
+                    met_pause(until, paused_text(&name, until, &text));
                 } else if matches!(e, HopError::Connect(..) | HopError::Refused(..)) {
                     pool.report(hop, Some(&text));
                     last_error = text;
@@ -559,7 +566,8 @@ pub async fn deliver(
         };
         pool.report(hop, None);
         let is_tls = conn.is_tls();
-        let (outcomes, paused) = transactions(pool, &key, conn, (host, hello), rules, out).await;
+        let (outcomes, paused) =
+            transactions(pool, &key, conn, (host, &name, hello), rules, out).await;
         metrics::counter!(crate::metrics::CONNECTIONS, "next_hop" => hop.to_string(), "reused" => if reused { "yes" } else { "no" }).increment(1);
         return Attempt {
             outcomes,
@@ -580,8 +588,17 @@ pub async fn deliver(
     }
 }
 
+/// The name of a next hop for its limits and throttled state: `host:port` (`[v6]:port`).
+fn hop_name(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// Why a delivery skipped a paused hop.
-fn paused_text(hop: SocketAddr, until: std::time::Instant, reply: &str) -> String {
+fn paused_text(hop: &str, until: std::time::Instant, reply: &str) -> String {
     let secs = until
         .saturating_duration_since(std::time::Instant::now())
         .as_secs();
@@ -597,7 +614,7 @@ async fn transactions(
     pool: &Pool,
     key: &pool::SessionKey,
     conn: Connection,
-    (host, hello): (&str, Hello<'_>),
+    (host, name, hello): (&str, &str, Hello<'_>),
     rules: &HopRules<'_>,
     out: &Outbound<'_>,
 ) -> (Vec<RcptOutcome>, Option<std::time::Instant>) {
@@ -655,17 +672,17 @@ async fn transactions(
         }
         if let Some(reply) = throttle {
             // Slow down: nothing more goes to this hop until its pause ends.
-            let until = pool.throttle(key.addr(), rules.route, &reply, rules.pause);
+            let until = pool.throttle(name, rules.route, &reply, rules.pause);
             next.extend_from_slice(later);
             defer_all(
                 &mut outcomes,
                 &next,
-                LocalError::Throttled(paused_text(key.addr(), until, &reply)),
+                LocalError::Throttled(paused_text(name, until, &reply)),
             );
             paused = Some(until);
             break;
         }
-        pool.succeeded(key.addr());
+        pool.succeeded(name);
         if progress {
             next.extend_from_slice(later);
         } else {

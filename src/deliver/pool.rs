@@ -32,6 +32,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// for longer than the interval it is made at).
 const MAX_DOWN: Duration = Duration::from_secs(60);
 
+/// Most next hops whose slots or health are kept (beyond it, idle and expired entries go).
+const MAX_HOPS: usize = 4096;
+
 /// What a pooled session may be reused for: sessions are shared only between deliveries
 /// with equal keys.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -98,15 +101,13 @@ pub enum Admission {
     Probe,
     /// Down: skip it; the next probe is due in this long.
     Skip(Duration),
-    /// Throttled and paused until then; the last throttling reply.
-    Throttled(Instant, String),
 }
 
 /// Idle connections and health, per next hop.
 pub struct Pool {
     idle: Mutex<HashMap<SessionKey, Vec<Idle>>>,
     health: Mutex<HashMap<SocketAddr, Health>>,
-    slots: Mutex<HashMap<SocketAddr, Arc<Gate>>>,
+    slots: Mutex<HashMap<String, Arc<Gate>>>,
     throttles: Throttles,
     max_idle: usize,
     per_hop: usize,
@@ -137,93 +138,111 @@ impl Pool {
             .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn gate(&self, addr: SocketAddr) -> Arc<Gate> {
+    /// The slots of next hop `hop` (`host:port`). Idle gates of hops that are up are
+    /// dropped when there are many (a route to each recipient domain's MX meets many hosts).
+    fn gate(&self, hop: &str) -> Arc<Gate> {
         let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(addr)
-            .or_insert_with(|| Arc::new(Gate::new(self.per_hop)))
-            .clone()
+        if let Some(g) = map.get(hop) {
+            return g.clone();
+        }
+        if map.len() >= MAX_HOPS {
+            map.retain(|h, g| {
+                Arc::strong_count(g) > 1
+                    || self.throttles.paused(h).is_some()
+                    || g.lock_limit() < self.per_hop
+            });
+        }
+        let g = Arc::new(Gate::new(self.per_hop));
+        map.insert(hop.to_string(), g.clone());
+        g
     }
 
-    /// Waits for a transaction slot at `addr` (held until the slot is dropped).
-    pub async fn slot(&self, addr: SocketAddr) -> Option<Slot> {
-        self.gate(addr).slot().await
+    /// Waits for a transaction slot at next hop `hop` (`host:port`; held until dropped).
+    pub async fn slot(&self, hop: &str) -> Option<Slot> {
+        self.gate(hop).slot().await
     }
 
-    /// Records a throttling `reply` from `addr` met on `route`: lowers its limit and pauses
-    /// it (see [`super::hops`]). Returns the end of the pause.
-    pub fn throttle(
-        &self,
-        addr: SocketAddr,
-        route: &str,
-        reply: &str,
-        rules: PauseRules,
-    ) -> Instant {
-        let gate = self.gate(addr);
+    /// The end of `hop`'s throttling pause and its last throttling reply, while paused.
+    pub fn paused(&self, hop: &str) -> Option<(Instant, String)> {
+        self.throttles.paused(hop)
+    }
+
+    /// Records a throttling `reply` from next hop `hop` (`host:port`) met on `route`:
+    /// lowers its limit and pauses it (see [`super::hops`]). Returns the end of the pause.
+    pub fn throttle(&self, hop: &str, route: &str, reply: &str, rules: PauseRules) -> Instant {
+        let gate = self.gate(hop);
         let current = gate.lock_limit();
-        let (limit, until, new) = self.throttles.throttled(addr, route, reply, rules, current);
+        let (limit, until, new) = self.throttles.throttled(hop, route, reply, rules, current);
         gate.set_limit(limit);
-        let hop = addr.to_string();
-        metrics::counter!(crate::metrics::HOP_THROTTLE_REPLIES, "route" => route.to_string(), "next_hop" => hop.clone()).increment(1);
-        metrics::gauge!(crate::metrics::HOP_THROTTLED, "next_hop" => hop.clone()).set(1.0);
-        metrics::gauge!(crate::metrics::HOP_CONCURRENCY, "next_hop" => hop).set(limit as f64);
+        metrics::counter!(crate::metrics::HOP_THROTTLE_REPLIES, "route" => route.to_string(), "next_hop" => hop.to_string()).increment(1);
+        metrics::gauge!(crate::metrics::HOP_THROTTLED, "next_hop" => hop.to_string()).set(1.0);
+        metrics::gauge!(crate::metrics::HOP_CONCURRENCY, "next_hop" => hop.to_string())
+            .set(limit as f64);
         if new {
             let pause = until.saturating_duration_since(Instant::now());
-            warn!(next_hop = %addr, route, limit, pause_s = pause.as_secs_f64().round(), reply, "next hop throttles: fewer transactions at once, paused");
+            warn!(
+                next_hop = hop,
+                route,
+                limit,
+                pause_s = pause.as_secs_f64().round(),
+                reply,
+                "next hop throttles: fewer transactions at once, paused"
+            );
         }
         until
     }
 
-    /// Records a transaction `addr` took without a throttling reply: a throttled hop ramps
-    /// back up.
-    pub fn succeeded(&self, addr: SocketAddr) {
-        let Some((limit, up)) = self.throttles.succeeded(addr, self.per_hop) else {
+    /// Records a transaction next hop `hop` took without a throttling reply: a throttled
+    /// hop ramps back up.
+    pub fn succeeded(&self, hop: &str) {
+        let Some((limit, up)) = self.throttles.succeeded(hop, self.per_hop) else {
             return;
         };
-        self.gate(addr).set_limit(limit);
-        let hop = addr.to_string();
-        metrics::gauge!(crate::metrics::HOP_CONCURRENCY, "next_hop" => hop.clone())
+        self.gate(hop).set_limit(limit);
+        metrics::gauge!(crate::metrics::HOP_CONCURRENCY, "next_hop" => hop.to_string())
             .set(limit as f64);
         if up {
-            metrics::gauge!(crate::metrics::HOP_THROTTLED, "next_hop" => hop).set(0.0);
-            info!(next_hop = %addr, limit, "next hop no longer throttled");
+            metrics::gauge!(crate::metrics::HOP_THROTTLED, "next_hop" => hop.to_string()).set(0.0);
+            info!(next_hop = hop, limit, "next hop no longer throttled");
         }
     }
 
-    /// Every next hop met so far: up, circuit open or throttled, with its limit.
+    /// Every next hop met so far: up, circuit open (by address) or throttled (by host and
+    /// port), with its limit.
     pub fn hop_views(&self) -> Vec<HopView> {
         let mut views = self.throttles.views(self.per_hop);
+        let mut seen: std::collections::HashSet<String> =
+            views.iter().map(|v| v.next_hop.clone()).collect();
         let now = Instant::now();
         {
             let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
             for (a, e) in h.iter() {
-                if views.iter().any(|v| v.next_hop == a.to_string()) {
+                let (Some(t), true) = (e.down_until, seen.insert(a.to_string())) else {
                     continue;
-                }
-                if let Some(t) = e.down_until {
-                    views.push(HopView {
-                        next_hop: a.to_string(),
-                        state: "circuit open".into(),
-                        limit: self.per_hop,
-                        full_limit: self.per_hop,
-                        resumes_in_s: t.saturating_duration_since(now).as_secs(),
-                        since: None,
-                        last_reply: e.last_error.clone(),
-                        route: None,
-                    });
-                }
+                };
+                views.push(HopView {
+                    next_hop: a.to_string(),
+                    state: "circuit open".into(),
+                    limit: self.per_hop,
+                    full_limit: self.per_hop,
+                    resumes_in_s: t.saturating_duration_since(now).as_secs(),
+                    since: None,
+                    last_reply: e.last_error.clone(),
+                    route: None,
+                });
             }
         }
-        let known: Vec<SocketAddr> = self
+        let known: Vec<String> = self
             .slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .keys()
-            .copied()
+            .cloned()
             .collect();
-        for a in known {
-            if !views.iter().any(|v| v.next_hop == a.to_string()) {
+        for hop in known {
+            if seen.insert(hop.clone()) {
                 views.push(HopView {
-                    next_hop: a.to_string(),
+                    next_hop: hop,
                     state: "up".into(),
                     limit: self.per_hop,
                     full_limit: self.per_hop,
@@ -238,11 +257,8 @@ impl Pool {
         views
     }
 
-    /// Asks the circuit and the throttle whether `addr` may be tried now.
+    /// Asks the circuit whether `addr` may be tried now.
     pub fn admit(&self, addr: SocketAddr) -> Admission {
-        if let Some((until, reply)) = self.throttles.paused(addr) {
-            return Admission::Throttled(until, reply);
-        }
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = h.get_mut(&addr) else {
             return Admission::Go;
@@ -265,6 +281,11 @@ impl Pool {
             h.remove(&addr);
             return;
         };
+        if h.len() >= MAX_HOPS && !h.contains_key(&addr) {
+            // Many dead hosts (DSNs to made-up sender domains): forget those due for a probe.
+            let now = Instant::now();
+            h.retain(|_, e| e.down_until.is_some_and(|t| t > now));
+        }
         let e = h.entry(addr).or_default();
         e.last_error = Some(error.chars().take(300).collect());
         e.failures = e.failures.saturating_add(1);
@@ -402,7 +423,7 @@ mod tests {
             first: Duration::from_secs(30),
             max: Duration::from_secs(60),
         };
-        pool.throttle(b, "cloud", "451 4.7.500 busy", rules);
+        pool.throttle("127.0.0.1:10", "cloud", "451 4.7.500 busy", rules);
         pool.report(a, None);
         // a answers again (and had no transaction: not listed); b is throttled.
         let v = pool.hop_views();
@@ -411,7 +432,12 @@ mod tests {
             (v[0].next_hop.as_str(), v[0].state.as_str(), v[0].limit),
             ("127.0.0.1:10", "throttled", 2)
         );
-        assert!(matches!(pool.admit(b), Admission::Throttled(..)));
+        assert!(pool.paused("127.0.0.1:10").is_some());
+        assert_eq!(
+            pool.admit(b),
+            Admission::Go,
+            "the circuit is another matter"
+        );
     }
 
     #[test]

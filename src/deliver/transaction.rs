@@ -44,8 +44,9 @@ async fn write_parts<T: AsyncWrite + Unpin>(
 /// Reads `n` replies (mail-send parses them) as [`Reply`] values.
 /// Reads `n` replies (see [`crate::proto::reply::parse_wire`] for why not through
 /// mail-send). The next hop sends nothing it was not asked for, so no bytes are left over
-/// between calls.
-async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
+/// between calls. A `421` followed by the end of the connection stands for the replies
+/// that did not come.
+pub(super) async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
     c: &mut SmtpClient<T>,
     n: usize,
     timeout: Duration,
@@ -62,7 +63,16 @@ async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
                     out.push(reply);
                 }
                 None => match c.stream.read(&mut chunk).await? {
-                    0 => return Err(TxError::MissingReply),
+                    // A 421 closes the connection (RFC 5321 3.8): it answers every command
+                    // still waiting for a reply, so that what it says (e.g. "slow down")
+                    // reaches the recipients.
+                    0 => match out.last().filter(|r: &&Reply| r.code == 421).cloned() {
+                        Some(closing) => {
+                            out.resize(n, closing);
+                            return Ok(out);
+                        }
+                        None => return Err(TxError::MissingReply),
+                    },
                     k => buf.extend_from_slice(&chunk[..k]),
                 },
             }

@@ -71,6 +71,11 @@ impl ReplyPattern {
         })
     }
 
+    /// The status class the pattern matches (4 or 5).
+    pub fn class(&self) -> u8 {
+        self.class
+    }
+
     /// True when `code` and `status` fall under the pattern.
     pub fn matches_parts(&self, code: u16, status: Option<EnhancedStatus>) -> bool {
         let Some(s) = status else { return false };

@@ -182,7 +182,10 @@ pub(super) async fn attempt(
                 .await;
             if let Some(h) = a.next_hop {
                 span.record("next_hop", tracing::field::display(h));
-                inner.note_hop(h.ip(), d.route.as_str());
+                // (Not for routes to each recipient domain's MX: those are the internet.)
+                if !rc.is_some_and(|r| r.recipient_mx) {
+                    inner.note_hop(h.ip(), d.route.as_str());
+                }
             }
             let hop = a.next_hop.map(|h| h.to_string()).unwrap_or_else(|| "none".into());
             metrics::counter!(m::ATTEMPTS, "route" => d.route.as_str().to_string(), "next_hop" => hop).increment(1);

@@ -258,7 +258,11 @@ async fn attempt_and_place(inner: &Arc<Inner>, key: QueueKey, e: Entry, fresh: O
     let how = if news.retry_now {
         Settle::Ready
     } else if let Some(t) = news.throttled_until {
-        Settle::Deferred(t.max(now_ms() + 1))
+        // The hop's pause end, spread over a tenth of the pause (at most 5 s) so the
+        // messages waiting for it do not all wake in the same millisecond.
+        let now = now_ms();
+        let spread = (t.saturating_sub(now) / 10).min(5_000);
+        Settle::Deferred(t.max(now + 1) + fastrand::u64(0..=spread))
     } else {
         Settle::Deferred(due_after(inner, state.attempts))
     };

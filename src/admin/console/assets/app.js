@@ -82,6 +82,8 @@ function kv(pairs) {
 // ---- pages ----
 
 const PAGES = ["overview", "batches", "address", "queue"];
+// Bumped at each page change, so a refresh of a page left behind plans no next one.
+let pageGeneration = 0;
 
 function route() {
   const page = PAGES.includes(location.hash.slice(1)) ? location.hash.slice(1) : "overview";
@@ -89,12 +91,18 @@ function route() {
     show("page-" + p, p === page);
     $("nav-" + p).classList.toggle("current", p === page);
   }
-  if (timer) clearInterval(timer);
+  if (timer) clearTimeout(timer);
   timer = null;
   const live = { overview: loadOverview, queue: refreshQueue }[page];
   if (live) {
-    live();
-    timer = setInterval(live, REFRESH_MS);
+    // The next refresh is planned when this one is done: slow answers never pile up.
+    const generation = ++pageGeneration;
+    const tick = async () => {
+      try { await live(); } finally {
+        if (generation === pageGeneration) timer = setTimeout(tick, REFRESH_MS);
+      }
+    };
+    tick();
   }
   if (page === "batches") loadTimeline();
 }

@@ -1,5 +1,5 @@
-//! Hot-path micro benchmarks: command parser, DATA reader, directory lookup, route planning,
-//! spool write (with fsync). Run with `cargo bench --bench hot_path`.
+//! Hot-path micro benchmarks: command parser, next-hop reply parser, DATA reader, directory
+//! lookup, route planning, spool write (with fsync). Run with `cargo bench --bench hot_path`.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -27,6 +27,25 @@ fn parser(c: &mut Criterion) {
     g.bench_function("parse RCPT TO", |b| {
         b.iter(|| command::parse(black_box(b"RCPT TO:<user123456@nhs.test>"), false))
     });
+    g.finish();
+}
+
+/// A next hop's replies: ours (keeps `4.7.500`) next to mail-send's parser (smtp-proto).
+fn replies(c: &mut Criterion) {
+    let one: &[u8] = b"250 2.0.0 OK <a1b2c3@tenant.mail.protection.outlook.com> [Hostname=AM0PR01MB1234]\r\n";
+    let three: &[u8] = b"451-4.7.500 Server busy. Please try again later from [192.0.2.1].\r\n451-4.7.500 (S77719) [AM0PR01MB1234]\r\n451 4.7.500 Throttled\r\n";
+    let mut g = c.benchmark_group("reply");
+    for (name, wire) in [("one line", one), ("three lines", three)] {
+        g.bench_function(format!("parse_wire {name}"), |b| {
+            b.iter(|| coexist::proto::reply::parse_wire(black_box(wire)))
+        });
+        g.bench_function(format!("smtp-proto {name}"), |b| {
+            b.iter(|| {
+                smtp_proto::response::parser::ResponseReceiver::default()
+                    .parse(&mut black_box(wire).iter())
+            })
+        });
+    }
     g.finish();
 }
 
@@ -150,5 +169,5 @@ fn spool(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parser, data_reader, directory, spool);
+criterion_group!(benches, parser, replies, data_reader, directory, spool);
 criterion_main!(benches);

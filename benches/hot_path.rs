@@ -32,7 +32,8 @@ fn parser(c: &mut Criterion) {
 
 /// A next hop's replies: ours (keeps `4.7.500`) next to mail-send's parser (smtp-proto).
 fn replies(c: &mut Criterion) {
-    let one: &[u8] = b"250 2.0.0 OK <a1b2c3@tenant.mail.protection.outlook.com> [Hostname=AM0PR01MB1234]\r\n";
+    let one: &[u8] =
+        b"250 2.0.0 OK <a1b2c3@tenant.mail.protection.outlook.com> [Hostname=AM0PR01MB1234]\r\n";
     let three: &[u8] = b"451-4.7.500 Server busy. Please try again later from [192.0.2.1].\r\n451-4.7.500 (S77719) [AM0PR01MB1234]\r\n451 4.7.500 Throttled\r\n";
     let mut g = c.benchmark_group("reply");
     for (name, wire) in [("one line", one), ("three lines", three)] {

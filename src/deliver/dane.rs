@@ -249,25 +249,7 @@ async fn mx(resolver: &TokioResolver, domain: &str) -> Result<(Vec<String>, bool
             "DNSSEC validation of the MX records of {domain} failed (bogus)"
         )));
     }
-    let mut mx: Vec<(u16, String)> = records
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::MX(m) => Some((m.preference, m.exchange.to_ascii())),
-            _ => None,
-        })
-        .collect();
-    if mx.len() == 1 && (mx[0].1 == "." || mx[0].1.is_empty()) {
-        return Err(DnsError::NullMx(domain.to_string()));
-    }
-    mx.sort_by_key(|(p, _)| *p);
-    let hosts: Vec<String> = mx
-        .into_iter()
-        .map(|(_, h)| h.trim_end_matches('.').to_string())
-        .filter(|h| !h.is_empty())
-        .collect();
-    if hosts.is_empty() {
-        return Ok((vec![domain.to_string()], proof == Proof::Secure));
-    }
+    let hosts = super::dns::mail_hosts(domain, records.iter().copied())?;
     Ok((hosts, proof == Proof::Secure))
 }
 

@@ -150,35 +150,41 @@ fn builder(
     builder
 }
 
+/// The mail hosts the MX `records` of `domain` name, most preferred first: the domain
+/// itself when they name none; a null MX (RFC 7505) is an error.
+pub(super) fn mail_hosts<'a>(
+    domain: &str,
+    records: impl IntoIterator<Item = &'a hickory_resolver::proto::rr::Record>,
+) -> Result<Vec<String>, DnsError> {
+    let mut mx: Vec<(u16, String)> = records
+        .into_iter()
+        .filter_map(|r| match &r.data {
+            RData::MX(m) => Some((m.preference, m.exchange.to_ascii())),
+            _ => None,
+        })
+        .collect();
+    if mx.len() == 1 && (mx[0].1 == "." || mx[0].1.is_empty()) {
+        return Err(DnsError::NullMx(domain.to_string()));
+    }
+    mx.sort_by_key(|(p, _)| *p);
+    let hosts: Vec<String> = mx
+        .into_iter()
+        .map(|(_, h)| h.trim_end_matches('.').to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    if hosts.is_empty() {
+        Ok(vec![domain.to_string()])
+    } else {
+        Ok(hosts)
+    }
+}
+
 impl Dns {
     /// The mail hosts of `domain`, most preferred first; the domain itself when it has no MX.
     pub async fn mx_hosts(&self, domain: &str) -> Result<Vec<String>, DnsError> {
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
         match self.resolver.mx_lookup(fqdn.as_str()).await {
-            Ok(lookup) => {
-                let mut mx: Vec<(u16, String)> = lookup
-                    .answers()
-                    .iter()
-                    .filter_map(|r| match &r.data {
-                        RData::MX(m) => Some((m.preference, m.exchange.to_ascii())),
-                        _ => None,
-                    })
-                    .collect();
-                if mx.len() == 1 && (mx[0].1 == "." || mx[0].1.is_empty()) {
-                    return Err(DnsError::NullMx(domain.to_string()));
-                }
-                mx.sort_by_key(|(p, _)| *p);
-                let hosts: Vec<String> = mx
-                    .into_iter()
-                    .map(|(_, h)| h.trim_end_matches('.').to_string())
-                    .filter(|h| !h.is_empty())
-                    .collect();
-                if hosts.is_empty() {
-                    Ok(vec![domain.to_string()])
-                } else {
-                    Ok(hosts)
-                }
-            }
+            Ok(lookup) => mail_hosts(domain, lookup.answers()),
             // No MX record (but the name exists): the domain is its own mail host.
             Err(e) if e.is_no_records_found() && !e.is_nx_domain() => Ok(vec![domain.to_string()]),
             Err(e) => Err(DnsError::Temporary(domain.to_string(), e.to_string())),

@@ -380,33 +380,18 @@ async fn resolve(
             .map(|h| (h, *port, tls.clone()))
             .collect(),
     };
-    let mut out = Vec::new();
-    let mut last = None;
-    for (host, port, tls) in hosts {
-        match dns.addresses(&host).await {
-            Ok(ips) => out.extend(ips.into_iter().map(|ip| Hop {
-                addr: SocketAddr::new(ip, port),
-                host: host.clone(),
-                tls: tls.clone(),
-            })),
-            Err(e) => last = Some(e),
-        }
-    }
-    match (out.is_empty(), last) {
-        (true, Some(e)) => Err(e),
-        _ => Ok(out),
-    }
+    addresses(dns, hosts).await
 }
 
-/// The addresses of `hosts` on `port`, each with its TLS settings (for `mta_sts::hops`).
+/// The addresses of `hosts` (name, port, TLS settings), in order, each with its host's TLS
+/// settings; the last lookup error when none resolves.
 async fn addresses(
     dns: &dns::Dns,
-    hosts: Vec<(String, RouteTls)>,
-    port: u16,
+    hosts: Vec<(String, u16, RouteTls)>,
 ) -> Result<Vec<Hop>, dns::DnsError> {
     let mut out = Vec::new();
     let mut last = None;
-    for (host, tls) in hosts {
+    for (host, port, tls) in hosts {
         match dns.addresses(&host).await {
             Ok(ips) => out.extend(ips.into_iter().map(|ip| Hop {
                 addr: SocketAddr::new(ip, port),

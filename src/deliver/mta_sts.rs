@@ -564,7 +564,8 @@ pub(super) async fn hops(
         )));
     }
     tracing::debug!(domain, mode = ?mode, hops = chosen.len(), "MTA-STS applied");
-    super::addresses(dns, chosen, port).await
+    let hosts = chosen.into_iter().map(|(h, t)| (h, port, t)).collect();
+    super::addresses(dns, hosts).await
 }
 
 #[cfg(test)]

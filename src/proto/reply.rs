@@ -240,9 +240,10 @@ pub fn parse_wire(buf: &[u8]) -> Result<Option<(Reply, usize)>, WireError> {
     let mut pos = 0;
     let mut code = None;
     let mut status = None;
-    let mut lines: Vec<String> = Vec::new();
+    // The lines' texts, separated by `\n` (the form `Reply` keeps).
+    let mut text_out = String::new();
     loop {
-        let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
+        let Some(nl) = memchr::memchr(b'\n', &buf[pos..]) else {
             if buf.len() > MAX_WIRE_REPLY {
                 return Err(WireError::TooLong);
             }
@@ -286,11 +287,18 @@ pub fn parse_wire(buf: &[u8]) -> Result<Option<(Reply, usize)>, WireError> {
             }
             _ => rest,
         };
-        lines.push(rest.trim_end().to_string());
+        if pos > 0 {
+            text_out.push('\n');
+        }
+        text_out.push_str(rest.trim_end());
         pos = end;
         if !more {
-            let code = code.unwrap_or_default();
-            return Ok(Some((Reply::multiline(code, status, lines), pos)));
+            let reply = Reply {
+                code: code.unwrap_or_default(),
+                status,
+                text: Cow::Owned(without_cr(text_out)),
+            };
+            return Ok(Some((reply, pos)));
         }
     }
 }

@@ -231,6 +231,9 @@ pub struct MtaSts {
     memory: moka::sync::Cache<String, Entry>,
     /// One fetch per domain at a time.
     locks: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Domains with no policy file on disk, for a while: most domains publish no policy,
+    /// and their deliveries should not each read the disk.
+    absent: moka::sync::Cache<String, ()>,
     dir: PathBuf,
     connector: TlsConnector,
     port: u16,
@@ -274,6 +277,10 @@ impl MtaSts {
         Ok(MtaSts {
             memory: moka::sync::Cache::new(MEMORY_ENTRIES),
             locks: moka::sync::Cache::new(MEMORY_ENTRIES),
+            absent: moka::sync::Cache::builder()
+                .max_capacity(MEMORY_ENTRIES)
+                .time_to_live(std::time::Duration::from_secs(300))
+                .build(),
             dir,
             connector: TlsConnector::from(Arc::new(config)),
             port,
@@ -286,11 +293,14 @@ impl MtaSts {
         let e = match self.memory.get(domain) {
             Some(e) => e,
             None => {
-                if !file_safe(domain) {
+                if !file_safe(domain) || self.absent.contains_key(domain) {
                     return None;
                 }
                 let path = self.dir.join(format!("{domain}.json"));
-                let text = std::fs::read(&path).ok()?;
+                let Ok(text) = std::fs::read(&path) else {
+                    self.absent.insert(domain.to_string(), ());
+                    return None;
+                };
                 let e: Entry = serde_json::from_slice(&text).ok()?;
                 self.memory.insert(domain.to_string(), e.clone());
                 e
@@ -301,6 +311,7 @@ impl MtaSts {
 
     fn store(&self, domain: &str, e: Entry) {
         self.memory.insert(domain.to_string(), e.clone());
+        self.absent.invalidate(domain);
         if !file_safe(domain) {
             return;
         }

@@ -98,6 +98,10 @@ impl Rates {
                     Some((_, n)) => *n += 1,
                     None => s.reasons.push((code.into(), 1)),
                 }
+                if samples.len() >= MAX_CODES && !samples.contains_key(code) {
+                    // Full of codes from before: keep those still counted this minute.
+                    samples.retain(|c, _| s.reasons.iter().any(|(r, _)| r == c));
+                }
                 if samples.len() < MAX_CODES || samples.contains_key(code) {
                     samples.insert(code.into(), cut(text, SAMPLE_TEXT));
                 }

@@ -338,9 +338,19 @@ fn panel<DB: DrawingBackend>(
         .flat_map(|l| l.points.iter().map(|p| p.1))
         .filter(|v| v.is_finite())
         .fold(0.0, f64::max);
-    // Headroom for the legend above the lines.
-    let y_max = if y_max > 0.0 { y_max * 1.25 } else { 1.0 };
-    let x_max = x_max * 1.02;
+    // Headroom for the legend above the lines; a report file with absurd values (a hand
+    // edit, a bad writer) must not give the plot an infinite range.
+    const LIMIT: f64 = 1e15;
+    let y_max = if y_max > 0.0 {
+        y_max.min(LIMIT) * 1.25
+    } else {
+        1.0
+    };
+    let x_max = if x_max.is_finite() && x_max > 0.0 {
+        x_max.min(LIMIT) * 1.02
+    } else {
+        1.0
+    };
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 16))
         .margin(12)

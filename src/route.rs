@@ -626,6 +626,47 @@ mod tests {
         assert_eq!(p.route_of(3), None);
     }
 
+    #[test]
+    fn a_recipient_mx_route_has_one_delivery_per_recipient_domain() {
+        let cfg = config(|c| {
+            let r = c.routes.get_mut("onprem").unwrap();
+            r.next_hops = Vec::new();
+            r.recipient_mx = true;
+            r.port = 2525;
+            r.max_message_size = Some(4096);
+        });
+        let addrs: Vec<Address> = ["x@b.example", "y@a.example", "z@b.example", "a1@nhs.test"]
+            .iter()
+            .map(|s| addr(s))
+            .collect();
+        // DSNs to outside senders take the external route (here the unknown route, onprem).
+        let p = plan(
+            addrs.iter().enumerate(),
+            Kind::Dsn,
+            routed(resolve(Some("onprem"))),
+            &cfg,
+        );
+        let got: Vec<(String, Vec<usize>)> = p
+            .deliveries
+            .iter()
+            .map(|d| {
+                (
+                    format!("{} {}", d.route.as_str(), d.target),
+                    d.rcpts.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("cloud 127.0.0.1:2602".to_string(), vec![3]),
+                ("onprem mx a.example:2525".to_string(), vec![1]),
+                ("onprem mx b.example:2525".to_string(), vec![0, 2]),
+            ]
+        );
+        assert!(p.deliveries[1].too_big(4097) && !p.deliveries[1].too_big(4096));
+    }
+
     /// The directory of the routing-address tests: the mailbox of `jsmith@nhs.test` (aliases
     /// `john.smith@nhs.test` and `John.Smith@other.test`, a secondary domain) is in the cloud
     /// with the routing address `jsmith@tenant.mail.onmicrosoft.com`; `a*` are cloud

@@ -36,12 +36,18 @@ impl Policy {
     }
 }
 
-/// True when `ip` is in one of `networks`.
-pub fn is_trusted(networks: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
-    let ip = match ip {
+/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, a dual-stack listener's view of an IPv4
+/// client) as the IPv4 address it is; any other address as it is.
+pub fn plain_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
         std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
         v4 => v4,
-    };
+    }
+}
+
+/// True when `ip` is in one of `networks`.
+pub fn is_trusted(networks: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = plain_ip(ip);
     networks.iter().any(|n| n.contains(&ip))
 }
 

@@ -219,16 +219,18 @@ impl Handler for RelayHandler {
         // Without SIZE=, the size is known only now: refuse a message that none of its
         // recipients' routes takes (when some take it, the others fail at delivery with a
         // DSN, see `queue::attempt`).
-        let routes: Vec<String> = (!rules.route_sizes.is_empty())
-            .then_some(&msg.rcpts)
-            .into_iter()
-            .flatten()
-            .filter_map(|to| {
-                crate::route::admit(&rules.policy, to, |a| self.directory.resolve(a))
-                    .ok()
-                    .map(|d| d.route.as_str().to_string())
-            })
-            .collect();
+        let routes: Vec<String> = if rules.route_sizes.is_empty() {
+            Vec::new()
+        } else {
+            msg.rcpts
+                .iter()
+                .filter_map(|to| {
+                    crate::route::admit(&rules.policy, to, |a| self.directory.resolve(a))
+                        .ok()
+                        .map(|d| d.route.as_str().to_string())
+                })
+                .collect()
+        };
         if !routes.is_empty() {
             let refusals: Vec<Reply> = routes
                 .iter()

@@ -30,6 +30,7 @@ pub use view::{
 use crate::config::Config;
 use crate::deliver;
 use crate::directory::Directory;
+use crate::policy::plain_ip;
 use crate::spool::{DeliveryState, Envelope, Loc, Queued, Spool};
 use crate::types::{QueueId, QueueKey};
 use arc_swap::ArcSwap;
@@ -181,14 +182,6 @@ struct Inner {
 /// Most next-hop addresses remembered for the loop guard (an MX route to the internet
 /// meets many; the map starts over when full).
 const MAX_HOP_ROUTES: usize = 10_000;
-
-/// An IPv4-mapped IPv6 address as the IPv4 address it is.
-fn plain_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
 
 fn route_limits(config: &Config) -> HashMap<String, Arc<Semaphore>> {
     config

@@ -266,6 +266,33 @@ async fn throttling_pauses_the_next_hop_not_each_message() {
         "{m}"
     );
     assert!(m.contains("coexist_hop_throttle_replies_total{"), "{m}");
+    // The console's overview shows the route's next hop as throttled, with why.
+    let (code, _, body) = http(
+        h.relay.admin_addr.unwrap(),
+        "GET",
+        "/v1/overview",
+        Some(TOKEN),
+        None,
+        b"",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let o: coexist::admin::types::Overview = serde_json::from_str(&body).unwrap();
+    let cloud = o
+        .hops
+        .iter()
+        .find(|s| s.route.as_deref() == Some("cloud"))
+        .unwrap_or_else(|| panic!("{body}"));
+    assert_eq!(
+        (cloud.next_hop.as_str(), cloud.state),
+        (hop.as_str(), coexist::queue::hops::HopCondition::Throttled),
+        "{body}"
+    );
+    assert!(
+        cloud.detail.contains("10 of 20 transactions at once")
+            && cloud.detail.contains("451 4.7.500"),
+        "{body}"
+    );
 
     // The hop takes mail again: after the pause, every message goes, without any action.
     h.cloud.state.set_mode(SinkMode::Accept);

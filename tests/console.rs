@@ -13,8 +13,6 @@ use common::*;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Where screenshots go.
 fn shots() -> (PathBuf, Option<tempfile::TempDir>) {
@@ -205,7 +203,7 @@ impl OnpremHop for Harness {
     }
 }
 
-/// One HTTP/1.1 request with extra headers; (status, headers, body). Bounded by 20 s.
+/// One HTTP/1.1 request with extra headers; (status, headers, body).
 async fn request(
     addr: SocketAddr,
     method: &str,
@@ -213,32 +211,7 @@ async fn request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String, String) {
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(head.as_bytes()).await.unwrap();
-        s.write_all(body.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.unwrap();
-        out
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(20), fut)
-        .await
-        .expect("no HTTP response within 20 s");
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("no header end");
-    (
-        head[9..12].parse().unwrap(),
-        head.to_string(),
-        body.to_string(),
-    )
+    http_request(addr, method, path, headers, body.as_bytes()).await
 }
 
 const FORM: (&str, &str) = ("Content-Type", "application/x-www-form-urlencoded");

@@ -508,7 +508,11 @@ async fn a_421_at_the_greeting_or_to_mail_throttles_the_hop() {
             .iter()
             .find(|v| v.next_hop == busy.to_string())
             .unwrap_or_else(|| panic!("{body}"));
-        assert_eq!(hop.state, "throttled", "at_mail {at_mail}: {body}");
+        assert_eq!(
+            hop.state,
+            coexist::queue::hops::HopCondition::Throttled,
+            "at_mail {at_mail}: {body}"
+        );
         assert!(
             hop.last_reply
                 .as_deref()

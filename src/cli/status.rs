@@ -2,7 +2,7 @@
 //! its drain switch and its config, through the admin API.
 
 use super::Api;
-use crate::admin::types::{ConfigReloadReply, DrainReply, HopView, Ready};
+use crate::admin::types::{ConfigReloadReply, DrainReply, HopCondition, HopView, Ready};
 
 /// Arguments of `coexist drain`.
 #[derive(clap::Args)]
@@ -73,18 +73,11 @@ pub fn ready_text(r: &Ready) -> String {
 /// reply) or circuit open (its last error).
 pub fn hops_text(hops: &[HopView]) -> Vec<String> {
     hops.iter()
-        .filter(|h| h.state != "up")
+        .filter(|h| h.state != HopCondition::Up)
         .map(|h| {
-            let mut line = format!("next hop {}: {}", h.next_hop, h.state);
-            if h.state == "throttled" {
-                line.push_str(&format!(
-                    " ({} of {} transactions at once",
-                    h.limit, h.full_limit
-                ));
-                if h.resumes_in_s > 0 {
-                    line.push_str(&format!(", paused for {} s more", h.resumes_in_s));
-                }
-                line.push(')');
+            let mut line = format!("next hop {}: {}", h.next_hop, h.state.as_str());
+            if let Some(limits) = h.limit_text() {
+                line.push_str(&format!(" ({limits})"));
             } else if h.resumes_in_s > 0 {
                 line.push_str(&format!(" (next probe in {} s)", h.resumes_in_s));
             }
@@ -140,7 +133,7 @@ mod tests {
             hops: vec![
                 HopView {
                     next_hop: "127.0.0.1:25".into(),
-                    state: "up".into(),
+                    state: HopCondition::Up,
                     limit: 10,
                     full_limit: 10,
                     resumes_in_s: 0,
@@ -150,7 +143,7 @@ mod tests {
                 },
                 HopView {
                     next_hop: "10.0.0.9:25".into(),
-                    state: "throttled".into(),
+                    state: HopCondition::Throttled,
                     limit: 2,
                     full_limit: 10,
                     resumes_in_s: 25,

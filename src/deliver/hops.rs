@@ -21,6 +21,7 @@
 //! when they are returned) and added back; tokio's semaphore has no "resize", so [`Gate`]
 //! keeps the count of permits still owed.
 
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -114,13 +115,27 @@ struct Throttle {
     replies: u64,
 }
 
+/// What a next hop allows now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HopCondition {
+    /// Deliveries go ahead.
+    #[serde(rename = "up")]
+    Up,
+    /// Connections failed: deliveries skip it until a probe gets through.
+    #[serde(rename = "circuit open")]
+    CircuitOpen,
+    /// The hop asked us to slow down: fewer deliveries in flight for a while.
+    #[serde(rename = "throttled")]
+    Throttled,
+}
+
 /// What a next hop's state is, for `status`, `queue list`, the console and metrics.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HopView {
     /// The next hop: `host:port` as the route names it (for a circuit open: the address).
     pub next_hop: String,
     /// `up`, `circuit open` or `throttled`.
-    pub state: String,
+    pub state: HopCondition,
     /// Transactions it may have in flight now.
     pub limit: usize,
     /// Transactions it may have in flight when up (`delivery.hop_concurrency`).
@@ -136,6 +151,44 @@ pub struct HopView {
     /// The route whose delivery met it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
+}
+
+impl HopCondition {
+    /// The name shown and sent as JSON: `up`, `circuit open`, `throttled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HopCondition::Up => "up",
+            HopCondition::CircuitOpen => "circuit open",
+            HopCondition::Throttled => "throttled",
+        }
+    }
+}
+
+impl HopView {
+    /// For a throttled hop: `N of M transactions at once[, paused for S s more]`.
+    pub fn limit_text(&self) -> Option<String> {
+        (self.state == HopCondition::Throttled).then(|| {
+            let mut t = format!("{} of {} transactions at once", self.limit, self.full_limit);
+            if self.resumes_in_s > 0 {
+                t.push_str(&format!(", paused for {} s more", self.resumes_in_s));
+            }
+            t
+        })
+    }
+
+    /// Why the hop is not up, in words, with its last reply (empty when up).
+    pub fn detail(&self) -> String {
+        let last = self
+            .last_reply
+            .as_deref()
+            .map(|r| format!("; last reply: {r}"))
+            .unwrap_or_default();
+        match self.state {
+            HopCondition::Up => String::new(),
+            HopCondition::Throttled => format!("{}{last}", self.limit_text().unwrap_or_default()),
+            HopCondition::CircuitOpen => format!("next probe in {} s{last}", self.resumes_in_s),
+        }
+    }
 }
 
 /// Throttle states of all next hops.
@@ -234,7 +287,7 @@ impl Throttles {
             .iter()
             .map(|(h, t)| HopView {
                 next_hop: h.clone(),
-                state: "throttled".into(),
+                state: HopCondition::Throttled,
                 limit: t.limit,
                 full_limit: full,
                 resumes_in_s: t.paused_until.saturating_duration_since(now).as_secs(),
@@ -249,6 +302,17 @@ impl Throttles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_conditions_are_named_alike_in_json_and_text() {
+        for c in [
+            HopCondition::Up,
+            HopCondition::CircuitOpen,
+            HopCondition::Throttled,
+        ] {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
+    }
 
     #[tokio::test]
     async fn gate_limit_goes_down_with_slots_in_use_and_back_up() {

@@ -16,7 +16,7 @@
 //! - Slots and throttling: at most `delivery.hop_concurrency` transactions per next-hop
 //!   address, fewer while the hop is throttled (see [`super::hops`]).
 
-use super::hops::{Gate, HopView, PauseRules, Slot, Throttles};
+use super::hops::{Gate, HopCondition, HopView, PauseRules, Slot, Throttles};
 use super::{Connection, HopError, RouteTls};
 use crate::config::TlsPolicy;
 use std::collections::HashMap;
@@ -222,7 +222,7 @@ impl Pool {
                 };
                 views.push(HopView {
                     next_hop: a.to_string(),
-                    state: "circuit open".into(),
+                    state: HopCondition::CircuitOpen,
                     limit: self.per_hop,
                     full_limit: self.per_hop,
                     resumes_in_s: t.saturating_duration_since(now).as_secs(),
@@ -243,7 +243,7 @@ impl Pool {
             if seen.insert(hop.clone()) {
                 views.push(HopView {
                     next_hop: hop,
-                    state: "up".into(),
+                    state: HopCondition::Up,
                     limit: self.per_hop,
                     full_limit: self.per_hop,
                     resumes_in_s: 0,
@@ -415,8 +415,8 @@ mod tests {
         let v = pool.hop_views();
         assert_eq!(v.len(), 1);
         assert_eq!(
-            (v[0].next_hop.as_str(), v[0].state.as_str()),
-            ("127.0.0.1:9", "circuit open")
+            (v[0].next_hop.as_str(), v[0].state),
+            ("127.0.0.1:9", HopCondition::CircuitOpen)
         );
         assert_eq!(v[0].last_reply.as_deref(), Some("connection refused"));
         let rules = PauseRules {
@@ -429,8 +429,8 @@ mod tests {
         let v = pool.hop_views();
         assert_eq!(v.len(), 1, "{v:?}");
         assert_eq!(
-            (v[0].next_hop.as_str(), v[0].state.as_str(), v[0].limit),
-            ("127.0.0.1:10", "throttled", 2)
+            (v[0].next_hop.as_str(), v[0].state, v[0].limit),
+            ("127.0.0.1:10", HopCondition::Throttled, 2)
         );
         assert!(pool.paused("127.0.0.1:10").is_some());
         assert_eq!(

@@ -7,23 +7,9 @@
 //! mail waits for a probe).
 
 use super::Queue;
-use crate::deliver::hops::HopView;
+pub use crate::deliver::hops::HopCondition;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-
-/// What a next hop allows now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum HopCondition {
-    /// Deliveries go ahead.
-    #[serde(rename = "up")]
-    Up,
-    /// Connections failed: deliveries skip it until a probe gets through.
-    #[serde(rename = "circuit open")]
-    CircuitOpen,
-    /// The hop asked us to slow down: fewer deliveries in flight for a while.
-    #[serde(rename = "throttled")]
-    Throttled,
-}
 
 /// One next hop of one route (or a resolved address that no route names).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,7 +64,7 @@ impl Queue {
                 let (state, detail) = match found {
                     Some(i) => {
                         used[i] = true;
-                        condition(&views[i])
+                        (views[i].state, views[i].detail())
                     }
                     None => (HopCondition::Up, String::new()),
                 };
@@ -100,7 +86,7 @@ impl Queue {
         }
         // Addresses found through DNS (MX routes, host names) that are not up.
         for (v, used) in views.iter().zip(used) {
-            let (state, detail) = condition(v);
+            let (state, detail) = (v.state, v.detail());
             if !used && state != HopCondition::Up {
                 out.push(HopState {
                     route: v.route.clone(),
@@ -111,35 +97,5 @@ impl Queue {
             }
         }
         out
-    }
-}
-
-/// A pool view's state as a condition, with the words that explain it.
-fn condition(v: &HopView) -> (HopCondition, String) {
-    let last = v
-        .last_reply
-        .as_deref()
-        .map(|r| format!("; last reply: {r}"))
-        .unwrap_or_default();
-    match v.state.as_str() {
-        "throttled" => {
-            let paused = if v.resumes_in_s > 0 {
-                format!(", paused for {} s more", v.resumes_in_s)
-            } else {
-                String::new()
-            };
-            (
-                HopCondition::Throttled,
-                format!(
-                    "{} of {} transactions at once{paused}{last}",
-                    v.limit, v.full_limit
-                ),
-            )
-        }
-        "circuit open" => (
-            HopCondition::CircuitOpen,
-            format!("next probe in {} s{last}", v.resumes_in_s),
-        ),
-        _ => (HopCondition::Up, String::new()),
     }
 }

@@ -23,7 +23,7 @@ bench_config() {
     $B gen-certs --out "$W" >/dev/null
     sed -e "s#127.0.0.1:2525#127.0.0.1:${base}525#; s#127.0.0.1:2601#127.0.0.1:${base}601#; s#127.0.0.1:2602#127.0.0.1:${base}602#" \
         -e "s#127.0.0.1:8025#127.0.0.1:${base}080#; s#certs/server#$W/server#; s#var/spool#$W/spool#" \
-        -e "s#var/directory#$W/store#; s#config/directory.csv#$W/directory.csv#; s#var/admin.token#$W/admin.token#" \
+        -e "s#config/directory.csv#$W/directory.csv#; s#var/admin.token#$W/admin.token#" \
         "$@" config/coexist.toml > "$W/coexist.toml"
 }
 

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod deliver;
 pub mod directory;
+pub mod dirlock;
 pub mod fleet;
 pub mod load;
 pub mod metrics;

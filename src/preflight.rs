@@ -15,7 +15,10 @@
 //! 4. The admin API could start: a clear-text listener is on loopback (or explicitly
 //!    allowed), the token is strong, and a missing `admin.token_file` can be written.
 //! 5. `spool.dir` and its folders are writable (or can be created).
-//! 6. `directory.store_dir` is writable (or can be created).
+//! 6. `directory.store_dir` is writable (or can be created), and, where it is the default
+//!    (`directory/` under `spool.dir`) and holds no store yet, no store of an earlier version
+//!    waits at the former default `var/directory`: starting afresh there would drop the
+//!    batches that store holds, so the start is refused with what to set.
 //!
 //! The directory file itself is parsed once, by [`crate::directory::Directory::open`] when
 //! `serve` starts (with a snapshot from an earlier run, a bad file there is logged and the
@@ -93,11 +96,38 @@ pub fn check(config: &Config) -> Result<Preflight, StartError> {
         file: store.display().to_string(),
         source,
     })?;
+    legacy_store(config)?;
     Ok(Preflight {
         acceptor,
         route_tls,
         new_token_file,
     })
+}
+
+/// Check 6's second half: `directory.store_dir` at its default, empty, while the default of
+/// earlier versions (`var/directory`, from the working directory) holds a store.
+fn legacy_store(config: &Config) -> Result<(), DirectoryError> {
+    use crate::config::{DEFAULT_STORE_FOLDER, LEGACY_STORE_DIR};
+    let store = &config.directory.store_dir;
+    let has_store = |dir: &Path| {
+        ["changes.log", "snapshot.bin", "fleet"]
+            .iter()
+            .any(|f| dir.join(f).exists())
+    };
+    let legacy = Path::new(LEGACY_STORE_DIR);
+    if *store != config.spool.dir.join(DEFAULT_STORE_FOLDER) || has_store(store) {
+        return Ok(());
+    }
+    if !has_store(legacy) {
+        return Ok(());
+    }
+    let cwd = std::env::current_dir().unwrap_or_default();
+    Err(DirectoryError::Batch(format!(
+        "directory.store_dir is not set and now defaults to {store} (under spool.dir), which holds no directory store, while {old} (the default of earlier versions, in {cwd}) does: set directory.store_dir = \"{LEGACY_STORE_DIR}\" to keep its batches, or move that folder to {store}",
+        store = store.display(),
+        old = LEGACY_STORE_DIR,
+        cwd = cwd.display(),
+    )))
 }
 
 /// Loads the directory file as `serve` does at its first start, and drops the table: the

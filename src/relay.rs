@@ -6,6 +6,7 @@ use crate::certs::TlsError;
 use crate::config::Config;
 use crate::directory::scheduled::{self, ScheduleStore};
 use crate::directory::Directory;
+use crate::dirlock::DirLock;
 use crate::fleet::Fleet;
 use crate::metrics as m;
 use crate::policy::Policy;
@@ -52,6 +53,9 @@ pub enum StartError {
     /// A start-up task failed.
     #[error("start-up task failed: {0}")]
     Task(String),
+    /// The spool or the directory store is in use by another process.
+    #[error("{0}")]
+    Lock(#[from] crate::dirlock::LockError),
 }
 
 /// Why a reload was refused (the old config stays in force).
@@ -454,6 +458,8 @@ pub struct Running {
     admin: Option<JoinHandle<()>>,
     schedule_task: JoinHandle<()>,
     _watch: Option<crate::directory::watch::FileWatch>,
+    /// The spool's and the directory store's locks, held while this relay runs.
+    _locks: [DirLock; 2],
 }
 
 impl Running {
@@ -502,6 +508,11 @@ pub async fn start_with_file(
     let _ = m::install();
     // The checks `coexist check-config` runs too: TLS material, admin token, writable folders.
     let found = crate::preflight::check(&config)?;
+    // One process per spool and per directory store (see `crate::dirlock`).
+    let locks = [
+        DirLock::take(&config.spool.dir, "spool.dir")?,
+        DirLock::take(&config.directory.store_dir, "directory.store_dir")?,
+    ];
     let acceptor = found.acceptor;
     let t0 = Instant::now();
     let (directory, fleet) = match &config.fleet {
@@ -634,6 +645,7 @@ pub async fn start_with_file(
         admin,
         schedule_task,
         _watch: watch,
+        _locks: locks,
     })
 }
 

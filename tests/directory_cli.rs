@@ -3,7 +3,7 @@
 mod common;
 
 use coexist::load::sink::{Sink, SinkOptions};
-use common::bin::{cli, write_config, BinConfig, Server, BIN};
+use common::bin::{cli, write_config, BinConfig, Server, BIN, NOWHERE};
 use common::*;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -476,4 +476,136 @@ async fn a_migration_report_moves_only_completed_users() {
     assert_eq!(wait(&s.onprem, 2).await, 2);
     assert_eq!(rcpts_of(&s.onprem), vec!["alice@nhs.test", "dave@nhs.test"]);
     assert_eq!(rcpts_of(&s.cloud).len(), 1);
+}
+
+/// Where admin API route explain puts `address` (its `state`, or `null` when unlisted).
+fn state_of(bin: &BinConfig, address: &str) -> serde_json::Value {
+    let client = coexist::admin::client::AdminClient::new(bin.admin(), TOKEN.into());
+    let body = serde_json::to_vec(&serde_json::json!({ "addresses": [address] })).unwrap();
+    let v = client
+        .post("/v1/route/explain", &body, "application/json")
+        .unwrap();
+    v[0]["state"].clone()
+}
+
+/// A config file in `dir` for a relay whose paths are relative to `dir` (its working
+/// directory), with no `directory.store_dir`: the store takes its default.
+fn relative_config(dir: &std::path::Path, name: &str, csv: &str) -> BinConfig {
+    let mut bin = write_config(dir, NOWHERE, NOWHERE);
+    bin.path = dir.join(format!("{name}.toml"));
+    bin.config.spool.dir = PathBuf::from(format!("{name}-spool"));
+    bin.config.directory.file = Some(PathBuf::from(format!("{name}.csv")));
+    // What the default resolves to, so a rewrite by the harness (fresh ports) changes nothing.
+    bin.config.directory.store_dir = PathBuf::from(format!("{name}-spool/directory"));
+    std::fs::write(dir.join(format!("{name}.csv")), csv).unwrap();
+    bin.write();
+    let text: String = bin
+        .text()
+        .lines()
+        .filter(|l| !l.starts_with("store_dir = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&bin.path, text).unwrap();
+    bin
+}
+
+fn serve_in(dir: &std::path::Path, bin: &mut BinConfig) -> Server {
+    common::bin::spawn_with(
+        bin,
+        common::bin::Start {
+            cwd: Some(dir),
+            ..Default::default()
+        },
+    )
+}
+
+/// `coexist serve` (or `check-config`) run in `dir` that must stop at start: its stderr.
+fn refused_in(dir: &std::path::Path, bin: &BinConfig, cmd: &str) -> String {
+    let out = Command::new(BIN)
+        .args([cmd, "--config", bin.path.to_str().unwrap()])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{cmd} did not refuse to start");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Two configs started from one folder with relative paths and no `directory.store_dir`:
+/// each keeps its directory state beside its own spool. Before, both used `var/directory`
+/// there: the second routed on the first one's directory, and refused its own, smaller file
+/// with the shrink guard. A second relay on the same spool is refused, naming the process.
+/// A store of an earlier version at the former default stops the start with what to set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_configs_in_one_folder_do_not_share_directory_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let big: String = std::iter::once("address,state\n".to_string())
+        .chain((0..100).map(|i| format!("user{i}@nhs.test,onprem\n")))
+        .collect();
+    let mut a = relative_config(d, "a", &big);
+    let mut b = relative_config(
+        d,
+        "b",
+        "address,state\nuser0@nhs.test,cloud\nother@nhs.test,onprem\n",
+    );
+
+    let server_a = serve_in(d, &mut a);
+    assert_eq!(state_of(&a, "user50@nhs.test"), "onprem");
+    std::fs::write(d.join("batch.csv"), "address\nuser1@nhs.test\n").unwrap();
+    let batch = d.join("batch.csv");
+    let (ok, out, err) = cli(
+        &a.path,
+        &[
+            "directory",
+            "apply",
+            batch.to_str().unwrap(),
+            "--state",
+            "cloud",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    // The same config a second time: refused before it touches the spool.
+    let said = refused_in(d, &a, "serve");
+    assert!(
+        said.contains("is in use by another coexist process")
+            && said.contains(&format!("pid {}", server_a.0.id())),
+        "{said}"
+    );
+    drop(server_a);
+
+    let _server_b = serve_in(d, &mut b);
+    assert_eq!(
+        state_of(&b, "user0@nhs.test"),
+        "cloud",
+        "b routes on its own file"
+    );
+    assert_eq!(state_of(&b, "user50@nhs.test"), serde_json::Value::Null);
+    let (ok, out, err) = cli(&b.path, &["status"]);
+    assert!(ok && !out.contains("refused"), "{out}{err}");
+    assert!(d.join("a-spool/directory/changes.log").exists());
+    assert!(!d.join("var/directory").exists());
+
+    // A's batch is still A's after B ran.
+    drop(_server_b);
+    let _server_a = serve_in(d, &mut a);
+    assert_eq!(state_of(&a, "user1@nhs.test"), "cloud");
+    assert_eq!(state_of(&a, "user50@nhs.test"), "onprem");
+    drop(_server_a);
+
+    // A store left at the former default by an earlier version, and a config with a fresh
+    // spool: starting afresh would drop its batches.
+    std::fs::create_dir_all(d.join("var/directory")).unwrap();
+    std::fs::copy(
+        d.join("a-spool/directory/changes.log"),
+        d.join("var/directory/changes.log"),
+    )
+    .unwrap();
+    let c = relative_config(d, "c", &big);
+    for cmd in ["serve", "check-config"] {
+        let said = refused_in(d, &c, cmd);
+        assert!(
+            said.contains("var/directory") && said.contains("directory.store_dir"),
+            "{cmd}: {said}"
+        );
+    }
 }

@@ -26,6 +26,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// The folder under `spool.dir` that holds the directory store when `directory.store_dir`
+/// is not set.
+pub const DEFAULT_STORE_FOLDER: &str = "directory";
+
+/// `directory.store_dir`'s default in versions before it moved under `spool.dir`: relative to
+/// the working directory, so two configs started from one folder shared it.
+pub const LEGACY_STORE_DIR: &str = "var/directory";
+
 /// The config shipped in the binary (`config/coexist.toml`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/coexist.toml");
 
@@ -111,6 +119,10 @@ impl Config {
                 reason: e.message().trim().to_string(),
             }
         })?;
+        let mut cfg = cfg;
+        if cfg.directory.store_dir.as_os_str().is_empty() {
+            cfg.directory.store_dir = cfg.spool.dir.join(DEFAULT_STORE_FOLDER);
+        }
         cfg.validate(text, file)?;
         Ok(cfg)
     }

@@ -205,8 +205,10 @@ pub struct DirectoryConfig {
     /// Time a cached lookup stays valid.
     #[serde(default = "default_cache_ttl", with = "duration")]
     pub cache_ttl: Duration,
-    /// Where the snapshot and the change log of batches are kept.
-    #[serde(default = "default_store_dir")]
+    /// Where the snapshot and the change log of batches are kept. Default: `directory/`
+    /// under `spool.dir`, so that the directory state belongs to one config (resolved by
+    /// [`crate::config::Config::parse`]; empty only before that).
+    #[serde(default)]
     pub store_dir: PathBuf,
     /// Reload the file when it changes on disk (SIGHUP reloads it too).
     #[serde(default = "default_true")]
@@ -661,9 +663,6 @@ fn default_fleet_schema() -> String {
 }
 fn default_max_lag() -> Duration {
     Duration::from_secs(300)
-}
-fn default_store_dir() -> PathBuf {
-    PathBuf::from("var/directory")
 }
 fn default_true() -> bool {
     true

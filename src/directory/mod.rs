@@ -32,6 +32,7 @@ pub mod batch;
 mod changes;
 pub mod generate;
 pub mod ldap;
+pub mod owner;
 pub mod report;
 pub mod routing;
 pub mod scheduled;

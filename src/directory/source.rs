@@ -145,13 +145,18 @@ impl Directory {
         cfg: &DirectoryConfig,
         states: Vec<RouteName>,
     ) -> Result<Directory, DirectoryError> {
-        let source = FileSource {
-            path: cfg
-                .file
-                .clone()
-                .ok_or_else(|| DirectoryError::Batch("directory.file is not set".into()))?,
-        };
-        Directory::open_with(cfg, states, Box::new(source))
+        let path = cfg
+            .file
+            .clone()
+            .ok_or_else(|| DirectoryError::Batch("directory.file is not set".into()))?;
+        super::owner::other_source(&cfg.store_dir, &path);
+        let source = FileSource { path: path.clone() };
+        let dir = Directory::open_with(cfg, states, Box::new(source))?;
+        // The store now holds this file's state, unless loading it was refused.
+        if dir.reload_status().last_result.is_none_or(|r| r == "ok") {
+            super::owner::record(&cfg.store_dir, &path);
+        }
+        Ok(dir)
     }
 
     /// [`Directory::open`] with another source (the LDAP source). A source that marks

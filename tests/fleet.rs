@@ -550,3 +550,89 @@ async fn a_base_carries_routing_addresses_to_every_node() {
         ]
     );
 }
+
+/// A peer whose admin API listens on a loopback address of another host is never asked at
+/// that address (from here it would reach some other process, or nothing): `coexist trace`
+/// leaves it out and says why, and the lag check, while PostgreSQL is unreachable, names it
+/// in `fleet status` instead of counting it as "not ahead". A peer on this host's loopback
+/// is asked as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_on_another_hosts_loopback_is_named_not_asked() {
+    let schema = Schema::new("peers").await;
+    let hops = hops().await;
+    let proxy = Proxy::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(
+        dir.path(),
+        &hops,
+        &schema,
+        "mx1",
+        &pg::url_via(proxy.addr),
+        true,
+    );
+    let a = Node::start(cfg, dir).await;
+    let b = node(&hops, &schema, "mx2", &pg::url(), false).await;
+    let b_admin = b.relay.admin_addr.unwrap();
+    // mx3 runs elsewhere with admin.listen on its own loopback (its row as that node's
+    // heartbeat writes it). The address here is a port where nothing listens.
+    let elsewhere = DownPort::new();
+    schema
+        .execute(&format!(
+            "INSERT INTO nodes (name, admin, admin_host, applied, version) \
+             VALUES ('mx3', '{}', 'another-boot-id/net:[1]', 0, 'test')",
+            elsewhere.addr
+        ))
+        .await;
+    eventually_async("mx1 to see mx2 and mx3 with their hosts", || async {
+        let st = status(&a).await;
+        if st.nodes.len() == 3
+            && st
+                .nodes
+                .iter()
+                .all(|n| n.admin.is_some() && n.admin_host.is_some())
+        {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+    let api = a.api();
+    let asked = tokio::task::spawn_blocking(move || coexist::cli::trace::nodes(&api).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        asked.contains(&b_admin),
+        "mx2 (this host) is asked: {asked:?}"
+    );
+    assert!(
+        !asked.contains(&elsewhere.addr),
+        "mx3's loopback address is not asked from another host: {asked:?}"
+    );
+
+    proxy.cut();
+    let st = eventually_async("mx1's lag check to name mx3", || async {
+        let st = status(&a).await;
+        if st.peers_not_asked.iter().any(|p| p.starts_with("mx3: ")) {
+            Ok(st)
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+    assert_eq!(st.peers_not_asked.len(), 1, "mx2 answers: {st:?}");
+    assert!(
+        st.peers_not_asked[0].contains(&format!(
+            "listens on {}, a loopback address of another host",
+            elsewhere.addr
+        )),
+        "{st:?}"
+    );
+    let text = coexist::cli::fleet::status_text(&st);
+    assert!(
+        text.contains("cannot ask what they have applied") && text.contains("mx3: "),
+        "{text}"
+    );
+    proxy.restore();
+    drop(b);
+}

@@ -50,6 +50,14 @@ pub fn status_text(st: &FleetStatus) -> String {
             String::new()
         }
     );
+    if !st.peers_not_asked.is_empty() {
+        out.push_str(
+            "\npeers this node cannot ask what they have applied (their lag is unknown here):",
+        );
+        for p in &st.peers_not_asked {
+            out.push_str(&format!("\n  {p}"));
+        }
+    }
     out.push_str(&format!(
         "\n{:<16} {:>8} {:>6} {:>9} {:>10} {:<8} {:>7}  {:<8} admin",
         "node", "applied", "lag", "lag_s", "heartbeat", "state", "queue", "version"

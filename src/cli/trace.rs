@@ -33,22 +33,32 @@ pub struct TraceArgs {
 }
 
 /// The admin API addresses of the nodes to ask: in a fleet, every node of the nodes table
-/// (through `GET /v1/fleet` on the node of the config); else that node alone. A node whose
-/// address does not resolve is left out with a warning.
+/// (through `GET /v1/fleet` on the node of the config); else that node alone. A node that
+/// cannot be asked from here (no address, one that does not resolve, or a loopback address
+/// of another host: see [`crate::fleet::peers::reach`]) is named on stderr with why.
 pub fn nodes(local: &AdminClient) -> Result<Vec<SocketAddr>, ClientError> {
-    use std::net::ToSocketAddrs;
     // Not in a fleet (404), or the node cannot be asked: that node alone (asking it then
     // says precisely what is wrong).
     let Ok(st) = local.fleet_status() else {
         return Ok(vec![local.addr()]);
     };
+    let here = crate::fleet::peers::host_scope();
     let mut out = vec![local.addr()];
     for n in st.nodes.iter().filter(|n| n.name != st.node) {
-        let Some(admin) = &n.admin else { continue };
-        match admin.to_socket_addrs().ok().and_then(|mut a| a.next()) {
-            Some(a) if !out.contains(&a) => out.push(a),
-            Some(_) => {}
-            None => eprintln!("node {}: cannot resolve its admin address {admin}", n.name),
+        if !n.alive {
+            eprintln!(
+                "node {}: not asked: silent or stopped (no heartbeat for {:.0} s)",
+                n.name, n.heartbeat_age_seconds
+            );
+            continue;
+        }
+        match crate::fleet::peers::reach(n.admin.as_deref(), n.admin_host.as_deref(), &here) {
+            Ok(a) if !out.contains(&a) => out.push(a),
+            Ok(a) => eprintln!(
+                "node {}: not asked: its admin address {a} is the one asked already",
+                n.name
+            ),
+            Err(why) => eprintln!("node {}: cannot be asked: {why}", n.name),
         }
     }
     Ok(out)

@@ -13,7 +13,7 @@
 //! change, no node is behind, and every node keeps taking mail.
 
 use super::sql::{self, db_err, seq_u32};
-use super::{FleetError, Inner, NodeApplied};
+use super::{peers, FleetError, Inner, NodeApplied, Peer};
 use crate::directory::{batch::BatchRow, Base, BaseRow, StateId};
 use crate::metrics as m;
 use futures_util::StreamExt;
@@ -95,6 +95,7 @@ async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
         if !h.up {
             h.up = true;
             h.error = None;
+            h.peers_not_asked.clear();
             h.since = super::now_rfc3339();
             h.since_at = Instant::now();
             info!("fleet: connected to PostgreSQL; following the change log");
@@ -418,9 +419,10 @@ async fn beat(inner: &Inner, client: &Client) -> Result<(), FleetError> {
     client
         .execute(
             &format!(
-                r#"INSERT INTO "{s}".nodes (name, admin, applied, heartbeat, draining, behind, queue, version)
-                   VALUES ($1, $2, $3, clock_timestamp(), $4, $5, $6, $7)
+                r#"INSERT INTO "{s}".nodes (name, admin, applied, heartbeat, draining, behind, queue, version, admin_host)
+                   VALUES ($1, $2, $3, clock_timestamp(), $4, $5, $6, $7, $8)
                    ON CONFLICT (name) DO UPDATE SET admin = excluded.admin, applied = excluded.applied,
+                     admin_host = excluded.admin_host,
                      stopped = false,
                      heartbeat = excluded.heartbeat, draining = excluded.draining,
                      behind = excluded.behind, queue = excluded.queue, version = excluded.version"#
@@ -433,6 +435,7 @@ async fn beat(inner: &Inner, client: &Client) -> Result<(), FleetError> {
                 &inner.behind.load(Ordering::SeqCst),
                 &i64::try_from(report.queue).unwrap_or(i64::MAX),
                 &env!("CARGO_PKG_VERSION"),
+                &inner.host,
             ],
         )
         .await
@@ -440,14 +443,18 @@ async fn beat(inner: &Inner, client: &Client) -> Result<(), FleetError> {
     let peers = client
         .query(
             &format!(
-                r#"SELECT name, admin FROM "{s}".nodes WHERE name <> $1 AND admin IS NOT NULL"#
+                r#"SELECT name, admin, admin_host FROM "{s}".nodes WHERE name <> $1 AND NOT stopped"#
             ),
             &[&inner.cfg.node],
         )
         .await
         .map_err(db_err(&inner.pg))?
         .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .map(|r| Peer {
+            name: r.get(0),
+            admin: r.get(1),
+            admin_host: r.get(2),
+        })
         .collect();
     inner.lock_health().peers = peers;
     let ldap: Option<String> = client
@@ -478,25 +485,50 @@ async fn check_peers(inner: &Arc<Inner>) {
         return;
     };
     let ours = inner.directory.applied();
-    let asked = tokio::task::spawn_blocking(move || {
+    let here = inner.host.clone();
+    // Each peer's answer, or why it could not be asked (said, not taken for "not ahead").
+    let answers = tokio::task::spawn_blocking(move || {
         peers
             .iter()
-            .filter_map(|(name, addr)| {
-                use std::net::ToSocketAddrs;
-                let a = addr.to_socket_addrs().ok()?.next()?;
-                let c = crate::admin::client::AdminClient::with_timeout(
-                    a,
-                    token.clone(),
-                    Duration::from_secs(2),
-                );
-                c.fleet_node()
-                    .ok()
-                    .map(|n: NodeApplied| (name.clone(), n.applied))
+            .map(|p| {
+                let asked = peers::reach(p.admin.as_deref(), p.admin_host.as_deref(), &here)
+                    .and_then(|a| {
+                        crate::admin::client::AdminClient::with_timeout(
+                            a,
+                            token.clone(),
+                            Duration::from_secs(2),
+                        )
+                        .fleet_node()
+                        .map(|n: NodeApplied| n.applied)
+                        .map_err(|e| e.to_string())
+                    });
+                (p.name.clone(), asked)
             })
             .collect::<Vec<_>>()
     })
     .await
     .unwrap_or_default();
+    let mut asked = Vec::new();
+    let mut not_asked = Vec::new();
+    for (name, answer) in answers {
+        match answer {
+            Ok(applied) => asked.push((name, applied)),
+            Err(why) => not_asked.push(format!("{name}: {why}")),
+        }
+    }
+    {
+        let mut h = inner.lock_health();
+        if h.peers_not_asked != not_asked {
+            if !not_asked.is_empty() {
+                warn!(
+                    peers = not_asked.join("; "),
+                    answered = asked.len(),
+                    "fleet: PostgreSQL unreachable and these peers cannot be asked what they have applied: whether this node is behind is unknown for them"
+                );
+            }
+            h.peers_not_asked = not_asked;
+        }
+    }
     if let Some((name, theirs)) = asked.into_iter().find(|(_, a)| *a > ours) {
         let mut h = inner.lock_health();
         if h.behind_since.is_none() {

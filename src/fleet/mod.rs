@@ -25,11 +25,13 @@
 //! Files: [`sql`] (schema, migrations, the statements), [`follow`] (following the log,
 //! heartbeat, lag and drain), [`commit`] (batches, rollbacks and base imports through the
 //! log), [`status`] (the nodes table as `fleet status` shows it), [`ldap`] (the LDAP source
-//! of a fleet: one node at a time syncs it and imports what changed).
+//! of a fleet: one node at a time syncs it and imports what changed), [`peers`] (whether a
+//! peer's admin API can be asked from here).
 
 mod commit;
 mod follow;
 mod ldap;
+pub mod peers;
 mod sql;
 mod status;
 
@@ -99,7 +101,19 @@ struct Health {
     /// Why it is behind (for status and logs).
     behind_why: Option<String>,
     /// The other nodes' admin addresses, from the last read of the nodes table.
-    peers: Vec<(String, String)>,
+    peers: Vec<Peer>,
+    /// The peers the last lag check could not ask while PostgreSQL was unreachable, each
+    /// with why (`NAME: reason`); empty while connected.
+    peers_not_asked: Vec<String>,
+}
+
+/// Another node as the nodes table names it: where its admin API is, and on which host
+/// that address is valid ([`peers::reach`]).
+#[derive(Debug, Clone, PartialEq)]
+struct Peer {
+    name: String,
+    admin: Option<String>,
+    admin_host: Option<String>,
 }
 
 /// Shared state of the fleet client: the config, the directory it feeds, the follower's
@@ -121,6 +135,8 @@ struct Inner {
     token: Option<String>,
     /// This node's admin API address as peers reach it (set once the API listens).
     admin_addr: OnceLock<String>,
+    /// The host this node runs on ([`peers::host_scope`]), written with its admin address.
+    host: String,
     fleet_id: Mutex<Option<String>>,
     /// Stops the follower.
     stop: AtomicBool,
@@ -232,6 +248,7 @@ impl Fleet {
                     behind_since: None,
                     behind_why: None,
                     peers: Vec::new(),
+                    peers_not_asked: Vec::new(),
                 }),
                 wake: Notify::new(),
                 applied,
@@ -239,6 +256,7 @@ impl Fleet {
                 reporter: OnceLock::new(),
                 token,
                 admin_addr: OnceLock::new(),
+                host: peers::host_scope(),
                 fleet_id: Mutex::new(fleet_id),
                 stop: AtomicBool::new(false),
                 applying: tokio::sync::Mutex::new(()),

@@ -9,7 +9,8 @@
 //! - `base_rows`: the rows of the latest bases (the one in force and the one before it);
 //!   `routing_address` is the mailbox's routing address, `''` for none (a column added by
 //!   `ALTER TABLE` to schemas made before it).
-//! - `nodes`: one row per node, written by its heartbeat.
+//! - `nodes`: one row per node, written by its heartbeat; `admin_host` is the host its
+//!   `admin` address is valid on (boot id and network namespace, see `fleet::peers`).
 
 use super::{target, FleetError, CONNECT_TIMEOUT};
 use tokio::sync::mpsc;
@@ -62,6 +63,8 @@ CREATE TABLE IF NOT EXISTS "{s}".nodes (
     version text NOT NULL,
     started timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- The host a node's admin address is valid on (see `fleet::peers`).
+ALTER TABLE "{s}".nodes ADD COLUMN IF NOT EXISTS admin_host text;
 "#
     )
 }

@@ -23,6 +23,10 @@ pub struct NodeRow {
     pub name: String,
     /// Its admin API address.
     pub admin: Option<String>,
+    /// The host that address is valid on (see `fleet::peers`; absent in rows written by
+    /// versions before it).
+    #[serde(default)]
+    pub admin_host: Option<String>,
     /// The last change it has applied.
     pub applied: u32,
     /// Changes in the log it has not applied.
@@ -60,6 +64,10 @@ pub struct FleetStatus {
     pub behind_why: Option<String>,
     /// Every node, from the nodes table (empty while PostgreSQL is down).
     pub nodes: Vec<NodeRow>,
+    /// While PostgreSQL is unreachable: the peers this node could not ask what they have
+    /// applied, each as `NAME: why` (its lag check knows nothing about them).
+    #[serde(default)]
+    pub peers_not_asked: Vec<String>,
 }
 
 /// What a node has applied (`GET /v1/fleet/node`), asked by peers that lost PostgreSQL.
@@ -114,7 +122,7 @@ impl Fleet {
     /// The fleet now: the nodes table read from PostgreSQL (on a short-lived connection), or
     /// this node's own view with the error while PostgreSQL cannot be reached.
     pub async fn status(&self) -> FleetStatus {
-        let (postgres, head, behind_why) = {
+        let (postgres, head, behind_why, peers_not_asked) = {
             let h = self.inner.lock_health();
             (
                 PgHealth {
@@ -124,6 +132,7 @@ impl Fleet {
                 },
                 h.head,
                 h.behind_why.clone(),
+                h.peers_not_asked.clone(),
             )
         };
         let mut st = FleetStatus {
@@ -134,14 +143,19 @@ impl Fleet {
             behind: self.behind(),
             behind_why,
             nodes: Vec::new(),
+            peers_not_asked,
         };
         match self.read_nodes().await {
             Ok((head, nodes)) => {
                 st.head = head;
                 self.inner.lock_health().peers = nodes
                     .iter()
-                    .filter(|n| n.name != st.node)
-                    .filter_map(|n| Some((n.name.clone(), n.admin.clone()?)))
+                    .filter(|n| n.name != st.node && n.alive)
+                    .map(|n| super::Peer {
+                        name: n.name.clone(),
+                        admin: n.admin.clone(),
+                        admin_host: n.admin_host.clone(),
+                    })
                     .collect();
                 st.nodes = nodes;
             }
@@ -162,9 +176,9 @@ impl Fleet {
                 &format!(
                     r#"SELECT n.name, n.admin, n.applied,
                          extract(epoch FROM clock_timestamp() - n.heartbeat)::float8,
-                         n.draining, n.behind, n.queue, n.version, n.stopped,
+                         n.draining, n.behind, n.queue, n.version, n.stopped, n.admin_host,
                          coalesce((SELECT extract(epoch FROM clock_timestamp() - min(c.committed_at))::float8
-                                   FROM "{s}".changes c WHERE c.seq > n.applied), 0::float8)
+                                   FROM "{s}".changes c WHERE c.seq > n.applied), 0::float8) AS lag
                        FROM "{s}".nodes n ORDER BY n.name"#
                 ),
                 &[],
@@ -179,9 +193,10 @@ impl Fleet {
                 NodeRow {
                     name: r.get(0),
                     admin: r.get(1),
+                    admin_host: r.get(9),
                     applied,
                     lag_changes: head.saturating_sub(applied),
-                    lag_seconds: r.get(9),
+                    lag_seconds: r.get("lag"),
                     heartbeat_age_seconds: age,
                     alive: age < 30.0 && !r.get::<_, bool>(8),
                     draining: r.get(4),

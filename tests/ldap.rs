@@ -259,3 +259,70 @@ async fn in_a_fleet_one_node_syncs_and_every_node_follows() {
     }
     drop(server);
 }
+
+/// Turns `cn=user{i}` into a contact (not a mailbox): the next delta sync drops it.
+async fn make_contacts(url: &str, users: std::ops::Range<usize>) {
+    let mut ldap = admin(url).await;
+    for i in users {
+        ldap.modify(
+            &format!("cn=user{i},ou=people,{}", slapd::SUFFIX),
+            vec![Mod::Replace(
+                "msExchRecipientTypeDetails",
+                HashSet::from(["64"]),
+            )],
+        )
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    }
+    let _ = ldap.unbind().await;
+}
+
+/// Issue 23 item 6b: a sync refused by `directory.max_shrink` is tried again at the next
+/// sync, not only when the source changes again: once the limit is raised (a config
+/// reload), the following sync applies the source as it is, with no change in LDAP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sync_refused_by_max_shrink_is_retried_at_the_next_sync() {
+    let mut entries = String::new();
+    for i in 0..50 {
+        entries.push_str(&slapd::user_ldif(i, "1", None));
+        entries.push('\n');
+    }
+    let server = tokio::task::spawn_blocking(move || Slapd::start(&entries))
+        .await
+        .unwrap();
+    let url = server.url();
+    let h = harness(|c| {
+        let d = |s: &str| coexist::types::Domain::parse(s, false).unwrap();
+        c.server.accepted_domains = vec![d("corp.test"), d("trust.test")];
+        c.directory.file = None;
+        c.directory.unknown = coexist::config::Unknown::Reject;
+        c.directory.ldap = Some(ldap_config(&url));
+    })
+    .await;
+    assert_eq!(h.relay.directory.len(), 100);
+
+    // 10 of 50 mailboxes stop being mailboxes: 20% of the addresses, above the 10% limit.
+    make_contacts(&url, 0..10).await;
+    eventually("the sync refused by the shrink guard", || {
+        h.relay.directory.reload_status().last_result.as_deref() == Some("refused_shrink")
+    })
+    .await;
+    assert_eq!(lookup(&h, "user3@corp.test").0.as_deref(), Some("onprem"));
+
+    // The admin raises the limit (what a config reload does); LDAP does not change again.
+    h.relay
+        .directory
+        .set_max_shrink(coexist::config::Percent::parse("50%").unwrap());
+    eventually("the source applied at a later sync", || {
+        lookup(&h, "user3@corp.test").0.is_none()
+    })
+    .await;
+    assert_eq!(h.relay.directory.len(), 80);
+    assert_eq!(
+        h.relay.directory.reload_status().last_result.as_deref(),
+        Some("ok")
+    );
+    drop(server);
+}

@@ -9,8 +9,11 @@
 //! Applying is idempotent in effect (mailboxes already in the target state are left alone),
 //! so a crash between applying and recording it applies nothing twice.
 //!
-//! In a fleet the same records live in PostgreSQL instead (see `crate::fleet`), where one
-//! node claims a due batch in a transaction, so it is applied once across the fleet.
+//! This store and [`run`] serve a single node. In a fleet (`[fleet]`) the same records live
+//! in PostgreSQL instead (`crate::fleet::scheduled`): any node lists and cancels them, and
+//! whichever node is live at a batch's time claims it in the transaction that commits it
+//! to the fleet log, so it is applied once across the fleet even when the node that took it
+//! is down. The files here are then not used.
 
 use super::{io_err, DirectoryError};
 use serde::{Deserialize, Serialize};
@@ -64,6 +67,9 @@ pub struct Scheduled {
     pub format: String,
     /// RFC 3339 time it was scheduled.
     pub created: String,
+    /// In a fleet: the node it was scheduled on (absent on a single node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Where it stands.
     #[serde(flatten)]
     pub status: Status,
@@ -179,6 +185,7 @@ impl ScheduleStore {
             state: state.map(str::to_string),
             format: format.to_string(),
             created: super::changes::now_rfc3339(),
+            node: None,
             status: Status::Pending,
         };
         write_atomic(&self.dir, &format!("{id}.csv"), body)?;

@@ -24,12 +24,17 @@
 //!
 //! Files: [`sql`] (schema, migrations, the statements), [`follow`] (following the log,
 //! heartbeat, lag and drain), [`commit`] (batches, rollbacks and base imports through the
-//! log), [`status`] (the nodes table as `fleet status` shows it), [`ldap`] (the LDAP source
-//! of a fleet: one node at a time syncs it and imports what changed).
+//! log), [`rollback`] (rollbacks as restore lists, possible across later bases),
+//! [`status`] (the nodes table as `fleet status` shows it), [`ldap`] (the LDAP source
+//! of a fleet: one node at a time syncs it and imports what changed), [`scheduled`]
+//! (batches scheduled for later, kept in PostgreSQL and applied once by whichever node is
+//! live at their time).
 
 mod commit;
 mod follow;
 mod ldap;
+mod rollback;
+pub mod scheduled;
 mod sql;
 mod status;
 

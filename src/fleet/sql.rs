@@ -10,6 +10,10 @@
 //!   `routing_address` is the mailbox's routing address, `''` for none (a column added by
 //!   `ALTER TABLE` to schemas made before it).
 //! - `nodes`: one row per node, written by its heartbeat.
+//! - `scheduled`: batches scheduled for later (`directory apply --at`), see
+//!   [`super::scheduled`].
+//! - `batch_undo`: each batch's undo entries, and a `rollback`'s `body` its restore list
+//!   (see [`super::rollback`]).
 
 use super::{target, FleetError, CONNECT_TIMEOUT};
 use tokio::sync::mpsc;
@@ -62,7 +66,9 @@ CREATE TABLE IF NOT EXISTS "{s}".nodes (
     version text NOT NULL,
     started timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-"#
+{scheduled}{undo}"#,
+        scheduled = super::scheduled::ddl(s),
+        undo = super::rollback::ddl(s)
     )
 }
 

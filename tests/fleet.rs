@@ -324,14 +324,30 @@ async fn a_stopped_node_catches_up_when_it_starts_again() {
     );
     assert_eq!(b.route_of("erin@nhs.test").0.as_deref(), Some("cloud"));
 
-    // Batch 2 came before base 3: it cannot be rolled back.
-    let e = {
+    // Batch 2 came before base 3, and mx2 never applied it (it jumped to base 3): it is
+    // rolled back all the same, from mx2, with the undo entries the fleet kept with it
+    // (issue 23 item 6c). Dave goes back on both nodes; carol, decided by base 3, stays.
+    let rb = {
         let api = b.api();
-        tokio::task::spawn_blocking(move || api.directory_rollback(2).unwrap_err().to_string())
+        tokio::task::spawn_blocking(move || api.directory_rollback(2).unwrap())
             .await
             .unwrap()
     };
-    assert!(e.contains("came before base 3"), "{e}");
+    assert_eq!(
+        (rb.report.id, rb.report.changed, rb.report.changed_since),
+        (Some(4), 1, 0),
+        "{rb:?}"
+    );
+    for n in [&a, &b] {
+        eventually("dave back on every node", || {
+            n.route_of("dave@nhs.test") == (Some("onprem".into()), "base 1".into())
+        })
+        .await;
+        assert_eq!(
+            n.route_of("carol@nhs.test"),
+            (Some("onprem".into()), "base 3".into())
+        );
+    }
 
     // A bad import is refused with file and line; nothing changes.
     let bad = a.dir.path().join("bad.csv");
@@ -351,7 +367,7 @@ async fn a_stopped_node_catches_up_when_it_starts_again() {
     );
     assert!(!ok);
     assert!(err.contains("more than directory.max_shrink"), "{err}");
-    assert_eq!(a.relay.directory.applied(), 3);
+    assert_eq!(a.relay.directory.applied(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -136,11 +136,16 @@ impl Fleet {
             &undo::encode_restores(&restores),
         )
         .await?;
-        let report = {
+        let applied = {
             let s = source.clone();
             blocking(move || dir.restore_at(seq, batch, &s, &restores)).await??
         };
-        let mut report = report.unwrap_or(preview);
+        // The plan is the report (rows, `changed_since`: it was made under the log's lock,
+        // on the state the change applies to).
+        let mut report = preview;
+        if let Some(r) = applied {
+            report.changed = r.changed;
+        }
         report.id = Some(seq);
         let nodes = self.progress(&client, seq).await?;
         info!(

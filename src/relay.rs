@@ -532,6 +532,7 @@ pub async fn start_with_file(
         Some(f) => tokio::spawn(crate::fleet::scheduled::run(
             f.clone(),
             config.route_names(),
+            scheduled.clone(),
         )),
         None => tokio::spawn(scheduled::run(
             scheduled.clone(),

@@ -672,9 +672,15 @@ async fn a_batch_scheduled_on_a_stopped_node_is_applied_once_by_another() {
     );
     assert_eq!(b.route_of("alice@nhs.test").0.as_deref(), Some("onprem"));
     let committed = schema
-        .value("SELECT string_agg(seq || ' ' || node, ',') FROM changes WHERE source = 'weekend.csv'")
+        .value(
+            "SELECT string_agg(seq || ' ' || node, ',') FROM changes WHERE source = 'weekend.csv'",
+        )
         .await;
-    assert_eq!(committed, Some(format!("{change} mx2")), "one change, by mx2");
+    assert_eq!(
+        committed,
+        Some(format!("{change} mx2")),
+        "one change, by mx2"
+    );
 
     // mx1 comes back: it has the change, and applies nothing again.
     let a = Node::start(cfg, dir).await;
@@ -700,4 +706,54 @@ async fn a_batch_scheduled_on_a_stopped_node_is_applied_once_by_another() {
         1,
         "{history:?}"
     );
+}
+
+/// Issue 23 item 4: batches a node kept on its own disk (scheduled before it joined the
+/// fleet, or by a version that kept them there) move to the fleet's schedule, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nodes_own_scheduled_batches_move_to_the_fleet() {
+    use coexist::admin::types::ScheduledStatus;
+    use coexist::directory::scheduled::{parse_at, ScheduleStore};
+    let schema = Schema::new("adopt").await;
+    let hops = hops().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), &hops, &schema, "mx1", &pg::url(), true);
+    let local_dir = cfg.directory.store_dir.join("scheduled");
+    let at = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    ScheduleStore::open(&local_dir)
+        .unwrap()
+        .add(
+            b"EmailAddress\ncarol@nhs.test\n",
+            "old.csv",
+            Some("onprem"),
+            "auto",
+            parse_at(&at).unwrap(),
+        )
+        .unwrap();
+    let a = Node::start(cfg, dir).await;
+    let l = eventually_async("the node's own batch in the fleet's schedule", || async {
+        let l = scheduled_on(&a).await;
+        if l.len() == 1 {
+            Ok(l)
+        } else {
+            Err(format!("{l:?}"))
+        }
+    })
+    .await;
+    assert_eq!(
+        (l[0].source.as_str(), &l[0].status, l[0].at.as_str()),
+        ("old.csv", &ScheduledStatus::Pending, at.as_str())
+    );
+    let local = ScheduleStore::open(&local_dir).unwrap().list().unwrap();
+    assert!(
+        matches!(local[0].status, ScheduledStatus::Moved { to, .. } if to == l[0].id),
+        "{local:?}"
+    );
+    // Moved once: a restart does not move it again.
+    let Node { relay, dir, cfg } = a;
+    drop(relay);
+    let a = Node::start(cfg, dir).await;
+    let l = scheduled_on(&a).await;
+    assert_eq!(l.len(), 1, "{l:?}");
 }

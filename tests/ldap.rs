@@ -439,10 +439,12 @@ async fn in_a_fleet_a_batch_survives_renames_and_syncs_and_rolls_back() {
     // The rollback, from the other node, after those LDAP bases.
     let rb = {
         let api = api(&b);
-        tokio::task::spawn_blocking(move || api.directory_rollback(batch).map_err(|e| e.to_string()))
-            .await
-            .unwrap()
-            .unwrap()
+        tokio::task::spawn_blocking(move || {
+            api.directory_rollback(batch).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap()
+        .unwrap()
     };
     assert_eq!(
         (rb.report.changed, rb.report.changed_since),

@@ -243,6 +243,9 @@ pub fn scheduled_text(list: &[Scheduled]) -> String {
                 },
                 ScheduledStatus::Failed { error, time } => format!("failed at {time}: {error}"),
                 ScheduledStatus::Cancelled { time } => format!("cancelled at {time}"),
+                ScheduledStatus::Moved { to, time } => {
+                    format!("moved at {time} to the fleet's schedule as {to}")
+                }
             };
             format!("{:>4}  {}  {}  {}", s.id, s.at, s.source, status)
         })

@@ -5,7 +5,7 @@
 //! uploaded) and `ID.json` (when, its target state and format, and its status), both written
 //! to a temporary name, fsynced and renamed, so a restart finds every scheduled batch whole.
 //! The status moves from `pending` to `applied` (with the change id) or `failed` (with why),
-//! or to `cancelled`. A batch due while the relay was stopped is applied at the next start.
+//! or to `cancelled` (or `moved`, into a fleet's schedule). A batch due while the relay was stopped is applied at the next start.
 //! Applying is idempotent in effect (mailboxes already in the target state are left alone),
 //! so a crash between applying and recording it applies nothing twice.
 //!
@@ -13,7 +13,8 @@
 //! in PostgreSQL instead (`crate::fleet::scheduled`): any node lists and cancels them, and
 //! whichever node is live at a batch's time claims it in the transaction that commits it
 //! to the fleet log, so it is applied once across the fleet even when the node that took it
-//! is down. The files here are then not used.
+//! is down. A fleet node moves pending batches it finds here (kept before it joined, or by
+//! an earlier version) into the fleet's schedule once, marking them `moved`.
 
 use super::{io_err, DirectoryError};
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,14 @@ pub enum Status {
     },
     /// Cancelled by an admin before its time.
     Cancelled {
+        /// RFC 3339.
+        time: String,
+    },
+    /// Kept on this node before it was in a fleet (or by an earlier version), then moved to
+    /// the fleet's schedule in PostgreSQL, where it is batch `to`.
+    Moved {
+        /// Its id in the fleet's schedule.
+        to: u32,
         /// RFC 3339.
         time: String,
     },

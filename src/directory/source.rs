@@ -533,7 +533,11 @@ mod tests {
         .unwrap();
         let d = Directory::open(&cfg(dir.path(), "reject"), states()).unwrap();
         let id = d
-            .apply(&rows("EmailAddress\nalias@nhs.test\n", "cloud"), "b.csv", false)
+            .apply(
+                &rows("EmailAddress\nalias@nhs.test\n", "cloud"),
+                "b.csv",
+                false,
+            )
             .unwrap()
             .id
             .unwrap();

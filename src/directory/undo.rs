@@ -205,9 +205,13 @@ pub fn decode_restores(body: &[u8]) -> Result<Option<Vec<Restore>>, String> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
         let mut f = line.split('\t');
-        let (Some(address), Some(state), Some(origin), None) = (f.next(), f.next(), f.next(), f.next())
+        let (Some(address), Some(state), Some(origin), None) =
+            (f.next(), f.next(), f.next(), f.next())
         else {
-            return Err(format!("restore list line {}: not address, state, origin", i + 1));
+            return Err(format!(
+                "restore list line {}: not address, state, origin",
+                i + 1
+            ));
         };
         let origin = origin
             .parse()
@@ -240,7 +244,10 @@ pub fn decode_undo(body: &[u8]) -> Result<Vec<ChangeEntry>, String> {
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
         let f: Vec<&str> = line.split('\t').collect();
         let [address, from, origin, to] = f[..] else {
-            return Err(format!("undo line {}: not address, from, origin, to", i + 1));
+            return Err(format!(
+                "undo line {}: not address, from, origin, to",
+                i + 1
+            ));
         };
         out.push(ChangeEntry {
             address: address.to_string(),

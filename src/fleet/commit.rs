@@ -212,7 +212,9 @@ impl Fleet {
 
     /// Opens a transaction holding the log's lock, with this node caught up to the head;
     /// the guard keeps the follower from applying until the commit has applied its change.
-    pub(super) async fn begin(&self) -> Result<(Client, u32, tokio::sync::MutexGuard<'_, ()>), FleetError> {
+    pub(super) async fn begin(
+        &self,
+    ) -> Result<(Client, u32, tokio::sync::MutexGuard<'_, ()>), FleetError> {
         let inner = &self.inner;
         let guard = inner.applying.lock().await;
         let client = sql::connect(&inner.pg).await?;

@@ -230,8 +230,7 @@ pub(super) async fn catch_up_locked(inner: &Inner, client: &Client) -> Result<u3
                 }
                 "rollback" => {
                     let batch = seq_u32(row.get::<_, Option<i64>>(3).unwrap_or(0))?;
-                    super::rollback::apply_rollback(inner, seq, batch, source, row.get(4))
-                        .await?;
+                    super::rollback::apply_rollback(inner, seq, batch, source, row.get(4)).await?;
                 }
                 "base" => install_base(inner, client, seq, source, committed).await?,
                 other => {

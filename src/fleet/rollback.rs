@@ -55,7 +55,11 @@ pub(super) async fn keep_undo(
 }
 
 /// Checks that change `batch` is a batch not rolled back yet, and returns its undo entries.
-async fn undo_of(inner: &Inner, client: &Client, batch: u32) -> Result<Vec<ChangeEntry>, FleetError> {
+async fn undo_of(
+    inner: &Inner,
+    client: &Client,
+    batch: u32,
+) -> Result<Vec<ChangeEntry>, FleetError> {
     let s = inner.schema();
     let err = db_err(&inner.pg);
     let kind: Option<String> = client

@@ -15,15 +15,20 @@
 //! log's lock, then sees it applied and does nothing; a cancel that races the commit waits
 //! for the row and then finds it applied. So a batch becomes exactly one change, whichever
 //! nodes are up; a batch due while every node was down is applied by the first node back.
+//!
+//! Batches a node kept on disk before (a single node that joins a fleet, or a fleet node of
+//! an earlier version, which kept them locally) are moved into the table at its first
+//! connection ([`run`]) and marked `moved` on disk.
 
 use super::commit::blocking;
 use super::follow::TICK;
 use super::sql::{self, db_err};
 use super::{Fleet, FleetError, Inner};
 use crate::directory::batch::{self, BatchFormat};
-use crate::directory::scheduled::{Scheduled, Status};
+use crate::directory::scheduled::{ScheduleStore, Scheduled, Status};
 use crate::types::RouteName;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tokio_postgres::{Client, Row};
 use tracing::{info, warn};
 
@@ -68,10 +73,7 @@ fn from_row(r: &Row) -> Result<Scheduled, FleetError> {
     let id: i64 = r.get(0);
     let at_unix: i64 = r.get(1);
     let time = rfc3339(r.get::<_, Option<i64>>(9).unwrap_or(0));
-    let change = r
-        .get::<_, Option<i64>>(7)
-        .map(sql::seq_u32)
-        .transpose()?;
+    let change = r.get::<_, Option<i64>>(7).map(sql::seq_u32).transpose()?;
     let status = match r.get::<_, &str>(6) {
         "pending" => Status::Pending,
         "applied" => Status::Applied { change, time },
@@ -284,14 +286,23 @@ async fn due(inner: &Inner, client: &Client) -> Result<Vec<Due>, FleetError> {
 /// what is due (oldest first) through the fleet log, and records the outcome. While
 /// PostgreSQL cannot be reached nothing is applied; a batch is applied when it (or another
 /// node) can, never dropped.
-pub async fn run(fleet: Fleet, states: Vec<RouteName>) {
+pub async fn run(fleet: Fleet, states: Vec<RouteName>, local: Arc<ScheduleStore>) {
     let inner = fleet.inner.clone();
     let mut client: Option<Client> = None;
     // Logged once per spell of failures.
     let mut retrying = false;
+    let mut adopted = false;
     while !inner.stop.load(Ordering::SeqCst) {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = sql::connect(&inner.pg).await.ok();
+        }
+        if let (Some(_), false) = (&client, adopted) {
+            match adopt(&fleet, &local).await {
+                Ok(()) => adopted = true,
+                Err(e) => {
+                    warn!(error = %e, "fleet: this node's own scheduled batches not moved to the fleet yet; retrying")
+                }
+            }
         }
         if let Some(c) = &client {
             match round(&fleet, c, &states).await {
@@ -309,6 +320,40 @@ pub async fn run(fleet: Fleet, states: Vec<RouteName>) {
         }
         tokio::time::sleep(TICK).await;
     }
+}
+
+/// Moves the pending batches this node kept on disk (before it joined the fleet, or with a
+/// version that kept them there) into the fleet's schedule, each marked `moved` on disk. A
+/// crash between the two moves one again at the next start: applied twice, a batch changes
+/// nothing the second time.
+async fn adopt(fleet: &Fleet, local: &Arc<ScheduleStore>) -> Result<(), FleetError> {
+    let pending: Vec<Scheduled> = {
+        let l = local.clone();
+        blocking(move || l.list()).await??
+    }
+    .into_iter()
+    .filter(|s| s.status == Status::Pending)
+    .collect();
+    for s in pending {
+        let body = {
+            let (l, id) = (local.clone(), s.id);
+            blocking(move || l.body(id)).await??
+        };
+        let moved = fleet
+            .schedule(
+                body,
+                s.source.clone(),
+                s.state.clone(),
+                s.format.clone(),
+                (s.at_unix, s.at.clone()),
+            )
+            .await?;
+        let (l, id, to) = (local.clone(), s.id, moved.id);
+        let time = crate::fleet::now_rfc3339();
+        blocking(move || l.settle(id, Status::Moved { to, time })).await??;
+        info!(local = s.id, fleet = moved.id, at = %s.at, source = %s.source, "fleet: a batch scheduled on this node moved to the fleet's schedule");
+    }
+    Ok(())
 }
 
 /// One look: applies every due batch, or stops at the first that cannot be applied now.

@@ -638,6 +638,12 @@ async fn a_batch_scheduled_on_a_stopped_node_is_applied_once_by_another() {
     );
     assert!(ok, "{err}");
     assert!(out.starts_with("cancelled:"), "{out}");
+    let (ok, out, err) = bin::cli(&b.cli_config(), &["directory", "scheduled"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("weekend.csv (on mx1)  pending") && out.contains("  cancelled at "),
+        "{out}"
+    );
 
     // The first batch's time comes (moved to now in PostgreSQL, rather than waiting an
     // hour): mx2 applies it.

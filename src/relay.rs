@@ -538,11 +538,19 @@ pub async fn start_with_file(
     let scheduled = Arc::new(ScheduleStore::open(
         &config.directory.store_dir.join("scheduled"),
     )?);
-    let schedule_task = tokio::spawn(scheduled::run(
-        scheduled.clone(),
-        config.route_names(),
-        apply_fn(directory.clone(), fleet.clone()),
-    ));
+    // In a fleet, scheduled batches live in PostgreSQL and any live node applies them.
+    let schedule_task = match &fleet {
+        Some(f) => tokio::spawn(crate::fleet::scheduled::run(
+            f.clone(),
+            config.route_names(),
+            scheduled.clone(),
+        )),
+        None => tokio::spawn(scheduled::run(
+            scheduled.clone(),
+            config.route_names(),
+            apply_fn(directory.clone()),
+        )),
+    };
     let opened = {
         let dir = config.spool.dir.clone();
         tokio::task::spawn_blocking(move || Spool::open(&dir))
@@ -649,25 +657,18 @@ pub async fn start_with_file(
     })
 }
 
-/// How a due scheduled batch is applied: through the fleet's log in a fleet (retried while
-/// PostgreSQL is unreachable), else on the directory.
-fn apply_fn(directory: Arc<Directory>, fleet: Option<Fleet>) -> scheduled::ApplyFn {
+/// How a due scheduled batch of a single node is applied: on the directory (a fleet's
+/// batches are applied by `crate::fleet::scheduled`).
+fn apply_fn(directory: Arc<Directory>) -> scheduled::ApplyFn {
     use scheduled::ApplyError;
     Arc::new(move |rows, source| {
-        let (directory, fleet) = (directory.clone(), fleet.clone());
+        let directory = directory.clone();
         Box::pin(async move {
-            match fleet {
-                Some(f) => match f.apply(rows, source).await {
-                    Ok((r, _)) => Ok(r.id),
-                    Err(e) if e.is_unreachable() => Err(ApplyError::Retry(e.to_string())),
-                    Err(e) => Err(ApplyError::Fail(e.to_string())),
-                },
-                None => tokio::task::spawn_blocking(move || directory.apply(&rows, &source, false))
-                    .await
-                    .map_err(|e| ApplyError::Retry(e.to_string()))?
-                    .map(|r| r.id)
-                    .map_err(|e| ApplyError::Fail(e.to_string())),
-            }
+            tokio::task::spawn_blocking(move || directory.apply(&rows, &source, false))
+                .await
+                .map_err(|e| ApplyError::Retry(e.to_string()))?
+                .map(|r| r.id)
+                .map_err(|e| ApplyError::Fail(e.to_string()))
         })
     })
 }

@@ -324,14 +324,30 @@ async fn a_stopped_node_catches_up_when_it_starts_again() {
     );
     assert_eq!(b.route_of("erin@nhs.test").0.as_deref(), Some("cloud"));
 
-    // Batch 2 came before base 3: it cannot be rolled back.
-    let e = {
+    // Batch 2 came before base 3, and mx2 never applied it (it jumped to base 3): it is
+    // rolled back all the same, from mx2, with the undo entries the fleet kept with it
+    // (issue 23 item 6c). Dave goes back on both nodes; carol, decided by base 3, stays.
+    let rb = {
         let api = b.api();
-        tokio::task::spawn_blocking(move || api.directory_rollback(2).unwrap_err().to_string())
+        tokio::task::spawn_blocking(move || api.directory_rollback(2).unwrap())
             .await
             .unwrap()
     };
-    assert!(e.contains("came before base 3"), "{e}");
+    assert_eq!(
+        (rb.report.id, rb.report.changed, rb.report.changed_since),
+        (Some(4), 1, 0),
+        "{rb:?}"
+    );
+    for n in [&a, &b] {
+        eventually("dave back on every node", || {
+            n.route_of("dave@nhs.test") == (Some("onprem".into()), "base 1".into())
+        })
+        .await;
+        assert_eq!(
+            n.route_of("carol@nhs.test"),
+            (Some("onprem".into()), "base 3".into())
+        );
+    }
 
     // A bad import is refused with file and line; nothing changes.
     let bad = a.dir.path().join("bad.csv");
@@ -351,7 +367,7 @@ async fn a_stopped_node_catches_up_when_it_starts_again() {
     );
     assert!(!ok);
     assert!(err.contains("more than directory.max_shrink"), "{err}");
-    assert_eq!(a.relay.directory.applied(), 3);
+    assert_eq!(a.relay.directory.applied(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -549,6 +565,203 @@ async fn a_base_carries_routing_addresses_to_every_node() {
             "bob@tenant.mail.onmicrosoft.test"
         ]
     );
+}
+
+/// Schedules `csv` on `n` for `at` (RFC 3339).
+async fn schedule(n: &Node, csv: &str, at: String) -> Result<BatchReply, String> {
+    let api = n.api();
+    let csv = csv.to_string();
+    tokio::task::spawn_blocking(move || {
+        api.directory_apply(&BatchUpload {
+            body: csv.as_bytes(),
+            source: "weekend.csv",
+            state: Some("cloud"),
+            dry_run: false,
+            at: Some(&at),
+            format: Default::default(),
+        })
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap()
+}
+
+async fn scheduled_on(n: &Node) -> Vec<coexist::admin::types::Scheduled> {
+    let api = n.api();
+    tokio::task::spawn_blocking(move || api.directory_scheduled().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Issue 23 item 4: a batch scheduled on one node lives in PostgreSQL. The node that took
+/// it stops; another lists it, cancels a second one, and applies the first at its time,
+/// once, through the fleet log; the first node, back, has it as a change and applies
+/// nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_scheduled_on_a_stopped_node_is_applied_once_by_another() {
+    use coexist::admin::types::ScheduledStatus;
+    let schema = Schema::new("sched").await;
+    let hops = hops().await;
+    let url = pg::url();
+    let a = node(&hops, &schema, "mx1", &url, true).await;
+    let b = node(&hops, &schema, "mx2", &url, false).await;
+    let in_an_hour = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let first = schedule(&a, "EmailAddress\ndave@nhs.test\n", in_an_hour.clone())
+        .await
+        .unwrap()
+        .scheduled
+        .expect("scheduled");
+    let second = schedule(&a, "EmailAddress\nalice@nhs.test\n", in_an_hour)
+        .await
+        .unwrap()
+        .scheduled
+        .expect("scheduled");
+    assert_eq!(first.status, ScheduledStatus::Pending);
+    assert_eq!(first.node.as_deref(), Some("mx1"));
+
+    // mx1 stops. mx2 sees both batches and cancels the second.
+    let Node { relay, dir, cfg } = a;
+    drop(relay);
+    let l = scheduled_on(&b).await;
+    assert_eq!(
+        l.iter().map(|s| (s.id, &s.status)).collect::<Vec<_>>(),
+        vec![
+            (first.id, &ScheduledStatus::Pending),
+            (second.id, &ScheduledStatus::Pending)
+        ],
+        "{l:?}"
+    );
+    let (ok, out, err) = bin::cli(
+        &b.cli_config(),
+        &["directory", "cancel", &second.id.to_string()],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("cancelled:"), "{out}");
+    let (ok, out, err) = bin::cli(&b.cli_config(), &["directory", "scheduled"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("weekend.csv (on mx1)  pending") && out.contains("  cancelled at "),
+        "{out}"
+    );
+
+    // The first batch's time comes (moved to now in PostgreSQL, rather than waiting an
+    // hour): mx2 applies it.
+    schema
+        .execute(&format!(
+            "UPDATE scheduled SET at = clock_timestamp() WHERE id = {}",
+            first.id
+        ))
+        .await;
+    eventually("dave moved by mx2", || {
+        b.route_of("dave@nhs.test").0.as_deref() == Some("cloud")
+    })
+    .await;
+    let l = eventually_async("the batch recorded as applied", || async {
+        let l = scheduled_on(&b).await;
+        match &l[0].status {
+            ScheduledStatus::Applied {
+                change: Some(c), ..
+            } => Ok((l.clone(), *c)),
+            _ => Err(format!("{l:?}")),
+        }
+    })
+    .await;
+    let (l, change) = l;
+    assert!(
+        matches!(l[1].status, ScheduledStatus::Cancelled { .. }),
+        "{l:?}"
+    );
+    assert_eq!(
+        b.route_of("dave@nhs.test"),
+        (Some("cloud".into()), format!("batch {change}"))
+    );
+    assert_eq!(b.route_of("alice@nhs.test").0.as_deref(), Some("onprem"));
+    let committed = schema
+        .value(
+            "SELECT string_agg(seq || ' ' || node, ',') FROM changes WHERE source = 'weekend.csv'",
+        )
+        .await;
+    assert_eq!(
+        committed,
+        Some(format!("{change} mx2")),
+        "one change, by mx2"
+    );
+
+    // mx1 comes back: it has the change, and applies nothing again.
+    let a = Node::start(cfg, dir).await;
+    assert_eq!(
+        a.route_of("dave@nhs.test"),
+        (Some("cloud".into()), format!("batch {change}"))
+    );
+    let l = scheduled_on(&a).await;
+    assert!(
+        matches!(l[0].status, ScheduledStatus::Applied { change: Some(c), .. } if c == change),
+        "{l:?}"
+    );
+    // A cancel of a batch no longer pending is refused, from any node.
+    let (ok, _, err) = bin::cli(
+        &a.cli_config(),
+        &["directory", "cancel", &first.id.to_string()],
+    );
+    assert!(!ok);
+    assert!(err.contains("is not pending (applied)"), "{err}");
+    let history = a.relay.directory.history_snapshot();
+    assert_eq!(
+        history.iter().filter(|c| c.source == "weekend.csv").count(),
+        1,
+        "{history:?}"
+    );
+}
+
+/// Issue 23 item 4: batches a node kept on its own disk (scheduled before it joined the
+/// fleet, or by a version that kept them there) move to the fleet's schedule, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nodes_own_scheduled_batches_move_to_the_fleet() {
+    use coexist::admin::types::ScheduledStatus;
+    use coexist::directory::scheduled::{parse_at, ScheduleStore};
+    let schema = Schema::new("adopt").await;
+    let hops = hops().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), &hops, &schema, "mx1", &pg::url(), true);
+    let local_dir = cfg.directory.store_dir.join("scheduled");
+    let at = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    ScheduleStore::open(&local_dir)
+        .unwrap()
+        .add(
+            b"EmailAddress\ncarol@nhs.test\n",
+            "old.csv",
+            Some("onprem"),
+            "auto",
+            parse_at(&at).unwrap(),
+        )
+        .unwrap();
+    let a = Node::start(cfg, dir).await;
+    let l = eventually_async("the node's own batch in the fleet's schedule", || async {
+        let l = scheduled_on(&a).await;
+        if l.len() == 1 {
+            Ok(l)
+        } else {
+            Err(format!("{l:?}"))
+        }
+    })
+    .await;
+    assert_eq!(
+        (l[0].source.as_str(), &l[0].status, l[0].at.as_str()),
+        ("old.csv", &ScheduledStatus::Pending, at.as_str())
+    );
+    let local = ScheduleStore::open(&local_dir).unwrap().list().unwrap();
+    assert!(
+        matches!(local[0].status, ScheduledStatus::Moved { to, .. } if to == l[0].id),
+        "{local:?}"
+    );
+    // Moved once: a restart does not move it again.
+    let Node { relay, dir, cfg } = a;
+    drop(relay);
+    let a = Node::start(cfg, dir).await;
+    let l = scheduled_on(&a).await;
+    assert_eq!(l.len(), 1, "{l:?}");
 }
 
 /// A peer whose admin API listens on a loopback address of another host is never asked at

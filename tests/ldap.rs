@@ -259,3 +259,218 @@ async fn in_a_fleet_one_node_syncs_and_every_node_follows() {
     }
     drop(server);
 }
+
+/// Turns `cn=user{i}` into a contact (not a mailbox): the next delta sync drops it.
+async fn make_contacts(url: &str, users: std::ops::Range<usize>) {
+    let mut ldap = admin(url).await;
+    for i in users {
+        ldap.modify(
+            &format!("cn=user{i},ou=people,{}", slapd::SUFFIX),
+            vec![Mod::Replace(
+                "msExchRecipientTypeDetails",
+                HashSet::from(["64"]),
+            )],
+        )
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    }
+    let _ = ldap.unbind().await;
+}
+
+/// Issue 23 item 6b: a sync refused by `directory.max_shrink` is tried again at the next
+/// sync, not only when the source changes again: once the limit is raised (a config
+/// reload), the following sync applies the source as it is, with no change in LDAP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sync_refused_by_max_shrink_is_retried_at_the_next_sync() {
+    let mut entries = String::new();
+    for i in 0..50 {
+        entries.push_str(&slapd::user_ldif(i, "1", None));
+        entries.push('\n');
+    }
+    let server = tokio::task::spawn_blocking(move || Slapd::start(&entries))
+        .await
+        .unwrap();
+    let url = server.url();
+    let h = harness(|c| {
+        let d = |s: &str| coexist::types::Domain::parse(s, false).unwrap();
+        c.server.accepted_domains = vec![d("corp.test"), d("trust.test")];
+        c.directory.file = None;
+        c.directory.unknown = coexist::config::Unknown::Reject;
+        c.directory.ldap = Some(ldap_config(&url));
+    })
+    .await;
+    assert_eq!(h.relay.directory.len(), 100);
+
+    // 10 of 50 mailboxes stop being mailboxes: 20% of the addresses, above the 10% limit.
+    make_contacts(&url, 0..10).await;
+    eventually("the sync refused by the shrink guard", || {
+        h.relay.directory.reload_status().last_result.as_deref() == Some("refused_shrink")
+    })
+    .await;
+    assert_eq!(lookup(&h, "user3@corp.test").0.as_deref(), Some("onprem"));
+
+    // The admin raises the limit (what a config reload does); LDAP does not change again.
+    h.relay
+        .directory
+        .set_max_shrink(coexist::config::Percent::parse("50%").unwrap());
+    eventually("the source applied at a later sync", || {
+        lookup(&h, "user3@corp.test").0.is_none()
+    })
+    .await;
+    assert_eq!(h.relay.directory.len(), 80);
+    assert_eq!(
+        h.relay.directory.reload_status().last_result.as_deref(),
+        Some("ok")
+    );
+    drop(server);
+}
+
+/// A node of an LDAP fleet in `schema`, named `name`.
+fn ldap_fleet_node(
+    url: String,
+    schema: String,
+    name: &'static str,
+) -> impl FnOnce(&mut coexist::config::Config) {
+    move |c: &mut coexist::config::Config| {
+        let d = |s: &str| coexist::types::Domain::parse(s, false).unwrap();
+        c.server.accepted_domains = vec![d("corp.test"), d("trust.test")];
+        c.directory.file = None;
+        c.directory.unknown = coexist::config::Unknown::Reject;
+        c.directory.ldap = Some(ldap_config(&url));
+        c.fleet = Some(coexist::config::FleetConfig {
+            postgres: common::pg::url(),
+            schema,
+            node: name.into(),
+            max_lag: std::time::Duration::from_secs(300),
+        });
+    }
+}
+
+fn api(h: &Harness) -> coexist::admin::client::AdminClient {
+    coexist::admin::client::AdminClient::new(h.relay.admin_addr.unwrap(), TOKEN.to_string())
+}
+
+/// Issue 23 items 6a and 6c: in an LDAP fleet, a batch's move survives the mailbox's
+/// primary address being renamed in LDAP (every sync that changes something is a new
+/// base), and the batch can still be rolled back after those bases: the mailbox it moved
+/// and nothing changed since goes back, one whose state LDAP changed since keeps LDAP's,
+/// on every node, a node started afterwards included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_a_fleet_a_batch_survives_renames_and_syncs_and_rolls_back() {
+    let mut entries = String::new();
+    for i in 0..20 {
+        entries.push_str(&slapd::user_ldif(i, "1", None));
+        entries.push('\n');
+    }
+    let server = tokio::task::spawn_blocking(move || Slapd::start(&entries))
+        .await
+        .unwrap();
+    let url = server.url();
+    let schema = common::pg::Schema::new("ldapbatch").await;
+    let a = harness(ldap_fleet_node(url.clone(), schema.name.clone(), "mx1")).await;
+    let b = harness(ldap_fleet_node(url.clone(), schema.name.clone(), "mx2")).await;
+    for h in [&a, &b] {
+        eventually("the LDAP base on every node", || {
+            lookup(h, "user5@corp.test").0.as_deref() == Some("onprem")
+        })
+        .await;
+    }
+
+    // A batch moves user5 and user6 to the cloud.
+    let reply = {
+        let api = api(&a);
+        tokio::task::spawn_blocking(move || {
+            api.directory_apply(&coexist::admin::client::BatchUpload {
+                body: b"EmailAddress\nuser5@corp.test\nuser6@corp.test\n",
+                source: "wave1.csv",
+                state: Some("cloud"),
+                dry_run: false,
+                at: None,
+                format: Default::default(),
+            })
+            .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let batch = reply.report.id.expect("committed");
+    assert_eq!(reply.report.changed, 2);
+
+    // In LDAP: user5's primary address is renamed (the old one kept as a secondary, as
+    // Exchange does); user6 becomes a remote mailbox (LDAP itself says cloud now).
+    let mut ldap = admin(&url).await;
+    ldap.modify(
+        &format!("cn=user5,ou=people,{}", slapd::SUFFIX),
+        vec![Mod::Replace(
+            "proxyAddresses",
+            HashSet::from([
+                "SMTP:jane.doe@corp.test",
+                "smtp:user5@corp.test",
+                "smtp:u5@trust.test",
+            ]),
+        )],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    ldap.modify(
+        &format!("cn=user6,ou=people,{}", slapd::SUFFIX),
+        vec![Mod::Replace(
+            "msExchRecipientTypeDetails",
+            HashSet::from(["2147483648"]),
+        )],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    let _ = ldap.unbind().await;
+    for h in [&a, &b] {
+        eventually("the renamed mailbox still where the batch put it", || {
+            lookup(h, "jane.doe@corp.test") == (Some("cloud".into()), format!("batch {batch}"))
+                && lookup(h, "user6@corp.test").1.starts_with("ldap ")
+        })
+        .await;
+    }
+
+    // The rollback, from the other node, after those LDAP bases.
+    let rb = {
+        let api = api(&b);
+        tokio::task::spawn_blocking(move || {
+            api.directory_rollback(batch).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    };
+    assert_eq!(
+        (rb.report.changed, rb.report.changed_since),
+        (1, 1),
+        "{rb:?}"
+    );
+    let c = harness(ldap_fleet_node(url.clone(), schema.name.clone(), "mx3")).await;
+    for h in [&a, &b, &c] {
+        eventually("the rollback on every node", || {
+            lookup(h, "u5@trust.test").0.as_deref() == Some("onprem")
+                && lookup(h, "user6@corp.test").0.as_deref() == Some("cloud")
+        })
+        .await;
+        // The same state on every node. (The origin's wording may differ: a node started
+        // from a later base does not know that change 1 was a base.)
+        assert_eq!(
+            lookup(h, "jane.doe@corp.test").0,
+            lookup(&a, "jane.doe@corp.test").0
+        );
+    }
+    let again = {
+        let api = api(&c);
+        tokio::task::spawn_blocking(move || api.directory_rollback(batch).unwrap_err().to_string())
+            .await
+            .unwrap()
+    };
+    assert!(again.contains("already rolled back"), "{again}");
+    drop(server);
+}

@@ -359,15 +359,37 @@ async fn apply_batch(
         // Scheduled: checked now (bad rows are refused at once), kept, applied at `at`.
         let at = crate::directory::scheduled::parse_at(at).map_err(unprocessable)?;
         let (src, state, format) = (source.clone(), q.state.clone(), q.format);
-        let store = s.control.scheduled().clone();
-        let (report, scheduled) = tokio::task::spawn_blocking(move || {
-            let report = dir.apply(&rows, &src, true)?;
-            let kept = store.add(&kept, &src, state.as_deref(), format.as_str(), at)?;
-            Ok::<_, crate::directory::DirectoryError>((report, kept))
-        })
-        .await
-        .map_err(task_err)?
-        .map_err(unprocessable)?;
+        let (report, scheduled) = match s.control.fleet() {
+            // In a fleet: kept in PostgreSQL, applied by whichever node is live at `at`.
+            Some(fleet) => {
+                let report = tokio::task::spawn_blocking(move || dir.apply(&rows, &src, true))
+                    .await
+                    .map_err(task_err)?
+                    .map_err(unprocessable)?;
+                let kept = fleet
+                    .schedule(
+                        kept.to_vec(),
+                        source.clone(),
+                        state,
+                        format.as_str().to_string(),
+                        at,
+                    )
+                    .await
+                    .map_err(fleet_err)?;
+                (report, kept)
+            }
+            None => {
+                let store = s.control.scheduled().clone();
+                tokio::task::spawn_blocking(move || {
+                    let report = dir.apply(&rows, &src, true)?;
+                    let kept = store.add(&kept, &src, state.as_deref(), format.as_str(), at)?;
+                    Ok::<_, crate::directory::DirectoryError>((report, kept))
+                })
+                .await
+                .map_err(task_err)?
+                .map_err(unprocessable)?
+            }
+        };
         info!(client = %peer, source, id = scheduled.id, at = %scheduled.at, "admin: directory batch scheduled");
         let mut report = report;
         report.not_completed = not_completed;
@@ -470,6 +492,9 @@ async fn import(
 async fn scheduled_list(
     State(s): State<AdminState>,
 ) -> Result<Json<Vec<crate::directory::scheduled::Scheduled>>, ApiError> {
+    if let Some(fleet) = s.control.fleet() {
+        return fleet.scheduled().await.map(Json).map_err(fleet_err);
+    }
     let store = s.control.scheduled().clone();
     tokio::task::spawn_blocking(move || store.list())
         .await
@@ -484,6 +509,11 @@ async fn scheduled_cancel(
     ApiPath(id): ApiPath<u32>,
 ) -> Result<Json<crate::directory::scheduled::Scheduled>, ApiError> {
     use crate::directory::scheduled::Status;
+    if let Some(fleet) = s.control.fleet() {
+        let r = fleet.cancel_scheduled(id).await.map_err(fleet_err)?;
+        info!(client = %peer, id, "admin: scheduled batch cancelled (fleet)");
+        return Ok(Json(r));
+    }
     let store = s.control.scheduled().clone();
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let r = tokio::task::spawn_blocking(move || store.settle(id, Status::Cancelled { time }))

@@ -229,8 +229,8 @@ fn batch(
     })
 }
 
-/// The scheduled batches as a table: id, time, status (and the change it became, or why it
-/// failed), source.
+/// The scheduled batches as a table: id, time, source (in a fleet with the node it was
+/// scheduled on), status (and the change it became, or why it failed).
 pub fn scheduled_text(list: &[Scheduled]) -> String {
     let rows: Vec<String> = list
         .iter()
@@ -243,8 +243,17 @@ pub fn scheduled_text(list: &[Scheduled]) -> String {
                 },
                 ScheduledStatus::Failed { error, time } => format!("failed at {time}: {error}"),
                 ScheduledStatus::Cancelled { time } => format!("cancelled at {time}"),
+                ScheduledStatus::Moved { to, time } => {
+                    format!("moved at {time} to the fleet's schedule as {to}")
+                }
             };
-            format!("{:>4}  {}  {}  {}", s.id, s.at, s.source, status)
+            // In a fleet: the node it was scheduled on.
+            let on = s
+                .node
+                .as_ref()
+                .map(|n| format!(" (on {n})"))
+                .unwrap_or_default();
+            format!("{:>4}  {}  {}{on}  {}", s.id, s.at, s.source, status)
         })
         .collect();
     format!(

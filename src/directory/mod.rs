@@ -8,6 +8,8 @@
 //!   exports) read as batches of their completed users.
 //! - [`store`]: snapshot and append-only change log, so a restart keeps applied batches and
 //!   does not re-parse the CSV.
+//! - [`undo`]: a fleet's rollbacks, decided once and carried as a restore list, so they
+//!   stay possible across later bases (LDAP syncs, imports).
 //!
 //! [`Directory`] itself is split by concern: this module holds the type, its public reports
 //! and small accessors; `source` the [`Source`] trait, the file source, [`Directory::open`]
@@ -39,6 +41,7 @@ pub mod scheduled;
 mod source;
 pub mod store;
 pub mod table;
+pub mod undo;
 mod view;
 pub mod watch;
 

@@ -5,12 +5,16 @@
 //! uploaded) and `ID.json` (when, its target state and format, and its status), both written
 //! to a temporary name, fsynced and renamed, so a restart finds every scheduled batch whole.
 //! The status moves from `pending` to `applied` (with the change id) or `failed` (with why),
-//! or to `cancelled`. A batch due while the relay was stopped is applied at the next start.
+//! or to `cancelled` (or `moved`, into a fleet's schedule). A batch due while the relay was stopped is applied at the next start.
 //! Applying is idempotent in effect (mailboxes already in the target state are left alone),
 //! so a crash between applying and recording it applies nothing twice.
 //!
-//! In a fleet the same records live in PostgreSQL instead (see `crate::fleet`), where one
-//! node claims a due batch in a transaction, so it is applied once across the fleet.
+//! This store and [`run`] serve a single node. In a fleet (`[fleet]`) the same records live
+//! in PostgreSQL instead (`crate::fleet::scheduled`): any node lists and cancels them, and
+//! whichever node is live at a batch's time claims it in the transaction that commits it
+//! to the fleet log, so it is applied once across the fleet even when the node that took it
+//! is down. A fleet node moves pending batches it finds here (kept before it joined, or by
+//! an earlier version) into the fleet's schedule once, marking them `moved`.
 
 use super::{io_err, DirectoryError};
 use serde::{Deserialize, Serialize};
@@ -44,6 +48,14 @@ pub enum Status {
         /// RFC 3339.
         time: String,
     },
+    /// Kept on this node before it was in a fleet (or by an earlier version), then moved to
+    /// the fleet's schedule in PostgreSQL, where it is batch `to`.
+    Moved {
+        /// Its id in the fleet's schedule.
+        to: u32,
+        /// RFC 3339.
+        time: String,
+    },
 }
 
 /// A scheduled batch.
@@ -64,6 +76,9 @@ pub struct Scheduled {
     pub format: String,
     /// RFC 3339 time it was scheduled.
     pub created: String,
+    /// In a fleet: the node it was scheduled on (absent on a single node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Where it stands.
     #[serde(flatten)]
     pub status: Status,
@@ -179,6 +194,7 @@ impl ScheduleStore {
             state: state.map(str::to_string),
             format: format.to_string(),
             created: super::changes::now_rfc3339(),
+            node: None,
             status: Status::Pending,
         };
         write_atomic(&self.dir, &format!("{id}.csv"), body)?;

@@ -307,10 +307,42 @@ impl Directory {
     }
 }
 
+/// For every mailbox of `parsed`, the mailbox of `old` it is: the one holding its primary
+/// address, else (its primary address was renamed at the source) the one holding another
+/// of its addresses, unless that old mailbox is already some other mailbox's by primary
+/// address. So what batches decided is kept by mailbox, not by one address.
+fn same_mailboxes(old: &View, parsed: &Parsed) -> Vec<Option<usize>> {
+    let n = parsed.states.len();
+    let mut before: Vec<Option<usize>> = (0..n)
+        .map(|m| {
+            old.table
+                .mailbox(parsed.table.primary_address(m).as_bytes())
+        })
+        .collect();
+    if before.iter().all(Option::is_some) {
+        return before;
+    }
+    let mut taken = vec![false; old.table.mailboxes()];
+    for om in before.iter().flatten() {
+        taken[*om] = true;
+    }
+    for (key, m) in parsed.table.entries() {
+        if before.get(m).is_some_and(Option::is_none) {
+            if let Some(om) = old.table.mailbox(key).filter(|om| !taken[*om]) {
+                taken[om] = true;
+                before[m] = Some(om);
+            }
+        }
+    }
+    before
+}
+
 /// Builds the view for a newly parsed file on top of `old`: a mailbox whose file state is
 /// unchanged keeps its current state and origin (so batches survive); others take the file,
-/// with `fresh` as their origin (0: the file itself). Routing addresses are the file's for
-/// every mailbox (batches change states only).
+/// with `fresh` as their origin (0: the file itself). A mailbox is found in `old` by its
+/// primary address, or when that was renamed, by another of its addresses
+/// ([`same_mailboxes`]). Routing addresses are the file's for every mailbox (batches change
+/// states only).
 pub(super) fn merge(
     old: Option<&View>,
     parsed: Parsed,
@@ -323,11 +355,9 @@ pub(super) fn merge(
     let mut report = ReloadReport::of(parsed.table.len(), n);
     let mut kept = 0usize;
     if let Some(old) = old {
+        let before = same_mailboxes(old, &parsed);
         for (m, state) in states.iter_mut().enumerate() {
-            match old
-                .table
-                .mailbox(parsed.table.primary_address(m).as_bytes())
-            {
+            match before[m] {
                 Some(om) if old.file_states[om] == parsed.states[m] => {
                     *state = old.states[om];
                     origin[m] = old.origin[om];
@@ -491,6 +521,45 @@ mod tests {
             routed(&d, "b@nhs.test"),
             pair("cloud", Some("b3@tenant.test")),
             "after a restart (snapshot)"
+        );
+    }
+
+    /// Issue 23 item 6a: a mailbox whose primary address the source renames (the old one
+    /// kept as an alias, as Exchange does) is the same mailbox: the batch that moved it
+    /// stays in force, and it can still be rolled back.
+    #[test]
+    fn a_batch_survives_its_mailbox_primary_address_being_renamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("d.csv");
+        std::fs::write(
+            &f,
+            "address,state,mailbox\na@nhs.test,onprem,\nold@nhs.test,onprem,m\nalias@nhs.test,onprem,m\n",
+        )
+        .unwrap();
+        let d = Directory::open(&cfg(dir.path(), "reject"), states()).unwrap();
+        let id = d
+            .apply(
+                &rows("EmailAddress\nalias@nhs.test\n", "cloud"),
+                "b.csv",
+                false,
+            )
+            .unwrap()
+            .id
+            .unwrap();
+        std::fs::write(
+            &f,
+            "address,state,mailbox\na@nhs.test,onprem,\nnew@nhs.test,onprem,m\nold@nhs.test,onprem,m\nalias@nhs.test,onprem,m\n",
+        )
+        .unwrap();
+        let r = d.reload_file(false).unwrap();
+        assert_eq!((r.changed, r.added, r.removed), (0, 0, 0), "{r:?}");
+        let cloud = Resolution::Listed(RouteName("cloud".into()));
+        assert_eq!(d.resolve(&a("new@nhs.test")), cloud);
+        assert_eq!(d.lookup(&a("new@nhs.test")).origin, format!("batch {id}"));
+        assert_eq!(d.rollback(id).unwrap().changed, 1);
+        assert_eq!(
+            d.resolve(&a("new@nhs.test")),
+            Resolution::Listed(RouteName("onprem".into()))
         );
     }
 }

@@ -5,7 +5,8 @@
 //! read the head, bring this node up to it ([`follow::catch_up`]), compute the change against
 //! the now current directory (the report the admin sees is exact: no other change can commit
 //! meanwhile), insert it as head + 1 with a `NOTIFY`, commit, and apply it here. A node that
-//! cannot reach PostgreSQL refuses the change ([`FleetError::Unreachable`]).
+//! cannot reach PostgreSQL refuses the change ([`FleetError::Unreachable`]). A batch
+//! commits with its undo entries; rollbacks are in [`super::rollback`].
 
 use super::follow::{self, encode_rows};
 use super::sql::{self, db_err, lock_key};
@@ -54,16 +55,53 @@ impl Fleet {
         rows: Vec<BatchRow>,
         source: String,
     ) -> Result<(BatchReport, Option<Progress>), FleetError> {
+        self.apply_with(rows, source, None)
+            .await?
+            .ok_or_else(|| FleetError::Refused("batch not applied".into()))
+    }
+
+    /// [`Fleet::apply`], for scheduled batch `scheduled` when given: in the same
+    /// transaction the batch is claimed (still pending, row locked) and recorded as applied
+    /// with its change, so it is applied once fleet-wide (see [`super::scheduled`]).
+    /// `Ok(None)`: that batch is no longer pending (another node applied it, or it was
+    /// cancelled); nothing was done.
+    pub(super) async fn apply_with(
+        &self,
+        rows: Vec<BatchRow>,
+        source: String,
+        scheduled: Option<u32>,
+    ) -> Result<Option<(BatchReport, Option<Progress>)>, FleetError> {
         let (client, head, _applying) = self.begin().await?;
+        if let Some(id) = scheduled {
+            if !super::scheduled::claim(&self.inner, &client, id).await? {
+                return Ok(None);
+            }
+        }
         let dir = self.inner.directory.clone();
         let preview = {
             let (d, r, s) = (dir.clone(), rows.clone(), source.clone());
             blocking(move || d.apply(&r, &s, true)).await??
         };
         if preview.changed == 0 {
-            return Ok((preview, None));
+            if let Some(id) = scheduled {
+                super::scheduled::settle_applied(&self.inner, &client, id, None).await?;
+                client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(db_err(&self.inner.pg))?;
+            }
+            return Ok(Some((preview, None)));
         }
         let seq = head + 1;
+        if let Some(id) = scheduled {
+            super::scheduled::settle_applied(&self.inner, &client, id, Some(seq)).await?;
+        }
+        // What a rollback needs, even on a node that never applies this batch itself.
+        let undo = {
+            let (d, r) = (dir.clone(), rows.clone());
+            blocking(move || d.undo_entries(&r)).await?
+        };
+        super::rollback::keep_undo(&self.inner, &client, seq, &undo).await?;
         let body = encode_rows(&rows, dir.states());
         self.insert(
             &client,
@@ -89,54 +127,7 @@ impl Fleet {
             changed = report.changed,
             "fleet: batch committed"
         );
-        Ok((report, Some(nodes)))
-    }
-
-    /// Rolls back batch `batch` through the fleet log.
-    pub async fn rollback(&self, batch: u32) -> Result<(BatchReport, Progress), FleetError> {
-        let (client, head, _applying) = self.begin().await?;
-        let s = self.inner.schema().to_string();
-        let base: Option<i64> = client
-            .query_one(
-                &format!(r#"SELECT max(seq) FROM "{s}".changes WHERE kind = 'base'"#),
-                &[],
-            )
-            .await
-            .map_err(db_err(&self.inner.pg))?
-            .get(0);
-        if let Some(b) = base.filter(|b| *b > i64::from(batch)) {
-            return Err(FleetError::Refused(format!(
-                "batch {batch} came before base {b}, which decided every mailbox anew: it cannot be rolled back (apply a batch instead)"
-            )));
-        }
-        let dir = self.inner.directory.clone();
-        let preview = {
-            let d = dir.clone();
-            blocking(move || d.rollback_preview(batch)).await??
-        };
-        let seq = head + 1;
-        self.insert(
-            &client,
-            seq,
-            "rollback",
-            &format!("rollback of {batch}"),
-            Some(batch),
-            preview.rows,
-            preview.changed,
-            &[],
-        )
-        .await?;
-        let report = blocking(move || dir.rollback_at(seq, batch)).await??;
-        let mut report = report.unwrap_or(preview);
-        report.id = Some(seq);
-        let nodes = self.progress(&client, seq).await?;
-        info!(
-            change = seq,
-            batch,
-            restored = report.changed,
-            "fleet: rollback committed"
-        );
-        Ok((report, nodes))
+        Ok(Some((report, Some(nodes))))
     }
 
     /// Imports a directory file (`text`, named `source`) as a new base: merged into the
@@ -221,7 +212,9 @@ impl Fleet {
 
     /// Opens a transaction holding the log's lock, with this node caught up to the head;
     /// the guard keeps the follower from applying until the commit has applied its change.
-    async fn begin(&self) -> Result<(Client, u32, tokio::sync::MutexGuard<'_, ()>), FleetError> {
+    pub(super) async fn begin(
+        &self,
+    ) -> Result<(Client, u32, tokio::sync::MutexGuard<'_, ()>), FleetError> {
         let inner = &self.inner;
         let guard = inner.applying.lock().await;
         let client = sql::connect(&inner.pg).await?;
@@ -246,7 +239,7 @@ impl Fleet {
 
     /// Inserts change `seq`, notifies the nodes and commits.
     #[allow(clippy::too_many_arguments)]
-    async fn insert(
+    pub(super) async fn insert(
         &self,
         client: &Client,
         seq: u32,
@@ -359,7 +352,7 @@ impl Fleet {
     }
 
     /// Records that this node has `seq` and counts the live nodes that have it.
-    async fn progress(&self, client: &Client, seq: u32) -> Result<Progress, FleetError> {
+    pub(super) async fn progress(&self, client: &Client, seq: u32) -> Result<Progress, FleetError> {
         let s = self.inner.schema();
         let err = db_err(&self.inner.pg);
         client
@@ -401,7 +394,7 @@ impl Fleet {
 }
 
 /// Runs blocking directory work off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, FleetError> {
     tokio::task::spawn_blocking(f)

@@ -231,10 +231,7 @@ pub(super) async fn catch_up_locked(inner: &Inner, client: &Client) -> Result<u3
                 }
                 "rollback" => {
                     let batch = seq_u32(row.get::<_, Option<i64>>(3).unwrap_or(0))?;
-                    let dir = inner.directory.clone();
-                    tokio::task::spawn_blocking(move || dir.rollback_at(seq, batch))
-                        .await
-                        .map_err(|e| FleetError::Refused(e.to_string()))??;
+                    super::rollback::apply_rollback(inner, seq, batch, source, row.get(4)).await?;
                 }
                 "base" => install_base(inner, client, seq, source, committed).await?,
                 other => {

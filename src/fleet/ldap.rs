@@ -5,7 +5,11 @@
 //! session-level advisory lock; the one that holds it runs the syncs (as a single node does,
 //! see `crate::directory::ldap`), and after a sync that changed something imports the
 //! source's whole state as a new base ([`Fleet::import`]: merged like a file reload, the
-//! shrink guard applies, the change named `ldap usn N`). If that node stops or loses
+//! shrink guard applies, the change named `ldap usn N`). An import that is refused (the
+//! shrink guard) or fails is tried again after every sync until it passes, not only when
+//! the source changes again. Merging keeps batch states by mailbox, so a batch's move
+//! survives its mailbox's primary address being renamed in LDAP, and a batch stays
+//! undoable across these bases (see `super::rollback`). If that node stops or loses
 //! PostgreSQL, its connection ends, the lock is released, and another node takes over
 //! (starting with a full sync). The leader writes whether the source can be read to
 //! `meta.ldap_healthy`; every node reads it with its heartbeat, so all of them defer

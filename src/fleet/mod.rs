@@ -24,14 +24,18 @@
 //!
 //! Files: [`sql`] (schema, migrations, the statements), [`follow`] (following the log,
 //! heartbeat, lag and drain), [`commit`] (batches, rollbacks and base imports through the
-//! log), [`status`] (the nodes table as `fleet status` shows it), [`ldap`] (the LDAP source
-//! of a fleet: one node at a time syncs it and imports what changed), [`peers`] (whether a
-//! peer's admin API can be asked from here).
+//! log), [`rollback`] (rollbacks as restore lists, possible across later bases),
+//! [`status`] (the nodes table as `fleet status` shows it), [`ldap`] (the LDAP source
+//! of a fleet: one node at a time syncs it and imports what changed), [`scheduled`]
+//! (batches scheduled for later, kept in PostgreSQL and applied once by whichever node is
+//! live at their time), [`peers`] (whether a peer's admin API can be asked from here).
 
 mod commit;
 mod follow;
 mod ldap;
 pub mod peers;
+mod rollback;
+pub mod scheduled;
 mod sql;
 mod status;
 

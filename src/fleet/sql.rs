@@ -11,6 +11,10 @@
 //!   `ALTER TABLE` to schemas made before it).
 //! - `nodes`: one row per node, written by its heartbeat; `admin_host` is the host its
 //!   `admin` address is valid on (boot id and network namespace, see `fleet::peers`).
+//! - `scheduled`: batches scheduled for later (`directory apply --at`), see
+//!   [`super::scheduled`].
+//! - `batch_undo`: each batch's undo entries, and a `rollback`'s `body` its restore list
+//!   (see [`super::rollback`]).
 
 use super::{target, FleetError, CONNECT_TIMEOUT};
 use tokio::sync::mpsc;
@@ -65,7 +69,9 @@ CREATE TABLE IF NOT EXISTS "{s}".nodes (
 );
 -- The host a node's admin address is valid on (see `fleet::peers`).
 ALTER TABLE "{s}".nodes ADD COLUMN IF NOT EXISTS admin_host text;
-"#
+{scheduled}{undo}"#,
+        scheduled = super::scheduled::ddl(s),
+        undo = super::rollback::ddl(s)
     )
 }
 

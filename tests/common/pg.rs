@@ -78,6 +78,24 @@ impl Schema {
     }
 }
 
+impl Schema {
+    /// The first column of the first row of `sql` (in this schema's search path), as text.
+    pub async fn value(&self, sql: &str) -> Option<String> {
+        let c = client().await;
+        c.batch_execute(&format!(r#"SET search_path TO "{}""#, self.name))
+            .await
+            .unwrap();
+        c.simple_query(sql)
+            .await
+            .unwrap()
+            .into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+    }
+}
+
 impl Drop for Schema {
     fn drop(&mut self) {
         let name = self.name.clone();

@@ -1,6 +1,7 @@
 //! Syncing the LDAP source: a paged full sync at start and every `full_sync_interval`, a
 //! delta sync every `sync_interval` in between, each followed by a directory reload when it
-//! changed something.
+//! changed something, or when the directory in force is still not the source's content (a
+//! reload refused by `directory.max_shrink` is tried again at every sync until it passes).
 //!
 //! Deltas: Active Directory counts every change of a domain controller in `uSNChanged`;
 //! entries with `uSNChanged` above the `highestCommittedUSN` read (from the rootDSE) before
@@ -280,7 +281,11 @@ pub async fn run(
                 let changed = source.synced(mailboxes, mark.clone());
                 metrics::counter!(crate::metrics::LDAP_SYNCS, "kind" => if was_full { "full" } else { "delta" }, "result" => "ok").increment(1);
                 cursor = next;
-                if changed {
+                // Also when the content did not change since the last sync but is not the
+                // one in force: the last reload was refused (`directory.max_shrink`, whose
+                // limit a config reload may have raised since), so it is tried again at
+                // every sync, not only when the source changes again.
+                if changed || directory.source_changed() {
                     let d = directory.clone();
                     match tokio::task::spawn_blocking(move || d.reload_file(false)).await {
                         Ok(Ok(r)) => info!(

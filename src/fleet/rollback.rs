@@ -1,0 +1,186 @@
+//! Rolling back a batch through the fleet, also after later bases (imports, LDAP syncs).
+//!
+//! Every batch commits with its undo entries (for each mailbox it moves: the primary
+//! address, the state and origin before, the state after) in the table `batch_undo`, in the
+//! same transaction. A rollback is decided by the node that commits it, against the head of
+//! the log: the batch's undo entries (from its own change log, else from `batch_undo`),
+//! restricted to the mailboxes whose origin is still the batch, become the restore list
+//! carried in the rollback change's body; every node applies that list (see
+//! [`crate::directory::undo`]). So a base between the batch and its rollback no longer
+//! forbids it, and a node that joined after the batch applies the same restore as the rest.
+//!
+//! What a rollback means then: each mailbox the batch moved goes back to its state before
+//! the batch, unless something decided it since: a later batch, or the source (an imported
+//! file, an LDAP sync) changing that mailbox's state; those keep the newer decision and are
+//! counted as `changed_since`. A base that changed other mailboxes, or only this mailbox's
+//! addresses, does not stand in the way.
+
+use super::commit::blocking;
+use super::sql::{db_err, seq_u32};
+use super::{Fleet, FleetError, Inner, Progress};
+use crate::directory::store::ChangeEntry;
+use crate::directory::undo;
+use crate::directory::BatchReport;
+use tokio_postgres::Client;
+use tracing::info;
+
+/// The table of schema `s` (part of the fleet's DDL; nodes that predate it ignore it).
+pub(super) fn ddl(s: &str) -> String {
+    format!(
+        r#"
+CREATE TABLE IF NOT EXISTS "{s}".batch_undo (
+    seq bigint PRIMARY KEY,
+    body bytea NOT NULL
+);
+"#
+    )
+}
+
+/// Inside a batch's commit transaction: keeps its undo `entries` as change `seq`'s.
+pub(super) async fn keep_undo(
+    inner: &Inner,
+    client: &Client,
+    seq: u32,
+    entries: &[ChangeEntry],
+) -> Result<(), FleetError> {
+    let s = inner.schema();
+    client
+        .execute(
+            &format!(r#"INSERT INTO "{s}".batch_undo (seq, body) VALUES ($1, $2)"#),
+            &[&i64::from(seq), &undo::encode_undo(entries)],
+        )
+        .await
+        .map_err(db_err(&inner.pg))?;
+    Ok(())
+}
+
+/// Checks that change `batch` is a batch not rolled back yet, and returns its undo entries.
+async fn undo_of(
+    inner: &Inner,
+    client: &Client,
+    batch: u32,
+) -> Result<Vec<ChangeEntry>, FleetError> {
+    let s = inner.schema();
+    let err = db_err(&inner.pg);
+    let kind: Option<String> = client
+        .query_opt(
+            &format!(r#"SELECT kind FROM "{s}".changes WHERE seq = $1"#),
+            &[&i64::from(batch)],
+        )
+        .await
+        .map_err(&err)?
+        .map(|r| r.get(0));
+    match kind.as_deref() {
+        None => return Err(FleetError::Refused(format!("batch {batch} not found"))),
+        Some("apply") => {}
+        Some(k) => {
+            return Err(FleetError::Refused(format!(
+                "change {batch} is a {k}, not a batch"
+            )))
+        }
+    }
+    let done: Option<i64> = client
+        .query_opt(
+            &format!(
+                r#"SELECT min(seq) FROM "{s}".changes WHERE kind = 'rollback' AND rolls_back = $1 HAVING count(*) > 0"#
+            ),
+            &[&i64::from(batch)],
+        )
+        .await
+        .map_err(&err)?
+        .map(|r| r.get(0));
+    if let Some(d) = done {
+        return Err(FleetError::Refused(format!(
+            "batch {batch} was already rolled back (change {})",
+            seq_u32(d)?
+        )));
+    }
+    let dir = inner.directory.clone();
+    if let Some(entries) = blocking(move || dir.logged_batch(batch)).await?? {
+        return Ok(entries);
+    }
+    let body: Option<Vec<u8>> = client
+        .query_opt(
+            &format!(r#"SELECT body FROM "{s}".batch_undo WHERE seq = $1"#),
+            &[&i64::from(batch)],
+        )
+        .await
+        .map_err(&err)?
+        .map(|r| r.get(0));
+    match body {
+        Some(b) => undo::decode_undo(&b)
+            .map_err(|e| FleetError::Sql(format!("batch_undo of batch {batch}: {e}"))),
+        None => Err(FleetError::Refused(format!(
+            "batch {batch} predates the fleet keeping undo data and this node did not apply it (it joined later): roll it back from a node that applied it"
+        ))),
+    }
+}
+
+impl Fleet {
+    /// Rolls back batch `batch` through the fleet log (see the module doc for what that
+    /// means after later bases).
+    pub async fn rollback(&self, batch: u32) -> Result<(BatchReport, Progress), FleetError> {
+        let (client, head, _applying) = self.begin().await?;
+        let entries = undo_of(&self.inner, &client, batch).await?;
+        let dir = self.inner.directory.clone();
+        let (preview, restores) = {
+            let d = dir.clone();
+            blocking(move || d.restore_plan(batch, &entries)).await?
+        };
+        let seq = head + 1;
+        let source = format!("rollback of {batch}");
+        self.insert(
+            &client,
+            seq,
+            "rollback",
+            &source,
+            Some(batch),
+            preview.rows,
+            preview.changed,
+            &undo::encode_restores(&restores),
+        )
+        .await?;
+        let applied = {
+            let s = source.clone();
+            blocking(move || dir.restore_at(seq, batch, &s, &restores)).await??
+        };
+        // The plan is the report (rows, `changed_since`: it was made under the log's lock,
+        // on the state the change applies to).
+        let mut report = preview;
+        if let Some(r) = applied {
+            report.changed = r.changed;
+        }
+        report.id = Some(seq);
+        let nodes = self.progress(&client, seq).await?;
+        info!(
+            change = seq,
+            batch,
+            restored = report.changed,
+            changed_since = report.changed_since,
+            "fleet: rollback committed"
+        );
+        Ok((report, nodes))
+    }
+}
+
+/// Applies rollback change `seq` of batch `batch` with `body` as a follower: its restore
+/// list, or for a rollback of an earlier version (no list), the node's own computation.
+pub(super) async fn apply_rollback(
+    inner: &Inner,
+    seq: u32,
+    batch: u32,
+    source: String,
+    body: Vec<u8>,
+) -> Result<(), FleetError> {
+    let dir = inner.directory.clone();
+    blocking(move || {
+        match undo::decode_restores(&body)
+            .map_err(|e| FleetError::Refused(format!("change {seq}: {e}")))?
+        {
+            Some(restores) => dir.restore_at(seq, batch, &source, &restores)?,
+            None => dir.rollback_at(seq, batch)?,
+        };
+        Ok::<_, FleetError>(())
+    })
+    .await?
+}

@@ -19,7 +19,7 @@ pub fn check(_point: Point, _path: &std::path::Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-pub use injected::{check, inject};
+pub use injected::{check, clear, hits, inject};
 
 #[cfg(test)]
 mod injected {
@@ -28,24 +28,58 @@ mod injected {
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;
 
-    /// Injected failures: the point, a path prefix, and how many calls still fail.
-    static FAULTS: Mutex<Vec<(Point, PathBuf, u32)>> = Mutex::new(Vec::new());
+    /// An injected failure.
+    struct Fault {
+        point: Point,
+        prefix: PathBuf,
+        /// Calls that still fail.
+        left: u32,
+        /// Calls that failed.
+        hits: u32,
+    }
+
+    static FAULTS: Mutex<Vec<Fault>> = Mutex::new(Vec::new());
+
+    fn faults() -> std::sync::MutexGuard<'static, Vec<Fault>> {
+        FAULTS.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
     /// Makes the next `times` operations at `point` on paths under `prefix` fail with EIO.
     pub fn inject(point: Point, prefix: &Path, times: u32) {
-        let mut f = FAULTS.lock().unwrap_or_else(|p| p.into_inner());
-        f.push((point, prefix.to_path_buf(), times));
+        faults().push(Fault {
+            point,
+            prefix: prefix.to_path_buf(),
+            left: times,
+            hits: 0,
+        });
+    }
+
+    /// Ends the failures injected under `prefix`.
+    pub fn clear(prefix: &Path) {
+        for f in faults().iter_mut().filter(|f| f.prefix.starts_with(prefix)) {
+            f.left = 0;
+        }
+    }
+
+    /// How many operations at `point` under `prefix` failed so far.
+    pub fn hits(point: Point, prefix: &Path) -> u32 {
+        faults()
+            .iter()
+            .filter(|f| f.point == point && f.prefix.starts_with(prefix))
+            .map(|f| f.hits)
+            .sum()
     }
 
     /// Fails when a failure is injected at `point` for `path`.
     pub fn check(point: Point, path: &Path) -> io::Result<()> {
-        let mut f = FAULTS.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = faults();
         let hit = f
             .iter_mut()
-            .find(|(p, prefix, n)| *p == point && *n > 0 && path.starts_with(prefix));
+            .find(|f| f.point == point && f.left > 0 && path.starts_with(&f.prefix));
         match hit {
-            Some((_, _, n)) => {
-                *n -= 1;
+            Some(f) => {
+                f.left -= 1;
+                f.hits += 1;
                 Err(io::Error::from_raw_os_error(5)) // EIO
             }
             None => Ok(()),

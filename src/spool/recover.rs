@@ -113,6 +113,9 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
     for (i, &n) in numbers.iter().enumerate() {
         let path = dir.join(segment::file_name(n));
         let each = &mut |loc, h: &Header, meta: &[u8]| apply(&mut live, &mut dones, loc, h, meta);
+        if aside.is_none() && !path.exists() {
+            continue; // deleted meanwhile by a running relay (a spent segment)
+        }
         if i + 1 < numbers.len() {
             scan_sealed(&path, n, each)?;
             continue;

@@ -462,6 +462,30 @@ fn a_flipped_bit_in_an_acknowledged_message_is_corruption_not_a_torn_tail() {
 }
 
 #[test]
+fn corruption_before_a_torn_tail_is_skipped_and_the_tail_cut() {
+    // Damage in the first of four acknowledged messages, and the start of a fifth turn torn
+    // by the crash (garbage after the last Commit record): the three intact messages stay,
+    // the damaged one is set aside as corrupt, the garbage as a torn tail.
+    let dir = tempfile::tempdir().unwrap();
+    let (sent, locs) = four_acknowledged(dir.path());
+    let seg = dir.path().join("segments/0000000001.seg");
+    flip(dir.path(), 1, locs[0].off + 40);
+    let acknowledged = fs::metadata(&seg).unwrap().len();
+    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&[0xAB; 77]).unwrap();
+    drop(f);
+    let o = Spool::open(dir.path()).unwrap();
+    assert_eq!(ids(&o), sent[1..].to_vec());
+    let kinds: Vec<(bool, u64)> = o.damaged.iter().map(|d| (d.torn, d.offset)).collect();
+    assert_eq!(kinds, [(false, locs[0].off), (true, acknowledged)]);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), acknowledged);
+    let torn = dir
+        .path()
+        .join(format!("damaged/0000000001.seg.{acknowledged}.torn"));
+    assert_eq!(fs::read(torn).unwrap(), [0xAB; 77]);
+}
+
+#[test]
 fn a_segment_without_turn_markers_still_recovers() {
     // Format 1 (before turn markers): three whole messages and a torn fourth.
     let dir = tempfile::tempdir().unwrap();
@@ -605,14 +629,14 @@ fn a_failed_unlink_keeps_the_pins_of_the_segment() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let files = seg_files(dir.path());
-    assert!(
-        files.contains(&segment::file_name(1)) && files.contains(&segment::file_name(2)),
-        "{files:?}"
-    );
     drop(s);
     // After a restart no finished message is queued again (b's Done is still on disk).
     let o = Spool::open_sized(dir.path(), 4096).unwrap();
     assert!(o.queued.is_empty(), "queued again: {:?}", ids(&o));
+    assert!(
+        files.contains(&segment::file_name(1)) && files.contains(&segment::file_name(2)),
+        "{files:?}"
+    );
     // Once the unlink works again, the retry deletes segment 1 and then segment 2.
     faults::clear(&one);
     wait_segments(dir.path(), |f| {

@@ -291,8 +291,7 @@ fn scan_sealed(path: &Path, n: u32, each: &mut RecordFn<'_>) -> Result<(), Spool
     // are never read (a restart over gigabytes of queued mail reads only the envelopes).
     let mut magic = [0u8; 8];
     let got = read_at_most(&file, &mut magic, 0).map_err(io_err(path))?;
-    if got < magic.len() || (&magic != segment::FILE_MAGIC && &magic != segment::FILE_MAGIC_V1)
-    {
+    if got < magic.len() || (&magic != segment::FILE_MAGIC && &magic != segment::FILE_MAGIC_V1) {
         return Err(corrupt(0, "not a coexist spool segment".into()));
     }
     let mut off = magic.len() as u64;

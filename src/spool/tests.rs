@@ -136,7 +136,11 @@ fn a_torn_tail_is_cut_and_the_complete_records_stay() {
     let o = Spool::open(d3.path()).unwrap();
     assert_eq!(ids(&o), kept);
     assert_eq!(
-        fs::read(d3.path().join(format!("damaged/0000000001.seg.{before}.torn"))).unwrap(),
+        fs::read(
+            d3.path()
+                .join(format!("damaged/0000000001.seg.{before}.torn"))
+        )
+        .unwrap(),
         &bad[before as usize..]
     );
 }
@@ -435,7 +439,10 @@ fn a_flipped_bit_in_an_acknowledged_message_is_corruption_not_a_torn_tail() {
         assert_eq!(o.damaged.len(), 1, "{what}");
         let d = &o.damaged[0];
         assert!(!d.torn, "{what}");
-        assert_eq!((d.path.clone(), d.offset, d.len), (seg.clone(), first.off, first_len));
+        assert_eq!(
+            (d.path.clone(), d.offset, d.len),
+            (seg.clone(), first.off, first_len)
+        );
         if what == "body" {
             assert_eq!(d.id.as_deref(), Some(sent[0].as_str()));
         }
@@ -500,14 +507,25 @@ fn a_segment_without_turn_markers_still_recovers() {
         bytes.extend_from_slice(body);
     }
     let whole = bytes.len() - 20;
-    let last = whole - (HEADER_LEN + message_rec(&env(sent[3].clone()), Arc::new(b"old".to_vec())).unwrap().meta.len() + 3 - 20);
+    let last = whole
+        - (HEADER_LEN
+            + message_rec(&env(sent[3].clone()), Arc::new(b"old".to_vec()))
+                .unwrap()
+                .meta
+                .len()
+            + 3
+            - 20);
     let seg = dir.path().join("segments/0000000001.seg");
     fs::write(&seg, &bytes[..whole]).unwrap();
     let o = Spool::open(dir.path()).unwrap();
     assert_eq!(ids(&o), sent[..3].to_vec());
     assert_eq!(fs::metadata(&seg).unwrap().len(), last as u64);
     assert_eq!(
-        fs::read(dir.path().join(format!("damaged/0000000001.seg.{last}.torn"))).unwrap(),
+        fs::read(
+            dir.path()
+                .join(format!("damaged/0000000001.seg.{last}.torn"))
+        )
+        .unwrap(),
         &bytes[last..whole]
     );
     assert_eq!(o.spool.read_message(o.queued[0].msg).unwrap(), b"old");
@@ -531,7 +549,11 @@ fn a_failed_sync_of_a_new_segment_does_not_end_rotation() {
     let sent: Vec<QueueId> = (0..3).map(|_| QueueId::generate()).collect();
     let segs: Vec<u32> = sent.iter().map(|id| store_in(&rt, &s, id).seg).collect();
     assert_eq!(faults::hits(faults::Point::NewSegmentSync, dir.path()), 1);
-    assert_eq!(segs, [1, 1, 2], "rotation goes on after the failed creation");
+    assert_eq!(
+        segs,
+        [1, 1, 2],
+        "rotation goes on after the failed creation"
+    );
     // (The rotation after the last turn may still be under way.)
     wait_segments(dir.path(), |f| !f.iter().any(|f| segment::is_temp(f)));
     drop(s);

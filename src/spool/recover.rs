@@ -5,8 +5,9 @@
 //! under a segment's temporary name (a creation cut short) are removed.
 //!
 //! Segments before the last were synced whole before the next one was started, so damage in
-//! them is not a torn write: it is reported with the file and offset, and the relay does not
-//! start on a spool it cannot read.
+//! them is not a torn write: it is corruption, handled as in the last segment (the damaged
+//! records moved aside and reported with file and offset, the rest kept). Only a damaged
+//! sealed segment of format 1 (no turn markers) still stops the start with file and offset.
 
 use super::commit::{Head, Rec};
 use super::reclaim::Reclaim;
@@ -20,7 +21,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// A queued message found at start-up: where its records are and the schedule it had.
 #[derive(Debug, Clone)]
@@ -116,14 +117,37 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
         if aside.is_none() && !path.exists() {
             continue; // deleted meanwhile by a running relay (a spent segment)
         }
-        if i + 1 < numbers.len() {
-            scan_sealed(&path, n, each)?;
-            continue;
-        }
         let mode = match aside {
             Some(a) => tail::Mode::Repair(a),
             None => tail::Mode::ReadOnly,
         };
+        if i + 1 < numbers.len() {
+            // Applied once the whole segment reads well, so a damaged one can be read again
+            // by the repairing scan.
+            let mut recs = Vec::new();
+            let res = scan_sealed(&path, n, &mut |loc, h, meta| {
+                recs.push((loc, *h, meta.to_vec()));
+                Ok(())
+            });
+            match res {
+                Ok(()) => {
+                    for (loc, h, meta) in recs {
+                        each(loc, &h, &meta).map_err(|reason| SpoolError::Corrupt {
+                            path: format!("{} at offset {}", path.display(), loc.off),
+                            reason,
+                        })?;
+                    }
+                }
+                Err(e @ SpoolError::Corrupt { .. })
+                    if matches!(file_format(&path)?, Format::V2) =>
+                {
+                    error!(error = %e, "damage in a sealed spool segment; its damaged records are moved aside");
+                    tail::scan_last(&path, n, true, true, mode, each, &mut damaged)?;
+                }
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
         match file_format(&path)? {
             Format::Short if aside.is_some() => {
                 // Created but its header never reached the disk (an older version created
@@ -132,8 +156,8 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
                 fs::remove_file(&path).map_err(io_err(&path))?;
             }
             Format::Short => {}
-            Format::V1 => tail::scan_last(&path, n, false, mode, each, &mut damaged)?,
-            Format::V2 => tail::scan_last(&path, n, true, mode, each, &mut damaged)?,
+            Format::V1 => tail::scan_last(&path, n, false, false, mode, each, &mut damaged)?,
+            Format::V2 => tail::scan_last(&path, n, true, false, mode, each, &mut damaged)?,
         }
     }
     Ok(Found {

@@ -22,6 +22,12 @@
 //!
 //! A segment of format 1 (no turn markers) is recovered as before, the first damage ending
 //! the scan and the rest cut off, but its bytes are also kept aside first.
+//!
+//! A sealed segment (one before the last) of format 2 found damaged at start (its records'
+//! headers and metadata are checked, not its bodies) is repaired the same way, everything
+//! up to its last `Commit` record counting as synced: the next segment was only started
+//! after that turn's sync. A damaged sealed segment of format 1 stops the start with the
+//! file and offset, as before.
 
 use super::recover::RecordFn;
 use super::segment::{self, Header, Kind, HEADER_LEN};
@@ -87,13 +93,14 @@ enum Check {
     },
 }
 
-/// Scans the last segment `n` at `path` (whose file header was checked: `marked` for format
-/// 2), repairs it in `Repair` mode, calls `each` for every record kept, and adds what it found
-/// to `found`.
+/// Scans segment `n` at `path` (whose file header was checked: `marked` for format 2; `sealed`
+/// when a later segment exists), repairs it in `Repair` mode, calls `each` for every record
+/// kept, and adds what it found to `found`.
 pub fn scan_last(
     path: &Path,
     n: u32,
     marked: bool,
+    sealed: bool,
     mode: Mode<'_>,
     each: &mut RecordFn<'_>,
     found: &mut Vec<Damaged>,
@@ -106,13 +113,14 @@ pub fn scan_last(
     let file_len = file.metadata().map_err(io_err(path))?.len();
     let spans = spans(&file, marked, file_len).map_err(io_err(path))?;
     // Everything before the end of the last Commit record that has any byte after it was
-    // synced; format 1 proves nothing.
+    // synced; in a sealed segment, everything before its last Commit record (the next segment
+    // was started after that turn's sync). Format 1 proves nothing.
     let start = segment::FILE_MAGIC.len() as u64;
     let proven = spans
         .iter()
         .filter(|s| matches!(s.what, What::Rec(h) if h.kind == Kind::Commit))
         .map(|s| s.off + s.len)
-        .filter(|&end| marked && end < file_len)
+        .filter(|&end| marked && (sealed || end < file_len))
         .max()
         .unwrap_or(start);
     let cut = spans

@@ -146,19 +146,47 @@ fn a_torn_tail_is_cut_and_the_complete_records_stay() {
 }
 
 #[test]
-fn damage_before_the_last_segment_is_reported_with_file_and_offset() {
+fn damage_in_a_sealed_segment_is_moved_aside_and_the_rest_kept() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
     let s = Spool::open(dir.path()).unwrap().spool;
-    rt.block_on(s.store(&env(QueueId::generate()), Arc::new(b"one".to_vec())))
-        .unwrap();
+    let (a, b) = (QueueId::generate(), QueueId::generate());
+    for id in [&a, &b] {
+        rt.block_on(s.store(&env(id.clone()), Arc::new(b"one".to_vec())))
+            .unwrap();
+    }
     drop(s);
     // Reopening starts a new head: the first segment is now sealed.
     drop(Spool::open(dir.path()).unwrap());
-    let first = dir.path().join("segments").join(&seg_files(dir.path())[0]);
-    let mut b = fs::read(&first).unwrap();
-    b[8 + HEADER_LEN + 3] ^= 0x20; // inside the first record's envelope
-    fs::write(&first, &b).unwrap();
+    flip(dir.path(), 1, 8 + HEADER_LEN as u64 + 3); // inside the first record's envelope
+    let o = Spool::open(dir.path()).unwrap();
+    assert_eq!(ids(&o), vec![b.clone()]);
+    assert_eq!(o.damaged.len(), 1);
+    let d = &o.damaged[0];
+    assert!(!d.torn && d.offset == 8 && d.path.ends_with("segments/0000000001.seg"));
+    assert!(dir.path().join("damaged/0000000001.seg.8.corrupt").exists());
+    assert_eq!(o.spool.read_message(o.queued[0].msg).unwrap(), b"one");
+    drop(o);
+    assert_eq!(ids(&Spool::open(dir.path()).unwrap()), vec![b]);
+}
+
+#[test]
+fn damage_in_a_sealed_segment_without_turn_markers_is_reported_with_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("segments")).unwrap();
+    let mut bytes = segment::FILE_MAGIC_V1.to_vec();
+    let r = message_rec(&env(QueueId::generate()), Arc::new(b"one".to_vec())).unwrap();
+    let body = r.body.as_deref().unwrap();
+    bytes.extend_from_slice(&segment::encode_header(r.kind, &r.meta, body));
+    bytes.extend_from_slice(&r.meta);
+    bytes.extend_from_slice(body);
+    bytes[8 + HEADER_LEN + 3] ^= 0x20; // inside the first record's envelope
+    fs::write(dir.path().join("segments/0000000001.seg"), &bytes).unwrap();
+    fs::write(
+        dir.path().join("segments/0000000002.seg"),
+        segment::FILE_MAGIC,
+    )
+    .unwrap();
     let err = Spool::open(dir.path()).err().expect("refused").to_string();
     assert!(err.contains("0000000001.seg at offset 8"), "{err}");
     assert!(err.contains("checksum"), "{err}");

@@ -4,10 +4,11 @@
 //! another, then a `Commit` record marking the turn's end, and makes them durable with one
 //! `fdatasync` (group commit); only then does any of the callers hear back (and a session
 //! send its `250`). A failed write or sync is cut off the file again and reported to every
-//! caller of that turn, whose records are then not in the spool. Before anyone hears back, what keeps each new record's segment (a reference,
-//! or a pin) is recorded under the reclaim lock, so a rotation or deletion can never take a
-//! segment holding a record its caller is about to rely on. When the head segment is full a
-//! new one is started: written under a temporary name, synced, renamed, folder synced. A
+//! caller of that turn, whose records are then not in the spool. Before anyone hears back,
+//! what keeps each new record's segment (a reference, or a pin) is recorded under the
+//! reclaim lock, so a rotation or deletion can never take a segment holding a record its
+//! caller is about to rely on. When the head segment is full a new one is started: written
+//! under a temporary name, synced, renamed, folder synced. A
 //! failed creation leaves no file under the segment's name (the temporary file is removed),
 //! so the next turn simply tries again while the current segment keeps taking records.
 //!

@@ -7,8 +7,8 @@
 //!   framing (lengths and checksums).
 //! - `failed/ID.msg` and `failed/ID.state`: messages with failed recipients that could not be
 //!   bounced, kept for the admin.
-//! - `damaged/NNNNNNNNNN.seg.OFFSET.{corrupt,torn}`: bytes recovery found damaged in the
-//!   segment being written and moved out of the log (see [`tail`]); nothing reads them again.
+//! - `damaged/NNNNNNNNNN.seg.OFFSET.{corrupt,torn}`: bytes recovery found damaged in a
+//!   segment and moved out of the log (see [`tail`]), for the admin; nothing reads them again.
 //!
 //! Writes go through one commit thread ([`commit`]) that makes every record waiting at that
 //! moment durable with one `fdatasync` (group commit): a caller hears back only after the sync
@@ -26,7 +26,7 @@ mod reclaim;
 mod records;
 mod recover;
 pub mod segment;
-pub mod tail;
+mod tail;
 
 pub use records::{DeliveryState, Envelope, RcptState, RcptStatus};
 pub use recover::{inspect, Queued};
@@ -116,8 +116,8 @@ pub struct Opened {
     pub spool: Spool,
     /// Every queued message, oldest first.
     pub queued: Vec<Queued>,
-    /// Damage recovery found in the last segment: kept in `damaged/`, then skipped
-    /// (corruption) or cut off (a torn tail). Already logged and counted.
+    /// Damage recovery found in the log: kept in `damaged/`, then skipped (corruption) or
+    /// cut off (a torn tail). Already logged and counted.
     pub damaged: Vec<Damaged>,
 }
 

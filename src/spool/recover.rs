@@ -77,7 +77,7 @@ pub struct Replayed {
     pub reclaim: Reclaim,
     /// The head segment to write to next.
     pub head: Head,
-    /// Damage found in the last segment (kept aside, then skipped or cut).
+    /// Damage found in the segments (kept aside, then skipped or cut).
     pub damaged: Vec<Damaged>,
 }
 
@@ -89,8 +89,9 @@ struct Found {
     damaged: Vec<Damaged>,
 }
 
-/// Replays the segments under `dir`; unless `read_only`, the last one is repaired (damaged
-/// bytes kept in `aside`) and files left under temporary names are removed.
+/// Replays the segments under `dir`. With `aside`, damaged segments are repaired (the damaged
+/// bytes kept in `aside`) and files left under temporary names are removed; without, nothing
+/// is changed.
 fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError> {
     let mut numbers = Vec::new();
     for e in fs::read_dir(dir).map_err(io_err(dir))? {

@@ -38,7 +38,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tracing::{error, warn};
 
-/// Damage found in the last segment (and what was done with it).
+/// Damage recovery found in a segment (and what it did with it).
 #[derive(Debug, Clone)]
 pub struct Damaged {
     /// The segment file.
@@ -179,7 +179,7 @@ fn report(d: &Damaged) {
     let id = d.id.as_deref().unwrap_or("unknown");
     if d.torn {
         warn!(path = %path, offset = d.offset, bytes = d.len, reason = %d.reason, kept = %kept,
-            "torn tail at the end of the spool log (a write cut short by a crash, never acknowledged): moved aside and cut off");
+            "torn tail in the spool log (a write cut short by a crash or a failed write, never acknowledged): moved aside and cut off");
         metrics::counter!(crate::metrics::SPOOL_DAMAGED, "kind" => "torn").increment(1);
     } else {
         error!(path = %path, offset = d.offset, bytes = d.len, reason = %d.reason, queue_id = %id, kept = %kept,

@@ -108,6 +108,20 @@ pub struct Spool {
     stats: Arc<commit::Stats>,
     /// Appends sent to the commit stage and not yet answered.
     pending: std::sync::atomic::AtomicUsize,
+    /// The commit thread: joined when the spool is dropped, so whatever was sent to it
+    /// (appends, deletions) is done before the spool can be opened again.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        // Closing the channel ends the commit thread once it has done what it was sent.
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.jobs, closed));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A spool just opened, with the messages it holds.
@@ -187,7 +201,7 @@ impl Spool {
         let free = lock(&reclaim).all_free();
         let stats = Arc::new(commit::Stats::default());
         let (r2, s2) = (reclaim.clone(), stats.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("spool-commit".into())
             .spawn(move || commit::run(replayed.head, rx, r2, s2, segment_size))
             .map_err(io_err(&segments))?;
@@ -198,6 +212,7 @@ impl Spool {
             reclaim,
             stats,
             pending: Default::default(),
+            thread: Some(thread),
         };
         spool.delete(free);
         Ok(Opened {

@@ -101,9 +101,12 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
         if let Some(n) = segment::number(name) {
             numbers.push(n);
         } else if aside.is_some() && segment::is_temp(name) {
-            // A segment whose creation was cut short: it never held a record.
+            // A segment whose creation was cut short: it never held a record (and a new
+            // segment under that name truncates it anyway).
             let p = e.path();
-            fs::remove_file(&p).map_err(io_err(&p))?;
+            if let Err(e) = fs::remove_file(&p) {
+                warn!(path = %p.display(), error = %e, "cannot remove a segment file left by a failed creation");
+            }
         }
     }
     numbers.sort_unstable();

@@ -258,6 +258,10 @@ fn check_at(file: &File, off: u64, file_len: u64, body: &mut Vec<u8>) -> io::Res
     Ok(Check::Whole(h))
 }
 
+/// Largest metadata part a record found by searching after damage may have (a real
+/// envelope is far smaller; a bigger one is left inside the damaged bytes, kept aside).
+const RESYNC_META_MAX: u32 = 1 << 20;
+
 /// The offset of the next whole record after damage at `off`: where the damaged header's
 /// length points if a whole record starts there, else the first whole record found byte by
 /// byte (never inside the damaged record's header).
@@ -286,7 +290,14 @@ fn resync(
         for i in 0..want.saturating_sub(magic.len() - 1) {
             if window[i..i + magic.len()] == magic {
                 let cand = at + i as u64;
-                if matches!(check_at(file, cand, file_len, body)?, Check::Whole(_)) {
+                // A header whose metadata would be huge is not checked further: bounded work
+                // for bytes that only look like headers.
+                let plausible = window
+                    .get(i..i + HEADER_LEN)
+                    .and_then(|b| <[u8; HEADER_LEN]>::try_from(b).ok())
+                    .and_then(|b| segment::decode_header(&b))
+                    .is_none_or(|h| h.meta_len <= RESYNC_META_MAX);
+                if plausible && matches!(check_at(file, cand, file_len, body)?, Check::Whole(_)) {
                     return Ok(Some(cand));
                 }
             }

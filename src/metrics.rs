@@ -37,6 +37,10 @@ pub const SPOOL_SYNCS: &str = "coexist_spool_syncs_total";
 pub const SPOOL_RECORDS: &str = "coexist_spool_records_total";
 /// Segment files the spool holds.
 pub const SPOOL_SEGMENTS: &str = "coexist_spool_segments";
+/// Damaged stretches of the spool log found at start, by `kind`: `torn` (the unsynced end of
+/// the last commit turn, cut off) or `corrupt` (damage in a synced turn, skipped). Their
+/// bytes are kept in `spool/damaged/`.
+pub const SPOOL_DAMAGED: &str = "coexist_spool_damaged_total";
 /// 1 while a route's next hops cannot be reached (its deferred mail waits for a probe), by
 /// `route`.
 pub const ROUTE_UNREACHABLE: &str = "coexist_route_unreachable";

@@ -7,7 +7,8 @@ mod common;
 
 use coexist::load::sink::{received_id, Sink, SinkOptions};
 use common::bin::{
-    cli, spawn, wait_queue_empty, with_raw_value, write_config, BinConfig, Server, NOWHERE,
+    cli, spawn, spawn_with, wait_queue_empty, with_raw_value, write_config, BinConfig, Server,
+    Start, NOWHERE,
 };
 use common::*;
 use std::collections::HashSet;
@@ -64,6 +65,102 @@ async fn kill_9_loses_no_acknowledged_message() {
             "{id} lost"
         );
     }
+}
+
+/// One flipped bit in an acknowledged message of the segment that was being written (a bad
+/// sector found after a `kill -9`) costs that message only: the three acknowledged after it
+/// are delivered, the damaged one is logged with file and offset and its bytes are kept in
+/// `spool/damaged/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_bit_after_kill_9_costs_only_the_damaged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (onprem_port, cloud_port) = (DownPort::new(), DownPort::new());
+    let mut cfg = write_config(dir.path(), onprem_port.addr, cloud_port.addr);
+    let mut server = spawn(&mut cfg);
+    let mut ids = Vec::new();
+    let mut c = connect(cfg.listen()).await;
+    c.expect("EHLO client.test", 250).await;
+    for i in 0..4 {
+        let r = c
+            .mail(
+                "x@example.org",
+                &["carol@nhs.test"],
+                &sample(&format!("flip{i}")),
+            )
+            .await;
+        assert_eq!(r.code, 250, "{r:?}");
+        ids.push(queue_id(&r));
+    }
+    kill_9(&mut server);
+    drop(server);
+    let segments = dir.path().join("spool/segments");
+    let mut names: Vec<String> = std::fs::read_dir(&segments)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let seg = segments.join(names.last().unwrap());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes
+        .windows(5)
+        .position(|w| w == b"flip0")
+        .expect("the first message is in the segment being written");
+    bytes[at] ^= 0x01; // "flip0" becomes "glip0"
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let log = dir.path().join("serve.log");
+    let (_onprem, cloud) = sinks_behind(onprem_port, cloud_port).await;
+    let _server = spawn_with(
+        &mut cfg,
+        Start {
+            log: Some(&log),
+            ..Default::default()
+        },
+    );
+    assert_eq!(wait(&cloud, 3).await, 3);
+    wait_queue_empty(&cfg);
+    let delivered: Vec<String> = cloud
+        .state
+        .messages()
+        .iter()
+        .map(|m| received_header(&m.body))
+        .collect();
+    assert_eq!(delivered.len(), 3, "{delivered:?}");
+    for id in &ids[1..] {
+        assert!(
+            delivered.iter().any(|h| h.contains(&format!("id {id}"))),
+            "{id} lost"
+        );
+    }
+    // The damaged message, kept aside as it was on disk, and the log line naming it.
+    let damaged: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path().join("spool/damaged"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(damaged.len(), 1, "{damaged:?}");
+    let name = damaged[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let seg_name = seg.file_name().unwrap().to_string_lossy().into_owned();
+    let offset = name
+        .strip_prefix(&format!("{seg_name}."))
+        .and_then(|r| r.strip_suffix(".corrupt"))
+        .unwrap_or_else(|| panic!("{name}"));
+    let kept = std::fs::read(&damaged[0]).unwrap();
+    assert!(kept.windows(5).any(|w| w == b"glip0"));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let line = logged
+        .lines()
+        .find(|l| l.contains("CORRUPT"))
+        .unwrap_or_else(|| panic!("{logged}"));
+    assert!(
+        line.contains(seg.to_str().unwrap())
+            && line.contains(&format!("offset={offset}"))
+            && line.contains(&ids[0]),
+        "{line}"
+    );
 }
 
 /// Sinks at the ports that were down until now: they come up.

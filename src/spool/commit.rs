@@ -1,19 +1,27 @@
 //! The commit stage: one thread owns the head segment and appends records for everybody.
 //!
 //! Each turn it takes every request waiting at that moment, writes their records one after
-//! another and makes them durable with one `fdatasync` (group commit); only then does any of
-//! the callers hear back (and a session send its `250`). A failed write or sync is cut off
-//! the file again and reported to every caller of that turn, whose records are then not in
-//! the spool. Before anyone hears back, what keeps each new record's segment (a reference,
-//! or a pin) is recorded under the reclaim lock, so a rotation or deletion can never take a
-//! segment holding a record its caller is about to rely on. When the head segment is full a
-//! new one is started. Deleting segments nothing needs any more is done here too, so all
-//! file changes of the spool happen on this thread.
+//! another, then a `Commit` record marking the turn's end, and makes them durable with one
+//! `fdatasync` (group commit); only then does any of the callers hear back (and a session
+//! send its `250`). A failed write or sync is cut off the file again and reported to every
+//! caller of that turn, whose records are then not in the spool. Before anyone hears back,
+//! what keeps each new record's segment (a reference, or a pin) is recorded under the
+//! reclaim lock, so a rotation or deletion can never take a segment holding a record its
+//! caller is about to rely on. When the head segment is full a new one is started: written
+//! under a temporary name, synced, renamed, folder synced. A
+//! failed creation leaves no file under the segment's name (the temporary file is removed),
+//! so the next turn simply tries again while the current segment keeps taking records.
+//!
+//! Deleting segments nothing needs any more is done here too, so all file changes of the
+//! spool happen on this thread. Only a segment whose unlink succeeded (and whose folder was
+//! synced) releases the pins it held; one that could not be deleted keeps them, and its
+//! deletion is retried with backoff (1 s doubling to 5 min) until it succeeds.
 //!
 //! Written by hand rather than with an embedded store: the spool needs exactly this append
 //! path (records of a message written once, read back by position, whole segments dropped
 //! when their messages are done); the README compares it with fjall on this machine.
 
+use super::faults::{self, Point};
 use super::reclaim::Reclaim;
 use super::segment::{self, Kind, HEADER_LEN};
 use super::{io_err, Loc, SpoolError};
@@ -21,8 +29,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{error, warn};
 
@@ -32,6 +41,10 @@ pub const SEGMENT_SIZE: u64 = 64 << 20;
 const MAX_TURN_BYTES: u64 = 32 << 20;
 /// Bodies longer than this are written straight from the caller's buffer.
 const DIRECT_WRITE: usize = 64 << 10;
+/// First wait before a segment that could not be deleted is tried again (doubles each time).
+const DELETE_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between tries to delete a segment.
+const DELETE_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Counters of the commit stage.
 #[derive(Debug, Default)]
@@ -104,21 +117,45 @@ pub struct Head {
 }
 
 impl Head {
-    /// Creates segment `n` (with its file header) and syncs it and its folder.
+    /// Creates segment `n` (with its file header): written and synced under a temporary
+    /// name, renamed, and the folder synced. On failure no file is left under either name,
+    /// so creating `n` can simply be tried again. A file already under the name is replaced
+    /// only when it holds no record (an empty segment an older version left behind).
     pub fn create(dir: &Path, n: u32) -> Result<Head, SpoolError> {
         let path = dir.join(segment::file_name(n));
+        let tmp = dir.join(segment::temp_name(n));
+        match fs::metadata(&path) {
+            Ok(m) if m.len() > segment::FILE_MAGIC.len() as u64 => {
+                return Err(io_err(&path)(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a segment under this name already holds records",
+                )))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
         let make = || -> io::Result<File> {
             let mut f = OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create_new(true)
-                .open(&path)?;
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
             f.write_all(segment::FILE_MAGIC)?;
+            faults::check(Point::NewSegmentSync, &tmp)?;
             f.sync_all()?;
+            fs::rename(&tmp, &path)?;
             File::open(dir)?.sync_all()?;
             Ok(f)
         };
-        let file = make().map_err(io_err(&path))?;
+        let file = make().map_err(|e| {
+            // Nothing was written to it: no file under the temporary name stays behind
+            // (after a failed folder sync, the renamed file holds only its header and is
+            // replaced at the next try).
+            let _ = fs::remove_file(&tmp);
+            io_err(&path)(e)
+        })?;
         Ok(Head {
             dir: dir.to_path_buf(),
             n,
@@ -132,9 +169,15 @@ impl Head {
         self.dir.join(segment::file_name(self.n))
     }
 
-    /// Appends `recs` (not yet synced) at the end of what is written; returns their
+    /// Appends `recs` (not yet synced) at the end of what is written, followed by a
+    /// `Commit` record when `end_turn` (the last write before a sync); returns their
     /// positions. Writes are positioned, so the positions hold whatever a failed write left.
-    pub fn write(&mut self, recs: &[&Rec], buf: &mut Vec<u8>) -> io::Result<Vec<Loc>> {
+    pub fn write(
+        &mut self,
+        recs: &[&Rec],
+        end_turn: bool,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<Vec<Loc>> {
         use std::os::unix::fs::FileExt;
         let mut locs = Vec::with_capacity(recs.len());
         let mut off = self.len;
@@ -159,6 +202,10 @@ impl Head {
                 off,
             });
             off += r.len();
+        }
+        if end_turn {
+            buf.extend_from_slice(&segment::encode_header(Kind::Commit, &[], &[]));
+            off += HEADER_LEN as u64;
         }
         self.file.write_all_at(buf, at)?;
         self.len = off;
@@ -187,11 +234,26 @@ pub fn run(
     segment_size: u64,
 ) {
     let mut buf = Vec::with_capacity(256 << 10);
-    while let Ok(first) = jobs.recv() {
+    // Segments whose deletion failed, and when to try again.
+    let mut undeleted: Vec<u32> = Vec::new();
+    let mut retry = DELETE_RETRY_MIN;
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let first = match retry_at {
+            None => match jobs.recv() {
+                Ok(j) => Some(j),
+                Err(_) => break,
+            },
+            Some(at) => match jobs.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(j) => Some(j),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+        };
         let mut appends: Waiting = Vec::new();
         let mut deletes = Vec::new();
         let mut bytes = 0u64;
-        let mut next = Some(first);
+        let mut next = first;
         while let Some(job) = next.take() {
             match job {
                 Job::Append { recs, reply } => {
@@ -226,12 +288,28 @@ pub fn run(
                         deletes.extend(old);
                     }
                     Err(e) => {
-                        error!(error = %e, "cannot start a new spool segment; the current one keeps growing")
+                        error!(error = %e, "cannot start a new spool segment; the current one keeps taking records and the next commit tries again")
                     }
                 }
             }
         }
-        delete(&head.dir, deletes, &reclaim);
+        let due = retry_at.is_some_and(|at| at <= Instant::now());
+        if due {
+            deletes.append(&mut undeleted);
+        }
+        let failed = delete(&head.dir, deletes, &reclaim);
+        if due {
+            retry_at = None;
+        }
+        undeleted.extend(failed);
+        undeleted.sort_unstable();
+        undeleted.dedup();
+        if undeleted.is_empty() {
+            retry = DELETE_RETRY_MIN;
+        } else if retry_at.is_none() {
+            retry_at = Some(Instant::now() + retry);
+            retry = (retry * 2).min(DELETE_RETRY_MAX);
+        }
     }
 }
 
@@ -250,7 +328,7 @@ fn commit_turn(head: &mut Head, appends: Waiting, buf: &mut Vec<u8>, reclaim: &M
     let start = head.len;
     let all: Vec<&Rec> = appends.iter().flat_map(|(r, _)| r.iter()).collect();
     let res = head
-        .write(&all, buf)
+        .write(&all, true, buf)
         .and_then(|locs| head.sync().map(|()| locs));
     match res {
         Ok(locs) => {
@@ -291,24 +369,36 @@ fn commit_turn(head: &mut Head, appends: Waiting, buf: &mut Vec<u8>, reclaim: &M
 }
 
 /// Deletes `segs` and whatever their deletion frees; the folder is synced before any pin a
-/// deleted segment held is released.
-fn delete(dir: &Path, mut segs: Vec<u32>, reclaim: &Mutex<Reclaim>) {
+/// deleted segment held is released. Returns the segments that could not be deleted: they
+/// keep their pins (so the segments holding the `Done` records of their messages stay) and
+/// are tried again later.
+fn delete(dir: &Path, mut segs: Vec<u32>, reclaim: &Mutex<Reclaim>) -> Vec<u32> {
+    let mut kept = Vec::new();
     while !segs.is_empty() {
         segs.sort_unstable();
         segs.dedup();
+        let mut gone = Vec::with_capacity(segs.len());
         for &s in &segs {
             let path = dir.join(segment::file_name(s));
-            if let Err(e) = fs::remove_file(&path) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    warn!(path = %path.display(), error = %e, "cannot delete a spent spool segment");
+            match faults::check(Point::Unlink, &path).and_then(|()| fs::remove_file(&path)) {
+                Ok(()) => gone.push(s),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => gone.push(s),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot delete a spent spool segment; it keeps the segments it pins and is tried again later");
+                    kept.push(s);
                 }
             }
         }
+        if gone.is_empty() {
+            break;
+        }
         if let Err(e) = File::open(dir).and_then(|f| f.sync_all()) {
-            warn!(dir = %dir.display(), error = %e, "cannot sync the spool segments folder");
-            return;
+            warn!(dir = %dir.display(), error = %e, "cannot sync the spool segments folder; the deletions are tried again later");
+            kept.extend(gone);
+            break;
         }
         let mut r = lock(reclaim);
-        segs = segs.iter().flat_map(|&s| r.deleted(s)).collect();
+        segs = gone.iter().flat_map(|&s| r.deleted(s)).collect();
     }
+    kept
 }

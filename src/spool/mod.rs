@@ -7,22 +7,30 @@
 //!   framing (lengths and checksums).
 //! - `failed/ID.msg` and `failed/ID.state`: messages with failed recipients that could not be
 //!   bounced, kept for the admin.
+//! - `damaged/NNNNNNNNNN.seg.OFFSET.{corrupt,torn}`: bytes recovery found damaged in a
+//!   segment and moved out of the log (see [`tail`]), for the admin; nothing reads them again.
 //!
 //! Writes go through one commit thread ([`commit`]) that makes every record waiting at that
 //! moment durable with one `fdatasync` (group commit): a caller hears back only after the sync
 //! that covers its records, so the session sends `250` only then (DESIGN invariant 1). There
 //! is no per-message file create, rename or unlink. A segment is deleted once no queued
-//! message needs a record in it ([`reclaim`]). At start the log is replayed ([`recover`]): a
-//! torn tail is cut off, and a spool of the former one-file-per-message layout is imported.
+//! message needs a record in it ([`reclaim`]); one whose unlink fails keeps what it pins and
+//! is tried again later. At start the log is replayed ([`recover`]): a torn tail (damage in
+//! the last, unsynced commit turn) is cut off, damage in a synced turn is corruption, skipped
+//! with the records after it kept, and either's bytes are moved to `damaged/` first; a spool
+//! of the former one-file-per-message layout is imported.
 
 mod commit;
+mod faults;
 mod reclaim;
 mod records;
 mod recover;
 pub mod segment;
+mod tail;
 
 pub use records::{DeliveryState, Envelope, RcptState, RcptStatus};
 pub use recover::{inspect, Queued};
+pub use tail::Damaged;
 
 use crate::types::QueueId;
 use commit::{Job, Keep, Rec};
@@ -87,9 +95,9 @@ pub struct Loc {
     pub off: u64,
 }
 
-/// The folders [`Spool::open`] keeps under the spool directory (the log, and messages kept
-/// for the admin), each of which must be writable.
-pub const FOLDERS: [&str; 2] = ["segments", "failed"];
+/// The folders [`Spool::open`] keeps under the spool directory (the log, messages kept for
+/// the admin, damaged bytes moved out of the log), each of which must be writable.
+pub const FOLDERS: [&str; 3] = ["segments", "failed", "damaged"];
 
 /// The spool: the log's commit stage and readers.
 pub struct Spool {
@@ -100,6 +108,20 @@ pub struct Spool {
     stats: Arc<commit::Stats>,
     /// Appends sent to the commit stage and not yet answered.
     pending: std::sync::atomic::AtomicUsize,
+    /// The commit thread: joined when the spool is dropped, so whatever was sent to it
+    /// (appends, deletions) is done before the spool can be opened again.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        // Closing the channel ends the commit thread once it has done what it was sent.
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.jobs, closed));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A spool just opened, with the messages it holds.
@@ -108,6 +130,9 @@ pub struct Opened {
     pub spool: Spool,
     /// Every queued message, oldest first.
     pub queued: Vec<Queued>,
+    /// Damage recovery found in the log: kept in `damaged/`, then skipped (corruption) or
+    /// cut off (a torn tail). Already logged and counted.
+    pub damaged: Vec<Damaged>,
 }
 
 /// The state record's metadata.
@@ -157,7 +182,8 @@ pub(crate) fn state_rec(id: &QueueId, state: &DeliveryState) -> Result<Rec, Spoo
 }
 
 impl Spool {
-    /// Opens (and creates) the spool under `dir`: replays the log, cuts a torn tail, imports
+    /// Opens (and creates) the spool under `dir`: replays the log, repairs the segment being
+    /// written (a torn tail cut, corruption skipped, damaged bytes kept aside), imports
     /// a spool of the former layout, and starts the commit thread. Blocking.
     pub fn open(dir: &Path) -> Result<Opened, SpoolError> {
         Spool::open_sized(dir, commit::SEGMENT_SIZE)
@@ -166,7 +192,7 @@ impl Spool {
     fn open_sized(dir: &Path, segment_size: u64) -> Result<Opened, SpoolError> {
         let segments = dir.join("segments");
         let failed = dir.join("failed");
-        for d in [&segments, &failed] {
+        for d in [&segments, &failed, &dir.join("damaged")] {
             fs::create_dir_all(d).map_err(io_err(d))?;
         }
         let replayed = recover::replay(dir, &segments)?;
@@ -175,7 +201,7 @@ impl Spool {
         let free = lock(&reclaim).all_free();
         let stats = Arc::new(commit::Stats::default());
         let (r2, s2) = (reclaim.clone(), stats.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("spool-commit".into())
             .spawn(move || commit::run(replayed.head, rx, r2, s2, segment_size))
             .map_err(io_err(&segments))?;
@@ -186,11 +212,13 @@ impl Spool {
             reclaim,
             stats,
             pending: Default::default(),
+            thread: Some(thread),
         };
         spool.delete(free);
         Ok(Opened {
             spool,
             queued: replayed.queued,
+            damaged: replayed.damaged,
         })
     }
 

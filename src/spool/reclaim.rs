@@ -4,7 +4,9 @@
 //! queued message (a *reference*). It is also needed while it holds the `Done` record of a
 //! message whose message record is still on disk in another segment (a *pin*): deleting the
 //! `Done` first would bring the finished message back at the next start. The head segment
-//! (being written) is never deleted.
+//! (being written) is never deleted. A segment's pins are released ([`Reclaim::deleted`])
+//! only once its file is gone and the folder synced: a segment whose unlink failed stays
+//! here, keeping what it pins, until a later try removes it.
 
 use std::collections::{BTreeSet, HashMap};
 

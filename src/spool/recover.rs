@@ -1,23 +1,27 @@
-//! Start-up: replays the segments to find every queued message and its latest state, cuts
-//! a torn tail off the segment that was being written, and brings in a spool of the former
-//! layout (one file per message under `active/`).
+//! Start-up: replays the segments to find every queued message and its latest state,
+//! repairs the segment that was being written (see [`tail`](super::tail): a torn tail is
+//! cut off, corruption is skipped, the damaged bytes of either are kept in `damaged/`), and
+//! brings in a spool of the former layout (one file per message under `active/`). Files left
+//! under a segment's temporary name (a creation cut short) are removed.
 //!
 //! Segments before the last were synced whole before the next one was started, so damage in
-//! them is not a torn write: it is reported with the file and offset, and the relay does not
-//! start on a spool it cannot read.
+//! them is not a torn write: it is corruption, handled as in the last segment (the damaged
+//! records moved aside and reported with file and offset, the rest kept). Only a damaged
+//! sealed segment of format 1 (no turn markers) still stops the start with file and offset.
 
 use super::commit::{Head, Rec};
 use super::reclaim::Reclaim;
 use super::segment::{self, Header, Kind, HEADER_LEN};
+use super::tail::{self, Damaged};
 use super::{io_err, DeliveryState, Envelope, Loc, SpoolError};
 use crate::types::QueueId;
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// A queued message found at start-up: where its records are and the schedule it had.
 #[derive(Debug, Clone)]
@@ -73,6 +77,8 @@ pub struct Replayed {
     pub reclaim: Reclaim,
     /// The head segment to write to next.
     pub head: Head,
+    /// Damage found in the segments (kept aside, then skipped or cut).
+    pub damaged: Vec<Damaged>,
 }
 
 /// What the segments under `dir` hold.
@@ -80,14 +86,27 @@ struct Found {
     numbers: Vec<u32>,
     live: HashMap<QueueId, Queued>,
     dones: Vec<(u32, u32)>,
+    damaged: Vec<Damaged>,
 }
 
-fn replay_segments(dir: &Path, read_only: bool) -> Result<Found, SpoolError> {
+/// Replays the segments under `dir`. With `aside`, damaged segments are repaired (the damaged
+/// bytes kept in `aside`) and files left under temporary names are removed; without, nothing
+/// is changed.
+fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError> {
     let mut numbers = Vec::new();
     for e in fs::read_dir(dir).map_err(io_err(dir))? {
         let e = e.map_err(io_err(dir))?;
-        if let Some(n) = e.file_name().to_str().and_then(segment::number) {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = segment::number(name) {
             numbers.push(n);
+        } else if aside.is_some() && segment::is_temp(name) {
+            // A segment whose creation was cut short: it never held a record (and a new
+            // segment under that name truncates it anyway).
+            let p = e.path();
+            if let Err(e) = fs::remove_file(&p) {
+                warn!(path = %p.display(), error = %e, "cannot remove a segment file left by a failed creation");
+            }
         }
     }
     numbers.sort_unstable();
@@ -95,25 +114,90 @@ fn replay_segments(dir: &Path, read_only: bool) -> Result<Found, SpoolError> {
     // Segments that must outlive others: (segment of a Done or of a copied message record,
     // segment of the message record it ends or supersedes).
     let mut dones: Vec<(u32, u32)> = Vec::new();
+    let mut damaged = Vec::new();
     for (i, &n) in numbers.iter().enumerate() {
-        let last = i + 1 == numbers.len();
-        let tail = match (last, read_only) {
-            (false, _) => Tail::Sealed,
-            (true, false) => Tail::Cut,
-            (true, true) => Tail::Stop,
+        let path = dir.join(segment::file_name(n));
+        let each = &mut |loc, h: &Header, meta: &[u8]| apply(&mut live, &mut dones, loc, h, meta);
+        if aside.is_none() && !path.exists() {
+            continue; // deleted meanwhile by a running relay (a spent segment)
+        }
+        let mode = match aside {
+            Some(a) => tail::Mode::Repair(a),
+            None => tail::Mode::ReadOnly,
         };
-        scan(
-            &dir.join(segment::file_name(n)),
-            n,
-            tail,
-            &mut |loc, h, meta| apply(&mut live, &mut dones, loc, h, meta),
-        )?;
+        if i + 1 < numbers.len() {
+            // Applied once the whole segment reads well, so a damaged one can be read again
+            // by the repairing scan.
+            let mut recs = Vec::new();
+            let res = scan_sealed(&path, n, &mut |loc, h, meta| {
+                recs.push((loc, *h, meta.to_vec()));
+                Ok(())
+            });
+            match res {
+                Ok(()) => {
+                    for (loc, h, meta) in recs {
+                        each(loc, &h, &meta).map_err(|reason| SpoolError::Corrupt {
+                            path: format!("{} at offset {}", path.display(), loc.off),
+                            reason,
+                        })?;
+                    }
+                }
+                Err(e @ SpoolError::Corrupt { .. })
+                    if matches!(file_format(&path)?, Format::V2) =>
+                {
+                    error!(error = %e, "damage in a sealed spool segment; its damaged records are moved aside");
+                    tail::scan_last(&path, n, true, true, mode, each, &mut damaged)?;
+                }
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        match file_format(&path)? {
+            Format::Short if aside.is_some() => {
+                // Created but its header never reached the disk (an older version created
+                // segments in place): nothing was written to it.
+                warn!(path = %path.display(), "empty spool segment left by a crash; removed");
+                fs::remove_file(&path).map_err(io_err(&path))?;
+            }
+            Format::Short => {}
+            Format::V1 => tail::scan_last(&path, n, false, false, mode, each, &mut damaged)?,
+            Format::V2 => tail::scan_last(&path, n, true, false, mode, each, &mut damaged)?,
+        }
     }
     Ok(Found {
         numbers,
         live,
         dones,
+        damaged,
     })
+}
+
+/// The format a segment's file header names.
+enum Format {
+    /// Shorter than a file header.
+    Short,
+    /// Format 1: no turn markers.
+    V1,
+    /// Format 2: every commit turn ends with a `Commit` record.
+    V2,
+}
+
+fn file_format(path: &Path) -> Result<Format, SpoolError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut magic = [0u8; 8];
+    let got = read_at_most(&file, &mut magic, 0).map_err(io_err(path))?;
+    if got < magic.len() {
+        Ok(Format::Short)
+    } else if &magic == segment::FILE_MAGIC {
+        Ok(Format::V2)
+    } else if &magic == segment::FILE_MAGIC_V1 {
+        Ok(Format::V1)
+    } else {
+        Err(SpoolError::Corrupt {
+            path: format!("{} at offset 0", path.display()),
+            reason: "not a coexist spool segment".into(),
+        })
+    }
 }
 
 /// The queued messages of the spool under `root` as its log says, without changing anything
@@ -121,7 +205,7 @@ fn replay_segments(dir: &Path, read_only: bool) -> Result<Found, SpoolError> {
 /// not counted). Oldest first.
 pub fn inspect(root: &Path) -> Result<Vec<Queued>, SpoolError> {
     let dir = root.join("segments");
-    Ok(oldest_first(replay_segments(&dir, true)?.live))
+    Ok(oldest_first(replay_segments(&dir, None)?.live))
 }
 
 /// The queued messages in id order, which is the order they were accepted in.
@@ -137,7 +221,8 @@ pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
         numbers,
         mut live,
         dones,
-    } = replay_segments(dir, false)?;
+        damaged,
+    } = replay_segments(dir, Some(&root.join("damaged")))?;
     let mut head = Head::create(dir, numbers.last().map_or(1, |n| n + 1))?;
     let imported = import_former(root, &mut head, &mut live)?;
     if imported > 0 {
@@ -161,6 +246,7 @@ pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
         queued,
         reclaim,
         head,
+        damaged,
     })
 }
 
@@ -211,55 +297,33 @@ fn apply(
                 dones.push((loc.seg, q.msg.seg));
             }
         }
+        Kind::Commit | Kind::Skip => {}
     }
     Ok(())
 }
 
 /// What a scan calls for each record: its position, header and metadata.
-type RecordFn<'a> = dyn FnMut(Loc, &Header, &[u8]) -> Result<(), String> + 'a;
+pub(super) type RecordFn<'a> = dyn FnMut(Loc, &Header, &[u8]) -> Result<(), String> + 'a;
 
-/// How a scan treats the end of a segment.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Tail {
-    /// Synced whole before the next was started: damage is an error.
-    Sealed,
-    /// The segment being written at the crash: bodies are checked, a torn tail is cut off.
-    Cut,
-    /// As `Cut`, but nothing is changed: the scan stops at the torn tail.
-    Stop,
-}
-
-/// Reads every record of segment `n`; bodies are skipped in sealed segments.
-fn scan(path: &Path, n: u32, tail: Tail, each: &mut RecordFn<'_>) -> Result<(), SpoolError> {
+/// Reads every record of sealed segment `n` (synced whole before the next one was started):
+/// headers and metadata only, their bodies are skipped; any damage is an error naming the
+/// file and offset.
+fn scan_sealed(path: &Path, n: u32, each: &mut RecordFn<'_>) -> Result<(), SpoolError> {
     let corrupt = |off: u64, reason: String| SpoolError::Corrupt {
         path: format!("{} at offset {off}", path.display()),
         reason,
     };
-    let last = tail != Tail::Sealed;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(tail == Tail::Cut)
-        .open(path)
-        .map_err(io_err(path))?;
+    let file = File::open(path).map_err(io_err(path))?;
     let file_len = file.metadata().map_err(io_err(path))?.len();
     // Positioned reads of each record's header and metadata: the bodies of sealed segments
     // are never read (a restart over gigabytes of queued mail reads only the envelopes).
     let mut magic = [0u8; 8];
     let got = read_at_most(&file, &mut magic, 0).map_err(io_err(path))?;
-    if got < magic.len() || &magic != segment::FILE_MAGIC {
-        if last && got < magic.len() {
-            if tail == Tail::Stop {
-                return Ok(());
-            }
-            // Created but its header never reached the disk: nothing was written to it.
-            warn!(path = %path.display(), "empty spool segment left by a crash; removed");
-            return fs::remove_file(path).map_err(io_err(path));
-        }
+    if got < magic.len() || (&magic != segment::FILE_MAGIC && &magic != segment::FILE_MAGIC_V1) {
         return Err(corrupt(0, "not a coexist spool segment".into()));
     }
     let mut off = magic.len() as u64;
     let mut head = vec![0u8; GUESS];
-    let mut body = Vec::new();
     loop {
         if off >= file_len {
             return Ok(());
@@ -273,19 +337,8 @@ fn scan(path: &Path, n: u32, tail: Tail, each: &mut RecordFn<'_>) -> Result<(), 
             })
             .flatten()
             .filter(|h| off + h.record_len() <= file_len);
-        let torn = |why: &str| -> Result<(), SpoolError> {
-            match tail {
-                Tail::Sealed => return Err(corrupt(off, why.to_string())),
-                Tail::Stop => return Ok(()),
-                Tail::Cut => {}
-            }
-            warn!(path = %path.display(), offset = off, reason = why, "torn record at the end of the spool log (a write cut short by a crash); cut off");
-            file.set_len(off)
-                .and_then(|()| file.sync_data())
-                .map_err(io_err(path))
-        };
         let Some(h) = header else {
-            return torn("incomplete or damaged record header");
+            return Err(corrupt(off, "incomplete or damaged record header".into()));
         };
         let want = HEADER_LEN + h.meta_len as usize;
         if want > got {
@@ -295,15 +348,7 @@ fn scan(path: &Path, n: u32, tail: Tail, each: &mut RecordFn<'_>) -> Result<(), 
         }
         let meta = &head[HEADER_LEN..want];
         if !h.meta_ok(meta) {
-            return torn("record checksum mismatch");
-        }
-        if last {
-            body.resize(h.body_len as usize, 0);
-            file.read_exact_at(&mut body, off + want as u64)
-                .map_err(io_err(path))?;
-            if !h.body_ok(&body) {
-                return torn("message checksum mismatch");
-            }
+            return Err(corrupt(off, "record checksum mismatch".into()));
         }
         let loc = Loc {
             seg: n,
@@ -362,7 +407,7 @@ fn import_former(
     }
     files.sort();
     let mut buf = Vec::new();
-    for (id, path) in &files {
+    for (i, (id, path)) in files.iter().enumerate() {
         let (env, body) = read_former(path)?;
         let state_path = active.join(format!("{id}.state"));
         let state = fs::read(&state_path)
@@ -375,7 +420,11 @@ fn import_former(
             super::state_rec(&env.id, &state)?,
         ];
         let locs = head
-            .write(&recs.iter().collect::<Vec<&Rec>>(), &mut buf)
+            .write(
+                &recs.iter().collect::<Vec<&Rec>>(),
+                i + 1 == files.len(),
+                &mut buf,
+            )
             .map_err(io_err(path))?;
         live.insert(
             env.id.clone(),

@@ -1,5 +1,6 @@
 //! Spool tests: durability across reopen, torn tails, damage, group commit, segment
-//! reclaim, and the import of the former layout.
+//! reclaim, and the import of the former layout; disk faults (a full tmpfs, injected sync and
+//! unlink failures) at segment creation and deletion, and corruption told from a torn tail.
 
 use super::*;
 use crate::proto::{BodyType, Ret};
@@ -95,52 +96,97 @@ fn a_torn_tail_is_cut_and_the_complete_records_stay() {
     drop(s);
     let seg = dir.path().join("segments").join(&seg_files(dir.path())[0]);
     let full = fs::metadata(&seg).unwrap().len();
-    // Cut the last record at every length short of whole: each reopen keeps exactly the
-    // three complete messages and cuts the file back to them.
+    // The last turn: the torn message's record, then the turn's Commit record. Cut inside the
+    // record at every length short of whole: each reopen keeps exactly the three complete
+    // messages, cuts the file back to them and keeps the cut bytes in `damaged/`.
     let bytes = fs::read(&seg).unwrap();
     let last_len =
         (HEADER_LEN + serde_json::to_vec(&env(torn.clone())).unwrap().len() + 100) as u64;
+    let before = full - last_len - HEADER_LEN as u64;
     for cut in [1, 10, HEADER_LEN as u64, last_len - 1] {
         let d2 = tempfile::tempdir().unwrap();
         fs::create_dir_all(d2.path().join("segments")).unwrap();
         let copy = d2.path().join("segments").join(seg.file_name().unwrap());
-        fs::write(&copy, &bytes[..(full - last_len + cut) as usize]).unwrap();
+        fs::write(&copy, &bytes[..(before + cut) as usize]).unwrap();
         let o = Spool::open(d2.path()).unwrap();
         assert_eq!(ids(&o), kept, "cut at {cut}");
+        assert_eq!(fs::metadata(&copy).unwrap().len(), before, "cut at {cut}");
+        let aside = d2
+            .path()
+            .join(format!("damaged/0000000001.seg.{before}.torn"));
         assert_eq!(
-            fs::metadata(&copy).unwrap().len(),
-            full - last_len,
+            fs::read(&aside).unwrap(),
+            &bytes[before as usize..(before + cut) as usize],
             "cut at {cut}"
         );
+        assert!(o.damaged.len() == 1 && o.damaged[0].torn && o.damaged[0].offset == before);
     }
-    // A flipped byte in the last message's body is caught too.
+    // A flipped byte in the last message's body is caught too: nothing was written after
+    // that turn, so its sync may not have finished (a torn tail, cut and kept aside).
     let d3 = tempfile::tempdir().unwrap();
     fs::create_dir_all(d3.path().join("segments")).unwrap();
     let mut bad = bytes.clone();
     let n = bad.len();
-    bad[n - 5] ^= 1;
+    bad[n - HEADER_LEN - 5] ^= 1;
     fs::write(
         d3.path().join("segments").join(seg.file_name().unwrap()),
         &bad,
     )
     .unwrap();
-    assert_eq!(ids(&Spool::open(d3.path()).unwrap()), kept);
+    let o = Spool::open(d3.path()).unwrap();
+    assert_eq!(ids(&o), kept);
+    assert_eq!(
+        fs::read(
+            d3.path()
+                .join(format!("damaged/0000000001.seg.{before}.torn"))
+        )
+        .unwrap(),
+        &bad[before as usize..]
+    );
 }
 
 #[test]
-fn damage_before_the_last_segment_is_reported_with_file_and_offset() {
+fn damage_in_a_sealed_segment_is_moved_aside_and_the_rest_kept() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
     let s = Spool::open(dir.path()).unwrap().spool;
-    rt.block_on(s.store(&env(QueueId::generate()), Arc::new(b"one".to_vec())))
-        .unwrap();
+    let (a, b) = (QueueId::generate(), QueueId::generate());
+    for id in [&a, &b] {
+        rt.block_on(s.store(&env(id.clone()), Arc::new(b"one".to_vec())))
+            .unwrap();
+    }
     drop(s);
     // Reopening starts a new head: the first segment is now sealed.
     drop(Spool::open(dir.path()).unwrap());
-    let first = dir.path().join("segments").join(&seg_files(dir.path())[0]);
-    let mut b = fs::read(&first).unwrap();
-    b[8 + HEADER_LEN + 3] ^= 0x20; // inside the first record's envelope
-    fs::write(&first, &b).unwrap();
+    flip(dir.path(), 1, 8 + HEADER_LEN as u64 + 3); // inside the first record's envelope
+    let o = Spool::open(dir.path()).unwrap();
+    assert_eq!(ids(&o), vec![b.clone()]);
+    assert_eq!(o.damaged.len(), 1);
+    let d = &o.damaged[0];
+    assert!(!d.torn && d.offset == 8 && d.path.ends_with("segments/0000000001.seg"));
+    assert!(dir.path().join("damaged/0000000001.seg.8.corrupt").exists());
+    assert_eq!(o.spool.read_message(o.queued[0].msg).unwrap(), b"one");
+    drop(o);
+    assert_eq!(ids(&Spool::open(dir.path()).unwrap()), vec![b]);
+}
+
+#[test]
+fn damage_in_a_sealed_segment_without_turn_markers_is_reported_with_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("segments")).unwrap();
+    let mut bytes = segment::FILE_MAGIC_V1.to_vec();
+    let r = message_rec(&env(QueueId::generate()), Arc::new(b"one".to_vec())).unwrap();
+    let body = r.body.as_deref().unwrap();
+    bytes.extend_from_slice(&segment::encode_header(r.kind, &r.meta, body));
+    bytes.extend_from_slice(&r.meta);
+    bytes.extend_from_slice(body);
+    bytes[8 + HEADER_LEN + 3] ^= 0x20; // inside the first record's envelope
+    fs::write(dir.path().join("segments/0000000001.seg"), &bytes).unwrap();
+    fs::write(
+        dir.path().join("segments/0000000002.seg"),
+        segment::FILE_MAGIC,
+    )
+    .unwrap();
     let err = Spool::open(dir.path()).err().expect("refused").to_string();
     assert!(err.contains("0000000001.seg at offset 8"), "{err}");
     assert!(err.contains("checksum"), "{err}");
@@ -367,4 +413,285 @@ fn a_straggler_is_copied_forward_and_its_old_segment_deleted() {
     assert_eq!((qa.msg, qa.state, qa.attempts), (na, Some(ns), 4));
     assert_eq!(o.spool.read_message(qa.msg).unwrap(), vec![b'z'; 3000]);
     assert!(!o.queued.iter().any(|q| q.id == b || q.id == c || q.id == d));
+}
+
+/// Flips one bit at `off` of segment `n` under `dir`.
+fn flip(dir: &Path, n: u32, off: u64) {
+    let path = dir.join("segments").join(segment::file_name(n));
+    let mut b = fs::read(&path).unwrap();
+    b[off as usize] ^= 0x04;
+    fs::write(&path, &b).unwrap();
+}
+
+/// Four messages acknowledged one after another in the head segment, the relay stopped
+/// (nothing written after). Returns their ids and positions.
+fn four_acknowledged(dir: &Path) -> (Vec<QueueId>, Vec<Loc>) {
+    let rt = rt();
+    let s = Spool::open(dir).unwrap().spool;
+    let ids: Vec<QueueId> = (0..4).map(|_| QueueId::generate()).collect();
+    let locs = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            rt.block_on(s.store(&env(id.clone()), Arc::new(vec![b'0' + i as u8; 500])))
+                .unwrap()
+        })
+        .collect();
+    drop(s);
+    (ids, locs)
+}
+
+#[test]
+fn a_flipped_bit_in_an_acknowledged_message_is_corruption_not_a_torn_tail() {
+    // A bit flipped in the body of the first message, then (another spool) in its header's
+    // length field: either way the three messages after it are kept, and the damaged record
+    // is reported with file and offset and kept in `damaged/`.
+    let body_bit = |l: Loc| l.off + (HEADER_LEN as u64) + l.meta_len as u64 + 100;
+    let length_bit = |l: Loc| l.off + 9;
+    for (what, at) in [
+        ("body", &body_bit as &dyn Fn(Loc) -> u64),
+        ("length", &length_bit),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (sent, locs) = four_acknowledged(dir.path());
+        let seg = dir.path().join("segments/0000000001.seg");
+        let original = fs::read(&seg).unwrap();
+        let first = locs[0];
+        let first_len = locs[1].off - first.off - HEADER_LEN as u64; // record, no Commit
+        flip(dir.path(), 1, at(first));
+        let o = Spool::open(dir.path()).unwrap();
+        assert_eq!(ids(&o), sent[1..].to_vec(), "{what}");
+        for (q, i) in o.queued.iter().zip(1u8..) {
+            assert_eq!(o.spool.read_message(q.msg).unwrap(), vec![b'0' + i; 500]);
+        }
+        assert_eq!(o.damaged.len(), 1, "{what}");
+        let d = &o.damaged[0];
+        assert!(!d.torn, "{what}");
+        assert_eq!(
+            (d.path.clone(), d.offset, d.len),
+            (seg.clone(), first.off, first_len)
+        );
+        if what == "body" {
+            assert_eq!(d.id.as_deref(), Some(sent[0].as_str()));
+        }
+        // The damaged bytes are kept as they were on disk; nothing else changed length.
+        let kept = fs::read(
+            dir.path()
+                .join(format!("damaged/0000000001.seg.{}.corrupt", first.off)),
+        )
+        .unwrap();
+        let mut expected = original[first.off as usize..(first.off + first_len) as usize].to_vec();
+        let i = (at(first) - first.off) as usize;
+        expected[i] ^= 0x04;
+        assert_eq!(kept, expected, "{what}");
+        assert_eq!(fs::metadata(&seg).unwrap().len(), original.len() as u64);
+        drop(o);
+        // The segment reads whole now (sealed by the next start): nothing more to report.
+        let again = Spool::open(dir.path()).unwrap();
+        assert_eq!(ids(&again), sent[1..].to_vec(), "{what}");
+        assert!(again.damaged.is_empty());
+        drop(again);
+        // A read-only look agrees.
+        assert_eq!(inspect(dir.path()).unwrap().len(), 3);
+    }
+}
+
+#[test]
+fn corruption_before_a_torn_tail_is_skipped_and_the_tail_cut() {
+    // Damage in the first of four acknowledged messages, and the start of a fifth turn torn
+    // by the crash (garbage after the last Commit record): the three intact messages stay,
+    // the damaged one is set aside as corrupt, the garbage as a torn tail.
+    let dir = tempfile::tempdir().unwrap();
+    let (sent, locs) = four_acknowledged(dir.path());
+    let seg = dir.path().join("segments/0000000001.seg");
+    flip(dir.path(), 1, locs[0].off + 40);
+    let acknowledged = fs::metadata(&seg).unwrap().len();
+    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&[0xAB; 77]).unwrap();
+    drop(f);
+    let o = Spool::open(dir.path()).unwrap();
+    assert_eq!(ids(&o), sent[1..].to_vec());
+    let kinds: Vec<(bool, u64)> = o.damaged.iter().map(|d| (d.torn, d.offset)).collect();
+    assert_eq!(kinds, [(false, locs[0].off), (true, acknowledged)]);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), acknowledged);
+    let torn = dir
+        .path()
+        .join(format!("damaged/0000000001.seg.{acknowledged}.torn"));
+    assert_eq!(fs::read(torn).unwrap(), [0xAB; 77]);
+}
+
+#[test]
+fn a_segment_without_turn_markers_still_recovers() {
+    // Format 1 (before turn markers): three whole messages and a torn fourth.
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("segments")).unwrap();
+    let mut bytes = segment::FILE_MAGIC_V1.to_vec();
+    let sent: Vec<QueueId> = (0..4).map(|_| QueueId::generate()).collect();
+    for id in &sent {
+        let r = message_rec(&env(id.clone()), Arc::new(b"old".to_vec())).unwrap();
+        let body = r.body.as_deref().unwrap();
+        bytes.extend_from_slice(&segment::encode_header(r.kind, &r.meta, body));
+        bytes.extend_from_slice(&r.meta);
+        bytes.extend_from_slice(body);
+    }
+    let whole = bytes.len() - 20;
+    let last = whole
+        - (HEADER_LEN
+            + message_rec(&env(sent[3].clone()), Arc::new(b"old".to_vec()))
+                .unwrap()
+                .meta
+                .len()
+            + 3
+            - 20);
+    let seg = dir.path().join("segments/0000000001.seg");
+    fs::write(&seg, &bytes[..whole]).unwrap();
+    let o = Spool::open(dir.path()).unwrap();
+    assert_eq!(ids(&o), sent[..3].to_vec());
+    assert_eq!(fs::metadata(&seg).unwrap().len(), last as u64);
+    assert_eq!(
+        fs::read(
+            dir.path()
+                .join(format!("damaged/0000000001.seg.{last}.torn"))
+        )
+        .unwrap(),
+        &bytes[last..whole]
+    );
+    assert_eq!(o.spool.read_message(o.queued[0].msg).unwrap(), b"old");
+    drop(o);
+    assert_eq!(ids(&Spool::open(dir.path()).unwrap()), sent[..3].to_vec());
+}
+
+fn store_in(rt: &tokio::runtime::Runtime, s: &Spool, id: &QueueId) -> Loc {
+    rt.block_on(s.store(&env(id.clone()), Arc::new(b"hello".to_vec())))
+        .unwrap()
+}
+
+#[test]
+fn a_failed_sync_of_a_new_segment_does_not_end_rotation() {
+    // Segments of 100 bytes: every commit turn starts a new one. The first new segment's
+    // sync fails: the next turn creates it again, and records go to it.
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let s = Spool::open_sized(dir.path(), 100).unwrap().spool;
+    faults::inject(faults::Point::NewSegmentSync, dir.path(), 1);
+    let sent: Vec<QueueId> = (0..3).map(|_| QueueId::generate()).collect();
+    let segs: Vec<u32> = sent.iter().map(|id| store_in(&rt, &s, id).seg).collect();
+    assert_eq!(faults::hits(faults::Point::NewSegmentSync, dir.path()), 1);
+    assert_eq!(
+        segs,
+        [1, 1, 2],
+        "rotation goes on after the failed creation"
+    );
+    // (The rotation after the last turn may still be under way.)
+    wait_segments(dir.path(), |f| !f.iter().any(|f| segment::is_temp(f)));
+    drop(s);
+    assert_eq!(ids(&Spool::open_sized(dir.path(), 100).unwrap()), sent);
+}
+
+/// A tmpfs of `size` mounted on a new temporary folder, unmounted when dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let d = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(d.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs (tests run as root)");
+        Tmpfs(d)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// Fills the file system under `dir` to the last page with a file `filler`.
+fn fill(dir: &Path) {
+    let mut f = File::create(dir.join("filler")).unwrap();
+    for chunk in [64 << 10, 4096, 1] {
+        let buf = vec![b'f'; chunk];
+        for _ in 0..100_000 {
+            if f.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    }
+    let _ = f.sync_all();
+}
+
+#[test]
+fn a_full_disk_at_rotation_does_not_end_rotation() {
+    let fs_ = Tmpfs::mount("1m");
+    let dir = fs_.path().join("spool");
+    let rt = rt();
+    let s = Spool::open_sized(&dir, 100).unwrap().spool;
+    fill(fs_.path());
+    // The record fits in the head segment's page; the new segment's header needs a page
+    // the full disk does not have.
+    // Every turn rotates (100-byte segments), and a turn is answered only after the
+    // previous turn's rotation was tried: the second message still going to segment 1 shows
+    // the first rotation failed.
+    let sent: Vec<QueueId> = (0..4).map(|_| QueueId::generate()).collect();
+    assert_eq!(store_in(&rt, &s, &sent[0]).seg, 1);
+    assert_eq!(store_in(&rt, &s, &sent[1]).seg, 1);
+    fs::remove_file(fs_.path().join("filler")).unwrap();
+    store_in(&rt, &s, &sent[2]);
+    assert!(
+        store_in(&rt, &s, &sent[3]).seg >= 2,
+        "rotation goes on once there is space again: {:?}",
+        seg_files(&dir)
+    );
+    wait_segments(&dir, |f| !f.iter().any(|f| segment::is_temp(f)));
+    drop(s);
+    assert_eq!(ids(&Spool::open_sized(&dir, 100).unwrap()), sent);
+}
+
+#[test]
+fn a_failed_unlink_keeps_the_pins_of_the_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let s = Spool::open_sized(dir.path(), 4096).unwrap().spool;
+    let (a, la, _) = one_straggler(&rt, &s);
+    // Segment 1 (a's message, b's message) cannot be deleted: segment 2, which holds the
+    // Done of b, must stay while it does.
+    let one = dir.path().join("segments").join(segment::file_name(1));
+    faults::inject(faults::Point::Unlink, &one, 1_000_000);
+    rt.block_on(s.finish(&a, la, None)).unwrap();
+    // Wait until the deletion was tried twice (the first try is over), or segment 2 went.
+    let t0 = Instant::now();
+    while faults::hits(faults::Point::Unlink, &one) < 2
+        && seg_files(dir.path()).contains(&segment::file_name(2))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no retry");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let files = seg_files(dir.path());
+    drop(s);
+    // After a restart no finished message is queued again (b's Done is still on disk).
+    let o = Spool::open_sized(dir.path(), 4096).unwrap();
+    assert!(o.queued.is_empty(), "queued again: {:?}", ids(&o));
+    assert!(
+        files.contains(&segment::file_name(1)) && files.contains(&segment::file_name(2)),
+        "{files:?}"
+    );
+    // Once the unlink works again, the retry deletes segment 1 and then segment 2.
+    faults::clear(&one);
+    wait_segments(dir.path(), |f| {
+        !f.contains(&segment::file_name(1)) && !f.contains(&segment::file_name(2))
+    });
+    drop(o);
+    assert!(Spool::open(dir.path()).unwrap().queued.is_empty());
 }

@@ -1,0 +1,393 @@
+//! Recovery of the segment that was being written at a stop or crash: a torn tail is told
+//! apart from corruption, and no damaged byte is destroyed.
+//!
+//! The scan checks every record whole (header, metadata and body checksums). At a damaged
+//! record it looks for the next whole record (first where the damaged header's lengths
+//! point, then byte by byte for a record header whose checksums hold), so the records after
+//! the damage are still read. Then, in a segment with turn markers (format 2):
+//!
+//! - Any byte after a `Commit` record proves that turn's `fdatasync` returned (the next turn
+//!   is written only after it), so its records were acknowledged. Damage before the end of
+//!   the last such turn is **corruption**: the damaged bytes are copied to
+//!   `damaged/NNNNNNNNNN.seg.OFFSET.corrupt`, synced, and overwritten in place by a `Skip`
+//!   record of the same length; every other record stays. The record is reported with file
+//!   and offset (and the queue id when its metadata is intact), at `error` level, and counted
+//!   in `coexist_spool_damaged_total{kind="corrupt"}`. A message whose record was damaged is
+//!   lost from the queue (its bytes are in `damaged/`); a damaged state or `Done` record
+//!   brings back an older state (at worst a repeated delivery, never a lost message).
+//! - Damage after that point lies in the last turn, whose sync may not have finished: a
+//!   **torn tail**. The bytes from the first damage to the end are copied to
+//!   `damaged/NNNNNNNNNN.seg.OFFSET.torn`, synced, and then cut off the segment
+//!   (`coexist_spool_damaged_total{kind="torn"}`). Those records were never acknowledged.
+//!
+//! A segment of format 1 (no turn markers) is recovered as before, the first damage ending
+//! the scan and the rest cut off, but its bytes are also kept aside first.
+//!
+//! A sealed segment (one before the last) of format 2 found damaged at start (its records'
+//! headers and metadata are checked, not its bodies) is repaired the same way, everything
+//! up to its last `Commit` record counting as synced: the next segment was only started
+//! after that turn's sync. A damaged sealed segment of format 1 stops the start with the
+//! file and offset, as before.
+
+use super::recover::RecordFn;
+use super::segment::{self, Header, Kind, HEADER_LEN};
+use super::{io_err, Loc, SpoolError};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use tracing::{error, warn};
+
+/// Damage recovery found in a segment (and what it did with it).
+#[derive(Debug, Clone)]
+pub struct Damaged {
+    /// The segment file.
+    pub path: PathBuf,
+    /// Offset of the damaged bytes.
+    pub offset: u64,
+    /// How many bytes were damaged (up to the next whole record, or the end of the file).
+    pub len: u64,
+    /// A torn tail (cut off) rather than corruption (replaced by a `Skip` record).
+    pub torn: bool,
+    /// What the checks found.
+    pub reason: String,
+    /// The queue id of the damaged record, when its metadata was intact.
+    pub id: Option<String>,
+    /// Where the damaged bytes were kept (`None` for a read-only scan).
+    pub kept: Option<PathBuf>,
+}
+
+/// How the last segment is scanned.
+#[derive(Clone, Copy)]
+pub enum Mode<'a> {
+    /// Repair: damaged bytes are kept in this folder, then replaced or cut.
+    Repair(&'a Path),
+    /// Change nothing: corrupt records are skipped, the scan stops at a torn tail.
+    ReadOnly,
+}
+
+/// One stretch of the segment: a whole record, or damaged bytes.
+struct Span {
+    off: u64,
+    len: u64,
+    what: What,
+}
+
+enum What {
+    Rec(Header),
+    Damage {
+        reason: &'static str,
+        id: Option<String>,
+    },
+}
+
+/// The result of checking the bytes at one offset.
+enum Check {
+    Whole(Header),
+    Bad {
+        reason: &'static str,
+        /// The record's length as its (decodable) header says.
+        len: Option<u64>,
+        /// Its metadata, when that was intact (only the body was damaged).
+        meta: Option<Vec<u8>>,
+    },
+}
+
+/// Scans segment `n` at `path` (whose file header was checked: `marked` for format 2; `sealed`
+/// when a later segment exists), repairs it in `Repair` mode, calls `each` for every record
+/// kept, and adds what it found to `found`.
+pub fn scan_last(
+    path: &Path,
+    n: u32,
+    marked: bool,
+    sealed: bool,
+    mode: Mode<'_>,
+    each: &mut RecordFn<'_>,
+    found: &mut Vec<Damaged>,
+) -> Result<(), SpoolError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(matches!(mode, Mode::Repair(_)))
+        .open(path)
+        .map_err(io_err(path))?;
+    let file_len = file.metadata().map_err(io_err(path))?.len();
+    let spans = spans(&file, marked, file_len).map_err(io_err(path))?;
+    // Everything before the end of the last Commit record that has any byte after it was
+    // synced; in a sealed segment, everything before its last Commit record (the next segment
+    // was started after that turn's sync). Format 1 proves nothing.
+    let start = segment::FILE_MAGIC.len() as u64;
+    let proven = spans
+        .iter()
+        .filter(|s| matches!(s.what, What::Rec(h) if h.kind == Kind::Commit))
+        .map(|s| s.off + s.len)
+        .filter(|&end| marked && (sealed || end < file_len))
+        .max()
+        .unwrap_or(start);
+    let cut = spans
+        .iter()
+        .find(|s| matches!(s.what, What::Damage { .. }) && s.off >= proven)
+        .map(|s| s.off);
+    for s in &spans {
+        let What::Damage { reason, id } = &s.what else {
+            continue;
+        };
+        let torn = s.off >= proven;
+        if torn && Some(s.off) != cut {
+            continue; // inside the cut
+        }
+        let len = if torn { file_len - s.off } else { s.len };
+        let mut d = Damaged {
+            path: path.to_path_buf(),
+            offset: s.off,
+            len,
+            torn,
+            reason: reason.to_string(),
+            id: id.clone(),
+            kept: None,
+        };
+        if let Mode::Repair(aside) = mode {
+            d.kept = Some(repair(&file, &d, aside)?);
+            report(&d);
+        }
+        found.push(d);
+    }
+    for s in &spans {
+        if cut.is_some_and(|c| s.off >= c) {
+            break;
+        }
+        let What::Rec(h) = s.what else { continue };
+        let mut meta = vec![0u8; h.meta_len as usize];
+        file.read_exact_at(&mut meta, s.off + HEADER_LEN as u64)
+            .map_err(io_err(path))?;
+        let loc = Loc {
+            seg: n,
+            meta_len: h.meta_len,
+            off: s.off,
+        };
+        each(loc, &h, &meta).map_err(|reason| SpoolError::Corrupt {
+            path: format!("{} at offset {}", path.display(), s.off),
+            reason,
+        })?;
+    }
+    Ok(())
+}
+
+/// Logs what recovery did with damaged bytes, loudly for corruption, and counts it.
+fn report(d: &Damaged) {
+    let kept = d.kept.as_deref().unwrap_or(Path::new("")).display();
+    let path = d.path.display();
+    let id = d.id.as_deref().unwrap_or("unknown");
+    if d.torn {
+        warn!(path = %path, offset = d.offset, bytes = d.len, reason = %d.reason, kept = %kept,
+            "torn tail in the spool log (a write cut short by a crash or a failed write, never acknowledged): moved aside and cut off");
+        metrics::counter!(crate::metrics::SPOOL_DAMAGED, "kind" => "torn").increment(1);
+    } else {
+        error!(path = %path, offset = d.offset, bytes = d.len, reason = %d.reason, queue_id = %id, kept = %kept,
+            "CORRUPT record in the spool log (written and synced, damaged since): moved aside, the records after it are kept");
+        metrics::counter!(crate::metrics::SPOOL_DAMAGED, "kind" => "corrupt").increment(1);
+    }
+}
+
+/// Reads the segment into spans of whole records and damaged bytes. In a marked segment the
+/// scan goes on after damage at the next whole record; in a format 1 segment damage runs to
+/// the end.
+fn spans(file: &File, marked: bool, file_len: u64) -> io::Result<Vec<Span>> {
+    let mut spans = Vec::new();
+    let mut off = segment::FILE_MAGIC.len() as u64;
+    let mut body = Vec::new();
+    while off < file_len {
+        match check_at(file, off, file_len, &mut body)? {
+            Check::Whole(h) => {
+                spans.push(Span {
+                    off,
+                    len: h.record_len(),
+                    what: What::Rec(h),
+                });
+                off += h.record_len();
+            }
+            Check::Bad { reason, len, meta } => {
+                let next = if marked {
+                    resync(file, off, len, file_len, &mut body)?
+                } else {
+                    None
+                };
+                let end = next.unwrap_or(file_len);
+                spans.push(Span {
+                    off,
+                    len: end - off,
+                    what: What::Damage {
+                        reason,
+                        id: meta.as_deref().and_then(record_id),
+                    },
+                });
+                off = end;
+            }
+        }
+    }
+    Ok(spans)
+}
+
+/// Checks the record at `off` whole: header, metadata and body.
+fn check_at(file: &File, off: u64, file_len: u64, body: &mut Vec<u8>) -> io::Result<Check> {
+    let bad = |reason, len, meta| Check::Bad { reason, len, meta };
+    let mut hb = [0u8; HEADER_LEN];
+    if file_len - off < HEADER_LEN as u64 {
+        return Ok(bad("incomplete record header", None, None));
+    }
+    file.read_exact_at(&mut hb, off)?;
+    let Some(h) = segment::decode_header(&hb) else {
+        return Ok(bad("damaged record header", None, None));
+    };
+    if off + h.record_len() > file_len {
+        return Ok(bad("record runs past the end of the file", None, None));
+    }
+    let mut meta = vec![0u8; h.meta_len as usize];
+    file.read_exact_at(&mut meta, off + HEADER_LEN as u64)?;
+    if !h.meta_ok(&meta) {
+        return Ok(bad("record checksum mismatch", Some(h.record_len()), None));
+    }
+    body.resize(h.body_len as usize, 0);
+    file.read_exact_at(body, off + (HEADER_LEN + meta.len()) as u64)?;
+    if !h.body_ok(body) {
+        return Ok(bad(
+            "message checksum mismatch",
+            Some(h.record_len()),
+            Some(meta),
+        ));
+    }
+    Ok(Check::Whole(h))
+}
+
+/// Largest metadata part a record found by searching after damage may have (a real
+/// envelope is far smaller; a bigger one is left inside the damaged bytes, kept aside).
+const RESYNC_META_MAX: u32 = 1 << 20;
+
+/// The offset of the next whole record after damage at `off`: where the damaged header's
+/// length points if a whole record starts there, else the first whole record found byte by
+/// byte (never inside the damaged record's header).
+fn resync(
+    file: &File,
+    off: u64,
+    len: Option<u64>,
+    file_len: u64,
+    body: &mut Vec<u8>,
+) -> io::Result<Option<u64>> {
+    if let Some(next) = len.map(|l| off + l) {
+        if next == file_len {
+            return Ok(None); // the damaged record is the last one
+        }
+        if matches!(check_at(file, next, file_len, body)?, Check::Whole(_)) {
+            return Ok(Some(next));
+        }
+    }
+    const CHUNK: usize = 1 << 20;
+    let magic = segment::RECORD_MAGIC.to_le_bytes();
+    let mut window = vec![0u8; CHUNK + magic.len() - 1];
+    let mut at = off + HEADER_LEN as u64;
+    while at + (HEADER_LEN as u64) <= file_len {
+        let want = window.len().min((file_len - at) as usize);
+        file.read_exact_at(&mut window[..want], at)?;
+        for i in 0..want.saturating_sub(magic.len() - 1) {
+            if window[i..i + magic.len()] == magic {
+                let cand = at + i as u64;
+                // A header whose metadata would be huge is not checked further: bounded work
+                // for bytes that only look like headers.
+                let plausible = window
+                    .get(i..i + HEADER_LEN)
+                    .and_then(|b| <[u8; HEADER_LEN]>::try_from(b).ok())
+                    .and_then(|b| segment::decode_header(&b))
+                    .is_none_or(|h| h.meta_len <= RESYNC_META_MAX);
+                if plausible && matches!(check_at(file, cand, file_len, body)?, Check::Whole(_)) {
+                    return Ok(Some(cand));
+                }
+            }
+        }
+        at += CHUNK as u64;
+    }
+    Ok(None)
+}
+
+/// The queue id in a record's metadata (an envelope, a state or a `Done`).
+fn record_id(meta: &[u8]) -> Option<String> {
+    match serde_json::from_slice::<serde_json::Value>(meta).ok()? {
+        serde_json::Value::String(id) => Some(id),
+        v => v.get("id")?.as_str().map(str::to_string),
+    }
+}
+
+/// Keeps the damaged bytes aside (synced), then replaces them by a `Skip` record
+/// (corruption) or cuts them off (torn tail). Returns where they were kept.
+fn repair(file: &File, d: &Damaged, aside: &Path) -> Result<PathBuf, SpoolError> {
+    let kept = keep_aside(file, d, aside)?;
+    let path = &d.path;
+    let done = if d.torn {
+        file.set_len(d.offset).and_then(|()| file.sync_data())
+    } else {
+        let Some(h) = segment::skip_header(d.len) else {
+            return Err(SpoolError::Corrupt {
+                path: format!("{} at offset {}", path.display(), d.offset),
+                reason: format!("{} damaged bytes cannot be skipped", d.len),
+            });
+        };
+        let zeros = vec![0u8; (1 << 20).min(d.len as usize)];
+        let mut res = file.write_all_at(&h, d.offset);
+        let mut at = d.offset + HEADER_LEN as u64;
+        let end = d.offset + d.len;
+        while res.is_ok() && at < end {
+            let k = zeros.len().min((end - at) as usize);
+            res = file.write_all_at(&zeros[..k], at);
+            at += k as u64;
+        }
+        res.and_then(|()| file.sync_data())
+    };
+    done.map_err(io_err(path))?;
+    Ok(kept)
+}
+
+/// Copies the damaged bytes to a new file in `aside` and syncs it and the folder.
+fn keep_aside(file: &File, d: &Damaged, aside: &Path) -> Result<PathBuf, SpoolError> {
+    fs::create_dir_all(aside).map_err(io_err(aside))?;
+    let name = d
+        .path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("segment");
+    let what = if d.torn { "torn" } else { "corrupt" };
+    let base = format!("{name}.{}.{what}", d.offset);
+    let mut out = None;
+    for i in 0..100u32 {
+        let p = match i {
+            0 => aside.join(&base),
+            _ => aside.join(format!("{base}.{i}")),
+        };
+        match OpenOptions::new().write(true).create_new(true).open(&p) {
+            Ok(f) => {
+                out = Some((p, f));
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(&p)(e)),
+        }
+    }
+    let Some((p, mut f)) = out else {
+        return Err(io_err(aside)(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("no free name for {base}"),
+        )));
+    };
+    let mut buf = vec![0u8; (1 << 20).min(d.len as usize)];
+    let mut at = d.offset;
+    let end = d.offset + d.len;
+    while at < end {
+        let k = buf.len().min((end - at) as usize);
+        file.read_exact_at(&mut buf[..k], at)
+            .map_err(io_err(&d.path))?;
+        f.write_all(&buf[..k]).map_err(io_err(&p))?;
+        at += k as u64;
+    }
+    f.sync_all().map_err(io_err(&p))?;
+    File::open(aside)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(aside))?;
+    Ok(p)
+}

@@ -551,6 +551,7 @@ async fn ready(State(s): State<AdminState>) -> Response {
         directory_source_up: !s.directory.source_down(),
         fleet_behind,
         fleet_postgres_up: fleet.map(|f| f.postgres_up()),
+        fleet_log_mismatch: fleet.and_then(|f| f.log_mismatch()),
         hops: s.control.queue().hops(),
     };
     let code = if draining || fleet_behind {

@@ -187,6 +187,49 @@ pub struct ChangeSummary {
     pub rolls_back: Option<u32>,
     /// Mailboxes whose state changed.
     pub count: usize,
+    /// In a fleet: the change's identity in PostgreSQL's log (random, given at commit), so
+    /// a log that moved back and reused this sequence number is told apart. `None` for
+    /// changes logged before identities existed and outside a fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// In a fleet: when PostgreSQL committed the change (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<String>,
+}
+
+/// A fleet change's place and identity in PostgreSQL's log: its sequence number, and the
+/// random id and commit time PostgreSQL stored with it (`None` when unknown: changes made
+/// before identities existed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stamp {
+    /// Sequence number.
+    pub seq: u32,
+    /// Random id.
+    pub uid: Option<String>,
+    /// Commit time (RFC 3339).
+    pub committed: Option<String>,
+}
+
+impl Stamp {
+    /// A change known by its number only.
+    pub fn seq(seq: u32) -> Stamp {
+        Stamp {
+            seq,
+            ..Stamp::default()
+        }
+    }
+}
+
+impl std::fmt::Display for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "change {} (id {}, committed {})",
+            self.seq,
+            self.uid.as_deref().unwrap_or("unknown"),
+            self.committed.as_deref().unwrap_or("unknown")
+        )
+    }
 }
 
 impl Store {
@@ -283,6 +326,20 @@ impl Store {
         });
         self.summaries.push(c.head.clone());
         self.end += rec.len() as u64;
+        Ok(())
+    }
+
+    /// Empties the log (a fleet node's store taken over by another fleet), durably.
+    pub fn reset(&mut self) -> Result<(), DirectoryError> {
+        let header = LOG_MAGIC.len() as u64;
+        self.log
+            .set_len(header)
+            .and_then(|_| self.log.sync_all())
+            .map_err(io_err(&self.log_path))?;
+        self.end = header;
+        self.dirty = false;
+        self.index.clear();
+        self.summaries.clear();
         Ok(())
     }
 
@@ -434,6 +491,8 @@ mod tests {
                 source: format!("b{id}.csv"),
                 rolls_back: None,
                 count: 1,
+                uid: None,
+                committed: None,
             },
             not_found: 0,
             already: 0,

@@ -15,7 +15,7 @@
 
 mod log;
 
-pub use log::{Change, ChangeEntry, ChangeKind, ChangeSummary};
+pub use log::{Change, ChangeEntry, ChangeKind, ChangeSummary, Stamp};
 
 use super::routing::RoutingAddresses;
 use super::table::Table;

@@ -443,7 +443,6 @@ impl Inner {
             first
         };
         self.mark_behind(why);
-        metrics::gauge!(crate::metrics::FLEET_LOG_MISMATCH).set(1.0);
         if first {
             error!(why, "fleet: the change log in PostgreSQL does not hold this node's history; directory changes refused and this node counts as behind (repair: `coexist directory import` of a known-good file)");
         }
@@ -455,7 +454,6 @@ impl Inner {
         if let Some(why) = was {
             info!(was = why, "fleet: the change log holds this node's history again");
         }
-        metrics::gauge!(crate::metrics::FLEET_LOG_MISMATCH).set(0.0);
     }
 
     /// The schema, quoted for SQL.

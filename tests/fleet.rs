@@ -859,3 +859,68 @@ async fn a_base_without_its_rows_is_never_installed() {
     })
     .await;
 }
+
+/// Issue 23 item 2, the other side: while a node was down with PostgreSQL out of reach, its
+/// fleet's schema was made again (a new fleet id). When PostgreSQL is back the node sees its
+/// store belongs to another fleet and replaces it with the new fleet's base, even though it
+/// had applied more changes than the new fleet has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_of_a_fleet_made_again_replaces_its_store_when_postgres_is_back() {
+    let schema = Schema::new("remade").await;
+    let hops = hops().await;
+    let proxy = Proxy::start().await;
+    let a = node(&hops, &schema, "mx1", &pg::url(), true).await;
+    let b = node(&hops, &schema, "mx2", &pg::url_via(proxy.addr), false).await;
+    for s in ["cloud", "onprem", "cloud"] {
+        apply(&a, "EmailAddress\nalice@nhs.test\n", s).await.unwrap();
+    }
+    eventually("mx2 at change 4", || b.relay.directory.applied() == 4).await;
+    let Node { relay, dir, cfg } = b;
+    drop(relay);
+    proxy.cut();
+    let b = Node::start(cfg, dir).await;
+    assert_eq!(b.relay.directory.applied(), 4);
+    drop(a);
+    schema
+        .execute(&format!(r#"DROP SCHEMA "{}" CASCADE"#, schema.name))
+        .await;
+    let c = node(&hops, &schema, "mx3", &pg::url(), true).await;
+    assert_eq!(c.relay.directory.applied(), 1);
+    proxy.restore();
+    eventually_async("mx2 on the new fleet's base", || async {
+        let r = ready(&b).await;
+        let route = b.route_of("alice@nhs.test");
+        if r.ready
+            && b.relay.directory.applied() == 1
+            && route == (Some("onprem".into()), "base 1".into())
+        {
+            Ok(())
+        } else {
+            Err(format!("{r:?} {route:?}"))
+        }
+    })
+    .await;
+    let r = apply(&c, "EmailAddress\nbob@nhs.test\n", "onprem")
+        .await
+        .unwrap();
+    assert_eq!(r.report.id, Some(2));
+    eventually("mx2 follows the new fleet", || {
+        b.route_of("bob@nhs.test") == (Some("onprem".into()), "batch 2".into())
+    })
+    .await;
+    // The store's marker names the new fleet.
+    let marker = b.cfg.directory.store_dir.join("fleet").join("fleet.id");
+    let (pgc, conn) = tokio_postgres::connect(&pg::url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let id: String = pgc
+        .query_one(
+            &format!(r#"SELECT value FROM "{}".meta WHERE key = 'fleet_id'"#, schema.name),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), id);
+}

@@ -588,7 +588,10 @@ async fn routes_of_ready(nodes: &[&Node], address: &str) -> Vec<(String, Option<
     let mut out = Vec::new();
     for n in nodes {
         if ready(n).await.ready {
-            out.push((n.cfg.fleet.as_ref().unwrap().node.clone(), n.route_of(address).0));
+            out.push((
+                n.cfg.fleet.as_ref().unwrap().node.clone(),
+                n.route_of(address).0,
+            ));
         }
     }
     out
@@ -644,7 +647,13 @@ async fn a_log_that_moved_back_is_refused_and_drains_never_followed_silently() {
         assert!(banner(n).await.starts_with("421 4.3.2 "));
         let st = status(n).await;
         assert!(st.behind, "{st:?}");
-        assert!(st.log_mismatch.as_deref().unwrap_or("").contains("change 2"), "{st:?}");
+        assert!(
+            st.log_mismatch
+                .as_deref()
+                .unwrap_or("")
+                .contains("change 2"),
+            "{st:?}"
+        );
         assert!(metrics(n).await.contains("coexist_fleet_log_mismatch 1"));
     }
     assert_eq!(b.route_of("bob@nhs.test").0.as_deref(), Some("cloud"));
@@ -662,14 +671,19 @@ async fn a_log_that_moved_back_is_refused_and_drains_never_followed_silently() {
         .unwrap();
     assert_eq!(r.report.id, Some(2));
     for n in [&a, &b] {
-        eventually_async("the old nodes to name PostgreSQL's other change 2", || async {
-            let m = status(n).await.log_mismatch.unwrap_or_default();
-            if m.contains("holds change 2 (id ") && m.contains("where this node applied change 2 (id ") {
-                Ok(())
-            } else {
-                Err(m)
-            }
-        })
+        eventually_async(
+            "the old nodes to name PostgreSQL's other change 2",
+            || async {
+                let m = status(n).await.log_mismatch.unwrap_or_default();
+                if m.contains("holds change 2 (id ")
+                    && m.contains("where this node applied change 2 (id ")
+                {
+                    Ok(())
+                } else {
+                    Err(m)
+                }
+            },
+        )
         .await;
         assert_eq!(n.route_of("carol@nhs.test").0.as_deref(), Some("cloud"));
         assert!(!ready(n).await.ready);
@@ -872,7 +886,9 @@ async fn a_node_of_a_fleet_made_again_replaces_its_store_when_postgres_is_back()
     let a = node(&hops, &schema, "mx1", &pg::url(), true).await;
     let b = node(&hops, &schema, "mx2", &pg::url_via(proxy.addr), false).await;
     for s in ["cloud", "onprem", "cloud"] {
-        apply(&a, "EmailAddress\nalice@nhs.test\n", s).await.unwrap();
+        apply(&a, "EmailAddress\nalice@nhs.test\n", s)
+            .await
+            .unwrap();
     }
     eventually("mx2 at change 4", || b.relay.directory.applied() == 4).await;
     let Node { relay, dir, cfg } = b;
@@ -916,7 +932,10 @@ async fn a_node_of_a_fleet_made_again_replaces_its_store_when_postgres_is_back()
     tokio::spawn(conn);
     let id: String = pgc
         .query_one(
-            &format!(r#"SELECT value FROM "{}".meta WHERE key = 'fleet_id'"#, schema.name),
+            &format!(
+                r#"SELECT value FROM "{}".meta WHERE key = 'fleet_id'"#,
+                schema.name
+            ),
             &[],
         )
         .await

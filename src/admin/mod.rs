@@ -581,7 +581,11 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     metrics::counter!(m::SPOOL_RECORDS).absolute(records);
     metrics::gauge!(m::SPOOL_SEGMENTS).set(segments as f64);
     if let Some(f) = s.control.fleet() {
-        metrics::gauge!(m::FLEET_LOG_MISMATCH).set(if f.log_mismatch().is_some() { 1.0 } else { 0.0 });
+        metrics::gauge!(m::FLEET_LOG_MISMATCH).set(if f.log_mismatch().is_some() {
+            1.0
+        } else {
+            0.0
+        });
     }
     for (route, down) in s.control.queue().routes_down() {
         metrics::gauge!(m::ROUTE_UNREACHABLE, "route" => route).set(if down { 1.0 } else { 0.0 });

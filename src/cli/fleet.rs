@@ -51,7 +51,9 @@ pub fn status_text(st: &FleetStatus) -> String {
         }
     );
     if let Some(why) = &st.log_mismatch {
-        out.push_str(&format!("\nLOG MISMATCH (directory changes refused): {why}"));
+        out.push_str(&format!(
+            "\nLOG MISMATCH (directory changes refused): {why}"
+        ));
     }
     out.push_str(&format!(
         "\n{:<16} {:>8} {:>6} {:>9} {:>10} {:<8} {:>7}  {:<8} admin",

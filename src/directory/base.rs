@@ -332,7 +332,11 @@ mod tests {
         let base = one.merge_base(first, 1, "d.csv", false).unwrap();
         assert!(one.install_base(&Stamp::seq(1), base, "d.csv").unwrap());
         assert!(one
-            .apply_at(&Stamp::seq(2), &rows("EmailAddress\nb@nhs.test\n", "cloud"), "b.csv")
+            .apply_at(
+                &Stamp::seq(2),
+                &rows("EmailAddress\nb@nhs.test\n", "cloud"),
+                "b.csv"
+            )
             .unwrap()
             .is_some());
         let second = table::parse(
@@ -377,7 +381,11 @@ mod tests {
             "applied already"
         );
         let e = two
-            .apply_at(&Stamp::seq(5), &rows("EmailAddress\nb@nhs.test\n", "onprem"), "b.csv")
+            .apply_at(
+                &Stamp::seq(5),
+                &rows("EmailAddress\nb@nhs.test\n", "onprem"),
+                "b.csv",
+            )
             .unwrap_err();
         assert!(
             e.to_string().contains("fleet change 5 is out of order"),

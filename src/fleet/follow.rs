@@ -96,12 +96,13 @@ async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
             .map_err(db_err(&inner.pg))?;
         Ok::<_, FleetError>((client, notes, id))
     };
-    let (client, mut notes, id) = tokio::time::timeout(SETUP, setup)
-        .await
-        .map_err(|_| FleetError::Unreachable {
-            target: super::target(&inner.pg),
-            reason: format!("session set-up took longer than {} s", SETUP.as_secs()),
-        })??;
+    let (client, mut notes, id) =
+        tokio::time::timeout(SETUP, setup)
+            .await
+            .map_err(|_| FleetError::Unreachable {
+                target: super::target(&inner.pg),
+                reason: format!("session set-up took longer than {} s", SETUP.as_secs()),
+            })??;
     adopt_fleet(inner, &id)?;
     {
         let mut h = inner.lock_health();
@@ -494,7 +495,10 @@ async fn replace_store(inner: &Inner, client: &Client, in_commit: bool) -> Resul
     super::write_marker(&inner.store_dir, &id)?;
     inner.replace.store(false, Ordering::SeqCst);
     inner.converged();
-    info!(base = b, "fleet: the local directory store now belongs to this fleet");
+    info!(
+        base = b,
+        "fleet: the local directory store now belongs to this fleet"
+    );
     Ok(())
 }
 

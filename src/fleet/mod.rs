@@ -452,7 +452,10 @@ impl Inner {
     fn converged(&self) {
         let was = self.lock_health().diverged.take();
         if let Some(why) = was {
-            info!(was = why, "fleet: the change log holds this node's history again");
+            info!(
+                was = why,
+                "fleet: the change log holds this node's history again"
+            );
         }
     }
 

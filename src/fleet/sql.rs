@@ -37,7 +37,11 @@ const SCHEMA_VERSION: i64 = 1;
 /// before identities get a random id each.
 const ADDED: &[(&str, &str, &str)] = &[
     ("base_rows", "routing_address", "text NOT NULL DEFAULT ''"),
-    ("changes", "uid", "text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text)"),
+    (
+        "changes",
+        "uid",
+        "text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text)",
+    ),
 ];
 
 /// How long a fleet statement may wait for a lock (a `pg_dump`, a stuck transaction).
@@ -219,7 +223,12 @@ pub(super) async fn migrate(client: &Client, s: &str) -> Result<String, FleetErr
             .map_err(sql_err)?
             .is_none();
         if missing {
-            tracing::info!(schema = s, table, column, "fleet: adding a column to an older schema");
+            tracing::info!(
+                schema = s,
+                table,
+                column,
+                "fleet: adding a column to an older schema"
+            );
             client
                 .batch_execute(&format!(
                     r#"ALTER TABLE "{s}".{table} ADD COLUMN IF NOT EXISTS {column} {definition}"#
@@ -284,9 +293,7 @@ pub(super) async fn head_and(
         .await
         .map_err(sql_err)?;
     let head = seq_u32(row.get(0))?;
-    let at = row
-        .get::<_, Option<i64>>(1)
-        .map(|_| stamp(seq, &row, 2));
+    let at = row.get::<_, Option<i64>>(1).map(|_| stamp(seq, &row, 2));
     Ok((head, at))
 }
 

@@ -230,18 +230,25 @@ impl Fleet {
         pg.application_name(format!("coexist {}", cfg.node));
         pg.keepalives_idle(Duration::from_secs(10));
         let store_dir = config.directory.store_dir.join("fleet");
-        let first = sql::connect(&pg).await;
-        let fleet_id = match &first {
-            Ok(client) => {
-                let id = sql::migrate(client, &cfg.schema).await?;
-                claim_store(&store_dir, &id)?;
-                Some(id)
-            }
-            Err(e) => {
-                error!(error = %e, "fleet: PostgreSQL unreachable at start; serving the local snapshot of the directory until it is back");
-                read_marker(&store_dir)
-            }
+        // A schema newer than this build stops the start; a migration that cannot finish
+        // (a lock held past `lock_timeout`) is retried by the follower, as when PostgreSQL
+        // is unreachable.
+        let first = match sql::connect(&pg).await {
+            Ok(client) => match sql::migrate(&client, &cfg.schema).await {
+                Ok(id) => {
+                    claim_store(&store_dir, &id)?;
+                    Ok(client)
+                }
+                Err(e @ FleetError::Refused(_)) => return Err(e),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
         };
+        if let Err(e) = &first {
+            error!(error = %e, "fleet: PostgreSQL unreachable (or its schema cannot be migrated) at start; serving the local snapshot of the directory until it is back");
+        }
+        // The fleet the store belongs to: just claimed, or as its marker says.
+        let fleet_id = read_marker(&store_dir);
         let migrated = first.is_ok();
         let ldap_up = Arc::new(AtomicBool::new(true));
         let directory = {

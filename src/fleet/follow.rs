@@ -729,6 +729,36 @@ mod tests {
     }
 
     #[test]
+    fn a_log_that_moved_back_or_holds_another_change_is_told_apart() {
+        let here = Stamp {
+            seq: 5,
+            uid: Some("aaa".into()),
+            committed: Some("2026-12-01T10:00:00.000000Z".into()),
+        };
+        let same = here.clone();
+        assert_eq!(same_history(&here, 5, Some(&same)), Ok(()));
+        assert_eq!(same_history(&here, 9, Some(&same)), Ok(()));
+        let e = same_history(&here, 4, None).unwrap_err();
+        assert!(
+            e.starts_with("PostgreSQL's change log ends at change 4, below change 5 (id aaa, committed 2026-12-01T10:00:00.000000Z)"),
+            "{e}"
+        );
+        let other = Stamp {
+            uid: Some("bbb".into()),
+            ..here.clone()
+        };
+        let e = same_history(&here, 6, Some(&other)).unwrap_err();
+        assert!(
+            e.contains("holds change 5 (id bbb, ") && e.contains("applied change 5 (id aaa, "),
+            "{e}"
+        );
+        assert!(same_history(&here, 6, None).is_err());
+        // Logged before identities: taken on its number; nothing applied: nothing to check.
+        assert_eq!(same_history(&Stamp::seq(5), 6, Some(&other)), Ok(()));
+        assert_eq!(same_history(&Stamp::seq(0), 0, None), Ok(()));
+    }
+
+    #[test]
     fn batch_rows_round_trip_and_unknown_states_fail_the_change() {
         let rows = crate::directory::batch::parse(
             b"EmailAddress\nAlice@NHS.test\nbob@nhs.test\n",

@@ -15,6 +15,9 @@
 //! cannot come from a crash: the open fails, naming the file and the offset, rather than skip
 //! a change that was applied.
 //!
+//! A fleet change's record also holds its identity in PostgreSQL's log (`uid` and
+//! `committed`, optional JSON fields: records written before them load without them).
+//!
 //! Format 1 (before framing) was one JSON line per change. Such a log is converted at open:
 //! its records are rewritten in format 2 (the old file is kept as `changes.log.v1`), a torn
 //! last line is dropped, and a batch that an older version glued onto a torn line is
@@ -513,6 +516,34 @@ mod tests {
             .iter()
             .map(|c| c.head.id)
             .collect()
+    }
+
+    /// A fleet change keeps its identity; a record written before identities existed (no
+    /// `uid` in its JSON) loads without one; `reset` empties the log for good.
+    #[test]
+    fn identities_are_kept_and_records_without_them_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let old = serde_json::to_vec(&change(1)).unwrap();
+        assert!(!String::from_utf8_lossy(&old).contains("uid"));
+        store.append(&change(1)).unwrap();
+        let mut c = change(2);
+        c.head.uid = Some("9f0c".into());
+        c.head.committed = Some("2026-11-01T10:00:00.000001Z".into());
+        store.append(&c).unwrap();
+        drop(store);
+        let mut store = Store::open(dir.path()).unwrap();
+        let (list, _) = store.read_log(0).unwrap();
+        assert_eq!(list[0].uid, None);
+        assert_eq!(list[1].uid.as_deref(), Some("9f0c"));
+        assert_eq!(
+            list[1].committed.as_deref(),
+            Some("2026-11-01T10:00:00.000001Z")
+        );
+        store.reset().unwrap();
+        store.append(&change(7)).unwrap();
+        drop(store);
+        assert_eq!(ids(&Store::open(dir.path()).unwrap()), vec![7]);
     }
 
     /// Every shape a torn append can leave (part of a header, part of a payload, zeros from

@@ -204,7 +204,8 @@ fn target(pg: &tokio_postgres::Config) -> String {
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long any statement may take before the connection is given up.
+/// How long any statement may take: PostgreSQL's `statement_timeout` on every fleet
+/// connection (a base's COPY in excepted), and the bound of the follower's steps.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Fleet {

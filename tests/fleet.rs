@@ -943,3 +943,63 @@ async fn a_node_of_a_fleet_made_again_replaces_its_store_when_postgres_is_back()
         .get(0);
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), id);
 }
+
+/// Issue 23 item 3: a heartbeat that fails (the nodes table locked past `lock_timeout`)
+/// says nothing about the node's directory: a caught-up node keeps taking mail, although
+/// `max_lag` is short. Seen through PostgreSQL: the node's heartbeat waits on the lock and
+/// gives up, twice, and the node is still ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_heartbeat_does_not_drain_a_node_that_is_caught_up() {
+    let schema = Schema::new("beat").await;
+    let hops = hops().await;
+    let url = pg::url();
+    let b = quick_node(&hops, &schema, "mx2", &url, true).await;
+    assert!(ready(&b).await.ready);
+    let (pgc, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (locker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    locker
+        .batch_execute(&format!(
+            r#"BEGIN; LOCK TABLE "{}".nodes IN ACCESS EXCLUSIVE MODE"#,
+            schema.name
+        ))
+        .await
+        .unwrap();
+    let waiting = || async {
+        let n: i64 = pgc
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE NOT l.granted AND a.application_name = 'coexist mx2'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    for round in 0..2 {
+        eventually_async("mx2's heartbeat waiting on the lock", || async {
+            match waiting().await {
+                0 => Err(format!("round {round}: not waiting")),
+                _ => Ok(()),
+            }
+        })
+        .await;
+        eventually_async("mx2's heartbeat to give up", || async {
+            match waiting().await {
+                0 => Ok(()),
+                n => Err(format!("round {round}: {n} waiting")),
+            }
+        })
+        .await;
+    }
+    let r = ready(&b).await;
+    assert!(r.ready && !r.fleet_behind, "{r:?}");
+    assert_eq!(banner(&b).await.get(..4), Some("220 "));
+    locker.batch_execute("COMMIT").await.unwrap();
+}

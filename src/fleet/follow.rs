@@ -15,11 +15,13 @@
 //! not apply, when the log does not hold its history, or when the head has stayed above
 //! its `applied` for `max_lag` (a change that takes that long to read counts as not
 //! applied). Lag is evaluated every [`TICK`] by a timer of its own ([`lag_timer`]),
-//! whatever the session is waiting for. While PostgreSQL is unreachable a node cannot read the log, so it asks its
-//! peers' admin APIs (addresses from the last read of the nodes table) what they have
-//! applied: if one has more, this node is behind since it lost PostgreSQL. Only a node that
-//! knows it is behind drains; when PostgreSQL is down for everyone, nobody can commit a
-//! change, no node is behind, and every node keeps taking mail.
+//! whatever the session is waiting for. A failed heartbeat is logged and nothing more: it
+//! says nothing about this node's directory. While PostgreSQL is unreachable a node cannot
+//! read the log, so it asks its peers' admin APIs (addresses from the last read of the
+//! nodes table) what they have applied: if one has more, this node is behind since it lost
+//! PostgreSQL. Only a node that knows it is behind drains; when PostgreSQL is down for
+//! everyone, nobody can commit a change, no node is behind, and every node keeps taking
+//! mail.
 
 use super::sql::{self, db_err, seq_u32};
 use super::{FleetError, Inner, NodeApplied};

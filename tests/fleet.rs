@@ -657,6 +657,13 @@ async fn a_log_that_moved_back_is_refused_and_drains_never_followed_silently() {
         assert!(metrics(n).await.contains("coexist_fleet_log_mismatch 1"));
     }
     assert_eq!(b.route_of("bob@nhs.test").0.as_deref(), Some("cloud"));
+    let (ok, out, err) = bin::cli(&a.cli_config(), &["fleet", "status"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("BEHIND, draining")
+            && out.contains("LOG MISMATCH (directory changes refused): PostgreSQL's change log ends at change 1"),
+        "{out}"
+    );
 
     // A fresh node follows PostgreSQL's log: base 1, alice on premises, and takes mail.
     let c = quick_node(&hops, &schema, "mx3", &url, false).await;

@@ -45,7 +45,7 @@ const ADDED: &[(&str, &str, &str)] = &[
 ];
 
 /// How long a fleet statement may wait for a lock (a `pg_dump`, a stuck transaction).
-pub(super) const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a transaction may sit idle (a node that hangs mid-commit holds the log's lock).
 const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(60);

@@ -60,6 +60,9 @@ pub const FLEET_POSTGRES_UP: &str = "coexist_fleet_postgres_up";
 pub const FLEET_APPLIED: &str = "coexist_fleet_applied_sequence";
 /// Fleet: 1 while this node drains because it is behind the fleet (`fleet.max_lag`).
 pub const FLEET_BEHIND: &str = "coexist_fleet_behind";
+/// Fleet: 1 while PostgreSQL's change log does not hold the history this node applied (a
+/// log that moved back: failover, restore); directory changes are refused meanwhile.
+pub const FLEET_LOG_MISMATCH: &str = "coexist_fleet_log_mismatch";
 /// Fleet: time from a change's commit in PostgreSQL to its application here (histogram,
 /// seconds).
 pub const FLEET_APPLY_DELAY: &str = "coexist_fleet_apply_delay_seconds";

@@ -849,3 +849,463 @@ async fn a_peer_on_another_hosts_loopback_is_named_not_asked() {
     proxy.restore();
     drop(b);
 }
+
+/// The first line a new SMTP session gets (`421 4.3.2 ...` while a node drains).
+async fn banner(n: &Node) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let mut c = tokio::net::TcpStream::connect(n.relay.local_addrs[0])
+        .await
+        .unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(&mut c)
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    line
+}
+
+/// `node_config` with a short `fleet.max_lag`.
+async fn quick_node(hops: &Hops, schema: &Schema, name: &str, postgres: &str, seed: bool) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = node_config(dir.path(), hops, schema, name, postgres, seed);
+    cfg.fleet.as_mut().unwrap().max_lag = Duration::from_secs(1);
+    Node::start(cfg, dir).await
+}
+
+async fn metrics(n: &Node) -> String {
+    let api = n.api();
+    tokio::task::spawn_blocking(move || api.get("/metrics").unwrap())
+        .await
+        .unwrap()
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Every node that takes mail routes `address` alike: the routes of the ready ones.
+async fn routes_of_ready(nodes: &[&Node], address: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    for n in nodes {
+        if ready(n).await.ready {
+            out.push((
+                n.cfg.fleet.as_ref().unwrap().node.clone(),
+                n.route_of(address).0,
+            ));
+        }
+    }
+    out
+}
+
+/// DESIGN invariant 10, issue 23 item 1: a failover to a standby that missed the last change
+/// leaves a log whose head is below what the nodes applied. No batch is committed under the
+/// lost number as if it were new (every node would skip it as "applied"): commits are
+/// refused naming both sides, the nodes count as behind and drain, and show why. A fresh
+/// node follows PostgreSQL's log; when it commits a change under the lost number, the old
+/// nodes see a different change there (its id), never take it for theirs. At no moment do
+/// two nodes that take mail route a recipient differently. A base import through a node
+/// repairs the fleet: every node takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_log_that_moved_back_is_refused_and_drains_never_followed_silently() {
+    let schema = Schema::new("moved").await;
+    let hops = hops().await;
+    let url = pg::url();
+    let a = quick_node(&hops, &schema, "mx1", &url, true).await;
+    let b = quick_node(&hops, &schema, "mx2", &url, false).await;
+    let r = apply(&a, "EmailAddress\nalice@nhs.test\n", "cloud")
+        .await
+        .unwrap();
+    assert_eq!(r.report.id, Some(2));
+    eventually("batch 2 on mx2", || {
+        b.route_of("alice@nhs.test") == (Some("cloud".into()), "batch 2".into())
+    })
+    .await;
+
+    // The failover: PostgreSQL's log no longer has change 2.
+    schema.execute("DELETE FROM changes WHERE seq = 2").await;
+    let e = apply(&a, "EmailAddress\nbob@nhs.test\n", "onprem")
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("ends at change 1, below change 2 (id ") && e.contains("refused"),
+        "{e}"
+    );
+    for n in [&a, &b] {
+        let r = eventually_async("the node to drain for the log that moved back", || async {
+            let r = ready(n).await;
+            if !r.ready && r.fleet_behind && r.fleet_log_mismatch.is_some() {
+                Ok(r)
+            } else {
+                Err(format!("{r:?}"))
+            }
+        })
+        .await;
+        assert!(
+            r.fleet_log_mismatch.unwrap().contains("the log moved back"),
+            "readiness names the mismatch"
+        );
+        assert!(banner(n).await.starts_with("421 4.3.2 "));
+        let st = status(n).await;
+        assert!(st.behind, "{st:?}");
+        assert!(
+            st.log_mismatch
+                .as_deref()
+                .unwrap_or("")
+                .contains("change 2"),
+            "{st:?}"
+        );
+        assert!(metrics(n).await.contains("coexist_fleet_log_mismatch 1"));
+    }
+    assert_eq!(b.route_of("bob@nhs.test").0.as_deref(), Some("cloud"));
+    let (ok, out, err) = bin::cli(&a.cli_config(), &["fleet", "status"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("BEHIND, draining")
+            && out.contains("LOG MISMATCH (directory changes refused): PostgreSQL's change log ends at change 1"),
+        "{out}"
+    );
+
+    // A fresh node follows PostgreSQL's log: base 1, alice on premises, and takes mail.
+    let c = quick_node(&hops, &schema, "mx3", &url, false).await;
+    assert_eq!(
+        c.route_of("alice@nhs.test"),
+        (Some("onprem".into()), "base 1".into())
+    );
+    assert!(ready(&c).await.ready);
+    // It commits a change under the lost number: the old nodes see another change 2.
+    let r = apply(&c, "EmailAddress\ncarol@nhs.test\n", "onprem")
+        .await
+        .unwrap();
+    assert_eq!(r.report.id, Some(2));
+    for n in [&a, &b] {
+        eventually_async(
+            "the old nodes to name PostgreSQL's other change 2",
+            || async {
+                let m = status(n).await.log_mismatch.unwrap_or_default();
+                if m.contains("holds change 2 (id ")
+                    && m.contains("where this node applied change 2 (id ")
+                {
+                    Ok(())
+                } else {
+                    Err(m)
+                }
+            },
+        )
+        .await;
+        assert_eq!(n.route_of("carol@nhs.test").0.as_deref(), Some("cloud"));
+        assert!(!ready(n).await.ready);
+    }
+    for address in ["alice@nhs.test", "carol@nhs.test"] {
+        let routes = routes_of_ready(&[&a, &b, &c], address).await;
+        assert_eq!(routes.len(), 1, "{address}: {routes:?}");
+    }
+
+    // The repair: mx1's directory file imported as a new base, through mx1 (its batch 2 is
+    // kept: the file did not change alice's row). Every node takes it and takes mail again.
+    let file = a.cfg.directory.file.clone().unwrap();
+    let (ok, out, err) = bin::cli(
+        &a.cli_config(),
+        &["directory", "import", file.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("imported as base 3:"), "{out}");
+    for n in [&a, &b, &c] {
+        eventually_async("every node on base 3 and ready", || async {
+            let r = ready(n).await;
+            if r.ready && r.fleet_log_mismatch.is_none() && n.relay.directory.applied() == 3 {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        })
+        .await;
+        assert_eq!(
+            n.route_of("alice@nhs.test"),
+            (Some("cloud".into()), "batch 2".into())
+        );
+        assert_eq!(n.route_of("carol@nhs.test").0.as_deref(), Some("cloud"));
+    }
+    let r = apply(&b, "EmailAddress\nbob@nhs.test\n", "onprem")
+        .await
+        .unwrap();
+    assert_eq!(r.report.id, Some(4));
+    assert!(metrics(&a).await.contains("coexist_fleet_log_mismatch 0"));
+}
+
+/// Issue 23 item 2: a node restarted while PostgreSQL is down starts on its store and, when
+/// PostgreSQL is back, recognises its fleet by the store's `fleet.id` marker and follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_started_while_postgres_is_down_follows_when_it_is_back() {
+    let schema = Schema::new("downstart").await;
+    let hops = hops().await;
+    let proxy = Proxy::start().await;
+    let a = node(&hops, &schema, "mx1", &pg::url(), true).await;
+    let b = node(&hops, &schema, "mx2", &pg::url_via(proxy.addr), false).await;
+    assert_eq!(b.relay.directory.applied(), 1);
+    let Node { relay, dir, cfg } = b;
+    drop(relay);
+    proxy.cut();
+    let b = Node::start(cfg, dir).await;
+    assert_eq!(ready(&b).await.fleet_postgres_up, Some(false));
+    assert_eq!(b.route_of("alice@nhs.test").0.as_deref(), Some("onprem"));
+
+    let r = apply(&a, "EmailAddress\nalice@nhs.test\n", "cloud")
+        .await
+        .unwrap();
+    assert_eq!(r.report.id, Some(2));
+    proxy.restore();
+    eventually_async("mx2 to follow the fleet again", || async {
+        let r = ready(&b).await;
+        let route = b.route_of("alice@nhs.test");
+        if r.ready
+            && r.fleet_postgres_up == Some(true)
+            && route == (Some("cloud".into()), "batch 2".into())
+        {
+            Ok(())
+        } else {
+            Err(format!("{r:?} {route:?}"))
+        }
+    })
+    .await;
+}
+
+/// Issue 23 item 3: a backup's lock on the base table while a node reconnects. The node
+/// cannot read the new base; it does not wait forever routing on the old directory: after
+/// `max_lag` it drains, and when the lock is gone it loads the base and takes mail again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_locked_base_table_drains_the_node_instead_of_routing_stale() {
+    let schema = Schema::new("locked").await;
+    let hops = hops().await;
+    let proxy = Proxy::start().await;
+    let a = node(&hops, &schema, "mx1", &pg::url(), true).await;
+    let b = quick_node(&hops, &schema, "mx2", &pg::url_via(proxy.addr), false).await;
+    assert_eq!(b.relay.directory.applied(), 1);
+    eventually_async("mx2 connected", || async {
+        let r = ready(&b).await;
+        if r.ready && r.fleet_postgres_up == Some(true) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await;
+
+    // mx2's PostgreSQL stops answering; meanwhile a new base goes through mx1.
+    proxy.stall();
+    let newer = a.dir.path().join("newer.csv");
+    std::fs::write(
+        &newer,
+        DIRECTORY.replace("alice@nhs.test,onprem", "alice@nhs.test,cloud"),
+    )
+    .unwrap();
+    let (ok, out, err) = bin::cli(
+        &a.cli_config(),
+        &["directory", "import", newer.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("imported as base 2:"), "{out}");
+    // A backup takes the base table; then mx2's connection answers again.
+    let (locker, conn) = tokio_postgres::connect(&pg::url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    locker
+        .batch_execute(&format!(
+            r#"BEGIN; LOCK TABLE "{}".base_rows IN ACCESS EXCLUSIVE MODE"#,
+            schema.name
+        ))
+        .await
+        .unwrap();
+    proxy.resume();
+    let r = eventually_async("mx2 to drain", || async {
+        let r = ready(&b).await;
+        if !r.ready && r.fleet_behind {
+            Ok(r)
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await;
+    assert!(r.fleet_log_mismatch.is_none(), "{r:?}");
+    assert!(banner(&b).await.starts_with("421 4.3.2 "));
+
+    locker.batch_execute("COMMIT").await.unwrap();
+    eventually_async("mx2 to load base 2 and take mail", || async {
+        let r = ready(&b).await;
+        let route = b.route_of("alice@nhs.test");
+        if r.ready && route == (Some("cloud".into()), "base 2".into()) {
+            Ok(())
+        } else {
+            Err(format!("{r:?} {route:?}"))
+        }
+    })
+    .await;
+}
+
+/// Issue 23 item 5: a base whose rows are gone is an error, never an empty directory: a
+/// fresh node installs nothing and drains, and takes the next good base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_base_without_its_rows_is_never_installed() {
+    let schema = Schema::new("norows").await;
+    let hops = hops().await;
+    let url = pg::url();
+    let a = node(&hops, &schema, "mx1", &url, true).await;
+    schema.execute("DELETE FROM base_rows WHERE seq = 1").await;
+    let b = node(&hops, &schema, "mx2", &url, false).await;
+    assert_eq!(b.relay.directory.applied(), 0);
+    assert_eq!(b.relay.directory.len(), 0);
+    let r = ready(&b).await;
+    assert!(!r.ready && r.fleet_behind, "{r:?}");
+    assert!(banner(&b).await.starts_with("421 4.3.2 "));
+    let why = status(&b).await.behind_why.unwrap_or_default();
+    assert!(
+        why.contains("base 1: the change log says 4 rows, base_rows holds 0"),
+        "{why}"
+    );
+
+    let file = a.cfg.directory.file.clone().unwrap();
+    let (ok, out, err) = bin::cli(
+        &a.cli_config(),
+        &["directory", "import", file.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("imported as base 2:"), "{out}");
+    eventually_async("mx2 on base 2 and ready", || async {
+        let r = ready(&b).await;
+        if r.ready && b.route_of("alice@nhs.test").0.as_deref() == Some("onprem") {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await;
+}
+
+/// Issue 23 item 2, the other side: while a node was down with PostgreSQL out of reach, its
+/// fleet's schema was made again (a new fleet id). When PostgreSQL is back the node sees its
+/// store belongs to another fleet and replaces it with the new fleet's base, even though it
+/// had applied more changes than the new fleet has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_of_a_fleet_made_again_replaces_its_store_when_postgres_is_back() {
+    let schema = Schema::new("remade").await;
+    let hops = hops().await;
+    let proxy = Proxy::start().await;
+    let a = node(&hops, &schema, "mx1", &pg::url(), true).await;
+    let b = node(&hops, &schema, "mx2", &pg::url_via(proxy.addr), false).await;
+    for s in ["cloud", "onprem", "cloud"] {
+        apply(&a, "EmailAddress\nalice@nhs.test\n", s)
+            .await
+            .unwrap();
+    }
+    eventually("mx2 at change 4", || b.relay.directory.applied() == 4).await;
+    let Node { relay, dir, cfg } = b;
+    drop(relay);
+    proxy.cut();
+    let b = Node::start(cfg, dir).await;
+    assert_eq!(b.relay.directory.applied(), 4);
+    drop(a);
+    schema
+        .execute(&format!(r#"DROP SCHEMA "{}" CASCADE"#, schema.name))
+        .await;
+    let c = node(&hops, &schema, "mx3", &pg::url(), true).await;
+    assert_eq!(c.relay.directory.applied(), 1);
+    proxy.restore();
+    eventually_async("mx2 on the new fleet's base", || async {
+        let r = ready(&b).await;
+        let route = b.route_of("alice@nhs.test");
+        if r.ready
+            && b.relay.directory.applied() == 1
+            && route == (Some("onprem".into()), "base 1".into())
+        {
+            Ok(())
+        } else {
+            Err(format!("{r:?} {route:?}"))
+        }
+    })
+    .await;
+    let r = apply(&c, "EmailAddress\nbob@nhs.test\n", "onprem")
+        .await
+        .unwrap();
+    assert_eq!(r.report.id, Some(2));
+    eventually("mx2 follows the new fleet", || {
+        b.route_of("bob@nhs.test") == (Some("onprem".into()), "batch 2".into())
+    })
+    .await;
+    // The store's marker names the new fleet.
+    let marker = b.cfg.directory.store_dir.join("fleet").join("fleet.id");
+    let (pgc, conn) = tokio_postgres::connect(&pg::url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let id: String = pgc
+        .query_one(
+            &format!(
+                r#"SELECT value FROM "{}".meta WHERE key = 'fleet_id'"#,
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), id);
+}
+
+/// Issue 23 item 3: a heartbeat that fails (the nodes table locked past `lock_timeout`)
+/// says nothing about the node's directory: a caught-up node keeps taking mail, although
+/// `max_lag` is short. Seen through PostgreSQL: the node's heartbeat waits on the lock and
+/// gives up, twice, and the node is still ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_heartbeat_does_not_drain_a_node_that_is_caught_up() {
+    let schema = Schema::new("beat").await;
+    let hops = hops().await;
+    let url = pg::url();
+    let b = quick_node(&hops, &schema, "mx2", &url, true).await;
+    assert!(ready(&b).await.ready);
+    let (pgc, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (locker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    locker
+        .batch_execute(&format!(
+            r#"BEGIN; LOCK TABLE "{}".nodes IN ACCESS EXCLUSIVE MODE"#,
+            schema.name
+        ))
+        .await
+        .unwrap();
+    let waiting = || async {
+        let n: i64 = pgc
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE NOT l.granted AND a.application_name = 'coexist mx2'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    for round in 0..2 {
+        eventually_async("mx2's heartbeat waiting on the lock", || async {
+            match waiting().await {
+                0 => Err(format!("round {round}: not waiting")),
+                _ => Ok(()),
+            }
+        })
+        .await;
+        eventually_async("mx2's heartbeat to give up", || async {
+            match waiting().await {
+                0 => Ok(()),
+                n => Err(format!("round {round}: {n} waiting")),
+            }
+        })
+        .await;
+    }
+    let r = ready(&b).await;
+    assert!(r.ready && !r.fleet_behind, "{r:?}");
+    assert_eq!(banner(&b).await.get(..4), Some("220 "));
+    locker.batch_execute("COMMIT").await.unwrap();
+}

@@ -581,6 +581,7 @@ async fn ready(State(s): State<AdminState>) -> Response {
         directory_source_up: !s.directory.source_down(),
         fleet_behind,
         fleet_postgres_up: fleet.map(|f| f.postgres_up()),
+        fleet_log_mismatch: fleet.and_then(|f| f.log_mismatch()),
         hops: s.control.queue().hops(),
     };
     let code = if draining || fleet_behind {
@@ -609,6 +610,13 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     metrics::counter!(m::SPOOL_SYNCS).absolute(syncs);
     metrics::counter!(m::SPOOL_RECORDS).absolute(records);
     metrics::gauge!(m::SPOOL_SEGMENTS).set(segments as f64);
+    if let Some(f) = s.control.fleet() {
+        metrics::gauge!(m::FLEET_LOG_MISMATCH).set(if f.log_mismatch().is_some() {
+            1.0
+        } else {
+            0.0
+        });
+    }
     for (route, down) in s.control.queue().routes_down() {
         metrics::gauge!(m::ROUTE_UNREACHABLE, "route" => route).set(if down { 1.0 } else { 0.0 });
     }

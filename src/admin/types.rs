@@ -123,6 +123,10 @@ pub struct Ready {
     /// In a fleet: connected to PostgreSQL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet_postgres_up: Option<bool>,
+    /// In a fleet: why PostgreSQL's change log does not hold the history this node applied
+    /// (a log that moved back: directory changes are refused, the node counts as behind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_log_mismatch: Option<String>,
     /// The next hops delivered to so far and their state (up, circuit open, throttled).
     #[serde(default)]
     pub hops: Vec<HopView>,

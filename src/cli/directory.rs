@@ -476,6 +476,8 @@ mod tests {
             source: "evening.csv".into(),
             rolls_back: Some(1),
             count: 12,
+            uid: None,
+            committed: None,
         }];
         let text = batches_text(&list);
         assert!(

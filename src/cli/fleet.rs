@@ -58,6 +58,11 @@ pub fn status_text(st: &FleetStatus) -> String {
             out.push_str(&format!("\n  {p}"));
         }
     }
+    if let Some(why) = &st.log_mismatch {
+        out.push_str(&format!(
+            "\nLOG MISMATCH (directory changes refused): {why}"
+        ));
+    }
     out.push_str(&format!(
         "\n{:<16} {:>8} {:>6} {:>9} {:>10} {:<8} {:>7}  {:<8} admin",
         "node", "applied", "lag", "lag_s", "heartbeat", "state", "queue", "version"

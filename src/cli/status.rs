@@ -130,6 +130,7 @@ mod tests {
             directory_source_up: true,
             fleet_behind: false,
             fleet_postgres_up: None,
+            fleet_log_mismatch: None,
             hops: vec![
                 HopView {
                     next_hop: "127.0.0.1:25".into(),

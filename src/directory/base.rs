@@ -9,7 +9,7 @@
 //! far behind) needs only the latest base and the changes after it, never the older ones.
 
 use super::source::merge;
-use super::store::{Change, ChangeKind, ChangeSummary, Fingerprint};
+use super::store::{Change, ChangeKind, ChangeSummary, Fingerprint, Stamp};
 use super::table::{self, Parsed};
 use super::view::View;
 use super::{changes::now_rfc3339, Directory, DirectoryError, ReloadReport};
@@ -191,10 +191,43 @@ impl Directory {
     /// change is logged, so a restart finds the base in the snapshot. A base is the whole
     /// state, so it may skip changes this node has not applied (they are moot). `Ok(false)`
     /// when this node has it already.
-    pub fn install_base(&self, seq: u32, base: Base, source: &str) -> Result<bool, DirectoryError> {
+    pub fn install_base(
+        &self,
+        at: &Stamp,
+        base: Base,
+        source: &str,
+    ) -> Result<bool, DirectoryError> {
+        self.install_base_inner(at, base, source, false)
+    }
+
+    /// Installs `base` as fleet change `at` whatever this node has applied, emptying the
+    /// change log first: for a store that belongs to another fleet (its numbers mean
+    /// nothing in this one). The log is emptied before the snapshot is written, so a crash
+    /// in between leaves an older snapshot of the old fleet, which the fleet id marker
+    /// (written by the caller afterwards) still names: it is replaced again.
+    pub fn replace_base(&self, at: &Stamp, base: Base, source: &str) -> Result<(), DirectoryError> {
+        self.install_base_inner(at, base, source, true).map(|_| ())
+    }
+
+    fn install_base_inner(
+        &self,
+        at: &Stamp,
+        base: Base,
+        source: &str,
+        replace: bool,
+    ) -> Result<bool, DirectoryError> {
+        let seq = at.seq;
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let view = self.view.load_full();
-        if seq <= view.last_change {
+        if replace {
+            if let Some(store) = &self.store {
+                store.lock().unwrap_or_else(|p| p.into_inner()).reset()?;
+            }
+            self.history
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        } else if seq <= view.last_change {
             return Ok(false);
         }
         let mut next = base.view;
@@ -211,6 +244,8 @@ impl Directory {
                 source: source.to_string(),
                 rolls_back: None,
                 count,
+                uid: at.uid.clone(),
+                committed: at.committed.clone(),
             },
             not_found: 0,
             already: 0,
@@ -295,9 +330,13 @@ mod tests {
         )
         .unwrap();
         let base = one.merge_base(first, 1, "d.csv", false).unwrap();
-        assert!(one.install_base(1, base, "d.csv").unwrap());
+        assert!(one.install_base(&Stamp::seq(1), base, "d.csv").unwrap());
         assert!(one
-            .apply_at(2, &rows("EmailAddress\nb@nhs.test\n", "cloud"), "b.csv")
+            .apply_at(
+                &Stamp::seq(2),
+                &rows("EmailAddress\nb@nhs.test\n", "cloud"),
+                "b.csv"
+            )
             .unwrap()
             .is_some());
         let second = table::parse(
@@ -315,11 +354,11 @@ mod tests {
             "primaries first"
         );
         assert_eq!(written[3].address, "alias@nhs.test");
-        assert!(one.install_base(3, base, "d2.csv").unwrap());
+        assert!(one.install_base(&Stamp::seq(3), base, "d2.csv").unwrap());
 
         let two = open_at(tmp.path(), "two");
         let rebuilt = Base::from_rows(&written, &states(), "fleet base 3").unwrap();
-        assert!(two.install_base(3, rebuilt, "d2.csv").unwrap());
+        assert!(two.install_base(&Stamp::seq(3), rebuilt, "d2.csv").unwrap());
         let cloud = Resolution::Listed(RouteName("cloud".into()));
         for d in [&one, &two] {
             assert_eq!(d.resolve(&a("alias@nhs.test")), cloud);
@@ -334,7 +373,7 @@ mod tests {
         }
         assert!(
             !two.install_base(
-                3,
+                &Stamp::seq(3),
                 Base::from_rows(&written, &states(), "x").unwrap(),
                 "d2.csv"
             )
@@ -342,7 +381,11 @@ mod tests {
             "applied already"
         );
         let e = two
-            .apply_at(5, &rows("EmailAddress\nb@nhs.test\n", "onprem"), "b.csv")
+            .apply_at(
+                &Stamp::seq(5),
+                &rows("EmailAddress\nb@nhs.test\n", "onprem"),
+                "b.csv",
+            )
             .unwrap_err();
         assert!(
             e.to_string().contains("fleet change 5 is out of order"),
@@ -390,11 +433,11 @@ mod tests {
                 ("alias@other.test", "a@tenant.test"),
             ]
         );
-        assert!(one.install_base(1, base, "d.csv").unwrap());
+        assert!(one.install_base(&Stamp::seq(1), base, "d.csv").unwrap());
         let two = open("two");
         let rebuilt = Base::from_rows(&written, &states(), "fleet base 1").unwrap();
         assert_eq!(rebuilt.rows(&states()).collect::<Vec<_>>(), written);
-        assert!(two.install_base(1, rebuilt, "d.csv").unwrap());
+        assert!(two.install_base(&Stamp::seq(1), rebuilt, "d.csv").unwrap());
         for d in [&one, &two] {
             let routed = |s: &str| {
                 d.resolve_routed(&a(s))

@@ -2,7 +2,7 @@
 //! bookkeeping every change goes through (ids, logging before the swap, history, snapshots,
 //! replay at start-up).
 
-use super::store::{Change, ChangeEntry, ChangeKind, ChangeSummary};
+use super::store::{Change, ChangeEntry, ChangeKind, ChangeSummary, Stamp};
 use super::view::View;
 use super::{batch, BatchReport, Directory, DirectoryError, StateId};
 use crate::types::RouteName;
@@ -28,11 +28,26 @@ impl Directory {
     /// node has it already; an error when `seq` is not the next one.
     pub fn apply_at(
         &self,
-        seq: u32,
+        at: &Stamp,
         rows: &[batch::BatchRow],
         source: &str,
     ) -> Result<Option<BatchReport>, DirectoryError> {
-        self.apply_inner(rows, source, false, Some(seq))
+        self.apply_inner(rows, source, false, Some(at))
+    }
+
+    /// The fleet change applied here last, with the identity PostgreSQL gave it as this
+    /// node's change log recorded it (none for changes logged before identities existed).
+    pub fn applied_stamp(&self) -> Stamp {
+        let seq = self.applied();
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        match h.iter().rev().find(|c| c.id == seq) {
+            Some(c) => Stamp {
+                seq,
+                uid: c.uid.clone(),
+                committed: c.committed.clone(),
+            },
+            None => Stamp::seq(seq),
+        }
     }
 
     /// Checks that fleet change `seq` is the next one for `view`: `Ok(false)` when it is
@@ -55,11 +70,12 @@ impl Directory {
         rows: &[batch::BatchRow],
         source: &str,
         dry_run: bool,
-        seq: Option<u32>,
+        at: Option<&Stamp>,
     ) -> Result<Option<BatchReport>, DirectoryError> {
         let t0 = std::time::Instant::now();
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let view = self.view.load_full();
+        let seq = at.map(|a| a.seq);
         if let Some(seq) = seq {
             if !Self::in_order(&view, seq)? {
                 return Ok(None);
@@ -113,6 +129,8 @@ impl Directory {
                 source: source.to_string(),
                 rolls_back: None,
                 count: report.changed,
+                uid: at.and_then(|a| a.uid.clone()),
+                committed: at.and_then(|a| a.committed.clone()),
             },
             not_found: report.not_found_count,
             already: report.already,
@@ -156,8 +174,9 @@ impl Directory {
     /// [`Directory::apply_at`] for `seq`). A batch this node cannot roll back (it started
     /// from a later base) is recorded as an empty change: the base already decided those
     /// mailboxes, on every node alike.
-    pub fn rollback_at(&self, seq: u32, id: u32) -> Result<Option<BatchReport>, DirectoryError> {
-        match self.rollback_inner(id, false, Some(seq)) {
+    pub fn rollback_at(&self, at: &Stamp, id: u32) -> Result<Option<BatchReport>, DirectoryError> {
+        let seq = at.seq;
+        match self.rollback_inner(id, false, Some(at)) {
             Err(DirectoryError::Batch(why)) => {
                 warn!(
                     change = seq,
@@ -178,6 +197,8 @@ impl Directory {
                         source: String::new(),
                         rolls_back: Some(id),
                         count: 0,
+                        uid: at.uid.clone(),
+                        committed: at.committed.clone(),
                     },
                     not_found: 0,
                     already: 0,
@@ -194,10 +215,11 @@ impl Directory {
         &self,
         id: u32,
         dry_run: bool,
-        seq: Option<u32>,
+        at: Option<&Stamp>,
     ) -> Result<Option<BatchReport>, DirectoryError> {
         let t0 = std::time::Instant::now();
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = at.map(|a| a.seq);
         if let Some(seq) = seq {
             if !Self::in_order(&self.view.load(), seq)? {
                 return Ok(None);
@@ -263,6 +285,8 @@ impl Directory {
                 source: record.head.source.clone(),
                 rolls_back: Some(id),
                 count: report.changed,
+                uid: at.and_then(|a| a.uid.clone()),
+                committed: at.and_then(|a| a.committed.clone()),
             },
             not_found: report.not_found_count,
             already: report.changed_since,

@@ -48,6 +48,7 @@ pub mod watch;
 pub use base::{Base, BaseRow};
 pub use report::StatusGroup;
 pub use source::{FileSource, FleetSource, Source};
+pub use store::Stamp;
 pub use view::{Lookup, Moved, Resolution, Resolved};
 
 use crate::config::{DirectoryConfig, Percent, Unknown};

@@ -294,6 +294,8 @@ impl Directory {
                 source: self.source.name(),
                 rolls_back: None,
                 count: report.changed,
+                uid: None,
+                committed: None,
             },
             not_found: 0,
             already: 0,

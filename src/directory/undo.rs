@@ -15,7 +15,7 @@
 //! before it): its own change log has them when it applied the batch; otherwise the fleet
 //! keeps them in PostgreSQL, written with the batch ([`Directory::undo_entries`]).
 
-use super::store::{Change, ChangeEntry, ChangeKind, ChangeSummary};
+use super::store::{Change, ChangeEntry, ChangeKind, ChangeSummary, Stamp};
 use super::{batch, changes::now_rfc3339, BatchReport, Directory, DirectoryError, StateId};
 use tracing::{info, warn};
 
@@ -98,17 +98,18 @@ impl Directory {
         (report, out)
     }
 
-    /// Applies fleet change `seq`, the rollback of batch `id` as the restore list
+    /// Applies fleet change `at`, the rollback of batch `id` as the restore list
     /// `restores` (see the module doc). A mailbox whose origin is no longer the batch is
     /// left alone (it cannot be, on a node that applied the same log). `Ok(None)` when this
     /// node has the change already.
     pub fn restore_at(
         &self,
-        seq: u32,
+        at: &Stamp,
         id: u32,
         source: &str,
         restores: &[Restore],
     ) -> Result<Option<BatchReport>, DirectoryError> {
+        let seq = at.seq;
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let view = self.view.load_full();
         if !Self::in_order(&view, seq)? {
@@ -143,6 +144,8 @@ impl Directory {
                 source: source.to_string(),
                 rolls_back: Some(id),
                 count: report.changed,
+                uid: at.uid.clone(),
+                committed: at.committed.clone(),
             },
             not_found: report.not_found_count,
             already: report.changed_since,

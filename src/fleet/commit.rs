@@ -7,11 +7,23 @@
 //! meanwhile), insert it as head + 1 with a `NOTIFY`, commit, and apply it here. A node that
 //! cannot reach PostgreSQL refuses the change ([`FleetError::Unreachable`]). A batch
 //! commits with its undo entries; rollbacks are in [`super::rollback`].
+//!
+//! Before a change is computed, the catch-up checks that the log holds this node's history
+//! (see `fleet`): when it does not, batches and rollbacks are refused
+//! ([`FleetError::Diverged`], naming both sides). A base import is the repair: it goes
+//! through even then, computed on this node's own state, and takes a number above every
+//! `applied` in the nodes table, so that every node, those whose history differs included,
+//! takes it. A change this node committed and its own directory then skips (it has that
+//! number already) is an error, never a success.
+//!
+//! Nothing in a commit waits forever: the log's lock is waited for [`LOG_LOCK_WAIT`] at
+//! most, every statement runs under the connection's `statement_timeout`, a base's COPY
+//! under [`COPY_TIMEOUT`], and a transaction left idle is ended by PostgreSQL.
 
 use super::follow::{self, encode_rows};
 use super::sql::{self, db_err, lock_key};
 use super::{Fleet, FleetError};
-use crate::directory::{batch::BatchRow, table, BatchReport, ReloadReport};
+use crate::directory::{batch::BatchRow, table, BatchReport, ReloadReport, Stamp};
 use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -48,6 +60,21 @@ pub struct FleetBatch {
 /// Nodes with a heartbeat older than this are counted as silent.
 const LIVE: &str = "30 seconds";
 
+/// How long a commit waits for another node's commit to release the log.
+const LOG_LOCK_WAIT: &str = "30s";
+
+/// How long a base's rows may take to COPY in (2,000,000 rows take seconds).
+const COPY_TIMEOUT: &str = "10min";
+
+/// The error for a change committed under a number this node had applied already.
+pub(super) fn skipped(inner: &super::Inner, seq: u32) -> FleetError {
+    let why = format!(
+        "change {seq} was committed to PostgreSQL, but this node had applied a change {seq} already: the log moved back; this node counts as behind until repaired"
+    );
+    inner.diverge(&why);
+    FleetError::Diverged(why)
+}
+
 impl Fleet {
     /// Applies batch `rows` (from file `source`) through the fleet log.
     pub async fn apply(
@@ -71,7 +98,7 @@ impl Fleet {
         source: String,
         scheduled: Option<u32>,
     ) -> Result<Option<(BatchReport, Option<Progress>)>, FleetError> {
-        let (client, head, _applying) = self.begin().await?;
+        let (client, head, _applying) = self.begin(false).await?;
         if let Some(id) = scheduled {
             if !super::scheduled::claim(&self.inner, &client, id).await? {
                 return Ok(None);
@@ -103,22 +130,23 @@ impl Fleet {
         };
         super::rollback::keep_undo(&self.inner, &client, seq, &undo).await?;
         let body = encode_rows(&rows, dir.states());
-        self.insert(
-            &client,
-            seq,
-            "apply",
-            &source,
-            None,
-            rows.len(),
-            preview.changed,
-            &body,
-        )
-        .await?;
+        let at = self
+            .insert(
+                &client,
+                seq,
+                "apply",
+                &source,
+                None,
+                rows.len(),
+                preview.changed,
+                &body,
+            )
+            .await?;
         let report = {
             let s = source.clone();
-            blocking(move || dir.apply_at(seq, &rows, &s)).await??
+            blocking(move || dir.apply_at(&at, &rows, &s)).await??
         };
-        let mut report = report.unwrap_or(preview);
+        let mut report = report.ok_or_else(|| skipped(&self.inner, seq))?;
         report.id = Some(seq);
         let nodes = self.progress(&client, seq).await?;
         info!(
@@ -145,8 +173,23 @@ impl Fleet {
             let s = source.clone();
             blocking(move || table::parse(&text, &s, &names)).await??
         };
-        let (client, head, _applying) = self.begin().await?;
-        let seq = head + 1;
+        let (client, head, _applying) = self.begin(true).await?;
+        let s = self.inner.schema().to_string();
+        let err = db_err(&self.inner.pg);
+        // Above every node's applied change (and this node's), so that a node whose
+        // history PostgreSQL lost takes it too: the repair of a log that moved back.
+        let top: i64 = client
+            .query_one(
+                &format!(r#"SELECT coalesce(max(applied), 0) FROM "{s}".nodes"#),
+                &[],
+            )
+            .await
+            .map_err(&err)?
+            .get(0);
+        let seq = head
+            .max(sql::seq_u32(top)?)
+            .max(self.inner.directory.applied())
+            + 1;
         let dir = self.inner.directory.clone();
         let base = {
             let (d, s) = (dir.clone(), source.clone());
@@ -160,12 +203,23 @@ impl Fleet {
         let mut report = base.report.clone();
         let merged = t0.elapsed();
         let base = Arc::new(base);
+        // Rows a lost history may have left under this number (a restored `changes`).
+        client
+            .execute(
+                &format!(r#"DELETE FROM "{s}".base_rows WHERE seq >= $1"#),
+                &[&i64::from(seq)],
+            )
+            .await
+            .map_err(&err)?;
+        client
+            .batch_execute(&format!("SET LOCAL statement_timeout = '{COPY_TIMEOUT}'"))
+            .await
+            .map_err(&err)?;
         self.copy_base(&client, seq, base.clone()).await?;
         let copied = t0.elapsed();
         let rows = base.len();
         let base = Arc::try_unwrap(base)
             .map_err(|_| FleetError::Refused("base still shared after COPY".into()))?;
-        let s = self.inner.schema().to_string();
         client
             .execute(
                 &format!(
@@ -174,22 +228,27 @@ impl Fleet {
                 &[&i64::from(seq)],
             )
             .await
-            .map_err(db_err(&self.inner.pg))?;
-        self.insert(
-            &client,
-            seq,
-            "base",
-            &source,
-            None,
-            rows,
-            report.changed,
-            &[],
-        )
-        .await?;
-        {
+            .map_err(&err)?;
+        let at = self
+            .insert(
+                &client,
+                seq,
+                "base",
+                &source,
+                None,
+                rows,
+                report.changed,
+                &[],
+            )
+            .await?;
+        let installed = {
             let s = source.clone();
-            blocking(move || dir.install_base(seq, base, &s)).await??;
+            blocking(move || dir.install_base(&at, base, &s)).await??
+        };
+        if !installed {
+            return Err(skipped(&self.inner, seq));
         }
+        self.inner.converged();
         self.inner.published();
         let nodes = self.progress(&client, seq).await?;
         report.elapsed_ms = t0.elapsed().as_millis() as u64;
@@ -212,23 +271,51 @@ impl Fleet {
 
     /// Opens a transaction holding the log's lock, with this node caught up to the head;
     /// the guard keeps the follower from applying until the commit has applied its change.
+    /// A log that does not hold this node's history refuses the commit, unless `repair` (a
+    /// base import, which goes on from this node's own state).
     pub(super) async fn begin(
         &self,
+        repair: bool,
     ) -> Result<(Client, u32, tokio::sync::MutexGuard<'_, ()>), FleetError> {
         let inner = &self.inner;
-        let guard = inner.applying.lock().await;
+        let guard = tokio::time::timeout(super::STATEMENT_TIMEOUT, inner.applying.lock())
+            .await
+            .map_err(|_| {
+                FleetError::Refused(
+                    "this node has been applying the fleet's log for over a minute; try again"
+                        .into(),
+                )
+            })?;
         let client = sql::connect(&inner.pg).await?;
         let err = db_err(&inner.pg);
-        client.batch_execute("BEGIN").await.map_err(&err)?;
+        client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = '{LOG_LOCK_WAIT}'"
+            ))
+            .await
+            .map_err(&err)?;
         client
             .execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1))",
                 &[&lock_key(inner.schema(), "log")],
             )
             .await
-            .map_err(&err)?;
+            .map_err(|e| match e.code() {
+                Some(c) if *c == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE => {
+                    FleetError::Refused(format!(
+                        "another directory change has held the fleet's log for {LOG_LOCK_WAIT}; try again"
+                    ))
+                }
+                _ => err(e),
+            })?;
         let head = sql::head(&client, inner.schema()).await?;
-        let applied = follow::catch_up_locked(inner, &client).await?;
+        let applied = match follow::catch_up_locked(inner, &client, true).await {
+            Err(FleetError::Diverged(why)) if repair => {
+                tracing::warn!(why, "fleet: importing a base over a log that does not hold this node's history (the repair)");
+                return Ok((client, head, guard));
+            }
+            other => other?,
+        };
         if applied < head {
             return Err(FleetError::Refused(format!(
                 "this node could not catch up with the fleet (applied {applied}, head {head})"
@@ -237,7 +324,8 @@ impl Fleet {
         Ok((client, head, guard))
     }
 
-    /// Inserts change `seq`, notifies the nodes and commits.
+    /// Inserts change `seq`, notifies the nodes and commits; returns the change's identity
+    /// (PostgreSQL gives its id and commit time).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn insert(
         &self,
@@ -249,14 +337,15 @@ impl Fleet {
         rows: usize,
         changed: usize,
         body: &[u8],
-    ) -> Result<(), FleetError> {
+    ) -> Result<Stamp, FleetError> {
         let s = self.inner.schema();
         let err = db_err(&self.inner.pg);
-        client
-            .execute(
+        let row = client
+            .query_one(
                 &format!(
                     r#"INSERT INTO "{s}".changes (seq, kind, node, source, rolls_back, rows, changed, body)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"#
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {}"#,
+                    sql::STAMP_COLUMNS
                 ),
                 &[
                     &i64::from(seq),
@@ -271,6 +360,7 @@ impl Fleet {
             )
             .await
             .map_err(&err)?;
+        let at = sql::stamp(seq, &row, 0);
         client
             .execute(
                 "SELECT pg_notify($1, $2)",
@@ -279,7 +369,7 @@ impl Fleet {
             .await
             .map_err(&err)?;
         client.batch_execute("COMMIT").await.map_err(&err)?;
-        Ok(())
+        Ok(at)
     }
 
     /// Writes the rows of `base` as base `seq` (COPY, CSV, in chunks of about 1 MiB). The

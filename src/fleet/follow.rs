@@ -5,16 +5,27 @@
 //! for a missed notification; also the heartbeat). A broken connection is retried every
 //! [`TICK`]; meanwhile the directory in force stays as it is.
 //!
+//! Before applying, every catch-up checks that the log still holds this node's history
+//! (PostgreSQL's change at `applied` has the identity this node logged, and the head is not
+//! below it); a base above `applied` skips that check, since it decides every mailbox anew.
+//! A base is read whole or not at all: its header and rows in one REPEATABLE READ snapshot,
+//! and a base without its rows is an error, never an empty directory.
+//!
 //! Behind the fleet: while connected, a node is behind when the log has changes it could
-//! not apply. While PostgreSQL is unreachable a node cannot read the log, so it asks its
-//! peers' admin APIs (addresses from the last read of the nodes table) what they have
-//! applied: if one has more, this node is behind since it lost PostgreSQL. Only a node that
-//! knows it is behind drains; when PostgreSQL is down for everyone, nobody can commit a
-//! change, no node is behind, and every node keeps taking mail.
+//! not apply, when the log does not hold its history, or when the head has stayed above
+//! its `applied` for `max_lag` (a change that takes that long to read counts as not
+//! applied). Lag is evaluated every [`TICK`] by a timer of its own ([`lag_timer`]),
+//! whatever the session is waiting for. A failed heartbeat is logged and nothing more: it
+//! says nothing about this node's directory. While PostgreSQL is unreachable a node cannot
+//! read the log, so it asks its peers' admin APIs (addresses from the last read of the
+//! nodes table) what they have applied: if one has more, this node is behind since it lost
+//! PostgreSQL. Only a node that knows it is behind drains; when PostgreSQL is down for
+//! everyone, nobody can commit a change, no node is behind, and every node keeps taking
+//! mail.
 
 use super::sql::{self, db_err, seq_u32};
 use super::{peers, FleetError, Inner, NodeApplied, Peer};
-use crate::directory::{batch::BatchRow, Base, BaseRow, StateId};
+use crate::directory::{batch::BatchRow, Base, BaseRow, Stamp, StateId};
 use crate::metrics as m;
 use futures_util::StreamExt;
 use std::sync::atomic::Ordering;
@@ -28,6 +39,9 @@ pub(super) const TICK: Duration = Duration::from_secs(1);
 
 /// Changes fetched per round trip while catching up.
 const FETCH: i64 = 16;
+
+/// How long connecting, migrating and `LISTEN` may take together.
+const SETUP: Duration = Duration::from_secs(20);
 
 /// Follows the log until the fleet is stopped.
 pub(super) async fn run(inner: Arc<Inner>) {
@@ -67,29 +81,31 @@ pub(super) async fn run(inner: Arc<Inner>) {
 
 /// One connection's life: listen, then catch up and beat until it fails.
 async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
-    let (client, mut notes) = sql::connect_listening(&inner.pg).await?;
-    let id = sql::migrate(&client, inner.schema()).await?;
-    {
-        let known = inner
-            .fleet_id
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if known.as_ref().is_some_and(|k| *k != id)
-            || (known.is_none() && inner.directory.applied() > 0)
-        {
-            inner.mark_behind("the local directory belongs to another fleet (was the schema created again?): restart this node");
-            evaluate(inner);
-            return Err(FleetError::Refused(
-                "the local directory store belongs to another fleet; restart this node".into(),
-            ));
-        }
-        *inner.fleet_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
-    }
-    client
-        .batch_execute(&format!(r#"LISTEN "{}""#, sql::channel(inner.schema())))
-        .await
-        .map_err(db_err(&inner.pg))?;
+    let setup = async {
+        let (client, notes) = sql::connect_listening(&inner.pg).await?;
+        // Migrated once per process (at start, or at the first connection when PostgreSQL
+        // was down then); a reconnect only reads the fleet id.
+        let id = if inner.migrated.load(Ordering::SeqCst) {
+            sql::fleet_id(&client, inner.schema()).await?
+        } else {
+            let id = sql::migrate(&client, inner.schema()).await?;
+            inner.migrated.store(true, Ordering::SeqCst);
+            id
+        };
+        client
+            .batch_execute(&format!(r#"LISTEN "{}""#, sql::channel(inner.schema())))
+            .await
+            .map_err(db_err(&inner.pg))?;
+        Ok::<_, FleetError>((client, notes, id))
+    };
+    let (client, mut notes, id) =
+        tokio::time::timeout(SETUP, setup)
+            .await
+            .map_err(|_| FleetError::Unreachable {
+                target: super::target(&inner.pg),
+                reason: format!("session set-up took longer than {} s", SETUP.as_secs()),
+            })??;
+    adopt_fleet(inner, &id)?;
     {
         let mut h = inner.lock_health();
         if !h.up {
@@ -105,24 +121,39 @@ async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
     loop {
         let step = async {
             let res = catch_up(inner, &client).await;
-            beat(inner, &client).await?;
-            res.map(|_| ())
+            let beat = match res {
+                Err(ref e) if e.is_unreachable() => Ok(()),
+                _ => beat(inner, &client).await,
+            };
+            (res, beat)
         };
-        match tokio::time::timeout(super::STATEMENT_TIMEOUT, step).await {
-            Err(_) => {
-                return Err(FleetError::Unreachable {
-                    target: super::target(&inner.pg),
-                    reason: "no answer within 60 s".into(),
-                })
-            }
-            Ok(Err(e)) if e.is_unreachable() => return Err(e),
-            Ok(Err(e)) => {
+        let (res, beat) = tokio::time::timeout(super::STATEMENT_TIMEOUT * 2, step)
+            .await
+            .map_err(|_| FleetError::Unreachable {
+                target: super::target(&inner.pg),
+                reason: format!(
+                    "no answer within {} s",
+                    (super::STATEMENT_TIMEOUT * 2).as_secs()
+                ),
+            })?;
+        match res {
+            Err(e) if e.is_unreachable() => return Err(e),
+            // Logged and shown by `diverge`; counted as behind there.
+            Err(FleetError::Diverged(_)) => {}
+            Err(e) => {
                 // The log has a change this node cannot apply: it stays behind (and drains
                 // after max_lag) rather than skip it.
                 error!(error = %e, "fleet: cannot apply the change log");
                 inner.mark_behind(&e.to_string());
             }
-            Ok(Ok(())) => {}
+            Ok(_) => {}
+        }
+        match beat {
+            Err(e) if e.is_unreachable() => return Err(e),
+            // The heartbeat is for the others' view of this node: its failure says nothing
+            // about this node's directory.
+            Err(e) => warn!(error = %e, "fleet: heartbeat failed"),
+            Ok(()) => {}
         }
         evaluate(inner);
         if inner.stop.load(Ordering::SeqCst) {
@@ -155,25 +186,58 @@ async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
 
 /// Applies every change after the local sequence, in order; returns the sequence applied.
 /// One applier at a time (the follower, a commit).
-/// A base later than the next change makes the changes before it moot: the node jumps to
-/// it (its rows are the whole state at that point).
+/// A base later than the changes applied here makes them moot: the node jumps to it (its
+/// rows are the whole state at that point), whatever its history before.
 pub(super) async fn catch_up(inner: &Inner, client: &Client) -> Result<u32, FleetError> {
     let _one = inner.applying.lock().await;
-    catch_up_locked(inner, client).await
+    catch_up_locked(inner, client, false).await
 }
 
 /// [`catch_up`] for a caller that holds `inner.applying` (a commit, which keeps it until it
 /// has applied its own change, so the follower does not fetch that change meanwhile).
-pub(super) async fn catch_up_locked(inner: &Inner, client: &Client) -> Result<u32, FleetError> {
+/// `in_commit`: `client` is inside the commit's transaction, which holds the log's lock (no
+/// change can commit meanwhile, so a base is read there; else in a snapshot of its own).
+pub(super) async fn catch_up_locked(
+    inner: &Inner,
+    client: &Client,
+    in_commit: bool,
+) -> Result<u32, FleetError> {
     let s = inner.schema().to_string();
     let err = db_err(&inner.pg);
+    if inner.replace.load(Ordering::SeqCst) {
+        replace_store(inner, client, in_commit).await?;
+    }
     loop {
-        let applied = inner.directory.applied();
-        let head = sql::head(client, &s).await?;
-        {
-            let mut h = inner.lock_health();
-            h.head = head;
+        let here = inner.directory.applied_stamp();
+        let applied = here.seq;
+        let (head, there) = sql::head_and(client, &s, applied).await?;
+        inner.lock_health().head = head;
+        let base: Option<i64> = client
+            .query_one(
+                &format!(r#"SELECT max(seq) FROM "{s}".changes WHERE kind = 'base' AND seq > $1"#),
+                &[&i64::from(applied)],
+            )
+            .await
+            .map_err(&err)?
+            .get(0);
+        if let Some(b) = base {
+            let b = seq_u32(b)?;
+            if b > applied + 1 {
+                info!(
+                    from = applied,
+                    to = b,
+                    "fleet: a later base makes the changes before it moot; loading it"
+                );
+            }
+            install_base(inner, client, b, in_commit, false).await?;
+            inner.converged();
+            continue;
         }
+        if let Err(why) = same_history(&here, head, there.as_ref()) {
+            inner.diverge(&why);
+            return Err(FleetError::Diverged(why));
+        }
+        inner.converged();
         if head <= applied {
             let mut h = inner.lock_health();
             if h.behind_since.is_some() && inner.directory.applied() >= head {
@@ -182,38 +246,12 @@ pub(super) async fn catch_up_locked(inner: &Inner, client: &Client) -> Result<u3
             }
             return Ok(applied);
         }
-        let base: Option<i64> = client
-            .query_one(
-                &format!(r#"SELECT max(seq) FROM "{s}".changes WHERE kind = 'base' AND seq > $1"#),
-                &[&i64::from(applied + 1)],
-            )
-            .await
-            .map_err(&err)?
-            .get(0);
-        if let Some(b) = base {
-            let b = seq_u32(b)?;
-            let row = client
-                .query_one(
-                    &format!(
-                        r#"SELECT source, extract(epoch FROM committed_at)::float8 FROM "{s}".changes WHERE seq = $1"#
-                    ),
-                    &[&i64::from(b)],
-                )
-                .await
-                .map_err(&err)?;
-            info!(
-                from = applied,
-                to = b,
-                "fleet: a later base makes the changes before it moot; loading it"
-            );
-            install_base(inner, client, b, row.get(0), row.get(1)).await?;
-            continue;
-        }
         let rows = client
             .query(
                 &format!(
-                    r#"SELECT seq, kind, source, rolls_back, body, extract(epoch FROM committed_at)::float8
-                       FROM "{s}".changes WHERE seq > $1 ORDER BY seq LIMIT {FETCH}"#
+                    r#"SELECT seq, kind, source, rolls_back, body, extract(epoch FROM committed_at)::float8, {}
+                       FROM "{s}".changes WHERE seq > $1 ORDER BY seq LIMIT {FETCH}"#,
+                    sql::STAMP_COLUMNS
                 ),
                 &[&i64::from(applied)],
             )
@@ -221,19 +259,22 @@ pub(super) async fn catch_up_locked(inner: &Inner, client: &Client) -> Result<u3
             .map_err(&err)?;
         for row in rows {
             let seq = seq_u32(row.get(0))?;
+            let at = sql::stamp(seq, &row, 6);
             let kind: &str = row.get(1);
             let source: String = row.get(2);
             let committed: f64 = row.get(5);
             match kind {
                 "apply" => {
                     let body: Vec<u8> = row.get(4);
-                    apply_rows(inner, seq, body, source).await?;
+                    apply_rows(inner, at, body, source).await?;
                 }
                 "rollback" => {
                     let batch = seq_u32(row.get::<_, Option<i64>>(3).unwrap_or(0))?;
-                    super::rollback::apply_rollback(inner, seq, batch, source, row.get(4)).await?;
+                    super::rollback::apply_rollback(inner, at, batch, source, row.get(4)).await?;
                 }
-                "base" => install_base(inner, client, seq, source, committed).await?,
+                // Bases are taken at the top of the loop; one that committed since is
+                // taken there on the next turn.
+                "base" => break,
                 other => {
                     return Err(FleetError::Refused(format!(
                         "change {seq} has unknown kind {other:?}: upgrade this node"
@@ -243,6 +284,29 @@ pub(super) async fn catch_up_locked(inner: &Inner, client: &Client) -> Result<u3
             applied_now(inner, committed);
         }
     }
+}
+
+/// Whether PostgreSQL's log (head `head`, its change at this node's `applied` being
+/// `there`) still holds the history this node applied (`here`): `Err` with both sides named
+/// when it does not. A change logged here before identities existed is taken on its number.
+pub(super) fn same_history(here: &Stamp, head: u32, there: Option<&Stamp>) -> Result<(), String> {
+    if here.seq == 0 {
+        return Ok(());
+    }
+    let why = if head < here.seq {
+        format!("PostgreSQL's change log ends at change {head}, below {here} that this node applied: the log moved back (failover to a standby that missed commits, or a restore)")
+    } else {
+        match there {
+            None => format!("PostgreSQL's change log has no change {} although its head is {head}, while this node applied {here}", here.seq),
+            Some(t) if here.uid.is_some() && t.uid != here.uid => format!(
+                "PostgreSQL's change log holds {t} where this node applied {here}: the log moved back and was written again"
+            ),
+            Some(_) => return Ok(()),
+        }
+    };
+    Err(format!(
+        "{why}; directory changes are refused until repaired (`coexist directory import` of a known-good directory file makes a new base every node takes)"
+    ))
 }
 
 /// Records that a change committed at `committed` (epoch seconds) is applied here now.
@@ -308,30 +372,43 @@ pub(super) fn encode_rows(rows: &[BatchRow], names: &[crate::types::RouteName]) 
 
 async fn apply_rows(
     inner: &Inner,
-    seq: u32,
+    at: Stamp,
     body: Vec<u8>,
     source: String,
 ) -> Result<(), FleetError> {
     let dir = inner.directory.clone();
     tokio::task::spawn_blocking(move || {
-        let rows = decode_rows(&body, dir.states(), seq)?;
-        dir.apply_at(seq, &rows, &source)?;
+        let rows = decode_rows(&body, dir.states(), at.seq)?;
+        dir.apply_at(&at, &rows, &source)?;
         Ok::<_, FleetError>(())
     })
     .await
     .map_err(|e| FleetError::Refused(e.to_string()))?
 }
 
-/// Reads base `seq`'s rows from PostgreSQL and installs them.
+/// Reads base `seq` from PostgreSQL, header and rows in one consistent snapshot, and
+/// installs it; with `replace`, over a store that belongs to another fleet (any number).
 async fn install_base(
     inner: &Inner,
     client: &Client,
     seq: u32,
-    source: String,
-    committed: f64,
+    in_commit: bool,
+    replace: bool,
 ) -> Result<(), FleetError> {
     let t0 = Instant::now();
-    let rows = read_base(inner, client, seq).await?;
+    let err = db_err(&inner.pg);
+    if !in_commit {
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(&err)?;
+    }
+    let read = read_base_whole(inner, client, seq).await;
+    if !in_commit {
+        let end = if read.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        client.batch_execute(end).await.map_err(&err)?;
+    }
+    let (at, source, committed, rows) = read?;
     let fetched = t0.elapsed();
     let dir = inner.directory.clone();
     let what = format!("fleet base {seq}");
@@ -340,7 +417,11 @@ async fn install_base(
         let base = Base::from_rows(&rows, dir.states(), &what)?;
         let built = t1.elapsed();
         drop(rows);
-        dir.install_base(seq, base, &source)?;
+        if replace {
+            dir.replace_base(&at, base, &source)?;
+        } else {
+            dir.install_base(&at, base, &source)?;
+        }
         Ok::<_, FleetError>(built)
     })
     .await
@@ -354,6 +435,99 @@ async fn install_base(
     );
     applied_now(inner, committed);
     Ok(())
+}
+
+/// Base `seq` whole: its header in the log (identity, source, commit time) and its rows,
+/// which must be there, as many as the header says.
+async fn read_base_whole(
+    inner: &Inner,
+    client: &Client,
+    seq: u32,
+) -> Result<(Stamp, String, f64, Vec<BaseRow>), FleetError> {
+    let s = inner.schema();
+    let head = client
+        .query_opt(
+            &format!(
+                r#"SELECT source, extract(epoch FROM committed_at)::float8, rows, {}
+                   FROM "{s}".changes WHERE seq = $1 AND kind = 'base'"#,
+                sql::STAMP_COLUMNS
+            ),
+            &[&i64::from(seq)],
+        )
+        .await
+        .map_err(db_err(&inner.pg))?
+        .ok_or_else(|| FleetError::Sql(format!("base {seq} is no longer in the change log")))?;
+    let rows = read_base(inner, client, seq).await?;
+    let said: i64 = head.get(2);
+    if rows.is_empty() || (said > 0 && i64::try_from(rows.len()).ok() != Some(said)) {
+        return Err(FleetError::Sql(format!(
+            "base {seq}: the change log says {said} rows, base_rows holds {}: not installed (import a known-good directory file as a new base)",
+            rows.len()
+        )));
+    }
+    Ok((sql::stamp(seq, &head, 3), head.get(0), head.get(1), rows))
+}
+
+/// Replaces a store that belongs to another fleet with this fleet's latest base; until the
+/// fleet has one the node stays behind.
+async fn replace_store(inner: &Inner, client: &Client, in_commit: bool) -> Result<(), FleetError> {
+    let s = inner.schema();
+    let base: Option<i64> = client
+        .query_one(
+            &format!(r#"SELECT max(seq) FROM "{s}".changes WHERE kind = 'base'"#),
+            &[],
+        )
+        .await
+        .map_err(db_err(&inner.pg))?
+        .get(0);
+    let Some(b) = base else {
+        return Err(FleetError::Refused(
+            "the local directory belongs to another fleet, and this fleet has no base yet".into(),
+        ));
+    };
+    install_base(inner, client, seq_u32(b)?, in_commit, true).await?;
+    let id = inner
+        .fleet_id
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_default();
+    super::write_marker(&inner.store_dir, &id)?;
+    inner.replace.store(false, Ordering::SeqCst);
+    inner.converged();
+    info!(
+        base = b,
+        "fleet: the local directory store now belongs to this fleet"
+    );
+    Ok(())
+}
+
+/// Takes fleet id `id` (as PostgreSQL has it) for this node's store: on a match nothing
+/// changes; a store without a marker is claimed; a store of another fleet (the schema was
+/// made again while this node was away) is replaced by this fleet's latest base at the next
+/// catch-up.
+fn adopt_fleet(inner: &Inner, id: &str) -> Result<(), FleetError> {
+    let mut known = inner.fleet_id.lock().unwrap_or_else(|p| p.into_inner());
+    match known.as_deref() {
+        Some(k) if k == id => return Ok(()),
+        Some(k) => {
+            warn!(old = k, new = id, "fleet: the local directory store belongs to another fleet (the schema was made again?); replacing it with this fleet's latest base");
+            inner.replace.store(true, Ordering::SeqCst);
+            inner.mark_behind("the local directory belongs to another fleet; loading this fleet's");
+        }
+        None => super::write_marker(&inner.store_dir, id)?,
+    }
+    *known = Some(id.to_string());
+    Ok(())
+}
+
+/// Evaluates the lag every [`TICK`], whatever the session is doing (a statement waiting on
+/// a lock, a base being loaded), until the fleet is stopped.
+pub(super) async fn lag_timer(inner: Arc<Inner>) {
+    while !inner.stop.load(Ordering::SeqCst) {
+        evaluate(&inner);
+        tokio::time::sleep(TICK).await;
+    }
 }
 
 /// The rows of base `seq` (COPY out as CSV), primaries first.
@@ -541,14 +715,28 @@ async fn check_peers(inner: &Arc<Inner>) {
 /// Sets or clears the drain for lag from what is known now.
 pub(super) fn evaluate(inner: &Inner) {
     let (behind, why) = {
-        let h = inner.lock_health();
-        // A node with no directory at all while PostgreSQL is unreachable has nothing to
-        // route with: it drains at once.
-        let empty = !h.up && inner.directory.applied() == 0;
-        let behind = empty
-            || h.behind_since
-                .is_some_and(|t| t.elapsed() >= inner.cfg.max_lag);
-        (behind, h.behind_why.clone())
+        let mut h = inner.lock_health();
+        let applied = inner.directory.applied();
+        // A node with no directory at all while PostgreSQL is unreachable, or while the
+        // fleet has one, has nothing to route with: it drains at once.
+        let empty = applied == 0 && (!h.up || h.head > 0);
+        // Connected, and the head (as last read) above what is applied: since when.
+        if h.up && h.head > applied {
+            h.head_above_since.get_or_insert_with(Instant::now);
+        } else {
+            h.head_above_since = None;
+        }
+        let late = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() >= inner.cfg.max_lag);
+        let behind = empty || late(h.behind_since) || late(h.head_above_since);
+        let why = h.behind_why.clone().or_else(|| {
+            late(h.head_above_since).then(|| {
+                format!(
+                    "the fleet's log is at change {} and this node has applied {applied}",
+                    h.head
+                )
+            })
+        });
+        (behind, why)
     };
     let was = inner.behind.swap(behind, Ordering::SeqCst);
     metrics::gauge!(m::FLEET_BEHIND).set(if behind { 1.0 } else { 0.0 });
@@ -569,6 +757,36 @@ mod tests {
 
     fn names() -> Vec<RouteName> {
         vec![RouteName("cloud".into()), RouteName("onprem".into())]
+    }
+
+    #[test]
+    fn a_log_that_moved_back_or_holds_another_change_is_told_apart() {
+        let here = Stamp {
+            seq: 5,
+            uid: Some("aaa".into()),
+            committed: Some("2026-12-01T10:00:00.000000Z".into()),
+        };
+        let same = here.clone();
+        assert_eq!(same_history(&here, 5, Some(&same)), Ok(()));
+        assert_eq!(same_history(&here, 9, Some(&same)), Ok(()));
+        let e = same_history(&here, 4, None).unwrap_err();
+        assert!(
+            e.starts_with("PostgreSQL's change log ends at change 4, below change 5 (id aaa, committed 2026-12-01T10:00:00.000000Z)"),
+            "{e}"
+        );
+        let other = Stamp {
+            uid: Some("bbb".into()),
+            ..here.clone()
+        };
+        let e = same_history(&here, 6, Some(&other)).unwrap_err();
+        assert!(
+            e.contains("holds change 5 (id bbb, ") && e.contains("applied change 5 (id aaa, "),
+            "{e}"
+        );
+        assert!(same_history(&here, 6, None).is_err());
+        // Logged before identities: taken on its number; nothing applied: nothing to check.
+        assert_eq!(same_history(&Stamp::seq(5), 6, Some(&other)), Ok(()));
+        assert_eq!(same_history(&Stamp::seq(0), 0, None), Ok(()));
     }
 
     #[test]

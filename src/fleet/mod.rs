@@ -15,6 +15,29 @@
 //! local snapshot's sequence. The directory's own store (snapshot and change log under
 //! `directory.store_dir/fleet`) keeps what was applied, so a restart needs only the tail.
 //!
+//! One routing truth (DESIGN invariant 10). Each change has an identity beyond its number:
+//! a random `uid` and its commit time, stored in `changes` and kept in the local change
+//! log. At every catch-up and before every commit a node checks that PostgreSQL's change
+//! at its `applied` is the very one it applied and that the head is not below it. A log
+//! that moved back (failover to a standby that missed the last commits, a restore, a
+//! truncated table) fails that check: the node refuses directory changes with an error
+//! naming both sides, counts as behind (drains after `max_lag`), logs it and shows it
+//! (`fleet status`, `/v1/ready`, `coexist_fleet_log_mismatch`). It never skips the log's
+//! change under a number it already has. The repair is a new base above every node's
+//! `applied`: `coexist directory import FILE` (through any node, a mismatched one included;
+//! the import's number jumps past every applied change in the nodes table), which every
+//! node takes since a base decides every mailbox anew.
+//!
+//! Nothing waits on PostgreSQL forever: the schema is migrated once per process (columns
+//! added only when missing), every connection runs with `lock_timeout` and
+//! `statement_timeout`, session set-up is bounded, and lag is evaluated on a timer of its
+//! own: a node connected to a log whose head stays above its `applied` for `max_lag`
+//! (a change it cannot read, a statement that waits) drains like any lagging node.
+//!
+//! A node that starts while PostgreSQL is down takes the fleet id from its store's
+//! `fleet.id` marker: when PostgreSQL is back it follows on a match, and on a mismatch (the
+//! schema was made again) it replaces its store with the new fleet's latest base.
+//!
 //! When PostgreSQL cannot be reached, nodes keep routing on the state they have (DESIGN
 //! invariant 9: no node refuses mail because the shared store is down) and directory changes
 //! are refused with an error naming PostgreSQL. A node that knows it is behind the fleet (a
@@ -71,6 +94,10 @@ pub enum FleetError {
     /// Refused by the fleet's rules, with why.
     #[error("{0}")]
     Refused(String),
+    /// PostgreSQL's change log no longer holds the history this node applied (it moved
+    /// back, or holds other changes under the same numbers): both sides named.
+    #[error("{0}")]
+    Diverged(String),
 }
 
 impl FleetError {
@@ -109,6 +136,10 @@ struct Health {
     /// The peers the last lag check could not ask while PostgreSQL was unreachable, each
     /// with why (`NAME: reason`); empty while connected.
     peers_not_asked: Vec<String>,
+    /// Since when the log's head (as last read while connected) is above `applied`.
+    head_above_since: Option<Instant>,
+    /// Why PostgreSQL's log does not hold this node's history (a log that moved back).
+    diverged: Option<String>,
 }
 
 /// Another node as the nodes table names it: where its admin API is, and on which host
@@ -141,7 +172,15 @@ struct Inner {
     admin_addr: OnceLock<String>,
     /// The host this node runs on ([`peers::host_scope`]), written with its admin address.
     host: String,
+    /// The fleet this node's store belongs to: from PostgreSQL, or the store's `fleet.id`
+    /// marker while PostgreSQL has not been reached.
     fleet_id: Mutex<Option<String>>,
+    /// The local store (`directory.store_dir/fleet`), where the `fleet.id` marker lives.
+    store_dir: std::path::PathBuf,
+    /// The schema was migrated by this process (once, at the first connection).
+    migrated: AtomicBool,
+    /// The store belongs to another fleet: replace it with this fleet's latest base.
+    replace: AtomicBool,
     /// Stops the follower.
     stop: AtomicBool,
     /// Held by whoever applies changes from the log (the follower's catch-up, a commit from
@@ -185,7 +224,8 @@ fn target(pg: &tokio_postgres::Config) -> String {
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long any statement may take before the connection is given up.
+/// How long any statement may take: PostgreSQL's `statement_timeout` on every fleet
+/// connection (a base's COPY in excepted), and the bound of the follower's steps.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Fleet {
@@ -206,21 +246,31 @@ impl Fleet {
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(CONNECT_TIMEOUT);
         }
+        let options = sql::session_options(pg.get_options());
+        pg.options(&options);
         pg.application_name(format!("coexist {}", cfg.node));
         pg.keepalives_idle(Duration::from_secs(10));
         let store_dir = config.directory.store_dir.join("fleet");
-        let first = sql::connect(&pg).await;
-        let fleet_id = match &first {
-            Ok(client) => {
-                let id = sql::migrate(client, &cfg.schema).await?;
-                claim_store(&store_dir, &id)?;
-                Some(id)
-            }
-            Err(e) => {
-                error!(error = %e, "fleet: PostgreSQL unreachable at start; serving the local snapshot of the directory until it is back");
-                None
-            }
+        // A schema newer than this build stops the start; a migration that cannot finish
+        // (a lock held past `lock_timeout`) is retried by the follower, as when PostgreSQL
+        // is unreachable.
+        let first = match sql::connect(&pg).await {
+            Ok(client) => match sql::migrate(&client, &cfg.schema).await {
+                Ok(id) => {
+                    claim_store(&store_dir, &id)?;
+                    Ok(client)
+                }
+                Err(e @ FleetError::Refused(_)) => return Err(e),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
         };
+        if let Err(e) = &first {
+            error!(error = %e, "fleet: PostgreSQL unreachable (or its schema cannot be migrated) at start; serving the local snapshot of the directory until it is back");
+        }
+        // The fleet the store belongs to: just claimed, or as its marker says.
+        let fleet_id = read_marker(&store_dir);
+        let migrated = first.is_ok();
         let ldap_up = Arc::new(AtomicBool::new(true));
         let directory = {
             let (dcfg, names, dir) = (
@@ -253,6 +303,8 @@ impl Fleet {
                     behind_why: None,
                     peers: Vec::new(),
                     peers_not_asked: Vec::new(),
+                    head_above_since: None,
+                    diverged: None,
                 }),
                 wake: Notify::new(),
                 applied,
@@ -262,6 +314,9 @@ impl Fleet {
                 admin_addr: OnceLock::new(),
                 host: peers::host_scope(),
                 fleet_id: Mutex::new(fleet_id),
+                store_dir,
+                migrated: AtomicBool::new(migrated),
+                replace: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
                 applying: tokio::sync::Mutex::new(()),
                 ldap_up,
@@ -273,8 +328,22 @@ impl Fleet {
                 if let Some(file) = &config.directory.file {
                     fleet.seed(&client, file).await?;
                 }
-                let applied = follow::catch_up(&fleet.inner, &client).await?;
-                info!(node = %fleet.inner.cfg.node, applied, entries = directory.len(), "fleet: caught up with the change log");
+                match follow::catch_up(&fleet.inner, &client).await {
+                    Ok(applied) => {
+                        info!(node = %fleet.inner.cfg.node, applied, entries = directory.len(), "fleet: caught up with the change log")
+                    }
+                    Err(e) if e.is_unreachable() => {
+                        error!(error = %e, "fleet: lost PostgreSQL while catching up at start")
+                    }
+                    Err(e) => {
+                        // Not a reason to stay down: the node follows (and says why it is
+                        // behind) once the log can be applied; with nothing applied yet it
+                        // drains at once.
+                        error!(error = %e, "fleet: cannot apply the change log at start");
+                        fleet.inner.mark_behind(&e.to_string());
+                    }
+                }
+                follow::evaluate(&fleet.inner);
             }
             Err(_) if directory.applied() == 0 => {
                 fleet
@@ -286,6 +355,7 @@ impl Fleet {
             Err(_) => {}
         }
         tokio::spawn(follow::run(fleet.inner.clone()));
+        tokio::spawn(follow::lag_timer(fleet.inner.clone()));
         if let Some(l) = config.directory.ldap.clone() {
             tokio::spawn(ldap::lead(fleet.clone(), l));
         }
@@ -357,6 +427,12 @@ impl Fleet {
         self.inner.lock_health().up
     }
 
+    /// Why PostgreSQL's change log does not hold the history this node applied (a log that
+    /// moved back), while it does not.
+    pub fn log_mismatch(&self) -> Option<String> {
+        self.inner.lock_health().diverged.clone()
+    }
+
     /// Waits until this node has applied `seq` (or `timeout` passes): true when it has.
     pub async fn wait_applied(&self, seq: u32, timeout: Duration) -> bool {
         let mut rx = self.inner.applied.subscribe();
@@ -385,6 +461,32 @@ impl Inner {
             h.behind_since = Some(Instant::now());
         }
         h.behind_why = Some(why.to_string());
+    }
+
+    /// Notes that PostgreSQL's log does not hold this node's history: logged once, shown,
+    /// counted as behind (drains after `max_lag`), and every commit refused with `why`.
+    fn diverge(&self, why: &str) {
+        let first = {
+            let mut h = self.lock_health();
+            let first = h.diverged.is_none();
+            h.diverged = Some(why.to_string());
+            first
+        };
+        self.mark_behind(why);
+        if first {
+            error!(why, "fleet: the change log in PostgreSQL does not hold this node's history; directory changes refused and this node counts as behind (repair: `coexist directory import` of a known-good file)");
+        }
+    }
+
+    /// The log holds this node's history (again).
+    fn converged(&self) {
+        let was = self.lock_health().diverged.take();
+        if let Some(why) = was {
+            info!(
+                was = why,
+                "fleet: the change log holds this node's history again"
+            );
+        }
     }
 
     /// The schema, quoted for SQL.
@@ -423,6 +525,18 @@ fn claim_store(dir: &Path, id: &str) -> Result<(), FleetError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
+    write_marker(dir, id)
+}
+
+/// Writes the store's `fleet.id` marker (temp file, fsync, rename, directory fsync).
+fn write_marker(dir: &Path, id: &str) -> Result<(), FleetError> {
+    let io = |e: std::io::Error| {
+        FleetError::Directory(DirectoryError::Io {
+            file: dir.display().to_string(),
+            source: e,
+        })
+    };
+    let marker = dir.join("fleet.id");
     std::fs::create_dir_all(dir).map_err(io)?;
     let tmp = dir.join("fleet.id.tmp");
     std::fs::write(&tmp, id)
@@ -430,6 +544,14 @@ fn claim_store(dir: &Path, id: &str) -> Result<(), FleetError> {
         .and_then(|_| std::fs::rename(&tmp, &marker))
         .and_then(|_| std::fs::File::open(dir)?.sync_all())
         .map_err(io)
+}
+
+/// The fleet id in the store's `fleet.id` marker, if any (a node started while PostgreSQL is
+/// down follows the fleet its store belongs to).
+fn read_marker(dir: &Path) -> Option<String> {
+    let id = std::fs::read_to_string(dir.join("fleet.id")).ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_string())
 }
 
 fn now_rfc3339() -> String {

@@ -15,10 +15,10 @@
 //! counted as `changed_since`. A base that changed other mailboxes, or only this mailbox's
 //! addresses, does not stand in the way.
 
-use super::commit::blocking;
+use super::commit::{blocking, skipped};
 use super::sql::{db_err, seq_u32};
 use super::{Fleet, FleetError, Inner, Progress};
-use crate::directory::store::ChangeEntry;
+use crate::directory::store::{ChangeEntry, Stamp};
 use crate::directory::undo;
 use crate::directory::BatchReport;
 use tokio_postgres::Client;
@@ -46,7 +46,12 @@ pub(super) async fn keep_undo(
     let s = inner.schema();
     client
         .execute(
-            &format!(r#"INSERT INTO "{s}".batch_undo (seq, body) VALUES ($1, $2)"#),
+            // A row under this number belongs to a change the log lost (a failover to a
+            // standby that missed it, a truncated `changes`): this change replaces it.
+            &format!(
+                r#"INSERT INTO "{s}".batch_undo (seq, body) VALUES ($1, $2)
+                   ON CONFLICT (seq) DO UPDATE SET body = excluded.body"#
+            ),
             &[&i64::from(seq), &undo::encode_undo(entries)],
         )
         .await
@@ -120,7 +125,7 @@ impl Fleet {
     /// Rolls back batch `batch` through the fleet log (see the module doc for what that
     /// means after later bases).
     pub async fn rollback(&self, batch: u32) -> Result<(BatchReport, Progress), FleetError> {
-        let (client, head, _applying) = self.begin().await?;
+        let (client, head, _applying) = self.begin(false).await?;
         let entries = undo_of(&self.inner, &client, batch).await?;
         let dir = self.inner.directory.clone();
         let (preview, restores) = {
@@ -129,27 +134,28 @@ impl Fleet {
         };
         let seq = head + 1;
         let source = format!("rollback of {batch}");
-        self.insert(
-            &client,
-            seq,
-            "rollback",
-            &source,
-            Some(batch),
-            preview.rows,
-            preview.changed,
-            &undo::encode_restores(&restores),
-        )
-        .await?;
+        let at = self
+            .insert(
+                &client,
+                seq,
+                "rollback",
+                &source,
+                Some(batch),
+                preview.rows,
+                preview.changed,
+                &undo::encode_restores(&restores),
+            )
+            .await?;
         let applied = {
             let s = source.clone();
-            blocking(move || dir.restore_at(seq, batch, &s, &restores)).await??
+            blocking(move || dir.restore_at(&at, batch, &s, &restores)).await??
         };
         // The plan is the report (rows, `changed_since`: it was made under the log's lock,
-        // on the state the change applies to).
+        // on the state the change applies to). A change this node committed and then
+        // skipped (it had that number already) is an error, never a success.
+        let applied = applied.ok_or_else(|| skipped(&self.inner, seq))?;
         let mut report = preview;
-        if let Some(r) = applied {
-            report.changed = r.changed;
-        }
+        report.changed = applied.changed;
         report.id = Some(seq);
         let nodes = self.progress(&client, seq).await?;
         info!(
@@ -167,18 +173,19 @@ impl Fleet {
 /// list, or for a rollback of an earlier version (no list), the node's own computation.
 pub(super) async fn apply_rollback(
     inner: &Inner,
-    seq: u32,
+    at: Stamp,
     batch: u32,
     source: String,
     body: Vec<u8>,
 ) -> Result<(), FleetError> {
     let dir = inner.directory.clone();
+    let seq = at.seq;
     blocking(move || {
         match undo::decode_restores(&body)
             .map_err(|e| FleetError::Refused(format!("change {seq}: {e}")))?
         {
-            Some(restores) => dir.restore_at(seq, batch, &source, &restores)?,
-            None => dir.rollback_at(seq, batch)?,
+            Some(restores) => dir.restore_at(&at, batch, &source, &restores)?,
+            None => dir.rollback_at(&at, batch)?,
         };
         Ok::<_, FleetError>(())
     })

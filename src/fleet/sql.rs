@@ -3,25 +3,86 @@
 //!
 //! - `meta`: `fleet_id` (random, made with the schema: a node's local store names the fleet
 //!   it belongs to) and `schema_version`.
-//! - `changes`: the ordered change log. `seq` is gap-free (given under an advisory lock, see
-//!   the module doc of `fleet`); `kind` is `apply`, `rollback` or `base`; an `apply`'s `body`
-//!   holds its rows as `address TAB state` lines; a `rollback` names the batch it undoes.
+//! - `changes`: the ordered change log. `seq` is given under an advisory lock, see the module
+//!   doc of `fleet` (gap-free, except that a base import jumps above every node's applied
+//!   change); `kind` is `apply`, `rollback` or `base`; an `apply`'s `body` holds its rows as
+//!   `address TAB state` lines; a `rollback` names the batch it undoes. `uid` (random, made
+//!   by PostgreSQL at insert, so builds that do not know it still give one) and
+//!   `committed_at` are the change's identity beyond its number: a node keeps both in its
+//!   local change log and checks them against this table (a log that moved back reuses
+//!   numbers, never ids).
 //! - `base_rows`: the rows of the latest bases (the one in force and the one before it);
-//!   `routing_address` is the mailbox's routing address, `''` for none (a column added by
-//!   `ALTER TABLE` to schemas made before it).
+//!   `routing_address` is the mailbox's routing address, `''` for none.
 //! - `nodes`: one row per node, written by its heartbeat; `admin_host` is the host its
 //!   `admin` address is valid on (boot id and network namespace, see `fleet::peers`).
 //! - `scheduled`: batches scheduled for later (`directory apply --at`), see
 //!   [`super::scheduled`].
 //! - `batch_undo`: each batch's undo entries, and a `rollback`'s `body` its restore list
 //!   (see [`super::rollback`]).
+//!
+//! Migration runs once per process, when a node first reaches PostgreSQL: columns added
+//! after a table's first version ([`ADDED`]) are added by `ALTER TABLE` only when missing
+//! (an `ALTER` takes an ACCESS EXCLUSIVE lock even when the column exists, and would wait
+//! behind any `pg_dump`). Every fleet connection runs with `lock_timeout`,
+//! `statement_timeout` and `idle_in_transaction_session_timeout` ([`session_options`]), so
+//! no statement waits forever. The schema version stays 1: the additions are compatible
+//! (a build before them inserts changes without `uid` and PostgreSQL gives one).
 
-use super::{target, FleetError, CONNECT_TIMEOUT};
+use super::{target, FleetError, CONNECT_TIMEOUT, STATEMENT_TIMEOUT};
+use crate::directory::Stamp;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 /// The schema version this build creates and understands.
 const SCHEMA_VERSION: i64 = 1;
+
+/// Columns added after their table's first version, added to older schemas when missing:
+/// (table, column, definition). Bases made before routing addresses have none; changes made
+/// before identities get a random id each; nodes written before hosts were recorded have none.
+const ADDED: &[(&str, &str, &str)] = &[
+    ("nodes", "admin_host", "text"),
+    ("base_rows", "routing_address", "text NOT NULL DEFAULT ''"),
+    (
+        "changes",
+        "uid",
+        "text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text)",
+    ),
+];
+
+/// How long a fleet statement may wait for a lock (a `pg_dump`, a stuck transaction).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a transaction may sit idle (a node that hangs mid-commit holds the log's lock).
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(60);
+
+/// The server settings of every fleet connection (appended to the configured `options`).
+pub(super) fn session_options(configured: Option<&str>) -> String {
+    let ms = |d: Duration| d.as_millis();
+    let ours = format!(
+        "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        ms(LOCK_TIMEOUT),
+        ms(STATEMENT_TIMEOUT),
+        ms(IDLE_IN_TRANSACTION)
+    );
+    match configured {
+        Some(c) if !c.trim().is_empty() => format!("{c} {ours}"),
+        _ => ours,
+    }
+}
+
+/// A change's identity columns, as a [`Stamp`] reads them (`uid`, commit time in RFC 3339).
+pub(super) const STAMP_COLUMNS: &str =
+    r#"uid, to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#;
+
+/// The [`Stamp`] of change `seq` from the two [`STAMP_COLUMNS`] at `at` in `row`.
+pub(super) fn stamp(seq: u32, row: &tokio_postgres::Row, at: usize) -> Stamp {
+    Stamp {
+        seq,
+        uid: row.get(at),
+        committed: row.get(at + 1),
+    }
+}
 
 /// The tables of schema `s` (quoted by the caller's format).
 fn ddl(s: &str) -> String {
@@ -42,7 +103,8 @@ CREATE TABLE IF NOT EXISTS "{s}".changes (
     rolls_back bigint,
     rows bigint NOT NULL,
     changed bigint NOT NULL,
-    body bytea NOT NULL DEFAULT ''
+    body bytea NOT NULL DEFAULT '',
+    uid text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text)
 );
 CREATE TABLE IF NOT EXISTS "{s}".base_rows (
     seq bigint NOT NULL,
@@ -53,8 +115,6 @@ CREATE TABLE IF NOT EXISTS "{s}".base_rows (
     origin bigint NOT NULL,
     routing_address text NOT NULL DEFAULT ''
 );
--- Schemas made before routing addresses: their bases have none.
-ALTER TABLE "{s}".base_rows ADD COLUMN IF NOT EXISTS routing_address text NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS "{s}".nodes (
     name text PRIMARY KEY,
     admin text,
@@ -65,10 +125,9 @@ CREATE TABLE IF NOT EXISTS "{s}".nodes (
     queue bigint NOT NULL DEFAULT 0,
     stopped boolean NOT NULL DEFAULT false,
     version text NOT NULL,
-    started timestamptz NOT NULL DEFAULT clock_timestamp()
+    started timestamptz NOT NULL DEFAULT clock_timestamp(),
+    admin_host text
 );
--- The host a node's admin address is valid on (see `fleet::peers`).
-ALTER TABLE "{s}".nodes ADD COLUMN IF NOT EXISTS admin_host text;
 {scheduled}{undo}"#,
         scheduled = super::scheduled::ddl(s),
         undo = super::rollback::ddl(s)
@@ -163,6 +222,30 @@ pub(super) async fn migrate(client: &Client, s: &str) -> Result<String, FleetErr
         .await
         .map_err(sql_err)?;
     client.batch_execute(&ddl(s)).await.map_err(sql_err)?;
+    for (table, column, definition) in ADDED {
+        let missing = client
+            .query_opt(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
+                &[&s, table, column],
+            )
+            .await
+            .map_err(sql_err)?
+            .is_none();
+        if missing {
+            tracing::info!(
+                schema = s,
+                table,
+                column,
+                "fleet: adding a column to an older schema"
+            );
+            client
+                .batch_execute(&format!(
+                    r#"ALTER TABLE "{s}".{table} ADD COLUMN IF NOT EXISTS {column} {definition}"#
+                ))
+                .await
+                .map_err(sql_err)?;
+        }
+    }
     let version: i64 = client
         .query_one(
             &format!(r#"SELECT value::bigint FROM "{s}".meta WHERE key = 'schema_version'"#),
@@ -187,6 +270,40 @@ pub(super) async fn migrate(client: &Client, s: &str) -> Result<String, FleetErr
         .get(0);
     client.batch_execute("COMMIT").await.map_err(sql_err)?;
     Ok(id)
+}
+
+/// The fleet's id (`meta.fleet_id`), read without migrating.
+pub(super) async fn fleet_id(client: &Client, s: &str) -> Result<String, FleetError> {
+    Ok(client
+        .query_one(
+            &format!(r#"SELECT value FROM "{s}".meta WHERE key = 'fleet_id'"#),
+            &[],
+        )
+        .await
+        .map_err(sql_err)?
+        .get(0))
+}
+
+/// The head of the log and the identity of change `seq` in it (`None` when it has no
+/// change `seq`), read in one statement.
+pub(super) async fn head_and(
+    client: &Client,
+    s: &str,
+    seq: u32,
+) -> Result<(u32, Option<Stamp>), FleetError> {
+    let row = client
+        .query_one(
+            &format!(
+                r#"SELECT (SELECT coalesce(max(seq), 0) FROM "{s}".changes), c.seq, {STAMP_COLUMNS}
+                   FROM (SELECT 1) one LEFT JOIN "{s}".changes c ON c.seq = $1"#
+            ),
+            &[&i64::from(seq)],
+        )
+        .await
+        .map_err(sql_err)?;
+    let head = seq_u32(row.get(0))?;
+    let at = row.get::<_, Option<i64>>(1).map(|_| stamp(seq, &row, 2));
+    Ok((head, at))
 }
 
 /// The highest sequence in the change log (0 when empty).

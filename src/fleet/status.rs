@@ -62,6 +62,10 @@ pub struct FleetStatus {
     pub behind: bool,
     /// Why it is (or was last) behind.
     pub behind_why: Option<String>,
+    /// Why PostgreSQL's change log does not hold the history applied here (a log that
+    /// moved back), while it does not: directory changes are refused meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_mismatch: Option<String>,
     /// Every node, from the nodes table (empty while PostgreSQL is down).
     pub nodes: Vec<NodeRow>,
     /// While PostgreSQL is unreachable: the peers this node could not ask what they have
@@ -82,10 +86,12 @@ pub struct NodeApplied {
 /// What `check-config` reports about a fleet: the head of its log and its nodes, or why
 /// PostgreSQL cannot be asked (a node still starts then, on its local snapshot).
 pub async fn probe(cfg: &crate::config::FleetConfig) -> Result<(u32, usize), FleetError> {
-    let pg: tokio_postgres::Config = cfg
+    let mut pg: tokio_postgres::Config = cfg
         .postgres
         .parse()
         .map_err(|e| FleetError::Refused(format!("fleet.postgres: {e}")))?;
+    let options = sql::session_options(pg.get_options());
+    pg.options(&options);
     let client = sql::connect(&pg).await?;
     let exists: bool = client
         .query_one(
@@ -122,7 +128,7 @@ impl Fleet {
     /// The fleet now: the nodes table read from PostgreSQL (on a short-lived connection), or
     /// this node's own view with the error while PostgreSQL cannot be reached.
     pub async fn status(&self) -> FleetStatus {
-        let (postgres, head, behind_why, peers_not_asked) = {
+        let (postgres, head, behind_why, peers_not_asked, log_mismatch) = {
             let h = self.inner.lock_health();
             (
                 PgHealth {
@@ -133,6 +139,7 @@ impl Fleet {
                 h.head,
                 h.behind_why.clone(),
                 h.peers_not_asked.clone(),
+                h.diverged.clone(),
             )
         };
         let mut st = FleetStatus {
@@ -142,6 +149,7 @@ impl Fleet {
             applied: self.applied(),
             behind: self.behind(),
             behind_why,
+            log_mismatch,
             nodes: Vec::new(),
             peers_not_asked,
         };

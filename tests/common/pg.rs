@@ -120,12 +120,34 @@ impl Drop for Schema {
 }
 
 /// A TCP proxy to PostgreSQL that can be cut (every connection closed, new ones closed at
-/// once) and restored.
+/// once) and restored, or stalled (connections stay open, nothing is forwarded until
+/// resumed: a server that does not answer).
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    stalled: tokio::sync::watch::Sender<bool>,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
     task: AbortHandle,
+}
+
+/// Copies `from` to `to`, holding each chunk while the proxy is stalled.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Proxy {
@@ -133,18 +155,22 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let (stalled, _) = tokio::sync::watch::channel(false);
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (c, k) = (cut.clone(), conns.clone());
+        let (c, k, st) = (cut.clone(), conns.clone(), stalled.clone());
         let to = server_addr();
         let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if c.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
+                let (up, down) = (st.subscribe(), st.subscribe());
                 let h = tokio::spawn(async move {
-                    if let Ok(mut out) = TcpStream::connect(to).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    if let Ok(out) = TcpStream::connect(to).await {
+                        let (ir, iw) = inbound.into_split();
+                        let (or, ow) = out.into_split();
+                        tokio::join!(pump(ir, ow, up), pump(or, iw, down));
                     }
                 });
                 k.lock().unwrap().push(h.abort_handle());
@@ -154,9 +180,20 @@ impl Proxy {
         Proxy {
             addr,
             cut,
+            stalled,
             conns,
             task,
         }
+    }
+
+    /// Nothing is forwarded (either way) until [`Proxy::resume`]; connections stay open.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Forwarding goes on where it stopped.
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
     }
 
     /// PostgreSQL becomes unreachable through the proxy: open connections are closed.

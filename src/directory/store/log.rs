@@ -15,6 +15,9 @@
 //! cannot come from a crash: the open fails, naming the file and the offset, rather than skip
 //! a change that was applied.
 //!
+//! A fleet change's record also holds its identity in PostgreSQL's log (`uid` and
+//! `committed`, optional JSON fields: records written before them load without them).
+//!
 //! Format 1 (before framing) was one JSON line per change. Such a log is converted at open:
 //! its records are rewritten in format 2 (the old file is kept as `changes.log.v1`), a torn
 //! last line is dropped, and a batch that an older version glued onto a torn line is
@@ -187,6 +190,49 @@ pub struct ChangeSummary {
     pub rolls_back: Option<u32>,
     /// Mailboxes whose state changed.
     pub count: usize,
+    /// In a fleet: the change's identity in PostgreSQL's log (random, given at commit), so
+    /// a log that moved back and reused this sequence number is told apart. `None` for
+    /// changes logged before identities existed and outside a fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// In a fleet: when PostgreSQL committed the change (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<String>,
+}
+
+/// A fleet change's place and identity in PostgreSQL's log: its sequence number, and the
+/// random id and commit time PostgreSQL stored with it (`None` when unknown: changes made
+/// before identities existed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stamp {
+    /// Sequence number.
+    pub seq: u32,
+    /// Random id.
+    pub uid: Option<String>,
+    /// Commit time (RFC 3339).
+    pub committed: Option<String>,
+}
+
+impl Stamp {
+    /// A change known by its number only.
+    pub fn seq(seq: u32) -> Stamp {
+        Stamp {
+            seq,
+            ..Stamp::default()
+        }
+    }
+}
+
+impl std::fmt::Display for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "change {} (id {}, committed {})",
+            self.seq,
+            self.uid.as_deref().unwrap_or("unknown"),
+            self.committed.as_deref().unwrap_or("unknown")
+        )
+    }
 }
 
 impl Store {
@@ -283,6 +329,20 @@ impl Store {
         });
         self.summaries.push(c.head.clone());
         self.end += rec.len() as u64;
+        Ok(())
+    }
+
+    /// Empties the log (a fleet node's store taken over by another fleet), durably.
+    pub fn reset(&mut self) -> Result<(), DirectoryError> {
+        let header = LOG_MAGIC.len() as u64;
+        self.log
+            .set_len(header)
+            .and_then(|_| self.log.sync_all())
+            .map_err(io_err(&self.log_path))?;
+        self.end = header;
+        self.dirty = false;
+        self.index.clear();
+        self.summaries.clear();
         Ok(())
     }
 
@@ -434,6 +494,8 @@ mod tests {
                 source: format!("b{id}.csv"),
                 rolls_back: None,
                 count: 1,
+                uid: None,
+                committed: None,
             },
             not_found: 0,
             already: 0,
@@ -454,6 +516,34 @@ mod tests {
             .iter()
             .map(|c| c.head.id)
             .collect()
+    }
+
+    /// A fleet change keeps its identity; a record written before identities existed (no
+    /// `uid` in its JSON) loads without one; `reset` empties the log for good.
+    #[test]
+    fn identities_are_kept_and_records_without_them_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let old = serde_json::to_vec(&change(1)).unwrap();
+        assert!(!String::from_utf8_lossy(&old).contains("uid"));
+        store.append(&change(1)).unwrap();
+        let mut c = change(2);
+        c.head.uid = Some("9f0c".into());
+        c.head.committed = Some("2026-11-01T10:00:00.000001Z".into());
+        store.append(&c).unwrap();
+        drop(store);
+        let mut store = Store::open(dir.path()).unwrap();
+        let (list, _) = store.read_log(0).unwrap();
+        assert_eq!(list[0].uid, None);
+        assert_eq!(list[1].uid.as_deref(), Some("9f0c"));
+        assert_eq!(
+            list[1].committed.as_deref(),
+            Some("2026-11-01T10:00:00.000001Z")
+        );
+        store.reset().unwrap();
+        store.append(&change(7)).unwrap();
+        drop(store);
+        assert_eq!(ids(&Store::open(dir.path()).unwrap()), vec![7]);
     }
 
     /// Every shape a torn append can leave (part of a header, part of a payload, zeros from

@@ -7,7 +7,11 @@
 //!   addresses existed, so from a file without them) still loads, with no routing addresses.
 //! - `changes.log`: append-only, one record per batch, rollback or file reload, fsynced
 //!   before the change takes effect. Records newer than the snapshot are replayed at start.
-//!   Its format, framing and recovery are described in `log`.
+//!   Its format, framing and recovery are described in `log`. In a fleet each record also
+//!   keeps the change's identity in PostgreSQL's log (`uid`, `committed`: see [`Stamp`]),
+//!   which the fleet checks the log against; records written before identities existed
+//!   have none and still load.
+//! - `fleet.id` (fleet nodes): the fleet the store belongs to, written by `crate::fleet`.
 //!
 //! A hand-written format rather than an embedded KV store (redb, fjall): the table is read
 //! whole at start and never queried on disk, so a store's B-tree would only add work; the
@@ -15,7 +19,7 @@
 
 mod log;
 
-pub use log::{Change, ChangeEntry, ChangeKind, ChangeSummary};
+pub use log::{Change, ChangeEntry, ChangeKind, ChangeSummary, Stamp};
 
 use super::routing::RoutingAddresses;
 use super::table::Table;

@@ -460,6 +460,12 @@ impl Queue {
         (syncs, records, self.inner.spool.segment_count())
     }
 
+    /// Test hook: see [`Spool::inject_faults`].
+    #[doc(hidden)]
+    pub fn inject_spool_faults(&self, short_writes: u32, syncs: u32, cuts: u32) {
+        self.inner.spool.inject_faults(short_writes, syncs, cuts);
+    }
+
     /// Messages queued.
     pub fn len(&self) -> usize {
         self.inner.index().len()

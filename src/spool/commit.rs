@@ -4,7 +4,11 @@
 //! another and makes them durable with one `fdatasync` (group commit); only then does any of
 //! the callers hear back (and a session send its `250`). A failed write or sync is cut off
 //! the file again and reported to every caller of that turn, whose records are then not in
-//! the spool. Before anyone hears back, what keeps each new record's segment (a reference,
+//! the spool. When the cut itself fails, an empty marker file `NNNNNNNNNN.seg.void-OFFSET`
+//! records that the segment's bytes from `OFFSET` on are void before the callers hear back,
+//! nothing more is written to that segment (a new one is started), and at the next start the
+//! replay ignores (and cuts, if it can) those bytes ([`super::recover`]): neither a torn
+//! record stops the start nor do whole records of a refused message come back. Before anyone hears back, what keeps each new record's segment (a reference,
 //! or a pin) is recorded under the reclaim lock, so a rotation or deletion can never take a
 //! segment holding a record its caller is about to rely on. When the head segment is full a
 //! new one is started. Deleting segments nothing needs any more is done here too, so all
@@ -20,7 +24,7 @@ use super::{io_err, Loc, SpoolError};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
@@ -40,6 +44,33 @@ pub struct Stats {
     pub commits: AtomicU64,
     /// Records those syncs covered.
     pub records: AtomicU64,
+    /// Failures to make up (test hook).
+    pub faults: Faults,
+}
+
+/// Test hook: failures the commit stage makes up on purpose, for the rare paths a real disk
+/// seldom shows; each count is used up by one turn (or one cut).
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Turns whose write stops half-way (a short write), then fails.
+    pub short_writes: AtomicU32,
+    /// Turns whose records are written whole, then whose sync fails.
+    pub syncs: AtomicU32,
+    /// Cuts of a failed turn off the segment that fail.
+    pub cuts: AtomicU32,
+}
+
+/// An error (EIO) when `count` asks for one, using it up.
+fn made_up(count: &AtomicU32) -> io::Result<()> {
+    match count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
+        Ok(_) => Err(io::Error::from_raw_os_error(5)),
+        Err(_) => Ok(()),
+    }
+}
+
+/// The marker saying that segment `n`'s bytes from `off` on are void.
+pub fn void_marker(n: u32, off: u64) -> String {
+    format!("{}.void-{off}", segment::file_name(n))
 }
 
 /// One record to append.
@@ -217,7 +248,14 @@ pub fn run(
                 appends.iter().map(|a| a.0.len() as u64).sum(),
                 Ordering::Relaxed,
             );
-            commit_turn(&mut head, appends, &mut buf, &reclaim);
+            if head.broken {
+                // A failed write that could not be cut off, and no new segment yet.
+                if let Ok(h) = Head::create(&head.dir, head.n + 1) {
+                    head = h;
+                    deletes.extend(lock(&reclaim).rotated(head.n));
+                }
+            }
+            commit_turn(&mut head, appends, &mut buf, &reclaim, &stats.faults);
             if head.len >= segment_size || head.broken {
                 match Head::create(&head.dir, head.n + 1) {
                     Ok(h) => {
@@ -246,12 +284,35 @@ type ReplyTo = oneshot::Sender<Result<Vec<Loc>, SpoolError>>;
 type Waiting = Vec<(Vec<Rec>, ReplyTo)>;
 
 /// Writes one turn's records, syncs once, answers every caller.
-fn commit_turn(head: &mut Head, appends: Waiting, buf: &mut Vec<u8>, reclaim: &Mutex<Reclaim>) {
+fn commit_turn(
+    head: &mut Head,
+    appends: Waiting,
+    buf: &mut Vec<u8>,
+    reclaim: &Mutex<Reclaim>,
+    faults: &Faults,
+) {
+    if head.broken {
+        // Its end is void (see the marker): nothing more goes into it.
+        let path = head.path();
+        for (_, reply) in appends {
+            let err = io::Error::other("the head segment has a failed write that could not be cut off, and no new segment could be started");
+            let _ = reply.send(Err(io_err(&path)(err)));
+        }
+        return;
+    }
     let start = head.len;
     let all: Vec<&Rec> = appends.iter().flat_map(|(r, _)| r.iter()).collect();
     let res = head
         .write(&all, buf)
-        .and_then(|locs| head.sync().map(|()| locs));
+        .and_then(|locs| match made_up(&faults.short_writes) {
+            Err(e) => {
+                let _ = head.file.set_len(start + (head.len - start) / 2);
+                Err(e)
+            }
+            Ok(()) => Ok(locs),
+        })
+        .and_then(|locs| head.sync().map(|()| locs))
+        .and_then(|locs| made_up(&faults.syncs).map(|()| locs));
     match res {
         Ok(locs) => {
             {
@@ -278,9 +339,16 @@ fn commit_turn(head: &mut Head, appends: Waiting, buf: &mut Vec<u8>, reclaim: &M
             drop(all);
             let path = head.path();
             warn!(path = %path.display(), error = %e, "spool write failed; the records of this commit are cut off");
-            if let Err(e2) = head.cut(start) {
-                error!(path = %path.display(), error = %e2, "cannot cut a failed spool write off the segment; starting a new one");
+            if let Err(e2) = made_up(&faults.cuts).and_then(|()| head.cut(start)) {
                 head.broken = true;
+                let marker = head.dir.join(void_marker(head.n, start));
+                let marked = File::create(&marker)
+                    .and_then(|_| File::open(&head.dir))
+                    .and_then(|d| d.sync_all());
+                match marked {
+                    Ok(()) => error!(path = %path.display(), offset = start, error = %e2, marker = %marker.display(), "cannot cut a failed spool write off the segment: its bytes from this offset on are void (ignored at the next start); starting a new segment"),
+                    Err(e3) => error!(path = %path.display(), offset = start, error = %e2, marker_error = %e3, "cannot cut a failed spool write off the segment, nor mark it void: its records may come back at the next start; starting a new segment"),
+                }
             }
             for (_, reply) in appends {
                 let err = io::Error::new(e.kind(), e.to_string());

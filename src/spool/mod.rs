@@ -214,6 +214,19 @@ impl Spool {
         )
     }
 
+    /// Test hook: the commit stage makes up failures (EIO) for its next turns: `short_writes`
+    /// turns stop half-way through their write, `syncs` turns write whole and fail their
+    /// sync, and `cuts` cuts of a failed turn off the segment fail. For tests of the rare
+    /// paths only.
+    #[doc(hidden)]
+    pub fn inject_faults(&self, short_writes: u32, syncs: u32, cuts: u32) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let f = &self.stats.faults;
+        f.short_writes.store(short_writes, SeqCst);
+        f.syncs.store(syncs, SeqCst);
+        f.cuts.store(cuts, SeqCst);
+    }
+
     /// Test only: requests sent to the commit stage and not yet answered or taken.
     #[cfg(test)]
     fn jobs_waiting_for_test(&self) -> usize {

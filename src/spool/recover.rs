@@ -5,6 +5,12 @@
 //! Segments before the last were synced whole before the next one was started, so damage in
 //! them is not a torn write: it is reported with the file and offset, and the relay does not
 //! start on a spool it cannot read.
+//!
+//! The one exception is a segment with a void marker (`NNNNNNNNNN.seg.void-OFFSET`, left by
+//! the commit stage when a failed write could not be cut off): its bytes from `OFFSET` on
+//! belong to a turn whose callers were told it failed (a sender got a `4xx`), so they are
+//! cut off here (or, if the cut fails again, ignored) and the marker removed; markers of
+//! segments that no longer exist are removed.
 
 use super::commit::{Head, Rec};
 use super::reclaim::Reclaim;
@@ -84,13 +90,19 @@ struct Found {
 
 fn replay_segments(dir: &Path, read_only: bool) -> Result<Found, SpoolError> {
     let mut numbers = Vec::new();
+    let mut voids: Vec<(u32, u64, String)> = Vec::new();
     for e in fs::read_dir(dir).map_err(io_err(dir))? {
         let e = e.map_err(io_err(dir))?;
-        if let Some(n) = e.file_name().to_str().and_then(segment::number) {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = segment::number(name) {
             numbers.push(n);
+        } else if let Some((n, off)) = void_marker(name) {
+            voids.push((n, off, name.to_string()));
         }
     }
     numbers.sort_unstable();
+    let limits = void_ends(dir, &numbers, voids, read_only);
     let mut live: HashMap<QueueId, Queued> = HashMap::new();
     // Segments that must outlive others: (segment of a Done or of a copied message record,
     // segment of the message record it ends or supersedes).
@@ -106,6 +118,7 @@ fn replay_segments(dir: &Path, read_only: bool) -> Result<Found, SpoolError> {
             &dir.join(segment::file_name(n)),
             n,
             tail,
+            limits.get(&n).copied(),
             &mut |loc, h, meta| apply(&mut live, &mut dones, loc, h, meta),
         )?;
     }
@@ -114,6 +127,58 @@ fn replay_segments(dir: &Path, read_only: bool) -> Result<Found, SpoolError> {
         live,
         dones,
     })
+}
+
+/// The segment and offset a void marker's name gives (`NNNNNNNNNN.seg.void-OFFSET`).
+fn void_marker(name: &str) -> Option<(u32, u64)> {
+    let (seg, off) = name.split_once(".void-")?;
+    Some((segment::number(seg)?, off.parse().ok()?))
+}
+
+/// Where each segment with a void marker ends for the scan. Unless `read_only`, the void
+/// bytes are cut off and the markers removed (a segment the cut fails for keeps its marker
+/// and its end), and markers of segments that are gone are removed.
+fn void_ends(
+    dir: &Path,
+    numbers: &[u32],
+    voids: Vec<(u32, u64, String)>,
+    read_only: bool,
+) -> HashMap<u32, u64> {
+    let mut ends: HashMap<u32, u64> = HashMap::new();
+    for (n, off, name) in voids {
+        let marker = dir.join(&name);
+        if !numbers.contains(&n) {
+            if !read_only {
+                let _ = fs::remove_file(&marker);
+            }
+            continue;
+        }
+        let end = ends.entry(n).or_insert(off);
+        *end = (*end).min(off);
+        if read_only {
+            continue;
+        }
+        let path = dir.join(segment::file_name(n));
+        let cut = OpenOptions::new().write(true).open(&path).and_then(|f| {
+            if f.metadata()?.len() > off {
+                f.set_len(off)?;
+                f.sync_all()?;
+            }
+            Ok(())
+        });
+        match cut {
+            Ok(()) => {
+                warn!(path = %path.display(), offset = off, "cut off the void end of a spool segment (a failed write its callers were told about)");
+                if fs::remove_file(&marker).is_ok() {
+                    let _ = File::open(dir).and_then(|d| d.sync_all());
+                }
+            }
+            Err(e) => {
+                warn!(path = %path.display(), offset = off, error = %e, "cannot cut the void end off a spool segment; it is ignored")
+            }
+        }
+    }
+    ends
 }
 
 /// The queued messages of the spool under `root` as its log says, without changing anything
@@ -229,8 +294,15 @@ enum Tail {
     Stop,
 }
 
-/// Reads every record of segment `n`; bodies are skipped in sealed segments.
-fn scan(path: &Path, n: u32, tail: Tail, each: &mut RecordFn<'_>) -> Result<(), SpoolError> {
+/// Reads every record of segment `n` (up to `end`, when its end is marked void); bodies are
+/// skipped in sealed segments.
+fn scan(
+    path: &Path,
+    n: u32,
+    tail: Tail,
+    end: Option<u64>,
+    each: &mut RecordFn<'_>,
+) -> Result<(), SpoolError> {
     let corrupt = |off: u64, reason: String| SpoolError::Corrupt {
         path: format!("{} at offset {off}", path.display()),
         reason,
@@ -242,6 +314,7 @@ fn scan(path: &Path, n: u32, tail: Tail, each: &mut RecordFn<'_>) -> Result<(), 
         .open(path)
         .map_err(io_err(path))?;
     let file_len = file.metadata().map_err(io_err(path))?.len();
+    let file_len = end.map_or(file_len, |e| e.min(file_len));
     // Positioned reads of each record's header and metadata: the bodies of sealed segments
     // are never read (a restart over gigabytes of queued mail reads only the envelopes).
     let mut magic = [0u8; 8];

@@ -32,7 +32,11 @@ impl Tmpfs {
             .status()
             .expect("mount runs")
             .success();
-        assert!(ok, "cannot mount a tmpfs at {} (root needed)", dir.display());
+        assert!(
+            ok,
+            "cannot mount a tmpfs at {} (root needed)",
+            dir.display()
+        );
         Tmpfs(dir.to_path_buf())
     }
 }
@@ -141,21 +145,39 @@ async fn an_outcome_a_full_disk_refuses_is_written_before_the_next_delivery() {
     // Its state cannot be written. Wait until either a recipient got the message twice
     // (the old failure) or the write was tried again three times (each try is one commit
     // turn, and nothing else writes).
-    let seen = eventually("a repeated delivery, or three more tries to write the state", || {
-        let counts = per_recipient(&onprem.state.messages());
-        let twice = counts.values().any(|&n| n > 1);
-        let tries = relay.queue.spool_stats().0.saturating_sub(syncs_before);
-        (twice || tries >= 4).then_some(counts)
-    })
+    let seen = eventually(
+        "a repeated delivery, or three more tries to write the state",
+        || {
+            let counts = per_recipient(&onprem.state.messages());
+            let twice = counts.values().any(|&n| n > 1);
+            let tries = relay.queue.spool_stats().0.saturating_sub(syncs_before);
+            (twice || tries >= 4).then_some(counts)
+        },
+    )
     .await;
     for a in &onprem_rcpts {
-        assert_eq!(seen.get(a), Some(&1), "{a} got the message {:?} times while the disk was full", seen.get(a));
+        assert_eq!(
+            seen.get(a),
+            Some(&1),
+            "{a} got the message {:?} times while the disk was full",
+            seen.get(a)
+        );
     }
     let e = relay.queue.get(&qid).expect("still queued");
-    assert_eq!(e.state.attempts, 2, "the second attempt is remembered: {e:?}");
-    assert!(e.unwritten.is_some(), "queue show says the state is not written: {e:?}");
+    assert_eq!(
+        e.state.attempts, 2,
+        "the second attempt is remembered: {e:?}"
+    );
+    assert!(
+        e.unwritten.is_some(),
+        "queue show says the state is not written: {e:?}"
+    );
     let shown = relay.queue.view(&e);
-    let delivered = shown.recipients.iter().filter(|r| r.status == "delivered").count();
+    let delivered = shown
+        .recipients
+        .iter()
+        .filter(|r| r.status == "delivered")
+        .count();
     assert_eq!(delivered, 20, "{shown:?}");
 
     // Space again, and the cloud accepts: every recipient exactly once, one DSN.
@@ -179,7 +201,10 @@ async fn an_outcome_a_full_disk_refuses_is_written_before_the_next_delivery() {
     assert_eq!(bounces.len(), 1, "one DSN to the sender");
     let text = String::from_utf8_lossy(&bounces[0].body);
     for a in &reject_rcpts {
-        assert!(text.contains(&format!("Final-Recipient: rfc822; {a}")), "{a} in the DSN");
+        assert!(
+            text.contains(&format!("Final-Recipient: rfc822; {a}")),
+            "{a} in the DSN"
+        );
     }
     drop(relay);
 }
@@ -198,7 +223,10 @@ async fn a_delete_whose_end_record_cannot_be_written_is_refused() {
     h.deferred(&qid).await;
     h.relay.queue.hold(&qid).unwrap();
     eventually("the message held", || {
-        h.relay.queue.get(&qid).is_some_and(|e| e.phase == Phase::Held)
+        h.relay
+            .queue
+            .get(&qid)
+            .is_some_and(|e| e.phase == Phase::Held)
     })
     .await;
 
@@ -207,14 +235,21 @@ async fn a_delete_whose_end_record_cannot_be_written_is_refused() {
     let api = h.relay.admin_addr.unwrap();
     let (status, body) = admin(api, "POST", &format!("/v1/queue/{qid}/delete")).await;
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("cannot delete") && body.contains("stays queued"), "{body}");
+    assert!(
+        body.contains("cannot delete") && body.contains("stays queued"),
+        "{body}"
+    );
     let e = h.relay.queue.get(&qid).expect("still queued");
     assert_eq!(e.phase, Phase::Held, "as it was before the delete");
 
     // Across a restart it is still there, as the admin was told; a delete that can be
     // written then removes it for good.
     let h = h.restart().await;
-    let e = h.relay.queue.get(&qid).expect("still queued after a restart");
+    let e = h
+        .relay
+        .queue
+        .get(&qid)
+        .expect("still queued after a restart");
     assert_eq!(e.phase, Phase::Held);
     let api = h.relay.admin_addr.unwrap();
     let (status, body) = admin(api, "POST", &format!("/v1/queue/{qid}/delete")).await;
@@ -222,7 +257,10 @@ async fn a_delete_whose_end_record_cannot_be_written_is_refused() {
     assert!(h.relay.queue.get(&qid).is_none());
     let h = h.restart().await;
     h.onprem.state.set_mode(SinkMode::Accept);
-    assert!(h.relay.queue.get(&qid).is_none(), "a delete is never undone");
+    assert!(
+        h.relay.queue.get(&qid).is_none(),
+        "a delete is never undone"
+    );
     h.settled().await;
     assert_eq!(h.onprem.state.messages().len(), 0, "nothing delivered");
 }
@@ -256,7 +294,10 @@ async fn send_and_hold(h: &Harness, subject: &str) -> String {
     h.deferred(&qid).await;
     h.relay.queue.hold(&qid).unwrap();
     eventually("the message held", || {
-        h.relay.queue.get(&qid).is_some_and(|e| e.phase == Phase::Held)
+        h.relay
+            .queue
+            .get(&qid)
+            .is_some_and(|e| e.phase == Phase::Held)
     })
     .await;
     qid
@@ -285,7 +326,10 @@ async fn a_failed_write_that_cannot_be_cut_off_stops_no_start_and_brings_nothing
 
     // The next start reads the spool, and neither refused message comes back.
     let h = h.restart().await;
-    assert!(void_markers(&spool).is_empty(), "the void ends were cut at the start");
+    assert!(
+        void_markers(&spool).is_empty(),
+        "the void ends were cut at the start"
+    );
     h.onprem.state.set_mode(SinkMode::Accept);
     for id in [&one, &three] {
         h.relay.queue.release(id).unwrap();

@@ -701,7 +701,7 @@ async fn queue_action(
     res.map_err(|e| {
         let code = match e {
             crate::queue::QueueError::NotDeleted { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            crate::queue::QueueError::DeletePending(_) => StatusCode::ACCEPTED,
+            crate::queue::QueueError::DeletePending(_) => StatusCode::CONFLICT,
             _ => StatusCode::NOT_FOUND,
         };
         ApiError(code, e.to_string())

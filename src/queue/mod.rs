@@ -10,6 +10,21 @@
 //! route answers again (a fresh message or a probe every `queue.probe_interval`), at the pace
 //! the route's concurrency allows.
 //!
+//! When the spool cannot write what an attempt learned (disk full, I/O error), the outcome
+//! is not dropped (DESIGN invariant 11): the new state stays in memory with the message's
+//! index entry and is written before anything else is done with it; while that write fails
+//! (tried again after 1 s, doubling to a minute) the message is not delivered, so a failed
+//! write repeats a write, never a delivery. A message whose sender was told (DSN spooled, or
+//! kept in `failed/`) but whose end record could not be written owes only that record: no
+//! second delivery, no second DSN. `queue show` shows such a message with the newer state and
+//! an `unwritten` note; the `coexist_queue_unwritten_outcomes` gauge counts them. These
+//! outcomes live in memory: a restart before they are written resumes from the state on
+//! disk (a graceful stop logs how many there are).
+//!
+//! An admin delete ends a message only once its end record is durable; when the spool cannot
+//! write it the delete is refused with an error and the message stays queued as it was, so
+//! a restart never brings back a message an admin was told is deleted.
+//!
 //! This module holds the [`Queue`] handle (submit, restore, hold, release, delete, flush);
 //! `dsn` ends messages and spools DSNs, `view` gives listings and counts, and [`recent`]
 //! keeps the recent per-recipient outcomes for `coexist trace`.
@@ -105,7 +120,9 @@ pub enum QueueError {
         reason: String,
     },
     /// A delete waits for the message's delivery attempt in progress to end.
-    #[error("the delete of {0} waits for its delivery attempt to end; see `coexist queue show {0}`")]
+    #[error(
+        "the delete of {0} waits for its delivery attempt to end; see `coexist queue show {0}`"
+    )]
     DeletePending(String),
 }
 

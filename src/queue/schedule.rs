@@ -1,6 +1,6 @@
 //! Running the queue: the dispatcher that starts attempts for due messages, the task of one
-//! attempt (deliver, expire, record, defer), admin changes to idle messages, and route
-//! release and probes.
+//! attempt (write what an earlier attempt could not, deliver, expire, record, defer), admin
+//! changes to idle messages, and route release and probes.
 
 use super::attempt::{attempt, record, AttemptBody, RouteReport, Told};
 use super::dsn::{finish, warn_if_delayed, End};
@@ -224,7 +224,10 @@ async fn current(
     let env = match tokio::task::spawn_blocking(move || spool.read_envelope(msg)).await {
         Ok(Ok(env)) => Arc::new(env),
         res => {
-            let err = res.map_or_else(|e| e.to_string(), |r| r.err().map(|e| e.to_string()).unwrap_or_default());
+            let err = res.map_or_else(
+                |e| e.to_string(),
+                |r| r.err().map(|e| e.to_string()).unwrap_or_default(),
+            );
             error!(qid = %key.id(), error = %err, "cannot read the queued message; will try again");
             unreadable(inner, key, *e).await;
             return None;
@@ -315,7 +318,13 @@ async fn attempt_and_place(inner: &Arc<Inner>, key: QueueKey, e: Entry, fresh: O
 /// Ends a message whose recipients all have their final outcome (DSN, end record). What the
 /// spool could not write is kept with its entry and written first at its next turn: the end
 /// record alone when the sender was told, else the final state (the DSN is tried again).
-async fn end(inner: &Arc<Inner>, key: QueueKey, e: Entry, env: &Arc<Envelope>, state: DeliveryState) {
+async fn end(
+    inner: &Arc<Inner>,
+    key: QueueKey,
+    e: Entry,
+    env: &Arc<Envelope>,
+    state: DeliveryState,
+) {
     let attempts = state.attempts;
     let owed = match finish(inner, env, &state, e.msg, e.state).await {
         End::Gone => return gone(inner, key),

@@ -141,8 +141,14 @@ impl Queue {
         let (env, state) = self.inner.spool.read_queued(e.msg, e.state).ok()?;
         let phase = Phase::from(e.slot);
         let unwritten = newer.as_ref().map(|u| match u.owed {
-            Owed::State(_) => format!("delivery state not yet written to the spool ({} failed writes)", u.failures),
-            Owed::End(_) => format!("finished; its end record not yet written to the spool ({} failed writes)", u.failures),
+            Owed::State(_) => format!(
+                "delivery state not yet written to the spool ({} failed writes)",
+                u.failures
+            ),
+            Owed::End(_) => format!(
+                "finished; its end record not yet written to the spool ({} failed writes)",
+                u.failures
+            ),
         });
         Some(QueueEntry {
             envelope: Arc::new(env),

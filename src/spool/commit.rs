@@ -346,8 +346,12 @@ fn commit_turn(
                     .and_then(|_| File::open(&head.dir))
                     .and_then(|d| d.sync_all());
                 match marked {
-                    Ok(()) => error!(path = %path.display(), offset = start, error = %e2, marker = %marker.display(), "cannot cut a failed spool write off the segment: its bytes from this offset on are void (ignored at the next start); starting a new segment"),
-                    Err(e3) => error!(path = %path.display(), offset = start, error = %e2, marker_error = %e3, "cannot cut a failed spool write off the segment, nor mark it void: its records may come back at the next start; starting a new segment"),
+                    Ok(()) => {
+                        error!(path = %path.display(), offset = start, error = %e2, marker = %marker.display(), "cannot cut a failed spool write off the segment: its bytes from this offset on are void (ignored at the next start); starting a new segment")
+                    }
+                    Err(e3) => {
+                        error!(path = %path.display(), offset = start, error = %e2, marker_error = %e3, "cannot cut a failed spool write off the segment, nor mark it void: its records may come back at the next start; starting a new segment")
+                    }
                 }
             }
             for (_, reply) in appends {

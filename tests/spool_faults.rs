@@ -13,6 +13,7 @@ mod common;
 use coexist::load::sink::{Sink, SinkMessage, SinkMode, SinkOptions};
 use coexist::queue::Phase;
 use coexist::relay;
+use coexist::spool::InjectedFaults;
 use common::*;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -209,6 +210,46 @@ async fn an_outcome_a_full_disk_refuses_is_written_before_the_next_delivery() {
     drop(relay);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_record_that_cannot_be_written_sends_no_second_dsn_or_delivery() {
+    let h = harness(|_| {}).await;
+    // reject01 is unknown (on premises, refused with 550); bob is in the cloud, which
+    // defers first. The DSN goes on premises, which defers it until the end (so the only
+    // end record written meanwhile is the original's).
+    h.onprem.state.set_mode(SinkMode::Defer);
+    h.cloud.state.set_mode(SinkMode::Defer);
+    let r = send_one(h.addr, &["reject01@nhs.test", "bob@nhs.test"], "ends").await;
+    let qid = queue_id(&r);
+    h.deferred(&qid).await;
+    h.relay.queue.hold(&qid).unwrap();
+    eventually("the message held", || {
+        h.relay
+            .queue
+            .get(&qid)
+            .is_some_and(|e| e.phase == Phase::Held)
+    })
+    .await;
+
+    // Bob is delivered, the DSN spooled, and the end record's sync fails once.
+    h.relay.queue.inject_spool_faults(InjectedFaults {
+        end_syncs: 1,
+        ..Default::default()
+    });
+    h.cloud.state.set_mode(SinkMode::Accept);
+    h.relay.queue.release(&qid).unwrap();
+    eventually("the original message ended", || {
+        h.relay.queue.get(&qid).is_none()
+    })
+    .await;
+
+    h.onprem.state.set_mode(SinkMode::Accept);
+    h.relay.queue.flush_where(|_| true);
+    h.settled().await;
+    let bob = per_recipient(&h.cloud.state.messages());
+    assert_eq!(bob.get("bob@nhs.test"), Some(&1), "bob got it once");
+    assert_eq!(dsns(&h.onprem.state.messages()).len(), 1, "one DSN");
+}
+
 /// An admin API request; (status, body).
 async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let (status, _, body) = http(addr, method, path, Some(TOKEN), None, b"").await;
@@ -231,7 +272,10 @@ async fn a_delete_whose_end_record_cannot_be_written_is_refused() {
     .await;
 
     // The end record's sync fails (it is cut off again): the delete is refused.
-    h.relay.queue.inject_spool_faults(0, 1, 0);
+    h.relay.queue.inject_spool_faults(InjectedFaults {
+        syncs: 1,
+        ..Default::default()
+    });
     let api = h.relay.admin_addr.unwrap();
     let (status, body) = admin(api, "POST", &format!("/v1/queue/{qid}/delete")).await;
     assert_eq!(status, 503, "{body}");
@@ -311,7 +355,11 @@ async fn a_failed_write_that_cannot_be_cut_off_stops_no_start_and_brings_nothing
     let one = send_and_hold(&h, "one").await;
 
     // A short write (a torn record) that cannot be cut off: the sender hears 4xx.
-    h.relay.queue.inject_spool_faults(1, 0, 1);
+    h.relay.queue.inject_spool_faults(InjectedFaults {
+        short_writes: 1,
+        cuts: 1,
+        ..Default::default()
+    });
     let r = send_one(h.addr, &["alice@nhs.test"], "two-torn").await;
     assert_eq!(r.code / 100, 4, "{r:?}");
     assert_eq!(void_markers(&spool).len(), 1, "the void end is marked");
@@ -319,7 +367,11 @@ async fn a_failed_write_that_cannot_be_cut_off_stops_no_start_and_brings_nothing
     let three = send_and_hold(&h, "three").await;
 
     // Whole records whose sync failed and that cannot be cut off: 4xx too.
-    h.relay.queue.inject_spool_faults(0, 1, 1);
+    h.relay.queue.inject_spool_faults(InjectedFaults {
+        syncs: 1,
+        cuts: 1,
+        ..Default::default()
+    });
     let r = send_one(h.addr, &["alice@nhs.test"], "four-whole").await;
     assert_eq!(r.code / 100, 4, "{r:?}");
     assert_eq!(void_markers(&spool).len(), 2);

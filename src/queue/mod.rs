@@ -479,8 +479,8 @@ impl Queue {
 
     /// Test hook: see [`Spool::inject_faults`].
     #[doc(hidden)]
-    pub fn inject_spool_faults(&self, short_writes: u32, syncs: u32, cuts: u32) {
-        self.inner.spool.inject_faults(short_writes, syncs, cuts);
+    pub fn inject_spool_faults(&self, faults: crate::spool::InjectedFaults) {
+        self.inner.spool.inject_faults(faults);
     }
 
     /// Messages queued.

@@ -58,6 +58,8 @@ pub struct Faults {
     pub syncs: AtomicU32,
     /// Cuts of a failed turn off the segment that fail.
     pub cuts: AtomicU32,
+    /// Turns holding a `Done` record whose sync fails (then cut off as usual).
+    pub end_syncs: AtomicU32,
 }
 
 /// An error (EIO) when `count` asks for one, using it up.
@@ -312,7 +314,13 @@ fn commit_turn(
             Ok(()) => Ok(locs),
         })
         .and_then(|locs| head.sync().map(|()| locs))
-        .and_then(|locs| made_up(&faults.syncs).map(|()| locs));
+        .and_then(|locs| made_up(&faults.syncs).map(|()| locs))
+        .and_then(
+            |locs| match all.iter().any(|r| matches!(r.kind, Kind::Done)) {
+                true => made_up(&faults.end_syncs).map(|()| locs),
+                false => Ok(locs),
+            },
+        );
     match res {
         Ok(locs) => {
             {

@@ -102,6 +102,21 @@ pub struct Spool {
     pending: std::sync::atomic::AtomicUsize,
 }
 
+/// Test hook: failures (EIO) the commit stage makes up ([`Spool::inject_faults`]); each
+/// count is used up by one turn (or one cut).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InjectedFaults {
+    /// Turns whose write stops half-way (a short write), then fails.
+    pub short_writes: u32,
+    /// Turns whose records are written whole, then whose sync fails.
+    pub syncs: u32,
+    /// Cuts of a failed turn off the segment that fail.
+    pub cuts: u32,
+    /// Turns holding an end (`Done`) record whose sync fails.
+    pub end_syncs: u32,
+}
+
 /// A spool just opened, with the messages it holds.
 pub struct Opened {
     /// The spool.
@@ -214,17 +229,16 @@ impl Spool {
         )
     }
 
-    /// Test hook: the commit stage makes up failures (EIO) for its next turns: `short_writes`
-    /// turns stop half-way through their write, `syncs` turns write whole and fail their
-    /// sync, and `cuts` cuts of a failed turn off the segment fail. For tests of the rare
-    /// paths only.
+    /// Test hook: the commit stage makes up failures (EIO) for its next turns, as `faults`
+    /// says. For tests of the rare paths only.
     #[doc(hidden)]
-    pub fn inject_faults(&self, short_writes: u32, syncs: u32, cuts: u32) {
+    pub fn inject_faults(&self, faults: InjectedFaults) {
         use std::sync::atomic::Ordering::SeqCst;
         let f = &self.stats.faults;
-        f.short_writes.store(short_writes, SeqCst);
-        f.syncs.store(syncs, SeqCst);
-        f.cuts.store(cuts, SeqCst);
+        f.short_writes.store(faults.short_writes, SeqCst);
+        f.syncs.store(faults.syncs, SeqCst);
+        f.cuts.store(faults.cuts, SeqCst);
+        f.end_syncs.store(faults.end_syncs, SeqCst);
     }
 
     /// Test only: requests sent to the commit stage and not yet answered or taken.

@@ -8,8 +8,10 @@
 //! records that the segment's bytes from `OFFSET` on are void before the callers hear back,
 //! nothing more is written to that segment (a new one is started), and at the next start the
 //! replay ignores (and cuts, if it can) those bytes ([`super::recover`]): neither a torn
-//! record stops the start nor do whole records of a refused message come back. Before anyone hears back, what keeps each new record's segment (a reference,
-//! or a pin) is recorded under the reclaim lock, so a rotation or deletion can never take a
+//! record stops the start nor do whole records of a refused message come back.
+//!
+//! Before anyone hears back, what keeps each new record's segment (a reference, or a pin)
+//! is recorded under the reclaim lock, so a rotation or deletion can never take a
 //! segment holding a record its caller is about to rely on. When the head segment is full a
 //! new one is started. Deleting segments nothing needs any more is done here too, so all
 //! file changes of the spool happen on this thread.
@@ -18,13 +20,14 @@
 //! path (records of a message written once, read back by position, whole segments dropped
 //! when their messages are done); the README compares it with fjall on this machine.
 
+use super::faults::{made_up, void_marker, Faults};
 use super::reclaim::Reclaim;
 use super::segment::{self, Kind, HEADER_LEN};
 use super::{io_err, Loc, SpoolError};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
@@ -46,33 +49,6 @@ pub struct Stats {
     pub records: AtomicU64,
     /// Failures to make up (test hook).
     pub faults: Faults,
-}
-
-/// Test hook: failures the commit stage makes up on purpose, for the rare paths a real disk
-/// seldom shows; each count is used up by one turn (or one cut).
-#[derive(Debug, Default)]
-pub struct Faults {
-    /// Turns whose write stops half-way (a short write), then fails.
-    pub short_writes: AtomicU32,
-    /// Turns whose records are written whole, then whose sync fails.
-    pub syncs: AtomicU32,
-    /// Cuts of a failed turn off the segment that fail.
-    pub cuts: AtomicU32,
-    /// Turns holding a `Done` record whose sync fails (then cut off as usual).
-    pub end_syncs: AtomicU32,
-}
-
-/// An error (EIO) when `count` asks for one, using it up.
-fn made_up(count: &AtomicU32) -> io::Result<()> {
-    match count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
-        Ok(_) => Err(io::Error::from_raw_os_error(5)),
-        Err(_) => Ok(()),
-    }
-}
-
-/// The marker saying that segment `n`'s bytes from `off` on are void.
-pub fn void_marker(n: u32, off: u64) -> String {
-    format!("{}.void-{off}", segment::file_name(n))
 }
 
 /// One record to append.
@@ -306,21 +282,12 @@ fn commit_turn(
     let all: Vec<&Rec> = appends.iter().flat_map(|(r, _)| r.iter()).collect();
     let res = head
         .write(&all, buf)
-        .and_then(|locs| match made_up(&faults.short_writes) {
-            Err(e) => {
-                let _ = head.file.set_len(start + (head.len - start) / 2);
-                Err(e)
-            }
-            Ok(()) => Ok(locs),
-        })
         .and_then(|locs| head.sync().map(|()| locs))
-        .and_then(|locs| made_up(&faults.syncs).map(|()| locs))
-        .and_then(
-            |locs| match all.iter().any(|r| matches!(r.kind, Kind::Done)) {
-                true => made_up(&faults.end_syncs).map(|()| locs),
-                false => Ok(locs),
-            },
-        );
+        .and_then(|locs| {
+            faults
+                .turn(&head.file, start, head.len, &all)
+                .map(|()| locs)
+        });
     match res {
         Ok(locs) => {
             {

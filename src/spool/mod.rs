@@ -16,6 +16,7 @@
 //! torn tail is cut off, and a spool of the former one-file-per-message layout is imported.
 
 mod commit;
+mod faults;
 mod reclaim;
 mod records;
 mod recover;

@@ -13,6 +13,7 @@
 //! segments that no longer exist are removed.
 
 use super::commit::{Head, Rec};
+use super::faults::{parse_void_marker, void_ends};
 use super::reclaim::Reclaim;
 use super::segment::{self, Header, Kind, HEADER_LEN};
 use super::{io_err, DeliveryState, Envelope, Loc, SpoolError};
@@ -97,7 +98,7 @@ fn replay_segments(dir: &Path, read_only: bool) -> Result<Found, SpoolError> {
         let Some(name) = name.to_str() else { continue };
         if let Some(n) = segment::number(name) {
             numbers.push(n);
-        } else if let Some((n, off)) = void_marker(name) {
+        } else if let Some((n, off)) = parse_void_marker(name) {
             voids.push((n, off, name.to_string()));
         }
     }
@@ -127,58 +128,6 @@ fn replay_segments(dir: &Path, read_only: bool) -> Result<Found, SpoolError> {
         live,
         dones,
     })
-}
-
-/// The segment and offset a void marker's name gives (`NNNNNNNNNN.seg.void-OFFSET`).
-fn void_marker(name: &str) -> Option<(u32, u64)> {
-    let (seg, off) = name.split_once(".void-")?;
-    Some((segment::number(seg)?, off.parse().ok()?))
-}
-
-/// Where each segment with a void marker ends for the scan. Unless `read_only`, the void
-/// bytes are cut off and the markers removed (a segment the cut fails for keeps its marker
-/// and its end), and markers of segments that are gone are removed.
-fn void_ends(
-    dir: &Path,
-    numbers: &[u32],
-    voids: Vec<(u32, u64, String)>,
-    read_only: bool,
-) -> HashMap<u32, u64> {
-    let mut ends: HashMap<u32, u64> = HashMap::new();
-    for (n, off, name) in voids {
-        let marker = dir.join(&name);
-        if !numbers.contains(&n) {
-            if !read_only {
-                let _ = fs::remove_file(&marker);
-            }
-            continue;
-        }
-        let end = ends.entry(n).or_insert(off);
-        *end = (*end).min(off);
-        if read_only {
-            continue;
-        }
-        let path = dir.join(segment::file_name(n));
-        let cut = OpenOptions::new().write(true).open(&path).and_then(|f| {
-            if f.metadata()?.len() > off {
-                f.set_len(off)?;
-                f.sync_all()?;
-            }
-            Ok(())
-        });
-        match cut {
-            Ok(()) => {
-                warn!(path = %path.display(), offset = off, "cut off the void end of a spool segment (a failed write its callers were told about)");
-                if fs::remove_file(&marker).is_ok() {
-                    let _ = File::open(dir).and_then(|d| d.sync_all());
-                }
-            }
-            Err(e) => {
-                warn!(path = %path.display(), offset = off, error = %e, "cannot cut the void end off a spool segment; it is ignored")
-            }
-        }
-    }
-    ends
 }
 
 /// The queued messages of the spool under `root` as its log says, without changing anything

@@ -72,6 +72,15 @@ fn fill(path: &Path) -> u64 {
     written
 }
 
+/// The count of failed writes in a `queue show` note ("… (N failed writes)").
+fn failed_writes(note: &str) -> u32 {
+    note.rsplit('(')
+        .next()
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// How many times each recipient was delivered to, over `msgs` (DSNs left out).
 fn per_recipient(msgs: &[SinkMessage]) -> BTreeMap<String, usize> {
     let mut n = BTreeMap::new();
@@ -138,21 +147,24 @@ async fn an_outcome_a_full_disk_refuses_is_written_before_the_next_delivery() {
     // The disk fills up; the on-premises hop now accepts, the cloud still defers.
     let filled = fill(&spool.join("filler"));
     assert!(filled > 0, "nothing written to fill the spool's tmpfs");
-    let syncs_before = relay.queue.spool_stats().0;
     onprem.state.set_mode(SinkMode::Accept);
     relay.queue.flush(&qid).unwrap();
     wait(&onprem, 20).await;
 
     // Its state cannot be written. Wait until either a recipient got the message twice
-    // (the old failure) or the write was tried again three times (each try is one commit
-    // turn, and nothing else writes).
+    // (the old failure) or the write failed four times (`queue show` counts them): three
+    // more tries, each after the time a retry of the old code took to deliver again.
     let seen = eventually(
-        "a repeated delivery, or three more tries to write the state",
+        "a repeated delivery, or four failed writes of the state",
         || {
             let counts = per_recipient(&onprem.state.messages());
             let twice = counts.values().any(|&n| n > 1);
-            let tries = relay.queue.spool_stats().0.saturating_sub(syncs_before);
-            (twice || tries >= 4).then_some(counts)
+            let failed = relay
+                .queue
+                .get(&qid)
+                .and_then(|e| e.unwritten)
+                .map_or(0, |note| failed_writes(&note));
+            (twice || failed >= 4).then_some(counts)
         },
     )
     .await;

@@ -35,6 +35,9 @@ pub const QUEUE_OLDEST: &str = "coexist_queue_oldest_age_seconds";
 pub const SPOOL_SYNCS: &str = "coexist_spool_syncs_total";
 /// Records (messages, states, ends) those syncs covered: records / syncs is the group size.
 pub const SPOOL_RECORDS: &str = "coexist_spool_records_total";
+/// Queued messages whose last outcome (state or end record) the spool could not write yet
+/// (disk full, I/O error): kept in memory and written before their next delivery.
+pub const QUEUE_UNWRITTEN: &str = "coexist_queue_unwritten_outcomes";
 /// Segment files the spool holds.
 pub const SPOOL_SEGMENTS: &str = "coexist_spool_segments";
 /// Damaged stretches of the spool log found at start, by `kind`: `torn` (the unsynced end of

@@ -470,7 +470,8 @@ impl Running {
         }
     }
 
-    /// Graceful stop: no new sessions, then up to `deadline` for open sessions to end.
+    /// Graceful stop: no new sessions, then up to `deadline` for open sessions to end; says
+    /// so (an error line) when messages have outcomes the spool could not write.
     /// Returns the sessions still open at the deadline (their messages were not acknowledged
     /// unless spooled; the spool is consistent either way).
     pub async fn shutdown(&self, deadline: Duration) -> usize {
@@ -478,6 +479,10 @@ impl Running {
         let t0 = Instant::now();
         while self.control.open_sessions() > 0 && t0.elapsed() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let unwritten = self.queue.stats().unwritten;
+        if unwritten > 0 {
+            error!(messages = unwritten, "stopping with delivery outcomes the spool could not write (disk full or failing): after the restart these messages resume from their last written state, and recipients that already have them may get them again");
         }
         self.control.open_sessions()
     }

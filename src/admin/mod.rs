@@ -605,6 +605,7 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
     metrics::gauge!(m::QUEUE_OLDEST, "state" => "active").set(q.oldest_active as f64);
     metrics::gauge!(m::QUEUE_OLDEST, "state" => "deferred").set(q.oldest_deferred as f64);
     metrics::gauge!(m::QUEUE_MESSAGES, "state" => "held").set(q.held as f64);
+    metrics::gauge!(m::QUEUE_UNWRITTEN).set(q.unwritten as f64);
     metrics::gauge!(m::DIRECTORY_ENTRIES).set(s.directory.len() as f64);
     let (syncs, records, segments) = s.control.queue().spool_stats();
     metrics::counter!(m::SPOOL_SYNCS).absolute(syncs);
@@ -732,10 +733,17 @@ async fn queue_action(
     let res = match action {
         QueueAction::Hold => q.hold(&id),
         QueueAction::Release => q.release(&id),
-        QueueAction::Delete => q.delete(&id),
+        QueueAction::Delete => q.delete(&id).await,
         QueueAction::Flush => q.flush(&id),
     };
-    res.map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
+    res.map_err(|e| {
+        let code = match e {
+            crate::queue::QueueError::NotDeleted { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            crate::queue::QueueError::DeletePending(_) => StatusCode::CONFLICT,
+            _ => StatusCode::NOT_FOUND,
+        };
+        ApiError(code, e.to_string())
+    })?;
     info!(client = %peer, qid = id, action = action.as_str(), "admin: queue");
     Ok(Json(QueueActionReply { id, action }))
 }

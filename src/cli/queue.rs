@@ -241,6 +241,9 @@ pub fn message_text(m: &MessageView) -> String {
         m.phase,
         m.from
     );
+    if let Some(u) = &m.unwritten {
+        out.push_str(&format!("\n    ! {u}"));
+    }
     for r in &m.recipients {
         if r.status == "delivered" {
             continue;
@@ -287,6 +290,7 @@ mod tests {
             phase: "deferred".into(),
             attempts: 2,
             next_attempt_in_s: Some(130),
+            unwritten: None,
             recipients: vec![
                 RcptView {
                     address: "bob@nhs.test".into(),

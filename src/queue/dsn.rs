@@ -53,7 +53,11 @@ pub(super) async fn warn_if_delayed(
 pub(super) enum End {
     /// Finished in the spool (its DSN, if any, queued first); gone from the queue.
     Gone,
-    /// The spool refused to record the end: the message stays queued.
+    /// The sender was told (DSN spooled, or the message kept in `failed/`), but the spool
+    /// refused its end record: only that record is left to write (no second DSN).
+    Unrecorded,
+    /// Neither its DSN nor its copy in `failed/` could be written: the whole end is to be
+    /// done again.
     Kept,
 }
 
@@ -99,8 +103,8 @@ pub(super) async fn finish(
             End::Gone
         }
         Err(e) => {
-            error!(qid = %env.id, error = %e, "cannot record the message's end in the spool; it stays queued");
-            End::Kept
+            error!(qid = %env.id, error = %e, "cannot record the message's end in the spool; it stays queued, and only its end record is written again");
+            End::Unrecorded
         }
     }
 }
@@ -125,7 +129,10 @@ async fn keep_in_failed(
     let err = match res {
         Ok(Ok(())) => match inner.spool.finish(&env.id, msg, state_loc).await {
             Ok(()) => return End::Gone,
-            Err(e) => e.to_string(),
+            Err(e) => {
+                error!(qid = %env.id, error = %e, "kept in spool failed/, but its end record cannot be written; only the end record is written again");
+                return End::Unrecorded;
+            }
         },
         Ok(Err(e)) => e.to_string(),
         Err(e) => e.to_string(),

@@ -5,8 +5,12 @@
 //!
 //! Everything here is O(log n) per message and never touches the disk, so the lock around
 //! it is held only briefly: acceptance, listings and metrics do not wait for each other.
+//!
+//! An outcome an attempt learned that the spool could not write (disk full, I/O error) stays
+//! here with the message's entry ([`Unwritten`]) until it is written: the message's next
+//! delivery starts from it, never from the older state on disk (DESIGN invariant 11).
 
-use crate::spool::Loc;
+use crate::spool::{DeliveryState, Loc};
 use crate::types::QueueKey;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -83,6 +87,36 @@ pub struct Entry {
     pub asks: Asks,
 }
 
+/// What the spool still has to write for a message before anything else is done with it.
+#[derive(Debug, Clone)]
+pub enum Owed {
+    /// Its newest state (what the last attempt or admin change learned): written before its
+    /// next delivery, which starts from it.
+    State(Box<DeliveryState>),
+    /// Its end record: every recipient has its final outcome and the sender was told (DSN
+    /// spooled, or kept in `failed/`); only the `Done` record is left (no delivery, no DSN).
+    /// The final state is kept for listings.
+    End(Box<DeliveryState>),
+}
+
+/// An outcome not yet written, and how many writes of it failed (for the retry backoff).
+#[derive(Debug, Clone)]
+pub struct Unwritten {
+    /// What is to be written.
+    pub owed: Owed,
+    /// Failed writes so far.
+    pub failures: u32,
+}
+
+impl Unwritten {
+    /// The message's state as last learned.
+    pub fn state(&self) -> &DeliveryState {
+        match &self.owed {
+            Owed::State(s) | Owed::End(s) => s,
+        }
+    }
+}
+
 /// How a busy message settles after its attempt or admin change.
 #[derive(Debug, Clone, Copy)]
 pub enum Settle {
@@ -118,6 +152,8 @@ pub struct Index {
     turn: u16,
     /// Next attempts; an item is stale when its entry is no longer deferred at that time.
     timer: BinaryHeap<Reverse<(u64, QueueKey)>>,
+    /// Outcomes learned and not yet written, by message (few: only while writes fail).
+    unwritten: HashMap<QueueKey, Unwritten>,
 }
 
 impl Index {
@@ -143,10 +179,37 @@ impl Index {
         self.enter(k, e.slot, e.due_ms);
     }
 
-    /// Removes a message.
+    /// Removes a message (and any outcome of it not yet written).
     pub fn remove(&mut self, k: QueueKey) -> Option<Entry> {
         self.leave(k);
+        self.unwritten.remove(&k);
         self.entries.remove(&k)
+    }
+
+    /// The outcome of a queued message that is not yet written, if any.
+    pub fn unwritten(&self, k: QueueKey) -> Option<&Unwritten> {
+        self.unwritten.get(&k)
+    }
+
+    /// Keeps `owed` for a queued message whose write just failed (replacing what it owed
+    /// before, counting the failure); returns the failures so far.
+    pub fn owe(&mut self, k: QueueKey, owed: Owed) -> u32 {
+        if !self.entries.contains_key(&k) {
+            return 0;
+        }
+        let failures = self.unwritten.get(&k).map_or(0, |u| u.failures) + 1;
+        self.unwritten.insert(k, Unwritten { owed, failures });
+        failures
+    }
+
+    /// What a message owed is written now.
+    pub fn paid(&mut self, k: QueueKey) {
+        self.unwritten.remove(&k);
+    }
+
+    /// Messages with an outcome not yet written.
+    pub fn unwritten_count(&self) -> usize {
+        self.unwritten.len()
     }
 
     /// Takes `k` out of the structures of its slot (the entry stays).

@@ -10,6 +10,21 @@
 //! route answers again (a fresh message or a probe every `queue.probe_interval`), at the pace
 //! the route's concurrency allows.
 //!
+//! When the spool cannot write what an attempt learned (disk full, I/O error), the outcome
+//! is not dropped (DESIGN invariant 11): the new state stays in memory with the message's
+//! index entry and is written before anything else is done with it; while that write fails
+//! (tried again after 1 s, doubling to a minute) the message is not delivered, so a failed
+//! write repeats a write, never a delivery. A message whose sender was told (DSN spooled, or
+//! kept in `failed/`) but whose end record could not be written owes only that record: no
+//! second delivery, no second DSN. `queue show` shows such a message with the newer state and
+//! an `unwritten` note; the `coexist_queue_unwritten_outcomes` gauge counts them. These
+//! outcomes live in memory: a restart before they are written resumes from the state on
+//! disk (a graceful stop logs how many there are).
+//!
+//! An admin delete ends a message only once its end record is durable; when the spool cannot
+//! write it the delete is refused with an error and the message stays queued as it was, so
+//! a restart never brings back a message an admin was told is deleted.
+//!
 //! This module holds the [`Queue`] handle (submit, restore, hold, release, delete, flush);
 //! `dsn` ends messages and spools DSNs, `view` gives listings and counts, and [`recent`]
 //! keeps the recent per-recipient outcomes for `coexist trace`.
@@ -34,7 +49,7 @@ use crate::policy::plain_ip;
 use crate::spool::{DeliveryState, Envelope, Loc, Queued, Spool};
 use crate::types::{QueueId, QueueKey};
 use arc_swap::ArcSwap;
-use index::{Asks, Entry, Index, Slot, NO_ROUTE};
+use index::{Asks, Entry, Index, Settle, Slot, NO_ROUTE};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -95,6 +110,20 @@ pub enum QueueError {
     /// The spool could not be read.
     #[error(transparent)]
     Spool(#[from] crate::spool::SpoolError),
+    /// A delete was refused: the spool cannot write the message's end record now (disk
+    /// full, I/O error). The message stays queued and is delivered as before.
+    #[error("cannot delete {id}: the spool cannot record it ({reason}); the message stays queued")]
+    NotDeleted {
+        /// Queue id.
+        id: String,
+        /// The spool's error.
+        reason: String,
+    },
+    /// A delete waits for the message's delivery attempt in progress to end.
+    #[error(
+        "the delete of {0} waits for its delivery attempt to end; see `coexist queue show {0}`"
+    )]
+    DeletePending(String),
 }
 
 /// Why the spool could not give a message's bytes or take a DSN.
@@ -116,12 +145,16 @@ pub enum SpoolTaskError {
 pub struct QueueEntry {
     /// Envelope.
     pub envelope: Arc<Envelope>,
-    /// Per-recipient state as last written to the spool.
+    /// Per-recipient state: as last written to the spool, or as learned since when the spool
+    /// could not write it ([`QueueEntry::unwritten`]).
     pub state: DeliveryState,
     /// Phase.
     pub phase: Phase,
     /// Unix time of the next attempt, when deferred.
     pub next_attempt: Option<u64>,
+    /// What the spool could not write yet (`state` is then the newer state in memory): it
+    /// is written before anything else is done with the message.
+    pub unwritten: Option<String>,
 }
 
 /// Route health as the scheduler tracks it, by route tag.
@@ -177,7 +210,15 @@ struct Inner {
     hop_routes: Mutex<HashMap<std::net::IpAddr, Vec<String>>>,
     /// Outcomes per minute over the last hour, and deferral reasons.
     rates: rate::Rates,
+    /// Admins waiting for a delete to be written, by message.
+    deleters: Mutex<HashMap<QueueKey, Vec<Deleter>>>,
 }
+
+/// Where an admin's delete hears whether the end record was written.
+type Deleter = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// How long [`Queue::delete`] waits for the delete of a message whose attempt is in progress.
+const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Most next-hop addresses remembered for the loop guard (an MX route to the internet
 /// meets many; the map starts over when full).
@@ -194,6 +235,10 @@ fn route_limits(config: &Config) -> HashMap<String, Arc<Semaphore>> {
 impl Inner {
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn deleters(&self) -> std::sync::MutexGuard<'_, HashMap<QueueKey, Vec<Deleter>>> {
+        self.deleters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
@@ -241,6 +286,7 @@ impl Queue {
             recent: recent::Recent::new(config.queue.recent_outcomes),
             hop_routes: Mutex::new(HashMap::new()),
             rates: rate::Rates::default(),
+            deleters: Mutex::new(HashMap::new()),
             config: ArcSwap::new(config),
             index: Mutex::new(Index::default()),
             routes: Mutex::new(Routes::default()),
@@ -431,6 +477,12 @@ impl Queue {
         (syncs, records, self.inner.spool.segment_count())
     }
 
+    /// Test hook: see [`Spool::inject_faults`].
+    #[doc(hidden)]
+    pub fn inject_spool_faults(&self, faults: crate::spool::InjectedFaults) {
+        self.inner.spool.inject_faults(faults);
+    }
+
     /// Messages queued.
     pub fn len(&self) -> usize {
         self.inner.index().len()
@@ -444,12 +496,20 @@ impl Queue {
     fn ask(&self, id: &str, a: Asks) -> Result<(), QueueError> {
         let not_found = || QueueError::NotFound(id.to_string());
         let key = key_of(id).ok_or_else(not_found)?;
-        let res = self.inner.index().ask(key, a);
+        let (res, back) = {
+            let mut ix = self.inner.index();
+            let back = ix.get(key).map(|e| match e.slot {
+                Slot::Held => Settle::Held,
+                Slot::Deferred => Settle::Deferred(e.due_ms),
+                Slot::Ready | Slot::Busy => Settle::Ready,
+            });
+            (ix.ask(key, a), back.unwrap_or(Settle::Ready))
+        };
         match res {
             Err(()) => return Err(not_found()),
             Ok(Some(e)) => {
                 // Idle and the request changes what is on disk: a task writes it.
-                tokio::spawn(schedule::apply_asks(self.inner.clone(), key, e, a));
+                tokio::spawn(schedule::apply_asks(self.inner.clone(), key, e, a, back));
             }
             Ok(None) => self.inner.wake.notify_one(),
         }
@@ -471,11 +531,29 @@ impl Queue {
     }
 
     /// Deletes a message from the queue and the spool (no bounce), after any attempt in
-    /// progress.
-    pub fn delete(&self, id: &str) -> Result<(), QueueError> {
-        self.ask(id, Asks::DELETE)?;
-        info!(qid = id, "deleted by admin");
-        Ok(())
+    /// progress, and returns once its end record is durable. When the spool cannot write
+    /// that record the delete is refused ([`QueueError::NotDeleted`]) and the message stays
+    /// queued; when an attempt in progress has not ended within a minute,
+    /// [`QueueError::DeletePending`] (the delete is still done when it ends).
+    pub async fn delete(&self, id: &str) -> Result<(), QueueError> {
+        let key = key_of(id).ok_or_else(|| QueueError::NotFound(id.to_string()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner.deleters().entry(key).or_default().push(tx);
+        if let Err(e) = self.ask(id, Asks::DELETE) {
+            self.inner.deleters().remove(&key);
+            return Err(e);
+        }
+        info!(qid = id, "delete asked by admin");
+        match tokio::time::timeout(DELETE_WAIT, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(reason))) => Err(QueueError::NotDeleted {
+                id: id.to_string(),
+                reason,
+            }),
+            // Gone without an answer (removed by its own end meanwhile).
+            Ok(Err(_)) => Err(QueueError::NotFound(id.to_string())),
+            Err(_) => Err(QueueError::DeletePending(id.to_string())),
+        }
     }
 
     /// Attempts a deferred message now.

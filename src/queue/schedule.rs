@@ -1,10 +1,10 @@
 //! Running the queue: the dispatcher that starts attempts for due messages, the task of one
-//! attempt (deliver, expire, record, defer), admin changes to idle messages, and route
-//! release and probes.
+//! attempt (write what an earlier attempt could not, deliver, expire, record, defer), admin
+//! changes to idle messages, and route release and probes.
 
 use super::attempt::{attempt, record, AttemptBody, RouteReport, Told};
 use super::dsn::{finish, warn_if_delayed, End};
-use super::index::{Asks, Entry, Settle, NO_ROUTE};
+use super::index::{Asks, Entry, Owed, Settle, NO_ROUTE};
 use super::recent::Outcome;
 use super::{now_ms, unix_now, Inner, SpoolTaskError};
 use crate::proto::{Failure, LastReply};
@@ -194,22 +194,79 @@ pub(super) async fn run(
     inner.wake.notify_one();
 }
 
+/// The message's envelope and state to go on from: what an earlier attempt learned and could
+/// not write is written first (DESIGN invariant 11); `None` when that write failed again
+/// or the message ended (it is placed then).
+async fn current(
+    inner: &Arc<Inner>,
+    key: QueueKey,
+    e: &mut Entry,
+) -> Option<(Arc<Envelope>, DeliveryState)> {
+    let owed = inner.index().unwritten(key).map(|u| u.owed.clone());
+    let state = match owed {
+        None => {
+            return match load(inner, e).await {
+                Ok(x) => Some(x),
+                Err(err) => {
+                    error!(qid = %key.id(), error = %err, "cannot read the queued message; will try again");
+                    unreadable(inner, key, *e).await;
+                    None
+                }
+            };
+        }
+        Some(Owed::End(state)) => {
+            write_end(inner, key, *e, *state).await;
+            return None;
+        }
+        Some(Owed::State(state)) => *state,
+    };
+    let (spool, msg) = (inner.spool.clone(), e.msg);
+    let env = match tokio::task::spawn_blocking(move || spool.read_envelope(msg)).await {
+        Ok(Ok(env)) => Arc::new(env),
+        res => {
+            let err = res.map_or_else(
+                |e| e.to_string(),
+                |r| r.err().map(|e| e.to_string()).unwrap_or_default(),
+            );
+            error!(qid = %key.id(), error = %err, "cannot read the queued message; will try again");
+            unreadable(inner, key, *e).await;
+            return None;
+        }
+    };
+    match save(inner, key, e, &env, &state).await {
+        Ok(()) => {
+            inner.index().paid(key);
+            info!(qid = %key.id(), attempts = state.attempts, "delivery state written now (an earlier write had failed)");
+            Some((env, state))
+        }
+        Err(err) => {
+            let failures = inner.index().owe(key, Owed::State(Box::new(state)));
+            error!(qid = %key.id(), error = %err, failures, "still cannot write the delivery state: no delivery until it is written");
+            let retry = write_retry(failures);
+            settle_unwritten(inner, key, *e, Settle::Deferred(retry)).await;
+            None
+        }
+    }
+}
+
 /// Every line it logs carries the `message` span with the queue id.
 #[tracing::instrument(name = "message", skip_all, fields(qid = %key.id()))]
 async fn attempt_and_place(inner: &Arc<Inner>, key: QueueKey, e: Entry, fresh: Option<Fresh>) {
+    let mut e = e;
     let (env, mut state, first_body) = match fresh {
         Some(f) => {
             let n = f.env.rcpts.len();
             (f.env, DeliveryState::new(n), Some(f.body))
         }
-        None => match load(inner, &e).await {
-            Ok((env, st)) => (env, st, None),
-            Err(err) => {
-                error!(qid = %key.id(), error = %err, "cannot read the queued message; will try again");
-                return unreadable(inner, key, e).await;
-            }
+        None => match current(inner, key, &mut e).await {
+            Some((env, st)) => (env, st, None),
+            None => return,
         },
     };
+    if state.pending().is_empty() {
+        // Every outcome is known (the end could not be written before): end it, deliver nothing.
+        return end(inner, key, e, &env, state).await;
+    }
     state.attempts += 1;
     state.next_attempt_ms = None;
     let started_ms = now_ms();
@@ -239,20 +296,7 @@ async fn attempt_and_place(inner: &Arc<Inner>, key: QueueKey, e: Entry, fresh: O
         }
     }
     if state.pending().is_empty() {
-        return match finish(inner, &env, &state, e.msg, e.state).await {
-            End::Gone => {
-                inner.index().remove(key);
-            }
-            End::Kept => {
-                // The spool refused to record the end: try again later.
-                let kept = Entry {
-                    attempts: state.attempts,
-                    route: NO_ROUTE,
-                    ..e
-                };
-                settle_unwritten(inner, key, kept, Settle::Deferred(due_after(inner, 1))).await;
-            }
-        };
+        return end(inner, key, e, &env, state).await;
     }
     warn_if_delayed(inner, &env, e.msg, &mut state).await;
     let how = if news.retry_now {
@@ -266,11 +310,70 @@ async fn attempt_and_place(inner: &Arc<Inner>, key: QueueKey, e: Entry, fresh: O
     } else {
         Settle::Deferred(due_after(inner, state.attempts))
     };
-    let mut e = e;
     e.route = news.down;
     state.unreachable = news.down_name;
     defer(inner, key, e, &env, state, how).await;
 }
+
+/// Ends a message whose recipients all have their final outcome (DSN, end record). What the
+/// spool could not write is kept with its entry and written first at its next turn: the end
+/// record alone when the sender was told, else the final state (the DSN is tried again).
+async fn end(
+    inner: &Arc<Inner>,
+    key: QueueKey,
+    e: Entry,
+    env: &Arc<Envelope>,
+    state: DeliveryState,
+) {
+    let attempts = state.attempts;
+    let owed = match finish(inner, env, &state, e.msg, e.state).await {
+        End::Gone => return gone(inner, key),
+        End::Unrecorded => Owed::End(Box::new(state)),
+        End::Kept => Owed::State(Box::new(state)),
+    };
+    let failures = inner.index().owe(key, owed);
+    let kept = Entry {
+        attempts,
+        route: NO_ROUTE,
+        ..e
+    };
+    settle_unwritten(inner, key, kept, Settle::Deferred(write_retry(failures))).await;
+}
+
+/// A message ended (delivered or bounced): out of the index; an admin waiting to delete it
+/// hears it is no longer queued.
+fn gone(inner: &Inner, key: QueueKey) {
+    inner.index().remove(key);
+    inner.deleters().remove(&key);
+}
+
+/// Writes the end record of a finished message that could not be written before (its
+/// sender was told already); on failure it waits for the next try.
+async fn write_end(inner: &Arc<Inner>, key: QueueKey, e: Entry, state: DeliveryState) {
+    let id = key.id();
+    match inner.spool.finish(&id, e.msg, e.state).await {
+        Ok(()) => {
+            info!(qid = %id, "end record written now (an earlier write had failed); removed");
+            gone(inner, key);
+        }
+        Err(err) => {
+            let failures = inner.index().owe(key, Owed::End(Box::new(state)));
+            error!(qid = %id, error = %err, failures, "still cannot write the message's end record; it stays queued (nothing is delivered again)");
+            settle_unwritten(inner, key, e, Settle::Deferred(write_retry(failures))).await;
+        }
+    }
+}
+
+/// When (Unix ms) a write that failed `failures` times is tried again: after 1 s, doubled
+/// per failure, at most a minute apart.
+fn write_retry(failures: u32) -> u64 {
+    now_ms() + backoff(failures, WRITE_RETRY_MIN, WRITE_RETRY_MAX).as_millis() as u64
+}
+
+/// First wait before a failed spool write of an outcome is tried again.
+const WRITE_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between two tries of a failed spool write of an outcome.
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// A message whose records could not be read: tried again after the first backoff; an
 /// admin's delete still ends it.
@@ -279,8 +382,9 @@ async fn unreadable(inner: &Inner, key: QueueKey, e: Entry) {
 }
 
 /// Places a busy message whose state cannot be written now (its records could not be read,
-/// or the spool refused its end), applying admin requests that came in meanwhile: a delete
-/// still ends it; a hold or release holds only until the next restart.
+/// or the spool refused its state or end), applying admin requests that came in meanwhile:
+/// a delete still ends it (if its end record can be written); a hold or release holds only
+/// until the next restart.
 async fn settle_unwritten(inner: &Inner, key: QueueKey, e: Entry, mut how: Settle) {
     loop {
         let res = inner.index().settle(key, e.state, e.attempts, e.route, how);
@@ -290,7 +394,7 @@ async fn settle_unwritten(inner: &Inner, key: QueueKey, e: Entry, mut how: Settl
             Err(asks) => asks,
         };
         if asks.has(Asks::DELETE) {
-            return delete(inner, key, e).await;
+            return delete(inner, key, e, how).await;
         }
         if asks.has(Asks::HOLD) {
             warn!(qid = %key.id(), "held, but its state cannot be written now: the hold lasts until a restart");
@@ -300,7 +404,8 @@ async fn settle_unwritten(inner: &Inner, key: QueueKey, e: Entry, mut how: Settl
 }
 
 /// Writes the message's state and places it in the queue (`how`), applying any admin
-/// requests that came in meanwhile.
+/// requests that came in meanwhile. A state the spool refuses is kept with the message's
+/// entry and written before its next delivery.
 async fn defer(
     inner: &Inner,
     key: QueueKey,
@@ -316,8 +421,12 @@ async fn defer(
             state.next_attempt_ms = None;
         }
         state.held = matches!(how, Settle::Held);
-        if let Err(err) = save(inner, key, &mut e, env, &state).await {
-            error!(qid = %env.id, error = %err, "cannot save delivery state (the previous one stays in force)")
+        match save(inner, key, &mut e, env, &state).await {
+            Ok(()) => inner.index().paid(key),
+            Err(err) => {
+                let failures = inner.index().owe(key, Owed::State(Box::new(state.clone())));
+                error!(qid = %env.id, error = %err, failures, "cannot save delivery state: kept in memory and written before the next delivery");
+            }
         }
         let res = inner
             .index()
@@ -333,7 +442,7 @@ async fn defer(
             Err(asks) => asks,
         };
         if asks.has(Asks::DELETE) {
-            return delete(inner, key, e).await;
+            return delete(inner, key, e, how).await;
         }
         how = next_settle(asks, how, inner, state.attempts);
     }
@@ -381,48 +490,94 @@ fn next_settle(asks: Asks, how: Settle, inner: &Inner, attempts: u32) -> Settle 
     }
 }
 
-async fn delete(inner: &Inner, key: QueueKey, e: Entry) {
+/// An admin's delete: the message ends once its end record is durable. When the spool
+/// cannot write that record, the delete is refused (the admin who asked is told) and the
+/// message stays queued as it was (`back`), so a restart never brings back a message an
+/// admin was told is deleted.
+async fn delete(inner: &Inner, key: QueueKey, e: Entry, back: Settle) {
     let id = key.id();
     // Each recipient still pending goes into the record of recent outcomes as deleted; that
     // needs the envelope and state, read before the spool lets them go (a message that
     // cannot be read is deleted unrecorded).
-    if inner.recent.enabled() {
-        if let Ok((env, state)) = load(inner, &e).await {
-            for i in state.pending() {
-                record(
-                    inner,
-                    &env,
-                    i,
-                    None,
-                    &Told::new(None, Outcome::Deleted, None),
-                );
+    let shown = match inner.recent.enabled() {
+        true => load(inner, &e).await.ok(),
+        false => None,
+    };
+    match inner.spool.finish(&id, e.msg, e.state).await {
+        Ok(()) => {
+            if let Some((env, state)) = shown {
+                let state = inner
+                    .index()
+                    .unwritten(key)
+                    .map_or(state, |u| u.state().clone());
+                for i in state.pending() {
+                    let told = Told::new(None, Outcome::Deleted, None);
+                    record(inner, &env, i, None, &told);
+                }
             }
+            warn!(qid = %id, "deleted from the queue by an admin (no bounce)");
+            inner.index().remove(key);
+            tell_deleters(inner, key, Ok(()));
+        }
+        Err(err) => {
+            error!(qid = %id, error = %err, "cannot delete the message: its end record cannot be written; the delete is refused and the message stays queued");
+            tell_deleters(inner, key, Err(err.to_string()));
+            let mut how = back;
+            // Requests that came in meanwhile (a second delete was answered above).
+            loop {
+                let res = inner.index().settle(key, e.state, e.attempts, e.route, how);
+                match res {
+                    Ok(()) => break,
+                    Err(asks) if asks.is_empty() => break,
+                    Err(asks) => how = next_settle(asks, how, inner, e.attempts),
+                }
+            }
+            inner.wake.notify_one();
         }
     }
-    match inner.spool.finish(&id, e.msg, e.state).await {
-        Ok(()) => warn!(qid = %id, "deleted from the queue by an admin (no bounce)"),
-        Err(err) => error!(qid = %id, error = %err, "cannot delete message"),
-    }
-    inner.index().remove(key);
 }
 
-/// Applies an admin request to a message that was idle (ready, deferred or held) and is now
-/// busy: writes the change to the spool, then places it.
-pub(super) async fn apply_asks(inner: Arc<Inner>, key: QueueKey, e: Entry, a: Asks) {
-    apply(&inner, key, e, a).await;
+/// Answers the admins waiting for the delete of `key`.
+fn tell_deleters(inner: &Inner, key: QueueKey, res: Result<(), String>) {
+    let waiting = inner.deleters().remove(&key).unwrap_or_default();
+    for w in waiting {
+        let _ = w.send(res.clone());
+    }
+}
+
+/// Applies an admin request to a message that was idle (ready, deferred or held as `back`)
+/// and is now busy: writes the change to the spool, then places it.
+pub(super) async fn apply_asks(inner: Arc<Inner>, key: QueueKey, e: Entry, a: Asks, back: Settle) {
+    apply(&inner, key, e, a, back).await;
     inner.wake.notify_one();
 }
 
-async fn apply(inner: &Arc<Inner>, key: QueueKey, e: Entry, a: Asks) {
+async fn apply(inner: &Arc<Inner>, key: QueueKey, e: Entry, a: Asks, back: Settle) {
     if a.has(Asks::DELETE) {
-        return delete(inner, key, e).await;
+        return delete(inner, key, e, back).await;
     }
-    let (env, state) = match load(inner, &e).await {
-        Ok(x) => x,
-        Err(err) => {
-            error!(qid = %key.id(), error = %err, "cannot read the queued message for an admin request");
-            return unreadable(inner, key, e).await;
+    let owed = inner.index().unwritten(key).map(|u| u.owed.clone());
+    let (env, state) = match owed {
+        // Finished: only its end record is left, which a hold or release does not change.
+        Some(Owed::End(state)) => return write_end(inner, key, e, *state).await,
+        // Its newest state, not yet written: the change is written with it.
+        Some(Owed::State(state)) => {
+            let (spool, msg) = (inner.spool.clone(), e.msg);
+            match tokio::task::spawn_blocking(move || spool.read_envelope(msg)).await {
+                Ok(Ok(env)) => (Arc::new(env), *state),
+                _ => {
+                    error!(qid = %key.id(), "cannot read the queued message for an admin request");
+                    return unreadable(inner, key, e).await;
+                }
+            }
         }
+        None => match load(inner, &e).await {
+            Ok(x) => x,
+            Err(err) => {
+                error!(qid = %key.id(), error = %err, "cannot read the queued message for an admin request");
+                return unreadable(inner, key, e).await;
+            }
+        },
     };
     let how = if a.has(Asks::HOLD) {
         Settle::Held

@@ -1,6 +1,7 @@
 //! What admins and metrics see of the queue: the listing form of a message
 //! ([`MessageView`]), the route each pending recipient would take now, and per-phase counts.
 
+use super::index::Owed;
 use super::{now_ms, unix_now, Phase, Queue, QueueEntry};
 use crate::route;
 use crate::spool::RcptStatus;
@@ -27,6 +28,10 @@ pub struct MessageView {
     pub next_attempt_in_s: Option<u64>,
     /// Every recipient.
     pub recipients: Vec<RcptView>,
+    /// What the spool could not write yet (disk full, I/O error): the state shown is the
+    /// newer one kept in memory, written before the message's next delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unwritten: Option<String>,
 }
 
 /// One recipient in a [`MessageView`].
@@ -55,6 +60,8 @@ pub struct QueueStats {
     pub oldest_deferred: u64,
     /// Held messages.
     pub held: usize,
+    /// Messages whose last outcome the spool could not write yet.
+    pub unwritten: usize,
 }
 
 impl Queue {
@@ -98,6 +105,7 @@ impl Queue {
                     last_reply: r.last_reply.as_ref().map(|l| l.to_string()),
                 })
                 .collect(),
+            unwritten: e.unwritten.clone(),
         }
     }
 
@@ -125,14 +133,29 @@ impl Queue {
     }
 
     fn entry(&self, key: QueueKey) -> Option<QueueEntry> {
-        let e = self.inner.index().get(key)?;
+        let (e, newer) = {
+            let ix = self.inner.index();
+            let e = ix.get(key)?;
+            (e, ix.unwritten(key).cloned())
+        };
         let (env, state) = self.inner.spool.read_queued(e.msg, e.state).ok()?;
         let phase = Phase::from(e.slot);
+        let unwritten = newer.as_ref().map(|u| match u.owed {
+            Owed::State(_) => format!(
+                "delivery state not yet written to the spool ({} failed writes)",
+                u.failures
+            ),
+            Owed::End(_) => format!(
+                "finished; its end record not yet written to the spool ({} failed writes)",
+                u.failures
+            ),
+        });
         Some(QueueEntry {
             envelope: Arc::new(env),
-            state,
+            state: newer.map_or(state, |u| u.state().clone()),
             phase,
             next_attempt: (phase == Phase::Deferred).then_some(e.due_ms / 1000),
+            unwritten,
         })
     }
 
@@ -193,7 +216,10 @@ impl Queue {
     /// Counts per phase and oldest ages, from the index alone.
     pub fn stats(&self) -> QueueStats {
         use super::index::Slot;
-        let c = self.inner.index().census();
+        let (c, unwritten) = {
+            let ix = self.inner.index();
+            (ix.census(), ix.unwritten_count())
+        };
         let now = now_ms();
         let age = |s: &[Slot]| {
             s.iter()
@@ -208,6 +234,7 @@ impl Queue {
             held: c.count[Slot::Held as usize],
             oldest_active: age(&[Slot::Ready, Slot::Busy]),
             oldest_deferred: age(&[Slot::Deferred]),
+            unwritten,
         }
     }
 }

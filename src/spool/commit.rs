@@ -4,13 +4,19 @@
 //! another, then a `Commit` record marking the turn's end, and makes them durable with one
 //! `fdatasync` (group commit); only then does any of the callers hear back (and a session
 //! send its `250`). A failed write or sync is cut off the file again and reported to every
-//! caller of that turn, whose records are then not in the spool. Before anyone hears back,
-//! what keeps each new record's segment (a reference, or a pin) is recorded under the
-//! reclaim lock, so a rotation or deletion can never take a segment holding a record its
-//! caller is about to rely on. When the head segment is full a new one is started: written
-//! under a temporary name, synced, renamed, folder synced. A
-//! failed creation leaves no file under the segment's name (the temporary file is removed),
-//! so the next turn simply tries again while the current segment keeps taking records.
+//! caller of that turn, whose records are then not in the spool. When the cut itself fails,
+//! an empty marker file `NNNNNNNNNN.seg.void-OFFSET` records that the segment's bytes from
+//! `OFFSET` on are void before the callers hear back, nothing more is written to that
+//! segment (a new one is started), and at the next start the replay ignores (and cuts, if it
+//! can) those bytes ([`super::recover`]): neither a torn record stops the start nor do whole
+//! records of a refused message come back.
+//!
+//! Before anyone hears back, what keeps each new record's segment (a reference, or a pin)
+//! is recorded under the reclaim lock, so a rotation or deletion can never take a segment
+//! holding a record its caller is about to rely on. When the head segment is full a new one
+//! is started: written under a temporary name, synced, renamed, folder synced. A failed
+//! creation leaves no file under the segment's name (the temporary file is removed), so the
+//! next turn simply tries again while the current segment keeps taking records.
 //!
 //! Deleting segments nothing needs any more is done here too, so all file changes of the
 //! spool happen on this thread. Only a segment whose unlink succeeded (and whose folder was
@@ -21,7 +27,8 @@
 //! path (records of a message written once, read back by position, whole segments dropped
 //! when their messages are done); the README compares it with fjall on this machine.
 
-use super::faults::{self, Point};
+use super::faults::{made_up, void_marker, Faults};
+use super::inject::{self, Point};
 use super::reclaim::Reclaim;
 use super::segment::{self, Kind, HEADER_LEN};
 use super::{io_err, Loc, SpoolError};
@@ -53,6 +60,8 @@ pub struct Stats {
     pub commits: AtomicU64,
     /// Records those syncs covered.
     pub records: AtomicU64,
+    /// Failures to make up (test hook).
+    pub faults: Faults,
 }
 
 /// One record to append.
@@ -143,7 +152,7 @@ impl Head {
                 .truncate(true)
                 .open(&tmp)?;
             f.write_all(segment::FILE_MAGIC)?;
-            faults::check(Point::NewSegmentSync, &tmp)?;
+            inject::check(Point::NewSegmentSync, &tmp)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
             File::open(dir)?.sync_all()?;
@@ -279,7 +288,14 @@ pub fn run(
                 appends.iter().map(|a| a.0.len() as u64).sum(),
                 Ordering::Relaxed,
             );
-            commit_turn(&mut head, appends, &mut buf, &reclaim);
+            if head.broken {
+                // A failed write that could not be cut off, and no new segment yet.
+                if let Ok(h) = Head::create(&head.dir, head.n + 1) {
+                    head = h;
+                    deletes.extend(lock(&reclaim).rotated(head.n));
+                }
+            }
+            commit_turn(&mut head, appends, &mut buf, &reclaim, &stats.faults);
             if head.len >= segment_size || head.broken {
                 match Head::create(&head.dir, head.n + 1) {
                     Ok(h) => {
@@ -324,12 +340,32 @@ type ReplyTo = oneshot::Sender<Result<Vec<Loc>, SpoolError>>;
 type Waiting = Vec<(Vec<Rec>, ReplyTo)>;
 
 /// Writes one turn's records, syncs once, answers every caller.
-fn commit_turn(head: &mut Head, appends: Waiting, buf: &mut Vec<u8>, reclaim: &Mutex<Reclaim>) {
+fn commit_turn(
+    head: &mut Head,
+    appends: Waiting,
+    buf: &mut Vec<u8>,
+    reclaim: &Mutex<Reclaim>,
+    faults: &Faults,
+) {
+    if head.broken {
+        // Its end is void (see the marker): nothing more goes into it.
+        let path = head.path();
+        for (_, reply) in appends {
+            let err = io::Error::other("the head segment has a failed write that could not be cut off, and no new segment could be started");
+            let _ = reply.send(Err(io_err(&path)(err)));
+        }
+        return;
+    }
     let start = head.len;
     let all: Vec<&Rec> = appends.iter().flat_map(|(r, _)| r.iter()).collect();
     let res = head
         .write(&all, true, buf)
-        .and_then(|locs| head.sync().map(|()| locs));
+        .and_then(|locs| head.sync().map(|()| locs))
+        .and_then(|locs| {
+            faults
+                .turn(&head.file, start, head.len, &all)
+                .map(|()| locs)
+        });
     match res {
         Ok(locs) => {
             {
@@ -356,9 +392,20 @@ fn commit_turn(head: &mut Head, appends: Waiting, buf: &mut Vec<u8>, reclaim: &M
             drop(all);
             let path = head.path();
             warn!(path = %path.display(), error = %e, "spool write failed; the records of this commit are cut off");
-            if let Err(e2) = head.cut(start) {
-                error!(path = %path.display(), error = %e2, "cannot cut a failed spool write off the segment; starting a new one");
+            if let Err(e2) = made_up(&faults.cuts).and_then(|()| head.cut(start)) {
                 head.broken = true;
+                let marker = head.dir.join(void_marker(head.n, start));
+                let marked = File::create(&marker)
+                    .and_then(|_| File::open(&head.dir))
+                    .and_then(|d| d.sync_all());
+                match marked {
+                    Ok(()) => {
+                        error!(path = %path.display(), offset = start, error = %e2, marker = %marker.display(), "cannot cut a failed spool write off the segment: its bytes from this offset on are void (ignored at the next start); starting a new segment")
+                    }
+                    Err(e3) => {
+                        error!(path = %path.display(), offset = start, error = %e2, marker_error = %e3, "cannot cut a failed spool write off the segment, nor mark it void: its records may come back at the next start; starting a new segment")
+                    }
+                }
             }
             for (_, reply) in appends {
                 let err = io::Error::new(e.kind(), e.to_string());
@@ -380,7 +427,7 @@ fn delete(dir: &Path, mut segs: Vec<u32>, reclaim: &Mutex<Reclaim>) -> Vec<u32> 
         let mut gone = Vec::with_capacity(segs.len());
         for &s in &segs {
             let path = dir.join(segment::file_name(s));
-            match faults::check(Point::Unlink, &path).and_then(|()| fs::remove_file(&path)) {
+            match inject::check(Point::Unlink, &path).and_then(|()| fs::remove_file(&path)) {
                 Ok(()) => gone.push(s),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => gone.push(s),
                 Err(e) => {

@@ -22,6 +22,7 @@
 
 mod commit;
 mod faults;
+mod inject;
 mod reclaim;
 mod records;
 mod recover;
@@ -122,6 +123,21 @@ impl Drop for Spool {
             let _ = t.join();
         }
     }
+}
+
+/// Test hook: failures (EIO) the commit stage makes up ([`Spool::inject_faults`]); each
+/// count is used up by one turn (or one cut).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InjectedFaults {
+    /// Turns whose write stops half-way (a short write), then fails.
+    pub short_writes: u32,
+    /// Turns whose records are written whole, then whose sync fails.
+    pub syncs: u32,
+    /// Cuts of a failed turn off the segment that fail.
+    pub cuts: u32,
+    /// Turns holding an end (`Done`) record whose sync fails.
+    pub end_syncs: u32,
 }
 
 /// A spool just opened, with the messages it holds.
@@ -240,6 +256,18 @@ impl Spool {
             self.stats.commits.load(Relaxed),
             self.stats.records.load(Relaxed),
         )
+    }
+
+    /// Test hook: the commit stage makes up failures (EIO) for its next turns, as `faults`
+    /// says. For tests of the rare paths only.
+    #[doc(hidden)]
+    pub fn inject_faults(&self, faults: InjectedFaults) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let f = &self.stats.faults;
+        f.short_writes.store(faults.short_writes, SeqCst);
+        f.syncs.store(faults.syncs, SeqCst);
+        f.cuts.store(faults.cuts, SeqCst);
+        f.end_syncs.store(faults.end_syncs, SeqCst);
     }
 
     /// Test only: requests sent to the commit stage and not yet answered or taken.

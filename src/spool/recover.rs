@@ -8,8 +8,15 @@
 //! them is not a torn write: it is corruption, handled as in the last segment (the damaged
 //! records moved aside and reported with file and offset, the rest kept). Only a damaged
 //! sealed segment of format 1 (no turn markers) still stops the start with file and offset.
+//!
+//! A segment with a void marker (`NNNNNNNNNN.seg.void-OFFSET`, left by the commit stage when
+//! a failed write could not be cut off) is read only up to `OFFSET`: its bytes from there on
+//! belong to a turn whose callers were told it failed (a sender got a `4xx`), so they are
+//! cut off here (or, if the cut fails again, ignored) and the marker removed; markers of
+//! segments that no longer exist are removed.
 
 use super::commit::{Head, Rec};
+use super::faults::{parse_void_marker, void_ends};
 use super::reclaim::Reclaim;
 use super::segment::{self, Header, Kind, HEADER_LEN};
 use super::tail::{self, Damaged};
@@ -94,6 +101,7 @@ struct Found {
 /// is changed.
 fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError> {
     let mut numbers = Vec::new();
+    let mut voids: Vec<(u32, u64, String)> = Vec::new();
     for e in fs::read_dir(dir).map_err(io_err(dir))? {
         let e = e.map_err(io_err(dir))?;
         let name = e.file_name();
@@ -107,9 +115,12 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
             if let Err(e) = fs::remove_file(&p) {
                 warn!(path = %p.display(), error = %e, "cannot remove a segment file left by a failed creation");
             }
+        } else if let Some((n, off)) = parse_void_marker(name) {
+            voids.push((n, off, name.to_string()));
         }
     }
     numbers.sort_unstable();
+    let limits = void_ends(dir, &numbers, voids, aside.is_none());
     let mut live: HashMap<QueueId, Queued> = HashMap::new();
     // Segments that must outlive others: (segment of a Done or of a copied message record,
     // segment of the message record it ends or supersedes).
@@ -125,11 +136,12 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
             Some(a) => tail::Mode::Repair(a),
             None => tail::Mode::ReadOnly,
         };
+        let end = limits.get(&n).copied();
         if i + 1 < numbers.len() {
             // Applied once the whole segment reads well, so a damaged one can be read again
             // by the repairing scan.
             let mut recs = Vec::new();
-            let res = scan_sealed(&path, n, &mut |loc, h, meta| {
+            let res = scan_sealed(&path, n, end, &mut |loc, h, meta| {
                 recs.push((loc, *h, meta.to_vec()));
                 Ok(())
             });
@@ -146,7 +158,18 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
                     if matches!(file_format(&path)?, Format::V2) =>
                 {
                     error!(error = %e, "damage in a sealed spool segment; its damaged records are moved aside");
-                    tail::scan_last(&path, n, true, true, mode, each, &mut damaged)?;
+                    tail::scan_last(
+                        &path,
+                        n,
+                        tail::Shape {
+                            marked: true,
+                            sealed: true,
+                            end,
+                        },
+                        mode,
+                        each,
+                        &mut damaged,
+                    )?;
                 }
                 Err(e) => return Err(e),
             }
@@ -160,8 +183,30 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
                 fs::remove_file(&path).map_err(io_err(&path))?;
             }
             Format::Short => {}
-            Format::V1 => tail::scan_last(&path, n, false, false, mode, each, &mut damaged)?,
-            Format::V2 => tail::scan_last(&path, n, true, false, mode, each, &mut damaged)?,
+            Format::V1 => tail::scan_last(
+                &path,
+                n,
+                tail::Shape {
+                    marked: false,
+                    sealed: false,
+                    end,
+                },
+                mode,
+                each,
+                &mut damaged,
+            )?,
+            Format::V2 => tail::scan_last(
+                &path,
+                n,
+                tail::Shape {
+                    marked: true,
+                    sealed: false,
+                    end,
+                },
+                mode,
+                each,
+                &mut damaged,
+            )?,
         }
     }
     Ok(Found {
@@ -305,16 +350,22 @@ fn apply(
 /// What a scan calls for each record: its position, header and metadata.
 pub(super) type RecordFn<'a> = dyn FnMut(Loc, &Header, &[u8]) -> Result<(), String> + 'a;
 
-/// Reads every record of sealed segment `n` (synced whole before the next one was started):
-/// headers and metadata only, their bodies are skipped; any damage is an error naming the
-/// file and offset.
-fn scan_sealed(path: &Path, n: u32, each: &mut RecordFn<'_>) -> Result<(), SpoolError> {
+/// Reads every record of sealed segment `n` (synced whole before the next one was started;
+/// up to `end`, when its end is marked void): headers and metadata only, their bodies are
+/// skipped; any damage is an error naming the file and offset.
+fn scan_sealed(
+    path: &Path,
+    n: u32,
+    end: Option<u64>,
+    each: &mut RecordFn<'_>,
+) -> Result<(), SpoolError> {
     let corrupt = |off: u64, reason: String| SpoolError::Corrupt {
         path: format!("{} at offset {off}", path.display()),
         reason,
     };
     let file = File::open(path).map_err(io_err(path))?;
     let file_len = file.metadata().map_err(io_err(path))?.len();
+    let file_len = end.map_or(file_len, |e| e.min(file_len));
     // Positioned reads of each record's header and metadata: the bodies of sealed segments
     // are never read (a restart over gigabytes of queued mail reads only the envelopes).
     let mut magic = [0u8; 8];

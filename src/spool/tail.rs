@@ -93,24 +93,41 @@ enum Check {
     },
 }
 
+/// What a scan of a segment needs to know of it besides its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Format 2: commit turns are marked.
+    pub marked: bool,
+    /// A later segment exists (this one was synced whole before it was started).
+    pub sealed: bool,
+    /// Where its bytes end for the scan when its end is void (see `faults`).
+    pub end: Option<u64>,
+}
+
 /// Scans segment `n` at `path` (whose file header was checked: `marked` for format 2; `sealed`
 /// when a later segment exists), repairs it in `Repair` mode, calls `each` for every record
 /// kept, and adds what it found to `found`.
 pub fn scan_last(
     path: &Path,
     n: u32,
-    marked: bool,
-    sealed: bool,
+    shape: Shape,
     mode: Mode<'_>,
     each: &mut RecordFn<'_>,
     found: &mut Vec<Damaged>,
 ) -> Result<(), SpoolError> {
+    let Shape {
+        marked,
+        sealed,
+        end,
+    } = shape;
     let file = OpenOptions::new()
         .read(true)
         .write(matches!(mode, Mode::Repair(_)))
         .open(path)
         .map_err(io_err(path))?;
     let file_len = file.metadata().map_err(io_err(path))?.len();
+    // A void end (a failed write its callers were told about, see `faults`) is not read.
+    let file_len = end.map_or(file_len, |e| e.min(file_len));
     let spans = spans(&file, marked, file_len).map_err(io_err(path))?;
     // Everything before the end of the last Commit record that has any byte after it was
     // synced; in a sealed segment, everything before its last Commit record (the next segment

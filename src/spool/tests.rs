@@ -573,10 +573,10 @@ fn a_failed_sync_of_a_new_segment_does_not_end_rotation() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
     let s = Spool::open_sized(dir.path(), 100).unwrap().spool;
-    faults::inject(faults::Point::NewSegmentSync, dir.path(), 1);
+    inject::inject(inject::Point::NewSegmentSync, dir.path(), 1);
     let sent: Vec<QueueId> = (0..3).map(|_| QueueId::generate()).collect();
     let segs: Vec<u32> = sent.iter().map(|id| store_in(&rt, &s, id).seg).collect();
-    assert_eq!(faults::hits(faults::Point::NewSegmentSync, dir.path()), 1);
+    assert_eq!(inject::hits(inject::Point::NewSegmentSync, dir.path()), 1);
     assert_eq!(
         segs,
         [1, 1, 2],
@@ -668,11 +668,11 @@ fn a_failed_unlink_keeps_the_pins_of_the_segment() {
     // Segment 1 (a's message, b's message) cannot be deleted: segment 2, which holds the
     // Done of b, must stay while it does.
     let one = dir.path().join("segments").join(segment::file_name(1));
-    faults::inject(faults::Point::Unlink, &one, 1_000_000);
+    inject::inject(inject::Point::Unlink, &one, 1_000_000);
     rt.block_on(s.finish(&a, la, None)).unwrap();
     // Wait until the deletion was tried twice (the first try is over), or segment 2 went.
     let t0 = Instant::now();
-    while faults::hits(faults::Point::Unlink, &one) < 2
+    while inject::hits(inject::Point::Unlink, &one) < 2
         && seg_files(dir.path()).contains(&segment::file_name(2))
     {
         assert!(t0.elapsed() < Duration::from_secs(30), "no retry");
@@ -688,7 +688,7 @@ fn a_failed_unlink_keeps_the_pins_of_the_segment() {
         "{files:?}"
     );
     // Once the unlink works again, the retry deletes segment 1 and then segment 2.
-    faults::clear(&one);
+    inject::clear(&one);
     wait_segments(dir.path(), |f| {
         !f.contains(&segment::file_name(1)) && !f.contains(&segment::file_name(2))
     });

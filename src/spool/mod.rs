@@ -459,12 +459,17 @@ impl Reader {
             reason: reason.into(),
         };
         let f = File::open(&path).map_err(io_err(&path))?;
+        let mut fh = [0u8; segment::FILE_HEADER_LEN];
+        let got = recover::read_at_most(&f, &mut fh, 0).map_err(io_err(&path))?;
+        let segment::FileHeader::Segment(salt) = segment::parse_file_header(&fh[..got]) else {
+            return Err(corrupt("not a coexist spool segment"));
+        };
         let mut head = vec![0u8; HEADER_LEN + loc.meta_len as usize];
         f.read_exact_at(&mut head, loc.off).map_err(io_err(&path))?;
         let hb: [u8; HEADER_LEN] = head[..HEADER_LEN]
             .try_into()
             .map_err(|_| corrupt("short"))?;
-        let h = segment::decode_header(&hb).ok_or_else(|| corrupt("not a record header"))?;
+        let h = segment::decode_header(&salt, &hb).ok_or_else(|| corrupt("not a record header"))?;
         let meta = head.split_off(HEADER_LEN);
         if h.meta_len != loc.meta_len || !h.meta_ok(&meta) {
             return Err(corrupt("record checksum mismatch"));

@@ -158,13 +158,14 @@ fn damage_in_a_sealed_segment_is_moved_aside_and_the_rest_kept() {
     drop(s);
     // Reopening starts a new head: the first segment is now sealed.
     drop(Spool::open(dir.path()).unwrap());
-    flip(dir.path(), 1, 8 + HEADER_LEN as u64 + 3); // inside the first record's envelope
+    let start = segment::FILE_HEADER_LEN as u64;
+    flip(dir.path(), 1, start + HEADER_LEN as u64 + 3); // inside the first record's envelope
     let o = Spool::open(dir.path()).unwrap();
     assert_eq!(ids(&o), vec![b.clone()]);
     assert_eq!(o.damaged.len(), 1);
     let d = &o.damaged[0];
-    assert!(!d.torn && d.offset == 8 && d.path.ends_with("segments/0000000001.seg"));
-    assert!(dir.path().join("damaged/0000000001.seg.8.corrupt").exists());
+    assert!(!d.torn && d.offset == start && d.path.ends_with("segments/0000000001.seg"));
+    assert!(dir.path().join("damaged/0000000001.seg.16.corrupt").exists());
     assert_eq!(o.spool.read_message(o.queued[0].msg).unwrap(), b"one");
     drop(o);
     assert_eq!(ids(&Spool::open(dir.path()).unwrap()), vec![b]);
@@ -177,14 +178,14 @@ fn damage_in_a_sealed_segment_without_turn_markers_is_reported_with_file_and_off
     let mut bytes = segment::FILE_MAGIC_V1.to_vec();
     let r = message_rec(&env(QueueId::generate()), Arc::new(b"one".to_vec())).unwrap();
     let body = r.body.as_deref().unwrap();
-    bytes.extend_from_slice(&segment::encode_header(r.kind, &r.meta, body));
+    bytes.extend_from_slice(&segment::encode_header(&segment::Salt::NONE, r.kind, &r.meta, body));
     bytes.extend_from_slice(&r.meta);
     bytes.extend_from_slice(body);
     bytes[8 + HEADER_LEN + 3] ^= 0x20; // inside the first record's envelope
     fs::write(dir.path().join("segments/0000000001.seg"), &bytes).unwrap();
     fs::write(
         dir.path().join("segments/0000000002.seg"),
-        segment::FILE_MAGIC,
+        segment::Salt::random().unwrap().file_header(),
     )
     .unwrap();
     let err = Spool::open(dir.path()).err().expect("refused").to_string();
@@ -530,7 +531,7 @@ fn a_segment_without_turn_markers_still_recovers() {
     for id in &sent {
         let r = message_rec(&env(id.clone()), Arc::new(b"old".to_vec())).unwrap();
         let body = r.body.as_deref().unwrap();
-        bytes.extend_from_slice(&segment::encode_header(r.kind, &r.meta, body));
+        bytes.extend_from_slice(&segment::encode_header(&segment::Salt::NONE, r.kind, &r.meta, body));
         bytes.extend_from_slice(&r.meta);
         bytes.extend_from_slice(body);
     }

@@ -517,4 +517,6 @@ fn lock(r: &Mutex<Reclaim>) -> std::sync::MutexGuard<'_, Reclaim> {
 }
 
 #[cfg(test)]
+mod tail_tests;
+#[cfg(test)]
 mod tests;

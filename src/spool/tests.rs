@@ -7,7 +7,7 @@ use crate::proto::{BodyType, Ret};
 use crate::types::Address;
 use std::time::{Duration, Instant};
 
-fn env(id: QueueId) -> Envelope {
+pub(super) fn env(id: QueueId) -> Envelope {
     Envelope {
         id,
         from: None,
@@ -25,14 +25,14 @@ fn env(id: QueueId) -> Envelope {
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(super) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
 }
 
-fn seg_files(dir: &Path) -> Vec<String> {
+pub(super) fn seg_files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir.join("segments"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -41,7 +41,7 @@ fn seg_files(dir: &Path) -> Vec<String> {
     v
 }
 
-fn ids(o: &Opened) -> Vec<QueueId> {
+pub(super) fn ids(o: &Opened) -> Vec<QueueId> {
     o.queued.iter().map(|q| q.id.clone()).collect()
 }
 
@@ -417,7 +417,7 @@ fn a_straggler_is_copied_forward_and_its_old_segment_deleted() {
 }
 
 /// Flips one bit at `off` of segment `n` under `dir`.
-fn flip(dir: &Path, n: u32, off: u64) {
+pub(super) fn flip(dir: &Path, n: u32, off: u64) {
     let path = dir.join("segments").join(segment::file_name(n));
     let mut b = fs::read(&path).unwrap();
     b[off as usize] ^= 0x04;
@@ -426,7 +426,7 @@ fn flip(dir: &Path, n: u32, off: u64) {
 
 /// Four messages acknowledged one after another in the head segment, the relay stopped
 /// (nothing written after). Returns their ids and positions.
-fn four_acknowledged(dir: &Path) -> (Vec<QueueId>, Vec<Loc>) {
+pub(super) fn four_acknowledged(dir: &Path) -> (Vec<QueueId>, Vec<Loc>) {
     let rt = rt();
     let s = Spool::open(dir).unwrap().spool;
     let ids: Vec<QueueId> = (0..4).map(|_| QueueId::generate()).collect();

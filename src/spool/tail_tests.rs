@@ -6,30 +6,41 @@ use super::inject::{self, Point};
 use super::tests::{env, flip, four_acknowledged, ids, rt};
 use super::*;
 
-/// A record as a segment without a salt (format 1, or format 2 before the salt) frames it:
-/// what a sender can build without knowing the segment's salt.
-fn unsalted(kind: Kind, meta: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut b = segment::encode_header(&segment::Salt::NONE, kind, meta, body).to_vec();
+/// A record as a segment with `salt` frames it; [`segment::Salt::NONE`] (format 1, or
+/// format 2 before the salt) is what a sender can build without knowing the segment's salt.
+fn framed(salt: &segment::Salt, kind: Kind, meta: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut b = segment::encode_header(salt, kind, meta, body).to_vec();
     b.extend_from_slice(meta);
     b.extend_from_slice(body);
     b
 }
 
-/// Stores `a` (a plain message), then `m`, whose body is a forged message record for
+/// Stores `a` (a plain message), then `m`, whose body (framed with the segment's own salt
+/// when `own_salt`: a sender who somehow knew it) is a forged message record for
 /// `forged`, a forged `Done` for `a` and a forged `Commit`, between filler; then `b` and
 /// another one (so `b`'s turn is proven synced). Returns the positions of `a`, `m` and `b`,
 /// and where the forged bytes end in the file.
-fn with_forgeries(dir: &Path, a: &QueueId, forged: &QueueId, b: &QueueId) -> (Vec<Loc>, u64) {
+fn with_forgeries(
+    dir: &Path,
+    own_salt: bool,
+    ids: [&QueueId; 3],
+) -> (Vec<Loc>, u64) {
+    let [a, forged, b] = ids;
     let rt = rt();
     let s = Spool::open(dir).unwrap().spool;
+    let head = fs::read(dir.join("segments/0000000001.seg")).unwrap();
+    let salt = match segment::parse_file_header(&head) {
+        segment::FileHeader::Segment(salt) if own_salt => salt,
+        _ => segment::Salt::NONE,
+    };
     let la = rt
         .block_on(s.store(&env(a.clone()), Arc::new(b"real a".to_vec())))
         .unwrap();
     let mut body = vec![b'x'; 300];
     let fake = message_rec(&env(forged.clone()), Arc::new(b"forged".to_vec())).unwrap();
-    body.extend(unsalted(Kind::Message, &fake.meta, b"forged"));
-    body.extend(unsalted(Kind::Done, &serde_json::to_vec(a).unwrap(), &[]));
-    body.extend(unsalted(Kind::Commit, &[], &[]));
+    body.extend(framed(&salt, Kind::Message, &fake.meta, b"forged"));
+    body.extend(framed(&salt, Kind::Done, &serde_json::to_vec(a).unwrap(), &[]));
+    body.extend(framed(&salt, Kind::Commit, &[], &[]));
     let forged_end = body.len();
     body.extend(vec![b'y'; 3000]);
     let m = QueueId::generate();
@@ -51,11 +62,19 @@ fn records_copied_into_a_message_body_are_never_taken_for_records() {
     // A sender's message holds byte-exact records (a message, a Done ending another message,
     // a Commit). Damage makes recovery search for the next record through that body: a torn
     // write of it at a crash, a damaged header of it, or a damaged body and the record after
-    // it. After the restart no forged record counts: no extra message, none ended.
-    for what in ["torn", "header", "body"] {
+    // it. After the restart no forged record counts: no extra message, none ended. Even
+    // records framed with the segment's own salt are not searched for inside a record whose
+    // header is intact (torn, or only its body damaged).
+    for (what, own_salt) in [
+        ("torn", false),
+        ("header", false),
+        ("body", false),
+        ("torn", true),
+        ("body", true),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let (a, forged, b) = (QueueId::generate(), QueueId::generate(), QueueId::generate());
-        let (locs, forged_end) = with_forgeries(dir.path(), &a, &forged, &b);
+        let (locs, forged_end) = with_forgeries(dir.path(), own_salt, [&a, &forged, &b]);
         let (la, lm, lb) = (locs[0], locs[1], locs[2]);
         let seg = dir.path().join("segments/0000000001.seg");
         match what {
@@ -74,9 +93,9 @@ fn records_copied_into_a_message_body_are_never_taken_for_records() {
         let o = Spool::open(dir.path()).unwrap();
         let mut want = ids(&o);
         if what == "torn" {
-            assert_eq!(want, vec![a.clone()], "{what}: no forged message, none ended");
+            assert_eq!(want, vec![a.clone()], "{what} (own salt: {own_salt}): no forged message, none ended");
         } else {
-            assert_eq!(want.len(), 3, "{what}: no forged message, none ended");
+            assert_eq!(want.len(), 3, "{what} (own salt: {own_salt}): no forged message, none ended");
             assert_eq!(want[..2], [a.clone(), b.clone()], "{what}");
         }
         want.sort();

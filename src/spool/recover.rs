@@ -297,7 +297,12 @@ pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
     // A segment whose corrupt bytes could not be moved aside stays for this run, so that the
     // next start can still move them aside.
     for d in damaged.iter().filter(|d| d.left) {
-        if let Some(n) = d.path.file_name().and_then(|n| n.to_str()).and_then(segment::number) {
+        if let Some(n) = d
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(segment::number)
+        {
             reclaim.add_ref(n);
         }
     }

@@ -220,13 +220,7 @@ pub fn encode_header(salt: &Salt, kind: Kind, meta: &[u8], body: &[u8]) -> [u8; 
     header(salt, kind, meta, body.len() as u32, salt.crc(body))
 }
 
-fn header(
-    salt: &Salt,
-    kind: Kind,
-    meta: &[u8],
-    body_len: u32,
-    body_crc: u32,
-) -> [u8; HEADER_LEN] {
+fn header(salt: &Salt, kind: Kind, meta: &[u8], body_len: u32, body_crc: u32) -> [u8; HEADER_LEN] {
     let meta_len = meta.len() as u32;
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&salt.magic());
@@ -337,7 +331,10 @@ mod tests {
         let h = encode_header(&Salt::NONE, Kind::Commit, &[], &[]);
         assert!(decode_header(&Salt::NONE, &h).is_some_and(|d| d.meta_ok(&[])));
         assert_eq!(parse_file_header(&a.file_header()), FileHeader::Segment(a));
-        assert_eq!(parse_file_header(b"COEXSEG1"), FileHeader::Segment(Salt::NONE));
+        assert_eq!(
+            parse_file_header(b"COEXSEG1"),
+            FileHeader::Segment(Salt::NONE)
+        );
         assert_eq!(parse_file_header(b"COEXSEG2abc"), FileHeader::Short);
         assert_eq!(parse_file_header(b"COEXSEG9abcdefgh"), FileHeader::Foreign);
     }

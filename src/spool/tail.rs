@@ -29,8 +29,8 @@
 //! after that turn's sync. A damaged sealed segment of format 1 stops the start with the
 //! file and offset, as before.
 
-use super::recover::RecordFn;
 use super::inject::{self, Point};
+use super::recover::RecordFn;
 use super::segment::{self, Header, Kind, Salt, HEADER_LEN};
 use super::{io_err, Loc, SpoolError};
 use std::fs::{self, File, OpenOptions};
@@ -359,10 +359,7 @@ fn resync(
                     return Ok(None); // the damaged record is the last one
                 }
                 if next < file_len
-                    && matches!(
-                        check_at(file, salt, next, file_len, body)?,
-                        Check::Whole(_)
-                    )
+                    && matches!(check_at(file, salt, next, file_len, body)?, Check::Whole(_))
                 {
                     return Ok(Some(next));
                 }
@@ -388,10 +385,7 @@ fn resync(
                     .and_then(|b| segment::decode_header(&salt, &b))
                     .is_none_or(|h| h.meta_len <= RESYNC_META_MAX);
                 if plausible
-                    && matches!(
-                        check_at(file, salt, cand, file_len, body)?,
-                        Check::Whole(_)
-                    )
+                    && matches!(check_at(file, salt, cand, file_len, body)?, Check::Whole(_))
                 {
                     return Ok(Some(cand));
                 }
@@ -414,7 +408,12 @@ fn record_id(meta: &[u8]) -> Option<String> {
 /// (corruption) or cuts them off (torn tail). Returns where they were kept. When they cannot
 /// be kept, a torn tail (never acknowledged) is cut all the same, and corruption is left
 /// as it is on disk (skipped for this start, moved aside by a later one): `Ok(None)`.
-fn repair(file: &File, d: &Damaged, salt: Salt, aside: &Path) -> Result<Option<PathBuf>, SpoolError> {
+fn repair(
+    file: &File,
+    d: &Damaged,
+    salt: Salt,
+    aside: &Path,
+) -> Result<Option<PathBuf>, SpoolError> {
     let kept = match keep_aside(file, d, aside) {
         Ok(p) => Some(p),
         Err(e) => {

@@ -20,11 +20,7 @@ fn framed(salt: &segment::Salt, kind: Kind, meta: &[u8], body: &[u8]) -> Vec<u8>
 /// `forged`, a forged `Done` for `a` and a forged `Commit`, between filler; then `b` and
 /// another one (so `b`'s turn is proven synced). Returns the positions of `a`, `m` and `b`,
 /// and where the forged bytes end in the file.
-fn with_forgeries(
-    dir: &Path,
-    own_salt: bool,
-    ids: [&QueueId; 3],
-) -> (Vec<Loc>, u64) {
+fn with_forgeries(dir: &Path, own_salt: bool, ids: [&QueueId; 3]) -> (Vec<Loc>, u64) {
     let [a, forged, b] = ids;
     let rt = rt();
     let s = Spool::open(dir).unwrap().spool;
@@ -39,7 +35,12 @@ fn with_forgeries(
     let mut body = vec![b'x'; 300];
     let fake = message_rec(&env(forged.clone()), Arc::new(b"forged".to_vec())).unwrap();
     body.extend(framed(&salt, Kind::Message, &fake.meta, b"forged"));
-    body.extend(framed(&salt, Kind::Done, &serde_json::to_vec(a).unwrap(), &[]));
+    body.extend(framed(
+        &salt,
+        Kind::Done,
+        &serde_json::to_vec(a).unwrap(),
+        &[],
+    ));
     body.extend(framed(&salt, Kind::Commit, &[], &[]));
     let forged_end = body.len();
     body.extend(vec![b'y'; 3000]);
@@ -73,7 +74,11 @@ fn records_copied_into_a_message_body_are_never_taken_for_records() {
         ("body", true),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let (a, forged, b) = (QueueId::generate(), QueueId::generate(), QueueId::generate());
+        let (a, forged, b) = (
+            QueueId::generate(),
+            QueueId::generate(),
+            QueueId::generate(),
+        );
         let (locs, forged_end) = with_forgeries(dir.path(), own_salt, [&a, &forged, &b]);
         let (la, lm, lb) = (locs[0], locs[1], locs[2]);
         let seg = dir.path().join("segments/0000000001.seg");
@@ -93,9 +98,17 @@ fn records_copied_into_a_message_body_are_never_taken_for_records() {
         let o = Spool::open(dir.path()).unwrap();
         let mut want = ids(&o);
         if what == "torn" {
-            assert_eq!(want, vec![a.clone()], "{what} (own salt: {own_salt}): no forged message, none ended");
+            assert_eq!(
+                want,
+                vec![a.clone()],
+                "{what} (own salt: {own_salt}): no forged message, none ended"
+            );
         } else {
-            assert_eq!(want.len(), 3, "{what} (own salt: {own_salt}): no forged message, none ended");
+            assert_eq!(
+                want.len(),
+                3,
+                "{what} (own salt: {own_salt}): no forged message, none ended"
+            );
             assert_eq!(want[..2], [a.clone(), b.clone()], "{what}");
         }
         want.sort();

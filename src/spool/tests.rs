@@ -165,7 +165,10 @@ fn damage_in_a_sealed_segment_is_moved_aside_and_the_rest_kept() {
     assert_eq!(o.damaged.len(), 1);
     let d = &o.damaged[0];
     assert!(!d.torn && d.offset == start && d.path.ends_with("segments/0000000001.seg"));
-    assert!(dir.path().join("damaged/0000000001.seg.16.corrupt").exists());
+    assert!(dir
+        .path()
+        .join("damaged/0000000001.seg.16.corrupt")
+        .exists());
     assert_eq!(o.spool.read_message(o.queued[0].msg).unwrap(), b"one");
     drop(o);
     assert_eq!(ids(&Spool::open(dir.path()).unwrap()), vec![b]);
@@ -178,7 +181,12 @@ fn damage_in_a_sealed_segment_without_turn_markers_is_reported_with_file_and_off
     let mut bytes = segment::FILE_MAGIC_V1.to_vec();
     let r = message_rec(&env(QueueId::generate()), Arc::new(b"one".to_vec())).unwrap();
     let body = r.body.as_deref().unwrap();
-    bytes.extend_from_slice(&segment::encode_header(&segment::Salt::NONE, r.kind, &r.meta, body));
+    bytes.extend_from_slice(&segment::encode_header(
+        &segment::Salt::NONE,
+        r.kind,
+        &r.meta,
+        body,
+    ));
     bytes.extend_from_slice(&r.meta);
     bytes.extend_from_slice(body);
     bytes[8 + HEADER_LEN + 3] ^= 0x20; // inside the first record's envelope
@@ -531,7 +539,12 @@ fn a_segment_without_turn_markers_still_recovers() {
     for id in &sent {
         let r = message_rec(&env(id.clone()), Arc::new(b"old".to_vec())).unwrap();
         let body = r.body.as_deref().unwrap();
-        bytes.extend_from_slice(&segment::encode_header(&segment::Salt::NONE, r.kind, &r.meta, body));
+        bytes.extend_from_slice(&segment::encode_header(
+            &segment::Salt::NONE,
+            r.kind,
+            &r.meta,
+            body,
+        ));
         bytes.extend_from_slice(&r.meta);
         bytes.extend_from_slice(body);
     }

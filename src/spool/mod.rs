@@ -4,7 +4,8 @@
 //! - `segments/NNNNNNNNNN.seg`: the log. A new message is one record (envelope and message
 //!   bytes); each delivery attempt or admin action that changes a message's state appends a
 //!   small state record; a finished message gets a `Done` record. See [`segment`] for the
-//!   framing (lengths and checksums).
+//!   framing (lengths, and checksums keyed by a random salt per segment, so message bytes
+//!   that copy records are never taken for records).
 //! - `failed/ID.msg` and `failed/ID.state`: messages with failed recipients that could not be
 //!   bounced, kept for the admin.
 //! - `damaged/NNNNNNNNNN.seg.OFFSET.{corrupt,torn}`: bytes recovery found damaged in a
@@ -17,8 +18,9 @@
 //! message needs a record in it ([`reclaim`]); one whose unlink fails keeps what it pins and
 //! is tried again later. At start the log is replayed ([`recover`]): a torn tail (damage in
 //! the last, unsynced commit turn) is cut off, damage in a synced turn is corruption, skipped
-//! with the records after it kept, and either's bytes are moved to `damaged/` first; a spool
-//! of the former one-file-per-message layout is imported.
+//! with the records after it kept, and either's bytes are moved to `damaged/` first (when
+//! that copy fails, a torn tail is cut anyway and corruption left in place, skipped for
+//! that start); a spool of the former one-file-per-message layout is imported.
 
 mod commit;
 mod faults;

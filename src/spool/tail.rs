@@ -2,9 +2,19 @@
 //! apart from corruption, and no damaged byte is destroyed.
 //!
 //! The scan checks every record whole (header, metadata and body checksums). At a damaged
-//! record it looks for the next whole record (first where the damaged header's lengths
-//! point, then byte by byte for a record header whose checksums hold), so the records after
-//! the damage are still read. Then, in a segment with turn markers (format 2):
+//! record it looks for the next whole record, so the records after the damage are still
+//! read; it never looks inside a record whose header is intact (its checksum holds), since
+//! a message's body holds bytes a sender chose and may copy records byte for byte:
+//!
+//! - header intact, record running past the end of the file: a torn tail from that header
+//!   on (a large message cut short by a crash);
+//! - header intact, body damaged: the search starts where the header says the record ends;
+//! - header damaged: where its lengths point (if it decodes), then byte by byte after the
+//!   header for a record whose checksums hold. In format 2 every checksum (and the record
+//!   magic) is keyed by the segment's random salt (see [`segment`]), so a copy of a record
+//!   in a message body does not pass.
+//!
+//! Then, in a segment with turn markers (format 2):
 //!
 //! - Any byte after a `Commit` record proves that turn's `fdatasync` returned (the next turn
 //!   is written only after it), so its records were acknowledged. Damage before the end of
@@ -19,6 +29,13 @@
 //!   **torn tail**. The bytes from the first damage to the end are copied to
 //!   `damaged/NNNNNNNNNN.seg.OFFSET.torn`, synced, and then cut off the segment
 //!   (`coexist_spool_damaged_total{kind="torn"}`). Those records were never acknowledged.
+//!
+//! When the damaged bytes cannot be copied to `damaged/` (a full disk, an I/O error), the
+//! start goes on: a torn tail (never acknowledged) is cut all the same, with an `error` log;
+//! corruption is left on disk exactly as it is and only skipped for this start (an `error`
+//! log with file and offset, `coexist_spool_damaged_total{kind="corrupt_left"}`, and
+//! [`Damaged::left`]); its segment is kept for this run, and the next start tries again to
+//! move the bytes aside.
 //!
 //! A segment of format 1 (no turn markers) is recovered as before, the first damage ending
 //! the scan and the rest cut off, but its bytes are also kept aside first.

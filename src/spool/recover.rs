@@ -236,12 +236,38 @@ fn file_format(path: &Path) -> Result<Format, SpoolError> {
     match segment::parse_file_header(&fh[..got]) {
         FileHeader::Short => Ok(Format::Short),
         FileHeader::Segment(salt) if salt == segment::Salt::NONE => Ok(Format::V1),
+        FileHeader::Segment(_) if unsalted_v2(&file).map_err(io_err(path))? => {
+            Err(SpoolError::Corrupt {
+                path: format!("{} at offset 0", path.display()),
+                reason: "a format 2 segment without a salt, written by a pre-release build: \
+                    let that build empty the queue (or move the spool away) before this one starts"
+                    .into(),
+            })
+        }
         FileHeader::Segment(salt) => Ok(Format::V2(salt)),
         FileHeader::Foreign => Err(SpoolError::Corrupt {
             path: format!("{} at offset 0", path.display()),
             reason: "not a coexist spool segment".into(),
         }),
     }
+}
+
+/// True when a `COEXSEG2` segment has no salt but a whole unsalted record right after its
+/// magic (written by a build before the salt): read as salted, every record of it would look
+/// damaged and be cut off, so the start is refused instead. A salted segment matches only
+/// if its 8 random bytes happen to form such a header and its checksum (never, in practice).
+fn unsalted_v2(file: &File) -> std::io::Result<bool> {
+    let start = segment::FILE_MAGIC.len() as u64;
+    let mut hb = [0u8; HEADER_LEN];
+    if read_at_most(file, &mut hb, start)? < HEADER_LEN {
+        return Ok(false);
+    }
+    let Some(h) = segment::decode_header(&segment::Salt::NONE, &hb) else {
+        return Ok(false);
+    };
+    let mut meta = vec![0u8; h.meta_len.min(1 << 20) as usize];
+    let got = read_at_most(file, &mut meta, start + HEADER_LEN as u64)?;
+    Ok(got == h.meta_len as usize && h.meta_ok(&meta))
 }
 
 /// The salt of a segment of format 2 (`None` for format 1 or a short file).

@@ -208,3 +208,23 @@ fn corruption_that_cannot_be_kept_aside_is_left_in_place_and_moved_by_the_next_s
     drop(again);
     assert!(Spool::open(dir.path()).unwrap().damaged.is_empty());
 }
+
+#[test]
+fn a_format_2_segment_without_a_salt_is_refused_not_cut() {
+    // Written by a pre-release build: `COEXSEG2`, then records framed without a salt.
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("segments")).unwrap();
+    let mut bytes = segment::FILE_MAGIC.to_vec();
+    let r = message_rec(&env(QueueId::generate()), Arc::new(b"old".to_vec())).unwrap();
+    bytes.extend(framed(&segment::Salt::NONE, r.kind, &r.meta, b"old"));
+    bytes.extend(framed(&segment::Salt::NONE, Kind::Commit, &[], &[]));
+    let seg = dir.path().join("segments/0000000001.seg");
+    fs::write(&seg, &bytes).unwrap();
+    let err = Spool::open(dir.path()).err().expect("refused").to_string();
+    assert!(
+        err.contains("0000000001.seg at offset 0") && err.contains("salt"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&seg).unwrap(), bytes, "nothing cut");
+    assert!(inspect(dir.path()).is_err());
+}

@@ -497,23 +497,31 @@ fn keep_aside(file: &File, d: &Damaged, aside: &Path) -> Result<PathBuf, SpoolEr
             format!("no free name for {base}"),
         )));
     };
+    // A copy cut short is removed: what is in `damaged/` is always whole.
+    let copied = copy(file, d, &mut f, &p);
+    if copied.is_err() {
+        drop(f);
+        let _ = fs::remove_file(&p);
+    }
+    copied?;
+    File::open(aside)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(aside))?;
+    Ok(p)
+}
+
+/// Copies the damaged bytes `d` of `file` into `out` (at `p`) and syncs it.
+fn copy(file: &File, d: &Damaged, out: &mut File, p: &Path) -> Result<(), SpoolError> {
+    inject::check(Point::KeepAside, p).map_err(io_err(p))?;
     let mut buf = vec![0u8; (1 << 20).min(d.len as usize)];
     let mut at = d.offset;
-    if let Err(e) = inject::check(Point::KeepAside, &p) {
-        let _ = fs::remove_file(&p);
-        return Err(io_err(&p)(e));
-    }
     let end = d.offset + d.len;
     while at < end {
         let k = buf.len().min((end - at) as usize);
         file.read_exact_at(&mut buf[..k], at)
             .map_err(io_err(&d.path))?;
-        f.write_all(&buf[..k]).map_err(io_err(&p))?;
+        out.write_all(&buf[..k]).map_err(io_err(p))?;
         at += k as u64;
     }
-    f.sync_all().map_err(io_err(&p))?;
-    File::open(aside)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(aside))?;
-    Ok(p)
+    out.sync_all().map_err(io_err(p))
 }

@@ -3,7 +3,7 @@
 //! bytes that cannot be copied to `damaged/`.
 
 use super::inject::{self, Point};
-use super::tests::{env, flip, four_acknowledged, ids, rt};
+use super::tests::{env, fill, flip, four_acknowledged, ids, rt, Tmpfs};
 use super::*;
 
 /// A record as a segment with `salt` frames it; [`segment::Salt::NONE`] (format 1, or
@@ -227,4 +227,43 @@ fn a_format_2_segment_without_a_salt_is_refused_not_cut() {
     );
     assert_eq!(fs::read(&seg).unwrap(), bytes, "nothing cut");
     assert!(inspect(dir.path()).is_err());
+}
+
+#[test]
+fn a_full_damaged_folder_stops_no_start() {
+    // `damaged/` on its own full tmpfs: corruption and a torn tail in the head segment. The
+    // start goes on; the torn tail is cut, the corruption left in place for a later start.
+    let dir = tempfile::tempdir().unwrap();
+    let (sent, locs) = four_acknowledged(dir.path());
+    let seg = dir.path().join("segments/0000000001.seg");
+    flip(dir.path(), 1, locs[0].off + 40);
+    let acknowledged = fs::metadata(&seg).unwrap().len();
+    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&[0xAB; 77]).unwrap();
+    drop(f);
+    let full = Tmpfs::mount("64k");
+    fill(full.path());
+    fs::remove_dir_all(dir.path().join("damaged")).unwrap();
+    std::os::unix::fs::symlink(full.path(), dir.path().join("damaged")).unwrap();
+    let o = Spool::open(dir.path()).expect("the start goes on");
+    assert_eq!(ids(&o), sent[1..].to_vec());
+    let seen: Vec<(u64, bool, bool, bool)> = o
+        .damaged
+        .iter()
+        .map(|d| (d.offset, d.torn, d.left, d.kept.is_some()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (locs[0].off, false, true, false),
+            (acknowledged, true, false, false)
+        ]
+    );
+    assert_eq!(fs::metadata(&seg).unwrap().len(), acknowledged);
+    let left: Vec<String> = damaged_files(dir.path())
+        .into_iter()
+        .filter(|n| n != "filler")
+        .collect();
+    assert!(left.is_empty(), "no partial copies: {left:?}");
+    drop(o);
 }

@@ -603,10 +603,10 @@ fn a_failed_sync_of_a_new_segment_does_not_end_rotation() {
 }
 
 /// A tmpfs of `size` mounted on a new temporary folder, unmounted when dropped.
-struct Tmpfs(tempfile::TempDir);
+pub(super) struct Tmpfs(tempfile::TempDir);
 
 impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
+    pub(super) fn mount(size: &str) -> Tmpfs {
         let d = tempfile::tempdir().unwrap();
         let ok = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -618,7 +618,7 @@ impl Tmpfs {
         Tmpfs(d)
     }
 
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         self.0.path()
     }
 }
@@ -633,7 +633,7 @@ impl Drop for Tmpfs {
 }
 
 /// Fills the file system under `dir` to the last page with a file `filler`.
-fn fill(dir: &Path) {
+pub(super) fn fill(dir: &Path) {
     let mut f = File::create(dir.join("filler")).unwrap();
     for chunk in [64 << 10, 4096, 1] {
         let buf = vec![b'f'; chunk];

@@ -42,7 +42,8 @@ pub const QUEUE_UNWRITTEN: &str = "coexist_queue_unwritten_outcomes";
 pub const SPOOL_SEGMENTS: &str = "coexist_spool_segments";
 /// Damaged stretches of the spool log found at start, by `kind`: `torn` (the unsynced end of
 /// the last commit turn, cut off) or `corrupt` (damage in a synced turn, skipped). Their
-/// bytes are kept in `spool/damaged/`.
+/// bytes are kept in `spool/damaged/`; `corrupt_left` counts corruption whose bytes could not
+/// be copied there (left in the segment, skipped, moved aside by a later start).
 pub const SPOOL_DAMAGED: &str = "coexist_spool_damaged_total";
 /// 1 while a route's next hops cannot be reached (its deferred mail waits for a probe), by
 /// `route`.

@@ -123,10 +123,12 @@ pub struct Head {
     pub len: u64,
     /// A failed write could not be cut off: nothing more goes into this segment.
     pub broken: bool,
+    /// The key of this segment's checksums (random, in its file header).
+    pub salt: segment::Salt,
 }
 
 impl Head {
-    /// Creates segment `n` (with its file header): written and synced under a temporary
+    /// Creates segment `n` (with its file header and a new random salt): written and synced under a temporary
     /// name, renamed, and the folder synced. On failure no file is left under either name,
     /// so creating `n` can simply be tried again. A file already under the name is replaced
     /// only when it holds no record (an empty segment an older version left behind).
@@ -134,7 +136,7 @@ impl Head {
         let path = dir.join(segment::file_name(n));
         let tmp = dir.join(segment::temp_name(n));
         match fs::metadata(&path) {
-            Ok(m) if m.len() > segment::FILE_MAGIC.len() as u64 => {
+            Ok(m) if m.len() > segment::FILE_HEADER_LEN as u64 => {
                 return Err(io_err(&path)(io::Error::new(
                     io::ErrorKind::AlreadyExists,
                     "a segment under this name already holds records",
@@ -144,6 +146,7 @@ impl Head {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&path)(e)),
         }
+        let salt = segment::Salt::random().map_err(io_err(&path))?;
         let make = || -> io::Result<File> {
             let mut f = OpenOptions::new()
                 .read(true)
@@ -151,7 +154,7 @@ impl Head {
                 .create(true)
                 .truncate(true)
                 .open(&tmp)?;
-            f.write_all(segment::FILE_MAGIC)?;
+            f.write_all(&salt.file_header())?;
             inject::check(Point::NewSegmentSync, &tmp)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
@@ -169,8 +172,9 @@ impl Head {
             dir: dir.to_path_buf(),
             n,
             file,
-            len: segment::FILE_MAGIC.len() as u64,
+            len: salt.data_start(),
             broken: false,
+            salt,
         })
     }
 
@@ -194,7 +198,7 @@ impl Head {
         buf.clear();
         for r in recs {
             let body = r.body.as_deref().map_or(&[][..], |b| &b[..]);
-            buf.extend_from_slice(&segment::encode_header(r.kind, &r.meta, body));
+            buf.extend_from_slice(&segment::encode_header(&self.salt, r.kind, &r.meta, body));
             buf.extend_from_slice(&r.meta);
             if body.len() > DIRECT_WRITE {
                 self.file.write_all_at(buf, at)?;
@@ -213,7 +217,7 @@ impl Head {
             off += r.len();
         }
         if end_turn {
-            buf.extend_from_slice(&segment::encode_header(Kind::Commit, &[], &[]));
+            buf.extend_from_slice(&segment::encode_header(&self.salt, Kind::Commit, &[], &[]));
             off += HEADER_LEN as u64;
         }
         self.file.write_all_at(buf, at)?;

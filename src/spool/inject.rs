@@ -10,6 +10,8 @@ pub enum Point {
     NewSegmentSync,
     /// The unlink of a spent segment.
     Unlink,
+    /// The copy of damaged bytes to `damaged/` at start-up (the path is the new file's).
+    KeepAside,
 }
 
 /// Fails when a failure is injected at `point` for `path` (outside tests: never).

@@ -4,7 +4,8 @@
 //! - `segments/NNNNNNNNNN.seg`: the log. A new message is one record (envelope and message
 //!   bytes); each delivery attempt or admin action that changes a message's state appends a
 //!   small state record; a finished message gets a `Done` record. See [`segment`] for the
-//!   framing (lengths and checksums).
+//!   framing (lengths, and checksums keyed by a random salt per segment, so message bytes
+//!   that copy records are never taken for records).
 //! - `failed/ID.msg` and `failed/ID.state`: messages with failed recipients that could not be
 //!   bounced, kept for the admin.
 //! - `damaged/NNNNNNNNNN.seg.OFFSET.{corrupt,torn}`: bytes recovery found damaged in a
@@ -17,8 +18,9 @@
 //! message needs a record in it ([`reclaim`]); one whose unlink fails keeps what it pins and
 //! is tried again later. At start the log is replayed ([`recover`]): a torn tail (damage in
 //! the last, unsynced commit turn) is cut off, damage in a synced turn is corruption, skipped
-//! with the records after it kept, and either's bytes are moved to `damaged/` first; a spool
-//! of the former one-file-per-message layout is imported.
+//! with the records after it kept, and either's bytes are moved to `damaged/` first (when
+//! that copy fails, a torn tail is cut anyway and corruption left in place, skipped for
+//! that start); a spool of the former one-file-per-message layout is imported.
 
 mod commit;
 mod faults;
@@ -459,12 +461,17 @@ impl Reader {
             reason: reason.into(),
         };
         let f = File::open(&path).map_err(io_err(&path))?;
+        let mut fh = [0u8; segment::FILE_HEADER_LEN];
+        let got = recover::read_at_most(&f, &mut fh, 0).map_err(io_err(&path))?;
+        let segment::FileHeader::Segment(salt) = segment::parse_file_header(&fh[..got]) else {
+            return Err(corrupt("not a coexist spool segment"));
+        };
         let mut head = vec![0u8; HEADER_LEN + loc.meta_len as usize];
         f.read_exact_at(&mut head, loc.off).map_err(io_err(&path))?;
         let hb: [u8; HEADER_LEN] = head[..HEADER_LEN]
             .try_into()
             .map_err(|_| corrupt("short"))?;
-        let h = segment::decode_header(&hb).ok_or_else(|| corrupt("not a record header"))?;
+        let h = segment::decode_header(&salt, &hb).ok_or_else(|| corrupt("not a record header"))?;
         let meta = head.split_off(HEADER_LEN);
         if h.meta_len != loc.meta_len || !h.meta_ok(&meta) {
             return Err(corrupt("record checksum mismatch"));
@@ -511,5 +518,7 @@ fn lock(r: &Mutex<Reclaim>) -> std::sync::MutexGuard<'_, Reclaim> {
     r.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+#[cfg(test)]
+mod tail_tests;
 #[cfg(test)]
 mod tests;

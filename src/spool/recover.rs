@@ -18,7 +18,7 @@
 use super::commit::{Head, Rec};
 use super::faults::{parse_void_marker, void_ends};
 use super::reclaim::Reclaim;
-use super::segment::{self, Header, Kind, HEADER_LEN};
+use super::segment::{self, FileHeader, Header, Kind, HEADER_LEN};
 use super::tail::{self, Damaged};
 use super::{io_err, DeliveryState, Envelope, Loc, SpoolError};
 use crate::types::QueueId;
@@ -154,10 +154,9 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
                         })?;
                     }
                 }
-                Err(e @ SpoolError::Corrupt { .. })
-                    if matches!(file_format(&path)?, Format::V2) =>
-                {
+                Err(e @ SpoolError::Corrupt { .. }) if salted(&path)?.is_some() => {
                     error!(error = %e, "damage in a sealed spool segment; its damaged records are moved aside");
+                    let salt = salted(&path)?.unwrap_or(segment::Salt::NONE);
                     tail::scan_last(
                         &path,
                         n,
@@ -165,6 +164,7 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
                             marked: true,
                             sealed: true,
                             end,
+                            salt,
                         },
                         mode,
                         each,
@@ -190,18 +190,20 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
                     marked: false,
                     sealed: false,
                     end,
+                    salt: segment::Salt::NONE,
                 },
                 mode,
                 each,
                 &mut damaged,
             )?,
-            Format::V2 => tail::scan_last(
+            Format::V2(salt) => tail::scan_last(
                 &path,
                 n,
                 tail::Shape {
                     marked: true,
                     sealed: false,
                     end,
+                    salt,
                 },
                 mode,
                 each,
@@ -221,28 +223,59 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
 enum Format {
     /// Shorter than a file header.
     Short,
-    /// Format 1: no turn markers.
+    /// Format 1: no turn markers, no salt.
     V1,
-    /// Format 2: every commit turn ends with a `Commit` record.
-    V2,
+    /// Format 2: every commit turn ends with a `Commit` record; checksums keyed by the salt.
+    V2(segment::Salt),
 }
 
 fn file_format(path: &Path) -> Result<Format, SpoolError> {
     let file = File::open(path).map_err(io_err(path))?;
-    let mut magic = [0u8; 8];
-    let got = read_at_most(&file, &mut magic, 0).map_err(io_err(path))?;
-    if got < magic.len() {
-        Ok(Format::Short)
-    } else if &magic == segment::FILE_MAGIC {
-        Ok(Format::V2)
-    } else if &magic == segment::FILE_MAGIC_V1 {
-        Ok(Format::V1)
-    } else {
-        Err(SpoolError::Corrupt {
+    let mut fh = [0u8; segment::FILE_HEADER_LEN];
+    let got = read_at_most(&file, &mut fh, 0).map_err(io_err(path))?;
+    match segment::parse_file_header(&fh[..got]) {
+        FileHeader::Short => Ok(Format::Short),
+        FileHeader::Segment(salt) if salt == segment::Salt::NONE => Ok(Format::V1),
+        FileHeader::Segment(_) if unsalted_v2(&file).map_err(io_err(path))? => {
+            Err(SpoolError::Corrupt {
+                path: format!("{} at offset 0", path.display()),
+                reason: "a format 2 segment without a salt, written by a pre-release build: \
+                    let that build empty the queue (or move the spool away) before this one starts"
+                    .into(),
+            })
+        }
+        FileHeader::Segment(salt) => Ok(Format::V2(salt)),
+        FileHeader::Foreign => Err(SpoolError::Corrupt {
             path: format!("{} at offset 0", path.display()),
             reason: "not a coexist spool segment".into(),
-        })
+        }),
     }
+}
+
+/// True when a `COEXSEG2` segment has no salt but a whole unsalted record right after its
+/// magic (written by a build before the salt): read as salted, every record of it would look
+/// damaged and be cut off, so the start is refused instead. A salted segment matches only
+/// if its 8 random bytes happen to form such a header and its checksum (never, in practice).
+fn unsalted_v2(file: &File) -> std::io::Result<bool> {
+    let start = segment::FILE_MAGIC.len() as u64;
+    let mut hb = [0u8; HEADER_LEN];
+    if read_at_most(file, &mut hb, start)? < HEADER_LEN {
+        return Ok(false);
+    }
+    let Some(h) = segment::decode_header(&segment::Salt::NONE, &hb) else {
+        return Ok(false);
+    };
+    let mut meta = vec![0u8; h.meta_len.min(1 << 20) as usize];
+    let got = read_at_most(file, &mut meta, start + HEADER_LEN as u64)?;
+    Ok(got == h.meta_len as usize && h.meta_ok(&meta))
+}
+
+/// The salt of a segment of format 2 (`None` for format 1 or a short file).
+fn salted(path: &Path) -> Result<Option<segment::Salt>, SpoolError> {
+    Ok(match file_format(path)? {
+        Format::V2(salt) => Some(salt),
+        Format::V1 | Format::Short => None,
+    })
 }
 
 /// The queued messages of the spool under `root` as its log says, without changing anything
@@ -286,6 +319,18 @@ pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
     }
     for (done, msg) in dones {
         reclaim.pin(done, msg);
+    }
+    // A segment whose corrupt bytes could not be moved aside stays for this run, so that the
+    // next start can still move them aside.
+    for d in damaged.iter().filter(|d| d.left) {
+        if let Some(n) = d
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(segment::number)
+        {
+            reclaim.add_ref(n);
+        }
     }
     Ok(Replayed {
         queued,
@@ -368,12 +413,12 @@ fn scan_sealed(
     let file_len = end.map_or(file_len, |e| e.min(file_len));
     // Positioned reads of each record's header and metadata: the bodies of sealed segments
     // are never read (a restart over gigabytes of queued mail reads only the envelopes).
-    let mut magic = [0u8; 8];
-    let got = read_at_most(&file, &mut magic, 0).map_err(io_err(path))?;
-    if got < magic.len() || (&magic != segment::FILE_MAGIC && &magic != segment::FILE_MAGIC_V1) {
+    let mut fh = [0u8; segment::FILE_HEADER_LEN];
+    let got = read_at_most(&file, &mut fh, 0).map_err(io_err(path))?;
+    let FileHeader::Segment(salt) = segment::parse_file_header(&fh[..got]) else {
         return Err(corrupt(0, "not a coexist spool segment".into()));
-    }
-    let mut off = magic.len() as u64;
+    };
+    let mut off = salt.data_start();
     let mut head = vec![0u8; GUESS];
     loop {
         if off >= file_len {
@@ -384,7 +429,7 @@ fn scan_sealed(
         let header = (got >= HEADER_LEN)
             .then(|| {
                 let hb: [u8; HEADER_LEN] = head[..HEADER_LEN].try_into().ok()?;
-                segment::decode_header(&hb)
+                segment::decode_header(&salt, &hb)
             })
             .flatten()
             .filter(|h| off + h.record_len() <= file_len);
@@ -415,7 +460,7 @@ fn scan_sealed(
 const GUESS: usize = 2048;
 
 /// Reads into `buf` at `off` until it is full or the file ends; returns the bytes read.
-fn read_at_most(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+pub(super) fn read_at_most(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match f.read_at(&mut buf[n..], off + n as u64) {

@@ -7,7 +7,7 @@ use crate::proto::{BodyType, Ret};
 use crate::types::Address;
 use std::time::{Duration, Instant};
 
-fn env(id: QueueId) -> Envelope {
+pub(super) fn env(id: QueueId) -> Envelope {
     Envelope {
         id,
         from: None,
@@ -25,14 +25,14 @@ fn env(id: QueueId) -> Envelope {
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(super) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
 }
 
-fn seg_files(dir: &Path) -> Vec<String> {
+pub(super) fn seg_files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir.join("segments"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -41,7 +41,7 @@ fn seg_files(dir: &Path) -> Vec<String> {
     v
 }
 
-fn ids(o: &Opened) -> Vec<QueueId> {
+pub(super) fn ids(o: &Opened) -> Vec<QueueId> {
     o.queued.iter().map(|q| q.id.clone()).collect()
 }
 
@@ -158,13 +158,17 @@ fn damage_in_a_sealed_segment_is_moved_aside_and_the_rest_kept() {
     drop(s);
     // Reopening starts a new head: the first segment is now sealed.
     drop(Spool::open(dir.path()).unwrap());
-    flip(dir.path(), 1, 8 + HEADER_LEN as u64 + 3); // inside the first record's envelope
+    let start = segment::FILE_HEADER_LEN as u64;
+    flip(dir.path(), 1, start + HEADER_LEN as u64 + 3); // inside the first record's envelope
     let o = Spool::open(dir.path()).unwrap();
     assert_eq!(ids(&o), vec![b.clone()]);
     assert_eq!(o.damaged.len(), 1);
     let d = &o.damaged[0];
-    assert!(!d.torn && d.offset == 8 && d.path.ends_with("segments/0000000001.seg"));
-    assert!(dir.path().join("damaged/0000000001.seg.8.corrupt").exists());
+    assert!(!d.torn && d.offset == start && d.path.ends_with("segments/0000000001.seg"));
+    assert!(dir
+        .path()
+        .join("damaged/0000000001.seg.16.corrupt")
+        .exists());
     assert_eq!(o.spool.read_message(o.queued[0].msg).unwrap(), b"one");
     drop(o);
     assert_eq!(ids(&Spool::open(dir.path()).unwrap()), vec![b]);
@@ -177,14 +181,19 @@ fn damage_in_a_sealed_segment_without_turn_markers_is_reported_with_file_and_off
     let mut bytes = segment::FILE_MAGIC_V1.to_vec();
     let r = message_rec(&env(QueueId::generate()), Arc::new(b"one".to_vec())).unwrap();
     let body = r.body.as_deref().unwrap();
-    bytes.extend_from_slice(&segment::encode_header(r.kind, &r.meta, body));
+    bytes.extend_from_slice(&segment::encode_header(
+        &segment::Salt::NONE,
+        r.kind,
+        &r.meta,
+        body,
+    ));
     bytes.extend_from_slice(&r.meta);
     bytes.extend_from_slice(body);
     bytes[8 + HEADER_LEN + 3] ^= 0x20; // inside the first record's envelope
     fs::write(dir.path().join("segments/0000000001.seg"), &bytes).unwrap();
     fs::write(
         dir.path().join("segments/0000000002.seg"),
-        segment::FILE_MAGIC,
+        segment::Salt::random().unwrap().file_header(),
     )
     .unwrap();
     let err = Spool::open(dir.path()).err().expect("refused").to_string();
@@ -416,7 +425,7 @@ fn a_straggler_is_copied_forward_and_its_old_segment_deleted() {
 }
 
 /// Flips one bit at `off` of segment `n` under `dir`.
-fn flip(dir: &Path, n: u32, off: u64) {
+pub(super) fn flip(dir: &Path, n: u32, off: u64) {
     let path = dir.join("segments").join(segment::file_name(n));
     let mut b = fs::read(&path).unwrap();
     b[off as usize] ^= 0x04;
@@ -425,7 +434,7 @@ fn flip(dir: &Path, n: u32, off: u64) {
 
 /// Four messages acknowledged one after another in the head segment, the relay stopped
 /// (nothing written after). Returns their ids and positions.
-fn four_acknowledged(dir: &Path) -> (Vec<QueueId>, Vec<Loc>) {
+pub(super) fn four_acknowledged(dir: &Path) -> (Vec<QueueId>, Vec<Loc>) {
     let rt = rt();
     let s = Spool::open(dir).unwrap().spool;
     let ids: Vec<QueueId> = (0..4).map(|_| QueueId::generate()).collect();
@@ -530,7 +539,12 @@ fn a_segment_without_turn_markers_still_recovers() {
     for id in &sent {
         let r = message_rec(&env(id.clone()), Arc::new(b"old".to_vec())).unwrap();
         let body = r.body.as_deref().unwrap();
-        bytes.extend_from_slice(&segment::encode_header(r.kind, &r.meta, body));
+        bytes.extend_from_slice(&segment::encode_header(
+            &segment::Salt::NONE,
+            r.kind,
+            &r.meta,
+            body,
+        ));
         bytes.extend_from_slice(&r.meta);
         bytes.extend_from_slice(body);
     }
@@ -589,10 +603,10 @@ fn a_failed_sync_of_a_new_segment_does_not_end_rotation() {
 }
 
 /// A tmpfs of `size` mounted on a new temporary folder, unmounted when dropped.
-struct Tmpfs(tempfile::TempDir);
+pub(super) struct Tmpfs(tempfile::TempDir);
 
 impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
+    pub(super) fn mount(size: &str) -> Tmpfs {
         let d = tempfile::tempdir().unwrap();
         let ok = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -604,7 +618,7 @@ impl Tmpfs {
         Tmpfs(d)
     }
 
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         self.0.path()
     }
 }
@@ -619,7 +633,7 @@ impl Drop for Tmpfs {
 }
 
 /// Fills the file system under `dir` to the last page with a file `filler`.
-fn fill(dir: &Path) {
+pub(super) fn fill(dir: &Path) {
     let mut f = File::create(dir.join("filler")).unwrap();
     for chunk in [64 << 10, 4096, 1] {
         let buf = vec![b'f'; chunk];

@@ -157,25 +157,15 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
                 Err(e @ SpoolError::Corrupt { .. }) if salted(&path)?.is_some() => {
                     error!(error = %e, "damage in a sealed spool segment; its damaged records are moved aside");
                     let salt = salted(&path)?.unwrap_or(segment::Salt::NONE);
-                    tail::scan_last(
-                        &path,
-                        n,
-                        tail::Shape {
-                            marked: true,
-                            sealed: true,
-                            end,
-                            salt,
-                        },
-                        mode,
-                        each,
-                        &mut damaged,
-                    )?;
+                    let shape = Format::V2(salt).shape(true, end);
+                    tail::scan_last(&path, n, shape, mode, each, &mut damaged)?;
                 }
                 Err(e) => return Err(e),
             }
             continue;
         }
-        match file_format(&path)? {
+        let format = file_format(&path)?;
+        match format {
             Format::Short if aside.is_some() => {
                 // Created but its header never reached the disk (an older version created
                 // segments in place): nothing was written to it.
@@ -183,32 +173,10 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
                 fs::remove_file(&path).map_err(io_err(&path))?;
             }
             Format::Short => {}
-            Format::V1 => tail::scan_last(
-                &path,
-                n,
-                tail::Shape {
-                    marked: false,
-                    sealed: false,
-                    end,
-                    salt: segment::Salt::NONE,
-                },
-                mode,
-                each,
-                &mut damaged,
-            )?,
-            Format::V2(salt) => tail::scan_last(
-                &path,
-                n,
-                tail::Shape {
-                    marked: true,
-                    sealed: false,
-                    end,
-                    salt,
-                },
-                mode,
-                each,
-                &mut damaged,
-            )?,
+            Format::V1 | Format::V2(_) => {
+                let shape = format.shape(false, end);
+                tail::scan_last(&path, n, shape, mode, each, &mut damaged)?
+            }
         }
     }
     Ok(Found {
@@ -220,6 +188,7 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
 }
 
 /// The format a segment's file header names.
+#[derive(Clone, Copy)]
 enum Format {
     /// Shorter than a file header.
     Short,
@@ -227,6 +196,23 @@ enum Format {
     V1,
     /// Format 2: every commit turn ends with a `Commit` record; checksums keyed by the salt.
     V2(segment::Salt),
+}
+
+impl Format {
+    /// How [`tail::scan_last`] reads a segment of this format (`sealed` when a later one
+    /// exists; `end` when its end is void).
+    fn shape(self, sealed: bool, end: Option<u64>) -> tail::Shape {
+        let (marked, salt) = match self {
+            Format::V2(salt) => (true, salt),
+            Format::Short | Format::V1 => (false, segment::Salt::NONE),
+        };
+        tail::Shape {
+            marked,
+            sealed,
+            end,
+            salt,
+        }
+    }
 }
 
 fn file_format(path: &Path) -> Result<Format, SpoolError> {

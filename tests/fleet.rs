@@ -51,6 +51,7 @@ fn node_config(
         schema: schema.name.clone(),
         node: name.to_string(),
         max_lag: Duration::from_secs(300),
+        commit_timeout: Duration::from_secs(120),
     });
     cfg
 }
@@ -1029,6 +1030,142 @@ async fn a_log_that_moved_back_is_refused_and_drains_never_followed_silently() {
         .unwrap();
     assert_eq!(r.report.id, Some(4));
     assert!(metrics(&a).await.contains("coexist_fleet_log_mismatch 0"));
+
+    // Review item 2: rolling back batch 2 through mx1 undoes PostgreSQL's batch 2 (mx3's,
+    // carol), not the batch mx1 logged under that number before the log moved back
+    // (alice): alice stays in the cloud on every node.
+    let api = a.api();
+    let r = tokio::task::spawn_blocking(move || api.directory_rollback(2))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.report.id, Some(5));
+    for n in [&a, &b, &c] {
+        eventually("the rollback applied", || n.relay.directory.applied() == 5).await;
+        assert_eq!(
+            n.route_of("alice@nhs.test"),
+            (Some("cloud".into()), "batch 2".into())
+        );
+    }
+}
+
+/// Review item 1: an automatic base is no repair. The log moved back (a truncated
+/// `changes`); a node that applied changes and starts with `directory.file` does not seed
+/// the empty log with it (which would make its state the fleet's truth and hide the lost
+/// batch from every node): the log stays empty, the mismatch stays shown on both nodes.
+/// Nor do they take a later automatic base (a fresh node's seed, an LDAP sync's) over the
+/// history the log lost; the admin's import is still the repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_emptied_log_is_not_seeded_by_a_node_that_applied_changes() {
+    let schema = Schema::new("reseed").await;
+    let hops = hops().await;
+    let url = pg::url();
+    let a = quick_node(&hops, &schema, "mx1", &url, true).await;
+    let b = quick_node(&hops, &schema, "mx2", &url, false).await;
+    let r = apply(&a, "EmailAddress\nalice@nhs.test\n", "cloud")
+        .await
+        .unwrap();
+    assert_eq!(r.report.id, Some(2));
+    eventually("batch 2 on mx2", || {
+        b.route_of("alice@nhs.test") == (Some("cloud".into()), "batch 2".into())
+    })
+    .await;
+
+    // mx1 stops; the change log is emptied meanwhile; mx1 starts again with its file.
+    let Node { relay, dir, cfg } = a;
+    drop(relay);
+    schema.execute("DELETE FROM changes").await;
+    let a = Node::start(cfg, dir).await;
+    assert_eq!(
+        schema
+            .value("SELECT count(*) FROM changes")
+            .await
+            .as_deref(),
+        Some("0"),
+        "an automatic base was committed over the emptied log"
+    );
+    let st = status(&a).await;
+    assert!(
+        st.log_mismatch
+            .as_deref()
+            .unwrap_or("")
+            .contains("below change 2 (id "),
+        "{st:?}"
+    );
+    assert_eq!(
+        a.route_of("alice@nhs.test"),
+        (Some("cloud".into()), "batch 2".into())
+    );
+    for n in [&a, &b] {
+        eventually_async("the mismatch shown and the node drained", || async {
+            let r = ready(n).await;
+            if !r.ready && r.fleet_log_mismatch.is_some() {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        })
+        .await;
+    }
+    let e = apply(&a, "EmailAddress\nbob@nhs.test\n", "cloud")
+        .await
+        .unwrap_err();
+    assert!(e.contains("refused"), "{e}");
+
+    // A fresh node seeds the emptied log (it applied nothing: no history to hide). Then an
+    // automatic base above what mx1 and mx2 applied (written as the LDAP leader writes
+    // one: not a repair): neither takes it for the fleet's truth, both still name the
+    // mismatch.
+    let c = quick_node(&hops, &schema, "mx3", &url, true).await;
+    assert_eq!(c.relay.directory.applied(), 1);
+    schema
+        .execute(
+            "INSERT INTO base_rows (seq, address, mailbox, state, file_state, origin, routing_address)
+               SELECT 3, address, mailbox, state, file_state, origin, routing_address FROM base_rows WHERE seq = 1;
+             INSERT INTO changes (seq, kind, node, source, rows, changed, repair)
+               VALUES (3, 'base', 'mx3', 'ldap usn 9', (SELECT count(*) FROM base_rows WHERE seq = 3), 0, false)",
+        )
+        .await;
+    eventually("mx3 on the automatic base", || {
+        c.relay.directory.applied() == 3
+    })
+    .await;
+    for n in [&a, &b] {
+        eventually_async("the mismatch named against the new head", || async {
+            let m = status(n).await.log_mismatch.unwrap_or_default();
+            if m.contains("has no change 2 although its head is 3") {
+                Ok(())
+            } else {
+                Err(m)
+            }
+        })
+        .await;
+        assert_eq!(n.relay.directory.applied(), 2);
+        assert_eq!(
+            n.route_of("alice@nhs.test"),
+            (Some("cloud".into()), "batch 2".into())
+        );
+    }
+
+    // The admin's import repairs: above every applied change, taken by all.
+    let file = a.cfg.directory.file.clone().unwrap();
+    let (ok, out, err) = bin::cli(
+        &a.cli_config(),
+        &["directory", "import", file.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("imported as base 4:"), "{out}");
+    for n in [&a, &b, &c] {
+        eventually_async("every node on base 4 and ready", || async {
+            let r = ready(n).await;
+            if r.ready && r.fleet_log_mismatch.is_none() && n.relay.directory.applied() == 4 {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        })
+        .await;
+    }
 }
 
 /// Issue 23 item 2: a node restarted while PostgreSQL is down starts on its store and, when
@@ -1308,4 +1445,113 @@ async fn a_failing_heartbeat_does_not_drain_a_node_that_is_caught_up() {
     assert!(r.ready && !r.fleet_behind, "{r:?}");
     assert_eq!(banner(&b).await.get(..4), Some("220 "));
     locker.batch_execute("COMMIT").await.unwrap();
+}
+
+/// Review item 3: a server that stops answering in the middle of a commit (a stalled
+/// network: no reset, nothing forwarded, which PostgreSQL's own `statement_timeout` never
+/// sees) does not hang `directory apply`: after `fleet.commit_timeout` it is refused as
+/// unreachable, naming why, and the directory in force is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_to_a_stalled_postgres_is_refused_instead_of_hanging() {
+    let schema = Schema::new("stalled").await;
+    let hops = hops().await;
+    let proxy = Proxy::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg::url_via(proxy.addr);
+    let mut cfg = node_config(dir.path(), &hops, &schema, "mx1", &url, true);
+    cfg.fleet.as_mut().unwrap().commit_timeout = Duration::from_secs(5);
+    let a = Node::start(cfg, dir).await;
+    assert_eq!(a.route_of("alice@nhs.test").0.as_deref(), Some("onprem"));
+
+    // The commit's transaction asks for the log's lock: the server stops answering there.
+    proxy.stall_on("pg_advisory_xact_lock");
+    let batch = apply(&a, "EmailAddress\nalice@nhs.test\n", "cloud");
+    let e = tokio::time::timeout(Duration::from_secs(90), batch)
+        .await
+        .expect("directory apply hung on a stalled PostgreSQL")
+        .unwrap_err();
+    assert!(
+        e.contains("PostgreSQL is unreachable")
+            && e.contains("directory apply: no answer from PostgreSQL within 5 s"),
+        "{e}"
+    );
+    assert_eq!(a.route_of("alice@nhs.test").0.as_deref(), Some("onprem"));
+    proxy.resume();
+}
+
+/// Review item 5: during a rolling config change one node lacking a route must not fail a
+/// valid scheduled batch for the whole fleet. A batch to state `exo` (a route only mx1 has
+/// yet) comes due while only mx2 is up: mx2 leaves it pending (and applies the next one,
+/// valid everywhere), and mx1, back, applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scheduled_batch_to_a_route_one_node_lacks_stays_pending_for_another() {
+    use coexist::admin::types::ScheduledStatus;
+    let schema = Schema::new("schedroute").await;
+    let hops = hops().await;
+    let url = pg::url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = node_config(dir.path(), &hops, &schema, "mx1", &url, true);
+    let cloud = cfg.routes["cloud"].clone();
+    cfg.routes.insert("exo".into(), cloud);
+    let a = Node::start(cfg, dir).await;
+    let b = node(&hops, &schema, "mx2", &url, false).await;
+    let in_an_hour = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let api = a.api();
+    let at = in_an_hour.clone();
+    let exo = tokio::task::spawn_blocking(move || {
+        api.directory_apply(&BatchUpload {
+            body: b"EmailAddress\ndave@nhs.test\n",
+            source: "exo.csv",
+            state: Some("exo"),
+            dry_run: false,
+            at: Some(&at),
+            format: Default::default(),
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .scheduled
+    .expect("scheduled");
+    let valid = schedule(&a, "EmailAddress\nalice@nhs.test\n", in_an_hour)
+        .await
+        .unwrap()
+        .scheduled
+        .expect("scheduled");
+
+    // mx1 stops; both batches come due (the same time: taken in id order, exo first).
+    let Node { relay, dir, cfg } = a;
+    drop(relay);
+    schema.execute("UPDATE scheduled SET at = now()").await;
+    eventually("the valid batch applied by mx2", || {
+        b.route_of("alice@nhs.test").0.as_deref() == Some("cloud")
+    })
+    .await;
+    let l = scheduled_on(&b).await;
+    let status = |id: u32| l.iter().find(|s| s.id == id).map(|s| s.status.clone());
+    assert_eq!(status(exo.id), Some(ScheduledStatus::Pending), "{l:?}");
+    assert!(
+        matches!(status(valid.id), Some(ScheduledStatus::Applied { .. })),
+        "{l:?}"
+    );
+
+    // mx1, which has the route, comes back and applies it.
+    let a = Node::start(cfg, dir).await;
+    eventually("dave moved to exo by mx1", || {
+        a.route_of("dave@nhs.test").0.as_deref() == Some("exo")
+    })
+    .await;
+    let l = scheduled_on(&a).await;
+    assert!(
+        l.iter().any(|s| s.id == exo.id
+            && matches!(
+                s.status,
+                ScheduledStatus::Applied {
+                    change: Some(_),
+                    ..
+                }
+            )),
+        "{l:?}"
+    );
 }

@@ -218,6 +218,7 @@ async fn in_a_fleet_one_node_syncs_and_every_node_follows() {
                 schema,
                 node: name.into(),
                 max_lag: std::time::Duration::from_secs(300),
+                commit_timeout: std::time::Duration::from_secs(120),
             });
         }
     };
@@ -344,6 +345,7 @@ fn ldap_fleet_node(
             schema,
             node: name.into(),
             max_lag: std::time::Duration::from_secs(300),
+            commit_timeout: std::time::Duration::from_secs(120),
         });
     }
 }

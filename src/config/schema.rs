@@ -372,6 +372,11 @@ pub struct FleetConfig {
     /// Behind the fleet for longer than this: drain until caught up.
     #[serde(default = "default_max_lag", with = "duration")]
     pub max_lag: Duration,
+    /// How long a directory change (batch, rollback, scheduled batch, base import besides
+    /// its COPY), a `fleet status` read or the catch-up at start may wait for PostgreSQL
+    /// before it is given up as unreachable (a stalled server, a half-open connection).
+    #[serde(default = "default_commit_timeout", with = "duration")]
+    pub commit_timeout: Duration,
 }
 
 /// `[queue]`: retries and expiry, Postfix's defaults.
@@ -663,6 +668,9 @@ fn default_fleet_schema() -> String {
 }
 fn default_max_lag() -> Duration {
     Duration::from_secs(300)
+}
+fn default_commit_timeout() -> Duration {
+    Duration::from_secs(120)
 }
 fn default_true() -> bool {
     true

@@ -100,6 +100,13 @@ impl Config {
                 if f.max_lag.is_zero() {
                     return Err(fail("fleet", "max_lag", "must be more than 0s".into()));
                 }
+                if f.commit_timeout.is_zero() {
+                    return Err(fail(
+                        "fleet",
+                        "commit_timeout",
+                        "must be more than 0s".into(),
+                    ));
+                }
             }
             (None, Some(_)) => {}
         }

@@ -55,15 +55,22 @@ impl Directory {
         out
     }
 
-    /// Batch `id`'s undo entries from this node's change log, if it has the batch there.
-    pub fn logged_batch(&self, id: u32) -> Result<Option<Vec<ChangeEntry>>, DirectoryError> {
+    /// Batch `id`'s undo entries from this node's change log, if it has the batch there,
+    /// with the batch's identity in a fleet's log (`None` when logged without one): the
+    /// caller checks it is the very batch it means, since a log that moved back may have
+    /// given `id` to another change.
+    #[allow(clippy::type_complexity)]
+    pub fn logged_batch(
+        &self,
+        id: u32,
+    ) -> Result<Option<(Option<String>, Vec<ChangeEntry>)>, DirectoryError> {
         let Some(store) = &self.store else {
             return Ok(None);
         };
         let record = store.lock().unwrap_or_else(|p| p.into_inner()).find(id)?;
         Ok(record
             .filter(|c| c.head.kind == ChangeKind::Apply)
-            .map(|c| c.entries))
+            .map(|c| (c.head.uid, c.entries)))
     }
 
     /// What rolling back batch `id` (its undo `entries`) does now: the report, and the

@@ -13,12 +13,19 @@
 //! ([`FleetError::Diverged`], naming both sides). A base import is the repair: it goes
 //! through even then, computed on this node's own state, and takes a number above every
 //! `applied` in the nodes table, so that every node, those whose history differs included,
-//! takes it. A change this node committed and its own directory then skips (it has that
+//! takes it. Only the admin's import is that repair: the automatic ones (the LDAP leader's,
+//! seeding a new fleet) are refused there like batches and numbered head + 1, so a
+//! diverged node never publishes its state as the fleet's truth, and a base no admin asked
+//! for never hides a lost change. A change this node committed and its own directory then skips (it has that
 //! number already) is an error, never a success.
 //!
 //! Nothing in a commit waits forever: the log's lock is waited for [`LOG_LOCK_WAIT`] at
 //! most, every statement runs under the connection's `statement_timeout`, a base's COPY
-//! under [`COPY_TIMEOUT`], and a transaction left idle is ended by PostgreSQL.
+//! under [`COPY_TIMEOUT`], and a transaction left idle is ended by PostgreSQL. Those are
+//! the server's bounds; a server that does not answer at all (a stalled network, a
+//! half-open connection) is bounded here: a whole commit gives up after
+//! `fleet.commit_timeout` (a base import after that plus [`COPY_BOUND`]) with
+//! [`FleetError::Unreachable`] naming the reason.
 
 use super::follow::{self, encode_rows};
 use super::sql::{self, db_err, lock_key};
@@ -66,6 +73,9 @@ const LOG_LOCK_WAIT: &str = "30s";
 /// How long a base's rows may take to COPY in (2,000,000 rows take seconds).
 const COPY_TIMEOUT: &str = "10min";
 
+/// [`COPY_TIMEOUT`], which a base import may take on top of `fleet.commit_timeout`.
+pub(super) const COPY_BOUND: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The error for a change committed under a number this node had applied already.
 pub(super) fn skipped(inner: &super::Inner, seq: u32) -> FleetError {
     let why = format!(
@@ -93,6 +103,23 @@ impl Fleet {
     /// `Ok(None)`: that batch is no longer pending (another node applied it, or it was
     /// cancelled); nothing was done.
     pub(super) async fn apply_with(
+        &self,
+        rows: Vec<BatchRow>,
+        source: String,
+        scheduled: Option<u32>,
+    ) -> Result<Option<(BatchReport, Option<Progress>)>, FleetError> {
+        let work = self.apply_unbounded(rows, source, scheduled);
+        let what = match scheduled {
+            Some(id) => format!("scheduled batch {id}"),
+            None => "directory apply".into(),
+        };
+        self.inner
+            .bounded(&what, self.inner.cfg.commit_timeout, work)
+            .await
+    }
+
+    /// [`Fleet::apply_with`] without its bound.
+    async fn apply_unbounded(
         &self,
         rows: Vec<BatchRow>,
         source: String,
@@ -140,6 +167,7 @@ impl Fleet {
                 rows.len(),
                 preview.changed,
                 &body,
+                false,
             )
             .await?;
         let report = {
@@ -161,11 +189,53 @@ impl Fleet {
     /// Imports a directory file (`text`, named `source`) as a new base: merged into the
     /// fleet's directory as a file reload is, refused beyond `directory.max_shrink` unless
     /// `force`; its rows go to PostgreSQL with COPY.
+    ///
+    /// This is the admin's import (`coexist directory import`), the repair of a log that
+    /// moved back: it goes through on a node whose history the log does not hold, and its
+    /// number jumps above every node's `applied`, so every node takes it.
     pub async fn import(
         &self,
         text: Vec<u8>,
         source: String,
         force: bool,
+    ) -> Result<FleetBatch, FleetError> {
+        self.import_with(text, source, force, true).await
+    }
+
+    /// [`Fleet::import`] for an automatic caller (the LDAP leader, seeding a new fleet):
+    /// never a repair. Like a batch it is refused on a node whose history the log does not
+    /// hold, and it is numbered head + 1, so a node whose history differs does not take it
+    /// for the fleet's truth: the mismatch stays shown until an admin repairs it.
+    pub(super) async fn import_auto(
+        &self,
+        text: Vec<u8>,
+        source: String,
+        force: bool,
+    ) -> Result<FleetBatch, FleetError> {
+        self.import_with(text, source, force, false).await
+    }
+
+    /// A base import; `repair`: the admin's (see [`Fleet::import`]). Bounded by
+    /// `fleet.commit_timeout` plus the COPY's own bound.
+    async fn import_with(
+        &self,
+        text: Vec<u8>,
+        source: String,
+        force: bool,
+        repair: bool,
+    ) -> Result<FleetBatch, FleetError> {
+        let work = self.import_unbounded(text, source, force, repair);
+        let limit = self.inner.cfg.commit_timeout + COPY_BOUND;
+        self.inner.bounded("base import", limit, work).await
+    }
+
+    /// [`Fleet::import_with`] without its bound.
+    async fn import_unbounded(
+        &self,
+        text: Vec<u8>,
+        source: String,
+        force: bool,
+        repair: bool,
     ) -> Result<FleetBatch, FleetError> {
         let t0 = std::time::Instant::now();
         let names = self.inner.directory.states().to_vec();
@@ -173,23 +243,27 @@ impl Fleet {
             let s = source.clone();
             blocking(move || table::parse(&text, &s, &names)).await??
         };
-        let (client, head, _applying) = self.begin(true).await?;
+        let (client, head, _applying) = self.begin(repair).await?;
         let s = self.inner.schema().to_string();
         let err = db_err(&self.inner.pg);
-        // Above every node's applied change (and this node's), so that a node whose
-        // history PostgreSQL lost takes it too: the repair of a log that moved back.
-        let top: i64 = client
-            .query_one(
-                &format!(r#"SELECT coalesce(max(applied), 0) FROM "{s}".nodes"#),
-                &[],
-            )
-            .await
-            .map_err(&err)?
-            .get(0);
-        let seq = head
-            .max(sql::seq_u32(top)?)
-            .max(self.inner.directory.applied())
-            + 1;
+        let seq = if repair {
+            // Above every node's applied change (and this node's), so that a node whose
+            // history PostgreSQL lost takes it too: the repair of a log that moved back.
+            let top: i64 = client
+                .query_one(
+                    &format!(r#"SELECT coalesce(max(applied), 0) FROM "{s}".nodes"#),
+                    &[],
+                )
+                .await
+                .map_err(&err)?
+                .get(0);
+            head.max(sql::seq_u32(top)?)
+                .max(self.inner.directory.applied())
+                + 1
+        } else {
+            // This node holds the log's history up to its head (`begin`): the next number.
+            head + 1
+        };
         let dir = self.inner.directory.clone();
         let base = {
             let (d, s) = (dir.clone(), source.clone());
@@ -239,6 +313,7 @@ impl Fleet {
                 rows,
                 report.changed,
                 &[],
+                repair,
             )
             .await?;
         let installed = {
@@ -308,7 +383,7 @@ impl Fleet {
                 }
                 _ => err(e),
             })?;
-        let head = sql::head(&client, inner.schema()).await?;
+        let head = sql::head(&client, inner.schema(), &inner.pg).await?;
         let applied = match follow::catch_up_locked(inner, &client, true).await {
             Err(FleetError::Diverged(why)) if repair => {
                 tracing::warn!(why, "fleet: importing a base over a log that does not hold this node's history (the repair)");
@@ -337,14 +412,15 @@ impl Fleet {
         rows: usize,
         changed: usize,
         body: &[u8],
+        repair: bool,
     ) -> Result<Stamp, FleetError> {
         let s = self.inner.schema();
         let err = db_err(&self.inner.pg);
         let row = client
             .query_one(
                 &format!(
-                    r#"INSERT INTO "{s}".changes (seq, kind, node, source, rolls_back, rows, changed, body)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {}"#,
+                    r#"INSERT INTO "{s}".changes (seq, kind, node, source, rolls_back, rows, changed, body, repair)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {}"#,
                     sql::STAMP_COLUMNS
                 ),
                 &[
@@ -356,6 +432,7 @@ impl Fleet {
                     &(rows as i64),
                     &(changed as i64),
                     &body,
+                    &repair,
                 ],
             )
             .await

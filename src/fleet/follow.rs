@@ -7,14 +7,17 @@
 //!
 //! Before applying, every catch-up checks that the log still holds this node's history
 //! (PostgreSQL's change at `applied` has the identity this node logged, and the head is not
-//! below it); a base above `applied` skips that check, since it decides every mailbox anew.
+//! below it); a repair base above `applied` (the admin's `coexist directory import`) skips
+//! that check, since it decides every mailbox anew; an automatic base (LDAP, seeding) does
+//! not, so it never hides a log that moved back.
 //! A base is read whole or not at all: its header and rows in one REPEATABLE READ snapshot,
 //! and a base without its rows is an error, never an empty directory.
 //!
 //! Behind the fleet: while connected, a node is behind when the log has changes it could
-//! not apply, when the log does not hold its history, or when the head has stayed above
+//! not apply, when the log does not hold its history, when the head has stayed above
 //! its `applied` for `max_lag` (a change that takes that long to read counts as not
-//! applied). Lag is evaluated every [`TICK`] by a timer of its own ([`lag_timer`]),
+//! applied), or when it has been connected for `max_lag` without a catch-up that finished
+//! (a server that stopped answering: what the log holds is unknown). Lag is evaluated every [`TICK`] by a timer of its own ([`lag_timer`]),
 //! whatever the session is waiting for. A failed heartbeat is logged and nothing more: it
 //! says nothing about this node's directory. While PostgreSQL is unreachable a node cannot
 //! read the log, so it asks its peers' admin APIs (addresses from the last read of the
@@ -86,9 +89,9 @@ async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
         // Migrated once per process (at start, or at the first connection when PostgreSQL
         // was down then); a reconnect only reads the fleet id.
         let id = if inner.migrated.load(Ordering::SeqCst) {
-            sql::fleet_id(&client, inner.schema()).await?
+            sql::fleet_id(&client, inner.schema(), &inner.pg).await?
         } else {
-            let id = sql::migrate(&client, inner.schema()).await?;
+            let id = sql::migrate(&client, inner.schema(), &inner.pg).await?;
             inner.migrated.store(true, Ordering::SeqCst);
             id
         };
@@ -108,6 +111,7 @@ async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
     adopt_fleet(inner, &id)?;
     {
         let mut h = inner.lock_health();
+        h.waiting_since.get_or_insert_with(Instant::now);
         if !h.up {
             h.up = true;
             h.error = None;
@@ -136,6 +140,9 @@ async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
                     (super::STATEMENT_TIMEOUT * 2).as_secs()
                 ),
             })?;
+        if !matches!(res, Err(ref e) if e.is_unreachable()) {
+            inner.lock_health().waiting_since = None;
+        }
         match res {
             Err(e) if e.is_unreachable() => return Err(e),
             // Logged and shown by `diverge`; counted as behind there.
@@ -210,18 +217,28 @@ pub(super) async fn catch_up_locked(
     loop {
         let here = inner.directory.applied_stamp();
         let applied = here.seq;
-        let (head, there) = sql::head_and(client, &s, applied).await?;
+        let (head, there) = sql::head_and(client, &s, applied, &inner.pg).await?;
         inner.lock_health().head = head;
-        let base: Option<i64> = client
+        let row = client
             .query_one(
-                &format!(r#"SELECT max(seq) FROM "{s}".changes WHERE kind = 'base' AND seq > $1"#),
+                &format!(
+                    r#"SELECT max(seq), coalesce(bool_or(repair), false) FROM "{s}".changes WHERE kind = 'base' AND seq > $1"#
+                ),
                 &[&i64::from(applied)],
             )
             .await
-            .map_err(&err)?
-            .get(0);
+            .map_err(&err)?;
+        let (base, repair): (Option<i64>, bool) = (row.get(0), row.get(1));
         if let Some(b) = base {
             let b = seq_u32(b)?;
+            // Only an admin's base (a repair) is taken over a history the log does not
+            // hold: an automatic one (LDAP, seeding) would hide the lost changes.
+            if !repair {
+                if let Err(why) = same_history(&here, head, there.as_ref()) {
+                    inner.diverge(&why);
+                    return Err(FleetError::Diverged(why));
+                }
+            }
             if b > applied + 1 {
                 info!(
                     from = applied,
@@ -727,14 +744,24 @@ pub(super) fn evaluate(inner: &Inner) {
             h.head_above_since = None;
         }
         let late = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() >= inner.cfg.max_lag);
-        let behind = empty || late(h.behind_since) || late(h.head_above_since);
+        // Connected, but no catch-up has finished for max_lag (a server that does not
+        // answer): what the log holds now is unknown, so this node counts as behind.
+        let stuck = h.up && late(h.waiting_since);
+        let behind = empty || late(h.behind_since) || late(h.head_above_since) || stuck;
         let why = h.behind_why.clone().or_else(|| {
-            late(h.head_above_since).then(|| {
-                format!(
+            if late(h.head_above_since) {
+                Some(format!(
                     "the fleet's log is at change {} and this node has applied {applied}",
                     h.head
-                )
-            })
+                ))
+            } else {
+                stuck.then(|| {
+                    format!(
+                        "connected to PostgreSQL, but no catch-up with the fleet's log has finished for {} s",
+                        h.waiting_since.map(|t| t.elapsed().as_secs()).unwrap_or(0)
+                    )
+                })
+            }
         });
         (behind, why)
     };

@@ -4,8 +4,10 @@
 //! Every node with `[directory.ldap]` tries, on a connection of its own, to take a
 //! session-level advisory lock; the one that holds it runs the syncs (as a single node does,
 //! see `crate::directory::ldap`), and after a sync that changed something imports the
-//! source's whole state as a new base ([`Fleet::import`]: merged like a file reload, the
-//! shrink guard applies, the change named `ldap usn N`). An import that is refused (the
+//! source's whole state as a new base (merged like a file reload, the shrink guard applies,
+//! the change named `ldap usn N`). That import is not a repair: on a node whose history
+//! PostgreSQL's log does not hold it is refused like a batch (and tried again), and it is
+//! numbered head + 1, so it never hides a log that moved back from the other nodes. An import that is refused (the
 //! shrink guard) or fails is tried again after every sync until it passes, not only when
 //! the source changes again. Merging keeps batch states by mailbox, so a batch's move
 //! survives its mailbox's primary address being renamed in LDAP, and a batch stays
@@ -32,11 +34,15 @@ pub(super) async fn lead(fleet: Fleet, cfg: LdapConfig) {
             continue;
         };
         let key = sql::lock_key(inner.schema(), "ldap");
-        let got = client
-            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
-            .await
-            .map(|r| r.get::<_, bool>(0))
-            .unwrap_or(false);
+        let limit = inner.cfg.commit_timeout;
+        let got = tokio::time::timeout(
+            limit,
+            client.query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key]),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .is_some_and(|r| r.get::<_, bool>(0));
         if !got {
             drop(client);
             tokio::time::sleep(retry).await;
@@ -48,18 +54,21 @@ pub(super) async fn lead(fleet: Fleet, cfg: LdapConfig) {
         let mut last_full = Instant::now();
         // A change the fleet has not taken yet (an import that failed is tried again).
         let mut pending = false;
+        // Written within `fleet.commit_timeout`; false when it was not (a server that
+        // does not answer: the leader lets go of this connection, and of the lock).
         let health = |up: bool| {
             let c = &client;
             let s = inner.schema().to_string();
             async move {
-                c.execute(
-                    &format!(
+                let (sql, value) = (
+                    format!(
                         r#"INSERT INTO "{s}".meta (key, value) VALUES ('ldap_healthy', $1)
                            ON CONFLICT (key) DO UPDATE SET value = excluded.value"#
                     ),
-                    &[&up.to_string()],
-                )
-                .await
+                    up.to_string(),
+                );
+                let write = async { c.execute(&sql, &[&value]).await };
+                tokio::time::timeout(limit, write).await.is_ok()
             }
         };
         while !inner.stop.load(Ordering::SeqCst) && !client.is_closed() {
@@ -77,11 +86,13 @@ pub(super) async fn lead(fleet: Fleet, cfg: LdapConfig) {
                     let mark = next.mark(cfg.flavor);
                     let changed = source.synced(mailboxes, mark.clone());
                     cursor = next;
-                    let _ = health(true).await;
+                    if !health(true).await {
+                        break;
+                    }
                     pending |= changed;
                     if let (true, Some(csv)) = (pending, source.csv()) {
                         match fleet
-                            .import((*csv).clone(), format!("ldap {mark}"), false)
+                            .import_auto((*csv).clone(), format!("ldap {mark}"), false)
                             .await
                         {
                             Ok(b) => {
@@ -96,11 +107,13 @@ pub(super) async fn lead(fleet: Fleet, cfg: LdapConfig) {
                 }
                 Err(e) => {
                     source.failed(e);
-                    let _ = health(false).await;
+                    if !health(false).await {
+                        break;
+                    }
                 }
             }
             tokio::time::sleep(cfg.sync_interval).await;
         }
-        warn!(node = %inner.cfg.node, "fleet: stopped leading the LDAP sync (connection to PostgreSQL ended)");
+        warn!(node = %inner.cfg.node, "fleet: stopped leading the LDAP sync (connection to PostgreSQL ended or stopped answering)");
     }
 }

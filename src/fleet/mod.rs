@@ -26,13 +26,22 @@
 //! change under a number it already has. The repair is a new base above every node's
 //! `applied`: `coexist directory import FILE` (through any node, a mismatched one included;
 //! the import's number jumps past every applied change in the nodes table), which every
-//! node takes since a base decides every mailbox anew.
+//! node takes since a base decides every mailbox anew. Only the admin's import repairs:
+//! the automatic bases (the LDAP leader's, seeding with `directory.file` when the log is
+//! empty) are refused on a mismatched node and numbered head + 1, and a node that has
+//! applied changes never seeds an empty log (that log moved back too).
 //!
 //! Nothing waits on PostgreSQL forever: the schema is migrated once per process (columns
 //! added only when missing), every connection runs with `lock_timeout` and
 //! `statement_timeout`, session set-up is bounded, and lag is evaluated on a timer of its
 //! own: a node connected to a log whose head stays above its `applied` for `max_lag`
-//! (a change it cannot read, a statement that waits) drains like any lagging node.
+//! (a change it cannot read, a statement that waits), or connected for `max_lag` without a
+//! catch-up that finished, drains like any lagging node. A server that does not answer at
+//! all (a stalled network, a half-open connection: PostgreSQL's own timeouts never see
+//! it) is bounded here: every directory change, scheduled-batch step, `fleet status` read
+//! and the catch-up at start gives up after `fleet.commit_timeout` (a base import after
+//! that plus its COPY's bound) as [`FleetError::Unreachable`] naming what waited, and the
+//! connections use TCP keepalives and `TCP_USER_TIMEOUT` so the kernel ends a dead one.
 //!
 //! A node that starts while PostgreSQL is down takes the fleet id from its store's
 //! `fleet.id` marker: when PostgreSQL is back it follows on a match, and on a mismatch (the
@@ -140,6 +149,10 @@ struct Health {
     head_above_since: Option<Instant>,
     /// Why PostgreSQL's log does not hold this node's history (a log that moved back).
     diverged: Option<String>,
+    /// Since when the follower has been connected without a catch-up that finished (set
+    /// at connecting, cleared when a catch-up returns): a session that hangs (a stalled
+    /// server) counts as behind after `max_lag`.
+    waiting_since: Option<Instant>,
 }
 
 /// Another node as the nodes table names it: where its admin API is, and on which host
@@ -224,6 +237,10 @@ fn target(pg: &tokio_postgres::Config) -> String {
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long data sent to PostgreSQL may stay unacknowledged before the kernel closes the
+/// connection (`TCP_USER_TIMEOUT`).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long any statement may take: PostgreSQL's `statement_timeout` on every fleet
 /// connection (a base's COPY in excepted), and the bound of the follower's steps.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -250,12 +267,23 @@ impl Fleet {
         pg.options(&options);
         pg.application_name(format!("coexist {}", cfg.node));
         pg.keepalives_idle(Duration::from_secs(10));
+        // A half-open connection (the server's host gone, a firewall dropping the flow) is
+        // noticed by the kernel: unanswered keepalives, unacknowledged data.
+        if pg.get_keepalives_interval().is_none() {
+            pg.keepalives_interval(Duration::from_secs(5));
+        }
+        if pg.get_keepalives_retries().is_none() {
+            pg.keepalives_retries(3);
+        }
+        if pg.get_tcp_user_timeout().is_none() {
+            pg.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
         let store_dir = config.directory.store_dir.join("fleet");
         // A schema newer than this build stops the start; a migration that cannot finish
         // (a lock held past `lock_timeout`) is retried by the follower, as when PostgreSQL
         // is unreachable.
         let first = match sql::connect(&pg).await {
-            Ok(client) => match sql::migrate(&client, &cfg.schema).await {
+            Ok(client) => match sql::migrate(&client, &cfg.schema, &pg).await {
                 Ok(id) => {
                     claim_store(&store_dir, &id)?;
                     Ok(client)
@@ -305,6 +333,7 @@ impl Fleet {
                     peers_not_asked: Vec::new(),
                     head_above_since: None,
                     diverged: None,
+                    waiting_since: None,
                 }),
                 wake: Notify::new(),
                 applied,
@@ -326,9 +355,19 @@ impl Fleet {
         match first {
             Ok(client) => {
                 if let Some(file) = &config.directory.file {
-                    fleet.seed(&client, file).await?;
+                    let bound = fleet.inner.cfg.commit_timeout + commit::COPY_BOUND;
+                    fleet
+                        .inner
+                        .bounded("seeding the fleet", bound, fleet.seed(&client, file))
+                        .await?;
                 }
-                match follow::catch_up(&fleet.inner, &client).await {
+                let bound = fleet.inner.cfg.commit_timeout;
+                let catch_up = follow::catch_up(&fleet.inner, &client);
+                match fleet
+                    .inner
+                    .bounded("catching up at start", bound, catch_up)
+                    .await
+                {
                     Ok(applied) => {
                         info!(node = %fleet.inner.cfg.node, applied, entries = directory.len(), "fleet: caught up with the change log")
                     }
@@ -363,9 +402,19 @@ impl Fleet {
     }
 
     /// Imports `directory.file` as the first base of a fleet that has none yet.
+    /// Not a repair: a node that has applied changes does not seed a log that is empty (the
+    /// log moved back: a truncated `changes`, a restore); it says so and counts as behind.
     async fn seed(&self, client: &tokio_postgres::Client, file: &Path) -> Result<(), FleetError> {
-        if sql::head(client, &self.inner.cfg.schema).await? > 0 {
+        if sql::head(client, &self.inner.cfg.schema, &self.inner.pg).await? > 0 {
             info!(file = %file.display(), "fleet: the fleet has a directory already; directory.file is not read (use `coexist directory import` for a new base)");
+            return Ok(());
+        }
+        let here = self.inner.directory.applied_stamp();
+        if here.seq > 0 {
+            let why = format!(
+                "PostgreSQL's change log is empty, while this node applied {here}: the log moved back (a truncated or restored `changes`); directory.file is not imported, directory changes are refused until repaired (`coexist directory import` of a known-good directory file makes a new base every node takes)"
+            );
+            self.inner.diverge(&why);
             return Ok(());
         }
         let text = match std::fs::read(file) {
@@ -376,11 +425,13 @@ impl Fleet {
             }
         };
         let source = file.display().to_string();
-        match self.import(text, source.clone(), false).await {
+        match self.import_auto(text, source.clone(), false).await {
             Ok(b) => {
                 info!(file = %source, change = ?b.id, "fleet: seeded the fleet's first base from directory.file")
             }
             Err(FleetError::Refused(why)) => info!(why, "fleet: not seeded"),
+            // Logged and shown by `diverge`; the node counts as behind.
+            Err(FleetError::Diverged(why)) => warn!(why, "fleet: not seeded"),
             Err(e) => return Err(e),
         }
         Ok(())
@@ -487,6 +538,29 @@ impl Inner {
                 "fleet: the change log holds this node's history again"
             );
         }
+    }
+
+    /// Runs `work` (`what`, for the error) for `limit` at most: past it the work is dropped
+    /// (its connection closes, PostgreSQL rolls back what did not commit) and PostgreSQL
+    /// counts as unreachable. The server's `statement_timeout` cannot end a wait for a
+    /// server that does not answer at all (a stalled proxy, a half-open connection).
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        work: impl std::future::Future<Output = Result<T, FleetError>>,
+    ) -> Result<T, FleetError> {
+        tokio::time::timeout(limit, work).await.map_err(|_| {
+            let reason = format!(
+                "{what}: no answer from PostgreSQL within {} s (fleet.commit_timeout); a change may or may not have committed, `coexist fleet status` shows the log",
+                limit.as_secs()
+            );
+            warn!(reason, "fleet: gave up waiting for PostgreSQL");
+            FleetError::Unreachable {
+                target: target(&self.pg),
+                reason,
+            }
+        })?
     }
 
     /// The schema, quoted for SQL.

@@ -3,7 +3,8 @@
 //! Every batch commits with its undo entries (for each mailbox it moves: the primary
 //! address, the state and origin before, the state after) in the table `batch_undo`, in the
 //! same transaction. A rollback is decided by the node that commits it, against the head of
-//! the log: the batch's undo entries (from its own change log, else from `batch_undo`),
+//! the log: the batch's undo entries (from its own change log when the batch logged there
+//! has the id PostgreSQL's change has, else from `batch_undo`, else refused),
 //! restricted to the mailboxes whose origin is still the batch, become the restore list
 //! carried in the rollback change's body; every node applies that list (see
 //! [`crate::directory::undo`]). So a base between the batch and its rollback no longer
@@ -67,23 +68,23 @@ async fn undo_of(
 ) -> Result<Vec<ChangeEntry>, FleetError> {
     let s = inner.schema();
     let err = db_err(&inner.pg);
-    let kind: Option<String> = client
+    let change: Option<(String, String)> = client
         .query_opt(
-            &format!(r#"SELECT kind FROM "{s}".changes WHERE seq = $1"#),
+            &format!(r#"SELECT kind, uid FROM "{s}".changes WHERE seq = $1"#),
             &[&i64::from(batch)],
         )
         .await
         .map_err(&err)?
-        .map(|r| r.get(0));
-    match kind.as_deref() {
+        .map(|r| (r.get(0), r.get(1)));
+    let uid = match change {
         None => return Err(FleetError::Refused(format!("batch {batch} not found"))),
-        Some("apply") => {}
-        Some(k) => {
+        Some((k, uid)) if k == "apply" => uid,
+        Some((k, _)) => {
             return Err(FleetError::Refused(format!(
                 "change {batch} is a {k}, not a batch"
             )))
         }
-    }
+    };
     let done: Option<i64> = client
         .query_opt(
             &format!(
@@ -100,9 +101,18 @@ async fn undo_of(
             seq_u32(d)?
         )));
     }
+    // This node's own record of the batch, if it is PostgreSQL's batch `batch` (its id):
+    // after a log that moved back and a repair, the local log may hold another change
+    // under that number. One logged without an id is taken when PostgreSQL keeps no
+    // undo entries for the batch.
     let dir = inner.directory.clone();
-    if let Some(entries) = blocking(move || dir.logged_batch(batch)).await?? {
-        return Ok(entries);
+    let mut unnamed = None;
+    let mut other = None;
+    match blocking(move || dir.logged_batch(batch)).await?? {
+        Some((Some(here), entries)) if here == uid => return Ok(entries),
+        Some((None, entries)) => unnamed = Some(entries),
+        Some((Some(here), _)) => other = Some(here),
+        None => {}
     }
     let body: Option<Vec<u8>> = client
         .query_opt(
@@ -112,10 +122,14 @@ async fn undo_of(
         .await
         .map_err(&err)?
         .map(|r| r.get(0));
-    match body {
-        Some(b) => undo::decode_undo(&b)
+    match (body, unnamed, other) {
+        (Some(b), _, _) => undo::decode_undo(&b)
             .map_err(|e| FleetError::Sql(format!("batch_undo of batch {batch}: {e}"))),
-        None => Err(FleetError::Refused(format!(
+        (None, Some(entries), _) => Ok(entries),
+        (None, None, Some(here)) => Err(FleetError::Refused(format!(
+            "batch {batch} in PostgreSQL's log (id {uid}) is not the batch this node logged under that number (id {here}: the log moved back since), and PostgreSQL keeps no undo entries for it: roll it back from a node that applied it"
+        ))),
+        (None, None, None) => Err(FleetError::Refused(format!(
             "batch {batch} predates the fleet keeping undo data and this node did not apply it (it joined later): roll it back from a node that applied it"
         ))),
     }
@@ -124,7 +138,17 @@ async fn undo_of(
 impl Fleet {
     /// Rolls back batch `batch` through the fleet log (see the module doc for what that
     /// means after later bases).
+    /// Bounded by `fleet.commit_timeout`.
     pub async fn rollback(&self, batch: u32) -> Result<(BatchReport, Progress), FleetError> {
+        let work = self.rollback_unbounded(batch);
+        let what = format!("rollback of batch {batch}");
+        self.inner
+            .bounded(&what, self.inner.cfg.commit_timeout, work)
+            .await
+    }
+
+    /// [`Fleet::rollback`] without its bound.
+    async fn rollback_unbounded(&self, batch: u32) -> Result<(BatchReport, Progress), FleetError> {
         let (client, head, _applying) = self.begin(false).await?;
         let entries = undo_of(&self.inner, &client, batch).await?;
         let dir = self.inner.directory.clone();
@@ -144,6 +168,7 @@ impl Fleet {
                 preview.rows,
                 preview.changed,
                 &undo::encode_restores(&restores),
+                false,
             )
             .await?;
         let applied = {

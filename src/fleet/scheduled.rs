@@ -7,7 +7,10 @@
 //! and status (`pending`, then `applied` with its change, `failed` with why, or
 //! `cancelled`), plus the node that scheduled it and the one that settled it.
 //!
-//! Every node looks for due batches every second ([`run`]). Applying one is the normal
+//! Every node looks for due batches every second ([`run`]). A due batch that names a state
+//! this node has no route for is left pending (with a warning) for a node that has it: a
+//! rolling config change must not fail a valid batch for the whole fleet; a batch whose
+//! rows are bad for every node (an address, the header) is marked failed. Applying one is the normal
 //! fleet commit ([`Fleet::apply`]) with one step more inside its transaction: after the
 //! log's lock is taken, the batch's row is locked (`FOR UPDATE`) and must still be
 //! `pending`; it is marked `applied` with the change's sequence number, and the change and
@@ -109,79 +112,93 @@ impl Fleet {
         (at_unix, _at): (i64, String),
     ) -> Result<Scheduled, FleetError> {
         let inner = &self.inner;
-        let client = sql::connect(&inner.pg).await?;
-        let s = inner.schema();
-        let row = client
-            .query_one(
-                &format!(
-                    r#"INSERT INTO "{s}".scheduled (at, source, state, format, body, node)
+        let work = async {
+            let client = sql::connect(&inner.pg).await?;
+            let s = inner.schema();
+            let row = client
+                .query_one(
+                    &format!(
+                        r#"INSERT INTO "{s}".scheduled (at, source, state, format, body, node)
                        VALUES (to_timestamp($1), $2, $3, $4, $5, $6) RETURNING {COLUMNS}"#
-                ),
-                &[
-                    &(at_unix as f64),
-                    &source,
-                    &state,
-                    &format,
-                    &body,
-                    &inner.cfg.node,
-                ],
-            )
+                    ),
+                    &[
+                        &(at_unix as f64),
+                        &source,
+                        &state,
+                        &format,
+                        &body,
+                        &inner.cfg.node,
+                    ],
+                )
+                .await
+                .map_err(db_err(&inner.pg))?;
+            from_row(&row)
+        };
+        inner
+            .bounded("scheduling a batch", inner.cfg.commit_timeout, work)
             .await
-            .map_err(db_err(&inner.pg))?;
-        from_row(&row)
     }
 
     /// Every scheduled batch of the fleet, by id.
     pub async fn scheduled(&self) -> Result<Vec<Scheduled>, FleetError> {
         let inner = &self.inner;
-        let client = sql::connect(&inner.pg).await?;
-        let s = inner.schema();
-        client
-            .query(
-                &format!(r#"SELECT {COLUMNS} FROM "{s}".scheduled ORDER BY id"#),
-                &[],
-            )
+        let work = async {
+            let client = sql::connect(&inner.pg).await?;
+            let s = inner.schema();
+            client
+                .query(
+                    &format!(r#"SELECT {COLUMNS} FROM "{s}".scheduled ORDER BY id"#),
+                    &[],
+                )
+                .await
+                .map_err(db_err(&inner.pg))?
+                .iter()
+                .map(from_row)
+                .collect()
+        };
+        inner
+            .bounded("listing scheduled batches", inner.cfg.commit_timeout, work)
             .await
-            .map_err(db_err(&inner.pg))?
-            .iter()
-            .map(from_row)
-            .collect()
     }
 
     /// Cancels scheduled batch `id`; refused unless it is still pending (a batch being
     /// applied right now is waited for, and then is no longer pending).
     pub async fn cancel_scheduled(&self, id: u32) -> Result<Scheduled, FleetError> {
         let inner = &self.inner;
-        let client = sql::connect(&inner.pg).await?;
-        let s = inner.schema();
-        let err = db_err(&inner.pg);
-        let row = client
-            .query_opt(
-                &format!(
-                    r#"UPDATE "{s}".scheduled
+        let work = async {
+            let client = sql::connect(&inner.pg).await?;
+            let s = inner.schema();
+            let err = db_err(&inner.pg);
+            let row = client
+                .query_opt(
+                    &format!(
+                        r#"UPDATE "{s}".scheduled
                        SET status = 'cancelled', settled = clock_timestamp(), settled_by = $2
                        WHERE id = $1 AND status = 'pending' RETURNING {COLUMNS}"#
-                ),
-                &[&i64::from(id), &inner.cfg.node],
-            )
-            .await
-            .map_err(&err)?;
-        if let Some(r) = row {
-            info!(scheduled = id, "fleet: scheduled batch cancelled");
-            return from_row(&r);
-        }
-        let status: Option<String> = client
-            .query_opt(
-                &format!(r#"SELECT status FROM "{s}".scheduled WHERE id = $1"#),
-                &[&i64::from(id)],
-            )
-            .await
-            .map_err(&err)?
-            .map(|r| r.get(0));
-        Err(FleetError::Refused(match status {
-            None => format!("no scheduled batch {id}"),
-            Some(st) => format!("scheduled batch {id} is not pending ({st})"),
-        }))
+                    ),
+                    &[&i64::from(id), &inner.cfg.node],
+                )
+                .await
+                .map_err(&err)?;
+            if let Some(r) = row {
+                info!(scheduled = id, "fleet: scheduled batch cancelled");
+                return from_row(&r);
+            }
+            let status: Option<String> = client
+                .query_opt(
+                    &format!(r#"SELECT status FROM "{s}".scheduled WHERE id = $1"#),
+                    &[&i64::from(id)],
+                )
+                .await
+                .map_err(&err)?
+                .map(|r| r.get(0));
+            Err(FleetError::Refused(match status {
+                None => format!("no scheduled batch {id}"),
+                Some(st) => format!("scheduled batch {id} is not pending ({st})"),
+            }))
+        };
+        let what = format!("cancelling scheduled batch {id}");
+        inner.bounded(&what, inner.cfg.commit_timeout, work).await
     }
 }
 
@@ -292,6 +309,7 @@ pub async fn run(fleet: Fleet, states: Vec<RouteName>, local: Arc<ScheduleStore>
     // Logged once per spell of failures.
     let mut retrying = false;
     let mut adopted = false;
+    let mut warned = std::collections::HashSet::new();
     while !inner.stop.load(Ordering::SeqCst) {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = sql::connect(&inner.pg).await.ok();
@@ -305,7 +323,7 @@ pub async fn run(fleet: Fleet, states: Vec<RouteName>, local: Arc<ScheduleStore>
             }
         }
         if let Some(c) = &client {
-            match round(&fleet, c, &states).await {
+            match round(&fleet, c, &states, &mut warned).await {
                 Ok(()) => retrying = false,
                 Err(e) => {
                     if !retrying {
@@ -357,10 +375,20 @@ async fn adopt(fleet: &Fleet, local: &Arc<ScheduleStore>) -> Result<(), FleetErr
 }
 
 /// One look: applies every due batch, or stops at the first that cannot be applied now.
-async fn round(fleet: &Fleet, client: &Client, states: &[RouteName]) -> Result<(), FleetError> {
+/// `warned`: the batches said to name a state this node has no route for (said once).
+async fn round(
+    fleet: &Fleet,
+    client: &Client,
+    states: &[RouteName],
+    warned: &mut std::collections::HashSet<u32>,
+) -> Result<(), FleetError> {
     let inner = &fleet.inner;
-    for d in due(inner, client).await? {
-        let rows = {
+    let limit = inner.cfg.commit_timeout;
+    let due = inner
+        .bounded("reading due scheduled batches", limit, due(inner, client))
+        .await?;
+    for d in due {
+        let (rows, routes_only) = {
             let (st, format, state, source) =
                 (states.to_vec(), d.format, d.state, d.source.clone());
             let body = d.body;
@@ -368,16 +396,29 @@ async fn round(fleet: &Fleet, client: &Client, states: &[RouteName]) -> Result<(
                 let format = format
                     .parse::<BatchFormat>()
                     .map_err(crate::directory::DirectoryError::Batch)?;
-                batch::read(format, &body, &source, &st, state.as_deref()).map(|b| b.rows)
+                let rows = batch::read(format, &body, &source, &st, state.as_deref());
+                let routes_only = rows.is_err() && only_states_fail(format, &body, &source, &st);
+                Ok::<_, FleetError>((rows.map(|b| b.rows), routes_only))
             })
-            .await?
+            .await??
         };
         let rows = match rows {
             Ok(rows) => rows,
+            // A state this node has no route for: another node (its config changed first,
+            // during a rolling change) may know it. Left pending, said once.
+            Err(e) if routes_only => {
+                if warned.insert(d.id) {
+                    warn!(scheduled = d.id, error = %e, "fleet: scheduled batch due names a state this node has no route for; left pending for a node that has it (every node of a fleet needs the same routes)");
+                }
+                continue;
+            }
             // The batch itself is wrong (a row no longer valid): it never will apply.
             Err(e) => {
                 warn!(scheduled = d.id, error = %e, "fleet: scheduled batch failed");
-                fail(inner, client, d.id, &e.to_string()).await?;
+                let what = format!("recording scheduled batch {} as failed", d.id);
+                let error = e.to_string();
+                let failed = fail(inner, client, d.id, &error);
+                inner.bounded(&what, limit, failed).await?;
                 continue;
             }
         };
@@ -389,4 +430,15 @@ async fn round(fleet: &Fleet, client: &Client, states: &[RouteName]) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Whether batch `body` fails on this node's routes `states` only: read with every row sent
+/// to a state this node has (its state column and target set aside) it passes, so what
+/// failed is a state name, which a node with other routes may know. Bad rows (addresses,
+/// the header) fail either way: every node sees those.
+fn only_states_fail(format: BatchFormat, body: &[u8], source: &str, states: &[RouteName]) -> bool {
+    match states.first() {
+        Some(known) => batch::read(format, body, source, states, Some(known.as_str())).is_ok(),
+        None => true,
+    }
 }

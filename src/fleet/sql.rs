@@ -10,7 +10,10 @@
 //!   by PostgreSQL at insert, so builds that do not know it still give one) and
 //!   `committed_at` are the change's identity beyond its number: a node keeps both in its
 //!   local change log and checks them against this table (a log that moved back reuses
-//!   numbers, never ids).
+//!   numbers, never ids). `repair` marks a base the admin imported (`coexist directory
+//!   import`): only such a base is taken by a node whose history the log does not hold;
+//!   the automatic ones (LDAP, seeding) are not (`true` for rows of earlier builds, whose
+//!   bases were all numbered as repairs).
 //! - `base_rows`: the rows of the latest bases (the one in force and the one before it);
 //!   `routing_address` is the mailbox's routing address, `''` for none.
 //! - `nodes`: one row per node, written by its heartbeat; `admin_host` is the host its
@@ -48,6 +51,8 @@ const ADDED: &[(&str, &str, &str)] = &[
         "uid",
         "text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text)",
     ),
+    // Every base an earlier build made was numbered above every applied change: a repair.
+    ("changes", "repair", "boolean NOT NULL DEFAULT true"),
 ];
 
 /// How long a fleet statement may wait for a lock (a `pg_dump`, a stuck transaction).
@@ -104,7 +109,8 @@ CREATE TABLE IF NOT EXISTS "{s}".changes (
     rows bigint NOT NULL,
     changed bigint NOT NULL,
     body bytea NOT NULL DEFAULT '',
-    uid text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text)
+    uid text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text),
+    repair boolean NOT NULL DEFAULT true
 );
 CREATE TABLE IF NOT EXISTS "{s}".base_rows (
     seq bigint NOT NULL,
@@ -212,16 +218,21 @@ pub(super) async fn connect_listening(
 
 /// Creates or migrates the schema (under an advisory lock, so nodes starting together do
 /// not race) and returns the fleet's id.
-pub(super) async fn migrate(client: &Client, s: &str) -> Result<String, FleetError> {
-    client.batch_execute("BEGIN").await.map_err(sql_err)?;
+pub(super) async fn migrate(
+    client: &Client,
+    s: &str,
+    pg: &tokio_postgres::Config,
+) -> Result<String, FleetError> {
+    let err = db_err(pg);
+    client.batch_execute("BEGIN").await.map_err(&err)?;
     client
         .execute(
             "SELECT pg_advisory_xact_lock(hashtext($1))",
             &[&lock_key(s, "migrate")],
         )
         .await
-        .map_err(sql_err)?;
-    client.batch_execute(&ddl(s)).await.map_err(sql_err)?;
+        .map_err(&err)?;
+    client.batch_execute(&ddl(s)).await.map_err(&err)?;
     for (table, column, definition) in ADDED {
         let missing = client
             .query_opt(
@@ -229,7 +240,7 @@ pub(super) async fn migrate(client: &Client, s: &str) -> Result<String, FleetErr
                 &[&s, table, column],
             )
             .await
-            .map_err(sql_err)?
+            .map_err(&err)?
             .is_none();
         if missing {
             tracing::info!(
@@ -243,7 +254,7 @@ pub(super) async fn migrate(client: &Client, s: &str) -> Result<String, FleetErr
                     r#"ALTER TABLE "{s}".{table} ADD COLUMN IF NOT EXISTS {column} {definition}"#
                 ))
                 .await
-                .map_err(sql_err)?;
+                .map_err(&err)?;
         }
     }
     let version: i64 = client
@@ -252,7 +263,7 @@ pub(super) async fn migrate(client: &Client, s: &str) -> Result<String, FleetErr
             &[],
         )
         .await
-        .map_err(sql_err)?
+        .map_err(&err)?
         .get(0);
     if version > SCHEMA_VERSION {
         let _ = client.batch_execute("ROLLBACK").await;
@@ -266,21 +277,25 @@ pub(super) async fn migrate(client: &Client, s: &str) -> Result<String, FleetErr
             &[],
         )
         .await
-        .map_err(sql_err)?
+        .map_err(&err)?
         .get(0);
-    client.batch_execute("COMMIT").await.map_err(sql_err)?;
+    client.batch_execute("COMMIT").await.map_err(&err)?;
     Ok(id)
 }
 
 /// The fleet's id (`meta.fleet_id`), read without migrating.
-pub(super) async fn fleet_id(client: &Client, s: &str) -> Result<String, FleetError> {
+pub(super) async fn fleet_id(
+    client: &Client,
+    s: &str,
+    pg: &tokio_postgres::Config,
+) -> Result<String, FleetError> {
     Ok(client
         .query_one(
             &format!(r#"SELECT value FROM "{s}".meta WHERE key = 'fleet_id'"#),
             &[],
         )
         .await
-        .map_err(sql_err)?
+        .map_err(db_err(pg))?
         .get(0))
 }
 
@@ -290,6 +305,7 @@ pub(super) async fn head_and(
     client: &Client,
     s: &str,
     seq: u32,
+    pg: &tokio_postgres::Config,
 ) -> Result<(u32, Option<Stamp>), FleetError> {
     let row = client
         .query_one(
@@ -300,21 +316,25 @@ pub(super) async fn head_and(
             &[&i64::from(seq)],
         )
         .await
-        .map_err(sql_err)?;
+        .map_err(db_err(pg))?;
     let head = seq_u32(row.get(0))?;
     let at = row.get::<_, Option<i64>>(1).map(|_| stamp(seq, &row, 2));
     Ok((head, at))
 }
 
 /// The highest sequence in the change log (0 when empty).
-pub(super) async fn head(client: &Client, s: &str) -> Result<u32, FleetError> {
+pub(super) async fn head(
+    client: &Client,
+    s: &str,
+    pg: &tokio_postgres::Config,
+) -> Result<u32, FleetError> {
     let v: i64 = client
         .query_one(
             &format!(r#"SELECT coalesce(max(seq), 0) FROM "{s}".changes"#),
             &[],
         )
         .await
-        .map_err(sql_err)?
+        .map_err(db_err(pg))?
         .get(0);
     seq_u32(v)
 }
@@ -322,4 +342,31 @@ pub(super) async fn head(client: &Client, s: &str) -> Result<u32, FleetError> {
 /// A sequence number from PostgreSQL as the directory's change id.
 pub(super) fn seq_u32(v: i64) -> Result<u32, FleetError> {
     u32::try_from(v).map_err(|_| FleetError::Sql(format!("sequence {v} out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection that ended is [`FleetError::Unreachable`] in every shared statement (the
+    /// follower reconnects), never a statement error (which it takes for a change it cannot
+    /// apply). Needs the test PostgreSQL (`COEXIST_TEST_POSTGRES`, else 127.0.0.1:5432).
+    #[tokio::test]
+    async fn a_closed_connection_is_unreachable_in_every_shared_statement() {
+        let url = std::env::var("COEXIST_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into());
+        let pg: tokio_postgres::Config = url.parse().unwrap();
+        let (client, conn) = pg.connect(NoTls).await.unwrap();
+        // The connection's task ends: the client's every statement fails as closed.
+        drop(conn);
+        let s = "t_closed_never_created";
+        let e = head_and(&client, s, 1, &pg).await.unwrap_err();
+        assert!(e.is_unreachable(), "head_and: {e:?}");
+        let e = head(&client, s, &pg).await.unwrap_err();
+        assert!(e.is_unreachable(), "head: {e:?}");
+        let e = fleet_id(&client, s, &pg).await.unwrap_err();
+        assert!(e.is_unreachable(), "fleet_id: {e:?}");
+        let e = migrate(&client, s, &pg).await.unwrap_err();
+        assert!(e.is_unreachable(), "migrate: {e:?}");
+    }
 }

@@ -104,7 +104,7 @@ pub async fn probe(cfg: &crate::config::FleetConfig) -> Result<(u32, usize), Fle
     if !exists {
         return Ok((0, 0));
     }
-    let head = sql::head(&client, &cfg.schema).await?;
+    let head = sql::head(&client, &cfg.schema, &pg).await?;
     let nodes: i64 = client
         .query_one(
             &format!(r#"SELECT count(*) FROM "{}".nodes"#, cfg.schema),
@@ -153,7 +153,12 @@ impl Fleet {
             nodes: Vec::new(),
             peers_not_asked,
         };
-        match self.read_nodes().await {
+        let read = self.read_nodes();
+        match self
+            .inner
+            .bounded("fleet status", self.inner.cfg.commit_timeout, read)
+            .await
+        {
             Ok((head, nodes)) => {
                 st.head = head;
                 self.inner.lock_health().peers = nodes
@@ -178,7 +183,7 @@ impl Fleet {
     async fn read_nodes(&self) -> Result<(u32, Vec<NodeRow>), FleetError> {
         let client = sql::connect(&self.inner.pg).await?;
         let s = self.inner.schema();
-        let head = sql::head(&client, s).await?;
+        let head = sql::head(&client, s, &self.inner.pg).await?;
         let rows = client
             .query(
                 &format!(

@@ -65,6 +65,7 @@ pub async fn run(opts: FleetDemoOptions) -> anyhow::Result<()> {
             schema: schema.clone(),
             node: format!("mx{i}"),
             max_lag: Duration::from_secs(300),
+            commit_timeout: Duration::from_secs(120),
         });
         for (name, route) in cfg.routes.iter_mut() {
             let s = if name == "cloud" { &cloud } else { &onprem };

@@ -126,15 +126,22 @@ pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
     stalled: tokio::sync::watch::Sender<bool>,
+    /// Bytes that, once a client sends them, stall the proxy before they are forwarded.
+    trigger: Trigger,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
     task: AbortHandle,
 }
 
-/// Copies `from` to `to`, holding each chunk while the proxy is stalled.
+/// See [`Proxy::stall_on`].
+type Trigger = Arc<Mutex<Option<Vec<u8>>>>;
+
+/// Copies `from` to `to`, holding each chunk while the proxy is stalled. With `arm` (the
+/// client's direction): a chunk holding the trigger's bytes stalls the proxy first.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut stalled: tokio::sync::watch::Receiver<bool>,
+    arm: Option<(Trigger, tokio::sync::watch::Sender<bool>)>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -143,6 +150,16 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some((trigger, stall)) = &arm {
+            let mut t = trigger.lock().unwrap();
+            let hit = t
+                .as_ref()
+                .is_some_and(|p| buf[..n].windows(p.len()).any(|w| w == p.as_slice()));
+            if hit {
+                *t = None;
+                stall.send_replace(true);
+            }
+        }
         if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
             break;
         }
@@ -157,7 +174,8 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let (stalled, _) = tokio::sync::watch::channel(false);
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (c, k, st) = (cut.clone(), conns.clone(), stalled.clone());
+        let trigger: Trigger = Arc::default();
+        let (c, k, st, tr) = (cut.clone(), conns.clone(), stalled.clone(), trigger.clone());
         let to = server_addr();
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
@@ -166,11 +184,12 @@ impl Proxy {
                     continue;
                 }
                 let (up, down) = (st.subscribe(), st.subscribe());
+                let arm = Some((tr.clone(), st.clone()));
                 let h = tokio::spawn(async move {
                     if let Ok(out) = TcpStream::connect(to).await {
                         let (ir, iw) = inbound.into_split();
                         let (or, ow) = out.into_split();
-                        tokio::join!(pump(ir, ow, up), pump(or, iw, down));
+                        tokio::join!(pump(ir, ow, up, arm), pump(or, iw, down, None));
                     }
                 });
                 k.lock().unwrap().push(h.abort_handle());
@@ -181,9 +200,18 @@ impl Proxy {
             addr,
             cut,
             stalled,
+            trigger,
             conns,
             task,
         }
+    }
+
+    /// The proxy stalls (as [`Proxy::stall`]) when a client next sends `pattern` (a
+    /// statement's text), before forwarding it: the server stops answering in the middle of
+    /// what that client was doing. Once.
+    #[allow(dead_code)]
+    pub fn stall_on(&self, pattern: &str) {
+        *self.trigger.lock().unwrap() = Some(pattern.as_bytes().to_vec());
     }
 
     /// Nothing is forwarded (either way) until [`Proxy::resume`]; connections stay open.

@@ -129,6 +129,19 @@ async fn ready(n: &Node) -> Ready {
         .unwrap()
 }
 
+/// Waits until node `n`'s readiness (`GET /v1/ready`) satisfies `ok`, for `what`.
+async fn ready_when(n: &Node, what: &str, ok: impl Fn(&Ready) -> bool) {
+    eventually_async(what, || async {
+        let r = ready(n).await;
+        if ok(&r) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_through_one_node_is_seen_on_every_node() {
     let schema = Schema::new("seen").await;
@@ -401,13 +414,8 @@ async fn postgres_cut_off_mail_flows_batches_refused_lagging_node_drains_then_re
     .await;
 
     proxy.cut();
-    eventually_async("mx1 to notice PostgreSQL is gone", || async {
-        let r = ready(&a).await;
-        if r.fleet_postgres_up == Some(false) {
-            Ok(())
-        } else {
-            Err(format!("{r:?}"))
-        }
+    ready_when(&a, "mx1 to notice PostgreSQL is gone", |r| {
+        r.fleet_postgres_up == Some(false)
     })
     .await;
     // Mail keeps flowing on the state in force.
@@ -443,15 +451,7 @@ async fn postgres_cut_off_mail_flows_batches_refused_lagging_node_drains_then_re
         .await
         .unwrap();
     assert_eq!(r.report.id, Some(2));
-    eventually_async("mx1 to drain for lag", || async {
-        let r = ready(&a).await;
-        if r.fleet_behind && !r.ready {
-            Ok(())
-        } else {
-            Err(format!("{r:?}"))
-        }
-    })
-    .await;
+    ready_when(&a, "mx1 to drain for lag", |r| r.fleet_behind && !r.ready).await;
     let mut c = tokio::net::TcpStream::connect(a.relay.local_addrs[0])
         .await
         .unwrap();
@@ -467,13 +467,8 @@ async fn postgres_cut_off_mail_flows_batches_refused_lagging_node_drains_then_re
 
     // PostgreSQL is back: mx1 catches up and leaves drain.
     proxy.restore();
-    eventually_async("mx1 to catch up and take mail again", || async {
-        let r = ready(&a).await;
-        if r.ready && r.fleet_postgres_up == Some(true) {
-            Ok(())
-        } else {
-            Err(format!("{r:?}"))
-        }
+    ready_when(&a, "mx1 to catch up and take mail again", |r| {
+        r.ready && r.fleet_postgres_up == Some(true)
     })
     .await;
     assert_eq!(
@@ -1010,13 +1005,8 @@ async fn a_log_that_moved_back_is_refused_and_drains_never_followed_silently() {
     assert!(ok, "{err}");
     assert!(out.starts_with("imported as base 3:"), "{out}");
     for n in [&a, &b, &c] {
-        eventually_async("every node on base 3 and ready", || async {
-            let r = ready(n).await;
-            if r.ready && r.fleet_log_mismatch.is_none() && n.relay.directory.applied() == 3 {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
+        ready_when(n, "every node on base 3 and ready", |r| {
+            r.ready && r.fleet_log_mismatch.is_none() && n.relay.directory.applied() == 3
         })
         .await;
         assert_eq!(
@@ -1097,13 +1087,8 @@ async fn an_emptied_log_is_not_seeded_by_a_node_that_applied_changes() {
         (Some("cloud".into()), "batch 2".into())
     );
     for n in [&a, &b] {
-        eventually_async("the mismatch shown and the node drained", || async {
-            let r = ready(n).await;
-            if !r.ready && r.fleet_log_mismatch.is_some() {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
+        ready_when(n, "the mismatch shown and the node drained", |r| {
+            !r.ready && r.fleet_log_mismatch.is_some()
         })
         .await;
     }
@@ -1156,13 +1141,8 @@ async fn an_emptied_log_is_not_seeded_by_a_node_that_applied_changes() {
     assert!(ok, "{err}");
     assert!(out.starts_with("imported as base 4:"), "{out}");
     for n in [&a, &b, &c] {
-        eventually_async("every node on base 4 and ready", || async {
-            let r = ready(n).await;
-            if r.ready && r.fleet_log_mismatch.is_none() && n.relay.directory.applied() == 4 {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
+        ready_when(n, "every node on base 4 and ready", |r| {
+            r.ready && r.fleet_log_mismatch.is_none() && n.relay.directory.applied() == 4
         })
         .await;
     }
@@ -1216,13 +1196,8 @@ async fn a_locked_base_table_drains_the_node_instead_of_routing_stale() {
     let a = node(&hops, &schema, "mx1", &pg::url(), true).await;
     let b = quick_node(&hops, &schema, "mx2", &pg::url_via(proxy.addr), false).await;
     assert_eq!(b.relay.directory.applied(), 1);
-    eventually_async("mx2 connected", || async {
-        let r = ready(&b).await;
-        if r.ready && r.fleet_postgres_up == Some(true) {
-            Ok(())
-        } else {
-            Err(format!("{r:?}"))
-        }
+    ready_when(&b, "mx2 connected", |r| {
+        r.ready && r.fleet_postgres_up == Some(true)
     })
     .await;
 
@@ -1306,13 +1281,8 @@ async fn a_base_without_its_rows_is_never_installed() {
     );
     assert!(ok, "{err}");
     assert!(out.starts_with("imported as base 2:"), "{out}");
-    eventually_async("mx2 on base 2 and ready", || async {
-        let r = ready(&b).await;
-        if r.ready && b.route_of("alice@nhs.test").0.as_deref() == Some("onprem") {
-            Ok(())
-        } else {
-            Err(format!("{r:?}"))
-        }
+    ready_when(&b, "mx2 on base 2 and ready", |r| {
+        r.ready && b.route_of("alice@nhs.test").0.as_deref() == Some("onprem")
     })
     .await;
 }

@@ -50,7 +50,10 @@ const SETUP: Duration = Duration::from_secs(20);
 pub(super) async fn run(inner: Arc<Inner>) {
     let mut last_peer_check = Instant::now();
     while !inner.stop.load(Ordering::SeqCst) {
-        if let Err(e) = session(&inner).await {
+        let ended = session(&inner).await;
+        // A new session starts its own wait for a catch-up (see `evaluate`).
+        inner.lock_health().waiting_since = None;
+        if let Err(e) = ended {
             let first = {
                 let mut h = inner.lock_health();
                 let was_up = h.up;

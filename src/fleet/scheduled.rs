@@ -266,6 +266,8 @@ struct Due {
     state: Option<String>,
     format: String,
     body: Vec<u8>,
+    /// Seconds since its time, by PostgreSQL's clock.
+    overdue: f64,
 }
 
 /// Pending batches whose time has come (by PostgreSQL's clock, the same for every node),
@@ -275,7 +277,8 @@ async fn due(inner: &Inner, client: &Client) -> Result<Vec<Due>, FleetError> {
     let rows = client
         .query(
             &format!(
-                r#"SELECT id, source, state, format, body FROM "{s}".scheduled
+                r#"SELECT id, source, state, format, body,
+                          extract(epoch FROM clock_timestamp() - at)::float8 FROM "{s}".scheduled
                    WHERE status = 'pending' AND at <= clock_timestamp()
                    ORDER BY at, id LIMIT 16"#
             ),
@@ -294,6 +297,7 @@ async fn due(inner: &Inner, client: &Client) -> Result<Vec<Due>, FleetError> {
                 state: r.get(2),
                 format: r.get(3),
                 body: r.get(4),
+                overdue: r.get(5),
             })
         })
         .collect()
@@ -374,7 +378,8 @@ async fn adopt(fleet: &Fleet, local: &Arc<ScheduleStore>) -> Result<(), FleetErr
     Ok(())
 }
 
-/// One look: applies every due batch, or stops at the first that cannot be applied now.
+/// One look: applies every due batch in order, and stops at the first that cannot be
+/// applied now (so a later batch never overtakes an earlier one).
 /// `warned`: the batches said to name a state this node has no route for (said once).
 async fn round(
     fleet: &Fleet,
@@ -405,12 +410,14 @@ async fn round(
         let rows = match rows {
             Ok(rows) => rows,
             // A state this node has no route for: another node (its config changed first,
-            // during a rolling change) may know it. Left pending, said once.
-            Err(e) if routes_only => {
+            // during a rolling change) may know it. Left pending, said once, and the round
+            // ends here so that the batches after it wait (their order is the schedule's).
+            // No node took it within `max_lag` of its time: no node has the route; failed.
+            Err(e) if routes_only && d.overdue <= inner.cfg.max_lag.as_secs_f64() => {
                 if warned.insert(d.id) {
-                    warn!(scheduled = d.id, error = %e, "fleet: scheduled batch due names a state this node has no route for; left pending for a node that has it (every node of a fleet needs the same routes)");
+                    warn!(scheduled = d.id, error = %e, "fleet: scheduled batch due names a state this node has no route for; left pending for a node that has it (every node of a fleet needs the same routes); the batches after it wait");
                 }
-                continue;
+                return Ok(());
             }
             // The batch itself is wrong (a row no longer valid): it never will apply.
             Err(e) => {

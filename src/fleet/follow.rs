@@ -1,5 +1,5 @@
 //! Following the fleet's change log: connect, `LISTEN`, apply every change after the local
-//! sequence in order, write this node's heartbeat, and decide whether it is behind.
+//! sequence in order, and write this node's heartbeat.
 //!
 //! The loop wakes on a notification, on a local commit, or every [`TICK`] (the backstop
 //! for a missed notification; also the heartbeat). A broken connection is retried every
@@ -13,21 +13,11 @@
 //! A base is read whole or not at all: its header and rows in one REPEATABLE READ snapshot,
 //! and a base without its rows is an error, never an empty directory.
 //!
-//! Behind the fleet: while connected, a node is behind when the log has changes it could
-//! not apply, when the log does not hold its history, when the head has stayed above
-//! its `applied` for `max_lag` (a change that takes that long to read counts as not
-//! applied), or when it has been connected for `max_lag` without a catch-up that finished
-//! (a server that stopped answering: what the log holds is unknown). Lag is evaluated every [`TICK`] by a timer of its own ([`lag_timer`]),
-//! whatever the session is waiting for. A failed heartbeat is logged and nothing more: it
-//! says nothing about this node's directory. While PostgreSQL is unreachable a node cannot
-//! read the log, so it asks its peers' admin APIs (addresses from the last read of the
-//! nodes table) what they have applied: if one has more, this node is behind since it lost
-//! PostgreSQL. Only a node that knows it is behind drains; when PostgreSQL is down for
-//! everyone, nobody can commit a change, no node is behind, and every node keeps taking
-//! mail.
+//! Whether the node is behind the fleet, its heartbeat and the questions to its peers are
+//! in [`super::lag`]; a failed heartbeat is logged and nothing more.
 
 use super::sql::{self, db_err, seq_u32};
-use super::{peers, FleetError, Inner, NodeApplied, Peer};
+use super::{lag, FleetError, Inner};
 use crate::directory::{batch::BatchRow, Base, BaseRow, Stamp, StateId};
 use crate::metrics as m;
 use futures_util::StreamExt;
@@ -75,9 +65,9 @@ pub(super) async fn run(inner: Arc<Inner>) {
         }
         if last_peer_check.elapsed() >= TICK * 2 {
             last_peer_check = Instant::now();
-            check_peers(&inner).await;
+            lag::check_peers(&inner).await;
         }
-        evaluate(&inner);
+        lag::evaluate(&inner);
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = inner.wake.notified() => {}
@@ -130,7 +120,7 @@ async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
             let res = catch_up(inner, &client).await;
             let beat = match res {
                 Err(ref e) if e.is_unreachable() => Ok(()),
-                _ => beat(inner, &client).await,
+                _ => lag::beat(inner, &client).await,
             };
             (res, beat)
         };
@@ -165,7 +155,7 @@ async fn session(inner: &Arc<Inner>) -> Result<(), FleetError> {
             Err(e) => warn!(error = %e, "fleet: heartbeat failed"),
             Ok(()) => {}
         }
-        evaluate(inner);
+        lag::evaluate(inner);
         if inner.stop.load(Ordering::SeqCst) {
             // Stopped on purpose: say so, so that the others do not count it as live.
             let _ = client
@@ -541,15 +531,6 @@ fn adopt_fleet(inner: &Inner, id: &str) -> Result<(), FleetError> {
     Ok(())
 }
 
-/// Evaluates the lag every [`TICK`], whatever the session is doing (a statement waiting on
-/// a lock, a base being loaded), until the fleet is stopped.
-pub(super) async fn lag_timer(inner: Arc<Inner>) {
-    while !inner.stop.load(Ordering::SeqCst) {
-        evaluate(&inner);
-        tokio::time::sleep(TICK).await;
-    }
-}
-
 /// The rows of base `seq` (COPY out as CSV), primaries first.
 pub(super) async fn read_base(
     inner: &Inner,
@@ -600,184 +581,6 @@ pub(super) async fn read_base(
     }
     primaries.append(&mut aliases);
     Ok(primaries)
-}
-
-/// Writes this node's row of the nodes table and reads the peers' admin addresses.
-async fn beat(inner: &Inner, client: &Client) -> Result<(), FleetError> {
-    let s = inner.schema();
-    let report = inner.reporter.get().map(|f| f()).unwrap_or_default();
-    let admin = inner.admin_addr.get().cloned();
-    client
-        .execute(
-            &format!(
-                r#"INSERT INTO "{s}".nodes (name, admin, applied, heartbeat, draining, behind, queue, version, admin_host)
-                   VALUES ($1, $2, $3, clock_timestamp(), $4, $5, $6, $7, $8)
-                   ON CONFLICT (name) DO UPDATE SET admin = excluded.admin, applied = excluded.applied,
-                     admin_host = excluded.admin_host,
-                     stopped = false,
-                     heartbeat = excluded.heartbeat, draining = excluded.draining,
-                     behind = excluded.behind, queue = excluded.queue, version = excluded.version"#
-            ),
-            &[
-                &inner.cfg.node,
-                &admin,
-                &i64::from(inner.directory.applied()),
-                &report.draining,
-                &inner.behind.load(Ordering::SeqCst),
-                &i64::try_from(report.queue).unwrap_or(i64::MAX),
-                &env!("CARGO_PKG_VERSION"),
-                &inner.host,
-            ],
-        )
-        .await
-        .map_err(db_err(&inner.pg))?;
-    let peers = client
-        .query(
-            &format!(
-                r#"SELECT name, admin, admin_host FROM "{s}".nodes WHERE name <> $1 AND NOT stopped"#
-            ),
-            &[&inner.cfg.node],
-        )
-        .await
-        .map_err(db_err(&inner.pg))?
-        .iter()
-        .map(|r| Peer {
-            name: r.get(0),
-            admin: r.get(1),
-            admin_host: r.get(2),
-        })
-        .collect();
-    inner.lock_health().peers = peers;
-    let ldap: Option<String> = client
-        .query_opt(
-            &format!(r#"SELECT value FROM "{s}".meta WHERE key = 'ldap_healthy'"#),
-            &[],
-        )
-        .await
-        .map_err(db_err(&inner.pg))?
-        .map(|r| r.get(0));
-    inner
-        .ldap_up
-        .store(ldap.as_deref() != Some("false"), Ordering::SeqCst);
-    Ok(())
-}
-
-/// While PostgreSQL is unreachable: asks the peers what they have applied; one that has
-/// more means this node is behind since it lost PostgreSQL.
-async fn check_peers(inner: &Arc<Inner>) {
-    let (peers, since) = {
-        let h = inner.lock_health();
-        if h.up {
-            return;
-        }
-        (h.peers.clone(), h.since_at)
-    };
-    let Some(token) = inner.token.clone() else {
-        return;
-    };
-    let ours = inner.directory.applied();
-    let here = inner.host.clone();
-    // Each peer's answer, or why it could not be asked (said, not taken for "not ahead").
-    let answers = tokio::task::spawn_blocking(move || {
-        peers
-            .iter()
-            .map(|p| {
-                let asked = peers::reach(p.admin.as_deref(), p.admin_host.as_deref(), &here)
-                    .and_then(|a| {
-                        crate::admin::client::AdminClient::with_timeout(
-                            a,
-                            token.clone(),
-                            Duration::from_secs(2),
-                        )
-                        .fleet_node()
-                        .map(|n: NodeApplied| n.applied)
-                        .map_err(|e| e.to_string())
-                    });
-                (p.name.clone(), asked)
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_default();
-    let mut asked = Vec::new();
-    let mut not_asked = Vec::new();
-    for (name, answer) in answers {
-        match answer {
-            Ok(applied) => asked.push((name, applied)),
-            Err(why) => not_asked.push(format!("{name}: {why}")),
-        }
-    }
-    {
-        let mut h = inner.lock_health();
-        if h.peers_not_asked != not_asked {
-            if !not_asked.is_empty() {
-                warn!(
-                    peers = not_asked.join("; "),
-                    answered = asked.len(),
-                    "fleet: PostgreSQL unreachable and these peers cannot be asked what they have applied: whether this node is behind is unknown for them"
-                );
-            }
-            h.peers_not_asked = not_asked;
-        }
-    }
-    if let Some((name, theirs)) = asked.into_iter().find(|(_, a)| *a > ours) {
-        let mut h = inner.lock_health();
-        if h.behind_since.is_none() {
-            warn!(peer = name, theirs, ours, "fleet: a peer has applied changes this node cannot read (PostgreSQL unreachable from here)");
-            h.behind_since = Some(since);
-        }
-        h.behind_why = Some(format!(
-            "PostgreSQL unreachable and node {name} has applied change {theirs} (here: {ours})"
-        ));
-    }
-}
-
-/// Sets or clears the drain for lag from what is known now.
-pub(super) fn evaluate(inner: &Inner) {
-    let (behind, why) = {
-        let mut h = inner.lock_health();
-        let applied = inner.directory.applied();
-        // A node with no directory at all while PostgreSQL is unreachable, or while the
-        // fleet has one, has nothing to route with: it drains at once.
-        let empty = applied == 0 && (!h.up || h.head > 0);
-        // Connected, and the head (as last read) above what is applied: since when.
-        if h.up && h.head > applied {
-            h.head_above_since.get_or_insert_with(Instant::now);
-        } else {
-            h.head_above_since = None;
-        }
-        let late = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() >= inner.cfg.max_lag);
-        // Connected, but no catch-up has finished for max_lag (a server that does not
-        // answer): what the log holds now is unknown, so this node counts as behind.
-        let stuck = h.up && late(h.waiting_since);
-        let behind = empty || late(h.behind_since) || late(h.head_above_since) || stuck;
-        let why = h.behind_why.clone().or_else(|| {
-            if late(h.head_above_since) {
-                Some(format!(
-                    "the fleet's log is at change {} and this node has applied {applied}",
-                    h.head
-                ))
-            } else {
-                stuck.then(|| {
-                    format!(
-                        "connected to PostgreSQL, but no catch-up with the fleet's log has finished for {} s",
-                        h.waiting_since.map(|t| t.elapsed().as_secs()).unwrap_or(0)
-                    )
-                })
-            }
-        });
-        (behind, why)
-    };
-    let was = inner.behind.swap(behind, Ordering::SeqCst);
-    metrics::gauge!(m::FLEET_BEHIND).set(if behind { 1.0 } else { 0.0 });
-    if behind && !was {
-        warn!(why = why.unwrap_or_default(), max_lag = ?inner.cfg.max_lag, "fleet: behind the fleet for longer than fleet.max_lag; draining (421 4.3.2) until caught up");
-    } else if was && !behind {
-        info!(
-            applied = inner.directory.applied(),
-            "fleet: caught up with the fleet; drain for lag ended"
-        );
-    }
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@
 //! has caught up.
 //!
 //! Files: [`sql`] (schema, migrations, the statements), [`follow`] (following the log,
-//! heartbeat, lag and drain), [`commit`] (batches, rollbacks and base imports through the
+//! installing bases), [`lag`] (heartbeat, peers, lag and drain), [`commit`] (batches, rollbacks and base imports through the
 //! log), [`rollback`] (rollbacks as restore lists, possible across later bases),
 //! [`status`] (the nodes table as `fleet status` shows it), [`ldap`] (the LDAP source
 //! of a fleet: one node at a time syncs it and imports what changed), [`scheduled`]
@@ -64,6 +64,7 @@
 
 mod commit;
 mod follow;
+mod lag;
 mod ldap;
 pub mod peers;
 mod rollback;
@@ -382,7 +383,7 @@ impl Fleet {
                         fleet.inner.mark_behind(&e.to_string());
                     }
                 }
-                follow::evaluate(&fleet.inner);
+                lag::evaluate(&fleet.inner);
             }
             Err(_) if directory.applied() == 0 => {
                 fleet
@@ -394,7 +395,7 @@ impl Fleet {
             Err(_) => {}
         }
         tokio::spawn(follow::run(fleet.inner.clone()));
-        tokio::spawn(follow::lag_timer(fleet.inner.clone()));
+        tokio::spawn(lag::lag_timer(fleet.inner.clone()));
         if let Some(l) = config.directory.ldap.clone() {
             tokio::spawn(ldap::lead(fleet.clone(), l));
         }

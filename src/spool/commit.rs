@@ -27,10 +27,11 @@
 //! path (records of a message written once, read back by position, whole segments dropped
 //! when their messages are done); the README compares it with fjall on this machine.
 
-use super::faults::{made_up, void_marker, Faults};
+use super::faults::{made_up, Faults};
 use super::inject::{self, Point};
 use super::reclaim::Reclaim;
 use super::segment::{self, Kind, HEADER_LEN};
+use super::void::void_marker;
 use super::{io_err, Loc, SpoolError};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

@@ -1,7 +1,7 @@
-//! Failures injected into the spool's real file operations, for unit tests (`faults` is the
-//! hook integration tests use): a test names the
+//! Failures injected into the spool's real file operations, for unit tests: a test names the
 //! operation and a path (prefix), and the next calls there fail as the disk would. Outside
-//! tests every check is a no-op the compiler removes.
+//! tests every check is a no-op the compiler removes. (`faults` is the hook integration
+//! tests use, on a running spool's commit stage.)
 
 /// Where a failure can be injected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,6 +30,7 @@ mod records;
 mod recover;
 pub mod segment;
 mod tail;
+mod void;
 
 pub use records::{DeliveryState, Envelope, RcptState, RcptStatus};
 pub use recover::{inspect, Queued};

@@ -16,10 +16,10 @@
 //! segments that no longer exist are removed.
 
 use super::commit::{Head, Rec};
-use super::faults::{parse_void_marker, void_ends};
 use super::reclaim::Reclaim;
 use super::segment::{self, FileHeader, Header, Kind, HEADER_LEN};
 use super::tail::{self, Damaged};
+use super::void::{parse_void_marker, void_ends};
 use super::{io_err, DeliveryState, Envelope, Loc, SpoolError};
 use crate::types::QueueId;
 use std::collections::HashMap;

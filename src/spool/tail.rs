@@ -136,7 +136,7 @@ pub struct Shape {
     pub marked: bool,
     /// A later segment exists (this one was synced whole before it was started).
     pub sealed: bool,
-    /// Where its bytes end for the scan when its end is void (see `faults`).
+    /// Where its bytes end for the scan when its end is void (see `void`).
     pub end: Option<u64>,
     /// The key of its checksums (from its file header; none for format 1).
     pub salt: Salt,
@@ -165,7 +165,7 @@ pub fn scan_last(
         .open(path)
         .map_err(io_err(path))?;
     let file_len = file.metadata().map_err(io_err(path))?.len();
-    // A void end (a failed write its callers were told about, see `faults`) is not read.
+    // A void end (a failed write its callers were told about, see `void`) is not read.
     let file_len = end.map_or(file_len, |e| e.min(file_len));
     let spans = spans(&file, salt, marked, file_len).map_err(io_err(path))?;
     // Everything before the end of the last Commit record that has any byte after it was

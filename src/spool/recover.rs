@@ -154,12 +154,16 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
                         })?;
                     }
                 }
-                Err(e @ SpoolError::Corrupt { .. }) if salted(&path)?.is_some() => {
-                    error!(error = %e, "damage in a sealed spool segment; its damaged records are moved aside");
-                    let salt = salted(&path)?.unwrap_or(segment::Salt::NONE);
-                    let shape = Format::V2(salt).shape(true, end);
-                    tail::scan_last(&path, n, shape, mode, each, &mut damaged)?;
-                }
+                // Format 2 marks its turns: the damage is moved aside like corruption in the
+                // last segment. Format 1 cannot tell, so it stops the start.
+                Err(e @ SpoolError::Corrupt { .. }) => match file_format(&path)? {
+                    format @ Format::V2(_) => {
+                        error!(error = %e, "damage in a sealed spool segment; its damaged records are moved aside");
+                        let shape = format.shape(true, end);
+                        tail::scan_last(&path, n, shape, mode, each, &mut damaged)?;
+                    }
+                    Format::V1 | Format::Short => return Err(e),
+                },
                 Err(e) => return Err(e),
             }
             continue;
@@ -254,14 +258,6 @@ fn unsalted_v2(file: &File) -> std::io::Result<bool> {
     let mut meta = vec![0u8; h.meta_len.min(1 << 20) as usize];
     let got = read_at_most(file, &mut meta, start + HEADER_LEN as u64)?;
     Ok(got == h.meta_len as usize && h.meta_ok(&meta))
-}
-
-/// The salt of a segment of format 2 (`None` for format 1 or a short file).
-fn salted(path: &Path) -> Result<Option<segment::Salt>, SpoolError> {
-    Ok(match file_format(path)? {
-        Format::V2(salt) => Some(salt),
-        Format::V1 | Format::Short => None,
-    })
 }
 
 /// The queued messages of the spool under `root` as its log says, without changing anything

@@ -3,7 +3,7 @@
 //! bytes that cannot be copied to `damaged/`.
 
 use super::inject::{self, Point};
-use super::tests::{env, fill, flip, four_acknowledged, ids, rt, Tmpfs};
+use super::tests::{env, fill, flip, four_acknowledged, ids, rt, tear_head, Tmpfs};
 use super::*;
 
 /// A record as a segment with `salt` frames it; [`segment::Salt::NONE`] (format 1, or
@@ -152,11 +152,7 @@ fn damaged_files(dir: &Path) -> Vec<String> {
 fn a_torn_tail_that_cannot_be_kept_aside_is_cut_and_the_start_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let (sent, _) = four_acknowledged(dir.path());
-    let seg = dir.path().join("segments/0000000001.seg");
-    let acknowledged = fs::metadata(&seg).unwrap().len();
-    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-    f.write_all(&[0xAB; 77]).unwrap();
-    drop(f);
+    let (seg, acknowledged) = tear_head(dir.path());
     let aside = dir.path().join("damaged");
     inject::inject(Point::KeepAside, &aside, 1);
     let o = Spool::open(dir.path());
@@ -235,12 +231,8 @@ fn a_full_damaged_folder_stops_no_start() {
     // start goes on; the torn tail is cut, the corruption left in place for a later start.
     let dir = tempfile::tempdir().unwrap();
     let (sent, locs) = four_acknowledged(dir.path());
-    let seg = dir.path().join("segments/0000000001.seg");
     flip(dir.path(), 1, locs[0].off + 40);
-    let acknowledged = fs::metadata(&seg).unwrap().len();
-    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-    f.write_all(&[0xAB; 77]).unwrap();
-    drop(f);
+    let (seg, acknowledged) = tear_head(dir.path());
     let full = Tmpfs::mount("64k");
     fill(full.path());
     fs::remove_dir_all(dir.path().join("damaged")).unwrap();

@@ -432,6 +432,16 @@ pub(super) fn flip(dir: &Path, n: u32, off: u64) {
     fs::write(&path, &b).unwrap();
 }
 
+/// A turn torn by a crash after what segment 1 holds (77 bytes of garbage after its last
+/// Commit record): the segment's path and its length before them.
+pub(super) fn tear_head(dir: &Path) -> (PathBuf, u64) {
+    let seg = dir.join("segments/0000000001.seg");
+    let acknowledged = fs::metadata(&seg).unwrap().len();
+    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&[0xAB; 77]).unwrap();
+    (seg, acknowledged)
+}
+
 /// Four messages acknowledged one after another in the head segment, the relay stopped
 /// (nothing written after). Returns their ids and positions.
 pub(super) fn four_acknowledged(dir: &Path) -> (Vec<QueueId>, Vec<Loc>) {
@@ -512,12 +522,8 @@ fn corruption_before_a_torn_tail_is_skipped_and_the_tail_cut() {
     // the damaged one is set aside as corrupt, the garbage as a torn tail.
     let dir = tempfile::tempdir().unwrap();
     let (sent, locs) = four_acknowledged(dir.path());
-    let seg = dir.path().join("segments/0000000001.seg");
     flip(dir.path(), 1, locs[0].off + 40);
-    let acknowledged = fs::metadata(&seg).unwrap().len();
-    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-    f.write_all(&[0xAB; 77]).unwrap();
-    drop(f);
+    let (seg, acknowledged) = tear_head(dir.path());
     let o = Spool::open(dir.path()).unwrap();
     assert_eq!(ids(&o), sent[1..].to_vec());
     let kinds: Vec<(bool, u64)> = o.damaged.iter().map(|d| (d.torn, d.offset)).collect();

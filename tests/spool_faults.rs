@@ -233,14 +233,7 @@ async fn an_end_record_that_cannot_be_written_sends_no_second_dsn_or_delivery() 
     let r = send_one(h.addr, &["reject01@nhs.test", "bob@nhs.test"], "ends").await;
     let qid = queue_id(&r);
     h.deferred(&qid).await;
-    h.relay.queue.hold(&qid).unwrap();
-    eventually("the message held", || {
-        h.relay
-            .queue
-            .get(&qid)
-            .is_some_and(|e| e.phase == Phase::Held)
-    })
-    .await;
+    hold(&h, &qid).await;
 
     // Bob is delivered, the DSN spooled, and the end record's sync fails once.
     h.relay.queue.inject_spool_faults(InjectedFaults {
@@ -262,6 +255,18 @@ async fn an_end_record_that_cannot_be_written_sends_no_second_dsn_or_delivery() 
     assert_eq!(dsns(&h.onprem.state.messages()).len(), 1, "one DSN");
 }
 
+/// Holds `qid` through the queue and waits until it is held.
+async fn hold(h: &Harness, qid: &str) {
+    h.relay.queue.hold(qid).unwrap();
+    eventually("the message held", || {
+        h.relay
+            .queue
+            .get(qid)
+            .is_some_and(|e| e.phase == Phase::Held)
+    })
+    .await;
+}
+
 /// An admin API request; (status, body).
 async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let (status, _, body) = http(addr, method, path, Some(TOKEN), None, b"").await;
@@ -274,14 +279,7 @@ async fn a_delete_whose_end_record_cannot_be_written_is_refused() {
     h.onprem.state.set_mode(SinkMode::Defer);
     let qid = queue_id(&send_one(h.addr, &["alice@nhs.test"], "kept").await);
     h.deferred(&qid).await;
-    h.relay.queue.hold(&qid).unwrap();
-    eventually("the message held", || {
-        h.relay
-            .queue
-            .get(&qid)
-            .is_some_and(|e| e.phase == Phase::Held)
-    })
-    .await;
+    hold(&h, &qid).await;
 
     // The end record's sync fails (it is cut off again): the delete is refused.
     h.relay.queue.inject_spool_faults(InjectedFaults {
@@ -348,14 +346,7 @@ async fn send_and_hold(h: &Harness, subject: &str) -> String {
     assert_eq!(r.code, 250, "{r:?}");
     let qid = queue_id(&r);
     h.deferred(&qid).await;
-    h.relay.queue.hold(&qid).unwrap();
-    eventually("the message held", || {
-        h.relay
-            .queue
-            .get(&qid)
-            .is_some_and(|e| e.phase == Phase::Held)
-    })
-    .await;
+    hold(h, &qid).await;
     qid
 }
 

@@ -14,7 +14,7 @@
 #    lost ids (acknowledged, never delivered).
 # Ends with a summary table for the README. Queue settings: min_backoff MIN_BACKOFF (1s),
 # max_backoff MAX_BACKOFF (10s), probe_interval PROBE_INTERVAL (2s; only if
-# src/config/schema.rs has the key, else a commented line). Each phase is bounded by
+# crates/core/src/config/schema.rs has the key, else a commented line). Each phase is bounded by
 # PHASE_TIMEOUT seconds (default: 300, or 2 h per million messages if more), after which the
 # script reports what it got and goes on or stops. Loopback only; stops by PID what it starts.
 # bench/queue-million.sh runs this at 1,000,000 x 5 KB.
@@ -75,7 +75,7 @@ if [ "$avail_kb" -lt "$need_kb" ]; then
 fi
 
 $B directory generate --count 10000 --domains 1 --cloud-share 0.5 --out "$W/directory.csv" >/dev/null
-if grep -q 'probe_interval' src/config/schema.rs; then
+if grep -q 'probe_interval' crates/core/src/config/schema.rs; then
     if grep -q '^probe_interval' config/coexist.toml; then
         probe=(-e "s#^probe_interval = \"[^\"]*\"#probe_interval = \"$PROBE_INTERVAL\"#")
     else
@@ -84,7 +84,7 @@ if grep -q 'probe_interval' src/config/schema.rs; then
     probe_note="probe_interval $PROBE_INTERVAL"
 else
     probe=(-e "s|^probe_interval|# probe_interval|" \
-           -e "s|^max_backoff = .*|&\n# probe_interval = \"$PROBE_INTERVAL\"   (no such key in src/config/schema.rs yet)|")
+           -e "s|^max_backoff = .*|&\n# probe_interval = \"$PROBE_INTERVAL\"   (no such key in crates/core/src/config/schema.rs yet)|")
     probe_note="no probe_interval key"
 fi
 # Plain SMTP on both legs (the sinks offer no STARTTLS anyway); short backoffs.

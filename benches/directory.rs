@@ -4,6 +4,7 @@
 //! and first start, restart from the snapshot, resident memory, per-lookup latency
 //! percentiles (each lookup timed on its own into an HDR histogram, with and without the moka
 //! cache), and applying an 83,000-mailbox batch while 2 threads keep looking up.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 use coexist::config::DirectoryConfig;
 use coexist::directory::{batch, Directory};

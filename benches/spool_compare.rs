@@ -21,6 +21,7 @@
 //!
 //! Environment: `SPOOL_COMPARE_N` (default 20000), `SPOOL_COMPARE_C` (comma-separated
 //! concurrencies, default `1,20,64`).
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 #[path = "support/mod.rs"]
 mod support;

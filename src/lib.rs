@@ -1,35 +1,34 @@
 //! coexist: a mail-flow coexistence SMTP relay for mailbox migrations.
 //!
-//! Data flows one way (see DESIGN.md): [`smtp`] sessions check [`policy`] and the
-//! [`directory`], write to the [`spool`], and the [`queue`] plans each attempt with
-//! [`route`] and sends it with [`deliver`]. [`relay`] wires them together, after the
-//! start-up checks of [`preflight`]; [`load`] holds the traffic tools (sink, load client,
-//! demo). [`cli`] is the `coexist` command (one module per command group); it talks to a
-//! running server through the [`admin`] API and its types.
+//! This crate is the `coexist` command ([`cli`], one module per command group) on top of the
+//! workspace's crates, which it re-exports under their module names so that
+//! `coexist::config::Config` or `coexist::relay::start` name the same item wherever they are
+//! read from (tests, benches, the command line). The crates, bottom to top (see DESIGN.md
+//! for the rule each boundary keeps):
 //!
-//! What every stage shares sits beside the flow rather than in one stage: [`proto`] holds
-//! the SMTP vocabulary (envelope parameters, replies) and [`certs`] reads TLS material, so
-//! that later stages never import the inbound [`smtp`] module.
+//! | crate | modules |
+//! |---|---|
+//! | `coexist-base` | [`types`], [`proto`], [`clock`], [`certs`], [`fsmode`], [`metrics`], [`accept`], [`dirlock`] |
+//! | `coexist-core` | [`config`], [`smtp`], [`policy`], [`directory`], [`spool`], [`queue`], [`route`], [`deliver`], [`bounce`], [`fleet`], [`descriptors`] |
+//! | `coexist-api` | [`admin::types`], [`admin::client`] |
+//! | `coexist-server` | [`admin`], [`relay`], [`preflight`] |
+//! | `coexist-load` | [`load`] (client, sink, demo, the report document) |
+//! | `coexist-report` | the `coexist-report` program (charts, HTML), run by `coexist report` |
 
 #![warn(missing_docs)]
+// Unit tests set up and inspect files directly (clippy.toml's list is for the relay's code).
+#![cfg_attr(test, allow(clippy::disallowed_methods))]
 
-pub mod admin;
-pub mod bounce;
-pub mod certs;
+pub use coexist_base::{accept, certs, clock, dirlock, fsmode, metrics, proto, types};
+pub use coexist_core::{
+    bounce, config, deliver, descriptors, directory, fleet, policy, queue, route, shadow, smtp,
+    spool,
+};
+pub use coexist_server::{admin, preflight, relay};
+
+/// The traffic tools (crate `coexist-load`): load client, sink, demo, report document.
+pub mod load {
+    pub use coexist_load::*;
+}
+
 pub mod cli;
-pub mod config;
-pub mod deliver;
-pub mod directory;
-pub mod dirlock;
-pub mod fleet;
-pub mod load;
-pub mod metrics;
-pub mod policy;
-pub mod preflight;
-pub mod proto;
-pub mod queue;
-pub mod relay;
-pub mod route;
-pub mod smtp;
-pub mod spool;
-pub mod types;

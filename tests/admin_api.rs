@@ -2,14 +2,15 @@
 //! `check-config` and `serve` with the file, line and key; a missing token file is created
 //! with a fresh token the CLI then uses; a clear-text non-loopback listener needs an explicit
 //! opt-in; wrong tokens of any length get 401; malformed input gets a JSON error.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
 use coexist::config::AdminConfig;
-use common::bin::{cli, spawn_with, write_config, BinConfig, Server, Start, BIN, NOWHERE};
+use common::bin::{cli, serve_exit, spawn_with, write_config, BinConfig, Start, BIN, NOWHERE};
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -38,21 +39,16 @@ fn line_of(text: &str, needle: &str) -> usize {
 fn check_config_refuses_placeholder_short_and_patterned_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = write_config(dir.path(), NOWHERE, NOWHERE);
+    let placeholder = "the token is a placeholder, not a secret";
     for (token, reason) in [
-        ("change-me", "\"change-me\" is a placeholder, not a secret"),
-        ("changeme", "\"changeme\" is a placeholder, not a secret"),
-        ("secret", "\"secret\" is a placeholder, not a secret"),
-        ("password", "\"password\" is a placeholder, not a secret"),
-        ("token", "\"token\" is a placeholder, not a secret"),
-        ("test", "\"test\" is a placeholder, not a secret"),
-        (
-            "example-token-1234",
-            "\"example-token-1234\" is a placeholder, not a secret",
-        ),
-        (
-            "change-me-change-me",
-            "\"change-me-change-me\" is a placeholder, not a secret",
-        ),
+        ("change-me", placeholder),
+        ("changeme", placeholder),
+        ("secret", placeholder),
+        ("password", placeholder),
+        ("token", placeholder),
+        ("test", placeholder),
+        ("example-token-1234", placeholder),
+        ("change-me-change-me", placeholder),
         ("k3Jx9pQ2vL", "the token is shorter than 16 characters"),
         (
             "zzzzzzzzzzzzzzzzzzzzzzzz",
@@ -65,11 +61,18 @@ fn check_config_refuses_placeholder_short_and_patterned_tokens() {
         let line = line_of(&weak.text(), &format!("token = \"{token}\""));
         let want = format!("coexist.toml:{line}: key `admin.token`: {reason}");
         assert!(err.contains(&want), "{token:?}: want {want:?} in {err}");
+        // The refusal does not repeat the token (it goes to terminals and logs).
+        // Neither quoted (as it was) nor, when it is no common word, as it is.
+        assert!(
+            !err.contains(&format!("{token:?}")) && (token.len() < 9 || !err.contains(token)),
+            "{token:?} echoed: {err}"
+        );
     }
 
-    // The same rules for a token file, named with its key.
+    // The same rules for a token file (owner-only), named with its key.
     let file = dir.path().join("admin.token");
     std::fs::write(&file, "secret-token-secret\n").unwrap();
+    chmod(&file, 0o600);
     admin(&mut cfg).token = None;
     admin(&mut cfg).token_file = Some(file.clone());
     cfg.write();
@@ -77,10 +80,11 @@ fn check_config_refuses_placeholder_short_and_patterned_tokens() {
     assert!(!ok);
     let line = line_of(&cfg.text(), "token_file = ");
     let want = format!(
-        "coexist.toml:{line}: key `admin.token_file`: {}: \"secret-token-secret\" is a placeholder",
+        "coexist.toml:{line}: key `admin.token_file`: {}: the token is a placeholder",
         file.display()
     );
     assert!(err.contains(&want), "want {want:?} in {err}");
+    assert!(!err.contains("secret-token-secret"), "token echoed: {err}");
 
     // A strong token passes.
     std::fs::write(&file, "Zq8mR2vLk1Tn7wBx\n").unwrap();
@@ -89,26 +93,90 @@ fn check_config_refuses_placeholder_short_and_patterned_tokens() {
     assert!(out.contains(": ok"), "{out}");
 }
 
-/// Runs `coexist serve --config PATH`; returns (exited on its own within 30 s, success,
+/// Sets `path`'s permission bits.
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn a_token_file_group_or_others_can_read_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = write_config(dir.path(), NOWHERE, NOWHERE);
+    let file = dir.path().join("admin.token");
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    admin(&mut cfg).token = None;
+    admin(&mut cfg).token_file = Some(file.clone());
+    cfg.write();
+    let line = line_of(&cfg.text(), "token_file = ");
+    for mode in [0o644, 0o640, 0o604] {
+        chmod(&file, mode);
+        let (ok, out, err) = cli(&cfg.path, &["check-config"]);
+        assert!(!ok, "mode {mode:o} accepted: {out}");
+        let want = format!(
+            "coexist.toml:{line}: key `admin.token_file`: {} is accessible to group or others (mode {mode:04o}): run `chmod 600 {}`, or set `allow_readable_token_file = true`",
+            file.display(),
+            file.display()
+        );
+        assert!(err.contains(&want), "want {want:?} in {err}");
+        assert!(!err.contains(TOKEN), "token echoed: {err}");
+        // serve refuses it the same way, before binding anything.
+        let (exited, ok, err) = serve_outcome(&cfg.path, dir.path());
+        assert!(exited && !ok, "serve started with mode {mode:o}: {err}");
+        assert!(err.contains(&want), "want {want:?} in {err}");
+    }
+    // The CLI, which reads the same file, refuses too.
+    let (ok, _, err) = cli(&cfg.path, &["status"]);
+    assert!(!ok && err.contains("chmod 600"), "{err}");
+
+    chmod(&file, 0o600);
+    let (ok, _, err) = cli(&cfg.path, &["check-config"]);
+    assert!(ok, "{err}");
+    chmod(&file, 0o644);
+    admin(&mut cfg).allow_readable_token_file = true;
+    cfg.write();
+    let (ok, _, err) = cli(&cfg.path, &["check-config"]);
+    assert!(ok, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_says_no_store_and_nosniff() {
+    let h = harness(|_| {}).await;
+    let api = h.relay.admin_addr.unwrap();
+    let auth = format!("Bearer {TOKEN}");
+    for (method, path, token) in [
+        ("GET", "/v1/health", true),
+        ("GET", "/v1/queue", true),
+        ("GET", "/metrics", true),
+        ("GET", "/v1/directory/lookup?address=bob@nhs.test", true),
+        ("POST", "/v1/drain?on=false", true),
+        ("GET", "/v1/nothing-here", true),
+        ("GET", "/v1/health", false),
+        ("GET", "/console", false),
+    ] {
+        let headers: Vec<(&str, &str)> = if token {
+            vec![("Authorization", auth.as_str())]
+        } else {
+            vec![]
+        };
+        let (status, head, _) = http_request(api, method, path, &headers, b"").await;
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains("\r\ncache-control: no-store\r\n"),
+            "{method} {path} ({status}): {head}"
+        );
+        assert!(
+            head.contains("\r\nx-content-type-options: nosniff\r\n"),
+            "{method} {path} ({status}): {head}"
+        );
+    }
+}
+
+/// Runs `coexist serve --config PATH` in `cwd`; returns (exited on its own, success,
 /// stderr). A server that does start is killed by PID.
 fn serve_outcome(config: &Path, cwd: &Path) -> (bool, bool, String) {
-    let child = Command::new(BIN)
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .current_dir(cwd)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut server = Server(child);
-    let exited = server.wait_exit(PATIENCE);
-    let status = server.0.try_wait().unwrap();
-    let mut err = String::new();
-    if exited {
-        use std::io::Read;
-        let _ = server.0.stderr.take().unwrap().read_to_string(&mut err);
-    }
-    (exited, status.is_some_and(|s| s.success()), err)
+    let exit = serve_exit(config, Some(cwd), "info");
+    (exit.exited, exit.success, exit.stderr)
 }
 
 #[test]
@@ -402,6 +470,10 @@ async fn wrong_tokens_of_any_length_get_401() {
             let e = json_error(&r, 401, &format!("{what} on {path}"));
             assert_eq!(e, "missing or wrong bearer token");
         }
+        // The right token forgets this client's wrong ones, which would otherwise reach the
+        // limit (5 per minute, then 429: tests/console_limits.rs).
+        let r = http(api, "GET", "/v1/health", Some(TOKEN), None, b"").await;
+        assert_eq!(r.0, 200);
     }
     // A wrong token changes nothing.
     let r = http(api, "POST", "/v1/drain?on=true", Some(&same_len), None, b"").await;

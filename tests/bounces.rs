@@ -1,5 +1,6 @@
 //! Bounces: DSNs (RFC 3464) that a mail client can parse, per-recipient failures, RET and
 //! NOTIFY, no bounce of a bounce, and DSN parameters passed on to next hops.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
@@ -27,10 +28,11 @@ fn spool_files(dir: &std::path::Path, sub: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_failure_bounces_that_recipient_only_with_a_parseable_dsn() {
-    let h = harness(|_| {}).await;
+    let h = harness(unknown_onprem).await;
     let mut c = connect(h.addr).await;
     c.expect("EHLO client.test", 250).await;
-    // reject-me is unknown, so it goes on premises, where the sink refuses it with 550.
+    // reject-me is unknown, so it goes on premises (not the shipped `unknown = "reject"`),
+    // where the sink refuses it with 550.
     c.expect("MAIL FROM:<x@example.org> ENVID=QQ123", 250).await;
     c.expect(
         "RCPT TO:<reject-me@nhs.test> ORCPT=rfc822;reject-me@nhs.test",
@@ -98,7 +100,7 @@ async fn permanent_failure_bounces_that_recipient_only_with_a_parseable_dsn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ret_full_returns_the_whole_message_and_notify_never_sends_none() {
-    let h = harness(|_| {}).await;
+    let h = harness(unknown_onprem).await;
     let mut c = connect(h.addr).await;
     c.expect("EHLO client.test", 250).await;
     c.expect("MAIL FROM:<x@example.org> RET=FULL", 250).await;
@@ -114,7 +116,7 @@ async fn ret_full_returns_the_whole_message_and_notify_never_sends_none() {
     assert!(String::from_utf8_lossy(&dsn.body).contains("Hello."));
 
     // NOTIFY=NEVER: the failure is final, no DSN, nothing kept.
-    let h = harness(|_| {}).await;
+    let h = harness(unknown_onprem).await;
     let mut c = connect(h.addr).await;
     c.expect("EHLO client.test", 250).await;
     c.expect("MAIL FROM:<x@example.org>", 250).await;
@@ -133,7 +135,7 @@ async fn ret_full_returns_the_whole_message_and_notify_never_sends_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn null_sender_never_gets_a_bounce() {
-    let h = harness(|_| {}).await;
+    let h = harness(unknown_onprem).await;
     let mut c = connect(h.addr).await;
     c.expect("EHLO client.test", 250).await;
     let r = c
@@ -233,7 +235,7 @@ async fn multi_line_refusal_gives_a_well_formed_dsn_with_the_whole_reply() {
         multiline_errors: true,
         ..Default::default()
     };
-    let h = harness_with(opts, |_| {}).await;
+    let h = harness_with(opts, unknown_onprem).await;
     let r = send_one(h.addr, &["reject-me@nhs.test"], "multi").await;
     assert_eq!(r.code, 250);
     let dsn = wait_dsn(&h.onprem).await;
@@ -292,4 +294,63 @@ async fn delay_warning_with_a_multi_line_reply_is_well_formed() {
             && unfolded.contains("end of the reply"),
         "{status}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ret_full_returns_only_the_headers_of_a_message_over_max_return_size() {
+    // The shipped cap (50,000 bytes, Postfix's bounce_size_limit); unknown addresses go on
+    // premises, where the sink refuses the `reject` ones.
+    let h = harness(unknown_onprem).await;
+    assert_eq!(h.relay.control.config().bounce.max_return_size, 50_000);
+    let send = |subject: &'static str, body_size: usize| {
+        let addr = h.addr;
+        async move {
+            let mut c = connect(addr).await;
+            c.expect("EHLO client.test", 250).await;
+            c.expect("MAIL FROM:<x@example.org> RET=FULL", 250).await;
+            c.expect(&format!("RCPT TO:<reject-{subject}@nhs.test>"), 250)
+                .await;
+            c.expect("DATA", 354).await;
+            let line = format!("{}\r\n", "b".repeat(98));
+            let mut msg = format!("Subject: {subject}\r\n\r\n").into_bytes();
+            while msg.len() < body_size {
+                msg.extend_from_slice(line.as_bytes());
+            }
+            let mut stuffed = Vec::new();
+            coexist::deliver::dot_stuff(&msg, &mut stuffed);
+            c.send(&stuffed).await;
+            assert_eq!(c.reply().await.code, 250);
+        }
+    };
+    send("big", 60_000).await;
+    send("small", 20_000).await;
+    let all = eventually("two DSNs", || {
+        let msgs = h.onprem.state.messages();
+        let d: Vec<SinkMessage> = dsns(&msgs).into_iter().cloned().collect();
+        (d.len() == 2).then_some(d)
+    })
+    .await;
+    for dsn in all {
+        let text = String::from_utf8_lossy(&dsn.body).to_string();
+        let parsed = mailparse::parse_mail(&dsn.body).unwrap();
+        let returned =
+            String::from_utf8_lossy(&parsed.subparts[2].get_body_raw().unwrap()).to_string();
+        let human =
+            String::from_utf8_lossy(&parsed.subparts[0].get_body_raw().unwrap()).to_string();
+        let note = "larger than 50000 bytes: only its headers are";
+        if text.contains("Subject: big") {
+            assert_eq!(parsed.subparts[2].ctype.mimetype, "text/rfc822-headers");
+            assert!(!returned.contains("bbbb"), "the body is not returned");
+            assert!(human.contains(note), "{human}");
+            assert!(dsn.body.len() < 10_000, "{} bytes", dsn.body.len());
+        } else {
+            assert!(text.contains("Subject: small"), "{text}");
+            assert_eq!(parsed.subparts[2].ctype.mimetype, "message/rfc822");
+            assert!(
+                returned.contains(&"b".repeat(98)),
+                "the whole message comes back"
+            );
+            assert!(!human.contains(note), "{human}");
+        }
+    }
 }

@@ -7,18 +7,17 @@
 //! - A config with a problem that only `serve` used to find (a spool or store folder that
 //!   cannot be created, a missing client key of a route, a missing directory file) is refused
 //!   by `check-config` with the very words `serve` stops with.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
 use coexist::admin::client::AdminClient;
 use coexist::admin::types::{Explain, MessageView, Ready};
-use coexist::load::sink::{Sink, SinkMode, SinkOptions};
-use common::bin::{cli, spawn, write_config, BIN, NOWHERE};
+use coexist::load::sink::{SinkMode, SinkOptions};
+use common::bin::{cli, serve_exit, spawn, with_sinks, write_config, Setup, NOWHERE};
 use common::*;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// The server's own answer to GET `path`, through the API's type.
 fn server_has<T: serde::de::DeserializeOwned>(admin: SocketAddr, path: &str) -> T {
@@ -82,30 +81,27 @@ fn assert_message_text(text: &str, m: &MessageView) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_text_carries_every_value_the_server_has() {
-    let dir = tempfile::tempdir().unwrap();
-    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let onprem = Sink::start(lo, SinkOptions::default()).await.unwrap();
-    let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
+    let Setup {
+        onprem: _onprem,
+        cloud,
+        mut cfg,
+        dir: _dir,
+    } = with_sinks(SinkOptions::default(), |_| {}).await;
     cloud.state.set_mode(SinkMode::Defer);
-    let mut cfg = write_config(dir.path(), onprem.addr, cloud.addr);
     let _server = spawn(&mut cfg);
 
     let r = send_one(cfg.listen(), &["bob@nhs.test", "alice@nhs.test"], "typed").await;
     assert_eq!(r.code, 250, "{r:?}");
     let id = queue_id(&r);
     // Wait for the first attempt: alice delivered, bob deferred with the sink's reply.
-    let t0 = Instant::now();
-    let m: MessageView = loop {
+    let m: MessageView = eventually_blocking("the message deferred", || {
         let m: MessageView = server_has(cfg.admin(), &format!("/v1/queue/{id}"));
         if m.phase == "deferred" {
-            break m;
+            Ok(m)
+        } else {
+            Err(format!("{m:?}"))
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "never deferred: {m:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
 
     // queue show and queue list: every rendered field, from the server's typed answer.
     let out = cli_ok(&cfg.path, &["queue", "show", &id]);
@@ -199,36 +195,10 @@ fn refusal(stderr: &str) -> String {
         .to_string()
 }
 
-/// Runs `coexist serve` on `config`: (exited on its own within 30 s with failure, error).
-/// A server that does start is killed.
+/// Runs `coexist serve` on `config`: (exited on its own with failure, error).
 fn serve_refusal(config: &Path) -> (bool, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut err);
-    }
-    (status.is_some_and(|s| !s.success()), refusal(&err))
+    let exit = serve_exit(config, None, "off");
+    (exit.exited && !exit.success, refusal(&exit.stderr))
 }
 
 /// `config` with `table.key` set to `value`.

@@ -5,6 +5,7 @@
 //! Screenshots of the main pages go to a temporary folder, or to the folder named by
 //! `COEXIST_SCREENSHOTS` (the README's come from
 //! `COEXIST_SCREENSHOTS=docs/console cargo test --test console`).
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 

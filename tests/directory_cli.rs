@@ -1,4 +1,5 @@
 //! Live migration batches against the real binary: CLI → admin API → directory → routing.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 

@@ -1,46 +1,20 @@
 //! The directory's durability and reload rules against the real binary: a failed change-log
 //! append must not swallow later batches, a half-written or shrunken directory file must not
 //! be loaded, and a file edit wins over earlier batches the same way live and at restart.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
 use coexist::config::Config;
-use coexist::load::sink::{Sink, SinkOptions};
-use common::bin::{cli, spawn_with, write_config, BinConfig, Server, Start};
+use coexist::load::sink::SinkOptions;
+use common::bin::{cli, spawn_with, with_sinks_in, Server, Setup, Start};
 use common::{eventually_blocking, DIRECTORY};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-
-struct Setup {
-    dir: tempfile::TempDir,
-    bin: BinConfig,
-    _sinks: (Sink, Sink),
-}
-
-impl Setup {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-    fn config(&self) -> &Path {
-        &self.bin.path
-    }
-}
 
 /// A relay config in a temp dir whose directory file is `directory` (written first).
 async fn setup(directory: &str, tweak: impl FnOnce(&mut Config)) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("directory.csv"), directory).unwrap();
-    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let onprem = Sink::start(lo, SinkOptions::default()).await.unwrap();
-    let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
-    let mut bin = write_config(dir.path(), onprem.addr, cloud.addr);
-    tweak(&mut bin.config);
-    bin.write();
-    Setup {
-        dir,
-        bin,
-        _sinks: (onprem, cloud),
-    }
+    with_sinks_in(dir, SinkOptions::default(), tweak).await
 }
 
 /// Starts `coexist serve`, its log (RUST_LOG=info) going to `log`; with `fsize_kib`, under a
@@ -49,7 +23,7 @@ async fn setup(directory: &str, tweak: impl FnOnce(&mut Config)) -> Setup {
 fn start(s: &mut Setup, log: &str, fsize_kib: Option<u64>) -> Server {
     let log = s.path(log);
     spawn_with(
-        &mut s.bin,
+        &mut s.cfg,
         Start {
             log: Some(&log),
             fsize_kib,
@@ -66,7 +40,7 @@ fn stop(server: Server) {
 
 /// `directory lookup` output for `address`.
 fn lookup(s: &Setup, address: &str) -> String {
-    let (ok, out, err) = cli(s.config(), &["directory", "lookup", address]);
+    let (ok, out, err) = cli(&s.cfg.path, &["directory", "lookup", address]);
     assert!(ok, "{err}");
     out
 }
@@ -75,7 +49,7 @@ fn apply(s: &Setup, name: &str, rows: &str, state: &str) -> (bool, String, Strin
     let file = s.path(name);
     std::fs::write(&file, format!("EmailAddress\n{rows}")).unwrap();
     cli(
-        s.config(),
+        &s.cfg.path,
         &[
             "directory",
             "apply",
@@ -136,7 +110,7 @@ async fn a_failed_append_does_not_swallow_later_batches() {
     assert!(lookup(&s, "alice@nhs.test").contains("state   cloud"));
     assert!(lookup(&s, "dave@nhs.test").contains("state   cloud"));
     assert!(lookup(&s, "user7@nhs.test").contains("state   onprem"));
-    let (ok, _, err) = cli(s.config(), &["directory", "rollback", &alice.to_string()]);
+    let (ok, _, err) = cli(&s.cfg.path, &["directory", "rollback", &alice.to_string()]);
     assert!(ok, "rollback finds the batch: {err}");
     assert!(lookup(&s, "alice@nhs.test").contains("state   onprem"));
     let _ = dave;
@@ -175,7 +149,7 @@ async fn file_edit_after_a_batch(live: bool) {
     let edited = file.replace("erin@nhs.test,archive", "erin@nhs.test,onprem");
     let server = if live {
         replace_directory(&s, &edited);
-        let (ok, _, err) = cli(s.config(), &["directory", "reload"]);
+        let (ok, _, err) = cli(&s.cfg.path, &["directory", "reload"]);
         assert!(ok, "{err}");
         server
     } else {
@@ -244,14 +218,14 @@ fn wait_for_status(
 }
 
 fn status(s: &Setup) -> serde_json::Value {
-    let (ok, out, err) = cli(s.config(), &["status", "--json"]);
+    let (ok, out, err) = cli(&s.cfg.path, &["status", "--json"]);
     assert!(ok, "{err}");
     serde_json::from_str(&out).unwrap()
 }
 
 /// The Prometheus text of the running relay.
 fn metrics(s: &Setup) -> String {
-    let client = coexist::admin::client::AdminClient::new(s.bin.admin(), common::TOKEN.into());
+    let client = coexist::admin::client::AdminClient::new(s.cfg.admin(), common::TOKEN.into());
     match client.get("/metrics").unwrap() {
         serde_json::Value::String(t) => t,
         v => panic!("not metrics text: {v}"),
@@ -331,13 +305,13 @@ async fn a_shrunken_file_is_refused_unless_forced() {
     );
     assert!(lookup(&s, "user99@nhs.test").contains("state   onprem (from file"));
     wait_for_log(&s, "relay.log", why);
-    let (_, out, _) = cli(s.config(), &["status"]);
+    let (_, out, _) = cli(&s.cfg.path, &["status"]);
     assert!(
         out.contains("last refused directory file reload: refused_shrink at ") && out.contains(why),
         "{out}"
     );
 
-    let (ok, _, err) = cli(s.config(), &["directory", "reload"]);
+    let (ok, _, err) = cli(&s.cfg.path, &["directory", "reload"]);
     assert!(!ok);
     assert!(
         err.contains(why) && err.contains("coexist directory reload --force"),
@@ -354,7 +328,7 @@ async fn a_shrunken_file_is_refused_unless_forced() {
     });
     assert_eq!(status(&s)["directory_entries"], 104);
 
-    let (ok, out, err) = cli(s.config(), &["directory", "reload", "--force"]);
+    let (ok, out, err) = cli(&s.cfg.path, &["directory", "reload", "--force"]);
     assert!(ok, "{err}");
     assert!(out.contains("reloaded (forced): 52 addresses"), "{out}");
     assert!(lookup(&s, "user99@nhs.test").contains("(from unlisted)"));
@@ -398,7 +372,7 @@ async fn a_file_that_shrank_while_stopped_is_refused_at_start() {
             && log.contains("serving the directory as it was before the restart"),
         "{log}"
     );
-    let (ok, _, err) = cli(s.config(), &["directory", "reload", "--force"]);
+    let (ok, _, err) = cli(&s.cfg.path, &["directory", "reload", "--force"]);
     assert!(ok, "{err}");
     assert_eq!(status(&s)["directory_entries"], 52);
 }

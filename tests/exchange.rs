@@ -2,6 +2,7 @@
 //! (issue 15), against sinks that behave like them: a recipient limit per transaction, a
 //! size limit per route, throttling replies (`451 4.7.500`), a `550 5.1.10` for a mailbox
 //! the new side does not know yet, and a next hop that sends mail back.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
@@ -85,9 +86,11 @@ async fn recipients_beyond_the_route_limit_go_in_further_transactions_at_once() 
             .get_mut("onprem")
             .unwrap()
             .max_recipients_per_transaction = Some(2);
+        unknown_onprem(c);
     })
     .await;
-    // Five recipients on premises (alice, dave and three the directory does not list).
+    // Five recipients on premises (alice, dave and three the directory does not list, sent
+    // on premises by `unknown_onprem`).
     let rcpts = [
         "alice@nhs.test",
         "dave@nhs.test",
@@ -285,7 +288,10 @@ async fn throttling_pauses_the_next_hop_not_each_message() {
         .unwrap_or_else(|| panic!("{body}"));
     assert_eq!(
         (cloud.next_hop.as_str(), cloud.state),
-        (hop.as_str(), coexist::queue::hops::HopCondition::Throttled),
+        (
+            hop.as_str(),
+            coexist::deliver::hops::HopCondition::Throttled
+        ),
         "{body}"
     );
     assert!(
@@ -510,7 +516,7 @@ async fn a_421_at_the_greeting_or_to_mail_throttles_the_hop() {
             .unwrap_or_else(|| panic!("{body}"));
         assert_eq!(
             hop.state,
-            coexist::queue::hops::HopCondition::Throttled,
+            coexist::deliver::hops::HopCondition::Throttled,
             "at_mail {at_mail}: {body}"
         );
         assert!(

@@ -4,6 +4,7 @@
 //!
 //! The suite runs 256 cases per property; a long run:
 //! `COEXIST_FUZZ_CASES=100000 cargo test --release --test fuzz`.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 

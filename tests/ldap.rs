@@ -3,6 +3,7 @@
 //! its routing address after the next delta sync, a new mailbox picked up, and the server
 //! stopped: known recipients still routed, unknown ones deferred with `451 4.4.3` until it
 //! is back.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
@@ -23,6 +24,8 @@ password = "{}"
 base_dn = "ou=people,{}"
 flavor = "openldap"
 sync_interval = "1s"
+# The fixture's slapd speaks plain LDAP on loopback (tests/ldap_secrets.rs covers TLS).
+allow_plaintext_bind = true
 "#,
         slapd::ROOT_DN,
         slapd::ROOT_PW,
@@ -107,7 +110,10 @@ async fn mailboxes_follow_active_directory_attributes_and_survive_the_server_goi
     ldap.modify(
         &format!("cn=user0,ou=people,{}", slapd::SUFFIX),
         vec![
-            Mod::Replace("msExchRecipientTypeDetails", HashSet::from(["2147483648"])),
+            Mod::Replace(
+                "msExchRecipientTypeDetails",
+                HashSet::from([REMOTE_MAILBOX]),
+            ),
             Mod::Replace("msExchRemoteRecipientType", HashSet::from(["4"])),
             Mod::Replace(
                 "targetAddress",
@@ -230,19 +236,7 @@ async fn in_a_fleet_one_node_syncs_and_every_node_follows() {
         })
         .await;
     }
-    let mut ldap = admin(&url).await;
-    ldap.modify(
-        &format!("cn=user7,ou=people,{}", slapd::SUFFIX),
-        vec![Mod::Replace(
-            "msExchRecipientTypeDetails",
-            HashSet::from(["2147483648"]),
-        )],
-    )
-    .await
-    .unwrap()
-    .success()
-    .unwrap();
-    let _ = ldap.unbind().await;
+    set_type(&url, 7..8, REMOTE_MAILBOX).await;
     for h in [&a, &b] {
         eventually("the move on every node", || {
             let (state, origin) = lookup(h, "u7@trust.test");
@@ -261,15 +255,21 @@ async fn in_a_fleet_one_node_syncs_and_every_node_follows() {
     drop(server);
 }
 
-/// Turns `cn=user{i}` into a contact (not a mailbox): the next delta sync drops it.
-async fn make_contacts(url: &str, users: std::ops::Range<usize>) {
+/// `msExchRecipientTypeDetails` of a remote (Exchange Online) user mailbox.
+const REMOTE_MAILBOX: &str = "2147483648";
+/// `msExchRecipientTypeDetails` of a mail contact (not a mailbox).
+const CONTACT: &str = "64";
+
+/// Sets `msExchRecipientTypeDetails` of `cn=user{i}` for each `i` in `users` to `value`
+/// (e.g. [`REMOTE_MAILBOX`]: the mailbox moved; [`CONTACT`]: the next delta sync drops it).
+async fn set_type(url: &str, users: std::ops::Range<usize>, value: &str) {
     let mut ldap = admin(url).await;
     for i in users {
         ldap.modify(
             &format!("cn=user{i},ou=people,{}", slapd::SUFFIX),
             vec![Mod::Replace(
                 "msExchRecipientTypeDetails",
-                HashSet::from(["64"]),
+                HashSet::from([value]),
             )],
         )
         .await
@@ -305,7 +305,7 @@ async fn a_sync_refused_by_max_shrink_is_retried_at_the_next_sync() {
     assert_eq!(h.relay.directory.len(), 100);
 
     // 10 of 50 mailboxes stop being mailboxes: 20% of the addresses, above the 10% limit.
-    make_contacts(&url, 0..10).await;
+    set_type(&url, 0..10, CONTACT).await;
     eventually("the sync refused by the shrink guard", || {
         h.relay.directory.reload_status().last_result.as_deref() == Some("refused_shrink")
     })
@@ -316,15 +316,13 @@ async fn a_sync_refused_by_max_shrink_is_retried_at_the_next_sync() {
     h.relay
         .directory
         .set_max_shrink(coexist::config::Percent::parse("50%").unwrap());
-    eventually("the source applied at a later sync", || {
+    // The directory is swapped in before the sync's status is recorded: wait for both.
+    eventually("the source applied at a later sync, and its status", || {
         lookup(&h, "user3@corp.test").0.is_none()
+            && h.relay.directory.reload_status().last_result.as_deref() == Some("ok")
     })
     .await;
     assert_eq!(h.relay.directory.len(), 80);
-    assert_eq!(
-        h.relay.directory.reload_status().last_result.as_deref(),
-        Some("ok")
-    );
     drop(server);
 }
 
@@ -418,18 +416,8 @@ async fn in_a_fleet_a_batch_survives_renames_and_syncs_and_rolls_back() {
     .unwrap()
     .success()
     .unwrap();
-    ldap.modify(
-        &format!("cn=user6,ou=people,{}", slapd::SUFFIX),
-        vec![Mod::Replace(
-            "msExchRecipientTypeDetails",
-            HashSet::from(["2147483648"]),
-        )],
-    )
-    .await
-    .unwrap()
-    .success()
-    .unwrap();
     let _ = ldap.unbind().await;
+    set_type(&url, 6..7, REMOTE_MAILBOX).await;
     for h in [&a, &b] {
         eventually("the renamed mailbox still where the batch put it", || {
             lookup(h, "jane.doe@corp.test") == (Some("cloud".into()), format!("batch {batch}"))

@@ -2,6 +2,7 @@
 //! phase latencies and the reports: the JSON document and its schema, charts of short runs,
 //! the self-contained HTML page, `coexist report` side by side, replay timing and skipped
 //! files, and per-route deliveries scraped from the relay's metrics.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 

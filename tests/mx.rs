@@ -1,5 +1,7 @@
 //! MX routes resolved through a DNS server on loopback: preference order with failover,
-//! the implicit MX, and a null MX that fails the recipient with a DSN.
+//! the implicit MX, a null MX that fails the recipient with a DSN, and MX hosts on loopback
+//! or private addresses refused unless `delivery.allow_private_destinations`.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
@@ -24,6 +26,8 @@ async fn sinks_on_one_port() -> (Sink, Sink) {
 
 fn mx_route(c: &mut coexist::config::Config, ns: std::net::SocketAddr, port: u16, domain: &str) {
     c.dns.nameservers = vec![ns];
+    // The MX hosts here are sinks on loopback addresses.
+    c.delivery.allow_private_destinations = true;
     let route = c.routes.get_mut("cloud").unwrap();
     route.port = port;
     route.next_hops = Vec::new();
@@ -123,15 +127,19 @@ async fn the_internet_route_delivers_each_dsn_to_its_senders_own_mx() {
     .await;
     let h = harness(|c| {
         c.dns.nameservers = vec![ns];
+        // The MX hosts here are sinks on loopback addresses.
+        c.delivery.allow_private_destinations = true;
         let mut internet = c.routes["onprem"].clone();
         internet.next_hops = Vec::new();
         internet.recipient_mx = true;
         internet.port = port;
         c.routes.insert("internet".into(), internet);
         c.delivery.external_route = Some("internet".into());
+        unknown_onprem(c);
     })
     .await;
-    // Refused on premises (`reject…`): each sender gets a DSN at its own MX.
+    // Unknown, so sent on premises, and refused there (`reject…`): each sender gets a DSN
+    // at its own MX.
     for sender in ["x@example.org", "y@example.net"] {
         let mut c = connect(h.addr).await;
         c.expect("EHLO client.test", 250).await;
@@ -150,4 +158,77 @@ async fn the_internet_route_delivers_each_dsn_to_its_senders_own_mx() {
     assert_eq!(rcpt(&a), "x@example.org", "127.0.0.2 is example.org's MX");
     assert_eq!(rcpt(&b), "y@example.net", "127.0.0.1 is example.net's MX");
     assert!(a.state.messages()[0].from.is_none(), "a DSN, from <>");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mx_host_on_a_private_address_is_refused_unless_allowed() {
+    let sink = Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
+        .await
+        .unwrap();
+    let ns = dns::start(vec![
+        ("inward.test", Rec::Mx(10, "mx.inward.test".into())),
+        ("mx.inward.test", Rec::A(std::net::Ipv4Addr::LOCALHOST)),
+    ])
+    .await;
+    let h = harness(|c| {
+        mx_route(c, ns, sink.addr.port(), "inward.test");
+        c.delivery.allow_private_destinations = false;
+    })
+    .await;
+    let r = send_one(h.addr, &["bob@nhs.test"], "inward").await;
+    assert_eq!(r.code, 250, "{r:?}");
+    let id = queue_id(&r);
+    let entry = h.deferred(&id).await;
+    let reply = entry.state.rcpts[0]
+        .last_reply
+        .as_ref()
+        .map(|l| l.to_string());
+    assert_eq!(
+        reply.as_deref(),
+        Some(
+            "451 4.4.1 MX host mx.inward.test resolves to loopback address 127.0.0.1; \
+             delivery.allow_private_destinations is off"
+        )
+    );
+    assert!(sink.state.messages().is_empty(), "connected to loopback");
+
+    // A lab allows it (the setting follows a reload): the next attempt delivers.
+    let mut cfg = (*h.relay.control.config()).clone();
+    cfg.delivery.allow_private_destinations = true;
+    h.relay.control.set_delivery_config(cfg).unwrap();
+    h.relay.queue.flush(&id).unwrap();
+    assert_eq!(wait(&sink, 1).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internet_route_refuses_a_recipient_domain_whose_mx_is_this_machine() {
+    // A recipient domain whose MX points at this machine (127.0.0.3: nothing listens, and
+    // should the check ever fail, no traffic leaves loopback; `destination`'s unit tests
+    // cover the private ranges).
+    let ns = dns::start(vec![
+        ("nhs.test", Rec::Mx(10, "mx.nhs.test".into())),
+        ("mx.nhs.test", Rec::A("127.0.0.3".parse().unwrap())),
+    ])
+    .await;
+    let h = harness(|c| {
+        c.dns.nameservers = vec![ns];
+        let route = c.routes.get_mut("cloud").unwrap();
+        route.next_hops = Vec::new();
+        route.recipient_mx = true;
+    })
+    .await;
+    let r = send_one(h.addr, &["bob@nhs.test"], "inward").await;
+    assert_eq!(r.code, 250, "{r:?}");
+    let entry = h.deferred(&queue_id(&r)).await;
+    let reply = entry.state.rcpts[0]
+        .last_reply
+        .as_ref()
+        .map(|l| l.to_string());
+    assert_eq!(
+        reply.as_deref(),
+        Some(
+            "451 4.4.1 MX host mx.nhs.test resolves to loopback address 127.0.0.3; \
+             delivery.allow_private_destinations is off"
+        )
+    );
 }

@@ -1,24 +1,16 @@
 //! Operating the real binary: metrics from real traffic, config reload (good, bad, under
 //! load), drain, and SIGTERM during load.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
 use coexist::admin::client::AdminClient;
 use coexist::load::sink::{Sink, SinkOptions};
-use common::bin::{cli, spawn, wait_queue_empty, with_raw_value, write_config, BinConfig};
+use common::bin::{cli, spawn, wait_queue_empty, with_raw_value, with_sinks, BinConfig, Setup};
 use common::*;
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-async fn sinks() -> (Sink, Sink) {
-    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    (
-        Sink::start(lo, SinkOptions::default()).await.unwrap(),
-        Sink::start(lo, SinkOptions::default()).await.unwrap(),
-    )
-}
 
 /// The value of a sample `name{labels}` in Prometheus text, where every given label matches.
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -44,9 +36,12 @@ fn scrape(cfg: &BinConfig) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_reflect_real_traffic() {
-    let dir = tempfile::tempdir().unwrap();
-    let (onprem, cloud) = sinks().await;
-    let mut cfg = write_config(dir.path(), onprem.addr, cloud.addr);
+    let Setup {
+        onprem,
+        cloud,
+        mut cfg,
+        dir: _dir,
+    } = with_sinks(SinkOptions::default(), |_| {}).await;
     let _server = spawn(&mut cfg);
 
     let mut c = connect(cfg.listen()).await;
@@ -133,12 +128,15 @@ async fn metrics_reflect_real_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_loses_nothing_and_bad_reloads_change_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (onprem, cloud) = sinks().await;
+    let Setup {
+        onprem,
+        cloud: _cloud,
+        mut cfg,
+        dir: _dir,
+    } = with_sinks(SinkOptions::default(), |_| {}).await;
     let other = Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
         .await
         .unwrap();
-    let mut cfg = write_config(dir.path(), onprem.addr, cloud.addr);
     let _server = spawn(&mut cfg);
 
     // Load: 4 sessions sending to alice (on premises) until told to stop (5000 each at most).
@@ -235,9 +233,12 @@ async fn reload_under_load_loses_nothing_and_bad_reloads_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_answers_421_and_readiness_follows() {
-    let dir = tempfile::tempdir().unwrap();
-    let (onprem, cloud) = sinks().await;
-    let mut cfg = write_config(dir.path(), onprem.addr, cloud.addr);
+    let Setup {
+        onprem: _onprem,
+        cloud: _cloud,
+        mut cfg,
+        dir: _dir,
+    } = with_sinks(SinkOptions::default(), |_| {}).await;
     let _server = spawn(&mut cfg);
     let mut open = connect(cfg.listen()).await;
     open.expect("EHLO client.test", 250).await;
@@ -277,9 +278,12 @@ async fn drain_answers_421_and_readiness_follows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_load_keeps_every_acknowledged_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let (onprem, cloud) = sinks().await;
-    let mut cfg = write_config(dir.path(), onprem.addr, cloud.addr);
+    let Setup {
+        onprem,
+        cloud,
+        mut cfg,
+        dir,
+    } = with_sinks(SinkOptions::default(), |_| {}).await;
     // A short grace period, so SIGTERM cuts sessions in the middle of the load.
     cfg.config.server.shutdown_timeout = Duration::from_secs(1);
     cfg.write();
@@ -390,9 +394,12 @@ async fn try_mail(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_in_progress_keep_the_config_they_started_with() {
-    let dir = tempfile::tempdir().unwrap();
-    let (onprem, cloud) = sinks().await;
-    let mut cfg = write_config(dir.path(), onprem.addr, cloud.addr);
+    let Setup {
+        onprem: _onprem,
+        cloud,
+        mut cfg,
+        dir: _dir,
+    } = with_sinks(SinkOptions::default(), |_| {}).await;
     let _server = spawn(&mut cfg);
     let mut old = connect(cfg.listen()).await;
     old.expect("EHLO client.test", 250).await;

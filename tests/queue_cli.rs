@@ -1,10 +1,11 @@
 //! Queue control through the CLI against the real binary: list with filters, show, hold
 //! (kept across a restart), release, delete, flush by route and retry-now.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
 use coexist::load::sink::{received_id, Sink, SinkMode, SinkOptions};
-use common::bin::{cli, spawn, wait_queue_empty, write_config};
+use common::bin::{cli, spawn, wait_queue_empty, with_sinks, Setup};
 use common::*;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -32,12 +33,13 @@ fn wait_listing(config: &std::path::Path, args: &[&str], want: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_hold_release_delete_flush() {
-    let dir = tempfile::tempdir().unwrap();
-    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let onprem = Sink::start(lo, SinkOptions::default()).await.unwrap();
-    let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
+    let Setup {
+        onprem: _onprem,
+        cloud,
+        mut cfg,
+        dir: _dir,
+    } = with_sinks(SinkOptions::default(), |_| {}).await;
     cloud.state.set_mode(SinkMode::Defer);
-    let mut cfg = write_config(dir.path(), onprem.addr, cloud.addr);
     // Long backoff: only the admin's commands make retries happen during the test.
     cfg.config.queue.min_backoff = Duration::from_secs(3600);
     cfg.config.queue.max_backoff = Duration::from_secs(7200);

@@ -1,7 +1,9 @@
 //! One routing decision: the queue view shows the route delivery takes (a DSN to an outside
 //! sender takes the external route in both), and `route explain` shows the whole delivery
 //! (MX, envelope rewrite, TLS policy and name, the DSN route). A mailbox's routing address
-//! is where a rewriting route sends mail for any of its aliases.
+//! is where a rewriting route sends mail for any of its aliases. `route explain` also lists
+//! every policy decision that applies to an address (size, move grace, loop guard...).
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
@@ -235,4 +237,113 @@ async fn mail_to_an_alias_goes_to_the_mailbox_routing_address() {
         bob["rewritten"], "bob@tenant.mail.onmicrosoft.test",
         "{bob}"
     );
+}
+
+/// Issue 25, item 2: `route explain` (the API and the CLI) shows every policy decision that
+/// applies to an address, stage by stage, the delivery-time ones (route size, move grace,
+/// loop guard) included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_explain_shows_every_policy_decision_that_applies() {
+    let h = harness(|c| {
+        let cloud = c.routes.get_mut("cloud").unwrap();
+        cloud.max_message_size = Some(4096);
+        cloud.returns_from = vec!["40.92.0.0/15".parse().unwrap()];
+    })
+    .await;
+    let admin = h.relay.admin_addr.unwrap();
+    let hostname = h.relay.control.config().server.hostname.clone();
+    // dave moves to the cloud by a batch: within the move grace from now on.
+    let (code, _, body) = http(
+        admin,
+        "POST",
+        "/v1/directory/batches?source=move.csv",
+        Some(TOKEN),
+        Some("text/csv"),
+        b"address,state\ndave@nhs.test,cloud\n",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+
+    let (code, body) = api(
+        admin,
+        "POST",
+        "/v1/route/explain",
+        r#"{"addresses":["dave@nhs.test","alice@nhs.test","who@elsewhere.test"]}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let lines = |x: &serde_json::Value| -> Vec<String> {
+        x["policy"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no policy in {x}"))
+            .iter()
+            .map(|p| format!("{} {}: {}", p["stage"], p["decision"], p["verdict"]).replace('"', ""))
+            .collect()
+    };
+    let dave = lines(&v[0]);
+    assert_eq!(
+        dave[..5],
+        [
+            "recipient relay: accept",
+            "recipient directory: listed: route cloud",
+            "recipient size: SIZE= over 4096 bytes (route cloud): refused 552 5.3.4",
+            "message size: over 4096 bytes: refused 552 5.3.4 when no other recipient's route takes it",
+            "delivery size: over 4096 bytes: not sent to cloud, fails 552 5.3.4 with a DSN",
+        ],
+        "{dave:#?}"
+    );
+    assert!(
+        dave[5].starts_with("delivery move grace: 5.1.1, 5.1.10, 5.4.1 from cloud defer until ")
+            && dave[5].contains("(moved by batch 1 at "),
+        "{dave:#?}"
+    );
+    assert_eq!(
+        dave[6],
+        format!(
+            "delivery loop guard: mail that passed through {hostname} and comes back from \
+             127.0.0.1, 40.92.0.0/15, or an address its deliveries reached is not sent to \
+             cloud again: fails 554 5.4.6"
+        ),
+        "{dave:#?}"
+    );
+    assert_eq!(dave.len(), 7, "{dave:#?}");
+    // alice stays on premises: no size limit there, the loop guard of onprem.
+    let alice = lines(&v[1]);
+    assert!(
+        alice.contains(&"delivery size: no limit on route onprem".to_string()),
+        "{alice:#?}"
+    );
+    assert!(
+        alice[alice.len() - 1].ends_with("is not sent to onprem again: fails 554 5.4.6"),
+        "{alice:#?}"
+    );
+    // Mail the relay restrictions refuse meets nothing else.
+    assert_eq!(
+        lines(&v[2]),
+        ["recipient relay: refused: 550 5.7.1 Relay access denied"]
+    );
+
+    // The CLI prints the same decisions, one line each.
+    let mut cfg = (*h.relay.control.config()).clone();
+    cfg.admin.as_mut().unwrap().listen = admin;
+    let path = h.dir.path().join("cli.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        bin::cli(&path, &["route", "explain", "dave@nhs.test"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    for want in [
+        "\n  dsn     cloud\n  policy  recipient  relay       accept\n",
+        "\n          recipient  directory   listed: route cloud\n",
+        "\n          recipient  size        SIZE= over 4096 bytes (route cloud): refused 552 5.3.4\n",
+        "\n          message    size        over 4096 bytes: refused 552 5.3.4 when no other",
+        "\n          delivery   size        over 4096 bytes: not sent to cloud, fails 552 5.3.4 with a DSN\n",
+        "\n          delivery   move grace  5.1.1, 5.1.10, 5.4.1 from cloud defer until ",
+        "\n          delivery   loop guard  mail that passed through ",
+    ] {
+        assert!(out.contains(want), "{want:?} not in:\n{out}");
+    }
 }

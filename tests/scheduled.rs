@@ -1,6 +1,7 @@
 //! Scheduled batches (issue 14): `directory apply --at` keeps a batch and applies it at its
 //! time, once, across a restart; a scheduled batch can be listed and cancelled; a bad row is
 //! refused when it is scheduled, not at its time.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 

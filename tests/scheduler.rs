@@ -1,6 +1,7 @@
 //! The scheduler at scale: mail deferred because a route's next hops were down is released
 //! when they answer again (not at each message's own retry time), and a restart resumes the
 //! schedule written in the spool instead of retrying everything at once.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
@@ -52,7 +53,7 @@ async fn mail_waiting_for_a_down_route_goes_out_when_it_answers_again() {
         let wait = e
             .next_attempt
             .unwrap()
-            .saturating_sub(coexist::queue::unix_now());
+            .saturating_sub(coexist::clock::now_secs());
         assert!(
             wait > 3000,
             "next attempt in {wait} s: the backoff is an hour"
@@ -127,4 +128,45 @@ async fn after_a_restart_mail_for_a_down_route_goes_out_when_it_answers() {
     down.forward_to(back.addr);
     assert_eq!(wait(&back, 3).await, 3);
     h.settled().await;
+}
+
+/// The queue keeps time by the clock the relay is started with: on a manual clock a
+/// message deferred with a one-hour backoff waits for that clock, not the wall's, and goes
+/// out once the test moves the clock past its next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_retries_when_the_clock_it_is_given_reaches_the_next_attempt() {
+    use coexist::clock::Clock;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let lo = "127.0.0.1:0".parse().unwrap();
+    let onprem = Sink::start(lo, SinkOptions::default()).await.unwrap();
+    let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
+    let mut cfg = test_config(dir.path(), &certs, onprem.addr, cloud.addr);
+    cfg.queue.min_backoff = Duration::from_secs(3600);
+    cfg.queue.max_backoff = Duration::from_secs(3600);
+    // A day ahead of the wall clock (what the queue schedules shows whose time it keeps),
+    // within the message's lifetime, with no delay warning.
+    cfg.queue.max_lifetime = Duration::from_secs(30 * 86_400);
+    cfg.queue.delay_warning = Duration::ZERO;
+    let clock = Clock::manual(coexist::clock::now_ms() + 86_400_000);
+    let relay = coexist::relay::start_with_clock(cfg, None, clock.clone())
+        .await
+        .unwrap();
+    cloud.state.set_mode(SinkMode::Defer);
+    let r = send_one(relay.local_addrs[0], &["bob@nhs.test"], "clock").await;
+    assert_eq!(r.code, 250);
+    let qid = queue_id(&r);
+    let e = queue_deferred(&relay, &qid).await;
+    assert_eq!(e.state.attempts, 1);
+    let due = e.next_attempt.unwrap();
+    assert_eq!(
+        due,
+        clock.now_secs() + 3600,
+        "an hour after the attempt, by the queue's (stopped) clock"
+    );
+
+    cloud.state.set_mode(SinkMode::Accept);
+    clock.advance(Duration::from_secs(3601));
+    assert_eq!(wait(&cloud, 1).await, 1);
+    queue_settled(&relay).await;
 }

@@ -1,5 +1,6 @@
 //! The sink next hop's options: shares of deferred and refused recipients, reply delay,
 //! per-domain counts.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Inbound ESMTP conversations against the real relay on loopback.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! SMTP smuggling and bare line ends: only `<CRLF>.<CRLF>` ends DATA, and a message holding a
 //! bare CR or bare LF is refused whole (`550 5.5.2`), in DATA and in BDAT. Whatever follows a
 //! fake end of data is message text, never a command.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 

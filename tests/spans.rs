@@ -6,6 +6,7 @@
 //! `delivery` lines inside the delivery attempt's span (which carries the queue id).
 //!
 //! Its own test binary, because a tracing subscriber is process-wide.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
@@ -67,18 +68,19 @@ async fn a_message_s_lines_carry_its_queue_id_from_the_spans() {
     assert_eq!(wait(&h.onprem, 1).await + wait(&h.cloud, 1).await, 2);
 
     // The delivery lines are written after the sinks reply: wait for both.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let deliveries = loop {
-        let lines = captured.lines();
-        let d: Vec<serde_json::Value> = lines
+    let deliveries: Vec<serde_json::Value> = eventually("two delivery lines", || {
+        let d: Vec<serde_json::Value> = captured
+            .lines()
             .into_iter()
             .filter(|l| l["fields"]["message"] == "delivery")
             .collect();
-        if d.len() >= 2 || std::time::Instant::now() > deadline {
-            break d;
+        if d.len() >= 2 {
+            Ok(d)
+        } else {
+            Err(format!("{d:#?}"))
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    })
+    .await;
     assert_eq!(deliveries.len(), 2, "{deliveries:#?}");
     for d in &deliveries {
         let attempt = span(d, "attempt").unwrap_or_else(|| panic!("no attempt span: {d}"));
@@ -102,17 +104,13 @@ async fn a_message_s_lines_carry_its_queue_id_from_the_spans() {
     );
 
     // The message's whole life in the queue, its removal included, is in its `message` span.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let removed = loop {
-        let found = captured
+    let removed = eventually("a removed line", || {
+        captured
             .lines()
             .into_iter()
-            .find(|l| l["fields"]["message"] == "removed");
-        if found.is_some() || std::time::Instant::now() > deadline {
-            break found.expect("a removed line");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+            .find(|l| l["fields"]["message"] == "removed")
+    })
+    .await;
     let message = span(&removed, "message").unwrap_or_else(|| panic!("no message span: {removed}"));
     assert_eq!(message["qid"], qid.as_str(), "{removed}");
     for d in &deliveries {

@@ -7,6 +7,7 @@
 //! The full disk is a small tmpfs the test mounts over the spool (the tests run as root);
 //! the failures a tmpfs cannot produce (a failed sync, a failed cut) are made up by the
 //! commit stage's test hook, in the real write path.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
@@ -97,7 +98,8 @@ fn dsns(msgs: &[SinkMessage]) -> Vec<SinkMessage> {
 }
 
 /// 60 recipients: 20 on premises (accepted once the full disk comes), 20 in the cloud
-/// (deferred until the end), 20 unknown (refused with 550 on premises: one DSN).
+/// (deferred until the end), 20 unknown (sent on premises with `unknown_onprem`, refused
+/// there with 550: one DSN).
 fn recipients() -> (Vec<String>, Vec<String>, Vec<String>) {
     let onprem = (1..=20).map(|i| format!("user{i:02}@nhs.test")).collect();
     let cloud = (1..=20).map(|i| format!("cloud{i:02}@nhs.test")).collect();
@@ -125,6 +127,7 @@ async fn an_outcome_a_full_disk_refuses_is_written_before_the_next_delivery() {
     let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
     let mut cfg = test_config(dir.path(), &certs, onprem.addr, cloud.addr);
     cfg.spool.min_free_space = 0;
+    unknown_onprem(&mut cfg);
     let relay = relay::start(cfg).await.unwrap();
 
     // First attempt: both next hops defer at the end of data, the unknown are refused.
@@ -224,8 +227,8 @@ async fn an_outcome_a_full_disk_refuses_is_written_before_the_next_delivery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_end_record_that_cannot_be_written_sends_no_second_dsn_or_delivery() {
-    let h = harness(|_| {}).await;
-    // reject01 is unknown (on premises, refused with 550); bob is in the cloud, which
+    let h = harness(unknown_onprem).await;
+    // reject01 is unknown (sent on premises, refused there with 550); bob is in the cloud, which
     // defers first. The DSN goes on premises, which defers it until the end (so the only
     // end record written meanwhile is the original's).
     h.onprem.state.set_mode(SinkMode::Defer);
@@ -236,7 +239,7 @@ async fn an_end_record_that_cannot_be_written_sends_no_second_dsn_or_delivery() 
     hold(&h, &qid).await;
 
     // Bob is delivered, the DSN spooled, and the end record's sync fails once.
-    h.relay.queue.inject_spool_faults(InjectedFaults {
+    h.relay.control.inject_spool_faults(InjectedFaults {
         end_syncs: 1,
         ..Default::default()
     });
@@ -282,7 +285,7 @@ async fn a_delete_whose_end_record_cannot_be_written_is_refused() {
     hold(&h, &qid).await;
 
     // The end record's sync fails (it is cut off again): the delete is refused.
-    h.relay.queue.inject_spool_faults(InjectedFaults {
+    h.relay.control.inject_spool_faults(InjectedFaults {
         syncs: 1,
         ..Default::default()
     });
@@ -358,7 +361,7 @@ async fn a_failed_write_that_cannot_be_cut_off_stops_no_start_and_brings_nothing
     let one = send_and_hold(&h, "one").await;
 
     // A short write (a torn record) that cannot be cut off: the sender hears 4xx.
-    h.relay.queue.inject_spool_faults(InjectedFaults {
+    h.relay.control.inject_spool_faults(InjectedFaults {
         short_writes: 1,
         cuts: 1,
         ..Default::default()
@@ -370,7 +373,7 @@ async fn a_failed_write_that_cannot_be_cut_off_stops_no_start_and_brings_nothing
     let three = send_and_hold(&h, "three").await;
 
     // Whole records whose sync failed and that cannot be cut off: 4xx too.
-    h.relay.queue.inject_spool_faults(InjectedFaults {
+    h.relay.control.inject_spool_faults(InjectedFaults {
         syncs: 1,
         cuts: 1,
         ..Default::default()

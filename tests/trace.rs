@@ -3,13 +3,14 @@
 //! premises by the directory file, then to the cloud after a batch moves her, then is
 //! refused by the cloud's next hop; each outcome shows its route, next hop, reply and the
 //! origin of the routing decision.
+#![allow(clippy::disallowed_methods)] // Tests set up and inspect files directly.
 
 mod common;
 
-use coexist::admin::client::AdminClient;
+use coexist::admin::client::{AdminClient, Target};
 use coexist::admin::types::{Outcome, TraceEntry, TraceReply};
-use coexist::load::sink::{Sink, SinkMode, SinkOptions};
-use common::bin::{cli, write_config};
+use coexist::load::sink::{SinkMode, SinkOptions};
+use common::bin::{cli, with_sinks, Setup};
 use common::*;
 use std::net::SocketAddr;
 
@@ -46,11 +47,12 @@ async fn send(addr: SocketAddr, rcpts: &[&str], subject: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_shows_each_delivery_with_its_route_next_hop_reply_and_origin() {
-    let dir = tempfile::tempdir().unwrap();
-    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let onprem = Sink::start(lo, SinkOptions::default()).await.unwrap();
-    let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
-    let mut bin = write_config(dir.path(), onprem.addr, cloud.addr);
+    let Setup {
+        onprem,
+        cloud,
+        cfg: mut bin,
+        dir,
+    } = with_sinks(SinkOptions::default(), |_| {}).await;
     let _server = common::bin::spawn(&mut bin);
     let (smtp, admin, config) = (bin.listen(), bin.admin(), bin.path.clone());
 
@@ -195,31 +197,32 @@ async fn trace_shows_each_delivery_with_its_route_next_hop_reply_and_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_cannot_be_asked_is_named_and_the_others_still_answer() {
-    let dir = tempfile::tempdir().unwrap();
-    let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let onprem = Sink::start(lo, SinkOptions::default()).await.unwrap();
-    let cloud = Sink::start(lo, SinkOptions::default()).await.unwrap();
-    let mut bin = write_config(dir.path(), onprem.addr, cloud.addr);
+    let Setup {
+        onprem: _onprem,
+        cloud: _cloud,
+        cfg: mut bin,
+        dir: _dir,
+    } = with_sinks(SinkOptions::default(), |_| {}).await;
     let down = DownPort::new();
     {
         let _server = common::bin::spawn(&mut bin);
         let admin = bin.admin();
-        let nodes = [down.addr, admin];
+        let nodes = [Target::http(down.addr), Target::http(admin)];
         let answers = tokio::task::spawn_blocking(move || {
-            coexist::cli::trace::ask_nodes(&nodes, TOKEN, "alice@nhs.test", 3600)
+            coexist::cli::trace::ask_nodes(&nodes, TOKEN, None, "alice@nhs.test", 3600)
         })
         .await
         .unwrap();
         assert_eq!(answers.len(), 2);
-        let (addr, first) = &answers[0];
-        assert_eq!(*addr, down.addr);
+        let (t, first) = &answers[0];
+        assert_eq!(t.addr, down.addr);
         let e = first.as_ref().unwrap_err().to_string();
         assert!(
             e.starts_with(&format!("cannot reach the admin API at {}", down.addr)),
             "{e}"
         );
-        let (addr, second) = &answers[1];
-        assert_eq!(*addr, admin);
+        let (t, second) = &answers[1];
+        assert_eq!(t.addr, admin);
         assert_eq!(second.as_ref().unwrap().node, bin.config.server.hostname);
     }
 

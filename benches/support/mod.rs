@@ -19,5 +19,6 @@ pub fn envelope(size: u64) -> Envelope {
         rcpt_dsn: Vec::new(),
         bounce: false,
         returned_from: Vec::new(),
+        taken_from: None,
     }
 }

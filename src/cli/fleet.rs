@@ -90,5 +90,53 @@ pub fn status_text(st: &FleetStatus) -> String {
             n.admin.as_deref().unwrap_or("-")
         ));
     }
+    if let Some(sh) = &st.shadow {
+        out.push_str(&shadow_text(sh));
+    }
+    out
+}
+
+/// The shadow side: this node's copies and lease, then every node's lease, backlog and
+/// last takeover.
+fn shadow_text(sh: &crate::shadow::ShadowStatus) -> String {
+    let mut out = format!(
+        "
+shadow copies: {}; lease: {}; backlog here {}",
+        match &sh.store_error {
+            None => "stored on NATS JetStream".to_string(),
+            Some(e) => format!("CANNOT BE STORED: {e}"),
+        },
+        match (&sh.lease_held, &sh.lease_error) {
+            (true, _) => "held".to_string(),
+            (false, e) => format!(
+                "NOT HELD, delivering nothing: {}",
+                e.as_deref().unwrap_or("not renewed yet")
+            ),
+        },
+        sh.backlog
+    );
+    if let Some(t) = &sh.last_takeover {
+        out.push_str(&format!("; last takeover here: {t}"));
+    }
+    out.push_str(&format!(
+        "
+{:<16} {:>8} {:>9}  last takeover",
+        "node", "backlog", "lease"
+    ));
+    for n in &sh.nodes {
+        let last = [n.taken_over.as_deref(), n.took.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join("; ");
+        out.push_str(&format!(
+            "
+{:<16} {:>8} {:>8.1}s  {}",
+            n.node,
+            n.backlog,
+            n.lease_age_seconds,
+            if last.is_empty() { "-" } else { &last }
+        ));
+    }
     out
 }

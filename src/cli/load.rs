@@ -8,7 +8,7 @@
 //! document, chart, HTML; see [`crate::load::report`]).
 
 use crate::load::client;
-use crate::load::report::{self, Parameters, RunReport, Skipped};
+use crate::load::report::{Parameters, Skipped};
 use crate::load::sink::{Sink, SinkOptions};
 use crate::types::Address;
 use anyhow::Context;
@@ -167,7 +167,9 @@ pub struct DemoArgs {
     /// Approximate message size in bytes.
     #[arg(long, default_value_t = 4096)]
     pub size: usize,
-    /// Plain text on both legs instead of STARTTLS.
+    /// Plain text from the load client to the relay and to the on-premises sink instead of
+    /// STARTTLS (the Exchange Online sink always takes verified STARTTLS, as the shipped
+    /// cloud route requires).
     #[arg(long)]
     pub no_tls: bool,
     /// Three nodes sharing the directory through PostgreSQL: applies migration batches
@@ -194,17 +196,20 @@ pub enum Timing {
     Factor(f64),
 }
 
+/// A `--timing` that is neither `original` nor a factor above 0.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: want `original` or a speed-up factor above 0 (60: a minute per second)")]
+pub struct BadTiming(pub String);
+
 impl std::str::FromStr for Timing {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Timing, String> {
+    type Err = BadTiming;
+    fn from_str(s: &str) -> Result<Timing, BadTiming> {
         if s.eq_ignore_ascii_case("original") {
             return Ok(Timing::Original);
         }
         match s.parse::<f64>() {
             Ok(f) if f.is_finite() && f > 0.0 => Ok(Timing::Factor(f)),
-            _ => Err(format!(
-                "{s:?}: want `original` or a speed-up factor above 0 (60: a minute per second)"
-            )),
+            _ => Err(BadTiming(s.to_string())),
         }
     }
 }
@@ -316,30 +321,13 @@ pub fn load(args: LoadArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> 
     if let Some(path) = &args.json {
         write(path, &serde_json::to_vec_pretty(&doc)?)?;
     }
-    if let Some(path) = &args.report {
-        write(path, &chart(path, std::slice::from_ref(&doc))?)?;
-    }
-    if let Some(path) = &args.html {
-        write(path, report::html(std::slice::from_ref(&doc))?.as_bytes())?;
-    }
+    super::report::draw(&doc, args.report.as_deref(), args.html.as_deref())?;
     if let Some(path) = &args.ids {
         let mut text = report.ids.join("\n");
         text.push('\n');
         write(path, text.as_bytes())?;
     }
     Ok(())
-}
-
-/// The chart of `runs` for `path`: PNG when the name ends in `.png`, else SVG.
-pub fn chart(path: &std::path::Path, runs: &[RunReport]) -> anyhow::Result<Vec<u8>> {
-    let png = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-    Ok(if png {
-        report::png(runs)?
-    } else {
-        report::svg(runs)?.into_bytes()
-    })
 }
 
 /// What the flags ask to send, how, and what was left out.
@@ -540,7 +528,7 @@ pub fn sink(args: SinkArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> 
 /// sinks.
 pub fn demo(args: DemoArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     if args.fleet {
-        return rt.block_on(crate::load::fleet_demo::run(
+        return Ok(rt.block_on(crate::load::fleet_demo::run(
             crate::load::fleet_demo::FleetDemoOptions {
                 postgres: args.postgres,
                 mailboxes: args.mailboxes.max(args.batch_size * 2),
@@ -548,7 +536,7 @@ pub fn demo(args: DemoArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> 
                 batch_size: args.batch_size,
                 messages: 300,
             },
-        ));
+        ))?);
     }
     rt.block_on(crate::load::demo::run(crate::load::demo::DemoOptions {
         messages: args.messages,
@@ -557,5 +545,6 @@ pub fn demo(args: DemoArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> 
         max_rcpts: args.max_rcpts,
         size: args.size,
         tls: !args.no_tls,
-    }))
+    }))?;
+    Ok(())
 }

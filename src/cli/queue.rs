@@ -60,6 +60,26 @@ pub enum QueueCmd {
         #[command(flatten)]
         api: Api,
     },
+    /// Deliver again what went to one route in a window, from the copies of delivered
+    /// messages `shadow.keep_delivered` keeps (e.g. after that estate restored a mailbox
+    /// database from backup). Without `--yes` it only counts them.
+    Resubmit {
+        /// The route (e.g. onprem).
+        #[arg(long)]
+        route: String,
+        /// Start of the window: 2026-11-28T22:00Z or full RFC 3339.
+        #[arg(long)]
+        since: String,
+        /// End of the window (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        /// Queue them again (without it: a preview count).
+        #[arg(long)]
+        yes: bool,
+        /// Where the running server is.
+        #[command(flatten)]
+        api: Api,
+    },
     /// Hold a message: no delivery until released (kept across restarts).
     Hold {
         /// Queue id.
@@ -166,6 +186,34 @@ pub fn run(cmd: QueueCmd) -> anyhow::Result<()> {
             let r = api.client()?.queue_flush(route.as_deref())?;
             api.print(&r, |r| format!("flushed {} deferred message(s)", r.flushed))
         }
+        QueueCmd::Resubmit {
+            route,
+            since,
+            until,
+            yes,
+            api,
+        } => {
+            use crate::directory::scheduled::parse_at;
+            let (since_s, since_t) = parse_at(&since)?;
+            let (until_s, until_t) = match until {
+                Some(u) => parse_at(&u)?,
+                None => (crate::clock::now_secs() as i64 + 1, "now".to_string()),
+            };
+            let r = api
+                .client()?
+                .queue_resubmit(&route, since_s, until_s, !yes)?;
+            api.print(&r, |r| {
+                let what = format!(
+                    "{} message(s), {} recipient(s) delivered through route {route} between {since_t} and {until_t}",
+                    r.messages, r.recipients
+                );
+                if r.queued {
+                    format!("queued again: {what}")
+                } else {
+                    format!("would queue again: {what} (run again with --yes to do it)")
+                }
+            })
+        }
         QueueCmd::Hold { id, api } => action(&id, QueueAction::Hold, &api),
         QueueCmd::Release { id, api } => action(&id, QueueAction::Release, &api),
         QueueCmd::Delete { id, api } => action(&id, QueueAction::Delete, &api),
@@ -244,6 +292,9 @@ pub fn message_text(m: &MessageView) -> String {
     if let Some(u) = &m.unwritten {
         out.push_str(&format!("\n    ! {u}"));
     }
+    if let Some(t) = &m.taken_from {
+        out.push_str(&format!("\n    {t}"));
+    }
     for r in &m.recipients {
         if r.status == "delivered" {
             continue;
@@ -291,6 +342,7 @@ mod tests {
             attempts: 2,
             next_attempt_in_s: Some(130),
             unwritten: None,
+            taken_from: None,
             recipients: vec![
                 RcptView {
                     address: "bob@nhs.test".into(),

@@ -1,88 +1,84 @@
-//! `coexist report`: load runs side by side. Reads the JSON documents that
-//! `coexist load --json` writes and puts the runs next to each other, each later run with
-//! its ratio to the first, as a self-contained HTML page and/or a chart (SVG or PNG).
+//! `coexist report`, and the charts of `coexist load --report/--html`: both run the
+//! `coexist-report` program (crates/report), which holds the chart libraries, so that the
+//! `coexist` binary that serves mail does not link them. The program is looked for beside
+//! this one (where `cargo build` puts both), then on `PATH`.
 
-use super::load::chart;
-use crate::load::report::{self, RunReport};
+use crate::load::report::RunReport;
 use anyhow::Context;
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-/// Arguments of `coexist report`.
+/// The program's name.
+const PROGRAM: &str = "coexist-report";
+
+/// Arguments of `coexist report`: passed on unchanged to `coexist-report` (`coexist report
+/// --help` shows its help: `RUN.json... [--html FILE] [--chart FILE] [--labels a,b]`).
 #[derive(clap::Args)]
+#[command(disable_help_flag = true)]
 pub struct ReportArgs {
-    /// Report documents written by `coexist load --json`; the first is the reference for
-    /// ratios.
-    #[arg(required = true)]
-    pub runs: Vec<PathBuf>,
-    /// Write the side-by-side HTML report to this file.
-    #[arg(long)]
-    pub html: Option<PathBuf>,
-    /// Write the comparison chart to this file: PNG if its name ends in .png, else SVG.
-    #[arg(long)]
-    pub chart: Option<PathBuf>,
-    /// Rename the runs in the report, in order (comma-separated), e.g. `postfix,coexist`.
-    #[arg(long, value_delimiter = ',')]
-    pub labels: Vec<String>,
+    /// Report documents written by `coexist load --json` (the first is the reference for
+    /// ratios), `--html FILE`, `--chart FILE` (.png or .svg), `--labels a,b`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<OsString>,
 }
 
-/// Reads the runs, prints a short comparison and writes the files asked for.
+/// Runs `coexist-report` with the arguments; its exit status becomes ours.
 pub fn report(args: ReportArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.labels.is_empty() || args.labels.len() == args.runs.len(),
-        "--labels names {} runs, but {} report files are given",
-        args.labels.len(),
-        args.runs.len()
-    );
-    let mut runs = args
-        .runs
-        .iter()
-        .map(|p| RunReport::read(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    for (r, l) in runs.iter_mut().zip(&args.labels) {
-        r.label = l.clone();
-    }
-    println!("{}", comparison(&runs));
-    let write = |path: &PathBuf, bytes: &[u8]| {
-        std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
-    };
-    if let Some(path) = &args.html {
-        write(path, report::html(&runs)?.as_bytes())?;
-    }
-    if let Some(path) = &args.chart {
-        write(path, &chart(path, &runs)?)?;
+    let status = Command::new(program()?)
+        .args(&args.args)
+        .status()
+        .with_context(|| format!("running {PROGRAM}"))?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
     }
     Ok(())
 }
 
-/// One line per run: acceptance, p99, duration, and the ratios to the first run.
-fn comparison(runs: &[RunReport]) -> String {
-    let Some(first) = runs.first() else {
-        return String::new();
-    };
-    runs.iter()
-        .map(|r| {
-            let mut line = format!(
-                "{}: {} accepted in {:.2} s, {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms",
-                r.label,
-                r.accepted,
-                r.elapsed_s,
-                r.msg_per_s,
-                r.latency.message.p50_ms,
-                r.latency.message.p99_ms
-            );
-            if !std::ptr::eq(r, first)
-                && first.msg_per_s > 0.0
-                && first.latency.message.p99_ms > 0.0
-            {
-                line.push_str(&format!(
-                    " ({:.2}x the acceptance rate of {}, p99 {:.2}x)",
-                    r.msg_per_s / first.msg_per_s,
-                    first.label,
-                    r.latency.message.p99_ms / first.latency.message.p99_ms
-                ));
+/// Draws one run: the chart to `chart` (PNG if it ends in .png, else SVG) and/or the HTML
+/// page to `html`, through `coexist-report` and a temporary copy of the document.
+pub fn draw(doc: &RunReport, chart: Option<&Path>, html: Option<&Path>) -> anyhow::Result<()> {
+    if chart.is_none() && html.is_none() {
+        return Ok(());
+    }
+    let program = program()?;
+    let mut file = tempfile::Builder::new()
+        .prefix("coexist-load-")
+        .suffix(".json")
+        .tempfile()
+        .context("creating a temporary report document")?;
+    serde_json::to_writer(&mut file, doc).context("writing the temporary report document")?;
+    let mut cmd = Command::new(program);
+    cmd.arg(file.path()).arg("--quiet");
+    if let Some(p) = chart {
+        cmd.arg("--chart").arg(p);
+    }
+    if let Some(p) = html {
+        cmd.arg("--html").arg(p);
+    }
+    let status = cmd.status().with_context(|| format!("running {PROGRAM}"))?;
+    anyhow::ensure!(status.success(), "{PROGRAM} failed ({status})");
+    Ok(())
+}
+
+/// Where `coexist-report` is: beside this program, else on `PATH`; else an error that says
+/// how to build it.
+fn program() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding this program's path")?;
+    let beside = exe.with_file_name(PROGRAM);
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join(PROGRAM);
+            if p.is_file() {
+                return Ok(p);
             }
-            line
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+        }
+    }
+    anyhow::bail!(
+        "charts and HTML reports are drawn by {PROGRAM}, which is neither beside {} nor on PATH: build it with `cargo build --release` (every program of the workspace) or `cargo build --release -p {PROGRAM}`",
+        exe.display()
+    )
 }

@@ -35,7 +35,8 @@ pub fn run(cmd: RouteCmd) -> anyhow::Result<()> {
 /// One address: its mailbox (and the mailbox's routing address when it has one), state and
 /// where it comes from, the RCPT verdict, the route with its next hops or MX domain and TLS
 /// policy (`-` for what does not apply), then the certificate name, the recipient as sent
-/// when the route rewrites it, and the route a DSN to it would take.
+/// when the route rewrites it, the route a DSN to it would take, and one line per policy
+/// decision that applies (stage, decision, verdict).
 pub fn explain_text(e: &Explain) -> String {
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let target = match &e.mx {
@@ -65,6 +66,15 @@ pub fn explain_text(e: &Explain) -> String {
         out.push_str(&format!("\n  sent as {to}"));
     }
     out.push_str(&format!("\n  dsn     {}", or_dash(&e.dsn_route)));
+    for (n, p) in e.policy.iter().enumerate() {
+        let label = if n == 0 { "policy" } else { "" };
+        out.push_str(&format!(
+            "\n  {label:<8}{:<10} {:<11} {}",
+            p.stage.as_str(),
+            p.decision,
+            p.verdict
+        ));
+    }
     out
 }
 
@@ -92,6 +102,7 @@ mod tests {
             tls: Some("verify".into()),
             tls_name: Some("mail.protection.outlook.com".into()),
             dsn_route: Some("cloud".into()),
+            policy: Vec::new(),
         };
         assert_eq!(
             explain_text(&e),
@@ -117,6 +128,7 @@ mod tests {
             tls: None,
             tls_name: None,
             dsn_route: None,
+            policy: Vec::new(),
         };
         assert!(explain_text(&unlisted).ends_with("route   - -> - (tls -)\n  dsn     -"));
         let mut alias = e.clone();
@@ -132,5 +144,23 @@ mod tests {
             explain_text(&alias)
         );
         assert!(explain_text(&alias).contains("\n  sent as jsmith@tenant.mail.onmicrosoft.com\n"));
+        let mut decided = e.clone();
+        let line = |stage, decision: &str, verdict: &str| crate::policy::Applies {
+            stage,
+            decision: decision.into(),
+            verdict: verdict.into(),
+        };
+        decided.policy = vec![
+            line(crate::policy::Stage::Recipient, "relay", "accept"),
+            line(crate::policy::Stage::Delivery, "move grace", "off"),
+        ];
+        assert!(
+            explain_text(&decided).ends_with(
+                "\n  dsn     cloud\n  policy  recipient  relay       accept\n          \
+                 delivery   move grace  off"
+            ),
+            "{}",
+            explain_text(&decided)
+        );
     }
 }

@@ -31,7 +31,14 @@ pub struct CheckConfigArgs {
 
 /// Runs the relay until SIGINT or SIGTERM.
 pub fn serve(args: ServeArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
-    let cfg = load_config(args.config.as_ref())?;
+    // (The embedded default config has no warnings.)
+    let (cfg, warnings) = match &args.config {
+        Some(path) => Config::load_with_warnings(path)?,
+        None => (load_config(None)?, Vec::new()),
+    };
+    for w in &warnings {
+        tracing::warn!("config: {w}");
+    }
     rt.block_on(async {
         let running = crate::relay::start_with_file(cfg, args.config.clone()).await?;
         tracing::info!(addrs = ?running.local_addrs, "coexist ready");
@@ -42,7 +49,7 @@ pub fn serve(args: ServeArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()
 /// Validates a config file with the start-up checks of `serve`, and loads its directory
 /// file, without starting anything; prints what it found.
 pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&args.config)?;
+    let (cfg, warnings) = Config::load_with_warnings(&args.config)?;
     let found = crate::preflight::check(&cfg)?;
     let entries = crate::preflight::dry_run_directory(&cfg)?;
     println!(
@@ -50,6 +57,9 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
         args.config.display(),
         cfg.routes.len(),
     );
+    for w in &warnings {
+        println!("warning: {w}");
+    }
     if let Some(f) = &cfg.fleet {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -72,6 +82,12 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
                 "warning: fleet: {e} (the node would start on its local snapshot and keep trying)"
             ),
         }
+    }
+    for w in &found.readable {
+        println!("warning: {w}");
+    }
+    if let Some(why) = crate::descriptors::shortfall(&cfg) {
+        println!("warning: {why}");
     }
     if let Some(f) = &found.new_token_file {
         println!(
@@ -97,10 +113,9 @@ async fn wait_for_stop(running: &Running) -> anyhow::Result<()> {
                 tracing::info!("SIGHUP: reloading the config and the directory file");
                 let control = running.control.clone();
                 let _ = tokio::task::spawn_blocking(move || control.reload()).await;
-                let dir = running.directory.clone();
-                if dir.source_changed() {
+                if running.directory.source_changed() {
                     // Outcomes (and refusals) are logged by the directory itself.
-                    if let Err(e) = tokio::task::spawn_blocking(move || dir.reload_file(false)).await {
+                    if let Err(crate::directory::WriteError::Task(e)) = running.control.writer.reload(false).await {
                         tracing::error!(error = %e, "reload task failed");
                     }
                 }

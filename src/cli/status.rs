@@ -52,6 +52,14 @@ pub fn ready_text(r: &Ready) -> String {
             r.fleet_behind
         ));
     }
+    if let Some(why) = &r.shadow_unavailable {
+        out.push_str(&format!("\nshadow copies: CANNOT BE STORED: {why}"));
+    }
+    if r.shadow_lease_held == Some(false) {
+        out.push_str(
+            "\nshadow lease: NOT HELD (fenced: this node delivers nothing until it is renewed)",
+        );
+    }
     for line in hops_text(&r.hops) {
         out.push('\n');
         out.push_str(&line);
@@ -131,6 +139,8 @@ mod tests {
             fleet_behind: false,
             fleet_postgres_up: None,
             fleet_log_mismatch: None,
+            shadow_unavailable: None,
+            shadow_lease_held: None,
             hops: vec![
                 HopView {
                     next_hop: "127.0.0.1:25".into(),

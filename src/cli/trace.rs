@@ -14,10 +14,11 @@
 //! command fails only when no node answered.
 
 use super::{load_config, Api};
-use crate::admin::client::{AdminClient, ClientError};
+use crate::admin::client::{AdminClient, ClientError, Target};
 use crate::admin::types::{TraceEntry, TraceReply};
 use anyhow::Context;
-use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
 
 /// Arguments of `coexist trace`.
 #[derive(clap::Args)]
@@ -32,18 +33,20 @@ pub struct TraceArgs {
     pub api: Api,
 }
 
-/// The admin API addresses of the nodes to ask: in a fleet, every node of the nodes table
-/// (through `GET /v1/fleet` on the node of the config); else that node alone. A node that
-/// cannot be asked from here (no address, one that does not resolve, or a loopback address
-/// of another host: see [`crate::fleet::peers::reach`]) is named on stderr with why.
-pub fn nodes(local: &AdminClient) -> Result<Vec<SocketAddr>, ClientError> {
+/// The admin APIs of the nodes to ask: in a fleet, every node of the nodes table (through
+/// `GET /v1/fleet` on the node of the config); else that node alone. A node that cannot be
+/// asked from here (no address, one that does not resolve, or a loopback address of another
+/// host: see [`crate::fleet::peers::reach`]), or only with the token in clear over the
+/// network (see [`crate::admin::client::Target::may_carry_token`]), is named on stderr
+/// with why.
+pub fn nodes(local: &AdminClient) -> Result<Vec<Target>, ClientError> {
     // Not in a fleet (404), or the node cannot be asked: that node alone (asking it then
     // says precisely what is wrong).
     let Ok(st) = local.fleet_status() else {
-        return Ok(vec![local.addr()]);
+        return Ok(vec![local.target().clone()]);
     };
     let here = crate::fleet::peers::host_scope();
-    let mut out = vec![local.addr()];
+    let mut out = vec![local.target().clone()];
     for n in st.nodes.iter().filter(|n| n.name != st.node) {
         if !n.alive {
             eprintln!(
@@ -52,45 +55,67 @@ pub fn nodes(local: &AdminClient) -> Result<Vec<SocketAddr>, ClientError> {
             );
             continue;
         }
-        match crate::fleet::peers::reach(n.admin.as_deref(), n.admin_host.as_deref(), &here) {
-            Ok(a) if !out.contains(&a) => out.push(a),
-            Ok(a) => eprintln!(
-                "node {}: not asked: its admin address {a} is the one asked already",
-                n.name
+        match crate::fleet::peers::reach(
+            n.admin.as_deref(),
+            n.admin_tls_name.as_deref(),
+            n.admin_host.as_deref(),
+            &here,
+        ) {
+            Ok(t) if out.iter().any(|o| o.addr == t.addr) => eprintln!(
+                "node {}: not asked: its admin address {} is the one asked already",
+                n.name, t.addr
             ),
+            Ok(t) if !t.may_carry_token() => eprintln!(
+                "node {}: cannot be asked: {}",
+                n.name,
+                ClientError::ClearText { addr: t.addr }
+            ),
+            Ok(t) => out.push(t),
             Err(why) => eprintln!("node {}: cannot be asked: {why}", n.name),
         }
     }
     Ok(out)
 }
 
-/// Asks every node in `nodes` (in parallel, with `token`) for the outcomes for `address` in
-/// the last `since` seconds; each node's answer or why it could not be asked, in the order of
-/// `nodes`.
+/// Asks every node in `nodes` (in parallel, with `token`; https certificates checked
+/// against `ca_file` or the system roots) for the outcomes for `address` in the last
+/// `since` seconds; each node's answer or why it could not be asked, in the order of
+/// `nodes`. The first node is this config's own admin API (the admin chose its address);
+/// every other one is a peer from the nodes table and gets the token only over TLS or on
+/// loopback ([`AdminClient::for_peer`]).
 pub fn ask_nodes(
-    nodes: &[SocketAddr],
+    nodes: &[Target],
     token: &str,
+    ca_file: Option<&Path>,
     address: &str,
     since: u64,
-) -> Vec<(SocketAddr, Result<TraceReply, ClientError>)> {
+) -> Vec<(Target, Result<TraceReply, ClientError>)> {
     std::thread::scope(|s| {
         let asks: Vec<_> = nodes
             .iter()
-            .map(|&addr| {
-                let ask =
-                    move || AdminClient::new(addr, token.to_string()).trace(address, Some(since));
-                (addr, s.spawn(ask))
+            .enumerate()
+            .map(|(i, t)| {
+                let ask = move || {
+                    let timeout = Duration::from_secs(300);
+                    let client = if i == 0 {
+                        AdminClient::connect(t, token.to_string(), timeout, ca_file)?
+                    } else {
+                        AdminClient::for_peer(t, token.to_string(), timeout, ca_file)?
+                    };
+                    client.trace(address, Some(since))
+                };
+                (t.clone(), s.spawn(ask))
             })
             .collect();
         asks.into_iter()
-            .map(|(addr, h)| {
+            .map(|(t, h)| {
                 let answer = h.join().unwrap_or_else(|_| {
                     Err(ClientError::Unexpected {
                         call: "GET /v1/trace".into(),
                         reason: "the request's thread panicked".into(),
                     })
                 });
-                (addr, answer)
+                (t, answer)
             })
             .collect()
     })
@@ -106,18 +131,15 @@ pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     })?;
     let config = load_config(args.api.config.as_ref())?;
     let local = AdminClient::from_config(&config)?;
-    let token = config
-        .admin
-        .as_ref()
-        .ok_or(ClientError::NoAdmin)?
-        .token()
-        .map_err(ClientError::Token)?;
+    let admin = config.admin.as_ref().ok_or(ClientError::NoAdmin)?;
+    let token = admin.token().map_err(ClientError::Token)?;
     let nodes = nodes(&local)?;
     let mut answers = Vec::new();
-    for (addr, answer) in ask_nodes(&nodes, &token, &args.address, since.as_secs()) {
+    let ca = admin.tls_ca_file.as_deref();
+    for (t, answer) in ask_nodes(&nodes, &token, ca, &args.address, since.as_secs()) {
         match answer {
             Ok(a) => answers.push(a),
-            Err(e) => eprintln!("node {addr}: {e}"),
+            Err(e) => eprintln!("node {}: {e}", t.addr),
         }
     }
     if answers.is_empty() {

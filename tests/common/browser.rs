@@ -10,11 +10,11 @@
 //! The API is small on purpose: open a URL or a file, read text, click, type, wait for text,
 //! take a screenshot; [`Browser::client`] gives the full fantoccini client for the rest.
 
-use super::PATIENCE;
+use super::{eventually_async, poll_async, poll_blocking, PATIENCE};
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The WebDriver server (package `chromium-driver`).
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -72,26 +72,29 @@ impl Browser {
             driver,
             _profile: profile,
         };
-        let t0 = Instant::now();
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        let client = loop {
-            match ClientBuilder::new(connector.clone())
-                .capabilities(caps.clone())
-                .connect(&url)
-                .await
-            {
-                Ok(c) => break c,
-                Err(e) if t0.elapsed() >= PATIENCE => {
-                    panic!("no WebDriver session after {PATIENCE:?}: {e}")
-                }
-                Err(e) => {
-                    if let Ok(Some(status)) = browser.driver.try_wait() {
-                        panic!("chromedriver exited ({status}) before a session: {e}");
+        let driver = &mut browser.driver;
+        let (connector, caps, url) = (&connector, &caps, &url);
+        let client = poll_async(PATIENCE, || {
+            let exited = driver.try_wait();
+            async move {
+                let connect = ClientBuilder::new(connector.clone())
+                    .capabilities(caps.clone())
+                    .connect(url)
+                    .await;
+                match connect {
+                    Ok(c) => Ok(c),
+                    Err(e) => {
+                        if let Ok(Some(status)) = exited {
+                            panic!("chromedriver exited ({status}) before a session: {e}");
+                        }
+                        Err(e.to_string())
                     }
-                    tokio::time::sleep(Duration::from_millis(100)).await
                 }
             }
-        };
+        })
+        .await
+        .unwrap_or_else(|e| panic!("no WebDriver session after {PATIENCE:?}: {e}"));
         browser.client = Some(client);
         browser
     }
@@ -129,40 +132,30 @@ impl Browser {
     /// Waits (bounded) until the first element matching `css` exists and its visible text
     /// contains `want`; returns the text.
     pub async fn wait_text(&self, css: &str, want: &str) -> String {
-        let t0 = Instant::now();
-        let mut last = String::from("(no such element)");
-        loop {
-            if let Ok(e) = self.client().find(Locator::Css(css)).await {
-                if let Ok(t) = e.text().await {
-                    if t.contains(want) {
-                        return t;
-                    }
-                    last = t;
-                }
+        let client = self.client();
+        eventually_async(&format!("{want:?} in {css}"), || async move {
+            let Ok(e) = client.find(Locator::Css(css)).await else {
+                return Err("(no such element)".to_string());
+            };
+            match e.text().await {
+                Ok(t) if t.contains(want) => Ok(t),
+                Ok(t) => Err(format!("{t:?}")),
+                Err(e) => Err(e.to_string()),
             }
-            if t0.elapsed() >= PATIENCE {
-                panic!(
-                    "gave up after {PATIENCE:?} waiting for {want:?} in {css}; last seen: {last:?}"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
     /// Clicks the first element matching `css` (waiting, bounded, for it to be shown).
     pub async fn click(&self, css: &str) {
-        let t0 = Instant::now();
-        loop {
-            if let Ok(e) = self.client().find(Locator::Css(css)).await {
-                if e.is_displayed().await.unwrap_or(false) && e.click().await.is_ok() {
-                    return;
-                }
+        let client = self.client();
+        eventually_async(&format!("a shown {css} to click"), || async move {
+            match client.find(Locator::Css(css)).await {
+                Ok(e) => e.is_displayed().await.unwrap_or(false) && e.click().await.is_ok(),
+                Err(_) => false,
             }
-            if t0.elapsed() >= PATIENCE {
-                panic!("gave up after {PATIENCE:?} waiting to click {css}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
     /// Clears the input matching `css` and types `text` into it (for a file input: its path).
@@ -215,13 +208,9 @@ impl Drop for Browser {
             .args(["-TERM", "--", &format!("-{pgid}")])
             .stderr(Stdio::null())
             .status();
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.driver.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let _ = poll_blocking(Duration::from_secs(5), || {
+            matches!(self.driver.try_wait(), Ok(Some(_)))
+        });
         let _ = Command::new("kill")
             .args(["-KILL", "--", &format!("-{pgid}")])
             .stderr(Stdio::null())

@@ -10,8 +10,13 @@
 //! configs are written from the typed config ([`bin::write_config`]).
 #![allow(dead_code)]
 
+pub mod bin;
 pub mod browser;
+pub mod dns;
+pub mod fleet;
+pub mod nats;
 pub mod pg;
+pub mod pg_tls;
 pub mod slapd;
 
 use coexist::config::{Config, DEFAULT_CONFIG};
@@ -84,26 +89,46 @@ pub async fn eventually<C: Check>(what: &str, mut cond: impl FnMut() -> C) -> C:
 /// [`eventually`] for a condition that has to await (connect, read a reply).
 pub async fn eventually_async<C: Check, F: Future<Output = C>>(
     what: &str,
-    mut cond: impl FnMut() -> F,
+    cond: impl FnMut() -> F,
 ) -> C::Out {
+    poll_async(PATIENCE, cond)
+        .await
+        .unwrap_or_else(|last| gave_up(what, &last))
+}
+
+/// [`eventually`] for tests without a runtime, or where the condition blocks (the CLI, the
+/// admin client).
+pub fn eventually_blocking<C: Check>(what: &str, cond: impl FnMut() -> C) -> C::Out {
+    poll_blocking(PATIENCE, cond).unwrap_or_else(|last| gave_up(what, &last))
+}
+
+/// Polls `cond` until it is met (its value) or `limit` has passed (`Err` with the last state
+/// seen): for a caller that does not fail the test when the wait is over (a fixture that
+/// starts a server again, a process given a grace period before SIGKILL).
+pub async fn poll_async<C: Check, F: Future<Output = C>>(
+    limit: Duration,
+    mut cond: impl FnMut() -> F,
+) -> Result<C::Out, String> {
     let t0 = Instant::now();
     loop {
         match cond().await.check() {
-            Ok(v) => return v,
-            Err(last) if t0.elapsed() >= PATIENCE => gave_up(what, &last),
+            Ok(v) => return Ok(v),
+            Err(last) if t0.elapsed() >= limit => return Err(last),
             Err(_) => tokio::time::sleep(POLL).await,
         }
     }
 }
 
-/// [`eventually`] for tests without a runtime, or where the condition blocks (the CLI, the
-/// admin client).
-pub fn eventually_blocking<C: Check>(what: &str, mut cond: impl FnMut() -> C) -> C::Out {
+/// [`poll_async`] for blocking conditions and callers without a runtime.
+pub fn poll_blocking<C: Check>(
+    limit: Duration,
+    mut cond: impl FnMut() -> C,
+) -> Result<C::Out, String> {
     let t0 = Instant::now();
     loop {
         match cond().check() {
-            Ok(v) => return v,
-            Err(last) if t0.elapsed() >= PATIENCE => gave_up(what, &last),
+            Ok(v) => return Ok(v),
+            Err(last) if t0.elapsed() >= limit => return Err(last),
             Err(_) => std::thread::sleep(POLL),
         }
     }
@@ -159,8 +184,24 @@ pub fn test_config(dir: &Path, certs: &TestCerts, onprem: SocketAddr, cloud: Soc
     cfg.queue.max_backoff = Duration::from_secs(2);
     cfg.delivery.timeout = Duration::from_secs(10);
     cfg.routes.get_mut("onprem").unwrap().next_hops = vec![onprem.into()];
-    cfg.routes.get_mut("cloud").unwrap().next_hops = vec![cloud.into()];
+    let cloud_route = cfg.routes.get_mut("cloud").unwrap();
+    cloud_route.next_hops = vec![cloud.into()];
+    // The shipped cloud route verifies Exchange Online's certificate (`tls = "verify"`,
+    // `tls_name = "mail.protection.outlook.com"`); the loopback test doubles here have no
+    // such certificate (most offer no STARTTLS at all), so the tests that use this config
+    // deliver to them as to the on-premises double. tests/cloud_tls.rs tests the shipped
+    // route itself.
+    cloud_route.tls = coexist::config::TlsPolicy::Opportunistic;
+    cloud_route.tls_name = None;
     cfg
+}
+
+/// Sends addresses the test directory does not list on premises (`directory.unknown =
+/// "onprem"`) instead of refusing them at RCPT as the shipped config does: for tests whose
+/// recipients only the next hop refuses (the sinks refuse local parts starting with
+/// `reject`), so that a bounce is made.
+pub fn unknown_onprem(c: &mut Config) {
+    c.directory.unknown = "onprem".into();
 }
 
 /// Waits until `relay`'s queue is empty: every message it accepted has its final outcome
@@ -405,8 +446,20 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String, String) {
+    http_request_for(addr, &addr.to_string(), method, path, headers, body).await
+}
+
+/// [`http_request`] with `Host: host`.
+pub async fn http_request_for(
+    addr: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, String) {
     let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (k, v) in headers {
@@ -550,392 +603,6 @@ pub fn unread(local: SocketAddr, peer: SocketAddr) -> u64 {
         }
     }
     total
-}
-
-/// Helpers for tests that run the real `coexist` binary.
-pub mod bin {
-    use super::{eventually_blocking, test_config, write_certs, PATIENCE, POLL};
-    use coexist::config::Config;
-    use std::io::{BufRead, BufReader, Write};
-    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
-    use std::sync::mpsc::{self, RecvTimeoutError};
-    use std::time::{Duration, Instant};
-
-    /// The binary under test.
-    pub const BIN: &str = env!("CARGO_BIN_EXE_coexist");
-
-    /// A next hop for configs whose mail never leaves (config checks, servers that get no
-    /// mail): the discard port on loopback, where nothing listens.
-    pub const NOWHERE: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9));
-
-    /// A loopback port that was free a moment ago. Only for the binary's own listeners,
-    /// which must be written into its config: [`spawn_with`] starts the server again on
-    /// fresh ports if one was taken meanwhile. Everything else binds port 0 and keeps it.
-    fn pick_port() -> SocketAddr {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    }
-
-    /// A config for the binary: the typed config, and the file it is written to.
-    pub struct BinConfig {
-        pub path: PathBuf,
-        pub config: Config,
-    }
-
-    impl BinConfig {
-        /// The SMTP address.
-        pub fn listen(&self) -> SocketAddr {
-            self.config.server.listen[0]
-        }
-
-        /// The admin API's address.
-        pub fn admin(&self) -> SocketAddr {
-            self.config.admin.as_ref().unwrap().listen
-        }
-
-        /// Writes `config` to `path` as TOML (serialized from the typed config, and checked
-        /// to read back the same; not validated, so a test can write a config the relay
-        /// must refuse).
-        pub fn write(&self) {
-            let text = toml::to_string(&self.config).unwrap();
-            let back: Config = toml::from_str(&text).unwrap();
-            assert_eq!(
-                back, self.config,
-                "the config does not survive TOML:\n{text}"
-            );
-            std::fs::write(&self.path, text).unwrap();
-        }
-
-        /// The config file's text.
-        pub fn text(&self) -> String {
-            std::fs::read_to_string(&self.path).unwrap()
-        }
-
-        fn new_ports(&mut self) {
-            self.config.server.listen = vec![pick_port()];
-            self.config.admin.as_mut().unwrap().listen = pick_port();
-        }
-    }
-
-    /// Writes certificates, the test directory and a config into `dir`: the in-process
-    /// tests' [`test_config`](super::test_config) (fast retries, the admin token
-    /// [`TOKEN`](super::TOKEN) inline) with fixed loopback ports, the directory watcher on,
-    /// and a 5 s delivery timeout. Change `config` and call [`BinConfig::write`] for more.
-    pub fn write_config(dir: &Path, onprem: SocketAddr, cloud: SocketAddr) -> BinConfig {
-        let certs = write_certs(dir);
-        let mut config = test_config(dir, &certs, onprem, cloud);
-        config.directory.watch = true;
-        config.directory.store_dir = dir.join("store");
-        config.delivery.timeout = Duration::from_secs(5);
-        let mut cfg = BinConfig {
-            path: dir.join("coexist.toml"),
-            config,
-        };
-        cfg.new_ports();
-        cfg.write();
-        cfg
-    }
-
-    /// A running `coexist serve`; killed (SIGKILL) when dropped.
-    pub struct Server(pub Child);
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    impl Server {
-        /// Sends a signal (e.g. "TERM", "HUP") by PID.
-        pub fn signal(&self, sig: &str) {
-            let ok = Command::new("kill")
-                .args([format!("-{sig}"), self.0.id().to_string()])
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "kill -{sig} failed");
-        }
-
-        /// Waits (bounded) for the process to exit; returns whether it did.
-        pub fn wait_exit(&mut self, timeout: Duration) -> bool {
-            let t0 = Instant::now();
-            while t0.elapsed() < timeout {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return true;
-                }
-                std::thread::sleep(POLL);
-            }
-            false
-        }
-    }
-
-    /// How to run `coexist serve`.
-    #[derive(Default, Clone, Copy)]
-    pub struct Start<'a> {
-        /// Append the server's log (RUST_LOG=info, text) to this file.
-        pub log: Option<&'a Path>,
-        /// Working directory (relative paths in the config are taken from it).
-        pub cwd: Option<&'a Path>,
-        /// Run under a file size limit in KiB (`ulimit -f`, SIGXFSZ ignored), so that writes
-        /// past it fail with EFBIG the way they fail with ENOSPC on a full disk.
-        pub fsize_kib: Option<u64>,
-    }
-
-    /// Starts `coexist serve --config` (see [`spawn_with`]).
-    pub fn spawn(cfg: &mut BinConfig) -> Server {
-        spawn_with(cfg, Start::default())
-    }
-
-    /// Starts `coexist serve --config` and returns once the server has logged that it
-    /// listens on the config's SMTP and admin addresses: its own word, so a test never talks
-    /// to another process that took the port. If one of the ports was taken before the
-    /// server could bind it, the server exits ("Address already in use") and is started
-    /// again on fresh ports: the config file is rewritten, so read `cfg.listen()` and
-    /// `cfg.admin()` after this call. Panics if the server exits for another reason.
-    pub fn spawn_with(cfg: &mut BinConfig, how: Start) -> Server {
-        for _ in 0..5 {
-            match try_spawn(cfg, how) {
-                Ok(server) => return server,
-                Err(log) if log.contains("Address already in use") => {
-                    cfg.new_ports();
-                    cfg.write();
-                }
-                Err(log) => panic!("the relay exited at start:\n{log}"),
-            }
-        }
-        panic!("five starts in a row found a port taken");
-    }
-
-    /// The addresses in `addr=` fields of a log line.
-    fn logged_addrs(line: &str) -> impl Iterator<Item = SocketAddr> + '_ {
-        line.split_whitespace()
-            .filter_map(|w| w.strip_prefix("addr=")?.parse().ok())
-    }
-
-    /// One start: the server, or its log if it exited before listening.
-    fn try_spawn(cfg: &BinConfig, how: Start) -> Result<Server, String> {
-        let mut cmd = match how.fsize_kib {
-            Some(kib) => {
-                let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg(format!(
-                        "trap '' XFSZ; ulimit -f {kib} && exec \"$0\" \"$@\""
-                    ))
-                    .arg(BIN);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        if let Some(dir) = how.cwd {
-            cmd.current_dir(dir);
-        }
-        let mut child = cmd
-            .args(["serve", "--config", cfg.path.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // A thread reads the log for as long as the server runs: into the log file if asked,
-        // and to this function until the server is up.
-        let stderr = child.stderr.take().unwrap();
-        let mut file = how.log.map(|p| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .unwrap()
-        });
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(f) = &mut file {
-                    let _ = writeln!(f, "{line}");
-                }
-                let _ = tx.send(line);
-            }
-        });
-        let server = Server(child);
-        let (smtp, admin) = (cfg.listen(), cfg.admin());
-        let (mut smtp_up, mut admin_up) = (false, false);
-        let mut log = String::new();
-        let t0 = Instant::now();
-        while !(smtp_up && admin_up) {
-            match rx.recv_timeout(POLL) {
-                Ok(line) => {
-                    for a in logged_addrs(&line) {
-                        smtp_up |= a == smtp;
-                        admin_up |= a == admin;
-                    }
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-                // The log ended: the server exited.
-                Err(RecvTimeoutError::Disconnected) => return Err(log),
-                Err(RecvTimeoutError::Timeout) => assert!(
-                    t0.elapsed() < PATIENCE,
-                    "the relay did not start listening:\n{log}"
-                ),
-            }
-        }
-        Ok(server)
-    }
-
-    /// `text` (a config file) with the value of `key` in `[table]` replaced by `raw` (TOML as
-    /// written): for the tests of how a bad value is reported, which the typed config cannot
-    /// hold. Returns the new text and the 1-based line changed.
-    pub fn with_raw_value(text: &str, table: &str, key: &str, raw: &str) -> (String, usize) {
-        let (mut current, mut changed) = (String::new(), None);
-        let mut out: Vec<String> = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.starts_with('[') {
-                current = line.trim_matches(['[', ']']).to_string();
-            }
-            let (k, _) = line.split_once(" = ").unwrap_or_default();
-            if current == table && k == key && changed.is_none() {
-                out.push(format!("{key} = {raw}"));
-                changed = Some(i + 1);
-            } else {
-                out.push(line.to_string());
-            }
-        }
-        let line = changed.unwrap_or_else(|| panic!("no {key} in [{table}]:\n{text}"));
-        (out.join("\n") + "\n", line)
-    }
-
-    /// Runs `coexist ARGS --config CONFIG`; returns (success, stdout, stderr).
-    pub fn cli(config: &Path, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(BIN)
-            .args(args)
-            .args(["--config", config.to_str().unwrap()])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    }
-
-    /// Waits (bounded) until `coexist queue list` shows an empty queue: every message the
-    /// server holds has its final outcome.
-    pub fn wait_queue_empty(cfg: &BinConfig) {
-        eventually_blocking("an empty queue", || {
-            let (ok, out, err) = cli(&cfg.path, &["queue", "list"]);
-            assert!(ok, "{err}");
-            if out.starts_with("0 message(s)") {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        })
-    }
-}
-
-/// A tiny authoritative DNS server on loopback for MX tests (UDP; A and MX records).
-/// Written for the tests only: enough of RFC 1035 to answer hickory's queries.
-pub mod dns {
-    use std::collections::HashMap;
-    use std::net::{Ipv4Addr, SocketAddr};
-    use tokio::net::UdpSocket;
-
-    /// One record.
-    #[derive(Clone, Debug)]
-    pub enum Rec {
-        /// MX with preference and exchange (`"."` for a null MX).
-        Mx(u16, String),
-        /// IPv4 address.
-        A(Ipv4Addr),
-    }
-
-    /// Starts the server; `zone` maps lower-case names (no trailing dot) to records.
-    pub async fn start(zone: Vec<(&str, Rec)>) -> SocketAddr {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = sock.local_addr().unwrap();
-        let mut map: HashMap<String, Vec<Rec>> = HashMap::new();
-        for (name, rec) in zone {
-            map.entry(name.to_string()).or_default().push(rec);
-        }
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1500];
-            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
-                if let Some(resp) = answer(&buf[..n], &map) {
-                    let _ = sock.send_to(&resp, peer).await;
-                }
-            }
-        });
-        addr
-    }
-
-    fn encode_name(name: &str, out: &mut Vec<u8>) {
-        for label in name
-            .trim_end_matches('.')
-            .split('.')
-            .filter(|l| !l.is_empty())
-        {
-            out.push(label.len() as u8);
-            out.extend_from_slice(label.as_bytes());
-        }
-        out.push(0);
-    }
-
-    fn answer(q: &[u8], zone: &HashMap<String, Vec<Rec>>) -> Option<Vec<u8>> {
-        if q.len() < 12 {
-            return None;
-        }
-        let mut pos = 12;
-        let mut labels = Vec::new();
-        loop {
-            let len = *q.get(pos)? as usize;
-            pos += 1;
-            if len == 0 {
-                break;
-            }
-            labels.push(String::from_utf8_lossy(q.get(pos..pos + len)?).to_lowercase());
-            pos += len;
-        }
-        let qtype = u16::from_be_bytes([*q.get(pos)?, *q.get(pos + 1)?]);
-        let question = &q[12..pos + 4];
-        let name = labels.join(".");
-        let recs = zone.get(&name);
-        let mut answers = Vec::new();
-        let mut count = 0u16;
-        for r in recs.into_iter().flatten() {
-            let (rtype, rdata) = match r {
-                Rec::A(ip) if qtype == 1 => (1u16, ip.octets().to_vec()),
-                Rec::Mx(pref, host) if qtype == 15 => {
-                    let mut d = pref.to_be_bytes().to_vec();
-                    encode_name(host, &mut d);
-                    (15u16, d)
-                }
-                _ => continue,
-            };
-            answers.extend_from_slice(&[0xC0, 0x0C]);
-            answers.extend_from_slice(&rtype.to_be_bytes());
-            answers.extend_from_slice(&1u16.to_be_bytes());
-            answers.extend_from_slice(&60u32.to_be_bytes());
-            answers.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
-            answers.extend_from_slice(&rdata);
-            count += 1;
-        }
-        let rcode: u8 = if recs.is_none() { 3 } else { 0 };
-        let mut out = Vec::with_capacity(512);
-        out.extend_from_slice(&q[0..2]);
-        out.push(0x84 | (q[2] & 0x01)); // QR, AA, RD copied
-        out.push(0x80 | rcode); // RA, rcode
-        out.extend_from_slice(&1u16.to_be_bytes());
-        out.extend_from_slice(&count.to_be_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0]);
-        out.extend_from_slice(question);
-        out.extend_from_slice(&answers);
-        Some(out)
-    }
 }
 
 /// Connects, says EHLO and sends one sample message; returns the final reply.

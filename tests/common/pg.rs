@@ -27,11 +27,13 @@ pub fn server_addr() -> SocketAddr {
     format!("{host}:{port}").parse().expect("a numeric host")
 }
 
-/// `url()` with its host and port replaced by `addr` (a proxy).
+/// `url()` with its host and port replaced by `addr` (a proxy), without TLS: the proxy
+/// reads the statements it stalls on (`Proxy::stall_on`), and the fleet's default
+/// `sslmode=prefer` would encrypt them when the server offers TLS.
 pub fn url_via(addr: SocketAddr) -> String {
     let cfg: tokio_postgres::Config = url().parse().unwrap();
     format!(
-        "host={} port={} user={} dbname={}",
+        "host={} port={} user={} dbname={} sslmode=disable",
         addr.ip(),
         addr.port(),
         cfg.get_user().unwrap_or("postgres"),
@@ -169,6 +171,12 @@ async fn pump(
 
 impl Proxy {
     pub async fn start() -> Proxy {
+        Proxy::start_to(server_addr()).await
+    }
+
+    /// A proxy to another server (NATS, for the shadow tests).
+    #[allow(dead_code)]
+    pub async fn start_to(to: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
@@ -176,7 +184,6 @@ impl Proxy {
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let trigger: Trigger = Arc::default();
         let (c, k, st, tr) = (cut.clone(), conns.clone(), stalled.clone(), trigger.clone());
-        let to = server_addr();
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 if c.load(Ordering::SeqCst) {

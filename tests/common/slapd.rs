@@ -1,7 +1,10 @@
 //! A real OpenLDAP server (Debian's `slapd`) for the LDAP source's tests: a database under
 //! a temporary folder, the Exchange attributes from `tests/ldap/exchange.schema`, entries
 //! loaded with `slapadd`, listening on a loopback port. Stopped (by its PID) when dropped.
+//! [`Slapd::start_tls`] adds StartTLS with a certificate, and refuses simple binds
+//! without TLS (`security simple_bind=`): a bind that works there went encrypted.
 
+use super::poll_blocking;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,7 +34,19 @@ pub fn user_ldif(i: usize, state: &str, target: Option<&str>) -> String {
     s
 }
 
-fn config(dir: &Path) -> String {
+fn config(dir: &Path, tls: Option<(&Path, &Path)>) -> String {
+    let tls = match tls {
+        Some((cert, key)) => format!(
+            "TLSCertificateFile {}\nTLSCertificateKeyFile {}\nsecurity simple_bind=128\n",
+            cert.display(),
+            key.display()
+        ),
+        None => String::new(),
+    };
+    format!("{tls}{}", base_config(dir))
+}
+
+fn base_config(dir: &Path) -> String {
     let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ldap/exchange.schema");
     format!(
         "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\ninclude /etc/ldap/schema/inetorgperson.schema\ninclude {schema}\nmodulepath /usr/lib/ldap\nmoduleload back_mdb\npidfile {dir}/slapd.pid\ndatabase mdb\nmaxsize 1073741824\nsuffix \"{SUFFIX}\"\nrootdn \"{ROOT_DN}\"\nrootpw {ROOT_PW}\ndirectory {dir}/db\nindex objectClass eq\n",
@@ -43,9 +58,19 @@ fn config(dir: &Path) -> String {
 impl Slapd {
     /// Loads `entries` (LDIF, after the base and `ou=people` entries) and starts slapd.
     pub fn start(entries: &str) -> Slapd {
+        Self::start_with(entries, None)
+    }
+
+    /// Like [`Slapd::start`], with StartTLS (the PEM certificate `cert` and key `key`), and
+    /// simple binds refused without TLS.
+    pub fn start_tls(entries: &str, cert: &Path, key: &Path) -> Slapd {
+        Self::start_with(entries, Some((cert, key)))
+    }
+
+    fn start_with(entries: &str, tls: Option<(&Path, &Path)>) -> Slapd {
         let tmp = tempfile::tempdir().unwrap().keep();
         std::fs::create_dir_all(tmp.join("db")).unwrap();
-        std::fs::write(tmp.join("slapd.conf"), config(&tmp)).unwrap();
+        std::fs::write(tmp.join("slapd.conf"), config(&tmp, tls)).unwrap();
         let ldif = format!(
             "dn: {SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: corp\no: Corp\n\ndn: ou=people,{SUFFIX}\nobjectClass: organizationalUnit\nou: people\n\n{entries}"
         );
@@ -96,18 +121,27 @@ impl Slapd {
                 .expect("slapd");
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             self.child = Some(child);
-            while Instant::now() < deadline {
+            // Listening (true), or exited (false): the port was taken.
+            let up = poll_blocking(deadline.saturating_duration_since(Instant::now()), || {
                 if std::net::TcpStream::connect(addr).is_ok() {
-                    self.addr = addr;
-                    return;
+                    Some(true)
+                } else if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                    Some(false)
+                } else {
+                    None
                 }
-                if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
-                    break; // exited: the port was taken; try another (or the same, again)
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            })
+            .expect("slapd did not start");
+            if up {
+                self.addr = addr;
+                return;
             }
-            assert!(Instant::now() < deadline, "slapd did not start");
-            std::thread::sleep(Duration::from_millis(100));
+            // Try another port, or the same one again once it is free (after a stop).
+            if self.addr.port() != 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                poll_blocking(left, || std::net::TcpListener::bind(addr).is_ok())
+                    .expect("slapd's port did not become free");
+            }
         }
     }
 

@@ -22,7 +22,7 @@
 pub use coexist_base::{accept, certs, clock, dirlock, fsmode, metrics, proto, types};
 pub use coexist_core::{
     bounce, config, deliver, descriptors, directory, fleet, policy, queue, route, shadow, smtp,
-    spool,
+    spool, tracking,
 };
 pub use coexist_server::{admin, preflight, relay};
 

@@ -209,7 +209,13 @@ async fn a_node_that_cannot_be_asked_is_named_and_the_others_still_answer() {
         let admin = bin.admin();
         let nodes = [Target::http(down.addr), Target::http(admin)];
         let answers = tokio::task::spawn_blocking(move || {
-            coexist::cli::trace::ask_nodes(&nodes, TOKEN, None, "alice@nhs.test", 3600)
+            let ask = coexist::admin::client::TraceAsk {
+                field: coexist::admin::client::TraceField::Address,
+                value: "alice@nhs.test".into(),
+                since: Some(3600),
+                until: None,
+            };
+            coexist::cli::trace::ask_nodes(&nodes, TOKEN, None, &ask)
         })
         .await
         .unwrap();

@@ -1,36 +1,81 @@
-//! `coexist trace ADDRESS [--since 12h]`: where mail for an address went, on every node,
-//! with the origin of each routing decision (the directory's `file …` or `batch N`).
+//! `coexist trace [ADDRESS] [--sender S | --message-id M | --queue-id Q] [--since 12h]
+//! [--until 1h]`: what became of mail, on every node: received, routed (with the origin of
+//! the directory state: `file …`, `batch N`), each delivery attempt's outcome, DSNs, admin
+//! actions, takeovers.
 //!
-//! Each node answers from its own record of recent outcomes (`GET /v1/trace`,
-//! `queue.recent_outcomes`); the answers are merged into one list, oldest first, one line per
-//! outcome:
+//! Each node answers from its tracking log (`GET /v1/trace`; a node without the log answers
+//! a recipient search from its recent outcomes in memory); the answers are merged into one
+//! list, oldest first, one line per event:
 //!
 //! ```text
-//! 2026-11-25T10:00:03Z mx1.nhs.test 18B2F0C4A9D1E0001 delivered route=onprem hop=10.0.0.5:25 origin="file /etc/coexist/directory.csv" reply="250 2.0.0 Ok: queued as 4F1"
-//! 2026-11-25T18:42:10Z mx1.nhs.test 18B31D02B7C4F0003 deferred route=cloud hop=10.0.0.9:25 origin="batch 12" reply="451 4.3.0 try later"
+//! 2026-11-25T10:00:03.120Z mx1 18B2F0C4A9D1E0001 received from=bob@example.org to=alice@nhs.test size=1830 client=192.0.2.7:40122 tls=TLSv1.3 message_id=a1@example.org
+//! 2026-11-25T10:00:03.120Z mx1 18B2F0C4A9D1E0001 routed rcpt=alice@nhs.test state=cloud route=cloud origin="batch 12"
+//! 2026-11-25T10:00:03.410Z mx1 18B2F0C4A9D1E0001 delivered rcpt=alice@nhs.test route=cloud hop=10.0.0.9:25 origin="batch 12" reply="250 2.6.0 Queued mail for delivery"
 //! ```
 //!
-//! A node that cannot be asked is named on stderr and the others are still shown; the
-//! command fails only when no node answered.
+//! `--since` and `--until` take a duration back from now (`30m`, `12h`, `2d`) or a time
+//! (`2026-11-25T10:00:00Z`). A node that cannot be asked is named on stderr and the others
+//! are still shown; the command fails only when no node answered.
 
 use super::{load_config, Api};
-use crate::admin::client::{AdminClient, ClientError, Target};
-use crate::admin::types::{TraceEntry, TraceReply};
-use anyhow::Context;
+use crate::admin::client::{AdminClient, ClientError, Target, TraceAsk, TraceField};
+use crate::admin::types::{TraceEntry, TraceReply, TrackEvent, TrackKind};
 use std::path::Path;
 use std::time::Duration;
 
 /// Arguments of `coexist trace`.
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("key").required(true).args(["address", "sender", "message_id", "queue_id"])))]
 pub struct TraceArgs {
-    /// The recipient, as received or as sent to the next hop (case does not matter).
-    pub address: String,
-    /// How far back to look (e.g. 30m, 12h, 2d).
+    /// A recipient, as received or as sent to the next hop (case does not matter).
+    pub address: Option<String>,
+    /// Mail from this sender (reverse path).
+    #[arg(long)]
+    pub sender: Option<String>,
+    /// The message with this Message-ID header (angle brackets optional).
+    #[arg(long)]
+    pub message_id: Option<String>,
+    /// The message with this queue id (as a node's log or a 250 reply names it).
+    #[arg(long)]
+    pub queue_id: Option<String>,
+    /// Where the window starts: a duration back from now (30m, 12h, 2d) or a time
+    /// (2026-11-25T10:00:00Z).
     #[arg(long, default_value = "12h")]
     pub since: String,
+    /// Where the window ends (same forms; default now).
+    #[arg(long)]
+    pub until: Option<String>,
     /// Where the running server is.
     #[command(flatten)]
     pub api: Api,
+}
+
+impl TraceArgs {
+    /// The key asked about, as the API names it.
+    fn key(&self) -> (TraceField, &str) {
+        if let Some(s) = &self.sender {
+            (TraceField::Sender, s)
+        } else if let Some(m) = &self.message_id {
+            (TraceField::MessageId, m)
+        } else if let Some(q) = &self.queue_id {
+            (TraceField::QueueId, q)
+        } else {
+            (TraceField::Address, self.address.as_deref().unwrap_or(""))
+        }
+    }
+}
+
+/// Seconds back from `now` (Unix seconds) that `s` says: a duration, or a time.
+pub fn seconds_ago(s: &str, now: u64, flag: &str) -> anyhow::Result<u64> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(d.as_secs());
+    }
+    match chrono::DateTime::parse_from_rfc3339(s) {
+        Ok(t) => Ok(now.saturating_sub(u64::try_from(t.timestamp()).unwrap_or(0))),
+        Err(_) => anyhow::bail!(
+            "{flag} {s:?}: neither a duration such as 30m or 12h nor a time such as 2026-11-25T10:00:00Z"
+        ),
+    }
 }
 
 /// The admin APIs of the nodes to ask: in a fleet, every node of the nodes table (through
@@ -78,8 +123,7 @@ pub fn nodes(local: &AdminClient) -> Result<Vec<Target>, ClientError> {
 }
 
 /// Asks every node in `nodes` (in parallel, with `token`; https certificates checked
-/// against `ca_file` or the system roots) for the outcomes for `address` in the last
-/// `since` seconds; each node's answer or why it could not be asked, in the order of
+/// against `ca_file` or the system roots) the trace question `ask`; each node's answer or why it could not be asked, in the order of
 /// `nodes`. The first node is this config's own admin API (the admin chose its address);
 /// every other one is a peer from the nodes table and gets the token only over TLS or on
 /// loopback ([`AdminClient::for_peer`]).
@@ -87,8 +131,7 @@ pub fn ask_nodes(
     nodes: &[Target],
     token: &str,
     ca_file: Option<&Path>,
-    address: &str,
-    since: u64,
+    ask: &TraceAsk,
 ) -> Vec<(Target, Result<TraceReply, ClientError>)> {
     std::thread::scope(|s| {
         let asks: Vec<_> = nodes
@@ -102,7 +145,7 @@ pub fn ask_nodes(
                     } else {
                         AdminClient::for_peer(t, token.to_string(), timeout, ca_file)?
                     };
-                    client.trace(address, Some(since))
+                    client.trace_by(ask)
                 };
                 (t.clone(), s.spawn(ask))
             })
@@ -121,14 +164,27 @@ pub fn ask_nodes(
     })
 }
 
-/// Prints where mail for the address went on every node.
+/// Prints what became of the mail asked about, on every node.
 pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
-    let since = humantime::parse_duration(&args.since).with_context(|| {
-        format!(
-            "--since {:?}: not a duration such as 30m or 12h",
-            args.since
-        )
-    })?;
+    let now = crate::clock::now_secs();
+    let since = seconds_ago(&args.since, now, "--since")?;
+    let until = match &args.until {
+        Some(u) => seconds_ago(u, now, "--until")?,
+        None => 0,
+    };
+    anyhow::ensure!(
+        until <= since,
+        "--until {:?} is before --since {:?}",
+        args.until.as_deref().unwrap_or(""),
+        args.since
+    );
+    let (field, value) = args.key();
+    let ask = TraceAsk {
+        field,
+        value: value.to_string(),
+        since: Some(since),
+        until: Some(until),
+    };
     let config = load_config(args.api.config.as_ref())?;
     let local = AdminClient::from_config(&config)?;
     let admin = config.admin.as_ref().ok_or(ClientError::NoAdmin)?;
@@ -136,7 +192,7 @@ pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     let nodes = nodes(&local)?;
     let mut answers = Vec::new();
     let ca = admin.tls_ca_file.as_deref();
-    for (t, answer) in ask_nodes(&nodes, &token, ca, &args.address, since.as_secs()) {
+    for (t, answer) in ask_nodes(&nodes, &token, ca, &ask) {
         match answer {
             Ok(a) => answers.push(a),
             Err(e) => eprintln!("node {}: {e}", t.addr),
@@ -145,35 +201,105 @@ pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     if answers.is_empty() {
         anyhow::bail!("no node answered (asked {})", nodes.len());
     }
+    for a in answers.iter().filter(|a| a.truncated) {
+        eprintln!(
+            "node {}: more events matched than one answer carries; narrow the window (--since/--until)",
+            a.node
+        );
+    }
     let asked = nodes.len();
-    args.api.print(&answers, |a| {
-        trace_text(a, &args.address, &args.since, asked)
-    })
+    let what = format!("{} {value}", field.param().replace('_', "-"));
+    args.api
+        .print(&answers, |a| trace_text(a, &what, &args.since, asked))
 }
 
-/// One line per outcome across all answers, oldest first (by time, then in each node's
-/// order); a line saying so when there is none.
-pub fn trace_text(answers: &[TraceReply], address: &str, since: &str, asked: usize) -> String {
-    let mut lines: Vec<(&str, &TraceEntry)> = answers
-        .iter()
-        .flat_map(|a| a.entries.iter().rev().map(move |e| (a.node.as_str(), e)))
-        .collect();
-    // Stable: outcomes of one node in the same second keep their order.
-    lines.sort_by_key(|(_, e)| e.time);
+/// One line per event across all answers, oldest first (by time, then in each node's
+/// order): the tracking log's events, and the outcomes of nodes that answered from memory;
+/// a line saying so when there is none.
+pub fn trace_text(answers: &[TraceReply], what: &str, since: &str, asked: usize) -> String {
+    let mut lines: Vec<(u64, String)> = Vec::new();
+    for a in answers {
+        if a.source == "log" || !a.events.is_empty() {
+            lines.extend(a.events.iter().map(|e| (e.time_ms, event_line(&a.node, e))));
+        } else {
+            lines.extend(
+                a.entries
+                    .iter()
+                    .rev()
+                    .map(|e| (e.time * 1000, entry_line(&a.node, e))),
+            );
+        }
+    }
+    // Stable: events of one node at the same time keep their order.
+    lines.sort_by_key(|(t, _)| *t);
     if lines.is_empty() {
         return format!(
-            "no outcomes for {address} in the last {since} on {} of {asked} node(s)",
+            "nothing for {what} in the last {since} on {} of {asked} node(s)",
             answers.len()
         );
     }
     lines
-        .iter()
-        .map(|(node, e)| entry_line(node, e))
+        .into_iter()
+        .map(|(_, l)| l)
         .collect::<Vec<_>>()
         .join("\n")
 }
 
-/// `time node queue-id outcome route= hop= [sent_as=] origin= reply=`.
+/// A reply as one string: `code status text`.
+fn reply_text(code: Option<u16>, status: Option<&str>, text: &str) -> String {
+    let mut parts: Vec<String> = code.iter().map(|c| c.to_string()).collect();
+    parts.extend(status.map(str::to_string));
+    parts.push(text.to_string());
+    parts.join(" ")
+}
+
+/// `time node queue-id kind details`, the details as `key=value` by kind.
+pub fn event_line(node: &str, e: &TrackEvent) -> String {
+    let time = chrono::DateTime::from_timestamp_millis(e.time_ms as i64)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| e.time_ms.to_string());
+    let mut line = format!("{time} {node} {} {}", e.queue_id, e.kind);
+    let mut kv = |k: &str, v: &str| line.push_str(&format!(" {k}={v}"));
+    match e.kind {
+        TrackKind::Received => {
+            let from = e.sender.as_deref().unwrap_or("");
+            kv("from", if from.is_empty() { "<>" } else { from });
+            kv("to", &e.recipients.join(","));
+            kv("size", &e.size.unwrap_or(0).to_string());
+            kv("client", e.client.as_deref().unwrap_or("-"));
+            kv("tls", e.tls.as_deref().unwrap_or("-"));
+            kv("message_id", e.message_id.as_deref().unwrap_or("-"));
+        }
+        TrackKind::Dsn => kv("dsn", e.related.as_deref().unwrap_or("-")),
+        TrackKind::Held | TrackKind::Released => {}
+        _ => {
+            kv("rcpt", e.rcpt.as_deref().unwrap_or("-"));
+            if let Some(s) = &e.state {
+                kv("state", s);
+            }
+            if e.kind != TrackKind::TakenOver {
+                kv("route", e.route.as_deref().unwrap_or("-"));
+            }
+            if e.kind != TrackKind::Routed && e.kind != TrackKind::TakenOver {
+                kv("hop", e.next_hop.as_deref().unwrap_or("-"));
+            }
+            if let Some(s) = &e.sent_as {
+                kv("sent_as", s);
+            }
+            kv("origin", &format!("{:?}", e.origin.as_deref().unwrap_or("")));
+            if let Some(r) = &e.reply {
+                kv(
+                    "reply",
+                    &format!("{:?}", reply_text(r.code, r.status.as_deref(), &r.text)),
+                );
+            }
+        }
+    }
+    line
+}
+
+/// `time node queue-id outcome route= hop= [sent_as=] origin= reply=` (an answer from a
+/// node's recent outcomes in memory).
 fn entry_line(node: &str, e: &TraceEntry) -> String {
     let time = chrono::DateTime::from_timestamp(e.time as i64, 0)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
@@ -188,12 +314,10 @@ fn entry_line(node: &str, e: &TraceEntry) -> String {
     if let Some(s) = &e.sent_as {
         line.push_str(&format!(" sent_as={s}"));
     }
-    let reply = e.reply.as_ref().map(|r| {
-        let mut parts: Vec<String> = r.code.iter().map(|c| c.to_string()).collect();
-        parts.extend(r.status.clone());
-        parts.push(r.text.clone());
-        parts.join(" ")
-    });
+    let reply = e
+        .reply
+        .as_ref()
+        .map(|r| reply_text(r.code, r.status.as_deref(), &r.text));
     line.push_str(&format!(" origin={:?}", e.origin));
     line.push_str(&format!(" reply={:?}", reply.unwrap_or_default()));
     line
@@ -231,6 +355,9 @@ mod tests {
                 entry(1_800_000_100, "B", Outcome::Delivered, "batch 3"),
                 entry(1_800_000_100, "A", Outcome::Deferred, "batch 3"),
             ],
+            events: vec![],
+            source: "memory".into(),
+            truncated: false,
         };
         let mut old = entry(1_800_000_050, "C", Outcome::Deleted, "file d.csv");
         old.route = None;
@@ -240,9 +367,12 @@ mod tests {
         let mx2 = TraceReply {
             node: "mx2".into(),
             entries: vec![old],
+            events: vec![],
+            source: "memory".into(),
+            truncated: false,
         };
         assert_eq!(
-            trace_text(&[mx1, mx2], "alice@nhs.test", "12h", 2),
+            trace_text(&[mx1, mx2], "address alice@nhs.test", "12h", 2),
             "2027-01-15T08:00:50Z mx2 C deleted route=- hop=- sent_as=alice@tenant.test origin=\"file d.csv\" reply=\"\"\n\
              2027-01-15T08:01:40Z mx1 A deferred route=cloud hop=127.0.0.1:2602 origin=\"batch 3\" reply=\"250 2.0.0 Ok\"\n\
              2027-01-15T08:01:40Z mx1 B delivered route=cloud hop=127.0.0.1:2602 origin=\"batch 3\" reply=\"250 2.0.0 Ok\""
@@ -254,10 +384,13 @@ mod tests {
         let a = TraceReply {
             node: "mx1".into(),
             entries: vec![],
+            events: vec![],
+            source: "log".into(),
+            truncated: false,
         };
         assert_eq!(
-            trace_text(&[a], "x@nhs.test", "1h", 2),
-            "no outcomes for x@nhs.test in the last 1h on 1 of 2 node(s)"
+            trace_text(&[a], "address x@nhs.test", "1h", 2),
+            "nothing for address x@nhs.test in the last 1h on 1 of 2 node(s)"
         );
     }
 }

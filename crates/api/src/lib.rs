@@ -12,7 +12,9 @@
 // Unit tests set up and inspect files directly (clippy.toml's list is for the relay's code).
 #![cfg_attr(test, allow(clippy::disallowed_methods))]
 
-use coexist_core::{certs, config, deliver, directory, fleet, policy, queue, route, shadow};
+use coexist_core::{
+    certs, config, deliver, directory, fleet, policy, queue, route, shadow, tracking,
+};
 
 pub mod client;
 pub mod types;

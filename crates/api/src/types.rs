@@ -47,6 +47,7 @@ pub use crate::queue::rate::{MinuteCounts, ReasonCount};
 pub use crate::queue::recent::Outcome;
 pub use crate::queue::{MessageView, QueueShape, RcptView, RouteShape};
 pub use crate::shadow::Resubmitted;
+pub use crate::tracking::{Event as TrackEvent, EventReply, Kind as TrackKind};
 
 /// `GET /v1/overview`: what the console's overview shows, in one answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -277,6 +278,18 @@ pub struct TraceReply {
     /// The outcomes for the address (as received or as sent, ignoring case) in the last
     /// `since` seconds (default [`TraceReply::DEFAULT_SINCE`]), newest first.
     pub entries: Vec<TraceEntry>,
+    /// Every event of the tracking log that matched (received, routed, each outcome, DSNs,
+    /// admin actions, takeovers), oldest first, each with this node's name. Empty on a node
+    /// without the log.
+    #[serde(default)]
+    pub events: Vec<TrackEvent>,
+    /// Where the answer comes from: `log` (the tracking log) or `memory` (the recent
+    /// outcomes of a node without the log, which start empty at each start).
+    #[serde(default)]
+    pub source: String,
+    /// More events matched than one answer carries (the oldest are given).
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 impl TraceReply {
@@ -318,6 +331,38 @@ pub struct OutcomeReply {
     pub status: Option<String>,
     /// The text, lines separated by `\n`.
     pub text: String,
+}
+
+impl TraceEntry {
+    /// The entry of a tracking event that is a recipient's outcome (`None` for the others:
+    /// received, routed, DSN, hold, release).
+    pub fn of_event(e: &TrackEvent) -> Option<TraceEntry> {
+        use crate::tracking::Kind;
+        let outcome = match e.kind {
+            Kind::Delivered => Outcome::Delivered,
+            Kind::Deferred => Outcome::Deferred,
+            Kind::Bounced => Outcome::Bounced,
+            Kind::Expired => Outcome::Expired,
+            Kind::Deleted => Outcome::Deleted,
+            Kind::TakenOver => Outcome::TakenOver,
+            _ => return None,
+        };
+        Some(TraceEntry {
+            time: e.time_ms / 1000,
+            queue_id: e.queue_id.clone(),
+            recipient: e.rcpt.clone().unwrap_or_default(),
+            sent_as: e.sent_as.clone(),
+            route: e.route.clone(),
+            next_hop: e.next_hop.clone(),
+            outcome,
+            reply: e.reply.as_ref().map(|r| OutcomeReply {
+                code: r.code,
+                status: r.status.clone(),
+                text: r.text.clone(),
+            }),
+            origin: e.origin.clone().unwrap_or_default(),
+        })
+    }
 }
 
 impl From<&crate::queue::recent::RecentOutcome> for TraceEntry {

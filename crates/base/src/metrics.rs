@@ -90,6 +90,13 @@ pub const SHADOW_TAKEN: &str = "coexist_shadow_taken_total";
 pub const SHADOW_DROPPED: &str = "coexist_shadow_dropped_total";
 /// 1 while this node holds its lease (may deliver its shadowed mail), 0 while fenced.
 pub const SHADOW_LEASE_HELD: &str = "coexist_shadow_lease_held";
+/// Events written to the tracking log.
+pub const TRACKING_EVENTS: &str = "coexist_tracking_events_total";
+/// Events of the tracking log lost: its queue was full (`reason="full"`) or its disk write
+/// failed (`reason="write"`).
+pub const TRACKING_LOST: &str = "coexist_tracking_lost_total";
+/// Bytes the tracking log's files take.
+pub const TRACKING_BYTES: &str = "coexist_tracking_bytes";
 /// 1 while the last shadow copy could be stored (NATS JetStream reachable).
 pub const SHADOW_UP: &str = "coexist_shadow_up";
 /// 1 while the directory's source can be read (always 1 for the file source; the LDAP

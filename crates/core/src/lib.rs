@@ -29,3 +29,4 @@ pub mod route;
 pub mod shadow;
 pub mod smtp;
 pub mod spool;
+pub mod tracking;

@@ -15,7 +15,7 @@
 pub use coexist_base::{accept, certs, clock, dirlock, fsmode, metrics, proto, types};
 pub use coexist_core::{
     bounce, config, deliver, descriptors, directory, fleet, policy, queue, route, shadow, smtp,
-    spool,
+    spool, tracking,
 };
 
 pub mod admin;

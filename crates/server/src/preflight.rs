@@ -65,6 +65,9 @@ pub enum StartError {
     /// The shadow copies (NATS JetStream) could not be set up.
     #[error("shadow: {0}")]
     Shadow(#[from] crate::shadow::ShadowError),
+    /// The tracking log's folder could not be opened.
+    #[error("tracking log {0}: {1}")]
+    Tracking(std::path::PathBuf, std::io::Error),
     /// The admin API could not start.
     #[error("admin API: {0}")]
     Admin(#[from] crate::admin::AdminError),

@@ -23,6 +23,7 @@ use crate::shadow::Shadowing;
 use crate::smtp::server::ServerControl;
 use crate::smtp::{server, tls, Handler, Incoming, Peer, SessionConfig};
 use crate::spool::{Envelope, Spool, SpoolError};
+use crate::tracking::{sink::Tee, Tracking};
 use crate::types::Address;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -74,8 +75,10 @@ pub struct Control {
     pub shadow: Option<Arc<Shadowing>>,
     /// The outbound side (pool, resolver, route TLS, next-hop states).
     pub outbound: Arc<Transport>,
-    /// The outcome sink the queue reports to (recent outcomes, per-minute rates).
+    /// The per-minute rates, and the recent outcomes when there is no tracking log.
     pub outcomes: Arc<Recorder>,
+    /// The tracking log (`[tracking]`), if on.
+    pub tracking: Option<Arc<Tracking>>,
     hop_routes: Arc<HopRoutes>,
     spool: Arc<Spool>,
     /// Where directory changes go (this node's directory, or the fleet's log).
@@ -196,6 +199,9 @@ impl crate::admin::Controls for Control {
     }
     fn outcomes(&self) -> &Recorder {
         &self.outcomes
+    }
+    fn tracking(&self) -> Option<&Arc<Tracking>> {
+        self.tracking.as_ref()
     }
     fn outbound(&self) -> &Transport {
         &self.outbound
@@ -413,7 +419,30 @@ pub async fn start_with_clock(
     let config = Arc::new(config);
     // The queue's collaborators, built here and handed to it.
     let outbound = Arc::new(Transport::new(&config, found.route_tls)?);
-    let outcomes = Arc::new(Recorder::new(config.queue.recent_outcomes));
+    // The tracking log; with it, trace reads the log and no recent outcomes are kept in
+    // memory (`queue.recent_outcomes` is for a node without the log).
+    let tracking = if config.tracking.enabled {
+        let dir = config.tracking_dir();
+        let tc = config.tracking.clone();
+        let t = tokio::task::spawn_blocking(move || {
+            Tracking::open(&dir, &tc).map_err(|e| StartError::Tracking(dir, e))
+        })
+        .await
+        .map_err(|e| StartError::Task(e.to_string()))??;
+        Some(Arc::new(t))
+    } else {
+        None
+    };
+    let recent = if tracking.is_some() {
+        0
+    } else {
+        config.queue.recent_outcomes
+    };
+    let outcomes = Arc::new(Recorder::new(recent));
+    let sink = Arc::new(Tee {
+        recorder: outcomes.clone(),
+        tracking: tracking.clone(),
+    });
     let hop_routes = Arc::new(HopRoutes::new(&config));
     // With [shadow] the gate starts closed: nothing is delivered before the lease is held
     // and what survivors took from this node is dropped.
@@ -424,7 +453,7 @@ pub async fn start_with_clock(
             spool: spool.clone(),
             directory: directory.clone(),
             outbound: outbound.clone(),
-            outcomes: outcomes.clone(),
+            outcomes: sink,
             hop_routes: hop_routes.clone(),
             clock,
             gate: gate.clone(),
@@ -467,6 +496,7 @@ pub async fn start_with_clock(
         spool: spool.clone(),
         queue: queue.clone(),
         hop_routes: hop_routes.clone(),
+        tracking: tracking.clone(),
     });
     let server = Arc::new(ServerControl::new(
         SessionConfig::from_config(
@@ -488,6 +518,7 @@ pub async fn start_with_clock(
         shadow: shadowing,
         outbound,
         outcomes,
+        tracking,
         hop_routes,
         spool,
         writer,

@@ -21,7 +21,7 @@ mod warnings;
 pub use schema::{
     AdminConfig, BounceConfig, DeliveryConfig, DirectoryConfig, DnsConfig, FleetConfig, LdapConfig,
     LdapFlavor, MtaStsConfig, OnFailure, PolicyConfig, QueueConfig, RouteConfig, ServerConfig,
-    ShadowConfig, SpoolConfig, TlsConfig,
+    ShadowConfig, SpoolConfig, TlsConfig, TrackingConfig,
 };
 pub use values::{NextHop, Percent, PublicUrl, TlsPolicy, Unknown, ValueError};
 pub use warnings::ConfigWarning;
@@ -110,9 +110,20 @@ pub struct Config {
     /// queue (needs `[fleet]`); absent: the local spool only.
     #[serde(default)]
     pub shadow: Option<ShadowConfig>,
+    /// The message tracking log (on by default).
+    #[serde(default)]
+    pub tracking: TrackingConfig,
 }
 
 impl Config {
+    /// The folder of the tracking log: `tracking.dir`, else `tracking` under `spool.dir`.
+    pub fn tracking_dir(&self) -> std::path::PathBuf {
+        self.tracking
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.spool.dir.join("tracking"))
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Config::load_with_warnings(path).map(|(c, _)| c)

@@ -12,10 +12,12 @@ use std::time::Duration;
 mod directory;
 mod route;
 mod shadow;
+mod tracking;
 
 pub use directory::{DirectoryConfig, LdapConfig, LdapFlavor};
 pub use route::RouteConfig;
 pub use shadow::{OnFailure, ShadowConfig};
+pub use tracking::TrackingConfig;
 
 /// `[dns]`: which name servers answer MX and address lookups.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]

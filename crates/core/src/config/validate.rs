@@ -128,6 +128,23 @@ impl Config {
         if let Some(sh) = &self.shadow {
             self.validate_shadow(sh, &fail)?;
         }
+        let t = &self.tracking;
+        if t.max_age < std::time::Duration::from_secs(60) {
+            return Err(fail("tracking", "max_age", "must be at least 1m".into()));
+        }
+        if t.max_file < 1 << 20 {
+            return Err(fail("tracking", "max_file", "must be at least 1M".into()));
+        }
+        if t.max_size < 2 * t.max_file {
+            return Err(fail(
+                "tracking",
+                "max_size",
+                format!(
+                    "must be at least twice tracking.max_file ({} bytes): the open file and one sealed one",
+                    t.max_file
+                ),
+            ));
+        }
         if self.server.accepted_domains.is_empty() {
             return Err(fail(
                 "server",

@@ -386,9 +386,12 @@ pub(super) fn record(
         }
         None => "",
     };
+    let now_ms = inner.clock.now_ms();
     inner.outcomes.report(&Reported {
-        time: inner.clock.now_secs(),
+        time: now_ms / 1000,
+        time_ms: now_ms,
         queue_id: &env.id,
+        sender: env.from.as_ref(),
         rcpt,
         sent_as: told.sent_as,
         route: told.route,

@@ -195,6 +195,13 @@ async fn spool_dsn(
     };
     let body = Arc::new(body);
     let loc = inner.spool.store_generated(&dsn_env, body.clone()).await?;
+    inner.outcomes.note(&super::outcomes::Noted {
+        time_ms: inner.clock.now_ms(),
+        kind: super::outcomes::NotedKind::Dsn,
+        queue_id: &env.id,
+        related: Some(&dsn_env.id),
+        sender: env.from.as_ref(),
+    });
     Queue {
         inner: inner.clone(),
     }

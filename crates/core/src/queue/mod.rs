@@ -353,9 +353,12 @@ impl Queue {
             };
             let origin = format!("{how} {} (queue id {} there)", t.node, t.queue_id);
             for rcpt in &env.rcpts {
+                let now_ms = self.inner.clock.now_ms();
                 self.inner.outcomes.report(&outcomes::Reported {
-                    time: self.inner.clock.now_secs(),
+                    time: now_ms / 1000,
+                    time_ms: now_ms,
                     queue_id: &env.id,
+                    sender: env.from.as_ref(),
                     rcpt,
                     sent_as: None,
                     route: None,
@@ -470,10 +473,24 @@ impl Queue {
         Ok(())
     }
 
+    /// Reports an admin's hold or release of `id` to the outcome sink.
+    fn note_admin(&self, id: &str, kind: outcomes::NotedKind) {
+        if let Some(qid) = crate::types::QueueId::from_file_stem(id) {
+            self.inner.outcomes.note(&outcomes::Noted {
+                time_ms: self.inner.clock.now_ms(),
+                kind,
+                queue_id: &qid,
+                related: None,
+                sender: None,
+            });
+        }
+    }
+
     /// Holds a message: no attempts until released (kept across restarts).
     pub fn hold(&self, id: &str) -> Result<(), QueueError> {
         self.ask(id, Asks::HOLD)?;
         info!(qid = id, "held by admin");
+        self.note_admin(id, outcomes::NotedKind::Held);
         Ok(())
     }
 
@@ -481,6 +498,7 @@ impl Queue {
     pub fn release(&self, id: &str) -> Result<(), QueueError> {
         self.ask(id, Asks::RELEASE)?;
         info!(qid = id, "released by admin");
+        self.note_admin(id, outcomes::NotedKind::Released);
         Ok(())
     }
 

@@ -16,8 +16,12 @@ use std::net::SocketAddr;
 pub struct Reported<'a> {
     /// Unix time (seconds) of the outcome, by the queue's clock.
     pub time: u64,
+    /// The same time in milliseconds.
+    pub time_ms: u64,
     /// The message's queue id.
     pub queue_id: &'a QueueId,
+    /// The message's reverse path (`None` for `<>`).
+    pub sender: Option<&'a Address>,
     /// The recipient as the message was received for it.
     pub rcpt: &'a Address,
     /// The recipient as sent to the next hop, when the route rewrote it.
@@ -47,4 +51,34 @@ pub trait OutcomeSink: Send + Sync {
     /// Takes one recipient's outcome. Called on the delivery path: must be quick and must
     /// not block on I/O.
     fn report(&self, outcome: &Reported<'_>);
+
+    /// Takes a message's event that is not a recipient's outcome (an admin's hold or
+    /// release, a DSN sent). Quick, like [`OutcomeSink::report`]. Default: ignored.
+    fn note(&self, _noted: &Noted<'_>) {}
+}
+
+/// What a [`Noted`] event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotedKind {
+    /// Held by an admin.
+    Held,
+    /// Released by an admin.
+    Released,
+    /// A DSN about the message was queued (its queue id in `related`).
+    Dsn,
+}
+
+/// A message's event that is not a recipient's outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct Noted<'a> {
+    /// Unix time in milliseconds, by the queue's clock.
+    pub time_ms: u64,
+    /// What happened.
+    pub kind: NotedKind,
+    /// The message's queue id.
+    pub queue_id: &'a QueueId,
+    /// A related message: the DSN's queue id.
+    pub related: Option<&'a QueueId>,
+    /// The message's reverse path, when known.
+    pub sender: Option<&'a Address>,
 }

@@ -36,6 +36,8 @@ pub trait Controls: Send + Sync + 'static {
     /// What the queue reports outcomes to: the recent outcomes (`coexist trace`) and the
     /// per-minute rates (the console).
     fn outcomes(&self) -> &Recorder;
+    /// The tracking log, when it is on.
+    fn tracking(&self) -> Option<&std::sync::Arc<crate::tracking::Tracking>>;
     /// The outbound side: the next hops' states.
     fn outbound(&self) -> &Transport;
     /// The spool's commit counters (syncs, records) and segment files.

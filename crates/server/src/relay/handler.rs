@@ -13,9 +13,38 @@ pub struct RelayHandler {
     pub(super) queue: Queue,
     /// The loop guard's memory of which routes send from which address.
     pub(super) hop_routes: Arc<HopRoutes>,
+    /// The tracking log, when on: a `received` event and a `routed` one per recipient for
+    /// each message accepted.
+    pub(super) tracking: Option<Arc<Tracking>>,
 }
 
 impl RelayHandler {
+    /// Logs the reception of `env` (just spooled) and each recipient's route as the
+    /// directory gives it now, with where its state came from.
+    fn track(&self, t: &Tracking, env: &Envelope, tls: Option<&str>, body: &[u8]) {
+        use crate::tracking::{event, Event, Kind};
+        let now = crate::clock::now_ms();
+        let sender = env.from.as_ref().map(|a| a.to_string()).unwrap_or_default();
+        let mut e = Event::new(now, Kind::Received, env.id.as_str());
+        e.client = Some(env.client.clone());
+        e.tls = Some(tls.unwrap_or("none").to_string());
+        e.size = Some(env.size);
+        e.message_id = event::message_id(body);
+        e.sender = Some(sender.clone());
+        e.recipients = env.rcpts.iter().map(|a| a.to_string()).collect();
+        t.log(e);
+        for r in &env.rcpts {
+            let l = self.directory.lookup(r);
+            let mut e = Event::new(now, Kind::Routed, env.id.as_str());
+            e.sender = Some(sender.clone());
+            e.rcpt = Some(r.to_string());
+            e.state = l.state;
+            e.origin = Some(l.origin);
+            e.route = l.route;
+            t.log(e);
+        }
+    }
+
     /// The directory's answer for `a`, timed.
     fn resolve(&self, a: &Address) -> Resolution {
         let t0 = Instant::now();
@@ -149,6 +178,9 @@ impl Handler for RelayHandler {
                     tls = msg.peer.tls.as_deref().unwrap_or("none"),
                     "queued"
                 );
+                if let Some(t) = &self.tracking {
+                    self.track(t, &env, msg.peer.tls.as_deref(), &body);
+                }
                 let reply = Reply::owned(250, "2.0.0", format!("Ok: queued as {}", env.id));
                 self.queue.submit(env, loc, Some(body));
                 reply

@@ -8,7 +8,7 @@
 //! no JSON payload can look like the start of a record.
 //!
 //! Framing is what makes the log crash-safe; it is read and recovered by the rules of every
-//! framed file ([`crate::spool::framed`]; this file is its [`LogFormat`]). A record is written
+//! framed file ([`crate::spool::framed`]; this file is its [`LOG_FORMAT`]). A record is written
 //! at the end of the last whole record and fsynced before the change takes effect, so each
 //! record is a commit turn of its own and only the last one can be torn (a crash or a full
 //! disk mid-append): at open a damaged record with no whole record after it is a torn tail,
@@ -29,7 +29,7 @@
 use super::super::DirectoryError;
 use super::{corrupt, Store};
 use crate::directory::io_err;
-use crate::spool::framed::{self, Check, Framing, Shape, Turns};
+use crate::spool::framed::{self, Check, Shape, Simple};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -39,12 +39,19 @@ use tracing::{error, info, warn};
 
 /// First bytes of a change log in format 2 (framed records).
 pub(super) const LOG_MAGIC: &[u8; 8] = b"COEXLOG2";
-/// First bytes of each record; 0xC0 never occurs in UTF-8 text.
-const REC_MAGIC: [u8; 4] = [0xC0, b'L', b'O', b'G'];
-/// Record header: marker, payload length, payload CRC32, header CRC32.
-const REC_HEADER: u64 = 16;
-/// Largest record (a batch of several million mailboxes fits).
-const MAX_RECORD: u64 = 1 << 30;
+/// The change log's layout as a framed file: 16-byte headers with their own checksum, a
+/// JSON payload, one record per commit turn, no stand-in record (an applied change cannot
+/// be skipped). The record marker `C0 4C 4F 47`: 0xC0 never occurs in UTF-8 text. Records
+/// hold at most 1 GiB (a batch of several million mailboxes fits).
+pub(super) const LOG_FORMAT: Simple = Simple {
+    magic: LOG_MAGIC,
+    marker: [0xC0, b'L', b'O', b'G'],
+    max_record: 1 << 30,
+};
+/// Record header length.
+const REC_HEADER: u64 = Simple::HEADER;
+/// Largest record.
+const MAX_RECORD: u64 = LOG_FORMAT.max_record;
 /// Name of the change log in the store directory.
 pub(super) const LOG_NAME: &str = "changes.log";
 /// Folder of the store directory where damaged bytes of the change log are kept.
@@ -57,80 +64,10 @@ pub(super) struct RecordPos {
     pub(super) offset: u64,
 }
 
-/// A decoded record header: payload length and checksum.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct RecHeader {
-    len: u32,
-    crc: u32,
-}
-
-/// The change log's layout as a framed file: 16-byte headers with their own checksum, a
-/// JSON payload, one record per commit turn, no stand-in record (an applied change cannot
-/// be skipped).
-pub(super) struct LogFormat;
-
-impl Framing for LogFormat {
-    type Header = RecHeader;
-    const HEADER_LEN: usize = REC_HEADER as usize;
-
-    fn data_start(&self) -> u64 {
-        LOG_MAGIC.len() as u64
-    }
-    fn marker(&self) -> [u8; 4] {
-        REC_MAGIC
-    }
-    fn decode(&self, h: &[u8]) -> Option<RecHeader> {
-        if h.len() != REC_HEADER as usize || h[..4] != REC_MAGIC {
-            return None;
-        }
-        let word = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-        if crc32fast::hash(&h[..12]) != word(12) || u64::from(word(4)) > MAX_RECORD {
-            return None;
-        }
-        Some(RecHeader {
-            len: word(4),
-            crc: word(8),
-        })
-    }
-    fn meta_len(&self, _h: &RecHeader) -> u64 {
-        0
-    }
-    fn body_len(&self, h: &RecHeader) -> u64 {
-        h.len.into()
-    }
-    fn meta_ok(&self, _h: &RecHeader, _meta: &[u8]) -> bool {
-        true
-    }
-    fn body_ok(&self, h: &RecHeader, body: &[u8]) -> bool {
-        crc32fast::hash(body) == h.crc
-    }
-    fn ends_turn(&self, _h: &RecHeader) -> bool {
-        true
-    }
-    fn turns(&self) -> Turns {
-        Turns::EachRecord
-    }
-    fn filler(&self, _len: u64) -> Option<Vec<u8>> {
-        None
-    }
-}
-
-/// The framed form of `payload`.
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut rec = Vec::with_capacity(REC_HEADER as usize + payload.len());
-    rec.extend_from_slice(&REC_MAGIC);
-    rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    rec.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    let hcrc = crc32fast::hash(&rec);
-    rec.extend_from_slice(&hcrc.to_le_bytes());
-    rec.extend_from_slice(payload);
-    rec
-}
-
 /// The payload of the whole record at `off` of `f` (whose records end at `end`).
 fn read_record(f: &File, path: &Path, off: u64, end: u64) -> Result<Vec<u8>, DirectoryError> {
     let mut payload = Vec::new();
-    match framed::check_at(&LogFormat, f, off, end, &mut payload).map_err(io_err(path))? {
+    match framed::check_at(&LOG_FORMAT, f, off, end, &mut payload).map_err(io_err(path))? {
         Check::Whole(_) => Ok(payload),
         Check::Bad { reason, .. } => Err(corrupt(path, off, reason.to_string())),
     }
@@ -252,7 +189,7 @@ impl Store {
             sealed: false,
             end: None,
         };
-        let scan = framed::scan(&LogFormat, &self.log, &path, shape).map_err(io_err(&path))?;
+        let scan = framed::scan(&LOG_FORMAT, &self.log, &path, shape).map_err(io_err(&path))?;
         if let Some(d) = scan.damaged.iter().find(|d| !d.torn) {
             return Err(corrupt(
                 &path,
@@ -322,7 +259,7 @@ impl Store {
             framed::cut(&self.log, self.end).map_err(io_err(&path))?;
             self.dirty = false;
         }
-        let rec = frame(&payload);
+        let rec = LOG_FORMAT.frame(&payload);
         let res = self
             .log
             .write_all_at(&rec, self.end)
@@ -410,7 +347,7 @@ pub(super) fn convert_v1(dir: &Path, path: &Path) -> Result<(), DirectoryError> 
     let mut out = LOG_MAGIC.to_vec();
     for c in &changes {
         let payload = serde_json::to_vec(c).map_err(|e| io_err(&tmp)(io::Error::other(e)))?;
-        out.extend_from_slice(&frame(&payload));
+        out.extend_from_slice(&LOG_FORMAT.frame(&payload));
     }
     let write = || -> io::Result<()> {
         let mut f = crate::fsmode::create(&tmp)?;

@@ -40,9 +40,11 @@
 
 mod aside;
 mod scan;
+mod simple;
 
 pub use aside::{cut, fill, keep_aside, AsideError};
 pub use scan::{check_at, read_at_most, scan, walk, Check, Next, Scan, Stop};
+pub use simple::{Simple, SimpleHeader};
 
 use std::path::PathBuf;
 

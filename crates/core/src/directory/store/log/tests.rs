@@ -75,7 +75,7 @@ fn torn_tails_are_cut_back_to_the_last_whole_record() {
     store.append(&change(2)).unwrap();
     drop(store);
     let whole = fs::read(&path).unwrap();
-    let mut last = frame(&serde_json::to_vec(&change(3)).unwrap());
+    let mut last = LOG_FORMAT.frame(&serde_json::to_vec(&change(3)).unwrap());
     let n = last.len();
     last[n - 3] ^= 0x55;
     let tails: Vec<Vec<u8>> = vec![

@@ -148,7 +148,7 @@ async fn trace_shows_each_delivery_with_its_route_next_hop_reply_and_origin() {
     let l1 = out.lines().nth(line(&first, "delivered")).unwrap();
     assert!(
         l1.contains(&format!(
-            "{node} {first} delivered route=onprem hop={} origin={:?} reply=\"250 2.0.0 ",
+            "{node} {first} delivered rcpt=alice@nhs.test route=onprem hop={} origin={:?} reply=\"250 2.0.0 ",
             onprem.addr,
             format!("file {file}")
         )),
@@ -157,7 +157,7 @@ async fn trace_shows_each_delivery_with_its_route_next_hop_reply_and_origin() {
     let l2 = out.lines().nth(line(&second, "delivered")).unwrap();
     assert!(
         l2.contains(&format!(
-            "{node} {second} delivered route=cloud hop={} origin=\"batch 1\" reply=\"250 2.0.0 ",
+            "{node} {second} delivered rcpt=alice@nhs.test route=cloud hop={} origin=\"batch 1\" reply=\"250 2.0.0 ",
             cloud.addr
         )),
         "{l2}"
@@ -165,7 +165,7 @@ async fn trace_shows_each_delivery_with_its_route_next_hop_reply_and_origin() {
     let l3 = out.lines().nth(line(&third, "bounced")).unwrap();
     assert!(
         l3.ends_with(&format!(
-            "{third} bounced route=cloud hop={} origin=\"batch 1\" reply=\"554 5.6.0 Sink: rejecting on request\"",
+            "{third} bounced rcpt=alice@nhs.test route=cloud hop={} origin=\"batch 1\" reply=\"554 5.6.0 Sink: rejecting on request\"",
             cloud.addr
         )),
         "{l3}"
@@ -191,7 +191,7 @@ async fn trace_shows_each_delivery_with_its_route_next_hop_reply_and_origin() {
     assert!(ok, "{err}");
     assert_eq!(
         out.trim(),
-        "no outcomes for bob@nhs.test in the last 12h on 1 of 1 node(s)"
+        "nothing for address bob@nhs.test in the last 12h on 1 of 1 node(s)"
     );
 }
 

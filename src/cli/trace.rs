@@ -286,7 +286,10 @@ pub fn event_line(node: &str, e: &TrackEvent) -> String {
             if let Some(s) = &e.sent_as {
                 kv("sent_as", s);
             }
-            kv("origin", &format!("{:?}", e.origin.as_deref().unwrap_or("")));
+            kv(
+                "origin",
+                &format!("{:?}", e.origin.as_deref().unwrap_or("")),
+            );
             if let Some(r) = &e.reply {
                 kv(
                     "reply",

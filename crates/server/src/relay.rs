@@ -315,6 +315,10 @@ impl Running {
         while self.control.open_sessions() > 0 && t0.elapsed() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The tracking log's last events written and its file sealed (indexed).
+        if let Some(t) = self.control.tracking.clone() {
+            let _ = tokio::task::spawn_blocking(move || t.close()).await;
+        }
         let unwritten = self.queue.stats().unwritten;
         if unwritten > 0 {
             error!(messages = unwritten, "stopping with delivery outcomes the spool could not write (disk full or failing): after the restart these messages resume from their last written state, and recipients that already have them may get them again");

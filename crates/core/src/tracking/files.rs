@@ -43,7 +43,10 @@ pub fn idx_path(log: &Path) -> PathBuf {
 
 /// The start time of a log file from its name.
 fn start_of(name: &str) -> Option<u64> {
-    name.strip_prefix("track-")?.strip_suffix(".log")?.parse().ok()
+    name.strip_prefix("track-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
 }
 
 /// One log file of the folder.
@@ -175,8 +178,7 @@ impl IndexBuilder {
             n_keys: self.keys.len() as u64,
             n_counts: counts.len() as u64,
         };
-        let mut out =
-            Vec::with_capacity((IDX_HEADER + ENTRY * (h.n_keys + h.n_counts)) as usize);
+        let mut out = Vec::with_capacity((IDX_HEADER + ENTRY * (h.n_keys + h.n_counts)) as usize);
         out.extend_from_slice(IDX_MAGIC);
         for v in [h.first_ms, h.last_ms, h.events, h.n_keys, h.n_counts] {
             out.extend_from_slice(&v.to_le_bytes());

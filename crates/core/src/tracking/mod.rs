@@ -58,7 +58,13 @@ impl Shared {
     /// (never the open file).
     fn retain(&self) {
         let now = crate::clock::now_ms();
-        match retain(&self.dir, self.open().map(|o| o.0), now, self.max_age, self.max_size) {
+        match retain(
+            &self.dir,
+            self.open().map(|o| o.0),
+            now,
+            self.max_age,
+            self.max_size,
+        ) {
             Ok(r) => {
                 metrics::gauge!(m::TRACKING_BYTES).set(r.kept_bytes as f64);
                 if r.deleted > 0 {
@@ -70,7 +76,9 @@ impl Shared {
                     );
                 }
             }
-            Err(e) => warn!(dir = %self.dir.display(), error = %e, "tracking log: retention could not run"),
+            Err(e) => {
+                warn!(dir = %self.dir.display(), error = %e, "tracking log: retention could not run")
+            }
         }
     }
 }
@@ -208,7 +216,13 @@ impl Tracking {
         since_ms: u64,
         until_ms: u64,
     ) -> io::Result<Vec<u64>> {
-        search::received_counts(&self.shared.dir, self.shared.open(), addrs, since_ms, until_ms)
+        search::received_counts(
+            &self.shared.dir,
+            self.shared.open(),
+            addrs,
+            since_ms,
+            until_ms,
+        )
     }
 }
 

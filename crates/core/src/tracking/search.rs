@@ -98,9 +98,15 @@ pub fn search(dir: &Path, open: Option<(PathBuf, u64)>, q: &Query) -> io::Result
         Role::MessageId => super::event::trim_id(&q.value),
         _ => q.value.as_str(),
     };
-    let mut found = find(dir, open.as_ref(), needle, key.hash(), q.since_ms, q.until_ms, |e| {
-        e.matches(q.role, &q.value)
-    })?;
+    let mut found = find(
+        dir,
+        open.as_ref(),
+        needle,
+        key.hash(),
+        q.since_ms,
+        q.until_ms,
+        |e| e.matches(q.role, &q.value),
+    )?;
     if q.role == Role::MessageId {
         // The rest of those messages' lives: by queue id, from the window's start on.
         let ids: BTreeSet<String> = found.events.iter().map(|e| e.queue_id.clone()).collect();
@@ -191,13 +197,11 @@ pub fn received_counts(
     for f in in_window(dir, since, until)? {
         let is_open = open.as_ref().is_some_and(|o| o.0 == f.path);
         match f.index {
-            Some(h) if !is_open => {
-                match files::add_counts(&f.path, &h, &hashes, &mut sums) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            Some(h) if !is_open => match files::add_counts(&f.path, &h, &hashes, &mut sums) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            },
             _ => records_with(&f, open.as_ref(), None, |body| {
                 for e in files::events(body) {
                     if e.kind != super::Kind::Received || e.time_ms < since || e.time_ms > until {

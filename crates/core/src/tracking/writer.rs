@@ -4,8 +4,8 @@
 //! the index of each file it seals and applies the retention. It runs on a thread of its
 //! own so that no SMTP reply and no delivery waits for the log's disk.
 
-use super::files::{self, IndexBuilder, FORMAT};
 use super::event::Event;
+use super::files::{self, IndexBuilder, FORMAT};
 use super::Shared;
 use crate::metrics as m;
 use std::fs::File;
@@ -115,7 +115,8 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    metrics::counter!(m::TRACKING_LOST, "reason" => "write").increment((to - from) as u64);
+                    metrics::counter!(m::TRACKING_LOST, "reason" => "write")
+                        .increment((to - from) as u64);
                     if !self.failing {
                         error!(error = %e, dir = %self.shared.dir.display(), events = to - from, "tracking log: cannot write; these events are lost (logged once until a write succeeds)");
                         self.failing = true;
@@ -129,8 +130,7 @@ impl Writer {
     /// Appends the record in `self.buf` (the events `evs`) and syncs it.
     fn append(&mut self, evs: &[Event]) -> io::Result<()> {
         let rotate = self.open.as_ref().is_some_and(|o| {
-            o.end >= self.shared.max_file
-                || crate::clock::now_ms() / DAY_MS != o.start_ms / DAY_MS
+            o.end >= self.shared.max_file || crate::clock::now_ms() / DAY_MS != o.start_ms / DAY_MS
         });
         if rotate {
             self.seal();

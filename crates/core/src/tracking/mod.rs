@@ -14,9 +14,12 @@
 //! Retention deletes whole files, oldest first, by age and by total size.
 
 pub mod event;
+#[allow(clippy::disallowed_methods)] // Blocking file work: the writer thread, start-up and searches (spawn_blocking).
 pub mod files;
+#[allow(clippy::disallowed_methods)] // Searches: run with spawn_blocking by their callers.
 pub mod search;
 pub mod sink;
+#[allow(clippy::disallowed_methods)] // The writer: a thread of its own, never an async worker.
 mod writer;
 
 pub use event::{Event, EventReply, Kind, Role};
@@ -94,6 +97,7 @@ pub struct Retained {
     pub kept_bytes: u64,
 }
 
+#[allow(clippy::disallowed_methods)] // The writer thread and start-up.
 /// Deletes the files of `dir` whose newest event is older than `max_age` at `now_ms`, then
 /// the oldest ones while all of them take more than `max_size`; `open` is never deleted.
 pub fn retain(

@@ -14,7 +14,8 @@
 //! Retention deletes whole files, oldest first, by age and by total size.
 
 pub mod event;
-#[allow(clippy::disallowed_methods)] // Blocking file work: the writer thread, start-up and searches (spawn_blocking).
+#[allow(clippy::disallowed_methods)]
+// Blocking file work: the writer thread, start-up and searches (spawn_blocking).
 pub mod files;
 #[allow(clippy::disallowed_methods)] // Searches: run with spawn_blocking by their callers.
 pub mod search;

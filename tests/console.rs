@@ -113,6 +113,12 @@ async fn an_admin_watches_and_acts_through_the_console_in_chromium() {
         assert!(diff.contains(want), "{want:?} in {diff}");
     }
     assert!(diff.contains("Not found: nobody@nhs.test"), "{diff}");
+    // What the batch moves, from the tracking log and the queue.
+    assert!(
+        diff.contains("Traffic on ")
+            && diff.contains("to these 3 address(es) in the last 1 day(s)"),
+        "{diff}"
+    );
     b.wait_text(
         "#batch-confirm-text",
         "Apply weekend-1.csv: 1 mailbox(es) change state?",
@@ -169,6 +175,13 @@ async fn an_admin_watches_and_acts_through_the_console_in_chromium() {
     b.fill("#addr-input", "alice@nhs.test").await;
     b.click("#addr-search").await;
     b.wait_text("#addr-trace", "deferred").await;
+    // The message view: every event of the message, the remote reply in full.
+    b.click("#addr-trace a.qid").await;
+    let m = b.wait_text("#addr-message", "routed").await;
+    assert!(
+        m.contains("received") && m.contains("deferred") && m.contains("origin: file "),
+        "{m}"
+    );
     b.screenshot(&dir.join("address.png")).await;
 
     // Without the session cookie, an action is refused and nothing happens.

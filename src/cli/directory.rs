@@ -219,12 +219,19 @@ fn batch(
         format,
     })?;
     api.print(&r, |r| match &r.scheduled {
-        Some(s) => format!(
-            "scheduled as {} for {}; would change now:\n{}",
-            s.id,
-            s.at,
-            batch_text(&r.report, "preview")
-        ),
+        Some(s) => {
+            let mut out = format!(
+                "scheduled as {} for {}; would change now:\n{}",
+                s.id,
+                s.at,
+                batch_text(&r.report, "preview")
+            );
+            if let Some(t) = &r.traffic {
+                out.push('\n');
+                out.push_str(&traffic_text(t));
+            }
+            out
+        }
         None => reply_text(r, if dry_run { "preview" } else { "applied" }),
     })
 }
@@ -269,7 +276,19 @@ pub fn reply_text(r: &BatchReply, what: &str) -> String {
         s.push('\n');
         s.push_str(&progress_text(p));
     }
+    if let Some(t) = &r.traffic {
+        s.push('\n');
+        s.push_str(&traffic_text(t));
+    }
     s
+}
+
+/// What a batch moves, from one node's tracking log and queue.
+pub fn traffic_text(t: &crate::admin::types::BatchTraffic) -> String {
+    format!(
+        "  traffic on {}: {} messages to these {} addresses in the last {} day(s) ({:.1} a day); {} queued for them now",
+        t.node, t.received, t.addresses, t.days, t.per_day, t.queued_now
+    )
 }
 
 /// "applied on N of M live nodes so far", and the silent nodes.

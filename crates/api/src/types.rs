@@ -74,7 +74,7 @@ pub struct Overview {
 }
 
 /// What a batch or rollback did; in a fleet also how far it has spread.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BatchReply {
     /// The directory's report.
     #[serde(flatten)]
@@ -85,6 +85,28 @@ pub struct BatchReply {
     /// With `at`: the batch kept for later (the report is then what it would change now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled: Option<Scheduled>,
+    /// For a preview or a scheduled batch, on a node with the tracking log: the traffic the
+    /// batch moves, on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<BatchTraffic>,
+}
+
+/// The mail a batch would move from one route to another, as one node saw it: what its
+/// tracking log holds for the batch's addresses over the last week, and its queue now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BatchTraffic {
+    /// The node whose log and queue these are (each MX node sees its share of the mail).
+    pub node: String,
+    /// Addresses of the batch looked up.
+    pub addresses: usize,
+    /// Days of the log looked at (7, or fewer when the log is younger).
+    pub days: u32,
+    /// Messages received for them in those days (a message to two of them counts twice).
+    pub received: u64,
+    /// `received` per day.
+    pub per_day: f64,
+    /// Messages in the queue now with a pending recipient among them.
+    pub queued_now: usize,
 }
 
 /// The body of every error answer.

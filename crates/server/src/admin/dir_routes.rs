@@ -92,6 +92,7 @@ pub(super) async fn apply_batch(
         .map_err(task_err)?
         .map_err(unprocessable)?
     };
+    let rows_kept: Vec<String> = rows.iter().map(|r| r.key.clone()).collect();
     let writer = s.control.writer();
     if let Some(at) = &q.at {
         // Scheduled: checked now (bad rows are refused at once), kept, applied at `at` (in
@@ -114,20 +115,28 @@ pub(super) async fn apply_batch(
             .map_err(write_err)?;
         info!(client = %peer, source, id = scheduled.id, at = %scheduled.at, "admin: directory batch scheduled");
         report.not_completed = not_completed;
+        let traffic = traffic(&s, &rows_kept).await;
         return Ok(Json(BatchReply {
             report,
             fleet: None,
             scheduled: Some(scheduled),
+            traffic,
         }));
     }
     let written = writer
         .apply(rows, source.clone(), q.dry_run)
         .await
         .map_err(write_err)?;
+    let traffic = if q.dry_run {
+        traffic(&s, &rows_kept).await
+    } else {
+        None
+    };
     let mut reply = BatchReply {
         report: written.report,
         fleet: written.progress,
         scheduled: None,
+        traffic,
     };
     let left = not_completed
         .as_ref()
@@ -140,6 +149,68 @@ pub(super) async fn apply_batch(
     Ok(Json(reply))
 }
 
+/// Days of the tracking log a batch preview's traffic looks at.
+const TRAFFIC_DAYS: u64 = 7;
+
+/// The traffic the batch of `addresses` moves, on this node: messages received for them
+/// over the last week (its tracking log) and queued for them now. `None` without the log;
+/// a log that cannot be read is logged and left out, the preview still answers.
+async fn traffic(
+    s: &AdminState,
+    addresses: &[String],
+) -> Option<crate::admin::types::BatchTraffic> {
+    let tracking = s.control.tracking()?.clone();
+    let queue = s.control.queue().clone();
+    let node = match s.control.fleet() {
+        Some(f) => f.node().to_string(),
+        None => s.control.config().server.hostname.clone(),
+    };
+    let addresses = addresses.to_vec();
+    let res = tokio::task::spawn_blocking(move || {
+        let now = crate::clock::now_ms();
+        let week = TRAFFIC_DAYS * 86_400_000;
+        // The log may be younger than a week: count the days it covers.
+        let oldest = crate::tracking::files::list(tracking.dir())?
+            .first()
+            .map_or(now, |f| {
+                f.index.map_or(f.start_ms, |h| h.first_ms.min(f.start_ms))
+            });
+        let span = now.saturating_sub(oldest.max(now - week));
+        let days = span.div_ceil(86_400_000).clamp(1, TRAFFIC_DAYS) as u32;
+        let counts = tracking.received_counts(&addresses, now - week, now)?;
+        let set: std::collections::HashSet<&str> = addresses.iter().map(String::as_str).collect();
+        let queued_now = queue
+            .select(None, 0, usize::MAX, |e| {
+                e.state
+                    .pending()
+                    .iter()
+                    .any(|&i| set.contains(e.envelope.rcpts[i].key().as_str()))
+            })
+            .len();
+        let received: u64 = counts.iter().sum();
+        Ok::<_, std::io::Error>(crate::admin::types::BatchTraffic {
+            node,
+            addresses: addresses.len(),
+            days,
+            received,
+            per_day: received as f64 / f64::from(days),
+            queued_now,
+        })
+    })
+    .await;
+    match res {
+        Ok(Ok(t)) => Some(t),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "batch preview: cannot read the tracking log; no traffic figures");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "batch preview: the traffic task failed");
+            None
+        }
+    }
+}
+
 pub(super) async fn rollback(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -147,6 +218,7 @@ pub(super) async fn rollback(
 ) -> Result<Json<BatchReply>, ApiError> {
     let written = s.control.writer().rollback(id).await.map_err(write_err)?;
     let reply = BatchReply {
+        traffic: None,
         report: written.report,
         fleet: written.progress,
         scheduled: None,

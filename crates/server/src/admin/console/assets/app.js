@@ -243,6 +243,12 @@ function renderReport(box, r, title) {
   }
   if (r.fleet) box.append(el("p", {}, `Applied on ${r.fleet.applied} of ${r.fleet.live} live node(s)` +
     (r.fleet.silent.length ? `; silent: ${r.fleet.silent.join(", ")}` : "")));
+  if (r.traffic) {
+    const t = r.traffic;
+    box.append(el("p", { class: "traffic" }, `Traffic on ${t.node}: ${t.received} message(s) to these ` +
+      `${t.addresses} address(es) in the last ${t.days} day(s) (${t.per_day.toFixed(1)} a day); ` +
+      `${t.queued_now} queued for them now.`));
+  }
   show(box.id, true);
 }
 
@@ -321,17 +327,64 @@ async function searchAddress(ev) {
   const body = $("addr-trace").tBodies[0];
   clear(body);
   try {
-    const t = await api("GET", "/v1/trace?address=" + encodeURIComponent(a));
+    const t = await api("GET", "/v1/trace?since=" + MONTH_S + "&address=" + encodeURIComponent(a));
     for (const e of t.entries) {
       const reply = e.reply ? [e.reply.code, e.reply.status, e.reply.text].filter((v) => v !== null).join(" ") : "";
-      body.append(el("tr", {}, el("td", {}, time(e.time)), el("td", {}, e.queue_id),
+      const qid = t.source === "log"
+        ? el("a", { href: "#address", class: "qid", onclick: (ev) => { ev.preventDefault(); openTracked(e.queue_id); } }, e.queue_id)
+        : e.queue_id;
+      body.append(el("tr", {}, el("td", {}, time(e.time)), el("td", {}, qid),
         el("td", { class: "outcome-" + e.outcome }, e.outcome), el("td", {}, e.route || ""),
         el("td", {}, e.next_hop || ""), el("td", {}, e.origin), el("td", {}, reply)));
     }
-    if (!t.entries.length) body.append(el("tr", {}, el("td", { colspan: 7 }, "No recent deliveries recorded for this address.")));
+    if (!t.entries.length) body.append(el("tr", {}, el("td", { colspan: 7 }, "No deliveries recorded for this address.")));
   } catch (e) {
     body.append(el("tr", {}, el("td", { colspan: 7, class: "error" }, e.message)));
   }
+}
+
+// ---- message view (tracking log) ----
+
+const MONTH_S = 30 * 86400;
+
+// One line per event of a message on this node: received, routed (the origin of its
+// state linked to the change log), each attempt with the remote reply in full, DSN,
+// admin actions, takeover.
+async function openTracked(qid) {
+  const box = $("addr-message");
+  clear(box);
+  show("addr-message", true);
+  let t;
+  try {
+    t = await api("GET", "/v1/trace?since=" + MONTH_S + "&queue_id=" + encodeURIComponent(qid));
+  } catch (e) { return box.append(el("p", { class: "error" }, e.message)); }
+  box.append(el("h3", {}, `Message ${qid} on ${t.node}`));
+  const ol = el("ol", { class: "events" });
+  for (const e of t.events) {
+    const when = new Date(e.time_ms).toLocaleString(undefined, { hour12: false }) + "." + String(e.time_ms % 1000).padStart(3, "0");
+    const li = el("li", {}, el("strong", {}, e.kind), " ", when);
+    const parts = [];
+    if (e.kind === "received") {
+      parts.push(["from", e.sender || "<>"], ["to", e.recipients.join(", ")], ["size", e.size],
+        ["client", e.client], ["TLS", e.tls], ["Message-ID", e.message_id]);
+    } else {
+      parts.push(["recipient", e.rcpt], ["state", e.state], ["route", e.route], ["next hop", e.next_hop],
+        ["sent as", e.sent_as], ["DSN", e.related]);
+    }
+    li.append(kv(parts));
+    if (e.origin) {
+      const m = /^batch (\d+)$/.exec(e.origin);
+      li.append(el("div", {}, "origin: ", m
+        ? el("a", { href: "#batches", title: "the change log on the Batches page" }, `batch ${m[1]}`)
+        : e.origin));
+    }
+    if (e.reply) {
+      li.append(el("pre", { class: "reply" }, [e.reply.code, e.reply.status].filter((v) => v !== null && v !== undefined).join(" ") + " " + e.reply.text));
+    }
+    ol.append(li);
+  }
+  if (!t.events.length) ol.append(el("li", {}, "Nothing in this node's tracking log for this queue id."));
+  box.append(ol);
 }
 
 // ---- queue ----

@@ -3,7 +3,7 @@
 //! This crate is the `coexist` command ([`cli`], one module per command group) on top of the
 //! workspace's crates, which it re-exports under their module names so that
 //! `coexist::config::Config` or `coexist::relay::start` name the same item wherever they are
-//! read from (tests, benches, the command line). The crates, bottom to top (see DESIGN.md
+//! read from (tests, benches, the command line). The crates, bottom to top (see docs/DESIGN.md
 //! for the rule each boundary keeps):
 //!
 //! | crate | modules |

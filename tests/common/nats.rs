@@ -5,7 +5,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// True when a NATS server on `port` answers PING with PONG.
 fn answers(port: u16) -> bool {
@@ -153,24 +153,16 @@ impl NatsCluster {
 
     /// Waits until every running server has JetStream with a leader (a stream can be made).
     fn wait_ready(&self) {
-        let t0 = Instant::now();
         for n in self.nodes.iter().filter(|n| n.child.is_some()) {
-            loop {
-                let ok = if n.extra.is_empty() {
-                    answers(n.port)
+            let (port, plain) = (n.port, n.extra.is_empty());
+            let up = super::poll_blocking(Duration::from_secs(30), || {
+                if plain {
+                    answers(port)
                 } else {
-                    std::net::TcpStream::connect(("127.0.0.1", n.port)).is_ok()
-                };
-                if ok {
-                    break;
+                    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
                 }
-                assert!(
-                    t0.elapsed() < Duration::from_secs(30),
-                    "nats-server {} did not answer",
-                    n.name
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            });
+            assert!(up.is_ok(), "nats-server {} did not answer", n.name);
         }
         // Then JetStream itself: a stream with a replica on every server can be made (the
         // cluster has elected its metadata leader and every peer answers).
@@ -188,19 +180,19 @@ impl NatsCluster {
             r#"{{"name":"probe","subjects":["probe.x"],"num_replicas":{},"storage":"memory"}}"#,
             running.len()
         );
-        loop {
+        let ready = super::poll_blocking(Duration::from_secs(60), || {
             let answer = js_request(port, "$JS.API.STREAM.CREATE.probe", &create);
             if answer
                 .as_deref()
                 .is_some_and(|a| !a.contains("\"error\"") || a.contains("already in use"))
             {
-                break;
+                Ok(())
+            } else {
+                Err(format!("{answer:?}"))
             }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "JetStream not ready: {answer:?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
+        });
+        if let Err(last) = ready {
+            panic!("JetStream not ready: {last}");
         }
         let _ = js_request(port, "$JS.API.STREAM.DELETE.probe", "");
     }

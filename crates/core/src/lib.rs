@@ -1,10 +1,12 @@
 //! coexist-core: the relay itself, every stage a message passes through.
 //!
-//! Data flows one way (see DESIGN.md): [`smtp`] sessions check [`policy`] and the
+//! Data flows one way (see docs/DESIGN.md): [`smtp`] sessions check [`policy`] and the
 //! [`directory`], write to the [`spool`], and the [`queue`] plans each attempt with
 //! [`route`] and sends it with [`deliver`]; [`bounce`] writes DSNs back into the spool.
 //! [`config`] is the typed configuration every stage reads; [`fleet`] shares the directory
-//! between MX nodes through PostgreSQL; [`descriptors`] checks the file descriptor budget.
+//! between MX nodes through PostgreSQL; [`shadow`] keeps a redundant copy of every message
+//! on NATS JetStream and takes over a dead node's queue; [`tracking`] is the message
+//! tracking log; [`descriptors`] checks the file descriptor budget.
 //!
 //! Rule of this crate: it depends only on `coexist-base` (re-exported here under the same
 //! module names). It knows nothing of the admin API, the HTTP client, the load tools or the

@@ -1,6 +1,6 @@
-//! Framed, checksummed, append-only files: the one set of rules the spool's segments and the
-//! directory's change log are written and recovered by. (It lives under `spool` until the
-//! crate split moves it to the base crate; nothing in it knows a spool or a directory.)
+//! Framed, checksummed, append-only files: the one set of rules the spool's segments, the
+//! directory's change log and the tracking log are written and recovered by. (It lives
+//! under `spool`, where it started; nothing in it knows a spool, a directory or the log.)
 //!
 //! A framed file is a file header, then records back to back. A record is a fixed-length
 //! header (starting with a marker, holding its lengths and checksums), an optional

@@ -77,34 +77,48 @@ pub struct IndexHeader {
     pub n_counts: u64,
 }
 
-/// The log files of `dir`, oldest first (an index without its log is removed).
+/// The log files of `dir`, oldest first.
 pub fn list(dir: &Path) -> io::Result<Vec<LogFile>> {
     let mut out = Vec::new();
     for e in fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name().to_string_lossy().to_string();
-        if let Some(start_ms) = start_of(&name) {
-            let path = e.path();
-            let idx = idx_path(&path);
-            let index = read_header(&idx).ok();
-            let bytes = e.metadata()?.len() + fs::metadata(&idx).map_or(0, |m| m.len());
-            out.push(LogFile {
-                path,
-                start_ms,
-                bytes,
-                index,
-            });
-        } else if name.starts_with("track-") && name.ends_with(".idx") {
-            let log = e.path().with_extension("log");
-            if !log.exists() {
-                let _ = fs::remove_file(e.path());
-            }
-        } else if name.ends_with(".idx.tmp") {
-            let _ = fs::remove_file(e.path());
-        }
+        let Some(start_ms) = start_of(&name) else {
+            continue;
+        };
+        let path = e.path();
+        let idx = idx_path(&path);
+        let index = read_header(&idx).ok();
+        let Ok(meta) = e.metadata() else {
+            // Deleted by the retention meanwhile.
+            continue;
+        };
+        let bytes = meta.len() + fs::metadata(&idx).map_or(0, |m| m.len());
+        out.push(LogFile {
+            path,
+            start_ms,
+            bytes,
+            index,
+        });
     }
     out.sort_by_key(|f| f.start_ms);
     Ok(out)
+}
+
+/// Removes what a stop left half done (at start, before the writer runs): an index being
+/// written (`.idx.tmp`), and an index whose log the retention had deleted.
+pub fn clean(dir: &Path) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let orphan = name.starts_with("track-")
+            && name.ends_with(".idx")
+            && !e.path().with_extension("log").exists();
+        if orphan || name.ends_with(".idx.tmp") {
+            fs::remove_file(e.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Reads the header of the index `idx`, checking that its length matches it.

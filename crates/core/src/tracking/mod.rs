@@ -144,6 +144,7 @@ impl Tracking {
     /// Blocking: call it from a blocking context.
     pub fn open(dir: &Path, c: &TrackingConfig) -> io::Result<Tracking> {
         crate::fsmode::create_dir_all(dir)?;
+        files::clean(dir)?;
         for f in files::list(dir)?.into_iter().filter(|f| f.index.is_none()) {
             let (h, damaged) = files::seal_unindexed(&f.path)?;
             for d in damaged {

@@ -67,7 +67,13 @@ fn records_with(
     match (f.index, open_end, hash) {
         (Some(h), None, Some(hash)) => {
             let end = file.metadata()?.len();
-            for off in files::lookup(&f.path, &h, hash)? {
+            let offsets = match files::lookup(&f.path, &h, hash) {
+                Ok(o) => o,
+                // Deleted by the retention meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for off in offsets {
                 match files::read_record(&file, off, end)? {
                     Some(body) => each(&body),
                     // The index names a record that is not whole: read the file whole.

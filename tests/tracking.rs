@@ -130,6 +130,11 @@ async fn every_event_of_a_message_is_logged_searchable_by_each_key_and_survives_
     let deferred = t.events.iter().find(|e| e.kind == Deferred).unwrap();
     assert_eq!(deferred.next_hop, Some(s.cloud.addr.to_string()));
     assert_eq!(deferred.reply.as_ref().unwrap().code, Some(451));
+    assert_eq!(
+        deferred.tls.as_deref(),
+        Some("none"),
+        "the sink offers no STARTTLS"
+    );
     let t = ask(admin, TraceField::QueueId, &second).await;
     let bounced = t.events.iter().find(|e| e.kind == Bounced).unwrap();
     let reply = bounced.reply.as_ref().unwrap();

@@ -92,8 +92,9 @@ pub const SHADOW_DROPPED: &str = "coexist_shadow_dropped_total";
 pub const SHADOW_LEASE_HELD: &str = "coexist_shadow_lease_held";
 /// Events written to the tracking log.
 pub const TRACKING_EVENTS: &str = "coexist_tracking_events_total";
-/// Events of the tracking log lost: its queue was full (`reason="full"`) or its disk write
-/// failed (`reason="write"`).
+/// Events of the tracking log lost: its queue was full (`reason="full"`), its disk write
+/// failed (`reason="write"`), or they came after it was closed at shutdown
+/// (`reason="closed"`).
 pub const TRACKING_LOST: &str = "coexist_tracking_lost_total";
 /// Bytes the tracking log's files take.
 pub const TRACKING_BYTES: &str = "coexist_tracking_bytes";

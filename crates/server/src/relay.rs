@@ -315,7 +315,10 @@ impl Running {
         while self.control.open_sessions() > 0 && t0.elapsed() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // The tracking log's last events written and its file sealed (indexed).
+        // No new delivery attempts; then the tracking log's last events are written and
+        // its file sealed (indexed). Outcomes of attempts still running after this are
+        // not logged (counted as lost, reason "closed"); the spool has them.
+        self.queue.stop();
         if let Some(t) = self.control.tracking.clone() {
             let _ = tokio::task::spawn_blocking(move || t.close()).await;
         }

@@ -132,8 +132,12 @@ impl Config {
         if t.max_age < std::time::Duration::from_secs(60) {
             return Err(fail("tracking", "max_age", "must be at least 1m".into()));
         }
-        if t.max_file < 1 << 20 {
-            return Err(fail("tracking", "max_file", "must be at least 1M".into()));
+        if t.max_file < 1 << 20 || t.max_file > 2 << 30 {
+            return Err(fail(
+                "tracking",
+                "max_file",
+                "must be between 1M and 2G (the index keeps 32-bit offsets)".into(),
+            ));
         }
         if t.max_size < 2 * t.max_file {
             return Err(fail(

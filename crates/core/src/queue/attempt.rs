@@ -138,7 +138,7 @@ pub(super) async fn attempt(
                     let reply = Failure::Local(LocalError::Unreadable(e.to_string()));
                     let n = d.rcpts.len();
                     // Says nothing about the route's next hops.
-                    return (d, None, vec![RcptOutcome::Deferred(reply); n], None);
+                    return (d, None, false, vec![RcptOutcome::Deferred(reply); n], None);
                 }
             };
             let out = Outbound {
@@ -199,13 +199,13 @@ pub(super) async fn attempt(
                 reached,
                 throttled_until_ms: a.throttled_until_ms,
             };
-            (d, a.next_hop, a.outcomes, Some(report))
+            (d, a.next_hop, a.tls, a.outcomes, Some(report))
         });
     }
     let grace = config.directory.move_grace;
     let mut reports = Vec::new();
     while let Some(res) = tasks.join_next().await {
-        let Ok((d, hop, outcomes, report)) = res else {
+        let Ok((d, hop, tls, outcomes, report)) = res else {
             error!(qid = %env.id, "delivery task failed; recipients stay pending");
             continue;
         };
@@ -223,6 +223,7 @@ pub(super) async fn attempt(
             let label = log_label(outcome);
             let told = Told {
                 hop: next_hop,
+                tls: next_hop.map(|_| tls),
                 sent_as: Some(to).filter(|to| **to != env.rcpts[i]),
                 ..Told::new(Some(&d.route), outcome, Some(&text))
             };
@@ -293,6 +294,8 @@ pub(super) struct Told<'a> {
     pub(super) route: Option<&'a RouteName>,
     /// The next hop that answered.
     pub(super) hop: Option<SocketAddr>,
+    /// Whether the session with it used TLS (`None`: no next hop answered).
+    pub(super) tls: Option<bool>,
     /// The recipient as sent, when the route rewrote it.
     pub(super) sent_as: Option<&'a Address>,
     /// What became of it.
@@ -311,6 +314,7 @@ impl<'a> Told<'a> {
         Told {
             route,
             hop: None,
+            tls: None,
             sent_as: None,
             outcome,
             reply,
@@ -396,6 +400,7 @@ pub(super) fn record(
         sent_as: told.sent_as,
         route: told.route,
         next_hop: told.hop,
+        tls: told.tls,
         outcome: told.outcome,
         reply: told.reply,
         origin,

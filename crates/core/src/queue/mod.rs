@@ -363,6 +363,7 @@ impl Queue {
                     sent_as: None,
                     route: None,
                     next_hop: None,
+                    tls: None,
                     outcome: recent::Outcome::TakenOver,
                     reply: None,
                     origin: &origin,

@@ -31,6 +31,8 @@ pub struct Reported<'a> {
     pub route: Option<&'a RouteName>,
     /// The next hop that answered, when one did.
     pub next_hop: Option<SocketAddr>,
+    /// Whether the session with that next hop used TLS.
+    pub tls: Option<bool>,
     /// What became of it.
     pub outcome: Outcome,
     /// The reply or error behind it (`None` for a delete).

@@ -85,8 +85,8 @@ pub struct Event {
     /// `received`: the client's address and port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
-    /// `received`: the TLS version the client used (`none` without TLS); delivery
-    /// outcomes: the TLS of the connection to the next hop, when known.
+    /// `received`: the TLS version the client used (`none` without TLS); an attempt's
+    /// outcome: `tls` or `none` for the session with the next hop that answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<String>,
     /// `received`: size in bytes.
@@ -244,10 +244,15 @@ pub fn trim_id(m: &str) -> &str {
     m.strip_suffix('>').unwrap_or(m)
 }
 
-/// The Message-ID header of a message (its first one), without angle brackets; `None`
-/// when it has none. Reads the header section only.
+/// How much of a message's start is searched for its Message-ID (it runs on the SMTP
+/// session's task, before the reply: bounded whatever the header section's size).
+const HEADER_SCAN: usize = 64 * 1024;
+
+/// The Message-ID header of a message (its first one in the first 64 KiB of its header
+/// section), without angle brackets; `None` when it has none there.
 pub fn message_id(body: &[u8]) -> Option<String> {
-    let end = memchr::memmem::find(body, b"\r\n\r\n").map_or(body.len(), |i| i + 4);
+    let head = &body[..body.len().min(HEADER_SCAN)];
+    let end = memchr::memmem::find(head, b"\r\n\r\n").map_or(head.len(), |i| i + 4);
     let (headers, _) = mailparse::parse_headers(&body[..end]).ok()?;
     use mailparse::MailHeaderMap;
     let v = headers.get_first_value("Message-ID")?;

@@ -100,7 +100,8 @@ pub struct Retained {
 
 #[allow(clippy::disallowed_methods)] // The writer thread and start-up.
 /// Deletes the files of `dir` whose newest event is older than `max_age` at `now_ms`, then
-/// the oldest ones while all of them take more than `max_size`; `open` is never deleted.
+/// the oldest ones while all of them take more than `max_size` (`open` is never deleted),
+/// and the torn tails kept in `damaged/` older than `max_age`.
 pub fn retain(
     dir: &Path,
     open: Option<PathBuf>,
@@ -123,6 +124,20 @@ pub fn retain(
             total -= f.bytes;
             r.deleted += 1;
             r.deleted_bytes += f.bytes;
+        }
+    }
+    // Torn tails kept aside at start-ups hold events too: same age limit.
+    if let Ok(rd) = std::fs::read_dir(dir.join("damaged")) {
+        for e in rd.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .is_some_and(|t| (t.as_millis() as u64) < cutoff);
+            if old && std::fs::remove_file(e.path()).is_ok() {
+                r.deleted += 1;
+            }
         }
     }
     r.kept_bytes = total;
@@ -182,6 +197,7 @@ impl Tracking {
     pub fn log(&self, e: Event) {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = tx.as_ref() else {
+            metrics::counter!(m::TRACKING_LOST, "reason" => "closed").increment(1);
             return;
         };
         match tx.try_send(e) {

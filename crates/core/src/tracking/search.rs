@@ -20,7 +20,7 @@ pub struct Query {
     pub since_ms: u64,
     /// Newest event time wanted (Unix ms).
     pub until_ms: u64,
-    /// Most events returned (the oldest are kept).
+    /// Most events returned (the newest are kept).
     pub limit: usize,
 }
 
@@ -29,7 +29,7 @@ pub struct Query {
 pub struct Found {
     /// The events, oldest first.
     pub events: Vec<Event>,
-    /// More events matched than `limit`.
+    /// More events matched than `limit` (the older ones are left out).
     pub truncated: bool,
     /// Files read.
     pub files: usize,
@@ -49,8 +49,10 @@ fn in_window(dir: &Path, since: u64, until: u64) -> io::Result<Vec<LogFile>> {
         .collect())
 }
 
-/// Calls `each` with the payload of every record of `f` that may hold `hash` (all of them
-/// for a file without index or the open file, whose whole records end at `open_end`).
+/// Calls `each` with the payload of every record of `f` that may hold `hash`: those its
+/// index names when it has one (it is sealed then, whatever `open` says: it may have been
+/// sealed since), else all of them (the open file, whose whole records end at the end
+/// `open` gives, or a file left without an index).
 fn records_with(
     f: &LogFile,
     open: Option<&(PathBuf, u64)>,
@@ -63,83 +65,110 @@ fn records_with(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    let open_end = open.filter(|o| o.0 == f.path).map(|o| o.1);
-    match (f.index, open_end, hash) {
-        (Some(h), None, Some(hash)) => {
-            let end = file.metadata()?.len();
-            let offsets = match files::lookup(&f.path, &h, hash) {
-                Ok(o) => o,
-                // Deleted by the retention meanwhile.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            for off in offsets {
-                match files::read_record(&file, off, end)? {
-                    Some(body) => each(&body),
-                    // The index names a record that is not whole: read the file whole.
-                    None => return files::each_record(&file, &f.path, end, |_, b| each(b)),
-                }
+    let end = match open.filter(|o| o.0 == f.path && f.index.is_none()) {
+        Some(o) => o.1,
+        None => file.metadata()?.len(),
+    };
+    if let (Some(h), Some(hash)) = (f.index, hash) {
+        let offsets = match files::lookup(&f.path, &h, hash) {
+            Ok(o) => o,
+            // Deleted by the retention meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut bodies = Vec::with_capacity(offsets.len());
+        for off in offsets {
+            match files::read_record(&file, off, end)? {
+                Some(body) => bodies.push(body),
+                // The index names a record that is not whole (the file was damaged after
+                // it was sealed): the file is read whole instead, nothing twice.
+                None => return files::each_record(&file, &f.path, end, |_, b| each(b)),
             }
-            Ok(())
         }
-        _ => {
-            let end = match open_end {
-                Some(e) => e,
-                None => file.metadata()?.len(),
-            };
-            files::each_record(&file, &f.path, end, |_, b| each(b))
-        }
+        bodies.iter().for_each(|b| each(b));
+        return Ok(());
     }
+    files::each_record(&file, &f.path, end, |_, b| each(b))
 }
 
+/// How far before the window a Message-ID search looks for the message's reception: a
+/// message received earlier may still be delivered inside the window (longer than the
+/// default `queue.max_lifetime`, 5 days).
+const RECEIVED_BEFORE_MS: u64 = 7 * 86_400_000;
+
+/// Most messages a Message-ID search follows.
+const MAX_MESSAGES: usize = 100;
+
 /// The events of `dir` matching `q` (see [`Query`]). A search by Message-ID returns every
-/// event of the messages that carry it.
+/// event of the messages that carry it (found by their reception, up to 7 days before the
+/// window), in the window.
 pub fn search(dir: &Path, open: Option<(PathBuf, u64)>, q: &Query) -> io::Result<Found> {
-    let key = match q.role {
-        Role::Recipient | Role::Sender => Key::Address(&q.value),
-        Role::MessageId => Key::MessageId(&q.value),
-        Role::QueueId => Key::QueueId(&q.value),
+    let (key, needle) = match q.role {
+        Role::Recipient | Role::Sender => (Key::Address(&q.value), q.value.as_str()),
+        Role::MessageId => {
+            let id = super::event::trim_id(&q.value);
+            (Key::MessageId(id), id)
+        }
+        Role::QueueId => (Key::QueueId(&q.value), q.value.as_str()),
     };
-    let needle = match q.role {
-        Role::MessageId => super::event::trim_id(&q.value),
-        _ => q.value.as_str(),
-    };
-    let mut found = find(
+    if q.role != Role::MessageId {
+        return find(
+            dir,
+            open.as_ref(),
+            needle,
+            key.hash(),
+            q.since_ms,
+            q.until_ms,
+            q.limit,
+            |e| e.matches(q.role, &q.value),
+        );
+    }
+    let since = q.since_ms.saturating_sub(RECEIVED_BEFORE_MS);
+    let received = find(
         dir,
         open.as_ref(),
         needle,
         key.hash(),
-        q.since_ms,
+        since,
         q.until_ms,
-        |e| e.matches(q.role, &q.value),
+        q.limit,
+        |e| e.matches(Role::MessageId, &q.value),
     )?;
-    if q.role == Role::MessageId {
-        // The rest of those messages' lives: by queue id, from the window's start on.
-        let ids: BTreeSet<String> = found.events.iter().map(|e| e.queue_id.clone()).collect();
-        for id in ids.iter().take(100) {
-            let more = find(
-                dir,
-                open.as_ref(),
-                id,
-                Key::QueueId(id).hash(),
-                q.since_ms,
-                u64::MAX,
-                |e| e.queue_id == *id,
-            )?;
-            found.files += more.files;
-            found.events.extend(more.events);
-        }
-        found.events.sort_by_key(|e| e.time_ms);
-        found.events.dedup();
+    let ids: BTreeSet<String> = received.events.iter().map(|e| e.queue_id.clone()).collect();
+    let mut found = Found {
+        truncated: received.truncated || ids.len() > MAX_MESSAGES,
+        files: received.files,
+        events: Vec::new(),
+    };
+    // The rest of those messages' lives, by queue id (the events of one message are
+    // found once each: by its own queue id only).
+    for id in ids.iter().take(MAX_MESSAGES) {
+        let more = find(
+            dir,
+            open.as_ref(),
+            id,
+            Key::QueueId(id).hash(),
+            q.since_ms,
+            q.until_ms,
+            q.limit,
+            |e| e.queue_id == *id,
+        )?;
+        found.files += more.files;
+        found.truncated |= more.truncated;
+        found.events.extend(more.events);
     }
+    found.events.sort_by_key(|e| e.time_ms);
     if found.events.len() > q.limit {
-        found.events.truncate(q.limit);
+        found.events.drain(..found.events.len() - q.limit);
         found.truncated = true;
     }
     Ok(found)
 }
 
 /// Events of `dir` in the window whose key hash is `hash` and that `keep` accepts.
+/// Files are read newest first and the search stops once more than `limit` events matched:
+/// the newest `limit` are returned, oldest first.
+#[allow(clippy::too_many_arguments)]
 fn find(
     dir: &Path,
     open: Option<&(PathBuf, u64)>,
@@ -147,6 +176,7 @@ fn find(
     hash: u64,
     since: u64,
     until: u64,
+    limit: usize,
     keep: impl Fn(&Event) -> bool,
 ) -> io::Result<Found> {
     let mut out = Found::default();
@@ -159,9 +189,13 @@ fn find(
         .build([needle])
         .ok()
         .filter(|_| plain && !needle.is_empty());
-    for f in in_window(dir, since, until)? {
+    for f in in_window(dir, since, until)?.iter().rev() {
+        if out.events.len() > limit {
+            out.truncated = true;
+            break;
+        }
         out.files += 1;
-        records_with(&f, open, Some(hash), |body| {
+        records_with(f, open, Some(hash), |body| {
             for line in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
                 if filter.as_ref().is_some_and(|ac| !ac.is_match(line)) {
                     continue;
@@ -178,6 +212,10 @@ fn find(
         })?;
     }
     out.events.sort_by_key(|e| e.time_ms);
+    if out.events.len() > limit {
+        out.events.drain(..out.events.len() - limit);
+        out.truncated = true;
+    }
     Ok(out)
 }
 
@@ -201,9 +239,9 @@ pub fn received_counts(
     let hashes: Vec<u64> = wanted.iter().map(|w| w.0).collect();
     let mut sums = vec![0u64; hashes.len()];
     for f in in_window(dir, since, until)? {
-        let is_open = open.as_ref().is_some_and(|o| o.0 == f.path);
+        // A file with an index is sealed (whatever `open` said a moment ago).
         match f.index {
-            Some(h) if !is_open => match files::add_counts(&f.path, &h, &hashes, &mut sums) {
+            Some(h) => match files::add_counts(&f.path, &h, &hashes, &mut sums) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),

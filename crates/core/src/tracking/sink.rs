@@ -64,6 +64,7 @@ impl OutcomeSink for Tee {
         e.sent_as = o.sent_as.map(|a| a.to_string());
         e.route = o.route.map(|r| r.as_str().to_string());
         e.next_hop = o.next_hop.map(|h| h.to_string());
+        e.tls = o.tls.map(|t| if t { "tls" } else { "none" }.to_string());
         e.reply = o.reply.map(event_reply);
         e.origin = (!o.origin.is_empty()).then(|| o.origin.to_string());
         t.log(e);

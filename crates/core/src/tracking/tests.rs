@@ -118,12 +118,12 @@ fn events_are_found_by_each_key_in_the_open_file_and_after_a_reopen() {
             kinds(t.search(&q).unwrap()),
             vec![("Q1".into(), Kind::Deferred)]
         );
-        // The limit keeps the oldest.
+        // The limit keeps the newest.
         let mut q = query(Role::Recipient, "alice@nhs.test");
         q.limit = 1;
         let f = t.search(&q).unwrap();
         assert!(f.truncated);
-        assert_eq!(kinds(f), vec![("Q1".into(), Kind::Received)]);
+        assert_eq!(kinds(f), vec![("Q1".into(), Kind::Delivered)]);
         assert_eq!(
             t.received_counts(
                 &[

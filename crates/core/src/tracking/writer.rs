@@ -172,9 +172,15 @@ impl Writer {
             .write(true)
             .create_new(true)
             .open(&path)?;
-        file.write_all_at(FORMAT.magic, 0)?;
-        file.sync_all()?;
-        File::open(&self.shared.dir)?.sync_all()?;
+        let synced = file
+            .write_all_at(FORMAT.magic, 0)
+            .and_then(|_| file.sync_all())
+            .and_then(|_| File::open(&self.shared.dir)?.sync_all());
+        if let Err(e) = synced {
+            // No empty file left behind for each failed try (a full disk).
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         Ok(Open {
             file,
             path,

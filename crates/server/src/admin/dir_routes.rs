@@ -92,7 +92,10 @@ pub(super) async fn apply_batch(
         .map_err(task_err)?
         .map_err(unprocessable)?
     };
-    let rows_kept: Vec<String> = rows.iter().map(|r| r.key.clone()).collect();
+    let mut rows_kept: Vec<String> = rows.iter().map(|r| r.key.clone()).collect();
+    // An address written twice in the batch counts once.
+    rows_kept.sort_unstable();
+    rows_kept.dedup();
     let writer = s.control.writer();
     if let Some(at) = &q.at {
         // Scheduled: checked now (bad rows are refused at once), kept, applied at `at` (in

@@ -115,6 +115,7 @@ pub(super) async fn trace(
         ));
     }
     let from = (now_ms / 1000).saturating_sub(since);
+    let to = (now_ms / 1000).saturating_sub(until);
     // A scan of the whole record: off the async workers.
     let entries = tokio::task::spawn_blocking(move || {
         control
@@ -122,6 +123,7 @@ pub(super) async fn trace(
             .recent()
             .matching(&value, from)
             .iter()
+            .filter(|o| o.time <= to)
             .map(TraceEntry::from)
             .collect()
     })

@@ -20,8 +20,8 @@ pub struct TrackingConfig {
     /// number with K, M, G or T: binary units). Default 20G.
     #[serde(default = "default_max_size", with = "size")]
     pub max_size: u64,
-    /// A new file is started when the open one reaches this size (default 64M), and at
-    /// each UTC midnight.
+    /// A new file is started when the open one reaches this size (default 64M, at most 2G),
+    /// and at each UTC midnight.
     #[serde(default = "default_max_file", with = "size")]
     pub max_file: u64,
 }

@@ -228,6 +228,11 @@ async function loadTimeline() {
     ol.append(li);
   }
   if (!changes.length) ol.append(el("li", {}, "No changes yet."));
+  if (focusChange !== null) {
+    const li = ol.querySelector(`li[data-id="${focusChange}"]`);
+    if (li) { li.classList.add("focus"); li.scrollIntoView({ block: "center" }); }
+    focusChange = null;
+  }
 }
 
 function renderReport(box, r, title) {
@@ -338,6 +343,7 @@ async function searchAddress(ev) {
         el("td", {}, e.next_hop || ""), el("td", {}, e.origin), el("td", {}, reply)));
     }
     if (!t.entries.length) body.append(el("tr", {}, el("td", { colspan: 7 }, "No deliveries recorded for this address.")));
+    if (t.truncated) body.append(el("tr", {}, el("td", { colspan: 7, class: "note" }, "Older events left out (more than one answer carries): use coexist trace with --since/--until.")));
   } catch (e) {
     body.append(el("tr", {}, el("td", { colspan: 7, class: "error" }, e.message)));
   }
@@ -346,6 +352,8 @@ async function searchAddress(ev) {
 // ---- message view (tracking log) ----
 
 const MONTH_S = 30 * 86400;
+// The change the Batches page shows first when it opens (from a message view's origin).
+let focusChange = null;
 
 // One line per event of a message on this node: received, routed (the origin of its
 // state linked to the change log), each attempt with the remote reply in full, DSN,
@@ -373,9 +381,12 @@ async function openTracked(qid) {
     }
     li.append(kv(parts));
     if (e.origin) {
-      const m = /^batch (\d+)$/.exec(e.origin);
-      li.append(el("div", {}, "origin: ", m
-        ? el("a", { href: "#batches", title: "the change log on the Batches page" }, `batch ${m[1]}`)
+      // A batch or base: a link to that change in the change log (Batches page).
+      const m = /^(batch|base) (\d+)$/.exec(e.origin) || /\(base (\d+)\)$/.exec(e.origin);
+      const id = m && Number(m[m.length - 1]);
+      li.append(el("div", {}, "origin: ", id
+        ? el("a", { href: "#batches", class: "change-link", title: `change #${id} in the change log`,
+            onclick: () => { focusChange = id; } }, e.origin)
         : e.origin));
     }
     if (e.reply) {

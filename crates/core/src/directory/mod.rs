@@ -56,7 +56,7 @@ pub use base::{Base, BaseRow};
 pub use report::StatusGroup;
 pub use source::{FileSource, FleetSource, Source};
 pub use store::Stamp;
-pub use view::{Lookup, Moved, Resolution, Resolved};
+pub use view::{Lookup, Moved, Resolution, Resolved, Routed};
 pub use writer::{DirectoryWriter, LocalWriter, WriteError};
 
 use crate::config::{DirectoryConfig, Percent, Unknown};

@@ -213,6 +213,41 @@ impl Directory {
     }
 }
 
+/// A recipient's state, where it came from and its route now: what the tracking log's
+/// `routed` event holds ([`Directory::routed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    /// Current state, when listed.
+    pub state: Option<String>,
+    /// Where the state comes from, as [`Lookup::origin`] names it.
+    pub origin: String,
+    /// The route a message takes now (`None` = rejected).
+    pub route: Option<String>,
+}
+
+impl Directory {
+    /// State, its origin and the route of `addr`: [`Directory::lookup`] without the
+    /// mailbox's addresses (it runs for every recipient accepted when the tracking log is
+    /// on).
+    pub fn routed(&self, addr: &Address) -> Routed {
+        let view = self.view.load();
+        let listed = self.listed(&view, addr);
+        let origin = match listed.map(|(_, m)| view.origin[m as usize]) {
+            None => "unlisted".into(),
+            Some(0) => format!("file {}", self.source.name()),
+            Some(id) => self.origin_name(id),
+        };
+        let state = listed.map(|(s, _)| s);
+        Routed {
+            state: state
+                .and_then(|s| self.states.get(s as usize))
+                .map(|r| r.as_str().to_string()),
+            origin,
+            route: self.resolution(state).route().map(|r| r.as_str().to_string()),
+        }
+    }
+}
+
 /// When and by what a mailbox's state was last changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Moved {

@@ -146,7 +146,9 @@ pub fn retain(
 
 /// The tracking log of this node: where events are sent and what searches read.
 pub struct Tracking {
-    tx: Mutex<Option<SyncSender<Event>>>,
+    /// The writer's channel; `None` once closed. Read for every event: an `ArcSwapOption`
+    /// costs no lock.
+    tx: arc_swap::ArcSwapOption<SyncSender<Event>>,
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Events are being dropped (logged once per burst).
@@ -181,7 +183,7 @@ impl Tracking {
             .name("tracking".into())
             .spawn(move || w.run(rx))?;
         Ok(Tracking {
-            tx: Mutex::new(Some(tx)),
+            tx: arc_swap::ArcSwapOption::from_pointee(tx),
             shared,
             thread: Mutex::new(Some(thread)),
             dropping: AtomicBool::new(false),
@@ -195,8 +197,8 @@ impl Tracking {
 
     /// Hands `e` to the writer; never blocks (a full channel drops it, counted).
     pub fn log(&self, e: Event) {
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = tx.as_ref() else {
+        let tx = self.tx.load();
+        let Some(tx) = tx.as_deref() else {
             metrics::counter!(m::TRACKING_LOST, "reason" => "closed").increment(1);
             return;
         };
@@ -219,7 +221,7 @@ impl Tracking {
     /// Writes what was sent, seals the open file and stops the writer (at shutdown).
     /// Blocking.
     pub fn close(&self) {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.tx.store(None);
         if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = t.join();
         }
@@ -253,6 +255,6 @@ mod tests;
 
 impl Drop for Tracking {
     fn drop(&mut self) {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.tx.store(None);
     }
 }

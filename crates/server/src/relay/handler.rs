@@ -34,7 +34,7 @@ impl RelayHandler {
         e.recipients = env.rcpts.iter().map(|a| a.to_string()).collect();
         t.log(e);
         for r in &env.rcpts {
-            let l = self.directory.lookup(r);
+            let l = self.directory.routed(r);
             let mut e = Event::new(now, Kind::Routed, env.id.as_str());
             e.sender = Some(sender.clone());
             e.rcpt = Some(r.to_string());

@@ -202,30 +202,66 @@ pub fn encode_restores(restores: &[Restore]) -> Vec<u8> {
     out
 }
 
+/// Why a restore list or undo list read back (from a change's body, from PostgreSQL) is
+/// not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadList {
+    /// Its bytes are not UTF-8.
+    #[error("{what} is not UTF-8")]
+    NotUtf8 {
+        /// `restore list` or `undo entries`.
+        what: &'static str,
+    },
+    /// A line without the fields it needs.
+    #[error("{what} line {line}: not {fields}")]
+    Fields {
+        /// `restore list` or `undo`.
+        what: &'static str,
+        /// 1-based line.
+        line: usize,
+        /// The fields a line has.
+        fields: &'static str,
+    },
+    /// An origin that is not a number.
+    #[error("{what} line {line}: bad origin {origin:?}")]
+    Origin {
+        /// `restore list` or `undo`.
+        what: &'static str,
+        /// 1-based line.
+        line: usize,
+        /// What was there.
+        origin: String,
+    },
+}
+
 /// The first line of a rollback body with a restore list.
 const RESTORE_MARK: &[u8] = b"#restore\n";
 
 /// The restore list of a rollback change's body; `None` for a body without one (a rollback
 /// of an earlier version); an error for a damaged one.
-pub fn decode_restores(body: &[u8]) -> Result<Option<Vec<Restore>>, String> {
+pub fn decode_restores(body: &[u8]) -> Result<Option<Vec<Restore>>, BadList> {
+    const WHAT: &str = "restore list";
     let Some(rest) = body.strip_prefix(RESTORE_MARK) else {
         return Ok(None);
     };
-    let text = std::str::from_utf8(rest).map_err(|_| "restore list is not UTF-8".to_string())?;
+    let text = std::str::from_utf8(rest).map_err(|_| BadList::NotUtf8 { what: WHAT })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
         let mut f = line.split('\t');
         let (Some(address), Some(state), Some(origin), None) =
             (f.next(), f.next(), f.next(), f.next())
         else {
-            return Err(format!(
-                "restore list line {}: not address, state, origin",
-                i + 1
-            ));
+            return Err(BadList::Fields {
+                what: WHAT,
+                line: i + 1,
+                fields: "address, state, origin",
+            });
         };
-        let origin = origin
-            .parse()
-            .map_err(|_| format!("restore list line {}: bad origin {origin:?}", i + 1))?;
+        let origin = origin.parse().map_err(|_| BadList::Origin {
+            what: WHAT,
+            line: i + 1,
+            origin: origin.to_string(),
+        })?;
         out.push(Restore {
             address: address.to_string(),
             state: state.to_string(),
@@ -248,23 +284,28 @@ pub fn encode_undo(entries: &[ChangeEntry]) -> Vec<u8> {
 }
 
 /// [`encode_undo`] read back.
-pub fn decode_undo(body: &[u8]) -> Result<Vec<ChangeEntry>, String> {
-    let text = std::str::from_utf8(body).map_err(|_| "undo entries are not UTF-8".to_string())?;
+pub fn decode_undo(body: &[u8]) -> Result<Vec<ChangeEntry>, BadList> {
+    let text = std::str::from_utf8(body).map_err(|_| BadList::NotUtf8 {
+        what: "undo entries",
+    })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
         let f: Vec<&str> = line.split('\t').collect();
         let [address, from, origin, to] = f[..] else {
-            return Err(format!(
-                "undo line {}: not address, from, origin, to",
-                i + 1
-            ));
+            return Err(BadList::Fields {
+                what: "undo",
+                line: i + 1,
+                fields: "address, from, origin, to",
+            });
         };
         out.push(ChangeEntry {
             address: address.to_string(),
             from: from.to_string(),
-            from_origin: origin
-                .parse()
-                .map_err(|_| format!("undo line {}: bad origin {origin:?}", i + 1))?,
+            from_origin: origin.parse().map_err(|_| BadList::Origin {
+                what: "undo",
+                line: i + 1,
+                origin: origin.to_string(),
+            })?,
             to: to.to_string(),
         });
     }

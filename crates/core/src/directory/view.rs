@@ -243,7 +243,10 @@ impl Directory {
                 .and_then(|s| self.states.get(s as usize))
                 .map(|r| r.as_str().to_string()),
             origin,
-            route: self.resolution(state).route().map(|r| r.as_str().to_string()),
+            route: self
+                .resolution(state)
+                .route()
+                .map(|r| r.as_str().to_string()),
         }
     }
 }

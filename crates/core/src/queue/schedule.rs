@@ -182,11 +182,12 @@ pub(super) struct Fresh {
 }
 
 /// Reads a message's envelope and state from the spool.
-async fn load(inner: &Inner, e: &Entry) -> Result<(Arc<Envelope>, DeliveryState), String> {
-    match inner.spool.read_queued(e.msg, e.state).await {
-        Ok((env, st)) => Ok((Arc::new(env), st)),
-        Err(e) => Err(e.to_string()),
-    }
+async fn load(
+    inner: &Inner,
+    e: &Entry,
+) -> Result<(Arc<Envelope>, DeliveryState), crate::spool::SpoolError> {
+    let (env, st) = inner.spool.read_queued(e.msg, e.state).await?;
+    Ok((Arc::new(env), st))
 }
 
 /// One attempt of one message, then its next place in the queue; the dispatcher is woken

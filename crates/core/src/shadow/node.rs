@@ -231,6 +231,8 @@ impl Shadowing {
         tokio::spawn(async move {
             let res = me.drop_taken(&claims).await;
             if let Err(e) = res {
+                // Kept as the text `/v1/ready` and `fleet status` show.
+                let e = e.to_string();
                 let mut l = me.local();
                 if l.lease_error.as_deref() != Some(e.as_str()) {
                     warn!(error = %e, "shadow: cannot drop yet what survivors took from this node");
@@ -243,26 +245,19 @@ impl Shadowing {
 
     /// Drops the messages survivors took from this node (never delivered here again), once
     /// each takeover is done, and marks the takeovers seen.
-    async fn drop_taken(&self, claims: &[ClaimOnMe]) -> Result<(), String> {
+    async fn drop_taken(&self, claims: &[ClaimOnMe]) -> Result<(), DropError> {
         for c in claims.iter().filter(|c| !c.done) {
             if !c.taker_stale {
-                return Err(format!(
-                    "{} is taking over this node's queue; waiting for it to finish",
-                    c.taker
-                ));
+                return Err(DropError::TakeoverRunning(c.taker.clone()));
             }
             // The taker died in the middle: this node is back, so the claim ends here;
             // what the taker recorded is dropped below, the rest stays this node's.
-            if self.leases.cancel(c.id).await.map_err(|e| e.to_string())? {
+            if self.leases.cancel(c.id).await? {
                 warn!(claim = c.id, taker = %c.taker, "shadow: a survivor died in the middle of taking over this node's queue; the takeover is ended here");
             }
         }
         let ids: Vec<i64> = claims.iter().map(|c| c.id).collect();
-        let qids = self
-            .leases
-            .taken_in(&ids)
-            .await
-            .map_err(|e| e.to_string())?;
+        let qids = self.leases.taken_in(&ids).await?;
         let deletes = qids.iter().map(|q| self.queue.delete(q));
         let mut dropped = 0u64;
         for (q, r) in qids
@@ -272,10 +267,10 @@ impl Shadowing {
             match r {
                 Ok(()) => dropped += 1,
                 Err(QueueError::NotFound(_)) => {}
-                Err(e) => return Err(format!("cannot drop {q}, taken over by a survivor: {e}")),
+                Err(e) => return Err(DropError::Delete(q.clone(), e)),
             }
         }
-        self.leases.seen(&ids).await.map_err(|e| e.to_string())?;
+        self.leases.seen(&ids).await?;
         let takers: Vec<&str> = claims.iter().map(|c| c.taker.as_str()).collect();
         warn!(messages = dropped, takers = ?takers, "shadow: survivors took over this node's queue while it was away; dropped here what they took (they deliver it)");
         metrics::counter!(m::SHADOW_DROPPED).increment(dropped);
@@ -515,4 +510,18 @@ pub fn taken_envelope(copy: &Copy, from: &str, now: u64) -> Option<Envelope> {
 /// `QueueId::generate` gives).
 fn issued_micros(qid: &str) -> Option<u64> {
     u64::from_str_radix(qid.get(..13)?, 16).ok()
+}
+
+/// Why the messages survivors took from this node could not be dropped yet.
+#[derive(Debug, thiserror::Error)]
+enum DropError {
+    /// A survivor is still taking this node's queue over.
+    #[error("{0} is taking over this node's queue; waiting for it to finish")]
+    TakeoverRunning(String),
+    /// PostgreSQL (the claims) could not be read or written.
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
+    /// A taken message could not be deleted from the queue.
+    #[error("cannot drop {0}, taken over by a survivor: {1}")]
+    Delete(String, QueueError),
 }

@@ -263,7 +263,9 @@ pub fn message_id(body: &[u8]) -> Option<String> {
             continue;
         }
         let mut value = line[NAME.len()..].to_vec();
-        while let Some(next) = lines.next_if(|l| l.first().is_some_and(|b| *b == b' ' || *b == b'\t')) {
+        while let Some(next) =
+            lines.next_if(|l| l.first().is_some_and(|b| *b == b' ' || *b == b'\t'))
+        {
             value.extend_from_slice(next);
         }
         let value = String::from_utf8_lossy(&value);

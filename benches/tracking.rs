@@ -232,7 +232,7 @@ fn main() {
         println!("  -- {label}");
         time_queries(
             &dir,
-            "recipient (30 days)",
+            &format!("recipient ({days} days)"),
             &rcpts
                 .iter()
                 .map(|v| window(Role::Recipient, v))
@@ -240,7 +240,7 @@ fn main() {
         );
         time_queries(
             &dir,
-            "sender (30 days)",
+            &format!("sender ({days} days)"),
             &senders
                 .iter()
                 .map(|v| window(Role::Sender, v))
@@ -248,7 +248,7 @@ fn main() {
         );
         time_queries(
             &dir,
-            "Message-ID (30 days)",
+            &format!("Message-ID ({days} days)"),
             &mids
                 .iter()
                 .map(|v| window(Role::MessageId, v))
@@ -256,7 +256,7 @@ fn main() {
         );
         time_queries(
             &dir,
-            "queue id (30 days)",
+            &format!("queue id ({days} days)"),
             &qids
                 .iter()
                 .map(|v| window(Role::QueueId, v))

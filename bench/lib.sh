@@ -37,3 +37,17 @@ wait_port() { for _ in $(seq 1 400); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev
 # spooled: how many messages the spool under $W/spool holds (read from its log; the relay may
 # be running or stopped).
 spooled() { $B queue spooled --spool "$W/spool" 2>/dev/null | head -1 | awk '{print $1}'; }
+
+# cpu_ms PID: the CPU time (user + system) a process has used, in ms.
+cpu_ms() { awk -v t="$(getconf CLK_TCK)" '{print int(($14 + $15) * 1000 / t)}' "/proc/$1/stat"; }
+
+# start_sinks NAME BASE: the two next hops (on ${BASE}601 and ${BASE}602), recording what they
+# take in $W/NAME.onprem and $W/NAME.cloud; stop_sinks stops them; delivered NAME counts the
+# recipients they took.
+start_sinks() {
+    $B sink --listen "127.0.0.1:${2}601" --record "$W/$1.onprem" >/dev/null 2>&1 & PIDS+=($!); SINK1=$!
+    $B sink --listen "127.0.0.1:${2}602" --record "$W/$1.cloud" >/dev/null 2>&1 & PIDS+=($!); SINK2=$!
+    wait_port "${2}601"; wait_port "${2}602"
+}
+stop_sinks() { kill "$SINK1" "$SINK2"; wait "$SINK1" "$SINK2" 2>/dev/null || true; }
+delivered() { cat "$W/$1.onprem" "$W/$1.cloud" 2>/dev/null | awk '{n+=$2} END {print n+0}'; }

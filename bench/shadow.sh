@@ -27,8 +27,6 @@ schema = "$SCHEMA"
 node = "mx1"
 TOML
 
-cpu_ms() { awk -v t="$(getconf CLK_TCK)" '{print int(($14 + $15) * 1000 / t)}' "/proc/$1/stat"; }
-
 # --- the JetStream cluster: three servers on loopback, each its own store.
 ROUTES=nats-route://127.0.0.1:32431,nats-route://127.0.0.1:32432,nats-route://127.0.0.1:32433
 for i in 1 2 3; do
@@ -40,20 +38,12 @@ for i in 1 2 3; do wait_port "3242$i"; done
 NATS_PIDS=("${PIDS[@]}")
 nats_cpu() { local t=0; for p in "${NATS_PIDS[@]}"; do t=$((t + $(cpu_ms "$p"))); done; echo "$t"; }
 
-sinks() {
-    $B sink --listen 127.0.0.1:32601 --record "$W/$1.onprem" >/dev/null 2>&1 & PIDS+=($!); SINK1=$!
-    $B sink --listen 127.0.0.1:32602 --record "$W/$1.cloud" >/dev/null 2>&1 & PIDS+=($!); SINK2=$!
-    wait_port 32601; wait_port 32602
-}
-stop_sinks() { kill "$SINK1" "$SINK2"; wait "$SINK1" "$SINK2" 2>/dev/null || true; }
-delivered() { cat "$W/$1.onprem" "$W/$1.cloud" 2>/dev/null | awk '{n+=$2} END {print n+0}'; }
-
 # run NAME CONFIG: a relay on CONFIG, the load, the sinks; prints the load's summary and the
 # relay's CPU per message.
 run() {
     local name=$1 cfg=$2 relay c0 c1 want t0
     rm -rf "$W/spool"
-    sinks "$name"
+    start_sinks "$name" 32
     RUST_LOG=warn $B serve --config "$cfg" 2>"$W/$name.serve.log" & relay=$!
     PIDS+=("$relay")
     wait_port 32525

@@ -19,21 +19,12 @@ sed -e 's#^enabled = true#enabled = false#' "$W/coexist.toml" > "$W/off.toml"
 cp "$W/coexist.toml" "$W/on.toml"
 grep -q '^enabled = false' "$W/off.toml"
 
-cpu_ms() { awk -v t="$(getconf CLK_TCK)" '{print int(($14 + $15) * 1000 / t)}' "/proc/$1/stat"; }
-sinks() {
-    $B sink --listen 127.0.0.1:33601 --record "$W/$1.onprem" >/dev/null 2>&1 & PIDS+=($!); SINK1=$!
-    $B sink --listen 127.0.0.1:33602 --record "$W/$1.cloud" >/dev/null 2>&1 & PIDS+=($!); SINK2=$!
-    wait_port 33601; wait_port 33602
-}
-stop_sinks() { kill "$SINK1" "$SINK2"; wait "$SINK1" "$SINK2" 2>/dev/null || true; }
-delivered() { cat "$W/$1.onprem" "$W/$1.cloud" 2>/dev/null | awk '{n+=$2} END {print n+0}'; }
-
 # run NAME CONFIG: prints the load's summary, the relay's CPU per message and, with the log
 # on, its size.
 run() {
     local name=$1 cfg=$2 relay c0 c1 want t0
     rm -rf "$W/spool"
-    sinks "$name"
+    start_sinks "$name" 33
     RUST_LOG=warn $B serve --config "$cfg" 2>"$W/$name.serve.log" & relay=$!
     PIDS+=("$relay")
     wait_port 33525

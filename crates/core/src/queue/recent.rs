@@ -85,19 +85,25 @@ pub struct RecordedReply {
     pub text: Box<str>,
 }
 
+/// A recipient's last reply as code, enhanced status and text (whole): the next hop's
+/// reply, the one a local error stands for, or an expiry's (no code, `5.4.7`).
+pub fn reply_parts(reply: &LastReply) -> (Option<u16>, Option<EnhancedStatus>, String) {
+    match reply {
+        LastReply::Delivered(r) | LastReply::Failed(Failure::Remote(r)) => {
+            (Some(r.code), r.status, r.text().to_string())
+        }
+        LastReply::Failed(Failure::Local(e)) => {
+            let (code, status) = e.code();
+            (Some(code), Some(status), e.to_string())
+        }
+        LastReply::Failed(f @ Failure::Expired(_)) => (None, f.status(), f.to_string()),
+    }
+}
+
 impl RecordedReply {
     /// The fields of a recipient's last reply.
     pub fn of(reply: &LastReply) -> RecordedReply {
-        let (code, status, text) = match reply {
-            LastReply::Delivered(r) | LastReply::Failed(Failure::Remote(r)) => {
-                (Some(r.code), r.status, r.text().to_string())
-            }
-            LastReply::Failed(Failure::Local(e)) => {
-                let (code, status) = e.code();
-                (Some(code), Some(status), e.to_string())
-            }
-            LastReply::Failed(f @ Failure::Expired(_)) => (None, f.status(), f.to_string()),
-        };
+        let (code, status, text) = reply_parts(reply);
         RecordedReply {
             code,
             status,

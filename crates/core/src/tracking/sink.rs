@@ -4,7 +4,7 @@
 
 use super::event::{Event, EventReply, Kind};
 use super::Tracking;
-use crate::proto::{Failure, LastReply};
+use crate::proto::LastReply;
 use crate::queue::outcomes::{Noted, NotedKind, OutcomeSink, Reported};
 use crate::queue::recent::Outcome;
 use crate::queue::recorder::Recorder;
@@ -23,16 +23,7 @@ pub struct Tee {
 
 /// The event reply of a recipient's last reply, its text whole (up to 4 KiB).
 pub fn event_reply(reply: &LastReply) -> EventReply {
-    let (code, status, text) = match reply {
-        LastReply::Delivered(r) | LastReply::Failed(Failure::Remote(r)) => {
-            (Some(r.code), r.status, r.text().to_string())
-        }
-        LastReply::Failed(Failure::Local(e)) => {
-            let (code, status) = e.code();
-            (Some(code), Some(status), e.to_string())
-        }
-        LastReply::Failed(f @ Failure::Expired(_)) => (None, f.status(), f.to_string()),
-    };
+    let (code, status, text) = crate::queue::recent::reply_parts(reply);
     EventReply {
         code,
         status: status.map(|s| s.to_string()),

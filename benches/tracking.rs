@@ -230,38 +230,15 @@ fn main() {
     };
     let run = |label: &str| {
         println!("  -- {label}");
-        time_queries(
-            &dir,
-            &format!("recipient ({days} days)"),
-            &rcpts
-                .iter()
-                .map(|v| window(Role::Recipient, v))
-                .collect::<Vec<_>>(),
-        );
-        time_queries(
-            &dir,
-            &format!("sender ({days} days)"),
-            &senders
-                .iter()
-                .map(|v| window(Role::Sender, v))
-                .collect::<Vec<_>>(),
-        );
-        time_queries(
-            &dir,
-            &format!("Message-ID ({days} days)"),
-            &mids
-                .iter()
-                .map(|v| window(Role::MessageId, v))
-                .collect::<Vec<_>>(),
-        );
-        time_queries(
-            &dir,
-            &format!("queue id ({days} days)"),
-            &qids
-                .iter()
-                .map(|v| window(Role::QueueId, v))
-                .collect::<Vec<_>>(),
-        );
+        for (what, role, values) in [
+            ("recipient", Role::Recipient, &rcpts),
+            ("sender", Role::Sender, &senders),
+            ("Message-ID", Role::MessageId, &mids),
+            ("queue id", Role::QueueId, &qids),
+        ] {
+            let qs: Vec<Query> = values.iter().map(|v| window(role, v)).collect();
+            time_queries(&dir, &format!("{what} ({days} days)"), &qs);
+        }
     };
     if drop_caches() {
         run("cold page cache (dropped once, before these 80 queries)");

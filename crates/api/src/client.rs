@@ -13,13 +13,15 @@ use super::types::{
     ApiErrorBody, BatchFormat, BatchReply, ChangeSummary, ConfigReloadReply, DrainReply, Explain,
     ExplainRequest, FleetBatch, FleetStatus, FlushReply, HopView, MessageView, NodeApplied,
     QueueAction, QueueActionReply, QueueFilter, Ready, ReloadReport, Resubmitted, Scheduled,
-    TraceReply,
 };
 use crate::config::Config;
 use serde::de::DeserializeOwned;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+
+mod trace;
+pub use trace::{TraceAsk, TraceField};
 
 /// A failed API call, worded for the admin at the terminal.
 #[derive(Debug, thiserror::Error)]
@@ -532,29 +534,6 @@ impl AdminClient {
         self.get_typed("/v1/fleet/node")
     }
 
-    /// `GET /v1/trace`: where mail for `address` went on this node in the last `since`
-    /// seconds (the server's default, 12 hours, when `None`), newest first.
-    pub fn trace(&self, address: &str, since: Option<u64>) -> Result<TraceReply, ClientError> {
-        self.trace_by(&TraceAsk {
-            field: TraceField::Address,
-            value: address.to_string(),
-            since,
-            until: None,
-        })
-    }
-
-    /// `GET /v1/trace` by any key: what became of the mail `ask` names on this node.
-    pub fn trace_by(&self, ask: &TraceAsk) -> Result<TraceReply, ClientError> {
-        let mut path = format!("/v1/trace?{}={}", ask.field.param(), encode(&ask.value));
-        if let Some(s) = ask.since {
-            path.push_str(&format!("&since={s}"));
-        }
-        if let Some(u) = ask.until {
-            path.push_str(&format!("&until={u}"));
-        }
-        self.get_typed(&path)
-    }
-
     /// `POST /v1/route/explain`: where mail for each address would go now, and why.
     pub fn route_explain(&self, addresses: &[String]) -> Result<Vec<Explain>, ClientError> {
         let body = ExplainRequest {
@@ -566,44 +545,6 @@ impl AdminClient {
         })?;
         self.post_typed("/v1/route/explain", &body, "application/json")
     }
-}
-
-/// What `GET /v1/trace` searches by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TraceField {
-    /// A recipient, as received or as sent.
-    Address,
-    /// The reverse path.
-    Sender,
-    /// A Message-ID header.
-    MessageId,
-    /// A queue id.
-    QueueId,
-}
-
-impl TraceField {
-    /// The query parameter.
-    pub fn param(self) -> &'static str {
-        match self {
-            TraceField::Address => "address",
-            TraceField::Sender => "sender",
-            TraceField::MessageId => "message_id",
-            TraceField::QueueId => "queue_id",
-        }
-    }
-}
-
-/// A trace question: a key and a window (`since` and `until` seconds ago).
-#[derive(Debug, Clone)]
-pub struct TraceAsk {
-    /// What `value` is.
-    pub field: TraceField,
-    /// The address, Message-ID or queue id.
-    pub value: String,
-    /// Seconds to look back (the server's default when `None`).
-    pub since: Option<u64>,
-    /// Seconds ago the window ends (now when `None`).
-    pub until: Option<u64>,
 }
 
 /// Percent-encodes a query value.

@@ -65,6 +65,31 @@ pub fn strip_headers(message: &mut Vec<u8>, prefixes: &[String]) -> usize {
     removed
 }
 
+/// The value of the first field named `name` (case-insensitive) in the header section of
+/// `message`, its continuation lines joined (line ends kept), without the name and colon.
+pub fn first_field<'a>(message: &'a [u8], name: &[u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
+    let mut pos = 0;
+    while let Some(end) = header_line_end(message, pos) {
+        let line = &message[pos..end];
+        pos = end;
+        if !field_name(line).is_some_and(|n| n.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        let colon = memchr::memchr(b':', line).unwrap_or(0);
+        let mut value = std::borrow::Cow::Borrowed(&line[colon + 1..]);
+        while let Some(next) = header_line_end(message, pos) {
+            let cont = &message[pos..next];
+            if !matches!(cont.first(), Some(b' ' | b'\t')) {
+                break;
+            }
+            value.to_mut().extend_from_slice(cont);
+            pos = next;
+        }
+        return Some(value);
+    }
+    None
+}
+
 /// Number of `Received:` headers in a message's header section (the hop count).
 pub fn count_hops(message: &[u8]) -> usize {
     let (mut pos, mut hops) = (0, 0);

@@ -15,7 +15,7 @@
 
 pub mod connection;
 pub mod delivery;
-mod headers;
+pub mod headers;
 pub mod message;
 pub mod recipient;
 

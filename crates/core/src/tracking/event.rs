@@ -249,30 +249,15 @@ pub fn trim_id(m: &str) -> &str {
 const HEADER_SCAN: usize = 64 * 1024;
 
 /// The Message-ID header of a message (its first one in the first 64 KiB of its header
-/// section), without angle brackets; `None` when it has none there.
-///
-/// Scanned by hand, line by line (a folded value's lines joined): it runs for every message
-/// accepted, and a full header parse (mailparse) allocates every header for the one wanted.
+/// section), without angle brackets; `None` when it has none there. Read with the policy's
+/// streaming header scan: it runs for every message accepted, and a full header parse
+/// (mailparse) allocates every header for the one wanted.
 pub fn message_id(body: &[u8]) -> Option<String> {
     let head = &body[..body.len().min(HEADER_SCAN)];
-    let end = memchr::memmem::find(head, b"\r\n\r\n").map_or(head.len(), |i| i + 2);
-    let mut lines = head[..end].split(|&b| b == b'\n').peekable();
-    while let Some(line) = lines.next() {
-        const NAME: &[u8] = b"message-id:";
-        if line.len() < NAME.len() || !line[..NAME.len()].eq_ignore_ascii_case(NAME) {
-            continue;
-        }
-        let mut value = line[NAME.len()..].to_vec();
-        while let Some(next) =
-            lines.next_if(|l| l.first().is_some_and(|b| *b == b' ' || *b == b'\t'))
-        {
-            value.extend_from_slice(next);
-        }
-        let value = String::from_utf8_lossy(&value);
-        let id = trim_id(value.trim_matches(|c: char| c.is_whitespace()));
-        return (!id.is_empty()).then(|| cut(id, 998));
-    }
-    None
+    let value = crate::policy::headers::first_field(head, b"message-id")?;
+    let value = String::from_utf8_lossy(&value);
+    let id = trim_id(value.trim_matches(|c: char| c.is_whitespace()));
+    (!id.is_empty()).then(|| cut(id, 998))
 }
 
 /// `s` cut to at most `max` bytes at a character boundary.

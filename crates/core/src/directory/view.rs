@@ -199,11 +199,7 @@ impl Directory {
             state: state
                 .and_then(|s| self.states.get(s as usize))
                 .map(|r| r.as_str().to_string()),
-            origin: match m.map(|m| view.origin[m]) {
-                None => "unlisted".into(),
-                Some(0) => format!("file {}", self.source.name()),
-                Some(id) => self.origin_name(id),
-            },
+            origin: self.origin_of(m.map(|m| view.origin[m])),
             route: self
                 .resolution(state)
                 .route()
@@ -232,11 +228,7 @@ impl Directory {
     pub fn routed(&self, addr: &Address) -> Routed {
         let view = self.view.load();
         let listed = self.listed(&view, addr);
-        let origin = match listed.map(|(_, m)| view.origin[m as usize]) {
-            None => "unlisted".into(),
-            Some(0) => format!("file {}", self.source.name()),
-            Some(id) => self.origin_name(id),
-        };
+        let origin = self.origin_of(listed.map(|(_, m)| view.origin[m as usize]));
         let state = listed.map(|(s, _)| s);
         Routed {
             state: state
@@ -282,6 +274,16 @@ impl Directory {
             origin: self.origin_name(id),
             at: u64::try_from(at).ok()?,
         })
+    }
+
+    /// How [`Lookup::origin`] names the change a mailbox's state came from (`None`:
+    /// unlisted; 0: the directory file).
+    fn origin_of(&self, change: Option<u32>) -> String {
+        match change {
+            None => "unlisted".into(),
+            Some(0) => format!("file {}", self.source.name()),
+            Some(id) => self.origin_name(id),
+        }
     }
 
     /// `batch N`; `base N` when change `id` was a fleet's base import; the source's mark

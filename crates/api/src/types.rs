@@ -359,16 +359,7 @@ impl TraceEntry {
     /// The entry of a tracking event that is a recipient's outcome (`None` for the others:
     /// received, routed, DSN, hold, release).
     pub fn of_event(e: &TrackEvent) -> Option<TraceEntry> {
-        use crate::tracking::Kind;
-        let outcome = match e.kind {
-            Kind::Delivered => Outcome::Delivered,
-            Kind::Deferred => Outcome::Deferred,
-            Kind::Bounced => Outcome::Bounced,
-            Kind::Expired => Outcome::Expired,
-            Kind::Deleted => Outcome::Deleted,
-            Kind::TakenOver => Outcome::TakenOver,
-            _ => return None,
-        };
+        let outcome = e.kind.outcome()?;
         Some(TraceEntry {
             time: e.time_ms / 1000,
             queue_id: e.queue_id.clone(),

@@ -1,6 +1,7 @@
 //! The events of the tracking log: what happened to a message, with time, node-local queue
 //! id and the details of its kind, and the search keys each event is indexed by.
 
+use crate::queue::recent::Outcome;
 use serde::{Deserialize, Serialize};
 
 /// What happened.
@@ -48,6 +49,35 @@ impl Kind {
             Kind::Dsn => "dsn",
             Kind::TakenOver => "taken_over",
         }
+    }
+}
+
+impl From<Outcome> for Kind {
+    fn from(o: Outcome) -> Kind {
+        match o {
+            Outcome::Delivered => Kind::Delivered,
+            Outcome::Deferred => Kind::Deferred,
+            Outcome::Bounced => Kind::Bounced,
+            Outcome::Expired => Kind::Expired,
+            Outcome::Deleted => Kind::Deleted,
+            Outcome::TakenOver => Kind::TakenOver,
+        }
+    }
+}
+
+impl Kind {
+    /// The recipient's outcome this kind is (`None` for the message's other events:
+    /// received, routed, held, released, DSN).
+    pub fn outcome(self) -> Option<Outcome> {
+        Some(match self {
+            Kind::Delivered => Outcome::Delivered,
+            Kind::Deferred => Outcome::Deferred,
+            Kind::Bounced => Outcome::Bounced,
+            Kind::Expired => Outcome::Expired,
+            Kind::Deleted => Outcome::Deleted,
+            Kind::TakenOver => Outcome::TakenOver,
+            Kind::Received | Kind::Routed | Kind::Held | Kind::Released | Kind::Dsn => return None,
+        })
     }
 }
 

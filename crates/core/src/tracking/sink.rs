@@ -6,7 +6,6 @@ use super::event::{Event, EventReply, Kind};
 use super::Tracking;
 use crate::proto::LastReply;
 use crate::queue::outcomes::{Noted, NotedKind, OutcomeSink, Reported};
-use crate::queue::recent::Outcome;
 use crate::queue::recorder::Recorder;
 use std::sync::Arc;
 
@@ -41,15 +40,7 @@ impl OutcomeSink for Tee {
         let Some(t) = &self.tracking else {
             return;
         };
-        let kind = match o.outcome {
-            Outcome::Delivered => Kind::Delivered,
-            Outcome::Deferred => Kind::Deferred,
-            Outcome::Bounced => Kind::Bounced,
-            Outcome::Expired => Kind::Expired,
-            Outcome::Deleted => Kind::Deleted,
-            Outcome::TakenOver => Kind::TakenOver,
-        };
-        let mut e = Event::new(o.time_ms, kind, o.queue_id.as_str());
+        let mut e = Event::new(o.time_ms, Kind::from(o.outcome), o.queue_id.as_str());
         e.sender = o.sender.map(|a| a.to_string()).or(Some(String::new()));
         e.rcpt = Some(o.rcpt.to_string());
         e.sent_as = o.sent_as.map(|a| a.to_string());

@@ -301,6 +301,14 @@ fn build(
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(p)))
     };
+    connector(builder, client)
+}
+
+/// The connector of a config whose verifier is set, presenting `client` if set.
+fn connector(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    client: Option<ClientAuth>,
+) -> Result<TlsConnector, TlsError> {
     let config = match client {
         Some((certs, key)) => builder
             .with_client_auth_cert(certs, key)
@@ -319,13 +327,7 @@ fn build_with(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let config = match client {
-        Some((certs, key)) => builder
-            .with_client_auth_cert(certs, key)
-            .map_err(TlsError::ClientCert)?,
-        None => builder.with_no_client_auth(),
-    };
-    Ok(TlsConnector::from(Arc::new(config)))
+    connector(builder, client)
 }
 
 /// rustls' WebPKI verifier over `roots`.

@@ -23,6 +23,11 @@ pub struct LoadArgs {
     /// Server to load.
     #[arg(long, default_value = "127.0.0.1:2525")]
     pub target: SocketAddr,
+    /// More servers beside --target, as MX hosts of equal preference (comma-separated, or
+    /// the flag repeated): sessions start at each in turn and move on to the next when a
+    /// connection is refused or greeted with 421.
+    #[arg(long, value_delimiter = ',')]
+    pub also: Vec<SocketAddr>,
     /// Messages to send.
     #[arg(long, default_value_t = 10_000)]
     pub messages: u64,
@@ -126,7 +131,7 @@ pub struct SinkArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:2601")]
     pub listen: SocketAddr,
-    /// Append `QUEUE-ID COUNT RCPT,RCPT... CRC32` per accepted message to this file.
+    /// Append `QUEUE-ID COUNT RCPT,RCPT... CRC32 UNIX_MS` per accepted message to this file.
     #[arg(long)]
     pub record: Option<PathBuf>,
     /// Share (0 to 1) of recipients to defer with 450 4.2.1.
@@ -252,6 +257,8 @@ pub fn load(args: LoadArgs, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> 
         offsets: chosen.offsets,
         phases: args.phases,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        more_targets: args.also.clone(),
+        observer: None,
     };
     let parameters = Parameters {
         target: args.target.to_string(),

@@ -296,10 +296,13 @@ impl Directory {
         self.source.name()
     }
 
-    /// True while the source cannot be read (LDAP down): recipients the directory does not
-    /// know are then deferred, not refused.
+    /// True while the source cannot be read (LDAP down), or while a fleet node has no base
+    /// yet (a new fleet before its first LDAP sync is committed, a new node before it has
+    /// loaded the base): recipients the directory does not know are then deferred, not
+    /// refused (found by the weekend run: a node listening on an empty directory refused
+    /// valid mailboxes with 550 5.1.1).
     pub fn source_down(&self) -> bool {
-        !self.source.healthy()
+        !self.source.healthy() || (self.source.empty_until_first_change() && self.applied() == 0)
     }
 
     /// True when the source changed since it was last loaded.

@@ -33,6 +33,11 @@ pub trait Source: Send + Sync {
     fn marks_origin(&self) -> bool {
         false
     }
+    /// True when a directory at change 0 has nothing in force yet (a fleet node before
+    /// its first base): it knows no recipient, so none is refused as unknown.
+    fn empty_until_first_change(&self) -> bool {
+        false
+    }
 }
 
 /// The embedded default source: the CSV file `directory.file`.
@@ -74,6 +79,9 @@ impl Default for FleetSource {
 impl Source for FleetSource {
     fn healthy(&self) -> bool {
         self.up.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn empty_until_first_change(&self) -> bool {
+        true
     }
     fn name(&self) -> String {
         "fleet".into()

@@ -24,4 +24,4 @@ pub use generate::{directory_rows, parse_sizes, synthetic_recipients, Generated,
 pub use metrics::{MetricsError, Scraper};
 pub use replay::{read_messages, Replayed, Traffic};
 pub use report::{LoadReport, Phases};
-pub use run::{run, LoadOptions, Offsets};
+pub use run::{run, LoadOptions, Observed, Observer, Offsets};

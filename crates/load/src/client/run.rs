@@ -45,6 +45,27 @@ pub struct LoadOptions {
     pub phases: bool,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// More servers beside `target`, as MX hosts of equal preference: session `i` starts at
+    /// server `i` of the list (round robin, as DNS hands them out), and a session that
+    /// cannot open a connection (refused, timed out, `421` at the greeting) or reconnects
+    /// after `per_session` messages moves on to the next.
+    pub more_targets: Vec<SocketAddr>,
+    /// Called with every message's outcome, as it comes (the weekend run's history).
+    pub observer: Option<Observer>,
+}
+
+/// A function that sees every message's outcome.
+pub type Observer = Arc<dyn Fn(Observed<'_>) + Send + Sync>;
+
+/// One message's outcome, for an [`Observer`].
+pub struct Observed<'a> {
+    /// The server it was sent to.
+    pub target: SocketAddr,
+    /// Its recipients, in order.
+    pub rcpts: &'a [crate::types::Address],
+    /// Each recipient's outcome (the final reply for those whose RCPT was accepted), or
+    /// why the session failed before a final reply.
+    pub result: Result<&'a [RcptOutcome], String>,
 }
 
 impl LoadOptions {
@@ -71,6 +92,8 @@ impl LoadOptions {
             offsets: None,
             phases: false,
             progress: false,
+            more_targets: Vec::new(),
+            observer: None,
         }
     }
 }
@@ -165,7 +188,10 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
     let started = Instant::now();
     let deadline = started + opts.max_duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..opts.concurrency.max(1) {
+    let targets: Arc<[SocketAddr]> = std::iter::once(opts.target)
+        .chain(opts.more_targets.iter().copied())
+        .collect();
+    for session in 0..opts.concurrency.max(1) {
         let (next, shared, traffic, bar, offsets) = (
             next.clone(),
             shared.clone(),
@@ -173,7 +199,8 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
             bar.clone(),
             offsets.clone(),
         );
-        let (target, total, per_session) = (opts.target, opts.messages, opts.per_session.max(1));
+        let (targets, observer) = (targets.clone(), opts.observer.clone());
+        let (total, per_session) = (opts.messages, opts.per_session.max(1));
         let (pipelining, chunking, rate, split) =
             (opts.pipelining, opts.chunking, opts.rate, opts.phases);
         let route_tls = crate::deliver::RouteTls::plain(opts.tls);
@@ -181,6 +208,9 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
             let mut local = Phases::new();
             let mut conn: Option<Connection> = None;
             let mut used = 0u64;
+            // The session's place in the list of servers; the first connection uses it.
+            let mut at = session % targets.len();
+            let mut target = targets[at];
             'messages: loop {
                 let n = next.fetch_add(1, Ordering::SeqCst);
                 if n >= total || Instant::now() >= deadline {
@@ -211,6 +241,8 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
                 if used >= per_session {
                     if let Some(c) = conn.take() {
                         c.quit().await;
+                        at = (at + 1) % targets.len();
+                        target = targets[at];
                     }
                 }
                 while conn.is_none() {
@@ -237,6 +269,8 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
                         }
                         Err(_) => {
                             lock(&shared).report.errors += 1;
+                            at = (at + 1) % targets.len();
+                            target = targets[at];
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
@@ -257,8 +291,29 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
                 let t0 = Instant::now();
                 let res = c.send_phased(&out, split).await;
                 let us = (t0.elapsed().as_micros() as u64).max(1);
-                let at = started.elapsed();
+                if let Some(o) = &observer {
+                    o(Observed {
+                        target,
+                        rcpts: &m.rcpts,
+                        result: match &res {
+                            Ok((outcomes, _)) => Ok(outcomes),
+                            Err(e) => Err(e.to_string()),
+                        },
+                    });
+                }
+                let since = started.elapsed();
                 bar.inc(1);
+                // A transaction that did not end in 250 for every recipient (a RCPT refused,
+                // or the end of data refused) may still be open on the server: RSET before
+                // the next MAIL (found by the weekend run: `503 5.5.1 Nested MAIL command`).
+                let refused = |o: &RcptOutcome| !matches!(o, RcptOutcome::Delivered(_));
+                if matches!(&res, Ok((o, _)) if o.iter().any(refused)) {
+                    if let Some(c) = conn.as_mut() {
+                        if !c.reset().await {
+                            conn = None;
+                        }
+                    }
+                }
                 let mut sh = lock(&shared);
                 let sh = &mut *sh;
                 let r = &mut sh.report;
@@ -295,7 +350,7 @@ pub async fn run(opts: LoadOptions, traffic: Arc<Traffic>) -> LoadReport {
                             r.ids.push(id.trim().to_string());
                         }
                     }
-                    sh.buckets.record(at, us);
+                    sh.buckets.record(since, us);
                 }
                 for o in outcomes {
                     if let RcptOutcome::Deferred(t) | RcptOutcome::Failed(t) = o {

@@ -89,7 +89,8 @@ pub struct SinkOptions {
     pub keep_bodies: bool,
     /// Append one line per accepted message to this file: the queue id from the first
     /// `Received:` header (the relay's), the recipient count, the recipients
-    /// (comma-separated) and a CRC32 digest of the message. Flushed per message.
+    /// (comma-separated), a CRC32 digest of the message and the time it was accepted (Unix
+    /// milliseconds). Written per message.
     pub record: Option<std::path::PathBuf>,
     /// Share (0..1) of recipients deferred at RCPT with 450 4.2.1, at random.
     pub defer_share: f64,
@@ -110,7 +111,14 @@ pub struct SinkOptions {
     /// Where the certificates that clients present are recorded; set together with `tls`
     /// from [`client_cert_acceptor`].
     pub client_certs: Option<Arc<ClientCerts>>,
+    /// Asked at every RCPT after the built-in test hooks: a reply refuses the recipient
+    /// with it (the weekend run's Exchange Online answers `5.1.10` for a mailbox that moved
+    /// minutes ago, before its directory sync has it).
+    pub rcpt_check: Option<RcptCheck>,
 }
+
+/// A per-recipient answer for [`SinkOptions::rcpt_check`]: `Some(reply)` refuses.
+pub type RcptCheck = Arc<dyn Fn(&Address) -> Option<Reply> + Send + Sync>;
 
 impl Default for SinkOptions {
     fn default() -> Self {
@@ -128,6 +136,7 @@ impl Default for SinkOptions {
             smtputf8: true,
             multiline_errors: false,
             client_certs: None,
+            rcpt_check: None,
         }
     }
 }
@@ -170,6 +179,7 @@ pub struct SinkState {
     delay: Duration,
     smtputf8: bool,
     client_certs: Option<Arc<ClientCerts>>,
+    rcpt_check: Option<RcptCheck>,
     by_domain: Mutex<std::collections::BTreeMap<String, DomainCount>>,
 }
 
@@ -306,6 +316,9 @@ impl Handler for SinkHandler {
             return Err(Reply::new(450, "4.2.1", "Sink: mailbox busy, try later"));
         }
         let s = &self.0;
+        if let Some(reply) = s.rcpt_check.as_ref().and_then(|check| check(to)) {
+            return Err(reply);
+        }
         if s.reject_share > 0.0 || s.defer_share > 0.0 {
             let x = fastrand::f64();
             if x < s.reject_share {
@@ -346,11 +359,12 @@ impl Handler for SinkHandler {
             use std::io::Write;
             let rcpts: Vec<String> = msg.rcpts.iter().map(|a| a.to_string()).collect();
             let line = format!(
-                "{} {} {} {:08x}\n",
+                "{} {} {} {:08x} {}\n",
                 received_id(&msg.body).unwrap_or_else(|| "-".into()),
                 msg.rcpts.len(),
                 rcpts.join(","),
-                crc32fast::hash(&msg.body)
+                crc32fast::hash(&msg.body),
+                crate::clock::now_ms()
             );
             let mut f = rec.lock().unwrap_or_else(|p| p.into_inner());
             if f.write_all(line.as_bytes()).is_err() {
@@ -475,6 +489,7 @@ impl Sink {
             delay: opts.delay,
             smtputf8: opts.smtputf8,
             client_certs: opts.client_certs.clone(),
+            rcpt_check: opts.rcpt_check.clone(),
             by_domain: Mutex::new(std::collections::BTreeMap::new()),
         });
         let cfg = SessionConfig {

@@ -432,3 +432,35 @@ async fn a_base_carries_routing_addresses_to_every_node() {
         ]
     );
 }
+
+/// A node of a new fleet with no base yet (no directory file, nothing imported, as a fleet
+/// whose LDAP leader has not committed its first sync) knows no mailbox: it defers every
+/// recipient with `451 4.4.3` and says so in readiness, never refusing a mailbox with
+/// `550 5.1.1` (found by the weekend run of issue 28: nodes listening before the first
+/// base refused valid mailboxes). The first base ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_without_a_base_defers_recipients_instead_of_refusing_them() {
+    let schema = Schema::new("no_base").await;
+    let hops = hops().await;
+    let a = node(&hops, &schema, "mx1", &pg::url(), false).await;
+    let mut c = connect(a.relay.local_addrs[0]).await;
+    c.expect("EHLO client.test", 250).await;
+    c.expect("MAIL FROM:<x@example.org>", 250).await;
+    let r = c.cmd("RCPT TO:<alice@nhs.test>").await;
+    assert_eq!((r.code, r.status()), (451, "4.4.3"), "{r:?}");
+    assert!(!ready(&a).await.directory_source_up);
+
+    let api = a.api();
+    tokio::task::spawn_blocking(move || {
+        api.directory_import(b"address,state\nalice@nhs.test,cloud\n", "first.csv", false)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    c.expect("RSET", 250).await;
+    c.expect("MAIL FROM:<x@example.org>", 250).await;
+    c.expect("RCPT TO:<alice@nhs.test>", 250).await;
+    let r = c.cmd("RCPT TO:<nobody@nhs.test>").await;
+    assert_eq!((r.code, r.status()), (550, "5.1.1"), "{r:?}");
+    assert!(ready(&a).await.directory_source_up);
+}

@@ -137,6 +137,8 @@ pub enum FaultKind {
     NatsDown,
     /// A node's links slowed (a token bucket on its interface).
     SlowLink,
+    /// A node's disk slowed (its writes held to a few per second by the blkio throttle).
+    SlowDisk,
 }
 
 impl FaultKind {

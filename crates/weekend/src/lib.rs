@@ -9,6 +9,7 @@
 //! second), which writes the [`history`] → [`check`] (the verdict) → [`report`] (HTML).
 
 pub mod check;
+pub mod disk;
 pub mod history;
 pub mod net;
 pub mod nodes;

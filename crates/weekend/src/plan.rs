@@ -116,6 +116,7 @@ impl Plan {
             (58, fault(HopRefuse, "onprem", 8)),
             (62, Action::LdapMove { count: 50 }),
             (64, fault(SlowLink, "mx1", 8)),
+            (66, fault(SlowDisk, "mx2", 8)),
         ];
         Plan {
             name: "smoke",
@@ -126,7 +127,7 @@ impl Plan {
             max_rcpts: 3,
             drain: s(60),
             max_lag: s(10),
-            takeover_after: s(10),
+            takeover_after: s(20),
             delivery_timeout: s(20),
             sync_interval: s(2),
             unsynced_for: s(8),
@@ -152,6 +153,7 @@ impl Plan {
             (345, fault(NodePartition, "mx2", 60)),
             (380, fault(HopRefuse, "onprem", 30)),
             (420, fault(SlowLink, "mx1", 30)),
+            (440, fault(SlowDisk, "mx2", 30)),
             (430, batch("evening 3", 22_000, false, "mx3")),
         ];
         Plan {
@@ -193,6 +195,7 @@ impl Plan {
             FaultKind::NodePartition,
             FaultKind::HopRefuse,
             FaultKind::SlowLink,
+            FaultKind::SlowDisk,
         ];
         for kind in kinds {
             let target = match kind {
@@ -283,7 +286,7 @@ mod tests {
             .iter()
             .filter(|s| matches!(s.action, Action::Fault { .. }))
             .count();
-        assert_eq!(faults, 8);
+        assert_eq!(faults, 9);
         assert!(a.steps.windows(2).all(|w| w[0].at <= w[1].at));
         assert_ne!(a.steps, Plan::smoke().randomized(8).steps);
     }

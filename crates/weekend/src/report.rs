@@ -47,6 +47,7 @@ fn kind_style(k: FaultKind) -> (&'static str, &'static str) {
         FaultKind::HopRefuse => ("hop_refuse", "#8c564b"),
         FaultKind::NatsDown => ("nats_down", "#9ecae1"),
         FaultKind::SlowLink => ("slow_link", "#c7c7c7"),
+        FaultKind::SlowDisk => ("slow_disk", "#7f7f7f"),
     }
 }
 

@@ -284,6 +284,7 @@ async fn build(o: &RunOptions) -> anyhow::Result<World> {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
         }
     }
+    crate::disk::sweep();
     let net = Net::build(&HOSTS)?;
     let pg1 = Postgres::primary(&net, "pg1", &dir)?;
     let pg2 = Postgres::standby(&net, "pg2", &dir, &pg1)?;
@@ -693,6 +694,12 @@ async fn begin_fault(
             w.net.slow(target, 2_000)?;
             format!("{target}'s link limited to 2 Mbit/s")
         }
+        FaultKind::SlowDisk => {
+            let n = node(w, target)?;
+            let pid = n.pid().context("node not running")?;
+            let disk = crate::disk::slow(target, pid, &n.spool, 20, 1 << 20)?;
+            format!("{target}'s writes to disk {disk} held to 20 a second and 1 MB/s")
+        }
     })
 }
 
@@ -720,6 +727,7 @@ async fn end_fault(w: &mut World, sinks: &mut Sinks, f: &Fault) -> anyhow::Resul
         }
         FaultKind::NatsDown => tokio::task::block_in_place(|| w.nats.restart(&f.target))?,
         FaultKind::SlowLink => w.net.unslow(&f.target)?,
+        FaultKind::SlowDisk => crate::disk::unslow(&f.target)?,
     }
     Ok(())
 }

@@ -186,7 +186,13 @@ pub(super) fn evaluate(inner: &Inner) {
         let stuck = h.up && late(h.waiting_since);
         let behind = empty || late(h.behind_since) || late(h.head_above_since) || stuck;
         let why = h.behind_why.clone().or_else(|| {
-            if late(h.head_above_since) {
+            if empty {
+                Some(if h.up {
+                    format!("no directory yet: the fleet's log is at change {} and nothing is applied here", h.head)
+                } else {
+                    "no directory yet and PostgreSQL is unreachable".to_string()
+                })
+            } else if late(h.head_above_since) {
                 Some(format!(
                     "the fleet's log is at change {} and this node has applied {applied}",
                     h.head

@@ -73,10 +73,7 @@ impl Proc {
 
     /// Whether it has exited (and reaps it).
     pub fn exited(&mut self) -> bool {
-        match self.child.as_mut().map(Child::try_wait) {
-            Some(Ok(None)) => false,
-            _ => true,
-        }
+        !matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
     }
 
     /// `kill -9` by its PID, and reaps it.

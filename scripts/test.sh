@@ -77,6 +77,14 @@ if ! command -v nats-server >/dev/null 2>&1; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
 fi
 
+# The weekend under fire (tests/weekend.rs, its smoke size) builds network namespaces with
+# iproute2's ip and tc (it needs root, as CI runs) and starts PostgreSQL as the `postgres`
+# user through setpriv (util-linux).
+if ! command -v ip >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2
+fi
+
 # The alerting rules shipped in ops/prometheus are checked (and their unit tests run) with
 # promtool, from Debian's prometheus package (no Prometheus server is started here).
 if ! command -v promtool >/dev/null 2>&1; then

@@ -122,6 +122,10 @@ pub struct Move {
 pub enum FaultKind {
     /// The PostgreSQL primary killed (`kill -9`) and the standby promoted.
     PgFailover,
+    /// The same, with the standby cut off from the primary first and a batch committed on
+    /// the primary alone: the promoted standby's log moved back. Ends with the admin's
+    /// repair, `directory import` of the source's states through a node that has the batch.
+    PgFailoverLost,
     /// The LDAP server stopped, then started again.
     LdapDown,
     /// An MX node killed with `kill -9` and its disk (spool, store) wiped; started again
@@ -151,6 +155,7 @@ impl FaultKind {
                 | FaultKind::NodePartition
                 | FaultKind::HopRefuse
                 | FaultKind::PgFailover
+                | FaultKind::PgFailoverLost
         )
     }
 }

@@ -148,7 +148,7 @@ impl Plan {
             (180, fault(NodeKill, "mx3", 90)),
             (210, fault(NatsDown, "nats2", 40)),
             (250, Action::LdapMove { count: 300 }),
-            (300, fault(PgFailover, "pg1", 0)),
+            (300, fault(PgFailoverLost, "pg1", 40)),
             (330, batch("evening 2", 22_000, false, "mx1")),
             (345, fault(NodePartition, "mx2", 60)),
             (380, fault(HopRefuse, "onprem", 30)),
@@ -191,7 +191,7 @@ impl Plan {
             FaultKind::LdapDown,
             FaultKind::NodeKill,
             FaultKind::NatsDown,
-            FaultKind::PgFailover,
+            FaultKind::PgFailoverLost,
             FaultKind::NodePartition,
             FaultKind::HopRefuse,
             FaultKind::SlowLink,
@@ -204,7 +204,7 @@ impl Plan {
                 }
                 FaultKind::LdapDown => "ldap".into(),
                 FaultKind::NatsDown => format!("nats{}", rng.usize(1..=3)),
-                FaultKind::PgFailover => "pg1".into(),
+                FaultKind::PgFailover | FaultKind::PgFailoverLost => "pg1".into(),
                 _ => format!("mx{}", rng.usize(1..=3)),
             };
             let length = if kind == FaultKind::PgFailover {

@@ -40,6 +40,7 @@ const SAMPLE_COVER_MS: i64 = 5_000;
 fn kind_style(k: FaultKind) -> (&'static str, &'static str) {
     match k {
         FaultKind::PgFailover => ("pg_failover", "#9467bd"),
+        FaultKind::PgFailoverLost => ("pg_failover_lost", "#5b2c83"),
         FaultKind::LdapDown => ("ldap_down", "#17becf"),
         FaultKind::NodeKill => ("node_kill", "#e377c2"),
         FaultKind::NodePartition => ("node_partition", "#bcbd22"),

@@ -38,6 +38,9 @@ const MX: [&str; 3] = ["mx1", "mx2", "mx3"];
 
 /// Everything a run has started; stopped in reverse order when dropped.
 struct World {
+    /// The admin's repair after a failover that lost a batch: the directory file to import
+    /// (the source's states), set when the batch is lost.
+    repair: Option<Vec<u8>>,
     nodes: Vec<Node>,
     ldap: Ldap,
     nats: Nats,
@@ -48,6 +51,8 @@ struct World {
 /// The mailboxes and where they are, as the run moves them.
 struct Mailboxes {
     estate: Vec<Estate>,
+    /// Each mailbox's state at the source (LDAP: the start and LDAP's moves, not batches).
+    source: Vec<Estate>,
     /// On-premises mailboxes not yet picked for a move, in a seeded order.
     to_move: Vec<usize>,
 }
@@ -67,7 +72,11 @@ impl Mailboxes {
             .filter(|i| estate[*i] == Estate::Onprem)
             .collect();
         fastrand::Rng::with_seed(seed).shuffle(&mut to_move);
-        Mailboxes { estate, to_move }
+        Mailboxes {
+            source: estate.clone(),
+            estate,
+            to_move,
+        }
     }
 
     fn take(&mut self, n: usize) -> Vec<usize> {
@@ -204,7 +213,11 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<()> {
                 kind,
                 target,
                 length,
-            } => match begin_fault(&mut world, &mut sinks, *kind, target).await {
+            } => match if *kind == FaultKind::PgFailoverLost {
+                lose_a_batch(&mut world, &mut mb, &sinks, &files).await
+            } else {
+                begin_fault(&mut world, &mut sinks, *kind, target).await
+            } {
                 Ok(detail) => {
                     let f = Fault {
                         start_ms: now_ms() as i64,
@@ -321,6 +334,7 @@ async fn build(o: &RunOptions) -> anyhow::Result<World> {
         say(&format!("{name} listening"));
     }
     Ok(World {
+        repair: None,
         nodes,
         ldap,
         nats,
@@ -591,6 +605,9 @@ async fn ldap_move(
     // In force once a sync has read it and the fleet has it: a sync interval, the sync
     // itself and the base's commit (generous: 3 intervals and 10 s).
     let to_ms = now_ms() as i64 + 3 * plan.sync_interval.as_millis() as i64 + 10_000;
+    for i in &picked {
+        mb.source[*i] = Estate::Cloud;
+    }
     record_move(
         mb,
         sinks,
@@ -647,7 +664,7 @@ async fn begin_fault(
     target: &str,
 ) -> anyhow::Result<String> {
     Ok(match kind {
-        FaultKind::PgFailover => {
+        FaultKind::PgFailover | FaultKind::PgFailoverLost => {
             w.pg[0].kill9();
             let t = Instant::now();
             let pg2 = &w.pg[1];
@@ -703,9 +720,75 @@ async fn begin_fault(
     })
 }
 
+/// The failover that loses a commit: the standby is cut off from the primary, a batch is
+/// committed on the primary alone (and applied by the nodes), the primary is killed and
+/// the standby promoted. The nodes find PostgreSQL's log behind what they applied: they
+/// refuse directory changes and drain after `fleet.max_lag` (README, Failure modes) until
+/// the admin's import at the end of the fault.
+async fn lose_a_batch(
+    w: &mut World,
+    mb: &mut Mailboxes,
+    sinks: &Sinks,
+    files: &Files,
+) -> anyhow::Result<String> {
+    w.net.partition("pg1", "pg2")?;
+    let r = apply_batch(w, mb, sinks, files, "lost", 500, false, "mx1").await;
+    // Every node applies it within a moment (NOTIFY, else the poll each second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    w.pg[0].kill9();
+    w.net.heal("pg1", "pg2")?;
+    r?;
+    let t = Instant::now();
+    let pg2 = &w.pg[1];
+    tokio::task::block_in_place(|| pg2.promote())?;
+    let mut csv = String::from("address,state\n");
+    for (i, e) in mb.source.iter().enumerate() {
+        csv.push_str(&format!("{},{}\n", address(i), e.as_str()));
+    }
+    w.repair = Some(csv.into_bytes());
+    Ok(format!(
+        "pg2 cut off from pg1, batch `lost` (500 mailboxes) committed on pg1 alone, pg1 killed (-9), pg2 promoted in {} ms",
+        t.elapsed().as_millis()
+    ))
+}
+
+/// The admin's repair of a log that moved back: `coexist directory import` of the source's
+/// states through a node that has the lost batch (rows the file does not change keep that
+/// node's batch states), retried through the others.
+async fn repair_by_import(w: &mut World) -> anyhow::Result<()> {
+    let Some(csv) = w.repair.take() else {
+        return Ok(());
+    };
+    let mut last = String::new();
+    for _round in 0..6 {
+        for n in &w.nodes {
+            let client = n.client(Duration::from_secs(120))?;
+            let body = csv.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                client.directory_import(&body, "repair-after-failover.csv", false)
+            })
+            .await?;
+            match r {
+                Ok(reply) => {
+                    let text: String = format!("{reply:?}").chars().take(300).collect();
+                    say(&format!(
+                        "repair: directory import through {}: {text}",
+                        n.name
+                    ));
+                    return Ok(());
+                }
+                Err(e) => last = format!("{}: {e}", n.name),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    anyhow::bail!("repair: no node took the import ({last})")
+}
+
 async fn end_fault(w: &mut World, sinks: &mut Sinks, f: &Fault) -> anyhow::Result<()> {
     match f.kind {
         FaultKind::PgFailover => {}
+        FaultKind::PgFailoverLost => repair_by_import(w).await?,
         FaultKind::LdapDown => tokio::task::block_in_place(|| w.ldap.run())?,
         FaultKind::NodeKill => {
             let n = node(w, &f.target)?;

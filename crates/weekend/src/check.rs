@@ -77,11 +77,16 @@ pub struct Verdict {
     pub stale: Class,
     /// Stale samples per node.
     pub stale_by_node: BTreeMap<String, u64>,
+    /// Mailbox states read from the nodes after the run.
+    pub final_checked: u64,
+    /// A node whose directory, after the run, routes a mailbox to another estate than the
+    /// one its last change put it in (a change lost or never applied).
+    pub diverged: Class,
 }
 
 impl Verdict {
     /// The violation classes with their names, in report order.
-    pub fn classes(&self) -> [(&'static str, &Class); 7] {
+    pub fn classes(&self) -> [(&'static str, &Class); 8] {
         [
             ("lost", &self.lost),
             ("misrouted", &self.misrouted),
@@ -90,6 +95,7 @@ impl Verdict {
             ("corrupted", &self.corrupted),
             ("refused 5xx", &self.refused_5xx),
             ("stale routing", &self.stale),
+            ("diverged after the run", &self.diverged),
         ]
     }
 
@@ -151,6 +157,8 @@ pub fn check(h: &History) -> Verdict {
         session_errors: 0,
         stale: Class::default(),
         stale_by_node: BTreeMap::new(),
+        final_checked: 0,
+        diverged: Class::default(),
     };
     let mut pairs: Vec<Pair> = h
         .deliveries
@@ -169,7 +177,46 @@ pub fn check(h: &History) -> Verdict {
     corrupted(h, &mut v);
     refusals(h, &mut v);
     stale(h, &mut v);
+    converged(h, &mut v);
     v
+}
+
+/// After the run every node must route each sampled mailbox to the estate of its last
+/// change (or its first estate when it never moved).
+fn converged(h: &History, v: &mut Verdict) {
+    let wanted: HashSet<&str> = h.finals.iter().map(|f| f.address.as_str()).collect();
+    let mut moves: Vec<&Move> = h.moves.iter().collect();
+    moves.sort_by_key(|m| m.from_ms);
+    let mut last: HashMap<&str, (Estate, &str)> = HashMap::new();
+    for m in moves {
+        for a in &m.addresses {
+            if let Some(&a) = wanted.get(a.as_str()) {
+                last.insert(a, (m.state, m.source.as_str()));
+            }
+        }
+    }
+    for f in &h.finals {
+        v.final_checked += 1;
+        let a = f.address.as_str();
+        let truth = last
+            .get(a)
+            .copied()
+            .or_else(|| h.initial.get(a).map(|e| (*e, "the start")));
+        let Some((estate, why)) = truth else {
+            continue;
+        };
+        if f.state.as_deref() != Some(estate.as_str()) {
+            v.diverged.add(|| {
+                let got = f.state.as_deref().unwrap_or("nothing");
+                format!(
+                    "diverged: {} routes {a} to {got} ({}) after the run; its last change ({why}) put it in {}",
+                    f.node,
+                    f.origin,
+                    estate.as_str()
+                )
+            });
+        }
+    }
 }
 
 /// Every acknowledged (queue id, recipient) must appear in some delivery.
@@ -376,10 +423,26 @@ fn stale(h: &History, v: &mut Verdict) {
         }
         suffix[i] = best;
     }
+    // Between a failover that lost a commit and the admin's repair (and `max_lag` after
+    // it), the nodes that follow PostgreSQL lack the lost change by design: PostgreSQL's log
+    // is the fleet's, and the nodes that hold the lost change drain (README, Failure
+    // modes). Their deliveries are still judged by the misrouting rule.
+    let lost: Vec<(i64, i64)> = h
+        .faults
+        .iter()
+        .filter(|f| f.kind == crate::history::FaultKind::PgFailoverLost)
+        .map(|f| (f.start_ms, f.end_ms.saturating_add(bound)))
+        .collect();
     for s in &h.samples {
         let (true, true, Some(a)) = (s.up, s.ready, s.applied) else {
             continue;
         };
+        if lost
+            .iter()
+            .any(|&(from, to)| (from..=to).contains(&s.at_ms))
+        {
+            continue;
+        }
         let i = changes.partition_point(|&(c, _)| c <= a);
         let Some(&(seen, c)) = suffix.get(i) else {
             continue;
@@ -456,6 +519,26 @@ mod tests {
         let v = json!({"start_ms": T0 + start, "end_ms": T0 + end, "kind": kind,
             "target": "mx2", "detail": ""});
         h.faults.push(from(v));
+    }
+
+    fn final_state(h: &mut History, node: &str, address: &str, state: &str) {
+        let v = json!({"node": node, "address": address, "state": state, "origin": "base 5"});
+        h.finals.push(from(v));
+    }
+
+    #[test]
+    fn a_node_left_on_a_mailbox_s_old_side_after_the_run_has_diverged() {
+        let mut h = base();
+        move_a(&mut h, 1_000, 2_000, Cloud);
+        final_state(&mut h, "mx1", A, "cloud");
+        final_state(&mut h, "mx1", B, "cloud");
+        let v = check(&h);
+        assert_eq!((v.final_checked, v.diverged.count), (2, 0), "{v:?}");
+        final_state(&mut h, "mx2", A, "onprem");
+        let v = check(&h);
+        assert_eq!(v.diverged.count, 1, "{v:?}");
+        assert!(v.diverged.examples[0].contains("mx2 routes a@corp.test to onprem"));
+        assert!(!v.passed());
     }
 
     fn sample(h: &mut History, at: i64, node: &str, ready: bool, applied: u32) {
@@ -585,5 +668,15 @@ mod tests {
         assert_eq!(v.stale.count, 1, "{v:#?}");
         assert_eq!(v.stale_by_node, [("mx2".to_string(), 1)].into());
         assert!(v.stale.examples[0].contains("on change 5 while change 6 had been out 36.0s"));
+        // While a failover that lost change 6 is being repaired, a node that follows
+        // PostgreSQL (on change 5) is not stale.
+        fault(&mut h, FaultKind::PgFailoverLost, 1_500, 1_600);
+        assert_eq!(
+            check(&h).stale.count,
+            1,
+            "the window ends max_lag + slack after"
+        );
+        fault(&mut h, FaultKind::PgFailoverLost, 1_500, 10_000);
+        assert_eq!(check(&h).stale.count, 0);
     }
 }

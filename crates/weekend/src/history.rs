@@ -194,6 +194,20 @@ pub struct Sample {
     pub queue: Option<u64>,
 }
 
+/// What a node's directory says about a mailbox once the run is over (the queues empty,
+/// every fault repaired): the state it routes the mailbox's mail to, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Final {
+    /// The node.
+    pub node: String,
+    /// The mailbox's address.
+    pub address: String,
+    /// The state in force there (`onprem`, `cloud`; none: not in its directory).
+    pub state: Option<String>,
+    /// The change that set it (`batch 7`, `ldap … (base 5)`).
+    pub origin: String,
+}
+
 /// The rules the checker applies, from the run's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rules {
@@ -221,6 +235,8 @@ pub struct History {
     pub faults: Vec<Fault>,
     /// What the nodes said about themselves.
     pub samples: Vec<Sample>,
+    /// Each node's state of a sample of mailboxes after the run.
+    pub finals: Vec<Final>,
     /// The checker's rules.
     pub rules: Option<Rules>,
     /// When the run started and ended (Unix ms).
@@ -244,6 +260,8 @@ pub const FAULTS: &str = "faults.jsonl";
 pub const SAMPLES: &str = "samples.jsonl";
 /// The rules and the run's span.
 pub const RULES: &str = "rules.json";
+/// The nodes' states of a sample of mailboxes after the run.
+pub const FINAL: &str = "final.jsonl";
 /// The sinks' record files, one per estate.
 pub fn record_file(e: Estate) -> String {
     format!("sink-{}.rec", e.as_str())
@@ -333,6 +351,7 @@ impl Files {
         h.sent = self.jsonl(SENT)?;
         h.faults = self.jsonl(FAULTS)?;
         h.samples = self.jsonl(SAMPLES)?;
+        h.finals = self.jsonl(FINAL)?;
         for e in [Estate::Onprem, Estate::Cloud] {
             let name = record_file(e);
             for (n, line) in self.lines(&name)? {

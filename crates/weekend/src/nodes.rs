@@ -35,6 +35,8 @@ pub struct NodeSettings {
     pub delivery_timeout: Duration,
     /// `directory.ldap.sync_interval`.
     pub sync_interval: Duration,
+    /// `queue.max_backoff` (`min_backoff` is a sixth of it).
+    pub max_backoff: Duration,
 }
 
 /// One node.
@@ -138,8 +140,8 @@ flavor = "openldap"
 sync_interval = "{sync}ms"
 
 [queue]
-min_backoff = "5s"
-max_backoff = "30s"
+min_backoff = "{min_backoff}ms"
+max_backoff = "{max_backoff}ms"
 probe_interval = "5s"
 
 [delivery]
@@ -188,6 +190,8 @@ on_failure = "defer"
             ldap = s.ldap_url,
             ldap_pw = path_str(&ldap_pw)?,
             sync = s.sync_interval.as_millis(),
+            min_backoff = s.max_backoff.as_millis() / 6,
+            max_backoff = s.max_backoff.as_millis(),
             timeout = s.delivery_timeout.as_millis(),
             onprem = sink_addr(Estate::Onprem),
             cloud = sink_addr(Estate::Cloud),

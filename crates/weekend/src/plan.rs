@@ -70,6 +70,8 @@ pub struct Plan {
     pub delivery_timeout: Duration,
     /// `directory.ldap.sync_interval` of the nodes.
     pub sync_interval: Duration,
+    /// `queue.max_backoff` of the nodes (`min_backoff` is a sixth of it).
+    pub max_backoff: Duration,
     /// How long Exchange Online answers `5.1.10` for a mailbox after its move (its own
     /// directory sync lagging).
     pub unsynced_for: Duration,
@@ -111,10 +113,10 @@ impl Plan {
             (22, batch("weekend", 4_000, true, "mx2")),
             (32, fault(NodePartition, "mx2", 14)),
             (36, fault(NatsDown, "nats2", 10)),
-            (50, fault(PgFailover, "pg1", 0)),
-            (56, batch("evening 2", 1_000, false, "mx1")),
+            (50, fault(PgFailoverLost, "pg1", 12)),
+            (70, batch("evening 2", 1_000, false, "mx1")),
             (58, fault(HopRefuse, "onprem", 8)),
-            (62, Action::LdapMove { count: 50 }),
+            (44, Action::LdapMove { count: 50 }),
             (64, fault(SlowLink, "mx1", 8)),
             (66, fault(SlowDisk, "mx2", 8)),
         ];
@@ -130,6 +132,7 @@ impl Plan {
             takeover_after: s(20),
             delivery_timeout: s(20),
             sync_interval: s(2),
+            max_backoff: s(12),
             unsynced_for: s(8),
             steps: at(steps),
         }
@@ -149,7 +152,7 @@ impl Plan {
             (210, fault(NatsDown, "nats2", 40)),
             (250, Action::LdapMove { count: 300 }),
             (300, fault(PgFailoverLost, "pg1", 40)),
-            (330, batch("evening 2", 22_000, false, "mx1")),
+            (355, batch("evening 2", 22_000, false, "mx1")),
             (345, fault(NodePartition, "mx2", 60)),
             (380, fault(HopRefuse, "onprem", 30)),
             (420, fault(SlowLink, "mx1", 30)),
@@ -168,6 +171,7 @@ impl Plan {
             takeover_after: s(20),
             delivery_timeout: s(30),
             sync_interval: s(3),
+            max_backoff: s(30),
             unsynced_for: s(60),
             steps: at(steps),
         }
@@ -223,14 +227,17 @@ impl Plan {
     }
 }
 
+/// The steps in time order (the run takes them in list order).
 fn at(steps: Vec<(u64, Action)>) -> Vec<Step> {
-    steps
+    let mut steps: Vec<Step> = steps
         .into_iter()
         .map(|(secs, action)| Step {
             at: s(secs),
             action,
         })
-        .collect()
+        .collect();
+    steps.sort_by_key(|s| s.at);
+    steps
 }
 
 /// The day's curve: the rate at `t` of a run of length `len` (night low, a morning rise,
@@ -274,6 +281,14 @@ mod tests {
             "{first_minute} {noon_minute}"
         );
         assert!(due.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn the_fixed_schedules_are_in_time_order() {
+        for p in [Plan::smoke(), Plan::weekend()] {
+            assert!(p.steps.windows(2).all(|w| w[0].at <= w[1].at), "{}", p.name);
+            assert!(p.steps.iter().all(|s| s.at < p.load), "{}", p.name);
+        }
     }
 
     #[test]

@@ -185,6 +185,11 @@ fn figures(p: &mut String, v: &Verdict) {
     row("deferred 4xx by code", &by_key(&v.deferred_by_code), false);
     row("sessions without a final reply", &errors, false);
     row("stale samples by node", &by_key(&v.stale_by_node), false);
+    row(
+        "mailbox states read from the nodes after the run",
+        &v.final_checked,
+        false,
+    );
     for (name, c) in v.classes() {
         row(name, &c.count, c.count > 0);
     }

@@ -55,6 +55,9 @@ struct Mailboxes {
     source: Vec<Estate>,
     /// On-premises mailboxes not yet picked for a move, in a seeded order.
     to_move: Vec<usize>,
+    /// Mailboxes read back from every node after the run whatever the sample (those of
+    /// LDAP's changes and of the batch a failover lost).
+    pinned: Vec<usize>,
 }
 
 impl Mailboxes {
@@ -76,6 +79,7 @@ impl Mailboxes {
             source: estate.clone(),
             estate,
             to_move,
+            pinned: Vec::new(),
         }
     }
 
@@ -93,7 +97,7 @@ fn address(i: usize) -> String {
 struct Sinks {
     onprem: Option<Sink>,
     cloud: Option<Sink>,
-    /// When each mailbox moved to Exchange Online, for its `5.1.10` window.
+    /// When each mailbox's move to Exchange Online was made, for its `5.1.10` window.
     moved: Arc<RwLock<HashMap<String, i64>>>,
     unsynced_ms: i64,
     files: PathBuf,
@@ -193,19 +197,29 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<()> {
 
     // The schedule.
     let mut open: Vec<(Instant, Fault)> = Vec::new();
-    for step in &plan.steps {
+    // A batch no node takes (every node refusing changes until a repair) is tried again
+    // 5 s later, at most 12 times, while the other steps and the faults' ends go on.
+    let mut steps: Vec<(crate::plan::Step, u32)> =
+        plan.steps.iter().cloned().map(|s| (s, 0)).collect();
+    let mut next = 0;
+    while next < steps.len() {
+        let (step, tries) = steps[next].clone();
+        next += 1;
         while t0.elapsed() < step.at {
             end_due(&mut world, &mut sinks, &mut open, &files, false).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         end_due(&mut world, &mut sinks, &mut open, &files, false).await;
+        let step_ms = now_ms() as i64;
         let r = match &step.action {
             Action::Batch {
                 name,
                 size,
                 report,
                 node,
-            } => apply_batch(&world, &mut mb, &sinks, &files, name, *size, *report, node).await,
+            } => apply_batch(&world, &mut mb, &sinks, &files, name, *size, *report, node)
+                .await
+                .map(|_| ()),
             Action::LdapMove { count } => {
                 ldap_move(&world, &mut mb, &sinks, &files, *count, plan).await
             }
@@ -220,7 +234,7 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<()> {
             } {
                 Ok(detail) => {
                     let f = Fault {
-                        start_ms: now_ms() as i64,
+                        start_ms: step_ms,
                         end_ms: 0,
                         kind: *kind,
                         target: target.clone(),
@@ -243,6 +257,14 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<()> {
                 step.action,
                 step.at.as_secs()
             ));
+            if matches!(step.action, Action::Batch { .. }) && tries < 12 {
+                let again = crate::plan::Step {
+                    at: t0.elapsed() + Duration::from_secs(5),
+                    action: step.action.clone(),
+                };
+                let at = steps[next..].partition_point(|(s, _)| s.at <= again.at) + next;
+                steps.insert(at, (again, tries + 1));
+            }
         }
     }
     // The rest of the load; faults end on time meanwhile.
@@ -264,6 +286,11 @@ pub async fn run(o: &RunOptions) -> anyhow::Result<()> {
         Ok(()) => "every queue is empty".to_string(),
         Err(left) => format!("drain time over: {left}"),
     });
+    if let Err(e) = read_finals(&world.nodes, &mb, o.seed, &files).await {
+        say(&format!(
+            "reading the nodes' directories after the run: {e:#}"
+        ));
+    }
     polling.store(false, Ordering::SeqCst);
     let _ = tokio::task::spawn_blocking(move || poller.join()).await;
     for n in world.nodes.iter_mut() {
@@ -324,6 +351,7 @@ async fn build(o: &RunOptions) -> anyhow::Result<World> {
         takeover_after: plan.takeover_after,
         delivery_timeout: plan.delivery_timeout,
         sync_interval: plan.sync_interval,
+        max_backoff: plan.max_backoff,
     };
     let mut nodes = nodes::prepare(&net, &MX, &settings, &dir)?;
     // The first node makes the fleet's schema and imports LDAP as base 1; the others load it.
@@ -495,9 +523,10 @@ async fn apply_batch(
     size: usize,
     report: bool,
     node: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<usize>> {
     let picked = mb.take(size);
     // A report lists a few users whose move did not complete: they stay where they are.
+    let mut left = Vec::new();
     let mut csv = String::new();
     let mut moving = Vec::new();
     if report {
@@ -511,7 +540,7 @@ async fn apply_batch(
             if status == "Completed" {
                 moving.push(*i);
             } else {
-                mb.to_move.insert(0, *i);
+                left.push(*i);
             }
             csv.push_str(&format!(
                 "\"{a}\",\"{a}\",\"{status}\",\"{name}\"\r\n",
@@ -531,7 +560,7 @@ async fn apply_batch(
     let mut order: Vec<&Node> = w.nodes.iter().filter(|n| n.name == node).collect();
     order.extend(w.nodes.iter().filter(|n| n.name != node));
     let mut last = None;
-    'tries: for _round in 0..6 {
+    {
         for n in &order {
             let client = n.client(Duration::from_secs(60))?;
             let body = csv.clone().into_bytes();
@@ -554,16 +583,21 @@ async fn apply_batch(
             match r {
                 Ok(reply) => {
                     last = Some((n.name.clone(), reply.report.id));
-                    break 'tries;
+                    break;
                 }
                 Err(e) => say(&format!("batch {name} through {}: {e}", n.name)),
             }
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
     }
     let Some((through, id)) = last else {
+        // The mailboxes go back to the pool: the run tries the same batch again later.
+        mb.to_move.extend_from_slice(&picked);
         anyhow::bail!("batch {name}: no node took it");
     };
+    // Users whose move did not complete stay where they are, for a later batch.
+    for i in left {
+        mb.to_move.insert(0, i);
+    }
     let to_ms = now_ms() as i64;
     record_move(
         mb,
@@ -584,7 +618,7 @@ async fn apply_batch(
         moving.len(),
         to_ms - from_ms
     ));
-    Ok(())
+    Ok(moving)
 }
 
 async fn ldap_move(
@@ -608,6 +642,7 @@ async fn ldap_move(
     for i in &picked {
         mb.source[*i] = Estate::Cloud;
     }
+    mb.pinned.extend_from_slice(&picked);
     record_move(
         mb,
         sinks,
@@ -637,10 +672,11 @@ fn record_move(
         mb.estate[*i] = state;
     }
     let addresses: Vec<String> = moving.iter().map(|i| address(*i)).collect();
+    // Exchange Online's own directory learns of the move some time after it was made.
     if state == Estate::Cloud {
         if let Ok(mut m) = sinks.moved.write() {
             for a in &addresses {
-                m.insert(a.clone(), to_ms);
+                m.insert(a.clone(), from_ms);
             }
         }
     }
@@ -733,6 +769,9 @@ async fn lose_a_batch(
 ) -> anyhow::Result<String> {
     w.net.partition("pg1", "pg2")?;
     let r = apply_batch(w, mb, sinks, files, "lost", 500, false, "mx1").await;
+    if let Ok(moved) = &r {
+        mb.pinned.extend_from_slice(moved);
+    }
     // Every node applies it within a moment (NOTIFY, else the poll each second).
     tokio::time::sleep(Duration::from_secs(3)).await;
     w.pg[0].kill9();
@@ -891,6 +930,51 @@ async fn drain(nodes: &[Node], limit: Duration) -> Result<(), String> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     Err(left)
+}
+
+/// Reads back from every node the state of a sample of mailboxes (every pinned one, 3,000
+/// others that moved, 2,000 that never did) into the history's `final.jsonl`.
+async fn read_finals(
+    nodes: &[Node],
+    mb: &Mailboxes,
+    seed: u64,
+    files: &Files,
+) -> anyhow::Result<()> {
+    let mut rng = fastrand::Rng::with_seed(seed ^ 0xF1A1);
+    let mut moved: Vec<usize> = (0..mb.estate.len())
+        .filter(|i| mb.estate[*i] != mb.source[*i])
+        .collect();
+    let mut still: Vec<usize> = (0..mb.estate.len())
+        .filter(|i| mb.estate[*i] == mb.source[*i] && !mb.pinned.contains(i))
+        .collect();
+    rng.shuffle(&mut moved);
+    rng.shuffle(&mut still);
+    let mut sample: Vec<String> = mb.pinned.iter().copied().map(address).collect();
+    sample.extend(moved.into_iter().take(3_000).map(address));
+    sample.extend(still.into_iter().take(2_000).map(address));
+    sample.sort();
+    sample.dedup();
+    let mut count = 0;
+    for n in nodes {
+        let client = n.client(Duration::from_secs(60))?;
+        for chunk in sample.chunks(500) {
+            let answers = tokio::task::block_in_place(|| client.route_explain(chunk))?;
+            for (address, e) in chunk.iter().zip(answers) {
+                files.append(
+                    crate::history::FINAL,
+                    &crate::history::Final {
+                        node: n.name.clone(),
+                        address: address.clone(),
+                        state: e.lookup.state,
+                        origin: e.lookup.origin,
+                    },
+                )?;
+                count += 1;
+            }
+        }
+    }
+    say(&format!("read {count} mailbox states back from the nodes"));
+    Ok(())
 }
 
 /// The load's report document (JSON), for `coexist-report` to chart.

@@ -368,7 +368,45 @@ impl Fleet {
                 "this node could not catch up with the fleet (applied {applied}, head {head})"
             )));
         }
+        if !repair {
+            Self::refuse_over_a_lost_change(inner, &client, head).await?;
+        }
         Ok((client, head, guard))
+    }
+
+    /// Refuses a change while another node has applied one above the log's head: the log moved
+    /// back (a failover to a standby that missed commits, a restore) and that node holds a
+    /// change PostgreSQL lost. A change committed now would take a number that node already
+    /// used for other contents, and the admin's repair (an import through a node that has the
+    /// lost change, keeping its batch states) would then drop it without a word: an
+    /// acknowledged batch undone (found by the weekend run, issue 28). So no node commits until
+    /// the import, which numbers its base above every node's applied change, has repaired the
+    /// log. (A node's row shows what it applied from its first heartbeat to the promoted
+    /// server on, a second or so after it reconnects.)
+    async fn refuse_over_a_lost_change(
+        inner: &super::Inner,
+        client: &Client,
+        head: u32,
+    ) -> Result<(), FleetError> {
+        let s = inner.schema();
+        let rows = client
+        .query(
+            &format!(
+                r#"SELECT name, applied FROM "{s}".nodes WHERE applied > $1 ORDER BY applied DESC, name"#
+            ),
+            &[&i64::from(head)],
+        )
+        .await
+        .map_err(db_err(&inner.pg))?;
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        let (name, applied): (String, i64) = (first.get(0), first.get(1));
+        let others = rows.len() - 1;
+        Err(FleetError::Refused(format!(
+        "the fleet's change log moved back: node {name}{} applied change {applied}, and PostgreSQL's log ends at change {head}; directory changes are refused on every node until an admin imports a known-good directory file (`coexist directory import`) through a node that holds the changes to keep, so that no change committed meanwhile is dropped by that repair",
+        if others > 0 { format!(" (and {others} other node(s))") } else { String::new() }
+    )))
     }
 
     /// Inserts change `seq`, notifies the nodes and commits; returns the change's identity

@@ -401,6 +401,23 @@ pub fn sample(label: &str, points: usize, bucket: f64) -> RunReport {
     }
 }
 
+/// Escapes text for HTML element content and attribute values (the reports' pages, drawn by
+/// `coexist-report` and `coexist-weekend`).
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,21 +7,7 @@ use coexist_load::report::{Percentiles, RunReport};
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-/// Escapes text for HTML element content and attribute values.
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+use coexist_load::report::html_escape as esc;
 
 /// Which way a measure is better, for colouring ratios.
 #[derive(Clone, Copy, PartialEq)]

@@ -3,14 +3,18 @@
 //! fault schedule, a history, and a checker).
 //!
 //! Data flows one way: [`plan`] (sizes, times, the fault schedule) → [`net`] (network
-//! namespaces, links, partitions) and [`services`] (PostgreSQL primary and standby, NATS
-//! JetStream, OpenLDAP, three coexist nodes, in those namespaces) → [`run`] (load through
-//! every MX, batches, LDAP changes, faults on the schedule, a sample of every node each
+//! namespaces, links, partitions), [`disk`] (a slow disk), [`procs`], [`services`]
+//! (PostgreSQL primary and standby, NATS JetStream, OpenLDAP) and [`nodes`] (three coexist
+//! nodes) in those namespaces → [`run`] (the schedule: the load through every MX, the
+//! admins' batches, LDAP changes and repair, the faults, a sample of every node each
 //! second), which writes the [`history`] → [`check`] (the verdict) → [`report`] (HTML).
 
+mod admin;
 pub mod check;
 pub mod disk;
+mod faults;
 pub mod history;
+mod load;
 pub mod net;
 pub mod nodes;
 pub mod plan;
@@ -18,3 +22,4 @@ pub mod procs;
 pub mod report;
 pub mod run;
 pub mod services;
+mod watch;

@@ -5,6 +5,7 @@
 
 use crate::check::{clock, since, Verdict};
 use crate::history::{Estate, FaultKind, History, Sample};
+use coexist_load::report::html_escape as esc;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
@@ -65,22 +66,6 @@ const NODE_STATES: [(&str, &str); 3] = [
     ("up, not ready", "#ff7f0e"),
     ("ready", "#2ca02c"),
 ];
-
-/// Escapes text for HTML element content and attribute values.
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 /// The report page of a run: `h` its history, `v` the checker's verdict on it,
 /// `load_chart_svg` the load run's chart (an SVG document, inlined as given), `title` the

@@ -103,33 +103,8 @@ impl Postgres {
     /// Makes the primary on `host` (initdb, replication allowed from the bridge's network)
     /// and starts it.
     pub fn primary(net: &Net, host: &str, dir: &Path) -> anyhow::Result<Postgres> {
-        let h = net.host(host);
-        let base = dir.join(host);
-        std::fs::create_dir_all(&base)?;
-        chown(&base, "postgres")?;
-        let data = base.join("data");
-        run_to_end(
-            &h.ns,
-            Some("postgres"),
-            &format!("{PG_BIN}/initdb"),
-            &[
-                "-D",
-                path_str(&data)?,
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-            ],
-        )?;
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhost all all 10.77.0.0/24 trust\nhost replication all 10.77.0.0/24 trust\n",
-        )?;
-        let mut pg = Postgres::new(net, host, &base, data)?;
-        pg.configure()?;
-        pg.start()?;
-        Ok(pg)
+        let args = ["-U", "postgres", "--auth=trust", "-E", "UTF8"];
+        Postgres::make(net, host, dir, "initdb", &args, true)
     }
 
     /// Makes a standby of `primary` on `host` (`pg_basebackup -R`: streaming, not
@@ -140,27 +115,41 @@ impl Postgres {
         dir: &Path,
         primary: &Postgres,
     ) -> anyhow::Result<Postgres> {
+        let ip = primary.addr.ip().to_string();
+        let args = ["-h", &ip, "-U", "postgres", "-R", "-X", "stream"];
+        Postgres::make(net, host, dir, "pg_basebackup", &args, false)
+    }
+
+    /// Makes the data folder of `host` with `program` (run as `postgres` in its namespace
+    /// with `args` and `-D DATA`), with our `pg_hba.conf` when `hba`, then configures and
+    /// starts the server.
+    fn make(
+        net: &Net,
+        host: &str,
+        dir: &Path,
+        program: &str,
+        args: &[&str],
+        hba: bool,
+    ) -> anyhow::Result<Postgres> {
         let h = net.host(host);
         let base = dir.join(host);
         std::fs::create_dir_all(&base)?;
         chown(&base, "postgres")?;
         let data = base.join("data");
+        let mut all = args.to_vec();
+        all.extend(["-D", path_str(&data)?]);
         run_to_end(
             &h.ns,
             Some("postgres"),
-            &format!("{PG_BIN}/pg_basebackup"),
-            &[
-                "-h",
-                &primary.addr.ip().to_string(),
-                "-U",
-                "postgres",
-                "-D",
-                path_str(&data)?,
-                "-R",
-                "-X",
-                "stream",
-            ],
+            &format!("{PG_BIN}/{program}"),
+            &all,
         )?;
+        if hba {
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhost all all 10.77.0.0/24 trust\nhost replication all 10.77.0.0/24 trust\n",
+            )?;
+        }
         let mut pg = Postgres::new(net, host, &base, data)?;
         pg.configure()?;
         pg.start()?;

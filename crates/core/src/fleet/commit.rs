@@ -389,24 +389,28 @@ impl Fleet {
         head: u32,
     ) -> Result<(), FleetError> {
         let s = inner.schema();
+        let sql = format!(
+            r#"SELECT name, applied FROM "{s}".nodes WHERE applied > $1 ORDER BY applied DESC, name"#
+        );
         let rows = client
-        .query(
-            &format!(
-                r#"SELECT name, applied FROM "{s}".nodes WHERE applied > $1 ORDER BY applied DESC, name"#
-            ),
-            &[&i64::from(head)],
-        )
-        .await
-        .map_err(db_err(&inner.pg))?;
+            .query(&sql, &[&i64::from(head)])
+            .await
+            .map_err(db_err(&inner.pg))?;
         let Some(first) = rows.first() else {
             return Ok(());
         };
         let (name, applied): (String, i64) = (first.get(0), first.get(1));
-        let others = rows.len() - 1;
+        let also = match rows.len() - 1 {
+            0 => String::new(),
+            n => format!(" (and {n} other node(s))"),
+        };
         Err(FleetError::Refused(format!(
-        "the fleet's change log moved back: node {name}{} applied change {applied}, and PostgreSQL's log ends at change {head}; directory changes are refused on every node until an admin imports a known-good directory file (`coexist directory import`) through a node that holds the changes to keep, so that no change committed meanwhile is dropped by that repair",
-        if others > 0 { format!(" (and {others} other node(s))") } else { String::new() }
-    )))
+            "the fleet's change log moved back: node {name}{also} applied change {applied}, \
+             and PostgreSQL's log ends at change {head}; directory changes are refused on \
+             every node until an admin imports a known-good directory file (`coexist \
+             directory import`) through a node that holds the changes to keep, so that no \
+             change committed meanwhile is dropped by that repair"
+        )))
     }
 
     /// Inserts change `seq`, notifies the nodes and commits; returns the change's identity

@@ -7,7 +7,8 @@
 //! `sch_netem`), a slow link is a token bucket (`tc … tbf`) on the host's end of its veth.
 //! Everything is made with Debian's `ip` and `tc` (iproute2) and removed by [`Net::drop`].
 
-use anyhow::{bail, Context};
+use crate::procs::{self, run_to_end, As};
+use anyhow::Context;
 use std::net::Ipv4Addr;
 use std::process::Command;
 
@@ -43,27 +44,19 @@ pub struct Net {
     pub hosts: Vec<Host>,
 }
 
-/// Runs `ip`/`tc` with `args`; an error names the command and what it printed.
+/// Runs `ip`/`tc` (Debian package iproute2) with `args`; an error names the command and
+/// what it printed.
 pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program} (Debian package iproute2)"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    run_to_end(cmd, &format!("{program} {}", args.join(" ")))
 }
 
 /// Like [`sh`] inside the namespace `ns`.
 fn in_ns(ns: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let mut all = vec!["netns", "exec", ns, program];
-    all.extend_from_slice(args);
-    sh("ip", &all)
+    let mut cmd = procs::in_ns(ns, &As::Root, program);
+    cmd.args(args);
+    run_to_end(cmd, &format!("{program} {} in {ns}", args.join(" ")))
 }
 
 /// Removes what an earlier run left: namespaces and links named with [`PREFIX`].

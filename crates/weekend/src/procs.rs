@@ -41,18 +41,8 @@ impl Proc {
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]);
-        if let As::User(name) = user {
-            cmd.args([
-                "setpriv",
-                &format!("--reuid={name}"),
-                &format!("--regid={name}"),
-                "--init-groups",
-            ]);
-        }
-        cmd.arg(program)
-            .args(args)
+        let mut cmd = in_ns(ns, &user, program);
+        cmd.args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
@@ -109,6 +99,36 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(5));
     }
+}
+
+/// `program` to be run in namespace `ns` as `user`: `ip netns exec NS [setpriv …] PROGRAM`
+/// (both exec, so the child's PID is the program's own).
+pub fn in_ns(ns: &str, user: &As, program: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]);
+    if let As::User(name) = user {
+        cmd.args([
+            "setpriv",
+            &format!("--reuid={name}"),
+            &format!("--regid={name}"),
+            "--init-groups",
+        ]);
+    }
+    cmd.arg(program);
+    cmd
+}
+
+/// Runs `cmd` (named `what` in errors) to its end; an error carries what it printed.
+pub fn run_to_end(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Waits until `ok()` holds, checking every 100 ms, for at most `limit`; the error says

@@ -6,7 +6,7 @@
 
 use crate::history::Estate;
 use crate::net::{Net, HOST};
-use crate::procs::{listening, wait_for, As, Proc};
+use crate::procs::{self, listening, run_to_end, wait_for, As, Proc};
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,34 +43,6 @@ pub fn sink_addr(estate: Estate) -> SocketAddr {
         Estate::Cloud => CLOUD_SINK,
     };
     SocketAddr::from((HOST, port))
-}
-
-/// Runs `program args` in `ns` as `user` to its end; an error carries its output.
-fn run_to_end(ns: &str, user: Option<&str>, program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns]);
-    if let Some(u) = user {
-        cmd.args([
-            "setpriv",
-            &format!("--reuid={u}"),
-            &format!("--regid={u}"),
-            "--init-groups",
-        ]);
-    }
-    let out = cmd
-        .arg(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 /// Hands `path` (recursively) to the system user `user`.
@@ -138,12 +110,9 @@ impl Postgres {
         let data = base.join("data");
         let mut all = args.to_vec();
         all.extend(["-D", path_str(&data)?]);
-        run_to_end(
-            &h.ns,
-            Some("postgres"),
-            &format!("{PG_BIN}/{program}"),
-            &all,
-        )?;
+        let mut cmd = procs::in_ns(&h.ns, &As::User("postgres"), &format!("{PG_BIN}/{program}"));
+        cmd.args(&all);
+        run_to_end(cmd, &format!("{program} on {host}"))?;
         if hba {
             std::fs::write(
                 data.join("pg_hba.conf"),
@@ -216,12 +185,9 @@ impl Postgres {
 
     /// Promotes a standby to primary (`pg_ctl promote`, waiting for it).
     pub fn promote(&self) -> anyhow::Result<()> {
-        run_to_end(
-            &self.ns,
-            Some("postgres"),
-            &format!("{PG_BIN}/pg_ctl"),
-            &["promote", "-w", "-t", "60", "-D", path_str(&self.data)?],
-        )
+        let mut cmd = procs::in_ns(&self.ns, &As::User("postgres"), &format!("{PG_BIN}/pg_ctl"));
+        cmd.args(["promote", "-w", "-t", "60", "-D", path_str(&self.data)?]);
+        run_to_end(cmd, &format!("pg_ctl promote on {}", self.host))
     }
 }
 

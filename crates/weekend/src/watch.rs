@@ -39,12 +39,7 @@ pub(crate) fn start_poller(
             for (name, c) in &clients {
                 let ready = c.ready().ok();
                 let applied = c.fleet_node().ok().map(|n| n.applied);
-                let queue = c.get("/v1/overview").ok().map(|v| {
-                    ["active", "deferred", "held"]
-                        .iter()
-                        .map(|k| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0))
-                        .sum()
-                });
+                let queue = queued(c);
                 let s = Sample {
                     at_ms: now_ms() as i64,
                     node: name.clone(),
@@ -77,16 +72,7 @@ pub(crate) async fn drain(nodes: &[Node], limit: Duration) -> Result<(), String>
         let mut total = 0u64;
         left.clear();
         for (name, c) in &clients {
-            let q = c
-                .get("/v1/overview")
-                .ok()
-                .map(|v| {
-                    ["active", "deferred", "held"]
-                        .iter()
-                        .map(|k| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0))
-                        .sum::<u64>()
-                })
-                .unwrap_or(u64::MAX / 4);
+            let q = queued(c).unwrap_or(u64::MAX / 4);
             total += q;
             left.push_str(&format!("{name}: {q} queued; "));
         }
@@ -142,4 +128,12 @@ pub(crate) async fn read_finals(
     }
     say(&format!("read {count} mailbox states back from the nodes"));
     Ok(())
+}
+
+/// Messages in a node's queue (active, deferred and held, from `GET /v1/overview`); none
+/// when it does not answer.
+fn queued(c: &coexist_api::client::AdminClient) -> Option<u64> {
+    let o: coexist_api::types::Overview =
+        serde_json::from_value(c.get("/v1/overview").ok()?).ok()?;
+    Some((o.active + o.deferred + o.held) as u64)
 }

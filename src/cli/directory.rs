@@ -385,6 +385,7 @@ pub fn batches_text(list: &[ChangeSummary]) -> String {
                 ChangeKind::Rollback => "rollback",
                 ChangeKind::Reload => "reload",
                 ChangeKind::Base => "base",
+                ChangeKind::Delta => "delta",
             };
             format!(
                 "{:>5}  {}  {:<8}  {:>7}  {}{}",

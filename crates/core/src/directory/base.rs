@@ -250,6 +250,7 @@ impl Directory {
             not_found: 0,
             already: 0,
             entries: Vec::new(),
+            delta: None,
         })?;
         info!(
             change = seq,

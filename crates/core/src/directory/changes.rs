@@ -135,6 +135,7 @@ impl Directory {
             not_found: report.not_found_count,
             already: report.already,
             entries,
+            delta: None,
         };
         self.commit(&view, change, |states, origin| {
             for &(m, s) in &target {
@@ -203,6 +204,7 @@ impl Directory {
                     not_found: 0,
                     already: 0,
                     entries: Vec::new(),
+                    delta: None,
                 };
                 self.commit(&view, change, |_, _| {})?;
                 Ok(Some(BatchReport::default()))
@@ -299,6 +301,7 @@ impl Directory {
                     to: e.from.clone(),
                 })
                 .collect(),
+            delta: None,
         };
         self.commit(&view, change, |states, origin| {
             for &(m, s, o, _) in &target {
@@ -390,6 +393,11 @@ pub(super) fn now_rfc3339() -> String {
 
 /// Re-applies a logged change at start-up.
 pub(super) fn replay(view: &mut View, change: &Change, states: &[RouteName]) {
+    if change.head.kind == ChangeKind::Delta {
+        super::delta::replay(view, change, states);
+        view.last_change = view.last_change.max(change.head.id);
+        return;
+    }
     if matches!(change.head.kind, ChangeKind::Reload | ChangeKind::Base) {
         view.last_change = view.last_change.max(change.head.id);
         return;

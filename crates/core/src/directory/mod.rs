@@ -35,6 +35,7 @@
 mod base;
 pub mod batch;
 mod changes;
+pub mod delta;
 pub mod generate;
 pub mod ldap;
 #[allow(clippy::disallowed_methods)] // Start-up: which file the store came from.

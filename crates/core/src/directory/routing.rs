@@ -52,6 +52,32 @@ impl RoutingAddresses {
             .count()
     }
 
+    /// These routing addresses for `mailboxes` mailboxes (more than before when a delta
+    /// added some), with `changes` (mailbox → its routing address now) made. Rebuilt whole:
+    /// spans are contiguous. `None` when the arena would exceed 4 GiB.
+    pub(crate) fn edited(
+        &self,
+        mailboxes: usize,
+        changes: &std::collections::HashMap<usize, Option<String>>,
+    ) -> Option<RoutingAddresses> {
+        if self.is_empty() && changes.values().all(Option::is_none) {
+            return Some(RoutingAddresses::default());
+        }
+        let mut arena = Vec::with_capacity(self.arena.len() + 64 * changes.len());
+        let mut ends = Vec::with_capacity(mailboxes);
+        for m in 0..mailboxes {
+            let now = match changes.get(&m) {
+                Some(c) => c.as_deref(),
+                None => self.get(m),
+            };
+            if let Some(a) = now {
+                arena.extend_from_slice(a.as_bytes());
+            }
+            ends.push(u32::try_from(arena.len()).ok()?);
+        }
+        Some(RoutingAddresses { arena, ends })
+    }
+
     /// Checks the invariants of routing addresses read from disk, for a table of
     /// `mailboxes` mailboxes.
     pub(crate) fn is_consistent(&self, mailboxes: usize) -> bool {

@@ -309,6 +309,7 @@ impl Directory {
             not_found: 0,
             already: 0,
             entries: Vec::new(),
+            delta: None,
         };
         self.log(&change).map_err(failed)?;
         self.view.store(Arc::new(next));

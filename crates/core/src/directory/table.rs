@@ -45,6 +45,11 @@ pub struct Table {
     pub(crate) slots: Vec<u64>,
 }
 
+/// The mailbox number of a record a source delta removed ([`Table::remove`]): the record's
+/// bytes stay in the arena (offsets of the others do not move) but no slot points at it and
+/// no listing shows it. A mailbox a delta removed has this as its primary offset.
+pub(crate) const DEAD: u32 = u32::MAX;
+
 /// A record's key and mailbox at `off`, if the arena holds a whole record there.
 fn record(arena: &[u8], off: usize) -> Option<(&[u8], u32)> {
     let len = u16::from_le_bytes([*arena.get(off)?, *arena.get(off + 1)?]) as usize;
@@ -64,15 +69,22 @@ impl Table {
         self.count == 0
     }
 
-    /// Number of mailboxes.
+    /// Number of mailbox numbers, those a source delta removed included (their states stay
+    /// in place so the numbers of the others do not move).
     pub fn mailboxes(&self) -> usize {
         self.primary.len()
     }
 
-    /// The primary address of mailbox `m`.
+    /// Number of mailboxes that still have addresses.
+    pub fn live_mailboxes(&self) -> usize {
+        self.primary.iter().filter(|&&p| p != DEAD).count()
+    }
+
+    /// The primary address of mailbox `m` (empty for one a delta removed).
     pub fn primary_address(&self, m: usize) -> &str {
         self.primary
             .get(m)
+            .filter(|&&off| off != DEAD)
             .and_then(|&off| record(&self.arena, off as usize))
             .and_then(|(k, _)| std::str::from_utf8(k).ok())
             .unwrap_or("")
@@ -129,14 +141,115 @@ impl Table {
 
     /// Every address (lower case), in the order they were added.
     pub fn keys(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        self.offsets()
-            .filter_map(|off| record(&self.arena, off).map(|(k, _)| k))
+        self.entries().map(|(k, _)| k)
     }
 
     /// Every address (lower-case key) with its mailbox number, in order.
     pub fn entries(&self) -> impl Iterator<Item = (&[u8], usize)> + '_ {
+        self.offsets().filter_map(|off| {
+            record(&self.arena, off)
+                .filter(|&(_, m)| m != DEAD)
+                .map(|(k, m)| (k, m as usize))
+        })
+    }
+
+    /// Removes an address (a source delta): its slot is freed by backward-shift deletion
+    /// (linear probing stays exact without tombstones) and its record marked [`DEAD`].
+    /// Returns the mailbox it belonged to.
+    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let h = hash(key);
+        let off = self.find(key, h).ok()?;
+        let mask = self.slots.len() - 1;
+        let mut hole = (h as usize) & mask;
+        while slot_offset(self.slots[hole]) != off {
+            hole = (hole + 1) & mask;
+        }
+        let m = record(&self.arena, off).map(|(_, m)| m as usize)?;
+        self.arena[off + 2 + key.len()..off + 6 + key.len()].copy_from_slice(&DEAD.to_le_bytes());
+        self.slots[hole] = 0;
+        self.count -= 1;
+        // Move back each following slot of the run whose home is not between the hole and it.
+        let mut next = (hole + 1) & mask;
+        while self.slots[next] != 0 {
+            let s = self.slots[next];
+            let home = record(&self.arena, slot_offset(s))
+                .map(|(k, _)| hash(k) as usize & mask)
+                .unwrap_or(next);
+            let between = if hole <= next {
+                hole < home && home <= next
+            } else {
+                hole < home || home <= next
+            };
+            if !between {
+                self.slots[hole] = s;
+                self.slots[next] = 0;
+                hole = next;
+            }
+            next = (next + 1) & mask;
+        }
+        Some(m)
+    }
+
+    /// Adds a mailbox with no address yet (a source delta); its primary is set by
+    /// [`Table::set_primary`] once it has one. Returns its number.
+    pub(crate) fn add_mailbox(&mut self) -> usize {
+        self.primary.push(DEAD);
+        self.primary.len() - 1
+    }
+
+    /// Makes `key` (an address of mailbox `m`) its primary address; `false` when `key` is
+    /// not one of `m`'s addresses.
+    pub(crate) fn set_primary(&mut self, m: usize, key: &[u8]) -> bool {
+        let Ok(off) = self.find_key(key) else {
+            return false;
+        };
+        if record(&self.arena, off).map(|(_, n)| n as usize) != Some(m) {
+            return false;
+        }
+        self.primary[m] = off as u32;
+        true
+    }
+
+    /// Marks mailbox `m` removed (its addresses must be removed already).
+    pub(crate) fn kill_mailbox(&mut self, m: usize) {
+        if let Some(p) = self.primary.get_mut(m) {
+            *p = DEAD;
+        }
+    }
+
+    /// Bytes of the arena held by removed records.
+    pub(crate) fn dead_bytes(&self) -> usize {
         self.offsets()
-            .filter_map(|off| record(&self.arena, off).map(|(k, m)| (k, m as usize)))
+            .filter_map(|off| record(&self.arena, off))
+            .filter(|&(_, m)| m == DEAD)
+            .map(|(k, _)| 6 + k.len())
+            .sum()
+    }
+
+    /// Rewrites the arena without removed records (offsets change; mailbox numbers do not).
+    pub(crate) fn compact(&mut self) {
+        let mut t = Table {
+            primary: vec![DEAD; self.primary.len()],
+            ..Table::default()
+        };
+        for (key, m) in self.entries() {
+            if let Ok(off) = t.push(key, m as u32) {
+                if self.primary_address(m).as_bytes() == key {
+                    t.primary[m] = off as u32;
+                }
+            }
+        }
+        *self = t;
+    }
+
+    fn find_key(&self, key: &[u8]) -> Result<usize, usize> {
+        if self.slots.is_empty() {
+            return Err(0);
+        }
+        self.find(key, hash(key))
     }
 
     /// Offsets of every record, in order.
@@ -154,9 +267,12 @@ impl Table {
         let mask = cap - 1;
         let mut slots = vec![0u64; cap];
         for off in self.offsets() {
-            let Some((key, _)) = record(&self.arena, off) else {
+            let Some((key, m)) = record(&self.arena, off) else {
                 break;
             };
+            if m == DEAD {
+                continue;
+            }
             let h = hash(key);
             let mut pos = h as usize & mask;
             while slots[pos] != 0 {
@@ -170,10 +286,17 @@ impl Table {
     /// Checks the internal invariants of a table read from disk.
     pub(crate) fn is_consistent(&self) -> bool {
         let mut starts = vec![false; self.arena.len()];
+        // Removed records: a mailbox whose primary address went to another may still
+        // point at its record.
+        let mut dead = vec![false; self.arena.len()];
         let mut n = 0;
         let mut end = 0;
         for off in self.offsets() {
             match record(&self.arena, off) {
+                Some((k, DEAD)) => {
+                    dead[off] = true;
+                    end = off + 6 + k.len();
+                }
                 Some((k, m)) if (m as usize) < self.primary.len() => {
                     starts[off] = true;
                     end = off + 6 + k.len();
@@ -192,7 +315,10 @@ impl Table {
                 .slots
                 .iter()
                 .all(|&s| s == 0 || at_start(slot_offset(s)))
-            && self.primary.iter().all(|&p| at_start(p as usize))
+            && self
+                .primary
+                .iter()
+                .all(|&p| p == DEAD || at_start(p as usize) || dead[p as usize])
     }
 }
 

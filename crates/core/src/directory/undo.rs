@@ -165,6 +165,7 @@ impl Directory {
                     to: r.state.clone(),
                 })
                 .collect(),
+            delta: None,
         };
         self.commit(&view, change, |states, origin| {
             for &(m, s, r) in &target {

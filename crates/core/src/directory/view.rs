@@ -296,7 +296,9 @@ impl Directory {
                 format!("{} (base {id})", c.source)
             }
             Some(c) if c.kind == ChangeKind::Base => format!("base {id}"),
-            Some(c) if c.kind == ChangeKind::Reload => c.source.clone(),
+            Some(c) if matches!(c.kind, ChangeKind::Reload | ChangeKind::Delta) => {
+                c.source.clone()
+            }
             _ => format!("batch {id}"),
         }
     }

@@ -146,7 +146,15 @@ pub fn explain(config: &Config, directory: &Directory, addr: &Address, now: u64)
         }
         Resolution::Reject => {
             let reply = crate::proto::reply::canned::UNKNOWN_USER;
-            let verdict = format!("not listed: refused {reply}{down}");
+            let verdict = if down.is_empty() {
+                format!("not listed: refused {reply}")
+            } else {
+                // What SMTP answers now comes first: the 550 waits for the source.
+                format!(
+                    "not listed: deferred {} (its source is down; {reply} once it is back)",
+                    recipient::SOURCE_DOWN
+                )
+            };
             out.push(line(Stage::Recipient, "directory", verdict));
             return out;
         }

@@ -8,8 +8,9 @@
 //! 3. the route size limit ([`super::delivery::route_size`]) for the `SIZE=` the client
 //!    declared (`552 5.3.4`).
 //!
-//! [`admit`] is steps 1 and 2 without the source check: what `route explain` shows as the
-//! RCPT verdict and what the message stage uses to find each recipient's route.
+//! [`admit`] is steps 1 and 2 without the source check: what the message stage uses to find
+//! each recipient's route. [`verdict`] is steps 1 and 2 with it: the reply `directory
+//! lookup` and `route explain` show, the same one SMTP gives while the source is down.
 
 use super::delivery::{route_size, TooBigForRoute};
 use super::Rules;
@@ -109,6 +110,23 @@ pub fn admit(
 ) -> Result<Decision, Reply> {
     policy.check_recipient(addr)?;
     decision(resolve(addr)).ok_or(canned::UNKNOWN_USER)
+}
+
+/// Steps 1 and 2 with the source check: the reply a client would get at RCPT now (the
+/// declared size aside). `source_down` is asked only for an address the directory does not
+/// list.
+pub fn verdict(
+    policy: &Policy,
+    addr: &Address,
+    resolve: impl Fn(&Address) -> Resolution,
+    source_down: impl FnOnce() -> bool,
+) -> Result<Decision, Reply> {
+    policy.check_recipient(addr)?;
+    let r = resolve(addr);
+    if !matches!(r, Resolution::Listed(..)) && source_down() {
+        return Err(SOURCE_DOWN);
+    }
+    decision(r).ok_or(canned::UNKNOWN_USER)
 }
 
 /// The whole RCPT decision for `to` under the session's `rules` (see the module doc):
@@ -211,6 +229,27 @@ mod tests {
         );
         assert_eq!(
             admit(&policy, &addr("a@elsewhere.test"), &r),
+            Err(canned::RELAY_DENIED)
+        );
+    }
+
+    #[test]
+    fn the_verdict_defers_unlisted_addresses_while_the_source_is_down() {
+        let cfg = Config::parse(DEFAULT_CONFIG, "test").unwrap();
+        let policy = Policy::new(&cfg.server.accepted_domains);
+        let r = resolve(None);
+        let down = || true;
+        assert_eq!(
+            verdict(&policy, &addr("x@nhs.test"), &r, down),
+            Err(SOURCE_DOWN)
+        );
+        assert_eq!(
+            verdict(&policy, &addr("x@nhs.test"), &r, || false),
+            Err(canned::UNKNOWN_USER)
+        );
+        assert!(verdict(&policy, &addr("a@nhs.test"), &r, down).is_ok());
+        assert_eq!(
+            verdict(&policy, &addr("a@elsewhere.test"), &r, down),
             Err(canned::RELAY_DENIED)
         );
     }

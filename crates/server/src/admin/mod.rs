@@ -23,7 +23,7 @@ mod trace;
 use crate::config::{AdminConfig, Config};
 use crate::directory::writer::LaterBatch;
 use crate::directory::{batch, Directory, WriteError};
-use crate::policy::recipient::admit;
+use crate::policy::recipient::verdict;
 use crate::policy::Policy;
 use crate::route;
 use crate::types::Address;
@@ -198,7 +198,9 @@ pub fn explain(
                 source,
             })?;
             let lookup = directory.lookup(&addr);
-            let rcpt = match admit(&policy, &addr, |a| directory.resolve(a)) {
+            let rcpt = match verdict(&policy, &addr, |a| directory.resolve(a), || {
+                directory.source_down()
+            }) {
                 Err(r) => r.to_string(),
                 Ok(_) => "accept".to_string(),
             };

@@ -99,6 +99,9 @@ pub enum ChangeKind {
     /// A fleet node took a new base directory from PostgreSQL (its rows are in the
     /// snapshot written with it, not in the log).
     Base,
+    /// A source sync's changes as rows (see `crate::directory::delta`), replayed from the
+    /// log.
+    Delta,
 }
 
 /// One record of the change log: its summary plus what it changed.
@@ -116,6 +119,9 @@ pub struct Change {
     /// The changes (empty for reloads).
     #[serde(default)]
     pub entries: Vec<ChangeEntry>,
+    /// A source delta's rows (kind `delta` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<crate::directory::delta::Delta>,
 }
 
 /// What identifies a change; all that is kept in memory for listing.

@@ -22,6 +22,7 @@ fn change(id: u32) -> Change {
             from_origin: 0,
             to: "cloud".into(),
         }],
+        delta: None,
     }
 }
 

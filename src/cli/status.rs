@@ -33,6 +33,36 @@ pub fn reload(api: &Api) -> anyhow::Result<()> {
     api.print(&r, reload_text)
 }
 
+/// The LDAP source's line: its current reason while it fails, the last good round, and
+/// where the next delta starts.
+fn ldap_text(l: &crate::directory::ldap::LdapHealth) -> String {
+    let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "never".into());
+    let mut out = match &l.error {
+        Some(e) => format!(
+            "LDAP source: FAILING since {}: {e} ({} failed rounds; next try at {})",
+            or(&l.error_since),
+            l.failures,
+            or(&l.next_try)
+        ),
+        None => format!("LDAP source: ok, {} mailboxes", l.mailboxes),
+    };
+    out.push_str(&format!(
+        "\nLDAP last good round: {} ({}); last full read: {}",
+        or(&l.last_sync),
+        if l.mark.is_empty() { "-" } else { &l.mark },
+        or(&l.last_full_sync)
+    ));
+    if let Some(usn) = l.usn {
+        out.push_str(&format!(
+            "; cursor: highestCommittedUSN {usn}, invocationId {}",
+            l.invocation_id.as_deref().unwrap_or("-")
+        ));
+    } else if let Some(ts) = &l.timestamp {
+        out.push_str(&format!("; cursor: modifyTimestamp {ts}"));
+    }
+    out
+}
+
 /// Readiness, drain state, open sessions and directory size, then the last directory file
 /// reload and the last refused one with its reason.
 pub fn ready_text(r: &Ready) -> String {
@@ -44,6 +74,10 @@ pub fn ready_text(r: &Ready) -> String {
         out.push_str(
             "\ndirectory source: DOWN (the directory in force stays; unknown recipients get 451 4.4.3)",
         );
+    }
+    if let Some(l) = &r.directory_ldap {
+        out.push('\n');
+        out.push_str(&ldap_text(l));
     }
     if let Some(up) = r.fleet_postgres_up {
         out.push_str(&format!(
@@ -136,6 +170,7 @@ mod tests {
                 }),
             },
             directory_source_up: true,
+            directory_ldap: None,
             fleet_behind: false,
             fleet_postgres_up: None,
             fleet_log_mismatch: None,

@@ -140,6 +140,11 @@ pub struct Ready {
     /// recipients get `451 4.4.3`).
     #[serde(default = "yes")]
     pub directory_source_up: bool,
+    /// With `[directory.ldap]`: the source's current state: the reason while it fails (and
+    /// since when), the last good round, the cursor (`highestCommittedUSN`, `invocationId`).
+    /// On a fleet node, what this node saw when it last led the sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory_ldap: Option<crate::directory::ldap::LdapHealth>,
     /// In a fleet: draining because this node is behind the fleet (`fleet.max_lag`).
     #[serde(default)]
     pub fleet_behind: bool,

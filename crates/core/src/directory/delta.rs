@@ -96,7 +96,11 @@ impl Directory {
     }
 
     /// What applying `delta` would do, changing nothing (the shrink guard's error included).
-    pub fn preview_delta(&self, delta: &Delta, force: bool) -> Result<ReloadReport, DirectoryError> {
+    pub fn preview_delta(
+        &self,
+        delta: &Delta,
+        force: bool,
+    ) -> Result<ReloadReport, DirectoryError> {
         let view = self.view.load_full();
         let (_, report) = edit(&view, delta, &self.states, 0)?;
         self.delta_shrink(&view, &report, force)?;
@@ -194,6 +198,152 @@ impl Directory {
     }
 }
 
+impl Directory {
+    /// The mailboxes holding these addresses, as a source would give them (addresses
+    /// primary first, the state as the source last set it, the routing address): for each
+    /// query, the mailbox of its first address the directory lists. One pass over the
+    /// index, whatever the number of queries.
+    pub fn source_mailboxes(&self, queries: &[Vec<String>]) -> Vec<Option<Mailbox>> {
+        let view = self.view.load_full();
+        let found: Vec<Option<usize>> = queries
+            .iter()
+            .map(|q| q.iter().find_map(|a| view.table.mailbox(key(a).as_bytes())))
+            .collect();
+        let wanted: std::collections::HashSet<usize> = found.iter().flatten().copied().collect();
+        let mut addresses: HashMap<usize, Vec<String>> = HashMap::new();
+        if !wanted.is_empty() {
+            for (k, m) in view.table.entries() {
+                if wanted.contains(&m) {
+                    addresses
+                        .entry(m)
+                        .or_default()
+                        .push(String::from_utf8_lossy(k).into_owned());
+                }
+            }
+        }
+        found
+            .into_iter()
+            .map(|m| {
+                let m = m?;
+                Some(self.as_source(&view, m, addresses.get(&m).cloned().unwrap_or_default()))
+            })
+            .collect()
+    }
+
+    /// Mailbox `m` of `view` with `addresses` (any order), as a source gives it.
+    fn as_source(&self, view: &View, m: usize, mut addresses: Vec<String>) -> Mailbox {
+        let primary = view.table.primary_address(m).to_string();
+        addresses.retain(|a| *a != primary);
+        addresses.sort();
+        addresses.insert(0, primary);
+        Mailbox {
+            addresses,
+            route: self
+                .states
+                .get(view.file_states[m] as usize)
+                .map(|r| r.as_str().to_string())
+                .unwrap_or_default(),
+            routing: view.routing.get(m).map(str::to_string),
+        }
+    }
+
+    /// The delta that makes the directory's source content `wanted` (every mailbox, by the
+    /// source's id): a full sync commits only this difference. Mailboxes are matched by
+    /// primary address, else by any address; mailboxes the directory has that `wanted`
+    /// does not are removed. One pass over the index.
+    pub fn diff_full(&self, wanted: &HashMap<String, Mailbox>) -> Delta {
+        let view = self.view.load_full();
+        let mut by_mailbox: Vec<Vec<String>> = vec![Vec::new(); view.table.mailboxes()];
+        for (k, m) in view.table.entries() {
+            by_mailbox[m].push(String::from_utf8_lossy(k).into_owned());
+        }
+        let mut seen = vec![false; view.table.mailboxes()];
+        let mut entries = Vec::new();
+        let mut ids: Vec<&String> = wanted.keys().collect();
+        ids.sort();
+        for id in ids {
+            let now = &wanted[id];
+            let normal = Mailbox {
+                addresses: now.addresses.iter().map(|a| key(a)).collect(),
+                route: now.route.clone(),
+                routing: now.routing.clone(),
+            };
+            let m = normal
+                .addresses
+                .first()
+                .and_then(|a| view.table.mailbox(a.as_bytes()))
+                .filter(|&m| !seen[m])
+                .or_else(|| {
+                    normal
+                        .addresses
+                        .iter()
+                        .find_map(|a| view.table.mailbox(a.as_bytes()))
+                        .filter(|&m| !seen[m])
+                });
+            let before = m.map(|m| {
+                seen[m] = true;
+                self.as_source(&view, m, std::mem::take(&mut by_mailbox[m]))
+            });
+            if before.as_ref().is_some_and(|b| same(b, &normal)) {
+                continue;
+            }
+            entries.push(DeltaEntry {
+                key: Some(id.clone()),
+                before,
+                after: Some(normal),
+            });
+        }
+        for (m, addresses) in by_mailbox.into_iter().enumerate() {
+            if seen[m] || addresses.is_empty() {
+                continue;
+            }
+            entries.push(DeltaEntry {
+                key: None,
+                before: Some(self.as_source(&view, m, addresses)),
+                after: None,
+            });
+        }
+        Delta {
+            cursor: None,
+            entries,
+        }
+    }
+
+    /// The cursor of the last source delta this node logged (`None`: none logged, or the
+    /// change log cannot be read).
+    pub fn last_source_cursor(&self) -> Option<String> {
+        let id = self
+            .history_snapshot()
+            .iter()
+            .rev()
+            .find(|c| c.kind == ChangeKind::Delta)?
+            .id;
+        let store = self.store.as_ref()?;
+        let change = store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .find(id)
+            .ok()??;
+        change.delta?.cursor
+    }
+}
+
+/// True when two mailboxes are the same to the directory (aliases in any order, routing
+/// addresses compared without case).
+pub fn same(a: &Mailbox, b: &Mailbox) -> bool {
+    let set = |m: &Mailbox| {
+        let mut v: Vec<String> = m.addresses.iter().skip(1).map(|a| key(a)).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    a.addresses.first().map(|x| key(x)) == b.addresses.first().map(|x| key(x))
+        && a.route == b.route
+        && a.routing.as_deref().map(str::to_ascii_lowercase)
+            == b.routing.as_deref().map(str::to_ascii_lowercase)
+        && set(a) == set(b)
+}
+
 /// Re-applies a logged delta at start-up (under the id it was logged with).
 pub(super) fn replay(view: &mut View, change: &Change, states: &[RouteName]) {
     let Some(delta) = &change.delta else {
@@ -210,7 +360,7 @@ pub(super) fn replay(view: &mut View, change: &Change, states: &[RouteName]) {
 }
 
 /// The directory key of a source's address (as the directory file's parser makes it).
-fn key(a: &str) -> String {
+pub fn key(a: &str) -> String {
     crate::types::Address::parse(a, true)
         .map(|x| x.key())
         .unwrap_or_else(|_| a.to_lowercase())
@@ -224,11 +374,13 @@ fn edit(
     fresh: u32,
 ) -> Result<(View, ReloadReport), DirectoryError> {
     let state_of = |route: &str| {
-        StateId::find(states, route).map(StateId::raw).ok_or_else(|| {
-            DirectoryError::Batch(format!(
-                "delta names state {route:?}, which is not a route here"
-            ))
-        })
+        StateId::find(states, route)
+            .map(StateId::raw)
+            .ok_or_else(|| {
+                DirectoryError::Batch(format!(
+                    "delta names state {route:?}, which is not a route here"
+                ))
+            })
     };
     let mut table = (*view.table).clone();
     let mut st = view.states.clone();
@@ -238,8 +390,16 @@ fn edit(
     let mut report = ReloadReport::of(0, 0);
     let mut gone = 0usize;
     for e in &delta.entries {
-        let before: Vec<String> = e.before.iter().flat_map(|b| b.addresses.iter().map(|a| key(a))).collect();
-        let after: Vec<String> = e.after.iter().flat_map(|b| b.addresses.iter().map(|a| key(a))).collect();
+        let before: Vec<String> = e
+            .before
+            .iter()
+            .flat_map(|b| b.addresses.iter().map(|a| key(a)))
+            .collect();
+        let after: Vec<String> = e
+            .after
+            .iter()
+            .flat_map(|b| b.addresses.iter().map(|a| key(a)))
+            .collect();
         // The mailbox: by its old primary, else by any of its addresses now.
         let m = before
             .first()

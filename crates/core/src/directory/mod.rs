@@ -261,6 +261,9 @@ pub struct Directory {
     /// `directory.max_shrink` (config reloads change it).
     max_shrink: Mutex<Percent>,
     reload_status: Mutex<ReloadStatus>,
+    /// The LDAP source feeding this directory (on a fleet node: the one it would lead
+    /// with), for its health in status.
+    ldap: std::sync::OnceLock<Arc<ldap::LdapSource>>,
 }
 
 impl Directory {
@@ -289,6 +292,7 @@ impl Directory {
             writer: Mutex::new(()),
             max_shrink: Mutex::new(cfg.max_shrink),
             reload_status: Mutex::new(ReloadStatus::default()),
+            ldap: std::sync::OnceLock::new(),
         }
     }
 
@@ -306,11 +310,25 @@ impl Directory {
         !self.source.healthy() || (self.source.empty_until_first_change() && self.applied() == 0)
     }
 
-    /// True when the source changed since it was last loaded.
+    /// Records the LDAP source that feeds this directory (its health shows in status).
+    pub fn attach_ldap(&self, source: Arc<ldap::LdapSource>) {
+        let _ = self.ldap.set(source);
+    }
+
+    /// The LDAP source's health: the current reason while it fails, the last good round and
+    /// its cursor (`None` without `[directory.ldap]`).
+    pub fn ldap_health(&self) -> Option<ldap::LdapHealth> {
+        self.ldap.get().map(|s| s.health())
+    }
+
+    /// True when the source changed since it was last loaded (never for a source that
+    /// sends deltas: its changes are applied as they come).
     pub fn source_changed(&self) -> bool {
-        self.source
-            .fingerprint()
-            .is_ok_and(|fp| fp != self.view.load().fingerprint)
+        !self.source.follows_deltas()
+            && self
+                .source
+                .fingerprint()
+                .is_ok_and(|fp| fp != self.view.load().fingerprint)
     }
 
     /// A directory from parsed data, without persistence (tests, benches).

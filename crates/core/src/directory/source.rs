@@ -33,6 +33,11 @@ pub trait Source: Send + Sync {
     fn marks_origin(&self) -> bool {
         false
     }
+    /// The source sends its changes as deltas ([`Directory::apply_delta`]) and loads
+    /// itself whole when the directory is empty: opening the store does not reload it.
+    fn follows_deltas(&self) -> bool {
+        false
+    }
     /// True when a directory at change 0 has nothing in force yet (a fleet node before
     /// its first base): it knows no recipient, so none is refused as unknown.
     fn empty_until_first_change(&self) -> bool {
@@ -181,14 +186,19 @@ impl Directory {
         // renumbered by name (or dropped if a state is no longer a route).
         let snapshot = store.read_snapshot()?.and_then(|s| s.renumber(&states));
         let Some(s) = snapshot else {
-            if source.marks_origin() || !source.healthy() {
+            if source.marks_origin() || !source.healthy() || source.follows_deltas() {
                 let empty = View::of_parsed(Parsed {
                     table: table::Table::default(),
                     states: Vec::new(),
                     routing: Default::default(),
                 });
                 let (history, _) = store.read_log(0)?;
+                let deltas = source.follows_deltas();
                 let dir = Directory::build(cfg, states, empty, Some(store), history, source);
+                if deltas {
+                    // Its first round loads it.
+                    return Ok(dir);
+                }
                 if let Err(e) = dir.reload_file(false) {
                     error!(error = %e, "at first start: the directory source could not be read; the directory is empty until it can");
                 }
@@ -210,9 +220,10 @@ impl Directory {
         for change in &tail {
             replay(&mut view, change, &states);
         }
-        let file_changed = source
-            .fingerprint()
-            .map_or(true, |fp| fp != view.fingerprint);
+        let file_changed = !source.follows_deltas()
+            && source
+                .fingerprint()
+                .map_or(true, |fp| fp != view.fingerprint);
         let dir = Directory::build(cfg, states, view, Some(store), history, source);
         if file_changed {
             match dir.reload_file(false) {

@@ -296,9 +296,7 @@ impl Directory {
                 format!("{} (base {id})", c.source)
             }
             Some(c) if c.kind == ChangeKind::Base => format!("base {id}"),
-            Some(c) if matches!(c.kind, ChangeKind::Reload | ChangeKind::Delta) => {
-                c.source.clone()
-            }
+            Some(c) if matches!(c.kind, ChangeKind::Reload | ChangeKind::Delta) => c.source.clone(),
             _ => format!("batch {id}"),
         }
     }

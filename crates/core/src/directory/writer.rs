@@ -19,6 +19,7 @@
 //! and the fleet they are for tests, benches and start-up.
 
 use super::batch::BatchRow;
+use super::delta::Delta;
 use super::scheduled::{self, ScheduleStore, Scheduled, Status};
 use super::{BatchReport, Directory, DirectoryError, ReloadReport};
 use crate::types::RouteName;
@@ -121,6 +122,10 @@ pub trait DirectoryWriter: Send + Sync + 'static {
     /// has no source of its own and refuses, naming `coexist directory import`.
     fn reload(&self, force: bool) -> Write<'_, ReloadReport>;
 
+    /// Applies a source delta (what an LDAP round changed, named `source`, `ldap usn N`) as
+    /// rows; refused beyond `directory.max_shrink` unless `force`.
+    fn delta(&self, delta: Delta, source: String, force: bool) -> Write<'_, ReloadReport>;
+
     /// Loads directory file `text` (named `source`) as a new base, merged like a reload
     /// (`coexist directory import`; a fleet only).
     fn import(&self, text: Vec<u8>, source: String, force: bool) -> Write<'_, FleetBatch>;
@@ -190,6 +195,11 @@ impl DirectoryWriter for LocalWriter {
     fn reload(&self, force: bool) -> Write<'_, ReloadReport> {
         let d = self.directory.clone();
         Box::pin(blocking(move || d.reload_file(force)))
+    }
+
+    fn delta(&self, delta: Delta, source: String, force: bool) -> Write<'_, ReloadReport> {
+        let d = self.directory.clone();
+        Box::pin(blocking(move || d.apply_delta(&delta, &source, force)))
     }
 
     fn import(&self, _text: Vec<u8>, _source: String, _force: bool) -> Write<'_, FleetBatch> {
@@ -323,6 +333,13 @@ mod tests {
         }
         fn reload(&self, force: bool) -> Write<'_, ReloadReport> {
             let _ = self.0.send(format!("reload force={force}"));
+            Box::pin(async { Ok(ReloadReport::of(0, 0)) })
+        }
+        fn delta(&self, d: Delta, source: String, force: bool) -> Write<'_, ReloadReport> {
+            let _ = self.0.send(format!(
+                "delta {source} mailboxes={} force={force}",
+                d.entries.len()
+            ));
             Box::pin(async { Ok(ReloadReport::of(0, 0)) })
         }
         fn import(&self, _: Vec<u8>, _: String, _: bool) -> Write<'_, FleetBatch> {

@@ -286,6 +286,10 @@ pub(super) async fn catch_up_locked(
                     let body: Vec<u8> = row.get(4);
                     apply_rows(inner, at, body, source).await?;
                 }
+                "delta" => {
+                    let body: Vec<u8> = row.get(4);
+                    super::delta::apply_delta(inner, at, body, source).await?;
+                }
                 "rollback" => {
                     let batch = seq_u32(row.get::<_, Option<i64>>(3).unwrap_or(0))?;
                     super::rollback::apply_rollback(inner, at, batch, source, row.get(4)).await?;

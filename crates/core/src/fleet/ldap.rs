@@ -19,13 +19,15 @@
 
 use super::{sql, Fleet};
 use crate::config::LdapConfig;
-use crate::directory::ldap::{sync, LdapSource};
+use crate::directory::ldap::read::{self, Cursor, Found, SyncError};
+use crate::directory::ldap::retry::Retry;
+use crate::directory::ldap::{LdapSource, Plan};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// Runs for the node's life: waits for the lock, then leads until the connection ends.
-pub(super) async fn lead(fleet: Fleet, cfg: LdapConfig) {
+pub(super) async fn lead(fleet: Fleet, cfg: LdapConfig, source: std::sync::Arc<LdapSource>) {
     let inner = fleet.inner.clone();
     let retry = cfg.sync_interval.max(Duration::from_secs(2));
     while !inner.stop.load(Ordering::SeqCst) {
@@ -49,11 +51,17 @@ pub(super) async fn lead(fleet: Fleet, cfg: LdapConfig) {
             continue;
         }
         info!(node = %inner.cfg.node, "fleet: this node runs the LDAP sync");
-        let source = LdapSource::new(&cfg);
-        let mut cursor = sync::Cursor::default();
-        let mut last_full = Instant::now();
-        // A change the fleet has not taken yet (an import that failed is tried again).
-        let mut pending = false;
+        // Deltas go on from the cursor of the last delta this node applied (whichever
+        // node committed it): a new leader does not read every entry before its first
+        // round. A deletion it cannot place makes the next round a full read.
+        let mut cursor = inner
+            .directory
+            .last_source_cursor()
+            .and_then(|c| Cursor::decode(&c))
+            .unwrap_or_default();
+        let mut last_full = (!cursor.is_empty()).then(Instant::now);
+        let mut need_full = false;
+        let mut retry = Retry::default();
         // Written within `fleet.commit_timeout`; false when it was not (a server that
         // does not answer: the leader lets go of this connection, and of the lock).
         let health = |up: bool| {
@@ -72,47 +80,93 @@ pub(super) async fn lead(fleet: Fleet, cfg: LdapConfig) {
             }
         };
         while !inner.stop.load(Ordering::SeqCst) && !client.is_closed() {
-            let full =
-                cursor == sync::Cursor::default() || last_full.elapsed() >= cfg.full_sync_interval;
-            let (c, cur, known) = (cfg.clone(), cursor.clone(), source.mailboxes());
-            let round = tokio::spawn(async move { sync::sync_once(&c, &cur, known, full).await })
+            if let Some(left) = retry.held(&cfg) {
+                tokio::time::sleep(left.min(cfg.sync_interval)).await;
+                continue;
+            }
+            let full = need_full || last_full.is_none_or(|t| t.elapsed() >= cfg.full_sync_interval);
+            let (c, cur) = (cfg.clone(), cursor.clone());
+            let round = tokio::spawn(async move { read::read(&c, &cur, full).await })
                 .await
-                .unwrap_or_else(|e| Err(format!("sync task failed: {e}")));
-            match round {
-                Ok((mailboxes, next, was_full)) => {
-                    if was_full {
-                        last_full = Instant::now();
-                    }
-                    let mark = next.mark(cfg.flavor);
-                    let changed = source.synced(mailboxes, mark.clone());
-                    cursor = next;
+                .unwrap_or_else(|e| Err(SyncError::from(format!("sync task failed: {e}"))));
+            let wait = match round {
+                Ok(round) => {
+                    retry.succeeded();
                     if !health(true).await {
                         break;
                     }
-                    pending |= changed;
-                    if let (true, Some(csv)) = (pending, source.csv()) {
-                        match fleet
-                            .import_auto((*csv).clone(), format!("ldap {mark}"), false)
-                            .await
-                        {
-                            Ok(b) => {
-                                pending = false;
-                                info!(change = ?b.id, mark, changed = b.report.changed, "fleet: LDAP changes committed");
+                    let mark = format!("ldap {}", round.cursor.mark(cfg.flavor));
+                    let plan = {
+                        let (s, d, r) = (source.clone(), inner.directory.clone(), round.clone());
+                        tokio::task::spawn_blocking(move || s.plan(&d, &r)).await
+                    };
+                    let took = match plan {
+                        Ok(Plan::Nothing) => true,
+                        Ok(Plan::NeedFull(why)) => {
+                            info!(why, "fleet: the next LDAP round reads every entry");
+                            need_full = true;
+                            false
+                        }
+                        Ok(Plan::Whole) => match source.csv() {
+                            Some(csv) => {
+                                let r = fleet.import_auto(csv, mark.clone(), false).await;
+                                source.loaded();
+                                match r {
+                                    Ok(b) => {
+                                        info!(change = ?b.id, mark, changed = b.report.changed, "fleet: LDAP source committed whole (an empty directory)");
+                                        true
+                                    }
+                                    Err(e) => {
+                                        warn!(error = %e, "fleet: LDAP changes not committed; read again at the next round");
+                                        false
+                                    }
+                                }
                             }
-                            Err(e) => {
-                                warn!(error = %e, "fleet: LDAP changes not committed; tried again after the next sync")
+                            None => false,
+                        },
+                        Ok(Plan::Delta(delta)) => {
+                            match fleet.commit_delta(delta, mark.clone(), false).await {
+                                Ok(r) => {
+                                    info!(
+                                        mark,
+                                        changed = r.changed,
+                                        added = r.added,
+                                        removed = r.removed,
+                                        "fleet: LDAP changes committed"
+                                    );
+                                    true
+                                }
+                                Err(e) => {
+                                    warn!(error = %e, "fleet: LDAP changes not committed; read again at the next round");
+                                    false
+                                }
                             }
                         }
+                        Err(e) => {
+                            warn!(error = %e, "fleet: LDAP round not planned");
+                            false
+                        }
+                    };
+                    if took {
+                        if matches!(round.found, Found::Full(_)) {
+                            last_full = Some(Instant::now());
+                        }
+                        need_full = false;
+                        source.advance(&round);
+                        cursor = round.cursor;
                     }
+                    cfg.sync_interval
                 }
                 Err(e) => {
-                    source.failed(e);
+                    let wait = retry.failed(&cfg, e.credentials);
+                    source.failed(&e, wait, retry.failures());
                     if !health(false).await {
                         break;
                     }
+                    wait
                 }
-            }
-            tokio::time::sleep(cfg.sync_interval).await;
+            };
+            tokio::time::sleep(wait).await;
         }
         warn!(node = %inner.cfg.node, "fleet: stopped leading the LDAP sync (connection to PostgreSQL ended or stopped answering)");
     }

@@ -66,6 +66,7 @@
 //! chooses at start on a fleet node).
 
 mod commit;
+mod delta;
 mod follow;
 mod inner;
 mod lag;
@@ -475,7 +476,9 @@ impl Fleet {
         tokio::spawn(follow::run(fleet.inner.clone()));
         tokio::spawn(lag::lag_timer(fleet.inner.clone()));
         if let Some(l) = config.directory.ldap.clone() {
-            tokio::spawn(ldap::lead(fleet.clone(), l));
+            let source = crate::directory::ldap::LdapSource::new(&l);
+            directory.attach_ldap(source.clone());
+            tokio::spawn(ldap::lead(fleet.clone(), l, source));
         }
         Ok((fleet, directory))
     }

@@ -5,8 +5,9 @@
 //!   it belongs to) and `schema_version`.
 //! - `changes`: the ordered change log. `seq` is given under an advisory lock, see the module
 //!   doc of `fleet` (gap-free, except that a base import jumps above every node's applied
-//!   change); `kind` is `apply`, `rollback` or `base`; an `apply`'s `body` holds its rows as
-//!   `address TAB state` lines; a `rollback` names the batch it undoes. `uid` (random, made
+//!   change); `kind` is `apply`, `rollback`, `base` or `delta`; an `apply`'s `body` holds
+//!   its rows as `address TAB state` lines, a `delta`'s its mailboxes as JSON (see
+//!   `fleet::delta`); a `rollback` names the batch it undoes. `uid` (random, made
 //!   by PostgreSQL at insert, so builds that do not know it still give one) and
 //!   `committed_at` are the change's identity beyond its number: a node keeps both in its
 //!   local change log and checks them against this table (a log that moved back reuses
@@ -108,7 +109,7 @@ INSERT INTO "{s}".meta VALUES
     ON CONFLICT (key) DO NOTHING;
 CREATE TABLE IF NOT EXISTS "{s}".changes (
     seq bigint PRIMARY KEY CHECK (seq > 0),
-    kind text NOT NULL CHECK (kind IN ('apply', 'rollback', 'base')),
+    kind text NOT NULL CONSTRAINT changes_kind_check CHECK (kind IN ('apply', 'rollback', 'base', 'delta')),
     committed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     node text NOT NULL,
     source text NOT NULL,
@@ -282,6 +283,50 @@ pub(super) async fn migrate(
                 .await
                 .map_err(&err)?;
         }
+    }
+    // Kinds added after the first version (`delta`): the check is replaced only when it
+    // does not take them yet (a schema of an earlier build).
+    let kinds_ok = client
+        .query_opt(
+            "SELECT 1 FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+             WHERE n.nspname = $1 AND c.conrelid = format('%I.changes', $1::text)::regclass
+               AND c.contype = 'c' AND pg_get_constraintdef(c.oid) LIKE '%delta%'",
+            &[&s],
+        )
+        .await
+        .map_err(&err)?
+        .is_some();
+    if !kinds_ok {
+        tracing::info!(
+            schema = s,
+            "fleet: letting an older schema's change log take deltas"
+        );
+        let old: Vec<String> = client
+            .query(
+                "SELECT c.conname FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+                 WHERE n.nspname = $1 AND c.conrelid = format('%I.changes', $1::text)::regclass
+                   AND c.contype = 'c' AND pg_get_constraintdef(c.oid) LIKE '%kind%'",
+                &[&s],
+            )
+            .await
+            .map_err(&err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for name in old {
+            client
+                .batch_execute(&format!(
+                    r#"ALTER TABLE "{s}".changes DROP CONSTRAINT "{name}""#
+                ))
+                .await
+                .map_err(&err)?;
+        }
+        client
+            .batch_execute(&format!(
+                r#"ALTER TABLE "{s}".changes ADD CONSTRAINT changes_kind_check CHECK (kind IN ('apply', 'rollback', 'base', 'delta'))"#
+            ))
+            .await
+            .map_err(&err)?;
     }
     let version: i64 = client
         .query_one(

@@ -6,6 +6,7 @@
 
 use super::{Fleet, FleetError};
 use crate::directory::batch::BatchRow;
+use crate::directory::delta::Delta;
 use crate::directory::scheduled::{ScheduleStore, Scheduled};
 use crate::directory::writer::{DirectoryWriter, FleetBatch, LaterBatch, Write, Written};
 use crate::directory::{ReloadReport, WriteError};
@@ -74,6 +75,10 @@ impl DirectoryWriter for FleetWriter {
         Box::pin(
             async move { Ok(tokio::task::spawn_blocking(move || d.reload_file(force)).await??) },
         )
+    }
+
+    fn delta(&self, delta: Delta, source: String, force: bool) -> Write<'_, ReloadReport> {
+        Box::pin(async move { Ok(self.fleet.commit_delta(delta, source, force).await?) })
     }
 
     fn import(&self, text: Vec<u8>, source: String, force: bool) -> Write<'_, FleetBatch> {

@@ -198,9 +198,12 @@ pub fn explain(
                 source,
             })?;
             let lookup = directory.lookup(&addr);
-            let rcpt = match verdict(&policy, &addr, |a| directory.resolve(a), || {
-                directory.source_down()
-            }) {
+            let rcpt = match verdict(
+                &policy,
+                &addr,
+                |a| directory.resolve(a),
+                || directory.source_down(),
+            ) {
                 Err(r) => r.to_string(),
                 Ok(_) => "accept".to_string(),
             };
@@ -291,6 +294,7 @@ async fn ready(State(s): State<AdminState>) -> Response {
         directory_entries: s.directory.len(),
         directory_reload: s.directory.reload_status(),
         directory_source_up: !s.directory.source_down(),
+        directory_ldap: s.directory.ldap_health(),
         fleet_behind,
         fleet_postgres_up: fleet.map(|f| f.postgres_up()),
         fleet_log_mismatch: fleet.and_then(|f| f.log_mismatch()),

@@ -99,6 +99,11 @@ pub struct LdapConfig {
     /// Entries per page of a paged search.
     #[serde(default = "default_page_size")]
     pub page_size: u32,
+    /// Ask for the addresses attribute in ranges of this many values (`proxyAddresses;range=0-N`);
+    /// 0: ask for it whole. A Windows DC answers in ranges past its MaxValRange (1,500) unasked,
+    /// and those are read whole either way.
+    #[serde(default)]
+    pub range_size: u32,
     /// Connect and per-operation timeout.
     #[serde(default = "default_ldap_timeout", with = "duration")]
     pub timeout: Duration,

@@ -55,11 +55,18 @@ fn a_delta_changes_only_its_mailboxes_keeps_batches_and_survives_a_restart() {
             ),
             // c: deleted.
             entry(
-                Some(mb(&["c@nhs.test"], "cloud", Some("c@t.mail.onmicrosoft.com"))),
+                Some(mb(
+                    &["c@nhs.test"],
+                    "cloud",
+                    Some("c@t.mail.onmicrosoft.com"),
+                )),
                 None,
             ),
             // n: new, with an alias.
-            entry(None, Some(mb(&["n@nhs.test", "n2@nhs.test"], "cloud", None))),
+            entry(
+                None,
+                Some(mb(&["n@nhs.test", "n2@nhs.test"], "cloud", None)),
+            ),
             // d: primary address renamed (the old one kept as an alias).
             entry(
                 Some(mb(&["d@nhs.test"], "onprem", None)),
@@ -80,10 +87,16 @@ fn a_delta_changes_only_its_mailboxes_keeps_batches_and_survives_a_restart() {
         assert_eq!(d.resolve(&a("dd@nhs.test")), listed("onprem"));
         let l = d.lookup(&a("a3@nhs.test"));
         assert_eq!(l.mailbox.as_deref(), Some("a@nhs.test"));
-        assert_eq!(l.routing_address.as_deref(), Some("a@t.mail.onmicrosoft.com"));
+        assert_eq!(
+            l.routing_address.as_deref(),
+            Some("a@t.mail.onmicrosoft.com")
+        );
         let l = d.lookup(&a("d@nhs.test"));
         assert_eq!(l.mailbox.as_deref(), Some("dd@nhs.test"));
-        assert_eq!(d.lookup(&a("n2@nhs.test")).mailbox.as_deref(), Some("n@nhs.test"));
+        assert_eq!(
+            d.lookup(&a("n2@nhs.test")).mailbox.as_deref(),
+            Some("n@nhs.test")
+        );
         assert_eq!(d.len(), 23);
     };
     check(&d);
@@ -112,10 +125,21 @@ fn a_delta_that_removes_too_much_is_refused_unless_forced() {
     };
     let e = d.apply_delta(&delta, "ldap usn 7", false).unwrap_err();
     assert!(
-        matches!(e, DirectoryError::Shrink { removed: 4, before: 21, .. }),
+        matches!(
+            e,
+            DirectoryError::Shrink {
+                removed: 4,
+                before: 21,
+                ..
+            }
+        ),
         "{e}"
     );
-    assert_eq!(d.resolve(&a("e@nhs.test")), listed("onprem"), "nothing changed");
+    assert_eq!(
+        d.resolve(&a("e@nhs.test")),
+        listed("onprem"),
+        "nothing changed"
+    );
     let r = d.apply_delta(&delta, "ldap usn 7", true).unwrap();
     assert_eq!(r.removed, 4);
     assert_eq!(d.resolve(&a("e@nhs.test")), Resolution::Reject);
@@ -128,18 +152,20 @@ fn removing_and_adding_keys_keeps_the_index_exact() {
     let mut model = std::collections::HashMap::new();
     let mut x: u64 = 7;
     let mut next = || {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         x >> 33
     };
     for round in 0..4000u32 {
         let k = format!("k{}@t.test", next() % 300);
         if next() % 3 == 0 {
             assert_eq!(t.remove(k.as_bytes()), model.remove(&k), "round {round}");
-        } else if !model.contains_key(&k) {
+        } else if let std::collections::hash_map::Entry::Vacant(v) = model.entry(k.clone()) {
             let m = t.add_mailbox() as u32;
             t.push(k.as_bytes(), m).unwrap();
             t.set_primary(m as usize, k.as_bytes());
-            model.insert(k, m as usize);
+            v.insert(m as usize);
         }
     }
     for i in 0..300 {

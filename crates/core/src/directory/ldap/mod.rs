@@ -18,30 +18,26 @@
 //! While the source cannot be reached the directory in force stays, and recipients it does
 //! not know get `451 4.4.3` instead of `550` ([`LdapSource::healthy`]).
 
+pub mod read;
+pub mod retry;
 pub mod sync;
 
+use super::delta::{self, Delta, DeltaEntry};
 use super::store::Fingerprint;
 use super::table::{self, Parsed};
-use super::{DirectoryError, Source};
-use crate::config::LdapConfig;
+use super::{Directory, DirectoryError, Source};
+use crate::config::{LdapConfig, LdapFlavor};
 use crate::types::RouteName;
+pub use delta::Mailbox;
+pub use read::{Cursor, Found, Round, SyncError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// One mailbox as the source has it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mailbox {
-    /// Every address, primary first (lower case).
-    pub addresses: Vec<String>,
-    /// Route name.
-    pub route: String,
-    /// Where its route sends it (`targetAddress`), if set.
-    pub routing: Option<String>,
-}
+use std::time::Duration;
 
 /// Reads a mailbox from an entry's attributes (names compared case-insensitively): `None`
 /// when the entry is not a mailbox the mapping knows (no mapped state, or no SMTP address).
+/// Addresses are given as directory keys (lower case).
 pub fn mailbox(cfg: &LdapConfig, attrs: &HashMap<String, Vec<String>>) -> Option<Mailbox> {
     let get = |name: &str| {
         attrs
@@ -63,10 +59,10 @@ pub fn mailbox(cfg: &LdapConfig, attrs: &HashMap<String, Vec<String>>) -> Option
         if !kind.eq_ignore_ascii_case("smtp") {
             continue;
         }
-        let addr = addr.trim().to_lowercase();
-        if crate::types::Address::parse(&addr, true).is_err() {
+        let Ok(addr) = crate::types::Address::parse(addr.trim(), true) else {
             continue;
-        }
+        };
+        let addr = addr.key();
         if kind == "SMTP" && primary.is_none() {
             primary = Some(addr);
         } else {
@@ -95,202 +91,339 @@ pub fn mailbox(cfg: &LdapConfig, attrs: &HashMap<String, Vec<String>>) -> Option
     })
 }
 
-/// What the source has now: every mailbox by DN, and the directory CSV made from them.
+/// What the source knows between rounds.
 #[derive(Default)]
 struct Content {
-    mailboxes: HashMap<String, Mailbox>,
-    /// The CSV the directory loads (`None` until the first full sync).
-    csv: Option<Arc<Vec<u8>>>,
+    /// Each entry id the source knows → its mailbox's primary address (so a deletion, which
+    /// leaves only the id, finds its mailbox).
+    ids: HashMap<String, String>,
+    /// `ids` came from a full read (else a deletion of an unknown id needs one).
+    complete: bool,
+    /// A full read's mailboxes, while the directory loads them whole (first start).
+    whole: Option<Arc<HashMap<String, Mailbox>>>,
+    /// Fingerprint of the last whole load.
     fingerprint: Fingerprint,
-    /// The mark of the last sync (`usn 123456`, `modifyTimestamp 20261126…Z`).
+    /// The mark of the last round (`usn 123456`, `modifyTimestamp 20261126…Z`).
     mark: String,
 }
 
-/// Health of the source, for status.
+/// Health of the source, for `coexist status`, `/v1/ready` and the console.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct LdapHealth {
-    /// The last sync (or connection attempt) succeeded.
+    /// The last round succeeded.
     pub healthy: bool,
-    /// Mailboxes known.
+    /// Entries known.
     pub mailboxes: usize,
-    /// The mark of the last successful sync.
+    /// The mark of the last successful round.
     pub mark: String,
-    /// RFC 3339 time of the last successful sync.
+    /// RFC 3339 time of the last successful round.
     pub last_sync: Option<String>,
-    /// The last error, while unhealthy.
+    /// RFC 3339 time of the last successful full read.
+    #[serde(default)]
+    pub last_full_sync: Option<String>,
+    /// Active Directory: the `highestCommittedUSN` the next delta starts above.
+    #[serde(default)]
+    pub usn: Option<u64>,
+    /// Active Directory: the domain controller's `invocationId`.
+    #[serde(default)]
+    pub invocation_id: Option<String>,
+    /// OpenLDAP: the newest `modifyTimestamp` seen.
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    /// The current error (the last round's), while unhealthy.
     pub error: Option<String>,
+    /// RFC 3339 time since which this error has been the reason.
+    #[serde(default)]
+    pub error_since: Option<String>,
+    /// Failed rounds in a row.
+    #[serde(default)]
+    pub failures: u32,
+    /// RFC 3339 time of the next try.
+    #[serde(default)]
+    pub next_try: Option<String>,
 }
 
-/// The LDAP source: what the sync found, as a [`Source`] for the directory.
+/// The LDAP source: what the rounds found, as a [`Source`] for the directory.
 pub struct LdapSource {
     url: String,
+    flavor: LdapFlavor,
     content: Mutex<Content>,
     healthy: AtomicBool,
     health: Mutex<LdapHealth>,
 }
 
+/// What a round asks of the directory.
+#[derive(Debug)]
+pub enum Plan {
+    /// Nothing changed.
+    Nothing,
+    /// Load every mailbox whole (the directory is empty: a first start).
+    Whole,
+    /// Apply these rows.
+    Delta(Delta),
+    /// A deletion of an entry this source does not know yet: a full read must decide.
+    NeedFull(String),
+}
+
+fn now() -> String {
+    crate::clock::now_utc().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 impl LdapSource {
-    /// A source for `cfg` that has not synced yet (unhealthy until its first sync).
+    /// A source for `cfg` that has not synced yet (unhealthy until its first round).
     pub fn new(cfg: &LdapConfig) -> Arc<LdapSource> {
         Arc::new(LdapSource {
             url: cfg.url.clone(),
+            flavor: cfg.flavor,
             content: Mutex::new(Content::default()),
             healthy: AtomicBool::new(false),
             health: Mutex::new(LdapHealth::default()),
         })
     }
 
-    /// True while the last sync succeeded.
+    fn content(&self) -> std::sync::MutexGuard<'_, Content> {
+        self.content.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn health_mut(&self) -> std::sync::MutexGuard<'_, LdapHealth> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True while the last round succeeded.
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::SeqCst)
     }
 
     /// The source's health, for status.
     pub fn health(&self) -> LdapHealth {
-        self.health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.health_mut().clone()
     }
 
-    /// Records a failed sync.
-    pub fn failed(&self, error: String) {
-        let was = self.healthy.swap(false, Ordering::SeqCst);
+    /// Records a failed round, the next try `retry_in` from now. The reason is logged when
+    /// it changes (and so is the first failure after a success); status shows the current
+    /// one.
+    pub fn failed(&self, e: &SyncError, retry_in: Duration, failures: u32) {
+        self.healthy.store(false, Ordering::SeqCst);
         metrics::gauge!(crate::metrics::DIRECTORY_SOURCE_UP).set(0.0);
-        if was {
-            tracing::error!(error, "directory: LDAP source failing; the directory in force stays, unknown recipients get 451 4.4.3 until it is back");
+        let next = crate::clock::now_utc()
+            + chrono::Duration::from_std(retry_in).unwrap_or_else(|_| chrono::Duration::zero());
+        let mut h = self.health_mut();
+        if h.error.as_deref() != Some(e.reason.as_str()) {
+            if e.credentials {
+                tracing::error!(
+                    error = %e,
+                    retry_in_s = retry_in.as_secs(),
+                    "directory: LDAP bind refused for its credentials; NOT retrying this password for 30 minutes (each try counts toward the account's lockout). Fix the password (directory.ldap.password_file is read again at every check and a changed one is tried at once). Meanwhile the directory in force stays and unknown recipients get 451 4.4.3"
+                );
+            } else {
+                tracing::error!(error = %e, retry_in_s = retry_in.as_secs(), failures, "directory: LDAP source failing; the directory in force stays, unknown recipients get 451 4.4.3 until it is back");
+            }
+            h.error_since = Some(now());
         }
-        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         h.healthy = false;
-        h.error = Some(error);
+        h.error = Some(e.reason.clone());
+        h.failures = failures;
+        h.next_try = Some(next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     }
 
-    /// Records a successful sync that left `mailboxes` (by DN) with mark `mark`: returns
-    /// true when the content changed (the directory should reload).
-    pub fn synced(&self, mailboxes: HashMap<String, Mailbox>, mark: String) -> bool {
-        let n = mailboxes.len();
-        let changed = {
-            let mut c = self.content.lock().unwrap_or_else(|p| p.into_inner());
-            let changed = c.csv.is_none() || c.mailboxes != mailboxes;
-            if changed {
-                let csv = to_csv(&mailboxes);
-                c.fingerprint = Fingerprint {
-                    len: csv.len() as u64,
-                    mtime_ns: u64::from(crc32fast::hash(&csv)),
-                };
-                c.csv = Some(Arc::new(csv));
-                c.mailboxes = mailboxes;
+    /// What the directory must do with `round` (see [`Plan`]). Nothing is recorded until
+    /// [`LdapSource::advance`].
+    pub fn plan(&self, dir: &Directory, round: &Round) -> Plan {
+        let mark = round.cursor.mark(self.flavor);
+        let cursor = Some(round.cursor.encode());
+        match &round.found {
+            Found::Full(all) => {
+                if dir.is_empty() {
+                    let mut c = self.content();
+                    c.whole = Some(Arc::new(all.clone()));
+                    c.fingerprint = Fingerprint {
+                        len: all.len() as u64,
+                        mtime_ns: u64::from(crc32fast::hash(mark.as_bytes())),
+                    };
+                    c.mark = mark;
+                    return Plan::Whole;
+                }
+                let mut d = dir.diff_full(all);
+                d.cursor = cursor;
+                if d.is_empty() {
+                    Plan::Nothing
+                } else {
+                    Plan::Delta(d)
+                }
+            }
+            Found::Changes { changed, deleted } => {
+                let c = self.content();
+                let mut queries = Vec::with_capacity(changed.len());
+                let mut keep = Vec::with_capacity(changed.len());
+                let none: Option<Mailbox> = None;
+                for id in deleted {
+                    if c.ids.contains_key(id) {
+                        queries.push(vec![c.ids[id].clone()]);
+                        keep.push((id, &none));
+                    } else if !c.complete {
+                        return Plan::NeedFull(format!(
+                            "entry {id} was deleted, and this source has not read every entry since it started (it may have been a mailbox)"
+                        ));
+                    }
+                }
+                for (id, now) in changed {
+                    let mut q: Vec<String> = c.ids.get(id).cloned().into_iter().collect();
+                    match now {
+                        Some(m) => q.extend(m.addresses.iter().cloned()),
+                        // Not a mailbox, and not one this source knows: nothing to remove.
+                        // (Unknown after a restart too: the full read decides those.)
+                        None if q.is_empty() => continue,
+                        None => {}
+                    }
+                    queries.push(q);
+                    keep.push((id, now));
+                }
+                drop(c);
+                let before = dir.source_mailboxes(&queries);
+                let entries: Vec<DeltaEntry> = keep
+                    .into_iter()
+                    .zip(before)
+                    .filter(|((_, now), before)| match (now, before) {
+                        (None, None) => false,
+                        (Some(a), Some(b)) => !delta::same(a, b),
+                        _ => true,
+                    })
+                    .map(|((id, now), before)| DeltaEntry {
+                        key: Some(id.clone()),
+                        before,
+                        after: now.clone(),
+                    })
+                    .collect();
+                if entries.is_empty() {
+                    Plan::Nothing
+                } else {
+                    Plan::Delta(Delta { cursor, entries })
+                }
+            }
+        }
+    }
+
+    /// Records a round the directory took (applied, or nothing to apply): its ids, its
+    /// cursor, and health.
+    pub fn advance(&self, round: &Round) {
+        let mark = round.cursor.mark(self.flavor);
+        let known = {
+            let mut c = self.content();
+            match &round.found {
+                Found::Full(all) => {
+                    c.ids = all
+                        .iter()
+                        .filter_map(|(id, m)| Some((id.clone(), m.addresses.first()?.clone())))
+                        .collect();
+                    c.complete = true;
+                }
+                Found::Changes { changed, deleted } => {
+                    for id in deleted {
+                        c.ids.remove(id);
+                    }
+                    for (id, now) in changed {
+                        match now.as_ref().and_then(|m| m.addresses.first()) {
+                            Some(p) => {
+                                c.ids.insert(id.clone(), p.clone());
+                            }
+                            None => {
+                                c.ids.remove(id);
+                            }
+                        }
+                    }
+                }
             }
             c.mark = mark.clone();
-            changed
+            c.ids.len()
         };
         let was = self.healthy.swap(true, Ordering::SeqCst);
         metrics::gauge!(crate::metrics::DIRECTORY_SOURCE_UP).set(1.0);
         if !was {
-            tracing::info!(mailboxes = n, mark, "directory: LDAP source healthy");
+            tracing::info!(mailboxes = known, mark, "directory: LDAP source healthy");
         }
-        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let full = matches!(round.found, Found::Full(_));
+        let mut h = self.health_mut();
+        let last_full = if full {
+            Some(now())
+        } else {
+            h.last_full_sync.clone()
+        };
         *h = LdapHealth {
             healthy: true,
-            mailboxes: n,
+            mailboxes: known,
             mark,
-            last_sync: Some(
-                crate::clock::now_utc().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            ),
+            last_sync: Some(now()),
+            last_full_sync: last_full,
+            usn: round.cursor.usn,
+            invocation_id: round.cursor.invocation.clone(),
+            timestamp: round.cursor.timestamp.clone(),
             error: None,
+            error_since: None,
+            failures: 0,
+            next_try: None,
         };
-        changed
     }
 
-    /// The directory CSV of what the source has now (`None` before its first sync).
-    pub fn csv(&self) -> Option<Arc<Vec<u8>>> {
-        self.content
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .csv
-            .clone()
+    /// Drops a whole read once the directory has loaded it (it is large).
+    pub fn loaded(&self) {
+        self.content().whole = None;
     }
 
-    /// The mailboxes known now (a delta sync starts from them).
-    pub fn mailboxes(&self) -> HashMap<String, Mailbox> {
-        self.content
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .mailboxes
-            .clone()
+    /// The directory CSV of the last full read, while a whole load needs it.
+    pub fn csv(&self) -> Option<Vec<u8>> {
+        self.content().whole.as_ref().map(|m| to_csv(m))
     }
 }
 
-/// Opens the directory on the LDAP source: a first full sync (bounded by `timeout`; if it
-/// fails, the directory of before the restart is served and the source is unhealthy). The
-/// syncs that follow are the caller's to start ([`Syncs::run`]) once it has the directory's
-/// writer. The outer error is a failed task; the inner one the directory's.
+/// Opens the directory on the LDAP source: from its store (snapshot and change log), then a
+/// first round before listening (bounded by `timeout`): the changes since the cursor the
+/// last logged delta recorded, or a full read when there is none (a first start: loaded
+/// whole). If it fails, the directory of before the restart is served and the source is
+/// unhealthy. The rounds that follow are the caller's to start ([`Syncs::run`]) once it has
+/// the directory's writer. The outer error is a failed task; the inner one the directory's.
 pub async fn open(
     l: LdapConfig,
     cfg: crate::config::DirectoryConfig,
     names: Vec<RouteName>,
 ) -> Result<Result<(Arc<super::Directory>, Syncs), DirectoryError>, tokio::task::JoinError> {
     let source = LdapSource::new(&l);
-    let first = tokio::time::timeout(
-        l.timeout,
-        sync::sync_once(&l, &sync::Cursor::default(), HashMap::new(), true),
-    )
-    .await
-    .unwrap_or_else(|_| Err(format!("no answer from {} within {:?}", l.url, l.timeout)));
-    let cursor = match first {
-        Ok((mailboxes, cursor, _)) => {
-            tracing::info!(mailboxes = mailboxes.len(), url = %l.url, "directory: first LDAP sync done");
-            source.synced(mailboxes, cursor.mark(l.flavor));
-            cursor
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "directory: LDAP source unreachable at start; serving the directory of before the restart, unknown recipients get 451 4.4.3");
-            source.failed(e);
-            sync::Cursor::default()
-        }
-    };
     let src = Box::new(SharedLdap(source.clone()));
     let d =
-        tokio::task::spawn_blocking(move || super::Directory::open_with(&cfg, names, src)).await?;
-    Ok(d.map(|d| {
-        let syncs = Syncs {
-            cfg: l,
-            source,
-            cursor,
+        match tokio::task::spawn_blocking(move || Directory::open_with(&cfg, names, src)).await? {
+            Ok(d) => Arc::new(d),
+            Err(e) => return Ok(Err(e)),
         };
-        (Arc::new(d), syncs)
-    }))
-}
-
-/// The syncs after the first one, not started yet: a single node's LDAP sync, which hands
-/// what changed to the directory's writer.
-pub struct Syncs {
-    cfg: LdapConfig,
-    source: Arc<LdapSource>,
-    cursor: sync::Cursor,
-}
-
-impl Syncs {
-    /// Syncs until the process ends (see [`sync::run`]); after each sync that changed
-    /// something, `writer` reloads the source into `directory`.
-    pub async fn run(
-        self,
-        directory: Arc<super::Directory>,
-        writer: Arc<dyn super::DirectoryWriter>,
-    ) {
-        sync::run(self.cfg, self.source, directory, writer, self.cursor).await
+    d.attach_ldap(source.clone());
+    let cursor = d
+        .last_source_cursor()
+        .and_then(|c| Cursor::decode(&c))
+        .unwrap_or_default();
+    let mut syncs = Syncs::new(l, source, cursor);
+    let first = tokio::time::timeout(syncs.cfg.timeout, syncs.round(&d, None)).await;
+    if let Ok(wait) = first {
+        syncs.wait = wait;
+    } else {
+        let e = SyncError::from(format!(
+            "no answer from {} within {:?}",
+            syncs.cfg.url, syncs.cfg.timeout
+        ));
+        syncs.wait = syncs.retry.failed(&syncs.cfg, false);
+        syncs.source.failed(&e, syncs.wait, syncs.retry.failures());
     }
+    Ok(Ok((d, syncs)))
 }
+
+pub use sync::Syncs;
 
 /// The directory CSV for `mailboxes`: `address,state,mailbox,routing_address`, one row per
-/// address, mailboxes in DN order (stable across syncs).
+/// address, mailboxes in id order (stable across reads).
 fn to_csv(mailboxes: &HashMap<String, Mailbox>) -> Vec<u8> {
-    let mut dns: Vec<&String> = mailboxes.keys().collect();
-    dns.sort();
+    let mut ids: Vec<&String> = mailboxes.keys().collect();
+    ids.sort();
     let mut out = Vec::with_capacity(mailboxes.len() * 80 + 64);
     out.extend_from_slice(b"address,state,mailbox,routing_address\n");
-    for dn in dns {
-        let m = &mailboxes[dn];
+    for id in ids {
+        let m = &mailboxes[id];
         let primary = &m.addresses[0];
         for (i, a) in m.addresses.iter().enumerate() {
             out.extend_from_slice(a.as_bytes());
@@ -315,13 +448,7 @@ pub struct SharedLdap(pub Arc<LdapSource>);
 
 impl Source for SharedLdap {
     fn name(&self) -> String {
-        let mark = self
-            .0
-            .content
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .mark
-            .clone();
+        let mark = self.0.content().mark.clone();
         if mark.is_empty() {
             format!("ldap {}", self.0.url)
         } else {
@@ -329,30 +456,24 @@ impl Source for SharedLdap {
         }
     }
     fn fingerprint(&self) -> Result<Fingerprint, DirectoryError> {
-        Ok(self
-            .0
-            .content
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .fingerprint)
+        Ok(self.0.content().fingerprint)
     }
     fn load(&self, states: &[RouteName]) -> Result<Parsed, DirectoryError> {
-        let csv = self
-            .0
-            .content
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .csv
-            .clone()
-            .ok_or_else(|| {
-                DirectoryError::Batch(format!("LDAP source {} has not synced yet", self.0.url))
-            })?;
+        let csv = self.0.csv().ok_or_else(|| {
+            DirectoryError::Batch(format!(
+                "LDAP source {} has no full read to load whole",
+                self.0.url
+            ))
+        })?;
         table::parse(&csv, &self.name(), states)
     }
     fn healthy(&self) -> bool {
         self.0.healthy()
     }
     fn marks_origin(&self) -> bool {
+        true
+    }
+    fn follows_deltas(&self) -> bool {
         true
     }
 }
@@ -439,7 +560,7 @@ mod tests {
     fn the_csv_lists_every_address_with_its_mailbox_and_routing_address() {
         let mut m = HashMap::new();
         m.insert(
-            "cn=b".to_string(),
+            "b".to_string(),
             Mailbox {
                 addresses: vec!["b@corp.test".into(), "b2@trust.test".into()],
                 route: "cloud".into(),
@@ -447,7 +568,7 @@ mod tests {
             },
         );
         m.insert(
-            "cn=a".to_string(),
+            "a".to_string(),
             Mailbox {
                 addresses: vec!["a@corp.test".into()],
                 route: "onprem".into(),

@@ -17,6 +17,7 @@ pub mod fleet;
 pub mod nats;
 pub mod pg;
 pub mod pg_tls;
+pub mod samba;
 pub mod slapd;
 
 use coexist::config::{Config, DEFAULT_CONFIG};

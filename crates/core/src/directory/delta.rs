@@ -80,8 +80,17 @@ impl Directory {
         source: &str,
         force: bool,
     ) -> Result<ReloadReport, DirectoryError> {
-        self.apply_delta_inner(delta, source, force, None)
-            .map(|r| r.unwrap_or_else(|| ReloadReport::of(self.len(), 0)))
+        let res = self
+            .apply_delta_inner(delta, source, force, None)
+            .map(|r| r.unwrap_or_else(|| ReloadReport::of(self.len(), 0)));
+        // Kept for status like a file reload's outcome (`coexist status`, `/v1/ready`).
+        let result = match &res {
+            Ok(_) => "ok",
+            Err(DirectoryError::Shrink { .. }) => "refused_shrink",
+            Err(_) => "failed",
+        };
+        self.record_load(result, res.as_ref().err());
+        res
     }
 
     /// Applies fleet change `at`, a source delta (see [`Directory::apply_at`] for `at`).

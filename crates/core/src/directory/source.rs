@@ -252,11 +252,7 @@ impl Directory {
             Ok(r) => (Ok(r), "ok"),
             Err((stage, e)) => (Err(e), stage),
         };
-        metrics::counter!(crate::metrics::DIRECTORY_RELOADS, "result" => result).increment(1);
-        let time = now_rfc3339();
-        let mut st = self.reload_status.lock().unwrap_or_else(|p| p.into_inner());
-        st.last_result = Some(result.to_string());
-        st.last_time = Some(time.clone());
+        self.record_load(result, res.as_ref().err());
         match &res {
             Ok(r) => info!(
                 source = %self.source.name(),
@@ -270,17 +266,28 @@ impl Directory {
                 "directory file reloaded"
             ),
             Err(e) => {
-                error!(result, error = %e, "directory file refused; the previous directory stays in force");
-                if result != "failed" {
-                    st.last_refused = Some(RefusedReload {
-                        time,
-                        result: result.to_string(),
-                        reason: e.to_string(),
-                    });
-                }
+                error!(result, error = %e, "directory file refused; the previous directory stays in force")
             }
         }
         res
+    }
+
+    /// Counts and keeps for status the outcome of a load of the source (a reload, or a
+    /// source delta): `result` is `ok`, `refused_shrink`, `refused_invalid` or `failed`.
+    pub(super) fn record_load(&self, result: &str, err: Option<&DirectoryError>) {
+        metrics::counter!(crate::metrics::DIRECTORY_RELOADS, "result" => result.to_string())
+            .increment(1);
+        let time = now_rfc3339();
+        let mut st = self.reload_status.lock().unwrap_or_else(|p| p.into_inner());
+        st.last_result = Some(result.to_string());
+        st.last_time = Some(time.clone());
+        if let (Some(e), true) = (err, result != "failed") {
+            st.last_refused = Some(RefusedReload {
+                time,
+                result: result.to_string(),
+                reason: e.to_string(),
+            });
+        }
     }
 
     /// The reload; on error also the `result` label: `refused_invalid` (the file cannot be

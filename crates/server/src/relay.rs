@@ -77,6 +77,8 @@ pub struct Running {
     listeners: Vec<JoinHandle<()>>,
     admin: Option<JoinHandle<()>>,
     schedule_task: JoinHandle<()>,
+    /// A single node's LDAP rounds (stopped with the relay).
+    ldap_task: Option<JoinHandle<()>>,
     _watch: Option<crate::directory::watch::FileWatch>,
     /// The spool's and the directory store's locks, held while this relay runs.
     _locks: [DirLock; 2],
@@ -129,6 +131,9 @@ impl Drop for Running {
             a.abort();
         }
         self.schedule_task.abort();
+        if let Some(t) = &self.ldap_task {
+            t.abort();
+        }
     }
 }
 
@@ -172,17 +177,17 @@ pub async fn start_with_clock(
     )?);
     let t0 = Instant::now();
     // The one choice between a single node and a fleet node: where directory changes go.
-    let (directory, fleet, writer) = match &config.fleet {
+    let (directory, fleet, writer, ldap_task) = match &config.fleet {
         Some(_) => {
             let (fleet, directory) =
                 Fleet::start(&config, Arc::new(crate::admin::client::PeerAsker)).await?;
             let writer: Arc<dyn DirectoryWriter> =
                 Arc::new(FleetWriter::new(fleet.clone(), scheduled));
-            (directory, Some(fleet), writer)
+            (directory, Some(fleet), writer, None)
         }
         None => {
-            let (directory, writer) = open_directory(&config, scheduled).await?;
-            (directory, None, writer)
+            let (directory, writer, task) = open_directory(&config, scheduled).await?;
+            (directory, None, writer, task)
         }
     };
     info!(entries = directory.len(), source = %directory.source_name(), ms = t0.elapsed().as_millis() as u64, "directory loaded");
@@ -360,6 +365,7 @@ pub async fn start_with_clock(
         listeners,
         admin,
         schedule_task,
+        ldap_task,
         _watch: watch,
         _locks: locks,
     })
@@ -367,12 +373,12 @@ pub async fn start_with_clock(
 
 /// Opens the directory of a single node and its writer (scheduled batches kept in
 /// `scheduled`): from `directory.file`, or with `[directory.ldap]` from the LDAP source (a
-/// first full sync, bounded by its timeout, then the sync task, which writes through the
-/// writer).
+/// first round, bounded by its timeout, then the sync task, which writes through the
+/// writer, and is returned to be stopped with the relay).
 async fn open_directory(
     config: &Config,
     scheduled: Arc<ScheduleStore>,
-) -> Result<(Arc<Directory>, Arc<dyn DirectoryWriter>), StartError> {
+) -> Result<(Arc<Directory>, Arc<dyn DirectoryWriter>, Option<JoinHandle<()>>), StartError> {
     use crate::directory::ldap;
     let (cfg, names) = (config.directory.clone(), config.route_names());
     let Some(l) = config.directory.ldap.clone() else {
@@ -380,14 +386,14 @@ async fn open_directory(
             .await
             .map_err(|e| StartError::Task(e.to_string()))??;
         let d = Arc::new(d);
-        return Ok((d.clone(), Arc::new(LocalWriter::new(d, scheduled))));
+        return Ok((d.clone(), Arc::new(LocalWriter::new(d, scheduled)), None));
     };
     let (d, syncs) = ldap::open(l, cfg, names)
         .await
         .map_err(|e| StartError::Task(e.to_string()))??;
     let writer: Arc<dyn DirectoryWriter> = Arc::new(LocalWriter::new(d.clone(), scheduled));
-    tokio::spawn(syncs.run(d.clone(), writer.clone()));
-    Ok((d, writer))
+    let task = tokio::spawn(syncs.run(d.clone(), writer.clone()));
+    Ok((d, writer, Some(task)))
 }
 
 /// Starts the relay from an in-memory config (no reload from file).

@@ -249,7 +249,9 @@ async fn active_directory_deltas_deletions_ranges_restart_outage_and_restore() {
 
     // Restored from a backup: a new invocationId, so the next round reads everything.
     let before_full = health(&h).last_full_sync;
+    let before_id = health(&h).invocation_id;
     let id = tokio::task::block_in_place(|| dc.restore());
+    assert_ne!(before_id.as_deref(), Some(id.as_str()));
     tokio::task::block_in_place(|| dc.start_again());
     eventually("a full read of the restored DC", || {
         let l = health(&h);

@@ -217,8 +217,17 @@ fn first_value(e: &SearchEntry, attr: &str) -> Option<String> {
         })
 }
 
+/// A binary value as text: a 16-byte one (`objectGUID`, `invocationId`) in the GUID form
+/// Windows shows (the first three fields little-endian), others in hex.
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    match <[u8; 16]>::try_from(b) {
+        Ok(g) => format!(
+            "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{}",
+            g[3], g[2], g[1], g[0], g[5], g[4], g[7], g[6], g[8], g[9],
+            g[10..].iter().map(|x| format!("{x:02x}")).collect::<String>()
+        ),
+        Err(_) => b.iter().map(|x| format!("{x:02x}")).collect(),
+    }
 }
 
 /// Reads one attribute of one entry (a base search).
@@ -535,6 +544,16 @@ mod tests {
             Some(Some(19))
         );
         assert_eq!(ranged("proxyAddresses;binary", "proxyAddresses"), None);
+    }
+
+    #[test]
+    fn guids_read_as_windows_shows_them() {
+        let b = [
+            0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+            0xee, 0xff,
+        ];
+        assert_eq!(hex(&b), "00112233-4455-6677-8899-aabbccddeeff");
+        assert_eq!(hex(&[1, 2]), "0102");
     }
 
     #[test]

@@ -70,6 +70,25 @@ if [ ! -x /usr/sbin/slapd ] || [ ! -x /usr/sbin/slapadd ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd
 fi
 
+# The Active Directory tests (tests/active_directory.rs) run Samba's AD DC (Debian's samba,
+# samba-ad-dc; ldb-tools and the samba Python bindings prepare it, openssl its test CA),
+# one per test on its own loopback address, from tests/samba/recipe.sh. Packages only: the
+# services Debian would start at install are held back (policy-rc.d), the tests start their
+# own DCs.
+if ! command -v samba >/dev/null 2>&1 || ! command -v ldbmodify >/dev/null 2>&1 \
+    || ! command -v samba-tool >/dev/null 2>&1; then
+    as_root apt-get update -qq
+    hold=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+        as_root chmod +x /usr/sbin/policy-rc.d
+        hold=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        samba samba-ad-dc samba-ad-provision samba-dsdb-modules winbind ldb-tools openssl
+    if [ -n "$hold" ]; then as_root rm -f /usr/sbin/policy-rc.d; fi
+fi
+
 # The shadow tests (tests/shadow.rs) start NATS JetStream servers of their own (Debian's
 # nats-server) on loopback ports.
 if ! command -v nats-server >/dev/null 2>&1; then

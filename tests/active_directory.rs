@@ -137,9 +137,16 @@ async fn active_directory_deltas_deletions_ranges_restart_outage_and_restore() {
     let (state, _, origin) = lookup(&h, "user0002@corp.test");
     assert_eq!(state.as_deref(), Some("onprem"));
     assert!(origin.starts_with("ldap usn "), "{origin}");
-    assert_eq!(lookup(&h, "user0001@trust.test").0.as_deref(), Some("cloud"));
+    assert_eq!(
+        lookup(&h, "user0001@trust.test").0.as_deref(),
+        Some("cloud")
+    );
     let (_, mailbox, _) = lookup(&h, "alias39@corp.test");
-    assert_eq!(mailbox.as_deref(), Some("shared@corp.test"), "the last range was read");
+    assert_eq!(
+        mailbox.as_deref(),
+        Some("shared@corp.test"),
+        "the last range was read"
+    );
     let first_full = health(&h).last_full_sync.clone();
     assert!(first_full.is_some());
     let r = send_one(h.addr, &["user0002@corp.test"], "before").await;
@@ -164,8 +171,19 @@ async fn active_directory_deltas_deletions_ranges_restart_outage_and_restore() {
         .unwrap()
         .success()
         .unwrap();
-    modify(&mut ldap, "user0006", vec![Mod::Delete("proxyAddresses", HashSet::new())]).await;
-    add_user(&mut ldap, "newbie", vec!["SMTP:newbie@corp.test".into()], "1").await;
+    modify(
+        &mut ldap,
+        "user0006",
+        vec![Mod::Delete("proxyAddresses", HashSet::new())],
+    )
+    .await;
+    add_user(
+        &mut ldap,
+        "newbie",
+        vec!["SMTP:newbie@corp.test".into()],
+        "1",
+    )
+    .await;
     eventually("the changes at the next delta", || {
         lookup(&h, "user0002@corp.test").0.as_deref() == Some("cloud")
             && lookup(&h, "user0004@corp.test").0.is_none()
@@ -173,7 +191,11 @@ async fn active_directory_deltas_deletions_ranges_restart_outage_and_restore() {
             && lookup(&h, "newbie@corp.test").0.as_deref() == Some("onprem")
     })
     .await;
-    assert_eq!(health(&h).last_full_sync, first_full, "no full read was needed");
+    assert_eq!(
+        health(&h).last_full_sync,
+        first_full,
+        "no full read was needed"
+    );
     let kinds: Vec<_> = h
         .relay
         .directory
@@ -197,11 +219,17 @@ async fn active_directory_deltas_deletions_ranges_restart_outage_and_restore() {
     assert_eq!(lookup(&h, "user0002@corp.test").0.as_deref(), Some("cloud"));
     let after = health(&h);
     assert!(after.healthy && after.last_full_sync.is_none(), "{after:?}");
-    assert!(after.usn.is_some() && after.invocation_id.is_some(), "{after:?}");
+    assert!(
+        after.usn.is_some() && after.invocation_id.is_some(),
+        "{after:?}"
+    );
     modify(
         &mut ldap,
         "user0008",
-        vec![Mod::Replace("msExchRecipientTypeDetails", HashSet::from(["2147483648"]))],
+        vec![Mod::Replace(
+            "msExchRecipientTypeDetails",
+            HashSet::from(["2147483648"]),
+        )],
     )
     .await;
     eventually("a delta after the restart", || {
@@ -224,7 +252,10 @@ async fn active_directory_deltas_deletions_ranges_restart_outage_and_restore() {
     dc.stop();
     eventually("the current reason in status", || {
         let l = health(&h);
-        !l.healthy && l.error.as_deref().is_some_and(|e| e.contains("cannot connect"))
+        !l.healthy
+            && l.error
+                .as_deref()
+                .is_some_and(|e| e.contains("cannot connect"))
     })
     .await;
     let mut c = connect(h.addr).await;
@@ -243,9 +274,16 @@ async fn active_directory_deltas_deletions_ranges_restart_outage_and_restore() {
     })
     .await
     .unwrap();
-    assert!(e.0.rcpt.starts_with("451 4.4.3"), "lookup tells the truth: {}", e.0.rcpt);
+    assert!(
+        e.0.rcpt.starts_with("451 4.4.3"),
+        "lookup tells the truth: {}",
+        e.0.rcpt
+    );
     let shown = e.1.directory_ldap.expect("LDAP health in /v1/ready");
-    assert!(shown.error_since.is_some() && shown.next_try.is_some(), "{shown:?}");
+    assert!(
+        shown.error_since.is_some() && shown.next_try.is_some(),
+        "{shown:?}"
+    );
 
     // Restored from a backup: a new invocationId, so the next round reads everything.
     let before_full = health(&h).last_full_sync;
@@ -255,7 +293,9 @@ async fn active_directory_deltas_deletions_ranges_restart_outage_and_restore() {
     tokio::task::block_in_place(|| dc.start_again());
     eventually("a full read of the restored DC", || {
         let l = health(&h);
-        l.healthy && l.invocation_id.as_deref() == Some(id.as_str()) && l.last_full_sync != before_full
+        l.healthy
+            && l.invocation_id.as_deref() == Some(id.as_str())
+            && l.last_full_sync != before_full
     })
     .await;
     assert_eq!(lookup(&h, "user0002@corp.test").0.as_deref(), Some("cloud"));
@@ -379,7 +419,10 @@ async fn in_a_fleet_an_ldap_delta_is_one_change_of_its_rows_not_a_new_base() {
     modify(
         &mut ldap,
         "user0002",
-        vec![Mod::Replace("msExchRecipientTypeDetails", HashSet::from(["2147483648"]))],
+        vec![Mod::Replace(
+            "msExchRecipientTypeDetails",
+            HashSet::from(["2147483648"]),
+        )],
     )
     .await;
     for h in [&a, &b] {

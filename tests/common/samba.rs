@@ -86,7 +86,12 @@ impl Dc {
         step(&["pki", pki.to_str().unwrap(), o.ip], &[]);
         let strong = if o.strong_auth { "yes" } else { "no" };
         step(
-            &["clone", template().to_str().unwrap(), dir.to_str().unwrap(), o.ip],
+            &[
+                "clone",
+                template().to_str().unwrap(),
+                dir.to_str().unwrap(),
+                o.ip,
+            ],
             &[("STRONG_AUTH", strong), ("TLS", "files")],
         );
         if o.users > 0 {
@@ -145,11 +150,7 @@ impl Dc {
         let mut s = String::new();
         let _ = std::fs::File::open(self.dir.join("log/stdout.log"))
             .and_then(|mut f| f.read_to_string(&mut s));
-        s.lines()
-            .rev()
-            .take(15)
-            .collect::<Vec<_>>()
-            .join("\n")
+        s.lines().rev().take(15).collect::<Vec<_>>().join("\n")
     }
 
     /// Stops the DC (SIGTERM to the process it started).

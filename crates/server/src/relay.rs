@@ -378,7 +378,14 @@ pub async fn start_with_clock(
 async fn open_directory(
     config: &Config,
     scheduled: Arc<ScheduleStore>,
-) -> Result<(Arc<Directory>, Arc<dyn DirectoryWriter>, Option<JoinHandle<()>>), StartError> {
+) -> Result<
+    (
+        Arc<Directory>,
+        Arc<dyn DirectoryWriter>,
+        Option<JoinHandle<()>>,
+    ),
+    StartError,
+> {
     use crate::directory::ldap;
     let (cfg, names) = (config.directory.clone(), config.route_names());
     let Some(l) = config.directory.ldap.clone() else {

@@ -223,8 +223,20 @@ fn hex(b: &[u8]) -> String {
     match <[u8; 16]>::try_from(b) {
         Ok(g) => format!(
             "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{}",
-            g[3], g[2], g[1], g[0], g[5], g[4], g[7], g[6], g[8], g[9],
-            g[10..].iter().map(|x| format!("{x:02x}")).collect::<String>()
+            g[3],
+            g[2],
+            g[1],
+            g[0],
+            g[5],
+            g[4],
+            g[7],
+            g[6],
+            g[8],
+            g[9],
+            g[10..]
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>()
         ),
         Err(_) => b.iter().map(|x| format!("{x:02x}")).collect(),
     }

@@ -4,9 +4,13 @@
 //! On the real code paths and a real store directory (fsync included): the 50 mailboxes
 //! applied as a source delta (kind `delta`, rows logged, no snapshot) against the way a
 //! sync took them before issue 29, a whole reload of the source's 2,000,000 rows (parse,
-//! merge, snapshot). Then a restart replaying the delta from the change log. The fleet's
-//! side (one `changes` row carrying the 50 mailboxes instead of a base of every address) is
-//! checked by `tests/active_directory.rs`.
+//! merge, snapshot). Then a restart replaying the delta from the change log.
+//!
+//! Then the fleet (PostgreSQL at `COEXIST_TEST_POSTGRES`, default the machine's
+//! 127.0.0.1:5432 `test`, in a schema of its own, dropped afterwards): a relay node seeds
+//! the fleet with the 2,000,000 addresses, then the same 50 mailboxes are committed as one
+//! `delta` change, against the way the LDAP leader committed them before issue 29, a new
+//! base of every address (COPY).
 #![allow(clippy::disallowed_methods)] // Benchmarks set up files directly.
 
 use coexist::config::DirectoryConfig;
@@ -120,4 +124,73 @@ fn main() {
         t.elapsed().as_secs_f64(),
         dir.len()
     );
+    drop(dir);
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(fleet(tmp.path(), &file, &delta));
+}
+
+/// The fleet's side: a 50-mailbox delta against a new base of every address.
+async fn fleet(tmp: &std::path::Path, file: &std::path::Path, delta: &Delta) {
+    let url = std::env::var("COEXIST_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("bench_ldap_delta_{}", std::process::id());
+    let mut cfg =
+        coexist::config::Config::parse(coexist::config::DEFAULT_CONFIG, "default").unwrap();
+    cfg.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.admin = None;
+    cfg.tls = None;
+    cfg.directory.watch = false;
+    cfg.spool.dir = tmp.join("fleet-spool");
+    cfg.directory.file = Some(file.to_path_buf());
+    cfg.directory.store_dir = tmp.join("fleet-store");
+    cfg.fleet = Some(coexist::config::FleetConfig {
+        postgres: url.clone(),
+        schema: schema.clone(),
+        node: "bench".into(),
+        max_lag: Duration::from_secs(300),
+        commit_timeout: Duration::from_secs(600),
+    });
+    let t = Instant::now();
+    let relay = match coexist::relay::start(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            println!("fleet: skipped (no PostgreSQL at {url}: {e})");
+            return;
+        }
+    };
+    let fleet = relay.control.fleet.clone().expect("a fleet");
+    println!(
+        "fleet: seeded with {} addresses in {:.1} s",
+        relay.directory.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let r = fleet
+        .commit_delta(delta.clone(), "ldap usn 1".into(), false)
+        .await
+        .expect("delta");
+    println!(
+        "fleet: 50-mailbox delta committed and applied: {:.0} ms ({} changed; one `changes` row)",
+        t.elapsed().as_secs_f64() * 1000.0,
+        r.changed
+    );
+    let text = std::fs::read(file).expect("read");
+    let t = Instant::now();
+    let b = fleet
+        .import(text, "ldap usn 2".into(), true)
+        .await
+        .expect("base");
+    println!(
+        "fleet: the same round as a new base of every address (before issue 29): {:.1} s ({} addresses COPYed)",
+        t.elapsed().as_secs_f64(),
+        b.report.entries
+    );
+    drop(relay);
+    if let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+        tokio::spawn(conn);
+        let _ = c
+            .batch_execute(&format!(r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE"#))
+            .await;
+    }
 }

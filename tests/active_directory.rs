@@ -107,6 +107,30 @@ async fn add_user(ldap: &mut ldap3::Ldap, name: &str, addresses: Vec<String>, ki
     .unwrap();
 }
 
+/// Restarts `h`'s relay with the LDAP source's ids file removed while it is stopped.
+async fn restart_without_ids(h: Harness) -> Harness {
+    let cfg = h.relay.control.config();
+    let Harness {
+        relay,
+        onprem,
+        cloud,
+        dir,
+        certs,
+        ..
+    } = h;
+    drop(relay);
+    std::fs::remove_file(cfg.directory.store_dir.join("ldap-ids")).unwrap();
+    let relay = coexist::relay::start((*cfg).clone()).await.unwrap();
+    Harness {
+        addr: relay.local_addrs[0],
+        relay,
+        onprem,
+        cloud,
+        dir,
+        certs,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn active_directory_deltas_deletions_ranges_restart_outage_and_restore() {
     let mut dc = tokio::task::spawn_blocking(|| {
@@ -236,14 +260,31 @@ async fn active_directory_deltas_deletions_ranges_restart_outage_and_restore() {
         lookup(&h, "user0008@corp.test").0.as_deref() == Some("cloud")
     })
     .await;
-    // A deletion of an entry this process has not seen: a full read places it.
+    // A deletion after the restart: the ids kept with the last full read (and the deltas
+    // logged since) place it, without a full read.
     ldap.delete(&format!("CN=user0010,{USERS}"))
         .await
         .unwrap()
         .success()
         .unwrap();
+    eventually("the deletion at the next delta", || {
+        lookup(&h, "user0010@corp.test").0.is_none()
+    })
+    .await;
+    assert_eq!(
+        health(&h).last_full_sync,
+        None,
+        "no full read since the restart"
+    );
+    // Without those ids (the file lost), a deletion it cannot place makes one full read.
+    let h = restart_without_ids(h).await;
+    ldap.delete(&format!("CN=user0012,{USERS}"))
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
     eventually("the deletion, through a full read", || {
-        lookup(&h, "user0010@corp.test").0.is_none() && health(&h).last_full_sync.is_some()
+        lookup(&h, "user0012@corp.test").0.is_none() && health(&h).last_full_sync.is_some()
     })
     .await;
     let _ = ldap.unbind().await;

@@ -362,6 +362,24 @@ async fn one_client_off_loopback_cannot_take_every_admin_slot() {
     .await;
     let port = h.relay.admin_addr.unwrap().port();
     let remote = open(SocketAddr::new(ip, port), 40).await;
+    // The kernel completes a connection before the server accepts it: wait until the server
+    // has taken all 40 (the 24 past the share closed at once), or a request served and
+    // closed early could free a slot for a connection it had not accepted yet.
+    eventually_async(
+        "the server closed the 24 connections past the share",
+        || async {
+            let mut closed = 0;
+            for c in &remote {
+                let mut b = [0u8; 1];
+                match c.try_read(&mut b) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    _ => closed += 1,
+                }
+            }
+            closed == 24
+        },
+    )
+    .await;
     let local = open(SocketAddr::from(([127, 0, 0, 1], port)), 20).await;
     let asks: Vec<_> = remote
         .into_iter()

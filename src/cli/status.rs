@@ -44,7 +44,8 @@ fn ldap_text(l: &crate::directory::ldap::LdapHealth) -> String {
             l.failures,
             or(&l.next_try)
         ),
-        None => format!("LDAP source: ok, {} mailboxes", l.mailboxes),
+        None if l.healthy => format!("LDAP source: ok, {} mailboxes", l.mailboxes),
+        None => "LDAP source: no round on this node yet (in a fleet, the node holding the LDAP lock runs them)".to_string(),
     };
     out.push_str(&format!(
         "\nLDAP last good round: {} ({}); last full read: {}",

@@ -383,7 +383,10 @@ impl Directory {
         };
         let stored = self.view.load().stored(&self.states);
         let store = store.lock().unwrap_or_else(|p| p.into_inner());
-        store.write_snapshot(&stored)
+        store.write_snapshot(&stored)?;
+        self.deltas_since_snapshot
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 }
 

@@ -25,6 +25,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::{info, warn};
 
+/// After this many source deltas the snapshot is rewritten, so a restart replays at most
+/// that many (each in place, costing what it changed).
+pub const SNAPSHOT_EVERY: u32 = 64;
+
 /// One mailbox as its source has it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mailbox {
@@ -160,12 +164,9 @@ impl Directory {
             }
         }
         let id = at.map_or_else(|| self.next_id(&view), |a| a.seq);
-        let fresh = if self.source.marks_origin() || at.is_some() {
-            id
-        } else {
-            0
-        };
-        let (mut next, mut report) = edit(&view, delta, &self.states, fresh)?;
+        // A delta is always a source's change: the mailboxes it moves show it as their
+        // origin (replay at start-up does the same).
+        let (mut next, mut report) = edit(&view, delta, &self.states, id)?;
         if at.is_none() {
             self.delta_shrink(&view, &report, force)?;
         }
@@ -192,6 +193,17 @@ impl Directory {
         };
         self.log(&change)?;
         self.view.store(Arc::new(next));
+        // Replay at start-up stays bounded: every so many deltas the snapshot is rewritten
+        // (a failure is logged; the change log still holds every delta).
+        let n = self
+            .deltas_since_snapshot
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if n >= SNAPSHOT_EVERY {
+            if let Err(e) = self.persist_snapshot() {
+                warn!(error = %e, "directory snapshot after deltas not written; tried again after the next delta");
+            }
+        }
         report.elapsed_ms = t0.elapsed().as_millis() as u64;
         info!(
             change = id,
@@ -318,6 +330,39 @@ impl Directory {
         }
     }
 
+    /// The deltas logged after change `after`, oldest first; `None` when the change log
+    /// does not hold an unbroken run of them (a base or reload since, which replaces the
+    /// directory whole, or records no longer in the log).
+    pub fn deltas_after(&self, after: u32) -> Option<Vec<Delta>> {
+        let store = self.store.as_ref()?;
+        let (_, tail) = store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read_log(after)
+            .ok()?;
+        let mut out = Vec::new();
+        for c in tail {
+            match c.head.kind {
+                ChangeKind::Delta => out.extend(c.delta),
+                ChangeKind::Apply | ChangeKind::Rollback => {}
+                ChangeKind::Base | ChangeKind::Reload => return None,
+            }
+        }
+        Some(out)
+    }
+
+    /// The folder of this directory's store (`None` in memory).
+    pub fn store_dir(&self) -> Option<std::path::PathBuf> {
+        Some(
+            self.store
+                .as_ref()?
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .dir
+                .clone(),
+        )
+    }
+
     /// The cursor of the last source delta this node logged (`None`: none logged, or the
     /// change log cannot be read).
     pub fn last_source_cursor(&self) -> Option<String> {
@@ -353,18 +398,13 @@ pub fn same(a: &Mailbox, b: &Mailbox) -> bool {
         && set(a) == set(b)
 }
 
-/// Re-applies a logged delta at start-up (under the id it was logged with).
+/// Re-applies a logged delta at start-up, in place (no copy of the index).
 pub(super) fn replay(view: &mut View, change: &Change, states: &[RouteName]) {
     let Some(delta) = &change.delta else {
         return;
     };
-    match edit(view, delta, states, change.head.id) {
-        Ok((next, _)) => {
-            let generation = view.generation;
-            *view = next;
-            view.generation = generation;
-        }
-        Err(e) => warn!(change = change.head.id, error = %e, "logged delta no longer applies"),
+    if let Err(e) = apply_to(view, delta, states, change.head.id) {
+        warn!(change = change.head.id, error = %e, "logged delta no longer applies");
     }
 }
 
@@ -375,30 +415,56 @@ pub fn key(a: &str) -> String {
         .unwrap_or_else(|_| a.to_lowercase())
 }
 
-/// The view `view` becomes with `delta`: states the source changed get origin `fresh`.
+/// The view `view` becomes with `delta` (a copy; `view` is left as it is).
 fn edit(
     view: &View,
     delta: &Delta,
     states: &[RouteName],
     fresh: u32,
 ) -> Result<(View, ReloadReport), DirectoryError> {
-    let state_of = |route: &str| {
-        StateId::find(states, route)
-            .map(StateId::raw)
-            .ok_or_else(|| {
-                DirectoryError::Batch(format!(
-                    "delta names state {route:?}, which is not a route here"
-                ))
-            })
+    let mut next = View {
+        generation: view.generation,
+        table: Arc::new((*view.table).clone()),
+        file_states: view.file_states.clone(),
+        routing: view.routing.clone(),
+        states: view.states.clone(),
+        origin: view.origin.clone(),
+        last_change: view.last_change,
+        fingerprint: view.fingerprint,
     };
-    let mut table = (*view.table).clone();
-    let mut st = view.states.clone();
-    let mut origin = view.origin.clone();
-    let mut file_states = (*view.file_states).clone();
-    let mut routing: HashMap<usize, Option<String>> = HashMap::new();
-    let mut report = ReloadReport::of(0, 0);
-    let mut gone = 0usize;
+    let report = apply_to(&mut next, delta, states, fresh)?;
+    Ok((next, report))
+}
+
+/// Applies `delta` to `view` in place: states the source changed get origin `fresh`.
+/// Every state is checked before anything changes, so an error leaves `view` whole.
+///
+/// Each entry's mailbox is found in the index as it was before the delta (by its old primary
+/// address, each mailbox claimed once), so entries that pass an address between them (a
+/// primary renamed while another mailbox takes it as an alias) never find each other's
+/// mailbox. Then every old address that goes is removed, and only
+/// then are the new ones added.
+fn apply_to(
+    view: &mut View,
+    delta: &Delta,
+    states: &[RouteName],
+    fresh: u32,
+) -> Result<ReloadReport, DirectoryError> {
+    let mut wanted = Vec::with_capacity(delta.entries.len());
     for e in &delta.entries {
+        let state = match &e.after {
+            Some(a) => Some(
+                StateId::find(states, &a.route)
+                    .map(StateId::raw)
+                    .ok_or_else(|| {
+                        DirectoryError::Batch(format!(
+                            "delta names state {:?}, which is not a route here",
+                            a.route
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
         let before: Vec<String> = e
             .before
             .iter()
@@ -409,78 +475,103 @@ fn edit(
             .iter()
             .flat_map(|b| b.addresses.iter().map(|a| key(a)))
             .collect();
-        // The mailbox: by its old primary, else by any of its addresses now.
-        let m = before
-            .first()
-            .and_then(|a| table.mailbox(a.as_bytes()))
-            .or_else(|| after.iter().find_map(|a| table.mailbox(a.as_bytes())));
-        // Its old addresses that it does not keep go.
-        if let Some(m) = m {
-            for a in before.iter().filter(|a| !after.contains(a)) {
-                if table.mailbox(a.as_bytes()) == Some(m) {
-                    table.remove(a.as_bytes());
+        wanted.push((before, after, state));
+    }
+    let table = Arc::make_mut(&mut view.table);
+    let mailboxes_before = table.mailboxes();
+    // 1. Each entry's mailbox, by its old primary address in the index as it was (the
+    // producer of the delta found it; an entry without `before` is a new mailbox), each
+    // mailbox claimed once.
+    let mut claimed = std::collections::HashSet::new();
+    let found: Vec<Option<usize>> = wanted
+        .iter()
+        .map(|(before, _, _)| {
+            let m = before.first().and_then(|a| table.mailbox(a.as_bytes()))?;
+            claimed.insert(m).then_some(m)
+        })
+        .collect();
+    let mut report = ReloadReport::of(0, 0);
+    let mut gone = 0usize;
+    let mut routing: HashMap<usize, Option<String>> = HashMap::new();
+    // 2. Old addresses that go; deleted mailboxes.
+    for (i, (before, after, _)) in wanted.iter().enumerate() {
+        let Some(m) = found[i] else { continue };
+        for a in before.iter().filter(|a| !after.contains(a)) {
+            if table.mailbox(a.as_bytes()) == Some(m) {
+                table.remove(a.as_bytes());
+                gone += 1;
+            }
+        }
+        if after.is_empty() {
+            if delta.entries[i].before.is_none() {
+                // The delta does not say what it had: whatever it still holds goes.
+                let rest: Vec<Vec<u8>> = table
+                    .entries()
+                    .filter(|&(_, n)| n == m)
+                    .map(|(k, _)| k.to_vec())
+                    .collect();
+                for k in rest {
+                    table.remove(&k);
                     gone += 1;
                 }
             }
+            table.kill_mailbox(m);
+            routing.insert(m, None);
+            report.removed += 1;
         }
-        let (Some(now), Some(primary)) = (&e.after, after.first()) else {
-            // Deleted, or no longer a mailbox: whatever it still holds goes with it (a
-            // scan only when the delta does not say what it had).
-            if let Some(m) = m {
-                if e.before.is_none() {
-                    let rest: Vec<Vec<u8>> = table
-                        .entries()
-                        .filter(|&(_, n)| n == m)
-                        .map(|(k, _)| k.to_vec())
-                        .collect();
-                    for k in rest {
-                        table.remove(&k);
-                        gone += 1;
-                    }
-                }
-                table.kill_mailbox(m);
-                routing.insert(m, None);
-                report.removed += 1;
-            }
+    }
+    // 3. Mailboxes as they are now.
+    for (i, (_, after, state)) in wanted.iter().enumerate() {
+        let (Some(now), Some(primary), Some(state)) =
+            (&delta.entries[i].after, after.first(), *state)
+        else {
             continue;
         };
-        let state = state_of(&now.route)?;
-        let m = match m {
+        let m = match found[i] {
             Some(m) => {
                 // The rule of file reloads: a state the source changed is taken; one it
                 // did not change keeps what batches gave it.
-                if file_states[m] != state {
-                    if st[m] != state {
+                if view.file_states[m] != state {
+                    if view.states[m] != state {
                         report.changed += 1;
                     }
-                    st[m] = state;
-                    origin[m] = fresh;
-                    file_states[m] = state;
+                    view.states[m] = state;
+                    view.origin[m] = fresh;
+                    Arc::make_mut(&mut view.file_states)[m] = state;
                 }
                 m
             }
             None => {
-                st.push(state);
-                origin.push(fresh);
-                file_states.push(state);
+                view.states.push(state);
+                view.origin.push(fresh);
+                Arc::make_mut(&mut view.file_states).push(state);
                 report.added += 1;
                 table.add_mailbox()
             }
         };
-        for k in &after {
+        for k in after {
             match table.mailbox(k.as_bytes()) {
                 Some(n) if n == m => {}
                 other => {
                     if let Some(n) = other {
-                        // An address moved from another entry (an alias reassigned).
+                        // An address that moved here from another entry's mailbox.
                         table.remove(k.as_bytes());
                         if table.primary_address(n) == k.as_str() {
-                            warn!(address = %k, "a delta takes another mailbox's primary address");
+                            // That mailbox's primary: another of its addresses takes over
+                            // (a scan, for this rare case), or it is gone.
+                            let next = table
+                                .entries()
+                                .find(|&(_, x)| x == n)
+                                .map(|(k, _)| k.to_vec());
+                            match next {
+                                Some(p) => {
+                                    table.set_primary(n, &p);
+                                }
+                                None => table.kill_mailbox(n),
+                            }
                         }
                     }
-                    if table.push(k.as_bytes(), m as u32).is_err() {
-                        continue;
-                    }
+                    let _ = table.push(k.as_bytes(), m as u32);
                 }
             }
         }
@@ -491,30 +582,18 @@ fn edit(
         }
     }
     let mailboxes = table.mailboxes();
-    let routing = if routing.is_empty() && mailboxes == view.states.len() {
-        view.routing.clone()
-    } else {
-        Arc::new(view.routing.edited(mailboxes, &routing).ok_or_else(|| {
+    if !routing.is_empty() || (mailboxes != mailboxes_before && !view.routing.is_empty()) {
+        view.routing = Arc::new(view.routing.edited(mailboxes, &routing).ok_or_else(|| {
             DirectoryError::Batch("directory too large (over 4 GiB of routing addresses)".into())
-        })?)
-    };
+        })?);
+    }
     if table.dead_bytes() * 4 > table.arena.len() {
         table.compact();
     }
     report.removed_addresses = gone;
     report.entries = table.len();
     report.mailboxes = table.live_mailboxes();
-    let next = View {
-        generation: view.generation,
-        table: Arc::new(table),
-        file_states: Arc::new(file_states),
-        routing,
-        states: st,
-        origin,
-        last_change: view.last_change,
-        fingerprint: view.fingerprint,
-    };
-    Ok((next, report))
+    Ok(report)
 }
 
 #[cfg(test)]

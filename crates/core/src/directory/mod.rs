@@ -264,6 +264,9 @@ pub struct Directory {
     /// The LDAP source feeding this directory (on a fleet node: the one it would lead
     /// with), for its health in status.
     ldap: std::sync::OnceLock<Arc<ldap::LdapSource>>,
+    /// Source deltas applied since the snapshot was last written (see
+    /// [`delta::SNAPSHOT_EVERY`]).
+    deltas_since_snapshot: std::sync::atomic::AtomicU32,
 }
 
 impl Directory {
@@ -293,6 +296,7 @@ impl Directory {
             max_shrink: Mutex::new(cfg.max_shrink),
             reload_status: Mutex::new(ReloadStatus::default()),
             ldap: std::sync::OnceLock::new(),
+            deltas_since_snapshot: std::sync::atomic::AtomicU32::new(0),
         }
     }
 

@@ -38,6 +38,11 @@ pub trait Source: Send + Sync {
     fn follows_deltas(&self) -> bool {
         false
     }
+    /// An admin asked to reload a source that sends deltas (`coexist directory reload`):
+    /// what it does instead, in words (`None`: the source reloads as a file does).
+    fn reload_requested(&self, _force: bool) -> Option<String> {
+        None
+    }
     /// True when a directory at change 0 has nothing in force yet (a fleet node before
     /// its first base): it knows no recipient, so none is refused as unknown.
     fn empty_until_first_change(&self) -> bool {
@@ -248,6 +253,15 @@ impl Directory {
     /// removes more than `directory.max_shrink` of the addresses. Every outcome is logged,
     /// counted in `coexist_directory_reloads_total{result}` and kept for [`Self::reload_status`].
     pub fn reload_file(&self, force: bool) -> Result<ReloadReport, DirectoryError> {
+        if !self.is_empty() {
+            if let Some(what) = self.source.reload_requested(force) {
+                info!(what, "directory reload asked of a source that sends deltas");
+                return Ok(ReloadReport::of(
+                    self.len(),
+                    self.view.load().table.live_mailboxes(),
+                ));
+            }
+        }
         let (res, result) = match self.reload_inner(force) {
             Ok(r) => (Ok(r), "ok"),
             Err((stage, e)) => (Err(e), stage),

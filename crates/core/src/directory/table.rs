@@ -43,6 +43,9 @@ pub struct Table {
     /// probe rejects most non-matching slots without reading the record. Length is a power
     /// of two.
     pub(crate) slots: Vec<u64>,
+    /// Bytes of the arena held by records removed since the table was built or compacted
+    /// (not kept in snapshots: a table read back counts from 0).
+    pub(crate) dead: usize,
 }
 
 /// The mailbox number of a record a source delta removed ([`Table::remove`]): the record's
@@ -171,6 +174,7 @@ impl Table {
         self.arena[off + 2 + key.len()..off + 6 + key.len()].copy_from_slice(&DEAD.to_le_bytes());
         self.slots[hole] = 0;
         self.count -= 1;
+        self.dead += 6 + key.len();
         // Move back each following slot of the run whose home is not between the hole and it.
         let mut next = (hole + 1) & mask;
         while self.slots[next] != 0 {
@@ -220,13 +224,9 @@ impl Table {
         }
     }
 
-    /// Bytes of the arena held by removed records.
+    /// Bytes of the arena held by records removed since it was built or compacted.
     pub(crate) fn dead_bytes(&self) -> usize {
-        self.offsets()
-            .filter_map(|off| record(&self.arena, off))
-            .filter(|&(_, m)| m == DEAD)
-            .map(|(k, _)| 6 + k.len())
-            .sum()
+        self.dead
     }
 
     /// Rewrites the arena without removed records (offsets change; mailbox numbers do not).
@@ -315,10 +315,9 @@ impl Table {
                 .slots
                 .iter()
                 .all(|&s| s == 0 || at_start(slot_offset(s)))
-            && self
-                .primary
-                .iter()
-                .all(|&p| p == DEAD || at_start(p as usize) || dead[p as usize])
+            && self.primary.iter().all(|&p| {
+                p == DEAD || at_start(p as usize) || dead.get(p as usize).copied().unwrap_or(false)
+            })
     }
 }
 

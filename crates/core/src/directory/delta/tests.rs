@@ -146,6 +146,60 @@ fn a_delta_that_removes_too_much_is_refused_unless_forced() {
 }
 
 #[test]
+fn entries_that_pass_an_address_between_them_never_find_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("d.csv"), FILE).unwrap();
+    let d = Directory::open(&cfg(dir.path(), "reject"), states()).unwrap();
+    // k renames its primary to kk and m takes k as an alias, m listed first.
+    let delta = Delta {
+        cursor: None,
+        entries: vec![
+            entry(
+                Some(mb(&["m@nhs.test"], "onprem", None)),
+                Some(mb(&["m@nhs.test", "k@nhs.test"], "onprem", None)),
+            ),
+            entry(
+                Some(mb(&["k@nhs.test"], "onprem", None)),
+                Some(mb(&["kk@nhs.test"], "cloud", None)),
+            ),
+        ],
+    };
+    d.apply_delta(&delta, "ldap usn 9", false).unwrap();
+    let l = d.lookup(&a("k@nhs.test"));
+    assert_eq!(l.mailbox.as_deref(), Some("m@nhs.test"));
+    assert_eq!(l.state.as_deref(), Some("onprem"));
+    let l = d.lookup(&a("kk@nhs.test"));
+    assert_eq!(l.mailbox.as_deref(), Some("kk@nhs.test"));
+    assert_eq!(l.state.as_deref(), Some("cloud"));
+    // A primary taken by another entry's mailbox: its mailbox keeps its other address.
+    let delta = Delta {
+        cursor: None,
+        entries: vec![entry(
+            None,
+            Some(mb(&["n@nhs.test", "a@nhs.test"], "cloud", None)),
+        )],
+    };
+    d.apply_delta(&delta, "ldap usn 10", false).unwrap();
+    assert_eq!(
+        d.lookup(&a("a@nhs.test")).mailbox.as_deref(),
+        Some("n@nhs.test")
+    );
+    assert_eq!(
+        d.lookup(&a("a2@nhs.test")).mailbox.as_deref(),
+        Some("a2@nhs.test"),
+        "the mailbox that lost its primary goes on under its other address"
+    );
+    assert_eq!(d.lookup(&a("a2@nhs.test")).state.as_deref(), Some("onprem"));
+    drop(d);
+    let d = Directory::open(&cfg(dir.path(), "reject"), states()).unwrap();
+    assert_eq!(d.lookup(&a("kk@nhs.test")).state.as_deref(), Some("cloud"));
+    assert_eq!(
+        d.lookup(&a("k@nhs.test")).mailbox.as_deref(),
+        Some("m@nhs.test")
+    );
+}
+
+#[test]
 fn removing_and_adding_keys_keeps_the_index_exact() {
     // A small table with many collisions: removals shift runs back, lookups stay exact.
     let mut t = Table::default();

@@ -18,6 +18,8 @@
 //! While the source cannot be reached the directory in force stays, and recipients it does
 //! not know get `451 4.4.3` instead of `550` ([`LdapSource::healthy`]).
 
+#[allow(clippy::disallowed_methods)] // Runs on the blocking pool.
+pub mod ids;
 pub mod read;
 pub mod retry;
 pub mod sync;
@@ -147,6 +149,9 @@ pub struct LdapHealth {
 pub struct LdapSource {
     url: String,
     flavor: LdapFlavor,
+    /// An admin asked for the next round to be a full read applied with force
+    /// (`coexist directory reload --force`).
+    forced: AtomicBool,
     content: Mutex<Content>,
     healthy: AtomicBool,
     health: Mutex<LdapHealth>,
@@ -175,6 +180,7 @@ impl LdapSource {
         Arc::new(LdapSource {
             url: cfg.url.clone(),
             flavor: cfg.flavor,
+            forced: AtomicBool::new(false),
             content: Mutex::new(Content::default()),
             healthy: AtomicBool::new(false),
             health: Mutex::new(LdapHealth::default()),
@@ -187,6 +193,16 @@ impl LdapSource {
 
     fn health_mut(&self) -> std::sync::MutexGuard<'_, LdapHealth> {
         self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Has the next round read every entry and apply it past the shrink guard.
+    pub fn force_next(&self) {
+        self.forced.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the next round was forced (and clears it).
+    pub fn take_forced(&self) -> bool {
+        self.forced.swap(false, Ordering::SeqCst)
     }
 
     /// True while the last round succeeded.
@@ -269,10 +285,22 @@ impl LdapSource {
                 for (id, now) in changed {
                     let mut q: Vec<String> = c.ids.get(id).cloned().into_iter().collect();
                     match now {
+                        // A new entry (every id is known): a new mailbox, even if it took
+                        // an address of another one.
+                        Some(_) if q.is_empty() && c.complete => {}
+                        // Unknown since this process started: the mailbox that holds its
+                        // addresses, if any, is it.
                         Some(m) => q.extend(m.addresses.iter().cloned()),
-                        // Not a mailbox, and not one this source knows: nothing to remove.
-                        // (Unknown after a restart too: the full read decides those.)
-                        None if q.is_empty() => continue,
+                        // Not a mailbox, and never one this source knew of.
+                        None if q.is_empty() && c.complete => continue,
+                        // Not a mailbox now, and this process has not read every entry:
+                        // it may have been one (its addresses cleared while the relay was
+                        // down); only a full read can tell.
+                        None if q.is_empty() => {
+                            return Plan::NeedFull(format!(
+                                "entry {id} is no longer a mailbox, and this source has not read every entry since it started (it may have been one)"
+                            ))
+                        }
                         None => {}
                     }
                     queries.push(q);
@@ -364,6 +392,41 @@ impl LdapSource {
         };
     }
 
+    /// Takes back the ids known before a restart (see [`ids`]): the file written after the
+    /// last full read, brought up to date from the deltas `dir` logged since. Blocking.
+    pub fn restore_ids(&self, dir: &Directory) {
+        let Some(folder) = dir.store_dir() else {
+            return;
+        };
+        let Some((change, mut known)) = ids::load(&folder) else {
+            return;
+        };
+        let Some(deltas) = dir.deltas_after(change) else {
+            tracing::info!("directory: the LDAP source's ids are older than the change log holds; a deletion will need a full read");
+            return;
+        };
+        ids::replay(&mut known, &deltas);
+        tracing::info!(
+            ids = known.len(),
+            deltas = deltas.len(),
+            "directory: LDAP entry ids restored"
+        );
+        let mut c = self.content();
+        c.ids = known;
+        c.complete = true;
+    }
+
+    /// Keeps the ids of a full read the directory took (see [`ids`]). Blocking.
+    pub fn save_ids(&self, dir: &Directory) {
+        let Some(folder) = dir.store_dir() else {
+            return;
+        };
+        let known = self.content().ids.clone();
+        if let Err(e) = ids::save(&folder, dir.applied(), &known) {
+            tracing::warn!(error = %e, folder = %folder.display(), "directory: the LDAP source's ids not saved; after a restart a deletion will need a full read");
+        }
+    }
+
     /// Drops a whole read once the directory has loaded it (it is large).
     pub fn loaded(&self) {
         self.content().whole = None;
@@ -394,12 +457,21 @@ pub async fn open(
             Err(e) => return Ok(Err(e)),
         };
     d.attach_ldap(source.clone());
-    let cursor = d
-        .last_source_cursor()
-        .and_then(|c| Cursor::decode(&c))
-        .unwrap_or_default();
+    // An empty directory (a first start, or a snapshot that could not be used) is read
+    // whole, whatever cursor the change log still holds.
+    let cursor = match d.is_empty() {
+        true => Cursor::default(),
+        false => d
+            .last_source_cursor()
+            .and_then(|c| Cursor::decode(&c))
+            .unwrap_or_default(),
+    };
+    if !cursor.is_empty() {
+        let (s, dd) = (source.clone(), d.clone());
+        tokio::task::spawn_blocking(move || s.restore_ids(&dd)).await?;
+    }
     let mut syncs = Syncs::new(l, source, cursor);
-    let first = tokio::time::timeout(syncs.cfg.timeout, syncs.round(&d, None)).await;
+    let first = tokio::time::timeout(syncs.cfg.timeout, syncs.round(&d, &d)).await;
     if let Ok(wait) = first {
         syncs.wait = wait;
     } else {
@@ -461,7 +533,7 @@ impl Source for SharedLdap {
     fn load(&self, states: &[RouteName]) -> Result<Parsed, DirectoryError> {
         let csv = self.0.csv().ok_or_else(|| {
             DirectoryError::Batch(format!(
-                "LDAP source {} has no full read to load whole",
+                "LDAP source {}: its changes are applied as each round finds them and a full read runs every directory.ldap.full_sync_interval; there is no file to reload",
                 self.0.url
             ))
         })?;
@@ -475,6 +547,17 @@ impl Source for SharedLdap {
     }
     fn follows_deltas(&self) -> bool {
         true
+    }
+    fn reload_requested(&self, force: bool) -> Option<String> {
+        if force {
+            self.0.force_next();
+            Some(
+                "the next LDAP round reads every entry and applies it past directory.max_shrink"
+                    .into(),
+            )
+        } else {
+            Some("the LDAP source applies its changes at every round; `--force` makes the next one a full read applied past directory.max_shrink".into())
+        }
     }
 }
 

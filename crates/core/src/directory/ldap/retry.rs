@@ -1,6 +1,6 @@
 //! When to try the LDAP source again after a failed round.
 //!
-//! Failures back off exponentially from 2 s, doubled each time up to 5 minutes (or
+//! Failures back off exponentially from 2 s, doubled each time up to a minute (or
 //! `sync_interval` when that is longer), each delay drawn between 75 % and 125 % of its
 //! value, so a fleet restarted at once does not knock in step. A bind refused for its
 //! credentials (LDAP result 49) is not retried with the same password: each failed bind
@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 pub const CREDENTIALS_HOLD: Duration = Duration::from_secs(30 * 60);
 /// The first delay after a failure.
 const FIRST: Duration = Duration::from_secs(2);
-/// The longest delay between tries (unless `sync_interval` is longer).
-const CAP: Duration = Duration::from_secs(300);
+/// The longest delay between tries (unless `sync_interval` is longer): a DC back from an
+/// outage is read again within about a minute.
+const CAP: Duration = Duration::from_secs(60);
 
 /// The retry state of one sync loop.
 #[derive(Debug, Default)]
@@ -102,10 +103,10 @@ mod tests {
             delays[0] >= Duration::from_millis(1500) && delays[0] <= Duration::from_millis(2500)
         );
         assert!(delays[3] >= Duration::from_secs(12) && delays[3] <= Duration::from_secs(20));
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(375)));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(75)));
         assert!(
-            delays[11] >= Duration::from_secs(225),
-            "capped near 5 min: {delays:?}"
+            delays[11] >= Duration::from_secs(45),
+            "capped near a minute: {delays:?}"
         );
         assert_eq!(r.held(&c), None, "no credentials error: nothing held");
         r.succeeded();

@@ -144,7 +144,7 @@ impl Reader<'_> {
 
 /// The store's files.
 pub struct Store {
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     log_path: PathBuf,
     log: File,
     /// End of the last whole record: where the next one is written.
@@ -315,6 +315,7 @@ fn decode(data: &[u8]) -> Option<Stored> {
         count: usize::try_from(r.u64()?).ok()?,
         primary: r.u32s()?,
         slots: r.u64s()?,
+        dead: 0,
     };
     let s = Stored {
         fingerprint,

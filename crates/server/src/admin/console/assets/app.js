@@ -141,6 +141,30 @@ async function loadOverview() {
     reasons.append(el("tr", {}, el("td", {}, r.status), num(r.count), el("td", {}, r.sample)));
   }
   if (!o.deferral_reasons.length) reasons.append(el("tr", {}, el("td", { colspan: 3 }, "No deferrals in the last hour.")));
+  loadSource();
+}
+
+// The LDAP source's current state (from /v1/ready): the reason while it fails, the last
+// good round and the cursor.
+async function loadSource() {
+  let r;
+  try { r = await api("GET", "/v1/ready"); } catch (_) { return; }
+  const l = r.directory_ldap;
+  show("ov-source", !!l);
+  if (!l) return;
+  const box = $("ov-source");
+  clear(box);
+  const cursor = l.usn != null ? `highestCommittedUSN ${l.usn}, invocationId ${l.invocation_id || "-"}`
+    : (l.timestamp ? `modifyTimestamp ${l.timestamp}` : "-");
+  if (l.error) {
+    box.append(el("strong", { class: "state-down" }, "LDAP source failing"),
+      ` since ${l.error_since || "?"}: ${l.error} (${l.failures} failed rounds; next try ${l.next_try || "?"}).`);
+  } else if (l.healthy) {
+    box.append(el("strong", {}, "LDAP source ok"), `: ${l.mailboxes} mailboxes.`);
+  } else {
+    box.append(el("strong", {}, "LDAP source"), ": no round on this node yet (in a fleet, one node runs them).");
+  }
+  box.append(` Last good round ${l.last_sync || "never"} (${l.mark || "-"}); last full read ${l.last_full_sync || "never"}; cursor ${cursor}.`);
 }
 
 const SVG = "http://www.w3.org/2000/svg";

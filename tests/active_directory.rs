@@ -436,13 +436,7 @@ async fn in_a_fleet_an_ldap_delta_is_one_change_of_its_rows_not_a_new_base() {
         move |c: &mut coexist::config::Config| {
             domains(c);
             c.directory.ldap = Some(l);
-            c.fleet = Some(coexist::config::FleetConfig {
-                postgres: common::pg::url(),
-                schema,
-                node: name.into(),
-                max_lag: std::time::Duration::from_secs(300),
-                commit_timeout: std::time::Duration::from_secs(120),
-            });
+            c.fleet = Some(common::fleet::member(&common::pg::url(), &schema, name));
         }
     };
     let a = harness(node("mx1")).await;

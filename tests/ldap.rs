@@ -219,13 +219,7 @@ async fn in_a_fleet_one_node_syncs_and_every_node_follows() {
             c.directory.file = None;
             c.directory.unknown = coexist::config::Unknown::Reject;
             c.directory.ldap = Some(ldap_config(&url));
-            c.fleet = Some(coexist::config::FleetConfig {
-                postgres: common::pg::url(),
-                schema,
-                node: name.into(),
-                max_lag: std::time::Duration::from_secs(300),
-                commit_timeout: std::time::Duration::from_secs(120),
-            });
+            c.fleet = Some(common::fleet::member(&common::pg::url(), &schema, name));
         }
     };
     let a = harness(fleet_node("mx1")).await;
@@ -338,13 +332,7 @@ fn ldap_fleet_node(
         c.directory.file = None;
         c.directory.unknown = coexist::config::Unknown::Reject;
         c.directory.ldap = Some(ldap_config(&url));
-        c.fleet = Some(coexist::config::FleetConfig {
-            postgres: common::pg::url(),
-            schema,
-            node: name.into(),
-            max_lag: std::time::Duration::from_secs(300),
-            commit_timeout: std::time::Duration::from_secs(120),
-        });
+        c.fleet = Some(common::fleet::member(&common::pg::url(), &schema, name));
     }
 }
 

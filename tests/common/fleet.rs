@@ -42,14 +42,20 @@ pub fn node_config(
     if !seed {
         cfg.directory.file = None;
     }
-    cfg.fleet = Some(FleetConfig {
+    cfg.fleet = Some(member(postgres, &schema.name, name));
+    cfg
+}
+
+/// `[fleet]` for node `name` in schema `schema` (PostgreSQL at `postgres`), with the tests'
+/// lag and commit bounds.
+pub fn member(postgres: &str, schema: &str, name: &str) -> FleetConfig {
+    FleetConfig {
         postgres: postgres.to_string(),
-        schema: schema.name.clone(),
+        schema: schema.to_string(),
         node: name.to_string(),
         max_lag: Duration::from_secs(300),
         commit_timeout: Duration::from_secs(120),
-    });
-    cfg
+    }
 }
 
 /// A started node and its folder.

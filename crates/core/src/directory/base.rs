@@ -276,9 +276,23 @@ impl Directory {
             .keys()
             .filter(|k| next.table.mailbox(k).is_none())
             .count();
+        self.shrink_guard(removed, before, source, force)
+            .map(|forced| (removed, forced))
+    }
+
+    /// The shrink guard itself, for any load of the source (a reload, a base, a source
+    /// delta): `removed` of `before` addresses go. `Ok(true)` when only `force` let it
+    /// through.
+    pub(super) fn shrink_guard(
+        &self,
+        removed: usize,
+        before: usize,
+        source: &str,
+        force: bool,
+    ) -> Result<bool, DirectoryError> {
         let limit = self.max_shrink();
         if removed as f64 <= limit.fraction() * before as f64 {
-            return Ok((removed, false));
+            return Ok(false);
         }
         if !force {
             return Err(DirectoryError::Shrink {
@@ -295,7 +309,7 @@ impl Directory {
             before,
             "directory load forced although it removes more than directory.max_shrink"
         );
-        Ok((removed, true))
+        Ok(true)
     }
 }
 

@@ -127,25 +127,11 @@ impl Directory {
         force: bool,
     ) -> Result<(), DirectoryError> {
         let before = view.table.len();
-        let limit = self.max_shrink();
-        let share = report.removed_addresses as f64;
-        if share <= limit.fraction() * before as f64 || before == 0 {
+        if before == 0 {
             return Ok(());
         }
-        if !force {
-            return Err(DirectoryError::Shrink {
-                file: self.source.name(),
-                removed: report.removed_addresses,
-                before,
-                share: share * 100.0 / before as f64,
-                limit,
-            });
-        }
-        warn!(
-            removed = report.removed_addresses,
-            before, "directory delta forced although it removes more than directory.max_shrink"
-        );
-        Ok(())
+        self.shrink_guard(report.removed_addresses, before, &self.source.name(), force)
+            .map(|_| ())
     }
 
     fn apply_delta_inner(

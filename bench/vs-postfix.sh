@@ -11,6 +11,10 @@
 # target/vs-postfix-DATE.html, relative to the repository) and its chart to the same name
 # with .png; coexist's run includes its deliveries per route, scraped from its /metrics.
 # Every process started here is stopped by PID (Postfix with `postfix stop`).
+# The same run also measures the machine's ceiling for each load: the same client straight
+# into the next hop, no relay at all (`smtp-source` into Postfix's `smtp-sink`, `coexist
+# load` into one `coexist sink`). A relay receives and sends every message, so half of
+# that is the most any relay can reach here; each MTA's rate is printed as a share of it.
 set -euo pipefail
 COUNT=${1:-2000000}
 MESSAGES=${2:-20000}
@@ -162,6 +166,22 @@ c2=$(cpu_ms "$RELAY")
 RSS[coexist]=$(pss "$RELAY")
 kill "$RELAY"; wait "$RELAY" 2>/dev/null || true
 
+# --- The ceiling: no relay. `coexist load` into one sink (it takes every recipient), and
+# `smtp-source` into Postfix's `smtp-sink` (which keeps nothing), same parameters.
+$B sink --listen 127.0.0.1:31611 --record "$W/ceiling.rec" >/dev/null 2>&1 & PIDS+=($!); CSINK=$!
+wait_port 31611
+$B load --target 127.0.0.1:31611 --directory "$W/directory.csv" --messages "$MESSAGES" \
+    --concurrency "$CONC" --max-rcpts 3 --size 4096 --max-seconds 600 $LOAD_OPTS \
+    --label ceiling > "$W/ceiling.load"
+kill "$CSINK"; wait "$CSINK" 2>/dev/null || true
+smtp-sink -u postfix 127.0.0.1:31612 1000 >/dev/null 2>&1 & PIDS+=($!); PSINK=$!
+wait_port 31612
+t0=$(date +%s.%N)
+timeout 900 smtp-source -s "$SRC_SESSIONS" -m "$MESSAGES" -l "$SRC_SIZE" -f x@example.org \
+    -t "$(awk -F, 'NR==2 {print $1}' "$W/directory.csv")" 127.0.0.1:31612 >/dev/null || true
+SRC_CEILING=$(awk "BEGIN{printf \"%.0f\", $MESSAGES / ($(date +%s.%N) - $t0)}")
+kill "$PSINK"; wait "$PSINK" 2>/dev/null || true
+
 echo
 for name in postfix coexist; do
     echo "== $name"
@@ -177,6 +197,14 @@ for name in postfix coexist; do
 done
 read -r pe _ _ <<<"${SRC[postfix]}"; read -r ce _ _ <<<"${SRC[coexist]}"
 echo "== smtp-source ratio: end to end $(awk "BEGIN{printf \"%.2f\", $pe / $ce}")x faster"
+# Shares of the ceiling: a relay's end-to-end rate against half the no-relay rate.
+share() { awk "BEGIN{printf \"%.2f\", $1 / ($2 / 2)}"; }
+echo "== ceiling (no relay), smtp-source into smtp-sink: $SRC_CEILING msg/s; a relay can reach at most $(( SRC_CEILING / 2 )) msg/s;" \
+     "coexist $(awk "BEGIN{printf \"%.0f\", $MESSAGES / $ce}") msg/s = $(share "$MESSAGES / $ce" "$SRC_CEILING") of that," \
+     "postfix $(awk "BEGIN{printf \"%.0f\", $MESSAGES / $pe}") msg/s = $(share "$MESSAGES / $pe" "$SRC_CEILING")"
+echo "== ceiling (no relay), coexist load into one sink: $(rate ceiling) msg/s accepted; a relay can reach at most half;" \
+     "coexist acceptance $(rate coexist) msg/s = $(share "$(rate coexist)" "$(rate ceiling)") of that," \
+     "postfix $(rate postfix) msg/s = $(share "$(rate postfix)" "$(rate ceiling)")"
 echo
 echo "== ratio coexist / postfix: acceptance $(awk "BEGIN{printf \"%.2f\", $(rate coexist) / $(rate postfix)}")x," \
      "end to end $(awk "BEGIN{printf \"%.2f\", ${E2E[postfix]} / ${E2E[coexist]}}")x faster," \

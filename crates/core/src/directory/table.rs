@@ -53,6 +53,8 @@ pub struct Table {
 /// no listing shows it. A mailbox a delta removed has this as its primary offset.
 pub(crate) const DEAD: u32 = u32::MAX;
 
+mod edit;
+
 /// A record's key and mailbox at `off`, if the arena holds a whole record there.
 fn record(arena: &[u8], off: usize) -> Option<(&[u8], u32)> {
     let len = u16::from_le_bytes([*arena.get(off)?, *arena.get(off + 1)?]) as usize;
@@ -154,102 +156,6 @@ impl Table {
                 .filter(|&(_, m)| m != DEAD)
                 .map(|(k, m)| (k, m as usize))
         })
-    }
-
-    /// Removes an address (a source delta): its slot is freed by backward-shift deletion
-    /// (linear probing stays exact without tombstones) and its record marked [`DEAD`].
-    /// Returns the mailbox it belonged to.
-    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<usize> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let h = hash(key);
-        let off = self.find(key, h).ok()?;
-        let mask = self.slots.len() - 1;
-        let mut hole = (h as usize) & mask;
-        while slot_offset(self.slots[hole]) != off {
-            hole = (hole + 1) & mask;
-        }
-        let m = record(&self.arena, off).map(|(_, m)| m as usize)?;
-        self.arena[off + 2 + key.len()..off + 6 + key.len()].copy_from_slice(&DEAD.to_le_bytes());
-        self.slots[hole] = 0;
-        self.count -= 1;
-        self.dead += 6 + key.len();
-        // Move back each following slot of the run whose home is not between the hole and it.
-        let mut next = (hole + 1) & mask;
-        while self.slots[next] != 0 {
-            let s = self.slots[next];
-            let home = record(&self.arena, slot_offset(s))
-                .map(|(k, _)| hash(k) as usize & mask)
-                .unwrap_or(next);
-            let between = if hole <= next {
-                hole < home && home <= next
-            } else {
-                hole < home || home <= next
-            };
-            if !between {
-                self.slots[hole] = s;
-                self.slots[next] = 0;
-                hole = next;
-            }
-            next = (next + 1) & mask;
-        }
-        Some(m)
-    }
-
-    /// Adds a mailbox with no address yet (a source delta); its primary is set by
-    /// [`Table::set_primary`] once it has one. Returns its number.
-    pub(crate) fn add_mailbox(&mut self) -> usize {
-        self.primary.push(DEAD);
-        self.primary.len() - 1
-    }
-
-    /// Makes `key` (an address of mailbox `m`) its primary address; `false` when `key` is
-    /// not one of `m`'s addresses.
-    pub(crate) fn set_primary(&mut self, m: usize, key: &[u8]) -> bool {
-        let Ok(off) = self.find_key(key) else {
-            return false;
-        };
-        if record(&self.arena, off).map(|(_, n)| n as usize) != Some(m) {
-            return false;
-        }
-        self.primary[m] = off as u32;
-        true
-    }
-
-    /// Marks mailbox `m` removed (its addresses must be removed already).
-    pub(crate) fn kill_mailbox(&mut self, m: usize) {
-        if let Some(p) = self.primary.get_mut(m) {
-            *p = DEAD;
-        }
-    }
-
-    /// Bytes of the arena held by records removed since it was built or compacted.
-    pub(crate) fn dead_bytes(&self) -> usize {
-        self.dead
-    }
-
-    /// Rewrites the arena without removed records (offsets change; mailbox numbers do not).
-    pub(crate) fn compact(&mut self) {
-        let mut t = Table {
-            primary: vec![DEAD; self.primary.len()],
-            ..Table::default()
-        };
-        for (key, m) in self.entries() {
-            if let Ok(off) = t.push(key, m as u32) {
-                if self.primary_address(m).as_bytes() == key {
-                    t.primary[m] = off as u32;
-                }
-            }
-        }
-        *self = t;
-    }
-
-    fn find_key(&self, key: &[u8]) -> Result<usize, usize> {
-        if self.slots.is_empty() {
-            return Err(0);
-        }
-        self.find(key, hash(key))
     }
 
     /// Offsets of every record, in order.

@@ -81,13 +81,12 @@ pub(super) async fn apply_delta(
 ) -> Result<(), FleetError> {
     let dir = inner.directory.clone();
     let seq = at.seq;
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let delta: Delta = serde_json::from_slice(&body).map_err(|e| {
             FleetError::Refused(format!("change {seq}: delta body not readable: {e}"))
         })?;
         dir.apply_delta_at(&at, &delta, &source)?;
-        Ok::<_, FleetError>(())
+        Ok(())
     })
-    .await
-    .map_err(|e| FleetError::Refused(e.to_string()))?
+    .await?
 }

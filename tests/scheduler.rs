@@ -5,21 +5,23 @@
 
 mod common;
 
+use coexist::admin::Controls;
 use coexist::load::sink::{Sink, SinkMode, SinkOptions};
 use coexist::queue::{Phase, QueueEntry};
+use coexist::spool::InjectedFaults;
 use common::*;
 use std::time::Duration;
 
 /// A relay whose `cloud` route's next hop refuses connections, with a one-hour backoff and
-/// a 1 s probe, holding `n` messages for that route, each deferred once; returns the port
-/// that can come up later, the relay and the messages' queue entries.
-async fn mail_for_a_down_route(n: usize) -> (DownPort, Harness, Vec<QueueEntry>) {
+/// a probe every `probe`, holding `n` messages for that route, each deferred once; returns
+/// the port that can come up later, the relay and the messages' queue entries.
+async fn mail_for_a_down_route(n: usize, probe: Duration) -> (DownPort, Harness, Vec<QueueEntry>) {
     let down = DownPort::new();
     let h = harness(|c| {
         c.routes.get_mut("cloud").unwrap().next_hops = vec![down.addr.into()];
         c.queue.min_backoff = Duration::from_secs(3600);
         c.queue.max_backoff = Duration::from_secs(3600);
-        c.queue.probe_interval = Duration::from_secs(1);
+        c.queue.probe_interval = probe;
     })
     .await;
     let mut c = connect(h.addr).await;
@@ -48,7 +50,7 @@ async fn mail_for_a_down_route(n: usize) -> (DownPort, Harness, Vec<QueueEntry>)
 /// deferred message goes out, long before its own next attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_waiting_for_a_down_route_goes_out_when_it_answers_again() {
-    let (down, h, deferred) = mail_for_a_down_route(10).await;
+    let (down, h, deferred) = mail_for_a_down_route(10, Duration::from_secs(1)).await;
     for e in &deferred {
         let wait = e
             .next_attempt
@@ -66,6 +68,74 @@ async fn mail_waiting_for_a_down_route_goes_out_when_it_answers_again() {
     assert_eq!(wait(&back, 10).await, 10);
     h.settled().await;
     assert!(h.onprem.state.messages().is_empty());
+}
+
+/// Waits until the circuit of the next hop `hop` lets a connection through (it opens for a
+/// while after each refused connection), then a second more for the rounding of its view.
+async fn circuit_closed(h: &Harness, hop: std::net::SocketAddr) {
+    let hop = hop.to_string();
+    eventually_async("the next hop's circuit lets a probe through", || async {
+        h.relay
+            .control
+            .outbound()
+            .hop_views()
+            .iter()
+            .all(|v| v.next_hop != hop || v.resumes_in_s == 0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+}
+
+/// A message whose attempt found its route down a moment before the route answered again,
+/// and which was still writing its new state (a stalled disk) when the route's release went
+/// by, goes out with the rest rather than after its own one-hour backoff (issue 30, part 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_failing_as_its_route_comes_back_is_released_with_the_rest() {
+    // No probes of their own during the test: only the flushes below attempt anything.
+    let (down, h, deferred) = mail_for_a_down_route(2, Duration::from_secs(3600)).await;
+    let (first, second) = (
+        deferred[0].envelope.id.to_string(),
+        deferred[1].envelope.id.to_string(),
+    );
+    circuit_closed(&h, down.addr).await;
+
+    // The first message is attempted again while the hop still refuses; writing what it
+    // learned then takes 10 s.
+    h.relay.control.inject_spool_faults(InjectedFaults {
+        stalls: 1,
+        stall: Duration::from_secs(10),
+        ..Default::default()
+    });
+    h.relay.queue.flush(&first).unwrap();
+    let (hop, down_addr) = (down.addr.to_string(), down.addr);
+    eventually_async("the first message's attempt is refused", || async {
+        h.relay
+            .control
+            .outbound()
+            .hop_views()
+            .iter()
+            .any(|v| v.next_hop == hop && v.resumes_in_s > 0)
+    })
+    .await;
+
+    // Meanwhile the hop comes back and the second message gets through: the route's mail is
+    // released while the first message is still busy writing its state.
+    let back = Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
+        .await
+        .unwrap();
+    down.forward_to(back.addr);
+    circuit_closed(&h, down_addr).await;
+    h.relay.queue.flush(&second).unwrap();
+    assert_eq!(wait(&back, 1).await, 1);
+    assert_eq!(
+        h.relay.queue.get(&first).map(|e| e.phase),
+        Some(Phase::Active),
+        "the first message is still writing its state when the release goes by"
+    );
+
+    // Once written, the first message goes out too (not in an hour).
+    assert_eq!(wait(&back, 2).await, 2);
+    h.settled().await;
 }
 
 /// A message deferred with a one-hour backoff keeps its attempts and its next attempt time
@@ -120,7 +190,7 @@ async fn a_restart_resumes_the_schedule_from_the_spool() {
 /// out each message's one-hour backoff.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_mail_for_a_down_route_goes_out_when_it_answers() {
-    let (down, h, _) = mail_for_a_down_route(3).await;
+    let (down, h, _) = mail_for_a_down_route(3, Duration::from_secs(1)).await;
     let h = h.restart().await;
     let back = Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
         .await

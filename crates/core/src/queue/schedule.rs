@@ -449,9 +449,8 @@ async fn defer(
                 error!(qid = %env.id, error = %err, failures, "cannot save delivery state: kept in memory and written before the next delivery");
             }
         }
-        let res = inner
-            .index()
-            .settle(key, e.state, state.attempts, e.route, how);
+        let (res, placed) = settle_for_route(inner, key, &e, state.attempts, how);
+        how = placed;
         let asks = match res {
             Ok(()) => {
                 if matches!(how, Settle::Ready) {
@@ -467,6 +466,35 @@ async fn defer(
         }
         how = next_settle(asks, how, inner, state.attempts);
     }
+}
+
+/// Settles a busy message as `how`, unless it is to wait for a route (`e.route`) that has
+/// answered again since its attempt found it down: then it is ready at once. The route's
+/// state is read and the message placed under the routes lock, which a release holds while
+/// it scans, so a release never passes over a message that is still writing the state of an
+/// attempt that failed just before it (the write and a delay warning take a while).
+/// Returns what `Index::settle` returns and where the message went.
+fn settle_for_route(
+    inner: &Inner,
+    key: QueueKey,
+    e: &Entry,
+    attempts: u32,
+    how: Settle,
+) -> (Result<(), Asks>, Settle) {
+    let routes = inner.routes();
+    let back = e.route != NO_ROUTE
+        && matches!(how, Settle::Deferred(_))
+        && routes
+            .down_since
+            .get(e.route as usize)
+            .is_some_and(|d| d.is_none());
+    let how = if back { Settle::Ready } else { how };
+    let res = inner.index().settle(key, e.state, attempts, e.route, how);
+    drop(routes);
+    if back && res.is_ok() {
+        info!(qid = %key.id(), route = %inner.routes().names[e.route as usize], "its route answered again while its state was written: tried again at once");
+    }
+    (res, how)
 }
 
 /// Appends the message's new state; when its message record keeps a mostly dead segment

@@ -152,8 +152,8 @@ impl Drop for Spool {
     }
 }
 
-/// Test hook: failures (EIO) the commit stage makes up ([`Spool::inject_faults`]); each
-/// count is used up by one turn (or one cut).
+/// Test hook: failures (EIO) and stalls the commit stage makes up ([`Spool::inject_faults`]);
+/// each count is used up by one turn (or one cut).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct InjectedFaults {
@@ -165,6 +165,10 @@ pub struct InjectedFaults {
     pub cuts: u32,
     /// Turns holding an end (`Done`) record whose sync fails.
     pub end_syncs: u32,
+    /// Turns whose sync takes `stall` longer (a disk that stalls), then succeeds.
+    pub stalls: u32,
+    /// How long a stalled turn waits.
+    pub stall: std::time::Duration,
 }
 
 /// A spool just opened, with the messages it holds.
@@ -291,8 +295,8 @@ impl Spool {
         )
     }
 
-    /// Test hook: the commit stage makes up failures (EIO) for its next turns, as `faults`
-    /// says. For tests of the rare paths only.
+    /// Test hook: the commit stage makes up failures (EIO) or stalls for its next turns, as
+    /// `faults` says. For tests of the rare paths only.
     #[doc(hidden)]
     pub fn inject_faults(&self, faults: InjectedFaults) {
         use std::sync::atomic::Ordering::SeqCst;
@@ -301,6 +305,8 @@ impl Spool {
         f.syncs.store(faults.syncs, SeqCst);
         f.cuts.store(faults.cuts, SeqCst);
         f.end_syncs.store(faults.end_syncs, SeqCst);
+        f.stall_ms.store(faults.stall.as_millis() as u64, SeqCst);
+        f.stalls.store(faults.stalls, SeqCst);
     }
 
     /// Test only: requests sent to the commit stage and not yet answered or taken.

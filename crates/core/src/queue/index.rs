@@ -1,7 +1,8 @@
 //! The queue's memory: one small entry per queued message (where its records are, its phase,
-//! its next attempt), one set per phase in id order (oldest first), and one timer heap of
-//! next-attempt times. Envelopes, states and bodies stay in the spool; an entry is about
-//! 60 bytes plus its place in a set and the timer (the README gives the measured size).
+//! its next attempt), one set per phase in id order (oldest first; ready and deferred ones
+//! per route), and one timer heap of next-attempt times. Envelopes, states and bodies stay in
+//! the spool; an entry is 64 bytes with its key, plus 16 for its place in a set and 24 for
+//! the timer, kept in full chunks ([`super::chunks`]; the README gives the measured size).
 //!
 //! Everything here is O(log n) per message and never touches the disk, so the lock around
 //! it is held only briefly: acceptance, listings and metrics do not wait for each other.
@@ -10,10 +11,12 @@
 //! here with the message's entry ([`Unwritten`]) until it is written: the message's next
 //! delivery starts from it, never from the older state on disk (DESIGN invariant 11).
 
+use super::chunks::{ChunkMap, ChunkSet};
 use crate::spool::{DeliveryState, Loc};
 use crate::types::QueueKey;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::ops::Bound;
 
 /// Where a message is, as the scheduler sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,15 +140,96 @@ pub struct Census {
     pub oldest: [Option<QueueKey>; 4],
 }
 
-/// The index.
+/// An [`Entry`] as the index keeps it: 48 bytes (the state's place has no `Option`; a
+/// segment number of `u32::MAX`, never reached, stands for none).
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    msg: Loc,
+    state: Loc,
+    due_ms: u64,
+    attempts: u32,
+    route: u16,
+    slot: Slot,
+    asks: Asks,
+}
+
+/// The segment number that stands for "no state record".
+const NO_SEG: u32 = u32::MAX;
+
+impl From<Entry> for Stored {
+    fn from(e: Entry) -> Stored {
+        Stored {
+            msg: e.msg,
+            state: e.state.unwrap_or(Loc {
+                seg: NO_SEG,
+                meta_len: 0,
+                off: 0,
+            }),
+            due_ms: e.due_ms,
+            attempts: e.attempts,
+            route: e.route,
+            slot: e.slot,
+            asks: e.asks,
+        }
+    }
+}
+
+impl From<Stored> for Entry {
+    fn from(s: Stored) -> Entry {
+        Entry {
+            msg: s.msg,
+            state: (s.state.seg != NO_SEG).then_some(s.state),
+            due_ms: s.due_ms,
+            attempts: s.attempts,
+            route: s.route,
+            slot: s.slot,
+            asks: s.asks,
+        }
+    }
+}
+
+/// Keys per route tag, for the phases the dispatcher takes from route by route.
+type PerRoute = BTreeMap<u16, ChunkSet<QueueKey>>;
+
+fn add_to(map: &mut PerRoute, tag: u16, k: QueueKey) {
+    map.entry(tag).or_default().add(k);
+}
+
+fn take_from(map: &mut PerRoute, tag: u16, k: QueueKey) {
+    if let Some(set) = map.get_mut(&tag) {
+        set.take(&k);
+        if set.is_empty() {
+            map.remove(&tag);
+        }
+    }
+}
+
+/// The oldest key of any route.
+fn oldest_of(map: &PerRoute) -> Option<QueueKey> {
+    map.values().filter_map(|s| s.first_key()).min()
+}
+
+/// Up to `max` keys from `lower` on, in id order, over every route.
+fn keys_of(map: &PerRoute, lower: Bound<&QueueKey>, max: usize) -> Vec<QueueKey> {
+    let mut keys: Vec<QueueKey> = map.values().flat_map(|s| s.keys_from(lower, max)).collect();
+    keys.sort_unstable();
+    keys.truncate(max);
+    keys
+}
+
+/// The index. Every message is in `entries` and in the set of its phase: ready and
+/// deferred messages by route tag (the route that deferred them, [`NO_ROUTE`] for the rest),
+/// so the dispatcher takes from each route in turn (one route's backlog never holds up the
+/// others) and a route that answers again finds its mail without a scan.
 #[derive(Default)]
 pub struct Index {
-    entries: BTreeMap<QueueKey, Entry>,
-    slots: [BTreeSet<QueueKey>; 4],
-    /// Ready messages per route tag (the route that deferred them, [`NO_ROUTE`] for the
-    /// rest): the dispatcher takes from each in turn, so one route's backlog never holds up
-    /// the others.
-    ready: BTreeMap<u16, BTreeSet<QueueKey>>,
+    entries: ChunkMap<QueueKey, Stored>,
+    /// Messages per [`Slot`].
+    counts: [usize; 4],
+    ready: PerRoute,
+    deferred: PerRoute,
+    busy_keys: BTreeSet<QueueKey>,
+    held: ChunkSet<QueueKey>,
     /// Busy messages per route tag, for the per-route limit.
     busy: HashMap<u16, usize>,
     /// The route tag the dispatcher took from last (round robin).
@@ -169,13 +253,13 @@ impl Index {
 
     /// One entry.
     pub fn get(&self, k: QueueKey) -> Option<Entry> {
-        self.entries.get(&k).copied()
+        self.entries.get(&k).map(|s| Entry::from(*s))
     }
 
     /// Adds a message (replacing any entry with that key).
     pub fn insert(&mut self, k: QueueKey, e: Entry) {
         self.remove(k);
-        self.entries.insert(k, e);
+        self.entries.insert(k, e.into());
         self.enter(k, e.slot, e.due_ms);
     }
 
@@ -183,7 +267,7 @@ impl Index {
     pub fn remove(&mut self, k: QueueKey) -> Option<Entry> {
         self.leave(k);
         self.unwritten.remove(&k);
-        self.entries.remove(&k)
+        self.entries.remove(&k).map(Entry::from)
     }
 
     /// The outcome of a queued message that is not yet written, if any.
@@ -218,44 +302,64 @@ impl Index {
             return;
         };
         let (slot, tag) = (e.slot, e.route);
-        self.slots[slot as usize].remove(&k);
+        self.counts[slot as usize] = self.counts[slot as usize].saturating_sub(1);
         match slot {
-            Slot::Ready => {
-                if let Some(set) = self.ready.get_mut(&tag) {
-                    set.remove(&k);
-                    if set.is_empty() {
-                        self.ready.remove(&tag);
-                    }
-                }
-            }
+            Slot::Ready => take_from(&mut self.ready, tag, k),
+            Slot::Deferred => take_from(&mut self.deferred, tag, k),
             Slot::Busy => {
+                self.busy_keys.remove(&k);
                 if let Some(n) = self.busy.get_mut(&tag) {
                     *n = n.saturating_sub(1);
                 }
             }
-            Slot::Deferred | Slot::Held => {}
+            Slot::Held => {
+                self.held.take(&k);
+            }
         }
     }
 
     /// Puts `k` (already out of its former slot) into `slot`.
-    fn enter(&mut self, k: QueueKey, slot: Slot, due_ms: u64) -> Option<&mut Entry> {
+    fn enter(&mut self, k: QueueKey, slot: Slot, due_ms: u64) -> Option<Entry> {
         let e = self.entries.get_mut(&k)?;
         e.slot = slot;
         e.due_ms = due_ms;
-        let tag = e.route;
-        self.slots[slot as usize].insert(k);
+        let (tag, entry) = (e.route, Entry::from(*e));
+        self.counts[slot as usize] += 1;
         match slot {
-            Slot::Ready => {
-                self.ready.entry(tag).or_default().insert(k);
+            Slot::Ready => add_to(&mut self.ready, tag, k),
+            Slot::Deferred => {
+                add_to(&mut self.deferred, tag, k);
+                self.timer.push(Reverse((due_ms, k)));
+                self.sweep_timer();
             }
-            Slot::Busy => *self.busy.entry(tag).or_default() += 1,
-            Slot::Deferred => self.timer.push(Reverse((due_ms, k))),
-            Slot::Held => {}
+            Slot::Busy => {
+                self.busy_keys.insert(k);
+                *self.busy.entry(tag).or_default() += 1;
+            }
+            Slot::Held => {
+                self.held.add(k);
+            }
         }
-        self.entries.get_mut(&k)
+        Some(entry)
     }
 
-    fn move_to(&mut self, k: QueueKey, slot: Slot, due_ms: u64) -> Option<&mut Entry> {
+    /// Drops the timer's stale items once they outnumber the deferred messages (a release
+    /// or flush of many deferred messages leaves theirs behind until they come due).
+    fn sweep_timer(&mut self) {
+        let live = self.counts[Slot::Deferred as usize];
+        if self.timer.len() <= 2 * live + 1024 {
+            return;
+        }
+        let timer = std::mem::take(&mut self.timer);
+        let kept: Vec<_> = timer
+            .into_vec()
+            .into_iter()
+            .filter(|Reverse((due, k))| self.is_current(*due, *k))
+            .collect();
+        self.timer = BinaryHeap::from(kept);
+    }
+
+    fn move_to(&mut self, k: QueueKey, slot: Slot, due_ms: u64) -> Option<Entry> {
         self.leave(k);
         self.enter(k, slot, due_ms)
     }
@@ -275,7 +379,7 @@ impl Index {
                 self.move_to(k, Slot::Ready, 0);
             },
         };
-        let e = *self.move_to(k, Slot::Busy, 0)?;
+        let e = self.move_to(k, Slot::Busy, 0)?;
         Some((k, e))
     }
 
@@ -287,7 +391,7 @@ impl Index {
         let mut pick = None;
         for (&tag, set) in after {
             if self.busy.get(&tag).copied().unwrap_or(0) < cap(tag) {
-                pick = set.first().map(|&k| (tag, k));
+                pick = set.first_key().map(|k| (tag, k));
                 if pick.is_some() {
                     break;
                 }
@@ -348,7 +452,9 @@ impl Index {
         how: Settle,
     ) -> Result<(), Asks> {
         let e = self.entries.get_mut(&k).ok_or(Asks::default())?;
-        e.state = state.or(e.state);
+        if let Some(st) = state {
+            e.state = st;
+        }
         e.attempts = attempts;
         if !e.asks.is_empty() {
             return Err(std::mem::take(&mut e.asks));
@@ -382,78 +488,66 @@ impl Index {
             }
             Slot::Held if a == Asks::FLUSH || a == Asks::HOLD => Ok(None),
             Slot::Ready | Slot::Deferred if a == Asks::RELEASE => Ok(None),
-            _ => Ok(self.move_to(k, Slot::Busy, 0).copied()),
+            _ => Ok(self.move_to(k, Slot::Busy, 0)),
         }
     }
 
-    /// Makes ready up to `max` deferred messages whose last attempt found `route`'s next
-    /// hops unreachable, scanning from `from`; returns how many, and where to go on (`None`:
-    /// done).
-    pub fn release_route(
-        &mut self,
-        route: u16,
-        from: Option<QueueKey>,
-        max: usize,
-    ) -> (usize, Option<QueueKey>) {
-        let deferred = &self.slots[Slot::Deferred as usize];
-        let mut picked = Vec::new();
-        let mut next = None;
-        let range = match from {
-            Some(f) => deferred.range(f..),
-            None => deferred.range(..),
-        };
-        for (scanned, &k) in range.enumerate() {
-            if scanned >= max {
-                next = Some(k);
-                break;
-            }
-            if self.entries.get(&k).is_some_and(|e| e.route == route) {
-                picked.push(k);
-            }
-        }
+    /// Makes ready up to `max` of the deferred messages whose last attempt found `route`'s
+    /// next hops unreachable, oldest first; returns how many, and whether more are waiting.
+    pub fn release_route(&mut self, route: u16, max: usize) -> (usize, bool) {
+        let picked = self
+            .deferred
+            .get(&route)
+            .map(|s| s.keys_from(Bound::Unbounded, max))
+            .unwrap_or_default();
         for &k in &picked {
             self.move_to(k, Slot::Ready, 0);
         }
-        (picked.len(), next)
+        let more = self.deferred.get(&route).is_some_and(|s| !s.is_empty());
+        (picked.len(), more)
     }
 
     /// The oldest deferred message waiting for `route`, made ready (a probe of the route).
     pub fn probe_route(&mut self, route: u16) -> Option<QueueKey> {
-        let k = self.slots[Slot::Deferred as usize]
-            .iter()
-            .copied()
-            .find(|k| self.entries.get(k).is_some_and(|e| e.route == route))?;
+        let k = self.deferred.get(&route)?.first_key()?;
         self.move_to(k, Slot::Ready, 0);
         Some(k)
     }
 
-    /// Counts and oldest per phase: O(1) per phase.
+    /// Counts and oldest per phase: O(routes) per phase.
     pub fn census(&self) -> Census {
-        let mut c = Census::default();
-        for (i, s) in self.slots.iter().enumerate() {
-            c.count[i] = s.len();
-            c.oldest[i] = s.first().copied();
-        }
+        let mut c = Census {
+            count: self.counts,
+            ..Census::default()
+        };
+        c.oldest[Slot::Ready as usize] = oldest_of(&self.ready);
+        c.oldest[Slot::Busy as usize] = self.busy_keys.first().copied();
+        c.oldest[Slot::Deferred as usize] = oldest_of(&self.deferred);
+        c.oldest[Slot::Held as usize] = self.held.first_key();
         c
     }
 
     /// Up to `max` keys in id order from `after` (exclusive), in the given phases.
     pub fn keys(&self, slots: &[Slot], after: Option<QueueKey>, max: usize) -> Vec<QueueKey> {
-        use std::ops::Bound;
-        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-        if let [one] = slots {
-            return self.slots[*one as usize]
+        let lower = after.as_ref().map_or(Bound::Unbounded, Bound::Excluded);
+        match slots {
+            [Slot::Ready] => keys_of(&self.ready, lower, max),
+            [Slot::Deferred] => keys_of(&self.deferred, lower, max),
+            [Slot::Busy] => self
+                .busy_keys
                 .range((lower, Bound::Unbounded))
                 .take(max)
                 .copied()
-                .collect();
+                .collect(),
+            [Slot::Held] => self.held.keys_from(lower, max),
+            _ => self
+                .entries
+                .range_from(lower)
+                .filter(|(_, e)| slots.contains(&e.slot))
+                .take(max)
+                .map(|(k, _)| *k)
+                .collect(),
         }
-        self.entries
-            .range((lower, Bound::Unbounded))
-            .filter(|(_, e)| slots.contains(&e.slot))
-            .take(max)
-            .map(|(k, _)| *k)
-            .collect()
     }
 }
 

@@ -37,6 +37,7 @@
 //! `dsn` ends messages and spools DSNs, `view` gives listings and counts.
 
 mod attempt;
+mod chunks;
 mod dsn;
 pub mod gate;
 mod index;
@@ -158,8 +159,8 @@ struct Routes {
     next_probe: Vec<u64>,
     /// Per tag: when (Unix ms) its next hops last answered again after being unreachable.
     up_since: Vec<u64>,
-    /// Routes that answered again, with where their release has got to.
-    releasing: Vec<(u16, Option<QueueKey>)>,
+    /// Routes that answered again and still have deferred mail to release.
+    releasing: Vec<u16>,
 }
 
 impl Routes {

@@ -23,8 +23,8 @@ fn backoff(attempts: u32, min: Duration, max: Duration) -> Duration {
     min.saturating_mul(factor).min(max)
 }
 
-/// How many deferred entries one release step looks at (bounds how long the index lock is
-/// held while a route that answered again releases its mail).
+/// How many deferred messages one release step makes ready (bounds how long the index lock
+/// is held while a route that answered again releases its mail).
 const RELEASE_STEP: usize = 20_000;
 
 /// The dispatcher: starts an attempt for each due message while attempt slots are free, runs
@@ -97,11 +97,15 @@ fn release_and_probe(inner: &Inner) {
     let mut routes = inner.routes();
     let mut released = 0;
     let releasing = std::mem::take(&mut routes.releasing);
-    for (tag, from) in releasing {
-        let (n, next) = inner.index().release_route(tag, from, RELEASE_STEP);
+    for tag in releasing {
+        // A route down again keeps the rest for its next return (which releases it all).
+        if routes.down_since[tag as usize].is_some() {
+            continue;
+        }
+        let (n, more) = inner.index().release_route(tag, RELEASE_STEP);
         released += n;
-        if next.is_some() {
-            routes.releasing.push((tag, next));
+        if more {
+            routes.releasing.push(tag);
         }
     }
     for tag in 0..routes.names.len() {
@@ -154,7 +158,9 @@ fn report_routes(inner: &Inner, reports: &[RouteReport], started_ms: u64) -> Rou
             if let Some(since) = routes.down_since[t].take() {
                 info!(route = %r.route, down_s = now.saturating_sub(since) / 1000, "next hops answer again: releasing the mail deferred for them");
                 routes.up_since[t] = now;
-                routes.releasing.push((tag, None));
+                if !routes.releasing.contains(&tag) {
+                    routes.releasing.push(tag);
+                }
                 inner.wake.notify_one();
             }
         } else if routes.down_since[t].is_none() && routes.up_since[t] >= started_ms {

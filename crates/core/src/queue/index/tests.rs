@@ -85,10 +85,9 @@ fn a_route_that_answers_again_releases_its_messages() {
         }
         ix.insert(k, e);
     }
-    let (n1, next) = ix.release_route(3, None, 4);
-    let (n2, next) = ix.release_route(3, next, 4);
-    let (n3, next) = ix.release_route(3, next, 4);
-    assert_eq!((n1 + n2 + n3, next), (5, None));
+    assert_eq!(ix.release_route(3, 4), (4, true));
+    assert_eq!(ix.release_route(3, 4), (1, false));
+    assert_eq!(ix.release_route(3, 4), (0, false));
     let mut got = Vec::new();
     while let Some((k, _)) = ix.next(0, |_| usize::MAX) {
         got.push(k);
@@ -147,4 +146,37 @@ fn a_route_at_its_limit_does_not_hold_up_the_others() {
     assert_eq!(ix.next(0, cap).map(|x| x.0), Some(backlog[2]));
     assert!(ix.next(0, cap).is_none());
     assert_eq!(ix.census().count[Slot::Ready as usize], 2);
+}
+
+#[test]
+fn an_entry_is_48_bytes_as_kept() {
+    assert_eq!(std::mem::size_of::<Stored>(), 48);
+    let mut e = entry(Slot::Held, 0);
+    let back = Entry::from(Stored::from(e));
+    assert_eq!(back.state, None);
+    e.state = Some(Loc {
+        seg: 7,
+        meta_len: 3,
+        off: 1 << 40,
+    });
+    assert_eq!(Entry::from(Stored::from(e)).state, e.state);
+}
+
+#[test]
+fn the_timer_does_not_keep_the_items_of_released_messages() {
+    let mut ix = Index::default();
+    for _ in 0..3 {
+        for _ in 0..5_000 {
+            let mut e = entry(Slot::Deferred, 1_000_000);
+            e.route = 2;
+            ix.insert(key(), e);
+        }
+        while ix.release_route(2, 1000).1 {}
+        while let Some((k, _)) = ix.next(0, |_| usize::MAX) {
+            ix.settle(k, None, 1, 2, Settle::Deferred(2_000_000))
+                .unwrap();
+        }
+    }
+    assert_eq!(ix.census().count[Slot::Deferred as usize], 15_000);
+    assert!(ix.timer.len() <= 2 * 15_000 + 1024, "{}", ix.timer.len());
 }

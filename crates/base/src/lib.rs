@@ -16,6 +16,7 @@
 
 pub mod accept;
 pub mod certs;
+pub mod chunks;
 pub mod clock;
 pub mod dirlock;
 pub mod fsmode;

@@ -303,6 +303,20 @@ pub struct QueueKey {
 }
 
 impl QueueKey {
+    /// The key as one number (for compact files).
+    pub fn to_u128(self) -> u128 {
+        ((self.hi as u128) << 64) | self.lo as u128
+    }
+
+    /// The key [`QueueKey::to_u128`] gave, when it stands for an id of the generated form
+    /// (at most 17 hex digits).
+    pub fn from_u128(v: u128) -> Option<QueueKey> {
+        (v >> 68 == 0).then_some(QueueKey {
+            hi: (v >> 64) as u64,
+            lo: v as u64,
+        })
+    }
+
     /// The id this key stands for.
     pub fn id(self) -> QueueId {
         let v = ((self.hi as u128) << 64) | self.lo as u128;

@@ -17,7 +17,7 @@
 // Unit tests set up and inspect files directly (clippy.toml's list is for the relay's code).
 #![cfg_attr(test, allow(clippy::disallowed_methods))]
 
-pub use coexist_base::{accept, certs, clock, dirlock, fsmode, metrics, proto, types};
+pub use coexist_base::{accept, certs, chunks, clock, dirlock, fsmode, metrics, proto, types};
 
 pub mod bounce;
 pub mod config;

@@ -2,7 +2,7 @@
 //! its next attempt), one set per phase in id order (oldest first; ready and deferred ones
 //! per route), and one timer heap of next-attempt times. Envelopes, states and bodies stay in
 //! the spool; an entry is 64 bytes with its key, plus 16 for its place in a set and 24 for
-//! the timer, kept in full chunks ([`super::chunks`]; the README gives the measured size).
+//! the timer, kept in full chunks ([`crate::chunks`]; the README gives the measured size).
 //!
 //! Everything here is O(log n) per message and never touches the disk, so the lock around
 //! it is held only briefly: acceptance, listings and metrics do not wait for each other.
@@ -11,7 +11,7 @@
 //! here with the message's entry ([`Unwritten`]) until it is written: the message's next
 //! delivery starts from it, never from the older state on disk (DESIGN invariant 11).
 
-use super::chunks::{ChunkMap, ChunkSet};
+use crate::chunks::{ChunkMap, ChunkSet};
 use crate::spool::{DeliveryState, Loc};
 use crate::types::QueueKey;
 use std::cmp::Reverse;

@@ -37,7 +37,6 @@
 //! `dsn` ends messages and spools DSNs, `view` gives listings and counts.
 
 mod attempt;
-mod chunks;
 mod dsn;
 pub mod gate;
 mod index;
@@ -376,7 +375,7 @@ impl Queue {
 
     /// Queues the messages found in the spool at start-up, resuming their schedule: held ones
     /// stay held, deferred ones keep their next attempt, the rest are due now.
-    pub fn restore(&self, queued: Vec<Queued>) {
+    pub fn restore(&self, queued: impl IntoIterator<Item = Queued>) {
         let now = self.inner.clock.now_ms();
         let mut routes = self.inner.routes();
         let mut ix = self.inner.index();

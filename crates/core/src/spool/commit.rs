@@ -30,6 +30,7 @@
 use super::faults::{made_up, Faults};
 use super::inject::{self, Point};
 use super::reclaim::Reclaim;
+use super::segindex;
 use super::segment::{self, Kind, HEADER_LEN};
 use super::void::void_marker;
 use super::{io_err, Loc, SpoolError};
@@ -248,6 +249,14 @@ pub fn run(
     segment_size: u64,
 ) {
     let mut buf = Vec::with_capacity(256 << 10);
+    // Sealed segments go to the indexer, which writes their indexes off this thread.
+    let (sealed, sealed_rx) = std::sync::mpsc::channel();
+    let dir = head.dir.clone();
+    let indexer = std::thread::Builder::new()
+        .name("spool-index".into())
+        .spawn(move || segindex::run(dir, sealed_rx))
+        .map_err(|e| warn!(error = %e, "cannot start the segment indexer; sealed segments are read whole at start-up"))
+        .ok();
     // Segments whose deletion failed, and when to try again.
     let mut undeleted: Vec<u32> = Vec::new();
     let mut retry = DELETE_RETRY_MIN;
@@ -302,9 +311,13 @@ pub fn run(
             }
             commit_turn(&mut head, appends, &mut buf, &reclaim, &stats.faults);
             if head.len >= segment_size || head.broken {
+                let (old_n, void) = (head.n, head.broken);
                 match Head::create(&head.dir, head.n + 1) {
                     Ok(h) => {
                         head = h;
+                        if !void {
+                            let _ = sealed.send(old_n);
+                        }
                         let old = lock(&reclaim).rotated(head.n);
                         deletes.extend(old);
                     }
@@ -331,6 +344,10 @@ pub fn run(
             retry_at = Some(Instant::now() + retry);
             retry = (retry * 2).min(DELETE_RETRY_MAX);
         }
+    }
+    drop(sealed);
+    if let Some(t) = indexer {
+        let _ = t.join();
     }
 }
 
@@ -431,6 +448,7 @@ fn delete(dir: &Path, mut segs: Vec<u32>, reclaim: &Mutex<Reclaim>) -> Vec<u32> 
         segs.dedup();
         let mut gone = Vec::with_capacity(segs.len());
         for &s in &segs {
+            segindex::remove(dir, s);
             let path = dir.join(segment::file_name(s));
             match inject::check(Point::Unlink, &path).and_then(|()| fs::remove_file(&path)) {
                 Ok(()) => gone.push(s),

@@ -38,6 +38,8 @@ mod records;
 #[allow(clippy::disallowed_methods)] // Replay at start-up (`Spool::open`), and `inspect` offline.
 mod recover;
 pub mod replica;
+#[allow(clippy::disallowed_methods)] // The indexer thread (beside the commit thread) and start-up.
+mod segindex;
 pub mod segment;
 #[allow(clippy::disallowed_methods)] // Recovery at start-up: damaged bytes moved aside.
 mod tail;
@@ -46,7 +48,7 @@ mod void;
 
 pub use files::SpoolFiles;
 pub use records::{DeliveryState, Envelope, RcptState, RcptStatus, TakenFrom};
-pub use recover::{inspect, Queued};
+pub use recover::{inspect, Queued, QueuedSet};
 pub use tail::Damaged;
 
 use crate::types::QueueId;
@@ -176,7 +178,7 @@ pub struct Opened {
     /// The spool.
     pub spool: Spool,
     /// Every queued message, oldest first.
-    pub queued: Vec<Queued>,
+    pub queued: QueuedSet,
     /// Damage recovery found in the log: kept in `damaged/`, then skipped (corruption) or
     /// cut off (a torn tail). Already logged and counted.
     pub damaged: Vec<Damaged>,
@@ -554,6 +556,8 @@ fn lock(r: &Mutex<Reclaim>) -> std::sync::MutexGuard<'_, Reclaim> {
 
 #[cfg(test)]
 mod fault_tests;
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod tail_tests;
 #[cfg(test)]

@@ -21,8 +21,9 @@ use super::reclaim::Reclaim;
 use super::segment::{self, FileHeader, Header, Kind, Segment, HEADER_LEN};
 use super::tail::{self, Damaged};
 use super::void::{parse_void_marker, void_ends};
-use super::{io_err, DeliveryState, Envelope, Loc, SpoolError};
-use crate::types::QueueId;
+use super::{io_err, segindex, DeliveryState, Envelope, Loc, SpoolError};
+use crate::chunks::ChunkMap;
+use crate::types::{QueueId, QueueKey};
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read};
@@ -79,7 +80,7 @@ struct StateSummary {
 /// What a replay found.
 pub struct Replayed {
     /// Queued messages, oldest first.
-    pub queued: Vec<Queued>,
+    pub queued: QueuedSet,
     /// Segment bookkeeping (references of the queued messages, pins of `Done` records).
     pub reclaim: Reclaim,
     /// The head segment to write to next.
@@ -88,12 +89,366 @@ pub struct Replayed {
     pub damaged: Vec<Damaged>,
 }
 
+/// What a record says about the queue (the parts of its metadata a replay needs).
+#[derive(Debug, Clone)]
+pub(super) enum Item {
+    /// A message record (first written, or copied forward by compaction).
+    Message {
+        /// Its queue id.
+        id: ItemId,
+        /// Unix time of acceptance.
+        received_at: u64,
+    },
+    /// A state record.
+    State {
+        /// Its queue id.
+        id: ItemId,
+        /// Attempts made.
+        attempts: u32,
+        /// Held by an admin.
+        held: bool,
+        /// Next attempt (Unix ms).
+        next_attempt_ms: Option<u64>,
+        /// The route found unreachable, as a number of the replay's [`Routes`].
+        route: Option<u16>,
+    },
+    /// An end record.
+    Done {
+        /// Its queue id.
+        id: ItemId,
+    },
+}
+
+/// A queue id: as a number when it has the generated form (always, for ids this relay
+/// makes), else as text.
+#[derive(Debug, Clone)]
+pub(super) enum ItemId {
+    /// The id as a number.
+    Key(QueueKey),
+    /// An id of another form.
+    Text(QueueId),
+}
+
+impl ItemId {
+    fn of(id: QueueId) -> ItemId {
+        match id.key() {
+            Some(k) => ItemId::Key(k),
+            None => ItemId::Text(id),
+        }
+    }
+}
+
+/// Route names met in a replay, by number (the queue's messages name few routes).
+#[derive(Debug, Default)]
+pub(super) struct Routes {
+    names: Vec<String>,
+    ids: HashMap<String, u16>,
+}
+
+impl Routes {
+    /// The number of route `name` (`u16::MAX - 1` names at most; beyond, the last number).
+    pub(super) fn id(&mut self, name: &str) -> u16 {
+        if let Some(&i) = self.ids.get(name) {
+            return i;
+        }
+        let Ok(i) = u16::try_from(self.names.len()) else {
+            return u16::MAX - 1;
+        };
+        if i >= u16::MAX - 1 {
+            return u16::MAX - 1;
+        }
+        self.names.push(name.to_string());
+        self.ids.insert(name.to_string(), i);
+        i
+    }
+
+    /// The names, by number.
+    pub(super) fn names(&self) -> &[String] {
+        &self.names
+    }
+}
+
+/// The item a record's header and metadata stand for (none for turn markers and fillers).
+fn item_of(
+    h: &Header,
+    meta: &[u8],
+    routes: &mut Routes,
+) -> Result<Option<Item>, serde_json::Error> {
+    Ok(Some(match h.kind {
+        Kind::Message => {
+            let e: EnvHead = serde_json::from_slice(meta)?;
+            Item::Message {
+                id: ItemId::of(e.id),
+                received_at: e.received_at,
+            }
+        }
+        Kind::State => {
+            let s: StateHead = serde_json::from_slice(meta)?;
+            Item::State {
+                id: ItemId::of(s.id),
+                attempts: s.state.attempts,
+                held: s.state.held,
+                next_attempt_ms: s.state.next_attempt_ms,
+                route: s.state.unreachable.as_deref().map(|r| routes.id(r)),
+            }
+        }
+        Kind::Done => Item::Done {
+            id: ItemId::of(serde_json::from_slice(meta)?),
+        },
+        Kind::Commit | Kind::Skip => return Ok(None),
+    }))
+}
+
+/// A queued message as the replay keeps it: 56 bytes, keyed by its [`QueueKey`].
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    msg: Loc,
+    /// Its latest state record (segment `u32::MAX`: none).
+    state: Loc,
+    received_at: u64,
+    /// `u64::MAX`: none.
+    next_attempt_ms: u64,
+    attempts: u32,
+    /// A number of the replay's [`Routes`] (`u16::MAX`: none).
+    route: u16,
+    held: bool,
+}
+
+const NO_STATE: Loc = Loc {
+    seg: u32::MAX,
+    meta_len: 0,
+    off: 0,
+};
+
+/// The queued messages a replay found, oldest first. Kept compact (about 72 bytes a
+/// message); [`QueuedSet::into_iter`] hands them out one by one, freeing the set as it goes.
+#[derive(Debug, Default)]
+pub struct QueuedSet {
+    live: ChunkMap<QueueKey, Live>,
+    /// Messages whose ids are not of the generated form (none, for ids this relay makes).
+    odd: Vec<Queued>,
+    routes: Vec<String>,
+}
+
+impl QueuedSet {
+    /// Messages queued.
+    pub fn len(&self) -> usize {
+        self.live.len() + self.odd.len()
+    }
+
+    /// True when none is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn queued(routes: &[String], k: QueueKey, l: &Live) -> Queued {
+        Queued {
+            id: k.id(),
+            received_at: l.received_at,
+            msg: l.msg,
+            state: (l.state.seg != NO_STATE.seg).then_some(l.state),
+            attempts: l.attempts,
+            held: l.held,
+            next_attempt_ms: (l.next_attempt_ms != u64::MAX).then_some(l.next_attempt_ms),
+            unreachable: routes.get(l.route as usize).cloned(),
+        }
+    }
+
+    /// Every queued message, oldest first (copies).
+    pub fn list(&self) -> Vec<Queued> {
+        let mut all = self.odd.clone();
+        all.extend(
+            self.live
+                .range_from(std::ops::Bound::Unbounded)
+                .map(|(k, l)| Self::queued(&self.routes, *k, l)),
+        );
+        all
+    }
+
+    /// The segments the queued messages' records are in (one per record).
+    fn segments(&self) -> impl Iterator<Item = u32> + '_ {
+        let odd = self
+            .odd
+            .iter()
+            .flat_map(|q| std::iter::once(q.msg.seg).chain(q.state.map(|s| s.seg)));
+        let live = self
+            .live
+            .range_from(std::ops::Bound::Unbounded)
+            .flat_map(|(_, l)| {
+                std::iter::once(l.msg.seg)
+                    .chain((l.state.seg != NO_STATE.seg).then_some(l.state.seg))
+            });
+        odd.chain(live)
+    }
+}
+
+impl IntoIterator for QueuedSet {
+    type Item = Queued;
+    type IntoIter = Box<dyn Iterator<Item = Queued> + Send>;
+
+    /// The queued messages, oldest first: those with ids of another form, then the rest.
+    fn into_iter(self) -> Self::IntoIter {
+        let routes = self.routes;
+        Box::new(
+            self.odd.into_iter().chain(
+                self.live
+                    .into_iter()
+                    .map(move |(k, l)| QueuedSet::queued(&routes, k, &l)),
+            ),
+        )
+    }
+}
+
+/// What the segments under `dir` hold, as it is being gathered.
+#[derive(Default)]
+struct Gathered {
+    live: ChunkMap<QueueKey, Live>,
+    odd: HashMap<QueueId, Queued>,
+    /// Segments that must outlive others: (segment of a Done or of a copied message record,
+    /// segment of the message record it ends or supersedes).
+    dones: Vec<(u32, u32)>,
+    routes: Routes,
+}
+
+impl Gathered {
+    /// Applies one record, in log order.
+    fn apply(&mut self, loc: Loc, item: Item) {
+        match item {
+            Item::Message {
+                id: ItemId::Key(k),
+                received_at,
+            } => {
+                if let Some(old) = self.live.get_mut(&k) {
+                    // Copied forward by compaction: the copy must outlive the original, and
+                    // the state so far stays (the state record written with the copy may be
+                    // torn).
+                    self.dones.push((loc.seg, old.msg.seg));
+                    old.msg = loc;
+                    return;
+                }
+                self.live.insert(
+                    k,
+                    Live {
+                        msg: loc,
+                        state: NO_STATE,
+                        received_at,
+                        next_attempt_ms: u64::MAX,
+                        attempts: 0,
+                        route: u16::MAX,
+                        held: false,
+                    },
+                );
+            }
+            Item::State {
+                id: ItemId::Key(k),
+                attempts,
+                held,
+                next_attempt_ms,
+                route,
+            } => {
+                if let Some(l) = self.live.get_mut(&k) {
+                    l.state = loc;
+                    l.attempts = attempts;
+                    l.held = held;
+                    l.next_attempt_ms = next_attempt_ms.unwrap_or(u64::MAX);
+                    l.route = route.unwrap_or(u16::MAX);
+                }
+            }
+            Item::Done { id: ItemId::Key(k) } => {
+                if let Some(l) = self.live.remove(&k) {
+                    self.dones.push((loc.seg, l.msg.seg));
+                }
+            }
+            Item::Message {
+                id: ItemId::Text(id),
+                received_at,
+            } => {
+                if let Some(old) = self.odd.get_mut(&id) {
+                    self.dones.push((loc.seg, old.msg.seg));
+                    old.msg = loc;
+                    return;
+                }
+                self.odd.insert(
+                    id.clone(),
+                    Queued {
+                        id,
+                        received_at,
+                        msg: loc,
+                        state: None,
+                        attempts: 0,
+                        held: false,
+                        next_attempt_ms: None,
+                        unreachable: None,
+                    },
+                );
+            }
+            Item::State {
+                id: ItemId::Text(id),
+                attempts,
+                held,
+                next_attempt_ms,
+                route,
+            } => {
+                if let Some(q) = self.odd.get_mut(&id) {
+                    q.state = Some(loc);
+                    q.attempts = attempts;
+                    q.held = held;
+                    q.next_attempt_ms = next_attempt_ms;
+                    q.unreachable =
+                        route.and_then(|r| self.routes.names().get(r as usize).cloned());
+                }
+            }
+            Item::Done {
+                id: ItemId::Text(id),
+            } => {
+                if let Some(q) = self.odd.remove(&id) {
+                    self.dones.push((loc.seg, q.msg.seg));
+                }
+            }
+        }
+    }
+
+    /// Applies one record from its header and metadata.
+    fn apply_record(&mut self, loc: Loc, h: &Header, meta: &[u8]) -> Result<(), serde_json::Error> {
+        if let Some(item) = item_of(h, meta, &mut self.routes)? {
+            self.apply(loc, item);
+        }
+        Ok(())
+    }
+
+    fn into_set(self) -> QueuedSet {
+        let mut odd: Vec<Queued> = self.odd.into_values().collect();
+        odd.sort_by(|a, b| a.id.cmp(&b.id));
+        QueuedSet {
+            live: self.live,
+            odd,
+            routes: self.routes.names,
+        }
+    }
+}
+
 /// What the segments under `dir` hold.
 struct Found {
     numbers: Vec<u32>,
-    live: HashMap<QueueId, Queued>,
-    dones: Vec<(u32, u32)>,
+    gathered: Gathered,
     damaged: Vec<Damaged>,
+}
+
+/// Every record of sealed segment `n` at `path` as items, read record by record (for its
+/// index); route names go to `routes`.
+pub(super) fn read_sealed(
+    path: &Path,
+    n: u32,
+    routes: &mut Routes,
+) -> Result<Vec<(Loc, Item)>, SpoolError> {
+    let mut items = Vec::new();
+    scan_sealed(path, n, None, &mut |loc, h, meta| {
+        if let Some(item) = item_of(h, meta, routes)? {
+            items.push((loc, item));
+        }
+        Ok(())
+    })?;
+    Ok(items)
 }
 
 /// Replays the segments under `dir`. With `aside`, damaged segments are repaired (the damaged
@@ -102,6 +457,7 @@ struct Found {
 fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError> {
     let mut numbers = Vec::new();
     let mut voids: Vec<(u32, u64, String)> = Vec::new();
+    let mut indexes: Vec<(u32, bool)> = Vec::new();
     for e in fs::read_dir(dir).map_err(io_err(dir))? {
         let e = e.map_err(io_err(dir))?;
         let name = e.file_name();
@@ -117,26 +473,46 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
             }
         } else if let Some((n, off)) = parse_void_marker(name) {
             voids.push((n, off, name.to_string()));
+        } else if let Some(idx) = segindex::number(name) {
+            indexes.push(idx);
         }
     }
     numbers.sort_unstable();
+    if aside.is_some() {
+        // Indexes half written, or of segments no longer there.
+        for (n, temp) in indexes {
+            if temp || numbers.binary_search(&n).is_err() {
+                let name = if temp {
+                    format!("{}.tmp", segindex::file_name(n))
+                } else {
+                    segindex::file_name(n)
+                };
+                let _ = fs::remove_file(dir.join(name));
+            }
+        }
+    }
     let limits = void_ends(dir, &numbers, voids, aside.is_none());
-    let mut live: HashMap<QueueId, Queued> = HashMap::new();
-    // Segments that must outlive others: (segment of a Done or of a copied message record,
-    // segment of the message record it ends or supersedes).
-    let mut dones: Vec<(u32, u32)> = Vec::new();
+    let mut g = Gathered::default();
     let mut damaged = Vec::new();
     for (i, &n) in numbers.iter().enumerate() {
         let path = dir.join(segment::file_name(n));
-        let each = &mut |loc, h: &Header, meta: &[u8]| apply(&mut live, &mut dones, loc, h, meta);
         if aside.is_none() && !path.exists() {
             continue; // deleted meanwhile by a running relay (a spent segment)
         }
+        let end = limits.get(&n).copied();
+        if i + 1 < numbers.len() && end.is_none() {
+            if let Some(items) = segindex::load(dir, n, &mut g.routes, aside.is_some()) {
+                for (loc, item) in items {
+                    g.apply(loc, item);
+                }
+                continue;
+            }
+        }
+        let each = &mut |loc, h: &Header, meta: &[u8]| g.apply_record(loc, h, meta);
         let mode = match aside {
             Some(a) => tail::Mode::Repair(a),
             None => tail::Mode::ReadOnly,
         };
-        let end = limits.get(&n).copied();
         if i + 1 < numbers.len() {
             // Applied once the whole segment reads well, so a damaged one can be read again
             // by the repairing scan.
@@ -185,8 +561,7 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
     }
     Ok(Found {
         numbers,
-        live,
-        dones,
+        gathered: g,
         damaged,
     })
 }
@@ -265,26 +640,22 @@ fn unsalted_v2(file: &File) -> std::io::Result<bool> {
 /// not counted). Oldest first.
 pub fn inspect(root: &Path) -> Result<Vec<Queued>, SpoolError> {
     let dir = root.join("segments");
-    Ok(oldest_first(replay_segments(&dir, None)?.live))
-}
-
-/// The queued messages in id order, which is the order they were accepted in.
-fn oldest_first(live: HashMap<QueueId, Queued>) -> Vec<Queued> {
-    let mut queued: Vec<Queued> = live.into_values().collect();
-    queued.sort_by(|a, b| a.id.cmp(&b.id));
-    queued
+    Ok(replay_segments(&dir, None)?
+        .gathered
+        .into_set()
+        .into_iter()
+        .collect())
 }
 
 /// Replays every segment under `dir`, imports a former `active/` spool, and opens a new head.
 pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
     let Found {
         numbers,
-        mut live,
-        dones,
+        gathered: mut g,
         damaged,
     } = replay_segments(dir, Some(&root.join("damaged")))?;
     let mut head = Head::create(dir, numbers.last().map_or(1, |n| n + 1))?;
-    let imported = import_former(root, &mut head, &mut live)?;
+    let imported = import_former(root, &mut head, &mut g)?;
     if imported > 0 {
         info!(
             messages = imported,
@@ -292,12 +663,10 @@ pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
         );
     }
     let mut reclaim = Reclaim::new(numbers.iter().copied(), head.n);
-    let queued = oldest_first(live);
-    for q in &queued {
-        reclaim.add_ref(q.msg.seg);
-        if let Some(s) = q.state {
-            reclaim.add_ref(s.seg);
-        }
+    let dones = std::mem::take(&mut g.dones);
+    let queued = g.into_set();
+    for seg in queued.segments() {
+        reclaim.add_ref(seg);
     }
     for (done, msg) in dones {
         reclaim.pin(done, msg);
@@ -320,58 +689,6 @@ pub fn replay(root: &Path, dir: &Path) -> Result<Replayed, SpoolError> {
         head,
         damaged,
     })
-}
-
-fn apply(
-    live: &mut HashMap<QueueId, Queued>,
-    dones: &mut Vec<(u32, u32)>,
-    loc: Loc,
-    h: &Header,
-    meta: &[u8],
-) -> Result<(), serde_json::Error> {
-    match h.kind {
-        Kind::Message => {
-            let e: EnvHead = serde_json::from_slice(meta)?;
-            if let Some(old) = live.get_mut(&e.id) {
-                // Copied forward by compaction: the copy must outlive the original, and the
-                // state so far stays (the state record written with the copy may be torn).
-                dones.push((loc.seg, old.msg.seg));
-                old.msg = loc;
-                return Ok(());
-            }
-            live.insert(
-                e.id.clone(),
-                Queued {
-                    id: e.id,
-                    received_at: e.received_at,
-                    msg: loc,
-                    state: None,
-                    attempts: 0,
-                    held: false,
-                    next_attempt_ms: None,
-                    unreachable: None,
-                },
-            );
-        }
-        Kind::State => {
-            let s: StateHead = serde_json::from_slice(meta)?;
-            if let Some(q) = live.get_mut(&s.id) {
-                q.state = Some(loc);
-                q.attempts = s.state.attempts;
-                q.held = s.state.held;
-                q.next_attempt_ms = s.state.next_attempt_ms;
-                q.unreachable = s.state.unreachable;
-            }
-        }
-        Kind::Done => {
-            let id: QueueId = serde_json::from_slice(meta)?;
-            if let Some(q) = live.remove(&id) {
-                dones.push((loc.seg, q.msg.seg));
-            }
-        }
-        Kind::Commit | Kind::Skip => {}
-    }
-    Ok(())
 }
 
 /// What a scan calls for each record: its position, header and metadata.
@@ -420,11 +737,7 @@ fn scan_sealed(
 
 /// Moves the messages of the former layout (`active/ID.msg` with an envelope line, and
 /// `active/ID.state`) into the head segment, syncs it, then removes the old files.
-fn import_former(
-    root: &Path,
-    head: &mut Head,
-    live: &mut HashMap<QueueId, Queued>,
-) -> Result<usize, SpoolError> {
+fn import_former(root: &Path, head: &mut Head, g: &mut Gathered) -> Result<usize, SpoolError> {
     let incoming = root.join("incoming");
     if incoming.is_dir() {
         // Never acknowledged: a message being written when the former version stopped.
@@ -467,17 +780,22 @@ fn import_former(
                 &mut buf,
             )
             .map_err(io_err(path))?;
-        live.insert(
-            env.id.clone(),
-            Queued {
-                id: env.id.clone(),
+        let id = ItemId::of(env.id.clone());
+        g.apply(
+            locs[0],
+            Item::Message {
+                id: id.clone(),
                 received_at: env.received_at,
-                msg: locs[0],
-                state: Some(locs[1]),
+            },
+        );
+        g.apply(
+            locs[1],
+            Item::State {
+                id,
                 attempts: state.attempts,
                 held: state.held,
                 next_attempt_ms: None,
-                unreachable: None,
+                route: None,
             },
         );
     }

@@ -126,7 +126,10 @@ fn records_copied_into_a_message_body_are_never_taken_for_records() {
             assert_eq!(fs::metadata(&seg).unwrap().len(), lm.off, "{what}");
         } else {
             assert_eq!(
-                o.spool.files().read_message(o.queued[1].msg).unwrap(),
+                o.spool
+                    .files()
+                    .read_message(o.queued.list()[1].msg)
+                    .unwrap(),
                 b"real b"
             );
         }
@@ -190,7 +193,7 @@ fn corruption_that_cannot_be_kept_aside_is_left_in_place_and_moved_by_the_next_s
     let o = o.expect("the start goes on");
     assert_eq!(inject::hits(Point::KeepAside, &aside), 1);
     assert_eq!(ids(&o), sent[1..].to_vec());
-    for (q, i) in o.queued.iter().zip(1u8..) {
+    for (q, i) in o.queued.list().iter().zip(1u8..) {
         assert_eq!(
             o.spool.files().read_message(q.msg).unwrap(),
             vec![b'0' + i; 500]

@@ -45,7 +45,7 @@ pub(super) fn seg_files(dir: &Path) -> Vec<String> {
 }
 
 pub(super) fn ids(o: &Opened) -> Vec<QueueId> {
-    o.queued.iter().map(|q| q.id.clone()).collect()
+    o.queued.list().iter().map(|q| q.id.clone()).collect()
 }
 
 #[test]
@@ -71,7 +71,7 @@ fn store_state_finish_survive_reopen() {
 
     let o = Spool::open(dir.path()).unwrap();
     assert_eq!(ids(&o), vec![a.clone()], "b was finished");
-    let q = &o.queued[0];
+    let q = &o.queued.list()[0];
     assert_eq!((q.msg, q.state), (la, Some(sa)));
     assert_eq!(
         (q.attempts, q.held, q.next_attempt_ms),
@@ -173,7 +173,10 @@ fn damage_in_a_sealed_segment_is_moved_aside_and_the_rest_kept() {
         .join("damaged/0000000001.seg.16.corrupt")
         .exists());
     assert_eq!(
-        o.spool.files().read_message(o.queued[0].msg).unwrap(),
+        o.spool
+            .files()
+            .read_message(o.queued.list()[0].msg)
+            .unwrap(),
         b"one"
     );
     drop(o);
@@ -299,7 +302,7 @@ fn segments_are_deleted_when_done_and_a_done_record_outlives_its_message() {
     drop(s);
     let o = Spool::open_sized(dir.path(), 4096).unwrap();
     assert_eq!(ids(&o), vec![a.clone()], "b, c and d stay finished");
-    let q = o.queued[0].clone();
+    let q = o.queued.list()[0].clone();
     rt.block_on(o.spool.finish(&a, q.msg, q.state)).unwrap();
     wait_segments(dir.path(), |f| f.len() <= 1);
     drop(o);
@@ -332,24 +335,39 @@ fn the_former_layout_is_imported() {
     .unwrap();
     let o = Spool::open(dir.path()).unwrap();
     assert_eq!(
-        o.queued.iter().map(|q| q.id.clone()).collect::<Vec<_>>(),
+        o.queued
+            .list()
+            .iter()
+            .map(|q| q.id.clone())
+            .collect::<Vec<_>>(),
         ids
     );
     assert!(!active.exists() && !dir.path().join("incoming").exists());
     let rets: Vec<Option<Ret>> = o
         .queued
+        .list()
         .iter()
         .map(|q| o.spool.files().read_envelope(q.msg).unwrap().ret)
         .collect();
     assert_eq!(rets, [Some(Ret::Full), Some(Ret::Hdrs), None]);
-    let old = o.spool.files().read_envelope(o.queued[0].msg).unwrap();
+    let old = o
+        .spool
+        .files()
+        .read_envelope(o.queued.list()[0].msg)
+        .unwrap();
     assert_eq!(old.body, BodyType::EightBitMime);
     assert!(old.dsn(0).wants_failure() && !old.dsn(0).wants_delay());
     assert_eq!(
-        o.spool.files().read_message(o.queued[0].msg).unwrap(),
+        o.spool
+            .files()
+            .read_message(o.queued.list()[0].msg)
+            .unwrap(),
         b"hello"
     );
-    assert_eq!((o.queued[1].attempts, o.queued[1].held), (3, true));
+    assert_eq!(
+        (o.queued.list()[1].attempts, o.queued.list()[1].held),
+        (3, true)
+    );
     drop(o);
     // Imported once: a second start finds them in the log.
     assert_eq!(Spool::open(dir.path()).unwrap().queued.len(), 3);
@@ -432,13 +450,22 @@ fn a_straggler_is_copied_forward_and_its_old_segment_deleted() {
     wait_segments(dir.path(), |f| !f.contains(&segment::file_name(1)));
     drop(s);
     let o = Spool::open_sized(dir.path(), 4096).unwrap();
-    let qa = o.queued.iter().find(|q| q.id == a).expect("a still queued");
+    let qa = o
+        .queued
+        .list()
+        .into_iter()
+        .find(|q| q.id == a)
+        .expect("a still queued");
     assert_eq!((qa.msg, qa.state, qa.attempts), (na, Some(ns), 4));
     assert_eq!(
         o.spool.files().read_message(qa.msg).unwrap(),
         vec![b'z'; 3000]
     );
-    assert!(!o.queued.iter().any(|q| q.id == b || q.id == c || q.id == d));
+    assert!(!o
+        .queued
+        .list()
+        .iter()
+        .any(|q| q.id == b || q.id == c || q.id == d));
 }
 
 /// Flips one bit at `off` of segment `n` under `dir`.
@@ -497,7 +524,7 @@ fn a_flipped_bit_in_an_acknowledged_message_is_corruption_not_a_torn_tail() {
         flip(dir.path(), 1, at(first));
         let o = Spool::open(dir.path()).unwrap();
         assert_eq!(ids(&o), sent[1..].to_vec(), "{what}");
-        for (q, i) in o.queued.iter().zip(1u8..) {
+        for (q, i) in o.queued.list().iter().zip(1u8..) {
             assert_eq!(
                 o.spool.files().read_message(q.msg).unwrap(),
                 vec![b'0' + i; 500]
@@ -597,7 +624,10 @@ fn a_segment_without_turn_markers_still_recovers() {
         &bytes[last..whole]
     );
     assert_eq!(
-        o.spool.files().read_message(o.queued[0].msg).unwrap(),
+        o.spool
+            .files()
+            .read_message(o.queued.list()[0].msg)
+            .unwrap(),
         b"old"
     );
     drop(o);

@@ -148,8 +148,10 @@ alive || { echo "relay exited after the restart"; fail_tail; exit 1; }
 [ "$listen_s" = - ] && { echo "relay not listening after ${PHASE_TIMEOUT}s"; fail_tail; exit 1; }
 
 # --- 3. Hops back: start both sinks, wait until every acknowledged id is at a sink.
-delivered_lines() { cat "$W/onprem.rec" "$W/cloud.rec" 2>/dev/null | wc -l; }
-distinct() { cat "$W/onprem.rec" "$W/cloud.rec" 2>/dev/null | awk '!s[$1]++ { n++ } END { print n + 0 }'; }
+# (A sink creates its record file when it starts: until then there is nothing to read.)
+records() { cat "$W/onprem.rec" "$W/cloud.rec" 2>/dev/null || true; }
+delivered_lines() { records | wc -l; }
+distinct() { records | awk '!s[$1]++ { n++ } END { print n + 0 }'; }
 t0=$(now)
 $B sink --listen "127.0.0.1:$ONPREM" --record "$W/onprem.rec" >"$W/onprem.out" 2>/dev/null & SINK1=$!; PIDS+=("$SINK1")
 $B sink --listen "127.0.0.1:$CLOUD" --record "$W/cloud.rec" >"$W/cloud.out" 2>/dev/null & SINK2=$!; PIDS+=("$SINK2")

@@ -59,13 +59,13 @@ impl Writer {
     }
 
     /// Runs until every sender is gone, then seals the open file.
-    pub(super) fn run(mut self, rx: Receiver<Event>) {
+    pub(super) fn run(mut self, rx: Receiver<Box<Event>>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut last_house = Instant::now();
         loop {
             let mut stop = match rx.recv_timeout(Duration::from_secs(1)) {
                 Ok(e) => {
-                    batch.push(e);
+                    batch.push(*e);
                     false
                 }
                 Err(RecvTimeoutError::Timeout) => false,
@@ -79,7 +79,7 @@ impl Writer {
             loop {
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(e) => batch.push(e),
+                        Ok(e) => batch.push(*e),
                         Err(TryRecvError::Empty) => break,
                         Err(TryRecvError::Disconnected) => {
                             stop = true;

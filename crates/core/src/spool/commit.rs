@@ -246,6 +246,7 @@ pub fn run(
     jobs: Receiver<Job>,
     reclaim: Arc<Mutex<Reclaim>>,
     stats: Arc<Stats>,
+    open: Arc<super::OpenSegments>,
     segment_size: u64,
 ) {
     let mut buf = Vec::with_capacity(256 << 10);
@@ -331,7 +332,7 @@ pub fn run(
         if due {
             deletes.append(&mut undeleted);
         }
-        let failed = delete(&head.dir, deletes, &reclaim);
+        let failed = delete(&head.dir, deletes, &reclaim, &open);
         if due {
             retry_at = None;
         }
@@ -441,7 +442,12 @@ fn commit_turn(
 /// deleted segment held is released. Returns the segments that could not be deleted: they
 /// keep their pins (so the segments holding the `Done` records of their messages stay) and
 /// are tried again later.
-fn delete(dir: &Path, mut segs: Vec<u32>, reclaim: &Mutex<Reclaim>) -> Vec<u32> {
+fn delete(
+    dir: &Path,
+    mut segs: Vec<u32>,
+    reclaim: &Mutex<Reclaim>,
+    open: &super::OpenSegments,
+) -> Vec<u32> {
     let mut kept = Vec::new();
     while !segs.is_empty() {
         segs.sort_unstable();
@@ -451,8 +457,14 @@ fn delete(dir: &Path, mut segs: Vec<u32>, reclaim: &Mutex<Reclaim>) -> Vec<u32> 
             segindex::remove(dir, s);
             let path = dir.join(segment::file_name(s));
             match inject::check(Point::Unlink, &path).and_then(|()| fs::remove_file(&path)) {
-                Ok(()) => gone.push(s),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => gone.push(s),
+                Ok(()) => {
+                    open.forget(s);
+                    gone.push(s);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    open.forget(s);
+                    gone.push(s);
+                }
                 Err(e) => {
                     warn!(path = %path.display(), error = %e, "cannot delete a spent spool segment; it keeps the segments it pins and is tried again later");
                     kept.push(s);

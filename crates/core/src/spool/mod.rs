@@ -55,6 +55,7 @@ use crate::types::QueueId;
 use commit::{Job, Keep, Rec};
 use reclaim::Reclaim;
 use segment::{Kind, HEADER_LEN};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -141,7 +142,15 @@ pub struct Spool {
     /// The commit thread: joined when the spool is dropped, so whatever was sent to it
     /// (appends, deletions) is done before the spool can be opened again.
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The free space last read, and when (see [`Spool::available_space`]).
+    free: Mutex<Option<(std::time::Instant, u64)>>,
 }
+
+/// Above this much free space, [`Spool::available_space`] answers from a reading at most
+/// [`FREE_FRESH`] old: no 100 ms of writes comes near it.
+const FREE_PLENTY: u64 = 8 << 30;
+/// How long a reading of plenty of free space is used.
+const FREE_FRESH: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Drop for Spool {
     fn drop(&mut self) {
@@ -255,18 +264,21 @@ impl Spool {
         let free = lock(&reclaim).all_free();
         let stats = Arc::new(commit::Stats::default());
         let (r2, s2) = (reclaim.clone(), stats.clone());
+        let files = Arc::new(SpoolFiles::new(dir));
+        let open = files.reader().open_segments();
         let thread = std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || commit::run(replayed.head, rx, r2, s2, segment_size))
+            .spawn(move || commit::run(replayed.head, rx, r2, s2, open, segment_size))
             .map_err(io_err(&segments))?;
         let spool = Spool {
-            files: Arc::new(SpoolFiles::new(dir)),
+            files,
             jobs: tx,
             reclaim,
             stats,
             pending: Default::default(),
             replica: Default::default(),
             thread: Some(thread),
+            free: Mutex::new(None),
         };
         spool.delete(free);
         Ok(Opened {
@@ -277,9 +289,20 @@ impl Spool {
         })
     }
 
-    /// Free bytes for us on the spool's file system.
+    /// Free bytes for us on the spool's file system. Asked at every `MAIL`: while more than
+    /// 8 GiB are free the kernel is asked at most every 100 ms; below that, every time (a
+    /// disk filling up is seen at once).
     pub fn available_space(&self) -> io::Result<u64> {
-        fs4::available_space(&self.files.reader().segments)
+        let now = std::time::Instant::now();
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, bytes)) = *free {
+            if bytes > FREE_PLENTY && now.duration_since(at) < FREE_FRESH {
+                return Ok(bytes);
+            }
+        }
+        let bytes = fs4::available_space(&self.files.reader().segments)?;
+        *free = Some((now, bytes));
+        Ok(bytes)
     }
 
     /// Segment files on disk (for metrics and tests).
@@ -479,6 +502,55 @@ impl Spool {
 #[derive(Debug, Clone)]
 pub struct Reader {
     segments: PathBuf,
+    open: Arc<OpenSegments>,
+}
+
+/// Segment files kept open for reading, with their salts: a read costs its `pread`s, not an
+/// `open`, a read of the file header and a `close` (a relay under load reads back every
+/// message that waited for an attempt slot). At most [`OpenSegments::MAX`]; a deleted
+/// segment is dropped from it by the commit stage, so its disk space is freed.
+#[derive(Debug, Default)]
+pub struct OpenSegments(Mutex<HashMap<u32, Arc<(File, segment::Salt)>>>);
+
+impl OpenSegments {
+    /// Most segment files kept open.
+    const MAX: usize = 64;
+
+    /// Segment `n` at `path`, opened and its file header read when it is not open yet.
+    #[allow(clippy::disallowed_methods)] // Blocking boundary: run through `SpoolFiles` only.
+    fn get(&self, n: u32, path: &Path) -> Result<Arc<(File, segment::Salt)>, SpoolError> {
+        if let Some(f) = self.lock().get(&n) {
+            return Ok(f.clone());
+        }
+        let f = File::open(path).map_err(io_err(path))?;
+        let mut fh = [0u8; segment::FILE_HEADER_LEN];
+        let got = framed::read_at_most(&f, &mut fh, 0).map_err(io_err(path))?;
+        let segment::FileHeader::Segment(salt) = segment::parse_file_header(&fh[..got]) else {
+            return Err(SpoolError::Corrupt {
+                path: format!("{} at offset 0", path.display()),
+                reason: "not a coexist spool segment".into(),
+            });
+        };
+        let open = Arc::new((f, salt));
+        let mut map = self.lock();
+        if map.len() >= Self::MAX {
+            // The oldest segment goes first: the likeliest to be spent soon.
+            if let Some(&oldest) = map.keys().min() {
+                map.remove(&oldest);
+            }
+        }
+        map.insert(n, open.clone());
+        Ok(open)
+    }
+
+    /// Segment `n` was deleted: its file is closed here (readers holding it finish first).
+    pub(super) fn forget(&self, n: u32) {
+        self.lock().remove(&n);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<(File, segment::Salt)>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Reader {
@@ -486,22 +558,23 @@ impl Reader {
     pub fn new(dir: &Path) -> Reader {
         Reader {
             segments: dir.join("segments"),
+            open: Arc::default(),
         }
     }
 
-    #[allow(clippy::disallowed_methods)] // Blocking boundary: run through `SpoolFiles` only.
+    /// The segment files this reader keeps open.
+    pub(super) fn open_segments(&self) -> Arc<OpenSegments> {
+        self.open.clone()
+    }
+
     fn read(&self, loc: Loc, body: bool) -> Result<(Vec<u8>, Vec<u8>), SpoolError> {
         let path = self.segments.join(segment::file_name(loc.seg));
         let corrupt = |reason: &str| SpoolError::Corrupt {
             path: format!("{} at offset {}", path.display(), loc.off),
             reason: reason.into(),
         };
-        let f = File::open(&path).map_err(io_err(&path))?;
-        let mut fh = [0u8; segment::FILE_HEADER_LEN];
-        let got = framed::read_at_most(&f, &mut fh, 0).map_err(io_err(&path))?;
-        let segment::FileHeader::Segment(salt) = segment::parse_file_header(&fh[..got]) else {
-            return Err(corrupt("not a coexist spool segment"));
-        };
+        let open = self.open.get(loc.seg, &path)?;
+        let (f, salt) = (&open.0, open.1);
         let mut head = vec![0u8; HEADER_LEN + loc.meta_len as usize];
         f.read_exact_at(&mut head, loc.off).map_err(io_err(&path))?;
         let hb: [u8; HEADER_LEN] = head[..HEADER_LEN]

@@ -4,7 +4,8 @@
 //! the spool; an entry is 64 bytes with its key, plus 16 for its place in a set and 24 for
 //! the timer, kept in full chunks ([`crate::chunks`]; the README gives the measured size).
 //!
-//! Everything here is O(log n) per message and never touches the disk, so the lock around
+//! Everything here is O(log n) per message (amortised: the timer's stale items are swept
+//! now and then) and never touches the disk, so the lock around
 //! it is held only briefly: acceptance, listings and metrics do not wait for each other.
 //!
 //! An outcome an attempt learned that the spool could not write (disk full, I/O error) stays
@@ -493,18 +494,28 @@ impl Index {
     }
 
     /// Makes ready up to `max` of the deferred messages whose last attempt found `route`'s
-    /// next hops unreachable, oldest first; returns how many, and whether more are waiting.
-    pub fn release_route(&mut self, route: u16, max: usize) -> (usize, bool) {
+    /// next hops unreachable, oldest first, after `after` (exclusive: a message deferred for
+    /// the route again meanwhile, say because its state could not be written, is not taken
+    /// twice by one release); returns how many, and where to go on (`None`: done).
+    pub fn release_route(
+        &mut self,
+        route: u16,
+        after: Option<QueueKey>,
+        max: usize,
+    ) -> (usize, Option<QueueKey>) {
+        let lower = after.as_ref().map_or(Bound::Unbounded, Bound::Excluded);
         let picked = self
             .deferred
             .get(&route)
-            .map(|s| s.keys_from(Bound::Unbounded, max))
+            .map(|s| s.keys_from(lower, max))
             .unwrap_or_default();
         for &k in &picked {
             self.move_to(k, Slot::Ready, 0);
         }
-        let more = self.deferred.get(&route).is_some_and(|s| !s.is_empty());
-        (picked.len(), more)
+        let next = (picked.len() == max)
+            .then(|| picked.last().copied())
+            .flatten();
+        (picked.len(), next)
     }
 
     /// The oldest deferred message waiting for `route`, made ready (a probe of the route).

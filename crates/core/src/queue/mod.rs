@@ -158,8 +158,8 @@ struct Routes {
     next_probe: Vec<u64>,
     /// Per tag: when (Unix ms) its next hops last answered again after being unreachable.
     up_since: Vec<u64>,
-    /// Routes that answered again and still have deferred mail to release.
-    releasing: Vec<u16>,
+    /// Routes that answered again, with where their release has got to.
+    releasing: Vec<(u16, Option<QueueKey>)>,
 }
 
 impl Routes {

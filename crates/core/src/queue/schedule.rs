@@ -97,15 +97,15 @@ fn release_and_probe(inner: &Inner) {
     let mut routes = inner.routes();
     let mut released = 0;
     let releasing = std::mem::take(&mut routes.releasing);
-    for tag in releasing {
+    for (tag, from) in releasing {
         // A route down again keeps the rest for its next return (which releases it all).
         if routes.down_since[tag as usize].is_some() {
             continue;
         }
-        let (n, more) = inner.index().release_route(tag, RELEASE_STEP);
+        let (n, next) = inner.index().release_route(tag, from, RELEASE_STEP);
         released += n;
-        if more {
-            routes.releasing.push(tag);
+        if next.is_some() {
+            routes.releasing.push((tag, next));
         }
     }
     for tag in 0..routes.names.len() {
@@ -158,9 +158,9 @@ fn report_routes(inner: &Inner, reports: &[RouteReport], started_ms: u64) -> Rou
             if let Some(since) = routes.down_since[t].take() {
                 info!(route = %r.route, down_s = now.saturating_sub(since) / 1000, "next hops answer again: releasing the mail deferred for them");
                 routes.up_since[t] = now;
-                if !routes.releasing.contains(&tag) {
-                    routes.releasing.push(tag);
-                }
+                // A new release from the oldest (one still under way starts over).
+                routes.releasing.retain(|(t, _)| *t != tag);
+                routes.releasing.push((tag, None));
                 inner.wake.notify_one();
             }
         } else if routes.down_since[t].is_none() && routes.up_since[t] >= started_ms {

@@ -316,10 +316,11 @@ pub fn run(
                 match Head::create(&head.dir, head.n + 1) {
                     Ok(h) => {
                         head = h;
-                        if !void {
+                        let old = lock(&reclaim).rotated(head.n);
+                        // (A sealed segment already spent is deleted now: no index.)
+                        if !void && old != Some(old_n) {
                             let _ = sealed.send(old_n);
                         }
-                        let old = lock(&reclaim).rotated(head.n);
                         deletes.extend(old);
                     }
                     Err(e) => {
@@ -454,15 +455,16 @@ fn delete(
         segs.dedup();
         let mut gone = Vec::with_capacity(segs.len());
         for &s in &segs {
-            segindex::remove(dir, s);
             let path = dir.join(segment::file_name(s));
             match inject::check(Point::Unlink, &path).and_then(|()| fs::remove_file(&path)) {
                 Ok(()) => {
                     open.forget(s);
+                    segindex::remove(dir, s);
                     gone.push(s);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     open.forget(s);
+                    segindex::remove(dir, s);
                     gone.push(s);
                 }
                 Err(e) => {

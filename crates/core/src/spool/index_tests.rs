@@ -112,6 +112,17 @@ fn a_start_reads_sealed_segments_through_their_indexes_and_finds_the_same_queue(
     assert!(o.damaged.is_empty(), "{:?}", o.damaged);
     assert_eq!(shown(&o.queued.list()), shown(&whole));
     assert!(o.spool.files().read_envelope(first.msg).is_err());
+    // The read found the damage: the segment's index goes, so the next start reads the
+    // segment whole and moves the damaged record aside.
+    assert!(!indexes(dir.path()).contains(&segindex::file_name(first.msg.seg)));
+    drop(o);
+    let o = Spool::open_sized(dir.path(), 2048).unwrap();
+    assert_eq!(o.damaged.len(), 1, "{:?}", o.damaged);
+    // (A message copied forward comes back from its original record when that is still
+    // on disk.) What is queued reads whole.
+    for q in o.queued.list() {
+        assert!(o.spool.files().read_envelope(q.msg).is_ok(), "{}", q.id);
+    }
 }
 
 #[test]

@@ -540,6 +540,11 @@ impl OpenSegments {
             }
         }
         map.insert(n, open.clone());
+        // Deleted meanwhile (the commit stage unlinks, then forgets): not kept open.
+        use std::os::unix::fs::MetadataExt;
+        if open.0.metadata().map_or(true, |m| m.nlink() == 0) {
+            map.remove(&n);
+        }
         Ok(open)
     }
 
@@ -568,6 +573,16 @@ impl Reader {
     }
 
     fn read(&self, loc: Loc, body: bool) -> Result<(Vec<u8>, Vec<u8>), SpoolError> {
+        let res = self.read_record(loc, body);
+        if let Err(SpoolError::Corrupt { .. }) = &res {
+            // Damage the start did not see (the segment was read through its index): the
+            // next start reads the segment whole and moves the damage aside.
+            segindex::remove(&self.segments, loc.seg);
+        }
+        res
+    }
+
+    fn read_record(&self, loc: Loc, body: bool) -> Result<(Vec<u8>, Vec<u8>), SpoolError> {
         let path = self.segments.join(segment::file_name(loc.seg));
         let corrupt = |reason: &str| SpoolError::Corrupt {
             path: format!("{} at offset {}", path.display(), loc.off),

@@ -508,6 +508,11 @@ fn replay_segments(dir: &Path, aside: Option<&Path>) -> Result<Found, SpoolError
                 continue;
             }
         }
+        if aside.is_some() {
+            // Read whole (and maybe repaired, damaged records filled in place): an index of
+            // it, unusable or not, must not be read instead at a later start.
+            segindex::remove(dir, n);
+        }
         let each = &mut |loc, h: &Header, meta: &[u8]| g.apply_record(loc, h, meta);
         let mode = match aside {
             Some(a) => tail::Mode::Repair(a),

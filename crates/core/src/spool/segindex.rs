@@ -245,6 +245,11 @@ pub fn write(dir: &Path, n: u32, items: &[(Loc, Item)], routes: &Routes) -> io::
     let tmp = dir.join(temp_name(n));
     fs::write(&tmp, &bytes)?;
     fs::rename(&tmp, dir.join(file_name(n)))?;
+    if !dir.join(segment::file_name(n)).exists() {
+        // Spent and deleted while it was indexed: the commit stage removed no index then.
+        remove(dir, n);
+        return Ok(false);
+    }
     Ok(true)
 }
 
@@ -269,10 +274,14 @@ pub fn run(dir: PathBuf, sealed: std::sync::mpsc::Receiver<u32>) {
             Ok(items) => match write(&dir, n, &items, &routes) {
                 Ok(true) => debug!(segment = n, records = items.len(), "segment index written"),
                 Ok(false) => {}
+                Err(e) if !seg.exists() => {
+                    debug!(segment = n, error = %e, "segment spent while it was indexed")
+                }
                 Err(e) => {
                     warn!(segment = n, error = %e, "cannot write a segment index; the next start reads the segment whole")
                 }
             },
+            Err(_) if !seg.exists() => debug!(segment = n, "segment spent before it was indexed"),
             Err(e) => {
                 warn!(segment = n, error = %e, "cannot read a sealed segment back for its index; the next start reads it whole")
             }

@@ -85,9 +85,9 @@ fn a_route_that_answers_again_releases_its_messages() {
         }
         ix.insert(k, e);
     }
-    assert_eq!(ix.release_route(3, 4), (4, true));
-    assert_eq!(ix.release_route(3, 4), (1, false));
-    assert_eq!(ix.release_route(3, 4), (0, false));
+    let (n1, next) = ix.release_route(3, None, 4);
+    assert_eq!(n1, 4);
+    assert_eq!(ix.release_route(3, next, 4), (1, None));
     let mut got = Vec::new();
     while let Some((k, _)) = ix.next(0, |_| usize::MAX) {
         got.push(k);
@@ -171,7 +171,13 @@ fn the_timer_does_not_keep_the_items_of_released_messages() {
             e.route = 2;
             ix.insert(key(), e);
         }
-        while ix.release_route(2, 1000).1 {}
+        let mut from = None;
+        loop {
+            from = ix.release_route(2, from, 1000).1;
+            if from.is_none() {
+                break;
+            }
+        }
         while let Some((k, _)) = ix.next(0, |_| usize::MAX) {
             ix.settle(k, None, 1, 2, Settle::Deferred(2_000_000))
                 .unwrap();

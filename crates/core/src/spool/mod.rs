@@ -32,6 +32,7 @@ mod files;
 #[allow(clippy::disallowed_methods)]
 // Blocking boundary: recovery at start-up, the commit thread, the change log behind the directory writer.
 pub mod framed;
+mod gathered;
 mod inject;
 mod reclaim;
 mod records;
@@ -47,8 +48,9 @@ mod tail;
 mod void;
 
 pub use files::SpoolFiles;
+pub use gathered::QueuedSet;
 pub use records::{DeliveryState, Envelope, RcptState, RcptStatus, TakenFrom};
-pub use recover::{inspect, Queued, QueuedSet};
+pub use recover::{inspect, Queued};
 pub use tail::Damaged;
 
 use crate::types::QueueId;

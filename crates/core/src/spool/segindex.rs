@@ -23,7 +23,7 @@
 //! u8, next attempt u64 (`u64::MAX`: none), route u16 (`u16::MAX`: none)), and a CRC-32 of
 //! everything before it.
 
-use super::recover::{Item, ItemId, Routes};
+use super::gathered::{Item, ItemId, Routes};
 use super::segment::{self, FILE_HEADER_LEN};
 use super::Loc;
 use crate::types::QueueKey;

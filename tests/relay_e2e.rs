@@ -388,3 +388,167 @@ async fn a_next_hop_that_is_down_then_comes_back_gets_everything() {
     down.forward_to(back.addr);
     assert_eq!(wait(&back, 5).await, 5);
 }
+
+/// When [`scripted_hop`] drops a session.
+#[derive(Clone, Copy, PartialEq)]
+enum Drops {
+    Never,
+    /// Without a reply, at the first command after the session's n-th transaction (a server
+    /// that timed the session out just as the relay reused it).
+    AtCommandAfter(usize),
+    /// Right after the reply that ends the session's n-th transaction.
+    AfterReply(usize),
+}
+
+/// A scripted next hop: logs every command with its connection's number, answers like a
+/// plain MTA (PIPELINING, DATA), and drops sessions as `drops` says.
+async fn scripted_hop(
+    drops: Drops,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let shared = log.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((s, _)) = l.accept().await {
+            n += 1;
+            let (conn, log) = (n, shared.clone());
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = tokio::io::BufReader::new(r);
+                w.write_all(b"220 hop.test ESMTP\r\n").await.unwrap();
+                let (mut done, mut line) = (0, String::new());
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let cmd = line.trim_end().to_string();
+                    if drops == Drops::AtCommandAfter(done) {
+                        log.lock().unwrap().push((conn, format!("closed at {cmd}")));
+                        return;
+                    }
+                    log.lock().unwrap().push((conn, cmd.clone()));
+                    let verb = cmd.split(' ').next().unwrap_or("").to_ascii_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "EHLO" => b"250-hop.test\r\n250 PIPELINING\r\n",
+                        "DATA" => {
+                            w.write_all(b"354 go on\r\n").await.unwrap();
+                            loop {
+                                line.clear();
+                                if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                if line == ".\r\n" {
+                                    break;
+                                }
+                            }
+                            done += 1;
+                            b"250 2.0.0 queued\r\n"
+                        }
+                        "QUIT" => {
+                            let _ = w.write_all(b"221 2.0.0 bye\r\n").await;
+                            return;
+                        }
+                        _ => b"250 2.0.0 ok\r\n",
+                    };
+                    w.write_all(reply).await.unwrap();
+                    if drops == Drops::AfterReply(done) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+/// Sends `n` messages for the cloud route one after the other, each once the one before
+/// has left the queue (so its session is back in the relay's pool).
+async fn one_by_one(h: &Harness, n: usize) {
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    for i in 0..n {
+        let r = c
+            .mail(
+                "x@example.org",
+                &["bob@nhs.test"],
+                &sample(&format!("q{i}")),
+            )
+            .await;
+        assert_eq!(r.code, 250, "{r:?}");
+        h.settled().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_used_a_moment_ago_is_reused_without_rset() {
+    let (hop, log) = scripted_hop(Drops::Never).await;
+    let h = harness(|c| c.routes.get_mut("cloud").unwrap().next_hops = vec![hop.into()]).await;
+    one_by_one(&h, 3).await;
+    let log = log.lock().unwrap().clone();
+    let verbs: Vec<&str> = log.iter().map(|(_, l)| &l[..4]).collect();
+    let mut want = vec!["EHLO"];
+    for _ in 0..3 {
+        want.extend(["MAIL", "RCPT", "DATA"]);
+    }
+    assert_eq!(verbs, want, "no RSET between transactions: {log:?}");
+    assert!(log.iter().all(|(c, _)| *c == 1), "one session: {log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_found_dead_is_replaced_at_once() {
+    // The hop drops every session at the first command after one transaction: each reuse
+    // meets a dead connection, and the message goes out on a new one in the same attempt.
+    let (hop, log) = scripted_hop(Drops::AtCommandAfter(1)).await;
+    let h = harness(|c| {
+        c.routes.get_mut("cloud").unwrap().next_hops = vec![hop.into()];
+        // A deferral would wait an hour: the test would time out.
+        c.queue.min_backoff = Duration::from_secs(3600);
+        c.queue.max_backoff = Duration::from_secs(3600);
+    })
+    .await;
+    one_by_one(&h, 3).await;
+    let log = log.lock().unwrap().clone();
+    let datas: Vec<usize> = log
+        .iter()
+        .filter(|(_, l)| l == "DATA")
+        .map(|(c, _)| *c)
+        .collect();
+    assert_eq!(datas.len(), 3, "{log:?}");
+    let sessions: std::collections::BTreeSet<usize> = datas.iter().copied().collect();
+    assert_eq!(sessions.len(), 3, "one transaction per session: {log:?}");
+    // Sessions 1 and 2 were reused as they were (no RSET) and found dead at MAIL.
+    let dropped: Vec<&str> = log
+        .iter()
+        .filter(|(_, l)| l.starts_with("closed"))
+        .map(|(_, l)| &l[..14])
+        .collect();
+    assert_eq!(dropped, ["closed at MAIL"; 2], "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_next_hop_closed_is_not_reused() {
+    // The hop closes each session after its first transaction: the relay sees the end
+    // before it sends anything more, and opens a new session.
+    let (hop, log) = scripted_hop(Drops::AfterReply(1)).await;
+    let h = harness(|c| {
+        c.routes.get_mut("cloud").unwrap().next_hops = vec![hop.into()];
+        c.queue.min_backoff = Duration::from_secs(3600);
+        c.queue.max_backoff = Duration::from_secs(3600);
+    })
+    .await;
+    one_by_one(&h, 3).await;
+    let log = log.lock().unwrap().clone();
+    let verbs: Vec<(usize, &str)> = log.iter().map(|(c, l)| (*c, &l[..4])).collect();
+    let mut want = Vec::new();
+    for c in 1..=3 {
+        want.extend([(c, "EHLO"), (c, "MAIL"), (c, "RCPT"), (c, "DATA")]);
+    }
+    assert_eq!(verbs, want, "{log:?}");
+}

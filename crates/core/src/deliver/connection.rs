@@ -16,6 +16,17 @@ pub struct Connection {
     timeout: Duration,
 }
 
+/// What an idle session's socket shows (see [`Connection::look`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Looks {
+    /// Nothing to read: as it was left.
+    Quiet,
+    /// The next hop closed or reset it.
+    Closed,
+    /// Bytes came unasked (a `421` before closing, or TLS records).
+    Unread,
+}
+
 /// How long [`Connection::open_timed`] took: to connect, and then to the end of greeting,
 /// EHLO and STARTTLS (the load tool reports the two).
 #[derive(Debug, Clone, Copy)]
@@ -170,6 +181,22 @@ impl Connection {
         };
         res.map(|r| (r, mail_rcpt))
             .map_err(|e| HopError::Lost(addr, e))
+    }
+
+    /// What the socket of this idle session shows now, without waiting (one `recv` with
+    /// `MSG_PEEK` at most).
+    pub fn look(&self) -> Looks {
+        use futures_util::FutureExt;
+        let tcp = match &self.client {
+            Client::Plain(c) => &c.stream,
+            Client::Tls(c) => c.stream.get_ref().0,
+        };
+        let mut byte = [0u8; 1];
+        match tcp.peek(&mut byte).now_or_never() {
+            None => Looks::Quiet,
+            Some(Ok(0) | Err(_)) => Looks::Closed,
+            Some(Ok(_)) => Looks::Unread,
+        }
     }
 
     /// Sends RSET; true when the connection is still usable.

@@ -50,7 +50,7 @@ pub mod transport;
 pub use hop_routes::HopRoutes;
 pub use transport::{SetupError, Transport};
 
-pub use connection::{Connection, OpenTimes};
+pub use connection::{Connection, Looks, OpenTimes};
 
 pub use transaction::dot_stuff;
 use transaction::{transaction, TxRcpt};
@@ -107,6 +107,10 @@ pub enum TxError {
     /// Fewer replies than commands.
     #[error("missing reply")]
     MissingReply,
+    /// The connection was closed (or reset) before the next hop answered anything in this
+    /// transaction: it took nothing from it.
+    #[error("connection closed before any reply")]
+    Closed,
     /// A reply could not be read.
     #[error(transparent)]
     Reply(#[from] crate::proto::reply::WireError),
@@ -362,7 +366,7 @@ pub async fn deliver(
             continue;
         }
         let key = pool::SessionKey::new(hop, host, hello.helo, hello.tls);
-        let (conn, reused) = match pool
+        let (conn, reuse) = match pool
             .checkout(&key, host, hello.helo, hello.tls, hello.timeout)
             .await
         {
@@ -387,8 +391,10 @@ pub async fn deliver(
         };
         pool.report(hop, None);
         let is_tls = conn.is_tls();
+        let reused = reuse != pool::Reuse::New;
+        let session = (conn, reuse == pool::Reuse::Unchecked);
         let (outcomes, paused) =
-            transactions(pool, &key, conn, (host, &name, hello), rules, out).await;
+            transactions(pool, &key, session, (host, &name, hello), rules, out).await;
         metrics::counter!(crate::metrics::CONNECTIONS, "next_hop" => hop.to_string(), "reused" => if reused { "yes" } else { "no" }).increment(1);
         return Attempt {
             outcomes,
@@ -428,13 +434,15 @@ fn paused_text(hop: &str, until: std::time::Instant, reply: &str) -> String {
 
 /// Sends `out` over `conn` in as many transactions as the route and the next hop need (see
 /// the module docs: at most `max_rcpts` per transaction, and recipients refused as too many
-/// go in the next transaction at once), then returns the session to the pool. One outcome
+/// go in the next transaction at once), then returns the session to the pool. A session
+/// reused `unchecked` (see [`pool::Reuse`]) that is found closed before it answered anything
+/// is replaced once by a new one, and the transaction sent again. One outcome
 /// per recipient, in order; and the end of the hop's pause when it answered with a
 /// throttling reply (the recipients not yet sent are then deferred to it).
 async fn transactions(
     pool: &Pool,
     key: &pool::SessionKey,
-    conn: Connection,
+    (conn, mut unchecked): (Connection, bool),
     (host, name, hello): (&str, &str, Hello<'_>),
     rules: &HopRules<'_>,
     out: &Outbound<'_>,
@@ -458,6 +466,21 @@ async fn transactions(
         let part = out.only(now);
         let results = match c.transaction(&part, false).await {
             Ok((r, _)) => r,
+            Err(HopError::Lost(_, TxError::Closed)) if unchecked => {
+                // Closed before it answered, so nothing was taken: a new session, once.
+                unchecked = false;
+                metrics::counter!(crate::metrics::STALE_SESSIONS).increment(1);
+                match Connection::open(key.addr(), host, hello.helo, hello.tls, hello.timeout).await
+                {
+                    Ok(c) => conn = Some(c),
+                    Err(e) => {
+                        defer_all(&mut outcomes, &todo, LocalError::Unreachable(e.to_string()));
+                        conn = None;
+                        break;
+                    }
+                }
+                continue;
+            }
             Err(e) => {
                 // The message may or may not have been taken: defer (at-least-once).
                 defer_all(&mut outcomes, &todo, LocalError::Lost(e.to_string()));
@@ -515,6 +538,7 @@ async fn transactions(
             break;
         }
         // The next transaction: on this session if it still answers, else on a new one.
+        unchecked = false;
         if let Some(mut c) = conn.take() {
             if c.reset().await {
                 conn = Some(c);

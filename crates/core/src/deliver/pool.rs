@@ -1,8 +1,12 @@
 //! Connection reuse and a circuit breaker per next hop.
 //!
 //! - Reuse: after a transaction the connection goes back to an idle list for its
-//!   [`SessionKey`]; the next delivery with the same key checks it with `RSET` and reuses it,
-//!   saving the TCP and TLS handshakes and EHLO. The key holds everything that shapes a
+//!   [`SessionKey`]; the next delivery with the same key reuses it, saving the TCP and TLS
+//!   handshakes and EHLO. A session back for less than [`QUICK_REUSE`] whose socket shows
+//!   nothing (no end, no unasked bytes) is used as it is; an older one is checked with
+//!   `RSET` first (as Postfix does with its cached sessions). One used unchecked that turns
+//!   out closed before it answered anything is replaced by a new session in the same
+//!   attempt (see [`super::deliver`]): the next hop took nothing from it. The key holds everything that shapes a
 //!   session: the address, the EHLO name, the TLS policy, the name presented and checked
 //!   (SNI), and the route's TLS identity (trusted roots, client certificate and key). So a
 //!   session opened with one route's client certificate or CA bundle never carries another
@@ -16,6 +20,7 @@
 //! - Slots and throttling: at most `delivery.hop_concurrency` transactions per next-hop
 //!   address, fewer while the hop is throttled (see [`super::hops`]).
 
+use super::connection::Looks;
 use super::hops::{Gate, HopCondition, HopView, PauseRules, Slot, Throttles};
 use super::{Connection, HopError, RouteTls};
 use crate::config::TlsPolicy;
@@ -27,6 +32,10 @@ use tracing::{info, warn};
 
 /// How long a connection may sit idle before it is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A session idle for less than this is reused without an `RSET` round trip. The one
+/// transaction before it ended cleanly (every transaction leaves the session in its initial
+/// state, RFC 5321 4.1.4), and few servers drop a session within seconds of a reply.
+pub const QUICK_REUSE: Duration = Duration::from_secs(2);
 /// Longest time a failing next hop is skipped before the next probe, unless the pool is
 /// given a shorter one (the queue's `probe_interval`, so a route's probe is never skipped
 /// for longer than the interval it is made at).
@@ -90,6 +99,17 @@ struct Health {
     probing: bool,
     /// The error that opened the circuit.
     last_error: Option<String>,
+}
+
+/// Where a checked-out session came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Opened for this delivery.
+    New,
+    /// Reused after an `RSET` it answered.
+    Checked,
+    /// Reused as it was, back for less than [`QUICK_REUSE`]: it may turn out closed.
+    Unchecked,
 }
 
 /// What the circuit allows for a next hop now.
@@ -299,8 +319,7 @@ impl Pool {
     }
 
     /// A ready connection for `key` (to the next hop `host`, saying EHLO `helo`, with
-    /// `tls`, from which `key` was made): a reused one that answers RSET, or a new one.
-    /// Returns whether it was reused.
+    /// `tls`, from which `key` was made): a reused one (see the module docs), or a new one.
     pub async fn checkout(
         &self,
         key: &SessionKey,
@@ -308,25 +327,34 @@ impl Pool {
         helo: &str,
         tls: &RouteTls,
         timeout: Duration,
-    ) -> Result<(Connection, bool), HopError> {
+    ) -> Result<(Connection, Reuse), HopError> {
         loop {
             let idle = {
                 let mut map = self.idle.lock().unwrap_or_else(|p| p.into_inner());
                 map.get_mut(key).and_then(Vec::pop)
             };
             let Some(idle) = idle else { break };
-            if idle.since.elapsed() > IDLE_TIMEOUT {
+            let idled = idle.since.elapsed();
+            if idled > IDLE_TIMEOUT {
                 idle.conn.quit().await;
                 continue;
             }
             let mut conn = idle.conn;
-            if conn.reset().await {
-                return Ok((conn, true));
+            match conn.look() {
+                // Gone: nothing to say to it.
+                Looks::Closed => continue,
+                Looks::Quiet if idled < QUICK_REUSE => return Ok((conn, Reuse::Unchecked)),
+                // Older, or with something to read first (a 421?): RSET reads it.
+                Looks::Quiet | Looks::Unread => {
+                    if conn.reset().await {
+                        return Ok((conn, Reuse::Checked));
+                    }
+                }
             }
         }
         Connection::open(key.addr, host, helo, tls, timeout)
             .await
-            .map(|c| (c, false))
+            .map(|c| (c, Reuse::New))
     }
 
     /// Returns a connection checked out for `key`, after a completed transaction, for reuse.

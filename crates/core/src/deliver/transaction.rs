@@ -15,6 +15,28 @@ pub(super) struct TxRcpt {
     /// Refused because the transaction had too many recipients (RCPT `452 4.5.3`).
     pub(super) too_many: bool,
 }
+
+/// An I/O error as a [`TxError`]: a connection the peer closed or reset is
+/// [`TxError::Closed`], which the transaction turns into [`TxError::MissingReply`] once a
+/// reply has come (see [`after_first`]).
+fn io_error(e: std::io::Error) -> TxError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    match e.kind() {
+        BrokenPipe | ConnectionAborted | ConnectionReset => TxError::Closed,
+        _ => TxError::Io(e),
+    }
+}
+
+/// An error met after the next hop's first reply in a transaction: a closed connection is
+/// then a missing reply (the next hop may have taken the message), never
+/// [`TxError::Closed`].
+fn after_first(e: TxError) -> TxError {
+    match e {
+        TxError::Closed => TxError::MissingReply,
+        e => e,
+    }
+}
+
 async fn write_timed<T: AsyncWrite + Unpin>(
     s: &mut T,
     buf: &[u8],
@@ -34,18 +56,19 @@ async fn write_parts<T: AsyncWrite + Unpin>(
     for chunk in parts.iter().flat_map(|p| p.chunks(256 * 1024)) {
         tokio::time::timeout(timeout, s.write_all(chunk))
             .await
-            .map_err(|_| TxError::WriteTimeout)??;
+            .map_err(|_| TxError::WriteTimeout)?
+            .map_err(io_error)?;
     }
-    Ok(tokio::time::timeout(timeout, s.flush())
+    tokio::time::timeout(timeout, s.flush())
         .await
-        .map_err(|_| TxError::WriteTimeout)??)
+        .map_err(|_| TxError::WriteTimeout)?
+        .map_err(io_error)
 }
 
-/// Reads `n` replies (mail-send parses them) as [`Reply`] values.
 /// Reads `n` replies (see [`crate::proto::reply::parse_wire`] for why not through
 /// mail-send). The next hop sends nothing it was not asked for, so no bytes are left over
 /// between calls. A `421` followed by the end of the connection stands for the replies
-/// that did not come.
+/// that did not come; an end (or reset) before any byte is [`TxError::Closed`].
 pub(super) async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
     c: &mut SmtpClient<T>,
     n: usize,
@@ -62,18 +85,27 @@ pub(super) async fn read_n<T: AsyncRead + AsyncWrite + Unpin>(
                     buf.drain(..used);
                     out.push(reply);
                 }
-                None => match c.stream.read(&mut chunk).await? {
+                None => match c.stream.read(&mut chunk).await {
+                    Err(e) => {
+                        return Err(match io_error(e) {
+                            TxError::Closed if !out.is_empty() || !buf.is_empty() => {
+                                TxError::MissingReply
+                            }
+                            e => e,
+                        })
+                    }
+                    Ok(0) if out.is_empty() && buf.is_empty() => return Err(TxError::Closed),
                     // A 421 closes the connection (RFC 5321 3.8): it answers every command
                     // still waiting for a reply, so that what it says (e.g. "slow down")
                     // reaches the recipients.
-                    0 => match out.last().filter(|r: &&Reply| r.code == 421).cloned() {
+                    Ok(0) => match out.last().filter(|r: &&Reply| r.code == 421).cloned() {
                         Some(closing) => {
                             out.resize(n, closing);
                             return Ok(out);
                         }
                         None => return Err(TxError::MissingReply),
                     },
-                    k => buf.extend_from_slice(&chunk[..k]),
+                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
                 },
             }
         }
@@ -194,8 +226,10 @@ pub(super) async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         let mut replies = read_n(c, n + 1, timeout).await?;
         *mail_rcpt = Some(started.elapsed());
         let mail_reply = replies.remove(0);
-        write_parts(&mut c.stream, &[&body_cmd, body_data], timeout).await?;
-        let body_reply = read_n(c, 1, timeout).await?.remove(0);
+        write_parts(&mut c.stream, &[&body_cmd, body_data], timeout)
+            .await
+            .map_err(after_first)?;
+        let body_reply = read_n(c, 1, timeout).await.map_err(after_first)?.remove(0);
         (mail_reply, replies, Some(body_reply))
     } else if caps & EXT_PIPELINING != 0 {
         cmds.extend_from_slice(&body_cmd);
@@ -215,14 +249,18 @@ pub(super) async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         }
         let mut rcpt_replies = Vec::with_capacity(n);
         for line in lines {
-            write_timed(&mut c.stream, line, timeout).await?;
-            rcpt_replies.push(read_n(c, 1, timeout).await?.remove(0));
+            write_timed(&mut c.stream, line, timeout)
+                .await
+                .map_err(after_first)?;
+            rcpt_replies.push(read_n(c, 1, timeout).await.map_err(after_first)?.remove(0));
         }
         *mail_rcpt = Some(started.elapsed());
         let any_ok = rcpt_replies.iter().any(|r| r.code < 400);
         let body_reply = if any_ok {
-            write_parts(&mut c.stream, &[&body_cmd, body_data], timeout).await?;
-            Some(read_n(c, 1, timeout).await?.remove(0))
+            write_parts(&mut c.stream, &[&body_cmd, body_data], timeout)
+                .await
+                .map_err(after_first)?;
+            Some(read_n(c, 1, timeout).await.map_err(after_first)?.remove(0))
         } else {
             let _ = write_timed(&mut c.stream, b"RSET\r\n", timeout).await;
             let _ = read_n(c, 1, timeout).await;
@@ -233,7 +271,7 @@ pub(super) async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
 
     if mail_reply.code >= 400 {
         if !chunking && body_reply.as_ref().is_some_and(|r| r.code == 354) {
-            end_data_anyway(c, timeout).await?;
+            end_data_anyway(c, timeout).await.map_err(after_first)?;
         }
         return Ok(all(outcome(&mail_reply)));
     }
@@ -242,13 +280,15 @@ pub(super) async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     if !chunking && accepted {
         match &final_reply {
             Some(r) if r.code == 354 => {
-                write_dot_stuffed(&mut c.stream, out.message, timeout).await?;
-                final_reply = Some(read_n(c, 1, timeout).await?.remove(0));
+                write_dot_stuffed(&mut c.stream, out.message, timeout)
+                    .await
+                    .map_err(after_first)?;
+                final_reply = Some(read_n(c, 1, timeout).await.map_err(after_first)?.remove(0));
             }
             _ => {}
         }
     } else if !chunking && final_reply.as_ref().is_some_and(|r| r.code == 354) {
-        end_data_anyway(c, timeout).await?;
+        end_data_anyway(c, timeout).await.map_err(after_first)?;
     }
     let body_outcome = final_reply
         .as_ref()

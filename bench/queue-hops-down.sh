@@ -124,7 +124,7 @@ attempts=$(counter coexist_delivery_attempts_total); conns=$(counter coexist_del
 down_s=$(since "$t0")
 per_msg=$(awk -v a="$rss_q" -v b="$rss_idle" -v n="$ACKED" 'BEGIN { if (n > 0) printf "%.0f", (a - b) * 1024 / n; else print "-" }')
 spool_q=$(spool_mb)
-echo "queued: $ACKED acknowledged; queue $states_q; relay RSS $(mb "$rss_q") MB (idle $(mb "$rss_idle") MB, ~$per_msg B per message), VmHWM $(mb "$hwm_q") MB; spool $spool_q MB; $attempts delivery attempts, $conns connections in ${down_s}s with the hops down"
+echo "queued: $ACKED acknowledged; queue $states_q; relay RSS $(mb "$rss_q") MB (idle $(mb "$rss_idle") MB, ~$per_msg B per message; anonymous $(mb "$(kb RssAnon)") MB, file $(mb "$(kb RssFile)") MB), VmHWM $(mb "$hwm_q") MB; spool $spool_q MB; $attempts delivery attempts, $conns connections in ${down_s}s with the hops down"
 
 # --- 2. kill -9 and restart, hops still down.
 SIG=KILL stop "$RELAY"
@@ -143,7 +143,7 @@ if wait_listen "$PHASE_TIMEOUT"; then
     done
 fi
 rss_r=$(kb VmRSS); hwm_r=$(kb VmHWM)
-echo "restart after kill -9 ($segs files in the spool): listening after ${listen_s}s, queue restored ($q_after of $q_before) after ${restored_s}s; RSS $(mb "$rss_r") MB, VmHWM $(mb "$hwm_r") MB"
+echo "restart after kill -9 ($segs files in the spool): listening after ${listen_s}s, queue restored ($q_after of $q_before) after ${restored_s}s; RSS $(mb "$rss_r") MB (anonymous $(mb "$(kb RssAnon)") MB, file $(mb "$(kb RssFile)") MB), VmHWM $(mb "$hwm_r") MB"
 alive || { echo "relay exited after the restart"; fail_tail; exit 1; }
 [ "$listen_s" = - ] && { echo "relay not listening after ${PHASE_TIMEOUT}s"; fail_tail; exit 1; }
 

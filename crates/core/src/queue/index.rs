@@ -1,7 +1,7 @@
 //! The queue's memory: one small entry per queued message (where its records are, its phase,
 //! its next attempt), one set per phase in id order (oldest first; ready and deferred ones
 //! per route), and one timer heap of next-attempt times. Envelopes, states and bodies stay in
-//! the spool; an entry is 64 bytes with its key, plus 16 for its place in a set and 24 for
+//! the spool; an entry is 64 bytes with its key, plus 16 for its place in a set and 16 for
 //! the timer, kept in full chunks ([`crate::chunks`]; the README gives the measured size).
 //!
 //! Everything here is O(log n) per message (amortised: the timer's stale items are swept
@@ -189,6 +189,35 @@ impl From<Stored> for Entry {
     }
 }
 
+/// A timer item in 16 bytes (a `(u64, QueueKey)` takes 24): the next attempt (Unix ms, kept
+/// to 48 bits: good until the year 10889) above the key (68 bits: every key comes from an
+/// id of the generated form, see [`QueueKey::from_u128`]), so items order by time, then key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Due(u128);
+
+impl Due {
+    const KEY_BITS: u32 = 80;
+    const MAX_MS: u64 = (1 << 48) - 1;
+
+    /// The item of `k`, due at `due_ms` (capped to 48 bits, as [`Due::ms`] gives it back).
+    fn new(due_ms: u64, k: QueueKey) -> Due {
+        Due((u128::from(Due::ms_of(due_ms)) << Due::KEY_BITS) | k.to_u128())
+    }
+
+    /// `due_ms` as an item holds it.
+    fn ms_of(due_ms: u64) -> u64 {
+        due_ms.min(Due::MAX_MS)
+    }
+
+    fn ms(self) -> u64 {
+        (self.0 >> Due::KEY_BITS) as u64
+    }
+
+    fn key(self) -> Option<QueueKey> {
+        QueueKey::from_u128(self.0 & ((1 << Due::KEY_BITS) - 1))
+    }
+}
+
 /// Keys per route tag, for the phases the dispatcher takes from route by route.
 type PerRoute = BTreeMap<u16, ChunkSet<QueueKey>>;
 
@@ -236,7 +265,7 @@ pub struct Index {
     /// The route tag the dispatcher took from last (round robin).
     turn: u16,
     /// Next attempts; an item is stale when its entry is no longer deferred at that time.
-    timer: BinaryHeap<Reverse<(u64, QueueKey)>>,
+    timer: BinaryHeap<Reverse<Due>>,
     /// Outcomes learned and not yet written, by message (few: only while writes fail).
     unwritten: HashMap<QueueKey, Unwritten>,
 }
@@ -330,7 +359,7 @@ impl Index {
             Slot::Ready => add_to(&mut self.ready, tag, k),
             Slot::Deferred => {
                 add_to(&mut self.deferred, tag, k);
-                self.timer.push(Reverse((due_ms, k)));
+                self.timer.push(Reverse(Due::new(due_ms, k)));
                 self.sweep_timer();
             }
             Slot::Busy => {
@@ -355,7 +384,7 @@ impl Index {
         let kept: Vec<_> = timer
             .into_vec()
             .into_iter()
-            .filter(|Reverse((due, k))| self.is_current(*due, *k))
+            .filter(|Reverse(d)| self.is_current(*d))
             .collect();
         self.timer = BinaryHeap::from(kept);
     }
@@ -404,31 +433,25 @@ impl Index {
     }
 
     fn pop_due(&mut self, now_ms: u64) -> Option<QueueKey> {
-        while let Some(&Reverse((due, k))) = self.timer.peek() {
-            if !self.is_current(due, k) {
-                self.timer.pop();
-                continue;
-            }
-            if due > now_ms {
-                return None;
-            }
-            self.timer.pop();
-            return Some(k);
+        let due = self.next_due()?;
+        if due > now_ms {
+            return None;
         }
-        None
+        self.timer.pop().and_then(|Reverse(d)| d.key())
     }
 
-    fn is_current(&self, due: u64, k: QueueKey) -> bool {
-        self.entries
-            .get(&k)
-            .is_some_and(|e| e.slot == Slot::Deferred && e.due_ms == due)
+    /// True when `d` is the item of a deferred message at its current time (not stale).
+    fn is_current(&self, d: Due) -> bool {
+        d.key()
+            .and_then(|k| self.entries.get(&k))
+            .is_some_and(|e| e.slot == Slot::Deferred && Due::ms_of(e.due_ms) == d.ms())
     }
 
     /// When the earliest deferred message is due (Unix ms).
     pub fn next_due(&mut self) -> Option<u64> {
-        while let Some(&Reverse((due, k))) = self.timer.peek() {
-            if self.is_current(due, k) {
-                return Some(due);
+        while let Some(&Reverse(d)) = self.timer.peek() {
+            if self.is_current(d) {
+                return Some(d.ms());
             }
             self.timer.pop();
         }

@@ -186,3 +186,20 @@ fn the_timer_does_not_keep_the_items_of_released_messages() {
     assert_eq!(ix.census().count[Slot::Deferred as usize], 15_000);
     assert!(ix.timer.len() <= 2 * 15_000 + 1024, "{}", ix.timer.len());
 }
+
+#[test]
+fn timer_items_are_16_bytes_and_order_by_time_then_key() {
+    assert_eq!(std::mem::size_of::<Due>(), 16);
+    let (a, b) = (
+        QueueKey::from_u128(1).unwrap(),
+        QueueKey::from_u128(2).unwrap(),
+    );
+    let max = QueueKey::from_u128((1 << 68) - 1).unwrap();
+    assert!(Due::new(5, b) < Due::new(6, a));
+    assert!(Due::new(5, a) < Due::new(5, b));
+    assert!(Due::new(5, max) < Due::new(6, a));
+    let far = Due::new(u64::MAX, max);
+    assert_eq!((far.ms(), far.key()), (Due::MAX_MS, Some(max)));
+    let now = Due::new(1_765_000_000_000, a);
+    assert_eq!((now.ms(), now.key()), (1_765_000_000_000, Some(a)));
+}

@@ -9,7 +9,8 @@
 //! Here an insert past the end fills the last chunk and then starts a new one, so chunks stay
 //! full; an insert a little before the end (ids made by concurrent sessions reach the spool
 //! slightly out of order) splits the last chunk where the key goes, leaving it nearly full;
-//! an insert in the middle of a full chunk splits it in two; a chunk that falls under a
+//! an insert into a full chunk moves an item to a neighbour with room (the last chunk,
+//! still filling, is the usual one), and only when neither has room splits the chunk in two; a chunk that falls under a
 //! quarter full is merged with a neighbour. Lookups are two binary searches (the
 //! chunk by its last key, then the item); removing the oldest item moves at most one chunk's
 //! items. The crates offering two-level B-trees split on append as `BTreeMap` does.
@@ -109,6 +110,18 @@ impl<K: Ord + Copy, V> ChunkMap<K, V> {
         } else if j == 0 && i > 0 && self.chunks[i - 1].len() < CAP {
             // Between two chunks: the end of the previous one has room.
             self.chunks[i - 1].push((k, v));
+        } else if i + 1 < self.chunks.len() && self.chunks[i + 1].len() < CAP {
+            // The next chunk has room (say the last one, still filling): this chunk's last
+            // item moves there, so both stay full instead of two half-full ones.
+            let last = self.chunks[i].pop().expect("a full chunk");
+            self.chunks[i + 1].insert(0, last);
+            self.chunks[i].insert(j, (k, v));
+        } else if i > 0 && self.chunks[i - 1].len() < CAP {
+            // The previous chunk has room: this chunk's first item moves there (`j > 0`
+            // here, the case `j == 0` is above).
+            let first = self.chunks[i].remove(0);
+            self.chunks[i - 1].push(first);
+            self.chunks[i].insert(j - 1, (k, v));
         } else if i + 1 == self.chunks.len() && j > CAP / 2 {
             // Near the end of the last chunk: the keys above `k` start the next chunk, which
             // the keys still to come fill.
@@ -316,6 +329,32 @@ mod tests {
         let full = m.len() as f64 / (m.chunks.len() * CAP) as f64;
         assert!(full > 0.9, "chunks {:.0} % full", full * 100.0);
         assert!(m.iter().map(|(k, _)| *k).eq(0..100_000));
+    }
+
+    /// Keys made by many sessions at once reach the map up to 64 places late (each waits a
+    /// random time before it is inserted): the chunks still fill, because a key for a full
+    /// chunk pushes that chunk's last key into the next one when it has room.
+    #[test]
+    fn keys_from_many_sessions_fill_the_chunks() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut m: ChunkSet<u64> = ChunkSet::default();
+        let mut waiting = std::collections::BTreeMap::new();
+        for (t, k) in (0..200_000u64).enumerate() {
+            waiting.insert((t as u64 + rng.u64(0..64), k), ());
+            while let Some(e) = waiting.first_entry() {
+                if e.key().0 > t as u64 {
+                    break;
+                }
+                m.add(e.remove_entry().0 .1);
+            }
+        }
+        for ((_, k), ()) in waiting {
+            m.add(k);
+        }
+        assert_eq!(m.len(), 200_000);
+        let full = m.len() as f64 / (m.chunks.len() * CAP) as f64;
+        assert!(full > 0.9, "chunks {:.0} % full", full * 100.0);
+        assert!(m.iter().map(|(k, _)| *k).eq(0..200_000));
     }
 
     /// Keys that arrive in order fill their chunks.

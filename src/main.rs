@@ -21,7 +21,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// every mapping (`/sys/kernel/mm/transparent_hugepage/enabled` = `always`), which the
 /// `no_thp` build of mimalloc (no `madvise`) does not cover. Best effort: a kernel without
 /// the call keeps its setting.
+/// The flag passes to child processes (`coexist-report`), which is harmless.
 fn no_huge_pages() {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);

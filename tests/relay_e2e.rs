@@ -400,10 +400,13 @@ enum Drops {
     AfterReply(usize),
 }
 
-/// A scripted next hop: logs every command with its connection's number, answers like a
-/// plain MTA (PIPELINING, DATA), and drops sessions as `drops` says.
+/// A scripted next hop: logs every command with its connection's number (and `accepted`
+/// for each message it takes), answers like Postfix (PIPELINING, DATA; a transaction whose
+/// every RCPT was refused stays open, so a MAIL then gets `503 5.5.1 nested MAIL`), defers
+/// recipients whose address starts with `refuse` (450), and drops sessions as `drops` says.
 async fn scripted_hop(
     drops: Drops,
+    refuse: Option<&'static str>,
 ) -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>,
@@ -423,6 +426,7 @@ async fn scripted_hop(
                 let mut r = tokio::io::BufReader::new(r);
                 w.write_all(b"220 hop.test ESMTP\r\n").await.unwrap();
                 let (mut done, mut line) = (0, String::new());
+                let (mut open, mut rcpts) = (false, 0);
                 loop {
                     line.clear();
                     if r.read_line(&mut line).await.unwrap_or(0) == 0 {
@@ -437,6 +441,25 @@ async fn scripted_hop(
                     let verb = cmd.split(' ').next().unwrap_or("").to_ascii_uppercase();
                     let reply: &[u8] = match verb.as_str() {
                         "EHLO" => b"250-hop.test\r\n250 PIPELINING\r\n",
+                        "MAIL" if open => {
+                            log.lock().unwrap().push((conn, "503 nested MAIL".into()));
+                            b"503 5.5.1 Error: nested MAIL command\r\n"
+                        }
+                        "MAIL" => {
+                            (open, rcpts) = (true, 0);
+                            b"250 2.1.0 ok\r\n"
+                        }
+                        "RCPT" if !open => b"503 5.5.1 Error: need MAIL command\r\n",
+                        "RCPT" if refuse.is_some_and(|r| cmd[9..].starts_with(r)) => {
+                            b"450 4.2.0 greylisted, try again later\r\n"
+                        }
+                        "RCPT" => {
+                            rcpts += 1;
+                            b"250 2.1.5 ok\r\n"
+                        }
+                        "DATA" if !open || rcpts == 0 => {
+                            b"554 5.5.1 Error: no valid recipients\r\n"
+                        }
                         "DATA" => {
                             w.write_all(b"354 go on\r\n").await.unwrap();
                             loop {
@@ -448,8 +471,13 @@ async fn scripted_hop(
                                     break;
                                 }
                             }
-                            done += 1;
+                            (done, open) = (done + 1, false);
+                            log.lock().unwrap().push((conn, "accepted".into()));
                             b"250 2.0.0 queued\r\n"
+                        }
+                        "RSET" => {
+                            open = false;
+                            b"250 2.0.0 ok\r\n"
                         }
                         "QUIT" => {
                             let _ = w.write_all(b"221 2.0.0 bye\r\n").await;
@@ -488,11 +516,15 @@ async fn one_by_one(h: &Harness, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_used_a_moment_ago_is_reused_without_rset() {
-    let (hop, log) = scripted_hop(Drops::Never).await;
+    let (hop, log) = scripted_hop(Drops::Never, None).await;
     let h = harness(|c| c.routes.get_mut("cloud").unwrap().next_hops = vec![hop.into()]).await;
     one_by_one(&h, 3).await;
     let log = log.lock().unwrap().clone();
-    let verbs: Vec<&str> = log.iter().map(|(_, l)| &l[..4]).collect();
+    let verbs: Vec<&str> = log
+        .iter()
+        .filter(|(_, l)| l != "accepted")
+        .map(|(_, l)| &l[..4])
+        .collect();
     let mut want = vec!["EHLO"];
     for _ in 0..3 {
         want.extend(["MAIL", "RCPT", "DATA"]);
@@ -505,7 +537,7 @@ async fn a_connection_used_a_moment_ago_is_reused_without_rset() {
 async fn a_reused_connection_found_dead_is_replaced_at_once() {
     // The hop drops every session at the first command after one transaction: each reuse
     // meets a dead connection, and the message goes out on a new one in the same attempt.
-    let (hop, log) = scripted_hop(Drops::AtCommandAfter(1)).await;
+    let (hop, log) = scripted_hop(Drops::AtCommandAfter(1), None).await;
     let h = harness(|c| {
         c.routes.get_mut("cloud").unwrap().next_hops = vec![hop.into()];
         // A deferral would wait an hour: the test would time out.
@@ -536,7 +568,7 @@ async fn a_reused_connection_found_dead_is_replaced_at_once() {
 async fn a_session_the_next_hop_closed_is_not_reused() {
     // The hop closes each session after its first transaction: the relay sees the end
     // before it sends anything more, and opens a new session.
-    let (hop, log) = scripted_hop(Drops::AfterReply(1)).await;
+    let (hop, log) = scripted_hop(Drops::AfterReply(1), None).await;
     let h = harness(|c| {
         c.routes.get_mut("cloud").unwrap().next_hops = vec![hop.into()];
         c.queue.min_backoff = Duration::from_secs(3600);
@@ -545,10 +577,58 @@ async fn a_session_the_next_hop_closed_is_not_reused() {
     .await;
     one_by_one(&h, 3).await;
     let log = log.lock().unwrap().clone();
-    let verbs: Vec<(usize, &str)> = log.iter().map(|(c, l)| (*c, &l[..4])).collect();
+    let verbs: Vec<(usize, &str)> = log
+        .iter()
+        .filter(|(_, l)| l != "accepted")
+        .map(|(c, l)| (*c, &l[..4]))
+        .collect();
     let mut want = Vec::new();
     for c in 1..=3 {
         want.extend([(c, "EHLO"), (c, "MAIL"), (c, "RCPT"), (c, "DATA")]);
     }
     assert_eq!(verbs, want, "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_left_in_a_refused_transaction_gets_rset_before_reuse() {
+    // The hop defers carol: the relay's pipelined DATA gets 554 and the hop keeps the MAIL
+    // open, as Postfix does. The next message on that session must start with RSET, else
+    // its MAIL meets "503 nested MAIL" and its recipient joins the open transaction.
+    let (hop, log) = scripted_hop(Drops::Never, Some("carol")).await;
+    let h = harness(|c| {
+        c.routes.get_mut("cloud").unwrap().next_hops = vec![hop.into()];
+        c.queue.min_backoff = Duration::from_secs(3600);
+        c.queue.max_backoff = Duration::from_secs(3600);
+    })
+    .await;
+    let mut c = connect(h.addr).await;
+    c.expect("EHLO client.test", 250).await;
+    let r = c
+        .mail("x@example.org", &["carol@nhs.test"], &sample("greylisted"))
+        .await;
+    assert_eq!(r.code, 250, "{r:?}");
+    h.deferred(&queue_id(&r)).await;
+    let r = c
+        .mail("x@example.org", &["bob@nhs.test"], &sample("next"))
+        .await;
+    assert_eq!(r.code, 250, "{r:?}");
+    let second = queue_id(&r);
+    eventually("the second message to leave the queue", || {
+        match h.relay.queue.get(&second) {
+            None => Ok(()),
+            Some(e) => Err(format!("{:?}", e.phase)),
+        }
+    })
+    .await;
+    let log = log.lock().unwrap().clone();
+    let lines: Vec<&str> = log.iter().map(|(_, l)| l.as_str()).collect();
+    assert!(lines.contains(&"accepted"), "bob's message taken: {log:?}");
+    assert!(!lines.iter().any(|l| l.starts_with("503")), "{log:?}");
+    let rset = lines.iter().position(|l| *l == "RSET");
+    let second_mail = lines.iter().rposition(|l| l.starts_with("MAIL"));
+    assert!(
+        rset.is_some() && rset < second_mail,
+        "RSET before the second MAIL: {log:?}"
+    );
+    assert!(log.iter().all(|(c, _)| *c == 1), "one session: {log:?}");
 }

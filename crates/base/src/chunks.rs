@@ -7,13 +7,14 @@
 //! standard `BTreeMap` splits a full leaf at that point and leaves every leaf about half
 //! full (6 of 11 items), which made a million queued messages cost about 195 bytes each.
 //! Here an insert past the end fills the last chunk and then starts a new one, so chunks stay
-//! full; an insert a little before the end (ids made by concurrent sessions reach the spool
-//! slightly out of order) splits the last chunk where the key goes, leaving it nearly full;
-//! an insert into a full chunk moves an item to a neighbour with room (the last chunk,
-//! still filling, is the usual one), and only when neither has room splits the chunk in two; a chunk that falls under a
-//! quarter full is merged with a neighbour. Lookups are two binary searches (the
-//! chunk by its last key, then the item); removing the oldest item moves at most one chunk's
-//! items. The crates offering two-level B-trees split on append as `BTreeMap` does.
+//! full. Ids made by concurrent sessions reach the spool slightly out of order: an insert
+//! into a full chunk moves an item to a neighbour with room (the last chunk, still filling,
+//! is the usual one); with no room on either side, an insert near the end of the last chunk
+//! splits it where the key goes, leaving it nearly full, and any other splits the chunk in
+//! two. A chunk that falls under a quarter full is merged with a neighbour. Lookups are two
+//! binary searches (the chunk by its last key, then the item); removing the oldest item
+//! moves at most one chunk's items. The crates offering two-level B-trees split on append as
+//! `BTreeMap` does.
 
 use std::ops::Bound;
 

@@ -26,7 +26,7 @@ pub const ATTEMPTS: &str = "coexist_delivery_attempts_total";
 /// Outbound sessions used, by `next_hop` and `reused` (yes/no).
 pub const CONNECTIONS: &str = "coexist_delivery_connections_total";
 /// Outbound sessions reused without `RSET` that turned out closed before their first reply
-/// (the transaction went again on a new session).
+/// (the transaction went again on a new session), by `next_hop`.
 pub const STALE_SESSIONS: &str = "coexist_delivery_stale_sessions_total";
 /// Time from acceptance to delivery, by `route` (histogram, seconds).
 pub const DELIVERY_LATENCY: &str = "coexist_delivery_latency_seconds";

@@ -14,12 +14,15 @@ pub struct Connection {
     caps: u32,
     addr: SocketAddr,
     timeout: Duration,
+    /// In its initial state: fresh, after an answered `RSET`, or after a transaction whose
+    /// message the next hop took. Otherwise it needs an `RSET` before it is reused.
+    clean: bool,
 }
 
 /// What an idle session's socket shows (see [`Connection::look`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Looks {
-    /// Nothing to read: as it was left.
+    /// Nothing to read (as far as a peek at the socket shows).
     Quiet,
     /// The next hop closed or reset it.
     Closed,
@@ -107,6 +110,7 @@ impl Connection {
                 caps,
                 addr,
                 timeout,
+                clean: true,
             };
             (c, times)
         };
@@ -172,19 +176,27 @@ impl Connection {
         split: bool,
     ) -> Result<(Vec<TxRcpt>, Option<Duration>), HopError> {
         let (caps, timeout, addr) = (self.caps, self.timeout, self.addr);
-        let mut mail_rcpt = None;
+        let (mut mail_rcpt, mut taken) = (None, false);
+        let marks = (&mut mail_rcpt, &mut taken);
         let res = match &mut self.client {
-            Client::Plain(c) => transaction(c, caps, timeout, out, split, &mut mail_rcpt).await,
-            Client::Tls(c) => {
-                transaction(c.as_mut(), caps, timeout, out, split, &mut mail_rcpt).await
-            }
+            Client::Plain(c) => transaction(c, caps, timeout, out, split, marks).await,
+            Client::Tls(c) => transaction(c.as_mut(), caps, timeout, out, split, marks).await,
         };
+        self.clean = taken;
         res.map(|r| (r, mail_rcpt))
             .map_err(|e| HopError::Lost(addr, e))
     }
 
+    /// True when the session is in its initial state (see [`Looks`] for the other check a
+    /// reuse without `RSET` needs).
+    pub fn is_clean(&self) -> bool {
+        self.clean
+    }
+
     /// What the socket of this idle session shows now, without waiting (one `recv` with
-    /// `MSG_PEEK` at most).
+    /// `MSG_PEEK` at most). Best effort: bytes already read into the TLS layer are not seen,
+    /// and an end that has just arrived may not be yet; a reuse that meets one is caught by
+    /// [`TxError::Closed`] instead.
     pub fn look(&self) -> Looks {
         use futures_util::FutureExt;
         let tcp = match &self.client {
@@ -199,12 +211,14 @@ impl Connection {
         }
     }
 
-    /// Sends RSET; true when the connection is still usable.
+    /// Sends RSET; true when the connection is still usable (and then clean).
     pub async fn reset(&mut self) -> bool {
-        match &mut self.client {
+        let ok = match &mut self.client {
             Client::Plain(c) => c.rset().await.is_ok(),
             Client::Tls(c) => c.rset().await.is_ok(),
-        }
+        };
+        self.clean = ok;
+        ok
     }
 
     /// Says QUIT and closes.

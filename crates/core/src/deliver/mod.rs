@@ -108,7 +108,7 @@ pub enum TxError {
     #[error("missing reply")]
     MissingReply,
     /// The connection was closed (or reset) before the next hop answered anything in this
-    /// transaction: it took nothing from it.
+    /// transaction (it most likely took nothing; at-least-once either way).
     #[error("connection closed before any reply")]
     Closed,
     /// A reply could not be read.
@@ -436,7 +436,8 @@ fn paused_text(hop: &str, until: std::time::Instant, reply: &str) -> String {
 /// the module docs: at most `max_rcpts` per transaction, and recipients refused as too many
 /// go in the next transaction at once), then returns the session to the pool. A session
 /// reused `unchecked` (see [`pool::Reuse`]) that is found closed before it answered anything
-/// is replaced once by a new one, and the transaction sent again. One outcome
+/// is replaced once by a new one, and the transaction sent again (as a deferral would send
+/// it again later). One outcome
 /// per recipient, in order; and the end of the hop's pause when it answered with a
 /// throttling reply (the recipients not yet sent are then deferred to it).
 async fn transactions(
@@ -467,14 +468,20 @@ async fn transactions(
         let results = match c.transaction(&part, false).await {
             Ok((r, _)) => r,
             Err(HopError::Lost(_, TxError::Closed)) if unchecked => {
-                // Closed before it answered, so nothing was taken: a new session, once.
+                // Closed before it answered anything: a new session, once (a deferral would
+                // resend it later just the same).
                 unchecked = false;
-                metrics::counter!(crate::metrics::STALE_SESSIONS).increment(1);
-                match Connection::open(key.addr(), host, hello.helo, hello.tls, hello.timeout).await
-                {
+                let hop = key.addr();
+                metrics::counter!(crate::metrics::STALE_SESSIONS, "next_hop" => hop.to_string())
+                    .increment(1);
+                match Connection::open(hop, host, hello.helo, hello.tls, hello.timeout).await {
                     Ok(c) => conn = Some(c),
                     Err(e) => {
-                        defer_all(&mut outcomes, &todo, LocalError::Unreachable(e.to_string()));
+                        let text = e.to_string();
+                        if matches!(e, HopError::Connect(..)) {
+                            pool.report(hop, Some(&text));
+                        }
+                        defer_all(&mut outcomes, &todo, LocalError::Unreachable(text));
                         conn = None;
                         break;
                     }
@@ -549,7 +556,10 @@ async fn transactions(
                 .checkout(key, host, hello.helo, hello.tls, hello.timeout)
                 .await
             {
-                Ok((c, _)) => conn = Some(c),
+                Ok((c, reuse)) => {
+                    conn = Some(c);
+                    unchecked = reuse == pool::Reuse::Unchecked;
+                }
                 Err(e) => {
                     defer_all(&mut outcomes, &todo, LocalError::Unreachable(e.to_string()));
                     break;

@@ -2,11 +2,12 @@
 //!
 //! - Reuse: after a transaction the connection goes back to an idle list for its
 //!   [`SessionKey`]; the next delivery with the same key reuses it, saving the TCP and TLS
-//!   handshakes and EHLO. A session back for less than [`QUICK_REUSE`] whose socket shows
-//!   nothing (no end, no unasked bytes) is used as it is; an older one is checked with
-//!   `RSET` first (as Postfix does with its cached sessions). One used unchecked that turns
-//!   out closed before it answered anything is replaced by a new session in the same
-//!   attempt (see [`super::deliver`]): the next hop took nothing from it. The key holds everything that shapes a
+//!   handshakes and EHLO. A session back for less than [`QUICK_REUSE`], whose last
+//!   transaction ended with its message taken and whose socket shows nothing (no end, no
+//!   unasked bytes), is used as it is; any other is checked with `RSET` first (as Postfix
+//!   does with its cached sessions). One used unchecked that turns out closed before it
+//!   answered anything is replaced by a new session in the same attempt (see
+//!   [`super::deliver`]), as a deferral would have resent the message later. The key holds everything that shapes a
 //!   session: the address, the EHLO name, the TLS policy, the name presented and checked
 //!   (SNI), and the route's TLS identity (trusted roots, client certificate and key). So a
 //!   session opened with one route's client certificate or CA bundle never carries another
@@ -32,9 +33,9 @@ use tracing::{info, warn};
 
 /// How long a connection may sit idle before it is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A session idle for less than this is reused without an `RSET` round trip. The one
-/// transaction before it ended cleanly (every transaction leaves the session in its initial
-/// state, RFC 5321 4.1.4), and few servers drop a session within seconds of a reply.
+/// A clean session (see [`Connection::is_clean`]) idle for less than this is reused without
+/// an `RSET` round trip: few servers drop a session within seconds of a reply, and one that
+/// did is caught by the retry.
 pub const QUICK_REUSE: Duration = Duration::from_secs(2);
 /// Longest time a failing next hop is skipped before the next probe, unless the pool is
 /// given a shorter one (the queue's `probe_interval`, so a route's probe is never skipped
@@ -343,8 +344,10 @@ impl Pool {
             match conn.look() {
                 // Gone: nothing to say to it.
                 Looks::Closed => continue,
-                Looks::Quiet if idled < QUICK_REUSE => return Ok((conn, Reuse::Unchecked)),
-                // Older, or with something to read first (a 421?): RSET reads it.
+                Looks::Quiet if idled < QUICK_REUSE && conn.is_clean() => {
+                    return Ok((conn, Reuse::Unchecked))
+                }
+                // Older, not clean, or with something to read first (a 421?): RSET.
                 Looks::Quiet | Looks::Unread => {
                     if conn.reset().await {
                         return Ok((conn, Reuse::Checked));

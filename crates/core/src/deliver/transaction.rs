@@ -20,9 +20,11 @@ pub(super) struct TxRcpt {
 /// [`TxError::Closed`], which the transaction turns into [`TxError::MissingReply`] once a
 /// reply has come (see [`after_first`]).
 fn io_error(e: std::io::Error) -> TxError {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     match e.kind() {
-        BrokenPipe | ConnectionAborted | ConnectionReset => TxError::Closed,
+        // UnexpectedEof: rustls's word for a TLS session whose TCP connection ended without
+        // a close_notify.
+        BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof => TxError::Closed,
         _ => TxError::Io(e),
     }
 }
@@ -146,8 +148,9 @@ pub(super) async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
     timeout: Duration,
     out: &Outbound<'_>,
     split: bool,
-    mail_rcpt: &mut Option<Duration>,
+    (mail_rcpt, taken): (&mut Option<Duration>, &mut bool),
 ) -> Result<Vec<TxRcpt>, TxError> {
+    *taken = false;
     let started = std::time::Instant::now();
     let n = out.rcpts.len();
     let all = |o: RcptOutcome| -> Vec<TxRcpt> {
@@ -296,6 +299,13 @@ pub(super) async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
         .unwrap_or(RcptOutcome::Deferred(Failure::Local(
             LocalError::NoEndOfDataReply,
         )));
+    // Taken (a 2xx reply to the data): the transaction is over and the session back in its
+    // initial state (RFC 5321 4.1.4). Anything else may leave it open: a next hop that
+    // refused every RCPT keeps the MAIL, and answers the next one with 503.
+    *taken = accepted
+        && final_reply
+            .as_ref()
+            .is_some_and(|r| (200..300).contains(&r.code));
     Ok(rcpt_replies
         .iter()
         .map(|r| TxRcpt {

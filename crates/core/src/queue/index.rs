@@ -190,8 +190,9 @@ impl From<Stored> for Entry {
 }
 
 /// A timer item in 16 bytes (a `(u64, QueueKey)` takes 24): the next attempt (Unix ms, kept
-/// to 48 bits: good until the year 10889) above the key (68 bits: every key comes from an
-/// id of the generated form, see [`QueueKey::from_u128`]), so items order by time, then key.
+/// to 48 bits: good until the year 10889) in the top 48 bits, the key in the low 80 (keys
+/// have at most 68: every key comes from an id of the generated form, see
+/// [`QueueKey::from_u128`]), so items order by time, then key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Due(u128);
 
@@ -201,6 +202,10 @@ impl Due {
 
     /// The item of `k`, due at `due_ms` (capped to 48 bits, as [`Due::ms`] gives it back).
     fn new(due_ms: u64, k: QueueKey) -> Due {
+        debug_assert!(
+            k.to_u128() >> Due::KEY_BITS == 0,
+            "a key of more than 80 bits"
+        );
         Due((u128::from(Due::ms_of(due_ms)) << Due::KEY_BITS) | k.to_u128())
     }
 

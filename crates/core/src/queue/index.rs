@@ -1,7 +1,7 @@
 //! The queue's memory: one small entry per queued message (where its records are, its phase,
 //! its next attempt), one set per phase in id order (oldest first; ready and deferred ones
 //! per route), and one timer heap of next-attempt times. Envelopes, states and bodies stay in
-//! the spool; an entry is 64 bytes with its key, plus 16 for its place in a set and 16 for
+//! the spool; an entry is 56 bytes with its key, plus 16 for its place in a set and 16 for
 //! the timer, kept in full chunks ([`crate::chunks`]; the README gives the measured size).
 //!
 //! Everything here is O(log n) per message (amortised: the timer's stale items are swept
@@ -141,12 +141,11 @@ pub struct Census {
     pub oldest: [Option<QueueKey>; 4],
 }
 
-/// An [`Entry`] as the index keeps it: 48 bytes (the state's place has no `Option`; a
-/// segment number of `u32::MAX`, never reached, stands for none).
+/// An [`Entry`] as the index keeps it: 40 bytes (a whole `Entry` takes 56).
 #[derive(Debug, Clone, Copy)]
 struct Stored {
-    msg: Loc,
-    state: Loc,
+    msg: Pos,
+    state: Pos,
     due_ms: u64,
     attempts: u32,
     route: u16,
@@ -154,38 +153,95 @@ struct Stored {
     asks: Asks,
 }
 
+/// A record's place in 12 bytes (a [`Loc`] takes 16). An offset of 4 GiB or more in its
+/// segment, which only a commit turn of several huge messages could reach (segments are cut
+/// at 64 MiB), is kept whole in [`Index::far`] and marked [`FAR`]; a segment number of
+/// [`NO_SEG`], never reached, stands for "no record".
+#[derive(Debug, Clone, Copy)]
+struct Pos {
+    seg: u32,
+    meta_len: u32,
+    off: u32,
+}
+
 /// The segment number that stands for "no state record".
 const NO_SEG: u32 = u32::MAX;
+/// The offset that says "the whole offset is in [`Index::far`]".
+const FAR: u32 = u32::MAX;
 
-impl From<Entry> for Stored {
-    fn from(e: Entry) -> Stored {
-        Stored {
-            msg: e.msg,
-            state: e.state.unwrap_or(Loc {
-                seg: NO_SEG,
-                meta_len: 0,
-                off: 0,
-            }),
-            due_ms: e.due_ms,
-            attempts: e.attempts,
-            route: e.route,
-            slot: e.slot,
-            asks: e.asks,
+/// Whole offsets of the records at [`FAR`], by message and record (`true`: its state).
+type Far = HashMap<(QueueKey, bool), u64>;
+
+/// `loc` in 12 bytes, keeping a large offset in `far`.
+fn pack(far: &mut Far, k: QueueKey, state: bool, loc: Option<Loc>) -> Pos {
+    let Some(l) = loc else {
+        far.remove(&(k, state));
+        return Pos {
+            seg: NO_SEG,
+            meta_len: 0,
+            off: 0,
+        };
+    };
+    let off = match u32::try_from(l.off) {
+        Ok(off) if off != FAR => {
+            far.remove(&(k, state));
+            off
         }
+        _ => {
+            far.insert((k, state), l.off);
+            FAR
+        }
+    };
+    Pos {
+        seg: l.seg,
+        meta_len: l.meta_len,
+        off,
     }
 }
 
-impl From<Stored> for Entry {
-    fn from(s: Stored) -> Entry {
-        Entry {
-            msg: s.msg,
-            state: (s.state.seg != NO_SEG).then_some(s.state),
-            due_ms: s.due_ms,
-            attempts: s.attempts,
-            route: s.route,
-            slot: s.slot,
-            asks: s.asks,
-        }
+/// The place [`pack`] kept as `p`.
+fn unpack(far: &Far, k: QueueKey, state: bool, p: Pos) -> Option<Loc> {
+    if p.seg == NO_SEG {
+        return None;
+    }
+    let off = match p.off {
+        FAR => far.get(&(k, state)).copied().unwrap_or(u64::from(FAR)),
+        off => u64::from(off),
+    };
+    Some(Loc {
+        seg: p.seg,
+        meta_len: p.meta_len,
+        off,
+    })
+}
+
+/// The entry of `k` as the index keeps it.
+fn stored(far: &mut Far, k: QueueKey, e: &Entry) -> Stored {
+    Stored {
+        msg: pack(far, k, false, Some(e.msg)),
+        state: pack(far, k, true, e.state),
+        due_ms: e.due_ms,
+        attempts: e.attempts,
+        route: e.route,
+        slot: e.slot,
+        asks: e.asks,
+    }
+}
+
+/// The entry of `k` from what the index keeps.
+fn entry_of(far: &Far, k: QueueKey, s: &Stored) -> Entry {
+    Entry {
+        msg: unpack(far, k, false, s.msg).unwrap_or(Loc {
+            seg: NO_SEG,
+            meta_len: 0,
+            off: 0,
+        }),
+        state: unpack(far, k, true, s.state),
+        due_ms: s.due_ms,
+        attempts: s.attempts,
+        route: s.route,
+        slot: s.slot,
+        asks: s.asks,
     }
 }
 
@@ -273,6 +329,8 @@ pub struct Index {
     timer: BinaryHeap<Reverse<Due>>,
     /// Outcomes learned and not yet written, by message (few: only while writes fail).
     unwritten: HashMap<QueueKey, Unwritten>,
+    /// Record offsets too large for an entry (see [`Pos`]; in practice none).
+    far: Far,
 }
 
 impl Index {
@@ -288,13 +346,14 @@ impl Index {
 
     /// One entry.
     pub fn get(&self, k: QueueKey) -> Option<Entry> {
-        self.entries.get(&k).map(|s| Entry::from(*s))
+        self.entries.get(&k).map(|s| entry_of(&self.far, k, s))
     }
 
     /// Adds a message (replacing any entry with that key).
     pub fn insert(&mut self, k: QueueKey, e: Entry) {
         self.remove(k);
-        self.entries.insert(k, e.into());
+        let s = stored(&mut self.far, k, &e);
+        self.entries.insert(k, s);
         self.enter(k, e.slot, e.due_ms);
     }
 
@@ -302,7 +361,12 @@ impl Index {
     pub fn remove(&mut self, k: QueueKey) -> Option<Entry> {
         self.leave(k);
         self.unwritten.remove(&k);
-        self.entries.remove(&k).map(Entry::from)
+        let e = self.entries.remove(&k).map(|s| entry_of(&self.far, k, &s));
+        if !self.far.is_empty() {
+            self.far.remove(&(k, false));
+            self.far.remove(&(k, true));
+        }
+        e
     }
 
     /// The outcome of a queued message that is not yet written, if any.
@@ -358,7 +422,7 @@ impl Index {
         let e = self.entries.get_mut(&k)?;
         e.slot = slot;
         e.due_ms = due_ms;
-        let (tag, entry) = (e.route, Entry::from(*e));
+        let (tag, entry) = (e.route, entry_of(&self.far, k, e));
         self.counts[slot as usize] += 1;
         match slot {
             Slot::Ready => add_to(&mut self.ready, tag, k),
@@ -466,7 +530,7 @@ impl Index {
     /// The message's record was copied to `msg` (compaction).
     pub fn moved(&mut self, k: QueueKey, msg: Loc) {
         if let Some(e) = self.entries.get_mut(&k) {
-            e.msg = msg;
+            e.msg = pack(&mut self.far, k, false, Some(msg));
         }
     }
 
@@ -482,7 +546,7 @@ impl Index {
     ) -> Result<(), Asks> {
         let e = self.entries.get_mut(&k).ok_or(Asks::default())?;
         if let Some(st) = state {
-            e.state = st;
+            e.state = pack(&mut self.far, k, true, Some(st));
         }
         e.attempts = attempts;
         if !e.asks.is_empty() {

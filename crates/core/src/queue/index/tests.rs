@@ -149,20 +149,6 @@ fn a_route_at_its_limit_does_not_hold_up_the_others() {
 }
 
 #[test]
-fn an_entry_is_48_bytes_as_kept() {
-    assert_eq!(std::mem::size_of::<Stored>(), 48);
-    let mut e = entry(Slot::Held, 0);
-    let back = Entry::from(Stored::from(e));
-    assert_eq!(back.state, None);
-    e.state = Some(Loc {
-        seg: 7,
-        meta_len: 3,
-        off: 1 << 40,
-    });
-    assert_eq!(Entry::from(Stored::from(e)).state, e.state);
-}
-
-#[test]
 fn the_timer_does_not_keep_the_items_of_released_messages() {
     let mut ix = Index::default();
     for _ in 0..3 {
@@ -202,4 +188,41 @@ fn timer_items_are_16_bytes_and_order_by_time_then_key() {
     assert_eq!((far.ms(), far.key()), (Due::MAX_MS, Some(max)));
     let now = Due::new(1_765_000_000_000, a);
     assert_eq!((now.ms(), now.key()), (1_765_000_000_000, Some(a)));
+}
+
+#[test]
+fn entries_are_40_bytes_and_keep_offsets_past_4_gib() {
+    assert_eq!(std::mem::size_of::<Stored>(), 40);
+    let mut ix = Index::default();
+    let k = key();
+    let far = |off: u64| Loc {
+        seg: 7,
+        meta_len: 99,
+        off,
+    };
+    let mut e = entry(Slot::Ready, 0);
+    e.msg = far(5 << 30);
+    e.state = Some(far(u64::from(u32::MAX)));
+    ix.insert(k, e);
+    let got = ix.get(k).unwrap();
+    assert_eq!(
+        (got.msg, got.state),
+        (far(5 << 30), Some(far(u64::from(u32::MAX))))
+    );
+    // A nearer state record replaces the far one; the message record moves near too.
+    ix.next(0, |_| 10).unwrap();
+    let near = far(4096);
+    ix.settle(k, Some(near), 1, NO_ROUTE, Settle::Ready)
+        .unwrap();
+    ix.moved(k, far(8192));
+    let got = ix.get(k).unwrap();
+    assert_eq!((got.msg, got.state), (far(8192), Some(near)));
+    assert!(ix.far.is_empty());
+    ix.moved(k, far(6 << 30));
+    assert_eq!(ix.get(k).unwrap().msg, far(6 << 30));
+    assert_eq!(ix.remove(k).unwrap().msg, far(6 << 30));
+    assert!(ix.far.is_empty() && ix.is_empty());
+    // No state record yet: none comes back.
+    ix.insert(k, entry(Slot::Held, 0));
+    assert_eq!(ix.get(k).unwrap().state, None);
 }

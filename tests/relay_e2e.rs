@@ -496,6 +496,17 @@ async fn scripted_hop(
     (addr, log)
 }
 
+/// A relay whose cloud route goes to `hop`, retrying after an hour: a message deferred by
+/// mistake makes the test time out instead of going out later.
+async fn relay_to(hop: std::net::SocketAddr) -> Harness {
+    harness(|c| {
+        c.routes.get_mut("cloud").unwrap().next_hops = vec![hop.into()];
+        c.queue.min_backoff = Duration::from_secs(3600);
+        c.queue.max_backoff = Duration::from_secs(3600);
+    })
+    .await
+}
+
 /// Sends `n` messages for the cloud route one after the other, each once the one before
 /// has left the queue (so its session is back in the relay's pool).
 async fn one_by_one(h: &Harness, n: usize) {
@@ -538,13 +549,7 @@ async fn a_reused_connection_found_dead_is_replaced_at_once() {
     // The hop drops every session at the first command after one transaction: each reuse
     // meets a dead connection, and the message goes out on a new one in the same attempt.
     let (hop, log) = scripted_hop(Drops::AtCommandAfter(1), None).await;
-    let h = harness(|c| {
-        c.routes.get_mut("cloud").unwrap().next_hops = vec![hop.into()];
-        // A deferral would wait an hour: the test would time out.
-        c.queue.min_backoff = Duration::from_secs(3600);
-        c.queue.max_backoff = Duration::from_secs(3600);
-    })
-    .await;
+    let h = relay_to(hop).await;
     one_by_one(&h, 3).await;
     let log = log.lock().unwrap().clone();
     let datas: Vec<usize> = log
@@ -569,12 +574,7 @@ async fn a_session_the_next_hop_closed_is_not_reused() {
     // The hop closes each session after its first transaction: the relay sees the end
     // before it sends anything more, and opens a new session.
     let (hop, log) = scripted_hop(Drops::AfterReply(1), None).await;
-    let h = harness(|c| {
-        c.routes.get_mut("cloud").unwrap().next_hops = vec![hop.into()];
-        c.queue.min_backoff = Duration::from_secs(3600);
-        c.queue.max_backoff = Duration::from_secs(3600);
-    })
-    .await;
+    let h = relay_to(hop).await;
     one_by_one(&h, 3).await;
     let log = log.lock().unwrap().clone();
     let verbs: Vec<(usize, &str)> = log
@@ -595,12 +595,7 @@ async fn a_session_left_in_a_refused_transaction_gets_rset_before_reuse() {
     // open, as Postfix does. The next message on that session must start with RSET, else
     // its MAIL meets "503 nested MAIL" and its recipient joins the open transaction.
     let (hop, log) = scripted_hop(Drops::Never, Some("carol")).await;
-    let h = harness(|c| {
-        c.routes.get_mut("cloud").unwrap().next_hops = vec![hop.into()];
-        c.queue.min_backoff = Duration::from_secs(3600);
-        c.queue.max_backoff = Duration::from_secs(3600);
-    })
-    .await;
+    let h = relay_to(hop).await;
     let mut c = connect(h.addr).await;
     c.expect("EHLO client.test", 250).await;
     let r = c

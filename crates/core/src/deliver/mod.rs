@@ -437,9 +437,8 @@ fn paused_text(hop: &str, until: std::time::Instant, reply: &str) -> String {
 /// go in the next transaction at once), then returns the session to the pool. A session
 /// reused `unchecked` (see [`pool::Reuse`]) that is found closed before it answered anything
 /// is replaced once by a new one, and the transaction sent again (as a deferral would send
-/// it again later). One outcome
-/// per recipient, in order; and the end of the hop's pause when it answered with a
-/// throttling reply (the recipients not yet sent are then deferred to it).
+/// it again later). One outcome per recipient, in order; and the end of the hop's pause when
+/// it answered with a throttling reply (the recipients not yet sent are then deferred to it).
 async fn transactions(
     pool: &Pool,
     key: &pool::SessionKey,

@@ -7,12 +7,12 @@
 //!   unasked bytes), is used as it is; any other is checked with `RSET` first (as Postfix
 //!   does with its cached sessions). One used unchecked that turns out closed before it
 //!   answered anything is replaced by a new session in the same attempt (see
-//!   [`super::deliver`]), as a deferral would have resent the message later. The key holds everything that shapes a
-//!   session: the address, the EHLO name, the TLS policy, the name presented and checked
-//!   (SNI), and the route's TLS identity (trusted roots, client certificate and key). So a
-//!   session opened with one route's client certificate or CA bundle never carries another
-//!   route's mail, even to the same next hop. Idle connections older than `IDLE_TIMEOUT`
-//!   are closed.
+//!   [`super::deliver`]), as a deferral would have resent the message later. The key holds
+//!   everything that shapes a session: the address, the EHLO name, the TLS policy, the name
+//!   presented and checked (SNI), and the route's TLS identity (trusted roots, client
+//!   certificate and key). So a session opened with one route's client certificate or CA
+//!   bundle never carries another route's mail, even to the same next hop. Idle connections
+//!   older than `IDLE_TIMEOUT` are closed.
 //! - Circuit: a next hop that refuses connections is marked down for a growing time
 //!   (1 s, 2 s, ... up to 60 s). While it is down deliveries skip it (failing over to the
 //!   next hop, or deferring); when the time is up exactly one delivery probes it, the others

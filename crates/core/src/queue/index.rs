@@ -17,7 +17,7 @@ mod layout;
 use crate::chunks::{ChunkMap, ChunkSet};
 use crate::spool::{DeliveryState, Loc};
 use crate::types::QueueKey;
-use layout::{entry_of, pack, stored, Due, Far, Stored};
+use layout::{entry_of, forget, pack, stored, Due, Far, Stored};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::ops::Bound;
@@ -227,10 +227,8 @@ impl Index {
         self.leave(k);
         self.unwritten.remove(&k);
         let e = self.entries.remove(&k).map(|s| entry_of(&self.far, k, &s));
-        if !self.far.is_empty() {
-            self.far.remove(&(k, false));
-            self.far.remove(&(k, true));
-        }
+        forget(&mut self.far, k, false);
+        forget(&mut self.far, k, true);
         e
     }
 

@@ -39,10 +39,18 @@ const FAR: u32 = u32::MAX;
 /// Whole offsets of the records at [`FAR`], by message and record (`true`: its state).
 pub(super) type Far = HashMap<(QueueKey, bool), u64>;
 
+/// Drops what `far` holds for record `state` of `k`. `far` is empty in practice, and then
+/// nothing is hashed: this runs on every insert and settle.
+pub(super) fn forget(far: &mut Far, k: QueueKey, state: bool) {
+    if !far.is_empty() {
+        far.remove(&(k, state));
+    }
+}
+
 /// `loc` in 12 bytes, keeping a large offset in `far`.
 pub(super) fn pack(far: &mut Far, k: QueueKey, state: bool, loc: Option<Loc>) -> Pos {
     let Some(l) = loc else {
-        far.remove(&(k, state));
+        forget(far, k, state);
         return Pos {
             seg: NO_SEG,
             meta_len: 0,
@@ -51,7 +59,7 @@ pub(super) fn pack(far: &mut Far, k: QueueKey, state: bool, loc: Option<Loc>) ->
     };
     let off = match u32::try_from(l.off) {
         Ok(off) if off != FAR => {
-            far.remove(&(k, state));
+            forget(far, k, state);
             off
         }
         _ => {

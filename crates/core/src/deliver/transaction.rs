@@ -6,6 +6,7 @@ use super::{Failure, LocalError, Outbound, RcptOutcome, TxError};
 use crate::proto::{EnhancedStatus, Reply};
 use mail_send::SmtpClient;
 use smtp_proto::{EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8};
+use std::io::IoSlice;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -47,19 +48,30 @@ async fn write_timed<T: AsyncWrite + Unpin>(
     write_parts(s, &[buf], timeout).await
 }
 
-/// Writes `parts` one after the other (each in pieces with their own timeout), then
-/// flushes once: a command and the message it carries go out without being joined in a
-/// copy of the message.
+/// Writes `parts` one after the other with vectored writes (a command and the message it
+/// carries leave in one `writev`, one TCP segment train, without being joined in a copy of
+/// the message), then flushes once. Each write has its own timeout, so a large message on
+/// a slow link is timed per step of progress, not as a whole.
 async fn write_parts<T: AsyncWrite + Unpin>(
     s: &mut T,
     parts: &[&[u8]],
     timeout: Duration,
 ) -> Result<(), TxError> {
-    for chunk in parts.iter().flat_map(|p| p.chunks(256 * 1024)) {
-        tokio::time::timeout(timeout, s.write_all(chunk))
+    let mut slices: Vec<IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| IoSlice::new(p))
+        .collect();
+    let mut left = &mut slices[..];
+    while !left.is_empty() {
+        let n = tokio::time::timeout(timeout, s.write_vectored(left))
             .await
             .map_err(|_| TxError::WriteTimeout)?
             .map_err(io_error)?;
+        if n == 0 {
+            return Err(io_error(std::io::ErrorKind::WriteZero.into()));
+        }
+        IoSlice::advance_slices(&mut left, n);
     }
     tokio::time::timeout(timeout, s.flush())
         .await

@@ -159,6 +159,11 @@ pub async fn serve<H: Handler>(
     handler: Arc<H>,
 ) {
     let mut errors = crate::accept::AcceptErrors::new("smtp");
+    // Replies go out as soon as they are written (no Nagle delay). On Linux an accepted
+    // socket inherits TCP_NODELAY from its listener, which saves a `setsockopt` per
+    // connection; elsewhere, or if the listener refused it, each socket gets it itself.
+    let inherited =
+        cfg!(target_os = "linux") && rustix::net::sockopt::set_tcp_nodelay(&listener, true).is_ok();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -198,7 +203,9 @@ pub async fn serve<H: Handler>(
         let handler = handler.clone();
         metrics::counter!(m::SESSIONS_TOTAL).increment(1);
         metrics::gauge!(m::SESSIONS_OPEN).increment(1.0);
-        let _ = stream.set_nodelay(true);
+        if !inherited {
+            let _ = stream.set_nodelay(true);
+        }
         tokio::spawn(async move {
             session::run(stream, peer, cfg, handler).await;
             metrics::gauge!(m::SESSIONS_OPEN).decrement(1.0);

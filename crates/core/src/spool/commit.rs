@@ -38,7 +38,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -50,6 +50,11 @@ pub const SEGMENT_SIZE: u64 = 64 << 20;
 const MAX_TURN_BYTES: u64 = 32 << 20;
 /// Bodies longer than this are written straight from the caller's buffer.
 const DIRECT_WRITE: usize = 64 << 10;
+/// Longest a turn of only background records (states, `Done`) waits for more: under load a
+/// new message arrives well within it and one `fdatasync` covers both, which halves the
+/// syncs per relayed message (every message ends with a `Done`). Nothing a client waits
+/// for is ever held back, and the records are still durable before their callers hear back.
+pub const LINGER: Duration = Duration::from_millis(1);
 /// First wait before a segment that could not be deleted is tried again (doubles each time).
 const DELETE_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between tries to delete a segment.
@@ -105,6 +110,10 @@ pub enum Job {
         recs: Vec<Rec>,
         /// Where the positions (or the error) go.
         reply: ReplyTo,
+        /// A client waits for these records (a new message, before its `250`): the turn
+        /// that holds them is synced at once. Records nobody outside waits for (states,
+        /// `Done`, copies) may wait up to [`LINGER`] for such a turn to share its sync.
+        urgent: bool,
     },
     /// Delete these segments (nothing needs them).
     Delete(Vec<u32>),
@@ -240,7 +249,39 @@ impl Head {
     }
 }
 
-/// Runs the commit stage until every sender is gone.
+/// What one turn gathered.
+#[derive(Default)]
+struct Turn {
+    appends: Waiting,
+    deletes: Vec<u32>,
+    bytes: u64,
+    /// Some client waits for a record of this turn.
+    urgent: bool,
+}
+
+impl Turn {
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Append {
+                recs,
+                reply,
+                urgent,
+            } => {
+                self.bytes += recs.iter().map(Rec::len).sum::<u64>();
+                self.urgent |= urgent;
+                self.appends.push((recs, reply));
+            }
+            Job::Delete(segs) => self.deletes.extend(segs),
+            #[cfg(test)]
+            Job::Pause(gate) => {
+                let _ = gate.recv();
+            }
+        }
+    }
+}
+
+/// Runs the commit stage until every sender is gone. A turn of background records only
+/// waits up to `linger` for more (see [`LINGER`]).
 pub fn run(
     mut head: Head,
     jobs: Receiver<Job>,
@@ -248,6 +289,7 @@ pub fn run(
     stats: Arc<Stats>,
     open: Arc<super::OpenSegments>,
     segment_size: u64,
+    linger: Duration,
 ) {
     let mut buf = Vec::with_capacity(256 << 10);
     // Sealed segments go to the indexer, which writes their indexes off this thread.
@@ -274,29 +316,35 @@ pub fn run(
                 Err(RecvTimeoutError::Disconnected) => break,
             },
         };
-        let mut appends: Waiting = Vec::new();
-        let mut deletes = Vec::new();
-        let mut bytes = 0u64;
+        let mut turn = Turn::default();
         let mut next = first;
         while let Some(job) = next.take() {
-            match job {
-                Job::Append { recs, reply } => {
-                    bytes += recs.iter().map(Rec::len).sum::<u64>();
-                    appends.push((recs, reply));
-                }
-                Job::Delete(segs) => deletes.extend(segs),
-                #[cfg(test)]
-                Job::Pause(gate) => {
-                    let _ = gate.recv();
+            turn.take(job);
+            if turn.bytes < MAX_TURN_BYTES {
+                next = jobs.try_recv().ok();
+            }
+        }
+        // Only background records so far: wait a moment for company (see LINGER).
+        if !turn.appends.is_empty() && !turn.urgent {
+            let until = Instant::now() + linger;
+            while !turn.urgent && turn.bytes < MAX_TURN_BYTES {
+                match jobs.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(job) => turn.take(job),
+                    Err(_) => break,
                 }
             }
-            if bytes < MAX_TURN_BYTES {
+            while turn.bytes < MAX_TURN_BYTES {
                 match jobs.try_recv() {
-                    Ok(j) => next = Some(j),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
+                    Ok(job) => turn.take(job),
+                    Err(_) => break,
                 }
             }
         }
+        let Turn {
+            appends,
+            mut deletes,
+            ..
+        } = turn;
         if !appends.is_empty() {
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats.records.fetch_add(

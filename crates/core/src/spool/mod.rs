@@ -252,6 +252,15 @@ impl Spool {
     }
 
     fn open_sized(dir: &Path, segment_size: u64) -> Result<Opened, SpoolError> {
+        Spool::open_tuned(dir, segment_size, commit::LINGER)
+    }
+
+    /// [`Spool::open`] with a segment size and a linger for background turns of its own.
+    fn open_tuned(
+        dir: &Path,
+        segment_size: u64,
+        linger: std::time::Duration,
+    ) -> Result<Opened, SpoolError> {
         let segments = dir.join("segments");
         // A spool with no segment yet: new (or its disk was lost).
         #[allow(clippy::disallowed_methods)] // Start-up, blocking by contract.
@@ -270,7 +279,7 @@ impl Spool {
         let open = files.reader().open_segments();
         let thread = std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || commit::run(replayed.head, rx, r2, s2, open, segment_size))
+            .spawn(move || commit::run(replayed.head, rx, r2, s2, open, segment_size, linger))
             .map_err(io_err(&segments))?;
         let spool = Spool {
             files,
@@ -342,11 +351,16 @@ impl Spool {
         self.pending.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    async fn append(&self, recs: Vec<Rec>) -> Result<Vec<Loc>, SpoolError> {
+    /// Appends `recs` durably. `urgent`: a client waits for them (see [`commit::LINGER`]).
+    async fn append(&self, recs: Vec<Rec>, urgent: bool) -> Result<Vec<Loc>, SpoolError> {
         use std::sync::atomic::Ordering::SeqCst;
         let (reply, rx) = oneshot::channel();
         self.pending.fetch_add(1, SeqCst);
-        let res = match self.jobs.send(Job::Append { recs, reply }) {
+        let res = match self.jobs.send(Job::Append {
+            recs,
+            reply,
+            urgent,
+        }) {
             Ok(()) => rx.await.map_err(|_| SpoolError::Stopped),
             Err(_) => Err(SpoolError::Stopped),
         };
@@ -387,7 +401,7 @@ impl Spool {
         state: &DeliveryState,
         prev: Option<Loc>,
     ) -> Result<Loc, SpoolError> {
-        let loc = self.append(vec![state_rec(id, state)?]).await?[0];
+        let loc = self.append(vec![state_rec(id, state)?], false).await?[0];
         self.release(prev);
         self.progress(id, state);
         Ok(loc)
@@ -412,7 +426,9 @@ impl Spool {
     ) -> Result<(Loc, Loc), SpoolError> {
         let mut copy = message_rec(env, body)?;
         copy.keep = Keep::Copies(msg.seg);
-        let locs = self.append(vec![copy, state_rec(&env.id, state)?]).await?;
+        let locs = self
+            .append(vec![copy, state_rec(&env.id, state)?], false)
+            .await?;
         self.release(std::iter::once(msg).chain(prev));
         self.progress(&env.id, state);
         Ok((locs[0], locs[1]))
@@ -448,12 +464,15 @@ impl Spool {
         state: Option<Loc>,
         last: Option<&DeliveryState>,
     ) -> Result<(), SpoolError> {
-        self.append(vec![Rec {
-            kind: Kind::Done,
-            meta: json(id)?,
-            body: None,
-            keep: Keep::Ends(msg.seg),
-        }])
+        self.append(
+            vec![Rec {
+                kind: Kind::Done,
+                meta: json(id)?,
+                body: None,
+                keep: Keep::Ends(msg.seg),
+            }],
+            false,
+        )
         .await?;
         self.release(std::iter::once(msg).chain(state));
         if let Some(r) = self.replica.get() {

@@ -87,9 +87,9 @@ impl Spool {
     ) -> Result<Loc, SpoolError> {
         let rec = message_rec(env, body.clone())?;
         let Some(replica) = self.replica.get() else {
-            return Ok(self.append(vec![rec]).await?[0]);
+            return Ok(self.append(vec![rec], true).await?[0]);
         };
-        let (local, copy) = tokio::join!(self.append(vec![rec]), replica.copy(env, &body));
+        let (local, copy) = tokio::join!(self.append(vec![rec], true), replica.copy(env, &body));
         let loc = match local {
             Ok(l) => l[0],
             Err(e) => {

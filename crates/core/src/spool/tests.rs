@@ -253,6 +253,61 @@ fn records_waiting_together_share_one_sync() {
     assert_eq!(offs.len(), 50);
 }
 
+/// A `Done` (nobody outside waits for it) lingers for company: a new message stored while
+/// it waits shares its sync. The linger is an hour here, so the message, which a client
+/// waits for, must end it at once: it is never held back itself.
+#[test]
+fn a_done_waits_for_the_next_message_and_shares_its_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = Arc::new(
+        Spool::open_tuned(dir.path(), commit::SEGMENT_SIZE, Duration::from_secs(3600))
+            .unwrap()
+            .spool,
+    );
+    let first = env(QueueId::generate());
+    let msg = rt
+        .block_on(s.store(&first, Arc::new(b"m".to_vec())))
+        .unwrap();
+    assert_eq!(s.commit_stats(), (1, 1), "a message is synced at once");
+    let s2 = s.clone();
+    let id = first.id.clone();
+    let done = rt.spawn(async move { s2.finish(&id, msg, None).await });
+    // The Done is with the commit stage (taken, lingering) and not answered.
+    let t0 = Instant::now();
+    while s.jobs_waiting_for_test() < 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "finish did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!done.is_finished(), "a lone Done lingers");
+    assert_eq!(s.commit_stats(), (1, 1));
+    // A new message: stored without waiting out the hour, in the same sync as the Done.
+    let second = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            s.store(&env(QueueId::generate()), Arc::new(b"n".to_vec())),
+        )
+        .await
+    });
+    assert!(second
+        .expect("the message did not wait for the linger")
+        .is_ok());
+    rt.block_on(done).unwrap().unwrap();
+    assert_eq!(
+        s.commit_stats(),
+        (2, 3),
+        "the Done and the message share one sync"
+    );
+}
+
 /// A message body that fills most of a 4 KiB segment.
 fn big() -> Arc<Vec<u8>> {
     Arc::new(vec![b'z'; 3000])

@@ -9,6 +9,7 @@
 //! [`Handler`], whose reply goes to the client as it is: 250 only once the message is
 //! durable.
 
+use super::conn::BODY_ROOM;
 use super::{status_label, Handler, Incoming, Next, Session, SessionStream, Transaction};
 use crate::proto::reply::canned;
 use crate::proto::Reply;
@@ -58,7 +59,7 @@ impl<S: SessionStream, H: Handler> Session<S, H> {
                 if done {
                     return Ok(());
                 }
-                if conn.fill().await? == 0 {
+                if conn.fill(BODY_ROOM).await? == 0 {
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in DATA"));
                 }
             }
@@ -86,7 +87,7 @@ impl<S: SessionStream, H: Handler> Session<S, H> {
         let transfer = async {
             let mut remaining = size;
             while remaining > 0 {
-                if conn.buffered().is_empty() && conn.fill().await? == 0 {
+                if conn.buffered().is_empty() && conn.fill(BODY_ROOM).await? == 0 {
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in BDAT"));
                 }
                 let avail = conn.buffered();

@@ -16,6 +16,12 @@ use std::io;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// Room for a read while commands are read: an idle session holds no more than this.
+pub(super) const LINE_ROOM: usize = 4096;
+/// Room for a read while a message is read: a typical message of a few KiB arrives in one
+/// read (with [`LINE_ROOM`], a 5 KiB message took two).
+pub(super) const BODY_ROOM: usize = 16 * 1024;
+
 /// Outcome of reading a command line.
 pub(super) enum Line {
     /// A line, without its CR LF.
@@ -76,8 +82,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Flushes replies, then reads more input. `Ok(0)` is end of stream.
-    pub(super) async fn fill(&mut self) -> io::Result<usize> {
+    /// Flushes replies, then reads more input, with room for at least `min` bytes
+    /// ([`LINE_ROOM`] or [`BODY_ROOM`]). `Ok(0)` is end of stream.
+    pub(super) async fn fill(&mut self, min: usize) -> io::Result<usize> {
         self.flush().await?;
         if self.start > 0 && self.start == self.inbuf.len() {
             self.inbuf.clear();
@@ -86,18 +93,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             self.inbuf.drain(..self.start);
             self.start = 0;
         }
+        // Read into what capacity there is, at least `min` bytes: an idle session holds a
+        // small buffer, a session in a large DATA keeps the larger one it grew. The read
+        // goes into the spare capacity as it is (no zeroing first).
         let len = self.inbuf.len();
-        // Read into what capacity there is, at least 4 KiB: an idle session holds a small
-        // buffer, a session in a large DATA keeps the larger one it grew.
-        let room = (self.inbuf.capacity() - len).max(4096);
-        self.inbuf.resize(len + room, 0);
-        let res =
-            tokio::time::timeout(self.timeout, self.stream.read(&mut self.inbuf[len..])).await;
+        self.inbuf.reserve(min);
+        let res = tokio::time::timeout(self.timeout, self.stream.read_buf(&mut self.inbuf)).await;
         match res {
-            Ok(Ok(n)) => {
-                self.inbuf.truncate(len + n);
-                Ok(n)
-            }
+            Ok(Ok(n)) => Ok(n),
             Ok(Err(e)) => {
                 self.inbuf.truncate(len);
                 Err(e)
@@ -138,7 +141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 discarding = true;
                 self.start = self.inbuf.len();
             }
-            if self.fill().await? == 0 {
+            if self.fill(LINE_ROOM).await? == 0 {
                 return Ok(Line::Eof);
             }
         }

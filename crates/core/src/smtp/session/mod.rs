@@ -35,6 +35,7 @@ use super::command::{self, Command};
 use super::data::ChunkCollector;
 use crate::proto::reply::canned;
 use crate::proto::{MailParams, RcptDsn, Reply};
+use crate::smtp::tls::MaybeTls;
 use crate::types::{Address, QueueId};
 use std::future::Future;
 use std::io;
@@ -254,7 +255,11 @@ pub async fn run<S: SessionStream, H: Handler>(
             }
             Err(e) => debug!(error = %e, "session ended"),
         }
-        let _ = s.conn.stream.shutdown().await;
+        // TLS ends with its close_notify. A clear-text stream is just dropped: closing it
+        // sends the FIN, one syscall fewer per session than `shutdown` and then `close`.
+        if matches!(s.conn.stream, MaybeTls::Tls(_)) {
+            let _ = s.conn.stream.shutdown().await;
+        }
     }
     .instrument(span)
     .await

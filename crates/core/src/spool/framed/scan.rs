@@ -321,11 +321,47 @@ pub type EachRecord<'a, H, E> = dyn FnMut(u64, &H, &[u8]) -> Result<(), E> + 'a;
 /// Bytes read at a record's start by [`walk`]: its header and, nearly always, all its
 /// metadata.
 const GUESS: usize = 2048;
+/// Bytes [`walk`] reads at once while records are small: the records in them (bodies
+/// included, skipped in memory) cost one `pread` together rather than one each.
+const WINDOW: usize = 64 << 10;
+
+/// The part of a file [`walk`] read last. It reads [`WINDOW`] bytes at a time, but only
+/// [`GUESS`] bytes after a record larger than a window (large bodies are skipped, not
+/// read), going back to windows after a smaller one.
+#[derive(Default)]
+struct Window {
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    at: u64,
+    /// Bytes of `buf` read (fewer than its length at the end of the file).
+    len: usize,
+    /// The last record was larger than a window.
+    big: bool,
+}
+
+impl Window {
+    /// The file's bytes from `off`, `want` of them or up to its end: from the window when
+    /// it holds them, else read afresh from `off`.
+    fn get(&mut self, file: &File, off: u64, want: usize) -> io::Result<&[u8]> {
+        let inside = off >= self.at && off - self.at <= self.len as u64;
+        let from = (off - self.at.min(off)) as usize;
+        let at_end = self.len < self.buf.len();
+        if !(inside && (from + want <= self.len || at_end)) {
+            let size = if self.big { GUESS } else { WINDOW };
+            self.buf.resize(size.max(want), 0);
+            self.len = read_at_most(file, &mut self.buf, off)?;
+            self.at = off;
+            return Ok(&self.buf[..want.min(self.len)]);
+        }
+        Ok(&self.buf[from..(from + want).min(self.len)])
+    }
+}
 
 /// Walks the records of a file that was synced whole (a sealed segment), up to `file_len`:
 /// headers and metadata are checked and passed to `each` with their offsets; bodies are
-/// skipped, never read (a restart over gigabytes of queued mail reads only the envelopes).
-/// The first damage stops the walk: the caller then scans the file whole ([`scan`]).
+/// skipped (a large one is never read: a restart over gigabytes of queued mail reads little
+/// more than the envelopes). The first damage stops the walk: the caller then scans the
+/// file whole ([`scan`]).
 pub fn walk<F: Framing, E>(
     f: &F,
     file: &File,
@@ -334,11 +370,10 @@ pub fn walk<F: Framing, E>(
 ) -> Result<(), Stop<E>> {
     let hl = F::HEADER_LEN;
     let mut off = f.data_start();
-    let mut head = Vec::new();
+    let mut window = Window::default();
     while off < file_len {
-        head.resize(GUESS.max(hl), 0);
-        let got = read_at_most(file, &mut head, off).map_err(Stop::Io)?;
-        let header = (got >= hl)
+        let head = window.get(file, off, GUESS.max(hl)).map_err(Stop::Io)?;
+        let header = (head.len() >= hl)
             .then(|| f.decode(&head[..hl]))
             .flatten()
             .filter(|h| off + f.record_len(h) <= file_len);
@@ -349,10 +384,9 @@ pub fn walk<F: Framing, E>(
             });
         };
         let want = hl + f.meta_len(&h) as usize;
-        if want > got {
-            head.resize(want, 0);
-            file.read_exact_at(&mut head[got..], off + got as u64)
-                .map_err(Stop::Io)?;
+        let head = window.get(file, off, want).map_err(Stop::Io)?;
+        if head.len() < want {
+            return Err(Stop::Io(io::ErrorKind::UnexpectedEof.into()));
         }
         let meta = &head[hl..want];
         if !f.meta_ok(&h, meta) {
@@ -363,6 +397,7 @@ pub fn walk<F: Framing, E>(
         }
         each(off, &h, meta).map_err(|error| Stop::Each { offset: off, error })?;
         off += f.record_len(&h);
+        window.big = f.record_len(&h) > WINDOW as u64;
     }
     Ok(())
 }

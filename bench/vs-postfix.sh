@@ -176,10 +176,14 @@ $B load --target 127.0.0.1:31611 --directory "$W/directory.csv" --messages "$MES
 kill "$CSINK"; wait "$CSINK" 2>/dev/null || true
 smtp-sink -u postfix 127.0.0.1:31612 1000 >/dev/null 2>&1 & PIDS+=($!); PSINK=$!
 wait_port 31612
+p0=$(cpu_ms "$PSINK")
 t0=$(date +%s.%N)
 timeout 900 smtp-source -s "$SRC_SESSIONS" -m "$MESSAGES" -l "$SRC_SIZE" -f x@example.org \
     -t "$(awk -F, 'NR==2 {print $1}' "$W/directory.csv")" 127.0.0.1:31612 >/dev/null || true
 SRC_CEILING=$(awk "BEGIN{printf \"%.0f\", $MESSAGES / ($(date +%s.%N) - $t0)}")
+# What the receiving half alone costs: smtp-sink takes each session (connect, EHLO, MAIL,
+# RCPT, DATA, QUIT) and keeps nothing: no disk, no onward delivery.
+SINK_CPU=$(awk "BEGIN{printf \"%.3f\", ($(cpu_ms "$PSINK") - $p0) / $MESSAGES}")
 kill "$PSINK"; wait "$PSINK" 2>/dev/null || true
 
 echo
@@ -202,6 +206,7 @@ share() { awk "BEGIN{printf \"%.2f\", $1 / ($2 / 2)}"; }
 echo "== ceiling (no relay), smtp-source into smtp-sink: $SRC_CEILING msg/s; a relay can reach at most $(( SRC_CEILING / 2 )) msg/s;" \
      "coexist $(awk "BEGIN{printf \"%.0f\", $MESSAGES / $ce}") msg/s = $(share "$MESSAGES / $ce" "$SRC_CEILING") of that," \
      "postfix $(awk "BEGIN{printf \"%.0f\", $MESSAGES / $pe}") msg/s = $(share "$MESSAGES / $pe" "$SRC_CEILING")"
+echo "== receiving only: smtp-sink used $SINK_CPU ms of CPU per message in that run (no disk, no onward delivery); coexist, which receives, syncs and delivers, used $(awk "BEGIN{printf \"%.3f\", ($c2 - $c1) / $MESSAGES}")"
 echo "== ceiling (no relay), coexist load into one sink: $(rate ceiling) msg/s accepted; a relay can reach at most half;" \
      "coexist acceptance $(rate coexist) msg/s = $(share "$(rate coexist)" "$(rate ceiling)") of that," \
      "postfix $(rate postfix) msg/s = $(share "$(rate postfix)" "$(rate ceiling)")"

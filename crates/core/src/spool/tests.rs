@@ -308,6 +308,26 @@ fn a_done_waits_for_the_next_message_and_shares_its_sync() {
     );
 }
 
+/// With no new message coming in (a queue draining after a restart), a `Done` is synced at
+/// once even with an hour's linger.
+#[test]
+fn a_done_does_not_wait_when_no_message_is_arriving() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let id = QueueId::generate();
+    let s = Spool::open(dir.path()).unwrap().spool;
+    rt.block_on(s.store(&env(id.clone()), Arc::new(b"m".to_vec())))
+        .unwrap();
+    drop(s);
+    let o = Spool::open_tuned(dir.path(), commit::SEGMENT_SIZE, Duration::from_secs(3600)).unwrap();
+    let msg = o.queued.list()[0].msg;
+    let done = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), o.spool.finish(&id, msg, None)).await
+    });
+    assert!(done.expect("the Done waited for the linger").is_ok());
+    assert_eq!(o.spool.commit_stats(), (1, 1));
+}
+
 /// A message body that fills most of a 4 KiB segment.
 fn big() -> Arc<Vec<u8>> {
     Arc::new(vec![b'z'; 3000])

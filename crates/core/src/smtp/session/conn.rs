@@ -88,6 +88,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.flush().await?;
         if self.start > 0 && self.start == self.inbuf.len() {
             self.inbuf.clear();
+            if min <= LINE_ROOM {
+                // Back to reading commands: an idle session holds no more than this.
+                self.inbuf.shrink_to(LINE_ROOM);
+            }
             self.start = 0;
         } else if self.start > 32 * 1024 {
             self.inbuf.drain(..self.start);

@@ -325,9 +325,13 @@ const GUESS: usize = 2048;
 /// included, skipped in memory) cost one `pread` together rather than one each.
 const WINDOW: usize = 64 << 10;
 
-/// The part of a file [`walk`] read last. It reads [`WINDOW`] bytes at a time, but only
-/// [`GUESS`] bytes after a record larger than a window (large bodies are skipped, not
-/// read), going back to windows after a smaller one.
+/// Records longer than this on average are read one by one, not in windows.
+const SMALL: u64 = 8 << 10;
+
+/// The part of a file [`walk`] read last. While the records walked lately are small (a
+/// running average of their lengths up to [`SMALL`]), it reads [`WINDOW`] bytes at a time;
+/// otherwise [`GUESS`] bytes at each record, as larger bodies are skipped, not read: a
+/// spool of larger messages without indexes is read about as little as before.
 #[derive(Default)]
 struct Window {
     buf: Vec<u8>,
@@ -335,8 +339,8 @@ struct Window {
     at: u64,
     /// Bytes of `buf` read (fewer than its length at the end of the file).
     len: usize,
-    /// The last record was larger than a window.
-    big: bool,
+    /// Running average of the records' lengths (each new one weighs an eighth).
+    average: u64,
 }
 
 impl Window {
@@ -347,7 +351,7 @@ impl Window {
         let from = (off - self.at.min(off)) as usize;
         let at_end = self.len < self.buf.len();
         if !(inside && (from + want <= self.len || at_end)) {
-            let size = if self.big { GUESS } else { WINDOW };
+            let size = if self.average > SMALL { GUESS } else { WINDOW };
             self.buf.resize(size.max(want), 0);
             self.len = read_at_most(file, &mut self.buf, off)?;
             self.at = off;
@@ -359,8 +363,8 @@ impl Window {
 
 /// Walks the records of a file that was synced whole (a sealed segment), up to `file_len`:
 /// headers and metadata are checked and passed to `each` with their offsets; bodies are
-/// skipped (a large one is never read: a restart over gigabytes of queued mail reads little
-/// more than the envelopes). The first damage stops the walk: the caller then scans the
+/// skipped (only small ones are read with their neighbours: a restart over gigabytes of
+/// queued mail reads little more than the envelopes). The first damage stops the walk: the caller then scans the
 /// file whole ([`scan`]).
 pub fn walk<F: Framing, E>(
     f: &F,
@@ -397,7 +401,7 @@ pub fn walk<F: Framing, E>(
         }
         each(off, &h, meta).map_err(|error| Stop::Each { offset: off, error })?;
         off += f.record_len(&h);
-        window.big = f.record_len(&h) > WINDOW as u64;
+        window.average = (window.average * 7 + f.record_len(&h)) / 8;
     }
     Ok(())
 }

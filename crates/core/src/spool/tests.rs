@@ -35,6 +35,15 @@ pub(super) fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A runtime with two worker threads (tasks that wait while the test thread looks on).
+fn rt_threads() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 pub(super) fn seg_files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir.join("segments"))
         .unwrap()
@@ -213,11 +222,7 @@ fn damage_in_a_sealed_segment_without_turn_markers_is_reported_with_file_and_off
 #[test]
 fn records_waiting_together_share_one_sync() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt_threads();
     let s = Arc::new(Spool::open(dir.path()).unwrap().spool);
     let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
     s.jobs.send(Job::Pause(gate_rx)).unwrap();
@@ -259,11 +264,7 @@ fn records_waiting_together_share_one_sync() {
 #[test]
 fn a_done_waits_for_the_next_message_and_shares_its_sync() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt_threads();
     let s = Arc::new(
         Spool::open_tuned(dir.path(), commit::SEGMENT_SIZE, Duration::from_secs(3600))
             .unwrap()

@@ -252,15 +252,11 @@ impl Spool {
     }
 
     fn open_sized(dir: &Path, segment_size: u64) -> Result<Opened, SpoolError> {
-        Spool::open_tuned(dir, segment_size, commit::LINGER)
+        Spool::open_tuned(dir, segment_size, commit::Pace::default())
     }
 
-    /// [`Spool::open`] with a segment size and a linger for background turns of its own.
-    fn open_tuned(
-        dir: &Path,
-        segment_size: u64,
-        linger: std::time::Duration,
-    ) -> Result<Opened, SpoolError> {
+    /// [`Spool::open`] with a segment size and waits for company of its own.
+    fn open_tuned(dir: &Path, segment_size: u64, pace: commit::Pace) -> Result<Opened, SpoolError> {
         let segments = dir.join("segments");
         // A spool with no segment yet: new (or its disk was lost).
         #[allow(clippy::disallowed_methods)] // Start-up, blocking by contract.
@@ -279,7 +275,7 @@ impl Spool {
         let open = files.reader().open_segments();
         let thread = std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || commit::run(replayed.head, rx, r2, s2, open, segment_size, linger))
+            .spawn(move || commit::run(replayed.head, rx, r2, s2, open, segment_size, pace))
             .map_err(io_err(&segments))?;
         let spool = Spool {
             files,

@@ -35,6 +35,14 @@ pub(super) fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Waits for company: `Done` records up to `secs`, new messages none.
+fn lingering(secs: u64) -> commit::Pace {
+    commit::Pace {
+        linger: Duration::from_secs(secs),
+        gather: Duration::ZERO,
+    }
+}
+
 /// A runtime with two worker threads (tasks that wait while the test thread looks on).
 fn rt_threads() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -266,7 +274,7 @@ fn a_done_waits_for_the_next_message_and_shares_its_sync() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt_threads();
     let s = Arc::new(
-        Spool::open_tuned(dir.path(), commit::SEGMENT_SIZE, Duration::from_secs(3600))
+        Spool::open_tuned(dir.path(), commit::SEGMENT_SIZE, lingering(3600))
             .unwrap()
             .spool,
     );
@@ -320,13 +328,47 @@ fn a_done_does_not_wait_when_no_message_is_arriving() {
     rt.block_on(s.store(&env(id.clone()), Arc::new(b"m".to_vec())))
         .unwrap();
     drop(s);
-    let o = Spool::open_tuned(dir.path(), commit::SEGMENT_SIZE, Duration::from_secs(3600)).unwrap();
+    let o = Spool::open_tuned(dir.path(), commit::SEGMENT_SIZE, lingering(3600)).unwrap();
     let msg = o.queued.list()[0].msg;
     let done = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(60), o.spool.finish(&id, msg, None)).await
     });
     assert!(done.expect("the Done waited for the linger").is_ok());
     assert_eq!(o.spool.commit_stats(), (1, 1));
+}
+
+/// New messages coming fast wait a moment for each other: the second of two stored a
+/// moment apart (after the first one's turn has begun) shares the first one's sync. The
+/// first message of all does not wait (nothing came before it).
+#[test]
+fn messages_coming_fast_gather_into_one_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt_threads();
+    let pace = commit::Pace {
+        linger: commit::LINGER,
+        gather: Duration::from_secs(5),
+    };
+    let s = Arc::new(
+        Spool::open_tuned(dir.path(), commit::SEGMENT_SIZE, pace)
+            .unwrap()
+            .spool,
+    );
+    let store = |s: &Arc<Spool>| {
+        let s = s.clone();
+        rt.spawn(async move {
+            s.store(&env(QueueId::generate()), Arc::new(b"m".to_vec()))
+                .await
+        })
+    };
+    rt.block_on(store(&s)).unwrap().unwrap();
+    assert_eq!(s.commit_stats(), (1, 1), "the first message alone");
+    let b = store(&s);
+    // Without the wait, the second message's turn would be synced well within this.
+    std::thread::sleep(Duration::from_millis(100));
+    let c = store(&s);
+    rt.block_on(b).unwrap().unwrap();
+    rt.block_on(c).unwrap().unwrap();
+    assert_eq!(s.commit_stats(), (2, 3), "the next two share one sync");
 }
 
 /// A message body that fills most of a 4 KiB segment.

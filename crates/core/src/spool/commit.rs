@@ -51,16 +51,17 @@ const MAX_TURN_BYTES: u64 = 32 << 20;
 /// Bodies longer than this are written straight from the caller's buffer.
 const DIRECT_WRITE: usize = 64 << 10;
 /// Longest a turn of only background records (states, `Done`) waits for more, and only
-/// while new messages are coming in (one came within the last ten lingers): then the next
-/// one usually arrives well within it and one `fdatasync` covers both, which nearly halves
-/// the syncs per relayed message (every message ends with a `Done`). A queue draining with
-/// nothing arriving never waits. A new message is never held back, and the
-/// records are still durable before their callers hear back.
+/// while new messages are coming in (a turn held one within the last ten lingers): then the
+/// next one usually arrives well within it and one `fdatasync` covers both, which nearly
+/// halves the syncs per relayed message (every message ends with a `Done`). A queue
+/// draining with nothing arriving never waits. Every record is still durable before its
+/// caller hears back.
 pub const LINGER: Duration = Duration::from_millis(1);
-/// How long a turn holding a new message waits for more when messages come fast (the last
-/// turn with one was synced less than five of these ago): with clients that wait for each
-/// reply, the syncs per message fall by a third (0.33 to 0.22 in `bench/vs-postfix.sh`'s
-/// `smtp-source` load) for at most this much more latency before `250`.
+/// How long a turn holding a new message waits for more when messages come fast and
+/// together: the previous turn with new messages began less than five of these ago and held
+/// at least two. With clients that wait for each reply, this took the syncs per message
+/// from 0.32 to 0.24 (`smtp-source` load of `bench/vs-postfix.sh`) for at most this much
+/// more latency before `250`; a client alone, one message at a time, never waits.
 pub const GATHER: Duration = Duration::from_micros(200);
 
 /// How long the commit stage lets records wait for others to share their sync.
@@ -135,9 +136,10 @@ pub enum Job {
         recs: Vec<Rec>,
         /// Where the positions (or the error) go.
         reply: ReplyTo,
-        /// A client waits for these records (a new message, before its `250`): the turn
-        /// that holds them is synced at once. Records nobody outside waits for (states,
-        /// `Done`, copies) may wait up to [`LINGER`] for such a turn to share its sync.
+        /// A client waits for these records (a new message, before its `250`). Only such
+        /// turns may wait [`GATHER`] for more new messages; records nobody outside waits
+        /// for (states, `Done`, copies, messages the relay made) may wait up to [`LINGER`]
+        /// for a new message to share its sync.
         urgent: bool,
     },
     /// Delete these segments (nothing needs them).
@@ -282,6 +284,8 @@ struct Turn {
     bytes: u64,
     /// Some client waits for a record of this turn.
     urgent: bool,
+    /// Jobs of this turn a client waits for.
+    news: usize,
 }
 
 impl Turn {
@@ -294,6 +298,7 @@ impl Turn {
             } => {
                 self.bytes += recs.iter().map(Rec::len).sum::<u64>();
                 self.urgent |= urgent;
+                self.news += usize::from(urgent);
                 self.appends.push((recs, reply));
             }
             Job::Delete(segs) => self.deletes.extend(segs),
@@ -329,8 +334,9 @@ pub fn run(
     let mut undeleted: Vec<u32> = Vec::new();
     let mut retry = DELETE_RETRY_MIN;
     let mut retry_at: Option<Instant> = None;
-    // When a turn last held a new message.
+    // When the last turn holding new messages began, and how many it held.
     let mut last_urgent: Option<Instant> = None;
+    let mut last_news = 0;
     loop {
         let first = match retry_at {
             None => match jobs.recv() {
@@ -351,8 +357,9 @@ pub fn run(
                 next = jobs.try_recv().ok();
             }
         }
-        let since = last_urgent.map(|t: Instant| t.elapsed());
-        if turn.urgent && since.is_some_and(|d| d < pace.gather * 5) {
+        let began = Instant::now();
+        let since = last_urgent.map(|t: Instant| began.duration_since(t));
+        if turn.urgent && last_news >= 2 && since.is_some_and(|d| d < pace.gather * 5) {
             // New messages coming fast: let the next ones in on this sync (see GATHER).
             let until = Instant::now() + pace.gather;
             while turn.bytes < MAX_TURN_BYTES {
@@ -382,7 +389,8 @@ pub fn run(
             }
         }
         if turn.urgent {
-            last_urgent = Some(Instant::now());
+            last_urgent = Some(began);
+            last_news = turn.news;
         }
         let Turn {
             appends,

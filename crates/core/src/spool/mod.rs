@@ -438,7 +438,7 @@ impl Spool {
         msg: Loc,
         state: Option<Loc>,
     ) -> Result<(), SpoolError> {
-        self.finish_as(id, msg, state, None).await
+        self.finish_as(id, msg, state, None, false).await
     }
 
     /// [`Spool::finish`] of a message whose recipients all have their outcome, `last`: the
@@ -450,15 +450,17 @@ impl Spool {
         state: Option<Loc>,
         last: &DeliveryState,
     ) -> Result<(), SpoolError> {
-        self.finish_as(id, msg, state, Some(last)).await
+        self.finish_as(id, msg, state, Some(last), false).await
     }
 
+    /// Ends a message; `urgent` when a client waits for it (see [`Spool::append`]).
     async fn finish_as(
         &self,
         id: &QueueId,
         msg: Loc,
         state: Option<Loc>,
         last: Option<&DeliveryState>,
+        urgent: bool,
     ) -> Result<(), SpoolError> {
         self.append(
             vec![Rec {
@@ -467,7 +469,7 @@ impl Spool {
                 body: None,
                 keep: Keep::Ends(msg.seg),
             }],
-            false,
+            urgent,
         )
         .await?;
         self.release(std::iter::once(msg).chain(state));

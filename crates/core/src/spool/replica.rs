@@ -86,10 +86,12 @@ impl Spool {
         need: Need,
     ) -> Result<Loc, SpoolError> {
         let rec = message_rec(env, body.clone())?;
+        // A message the relay made itself (a DSN, a resubmission) has no client waiting.
+        let urgent = need != Need::Never;
         let Some(replica) = self.replica.get() else {
-            return Ok(self.append(vec![rec], true).await?[0]);
+            return Ok(self.append(vec![rec], urgent).await?[0]);
         };
-        let (local, copy) = tokio::join!(self.append(vec![rec], true), replica.copy(env, &body));
+        let (local, copy) = tokio::join!(self.append(vec![rec], urgent), replica.copy(env, &body));
         let loc = match local {
             Ok(l) => l[0],
             Err(e) => {
@@ -102,7 +104,8 @@ impl Spool {
             Ok(()) => Ok(loc),
             Err(f) if need == Need::Always || (f.refuse && need == Need::AsConfigured) => {
                 replica.forget(&env.id, None);
-                if let Err(e) = self.finish(&env.id, loc, None).await {
+                // The client waits for this end before it hears 451.
+                if let Err(e) = self.finish_as(&env.id, loc, None, None, urgent).await {
                     // The sender hears 451 and sends again: at worst one duplicate.
                     tracing::error!(qid = %env.id, error = %e, "message refused for want of a redundant copy, but its local record cannot be ended: it will be delivered too");
                 }

@@ -337,9 +337,9 @@ fn a_done_does_not_wait_when_no_message_is_arriving() {
     assert_eq!(o.spool.commit_stats(), (1, 1));
 }
 
-/// New messages coming fast wait a moment for each other: the second of two stored a
-/// moment apart (after the first one's turn has begun) shares the first one's sync. The
-/// first message of all does not wait (nothing came before it).
+/// New messages coming fast and together wait a moment for each other: after a turn of two
+/// messages, the next message stored waits for company, and one stored a moment later
+/// shares its sync. A message alone, the first of all, does not wait.
 #[test]
 fn messages_coming_fast_gather_into_one_sync() {
     let dir = tempfile::tempdir().unwrap();
@@ -361,14 +361,31 @@ fn messages_coming_fast_gather_into_one_sync() {
         })
     };
     rt.block_on(store(&s)).unwrap().unwrap();
-    assert_eq!(s.commit_stats(), (1, 1), "the first message alone");
+    assert_eq!(s.commit_stats(), (1, 1), "the first message alone, at once");
+    // Two messages in one turn (held back until both wait).
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    s.jobs.send(Job::Pause(gate_rx)).unwrap();
+    let two = [store(&s), store(&s)];
+    let t0 = Instant::now();
+    while s.jobs_waiting_for_test() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "stores did not queue"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(gate_tx);
+    for t in two {
+        rt.block_on(t).unwrap().unwrap();
+    }
+    assert_eq!(s.commit_stats(), (2, 3));
     let b = store(&s);
-    // Without the wait, the second message's turn would be synced well within this.
+    // Without the wait, the next message's turn would be synced well within this.
     std::thread::sleep(Duration::from_millis(100));
     let c = store(&s);
     rt.block_on(b).unwrap().unwrap();
     rt.block_on(c).unwrap().unwrap();
-    assert_eq!(s.commit_stats(), (2, 3), "the next two share one sync");
+    assert_eq!(s.commit_stats(), (3, 5), "the next two share one sync");
 }
 
 /// A message body that fills most of a 4 KiB segment.

@@ -60,7 +60,7 @@ pub const LINGER: Duration = Duration::from_millis(1);
 /// How long a turn holding a new message waits for more when messages come fast and
 /// together: the previous turn with new messages began less than five of these ago and held
 /// at least two. With clients that wait for each reply, this took the syncs per message
-/// from 0.32 to 0.24 (`smtp-source` load of `bench/vs-postfix.sh`) for at most this much
+/// from 0.32 to 0.28 (`smtp-source` load of `bench/vs-postfix.sh`) for at most this much
 /// more latency before `250`; a client alone, one message at a time, never waits.
 pub const GATHER: Duration = Duration::from_micros(200);
 

@@ -43,6 +43,18 @@ fn lingering(secs: u64) -> commit::Pace {
     }
 }
 
+/// Waits (at most 30 s) until `n` requests wait for the commit stage unanswered.
+fn wait_for_jobs(s: &Spool, n: usize) {
+    let t0 = Instant::now();
+    while s.jobs_waiting_for_test() < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "requests did not queue"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A runtime with two worker threads (tasks that wait while the test thread looks on).
 fn rt_threads() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -245,14 +257,7 @@ fn records_waiting_together_share_one_sync() {
         })
         .collect();
     // Every store is waiting for the commit stage (none answered while it is paused).
-    let t0 = Instant::now();
-    while s.jobs_waiting_for_test() < 50 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "stores did not queue"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_jobs(&s, 50);
     assert!(tasks.iter().all(|t| !t.is_finished()));
     drop(gate_tx);
     let locs: Vec<Loc> = tasks.into_iter().map(|t| rt.block_on(t).unwrap()).collect();
@@ -287,14 +292,7 @@ fn a_done_waits_for_the_next_message_and_shares_its_sync() {
     let id = first.id.clone();
     let done = rt.spawn(async move { s2.finish(&id, msg, None).await });
     // The Done is with the commit stage (taken, lingering) and not answered.
-    let t0 = Instant::now();
-    while s.jobs_waiting_for_test() < 1 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "finish did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_jobs(&s, 1);
     std::thread::sleep(Duration::from_millis(50));
     assert!(!done.is_finished(), "a lone Done lingers");
     assert_eq!(s.commit_stats(), (1, 1));
@@ -366,14 +364,7 @@ fn messages_coming_fast_gather_into_one_sync() {
     let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
     s.jobs.send(Job::Pause(gate_rx)).unwrap();
     let two = [store(&s), store(&s)];
-    let t0 = Instant::now();
-    while s.jobs_waiting_for_test() < 2 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "stores did not queue"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_jobs(&s, 2);
     drop(gate_tx);
     for t in two {
         rt.block_on(t).unwrap().unwrap();

@@ -308,6 +308,28 @@ impl Turn {
             }
         }
     }
+
+    /// Takes every job waiting now, while the turn is under [`MAX_TURN_BYTES`].
+    fn drain(&mut self, jobs: &Receiver<Job>) {
+        while self.bytes < MAX_TURN_BYTES {
+            match jobs.try_recv() {
+                Ok(job) => self.take(job),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Takes jobs as they come for `wait` (while the turn is under [`MAX_TURN_BYTES`]);
+    /// with `until_urgent`, only until one a client waits for is taken.
+    fn wait(&mut self, jobs: &Receiver<Job>, wait: Duration, until_urgent: bool) {
+        let until = Instant::now() + wait;
+        while !(until_urgent && self.urgent) && self.bytes < MAX_TURN_BYTES {
+            match jobs.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(job) => self.take(job),
+                Err(_) => break,
+            }
+        }
+    }
 }
 
 /// Runs the commit stage until every sender is gone. Turns wait for more records as `pace`
@@ -350,43 +372,23 @@ pub fn run(
             },
         };
         let mut turn = Turn::default();
-        let mut next = first;
-        while let Some(job) = next.take() {
+        if let Some(job) = first {
             turn.take(job);
-            if turn.bytes < MAX_TURN_BYTES {
-                next = jobs.try_recv().ok();
-            }
+            turn.drain(&jobs);
         }
         let began = Instant::now();
         let since = last_urgent.map(|t: Instant| began.duration_since(t));
         if turn.urgent && last_news >= 2 && since.is_some_and(|d| d < pace.gather * 5) {
             // New messages coming fast: let the next ones in on this sync (see GATHER).
-            let until = Instant::now() + pace.gather;
-            while turn.bytes < MAX_TURN_BYTES {
-                match jobs.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                    Ok(job) => turn.take(job),
-                    Err(_) => break,
-                }
-            }
+            turn.wait(&jobs, pace.gather, false);
         } else if !turn.urgent
             && !turn.appends.is_empty()
             && since.is_some_and(|d| d < pace.linger * 10)
         {
             // Only background records, while new messages are coming in: wait a moment
-            // for the next one (see LINGER).
-            let until = Instant::now() + pace.linger;
-            while !turn.urgent && turn.bytes < MAX_TURN_BYTES {
-                match jobs.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                    Ok(job) => turn.take(job),
-                    Err(_) => break,
-                }
-            }
-            while turn.bytes < MAX_TURN_BYTES {
-                match jobs.try_recv() {
-                    Ok(job) => turn.take(job),
-                    Err(_) => break,
-                }
-            }
+            // for the next one (see LINGER), then take what came with it.
+            turn.wait(&jobs, pace.linger, true);
+            turn.drain(&jobs);
         }
         if turn.urgent {
             last_urgent = Some(began);

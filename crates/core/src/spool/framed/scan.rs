@@ -347,16 +347,23 @@ impl Window {
     /// The file's bytes from `off`, `want` of them or up to its end: from the window when
     /// it holds them, else read afresh from `off`.
     fn get(&mut self, file: &File, off: u64, want: usize) -> io::Result<&[u8]> {
-        let inside = off >= self.at && off - self.at <= self.len as u64;
-        let from = (off - self.at.min(off)) as usize;
+        // Where `off` is in the window, if the window holds what is wanted (or all the file
+        // has from there: its last read was cut short by the file's end).
         let at_end = self.len < self.buf.len();
-        if !(inside && (from + want <= self.len || at_end)) {
-            let size = if self.average > SMALL { GUESS } else { WINDOW };
-            self.buf.resize(size.max(want), 0);
-            self.len = read_at_most(file, &mut self.buf, off)?;
-            self.at = off;
-            return Ok(&self.buf[..want.min(self.len)]);
-        }
+        let held = off
+            .checked_sub(self.at)
+            .and_then(|d| usize::try_from(d).ok())
+            .filter(|&from| from <= self.len && (from + want <= self.len || at_end));
+        let from = match held {
+            Some(from) => from,
+            None => {
+                let size = if self.average > SMALL { GUESS } else { WINDOW };
+                self.buf.resize(size.max(want), 0);
+                self.len = read_at_most(file, &mut self.buf, off)?;
+                self.at = off;
+                0
+            }
+        };
         Ok(&self.buf[from..(from + want).min(self.len)])
     }
 }
@@ -364,8 +371,8 @@ impl Window {
 /// Walks the records of a file that was synced whole (a sealed segment), up to `file_len`:
 /// headers and metadata are checked and passed to `each` with their offsets; bodies are
 /// skipped (only small ones are read with their neighbours: a restart over gigabytes of
-/// queued mail reads little more than the envelopes). The first damage stops the walk: the caller then scans the
-/// file whole ([`scan`]).
+/// queued mail reads little more than the envelopes). The first damage stops the walk: the
+/// caller then scans the file whole ([`scan`]).
 pub fn walk<F: Framing, E>(
     f: &F,
     file: &File,
@@ -400,8 +407,9 @@ pub fn walk<F: Framing, E>(
             });
         }
         each(off, &h, meta).map_err(|error| Stop::Each { offset: off, error })?;
-        off += f.record_len(&h);
-        window.average = (window.average * 7 + f.record_len(&h)) / 8;
+        let len = f.record_len(&h);
+        off += len;
+        window.average = (window.average * 7 + len) / 8;
     }
     Ok(())
 }

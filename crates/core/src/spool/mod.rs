@@ -662,6 +662,8 @@ fn lock(r: &Mutex<Reclaim>) -> std::sync::MutexGuard<'_, Reclaim> {
 }
 
 #[cfg(test)]
+mod commit_tests;
+#[cfg(test)]
 mod fault_tests;
 #[cfg(test)]
 mod index_tests;
